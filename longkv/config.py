@@ -1,0 +1,219 @@
+"""Frozen configuration dataclasses: what a model is, and how the engine runs it.
+
+:class:`ModelConfig` is built either from a Hugging Face ``config.json`` dict
+(:meth:`ModelConfig.from_hf_config`) or from the metadata of a GGUF file
+(:meth:`ModelConfig.from_gguf`); both give the same object for the same model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from longkv.errors import LongKVError
+
+# HF ``model_type`` / GGUF ``general.architecture`` -> the module in longkv.models.
+SUPPORTED_ARCHITECTURES: dict[str, str] = {
+    "llama": "Llama 2/3.x, SmolLM/SmolLM2, TinyLlama",
+    "mistral": "Mistral 7B and other llama-shaped models without biases",
+    "qwen2": "Qwen2 / Qwen2.5 (q/k/v biases, GQA)",
+}
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """Llama 3.x frequency scaling of RoPE ("llama3" rope_type).
+
+    Source: Meta's Llama 3.1 release; the same formula as HF ``_compute_llama3_parameters``.
+    """
+
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_max_position: int
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape of a decoder-only transformer.
+
+    Attributes:
+        arch: architecture family, a key of ``SUPPORTED_ARCHITECTURES``.
+        vocab_size: number of token ids.
+        hidden_size: model width (residual stream), e.g. 576 for SmolLM2-135M.
+        intermediate_size: width of the gated MLP.
+        n_layers: decoder layers.
+        n_heads: query heads.
+        n_kv_heads: key/value heads (GQA when smaller than ``n_heads``).
+        head_dim: channels per head.
+        rope_theta: RoPE base frequency.
+        rms_eps: epsilon of RMSNorm.
+        max_position: trained context window in tokens (the longest relative
+            distance the model has seen).
+        tie_embeddings: the LM head reuses the token embedding matrix.
+        attention_bias: q/k/v projections carry biases (Qwen2).
+        bos_token_id / eos_token_ids: special token ids (eos may be several).
+        rope_scaling: Llama 3.x RoPE scaling, if any.
+    """
+
+    arch: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    rope_theta: float = 10000.0
+    rms_eps: float = 1e-5
+    max_position: int = 4096
+    tie_embeddings: bool = False
+    attention_bias: bool = False
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    rope_scaling: RopeScaling | None = None
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        if self.arch not in SUPPORTED_ARCHITECTURES:
+            raise LongKVError(
+                f"unsupported architecture {self.arch!r}: longkv runs "
+                f"{', '.join(sorted(SUPPORTED_ARCHITECTURES))} (see `longkv models`)"
+            )
+        assert self.n_heads % self.n_kv_heads == 0, "GQA needs n_heads divisible by n_kv_heads"
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """Bytes of K and V per token over all layers, in float32 (dtype size 4)."""
+        return 2 * self.n_layers * self.n_kv_heads * self.head_dim * 4
+
+    @classmethod
+    def from_hf_config(cls, cfg: Mapping[str, Any], name: str = "") -> ModelConfig:
+        """Build from a Hugging Face ``config.json`` dict.
+
+        Raises:
+            LongKVError: the ``model_type`` is not supported.
+        """
+        arch = str(cfg.get("model_type", ""))
+        if arch not in SUPPORTED_ARCHITECTURES:
+            raise LongKVError(
+                f"unsupported model_type {arch!r} in config.json: longkv runs "
+                f"{', '.join(sorted(SUPPORTED_ARCHITECTURES))} (see `longkv models`)"
+            )
+        n_heads = int(cfg["num_attention_heads"])
+        hidden = int(cfg["hidden_size"])
+        eos = cfg.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, list) else ((int(eos),) if eos is not None else ())
+        scaling = None
+        rs = cfg.get("rope_scaling") or cfg.get("rope_parameters") or None
+        if isinstance(rs, Mapping) and rs.get("rope_type", rs.get("type")) == "llama3":
+            scaling = RopeScaling(
+                factor=float(rs["factor"]),
+                low_freq_factor=float(rs["low_freq_factor"]),
+                high_freq_factor=float(rs["high_freq_factor"]),
+                original_max_position=int(rs["original_max_position_embeddings"]),
+            )
+        theta = cfg.get("rope_theta")
+        if theta is None and isinstance(rs, Mapping):
+            theta = rs.get("rope_theta")
+        return cls(
+            arch=arch,
+            vocab_size=int(cfg["vocab_size"]),
+            hidden_size=hidden,
+            intermediate_size=int(cfg["intermediate_size"]),
+            n_layers=int(cfg["num_hidden_layers"]),
+            n_heads=n_heads,
+            n_kv_heads=int(cfg.get("num_key_value_heads") or n_heads),
+            head_dim=int(cfg.get("head_dim") or hidden // n_heads),
+            rope_theta=float(theta if theta is not None else 10000.0),
+            rms_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            max_position=int(cfg.get("max_position_embeddings", 4096)),
+            tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            attention_bias=arch == "qwen2" or bool(cfg.get("attention_bias", False)),
+            bos_token_id=cfg.get("bos_token_id"),
+            eos_token_ids=eos_ids,
+            rope_scaling=scaling,
+            name=name,
+        )
+
+    @classmethod
+    def from_gguf(cls, meta: Mapping[str, Any], tensor_names: set[str], name: str = "") -> ModelConfig:
+        """Build from GGUF metadata (``general.architecture``, ``<arch>.block_count``, ...).
+
+        Args:
+            meta: GGUF key -> decoded value.
+            tensor_names: names of the tensors in the file (to see whether the
+                LM head is tied to the embeddings).
+
+        Raises:
+            LongKVError: the architecture is not supported.
+        """
+        arch = str(meta.get("general.architecture", ""))
+        if arch not in SUPPORTED_ARCHITECTURES:
+            raise LongKVError(
+                f"unsupported GGUF architecture {arch!r}: longkv runs "
+                f"{', '.join(sorted(SUPPORTED_ARCHITECTURES))} (see `longkv models`)"
+            )
+
+        def get(key: str, default: Any = None) -> Any:
+            return meta.get(f"{arch}.{key}", default)
+
+        hidden = int(get("embedding_length"))
+        n_heads = int(get("attention.head_count"))
+        vocab = get("vocab_size")
+        if vocab is None:
+            vocab = len(meta.get("tokenizer.ggml.tokens", []))
+        eos = meta.get("tokenizer.ggml.eos_token_id")
+        eos_ids = [int(eos)] if eos is not None else []
+        eot = meta.get("tokenizer.ggml.eot_token_id")
+        if eot is not None and int(eot) not in eos_ids:
+            eos_ids.append(int(eot))
+        head_dim = get("attention.key_length") or get("rope.dimension_count") or hidden // n_heads
+        return cls(
+            arch=arch,
+            vocab_size=int(vocab),
+            hidden_size=hidden,
+            intermediate_size=int(get("feed_forward_length")),
+            n_layers=int(get("block_count")),
+            n_heads=n_heads,
+            n_kv_heads=int(get("attention.head_count_kv", n_heads)),
+            head_dim=int(head_dim),
+            rope_theta=float(get("rope.freq_base", 10000.0)),
+            rms_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
+            max_position=int(get("context_length", 4096)),
+            tie_embeddings="output.weight" not in tensor_names,
+            attention_bias="blk.0.attn_q.bias" in tensor_names,
+            bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
+            eos_token_ids=tuple(eos_ids),
+            name=name,
+        )
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How the engine runs a model.
+
+    Attributes:
+        chunk_size: prefill chunk in tokens; peak KV under an eviction policy is
+            ``budget + chunk_size`` tokens per layer.
+        page_size: tokens per KV page.
+        dtype: compute dtype name, ``"float32"`` or ``"bfloat16"``.
+        threads: torch intra-op threads (``None``: all cores).
+        progress_min_tokens: show a prefill progress bar from this many prompt tokens.
+    """
+
+    chunk_size: int = 512
+    page_size: int = 64
+    dtype: str = "float32"
+    threads: int | None = None
+    progress_min_tokens: int = 2048
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.chunk_size < 1:
+            raise LongKVError(f"chunk size must be at least 1 token, got {self.chunk_size}: pass e.g. --chunk-size 512")
+        if self.page_size < 1:
+            raise LongKVError(f"page size must be at least 1 token, got {self.page_size}")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise LongKVError(f"unknown dtype {self.dtype!r}: use float32 or bfloat16")

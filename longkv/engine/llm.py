@@ -1,0 +1,323 @@
+"""The public entry point: ``LLM(model, policy).generate(prompt)``.
+
+Example::
+
+    from longkv import LLM
+    llm = LLM()                                   # default model, policy chosen per input
+    print(llm.generate("Hello", max_new_tokens=8).text)
+    out = llm.chat([{"role": "user", "content": "Summarise: ..."}], policy="streaming:budget=2048")
+    print(out.text, out.stats.line())
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from longkv.config import EngineConfig, ModelConfig
+from longkv.engine.runner import ProgressFn, Runner, Sequence
+from longkv.engine.sampling import SamplingParams, make_generator, sample
+from longkv.errors import LongKVError
+from longkv.loading import load
+from longkv.models import build
+from longkv.policies import KVPolicy, StreamingPolicy, make_policy
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class Stats:
+    """What one generation cost. Times in seconds, memory in bytes."""
+
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    prefill_s: float = 0.0
+    ttft_s: float = 0.0
+    decode_s: float = 0.0
+    peak_kv_bytes: int = 0
+    policy: str = ""
+
+    @property
+    def prefill_tok_s(self) -> float:
+        """Prompt tokens per second of prefill."""
+        return self.prompt_tokens / self.prefill_s if self.prefill_s > 0 else 0.0
+
+    @property
+    def decode_tok_s(self) -> float:
+        """Generated tokens per second after the first one."""
+        n = self.generated_tokens - 1
+        return n / self.decode_s if n > 0 and self.decode_s > 0 else 0.0
+
+    def line(self) -> str:
+        """One human-readable line."""
+        return (
+            f"prompt {self.prompt_tokens} tokens | prefill {self.prefill_tok_s:.0f} tok/s | "
+            f"TTFT {self.ttft_s:.2f} s | decode {self.decode_tok_s:.1f} tok/s ({self.generated_tokens} tokens) | "
+            f"peak KV {_fmt_bytes(self.peak_kv_bytes)} | policy {self.policy}"
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready dict with derived rates."""
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "generated_tokens": self.generated_tokens,
+            "prefill_s": round(self.prefill_s, 4),
+            "prefill_tok_s": round(self.prefill_tok_s, 1),
+            "ttft_s": round(self.ttft_s, 4),
+            "decode_s": round(self.decode_s, 4),
+            "decode_tok_s": round(self.decode_tok_s, 1),
+            "peak_kv_bytes": self.peak_kv_bytes,
+            "policy": self.policy,
+        }
+
+
+def _fmt_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return f"{n} B"
+
+
+@dataclass
+class Generation:
+    """A finished completion: text, token ids, why it stopped ("stop" or "length"), and stats."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    stats: Stats = field(default_factory=Stats)
+
+
+class LLM:
+    """A model loaded once, generating under a KV policy.
+
+    Args:
+        model: model reference (``None``: SmolLM2-135M-Instruct; a ``.gguf`` path; a
+            Hugging Face folder; a hub id).
+        policy: a spec such as ``"dense"`` or ``"streaming:budget=2048"``, a
+            :class:`~longkv.policies.KVPolicy`, or ``"auto"`` / ``None``: dense when
+            the input fits the trained window, streaming otherwise.
+        budget: KV budget in tokens for eviction policies (overrides the spec).
+        chunk_size: prefill chunk in tokens.
+        dtype: ``"float32"`` or ``"bfloat16"`` compute and KV dtype.
+        threads: torch threads (``None``: torch's default, all physical cores).
+
+    Raises:
+        LongKVError: bad model reference, policy or settings.
+    """
+
+    def __init__(
+        self,
+        model: str | os.PathLike[str] | None = None,
+        policy: str | KVPolicy | None = None,
+        budget: int | None = None,
+        chunk_size: int = 512,
+        dtype: str = "float32",
+        threads: int | None = None,
+        page_size: int = 64,
+    ) -> None:
+        self.engine_config = EngineConfig(chunk_size=chunk_size, page_size=page_size, dtype=dtype, threads=threads)
+        if threads is not None:
+            torch.set_num_threads(threads)
+        self._default_policy = policy
+        self._default_budget = budget
+        if policy not in (None, "auto"):  # fail fast on a bad spec, before loading weights
+            make_policy(policy, budget=budget)
+        loaded = load(model, DTYPES[dtype])
+        self.config: ModelConfig = loaded.config
+        self.tokenizer = loaded.tokenizer
+        self.source = loaded.source
+        self.model = build(loaded.config, loaded.weights)
+        eos = set(self.config.eos_token_ids)
+        if getattr(self.tokenizer, "eos_token_id", None) is not None:
+            eos.add(int(self.tokenizer.eos_token_id))
+        self.eos_ids = frozenset(eos)
+
+    # ------------------------------------------------------------------ policy
+    def resolve_policy(self, n_tokens: int, policy: str | KVPolicy | None = None, budget: int | None = None) -> KVPolicy:
+        """The policy for an input of ``n_tokens`` (prompt + new tokens), validated.
+
+        Raises:
+            LongKVError: the policy cannot serve this input (e.g. dense beyond the window).
+        """
+        spec = policy if policy is not None else self._default_policy
+        budget = budget if budget is not None else self._default_budget
+        window = self.config.max_position
+        if spec in (None, "auto"):
+            if n_tokens <= window and budget is None:
+                spec = "dense"
+            else:
+                default_budget = min(4096, window - max(self.engine_config.chunk_size, 32))
+                spec = StreamingPolicy(budget=budget if budget is not None else default_budget)
+        pol = make_policy(spec, budget=budget) if budget is not None and not _is_dense(spec) else make_policy(spec)
+        pol.validate(self.config, self.engine_config)
+        limit = pol.max_context(self.config)
+        if limit is not None and n_tokens > limit:
+            raise LongKVError(
+                f"input of {n_tokens} tokens (prompt + max new tokens) exceeds the model's trained window of "
+                f"{limit} under the {pol.name} policy: use --policy streaming (or a smaller input)"
+            )
+        return pol
+
+    # ------------------------------------------------------------------ prompts
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text`` (no special tokens added)."""
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def apply_chat_template(self, messages: list[dict[str, str]]) -> str:
+        """Render messages with the model's chat template, ready for the assistant's turn.
+
+        Raises:
+            LongKVError: the model has no chat template.
+        """
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise LongKVError(f"{self.source} has no chat template: use generate() with a plain prompt")
+        return str(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
+
+    # ------------------------------------------------------------------ generation
+    def stream(
+        self,
+        prompt: str | list[int],
+        sampling: SamplingParams | None = None,
+        policy: str | KVPolicy | None = None,
+        budget: int | None = None,
+        progress: ProgressFn | None = None,
+        result: Generation | None = None,
+    ) -> Iterator[str]:
+        """Yield the completion's text piece by piece.
+
+        ``result``, if given, is filled as it goes: token ids, finish reason and stats
+        (its ``text`` is left to the caller, who sees every piece).
+
+        Raises:
+            LongKVError: empty prompt, or a policy that cannot serve it.
+        """
+        t0 = time.perf_counter()
+        params = sampling or SamplingParams()
+        ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if not ids:
+            raise LongKVError("the prompt is empty: pass some text")
+        pol = self.resolve_policy(len(ids) + params.max_new_tokens, policy, budget)
+        res = result if result is not None else Generation("", [], "length")
+        st = res.stats
+        st.prompt_tokens, st.policy = len(ids), pol.describe()
+        runner = Runner(self.model, pol, self.engine_config)
+        seq = runner.new_sequence(len(ids) + params.max_new_tokens)
+        gen = make_generator(params.seed)
+        logits = runner.prefill(seq, ids, progress)
+        st.prefill_s = time.perf_counter() - t0
+        yield from self._decode_loop(runner, seq, logits, params, gen, res, t0)
+
+    def _decode_loop(
+        self,
+        runner: Runner,
+        seq: Sequence,
+        logits: torch.Tensor,
+        params: SamplingParams,
+        gen: torch.Generator,
+        res: Generation,
+        t0: float,
+    ) -> Iterator[str]:
+        st = res.stats
+        out = res.token_ids
+        emitted = ""
+        t_first = 0.0
+        res.finish_reason = "length"
+        for step in range(params.max_new_tokens):
+            token = sample(logits, params, gen)
+            if step == 0:
+                t_first = time.perf_counter()
+                st.ttft_s = t_first - t0
+            if token in self.eos_ids and not params.ignore_eos:
+                res.finish_reason = "stop"
+                break
+            out.append(token)
+            st.generated_tokens = len(out)
+            text = self.tokenizer.decode(out, skip_special_tokens=True)
+            cut = _find_stop(text, params.stop)
+            if cut is not None:
+                if cut > len(emitted):
+                    yield text[len(emitted) : cut]
+                emitted = text[:cut]
+                res.finish_reason = "stop"
+                break
+            # hold back a possible partial stop string or an incomplete UTF-8 character
+            safe = len(text) - _held_back(text, params.stop)
+            if safe > len(emitted):
+                yield text[len(emitted) : safe]
+                emitted = text[:safe]
+            if step + 1 < params.max_new_tokens:
+                logits = runner.decode(seq, token)
+        else:
+            text = self.tokenizer.decode(out, skip_special_tokens=True)
+            if len(text) > len(emitted):
+                yield text[len(emitted) :]
+        if t_first:
+            st.decode_s = time.perf_counter() - t_first
+        st.peak_kv_bytes = max(seq.peak_kv_bytes, seq.cache.bytes())
+
+    def generate(
+        self,
+        prompt: str | list[int],
+        max_new_tokens: int = 256,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop: tuple[str, ...] | list[str] = (),
+        policy: str | KVPolicy | None = None,
+        budget: int | None = None,
+        progress: ProgressFn | None = None,
+        on_text: Callable[[str], None] | None = None,
+        ignore_eos: bool = False,
+    ) -> Generation:
+        """Complete ``prompt`` (text or token ids) and return the whole :class:`Generation`.
+
+        ``on_text`` receives each new piece of text as soon as it is decoded.
+
+        Raises:
+            LongKVError: empty prompt, bad sampling values, or a policy that cannot serve the input.
+        """
+        params = SamplingParams(max_new_tokens, temperature, top_k, top_p, seed, tuple(stop), ignore_eos)
+        res = Generation("", [], "length")
+        pieces: list[str] = []
+        for piece in self.stream(prompt, params, policy, budget, progress, res):
+            pieces.append(piece)
+            if on_text is not None:
+                on_text(piece)
+        res.text = "".join(pieces)
+        return res
+
+    def chat(self, messages: list[dict[str, str]], **kwargs: Any) -> Generation:
+        """Render ``messages`` with the chat template, then :meth:`generate` (same keyword arguments)."""
+        if not messages:
+            raise LongKVError("no messages: pass at least one {'role': 'user', 'content': ...}")
+        return self.generate(self.apply_chat_template(messages), **kwargs)
+
+
+def _is_dense(spec: str | KVPolicy) -> bool:
+    return (isinstance(spec, str) and spec.split(":")[0].strip().lower() == "dense") or (
+        isinstance(spec, KVPolicy) and spec.name == "dense"
+    )
+
+
+def _find_stop(text: str, stops: tuple[str, ...]) -> int | None:
+    hits = [i for i in (text.find(s) for s in stops if s) if i >= 0]
+    return min(hits) if hits else None
+
+
+def _held_back(text: str, stops: tuple[str, ...]) -> int:
+    """Characters at the end of ``text`` not to emit yet (a stop-string prefix or U+FFFD)."""
+    hold = 1 if text.endswith("\ufffd") else 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:k]):
+                hold = max(hold, k)
+                break
+    return hold

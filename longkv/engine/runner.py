@@ -1,0 +1,150 @@
+"""The loop: chunked prefill and one-token decode steps over a paged KV cache.
+
+A :class:`Sequence` is one stream of tokens with its own cache; the
+:class:`Runner` feeds it tokens. It asks the policy at fixed points: which
+position each cached key has (before every attention) and what to free (after
+every prefill chunk, and every ``evict_every`` decode steps), so resident KV
+never exceeds ``budget + max(chunk_size, evict_every)`` tokens per layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from longkv.attention.dense import attend
+from longkv.config import EngineConfig
+from longkv.kv.cache import KVCache
+from longkv.models.llama import LlamaModel
+from longkv.policies.base import KVPolicy
+
+# progress(tokens_done, tokens_total)
+ProgressFn = Callable[[int, int], None]
+
+
+@dataclass
+class Sequence:
+    """One sequence's state: its KV cache and every token fed so far (position = index)."""
+
+    cache: KVCache
+    tokens: list[int] = field(default_factory=list)
+    peak_kv_bytes: int = 0
+    queries: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (H, W, D) last queries
+
+    @property
+    def next_position(self) -> int:
+        return len(self.tokens)
+
+
+class Runner:
+    """Runs a model over sequences under one KV policy.
+
+    Args:
+        model: a model from :func:`longkv.models.build`.
+        policy: the KV policy.
+        engine: chunk size, page size.
+    """
+
+    query_window = 32  # queries kept per layer for policies that score with them
+
+    def __init__(self, model: LlamaModel, policy: KVPolicy, engine: EngineConfig) -> None:
+        self.model = model
+        self.policy = policy
+        self.engine = engine
+
+    def new_sequence(self, expected_tokens: int = 0) -> Sequence:
+        """A fresh sequence; reserves KV room for ``expected_tokens`` (or the policy's bound)."""
+        c = self.model.config
+        cache = KVCache(c.n_layers, c.n_kv_heads, c.head_dim, self.engine.page_size, self.model.dtype)
+        budget = self.policy.budget_tokens
+        bound = budget + max(self.engine.chunk_size, self.policy.evict_every) if budget is not None else None
+        reserve = min(expected_tokens, bound) if bound is not None else expected_tokens
+        if reserve:
+            cache.reserve(reserve)
+        return Sequence(cache)
+
+    def _attention(self, seq: Sequence) -> Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+        policy, rope = self.policy, self.model.rope
+        keep_queries = policy.needs_queries
+
+        def attention(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+            lkv = seq.cache[layer]
+            lkv.append(k, v, pos)
+            keys, values, kpos = lkv.view()
+            target = policy.key_positions(kpos)
+            if target is not None:
+                # Keys are cached rotated at their original position; rotate by the delta
+                # only those that move (a prefix: deltas are non-increasing and end at 0).
+                delta = target - kpos
+                moved = int(torch.count_nonzero(delta))
+                if moved:
+                    keys = torch.cat((rope.rotate(keys[:, :moved], delta[:moved]), keys[:, moved:]), dim=1)
+            if keep_queries:
+                prev = seq.queries.get(layer)
+                qs = q if prev is None else torch.cat((prev, q), dim=1)
+                seq.queries[layer] = qs[:, -self.query_window :]
+            return attend(q, keys, values, pos, kpos)
+
+        return attention
+
+    def _compress(self, seq: Sequence) -> None:
+        for i, lkv in enumerate(seq.cache.layers):
+            self.policy.compress(i, lkv, seq.queries.get(i))
+
+    @torch.inference_mode()
+    def prefill(self, seq: Sequence, ids: list[int], progress: ProgressFn | None = None) -> torch.Tensor:
+        """Feed ``ids`` in chunks of ``engine.chunk_size``; return the logits (V,) after the last one.
+
+        Logits are computed for the last position only (the LM head is skipped
+        for every other chunk). Raises ValueError on empty ``ids``.
+        """
+        if not ids:
+            raise ValueError("prefill needs at least one token")
+        attention = self._attention(seq)
+        chunk = self.engine.chunk_size
+        logits: torch.Tensor | None = None
+        for start in range(0, len(ids), chunk):
+            part = ids[start : start + chunk]
+            is_last = start + chunk >= len(ids)
+            p0 = seq.next_position
+            positions = torch.arange(p0, p0 + len(part), dtype=torch.int64)
+            out = self.model.forward(
+                torch.tensor(part, dtype=torch.int64), positions, attention, "last" if is_last else "none"
+            )
+            seq.tokens.extend(part)
+            seq.peak_kv_bytes = max(seq.peak_kv_bytes, seq.cache.bytes())
+            if self.policy.budget_tokens is not None:
+                self._compress(seq)
+            if progress is not None:
+                progress(start + len(part), len(ids))
+            if out is not None:
+                logits = out[-1]
+        assert logits is not None
+        return logits
+
+    @torch.inference_mode()
+    def decode(self, seq: Sequence, token: int) -> torch.Tensor:
+        """Feed one token; return the logits (V,) for the next one."""
+        pos = torch.tensor([seq.next_position], dtype=torch.int64)
+        out = self.model.forward(torch.tensor([token], dtype=torch.int64), pos, self._attention(seq), "last")
+        assert out is not None
+        seq.tokens.append(token)
+        budget = self.policy.budget_tokens
+        if budget is not None and seq.cache[0].n >= budget + self.policy.evict_every:
+            seq.peak_kv_bytes = max(seq.peak_kv_bytes, seq.cache.bytes())
+            self._compress(seq)
+        elif budget is None and len(seq.tokens) % 64 == 0:
+            seq.peak_kv_bytes = max(seq.peak_kv_bytes, seq.cache.bytes())
+        return out[-1]
+
+    @torch.inference_mode()
+    def logits_all(self, seq: Sequence, ids: list[int]) -> torch.Tensor:
+        """Logits (T, V) at every position of ``ids`` in one forward (perplexity, parity tests)."""
+        p0 = seq.next_position
+        positions = torch.arange(p0, p0 + len(ids), dtype=torch.int64)
+        out = self.model.forward(torch.tensor(ids, dtype=torch.int64), positions, self._attention(seq), "all")
+        assert out is not None
+        seq.tokens.extend(ids)
+        return out

@@ -1,0 +1,81 @@
+"""Sampling as pure functions: logits in, one token id out.
+
+Greedy when ``temperature == 0``; otherwise temperature, then top-k, then
+top-p (nucleus, Holtzman et al. 2020) filtering, then a draw from a seeded
+``torch.Generator`` so a seed reproduces a completion exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from longkv.errors import LongKVError
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick tokens and when to stop.
+
+    Attributes:
+        max_new_tokens: most tokens to generate.
+        temperature: 0 for greedy; otherwise logits are divided by it.
+        top_k: keep the k most likely tokens (0: all).
+        top_p: keep the smallest set whose probability reaches p (1.0: all).
+        seed: seed of the sampling generator (None: nondeterministic).
+        stop: strings that end the completion (not included in the text).
+        ignore_eos: keep going past end-of-sequence tokens (benchmarks).
+    """
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 0:
+            raise LongKVError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise LongKVError(f"temperature must be >= 0, got {self.temperature}: use 0 for greedy")
+        if self.top_k < 0:
+            raise LongKVError(f"top_k must be >= 0, got {self.top_k}: use 0 to disable")
+        if not 0.0 < self.top_p <= 1.0:
+            raise LongKVError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+def make_generator(seed: int | None) -> torch.Generator:
+    """A CPU generator seeded with ``seed`` (or from entropy when None)."""
+    g = torch.Generator()
+    if seed is None:
+        g.seed()
+    else:
+        g.manual_seed(seed)
+    return g
+
+
+def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Set filtered-out entries of logits (V,) to -inf (top-k, then top-p). Returns a new tensor."""
+    out = logits.clone()
+    if 0 < top_k < out.numel():
+        kth = torch.topk(out, top_k).values[-1]
+        out[out < kth] = float("-inf")
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(out, descending=True)
+        cum = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
+        # drop a token when the mass before it already reaches top_p (the first token always stays)
+        drop = (cum - torch.softmax(sorted_logits, dim=-1)) >= top_p
+        out[order[drop]] = float("-inf")
+    return out
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
+    """Pick one token id from logits (V,) float32."""
+    if params.temperature == 0.0:
+        return int(torch.argmax(logits))
+    scaled = filter_logits(logits / params.temperature, params.top_k, params.top_p)
+    probs = torch.softmax(scaled, dim=-1)
+    return int(torch.multinomial(probs, 1, generator=generator))

@@ -1,0 +1,36 @@
+"""One module per architecture family, named after HF ``model_type``.
+
+Every module exposes a model class with the same contract:
+``Model(config, weights)`` and ``Model.forward(input_ids, positions, attention, logits_at)``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from longkv.config import ModelConfig
+from longkv.errors import LongKVError
+from longkv.models.llama import AttentionFn, LlamaModel
+from longkv.models.qwen2 import Qwen2Model
+
+MODEL_CLASSES: dict[str, type[LlamaModel]] = {
+    "llama": LlamaModel,
+    "mistral": LlamaModel,
+    "qwen2": Qwen2Model,
+}
+
+
+def build(config: ModelConfig, weights: dict[str, torch.Tensor]) -> LlamaModel:
+    """Instantiate the model class registered for ``config.arch``.
+
+    Raises:
+        LongKVError: the architecture has no implementation.
+    """
+    try:
+        cls = MODEL_CLASSES[config.arch]
+    except KeyError:
+        raise LongKVError(f"no forward for architecture {config.arch!r}: supported are {sorted(MODEL_CLASSES)}") from None
+    return cls(config, weights)
+
+
+__all__ = ["MODEL_CLASSES", "AttentionFn", "LlamaModel", "Qwen2Model", "build"]

@@ -1,0 +1,81 @@
+"""Blocks shared by every architecture: RMSNorm, rotary embedding, gated MLP.
+
+Shapes use T for tokens of the current forward, H for query heads, Hkv for
+key/value heads and D for head_dim. All functions are pure.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from longkv.config import ModelConfig, RopeScaling
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm (Zhang & Sennrich 2019): ``x / rms(x) * weight`` over the last dim.
+
+    x: (T, hidden); weight: (hidden,). Computed in float32 as HF does.
+    """
+    if x.dtype == torch.float32:
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
+    return F.rms_norm(x.float(), (x.shape[-1],), weight.float(), eps).to(x.dtype)
+
+
+def gated_mlp(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
+    """SwiGLU MLP: ``down(silu(gate(x)) * up(x))`` with gate and up fused in one matmul.
+
+    x: (T, hidden); w_gate_up: (2 * intermediate, hidden); w_down: (hidden, intermediate).
+    """
+    gu = F.linear(x, w_gate_up)
+    gate, up = gu.chunk(2, dim=-1)
+    return F.linear(F.silu(gate) * up, w_down)
+
+
+def _llama3_inv_freq(inv_freq: torch.Tensor, s: RopeScaling) -> torch.Tensor:
+    # Llama 3.1: long wavelengths are divided by `factor`, short ones kept, a smooth
+    # ramp in between (same formula as Meta's reference and HF's "llama3" rope_type).
+    low_wavelen = s.original_max_position / s.low_freq_factor
+    high_wavelen = s.original_max_position / s.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / s.factor, inv_freq)
+    smooth = (s.original_max_position / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+    mid = (1 - smooth) * scaled / s.factor + smooth * scaled
+    is_mid = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(is_mid, mid, scaled)
+
+
+class Rotary:
+    """Rotary position embedding (RoPE, Su et al. 2021), "rotate halves" layout as in HF.
+
+    Because a rotation by position ``p`` followed by one by ``d`` equals one by
+    ``p + d``, keys cached already rotated at their original position can be moved
+    to any other position at attention time with :meth:`rotate` by the delta;
+    this is how policies assign in-cache positions (StreamingLLM, InfLLM).
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        d = config.head_dim
+        inv = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+        if config.rope_scaling is not None:
+            inv = _llama3_inv_freq(inv, config.rope_scaling)
+        self.inv_freq = inv  # (D/2,) float64: angles of far positions (1 M tokens) stay exact
+
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions: (T,) int64 (may be negative for deltas) -> cos, sin: (T, D/2) of ``dtype``."""
+        angles = positions.to(torch.float64)[:, None] * self.inv_freq[None, :]
+        return angles.cos().to(dtype), angles.sin().to(dtype)
+
+    @staticmethod
+    def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Rotate x: (..., T, D) with cos/sin: (T, D/2). Returns a new tensor."""
+        half = x.shape[-1] // 2
+        x1, x2 = x[..., :half], x[..., half:]
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+    def rotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Rotate x: (..., T, D) by positions: (T,) (absolute positions or deltas)."""
+        cos, sin = self.cos_sin(positions, x.dtype)
+        return self.apply(x, cos, sin)

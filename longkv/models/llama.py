@@ -1,0 +1,113 @@
+"""Llama-family forward (Llama 2/3.x, SmolLM2, Mistral; Qwen2 adds q/k/v biases).
+
+The model owns projections, norms, RoPE and the MLP. Where keys and values
+go, and what each query attends to, is not its business: every layer hands its
+rotated q/k/v to an ``attention`` callback supplied by the engine, which
+appends to the KV cache, applies the KV policy and returns the attention output.
+
+Contract shared by every architecture module (see ``longkv.models.build``):
+``Model(config, weights)`` and ``Model.forward(input_ids, positions, attention, logits_at)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from longkv.config import ModelConfig
+from longkv.errors import LongKVError
+from longkv.models.layers import Rotary, gated_mlp, rms_norm
+
+# attention(layer, q (H, T, D), k (Hkv, T, D), v (Hkv, T, D), positions (T,)) -> (H, T, D)
+AttentionFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class _Layer:
+    __slots__ = ("attn_norm", "mlp_norm", "w_qkv", "b_qkv", "w_o", "w_gate_up", "w_down")
+
+    def __init__(self, w: dict[str, torch.Tensor], prefix: str, bias: bool) -> None:
+        def get(name: str) -> torch.Tensor:
+            key = prefix + name
+            if key not in w:
+                raise LongKVError(f"weight {key} missing from the model file: the file is incomplete or not a supported model")
+            return w[key]
+
+        self.attn_norm = get("input_layernorm.weight")
+        self.mlp_norm = get("post_attention_layernorm.weight")
+        # One matmul for q, k and v (and one for gate and up): fewer kernel launches per token.
+        self.w_qkv = torch.cat([get(f"self_attn.{p}_proj.weight") for p in "qkv"], dim=0).contiguous()
+        self.b_qkv = torch.cat([get(f"self_attn.{p}_proj.bias") for p in "qkv"]) if bias else None
+        self.w_o = get("self_attn.o_proj.weight").contiguous()
+        self.w_gate_up = torch.cat([get("mlp.gate_proj.weight"), get("mlp.up_proj.weight")], dim=0).contiguous()
+        self.w_down = get("mlp.down_proj.weight").contiguous()
+
+
+class LlamaModel:
+    """Decoder-only transformer with RMSNorm, RoPE, GQA and a SwiGLU MLP.
+
+    Args:
+        config: model shape.
+        weights: HF-named tensors already in the compute dtype.
+
+    Raises:
+        LongKVError: a weight is missing.
+    """
+
+    def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor]) -> None:
+        self.config = config
+        bias = config.attention_bias
+        self.layers = [_Layer(weights, f"model.layers.{i}.", bias) for i in range(config.n_layers)]
+        if "model.embed_tokens.weight" not in weights:
+            raise LongKVError("weight model.embed_tokens.weight missing from the model file: the file is incomplete")
+        self.embed = weights["model.embed_tokens.weight"]
+        self.norm = weights["model.norm.weight"]
+        self.lm_head = weights.get("lm_head.weight", self.embed) if not config.tie_embeddings else self.embed
+        self.rope = Rotary(config)
+        self.dtype = self.embed.dtype
+        c = config
+        self._split = (c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim, c.n_kv_heads * c.head_dim)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        attention: AttentionFn,
+        logits_at: Literal["last", "all", "none"] = "last",
+    ) -> torch.Tensor | None:
+        """Run the decoder over T new tokens.
+
+        Args:
+            input_ids: (T,) int64 token ids.
+            positions: (T,) int64 absolute positions of those tokens.
+            attention: the engine's attention callback (see module docstring).
+            logits_at: which positions get logits: only the last (prefill chunks,
+                decode), all (perplexity, parity tests), or none (middle chunks:
+                the LM head is skipped entirely).
+
+        Returns:
+            logits (1 or T, vocab) in float32, or None for ``"none"``.
+        """
+        c = self.config
+        T = input_ids.shape[0]
+        x = F.embedding(input_ids, self.embed)  # (T, hidden)
+        cos, sin = self.rope.cos_sin(positions, self.dtype)  # (T, D/2)
+        nq, nk, _ = self._split
+        for i, L in enumerate(self.layers):
+            h = rms_norm(x, L.attn_norm, c.rms_eps)
+            qkv = F.linear(h, L.w_qkv, L.b_qkv)  # (T, (H + 2 Hkv) D)
+            q = qkv[:, :nq].view(T, c.n_heads, c.head_dim).transpose(0, 1)
+            k = qkv[:, nq : nq + nk].view(T, c.n_kv_heads, c.head_dim).transpose(0, 1)
+            v = qkv[:, nq + nk :].view(T, c.n_kv_heads, c.head_dim).transpose(0, 1)
+            q = Rotary.apply(q, cos, sin)  # (H, T, D)
+            k = Rotary.apply(k, cos, sin)  # (Hkv, T, D)
+            o = attention(i, q, k, v, positions)  # (H, T, D)
+            x = x + F.linear(o.transpose(0, 1).reshape(T, nq), L.w_o)
+            x = x + gated_mlp(rms_norm(x, L.mlp_norm, c.rms_eps), L.w_gate_up, L.w_down)
+        if logits_at == "none":
+            return None
+        if logits_at == "last":
+            x = x[-1:]
+        return F.linear(rms_norm(x, self.norm, c.rms_eps), self.lm_head).float()

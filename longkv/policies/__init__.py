@@ -1,0 +1,73 @@
+"""KV policies: one file per method, a name -> class registry, and a spec parser.
+
+A policy spec is ``NAME`` or ``NAME:knob=value,knob=value``, e.g.
+``streaming:budget=2048,sinks=4``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from longkv.errors import LongKVError
+from longkv.policies.base import EvictionPolicy, KVPolicy, SelectionPolicy
+from longkv.policies.dense import DensePolicy
+from longkv.policies.streaming import StreamingPolicy
+
+POLICIES: dict[str, type[KVPolicy]] = {
+    "dense": DensePolicy,
+    "streaming": StreamingPolicy,
+}
+
+
+def _coerce(value: str, field_type: Any) -> Any:
+    t = str(field_type)
+    if "int" in t:
+        if value.lower() in ("none", "null") and "None" in t:
+            return None
+        return int(value.replace("_", "").lower().replace("k", "000"))
+    if "float" in t:
+        return float(value)
+    if "bool" in t:
+        return value.lower() in ("1", "true", "yes", "on")
+    return value
+
+
+def make_policy(spec: str | KVPolicy, **overrides: Any) -> KVPolicy:
+    """Build a policy from a spec string (or return a policy object unchanged, with overrides applied).
+
+    Args:
+        spec: ``"dense"``, ``"streaming:budget=2048"``, ...
+        overrides: knob values that win over the spec (``None`` values are ignored).
+
+    Raises:
+        LongKVError: unknown policy name, unknown knob or a value of the wrong type.
+    """
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if isinstance(spec, KVPolicy):
+        return dataclasses.replace(spec, **overrides) if overrides else spec
+    name, _, rest = spec.partition(":")
+    name = name.strip().lower()
+    if name not in POLICIES:
+        raise LongKVError(f"unknown policy {name!r}: choose one of {', '.join(sorted(POLICIES))}")
+    cls = POLICIES[name]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    knobs: dict[str, Any] = {}
+    for item in filter(None, (p.strip() for p in rest.split(","))):
+        key, eq, value = item.partition("=")
+        key = key.strip()
+        if not eq or key not in fields:
+            known = ", ".join(fields) or "none"
+            raise LongKVError(f"policy {name} has no knob {key!r}: its knobs are {known} (e.g. {name}:{next(iter(fields), 'budget')}=...)")
+        try:
+            knobs[key] = _coerce(value.strip(), fields[key].type)
+        except ValueError:
+            raise LongKVError(f"bad value {value!r} for {name}.{key}: expected {fields[key].type}") from None
+    for key, value in overrides.items():
+        if key not in fields:
+            raise LongKVError(f"policy {name} takes no {key!r} setting: its knobs are {', '.join(fields) or 'none'}")
+        knobs[key] = value
+    return cls(**knobs)
+
+
+__all__ = ["POLICIES", "DensePolicy", "EvictionPolicy", "KVPolicy", "SelectionPolicy", "StreamingPolicy", "make_policy"]

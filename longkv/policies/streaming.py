@@ -1,0 +1,83 @@
+"""StreamingLLM: attention sinks + a local window (Xiao et al. 2023, arXiv:2309.17453).
+
+The first ``sinks`` tokens absorb attention mass the softmax must put somewhere;
+keeping them beside a window of the most recent tokens keeps a model fluent
+over inputs of any length with a fixed cache. Positions are assigned inside
+the cache (sinks sit just before the window), so every relative distance stays
+below ``budget + chunk_size``, inside the trained window.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from longkv.config import EngineConfig, ModelConfig
+from longkv.errors import LongKVError
+from longkv.kv.cache import LayerKV
+from longkv.policies.base import EvictionPolicy
+
+
+@dataclass
+class StreamingPolicy(EvictionPolicy):
+    """Keep ``sinks`` first tokens and the last ``window`` tokens (``budget = sinks + window``).
+
+    Attributes:
+        budget: tokens kept per layer after each compression.
+        sinks: attention-sink tokens at the start of the input.
+        window: local window; defaults to ``budget - sinks``.
+
+    Raises:
+        LongKVError (from :meth:`validate`): budget below ``sinks + window``, or
+        ``budget + chunk_size`` beyond the model's trained window.
+    """
+
+    name = "streaming"
+    budget: int = 4096
+    sinks: int = 4
+    window: int | None = None
+
+    @property
+    def local_window(self) -> int:
+        return self.budget - self.sinks if self.window is None else self.window
+
+    def validate(self, model: ModelConfig, engine: EngineConfig) -> None:
+        if self.sinks < 0 or self.budget < 1:
+            raise LongKVError(f"streaming needs budget >= 1 and sinks >= 0, got budget={self.budget}, sinks={self.sinks}")
+        if self.local_window < 1 or self.budget < self.sinks + self.local_window:
+            raise LongKVError(
+                f"budget {self.budget} is below sinks {self.sinks} + window {self.local_window}: "
+                f"raise --budget to at least {self.sinks + max(self.local_window, 1)} or shrink the window"
+            )
+        span = self.budget + max(engine.chunk_size, self.evict_every)
+        if span > model.max_position:
+            raise LongKVError(
+                f"budget {self.budget} + chunk {engine.chunk_size} = {span} tokens exceeds the model's trained "
+                f"window of {model.max_position}: lower --budget or --chunk-size"
+            )
+
+    def score(
+        self,
+        layer: int,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        positions: torch.Tensor,
+        queries: torch.Tensor | None,
+    ) -> torch.Tensor:
+        # Sinks first, then the window by recency; anything older than the window last.
+        n = positions.numel()
+        score = torch.arange(n, dtype=torch.float32)
+        score[: max(n - self.local_window, 0)] = -1.0
+        score[: min(self.sinks, n)] = float(n + 1)
+        return score
+
+    def compress(self, layer: int, cache: LayerKV, queries: torch.Tensor | None = None) -> None:
+        # Same result as ranking by score(), without a top-k: the kept set is two ranges.
+        n, keep_n = cache.n, self.sinks + self.local_window
+        if n <= keep_n:
+            return
+        cache.keep(torch.cat((torch.arange(self.sinks), torch.arange(n - self.local_window, n))))
+
+    def describe(self) -> str:
+        return f"streaming(budget={self.budget}, sinks={self.sinks}, window={self.local_window})"
