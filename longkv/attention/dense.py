@@ -32,10 +32,9 @@ def attend(
     """
     t, n = q.shape[1], k.shape[1]
     gqa = q.shape[0] != k.shape[0]
-    if t == 1:  # decode: the only query is the newest token and sees every cached key
-        mask = None
-        causal = False
-    elif n == t:  # first chunk: plain causal
+    if t == 1:
+        return _decode_attend(q, k, v)
+    if n == t:  # first chunk: plain causal
         mask = None
         causal = True
     else:
@@ -45,3 +44,20 @@ def attend(
         q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), attn_mask=mask, is_causal=causal, enable_gqa=gqa
     )
     return out.squeeze(0)
+
+
+def _decode_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """One query per head over every cached key (decode): two batched matmuls.
+
+    For a single query the CPU flash kernel of SDPA costs more than the math;
+    grouping the H query heads by KV head makes this two bmm calls of shape
+    (Hkv, G, D) x (Hkv, D, N). Softmax in float32. q: (H, 1, D); k, v: (Hkv, N, D).
+    """
+    h, _, d = q.shape
+    hkv = k.shape[0]
+    qg = q.reshape(hkv, h // hkv, d)  # (Hkv, G, D): heads of a group share K/V
+    # k @ q^T keeps the cache view (strided over heads) as the untransposed operand,
+    # which the CPU batched GEMM reads in place; q @ k^T would copy K every step.
+    scores = torch.bmm(k, qg.transpose(1, 2)).transpose(1, 2).float().contiguous()  # (Hkv, G, N)
+    probs = torch.softmax(scores * (d**-0.5), dim=-1).to(v.dtype)
+    return torch.bmm(probs, v).reshape(h, 1, d)

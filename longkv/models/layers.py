@@ -24,14 +24,46 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return F.rms_norm(x.float(), (x.shape[-1],), weight.float(), eps).to(x.dtype)
 
 
-def gated_mlp(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
+class Linear:
+    """``y = x @ W.T + b``, with an optional int8 copy of W for few-row inputs (decode).
+
+    A decode step multiplies one row by every weight matrix, so it is bound by
+    memory bandwidth: reading W as int8 (per-output-channel scales, symmetric)
+    through ``torch.ops.aten._weight_int8pack_mm`` moves half the bytes of
+    bfloat16 and runs ~3x faster here. Many-row inputs (prefill chunks) are
+    compute-bound and use W itself, where that kernel is slower.
+
+    w: (out, in) in the compute dtype; b: (out,) or None.
+    """
+
+    __slots__ = ("b", "scale", "w", "w8")
+    int8_max_rows = 4
+
+    def __init__(self, w: torch.Tensor, b: torch.Tensor | None = None, int8: bool = False) -> None:
+        self.w = w.contiguous()
+        self.b = b
+        self.w8: torch.Tensor | None = None
+        self.scale: torch.Tensor | None = None
+        if int8:
+            wf = w.float()
+            scale = (wf.abs().amax(dim=1) / 127.0).clamp_min(1e-12)  # (out,)
+            self.w8 = torch.round(wf / scale[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
+            self.scale = scale.to(w.dtype)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.w8 is not None and x.shape[0] <= self.int8_max_rows:
+            y = torch.ops.aten._weight_int8pack_mm(x, self.w8, self.scale)
+            return y if self.b is None else y + self.b
+        return F.linear(x, self.w, self.b)
+
+
+def gated_mlp(x: torch.Tensor, gate_up: Linear, down: Linear) -> torch.Tensor:
     """SwiGLU MLP: ``down(silu(gate(x)) * up(x))`` with gate and up fused in one matmul.
 
-    x: (T, hidden); w_gate_up: (2 * intermediate, hidden); w_down: (hidden, intermediate).
+    x: (T, hidden); gate_up: (2 * intermediate, hidden); down: (hidden, intermediate).
     """
-    gu = F.linear(x, w_gate_up)
-    gate, up = gu.chunk(2, dim=-1)
-    return F.linear(F.silu(gate) * up, w_down)
+    gate, up = gate_up(x).chunk(2, dim=-1)
+    return down(F.silu(gate) * up)
 
 
 def _llama3_inv_freq(inv_freq: torch.Tensor, s: RopeScaling) -> torch.Tensor:

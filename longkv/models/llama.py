@@ -19,16 +19,16 @@ import torch.nn.functional as F
 
 from longkv.config import ModelConfig
 from longkv.errors import LongKVError
-from longkv.models.layers import Rotary, gated_mlp, rms_norm
+from longkv.models.layers import Linear, Rotary, gated_mlp, rms_norm
 
 # attention(layer, q (H, T, D), k (Hkv, T, D), v (Hkv, T, D), positions (T,)) -> (H, T, D)
 AttentionFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class _Layer:
-    __slots__ = ("attn_norm", "mlp_norm", "w_qkv", "b_qkv", "w_o", "w_gate_up", "w_down")
+    __slots__ = ("attn_norm", "down", "gate_up", "mlp_norm", "o", "qkv")
 
-    def __init__(self, w: dict[str, torch.Tensor], prefix: str, bias: bool) -> None:
+    def __init__(self, w: dict[str, torch.Tensor], prefix: str, bias: bool, int8: bool) -> None:
         def get(name: str) -> torch.Tensor:
             key = prefix + name
             if key not in w:
@@ -38,11 +38,12 @@ class _Layer:
         self.attn_norm = get("input_layernorm.weight")
         self.mlp_norm = get("post_attention_layernorm.weight")
         # One matmul for q, k and v (and one for gate and up): fewer kernel launches per token.
-        self.w_qkv = torch.cat([get(f"self_attn.{p}_proj.weight") for p in "qkv"], dim=0).contiguous()
-        self.b_qkv = torch.cat([get(f"self_attn.{p}_proj.bias") for p in "qkv"]) if bias else None
-        self.w_o = get("self_attn.o_proj.weight").contiguous()
-        self.w_gate_up = torch.cat([get("mlp.gate_proj.weight"), get("mlp.up_proj.weight")], dim=0).contiguous()
-        self.w_down = get("mlp.down_proj.weight").contiguous()
+        w_qkv = torch.cat([get(f"self_attn.{p}_proj.weight") for p in "qkv"], dim=0)
+        b_qkv = torch.cat([get(f"self_attn.{p}_proj.bias") for p in "qkv"]) if bias else None
+        self.qkv = Linear(w_qkv, b_qkv, int8)
+        self.o = Linear(get("self_attn.o_proj.weight"), None, int8)
+        self.gate_up = Linear(torch.cat([get("mlp.gate_proj.weight"), get("mlp.up_proj.weight")], dim=0), None, int8)
+        self.down = Linear(get("mlp.down_proj.weight"), None, int8)
 
 
 class LlamaModel:
@@ -51,20 +52,23 @@ class LlamaModel:
     Args:
         config: model shape.
         weights: HF-named tensors already in the compute dtype.
+        int8_decode: also keep int8 copies of the matrices for decode steps
+            (see :class:`~longkv.models.layers.Linear`); prefill is unchanged.
 
     Raises:
         LongKVError: a weight is missing.
     """
 
-    def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor]) -> None:
+    def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], int8_decode: bool = False) -> None:
         self.config = config
         bias = config.attention_bias
-        self.layers = [_Layer(weights, f"model.layers.{i}.", bias) for i in range(config.n_layers)]
+        self.layers = [_Layer(weights, f"model.layers.{i}.", bias, int8_decode) for i in range(config.n_layers)]
         if "model.embed_tokens.weight" not in weights:
             raise LongKVError("weight model.embed_tokens.weight missing from the model file: the file is incomplete")
         self.embed = weights["model.embed_tokens.weight"]
         self.norm = weights["model.norm.weight"]
-        self.lm_head = weights.get("lm_head.weight", self.embed) if not config.tie_embeddings else self.embed
+        head = self.embed if config.tie_embeddings else weights.get("lm_head.weight", self.embed)
+        self.lm_head = Linear(head, None, int8_decode)
         self.rope = Rotary(config)
         self.dtype = self.embed.dtype
         c = config
@@ -97,17 +101,17 @@ class LlamaModel:
         nq, nk, _ = self._split
         for i, L in enumerate(self.layers):
             h = rms_norm(x, L.attn_norm, c.rms_eps)
-            qkv = F.linear(h, L.w_qkv, L.b_qkv)  # (T, (H + 2 Hkv) D)
+            qkv = L.qkv(h)  # (T, (H + 2 Hkv) D)
             q = qkv[:, :nq].view(T, c.n_heads, c.head_dim).transpose(0, 1)
             k = qkv[:, nq : nq + nk].view(T, c.n_kv_heads, c.head_dim).transpose(0, 1)
             v = qkv[:, nq + nk :].view(T, c.n_kv_heads, c.head_dim).transpose(0, 1)
             q = Rotary.apply(q, cos, sin)  # (H, T, D)
             k = Rotary.apply(k, cos, sin)  # (Hkv, T, D)
             o = attention(i, q, k, v, positions)  # (H, T, D)
-            x = x + F.linear(o.transpose(0, 1).reshape(T, nq), L.w_o)
-            x = x + gated_mlp(rms_norm(x, L.mlp_norm, c.rms_eps), L.w_gate_up, L.w_down)
+            x = x + L.o(o.transpose(0, 1).reshape(T, nq))
+            x = x + gated_mlp(rms_norm(x, L.mlp_norm, c.rms_eps), L.gate_up, L.down)
         if logits_at == "none":
             return None
         if logits_at == "last":
             x = x[-1:]
-        return F.linear(rms_norm(x, self.norm, c.rms_eps), self.lm_head).float()
+        return self.lm_head(rms_norm(x, self.norm, c.rms_eps)).float()

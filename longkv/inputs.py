@@ -1,0 +1,100 @@
+"""Turn ``ask``'s arguments (files, folders, ``-`` for stdin) into one prompt text.
+
+Each file is introduced by its path so the model can tell them apart. Folders
+are read recursively, text files only (binary files and hidden or build folders
+are skipped); a file named explicitly must be text.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from longkv.errors import LongKVError
+
+SKIP_DIRS = {".git", ".hg", ".svn", "__pycache__", "node_modules", ".venv", "venv", ".tox", ".mypy_cache", ".ruff_cache", ".pytest_cache", "build", "dist"}
+SNIFF_BYTES = 8192
+
+
+@dataclass(frozen=True)
+class Document:
+    """One input: where it came from and its text."""
+
+    name: str
+    text: str
+
+
+def _read_text(path: Path) -> str | None:
+    """The file's text, or None if it looks binary (NUL bytes or not UTF-8)."""
+    data = path.read_bytes()
+    if b"\x00" in data[:SNIFF_BYTES]:
+        return None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
+def collect(paths: list[str], stdin_text: str | None = None) -> tuple[list[Document], list[str]]:
+    """Read every input.
+
+    Args:
+        paths: files, folders, or ``-`` for standard input.
+        stdin_text: text to use for ``-`` (default: read ``sys.stdin``).
+
+    Returns:
+        (documents, skipped paths inside folders).
+
+    Raises:
+        LongKVError: a missing path, an explicit file that is binary or unreadable,
+            or no text at all.
+    """
+    if not paths:
+        raise LongKVError("no input given: pass files, folders, or - to read standard input")
+    docs: list[Document] = []
+    skipped: list[str] = []
+    for p in paths:
+        if p == "-":
+            text = stdin_text if stdin_text is not None else sys.stdin.read()
+            docs.append(Document("<stdin>", text))
+            continue
+        path = Path(p)
+        if not path.exists():
+            raise LongKVError(f"{p}: no such file or folder: check the path")
+        if path.is_dir():
+            for f in sorted(path.rglob("*")):
+                rel = f.relative_to(path)
+                if any(part in SKIP_DIRS or part.startswith(".") for part in rel.parts[:-1]) or not f.is_file():
+                    continue
+                try:
+                    text = _read_text(f)
+                except OSError:
+                    text = None
+                if text is None:
+                    skipped.append(str(f))
+                else:
+                    docs.append(Document(str(f), text))
+            continue
+        try:
+            text = _read_text(path)
+        except OSError as exc:
+            raise LongKVError(f"{p}: cannot read it ({exc.strerror}): check its permissions") from None
+        if text is None:
+            raise LongKVError(f"{p}: file is binary or not UTF-8: pass text files or a folder")
+        docs.append(Document(str(path), text))
+    if not any(d.text.strip() for d in docs):
+        raise LongKVError("the input is empty: pass files with some text in them")
+    return docs, skipped
+
+
+def build_prompt(docs: list[Document], question: str) -> str:
+    """The user message: every document under its name, then the question last.
+
+    The question comes after the documents so that a policy which keeps only
+    recent tokens (streaming) still sees it.
+    """
+    parts = []
+    for d in docs:
+        parts.append(f"### File: {d.name}\n{d.text.rstrip()}\n" if len(docs) > 1 or d.name != "<stdin>" else d.text.rstrip() + "\n")
+    return "\n".join(parts) + f"\n### Question\n{question.strip()}"
