@@ -123,7 +123,14 @@ def _progress_bar(total: int, min_tokens: int, quiet: bool):  # type: ignore[no-
     """A Rich prefill progress bar on stderr for long prompts: (callback, close)."""
     if quiet or total < min_tokens:
         return None, lambda: None
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     bar = Progress(
         TextColumn("prefill"),

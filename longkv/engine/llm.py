@@ -158,7 +158,8 @@ class LLM:
             if n_tokens <= window and budget is None:
                 spec = "dense"
             else:
-                default_budget = min(4096, window - max(self.engine_config.chunk_size, 32))
+                # the largest budget whose span (budget + chunk) stays inside the trained window
+                default_budget = max(1, min(4096, window - max(self.engine_config.chunk_size, StreamingPolicy.evict_every)))
                 spec = StreamingPolicy(budget=budget if budget is not None else default_budget)
         pol = make_policy(spec, budget=budget) if budget is not None and not _is_dense(spec) else make_policy(spec)
         pol.validate(self.config, self.engine_config)

@@ -27,8 +27,8 @@ from longkv.kv.cache import LayerKV
 
 
 @dataclass
-class KVPolicy(ABC):
-    """Base of every policy. Subclasses are dataclasses whose fields are their knobs."""
+class KVPolicy:
+    """Base of every policy (dense behaviour). Subclasses are dataclasses whose fields are their knobs."""
 
     name: ClassVar[str] = ""
 
@@ -68,7 +68,7 @@ class KVPolicy(ABC):
 
 
 @dataclass
-class EvictionPolicy(KVPolicy):
+class EvictionPolicy(KVPolicy, ABC):
     """Keep the ``budget`` highest-scoring tokens of each layer, free the rest.
 
     Subclasses implement :meth:`score`. Tokens are ranked by their score summed
@@ -124,7 +124,7 @@ class EvictionPolicy(KVPolicy):
 
 
 @dataclass
-class SelectionPolicy(KVPolicy):
+class SelectionPolicy(KVPolicy, ABC):
     """Frees nothing; per query picks the pages to attend to (sinks and local window always in)."""
 
     @abstractmethod

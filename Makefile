@@ -1,0 +1,39 @@
+# Set-up and the two main jobs. Everything lands in .venv; an existing torch there is kept
+# (GPU users: install a CUDA build of torch into .venv first, then run make).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH ?= torch==2.13.0
+DEMO_QUESTION ?= What does the error() method of ArgumentParser do? Answer in two sentences.
+
+.PHONY: demo test lint install dev clean-venv
+
+$(VENV)/.base:
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet "$(TORCH)"
+	touch $@
+
+$(VENV)/.installed: $(VENV)/.base pyproject.toml
+	$(PY) -m pip install --quiet -e .
+	touch $@
+
+$(VENV)/.dev: $(VENV)/.installed pyproject.toml
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+dev: $(VENV)/.dev
+
+# Answer a question about a real long file every Python has (argparse.py, ~22 K tokens) with the default model.
+demo: $(VENV)/.installed
+	$(VENV)/bin/longkv ask "$$($(PY) -c 'import argparse; print(argparse.__file__)')" -q "$(DEMO_QUESTION)"
+
+test: $(VENV)/.dev
+	$(PY) -m pytest
+
+lint: $(VENV)/.dev
+	$(PY) -m ruff check longkv tests benchmarks
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,122 @@
+"""Shared fixtures: real models from ../shared (skipped when absent) and tiny random models."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+BOOKS = SHARED / "data" / "books"
+
+
+def _get_model(name: str) -> Path:
+    script = SHARED / "models" / "get-model"
+    if not script.exists():
+        pytest.skip(f"../shared is absent: no real model {name} to test with")
+    proc = subprocess.run([str(script), name], capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"get-model {name} failed: {proc.stderr.strip()[-200:]}")
+    return Path(proc.stdout.strip())
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> Path:
+    """Path of the real SmolLM2-135M-Instruct GGUF (Q4_1)."""
+    return _get_model("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def book_text() -> str:
+    """Real long text (Alice in Wonderland)."""
+    path = BOOKS / "alice-in-wonderland.txt"
+    if not path.exists():
+        pytest.skip("../shared/data/books is absent: no real text to test with")
+    return path.read_text()
+
+
+@pytest.fixture(scope="session")
+def smollm2_f32(smollm2_path: Path):
+    """The real SmolLM2 loaded once in float32 (exact path)."""
+    from longkv import LLM
+
+    return LLM(model=smollm2_path, dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def smollm2_bf16(smollm2_path: Path):
+    """The real SmolLM2 loaded once on the fast path (bfloat16 + int8 decode)."""
+    from longkv import LLM
+
+    return LLM(model=smollm2_path, dtype="bfloat16")
+
+
+def _tiny_tokenizer(folder: Path) -> None:
+    """A byte-level BPE tokenizer with a chat template, trained on a few sentences."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    text = ["The quick brown fox jumps over the lazy dog. " * 4, "Alice was beginning to get very tired.", "def main(): pass"]
+    tok.train_from_iterator(text, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    fast.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    fast.save_pretrained(str(folder))
+
+
+def make_tiny_hf_model(folder: Path, model_type: str, seed: int = 0, max_position: int = 512) -> Path:
+    """Save a tiny random HF model (config.json + safetensors + tokenizer) of ``model_type``."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    cfg = AutoConfig.for_model(
+        model_type,
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=max_position,
+        rope_theta=10000.0,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+        eos_token_id=2,
+        bos_token_id=None,
+    )
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():  # random biases too, so the q/k/v bias path is really exercised
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.5)
+    model.save_pretrained(str(folder), safe_serialization=True)
+    _tiny_tokenizer(folder)
+    cfg_dict = json.loads((folder / "config.json").read_text())
+    assert cfg_dict["model_type"] == model_type
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Qwen2 (q/k/v biases, GQA 4/2) saved as an HF folder."""
+    return make_tiny_hf_model(tmp_path_factory.mktemp("tiny-qwen2"), "qwen2")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Llama (GQA 4/2) saved as an HF folder."""
+    return make_tiny_hf_model(tmp_path_factory.mktemp("tiny-llama"), "llama", seed=1)

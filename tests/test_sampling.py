@@ -1,0 +1,50 @@
+"""Sampling functions: greedy, temperature, top-k, top-p, seeds, validation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from longkv.engine.sampling import SamplingParams, filter_logits, make_generator, sample
+from longkv.errors import LongKVError
+
+LOGITS = torch.tensor([1.0, 3.0, 2.0, 0.5, -1.0])
+
+
+def test_greedy_takes_argmax() -> None:
+    assert sample(LOGITS, SamplingParams(temperature=0.0), make_generator(0)) == 1
+
+
+def test_top_k_keeps_k_best() -> None:
+    out = filter_logits(LOGITS, top_k=2, top_p=1.0)
+    assert torch.isfinite(out).tolist() == [False, True, True, False, False]
+    draws = {sample(LOGITS, SamplingParams(temperature=1.0, top_k=2), make_generator(s)) for s in range(50)}
+    assert draws == {1, 2}
+
+
+def test_top_p_keeps_smallest_nucleus() -> None:
+    probs = torch.softmax(LOGITS, -1)  # sorted: idx1 .63, idx2 .23, idx0 .09, ...
+    out = filter_logits(LOGITS, top_k=0, top_p=0.8)
+    kept = torch.isfinite(out).nonzero().squeeze(1).tolist()
+    assert sorted(kept) == [1, 2]
+    assert probs[1] + probs[2] >= 0.8 > probs[1]
+    assert torch.isfinite(filter_logits(LOGITS, 0, 0.01)).sum() == 1  # the top token always stays
+
+
+def test_seed_reproduces_and_differs() -> None:
+    p = SamplingParams(temperature=1.5)
+    logits = torch.randn(1000, generator=torch.Generator().manual_seed(0))
+    a = [sample(logits, p, g) for g in [make_generator(7)] for _ in range(20)]
+    g2 = make_generator(7)
+    b = [sample(logits, p, g2) for _ in range(20)]
+    g3 = make_generator(8)
+    c = [sample(logits, p, g3) for _ in range(20)]
+    assert a == b and a != c
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"temperature": -1.0}, {"top_p": 0.0}, {"top_p": 1.5}, {"top_k": -2}, {"max_new_tokens": -1}]
+)
+def test_bad_values_raise(kwargs: dict) -> None:
+    with pytest.raises(LongKVError):
+        SamplingParams(**kwargs)
