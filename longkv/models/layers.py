@@ -17,11 +17,10 @@ from longkv.config import ModelConfig, RopeScaling
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm (Zhang & Sennrich 2019): ``x / rms(x) * weight`` over the last dim.
 
-    x: (T, hidden); weight: (hidden,). Computed in float32 as HF does.
+    x: (T, hidden); weight: (hidden,). The fused kernel accumulates in float32
+    for bfloat16 inputs too, so no up-cast copy is needed.
     """
-    if x.dtype == torch.float32:
-        return F.rms_norm(x, (x.shape[-1],), weight, eps)
-    return F.rms_norm(x.float(), (x.shape[-1],), weight.float(), eps).to(x.dtype)
+    return F.rms_norm(x, (x.shape[-1],), weight, eps)
 
 
 class Linear:

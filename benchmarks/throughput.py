@@ -1,0 +1,224 @@
+"""Prefill and decode throughput at several context lengths: longkv vs transformers vs llama.cpp.
+
+Same machine, same GGUF file, same thread count, one run. For each context length L:
+
+* prefill tokens/s: time to process an L-token prompt (book text) from an empty cache;
+* decode tokens/s: single-token steps right after that prefill (context L .. L + steps);
+* for longkv, the memory each decode token touches (weights read + KV read) and the
+  implied bandwidth, so the distance to the hardware limit is visible.
+
+Seeded, one warm-up per engine, median of ``--repeats`` runs. Prints a table with
+ratios and writes JSON.
+
+    python benchmarks/throughput.py --lengths 512,2048,8192 --out runs/throughput.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from longkv import LLM  # noqa: E402
+from longkv.engine.runner import Runner  # noqa: E402
+from longkv.policies import DensePolicy  # noqa: E402
+
+Timing = tuple[float, float]  # (prefill tok/s, decode tok/s)
+
+
+def book_ids(llm: LLM, n: int) -> list[int]:
+    """n token ids of real text (../shared books, or this file's own source repeated when absent)."""
+    books = ROOT.parent / "shared" / "data" / "books"
+    text = "".join(p.read_text() for p in sorted(books.glob("*.txt"))[:2]) if books.exists() else Path(__file__).read_text() * 200
+    ids = llm.encode(text)
+    assert len(ids) >= n, "not enough text"
+    return ids[:n]
+
+
+def median_of(fn: Callable[[], Timing], repeats: int) -> Timing:
+    runs = [fn() for _ in range(repeats)]
+    return statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
+
+
+# ---------------------------------------------------------------------------------- engines
+
+
+def run_longkv(llm: LLM, ids: list[int], steps: int) -> Timing:
+    runner = Runner(llm.model, DensePolicy(), llm.engine_config)
+    seq = runner.new_sequence(len(ids) + steps + 1)
+    t0 = time.perf_counter()
+    logits = runner.prefill(seq, ids)
+    t1 = time.perf_counter()
+    token = int(logits.argmax())
+    t2 = time.perf_counter()
+    for _ in range(steps):
+        token = int(runner.decode(seq, token).argmax())
+    t3 = time.perf_counter()
+    return len(ids) / (t1 - t0), steps / (t3 - t2)
+
+
+def make_transformers(gguf: Path, threads: int) -> Callable[[list[int], int], Timing]:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32, attn_implementation="eager"
+    ).eval()
+
+    @torch.inference_mode()
+    def run(ids: list[int], steps: int) -> Timing:
+        t0 = time.perf_counter()
+        out = model(torch.tensor([ids]), use_cache=True)
+        t1 = time.perf_counter()
+        past, token = out.past_key_values, out.logits[0, -1].argmax().view(1, 1)
+        t2 = time.perf_counter()
+        for _ in range(steps):
+            out = model(token, past_key_values=past, use_cache=True)
+            past, token = out.past_key_values, out.logits[0, -1].argmax().view(1, 1)
+        t3 = time.perf_counter()
+        return len(ids) / (t1 - t0), steps / (t3 - t2)
+
+    return run
+
+
+def make_llama_cpp(gguf: Path, threads: int, n_ctx: int) -> Callable[[list[int], int], Timing]:
+    from llama_cpp import Llama
+
+    import numpy as np
+
+    llm = Llama(model_path=str(gguf), n_ctx=n_ctx, n_batch=512, n_threads=threads, n_threads_batch=threads, verbose=False)
+    n_vocab = llm.n_vocab()
+
+    def last_argmax() -> int:  # logits of the last evaluated token, read in place
+        return int(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(n_vocab,)).argmax())
+
+    def run(ids: list[int], steps: int) -> Timing:
+        llm.reset()
+        t0 = time.perf_counter()
+        llm.eval(ids)
+        t1 = time.perf_counter()
+        token = last_argmax()
+        t2 = time.perf_counter()
+        for _ in range(steps):
+            llm.eval([token])
+            token = last_argmax()
+        t3 = time.perf_counter()
+        return len(ids) / (t1 - t0), steps / (t3 - t2)
+
+    return run
+
+
+# ---------------------------------------------------------------------------------- memory model
+
+
+def decode_bytes_per_token(llm: LLM, context: int) -> int:
+    """Bytes a longkv decode step reads: the matrices it multiplies (int8 copies when enabled) + the KV cache."""
+    m = llm.model
+    mats = [lin for layer in m.layers for lin in (layer.qkv, layer.o, layer.gate_up, layer.down)] + [m.lm_head]
+    weights = sum((lin.w8.nbytes + lin.scale.nbytes) if lin.w8 is not None else lin.w.nbytes for lin in mats)  # type: ignore[union-attr]
+    c = llm.config
+    kv = context * 2 * c.n_layers * c.n_kv_heads * c.head_dim * m.dtype.itemsize
+    return weights + kv
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="GGUF file (default: the SmolLM2-135M-Instruct test model)")
+    ap.add_argument("--lengths", default="512,2048,8192", help="context lengths in tokens, comma-separated")
+    ap.add_argument("--steps", type=int, default=32, help="decode steps per measurement")
+    ap.add_argument("--repeats", type=int, default=3, help="runs per cell (median); 1 for lengths >= 8192")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--engines", default="longkv,transformers,llama.cpp", help="which engines to run")
+    ap.add_argument("--dtype", default="bfloat16", help="longkv compute dtype")
+    ap.add_argument("--out", default="runs/throughput.json")
+    args = ap.parse_args()
+
+    torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
+    if args.model:
+        gguf = Path(args.model)
+    else:
+        from longkv.loading import fetch_default_model
+
+        gguf = fetch_default_model()
+    lengths = [int(x) for x in args.lengths.split(",")]
+    engines = args.engines.split(",")
+    llm = LLM(model=gguf, dtype=args.dtype, threads=args.threads)
+    ids_all = book_ids(llm, max(lengths))
+    runners: dict[str, Callable[[list[int], int], Timing]] = {"longkv": lambda ids, s: run_longkv(llm, ids, s)}
+    if "transformers" in engines:
+        runners["transformers"] = make_transformers(gguf, args.threads)
+    if "llama.cpp" in engines:
+        runners["llama.cpp"] = make_llama_cpp(gguf, args.threads, max(lengths) + args.steps + 16)
+    runners = {k: v for k, v in runners.items() if k in engines}
+
+    for name, fn in runners.items():  # warm-up: allocator, kernels, caches
+        print(f"warm-up {name} ...", file=sys.stderr)
+        fn(ids_all[:256], 4)
+
+    results: list[dict[str, object]] = []
+    for length in lengths:
+        ids = ids_all[:length]
+        reps = args.repeats if length < 8192 else 1
+        for name, fn in runners.items():
+            print(f"{name} @ {length} tokens ...", file=sys.stderr)
+            pre, dec = median_of(lambda fn=fn, ids=ids: fn(ids, args.steps), reps)
+            row: dict[str, object] = {"engine": name, "context": length, "prefill_tok_s": round(pre, 1), "decode_tok_s": round(dec, 1)}
+            if name == "longkv":
+                b = decode_bytes_per_token(llm, length)
+                row["decode_bytes_per_token"] = b
+                row["decode_GB_s"] = round(b * dec / 1e9, 2)
+            results.append(row)
+            print(json.dumps(row), file=sys.stderr)
+
+    meta = {
+        "model": str(gguf),
+        "threads": args.threads,
+        "longkv_dtype": args.dtype,
+        "longkv_int8_decode": llm.int8_decode,
+        "steps": args.steps,
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus",
+        "torch": torch.__version__,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+    print_table(results)
+    print(f"\nwrote {out}")
+
+
+def print_table(results: list[dict[str, object]]) -> None:
+    """Markdown table: one row per context length, ratios of longkv against each competitor."""
+    by = {(r["engine"], r["context"]): r for r in results}
+    engines = sorted({str(r["engine"]) for r in results}, key=lambda e: (e != "longkv", e))
+    lengths = sorted({int(r["context"]) for r in results})  # type: ignore[call-overload]
+    head = ["context"] + [f"{e} prefill" for e in engines] + [f"{e} decode" for e in engines]
+    others = [e for e in engines if e != "longkv"]
+    head += [f"prefill x {e}" for e in others] + [f"decode x {e}" for e in others]
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
+    for n in lengths:
+        cells = [str(n)]
+        cells += [f"{by[(e, n)]['prefill_tok_s']}" if (e, n) in by else "-" for e in engines]
+        cells += [f"{by[(e, n)]['decode_tok_s']}" if (e, n) in by else "-" for e in engines]
+        for key in ("prefill_tok_s", "decode_tok_s"):
+            for e in others:
+                if ("longkv", n) in by and (e, n) in by:
+                    cells.append(f"{float(by[('longkv', n)][key]) / float(by[(e, n)][key]):.2f}x")  # type: ignore[arg-type]
+                else:
+                    cells.append("-")
+        print("| " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
