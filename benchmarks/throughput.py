@@ -92,9 +92,8 @@ def make_transformers(gguf: Path, threads: int) -> Callable[[list[int], int], Ti
 
 
 def make_llama_cpp(gguf: Path, threads: int, n_ctx: int) -> Callable[[list[int], int], Timing]:
-    from llama_cpp import Llama
-
     import numpy as np
+    from llama_cpp import Llama
 
     llm = Llama(model_path=str(gguf), n_ctx=n_ctx, n_batch=512, n_threads=threads, n_threads_batch=threads, verbose=False)
     n_vocab = llm.n_vocab()
