@@ -34,6 +34,7 @@ test: $(VENV)/.dev
 
 lint: $(VENV)/.dev
 	$(PY) -m ruff check longkv tests benchmarks
+	$(PY) -m mypy longkv
 
 clean-venv:
 	rm -rf $(VENV)

@@ -75,7 +75,11 @@ def ask(
         prompt_text = llm.apply_chat_template([{"role": "user", "content": prompt_text}])
     ids = llm.encode(prompt_text)
     progress, done = _progress_bar(len(ids), llm.engine_config.progress_min_tokens, quiet=as_json)
-    write = (lambda s: None) if as_json else (lambda s: (sys.stdout.write(s), sys.stdout.flush()))
+    def write(piece: str) -> None:
+        if not as_json:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+
     try:
         out = llm.generate(
             ids, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, progress=progress, on_text=write
