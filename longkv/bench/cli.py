@@ -157,6 +157,40 @@ def niah(
 
 
 @bench_app.command()
+def ruler(
+    model: Model = None,
+    policy: Policies = None,
+    tasks: Annotated[str, typer.Option(help="'all' or task names / families: niah_single,niah_multikey_2,vt,cwe,fwe,...")] = "all",
+    lengths: Lengths = "1k,2k,4k",
+    samples: Samples = 2,
+    seed: Seed = 0,
+    haystack: Haystack = None,
+    name: Name = None,
+    runs_dir: RunsDir = Path("runs"),
+    ray: Ray = None,
+    backend: Backend = "longkv",
+    dtype: Dtype = None,
+    threads: Threads = None,
+    chunk_size: ChunkSize = 512,
+    quiet: Quiet = False,
+) -> None:
+    """RULER-style tasks (Hsieh et al. 2024): needle variants, variable tracking, common/frequent words.
+
+    The QA tasks (SQuAD, HotpotQA) are not included. Example: longkv bench ruler --tasks niah_multikey,vt --lengths 4k
+    """
+    from longkv.bench.ruler import RulerSuite, parse_tasks
+    from longkv.bench.tasks import load_haystack
+
+    names = parse_tasks(tasks)
+    hay_paths = [str(p) for p in haystack] if haystack else None
+    texts = load_haystack(hay_paths)
+    run_sample_task(
+        "ruler", lambda: RulerSuite(names, texts), {"tasks": names}, model, policy, lengths, None,
+        samples, seed, name or "ruler", runs_dir, ray, backend, dtype, threads, chunk_size, quiet, hay_paths or ["<books>"],
+    )  # fmt: skip
+
+
+@bench_app.command()
 def report(
     runs: Annotated[list[Path], typer.Argument(help="Run folders (of one kind) to merge.")],
     out_dir: Annotated[Path, typer.Option("--out", help="Folder for the merged summary.md and PNGs.")] = Path("runs/report"),
