@@ -65,7 +65,7 @@ def _finish(folder: Any, written: int) -> None:
 
     summary = write_summary(folder)
     out.print(f"{written} new rows; results in {folder.path}/ (summary: {summary})")
-    out.print(summary.read_text().split("\n\n![")[0])
+    out.print(summary.read_text().split("\n\n![")[0], markup=False)
 
 
 def run_sample_task(
@@ -190,6 +190,101 @@ def ruler(
     )  # fmt: skip
 
 
+def _open_simple(kind: str, name: str, runs_dir: Path, config: dict[str, Any]) -> Any:
+    from longkv.bench.runner import RunFolder
+
+    folder = RunFolder(runs_dir, name)
+    folder.open({"kind": kind, "backend": "longkv", **config, "command": _command()})
+    return folder
+
+
+@bench_app.command()
+def ppl(
+    model: Model = None,
+    policy: Policies = None,
+    lengths: Annotated[str, typer.Option(help="Prefix lengths in tokens before the scored tokens (k = 1000).")] = "1k,4k",
+    eval_tokens: Annotated[int, typer.Option(help="Tokens scored one by one after the prefix.")] = 128,
+    samples: Samples = 1,
+    seed: Seed = 0,
+    haystack: Haystack = None,
+    name: Name = None,
+    runs_dir: RunsDir = Path("runs"),
+    dtype: Dtype = None,
+    threads: Threads = None,
+    chunk_size: ChunkSize = 512,
+    quiet: Quiet = False,
+) -> None:
+    """Perplexity under each policy, token by token after a chunked prefix (streaming evaluation, as in StreamingLLM).
+
+    Example: longkv bench ppl --lengths 2k,8k,16k -p dense -p streaming:budget=1024 --eval-tokens 128
+    """
+    from longkv.bench.ppl import run_ppl
+    from longkv.bench.tasks import load_haystack, parse_lengths
+    from longkv.engine.llm import LLM
+
+    if eval_tokens < 1 or samples < 1:
+        raise LongKVError(f"--eval-tokens and --samples must be at least 1, got {eval_tokens} and {samples}")
+    specs = _policies(policy, "longkv")
+    lens = parse_lengths(lengths)
+    hay_paths = [str(p) for p in haystack] if haystack else None
+    texts = load_haystack(hay_paths)
+    folder = _open_simple("ppl", name or "ppl", runs_dir, {
+        "model": model, "seed": seed, "dtype": dtype, "chunk_size": chunk_size, "haystack": hay_paths or ["<books>"],
+        "options": {"eval_tokens": eval_tokens}, "policies": specs, "lengths": lens, "samples": samples,
+    })  # fmt: skip
+    llm = LLM(model, dtype=dtype or "bfloat16", chunk_size=chunk_size, threads=threads)
+    _finish(folder, run_ppl(folder, llm, texts, specs, lens, eval_tokens, samples, seed, quiet))
+
+
+@bench_app.command()
+def speed(
+    model: Model = None,
+    policy: Policies = None,
+    lengths: Lengths = "1k,2k,4k",
+    vs: Annotated[list[str] | None, typer.Option("--vs", help="Competitor on the same model file, repeatable: llama.cpp, transformers.")] = None,
+    repeats: Annotated[int, typer.Option("--samples", help="Measurements per cell (the summary shows medians).")] = 1,
+    decode_tokens: Annotated[int, typer.Option(help="Tokens decoded after the prompt.")] = 32,
+    seed: Seed = 0,
+    haystack: Haystack = None,
+    name: Name = None,
+    runs_dir: RunsDir = Path("runs"),
+    dtype: Dtype = None,
+    threads: Threads = None,
+    chunk_size: ChunkSize = 512,
+    quiet: Quiet = False,
+) -> None:
+    """Prefill/decode tokens per second, TTFT and KV memory vs context length; --vs runs competitors on the same file.
+
+    Example: longkv bench speed --lengths 1k,4k,8k -p dense -p streaming:budget=1024 --vs llama.cpp --threads 2
+    """
+    import torch
+
+    from longkv.bench.competitors import COMPETITORS
+    from longkv.bench.speed import run_speed
+    from longkv.bench.tasks import load_haystack, parse_lengths
+    from longkv.engine.llm import LLM
+    from longkv.loading import resolve
+
+    competitors = vs or []
+    for c in competitors:
+        if c not in COMPETITORS:
+            raise LongKVError(f"unknown competitor {c!r}: choose {' or '.join(COMPETITORS)}")
+    if repeats < 1 or decode_tokens < 2:
+        raise LongKVError(f"--samples must be >= 1 and --decode-tokens >= 2, got {repeats} and {decode_tokens}")
+    specs = _policies(policy, "longkv")
+    lens = parse_lengths(lengths)
+    hay_paths = [str(p) for p in haystack] if haystack else None
+    texts = load_haystack(hay_paths)
+    n_threads = threads or torch.get_num_threads()
+    folder = _open_simple("speed", name or "speed", runs_dir, {
+        "model": model, "seed": seed, "dtype": dtype, "chunk_size": chunk_size, "haystack": hay_paths or ["<books>"],
+        "options": {"decode_tokens": decode_tokens, "threads": n_threads}, "policies": specs, "lengths": lens, "vs": competitors,
+    })  # fmt: skip
+    llm = LLM(model, dtype=dtype or "bfloat16", chunk_size=chunk_size, threads=n_threads)
+    written = run_speed(folder, llm, resolve(model), texts, specs, lens, competitors, repeats, decode_tokens, n_threads, seed, quiet)
+    _finish(folder, written)
+
+
 @bench_app.command()
 def report(
     runs: Annotated[list[Path], typer.Argument(help="Run folders (of one kind) to merge.")],
@@ -200,4 +295,4 @@ def report(
 
     path = merge([str(r) for r in runs], out_dir)
     out.print(f"merged {len(runs)} run(s) into {path}")
-    out.print(path.read_text().split("\n\n![")[0])
+    out.print(path.read_text().split("\n\n![")[0], markup=False)

@@ -1,7 +1,8 @@
 """Markdown tables and plots from run folders: one run's ``summary.md``, or several runs merged.
 
 Accuracy cells read ``mean (n)``; a cell whose policy refused every sample
-(e.g. dense beyond the model's trained window) reads ``refused``.
+(e.g. dense beyond the model's trained window) reads ``refused``; ``-`` marks
+a cell with no rows.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def accuracy_cell(rows: list[Row]) -> str:
     ok = [r["score"] for r in rows if r.get("status") == "ok"]
     if ok:
         return f"{sum(ok) / len(ok):.2f} ({len(ok)})"
-    return "refused" if rows else ""
+    return "refused" if rows else "-"
 
 
 def _median(xs: list[float]) -> float:
@@ -55,14 +56,14 @@ def number_cell(field: str, fmt: str = "{:.0f}", scale: float = 1.0) -> Callable
         xs = [float(r[field]) * scale for r in rows if r.get("status", "ok") == "ok" and r.get(field) is not None]
         if xs:
             return fmt.format(_median(xs))
-        return "refused" if rows else ""
+        return "refused" if rows else "-"
 
     return cell
 
 
 def _who(r: Row) -> str:
     backend = r.get("backend", "longkv")
-    return r["policy"] if backend == "longkv" else f"{r['policy']} [{backend}]"
+    return r["policy"] if backend == "longkv" else f"{r['policy']} ({backend})"
 
 
 def tables(rows: list[Row], kind: str) -> str:
