@@ -96,6 +96,7 @@ def _cli(args: list[str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "longkv", "bench", *args], capture_output=True, text=True, env=env, cwd=root, timeout=600)
 
 
+@pytest.mark.slow  # three model loads in subprocesses (ours, llama.cpp) and the CLI twice
 @needs_shared
 def test_ppl_and_speed_cli_small(tmp_path: Path) -> None:
     m = model_path("smollm2-135m")

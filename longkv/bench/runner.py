@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -149,7 +150,8 @@ def run_chunk(settings: dict[str, Any], jobs: list[dict[str, Any]]) -> list[dict
     if tag not in _WORKER_BACKENDS:
         _WORKER_BACKENDS[tag] = make_backend(**settings)
     backend = _WORKER_BACKENDS[tag]
-    return [evaluate(backend, Job.from_dict(j), settings["name"]) for j in jobs]
+    worker = f"{socket.gethostname()}:{os.getpid()}"  # which machine/process answered, for cluster runs
+    return [{**evaluate(backend, Job.from_dict(j), settings["name"]), "worker": worker} for j in jobs]
 
 
 def chunks(jobs: list[Job], size: int) -> list[list[Job]]:
