@@ -209,3 +209,21 @@ def test_niah_end_to_end_smollm2_writes_all_outputs_and_resumes(tmp_path: Path) 
     again = _cli(args)
     assert again.returncode == 0 and "0 new rows" in again.stderr
     assert len((run / "results.jsonl").read_text().splitlines()) == 1
+
+
+@pytest.mark.slow  # loads the model twice (ours and transformers)
+@needs_shared
+def test_transformers_backend_gives_the_reference_answer() -> None:
+    from longkv.bench.backends import make_backend
+    from longkv.bench.tasks import PromptFormat
+
+    m = model_path("smollm2-135m")
+    ref = make_backend("transformers", m, threads=1)
+    ours = make_backend("longkv", m, dtype="float32", threads=1)
+    s = NiahTask(load_haystack(None), max_new_tokens=10).make(PromptFormat(ref.tokenizer), 400, 0.5, 0, seed=2)
+    a = ref.generate(s.prompt, "dense", s.max_new_tokens)
+    b = ours.generate(s.prompt, "dense", s.max_new_tokens)
+    assert a["prompt_tokens"] == b["prompt_tokens"] == 400
+    assert a["answer"] == b["answer"]  # float32 dense greedy: same tokens
+    with pytest.raises(LongKVError, match="dense attention only"):
+        ref.generate(s.prompt, "streaming:budget=64", 4)

@@ -112,7 +112,8 @@ class TransformersBackend:
             t0 = time.perf_counter()
             out = self.model(input_ids=x, use_cache=True)
             t_first = time.perf_counter()
-            past, token, new = out.past_key_values, int(out.logits[0, -1].argmax()), []
+            past, token = out.past_key_values, int(out.logits[0, -1].argmax())
+            new: list[int] = []
             while token != eos and len(new) < max_new_tokens:
                 new.append(token)
                 if len(new) == max_new_tokens:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import random
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -164,7 +164,7 @@ def default_haystack() -> list[Path]:
     return sorted(SHARED_BOOKS.glob("*.txt")) if SHARED_BOOKS.is_dir() else []
 
 
-def load_haystack(paths: list[str | Path] | None) -> list[str]:
+def load_haystack(paths: Sequence[str | Path] | None) -> list[str]:
     """Read haystack text files (whitespace normalised, one string per file).
 
     Raises:
