@@ -227,3 +227,15 @@ def test_transformers_backend_gives_the_reference_answer() -> None:
     assert a["answer"] == b["answer"]  # float32 dense greedy: same tokens
     with pytest.raises(LongKVError, match="dense attention only"):
         ref.generate(s.prompt, "streaming:budget=64", 4)
+
+
+def test_progress_counts_cells_and_running_accuracy() -> None:
+    from longkv.bench.runner import Progress
+
+    cell = ("longkv", "dense", "niah", 1000, 0.5)
+    p = Progress(3, "x", quiet=True, cells={cell: 2, ("longkv", "dense", "niah", 2000, 0.5): 1})
+    row = {"backend": "longkv", "policy": "dense", "task": "niah", "length": 1000, "depth": 0.5, "score": 1.0}
+    p.update(row)
+    assert p._cells_text() == "cells 0/2"
+    p.update({**row, "score": 0.0})
+    assert p._cells_text() == "cells 1/2" and p.scores == [1.0, 0.0]

@@ -162,12 +162,21 @@ def chunks(jobs: list[Job], size: int) -> list[list[Job]]:
     return [cell[i : i + size] for cell in cells.values() for i in range(0, len(cell), size)]
 
 
-class Progress:
-    """Rich progress on stderr: samples done, ETA and the running accuracy; silent when ``quiet``."""
+def _cell(row: dict[str, Any]) -> tuple[Any, ...]:
+    return (row.get("backend"), row.get("policy"), row.get("task"), row.get("length"), row.get("depth"))
 
-    def __init__(self, total: int, label: str, quiet: bool) -> None:
+
+class Progress:
+    """Rich progress on stderr: samples and cells done, ETA and the running accuracy; silent when ``quiet``.
+
+    ``cells`` maps a cell (backend, policy, task, length, depth) to its pending sample count.
+    """
+
+    def __init__(self, total: int, label: str, quiet: bool, cells: dict[tuple[Any, ...], int] | None = None) -> None:
         self.bar: Any = None
         self.scores: list[float] = []
+        self.cells = dict(cells or {})
+        self.cells_total = len(self.cells)
         if quiet or total == 0:
             return
         from rich.console import Console
@@ -178,22 +187,29 @@ class Progress:
             TextColumn("{task.description}"),
             BarColumn(),
             MofNCompleteColumn(),
+            TextColumn("{task.fields[cells]}"),
             TextColumn("{task.fields[acc]}"),
             TimeElapsedColumn(),
             TextColumn("eta"),
             TimeRemainingColumn(),
             console=Console(stderr=True),
         )
-        self.task = self.bar.add_task(label, total=total, acc="")
+        self.task = self.bar.add_task(label, total=total, acc="", cells=self._cells_text())
         self.bar.start()
+
+    def _cells_text(self) -> str:
+        done = sum(1 for n in self.cells.values() if n <= 0)
+        return f"cells {done}/{self.cells_total}" if self.cells_total else ""
 
     def update(self, row: dict[str, Any]) -> None:
         if row.get("score") is not None:
             self.scores.append(float(row["score"]))
+        if _cell(row) in self.cells:
+            self.cells[_cell(row)] -= 1
         if self.bar is not None:
             acc = f"acc {sum(self.scores) / len(self.scores):.2f}" if self.scores else ""
             desc = f"{row.get('policy', '')} L{row.get('length', '')}"
-            self.bar.update(self.task, advance=1, acc=acc, description=desc)
+            self.bar.update(self.task, advance=1, acc=acc, cells=self._cells_text(), description=desc)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -222,7 +238,11 @@ def run_jobs(
     ``ray_address``, one Ray task per chunk of at most ``chunk_size`` jobs of one
     (policy, length) cell (``"local"`` starts Ray on this machine).
     """
-    progress = Progress(len(jobs), "starting", quiet)
+    cells: dict[tuple[Any, ...], int] = {}
+    for j in jobs:
+        key = (settings["name"], j.policy, j.sample.task, j.sample.length, j.sample.depth)
+        cells[key] = cells.get(key, 0) + 1
+    progress = Progress(len(jobs), "starting", quiet, cells)
     written = 0
     try:
         if ray_address is None:
