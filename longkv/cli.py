@@ -14,6 +14,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from longkv.bench.cli import bench_app
 from longkv.errors import LongKVError
 
 app = typer.Typer(
@@ -24,6 +25,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 err = Console(stderr=True, highlight=False)
+app.add_typer(bench_app, name="bench")
 
 ModelOpt = Annotated[
     str | None,

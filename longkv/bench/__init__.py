@@ -1,0 +1,1 @@
+"""Long-context evaluation harness: needle-in-a-haystack, RULER-style tasks, perplexity, speed (see docs/bench.md)."""

@@ -1,0 +1,154 @@
+"""Who answers the samples: our engine, or ``transformers`` as the dense reference.
+
+A backend turns ``(prompt text, policy spec, max new tokens)`` into a result
+dict: ``answer`` plus timings (seconds), ``prompt_tokens`` and, for our engine,
+``peak_kv_bytes``. Both read the same model reference (a GGUF file or a
+Hugging Face folder), so their tokens are identical.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from longkv.errors import LongKVError
+
+BACKENDS = ("longkv", "transformers")
+
+
+def load_tokenizer(model: str | None) -> Any:
+    """The model's tokenizer without loading its weights (fast for generating samples).
+
+    Raises:
+        LongKVError: the model reference cannot be resolved or has no tokenizer.
+    """
+    from longkv.loading import _gguf_tokenizer, resolve
+
+    path = resolve(model)
+    if path.suffix == ".gguf":
+        return _gguf_tokenizer(path)
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except Exception as exc:
+        raise LongKVError(f"{path}: no usable tokenizer ({type(exc).__name__}): add tokenizer.json to the folder") from None
+
+
+class LongKVBackend:
+    """Our engine: :class:`~longkv.LLM`, greedy decoding, one policy per call."""
+
+    name = "longkv"
+
+    def __init__(self, model: str | None, dtype: str = "bfloat16", chunk_size: int = 512, threads: int | None = None) -> None:
+        from longkv.engine.llm import LLM
+
+        self.llm = LLM(model, dtype=dtype, chunk_size=chunk_size, threads=threads)
+        self.tokenizer = self.llm.tokenizer
+
+    def window(self) -> int:
+        return int(self.llm.config.max_position)
+
+    def generate(self, prompt: str, policy: str, max_new_tokens: int) -> dict[str, Any]:
+        """Answer ``prompt`` under ``policy``. Raises LongKVError when the policy cannot serve it."""
+        out = self.llm.generate(prompt, max_new_tokens=max_new_tokens, policy=policy)
+        s = out.stats
+        return {
+            "answer": out.text,
+            "prompt_tokens": s.prompt_tokens,
+            "generated_tokens": s.generated_tokens,
+            "prefill_s": round(s.prefill_s, 4),
+            "ttft_s": round(s.ttft_s, 4),
+            "decode_s": round(s.decode_s, 4),
+            "prefill_tok_s": round(s.prefill_tok_s, 1),
+            "decode_tok_s": round(s.decode_tok_s, 1),
+            "peak_kv_bytes": s.peak_kv_bytes,
+            "policy_resolved": s.policy,
+        }
+
+
+class TransformersBackend:
+    """Hugging Face ``transformers`` eager attention, dense, greedy: the reference answers.
+
+    Loads GGUF files through ``from_pretrained(folder, gguf_file=name)`` (needs
+    ``accelerate``), float32 weights.
+    """
+
+    name = "transformers"
+
+    def __init__(self, model: str | None, dtype: str = "float32", chunk_size: int = 512, threads: int | None = None) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        from longkv.loading import resolve
+
+        if threads is not None:
+            torch.set_num_threads(threads)
+        path = resolve(model)
+        kwargs: dict[str, Any] = {"attn_implementation": "eager", "dtype": getattr(torch, dtype)}
+        if path.suffix == ".gguf":
+            self.model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, **kwargs)
+        else:
+            self.model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+        self.model.eval()
+        self.tokenizer = load_tokenizer(str(path))
+        self.torch = torch
+
+    def window(self) -> int:
+        return int(getattr(self.model.config, "max_position_embeddings", 0) or 0)
+
+    def generate(self, prompt: str, policy: str, max_new_tokens: int) -> dict[str, Any]:
+        """Dense greedy generation. Raises LongKVError for any policy but ``dense`` or an input beyond the window."""
+        if policy.split(":")[0].strip().lower() != "dense":
+            raise LongKVError(f"the transformers backend runs dense attention only, not {policy!r}: pass --policy dense")
+        torch = self.torch
+        ids = self.tokenizer.encode(prompt, add_special_tokens=False)
+        if self.window() and len(ids) + max_new_tokens > self.window():
+            raise LongKVError(f"input of {len(ids) + max_new_tokens} tokens exceeds the model's trained window of {self.window()}")
+        x = torch.tensor([ids])
+        eos = self.tokenizer.eos_token_id
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            out = self.model(input_ids=x, use_cache=True)
+            t_first = time.perf_counter()
+            past, token = out.past_key_values, int(out.logits[0, -1].argmax())
+            new: list[int] = []
+            while token != eos and len(new) < max_new_tokens:
+                new.append(token)
+                if len(new) == max_new_tokens:
+                    break
+                out = self.model(input_ids=torch.tensor([[token]]), past_key_values=past, use_cache=True)
+                past, token = out.past_key_values, int(out.logits[0, -1].argmax())
+            t_end = time.perf_counter()
+        prefill = t_first - t0
+        return {
+            "answer": self.tokenizer.decode(new, skip_special_tokens=True),
+            "prompt_tokens": len(ids),
+            "generated_tokens": len(new),
+            "prefill_s": round(prefill, 4),
+            "ttft_s": round(prefill, 4),
+            "decode_s": round(t_end - t_first, 4),
+            "prefill_tok_s": round(len(ids) / prefill, 1) if prefill > 0 else 0.0,
+            "decode_tok_s": round((len(new) - 1) / (t_end - t_first), 1) if len(new) > 1 and t_end > t_first else 0.0,
+            "peak_kv_bytes": None,
+            "policy_resolved": "dense (transformers eager)",
+        }
+
+
+def make_backend(name: str, model: str | None, dtype: str | None = None, chunk_size: int = 512, threads: int | None = None) -> Any:
+    """Build a backend by name.
+
+    Raises:
+        LongKVError: unknown backend name.
+    """
+    if name == "longkv":
+        return LongKVBackend(model, dtype or "bfloat16", chunk_size, threads)
+    if name == "transformers":
+        return TransformersBackend(model, dtype or "float32", chunk_size, threads)
+    raise LongKVError(f"unknown backend {name!r}: choose one of {', '.join(BACKENDS)}")
+
+
+def model_label(model: str | None) -> str:
+    """A short model name for tables: the file or folder name."""
+    return Path(model).stem if model else "default"

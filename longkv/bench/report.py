@@ -1,0 +1,170 @@
+"""Markdown tables and plots from run folders: one run's ``summary.md``, or several runs merged.
+
+Accuracy cells read ``mean (n)``; a cell whose policy refused every sample
+(e.g. dense beyond the model's trained window) reads ``refused``; ``-`` marks
+a cell with no rows.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from longkv.bench import plots
+from longkv.bench.runner import RunFolder
+from longkv.errors import LongKVError
+
+Row = dict[str, Any]
+
+
+def _fmt_len(n: int) -> str:
+    return f"{n / 1000:g}K" if n >= 1000 else str(n)
+
+
+def pivot(rows: list[Row], label: Callable[[Row], str], cell: Callable[[list[Row]], str], col: str = "length") -> str:
+    """A markdown table: one line per ``label(row)``, one column per value of ``col``."""
+    cols = sorted({r[col] for r in rows})
+    groups: dict[str, dict[Any, list[Row]]] = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        groups[label(r)][r[col]].append(r)
+    head = "| | " + " | ".join(_fmt_len(c) if col == "length" else str(c) for c in cols) + " |"
+    lines = [head, "|" + "---|" * (len(cols) + 1)]
+    for name in sorted(groups):
+        lines.append(f"| {name} | " + " | ".join(cell(groups[name].get(c, [])) for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def accuracy_cell(rows: list[Row]) -> str:
+    ok = [r["score"] for r in rows if r.get("status") == "ok"]
+    if ok:
+        return f"{sum(ok) / len(ok):.2f} ({len(ok)})"
+    return "refused" if rows else "-"
+
+
+def _median(xs: list[float]) -> float:
+    xs = sorted(xs)
+    return xs[len(xs) // 2] if len(xs) % 2 else (xs[len(xs) // 2 - 1] + xs[len(xs) // 2]) / 2
+
+
+def number_cell(field: str, fmt: str = "{:.0f}", scale: float = 1.0) -> Callable[[list[Row]], str]:
+    """Median of ``field`` over the ok rows of a cell."""
+
+    def cell(rows: list[Row]) -> str:
+        xs = [float(r[field]) * scale for r in rows if r.get("status", "ok") == "ok" and r.get(field) is not None]
+        if xs:
+            return fmt.format(_median(xs))
+        return "refused" if rows else "-"
+
+    return cell
+
+
+def _who(r: Row) -> str:
+    backend = r.get("backend", "longkv")
+    return r["policy"] if backend == "longkv" else f"{r['policy']} ({backend})"
+
+
+def tables(rows: list[Row], kind: str) -> str:
+    """The markdown body of a summary for rows of one kind (niah, ruler, ppl, speed)."""
+    if kind in ("niah", "ruler"):
+        parts = ["### Accuracy (mean score, samples) by prompt length", pivot(rows, _who, accuracy_cell)]
+        if kind == "ruler":
+            parts += ["### Per task", pivot(rows, lambda r: f"{_who(r)} / {r['task']}", accuracy_cell)]
+        parts += [
+            "### Prefill tokens/s (median)",
+            pivot(rows, _who, number_cell("prefill_tok_s")),
+            "### Peak KV cache (MiB, median)",
+            pivot(rows, _who, number_cell("peak_kv_bytes", "{:.1f}", 1 / 2**20)),
+        ]
+        return "\n\n".join(parts)
+    if kind == "ppl":
+        return "\n\n".join(
+            [
+                "### Perplexity of the evaluated tokens (token by token after the prefix)",
+                pivot(rows, _who, number_cell("ppl", "{:.2f}")),
+                "### Peak KV cache (MiB)",
+                pivot(rows, _who, number_cell("peak_kv_bytes", "{:.1f}", 1 / 2**20)),
+            ]
+        )
+    if kind == "speed":
+        return "\n\n".join(
+            [
+                "### Prefill tokens/s (median)",
+                pivot(rows, _who, number_cell("prefill_tok_s")),
+                "### Decode tokens/s (median)",
+                pivot(rows, _who, number_cell("decode_tok_s", "{:.1f}")),
+                "### TTFT (s, median)",
+                pivot(rows, _who, number_cell("ttft_s", "{:.2f}")),
+                "### KV cache (MiB): peak measured (longkv) or its size at that length (competitors)",
+                pivot(rows, _who, number_cell("peak_kv_bytes", "{:.1f}", 1 / 2**20)),
+            ]
+        )
+    raise LongKVError(f"unknown run kind {kind!r}: expected niah, ruler, ppl or speed")
+
+
+def write_plots(rows: list[Row], kind: str, out_dir: Path) -> list[Path]:
+    """The PNGs for rows of one kind, written into ``out_dir``."""
+    out: list[Path] = []
+    if not rows:
+        return out
+    if kind == "niah":
+        for policy in sorted({r["policy"] for r in rows}):
+            safe = "".join(c if c.isalnum() or c in "-_=" else "_" for c in policy)
+            out.append(plots.heatmap(rows, policy, out_dir / f"heatmap_{safe}.png"))
+    if kind in ("niah", "ruler"):
+        scored = [{**r, "policy": _who(r)} for r in rows]
+        out.append(plots.accuracy_vs_length(scored, out_dir / "accuracy_vs_length.png"))
+        out.append(plots.accuracy_vs_keep_ratio(scored, out_dir / "accuracy_vs_keep_ratio.png"))
+    if kind == "ppl":
+        out.append(plots.line_plot(rows, "length", "ppl", out_dir / "ppl_vs_length.png", "prefix length (tokens)", "perplexity", "perplexity vs prefix length", logx=True))
+    if kind == "speed":
+        out.append(plots.speed_vs_length(rows, out_dir / "speed_vs_length.png"))
+    return out
+
+
+def write_summary(folder: RunFolder) -> Path:
+    """Rewrite ``summary.md`` and the PNGs of one run folder from its ``results.jsonl``."""
+    cfg = folder.config()
+    rows = folder.rows()
+    kind = cfg.get("kind", "niah")
+    pngs = write_plots(rows, kind, folder.path)
+    head = [f"# {kind} run `{folder.path.name}`", "", f"model: `{cfg.get('model')}`, backend: {cfg.get('backend', 'longkv')}, seed {cfg.get('seed')}, {len(rows)} rows", ""]
+    if cfg.get("command"):
+        head += ["```", str(cfg["command"]), "```", ""]
+    body = tables(rows, kind) if rows else "(no results yet)"
+    images = "\n".join(f"![{p.stem}]({p.name})" for p in pngs)
+    path = folder.path / "summary.md"
+    path.write_text("\n".join(head) + body + "\n\n" + images + "\n")
+    return path
+
+
+def merge(runs: list[str | Path], out: Path) -> Path:
+    """Merge run folders of the same kind into one comparison (``out/summary.md`` + PNGs).
+
+    Rows are labelled by policy and backend; the same policy in two runs is kept apart by run name.
+
+    Raises:
+        LongKVError: a folder that is not a run, or runs of different kinds.
+    """
+    rows: list[Row] = []
+    kinds = set()
+    for r in runs:
+        p = Path(r)
+        if not (p / "config.json").is_file():
+            raise LongKVError(f"{p} is not a run folder (no config.json): pass folders under runs/")
+        cfg = json.loads((p / "config.json").read_text())
+        kinds.add(cfg.get("kind", "niah"))
+        multi = len(runs) > 1
+        for row in RunFolder(p.parent, p.name).rows():
+            rows.append({**row, "policy": f"{row['policy']} ({p.name})" if multi else row["policy"]})
+    if len(kinds) != 1:
+        raise LongKVError(f"runs of different kinds ({', '.join(sorted(kinds))}) cannot be merged: pass runs of one kind")
+    kind = kinds.pop()
+    out.mkdir(parents=True, exist_ok=True)
+    pngs = write_plots(rows, kind, out)
+    body = tables(rows, kind) if rows else "(no results)"
+    text = f"# {kind}: {', '.join(Path(r).name for r in runs)}\n\n{body}\n\n" + "\n".join(f"![{p.stem}]({p.name})" for p in pngs) + "\n"
+    (out / "summary.md").write_text(text)
+    return out / "summary.md"
