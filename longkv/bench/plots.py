@@ -69,6 +69,13 @@ def heatmap(rows: list[Row], policy: str, out: Path, title: str = "") -> Path:
     return out
 
 
+def _length_axis(ax: Any, xs: list[float]) -> None:
+    """Log-scaled x axis ticked at the lengths measured, labelled 1K, 4K, ..."""
+    ax.set_xscale("log", base=2)
+    ax.minorticks_off()
+    ax.set_xticks(xs, [_fmt_len(int(v)) for v in xs])
+
+
 def _series(rows: list[Row], x: str, y: str, by: str = "policy") -> dict[str, list[tuple[float, float]]]:
     groups: dict[str, dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
     for r in rows:
@@ -81,10 +88,13 @@ def line_plot(rows: list[Row], x: str, y: str, out: Path, xlabel: str, ylabel: s
     """Mean of ``y`` against ``x``, one line per value of ``by`` (refused rows left out)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.6))
-    for name, pts in sorted(_series(rows, x, y, by).items()):
+    series = _series(rows, x, y, by)
+    for name, pts in sorted(series.items()):
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
     if logx:
-        ax.set_xscale("log", base=2)
+        _length_axis(ax, sorted({p[0] for pts in series.values() for p in pts}))
+    if y == "score":
+        ax.set_ylim(-0.05, 1.05)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9)
@@ -110,9 +120,10 @@ def speed_vs_length(rows: list[Row], out: Path, title: str = "speed vs context l
     labelled = [{**r, "who": f"{r.get('backend', 'longkv')} {r['policy']}"} for r in rows]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     for ax, y, name in ((axes[0], "prefill_tok_s", "prefill"), (axes[1], "decode_tok_s", "decode")):
-        for who, pts in sorted(_series(labelled, "length", y, "who").items()):
+        series = _series(labelled, "length", y, "who")
+        for who, pts in sorted(series.items()):
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=who)
-        ax.set_xscale("log", base=2)
+        _length_axis(ax, sorted({p[0] for pts in series.values() for p in pts}))
         ax.set_xlabel("context length (tokens)")
         ax.set_ylabel(f"{name} tokens/s")
         ax.grid(alpha=0.3)
