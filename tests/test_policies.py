@@ -107,10 +107,15 @@ def kept_positions(seq) -> list:
     return out
 
 
+_DENSE: dict[int, torch.Tensor] = {}
+
+
 @pytest.mark.parametrize("spec", METHODS)
 def test_budget_above_input_equals_dense(model, spec: str) -> None:
     prompt = ids(100)
-    _, dense = run(model, DensePolicy(), prompt)
+    if id(model) not in _DENSE:
+        _DENSE[id(model)] = run(model, DensePolicy(), prompt)[1]
+    dense = _DENSE[id(model)]
     seq, got = run(model, make_policy(spec, budget=4000), prompt)  # pyramid: last layer 4000 / 20
     if spec.startswith("adakv"):  # attention per KV group instead of one GQA call: same math, other summation order
         torch.testing.assert_close(got, dense, rtol=0, atol=1e-5)
@@ -157,8 +162,8 @@ def test_small_budget_keeps_exact_counts_sinks_and_window(model, spec: str) -> N
 def test_same_input_same_kept_set(spec: str) -> None:
     model = tiny_model("llama", seed=3)
     prompt = ids(150, seed=2)
-    a, la = run(model, make_policy(spec, budget=40), prompt, steps=40)
-    b, lb = run(model, make_policy(spec, budget=40), prompt, steps=40)
+    a, la = run(model, make_policy(spec, budget=40), prompt, steps=33)  # one compression while decoding
+    b, lb = run(model, make_policy(spec, budget=40), prompt, steps=33)
     assert kept_positions(a) == kept_positions(b)
     assert torch.equal(la, lb)
 

@@ -40,7 +40,7 @@ def test_bytes_are_exact(bits: int, per_token: int) -> None:
     assert store.capacity == 256 and store.bytes() == 256 * per_token
     store.keep(torch.arange(0, 200, 8))  # 25 left: the buffers shrink to one 64-slot page
     assert store.n == 25 and store.bytes() == 64 * per_token
-    k, v, pos = store.view()
+    k, _, pos = store.view()
     assert k.dtype == torch.bfloat16 and k.shape == (2, 25, 64) and pos.tolist() == list(range(0, 200, 8))
     plain = LayerKV(2, 64, 64, torch.bfloat16)
     plain.append(torch.randn(2, 200, 64), torch.randn(2, 200, 64), torch.arange(200))
@@ -66,7 +66,7 @@ def test_quantized_store_composes_with_eviction(spec: str) -> None:
     errs = {}
     for quant in ("none", "int8", "int4"):
         pol = make_policy(f"{spec}:kv_quant={quant}", budget=48)
-        seq, logits = run(model, pol, prompt, steps=2)
+        seq, _ = run(model, pol, prompt, steps=2)
         layer = seq.cache[0]
         heads = layer.heads if isinstance(layer, HeadwiseLayerKV) else [layer]
         assert all(isinstance(h, QuantizedLayerKV) == (quant != "none") for h in heads)
