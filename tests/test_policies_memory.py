@@ -1,8 +1,8 @@
 """Bounded memory: compressing after every prefill chunk caps resident KV at budget + chunk tokens.
 
 Exact byte accounting on a 32 K-token input with a tiny model: the peak is
-exactly the bytes of ``round_up(budget + chunk, page)`` slots per layer, the
-same as for a 1 K-token input, and the cache ends at ``budget`` tokens.
+exactly the bytes of ``round_up(budget + chunk, page)`` slots per layer, which
+does not depend on the input length, and the cache ends at ``budget`` tokens.
 """
 
 from __future__ import annotations

@@ -31,6 +31,7 @@ class AdaKVPolicy(EvictionPolicy):
         budget: mean tokens kept per KV head (so per layer, as for other methods).
         scorer: spec of the attention-based scorer (``snapkv``, ``tova``, ``expected_attention``).
         floor: share of ``budget`` every head keeps at least (the paper's safeguard).
+        sinks, window: not used: the scorer's own sinks and window are kept in every head.
 
     Raises:
         LongKVError: unknown scorer, or floor outside [0, 1].
@@ -100,4 +101,4 @@ class AdaKVPolicy(EvictionPolicy):
             h.keep(part.nonzero().squeeze(1))
 
     def describe(self) -> str:
-        return f"adakv(budget={self.budget}, scorer={self.inner.describe()}, floor={self.floor})"
+        return f"adakv(budget={self.budget}, scorer={self.scorer}, floor={self.floor})"

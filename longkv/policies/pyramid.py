@@ -29,6 +29,7 @@ class PyramidPolicy(EvictionPolicy):
         scorer: spec of the policy that ranks tokens (``snapkv``, ``h2o``, ...).
         beta: ratio of the mean budget to the last layer's budget (the paper's beta).
         n_layers: model depth (filled by :meth:`validate`).
+        sinks, window: not used: the scorer's own sinks and window are kept.
 
     Raises:
         LongKVError: unknown scorer, beta < 1, or a layer budget below the
@@ -89,4 +90,4 @@ class PyramidPolicy(EvictionPolicy):
         return self.inner.score(layer, keys, values, positions, queries)
 
     def describe(self) -> str:
-        return f"pyramid(budget={self.budget}, scorer={self.inner.describe()}, beta={self.beta})"
+        return f"pyramid(budget={self.budget}, scorer={self.scorer}, beta={self.beta})"
