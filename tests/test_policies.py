@@ -282,3 +282,27 @@ def test_registry_lists_every_method() -> None:
 
     for name in ("h2o", "tova", "snapkv", "pyramid", "adakv", "knorm", "expected_attention", "random"):
         assert issubclass(POLICIES[name], EvictionPolicy)
+
+
+@pytest.mark.parametrize("spec", ["h2o", "snapkv", "adakv", "pyramid"])
+def test_two_sequences_of_different_lengths_interleaved(spec: str) -> None:
+    # Policies hold no per-sequence state (H2O's scores live in each cache): two sequences of
+    # different lengths fed chunk by chunk in turn through one runner end as each does alone.
+    model = tiny_model("qwen2", seed=12)
+    policy = make_policy(spec, budget=40)
+    policy.validate(model.config, ENGINE)
+    runner = Runner(model, policy, ENGINE)
+    prompts = [ids(190, seed=13), ids(97, seed=14)]
+    alone = []
+    for p in prompts:
+        seq = runner.new_sequence()
+        alone.append((runner.prefill(seq, p), kept_positions(seq)))
+    seqs = [runner.new_sequence(), runner.new_sequence()]
+    last: list[torch.Tensor | None] = [None, None]
+    for start in range(0, 190, ENGINE.chunk_size):
+        for i, p in enumerate(prompts):
+            if start < len(p):
+                last[i] = runner.prefill(seqs[i], p[start : start + ENGINE.chunk_size])
+    for i in range(2):
+        assert torch.equal(last[i], alone[i][0])
+        assert kept_positions(seqs[i]) == alone[i][1]
