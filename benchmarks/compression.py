@@ -137,6 +137,31 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     fig.savefig(path, dpi=110)
 
 
+RSS_CHILD = """
+import resource, sys
+from longkv import LLM
+path, book, n, spec = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+llm = LLM(model=path, dtype="bfloat16", chunk_size=512)
+text = open(book).read()
+ids = (llm.encode(text) * (n // 1000 + 1))[:n]
+g = llm.generate(ids, max_new_tokens=4, policy=spec)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, g.stats.peak_kv_bytes, g.stats.prefill_s)
+"""
+
+
+def measure_rss(model_path: str, book: Path, lengths: list[int], spec: str) -> list[dict]:
+    """Peak process RSS (bytes) of one generation per input length, each in a fresh process."""
+    import sys
+
+    out = []
+    for n in lengths:
+        res = subprocess.run([sys.executable, "-c", RSS_CHILD, model_path, str(book), str(n), spec], capture_output=True, text=True, check=True)
+        rss, kv, prefill_s = res.stdout.split()
+        out.append({"tokens": n, "policy": spec, "peak_rss_bytes": int(rss), "peak_kv_bytes": int(kv), "prefill_s": float(prefill_s)})
+        print(out[-1], flush=True)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="smollm2-135m")
@@ -150,9 +175,19 @@ def main() -> None:
     ap.add_argument("--all-modes", action="store_true", help="also run query-free methods question-aware")
     ap.add_argument("--configs", default="", help="method@mode pairs instead of methods x modes")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "compression.json")
+    ap.add_argument("--rss", default="", help="instead: peak RSS per input length, e.g. 4096,16384 (policy --rss-policy)")
+    ap.add_argument("--rss-policy", default="snapkv:budget=2048")
     args = ap.parse_args()
     torch.manual_seed(0)
     path = subprocess.run([str(ROOT.parent / "shared" / "models" / "get-model"), args.model], capture_output=True, text=True, check=True).stdout.strip()
+    if args.rss:
+        rows = measure_rss(path, BOOKS / args.book, [int(n) for n in args.rss.split(",")], args.rss_policy)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(rows, indent=1))
+        base = rows[0]["peak_rss_bytes"]
+        for r in rows:
+            print(f"{r['tokens']:>7} tokens: peak RSS {r['peak_rss_bytes'] / 2**20:.0f} MiB ({100 * (r['peak_rss_bytes'] / base - 1):+.1f} %), peak KV {r['peak_kv_bytes'] / 2**20:.1f} MiB")
+        return
     llm = LLM(model=path, dtype="bfloat16", chunk_size=512)
     book = (BOOKS / args.book).read_text()
     samples = [make_sample(llm, book, args.length, seed, args.needles) for seed in range(args.samples)]

@@ -17,7 +17,7 @@ import torch
 
 from longkv.attention.dense import attend
 from longkv.config import EngineConfig
-from longkv.kv.cache import HeadwiseLayerKV, KVCache
+from longkv.kv.cache import HeadwiseLayerKV, KVCache, LayerKV
 from longkv.models.llama import LlamaModel
 from longkv.policies.base import KVPolicy
 
@@ -61,7 +61,7 @@ class Runner:
     def new_sequence(self, expected_tokens: int = 0) -> Sequence:
         """A fresh sequence; reserves KV room for ``expected_tokens`` (or the policy's bound)."""
         c = self.model.config
-        make = partial(self.policy.new_layer_kv, c.n_kv_heads, c.head_dim, self.engine.page_size, self.model.dtype)
+        make: Callable[[], LayerKV] = partial(self.policy.new_layer_kv, c.n_kv_heads, c.head_dim, self.engine.page_size, self.model.dtype)
         if getattr(self.policy, "per_head", False):  # heads keep different tokens (AdaKV)
             one = partial(self.policy.new_layer_kv, 1, c.head_dim, self.engine.page_size, self.model.dtype)
             make = partial(HeadwiseLayerKV, one, c.n_kv_heads)

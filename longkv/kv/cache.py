@@ -163,8 +163,8 @@ class HeadwiseLayerKV(LayerKV):
         self.page_size = self.heads[0].page_size
         self.acc = None
 
-    @property  # type: ignore[override]
-    def n(self) -> int:
+    @property
+    def n(self) -> int:  # type: ignore[override]
         return -(-sum(h.n for h in self.heads) // len(self.heads))
 
     @property

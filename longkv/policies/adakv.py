@@ -31,7 +31,6 @@ class AdaKVPolicy(EvictionPolicy):
         budget: mean tokens kept per KV head (so per layer, as for other methods).
         scorer: spec of the attention-based scorer (``snapkv``, ``tova``, ``expected_attention``).
         floor: share of ``budget`` every head keeps at least (the paper's safeguard).
-        sinks, window: not used: the scorer's own sinks and window are kept in every head.
 
     Raises:
         LongKVError: unknown scorer, or floor outside [0, 1].

@@ -31,7 +31,7 @@ KV_QUANT = ("none", "int8", "int4")
 
 
 @dataclass
-class KVPolicy(ABC):
+class KVPolicy(ABC):  # noqa: B024 (a base of defaults; subclasses choose what to override)
     """Base of every policy. Subclasses are dataclasses whose fields are their knobs."""
 
     name: ClassVar[str] = ""
@@ -42,14 +42,14 @@ class KVPolicy(ABC):
         """Most tokens kept per layer after compression (``None``: unbounded)."""
         return None
 
-    def validate(self, model: ModelConfig, engine: EngineConfig) -> None:
+    def validate(self, model: ModelConfig, engine: EngineConfig) -> None:  # noqa: B027
         """Raise :class:`~longkv.errors.LongKVError` when the knobs cannot work with this model."""
 
     def max_context(self, model: ModelConfig) -> int | None:
         """Longest input (prompt + generated tokens) this policy can serve; ``None``: any."""
         return model.max_position
 
-    def compress(self, layer: int, cache: LayerKV, queries: torch.Tensor | None = None) -> None:
+    def compress(self, layer: int, cache: LayerKV, queries: torch.Tensor | None = None) -> None:  # noqa: B027
         """Shrink ``cache`` in place (default: keep everything).
 
         queries: (H, W, D) the last rotated queries of this layer (observation
@@ -92,8 +92,8 @@ class EvictionPolicy(KVPolicy):
 
     Subclasses implement :meth:`score`. Tokens are ranked by their score summed
     over KV heads (one kept set per layer, so every head holds the same tokens).
-    The first ``sinks`` tokens and the last ``window`` tokens (local window) are
-    always kept, whatever their score.
+    The first ``sinks`` and last ``window`` tokens (local window), for the
+    subclasses that declare those knobs, are always kept whatever their score.
 
     In-cache positions (StreamingLLM, Xiao et al. 2023): with
     ``contiguous_positions`` the kept keys are seen at consecutive positions
@@ -102,8 +102,6 @@ class EvictionPolicy(KVPolicy):
     """
 
     budget: int = 4096
-    sinks: int = 0
-    window: int = 0
     contiguous_positions: ClassVar[bool] = True
 
     @property
@@ -115,17 +113,17 @@ class EvictionPolicy(KVPolicy):
         return self.budget
 
     def protected(self, budget: int) -> tuple[int, int]:
-        """(sinks, local window) always kept under a layer budget of ``budget`` tokens."""
-        return self.sinks, self.window
+        """(sinks, local window) always kept under a layer budget of ``budget`` tokens (knobs ``sinks``, ``window``)."""
+        return int(getattr(self, "sinks", 0) or 0), int(getattr(self, "window", 0) or 0)
 
     def validate(self, model: ModelConfig, engine: EngineConfig) -> None:
         """Raises LongKVError: budget < 1, negative sinks/window, or budget below sinks + window."""
-        if self.budget < 1 or self.sinks < 0 or self.window < 0:
+        sinks, window = self.protected(self.budget)
+        if self.budget < 1 or sinks < 0 or window < 0:
             raise LongKVError(
                 f"{self.name} needs budget >= 1 and sinks, window >= 0, got budget={self.budget}, "
-                f"sinks={self.sinks}, window={self.window}: pass e.g. --budget 2048"
+                f"sinks={sinks}, window={window}: pass e.g. --budget 2048"
             )
-        sinks, window = self.protected(self.budget)
         if self.budget < sinks + window:
             raise LongKVError(
                 f"{self.name} budget {self.budget} is below the sinks {sinks} + local window {window} it always "
@@ -177,7 +175,8 @@ class EvictionPolicy(KVPolicy):
         return positions[-1] - torch.arange(n - 1, -1, -1, dtype=torch.int64)
 
     def describe(self) -> str:
-        return f"{self.name}(budget={self.budget}, sinks={self.sinks}, window={self.window})"
+        sinks, window = self.protected(self.budget)
+        return f"{self.name}(budget={self.budget}, sinks={sinks}, window={window})"
 
 
 def protect(scores: torch.Tensor, sinks: int, window: int) -> torch.Tensor:

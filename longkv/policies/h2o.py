@@ -37,7 +37,6 @@ class H2OPolicy(EvictionPolicy):
     needs_queries: ClassVar[bool] = True
     budget: int = 4096
     sinks: int = 0
-    window: int = 0
     recent_ratio: float = 0.5
 
     def protected(self, budget: int) -> tuple[int, int]:

@@ -29,7 +29,6 @@ class PyramidPolicy(EvictionPolicy):
         scorer: spec of the policy that ranks tokens (``snapkv``, ``h2o``, ...).
         beta: ratio of the mean budget to the last layer's budget (the paper's beta).
         n_layers: model depth (filled by :meth:`validate`).
-        sinks, window: not used: the scorer's own sinks and window are kept.
 
     Raises:
         LongKVError: unknown scorer, beta < 1, or a layer budget below the
