@@ -174,10 +174,22 @@ def main() -> None:
     ap.add_argument("--book", default="dracula.txt")
     ap.add_argument("--all-modes", action="store_true", help="also run query-free methods question-aware")
     ap.add_argument("--configs", default="", help="method@mode pairs instead of methods x modes")
+    ap.add_argument("--no-dense", action="store_true", help="skip the dense reference runs")
+    ap.add_argument("--report", default="", help="instead: merge these result JSONs (comma-separated) into --out, table + plot")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "compression.json")
     ap.add_argument("--rss", default="", help="instead: peak RSS per input length, e.g. 4096,16384 (policy --rss-policy)")
     ap.add_argument("--rss-policy", default="snapkv:budget=2048")
     args = ap.parse_args()
+    ratios = [float(r) for r in args.ratios.split(",")]
+    if args.report:
+        parts = [json.loads(Path(f).read_text()) for f in args.report.split(",")]
+        rows = [r for part in parts for r in part["rows"]]
+        meta = parts[0]["meta"]
+        args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+        print(table(rows, [*ratios, 1.0]))
+        title = f"{meta['model']}, {meta['length']}-token book context, {meta['needles']} needle(s), {meta['samples']} samples"
+        plot(rows, args.out.with_suffix(".png"), title)
+        return
     torch.manual_seed(0)
     path = subprocess.run([str(ROOT.parent / "shared" / "models" / "get-model"), args.model], capture_output=True, text=True, check=True).stdout.strip()
     if args.rss:
@@ -191,7 +203,6 @@ def main() -> None:
     llm = LLM(model=path, dtype="bfloat16", chunk_size=512)
     book = (BOOKS / args.book).read_text()
     samples = [make_sample(llm, book, args.length, seed, args.needles) for seed in range(args.samples)]
-    ratios = [float(r) for r in args.ratios.split(",")]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
     meta = {"model": args.model, "length": args.length, "needles": args.needles, "book": args.book, "samples": args.samples}
@@ -199,7 +210,7 @@ def main() -> None:
     def save() -> None:
         args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
 
-    for sample in samples:  # dense once per sample
+    for sample in [] if args.no_dense else samples:  # dense once per sample
         r = answer(llm, "dense", 1.0, "dense", sample)
         rows.append(r)
         print(f"dense seed={r['seed']} correct={r['correct']} {r['text']!r} ({r['seconds']} s)", flush=True)

@@ -255,6 +255,7 @@ def test_modes_bound_and_reuse(spec: str) -> None:
         ("pyramid:beta=0.5", "beta must be >= 1"),
         ("adakv:floor=1.5", "floor must be within"),
         ("knorm:kv_quant=int3", "unknown kv_quant"),
+        ("tova:positions=shifted", "unknown positions"),
     ],
 )
 def test_bad_knobs_raise(spec: str, match: str) -> None:
@@ -306,3 +307,12 @@ def test_two_sequences_of_different_lengths_interleaved(spec: str) -> None:
     for i in range(2):
         assert torch.equal(last[i], alone[i][0])
         assert kept_positions(seqs[i]) == alone[i][1]
+
+
+def test_original_positions_keep_keys_where_they_were() -> None:
+    pos = torch.tensor([0, 1, 7, 9])
+    assert SnapKVPolicy(budget=4).key_positions(pos).tolist() == [6, 7, 8, 9]  # contiguous, ending at the newest
+    original = SnapKVPolicy(budget=4, positions="original")
+    assert original.key_positions(pos) is None
+    cfg = tiny_model().config
+    assert SnapKVPolicy().max_context(cfg) is None and original.max_context(cfg) == cfg.max_position

@@ -99,9 +99,12 @@ class EvictionPolicy(KVPolicy):
     ``contiguous_positions`` the kept keys are seen at consecutive positions
     ending at the newest one, so the relative distances the model sees never
     exceed the cache size, even for inputs far longer than its trained window.
+    ``positions="original"`` keeps every key at its original position instead
+    (inputs must then fit the trained window).
     """
 
     budget: int = 4096
+    positions: str = "contiguous"
     contiguous_positions: ClassVar[bool] = True
 
     @property
@@ -131,9 +134,15 @@ class EvictionPolicy(KVPolicy):
             )
         if self.kv_quant not in KV_QUANT:
             raise LongKVError(f"unknown kv_quant {self.kv_quant!r}: use one of {', '.join(KV_QUANT)}")
+        if self.positions not in ("contiguous", "original"):
+            raise LongKVError(f"unknown positions {self.positions!r}: use contiguous or original")
 
     def max_context(self, model: ModelConfig) -> int | None:
-        return None if self.contiguous_positions else model.max_position
+        return None if self._contiguous else model.max_position
+
+    @property
+    def _contiguous(self) -> bool:
+        return self.contiguous_positions and self.positions == "contiguous"
 
     @abstractmethod
     def score(
@@ -167,7 +176,7 @@ class EvictionPolicy(KVPolicy):
             cache.keep(keep)
 
     def key_positions(self, positions: torch.Tensor) -> torch.Tensor | None:
-        if not self.contiguous_positions:
+        if not self._contiguous:
             return None
         n = positions.numel()
         if n == 0 or int(positions[-1] - positions[0]) == n - 1:
