@@ -11,12 +11,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 
 from longkv.attention.dense import attend
 from longkv.config import EngineConfig
-from longkv.kv.cache import KVCache
+from longkv.kv.cache import HeadwiseLayerKV, KVCache, LayerKV
 from longkv.models.llama import LlamaModel
 from longkv.policies.base import KVPolicy
 
@@ -32,6 +33,9 @@ class Sequence:
     tokens: list[int] = field(default_factory=list)
     peak_kv_bytes: int = 0
     queries: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (H, W, D) last queries
+    # layer -> (H, W, D) fixed observation window that compression scores with instead of
+    # the last queries (question-aware compression of a context, see longkv.policies.modes)
+    observation: dict[int, torch.Tensor] = field(default_factory=dict)
 
     @property
     def next_position(self) -> int:
@@ -57,7 +61,11 @@ class Runner:
     def new_sequence(self, expected_tokens: int = 0) -> Sequence:
         """A fresh sequence; reserves KV room for ``expected_tokens`` (or the policy's bound)."""
         c = self.model.config
-        cache = KVCache(c.n_layers, c.n_kv_heads, c.head_dim, self.engine.page_size, self.model.dtype)
+        make: Callable[[], LayerKV] = partial(self.policy.new_layer_kv, c.n_kv_heads, c.head_dim, self.engine.page_size, self.model.dtype)
+        if getattr(self.policy, "per_head", False):  # heads keep different tokens (AdaKV)
+            one = partial(self.policy.new_layer_kv, 1, c.head_dim, self.engine.page_size, self.model.dtype)
+            make = partial(HeadwiseLayerKV, one, c.n_kv_heads)
+        cache = KVCache(c.n_layers, c.n_kv_heads, c.head_dim, self.engine.page_size, self.model.dtype, make)
         budget = self.policy.budget_tokens
         bound = budget + max(self.engine.chunk_size, self.policy.evict_every) if budget is not None else None
         reserve = min(expected_tokens, bound) if bound is not None else expected_tokens
@@ -71,6 +79,8 @@ class Runner:
 
         def attention(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
             lkv = seq.cache[layer]
+            if isinstance(lkv, HeadwiseLayerKV):
+                return self._attend_headwise(seq, layer, lkv, q, k, v, pos)
             lkv.append(k, v, pos)
             keys, values, kpos = lkv.view()
             target = policy.key_positions(kpos)
@@ -89,16 +99,42 @@ class Runner:
 
         return attention
 
+    def _attend_headwise(
+        self, seq: Sequence, layer: int, lkv: HeadwiseLayerKV, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor
+    ) -> torch.Tensor:
+        # Each KV head holds its own tokens: attend group by group (q heads h*G .. h*G+G-1 share KV head h).
+        lkv.append(k, v, pos)
+        if self.policy.needs_queries:
+            prev = seq.queries.get(layer)
+            qs = q if prev is None else torch.cat((prev, q), dim=1)
+            seq.queries[layer] = qs[:, -self.query_window :]
+        g = q.shape[0] // len(lkv.heads)
+        outs = []
+        for h, head in enumerate(lkv.heads):
+            keys, values, kpos = head.view()
+            target = self.policy.key_positions(kpos)
+            if target is not None:
+                delta = target - kpos
+                moved = int(torch.count_nonzero(delta))
+                if moved:
+                    keys = torch.cat((self.model.rope.rotate(keys[:, :moved], delta[:moved]), keys[:, moved:]), dim=1)
+            outs.append(attend(q[h * g : (h + 1) * g], keys, values, pos, kpos))
+        return torch.cat(outs, dim=0)
+
     def _compress(self, seq: Sequence) -> None:
         for i, lkv in enumerate(seq.cache.layers):
-            self.policy.compress(i, lkv, seq.queries.get(i))
+            self.policy.compress(i, lkv, seq.observation.get(i, seq.queries.get(i)))
 
     @torch.inference_mode()
-    def prefill(self, seq: Sequence, ids: list[int], progress: ProgressFn | None = None) -> torch.Tensor:
+    def prefill(
+        self, seq: Sequence, ids: list[int], progress: ProgressFn | None = None, compress: bool = True
+    ) -> torch.Tensor:
         """Feed ``ids`` in chunks of ``engine.chunk_size``; return the logits (V,) after the last one.
 
         Logits are computed for the last position only (the LM head is skipped
-        for every other chunk). Raises ValueError on empty ``ids``.
+        for every other chunk). ``compress=False`` skips compression (a short
+        question after a compressed context: the cache grows by ``len(ids)``).
+        Raises ValueError on empty ``ids``.
         """
         if not ids:
             raise ValueError("prefill needs at least one token")
@@ -115,7 +151,7 @@ class Runner:
             )
             seq.tokens.extend(part)
             seq.peak_kv_bytes = max(seq.peak_kv_bytes, seq.cache.bytes())
-            if self.policy.budget_tokens is not None:
+            if compress and self.policy.budget_tokens is not None:
                 self._compress(seq)
             if progress is not None:
                 progress(start + len(part), len(ids))

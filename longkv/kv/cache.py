@@ -16,6 +16,8 @@ and :meth:`bytes` counts the storage that is actually allocated.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 
@@ -36,6 +38,9 @@ class LayerKV:
         self.v = torch.empty(n_kv_heads, 0, head_dim, dtype=dtype)
         self.pos = torch.empty(0, dtype=torch.int64)
         self.n = 0
+        # Per-token scores a policy accumulates over time (H2O): (Hkv, <= n) float32 or None.
+        # keep() reindexes them with the tokens; the policy pads them for new tokens.
+        self.acc: torch.Tensor | None = None
 
     # ---------------------------------------------------------------- sizes
     @property
@@ -49,8 +54,9 @@ class LayerKV:
         return -(-self.n // self.page_size)
 
     def bytes(self) -> int:
-        """Bytes allocated for this layer (K + V + positions), used or not."""
-        return self.k.nbytes + self.v.nbytes + self.pos.nbytes
+        """Bytes allocated for this layer (K + V + positions + accumulated scores), used or not."""
+        acc = 0 if self.acc is None else self.acc.nbytes
+        return self.k.nbytes + self.v.nbytes + self.pos.nbytes + acc
 
     def used_bytes(self) -> int:
         """Bytes of the ``n`` valid tokens (K + V + positions)."""
@@ -119,6 +125,8 @@ class LayerKV:
         self.k[:, :m] = self.k[:, indices]
         self.v[:, :m] = self.v[:, indices]
         self.pos[:m] = self.pos[indices]
+        if self.acc is not None:
+            self.acc = self.acc[:, indices[indices < self.acc.shape[1]]].contiguous()
         self.n = m
         if self.capacity > 2 * _round_up(max(m, 1), self.page_size):
             self._resize(m)
@@ -133,7 +141,69 @@ class LayerKV:
     def clear(self) -> None:
         """Drop every token and free the storage."""
         self.n = 0
+        self.acc = None
         self._resize(0)
+
+
+class HeadwiseLayerKV(LayerKV):
+    """One layer whose KV heads keep different tokens (AdaKV): one single-head store per KV head.
+
+    ``heads[h]`` is a :class:`LayerKV` with one KV head; each holds its own
+    tokens and original positions, so head ``h`` really frees what it evicts.
+    ``n`` is the mean number of tokens per head (rounded up), which is what a
+    per-layer budget bounds; :meth:`tokens_per_head` gives the exact counts.
+
+    Args:
+        make_head: builds one single-head store (plain or quantized).
+        n_kv_heads: number of KV heads.
+    """
+
+    def __init__(self, make_head: Callable[[], LayerKV], n_kv_heads: int) -> None:
+        self.heads = [make_head() for _ in range(n_kv_heads)]
+        self.page_size = self.heads[0].page_size
+        self.acc = None
+
+    @property
+    def n(self) -> int:  # type: ignore[override]
+        return -(-sum(h.n for h in self.heads) // len(self.heads))
+
+    @property
+    def capacity(self) -> int:
+        return max(h.capacity for h in self.heads)
+
+    def tokens_per_head(self) -> list[int]:
+        """Exact cached tokens of every KV head."""
+        return [h.n for h in self.heads]
+
+    def bytes(self) -> int:
+        return sum(h.bytes() for h in self.heads)
+
+    def used_bytes(self) -> int:
+        return sum(h.used_bytes() for h in self.heads)
+
+    def reserve(self, n_tokens: int) -> None:
+        for h in self.heads:
+            h.reserve(n_tokens)
+
+    def append(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> None:
+        """k, v: (Hkv, T, D); the same T tokens go to every head."""
+        for i, h in enumerate(self.heads):
+            h.append(k[i : i + 1], v[i : i + 1], positions)
+
+    def view(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        raise AssertionError("heads hold different tokens: read heads[h].view()")
+
+    def gather_pages(self, page_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        raise AssertionError("heads hold different tokens: read heads[h].gather_pages()")
+
+    def keep(self, indices: torch.Tensor) -> None:
+        """Keep the same ``indices`` in every head (use ``heads[h].keep`` for per-head sets)."""
+        for h in self.heads:
+            h.keep(indices)
+
+    def clear(self) -> None:
+        for h in self.heads:
+            h.clear()
 
 
 class KVCache:
@@ -143,12 +213,23 @@ class KVCache:
         n_layers, n_kv_heads, head_dim: model shape.
         page_size: tokens per page.
         dtype: storage dtype of K and V.
+        make_layer: builds each layer's store instead of a plain :class:`LayerKV`
+            (quantized, per-head); see ``KVPolicy.new_layer_kv``.
     """
 
     def __init__(
-        self, n_layers: int, n_kv_heads: int, head_dim: int, page_size: int = 64, dtype: torch.dtype = torch.float32
+        self,
+        n_layers: int,
+        n_kv_heads: int,
+        head_dim: int,
+        page_size: int = 64,
+        dtype: torch.dtype = torch.float32,
+        make_layer: Callable[[], LayerKV] | None = None,
     ) -> None:
-        self.layers = [LayerKV(n_kv_heads, head_dim, page_size, dtype) for _ in range(n_layers)]
+        if make_layer is None:
+            self.layers = [LayerKV(n_kv_heads, head_dim, page_size, dtype) for _ in range(n_layers)]
+        else:
+            self.layers = [make_layer() for _ in range(n_layers)]
 
     def __len__(self) -> int:
         return len(self.layers)

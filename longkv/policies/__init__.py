@@ -10,13 +10,29 @@ import dataclasses
 from typing import Any
 
 from longkv.errors import LongKVError
+from longkv.policies.adakv import AdaKVPolicy
 from longkv.policies.base import EvictionPolicy, KVPolicy, SelectionPolicy
 from longkv.policies.dense import DensePolicy
+from longkv.policies.expected_attention import ExpectedAttentionPolicy
+from longkv.policies.h2o import H2OPolicy
+from longkv.policies.knorm import KNormPolicy
+from longkv.policies.pyramid import PyramidPolicy
+from longkv.policies.random import RandomPolicy
+from longkv.policies.snapkv import SnapKVPolicy
 from longkv.policies.streaming import StreamingPolicy
+from longkv.policies.tova import TOVAPolicy
 
 POLICIES: dict[str, type[KVPolicy]] = {
     "dense": DensePolicy,
     "streaming": StreamingPolicy,
+    "h2o": H2OPolicy,
+    "tova": TOVAPolicy,
+    "snapkv": SnapKVPolicy,
+    "pyramid": PyramidPolicy,
+    "adakv": AdaKVPolicy,
+    "knorm": KNormPolicy,
+    "expected_attention": ExpectedAttentionPolicy,
+    "random": RandomPolicy,
 }
 
 
@@ -51,7 +67,7 @@ def make_policy(spec: str | KVPolicy, **overrides: Any) -> KVPolicy:
     if name not in POLICIES:
         raise LongKVError(f"unknown policy {name!r}: choose one of {', '.join(sorted(POLICIES))}")
     cls = POLICIES[name]
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     knobs: dict[str, Any] = {}
     for item in filter(None, (p.strip() for p in rest.split(","))):
         key, eq, value = item.partition("=")
@@ -70,4 +86,20 @@ def make_policy(spec: str | KVPolicy, **overrides: Any) -> KVPolicy:
     return cls(**knobs)
 
 
-__all__ = ["POLICIES", "DensePolicy", "EvictionPolicy", "KVPolicy", "SelectionPolicy", "StreamingPolicy", "make_policy"]
+__all__ = [
+    "POLICIES",
+    "AdaKVPolicy",
+    "DensePolicy",
+    "EvictionPolicy",
+    "ExpectedAttentionPolicy",
+    "H2OPolicy",
+    "KNormPolicy",
+    "KVPolicy",
+    "PyramidPolicy",
+    "RandomPolicy",
+    "SelectionPolicy",
+    "SnapKVPolicy",
+    "StreamingPolicy",
+    "TOVAPolicy",
+    "make_policy",
+]

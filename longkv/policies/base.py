@@ -16,6 +16,7 @@ attend to (the selection interface, built on by block-sparse methods).
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar
@@ -23,7 +24,10 @@ from typing import ClassVar
 import torch
 
 from longkv.config import EngineConfig, ModelConfig
+from longkv.errors import LongKVError
 from longkv.kv.cache import LayerKV
+
+KV_QUANT = ("none", "int8", "int4")
 
 
 @dataclass
@@ -31,20 +35,21 @@ class KVPolicy:
     """Base of every policy (dense behaviour). Subclasses are dataclasses whose fields are their knobs."""
 
     name: ClassVar[str] = ""
+    kv_quant: str = "none"  # KV storage codec: "none" (the compute dtype), "int8" or "int4" (longkv.kv.quant)
 
     @property
     def budget_tokens(self) -> int | None:
         """Most tokens kept per layer after compression (``None``: unbounded)."""
         return None
 
-    def validate(self, model: ModelConfig, engine: EngineConfig) -> None:
+    def validate(self, model: ModelConfig, engine: EngineConfig) -> None:  # noqa: B027
         """Raise :class:`~longkv.errors.LongKVError` when the knobs cannot work with this model."""
 
     def max_context(self, model: ModelConfig) -> int | None:
         """Longest input (prompt + generated tokens) this policy can serve; ``None``: any."""
         return model.max_position
 
-    def compress(self, layer: int, cache: LayerKV, queries: torch.Tensor | None = None) -> None:
+    def compress(self, layer: int, cache: LayerKV, queries: torch.Tensor | None = None) -> None:  # noqa: B027
         """Shrink ``cache`` in place (default: keep everything).
 
         queries: (H, W, D) the last rotated queries of this layer (observation
@@ -66,6 +71,20 @@ class KVPolicy:
         """Short human-readable form, e.g. ``streaming(budget=4096, sinks=4)``."""
         return self.name
 
+    def new_layer_kv(self, n_kv_heads: int, head_dim: int, page_size: int, dtype: torch.dtype) -> LayerKV:
+        """The store for one layer's KV: plain, or int8/int4 per ``kv_quant``.
+
+        Raises:
+            LongKVError: unknown ``kv_quant``.
+        """
+        if self.kv_quant == "none":
+            return LayerKV(n_kv_heads, head_dim, page_size, dtype)
+        if self.kv_quant not in KV_QUANT:
+            raise LongKVError(f"unknown kv_quant {self.kv_quant!r}: use one of {', '.join(KV_QUANT)}")
+        from longkv.kv.quant import QuantizedLayerKV
+
+        return QuantizedLayerKV(n_kv_heads, head_dim, page_size, dtype, bits=int(self.kv_quant[3:]))
+
 
 @dataclass
 class EvictionPolicy(KVPolicy, ABC):
@@ -73,22 +92,57 @@ class EvictionPolicy(KVPolicy, ABC):
 
     Subclasses implement :meth:`score`. Tokens are ranked by their score summed
     over KV heads (one kept set per layer, so every head holds the same tokens).
+    The first ``sinks`` and last ``window`` tokens (local window), for the
+    subclasses that declare those knobs, are always kept whatever their score.
 
     In-cache positions (StreamingLLM, Xiao et al. 2023): with
     ``contiguous_positions`` the kept keys are seen at consecutive positions
     ending at the newest one, so the relative distances the model sees never
     exceed the cache size, even for inputs far longer than its trained window.
+    ``positions="original"`` keeps every key at its original position instead
+    (inputs must then fit the trained window).
     """
 
     budget: int = 4096
+    positions: str = "contiguous"
     contiguous_positions: ClassVar[bool] = True
 
     @property
     def budget_tokens(self) -> int | None:
         return self.budget
 
+    def layer_budget(self, layer: int) -> int:
+        """Tokens kept in ``layer`` (the same for every layer unless a subclass says otherwise)."""
+        return self.budget
+
+    def protected(self, budget: int) -> tuple[int, int]:
+        """(sinks, local window) always kept under a layer budget of ``budget`` tokens (knobs ``sinks``, ``window``)."""
+        return int(getattr(self, "sinks", 0) or 0), int(getattr(self, "window", 0) or 0)
+
+    def validate(self, model: ModelConfig, engine: EngineConfig) -> None:
+        """Raises LongKVError: budget < 1, negative sinks/window, or budget below sinks + window."""
+        sinks, window = self.protected(self.budget)
+        if self.budget < 1 or sinks < 0 or window < 0:
+            raise LongKVError(
+                f"{self.name} needs budget >= 1 and sinks, window >= 0, got budget={self.budget}, "
+                f"sinks={sinks}, window={window}: pass e.g. --budget 2048"
+            )
+        if self.budget < sinks + window:
+            raise LongKVError(
+                f"{self.name} budget {self.budget} is below the sinks {sinks} + local window {window} it always "
+                f"keeps: raise --budget to at least {sinks + window} or lower sinks/window"
+            )
+        if self.kv_quant not in KV_QUANT:
+            raise LongKVError(f"unknown kv_quant {self.kv_quant!r}: use one of {', '.join(KV_QUANT)}")
+        if self.positions not in ("contiguous", "original"):
+            raise LongKVError(f"unknown positions {self.positions!r}: use contiguous or original")
+
     def max_context(self, model: ModelConfig) -> int | None:
-        return None if self.contiguous_positions else model.max_position
+        return None if self._contiguous else model.max_position
+
+    @property
+    def _contiguous(self) -> bool:
+        return self.contiguous_positions and self.positions == "contiguous"
 
     @abstractmethod
     def score(
@@ -104,23 +158,71 @@ class EvictionPolicy(KVPolicy, ABC):
         keys, values: (Hkv, N, D); positions: (N,) int64; queries: (H, W, D) or None.
         """
 
-    def compress(self, layer: int, cache: LayerKV, queries: torch.Tensor | None = None) -> None:
-        if cache.n <= self.budget:
-            return
+    def select(self, layer: int, cache: LayerKV, queries: torch.Tensor | None, budget: int) -> torch.Tensor | None:
+        """Sorted (budget,) int64 indices of the tokens to keep, or ``None`` when all fit."""
+        n = cache.n
+        if n <= budget:
+            return None
         k, v, pos = cache.view()
-        scores = self.score(layer, k, v, pos, queries)
+        scores = self.score(layer, k, v, pos, queries).float()
         if scores.dim() == 2:
-            scores = scores.float().sum(0)
-        keep = torch.topk(scores, self.budget, sorted=False).indices.sort().values
-        cache.keep(keep)
+            scores = scores.sum(0)
+        scores = protect(scores, *self.protected(budget))
+        return torch.topk(scores, budget, sorted=False).indices.sort().values
+
+    def compress(self, layer: int, cache: LayerKV, queries: torch.Tensor | None = None) -> None:
+        keep = self.select(layer, cache, queries, self.layer_budget(layer))
+        if keep is not None:
+            cache.keep(keep)
 
     def key_positions(self, positions: torch.Tensor) -> torch.Tensor | None:
-        if not self.contiguous_positions:
+        if not self._contiguous:
             return None
         n = positions.numel()
         if n == 0 or int(positions[-1] - positions[0]) == n - 1:
             return None  # no gap: nothing moves
         return positions[-1] - torch.arange(n - 1, -1, -1, dtype=torch.int64)
+
+    def describe(self) -> str:
+        sinks, window = self.protected(self.budget)
+        return f"{self.name}(budget={self.budget}, sinks={sinks}, window={window})"
+
+
+def protect(scores: torch.Tensor, sinks: int, window: int) -> torch.Tensor:
+    """Scores (..., N) with the first ``sinks`` and last ``window`` tokens raised to +inf (always kept)."""
+    n = scores.shape[-1]
+    scores = scores.clone()
+    scores[..., : min(sinks, n)] = math.inf
+    if window > 0:
+        scores[..., max(n - window, 0) :] = math.inf
+    return scores
+
+
+def window_attention(keys: torch.Tensor, queries: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Attention of the observation-window queries over the cached keys, per KV head.
+
+    The W queries are taken to be those of the W newest tokens (the runner keeps
+    them), so query ``i`` sees the keys whose original position is at most
+    ``positions[-1] - (W - 1 - i)`` (causal). Softmax in float32, averaged over
+    the query heads that share a KV head (GQA).
+
+    keys: (Hkv, N, D) rotated; queries: (H, W, D) rotated; positions: (N,) int64.
+    Returns (Hkv, W, N) float32 attention probabilities (each row sums to 1).
+    """
+    hkv, n, d = keys.shape
+    h, w, _ = queries.shape
+    g = h // hkv
+    q = queries.float().reshape(hkv, g * w, d)
+    logits = torch.bmm(q, keys.float().transpose(1, 2)).mul_(d**-0.5).view(hkv, g, w, n)
+    q_pos = positions[-1] - torch.arange(w - 1, -1, -1, dtype=torch.int64)
+    logits.masked_fill_(positions[None, :] > q_pos[:, None], -math.inf)
+    return logits.softmax(-1).mean(1)
+
+
+def needs_window(name: str, queries: torch.Tensor | None) -> torch.Tensor:
+    """``queries`` or an assertion: attention-based scorers run only with an observation window."""
+    assert queries is not None, f"{name} scores with the observation-window queries (needs_queries)"
+    return queries
 
 
 @dataclass

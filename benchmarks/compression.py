@@ -1,0 +1,237 @@
+"""Accuracy vs keep-ratio of every eviction method on needle retrieval in book text.
+
+A needle ("The secret number of NAME is NNNNN.") sits at a seeded depth of a
+real book (../shared/data/books); the question asks for the number. Each
+method compresses the context to ``ratio x context tokens`` per layer in both
+modes (question-agnostic: the context is compressed before the question is
+seen; question-aware: the question drives the scores) and the answer is
+greedy-decoded. Multi-needle: three needles with different names, one asked.
+
+Prints a table, writes JSON (every sample) and a PNG (accuracy vs keep-ratio,
+one line per method, one panel per mode).
+
+    nice -n 10 python benchmarks/compression.py --model smollm2-135m --length 4096 --samples 6 \
+        --out benchmarks/results/compression-smollm2-4k.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+from longkv import LLM
+from longkv.engine.runner import Runner
+from longkv.policies import DensePolicy, make_policy
+from longkv.policies.modes import prefill_with_question
+
+ROOT = Path(__file__).resolve().parents[1]
+BOOKS = ROOT.parent / "shared" / "data" / "books"
+METHODS = ["snapkv", "expected_attention", "h2o", "tova", "pyramid", "adakv", "knorm", "streaming", "random"]
+QUERY_FREE = {"knorm", "streaming", "random"}  # same kept context in both modes: run question-agnostic only
+NAMES = ["Tobias", "Marguerite", "Ezekiel", "Philippa", "Octavia", "Barnaby", "Cornelius", "Imogen"]
+
+
+def make_sample(llm: LLM, book: str, length: int, seed: int, needles: int) -> dict:
+    """Context/question token ids around ``needles`` needles at seeded depths; the answer is the first needle's number."""
+    rng = random.Random(seed)
+    names = rng.sample(NAMES, needles)
+    numbers = [str(rng.randint(10000, 99999)) for _ in names]
+    facts = [f" The secret number of {n} is {x}. " for n, x in zip(names, numbers, strict=True)]
+    question = f"What is the secret number of {names[0]}? Answer with the number only."
+    budget_tokens = length - 40 - sum(len(llm.encode(f)) for f in facts)
+    start = rng.randint(0, len(book) // 2)
+    words = llm.encode(book[start : start + budget_tokens * 6])[:budget_tokens]
+    hay = words
+    for f in facts:  # insert at sentence-free token boundaries, depth uniform in [5 %, 95 %]
+        at = int(len(hay) * rng.uniform(0.05, 0.95))
+        hay = hay[:at] + llm.encode(f) + hay[at:]
+    context = llm.tokenizer.decode(hay)
+    # the answer starts right away: the assistant turn opens with the sentence the number completes
+    prompt = llm.apply_chat_template([{"role": "user", "content": context + "\n\n" + question}])
+    prompt += f"The secret number of {names[0]} is"
+    cut = prompt.index("\n\n" + question)
+    return {
+        "context_ids": llm.encode(prompt[:cut]),
+        "question_ids": llm.encode(prompt[cut:]),
+        "answer": numbers[0],
+        "seed": seed,
+    }
+
+
+def answer(llm: LLM, spec: str, ratio: float, mode: str, sample: dict, max_new: int = 6) -> dict:
+    ctx, q = sample["context_ids"], sample["question_ids"]
+    budget = max(int(ratio * len(ctx)), 64)
+    policy = DensePolicy() if spec == "dense" else make_policy(spec, budget=budget)
+    policy.validate(llm.config, llm.engine_config)
+    runner = Runner(llm.model, policy, llm.engine_config)
+    seq = runner.new_sequence(len(ctx) + len(q) + max_new)
+    t0 = time.perf_counter()
+    logits = prefill_with_question(runner, seq, ctx, q, "question-agnostic" if spec == "dense" else mode)  # type: ignore[arg-type]
+    out: list[int] = []
+    for _ in range(max_new):
+        tok = int(logits.argmax())
+        if tok in llm.eos_ids:
+            break
+        out.append(tok)
+        logits = runner.decode(seq, tok)
+    text = llm.tokenizer.decode(out, skip_special_tokens=True)
+    return {
+        "method": spec, "ratio": ratio, "mode": mode, "budget": budget, "seed": sample["seed"],
+        "context_tokens": len(ctx), "correct": sample["answer"] in text, "text": text,
+        "peak_kv_bytes": seq.peak_kv_bytes, "seconds": round(time.perf_counter() - t0, 2),
+    }
+
+
+def summarise(rows: list[dict]) -> dict[tuple[str, str, float], float]:
+    acc: dict[tuple[str, str, float], list[bool]] = {}
+    for r in rows:
+        acc.setdefault((r["method"], r["mode"], r["ratio"]), []).append(r["correct"])
+    return {k: 100.0 * sum(v) / len(v) for k, v in acc.items()}
+
+
+def table(rows: list[dict], ratios: list[float]) -> str:
+    s = summarise(rows)
+    dense = s.get(("dense", "dense", 1.0))
+    lines = ["| method | mode | " + " | ".join(f"{int(r * 100)} %" for r in ratios) + " |", "|---|---|" + "---|" * len(ratios)]
+    if dense is not None:
+        lines.append("| dense | - | " + " | ".join(f"{dense:.0f}" if r == 1.0 else "" for r in ratios) + " |")
+    for m in dict.fromkeys(r["method"] for r in rows if r["method"] != "dense"):
+        for mode in ("question-agnostic", "question-aware"):
+            cells = [f"{s[(m, mode, r)]:.0f}" if (m, mode, r) in s else "" for r in ratios]
+            if any(cells):
+                lines.append(f"| {m} | {mode} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    s = summarise(rows)
+    dense = s.get(("dense", "dense", 1.0))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    for ax, mode in zip(axes, ("question-agnostic", "question-aware"), strict=True):
+        for m in dict.fromkeys(r["method"] for r in rows if r["method"] != "dense"):
+            pts = sorted((r, a) for (mm, md, r), a in s.items() if mm == m and md == mode)
+            if dense is not None:
+                pts.append((1.0, dense))
+            if pts:
+                ax.plot([100 * r for r, _ in pts], [a for _, a in pts], marker="o", label=m)
+        ax.set_title(mode)
+        ax.set_xlabel("KV kept (% of context tokens)")
+        ax.set_xscale("log")
+        ax.set_xticks([10, 25, 50, 100], ["10", "25", "50", "100"])
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("needle accuracy (%)")
+    axes[1].legend(fontsize=8, loc="lower right")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+RSS_CHILD = """
+import resource, sys
+from longkv import LLM
+path, book, n, spec = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+llm = LLM(model=path, dtype="bfloat16", chunk_size=512)
+text = open(book).read()
+ids = (llm.encode(text) * (n // 1000 + 1))[:n]
+g = llm.generate(ids, max_new_tokens=4, policy=spec)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, g.stats.peak_kv_bytes, g.stats.prefill_s)
+"""
+
+
+def measure_rss(model_path: str, book: Path, lengths: list[int], spec: str) -> list[dict]:
+    """Peak process RSS (bytes) of one generation per input length, each in a fresh process."""
+    import sys
+
+    out = []
+    for n in lengths:
+        res = subprocess.run([sys.executable, "-c", RSS_CHILD, model_path, str(book), str(n), spec], capture_output=True, text=True, check=True)
+        rss, kv, prefill_s = res.stdout.split()
+        out.append({"tokens": n, "policy": spec, "peak_rss_bytes": int(rss), "peak_kv_bytes": int(kv), "prefill_s": float(prefill_s)})
+        print(out[-1], flush=True)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--length", type=int, default=4096, help="context tokens")
+    ap.add_argument("--samples", type=int, default=6)
+    ap.add_argument("--needles", type=int, default=1)
+    ap.add_argument("--ratios", default="0.5,0.25,0.1")
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--modes", default="question-agnostic,question-aware")
+    ap.add_argument("--book", default="dracula.txt")
+    ap.add_argument("--all-modes", action="store_true", help="also run query-free methods question-aware")
+    ap.add_argument("--configs", default="", help="method@mode pairs instead of methods x modes")
+    ap.add_argument("--no-dense", action="store_true", help="skip the dense reference runs")
+    ap.add_argument("--report", default="", help="instead: merge these result JSONs (comma-separated) into --out, table + plot")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "compression.json")
+    ap.add_argument("--rss", default="", help="instead: peak RSS per input length, e.g. 4096,16384 (policy --rss-policy)")
+    ap.add_argument("--rss-policy", default="snapkv:budget=2048")
+    args = ap.parse_args()
+    ratios = [float(r) for r in args.ratios.split(",")]
+    if args.report:
+        parts = [json.loads(Path(f).read_text()) for f in args.report.split(",")]
+        rows = [r for part in parts for r in part["rows"]]
+        meta = parts[0]["meta"]
+        args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+        print(table(rows, [*ratios, 1.0]))
+        title = f"{meta['model']}, {meta['length']}-token book context, {meta['needles']} needle(s), {meta['samples']} samples"
+        plot(rows, args.out.with_suffix(".png"), title)
+        return
+    torch.manual_seed(0)
+    path = subprocess.run([str(ROOT.parent / "shared" / "models" / "get-model"), args.model], capture_output=True, text=True, check=True).stdout.strip()
+    if args.rss:
+        rows = measure_rss(path, BOOKS / args.book, [int(n) for n in args.rss.split(",")], args.rss_policy)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(rows, indent=1))
+        base = rows[0]["peak_rss_bytes"]
+        for r in rows:
+            print(f"{r['tokens']:>7} tokens: peak RSS {r['peak_rss_bytes'] / 2**20:.0f} MiB ({100 * (r['peak_rss_bytes'] / base - 1):+.1f} %), peak KV {r['peak_kv_bytes'] / 2**20:.1f} MiB")
+        return
+    llm = LLM(model=path, dtype="bfloat16", chunk_size=512)
+    book = (BOOKS / args.book).read_text()
+    samples = [make_sample(llm, book, args.length, seed, args.needles) for seed in range(args.samples)]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    rows: list[dict] = []
+    meta = {"model": args.model, "length": args.length, "needles": args.needles, "book": args.book, "samples": args.samples}
+
+    def save() -> None:
+        args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+
+    for sample in [] if args.no_dense else samples:  # dense once per sample
+        r = answer(llm, "dense", 1.0, "dense", sample)
+        rows.append(r)
+        print(f"dense seed={r['seed']} correct={r['correct']} {r['text']!r} ({r['seconds']} s)", flush=True)
+    save()
+    if args.configs:  # explicit method@mode pairs, e.g. snapkv@question-aware
+        pairs = [tuple(c.split("@")) for c in args.configs.split(",")]
+    else:
+        pairs = [
+            (m, mode) for m in args.methods.split(",") for mode in args.modes.split(",")
+            if not (m in QUERY_FREE and mode == "question-aware" and not args.all_modes)
+        ]
+    for method, mode in pairs:
+        for ratio in ratios:
+            for sample in samples:
+                rows.append(answer(llm, method, ratio, mode, sample))
+            acc = summarise(rows)[(method, mode, ratio)]
+            print(f"{method:20s} {mode:18s} {ratio:5.2f}: {acc:5.1f} %", flush=True)
+            save()
+    print(table(rows, [*ratios, 1.0]))
+    plot(rows, args.out.with_suffix(".png"), f"{args.model}, {args.length}-token book context, {args.needles} needle(s), {args.samples} samples")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,54 @@
+"""SnapKV: attention of an observation window, pooled (Li et al. 2024, arXiv:2404.14469).
+
+The last queries of the prompt (the observation window) already attend to what
+the generation will need. Each cached token is scored by the attention those
+queries give it, averaged over the window and over the query heads of its KV
+group, then max-pooled along the sequence so a token's neighbours are kept with
+it (keeps phrases whole). The window's own tokens are always kept.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from longkv.policies.base import EvictionPolicy, needs_window, window_attention
+
+
+@dataclass
+class SnapKVPolicy(EvictionPolicy):
+    """Keep the tokens the observation window attends to most.
+
+    Attributes:
+        budget: tokens kept per layer.
+        sinks: first tokens always kept.
+        window: last tokens always kept (the observation window's own tokens).
+        kernel: width of the max-pooling along the sequence (odd, tokens).
+
+    Raises:
+        LongKVError (from :meth:`validate`): budget below ``sinks + window``.
+    """
+
+    name = "snapkv"
+    needs_queries: ClassVar[bool] = True
+    budget: int = 4096
+    sinks: int = 4
+    window: int = 32
+    kernel: int = 7
+
+    def score(
+        self,
+        layer: int,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        positions: torch.Tensor,
+        queries: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """(Hkv, N) float32: mean window attention per token, max-pooled over ``kernel`` neighbours."""
+        attn = window_attention(keys, needs_window(self.name, queries), positions).mean(1)  # (Hkv, N)
+        if self.kernel > 1:
+            attn = F.max_pool1d(attn[:, None], self.kernel, stride=1, padding=self.kernel // 2)[:, 0]
+        return attn
