@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -18,7 +19,7 @@ from longkv.attention.dense import attend
 from longkv.config import EngineConfig
 from longkv.kv.cache import KVCache
 from longkv.models.llama import LlamaModel
-from longkv.policies.base import KVPolicy
+from longkv.policies.base import KVPolicy, SelectionPolicy
 
 # progress(tokens_done, tokens_total)
 ProgressFn = Callable[[int, int], None]
@@ -32,6 +33,7 @@ class Sequence:
     tokens: list[int] = field(default_factory=list)
     peak_kv_bytes: int = 0
     queries: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (H, W, D) last queries
+    selection: Any = None  # a SelectionPolicy's state (selected pages, page summaries)
 
     @property
     def next_position(self) -> int:
@@ -63,11 +65,23 @@ class Runner:
         reserve = min(expected_tokens, bound) if bound is not None else expected_tokens
         if reserve:
             cache.reserve(reserve)
-        return Sequence(cache)
+        seq = Sequence(cache)
+        if isinstance(self.policy, SelectionPolicy):
+            seq.selection = self.policy.new_state(c, self.engine)
+        return seq
 
     def _attention(self, seq: Sequence) -> Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
         policy, rope = self.policy, self.model.rope
         keep_queries = policy.needs_queries
+        if isinstance(policy, SelectionPolicy):
+            selective = policy
+
+            def selective_attention(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+                lkv = seq.cache[layer]
+                lkv.append(k, v, pos)
+                return selective.attend(seq.selection, layer, q, lkv, pos, rope)
+
+            return selective_attention
 
         def attention(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
             lkv = seq.cache[layer]
@@ -98,10 +112,24 @@ class Runner:
         """Feed ``ids`` in chunks of ``engine.chunk_size``; return the logits (V,) after the last one.
 
         Logits are computed for the last position only (the LM head is skipped
-        for every other chunk). Raises ValueError on empty ``ids``.
+        for every other chunk). Under a selection policy the question (the last
+        part of ``ids``, see ``SelectionPolicy.question_start``) goes last, after
+        the policy has chosen its pages from it. Raises ValueError on empty ``ids``.
         """
         if not ids:
             raise ValueError("prefill needs at least one token")
+        split = 0
+        if isinstance(self.policy, SelectionPolicy):
+            self.policy.reset(seq.selection)
+            split = self.policy.question_start(len(ids))
+            if split:
+                self._chunks(seq, ids[:split], progress, 0, len(ids))
+                self.policy.select(seq.selection, self.model, seq.cache, ids[split:], seq.next_position)
+        logits = self._chunks(seq, ids[split:], progress, split, len(ids))
+        assert logits is not None
+        return logits
+
+    def _chunks(self, seq: Sequence, ids: list[int], progress: ProgressFn | None, done: int, total: int) -> torch.Tensor | None:
         attention = self._attention(seq)
         chunk = self.engine.chunk_size
         logits: torch.Tensor | None = None
@@ -118,10 +146,9 @@ class Runner:
             if self.policy.budget_tokens is not None:
                 self._compress(seq)
             if progress is not None:
-                progress(start + len(part), len(ids))
+                progress(done + start + len(part), total)
             if out is not None:
                 logits = out[-1]
-        assert logits is not None
         return logits
 
     @torch.inference_mode()

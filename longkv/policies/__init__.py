@@ -11,12 +11,14 @@ from typing import Any
 
 from longkv.errors import LongKVError
 from longkv.policies.base import EvictionPolicy, KVPolicy, SelectionPolicy
+from longkv.policies.block_topk import BlockTopKPolicy
 from longkv.policies.dense import DensePolicy
 from longkv.policies.streaming import StreamingPolicy
 
 POLICIES: dict[str, type[KVPolicy]] = {
     "dense": DensePolicy,
     "streaming": StreamingPolicy,
+    "block_topk": BlockTopKPolicy,
 }
 
 
@@ -70,4 +72,4 @@ def make_policy(spec: str | KVPolicy, **overrides: Any) -> KVPolicy:
     return cls(**knobs)
 
 
-__all__ = ["POLICIES", "DensePolicy", "EvictionPolicy", "KVPolicy", "SelectionPolicy", "StreamingPolicy", "make_policy"]
+__all__ = ["POLICIES", "BlockTopKPolicy", "DensePolicy", "EvictionPolicy", "KVPolicy", "SelectionPolicy", "StreamingPolicy", "make_policy"]
