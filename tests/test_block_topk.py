@@ -119,7 +119,7 @@ def test_layout_always_includes_sinks_and_window() -> None:
 
 
 def test_assigned_positions_keep_window_true_and_stay_inside_span() -> None:
-    lkv, rope = filled_layer(40 * PS)
+    lkv, _ = filled_layer(40 * PS)
     sinks, window, k = PS, 4 * PS, 3
     pages = torch.tensor([[2, 9, 20]])
     idx = layout(lkv.n, window_start(lkv.n - 1, sinks, window, PS), sinks, PS, pages)[0]

@@ -118,14 +118,26 @@ class Runner:
         """
         if not ids:
             raise ValueError("prefill needs at least one token")
-        split = 0
         if isinstance(self.policy, SelectionPolicy):
             self.policy.reset(seq.selection)
             split = self.policy.question_start(len(ids))
             if split:
                 self._chunks(seq, ids[:split], progress, 0, len(ids))
-                self.policy.select(seq.selection, self.model, seq.cache, ids[split:], seq.next_position)
-        logits = self._chunks(seq, ids[split:], progress, split, len(ids))
+                return self.ask(seq, ids[split:])
+        logits = self._chunks(seq, ids, progress, 0, len(ids))
+        assert logits is not None
+        return logits
+
+    @torch.inference_mode()
+    def ask(self, seq: Sequence, question: list[int]) -> torch.Tensor:
+        """Selection policies: choose pages from ``question``'s queries, then feed it; logits (V,).
+
+        Also lets several questions be asked about one prefilled context (cut the
+        cache back with ``LayerKV.truncate`` and ``seq.tokens`` between them).
+        """
+        assert isinstance(self.policy, SelectionPolicy) and question
+        self.policy.select(seq.selection, self.model, seq.cache, question, seq.next_position)
+        logits = self._chunks(seq, question, None, 0, len(question))
         assert logits is not None
         return logits
 
