@@ -87,6 +87,8 @@ def test_page_scores_are_rope_consistent() -> None:
     pages = torch.arange(2, 8)
     assumed = 150
     s = page_scores(q, lkv, pages, assumed, rope, "max")
+    assert s.shape == (2, 6, 6)  # (Hkv, 2 query heads x 3 tokens, pages)
+    s = s.amax(1)
     # brute force: every page's keys moved to start at `assumed`, logits with the rotated queries
     k, _, pos = lkv.view()
     for j, p in enumerate(pages.tolist()):
@@ -97,8 +99,8 @@ def test_page_scores_are_rope_consistent() -> None:
     # the summaries: Quest's bound is >= the exact max; the mean-key gate is <= it
     summ = PageSummaries(2, 16, PS)
     summ.update(lkv, rope)
-    bound = page_scores(q, lkv, pages, assumed, rope, "minmax", summ)
-    mean = page_scores(q, lkv, pages, assumed, rope, "mean", summ)
+    bound = page_scores(q, lkv, pages, assumed, rope, "minmax", summ).amax(1)
+    mean = page_scores(q, lkv, pages, assumed, rope, "mean", summ).amax(1)
     assert bool((bound >= s - 1e-4).all()) and bool((mean <= s + 1e-4).all())
     # mean gate == mean over the page's keys when they all sit at the assumed position
     raw = rope.rotate(k, -pos)[0, 2 * PS : 3 * PS]
@@ -185,9 +187,29 @@ def test_selection_is_fixed_for_the_answer_and_cache_intact() -> None:
     assert all(p is st.pages[0] for p in st.pages) and st.pages[0].shape == (1, 3)
     assert st.z is not None and st.z.shape == (2, 2, len(st.candidates))
     assert seq.cache[0].n == 204 and seq.cache[0].view()[2].tolist() == list(range(204))  # scoring pass left no keys
-    # the selection is the top-3 of the max z over layers and heads
-    best = st.candidates[st.z.amax(dim=(0, 1)).topk(3).indices].sort().values
+    # the selection is the top-3 of the shared score
+    assert st.score is not None and st.score.shape == (len(st.candidates),)
+    best = st.candidates[st.score.topk(3).indices].sort().values
     assert st.pages[0][0].tolist() == best.tolist()
+
+
+def test_shared_score_is_the_mean_of_the_best_votes_over_all_rows() -> None:
+    # The running merge over layers in select() must equal one top-k over every row.
+    from longkv.policies.block_topk import _zscore, merge_votes, vote
+
+    g = torch.Generator().manual_seed(3)
+    layers = [torch.randn(2, 5, 7, generator=g) for _ in range(3)]  # (Hkv, R, C) scores per layer
+    z = [_zscore(s) for s in layers]
+    assert torch.allclose(z[0].mean(-1), torch.zeros(2, 5), atol=1e-6)
+    assert torch.allclose(z[0].std(-1), torch.ones(2, 5), atol=1e-5)
+    rows = torch.cat([zl.flatten(0, 1) for zl in z])  # (30, C)
+    expected = rows.sort(dim=0, descending=True).values[:4].mean(0)
+    torch.testing.assert_close(vote(rows[None], 4)[0], expected)
+    best = None
+    for zl in z:  # layer by layer, as select() does
+        best = merge_votes(best, zl.flatten(0, 1), 4)
+    assert best is not None and best.shape == (4, 7)
+    torch.testing.assert_close(best.mean(0), expected)
 
 
 @pytest.mark.parametrize("score", ["mean", "minmax"])
@@ -212,8 +234,9 @@ def test_spec_parser_and_validation_errors() -> None:
     assert pol.max_context(model.config) is None
     bad = {
         "topk=-1": "topk, prefill_topk and sinks >= 0",
-        "window=0": "window >= 1",
-        "query_tokens=0": "query_tokens >= 1",
+        "window=0": "window, query_tokens and votes >= 1",
+        "query_tokens=0": "query_tokens and votes >= 1",
+        "votes=0": "query_tokens and votes >= 1",
         "score=cosine": "unknown block_topk score 'cosine'",
         "scope=token": "unknown block_topk scope 'token'",
         "window=500": "beyond the model's trained window of 512",
@@ -224,3 +247,4 @@ def test_spec_parser_and_validation_errors() -> None:
     with pytest.raises(LongKVError, match="no knob 'k'"):
         make_policy("block_topk:k=4")
     assert dataclasses.replace(pol, topk=1).span(eng) == 64 + PS + 256 + PS + 64  # sinks + 1 page + window + page + chunk
+    assert dataclasses.replace(pol, query_tokens=100).span(eng) == 64 + 4 * PS + 256 + PS + 100

@@ -151,14 +151,15 @@ def page_scores(
         summaries: required for ``"mean"`` and ``"minmax"`` (full pages summarised).
 
     Returns:
-        (Hkv, C) float32, the maximum over the queries of a KV head's group
-        (logits before the 1/sqrt(D) scale).
+        (Hkv, G * T, C) float32: for each KV head, each query of its group
+        (G = H / Hkv query heads x T tokens, head-major) and each page, the
+        logit before the 1/sqrt(D) scale.
     """
     h, t, d = q.shape
     hkv, ps = lkv.k.shape[0], lkv.page_size
     c = pages.numel()
     if c == 0:
-        return torch.empty(hkv, 0)
+        return torch.empty(hkv, (h // hkv) * t, 0)
     qf = q.float().reshape(hkv, (h // hkv) * t, d)  # query heads grouped by KV head (GQA)
     if score == "max":
         k, _, pos = lkv.view()
@@ -169,8 +170,8 @@ def page_scores(
             starts = pos[lo:hi:ps].repeat_interleave(ps)
             keys = rope.rotate(k[:, lo:hi].float(), assumed_position - starts)  # each page moved to the assumed place
             s = torch.bmm(qf, keys.transpose(1, 2))  # (Hkv, G*T, m * ps)
-            out.append(s.unflatten(2, (-1, ps)).amax(dim=(1, 3)))
-        return torch.cat(out, dim=1)
+            out.append(s.unflatten(2, (-1, ps)).amax(dim=3))
+        return torch.cat(out, dim=2)
     assert summaries is not None and score in SCORES, score
     # q . R(P) k_raw == (R(-P) q) . k_raw: rotate the queries once instead of every summary.
     qe = rope.rotate(qf, torch.full((qf.shape[1],), -assumed_position, dtype=torch.int64))
@@ -180,4 +181,4 @@ def page_scores(
         s = torch.bmm(qe.clamp(min=0), summaries.kmax[:, pages].transpose(1, 2)) + torch.bmm(
             qe.clamp(max=0), summaries.kmin[:, pages].transpose(1, 2)
         )
-    return s.amax(dim=1)
+    return s

@@ -14,11 +14,12 @@ How an input far longer than the model's trained window is read:
 2. **Selection at the question.** The last ``query_tokens`` tokens of the
    prompt (the question and the chat template's answer prefix) are run once
    against sinks + window to collect their queries in every layer. Every
-   candidate page is scored by the maximum q.k of those queries over its keys,
+   candidate page is scored, for each query, by the maximum q.k over its keys,
    with the page rotated to the position it will get (just beyond the window):
-   the score attention will really see. Scores are z-normalised per layer and
-   KV head; with ``scope="shared"`` a page's score is its maximum z over all
-   layers and heads and one top-k selection serves every layer and head.
+   the logit attention will really see. Scores are z-normalised over the pages
+   for each (layer, KV head, query); with ``scope="shared"`` a page's score is
+   the mean of its ``votes`` best z-scores over all of them, and one top-k
+   selection serves every layer and head.
 3. **Answer.** The question tail is run again, now attending to sinks +
    selected pages + window, and (``keep_selection``) every answer token keeps
    that selection. Positions are assigned so every distance stays inside the
@@ -56,8 +57,9 @@ class BlockTopKState:
         pages: per layer, (G, k) int64 selected page ids (G = 1 or Hkv), or None.
         summaries: per layer, page summaries (built only when a score needs them).
         candidates: (C,) page ids that could be chosen at the last question.
-        z: (L, Hkv, C) float32 z-scores of the candidates at the last question
-            (for page-recall measurements), or None.
+        z: (L, Hkv, C) float32 per-head page scores at the last question (the
+            vote over that head's queries; for page-recall measurements), or None.
+        score: (C,) the shared score of the candidates at the last question (scope "shared").
         anchor: window start when the selection was made (None: no selection).
         max_local: most tokens the local window may hold before it slides
             (``window + page_size + block``, the block term of the validated span).
@@ -69,6 +71,7 @@ class BlockTopKState:
     anchor: int | None = None
     candidates: torch.Tensor | None = None
     z: torch.Tensor | None = None
+    score: torch.Tensor | None = None
 
 
 @dataclass
@@ -87,7 +90,11 @@ class BlockTopKPolicy(SelectionPolicy):
             ``"layer"`` (one per layer) or ``"head"`` (one per layer and KV head).
         keep_selection: keep the question's selection for every answer token;
             off: each decode step re-selects per layer from its own query.
-        query_tokens: prompt tokens at the end whose queries choose the pages.
+        query_tokens: prompt tokens at the end whose queries choose the pages
+            (the question and the chat template's answer prefix).
+        votes: a page's score is the mean of its ``votes`` best z-scores over
+            (layer, KV head, query) rows: a page must stand out for several
+            queries or heads, not one noisy row.
         prefill_topk: pages each prompt chunk retrieves (per layer, from its own
             queries) on top of sinks + window; 0 keeps prefill strictly local.
 
@@ -103,7 +110,8 @@ class BlockTopKPolicy(SelectionPolicy):
     score: str = "max"
     scope: str = "shared"
     keep_selection: bool = True
-    query_tokens: int = 64
+    query_tokens: int = 32
+    votes: int = 10
     prefill_topk: int = 0
 
     # ------------------------------------------------------------------ setup
@@ -122,9 +130,10 @@ class BlockTopKPolicy(SelectionPolicy):
                 f"block_topk needs topk, prefill_topk and sinks >= 0, got {self.topk}, {self.prefill_topk}, {self.sinks}: "
                 "pass non-negative values"
             )
-        if self.window < 1 or self.query_tokens < 1:
+        if self.window < 1 or self.query_tokens < 1 or self.votes < 1:
             raise LongKVError(
-                f"block_topk needs window >= 1 and query_tokens >= 1, got {self.window} and {self.query_tokens}: raise them"
+                f"block_topk needs window, query_tokens and votes >= 1, got {self.window}, {self.query_tokens}, "
+                f"{self.votes}: raise them"
             )
         if self.score not in SCORES:
             raise LongKVError(f"unknown block_topk score {self.score!r}: choose one of {', '.join(SCORES)}")
@@ -180,15 +189,17 @@ class BlockTopKPolicy(SelectionPolicy):
             w0 = state.anchor  # the window grows from where the pages were chosen: no page falls between
         return attend_pages(q, lkv, q_pos, rope, sinks, self.window, pages, w0)
 
-    def _scores(self, state: BlockTopKState, layer: int, q: torch.Tensor, lkv: LayerKV, n_before: int, rope: Rotary):
+    def _scores(
+        self, state: BlockTopKState, layer: int, q: torch.Tensor, lkv: LayerKV, n_before: int, rope: Rotary
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Candidate pages (C,) and their z-scores (Hkv, R, C), one row per query of each KV head's group."""
         ps = lkv.page_size
         sinks = self.sink_tokens(ps)
         cand = candidate_pages(n_before, sinks, self.window, ps)
         if self.score != "max":
             state.summaries[layer].update(lkv, rope)
         w0 = window_start(n_before, sinks, self.window, ps)
-        s = page_scores(q, lkv, cand, w0 - ps, rope, self.score, state.summaries[layer])
-        return cand, _zscore(s)
+        return cand, _zscore(page_scores(q, lkv, cand, w0 - ps, rope, self.score, state.summaries[layer]))
 
     def _select_layer(
         self, state: BlockTopKState, layer: int, q: torch.Tensor, lkv: LayerKV, n_before: int, rope: Rotary, k: int
@@ -196,7 +207,7 @@ class BlockTopKPolicy(SelectionPolicy):
         cand, z = self._scores(state, layer, q, lkv, n_before, rope)
         if cand.numel() == 0:
             return None
-        return _top(cand, z if self.scope == "head" else z.amax(0, keepdim=True), k)
+        return _top(cand, vote(z, self.votes) if self.scope == "head" else vote(z.flatten(0, 1)[None], self.votes), k)
 
     # ------------------------------------------------------------------ selection at the question
     @torch.inference_mode()
@@ -211,7 +222,7 @@ class BlockTopKPolicy(SelectionPolicy):
         ps = cache[0].page_size
         sinks = self.sink_tokens(ps)
         cand = candidate_pages(n0, sinks, self.window, ps)
-        state.candidates, state.z = cand, None
+        state.candidates, state.z, state.score = cand, None, None
         if cand.numel() == 0 or self.topk == 0:
             self.reset(state)
             return
@@ -228,20 +239,41 @@ class BlockTopKPolicy(SelectionPolicy):
         model.forward(torch.tensor(ids, dtype=torch.int64), positions, local_attention, "none")
         for lkv in cache.layers:
             lkv.truncate(n0)
-        z = torch.stack([self._scores(state, i, q, cache[i], n0, rope)[1] for i, q in enumerate(queries)])
-        state.z = z  # (L, Hkv, C)
+        best: torch.Tensor | None = None  # (<= votes, C): the best z-scores of every page so far
+        per_head = []
+        for i, q in enumerate(queries):
+            z = self._scores(state, i, q, cache[i], n0, rope)[1]  # (Hkv, R, C)
+            per_head.append(vote(z, self.votes))
+            if self.scope == "shared":
+                best = merge_votes(best, z.flatten(0, 1), self.votes)
+            elif self.scope == "layer":
+                state.pages[i] = _top(cand, vote(z.flatten(0, 1)[None], self.votes), self.topk)
+            else:
+                state.pages[i] = _top(cand, per_head[-1], self.topk)
+        state.z = torch.stack(per_head)  # (L, Hkv, C)
         state.anchor = window_start(n0, sinks, self.window, ps)
-        if self.scope == "shared":
-            shared = _top(cand, z.amax(dim=(0, 1))[None], self.topk)
+        if best is not None:
+            state.score = best.mean(0)
+            shared = _top(cand, state.score[None], self.topk)
             state.pages = [shared] * len(queries)
-        elif self.scope == "layer":
-            state.pages = [_top(cand, zl.amax(0, keepdim=True), self.topk) for zl in z]
-        else:
-            state.pages = [_top(cand, zl, self.topk) for zl in z]
+
+def vote(z: torch.Tensor, votes: int) -> torch.Tensor:
+    """(..., R, C) z-scores -> (..., C): the mean of each page's ``votes`` best z-scores over the R rows."""
+    return z.topk(min(votes, z.shape[-2]), dim=-2).values.mean(-2)
+
+
+def merge_votes(best: torch.Tensor | None, rows: torch.Tensor, votes: int) -> torch.Tensor:
+    """Keep each page's ``votes`` best z-scores: (<= votes, C) so far + (R, C) new rows -> (<= votes, C).
+
+    Merging layer by layer gives the same top rows as one top-k over every row,
+    without holding all of them (memory ~ votes x pages).
+    """
+    rows = rows if best is None else torch.cat((best, rows))
+    return rows.topk(min(votes, rows.shape[0]), dim=0).values
 
 
 def _zscore(s: torch.Tensor) -> torch.Tensor:
-    """(G, C) scores -> z-scores per row, so heads and layers with different logit scales compare."""
+    """(..., C) scores -> z-scores over the pages, so queries, heads and layers of different scales compare."""
     if s.shape[-1] < 2:
         return torch.zeros_like(s)
     return (s - s.mean(-1, keepdim=True)) / s.std(-1, keepdim=True).clamp_min(1e-6)
