@@ -135,6 +135,7 @@ def main() -> None:
     ap.add_argument("--topk", type=int, nargs="+", default=[2, 4, 8, 16, 32])
     ap.add_argument("--scores", nargs="+", default=["max", "mean", "minmax"], help="scores tried at topk=8")
     ap.add_argument("--window", type=int, default=1024)
+    ap.add_argument("--ablate", action="store_true", help="also k=8 without re-encoding the selected pages")
     ap.add_argument("--dense", action="store_true", help="also run dense on the full prompt (fits the window only)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "longctx.json"))
@@ -145,6 +146,8 @@ def main() -> None:
     base.validate(llm.config, llm.engine_config)
     variants = {f"block_topk k={k}": dataclasses.replace(base, topk=k) for k in args.topk}
     variants |= {f"block_topk k=8 {s}": dataclasses.replace(base, topk=8, score=s) for s in args.scores if s != "max"}
+    if args.ablate:
+        variants["block_topk k=8 no re-encode"] = dataclasses.replace(base, topk=8, reencode=False)
     variants["local (sinks+window)"] = dataclasses.replace(base, topk=0)
     books = sorted(BOOKS.glob("*.txt"))
     rng = random.Random(args.seed)

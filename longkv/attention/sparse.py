@@ -83,6 +83,7 @@ def attend_pages(
     window: int,
     pages: torch.Tensor | None,
     w0: int | None = None,
+    prefix: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Attention of a block of T queries over sink pages + selected pages + local window.
 
@@ -95,6 +96,9 @@ def attend_pages(
         w0: first index of the local window (default: :func:`window_start`); a
             kept selection anchors it where the selection was made, so no page
             falls between the selected ones and the window while the answer grows.
+        prefix: keys, values (Hkv, P, D) and original positions (P,) of the sink
+            pages + selected pages re-encoded together (keys rotated at 0..P-1);
+            used instead of the cached ones when given (see ``BlockTopKPolicy.reencode``).
 
     Returns:
         (H, T, D) in q's dtype. With ``pages`` covering every candidate page the
@@ -106,6 +110,12 @@ def attend_pages(
         w0 = window_start(n - t, sink_tokens, window, ps)
     if w0 <= sink_tokens and (pages is None or pages.numel() == 0):
         return attend(q, k, v, q_pos, kpos)  # nothing is left out: dense fallback
+    if prefix is not None:
+        pk, pv, ppos = prefix
+        m = pk.shape[1] + n - w0
+        shift = torch.full((pk.shape[1],), int(kpos[-1]) - m + 1, dtype=torch.int64)  # 0..P-1 -> assigned
+        keys = torch.cat((rope.rotate(pk, shift), k[:, w0:]), dim=1)
+        return attend(q, keys, torch.cat((pv, v[:, w0:]), dim=1), q_pos, torch.cat((ppos, kpos[w0:])))
     idx = layout(n, w0, sink_tokens, ps, pages)  # (G, M)
     g, m = idx.shape
     if g == 1:

@@ -136,7 +136,7 @@ class Runner:
         cache back with ``LayerKV.truncate`` and ``seq.tokens`` between them).
         """
         assert isinstance(self.policy, SelectionPolicy) and question
-        self.policy.select(seq.selection, self.model, seq.cache, question, seq.next_position)
+        self.policy.select(seq.selection, self.model, seq.cache, seq.tokens, question)
         logits = self._chunks(seq, question, None, 0, len(question))
         assert logits is not None
         return logits

@@ -148,8 +148,8 @@ class SelectionPolicy(KVPolicy):
         """Index where the question part of an ``n_tokens`` prompt starts (0: no separate selection)."""
         return 0
 
-    def select(self, state: Any, model: Any, cache: KVCache, ids: list[int], p0: int) -> None:
-        """Choose pages for the question ``ids`` (positions from ``p0``) that follows the cached tokens."""
+    def select(self, state: Any, model: Any, cache: KVCache, context: list[int], ids: list[int]) -> None:
+        """Choose pages for the question ``ids`` that follows the cached ``context`` tokens."""
 
     @abstractmethod
     def attend(

@@ -37,6 +37,7 @@ from typing import ClassVar
 
 import torch
 
+from longkv.attention.dense import attend
 from longkv.attention.sparse import SCORES, attend_pages, candidate_pages, page_scores, window_start
 from longkv.config import EngineConfig, ModelConfig
 from longkv.errors import LongKVError
@@ -60,6 +61,8 @@ class BlockTopKState:
         z: (L, Hkv, C) float32 per-head page scores at the last question (the
             vote over that head's queries; for page-recall measurements), or None.
         score: (C,) the shared score of the candidates at the last question (scope "shared").
+        prefix: per layer, the sink pages + selected pages re-encoded together:
+            keys, values (Hkv, P, D) (keys rotated at 0..P-1), original positions (P,).
         anchor: window start when the selection was made (None: no selection).
         max_local: most tokens the local window may hold before it slides
             (``window + page_size + block``, the block term of the validated span).
@@ -72,6 +75,7 @@ class BlockTopKState:
     candidates: torch.Tensor | None = None
     z: torch.Tensor | None = None
     score: torch.Tensor | None = None
+    prefix: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
 
 
 @dataclass
@@ -95,6 +99,9 @@ class BlockTopKPolicy(SelectionPolicy):
         votes: a page's score is the mean of its ``votes`` best z-scores over
             (layer, KV head, query) rows: a page must stand out for several
             queries or heads, not one noisy row.
+        reencode: with ``scope="shared"``, encode the sink pages + selected pages
+            again as one short text at the question and answer from those keys
+            and values (the cached ones come from a local-window prefill).
         prefill_topk: pages each prompt chunk retrieves (per layer, from its own
             queries) on top of sinks + window; 0 keeps prefill strictly local.
 
@@ -112,6 +119,7 @@ class BlockTopKPolicy(SelectionPolicy):
     keep_selection: bool = True
     query_tokens: int = 32
     votes: int = 10
+    reencode: bool = True
     prefill_topk: int = 0
 
     # ------------------------------------------------------------------ setup
@@ -166,6 +174,7 @@ class BlockTopKPolicy(SelectionPolicy):
     def reset(self, state: BlockTopKState) -> None:
         state.pages = [None] * len(state.pages)
         state.anchor = None
+        state.prefix = None
 
     def question_start(self, n_tokens: int) -> int:
         return max(n_tokens - self.query_tokens, 0)
@@ -187,6 +196,8 @@ class BlockTopKPolicy(SelectionPolicy):
             pages = self._select_layer(state, layer, q, lkv, lkv.n - 1, rope, self.topk)
         elif state.anchor is not None and lkv.n - state.anchor <= state.max_local:
             w0 = state.anchor  # the window grows from where the pages were chosen: no page falls between
+            if state.prefix is not None:
+                return attend_pages(q, lkv, q_pos, rope, sinks, self.window, pages, w0, state.prefix[layer])
         return attend_pages(q, lkv, q_pos, rope, sinks, self.window, pages, w0)
 
     def _scores(
@@ -211,13 +222,16 @@ class BlockTopKPolicy(SelectionPolicy):
 
     # ------------------------------------------------------------------ selection at the question
     @torch.inference_mode()
-    def select(self, state: BlockTopKState, model: LlamaModel, cache: KVCache, ids: list[int], p0: int) -> None:
-        """Choose the pages for the question ``ids`` (at positions ``p0...``), which follow the cached tokens.
+    def select(
+        self, state: BlockTopKState, model: LlamaModel, cache: KVCache, context: list[int], ids: list[int]
+    ) -> None:
+        """Choose the pages for the question ``ids``, which follows the cached ``context`` tokens.
 
         Runs the question once against sinks + window to read its queries in every
-        layer, scores every candidate page and stores the selection in ``state``.
-        The cache is left as it was.
+        layer, scores every candidate page and stores the selection in ``state``
+        (and, with ``reencode``, the selected pages re-encoded). The cache is left as it was.
         """
+        p0 = len(context)
         n0 = cache[0].n
         ps = cache[0].page_size
         sinks = self.sink_tokens(ps)
@@ -256,10 +270,36 @@ class BlockTopKPolicy(SelectionPolicy):
             state.score = best.mean(0)
             shared = _top(cand, state.score[None], self.topk)
             state.pages = [shared] * len(queries)
+            if self.reencode:
+                state.prefix = _reencode(model, context, shared[0], sinks, ps)
 
 def vote(z: torch.Tensor, votes: int) -> torch.Tensor:
     """(..., R, C) z-scores -> (..., C): the mean of each page's ``votes`` best z-scores over the R rows."""
     return z.topk(min(votes, z.shape[-2]), dim=-2).values.mean(-2)
+
+
+def _reencode(
+    model: LlamaModel, context: list[int], pages: torch.Tensor, sinks: int, ps: int
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Keys and values of the sink pages + ``pages`` (k,) computed together, as one short text.
+
+    Why: the cached keys of a far page were computed by a prefill that saw only
+    sinks + a local window around it, at a distance from the sinks unlike any
+    the answer will use; SmolLM2 then fails to read the needle from a correctly
+    selected page (docs/sparse.md). Encoding the few selected pages again right
+    after the sinks, at consecutive positions (the layout attention uses), gives
+    keys it reads. Costs one dense forward of ``sinks + k * page_size`` tokens.
+    """
+    idx = torch.cat((torch.arange(sinks), (pages[:, None] * ps + torch.arange(ps)).flatten()))
+    toks = torch.tensor(context, dtype=torch.int64)[idx]
+    out: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    def block_attention(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        out.append((k, v, idx))
+        return attend(q, k, v, pos, pos)  # causal over the block
+
+    model.forward(toks, torch.arange(idx.numel()), block_attention, "none")
+    return out
 
 
 def merge_votes(best: torch.Tensor | None, rows: torch.Tensor, votes: int) -> torch.Tensor:
