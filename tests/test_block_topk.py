@@ -248,3 +248,25 @@ def test_spec_parser_and_validation_errors() -> None:
         make_policy("block_topk:k=4")
     assert dataclasses.replace(pol, topk=1).span(eng) == 64 + PS + 256 + PS + 64  # sinks + 1 page + window + page + chunk
     assert dataclasses.replace(pol, query_tokens=100).span(eng) == 64 + 4 * PS + 256 + PS + 100
+
+
+def test_reencoded_pages_are_the_dense_encoding_of_sinks_plus_pages() -> None:
+    model = tiny_model()
+    ids = torch.randint(0, 97, (240,), generator=torch.Generator().manual_seed(6)).tolist()
+    pol = BlockTopKPolicy(topk=3, sinks=PS, window=2 * PS, query_tokens=10)
+    _, seq = _run(model, pol, ids, [])
+    st = seq.selection
+    assert st.prefix is not None and len(st.prefix) == 2
+    pages = st.pages[0][0]
+    idx = torch.cat((torch.arange(PS), (pages[:, None] * PS + torch.arange(PS)).flatten()))
+    # the same tokens as one short text through the dense path
+    _, ref_seq = _run(model, DensePolicy(), [ids[i] for i in idx.tolist()], [])
+    for layer, (k, v, pos) in enumerate(st.prefix):
+        rk, rv, _ = ref_seq.cache[layer].view()
+        torch.testing.assert_close(k, rk, rtol=0, atol=1e-5)
+        torch.testing.assert_close(v, rv, rtol=0, atol=1e-5)
+        assert pos.tolist() == idx.tolist()  # original positions, for the causal mask
+    # without re-encoding the answer differs (the cached pages come from the local prefill)
+    plain, _ = _run(model, dataclasses.replace(pol, reencode=False), ids, [])
+    with_prefix, _ = _run(model, pol, ids, [])
+    assert (plain - with_prefix).abs().max().item() > 1e-4
