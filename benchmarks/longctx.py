@@ -137,6 +137,7 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=1024)
     ap.add_argument("--ablate", action="store_true", help="also k=8 without re-encoding the selected pages")
     ap.add_argument("--dense", action="store_true", help="also run dense on the full prompt (fits the window only)")
+    ap.add_argument("--depths", type=float, nargs="+", help="needle depths (default: --samples spread over 0-1)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "longctx.json"))
     args = ap.parse_args()
@@ -155,8 +156,8 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     for n in args.lengths:
-        for i in range(args.samples):
-            depth = i / max(args.samples - 1, 1)
+        depths = args.depths or [i / max(args.samples - 1, 1) for i in range(args.samples)]
+        for i, depth in enumerate(depths):
             book = books[(i + n) % len(books)]
             sample = make_sample(llm, llm.encode(book.read_text()), n, depth, rng)
             res = run_sample(llm, sample, base, variants) | {"length": n, "book": book.name}
