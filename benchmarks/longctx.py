@@ -85,8 +85,8 @@ def recall(pol: BlockTopKPolicy, seq: Sequence, needle_pages: set[int]) -> dict:
         cand = st.candidates.tolist()
         idx = [cand.index(p) for p in needle_pages if p in cand]
         if idx:
-            combined = st.z.amax(dim=(0, 1))
-            out["rank"] = int((combined > combined[idx].max()).sum()) + 1  # 1 = best
+            combined = st.score if st.score is not None else st.z.amax(dim=(0, 1))
+            out["rank"] = int((combined > combined[idx].max()).sum()) + 1  # by the selection's score; 1 = best
             per_head = st.z.topk(min(pol.topk, len(cand)), dim=-1).indices  # (L, Hkv, k)
             hit = torch.zeros(per_head.shape[:2], dtype=torch.bool)
             for i in idx:
