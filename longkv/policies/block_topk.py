@@ -160,7 +160,7 @@ class BlockTopKPolicy(SelectionPolicy):
     def describe(self) -> str:
         return (
             f"block_topk(topk={self.topk}, sinks={self.sinks}, window={self.window}, score={self.score}, "
-            f"scope={self.scope}, keep_selection={self.keep_selection})"
+            f"scope={self.scope}, keep_selection={self.keep_selection}, reencode={self.reencode})"
         )
 
     def new_state(self, model: ModelConfig, engine: EngineConfig) -> BlockTopKState:
