@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
+from typing import Any
 
 import torch
 
@@ -19,7 +20,7 @@ from longkv.attention.dense import attend
 from longkv.config import EngineConfig
 from longkv.kv.cache import HeadwiseLayerKV, KVCache, LayerKV
 from longkv.models.llama import LlamaModel
-from longkv.policies.base import KVPolicy
+from longkv.policies.base import KVPolicy, SelectionPolicy
 
 # progress(tokens_done, tokens_total)
 ProgressFn = Callable[[int, int], None]
@@ -36,6 +37,7 @@ class Sequence:
     # layer -> (H, W, D) fixed observation window that compression scores with instead of
     # the last queries (question-aware compression of a context, see longkv.policies.modes)
     observation: dict[int, torch.Tensor] = field(default_factory=dict)
+    selection: Any = None  # a SelectionPolicy's state (selected pages, page summaries)
 
     @property
     def next_position(self) -> int:
@@ -71,11 +73,23 @@ class Runner:
         reserve = min(expected_tokens, bound) if bound is not None else expected_tokens
         if reserve:
             cache.reserve(reserve)
-        return Sequence(cache)
+        seq = Sequence(cache)
+        if isinstance(self.policy, SelectionPolicy):
+            seq.selection = self.policy.new_state(c, self.engine)
+        return seq
 
     def _attention(self, seq: Sequence) -> Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
         policy, rope = self.policy, self.model.rope
         keep_queries = policy.needs_queries
+        if isinstance(policy, SelectionPolicy):
+            selective = policy
+
+            def selective_attention(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+                lkv = seq.cache[layer]
+                lkv.append(k, v, pos)
+                return selective.attend(seq.selection, layer, q, lkv, pos, rope)
+
+            return selective_attention
 
         def attention(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
             lkv = seq.cache[layer]
@@ -83,14 +97,7 @@ class Runner:
                 return self._attend_headwise(seq, layer, lkv, q, k, v, pos)
             lkv.append(k, v, pos)
             keys, values, kpos = lkv.view()
-            target = policy.key_positions(kpos)
-            if target is not None:
-                # Keys are cached rotated at their original position; rotate by the delta
-                # only those that move (a prefix: deltas are non-increasing and end at 0).
-                delta = target - kpos
-                moved = int(torch.count_nonzero(delta))
-                if moved:
-                    keys = torch.cat((rope.rotate(keys[:, :moved], delta[:moved]), keys[:, moved:]), dim=1)
+            keys = self._move_keys(keys, kpos)
             if keep_queries:
                 prev = seq.queries.get(layer)
                 qs = q if prev is None else torch.cat((prev, q), dim=1)
@@ -98,6 +105,21 @@ class Runner:
             return attend(q, keys, values, pos, kpos)
 
         return attention
+
+    def _move_keys(self, keys: torch.Tensor, kpos: torch.Tensor) -> torch.Tensor:
+        """Keys (Hkv, N, D) as seen at the policy's positions for them (see ``KVPolicy.key_positions``).
+
+        Keys are cached rotated at their original position; only those that move are
+        rotated, by the delta (a prefix: deltas are non-increasing and end at 0).
+        """
+        target = self.policy.key_positions(kpos)
+        if target is None:
+            return keys
+        delta = target - kpos
+        moved = int(torch.count_nonzero(delta))
+        if not moved:
+            return keys
+        return torch.cat((self.model.rope.rotate(keys[:, :moved], delta[:moved]), keys[:, moved:]), dim=1)
 
     def _attend_headwise(
         self, seq: Sequence, layer: int, lkv: HeadwiseLayerKV, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor
@@ -112,12 +134,7 @@ class Runner:
         outs = []
         for h, head in enumerate(lkv.heads):
             keys, values, kpos = head.view()
-            target = self.policy.key_positions(kpos)
-            if target is not None:
-                delta = target - kpos
-                moved = int(torch.count_nonzero(delta))
-                if moved:
-                    keys = torch.cat((self.model.rope.rotate(keys[:, :moved], delta[:moved]), keys[:, moved:]), dim=1)
+            keys = self._move_keys(keys, kpos)
             outs.append(attend(q[h * g : (h + 1) * g], keys, values, pos, kpos))
         return torch.cat(outs, dim=0)
 
@@ -134,10 +151,38 @@ class Runner:
         Logits are computed for the last position only (the LM head is skipped
         for every other chunk). ``compress=False`` skips compression (a short
         question after a compressed context: the cache grows by ``len(ids)``).
-        Raises ValueError on empty ``ids``.
+        Under a selection policy the question (the last part of ``ids``, see
+        ``SelectionPolicy.question_start``) goes last, after the policy has chosen
+        its pages from it. Raises ValueError on empty ``ids``.
         """
         if not ids:
             raise ValueError("prefill needs at least one token")
+        if isinstance(self.policy, SelectionPolicy):
+            self.policy.reset(seq.selection)
+            split = self.policy.question_start(len(ids))
+            if split:
+                self._chunks(seq, ids[:split], progress, 0, len(ids), compress)
+                return self.ask(seq, ids[split:])
+        logits = self._chunks(seq, ids, progress, 0, len(ids), compress)
+        assert logits is not None
+        return logits
+
+    @torch.inference_mode()
+    def ask(self, seq: Sequence, question: list[int]) -> torch.Tensor:
+        """Selection policies: choose pages from ``question``'s queries, then feed it; logits (V,).
+
+        Also lets several questions be asked about one prefilled context (cut the
+        cache back with ``LayerKV.truncate`` and ``seq.tokens`` between them).
+        """
+        assert isinstance(self.policy, SelectionPolicy) and question
+        self.policy.select(seq.selection, self.model, seq.cache, seq.tokens, question)
+        logits = self._chunks(seq, question, None, 0, len(question))
+        assert logits is not None
+        return logits
+
+    def _chunks(
+        self, seq: Sequence, ids: list[int], progress: ProgressFn | None, done: int, total: int, compress: bool = True
+    ) -> torch.Tensor | None:
         attention = self._attention(seq)
         chunk = self.engine.chunk_size
         logits: torch.Tensor | None = None
@@ -154,10 +199,9 @@ class Runner:
             if compress and self.policy.budget_tokens is not None:
                 self._compress(seq)
             if progress is not None:
-                progress(start + len(part), len(ids))
+                progress(done + start + len(part), total)
             if out is not None:
                 logits = out[-1]
-        assert logits is not None
         return logits
 
     @torch.inference_mode()

@@ -138,6 +138,11 @@ class LayerKV:
             mask[p * self.page_size : (p + 1) * self.page_size] = False
         self.keep(mask.nonzero().squeeze(1))
 
+    def truncate(self, n: int) -> None:
+        """Forget every token from index ``n`` on (storage is kept for reuse). ``0 <= n <= self.n``."""
+        assert 0 <= n <= self.n
+        self.n = n
+
     def clear(self) -> None:
         """Drop every token and free the storage."""
         self.n = 0

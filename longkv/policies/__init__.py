@@ -12,6 +12,7 @@ from typing import Any
 from longkv.errors import LongKVError
 from longkv.policies.adakv import AdaKVPolicy
 from longkv.policies.base import EvictionPolicy, KVPolicy, SelectionPolicy
+from longkv.policies.block_topk import BlockTopKPolicy
 from longkv.policies.dense import DensePolicy
 from longkv.policies.expected_attention import ExpectedAttentionPolicy
 from longkv.policies.h2o import H2OPolicy
@@ -33,6 +34,7 @@ POLICIES: dict[str, type[KVPolicy]] = {
     "knorm": KNormPolicy,
     "expected_attention": ExpectedAttentionPolicy,
     "random": RandomPolicy,
+    "block_topk": BlockTopKPolicy,
 }
 
 
@@ -89,6 +91,7 @@ def make_policy(spec: str | KVPolicy, **overrides: Any) -> KVPolicy:
 __all__ = [
     "POLICIES",
     "AdaKVPolicy",
+    "BlockTopKPolicy",
     "DensePolicy",
     "EvictionPolicy",
     "ExpectedAttentionPolicy",

@@ -10,8 +10,8 @@ The engine, not the model, asks the policy at fixed points:
   positions). Keys are cached rotated at their original position, so the
   engine rotates only the keys whose position changes.
 
-A :class:`SelectionPolicy` frees nothing; per query it picks which pages to
-attend to (the selection interface, built on by block-sparse methods).
+A :class:`SelectionPolicy` frees nothing; per query block it picks which pages
+to attend to (the selection interface, built on by block-sparse methods).
 """
 
 from __future__ import annotations
@@ -19,13 +19,13 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
 from longkv.config import EngineConfig, ModelConfig
 from longkv.errors import LongKVError
-from longkv.kv.cache import LayerKV
+from longkv.kv.cache import KVCache, LayerKV
 
 KV_QUANT = ("none", "int8", "int4")
 
@@ -42,14 +42,14 @@ class KVPolicy:
         """Most tokens kept per layer after compression (``None``: unbounded)."""
         return None
 
-    def validate(self, model: ModelConfig, engine: EngineConfig) -> None:  # noqa: B027
+    def validate(self, model: ModelConfig, engine: EngineConfig) -> None:
         """Raise :class:`~longkv.errors.LongKVError` when the knobs cannot work with this model."""
 
     def max_context(self, model: ModelConfig) -> int | None:
         """Longest input (prompt + generated tokens) this policy can serve; ``None``: any."""
         return model.max_position
 
-    def compress(self, layer: int, cache: LayerKV, queries: torch.Tensor | None = None) -> None:  # noqa: B027
+    def compress(self, layer: int, cache: LayerKV, queries: torch.Tensor | None = None) -> None:
         """Shrink ``cache`` in place (default: keep everything).
 
         queries: (H, W, D) the last rotated queries of this layer (observation
@@ -227,8 +227,34 @@ def needs_window(name: str, queries: torch.Tensor | None) -> torch.Tensor:
 
 @dataclass
 class SelectionPolicy(KVPolicy, ABC):
-    """Frees nothing; per query picks the pages to attend to (sinks and local window always in)."""
+    """Frees nothing; each attention reads sink pages + local window + pages it selects.
+
+    The engine drives it at three points (see ``Runner.prefill`` / ``Runner.decode``):
+
+    * :meth:`new_state` once per sequence, :meth:`reset` at the start of a prompt;
+    * :meth:`select` before the last :meth:`question_start`-split part of a prompt
+      (the question), to choose pages from the question's queries;
+    * :meth:`attend` in every layer, after the new keys are appended.
+
+    Subclasses: ``longkv.policies.block_topk`` (block top-k, MoBA / Quest / InfLLM).
+    """
 
     @abstractmethod
-    def select(self, layer: int, query: torch.Tensor, cache: LayerKV) -> torch.Tensor:
-        """query: (H, T, D) -> (P,) int64 ids of the pages of ``cache`` to attend to."""
+    def new_state(self, model: ModelConfig, engine: EngineConfig) -> Any:
+        """Fresh per-sequence state (selection in force, page summaries)."""
+
+    def reset(self, state: Any) -> None:
+        """Forget the selection in force (a new prompt starts)."""
+
+    def question_start(self, n_tokens: int) -> int:
+        """Index where the question part of an ``n_tokens`` prompt starts (0: no separate selection)."""
+        return 0
+
+    def select(self, state: Any, model: Any, cache: KVCache, context: list[int], ids: list[int]) -> None:
+        """Choose pages for the question ``ids`` that follows the cached ``context`` tokens."""
+
+    @abstractmethod
+    def attend(
+        self, state: Any, layer: int, q: torch.Tensor, lkv: LayerKV, q_pos: torch.Tensor, rope: Any
+    ) -> torch.Tensor:
+        """Attention output (H, T, D) of T queries (H, T, D) whose keys are already appended to ``lkv``."""

@@ -1,0 +1,195 @@
+"""Single-needle retrieval far beyond the trained window: answer accuracy and page recall.
+
+A sentence "The secret number is NNNNNN." is put into real book text
+(../shared/data/books) at depths spread from 0 to 100 %, followed by the
+question. For every sample the context is prefilled **once** (sinks + local
+window, linear cost) and then several answers are read from the same cache:
+
+* ``block_topk`` variants (k pages, score), each choosing its pages from the
+  question and keeping them for the answer;
+* ``local``: the same sinks + window with no retrieved page (what a
+  StreamingLLM cache of that size answers);
+* optionally ``dense`` on the full prompt (only where it fits the trained window).
+
+Page recall: the needle's page is among the selected ones. Also reported: the
+needle page's rank among the candidates, and the share of (layer, KV head)
+pairs whose own top-k holds it.
+
+    nice -n 10 python benchmarks/longctx.py --lengths 16384 32768 --samples 6 --out benchmarks/results/longctx.json
+
+Prints a table and writes JSON (samples and the summary).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import random
+import time
+from pathlib import Path
+
+import torch
+
+from longkv import LLM
+from longkv.engine.runner import Runner, Sequence
+from longkv.policies import BlockTopKPolicy
+
+ROOT = Path(__file__).resolve().parents[1]
+BOOKS = ROOT.parent / "shared" / "data" / "books"
+MODEL = Path.home() / ".cache" / "longkv-test-models" / "smollm2-135m.gguf"
+QUESTION = "What is the secret number mentioned in the text above? Answer with the number only."
+
+
+def make_sample(llm: LLM, book_ids: list[int], n_tokens: int, depth: float, rng: random.Random) -> dict:
+    """A chat prompt of about ``n_tokens`` with the needle at ``depth``; token range of the needle."""
+    number = str(rng.randint(100000, 999999))
+    needle = f" The secret number is {number}. "
+    overhead = len(llm.encode(llm.apply_chat_template([{"role": "user", "content": needle + "\n\n" + QUESTION}])))
+    hay = n_tokens - overhead
+    start = rng.randint(0, len(book_ids) - hay - 1)
+    hay_ids = book_ids[start : start + hay]
+    cut = int(depth * hay)
+    before = llm.tokenizer.decode(hay_ids[:cut])
+    after = llm.tokenizer.decode(hay_ids[cut:])
+    prompt = llm.apply_chat_template([{"role": "user", "content": before + needle + after + "\n\n" + QUESTION}])
+    ids = llm.encode(prompt)
+    head = prompt[: prompt.index(needle)]
+    lo = len(llm.encode(head))
+    hi = len(llm.encode(head + needle))
+    return {"ids": ids, "number": number, "depth": depth, "needle_tokens": (lo, hi), "tokens": len(ids)}
+
+
+def greedy(llm: LLM, runner: Runner, seq: Sequence, logits: torch.Tensor, n: int = 20) -> str:
+    out: list[int] = []
+    for _ in range(n):
+        tok = int(logits.argmax())
+        if tok in llm.eos_ids:
+            break
+        out.append(tok)
+        logits = runner.decode(seq, tok)
+    return llm.tokenizer.decode(out, skip_special_tokens=True)
+
+
+def cut_back(seq: Sequence, n: int) -> None:
+    for lkv in seq.cache.layers:
+        lkv.truncate(n)
+    del seq.tokens[n:]
+
+
+def recall(pol: BlockTopKPolicy, seq: Sequence, needle_pages: set[int]) -> dict:
+    st = seq.selection
+    chosen = set(st.pages[0].flatten().tolist()) if st.pages[0] is not None else set()
+    out = {"recall": bool(chosen & needle_pages)}
+    if st.z is not None and len(st.candidates):
+        cand = st.candidates.tolist()
+        idx = [cand.index(p) for p in needle_pages if p in cand]
+        if idx:
+            combined = st.score if st.score is not None else st.z.amax(dim=(0, 1))
+            out["rank"] = int((combined > combined[idx].max()).sum()) + 1  # by the selection's score; 1 = best
+            per_head = st.z.topk(min(pol.topk, len(cand)), dim=-1).indices  # (L, Hkv, k)
+            hit = torch.zeros(per_head.shape[:2], dtype=torch.bool)
+            for i in idx:
+                hit |= (per_head == i).any(-1)
+            out["head_recall"] = round(hit.float().mean().item(), 3)
+        out["candidates"] = len(cand)
+    return out
+
+
+def run_sample(llm: LLM, sample: dict, base: BlockTopKPolicy, variants: dict[str, BlockTopKPolicy]) -> dict:
+    ids, ps = sample["ids"], llm.engine_config.page_size
+    split = base.question_start(len(ids))
+    # the context alone, prefilled once with sinks + window (topk=0: no selection at its end)
+    runner = Runner(llm.model, dataclasses.replace(base, topk=0), llm.engine_config)
+    seq = runner.new_sequence(len(ids) + 16)
+    t0 = time.perf_counter()
+    runner.prefill(seq, ids[:split])
+    prefill_s = time.perf_counter() - t0
+    lo, hi = sample["needle_tokens"]
+    needle_pages = set(range(lo // ps, (hi - 1) // ps + 1))
+    res = {k: sample[k] for k in ("tokens", "depth", "number")} | {"prefill_s": round(prefill_s, 2), "answers": {}}
+    for name, pol in variants.items():
+        cut_back(seq, split)
+        r = Runner(llm.model, pol, llm.engine_config)
+        t1 = time.perf_counter()
+        logits = r.ask(seq, ids[split:])
+        text = greedy(llm, r, seq, logits)
+        entry = {"text": text, "correct": sample["number"] in text, "answer_s": round(time.perf_counter() - t1, 2)}
+        if pol.topk:
+            entry |= recall(pol, seq, needle_pages)
+        res["answers"][name] = entry
+    return res
+
+
+def run_dense(llm: LLM, sample: dict) -> dict:
+    t0 = time.perf_counter()
+    g = llm.generate(sample["ids"], max_new_tokens=20, policy="dense")
+    return {"text": g.text, "correct": sample["number"] in g.text, "answer_s": round(time.perf_counter() - t0, 2)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=str(MODEL))
+    ap.add_argument("--lengths", type=int, nargs="+", default=[16384, 32768])
+    ap.add_argument("--samples", type=int, default=6)
+    ap.add_argument("--topk", type=int, nargs="+", default=[2, 4, 8, 16, 32])
+    ap.add_argument("--scores", nargs="+", default=["max", "mean", "minmax"], help="scores tried at topk=8")
+    ap.add_argument("--window", type=int, default=1024)
+    ap.add_argument("--ablate", action="store_true", help="also k=8 without re-encoding the selected pages")
+    ap.add_argument("--dense", action="store_true", help="also run dense on the full prompt (fits the window only)")
+    ap.add_argument("--depths", type=float, nargs="+", help="needle depths (default: --samples spread over 0-1)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "longctx.json"))
+    args = ap.parse_args()
+
+    llm = LLM(model=args.model, dtype="bfloat16")
+    base = BlockTopKPolicy(window=args.window)
+    base.validate(llm.config, llm.engine_config)
+    variants = {f"block_topk k={k}": dataclasses.replace(base, topk=k) for k in args.topk}
+    variants |= {f"block_topk k=8 {s}": dataclasses.replace(base, topk=8, score=s) for s in args.scores if s != "max"}
+    if args.ablate:
+        variants["block_topk k=8 no re-encode"] = dataclasses.replace(base, topk=8, reencode=False)
+    variants["local (sinks+window)"] = dataclasses.replace(base, topk=0)
+    books = sorted(BOOKS.glob("*.txt"))
+    rng = random.Random(args.seed)
+    results: list[dict] = []
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for n in args.lengths:
+        depths = args.depths or [i / max(args.samples - 1, 1) for i in range(args.samples)]
+        for i, depth in enumerate(depths):
+            book = books[(i + n) % len(books)]
+            sample = make_sample(llm, llm.encode(book.read_text()), n, depth, rng)
+            res = run_sample(llm, sample, base, variants) | {"length": n, "book": book.name}
+            if args.dense:
+                res["answers"]["dense"] = run_dense(llm, sample)
+            results.append(res)
+            brief = {k: int(v["correct"]) for k, v in res["answers"].items()}
+            print(f"{n} depth={depth:.2f} prefill={res['prefill_s']}s {brief}", flush=True)
+            out.write_text(json.dumps({"args": vars(args), "samples": results, "summary": summarise(results)}, indent=1))
+    print_table(summarise(results))
+
+
+def summarise(results: list[dict]) -> dict:
+    table: dict = {}
+    for res in results:
+        for name, a in res["answers"].items():
+            row = table.setdefault(str(res["length"]), {}).setdefault(name, {"n": 0, "correct": 0, "recall": 0, "ranks": []})
+            row["n"] += 1
+            row["correct"] += int(a["correct"])
+            row["recall"] += int(a.get("recall", False))
+            if "rank" in a:
+                row["ranks"].append(a["rank"])
+    return table
+
+
+def print_table(table: dict) -> None:
+    print(f"{'length':>7} | {'policy':<28} | {'accuracy':>9} | {'page recall':>11} | needle page rank")
+    for length, rows in table.items():
+        for name, r in rows.items():
+            rec = f"{r['recall']}/{r['n']}" if "block" in name else "-"
+            print(f"{length:>7} | {name:<28} | {r['correct']:>4}/{r['n']:<4} | {rec:>11} | {r['ranks']}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,326 @@
+"""Block top-k: query-aware page selection with training-free context extension.
+
+Sources: MoBA (Lu et al. 2025, mean-key gate over blocks), Quest (Tang et al.
+2024, per-page min/max bound, query-aware page choice), InfLLM (Xiao et al.
+2024, retrieved blocks placed inside the trained position range), StreamingLLM
+(Xiao et al. 2023, sink tokens + local window).
+
+How an input far longer than the model's trained window is read:
+
+1. **Bounded prefill.** Every prompt chunk but the question attends to the sink
+   pages + its local window (+ ``prefill_topk`` pages chosen per layer from the
+   chunk's own queries, 0 by default), so prefill cost grows linearly with the
+   input. Nothing is freed: every page stays in the cache to be retrieved.
+2. **Selection at the question.** The last ``query_tokens`` tokens of the
+   prompt (the question and the chat template's answer prefix) are run once
+   against sinks + window to collect their queries in every layer. Every
+   candidate page is scored, for each query, by the maximum q.k over its keys,
+   with the page rotated to the position it will get (just beyond the window):
+   the logit attention will really see. Scores are z-normalised over the pages
+   for each (layer, KV head, query); with ``scope="shared"`` a page's score is
+   the mean of its ``votes`` best z-scores over all of them, and one top-k
+   selection serves every layer and head.
+3. **Answer.** The question tail is run again, now attending to sinks +
+   selected pages + window, and (``keep_selection``) every answer token keeps
+   that selection. Positions are assigned so every distance stays inside the
+   trained window (see ``longkv.attention.sparse``).
+
+Scoring with the mean key without RoPE (MoBA's gate as trained) does not find
+the needle in SmolLM2; the RoPE-consistent maximum does, and few pages (k ~ 8)
+answer better than many (distractor pages): see docs/sparse.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from longkv.attention.dense import attend
+from longkv.attention.sparse import SCORES, attend_pages, candidate_pages, page_scores, window_start
+from longkv.config import EngineConfig, ModelConfig
+from longkv.errors import LongKVError
+from longkv.kv.cache import KVCache, LayerKV
+from longkv.kv.summaries import PageSummaries
+from longkv.models.layers import Rotary
+from longkv.models.llama import LlamaModel
+from longkv.policies.base import SelectionPolicy
+
+SCOPES = ("shared", "layer", "head")
+
+
+@dataclass
+class BlockTopKState:
+    """Per-sequence state: the selection in force and the page summaries.
+
+    Attributes:
+        pages: per layer, (G, k) int64 selected page ids (G = 1 or Hkv), or None.
+        summaries: per layer, page summaries (built only when a score needs them).
+        candidates: (C,) page ids that could be chosen at the last question.
+        z: (L, Hkv, C) float32 per-head page scores at the last question (the
+            vote over that head's queries; for page-recall measurements), or None.
+        score: (C,) the shared score of the candidates at the last question (scope "shared").
+        prefix: per layer, the sink pages + selected pages re-encoded together:
+            keys, values (Hkv, P, D) (keys rotated at 0..P-1), original positions (P,).
+        anchor: window start when the selection was made (None: no selection).
+        max_local: most tokens the local window may hold before it slides
+            (``window + page_size + block``, the block term of the validated span).
+    """
+
+    pages: list[torch.Tensor | None]
+    summaries: list[PageSummaries]
+    max_local: int
+    anchor: int | None = None
+    candidates: torch.Tensor | None = None
+    z: torch.Tensor | None = None
+    score: torch.Tensor | None = None
+    prefix: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
+
+
+@dataclass
+class BlockTopKPolicy(SelectionPolicy):
+    """Attend to sink pages + local window + the top-k pages by RoPE-consistent score.
+
+    Page size is the engine's (``LLM(page_size=...)``, 64 tokens by default).
+
+    Attributes:
+        topk: pages retrieved at the question and kept for the answer.
+        sinks: sink tokens at the start of the input, rounded up to whole pages.
+        window: local window in tokens; its tokens keep their true distances.
+        score: ``"max"`` (exact max q.k, default), ``"mean"`` (mean-key gate,
+            MoBA) or ``"minmax"`` (Quest bound); all RoPE-consistent.
+        scope: ``"shared"`` (one selection for all layers and heads, default),
+            ``"layer"`` (one per layer) or ``"head"`` (one per layer and KV head).
+        keep_selection: keep the question's selection for every answer token;
+            off: each decode step re-selects per layer from its own query.
+        query_tokens: prompt tokens at the end whose queries choose the pages
+            (the question and the chat template's answer prefix).
+        votes: a page's score is the mean of its ``votes`` best z-scores over
+            (layer, KV head, query) rows: a page must stand out for several
+            queries or heads, not one noisy row.
+        reencode: with ``scope="shared"``, encode the sink pages + selected pages
+            again as one short text at the question and answer from those keys
+            and values (the cached ones come from a local-window prefill).
+        prefill_topk: pages each prompt chunk retrieves (per layer, from its own
+            queries) on top of sinks + window; 0 keeps prefill strictly local.
+
+    Raises:
+        LongKVError (from :meth:`validate`): a knob out of range, an unknown score
+        or scope, or an attention span beyond the model's trained window.
+    """
+
+    name: ClassVar[str] = "block_topk"
+    topk: int = 8
+    sinks: int = 64
+    window: int = 1024
+    score: str = "max"
+    scope: str = "shared"
+    keep_selection: bool = True
+    query_tokens: int = 32
+    votes: int = 10
+    reencode: bool = True
+    prefill_topk: int = 0
+
+    # ------------------------------------------------------------------ setup
+    def sink_tokens(self, page_size: int) -> int:
+        return -(-self.sinks // page_size) * page_size
+
+    def span(self, engine: EngineConfig) -> int:
+        """Longest distance a query can see, in tokens (sinks + pages + window + one page + block)."""
+        ps = engine.page_size
+        block = max(engine.chunk_size, self.query_tokens)
+        return self.sink_tokens(ps) + max(self.topk, self.prefill_topk) * ps + self.window + ps + block
+
+    def validate(self, model: ModelConfig, engine: EngineConfig) -> None:
+        if self.topk < 0 or self.prefill_topk < 0 or self.sinks < 0:
+            raise LongKVError(
+                f"block_topk needs topk, prefill_topk and sinks >= 0, got {self.topk}, {self.prefill_topk}, {self.sinks}: "
+                "pass non-negative values"
+            )
+        if self.window < 1 or self.query_tokens < 1 or self.votes < 1:
+            raise LongKVError(
+                f"block_topk needs window, query_tokens and votes >= 1, got {self.window}, {self.query_tokens}, "
+                f"{self.votes}: raise them"
+            )
+        if self.score not in SCORES:
+            raise LongKVError(f"unknown block_topk score {self.score!r}: choose one of {', '.join(SCORES)}")
+        if self.scope not in SCOPES:
+            raise LongKVError(f"unknown block_topk scope {self.scope!r}: choose one of {', '.join(SCOPES)}")
+        span = self.span(engine)
+        if span > model.max_position:
+            raise LongKVError(
+                f"block_topk attends over up to {span} positions (sinks + topk pages + window + chunk), beyond the "
+                f"model's trained window of {model.max_position}: lower topk, window or the chunk size"
+            )
+
+    def max_context(self, model: ModelConfig) -> int | None:
+        return None  # every distance stays inside the span checked by validate()
+
+    def describe(self) -> str:
+        return (
+            f"block_topk(topk={self.topk}, sinks={self.sinks}, window={self.window}, score={self.score}, "
+            f"scope={self.scope}, keep_selection={self.keep_selection}, reencode={self.reencode})"
+        )
+
+    def new_state(self, model: ModelConfig, engine: EngineConfig) -> BlockTopKState:
+        ps, n = engine.page_size, model.n_layers
+        return BlockTopKState(
+            [None] * n,
+            [PageSummaries(model.n_kv_heads, model.head_dim, ps) for _ in range(n)],
+            self.window + ps + max(engine.chunk_size, self.query_tokens),
+        )
+
+    def reset(self, state: BlockTopKState) -> None:
+        state.pages = [None] * len(state.pages)
+        state.anchor = None
+        state.prefix = None
+
+    def question_start(self, n_tokens: int) -> int:
+        return max(n_tokens - self.query_tokens, 0)
+
+    # ------------------------------------------------------------------ attention
+    def attend(
+        self, state: BlockTopKState, layer: int, q: torch.Tensor, lkv: LayerKV, q_pos: torch.Tensor, rope: Rotary
+    ) -> torch.Tensor:
+        """Attention of one layer for T new tokens (already appended to ``lkv``): (H, T, D)."""
+        sinks = self.sink_tokens(lkv.page_size)
+        pages = state.pages[layer]
+        t = q.shape[1]
+        w0 = None
+        if pages is None:
+            k = self.prefill_topk if t > 1 else (0 if self.keep_selection else self.topk)
+            if k:
+                pages = self._select_layer(state, layer, q, lkv, lkv.n - t, rope, k)
+        elif t == 1 and not self.keep_selection:
+            pages = self._select_layer(state, layer, q, lkv, lkv.n - 1, rope, self.topk)
+        elif state.anchor is not None and lkv.n - state.anchor <= state.max_local:
+            w0 = state.anchor  # the window grows from where the pages were chosen: no page falls between
+            if state.prefix is not None:
+                return attend_pages(q, lkv, q_pos, rope, sinks, self.window, pages, w0, state.prefix[layer])
+        return attend_pages(q, lkv, q_pos, rope, sinks, self.window, pages, w0)
+
+    def _scores(
+        self, state: BlockTopKState, layer: int, q: torch.Tensor, lkv: LayerKV, n_before: int, rope: Rotary
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Candidate pages (C,) and their z-scores (Hkv, R, C), one row per query of each KV head's group."""
+        ps = lkv.page_size
+        sinks = self.sink_tokens(ps)
+        cand = candidate_pages(n_before, sinks, self.window, ps)
+        if self.score != "max":
+            state.summaries[layer].update(lkv, rope)
+        w0 = window_start(n_before, sinks, self.window, ps)
+        return cand, _zscore(page_scores(q, lkv, cand, w0 - ps, rope, self.score, state.summaries[layer]))
+
+    def _select_layer(
+        self, state: BlockTopKState, layer: int, q: torch.Tensor, lkv: LayerKV, n_before: int, rope: Rotary, k: int
+    ) -> torch.Tensor | None:
+        cand, z = self._scores(state, layer, q, lkv, n_before, rope)
+        if cand.numel() == 0:
+            return None
+        return _top(cand, vote(z, self.votes) if self.scope == "head" else vote(z.flatten(0, 1)[None], self.votes), k)
+
+    # ------------------------------------------------------------------ selection at the question
+    @torch.inference_mode()
+    def select(
+        self, state: BlockTopKState, model: LlamaModel, cache: KVCache, context: list[int], ids: list[int]
+    ) -> None:
+        """Choose the pages for the question ``ids``, which follows the cached ``context`` tokens.
+
+        Runs the question once against sinks + window to read its queries in every
+        layer, scores every candidate page and stores the selection in ``state``
+        (and, with ``reencode``, the selected pages re-encoded). The cache is left as it was.
+        """
+        p0 = len(context)
+        n0 = cache[0].n
+        ps = cache[0].page_size
+        sinks = self.sink_tokens(ps)
+        cand = candidate_pages(n0, sinks, self.window, ps)
+        state.candidates, state.z, state.score = cand, None, None
+        if cand.numel() == 0 or self.topk == 0:
+            self.reset(state)
+            return
+        queries: list[torch.Tensor] = []
+        rope = model.rope
+
+        def local_attention(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+            lkv = cache[layer]
+            lkv.append(k, v, pos)
+            queries.append(q)
+            return attend_pages(q, lkv, pos, rope, sinks, self.window, None)
+
+        positions = torch.arange(p0, p0 + len(ids), dtype=torch.int64)
+        model.forward(torch.tensor(ids, dtype=torch.int64), positions, local_attention, "none")
+        for lkv in cache.layers:
+            lkv.truncate(n0)
+        best: torch.Tensor | None = None  # (<= votes, C): the best z-scores of every page so far
+        per_head = []
+        for i, q in enumerate(queries):
+            z = self._scores(state, i, q, cache[i], n0, rope)[1]  # (Hkv, R, C)
+            per_head.append(vote(z, self.votes))
+            if self.scope == "shared":
+                best = merge_votes(best, z.flatten(0, 1), self.votes)
+            elif self.scope == "layer":
+                state.pages[i] = _top(cand, vote(z.flatten(0, 1)[None], self.votes), self.topk)
+            else:
+                state.pages[i] = _top(cand, per_head[-1], self.topk)
+        state.z = torch.stack(per_head)  # (L, Hkv, C)
+        state.anchor = window_start(n0, sinks, self.window, ps)
+        if best is not None:
+            state.score = best.mean(0)
+            shared = _top(cand, state.score[None], self.topk)
+            state.pages = [shared] * len(queries)
+            if self.reencode:
+                state.prefix = _reencode(model, context, shared[0], sinks, ps)
+
+def vote(z: torch.Tensor, votes: int) -> torch.Tensor:
+    """(..., R, C) z-scores -> (..., C): the mean of each page's ``votes`` best z-scores over the R rows."""
+    return z.topk(min(votes, z.shape[-2]), dim=-2).values.mean(-2)
+
+
+def _reencode(
+    model: LlamaModel, context: list[int], pages: torch.Tensor, sinks: int, ps: int
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Keys and values of the sink pages + ``pages`` (k,) computed together, as one short text.
+
+    Why: the cached keys of a far page were computed by a prefill that saw only
+    sinks + a local window around it, at a distance from the sinks unlike any
+    the answer will use; SmolLM2 then fails to read the needle from a correctly
+    selected page (docs/sparse.md). Encoding the few selected pages again right
+    after the sinks, at consecutive positions (the layout attention uses), gives
+    keys it reads. Costs one dense forward of ``sinks + k * page_size`` tokens.
+    """
+    idx = torch.cat((torch.arange(sinks), (pages[:, None] * ps + torch.arange(ps)).flatten()))
+    toks = torch.tensor(context, dtype=torch.int64)[idx]
+    out: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    def block_attention(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        out.append((k, v, idx))
+        return attend(q, k, v, pos, pos)  # causal over the block
+
+    model.forward(toks, torch.arange(idx.numel()), block_attention, "none")
+    return out
+
+
+def merge_votes(best: torch.Tensor | None, rows: torch.Tensor, votes: int) -> torch.Tensor:
+    """Keep each page's ``votes`` best z-scores: (<= votes, C) so far + (R, C) new rows -> (<= votes, C).
+
+    Merging layer by layer gives the same top rows as one top-k over every row,
+    without holding all of them (memory ~ votes x pages).
+    """
+    rows = rows if best is None else torch.cat((best, rows))
+    return rows.topk(min(votes, rows.shape[0]), dim=0).values
+
+
+def _zscore(s: torch.Tensor) -> torch.Tensor:
+    """(..., C) scores -> z-scores over the pages, so queries, heads and layers of different scales compare."""
+    if s.shape[-1] < 2:
+        return torch.zeros_like(s)
+    return (s - s.mean(-1, keepdim=True)) / s.std(-1, keepdim=True).clamp_min(1e-6)
+
+
+def _top(cand: torch.Tensor, scores: torch.Tensor, k: int) -> torch.Tensor:
+    """(G, C) scores over candidate pages ``cand`` (C,) -> (G, min(k, C)) selected page ids, sorted."""
+    k = min(k, cand.numel())
+    idx = torch.topk(scores, k, dim=-1).indices.sort(dim=-1).values
+    return cand[idx]

@@ -1,0 +1,272 @@
+"""block_topk: page summaries, RoPE-consistent page scores, selection, positions, exactness vs dense."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from longkv.attention.sparse import (
+    assigned_positions,
+    attend_pages,
+    candidate_pages,
+    layout,
+    page_scores,
+    window_start,
+)
+from longkv.config import EngineConfig, ModelConfig
+from longkv.engine.runner import Runner
+from longkv.errors import LongKVError
+from longkv.kv.cache import LayerKV
+from longkv.kv.summaries import PageSummaries
+from longkv.models import build
+from longkv.models.layers import Rotary
+from longkv.policies import BlockTopKPolicy, DensePolicy, make_policy
+
+PS = 8  # page size of the tiny tests
+
+
+def tiny_model(max_position: int = 4096, seed: int = 0):
+    """A 2-layer random Llama (4 heads / 2 KV heads, head_dim 16) in float32."""
+    cfg = ModelConfig(
+        arch="llama", vocab_size=97, hidden_size=64, intermediate_size=96, n_layers=2, n_heads=4, n_kv_heads=2,
+        head_dim=16, max_position=max_position,
+    )
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape: int, scale: float = 0.2) -> torch.Tensor:
+        return torch.randn(*shape, generator=g) * scale
+
+    w = {"model.embed_tokens.weight": r(97, 64, scale=1.0), "model.norm.weight": torch.ones(64), "lm_head.weight": r(97, 64)}
+    for i in range(2):
+        p = f"model.layers.{i}."
+        w |= {
+            p + "input_layernorm.weight": torch.ones(64), p + "post_attention_layernorm.weight": torch.ones(64),
+            p + "self_attn.q_proj.weight": r(64, 64, scale=0.5), p + "self_attn.k_proj.weight": r(32, 64, scale=0.5),
+            p + "self_attn.v_proj.weight": r(32, 64), p + "self_attn.o_proj.weight": r(64, 64),
+            p + "mlp.gate_proj.weight": r(96, 64), p + "mlp.up_proj.weight": r(96, 64), p + "mlp.down_proj.weight": r(64, 96),
+        }
+    return build(cfg, w)
+
+
+def filled_layer(n: int, seed: int = 0, hkv: int = 2, d: int = 16) -> tuple[LayerKV, Rotary]:
+    """A layer cache of n random keys rotated at positions 0..n-1, as the engine stores them."""
+    rope = Rotary(ModelConfig(arch="llama", vocab_size=8, hidden_size=d, intermediate_size=8, n_layers=1, n_heads=hkv,
+                              n_kv_heads=hkv, head_dim=d))
+    g = torch.Generator().manual_seed(seed)
+    raw = torch.randn(hkv, n, d, generator=g)
+    lkv = LayerKV(hkv, d, page_size=PS)
+    pos = torch.arange(n)
+    lkv.append(rope.rotate(raw, pos), torch.randn(hkv, n, d, generator=g), pos)
+    return lkv, rope
+
+
+# ---------------------------------------------------------------- page summaries
+def test_page_summaries_match_brute_force_over_appends() -> None:
+    lkv, rope = filled_layer(0)
+    full, _ = filled_layer(45, seed=3)
+    summ = PageSummaries(2, 16, PS)
+    k, v, pos = full.view()
+    for lo, hi in ((0, 5), (5, 21), (21, 40), (40, 45)):  # partial pages across appends
+        lkv.append(k[:, lo:hi], v[:, lo:hi], pos[lo:hi])
+        summ.update(lkv, rope)
+    assert summ.n_pages == 45 // PS
+    raw = rope.rotate(k.float(), -pos)[:, : 5 * PS].unflatten(1, (5, PS))
+    torch.testing.assert_close(summ.mean, raw.mean(2), rtol=0, atol=1e-5)
+    torch.testing.assert_close(summ.kmin, raw.amin(2), rtol=0, atol=1e-5)
+    torch.testing.assert_close(summ.kmax, raw.amax(2), rtol=0, atol=1e-5)
+
+
+def test_page_scores_are_rope_consistent() -> None:
+    lkv, rope = filled_layer(10 * PS)
+    g = torch.Generator().manual_seed(1)
+    q_raw = torch.randn(4, 3, 16, generator=g)  # 4 query heads over 2 KV heads
+    q_pos = torch.arange(200, 203)
+    q = rope.rotate(q_raw, q_pos)
+    pages = torch.arange(2, 8)
+    assumed = 150
+    s = page_scores(q, lkv, pages, assumed, rope, "max")
+    assert s.shape == (2, 6, 6)  # (Hkv, 2 query heads x 3 tokens, pages)
+    s = s.amax(1)
+    # brute force: every page's keys moved to start at `assumed`, logits with the rotated queries
+    k, _, pos = lkv.view()
+    for j, p in enumerate(pages.tolist()):
+        keys = rope.rotate(k[:, p * PS : (p + 1) * PS], torch.full((PS,), assumed - p * PS))
+        for h in range(2):
+            logits = q[2 * h : 2 * h + 2].reshape(-1, 16) @ keys[h].T
+            assert s[h, j].item() == pytest.approx(logits.max().item(), abs=1e-4)
+    # the summaries: Quest's bound is >= the exact max; the mean-key gate is <= it
+    summ = PageSummaries(2, 16, PS)
+    summ.update(lkv, rope)
+    bound = page_scores(q, lkv, pages, assumed, rope, "minmax", summ).amax(1)
+    mean = page_scores(q, lkv, pages, assumed, rope, "mean", summ).amax(1)
+    assert bool((bound >= s - 1e-4).all()) and bool((mean <= s + 1e-4).all())
+    # mean gate == mean over the page's keys when they all sit at the assumed position
+    raw = rope.rotate(k, -pos)[0, 2 * PS : 3 * PS]
+    qe = rope.rotate(q[:2].reshape(-1, 16), torch.full((6,), -assumed))
+    assert mean[0, 0].item() == pytest.approx((qe @ raw.mean(0)).max().item(), abs=1e-4)
+
+
+# ---------------------------------------------------------------- layout and positions
+def test_layout_always_includes_sinks_and_window() -> None:
+    n, sinks, window = 20 * PS + 3, PS, 4 * PS
+    w0 = window_start(n - 1, sinks, window, PS)
+    assert w0 % PS == 0 and n - 1 - w0 >= window
+    cand = candidate_pages(n - 1, sinks, window, PS)
+    assert cand.tolist() == list(range(1, w0 // PS))
+    idx = layout(n, w0, sinks, PS, torch.tensor([[3, 7]]))
+    assert idx[0].tolist() == [*range(PS), *range(3 * PS, 4 * PS), *range(7 * PS, 8 * PS), *range(w0, n)]
+    assert layout(n, w0, sinks, PS, None)[0].tolist() == [*range(PS), *range(w0, n)]
+
+
+def test_assigned_positions_keep_window_true_and_stay_inside_span() -> None:
+    lkv, _ = filled_layer(40 * PS)
+    sinks, window, k = PS, 4 * PS, 3
+    pages = torch.tensor([[2, 9, 20]])
+    idx = layout(lkv.n, window_start(lkv.n - 1, sinks, window, PS), sinks, PS, pages)[0]
+    target = assigned_positions(lkv.n - 1, idx.numel())
+    orig = lkv.view()[2][idx]
+    w = idx.numel() - sinks - k * PS
+    assert target[-w:].tolist() == orig[-w:].tolist()  # window at true positions
+    assert int(target[-1] - target[0]) < sinks + k * PS + window + PS + 1  # every distance inside the span
+    assert target[sinks + k * PS - 1].item() == orig[-w].item() - 1  # the pages sit just beyond the window
+
+
+def test_attend_pages_equals_attention_over_moved_keys() -> None:
+    lkv, rope = filled_layer(30 * PS)
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(4, 1, 16, generator=g)
+    n = lkv.n
+    pages = torch.tensor([[4, 11]])
+    out = attend_pages(q, lkv, torch.tensor([n - 1]), rope, PS, 3 * PS, pages)
+    # reference: gather by hand, rotate every key to its assigned position, softmax attention
+    k, v, pos = lkv.view()
+    w0 = window_start(n - 1, PS, 3 * PS, PS)
+    idx = torch.cat((torch.arange(PS), torch.arange(4 * PS, 5 * PS), torch.arange(11 * PS, 12 * PS), torch.arange(w0, n)))
+    keys = rope.rotate(k[:, idx], assigned_positions(n - 1, idx.numel()) - pos[idx])
+    att = torch.softmax(q.view(2, 2, 16) @ keys.transpose(1, 2) / 4.0, dim=-1) @ v[:, idx]
+    torch.testing.assert_close(out, att.reshape(4, 1, 16), rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------- end to end on a tiny model
+def _run(model, policy, ids: list[int], decode: list[int], chunk: int = 16):
+    runner = Runner(model, policy, EngineConfig(chunk_size=chunk, page_size=PS))
+    seq = runner.new_sequence(len(ids) + len(decode))
+    out = [runner.prefill(seq, ids)]
+    out += [runner.decode(seq, t) for t in decode]
+    return torch.stack(out), seq
+
+
+@pytest.mark.parametrize("scope", ["shared", "layer", "head"])
+def test_selecting_every_page_equals_dense(scope: str) -> None:
+    model = tiny_model()
+    ids = torch.randint(0, 97, (300,), generator=torch.Generator().manual_seed(0)).tolist()
+    dense, _ = _run(model, DensePolicy(), ids, [5, 6, 7])
+    pol = BlockTopKPolicy(topk=1000, prefill_topk=1000, sinks=PS, window=2 * PS, query_tokens=12, scope=scope)
+    sparse, seq = _run(model, pol, ids, [5, 6, 7])
+    assert seq.selection.pages[0] is not None and seq.selection.pages[0].shape[-1] == len(seq.selection.candidates)
+    torch.testing.assert_close(sparse, dense, rtol=0, atol=1e-4)
+
+
+def test_local_only_differs_from_dense_and_question_selection_helps() -> None:
+    # With topk=0 (sinks + window only) the logits must differ from dense: the test above is not vacuous.
+    model = tiny_model()
+    ids = torch.randint(0, 97, (300,), generator=torch.Generator().manual_seed(0)).tolist()
+    dense, _ = _run(model, DensePolicy(), ids, [])
+    local, _ = _run(model, BlockTopKPolicy(topk=0, sinks=PS, window=2 * PS, query_tokens=12), ids, [])
+    assert (local - dense).abs().max().item() > 1e-3
+
+
+def test_selection_is_fixed_for_the_answer_and_cache_intact() -> None:
+    model = tiny_model()
+    ids = torch.randint(0, 97, (200,), generator=torch.Generator().manual_seed(4)).tolist()
+    pol = BlockTopKPolicy(topk=3, sinks=PS, window=2 * PS, query_tokens=10)
+    _, seq = _run(model, pol, ids, [1, 2, 3, 4])
+    st = seq.selection
+    assert all(p is st.pages[0] for p in st.pages) and st.pages[0].shape == (1, 3)
+    assert st.z is not None and st.z.shape == (2, 2, len(st.candidates))
+    assert seq.cache[0].n == 204 and seq.cache[0].view()[2].tolist() == list(range(204))  # scoring pass left no keys
+    # the selection is the top-3 of the shared score
+    assert st.score is not None and st.score.shape == (len(st.candidates),)
+    best = st.candidates[st.score.topk(3).indices].sort().values
+    assert st.pages[0][0].tolist() == best.tolist()
+
+
+def test_shared_score_is_the_mean_of_the_best_votes_over_all_rows() -> None:
+    # The running merge over layers in select() must equal one top-k over every row.
+    from longkv.policies.block_topk import _zscore, merge_votes, vote
+
+    g = torch.Generator().manual_seed(3)
+    layers = [torch.randn(2, 5, 7, generator=g) for _ in range(3)]  # (Hkv, R, C) scores per layer
+    z = [_zscore(s) for s in layers]
+    assert torch.allclose(z[0].mean(-1), torch.zeros(2, 5), atol=1e-6)
+    assert torch.allclose(z[0].std(-1), torch.ones(2, 5), atol=1e-5)
+    rows = torch.cat([zl.flatten(0, 1) for zl in z])  # (30, C)
+    expected = rows.sort(dim=0, descending=True).values[:4].mean(0)
+    torch.testing.assert_close(vote(rows[None], 4)[0], expected)
+    best = None
+    for zl in z:  # layer by layer, as select() does
+        best = merge_votes(best, zl.flatten(0, 1), 4)
+    assert best is not None and best.shape == (4, 7)
+    torch.testing.assert_close(best.mean(0), expected)
+
+
+@pytest.mark.parametrize("score", ["mean", "minmax"])
+def test_summary_scores_and_reselection_run(score: str) -> None:
+    model = tiny_model()
+    ids = torch.randint(0, 97, (200,), generator=torch.Generator().manual_seed(5)).tolist()
+    pol = BlockTopKPolicy(topk=2, prefill_topk=2, sinks=PS, window=2 * PS, query_tokens=10, score=score,
+                          scope="head", keep_selection=False)
+    logits, seq = _run(model, pol, ids, [1, 2])
+    assert torch.isfinite(logits).all()
+    assert seq.selection.summaries[0].n_pages == 202 // PS
+    assert seq.selection.pages[1].shape == (2, 2)
+
+
+# ---------------------------------------------------------------- user errors
+def test_spec_parser_and_validation_errors() -> None:
+    model = tiny_model(max_position=512)
+    pol = make_policy("block_topk:topk=4,window=256,score=minmax,scope=layer,keep_selection=false")
+    assert isinstance(pol, BlockTopKPolicy) and pol.topk == 4 and pol.window == 256 and pol.keep_selection is False
+    eng = EngineConfig(chunk_size=64, page_size=PS)
+    pol.validate(model.config, eng)
+    assert pol.max_context(model.config) is None
+    bad = {
+        "topk=-1": "topk, prefill_topk and sinks >= 0",
+        "window=0": "window, query_tokens and votes >= 1",
+        "query_tokens=0": "query_tokens and votes >= 1",
+        "votes=0": "query_tokens and votes >= 1",
+        "score=cosine": "unknown block_topk score 'cosine'",
+        "scope=token": "unknown block_topk scope 'token'",
+        "window=500": "beyond the model's trained window of 512",
+    }
+    for knob, message in bad.items():
+        with pytest.raises(LongKVError, match=message):
+            make_policy(f"block_topk:{knob}").validate(model.config, eng)
+    with pytest.raises(LongKVError, match="no knob 'k'"):
+        make_policy("block_topk:k=4")
+    assert dataclasses.replace(pol, topk=1).span(eng) == 64 + PS + 256 + PS + 64  # sinks + 1 page + window + page + chunk
+    assert dataclasses.replace(pol, query_tokens=100).span(eng) == 64 + 4 * PS + 256 + PS + 100
+
+
+def test_reencoded_pages_are_the_dense_encoding_of_sinks_plus_pages() -> None:
+    model = tiny_model()
+    ids = torch.randint(0, 97, (240,), generator=torch.Generator().manual_seed(6)).tolist()
+    pol = BlockTopKPolicy(topk=3, sinks=PS, window=2 * PS, query_tokens=10)
+    _, seq = _run(model, pol, ids, [])
+    st = seq.selection
+    assert st.prefix is not None and len(st.prefix) == 2
+    pages = st.pages[0][0]
+    idx = torch.cat((torch.arange(PS), (pages[:, None] * PS + torch.arange(PS)).flatten()))
+    # the same tokens as one short text through the dense path
+    _, ref_seq = _run(model, DensePolicy(), [ids[i] for i in idx.tolist()], [])
+    for layer, (k, v, pos) in enumerate(st.prefix):
+        rk, rv, _ = ref_seq.cache[layer].view()
+        torch.testing.assert_close(k, rk, rtol=0, atol=1e-5)
+        torch.testing.assert_close(v, rv, rtol=0, atol=1e-5)
+        assert pos.tolist() == idx.tolist()  # original positions, for the causal mask
+    # without re-encoding the answer differs (the cached pages come from the local prefill)
+    plain, _ = _run(model, dataclasses.replace(pol, reencode=False), ids, [])
+    with_prefix, _ = _run(model, pol, ids, [])
+    assert (plain - with_prefix).abs().max().item() > 1e-4
