@@ -130,6 +130,11 @@ class LayerKV:
             mask[p * self.page_size : (p + 1) * self.page_size] = False
         self.keep(mask.nonzero().squeeze(1))
 
+    def truncate(self, n: int) -> None:
+        """Forget every token after the first ``n`` (a forward cut short, a shorter prefix); storage is kept."""
+        assert 0 <= n <= self.n
+        self.n = n
+
     def clear(self) -> None:
         """Drop every token and free the storage."""
         self.n = 0
@@ -172,6 +177,11 @@ class KVCache:
         """Reserve ``n_tokens`` in every layer."""
         for layer in self.layers:
             layer.reserve(n_tokens)
+
+    def truncate(self, n_tokens: int) -> None:
+        """Keep only the first ``n_tokens`` of every layer (see :meth:`LayerKV.truncate`)."""
+        for layer in self.layers:
+            layer.truncate(min(n_tokens, layer.n))
 
     def clear(self) -> None:
         """Free every layer."""
