@@ -6,8 +6,8 @@ official ``openai`` client:
 
 * chat: a document of ``--doc-tokens`` tokens (book text) followed by ``--turns``
   questions, one per turn, each turn carrying the whole conversation so far;
-* agent: ``--steps`` steps of a loop whose history grows every step (an
-  observation of book text in, a short action out), as agents do.
+* loop: ``--steps`` steps of a loop whose history grows every step (an
+  observation of book text in, a short action out), as tool-calling programs do.
 
 The cache-off run replays exactly the conversations of the cache-on run (same
 prompts), so both prefill the same tokens unless the cache serves them.
@@ -110,11 +110,11 @@ def chat_workload(doc: str, turns: int) -> tuple[list[dict], list[str]]:
     return [first], [QUESTIONS[i % len(QUESTIONS)] for i in range(1, turns)]
 
 
-def agent_observations(book: str, steps: int, chars: int = 240) -> list[str]:
+def loop_observations(book: str, steps: int, chars: int = 240) -> list[str]:
     return [f"Observation {i + 1}: {book[20_000 + i * chars : 20_000 + (i + 1) * chars]}" for i in range(steps)]
 
 
-AGENT_SYSTEM = "You are an agent reading a book page by page. After each observation, reply with one short action."
+LOOP_SYSTEM = "You read a book page by page. After each observation, reply with one short action."
 
 
 def run_live(client, model: str, workload: str, first: list[dict], follow: list[str], max_tokens: int, extra: dict) -> tuple[Run, list[list[dict]]]:  # type: ignore[no-untyped-def]
@@ -146,10 +146,10 @@ def main() -> None:
     ap.add_argument("--book", default=str(ROOT.parent / "shared" / "data" / "books" / "moby-dick.txt"))
     ap.add_argument("--doc-tokens", type=int, default=6000, help="document tokens of the chat workload")
     ap.add_argument("--turns", type=int, default=20)
-    ap.add_argument("--steps", type=int, default=50, help="steps of the agent workload (0: skip)")
+    ap.add_argument("--steps", type=int, default=50, help="steps of the growing-history loop (0: skip)")
     ap.add_argument("--max-tokens", type=int, default=24, help="answer length per chat turn")
-    ap.add_argument("--agent-max-tokens", type=int, default=16)
-    ap.add_argument("--obs-chars", type=int, default=240, help="characters of book text per agent observation")
+    ap.add_argument("--loop-max-tokens", type=int, default=16)
+    ap.add_argument("--obs-chars", type=int, default=240, help="characters of book text per loop observation")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--no-off", action="store_true", help="skip the cache-off replays")
@@ -180,18 +180,18 @@ def main() -> None:
         first, follow = chat_workload(doc, args.turns)
         run, chat_prompts = run_live(client, model_id, "chat", first, follow, args.max_tokens, salt)
         runs.append(run)
-        agent_prompts: list[list[dict]] = []
+        loop_prompts: list[list[dict]] = []
         if args.steps:
-            print(f"agent: {args.steps} steps")
-            obs = agent_observations(book, args.steps, args.obs_chars)
-            first = [{"role": "system", "content": AGENT_SYSTEM}, {"role": "user", "content": obs[0]}]
-            run, agent_prompts = run_live(client, model_id, "agent", first, obs[1:], args.agent_max_tokens, salt)
+            print(f"loop: {args.steps} steps")
+            obs = loop_observations(book, args.steps, args.obs_chars)
+            first = [{"role": "system", "content": LOOP_SYSTEM}, {"role": "user", "content": obs[0]}]
+            run, loop_prompts = run_live(client, model_id, "loop", first, obs[1:], args.loop_max_tokens, salt)
             runs.append(run)
         if not args.no_off:
             cold = {"longkv": {"cache": False}}
             runs.append(replay(client, model_id, "chat", "longkv cache off", chat_prompts, args.max_tokens, cold))
-            if agent_prompts:
-                runs.append(replay(client, model_id, "agent", "longkv cache off", agent_prompts, args.agent_max_tokens, cold))
+            if loop_prompts:
+                runs.append(replay(client, model_id, "loop", "longkv cache off", loop_prompts, args.loop_max_tokens, cold))
     if args.llama_cpp:
         port_cmd = [sys.executable, "-m", "llama_cpp.server", "--model", model, "--host", "127.0.0.1", "--port", "{port}", "--n_ctx", "8192"]
         if args.threads:
@@ -200,8 +200,8 @@ def main() -> None:
             client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=3600)
             model_id = client.models.list().data[0].id
             runs.append(replay(client, model_id, "chat", "llama_cpp.server", chat_prompts, args.max_tokens, None))
-            if agent_prompts:
-                runs.append(replay(client, model_id, "agent", "llama_cpp.server", agent_prompts, args.agent_max_tokens, None))
+            if loop_prompts:
+                runs.append(replay(client, model_id, "loop", "llama_cpp.server", loop_prompts, args.loop_max_tokens, None))
 
     print()
     header = f"{'workload':8} {'server':20} {'requests':>8} {'prompt tok':>10} {'prefilled':>10} {'cached 2+':>9} {'wall s':>8} {'1st s':>7} {'later med s':>11}"
@@ -218,7 +218,7 @@ def main() -> None:
             f"{r.workload:8} {r.setting:20} {s['requests']:8d} {s['prompt_tokens']:10d} {prefilled:>10} "
             f"{cached:>9} {s['wall_s']:8.1f} {s['first_request_s']:7.2f} {s['later_request_median_s']:11.2f}"
         )
-    for workload in ("chat", "agent"):
+    for workload in ("chat", "loop"):
         on = next((t for t in table if t["workload"] == workload and t["setting"] == "longkv cache on"), None)
         off = next((t for t in table if t["workload"] == workload and t["setting"] == "longkv cache off"), None)
         if on and off and on["wall_s"]:

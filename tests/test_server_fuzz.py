@@ -21,7 +21,7 @@ from test_server import MODEL_ID, smollm2_path  # noqa: E402
 
 from longkv.server.launch import ServerProcess  # noqa: E402
 
-EXAMPLES = 40
+EXAMPLES = 30
 
 
 @pytest.fixture(scope="module")

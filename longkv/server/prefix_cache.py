@@ -4,7 +4,7 @@ As SGLang's RadixAttention (Zheng et al. 2023, arXiv:2312.07104): every finished
 request's tokens (prompt and answer) are inserted into a radix tree over token
 ids; the next request walks the tree and reuses the KV of the longest common
 prefix, prefilling only the rest. A chat's turn t+1 starts with turn t's prompt
-and answer, an agent's step with the whole history so far, so from the second
+and answer, each step of a tool-calling loop with the whole history so far, so from the second
 request on almost nothing is prefilled.
 
 Nodes: each edge holds a run of tokens and their keys and values for every layer,
