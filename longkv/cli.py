@@ -96,6 +96,37 @@ def ask(
 
 
 @app.command()
+def serve(
+    model: ModelOpt = None,
+    host: Annotated[str, typer.Option(help="Address to listen on (127.0.0.1: this machine only).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    policy: Annotated[str, typer.Option(help="Default KV policy of requests that name none (dense, auto, streaming, ...).")] = "dense",
+    cache_mib: Annotated[int, typer.Option(help="Prefix cache budget in MiB (0: no prefix cache).")] = 2048,
+    max_queue: Annotated[int, typer.Option(help="Requests that may wait while one runs; beyond it, HTTP 429.")] = 16,
+    max_tokens_default: Annotated[int, typer.Option(help="max_tokens of requests that give none.")] = 1024,
+    max_tokens_limit: Annotated[int | None, typer.Option(help="Most tokens one request may ask for (default: the window).")] = None,
+    served_model_name: Annotated[str | None, typer.Option(help="Model id clients send (default: the file name).")] = None,
+    chunk_size: Annotated[int, typer.Option(help="Prefill chunk in tokens.")] = 512,
+    dtype: Annotated[str, typer.Option(help="Compute dtype: bfloat16 (fast) or float32 (exact).")] = "bfloat16",
+    threads: Annotated[int | None, typer.Option(help="CPU threads (default: all cores).")] = None,
+    log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
+) -> None:
+    """Serve a model over the OpenAI HTTP API, reusing cached prefixes across requests.
+
+    Example: longkv serve --model ./SmolLM2-135M-Instruct.Q4_1.gguf --port 8000
+    """
+    try:
+        from longkv.server.app import serve as run_server
+    except ImportError as exc:
+        raise LongKVError(f"the server needs its extra ({exc.name} is missing): pip install 'longkv[serve]'") from None
+    run_server(
+        model, host=host, port=port, dtype=dtype, served_model_name=served_model_name, log_level=log_level,
+        chunk_size=chunk_size, threads=threads, default_policy=policy, cache_bytes=cache_mib << 20,
+        max_queue=max_queue, default_max_tokens=max_tokens_default, max_tokens_limit=max_tokens_limit,
+    )  # fmt: skip
+
+
+@app.command()
 def models() -> None:
     """List the supported architectures and where the default model lives."""
     from rich.table import Table

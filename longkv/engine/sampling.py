@@ -68,6 +68,7 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
         cum = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
         # drop a token when the mass before it already reaches top_p (the first token always stays)
         drop = (cum - torch.softmax(sorted_logits, dim=-1)) >= top_p
+        drop[0] = False  # a top_p below float32's smallest number would otherwise drop every token
         out[order[drop]] = float("-inf")
     return out
 

@@ -259,6 +259,11 @@ class KVCache:
         for layer in self.layers:
             layer.reserve(n_tokens)
 
+    def truncate(self, n_tokens: int) -> None:
+        """Keep only the first ``n_tokens`` of every layer (see :meth:`LayerKV.truncate`)."""
+        for layer in self.layers:
+            layer.truncate(min(n_tokens, layer.n))
+
     def clear(self) -> None:
         """Free every layer."""
         for layer in self.layers:

@@ -1,0 +1,374 @@
+"""The FastAPI app: OpenAI HTTP requests in, engine jobs out. Nothing here runs the model.
+
+Each completion request is validated (:mod:`longkv.server.schemas`), rendered
+and tokenized (in a worker thread, with the server's own tokenizer copy),
+checked against the window and limits (:func:`longkv.server.worker.plan`), queued
+on the :class:`~longkv.server.worker.EngineWorker`, and answered from the events
+the engine thread sends back: one JSON object, or Server-Sent Events ending
+with ``data: [DONE]``. A task watches the connection meanwhile: when the client
+goes away the job is cancelled, and the engine stops within one layer.
+
+Every error is an OpenAI-style object ``{"error": {"message", "type", "param",
+"code"}}``: 400 for a bad request (malformed JSON and wrong types included),
+404 for an unknown model or route, 429 with ``Retry-After`` when the queue is
+full; a 500 means a bug.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import json
+import logging
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import Response, StreamingResponse
+
+from longkv import __version__
+from longkv.engine.llm import LLM
+from longkv.server.errors import ApiError, error_response, install_error_handlers
+from longkv.server.metrics import Metrics
+from longkv.server.schemas import (
+    AssistantMessage,
+    ChatChoice,
+    ChatCompletion,
+    ChatCompletionRequest,
+    Completion,
+    CompletionChoice,
+    CompletionRequest,
+    ErrorResponse,
+    Health,
+    ModelCard,
+    ModelList,
+    PromptTokensDetails,
+    Usage,
+)
+from longkv.server.worker import EngineWorker, Event, Job, ServerConfig, plan
+
+log = logging.getLogger("longkv.server")
+
+MIN_TEMPERATURE = 1e-4
+UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call", "logit_bias", "best_of")
+ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorResponse, "description": "Invalid request (including a prompt beyond the model's window)."},
+    404: {"model": ErrorResponse, "description": "Unknown model."},
+    429: {"model": ErrorResponse, "description": "Too many requests waiting: retry after Retry-After seconds."},
+}
+
+
+class _Tokenizer:
+    """The HTTP side's own copy of the tokenizer (the engine thread decodes with the original), behind a lock."""
+
+    def __init__(self, llm: LLM) -> None:
+        self._tok = copy.deepcopy(llm.tokenizer)
+        self._lock = threading.Lock()
+
+    def encode(self, text: str) -> list[int]:
+        with self._lock:
+            try:
+                return list(self._tok.encode(text, add_special_tokens=False))
+            except Exception as exc:  # e.g. lone surrogates, which JSON allows and the tokenizer refuses
+                raise ApiError(400, f"the text could not be tokenized ({type(exc).__name__}): send valid UTF-8 text") from None
+
+    def render(self, messages: list[dict[str, str]]) -> str:
+        if not getattr(self._tok, "chat_template", None):
+            raise ApiError(400, "this model has no chat template: use /v1/completions with a plain prompt", param="messages")
+        with self._lock:
+            try:
+                return str(self._tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
+            except Exception as exc:  # jinja's raise_exception (e.g. roles must alternate) and friends
+                raise ApiError(400, f"the chat template rejected these messages: {exc}", param="messages") from None
+
+
+def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
+    """The app for one loaded model. The engine thread starts and stops with the app's lifespan."""
+    metrics = Metrics()
+    worker = EngineWorker(llm, config, metrics)
+    tokenizer = _Tokenizer(llm)
+    fingerprint = f"longkv-{__version__}-{llm.engine_config.dtype}"
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        worker.start()
+        try:
+            yield
+        finally:
+            worker.stop()
+
+    app = FastAPI(title="longkv", version=__version__, lifespan=lifespan, summary="OpenAI-compatible server with a token-level prefix cache")
+    app.state.worker, app.state.metrics, app.state.config = worker, metrics, config
+
+    install_error_handlers(app, metrics)
+
+    # ------------------------------------------------------------------ info
+    @app.get("/health", response_model=Health)
+    async def health() -> Health:
+        return Health(model=config.model_id, running=worker.running, queued=worker.queued, cache_tokens=worker.cache.tokens, cache_bytes=worker.cache.bytes)
+
+    @app.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type=metrics.content_type)
+
+    def card() -> ModelCard:
+        return ModelCard(id=config.model_id, created=int(app.state.started), max_model_len=llm.config.max_position)
+
+    app.state.started = time.time()
+
+    @app.get("/v1/models", response_model=ModelList)
+    async def list_models() -> ModelList:
+        return ModelList(data=[card()])
+
+    @app.get("/v1/models/{model_id:path}", response_model=ModelCard, responses={404: ERRORS[404]})
+    async def get_model(model_id: str) -> ModelCard:
+        if model_id != config.model_id:
+            raise ApiError(404, f"model {model_id!r} not found: this server serves {config.model_id!r}", "not_found_error", "model", "model_not_found")
+        return card()
+
+    # ------------------------------------------------------------------ completions
+    def check(body: ChatCompletionRequest | CompletionRequest) -> None:
+        if body.model != config.model_id:
+            raise ApiError(404, f"model {body.model!r} not found: this server serves {config.model_id!r}", "not_found_error", "model", "model_not_found")
+        if body.n not in (None, 1):
+            raise ApiError(400, "only n=1 is supported: send one request per completion", param="n")
+        if body.logprobs not in (None, False, 0):
+            raise ApiError(400, "logprobs are not supported: leave them out", param="logprobs")
+        for name in ("frequency_penalty", "presence_penalty"):
+            if getattr(body, name) not in (None, 0, 0.0):
+                raise ApiError(400, f"{name} is not supported: leave it out or send 0", param=name)
+        extra = body.model_extra or {}
+        for name in UNSUPPORTED:
+            if extra.get(name) not in (None, {}, []) and not (name == "best_of" and extra[name] == 1):
+                raise ApiError(400, f"{name} is not supported by longkv serve: leave it out", param=name)
+        fmt = extra.get("response_format")
+        if fmt not in (None, {"type": "text"}):
+            raise ApiError(400, "only response_format {'type': 'text'} is supported", param="response_format")
+        stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        if len(stops) > 4:
+            raise ApiError(400, f"at most 4 stop sequences, got {len(stops)}", param="stop")
+
+    def sampling(body: ChatCompletionRequest | CompletionRequest) -> dict[str, Any]:
+        ext = body.longkv
+        temperature = 1.0 if body.temperature is None else body.temperature
+        if temperature < MIN_TEMPERATURE:  # logits / 1e-300 overflow: that close to 0 is greedy anyway
+            temperature = 0.0
+        top_p = 1.0 if body.top_p is None else body.top_p
+        if top_p == 0.0:  # OpenAI's top_p=0 keeps the single most likely token: greedy
+            temperature, top_p = 0.0, 1.0
+        stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        return {
+            "temperature": temperature,
+            "top_p": top_p,
+            "top_k": ext.top_k if ext else 0,
+            "seed": body.seed,
+            "stop": tuple(s for s in stops if s),
+            "ignore_eos": bool(ext and ext.ignore_eos),
+        }
+
+    async def submit(body: ChatCompletionRequest | CompletionRequest, ids: list[int], max_tokens: int | None) -> tuple[Job, asyncio.Queue[Event]]:
+        ext = body.longkv
+        req = plan(
+            llm, config, ids, max_tokens, sampling(body),
+            policy=ext.policy if ext else None, budget=ext.budget if ext else None,
+            session=ext.session if ext else None, share_cache=ext.cache if ext else True,
+            salt=ext.cache_salt if ext else None,
+        )  # fmt: skip
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[Event] = asyncio.Queue()
+
+        def sink(event: Event) -> None:  # called from the engine thread
+            with contextlib.suppress(RuntimeError):  # the loop is gone (shutdown): nobody is listening
+                loop.call_soon_threadsafe(events.put_nowait, event)
+
+        return worker.submit(req, sink), events
+
+    async def watch_disconnect(request: Request, job: Job) -> None:
+        """Cancel ``job`` as soon as the client goes away."""
+        while True:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                if not job.finished:
+                    worker.cancel(job)
+                return
+
+    def usage(turn: Any, cached: int) -> Usage:
+        return Usage(
+            prompt_tokens=turn.prompt_tokens,
+            completion_tokens=len(turn.token_ids),
+            total_tokens=turn.prompt_tokens + len(turn.token_ids),
+            prompt_tokens_details=PromptTokensDetails(cached_tokens=cached),
+        )
+
+    async def respond(request: Request, body: ChatCompletionRequest | CompletionRequest, job: Job, events: asyncio.Queue[Event], chat: bool) -> Any:
+        endpoint = "chat" if chat else "completions"
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        created = int(time.time())
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            gen = stream_events(request, job, events, rid, created, chat, include_usage, endpoint)
+            return StreamingResponse(gen, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        watcher = asyncio.create_task(watch_disconnect(request, job))
+        pieces: list[str] = []
+        cached = 0
+        try:
+            while True:
+                ev = await events.get()
+                if ev.kind == "start":
+                    cached = ev.cached_tokens
+                elif ev.kind == "text":
+                    pieces.append(ev.text)
+                elif ev.kind == "error":
+                    raise ev.error or RuntimeError("generation failed")  # a 500, counted by its handler
+                elif ev.kind == "done":
+                    break
+        finally:
+            watcher.cancel()
+            if not job.finished:
+                worker.cancel(job)
+        turn = ev.turn
+        assert turn is not None
+        if turn.finish_reason == "cancelled":
+            metrics.requests.labels(endpoint, "499").inc()
+            return error_response(503, "the generation was cancelled (client gone or server stopping)", "server_error", code="cancelled")
+        metrics.requests.labels(endpoint, "200").inc()
+        text = "".join(pieces)
+        reason: Literal["stop", "length"] = "stop" if turn.finish_reason == "stop" else "length"
+        if chat:
+            return ChatCompletion(
+                id=rid, created=created, model=config.model_id, system_fingerprint=fingerprint,
+                choices=[ChatChoice(message=AssistantMessage(content=text), finish_reason=reason)], usage=usage(turn, cached),
+            )  # fmt: skip
+        return Completion(
+            id=rid, created=created, model=config.model_id, system_fingerprint=fingerprint,
+            choices=[CompletionChoice(text=text, finish_reason=reason)], usage=usage(turn, cached),
+        )  # fmt: skip
+
+    async def stream_events(
+        request: Request, job: Job, events: asyncio.Queue[Event], rid: str, created: int, chat: bool, include_usage: bool, endpoint: str
+    ) -> AsyncIterator[str]:
+        obj = "chat.completion.chunk" if chat else "text_completion"
+        base = {"id": rid, "object": obj, "created": created, "model": config.model_id, "system_fingerprint": fingerprint}
+
+        def chunk(delta: dict[str, Any] | None = None, text: str | None = None, finish: str | None = None, **extra: Any) -> str:
+            if chat:
+                choice: dict[str, Any] = {"index": 0, "delta": delta or {}, "finish_reason": finish, "logprobs": None}
+            else:
+                choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
+            return f"data: {json.dumps({**base, 'choices': [choice], **extra})}\n\n"
+
+        watcher = asyncio.create_task(watch_disconnect(request, job))
+        cached = 0
+        try:
+            while True:
+                ev = await events.get()
+                if ev.kind == "start":
+                    cached = ev.cached_tokens
+                    if chat:
+                        yield chunk({"role": "assistant", "content": ""})
+                elif ev.kind == "text":
+                    yield chunk({"content": ev.text}, ev.text)
+                elif ev.kind == "error":
+                    metrics.requests.labels(endpoint, "500").inc()
+                    err = {"message": f"internal error ({type(ev.error).__name__}): please report it", "type": "server_error", "param": None, "code": None}
+                    yield f"data: {json.dumps({'error': err})}\n\n"
+                    return
+                elif ev.kind == "done":
+                    turn = ev.turn
+                    assert turn is not None
+                    if turn.finish_reason == "cancelled":
+                        metrics.requests.labels(endpoint, "499").inc()
+                        return
+                    metrics.requests.labels(endpoint, "200").inc()
+                    yield chunk({}, "", turn.finish_reason)
+                    if include_usage:
+                        u = usage(turn, cached).model_dump()
+                        yield f"data: {json.dumps({**base, 'choices': [], 'usage': u})}\n\n"
+                    yield "data: [DONE]\n\n"
+                    return
+        finally:
+            watcher.cancel()
+            if not job.finished:
+                worker.cancel(job)
+
+    @app.post("/v1/chat/completions", response_model=ChatCompletion, responses={**ERRORS, 200: {"content": {"text/event-stream": {}}}})
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
+        check(body)
+        messages = []
+        for m in body.messages:
+            content = m.content if isinstance(m.content, str) else "".join(p.text for p in m.content or [])
+            messages.append({"role": "system" if m.role == "developer" else m.role, "content": content})
+        if not any(m["content"] for m in messages):
+            raise ApiError(400, "every message is empty: send some content", param="messages")
+        ids = await run_in_threadpool(lambda: tokenizer.encode(tokenizer.render(messages)))
+        max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        job, events = await submit(body, ids, max_tokens)
+        return await respond(request, body, job, events, chat=True)
+
+    @app.post("/v1/completions", response_model=Completion, responses={**ERRORS, 200: {"content": {"text/event-stream": {}}}})
+    async def completions(body: CompletionRequest, request: Request) -> Any:
+        check(body)
+        if body.echo or body.suffix:
+            raise ApiError(400, "echo and suffix are not supported: leave them out", param="echo" if body.echo else "suffix")
+        prompt = body.prompt
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
+            if len(prompt) != 1:
+                raise ApiError(400, f"one prompt per request, got {len(prompt)}: send them one at a time", param="prompt")
+            prompt = prompt[0]
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ApiError(400, "the prompt is empty: send some text", param="prompt")
+            ids = await run_in_threadpool(tokenizer.encode, prompt)
+        else:
+            ids = [int(t) for t in prompt]
+        job, events = await submit(body, ids, body.max_tokens)
+        return await respond(request, body, job, events, chat=False)
+
+    default_openapi = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        """The generated schema, with the served model id as the example of every ``model`` field."""
+        schema = default_openapi()
+        for name in ("ChatCompletionRequest", "CompletionRequest"):
+            props = schema.get("components", {}).get("schemas", {}).get(name, {}).get("properties", {})
+            if "model" in props:
+                props["model"]["examples"] = [config.model_id]
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    return app
+
+
+def default_model_id(llm: LLM) -> str:
+    """The id served for a model: its file or folder name without extension."""
+    from pathlib import Path
+
+    p = Path(llm.source)
+    return p.stem if p.suffix == ".gguf" else p.name
+
+
+def serve(
+    model: str | None,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    dtype: str = "bfloat16",
+    served_model_name: str | None = None,
+    log_level: str = "info",
+    chunk_size: int = 512,
+    threads: int | None = None,
+    **config: Any,
+) -> None:
+    """Load ``model`` and serve it until interrupted (``config``: :class:`ServerConfig` fields)."""
+    import uvicorn
+
+    llm = LLM(model, dtype=dtype, chunk_size=chunk_size, threads=threads)
+    cfg = ServerConfig(model_id=served_model_name or default_model_id(llm), **config)
+    app = create_app(llm, cfg)
+    log.info("serving %s as %r on http://%s:%d", llm.source, cfg.model_id, host, port)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)

@@ -1,0 +1,70 @@
+"""Prometheus metrics of one server (its own registry, so several servers can live in one process).
+
+Names follow Prometheus conventions (``_total`` counters, base units): requests,
+tokens in and out, tokens actually prefilled and served from the prefix cache,
+prefill and decode throughput, time to first token, cache hits, misses and
+evictions, resident KV bytes and the queue.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from longkv.engine.session import Turn
+
+TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+
+
+class Metrics:
+    """Every metric the server exports, in a private registry."""
+
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("longkv_requests", "HTTP requests to the completion endpoints, by outcome.", ["endpoint", "status"], registry=r)
+        self.prompt_tokens = Counter("longkv_prompt_tokens", "Prompt tokens of finished generations.", registry=r)
+        self.completion_tokens = Counter("longkv_completion_tokens", "Generated tokens.", registry=r)
+        self.prefill_tokens = Counter("longkv_prefill_tokens", "Prompt tokens actually computed (not served from the prefix cache).", registry=r)
+        self.cached_tokens = Counter("longkv_cached_prompt_tokens", "Prompt tokens served from the prefix cache.", registry=r)
+        self.prefill_seconds = Counter("longkv_prefill_seconds", "Seconds spent in prefill.", registry=r)
+        self.decode_seconds = Counter("longkv_decode_seconds", "Seconds spent in decode steps.", registry=r)
+        self.prefill_tps = Gauge("longkv_prefill_tokens_per_second", "Prefill throughput of the last generation that prefilled.", registry=r)
+        self.decode_tps = Gauge("longkv_decode_tokens_per_second", "Decode throughput of the last generation of 2+ tokens.", registry=r)
+        self.ttft = Histogram(
+            "longkv_time_to_first_token_seconds", "Seconds from a request's arrival to its first token.", buckets=TTFT_BUCKETS, registry=r
+        )
+        self.cache_hits = Counter("longkv_prefix_cache_hits", "Generations that reused a cached prefix.", registry=r)
+        self.cache_misses = Counter("longkv_prefix_cache_misses", "Generations that could share the cache but found no prefix.", registry=r)
+        self.cache_bypass = Counter(
+            "longkv_prefix_cache_bypass", "Generations that could not share the cache (eviction policy, cache off).", registry=r
+        )
+        self.cache_evictions = Counter("longkv_prefix_cache_evictions", "Nodes evicted from the prefix cache.", registry=r)
+        self.cache_evicted_tokens = Counter("longkv_prefix_cache_evicted_tokens", "Tokens evicted from the prefix cache.", registry=r)
+        self.cache_bytes = Gauge("longkv_prefix_cache_bytes", "Bytes of KV resident in the prefix cache.", registry=r)
+        self.cache_tokens = Gauge("longkv_prefix_cache_tokens", "Tokens resident in the prefix cache.", registry=r)
+        self.active_kv_bytes = Gauge("longkv_active_kv_bytes", "Bytes of KV of the generation running now.", registry=r)
+        self.queue_length = Gauge("longkv_queue_length", "Requests waiting for the engine.", registry=r)
+        self.running = Gauge("longkv_requests_running", "Generations running now.", registry=r)
+        self.cancelled = Counter("longkv_requests_cancelled", "Generations stopped because the client went away.", registry=r)
+
+    def observe_turn(self, turn: Turn) -> None:
+        """Count one finished (or cancelled) generation."""
+        self.prompt_tokens.inc(turn.prompt_tokens)
+        self.completion_tokens.inc(len(turn.token_ids))
+        self.prefill_tokens.inc(max(turn.prefilled_tokens, 0))
+        self.cached_tokens.inc(turn.reused_tokens)
+        self.prefill_seconds.inc(turn.prefill_s)
+        self.decode_seconds.inc(turn.decode_s)
+        if turn.prefilled_tokens > 0 and turn.prefill_s > 0:
+            self.prefill_tps.set(turn.prefilled_tokens / turn.prefill_s)
+        if len(turn.token_ids) > 1 and turn.decode_s > 0:
+            self.decode_tps.set((len(turn.token_ids) - 1) / turn.decode_s)
+        if turn.ttft_s > 0:
+            self.ttft.observe(turn.ttft_s)
+        if turn.finish_reason == "cancelled":
+            self.cancelled.inc()
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition."""
+        return generate_latest(self.registry)

@@ -1,0 +1,354 @@
+"""A token-level radix tree whose nodes hold KV: requests never pay twice for the same prefix.
+
+As SGLang's RadixAttention (Zheng et al. 2023, arXiv:2312.07104): every finished
+request's tokens (prompt and answer) are inserted into a radix tree over token
+ids; the next request walks the tree and reuses the KV of the longest common
+prefix, prefilling only the rest. A chat's turn t+1 starts with turn t's prompt
+and answer, each step of a tool-calling loop with the whole history so far, so from the second
+request on almost nothing is prefilled.
+
+Nodes: each edge holds a run of tokens and their keys and values for every layer,
+``k, v: (n_layers, Hkv, L, D)`` in the model's dtype. Only the tokens that are new
+to the tree are stored, so shared prefixes are stored once. Splitting a node copies
+its two halves (so evicting one half really frees its memory).
+
+Memory: a byte budget over all nodes; past it, least-recently-used leaves that no
+session pins are evicted (a leaf at a time, so a parent goes only after its
+children). A session pins the path of its last request; when only pinned nodes are
+left over the budget, the least recently used session loses its pin.
+
+Fail closed: a tree holds KV of one kind only (one namespace per engine setting,
+see :func:`namespace`); the server inserts only KV computed under the dense policy
+(or an eviction policy that provably evicted nothing), and only up to tokens whose
+forward finished. The logits after a whole prompt are kept beside its KV, so an
+identical request reuses every token and samples from the very logits a cold run
+computed (warm equals cold, bit for bit).
+
+Not thread-safe: the server touches it from its one engine thread only.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import OrderedDict
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+
+import torch
+
+from longkv.kv.cache import KVCache
+from longkv.policies import DensePolicy, KVPolicy, StreamingPolicy
+
+
+class _Node:
+    """An edge of the tree: tokens ``[start, start + len(tokens))`` of every path through it."""
+
+    __slots__ = ("children", "k", "last_used", "logits", "parent", "pins", "start", "tokens", "v")
+
+    def __init__(self, parent: _Node | None, tokens: list[int], k: torch.Tensor | None, v: torch.Tensor | None, start: int) -> None:
+        self.parent = parent
+        self.tokens = tokens
+        self.k = k  # (n_layers, Hkv, L, D) or None for a root
+        self.v = v
+        self.start = start
+        self.children: dict[int, _Node] = {}
+        self.pins = 0
+        self.last_used = 0
+        self.logits: dict[int, torch.Tensor] = {}  # depth d (start < d <= end) -> (V,) logits after d tokens
+
+    @property
+    def end(self) -> int:
+        return self.start + len(self.tokens)
+
+    def nbytes(self) -> int:
+        kv = 0 if self.k is None or self.v is None else self.k.nbytes + self.v.nbytes
+        return kv + sum(t.nbytes for t in self.logits.values()) + 8 * len(self.tokens)
+
+
+@dataclass
+class Match:
+    """The longest cached prefix of a token list.
+
+    Attributes:
+        length: tokens matched.
+        path: nodes from the root's child down to the one holding the last matched token;
+            the last one may be matched only in part.
+        logits: (V,) logits after exactly ``length`` tokens, if kept (only then can a
+            request reuse its whole prompt).
+    """
+
+    length: int = 0
+    path: list[_Node] = field(default_factory=list)
+    logits: torch.Tensor | None = None
+
+
+@dataclass
+class CacheStats:
+    """Counters since start (tokens and bytes)."""
+
+    hits: int = 0
+    misses: int = 0
+    evictions: int = 0
+    evicted_tokens: int = 0
+    inserted_tokens: int = 0
+
+
+def shares_dense_kv(policy: KVPolicy, n_tokens: int) -> bool:
+    """Whether a run of ``n_tokens`` under ``policy`` computes exactly the dense KV (and may share the cache).
+
+    Dense does. Streaming does while it never evicts: nothing is freed until a layer
+    holds more than ``sinks + window`` tokens, and with nothing freed every key keeps
+    its position. Any other policy: no (fail closed).
+    """
+    if type(policy) is DensePolicy:
+        return True
+    if type(policy) is StreamingPolicy:
+        return n_tokens <= min(policy.budget, policy.sinks + policy.local_window)
+    return False
+
+
+def namespace(*settings: object) -> str:
+    """A namespace key: KV computed under different settings never meets in one tree."""
+    return "|".join(str(s) for s in settings)
+
+
+class PrefixCache:
+    """Radix tree over token ids with KV at its nodes, under a byte budget.
+
+    Args:
+        capacity_bytes: most bytes of KV (and kept logits) held; 0 disables caching.
+        max_sessions: most sessions whose paths are pinned at once (least recently used goes first).
+    """
+
+    def __init__(self, capacity_bytes: int, max_sessions: int = 256) -> None:
+        self.capacity = int(capacity_bytes)
+        self.max_sessions = max_sessions
+        self._roots: dict[Hashable, _Node] = {}
+        self._sessions: OrderedDict[str, _Node] = OrderedDict()
+        self._clock = itertools.count(1)
+        self.bytes = 0
+        self.tokens = 0
+        self.stats = CacheStats()
+
+    # ----------------------------------------------------------------- lookup
+    def _root(self, ns: Hashable) -> _Node:
+        root = self._roots.get(ns)
+        if root is None:
+            root = self._roots[ns] = _Node(None, [], None, None, 0)
+        return root
+
+    def _walk(self, root: _Node, ids: list[int]) -> tuple[list[_Node], int]:
+        """Nodes along the longest prefix of ``ids`` in the tree, and its length."""
+        path: list[_Node] = []
+        node, i = root, 0
+        while i < len(ids):
+            child = node.children.get(ids[i])
+            if child is None:
+                break
+            edge = child.tokens
+            n = min(len(edge), len(ids) - i)
+            c = 1  # the first token matched (it is the child's key)
+            while c < n and edge[c] == ids[i + c]:
+                c += 1
+            path.append(child)
+            i += c
+            if c < len(edge):
+                break
+            node = child
+        return path, i
+
+    def match(self, ns: Hashable, ids: list[int]) -> Match:
+        """The longest cached prefix of ``ids`` in namespace ``ns``; marks its nodes as used."""
+        if self.capacity <= 0 or ns not in self._roots:
+            return Match()
+        path, n = self._walk(self._roots[ns], ids)
+        now = next(self._clock)
+        for node in path:
+            node.last_used = now
+        logits = path[-1].logits.get(n) if path else None
+        return Match(n, path, logits)
+
+    def load(self, match: Match, cache: KVCache, n_tokens: int) -> None:
+        """Append the KV of the first ``n_tokens`` (<= ``match.length``) matched tokens to an empty ``cache``.
+
+        The tokens land at positions ``0 .. n_tokens - 1`` (dense caches hold every position).
+        """
+        assert n_tokens <= match.length and all(layer.n == 0 for layer in cache.layers)
+        for node in match.path:
+            take = min(len(node.tokens), n_tokens - node.start)
+            if take <= 0:
+                break
+            assert node.k is not None and node.v is not None
+            pos = torch.arange(node.start, node.start + take, dtype=torch.int64)
+            for i, layer in enumerate(cache.layers):
+                layer.append(node.k[i, :, :take], node.v[i, :, :take], pos)
+
+    # ----------------------------------------------------------------- insert
+    def _split(self, node: _Node, at: int) -> _Node:
+        """Cut ``node``'s edge after ``at`` tokens; return the new upper node (``node`` stays the lower one).
+
+        Keeping ``node`` as the deeper part keeps every outside reference to it (a session's
+        pin) pointing at the same tokens.
+        """
+        assert 0 < at < len(node.tokens) and node.parent is not None and node.k is not None and node.v is not None
+        parent = node.parent
+        upper = _Node(parent, node.tokens[:at], node.k[:, :, :at].clone(), node.v[:, :, :at].clone(), node.start)
+        upper.pins, upper.last_used = node.pins, node.last_used
+        cut = node.start + at
+        upper.logits = {d: t for d, t in node.logits.items() if d <= cut}
+        node.logits = {d: t for d, t in node.logits.items() if d > cut}
+        node.tokens = node.tokens[at:]
+        node.k, node.v = node.k[:, :, at:].clone(), node.v[:, :, at:].clone()
+        node.start = cut
+        parent.children[upper.tokens[0]] = upper
+        upper.children[node.tokens[0]] = node
+        node.parent = upper
+        return upper
+
+    def insert(
+        self,
+        ns: Hashable,
+        ids: list[int],
+        cache: KVCache,
+        logits: dict[int, torch.Tensor] | None = None,
+        fresh_from: int = 0,
+        session: str | None = None,
+    ) -> int:
+        """Store the KV of ``ids`` (``cache`` holds it at positions ``0 .. len(ids) - 1``).
+
+        Only tokens new to the tree are copied. ``logits`` maps a depth d to the logits
+        after ``ids[:d]``, computed over this tree's KV for ``ids[:fresh_from]`` and
+        ``cache``'s for the rest: they are kept only when the tree holds no other KV for
+        those tokens (else a later request would pair them with KV they did not come
+        from). ``session`` pins the inserted path (and unpins its previous one).
+        Nothing is stored when the new tokens alone exceed the budget, or when
+        ``cache`` does not hold ``ids`` at positions ``0 .. len(ids) - 1`` (fail closed).
+        Returns the number of tokens added.
+        """
+        if self.capacity <= 0 or not ids:
+            return 0
+        first = cache.layers[0]
+        if any(layer.n < len(ids) for layer in cache.layers) or not torch.equal(
+            first.pos[: len(ids)], torch.arange(len(ids), dtype=first.pos.dtype)
+        ):
+            return 0
+        root = self._root(ns)
+        path, n = self._walk(root, ids)
+        if path and n < path[-1].end:  # diverges (or ends) inside an edge: cut it there
+            path[-1] = self._split(path[-1], n - path[-1].start)
+        added = len(ids) - n
+        per_token = self._bytes_per_token(cache)
+        if added * per_token > self.capacity:
+            return 0
+        self._pin_path(path, +1)  # keep our own path while making room
+        try:
+            self._evict_until(self.capacity - added * per_token)
+        finally:
+            self._pin_path(path, -1)
+        now = next(self._clock)
+        parent = path[-1] if path else root
+        end = parent
+        if added:
+            k = torch.stack([layer.k[:, n : len(ids)] for layer in cache.layers])  # a copy
+            v = torch.stack([layer.v[:, n : len(ids)] for layer in cache.layers])  # a copy
+            end = _Node(parent, list(ids[n:]), k, v, n)
+            parent.children[end.tokens[0]] = end
+            self.bytes += end.nbytes()
+            self.tokens += added
+            self.stats.inserted_tokens += added
+            path.append(end)
+        for node in path:
+            node.last_used = now
+        for d, t in (logits or {}).items() if n <= fresh_from else ():
+            holder = self._node_at(path, d)
+            if holder is not None and d not in holder.logits:
+                holder.logits[d] = t.detach().float().clone()
+                self.bytes += holder.logits[d].nbytes
+        if session is not None and end is not root:
+            self.pin(session, end)
+        self._evict_until(self.capacity)
+        return added
+
+    @staticmethod
+    def _node_at(path: list[_Node], depth: int) -> _Node | None:
+        for node in path:
+            if node.start < depth <= node.end:
+                return node
+        return None
+
+    @staticmethod
+    def _bytes_per_token(cache: KVCache) -> int:
+        layer = cache.layers[0]
+        h, _, d = layer.k.shape
+        return 2 * len(cache.layers) * h * d * layer.k.element_size() + 8
+
+    # ----------------------------------------------------------------- sessions
+    def _pin_path(self, path: list[_Node], delta: int) -> None:
+        for node in path:
+            node.pins += delta
+            assert node.pins >= 0
+
+    def _pin_node(self, node: _Node, delta: int) -> None:
+        n: _Node | None = node
+        while n is not None and n.parent is not None:
+            n.pins += delta
+            assert n.pins >= 0
+            n = n.parent
+
+    def pin(self, session: str, node: _Node) -> None:
+        """Pin the path from the root to ``node`` for ``session`` (replacing its previous pin)."""
+        self.unpin(session)
+        self._pin_node(node, +1)
+        self._sessions[session] = node
+        while len(self._sessions) > self.max_sessions:
+            self.unpin(next(iter(self._sessions)))
+
+    def unpin(self, session: str) -> None:
+        """Release a session's pin (no-op for an unknown session)."""
+        node = self._sessions.pop(session, None)
+        if node is not None:
+            self._pin_node(node, -1)
+
+    @property
+    def sessions(self) -> int:
+        """Sessions holding a pin."""
+        return len(self._sessions)
+
+    # ----------------------------------------------------------------- eviction
+    def _leaves(self) -> list[_Node]:
+        out: list[_Node] = []
+        stack = [c for r in self._roots.values() for c in r.children.values()]
+        while stack:
+            node = stack.pop()
+            if node.children:
+                stack.extend(node.children.values())
+            else:
+                out.append(node)
+        return out
+
+    def _remove(self, node: _Node) -> None:
+        assert not node.children and node.parent is not None
+        del node.parent.children[node.tokens[0]]
+        self.bytes -= node.nbytes()
+        self.tokens -= len(node.tokens)
+        self.stats.evictions += 1
+        self.stats.evicted_tokens += len(node.tokens)
+        node.parent = None
+
+    def _evict_until(self, target: int) -> None:
+        """Evict LRU unpinned leaves (then sessions' pins, oldest first) until ``bytes <= target``."""
+        while self.bytes > max(target, 0):
+            free = [leaf for leaf in self._leaves() if leaf.pins == 0]
+            if free:
+                self._remove(min(free, key=lambda n: n.last_used))
+            elif self._sessions:
+                self.unpin(next(iter(self._sessions)))
+            else:
+                break  # only nodes pinned by an insertion in progress are left
+
+    def clear(self) -> None:
+        """Drop everything (sessions too)."""
+        self._roots.clear()
+        self._sessions.clear()
+        self.bytes = 0
+        self.tokens = 0
