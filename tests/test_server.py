@@ -398,3 +398,27 @@ def test_full_queue_answers_429_and_health_stays_responsive(server: ServerProces
     t = time.perf_counter()
     r = chat(client, [{"role": "user", "content": "hi"}], salted(), max_tokens=2)  # the slot is free again
     assert r.usage.completion_tokens >= 1 and time.perf_counter() - t < 30
+
+
+def test_serve_without_its_extra_is_a_one_line_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from typer.testing import CliRunner
+
+    from longkv.cli import app
+    from longkv.errors import LongKVError
+
+    monkeypatch.setitem(sys.modules, "longkv.server.app", None)  # as if fastapi were not installed
+    result = CliRunner().invoke(app, ["serve", "--port", "0"])
+    assert isinstance(result.exception, LongKVError)
+    assert "pip install 'longkv[serve]'" in str(result.exception)
+
+
+def test_serve_with_a_bad_default_policy_fails_before_loading() -> None:
+    from typer.testing import CliRunner
+
+    from longkv.cli import app
+    from longkv.errors import LongKVError
+
+    result = CliRunner().invoke(app, ["serve", "--model", "/nonexistent.gguf", "--policy", "nonsense"])
+    assert isinstance(result.exception, LongKVError) and "unknown policy 'nonsense'" in str(result.exception)

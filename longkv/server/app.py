@@ -367,8 +367,11 @@ def serve(
     """Load ``model`` and serve it until interrupted (``config``: :class:`ServerConfig` fields)."""
     import uvicorn
 
-    llm = LLM(model, dtype=dtype, chunk_size=chunk_size, threads=threads)
+    policy = config.get("default_policy", "dense")
+    llm = LLM(model, policy=policy, dtype=dtype, chunk_size=chunk_size, threads=threads)  # a bad policy fails before loading
     cfg = ServerConfig(model_id=served_model_name or default_model_id(llm), **config)
+    if cfg.default_policy != "auto":
+        llm.resolve_policy(0, cfg.default_policy)  # knobs that cannot work with this model: fail now, not per request
     app = create_app(llm, cfg)
     log.info("serving %s as %r on http://%s:%d", llm.source, cfg.model_id, host, port)
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
