@@ -270,3 +270,22 @@ def test_reencoded_pages_are_the_dense_encoding_of_sinks_plus_pages() -> None:
     plain, _ = _run(model, dataclasses.replace(pol, reencode=False), ids, [])
     with_prefix, _ = _run(model, pol, ids, [])
     assert (plain - with_prefix).abs().max().item() > 1e-4
+
+
+def test_auto_policy_uses_block_topk_beyond_the_window_while_the_cache_fits() -> None:
+    from longkv.engine.llm import LLM
+
+    def llm_for(max_position: int) -> LLM:
+        llm = LLM.__new__(LLM)  # resolve_policy needs only the configs, not weights
+        llm.config = tiny_model(max_position=max_position).config
+        llm.engine_config = EngineConfig(dtype="bfloat16")
+        llm._default_policy, llm._default_budget = None, None
+        return llm
+
+    llm = llm_for(8192)
+    assert llm.resolve_policy(100).name == "dense"
+    assert llm.resolve_policy(20_000).name == "block_topk"
+    per_token = 2 * 2 * 2 * 16 * 2  # K and V, 2 layers, 2 KV heads, head_dim 16, bfloat16
+    assert llm.resolve_policy(LLM.auto_block_topk_bytes // per_token + 1).name == "streaming"  # cache too big
+    assert llm.resolve_policy(20_000, budget=1024).name == "streaming"  # a budget asks for eviction
+    assert llm_for(2048).resolve_policy(20_000).name == "streaming"  # block_topk's span exceeds a 2 K window

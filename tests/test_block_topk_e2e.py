@@ -20,7 +20,7 @@ def test_smollm2_answers_a_needle_at_16k_beyond_its_window() -> None:
     from longkv import LLM
 
     llm = LLM(model=MODEL, dtype="bfloat16")
-    hay = llm.encode(BOOK.read_text()[200_000:300_000])[:16_000]
+    hay = llm.encode(BOOK.read_text()[200_000:300_000])[:16_500]
     cut = len(hay) // 3
     text = llm.tokenizer.decode(hay[:cut]) + " The secret number is 730412. " + llm.tokenizer.decode(hay[cut:])
     question = "What is the secret number mentioned in the text above? Answer with the number only."

@@ -25,7 +25,7 @@ from longkv.engine.sampling import SamplingParams, make_generator, sample
 from longkv.errors import LongKVError
 from longkv.loading import load
 from longkv.models import build
-from longkv.policies import KVPolicy, StreamingPolicy, make_policy
+from longkv.policies import BlockTopKPolicy, KVPolicy, StreamingPolicy, make_policy
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -102,7 +102,8 @@ class LLM:
             Hugging Face folder; a hub id).
         policy: a spec such as ``"dense"`` or ``"streaming:budget=2048"``, a
             :class:`~longkv.policies.KVPolicy`, or ``"auto"`` / ``None``: dense when
-            the input fits the trained window, streaming otherwise.
+            the input fits the trained window, else block_topk while the whole KV
+            cache fits in ``auto_block_topk_bytes`` (4 GiB), else streaming.
         budget: KV budget in tokens for eviction policies (overrides the spec).
         chunk_size: prefill chunk in tokens.
         dtype: ``"bfloat16"`` (fast, default) or ``"float32"`` (matches transformers
@@ -145,6 +146,12 @@ class LLM:
         self.eos_ids = frozenset(eos)
 
     # ------------------------------------------------------------------ policy
+    auto_block_topk_bytes = 4 << 30  # "auto" uses block_topk beyond the window while all KV fits in this
+
+    def _kv_bytes_per_token(self) -> int:
+        c = self.config
+        return 2 * c.n_layers * c.n_kv_heads * c.head_dim * DTYPES[self.engine_config.dtype].itemsize
+
     def resolve_policy(self, n_tokens: int, policy: str | KVPolicy | None = None, budget: int | None = None) -> KVPolicy:
         """The policy for an input of ``n_tokens`` (prompt + new tokens), validated.
 
@@ -157,6 +164,14 @@ class LLM:
         if spec in (None, "auto"):
             if n_tokens <= window and budget is None:
                 spec = "dense"
+            elif (
+                budget is None
+                and n_tokens * self._kv_bytes_per_token() <= self.auto_block_topk_bytes
+                and BlockTopKPolicy().span(self.engine_config) <= window
+            ):
+                # Beyond the window, retrieval answers what a sliding window has forgotten
+                # (docs/sparse.md); it keeps every page, so only while the whole cache fits.
+                spec = BlockTopKPolicy()
             else:
                 # the largest budget whose span (budget + chunk) stays inside the trained window
                 default_budget = max(1, min(4096, window - max(self.engine_config.chunk_size, StreamingPolicy.evict_every)))
