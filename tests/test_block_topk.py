@@ -266,6 +266,13 @@ def test_reencoded_pages_are_the_dense_encoding_of_sinks_plus_pages() -> None:
         torch.testing.assert_close(k, rk, rtol=0, atol=1e-5)
         torch.testing.assert_close(v, rv, rtol=0, atol=1e-5)
         assert pos.tolist() == idx.tolist()  # original positions, for the causal mask
+    # a later question under a policy without re-encoding must not reuse these pages
+    runner = Runner(model, dataclasses.replace(pol, reencode=False), EngineConfig(chunk_size=16, page_size=PS))
+    for lkv in seq.cache.layers:
+        lkv.truncate(230)
+    del seq.tokens[230:]
+    runner.ask(seq, ids[230:])
+    assert seq.selection.prefix is None and seq.selection.pages[0] is not None
     # without re-encoding the answer differs (the cached pages come from the local prefill)
     plain, _ = _run(model, dataclasses.replace(pol, reencode=False), ids, [])
     with_prefix, _ = _run(model, pol, ids, [])

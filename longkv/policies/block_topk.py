@@ -236,7 +236,7 @@ class BlockTopKPolicy(SelectionPolicy):
         ps = cache[0].page_size
         sinks = self.sink_tokens(ps)
         cand = candidate_pages(n0, sinks, self.window, ps)
-        state.candidates, state.z, state.score = cand, None, None
+        state.candidates, state.z, state.score, state.prefix = cand, None, None, None
         if cand.numel() == 0 or self.topk == 0:
             self.reset(state)
             return
@@ -272,6 +272,7 @@ class BlockTopKPolicy(SelectionPolicy):
             state.pages = [shared] * len(queries)
             if self.reencode:
                 state.prefix = _reencode(model, context, shared[0], sinks, ps)
+
 
 def vote(z: torch.Tensor, votes: int) -> torch.Tensor:
     """(..., R, C) z-scores -> (..., C): the mean of each page's ``votes`` best z-scores over the R rows."""
