@@ -143,7 +143,8 @@ from longkv import LLM
 path, book, n, spec = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 llm = LLM(model=path, dtype="bfloat16", chunk_size=512)
 text = open(book).read()
-ids = (llm.encode(text) * (n // 1000 + 1))[:n]
+base = llm.encode(text)
+ids = (base * (n // len(base) + 1))[:n]
 g = llm.generate(ids, max_new_tokens=4, policy=spec)
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, g.stats.peak_kv_bytes, g.stats.prefill_s)
 """

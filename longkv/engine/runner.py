@@ -71,7 +71,12 @@ class Runner:
         budget = self.policy.budget_tokens
         bound = budget + max(self.engine.chunk_size, self.policy.evict_every) if budget is not None else None
         reserve = min(expected_tokens, bound) if bound is not None else expected_tokens
-        if reserve:
+        layer_budget = getattr(self.policy, "layer_budget", None)
+        if reserve and budget is not None and layer_budget is not None:  # per-layer budgets (PyramidKV)
+            extra = max(self.engine.chunk_size, self.policy.evict_every)
+            for i, lkv in enumerate(cache.layers):
+                lkv.reserve(min(expected_tokens, layer_budget(i) + extra))
+        elif reserve:
             cache.reserve(reserve)
         seq = Sequence(cache)
         if isinstance(self.policy, SelectionPolicy):

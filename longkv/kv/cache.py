@@ -191,8 +191,13 @@ class HeadwiseLayerKV(LayerKV):
             h.reserve(n_tokens)
 
     def append(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> None:
-        """k, v: (Hkv, T, D); the same T tokens go to every head."""
+        """k, v: (Hkv, T, D); the same T tokens go to every head.
+
+        A head grows to exactly what it needs (no doubling): heads hold uneven
+        numbers of tokens, and doubling the fullest one would overshoot the bound.
+        """
         for i, h in enumerate(self.heads):
+            h.reserve(h.n + k.shape[1])
             h.append(k[i : i + 1], v[i : i + 1], positions)
 
     def view(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
