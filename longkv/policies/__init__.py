@@ -67,7 +67,7 @@ def make_policy(spec: str | KVPolicy, **overrides: Any) -> KVPolicy:
     name, _, rest = spec.partition(":")
     name = name.strip().lower()
     if name not in POLICIES:
-        raise LongKVError(f"unknown policy {name!r}: choose one of {', '.join(sorted(POLICIES))}")
+        raise LongKVError(f"unknown policy {name!r}: choose auto or one of {', '.join(sorted(POLICIES))}")
     cls = POLICIES[name]
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     knobs: dict[str, Any] = {}

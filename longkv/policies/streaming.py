@@ -43,8 +43,13 @@ class StreamingPolicy(EvictionPolicy):
         return self.budget - self.sinks if self.window is None else self.window
 
     def validate(self, model: ModelConfig, engine: EngineConfig) -> None:
-        if self.sinks < 0 or self.budget < 1:
-            raise LongKVError(f"streaming needs budget >= 1 and sinks >= 0, got budget={self.budget}, sinks={self.sinks}")
+        if self.sinks < 0:
+            raise LongKVError(f"sinks must be >= 0, got {self.sinks}: pass e.g. streaming:sinks=4")
+        if self.window is None and self.local_window < 1:
+            raise LongKVError(
+                f"budget {self.budget} leaves no local window after {self.sinks} sink tokens: "
+                f"raise --budget to at least {self.sinks + 1} (a few thousand tokens is typical)"
+            )
         if self.local_window < 1 or self.budget < self.sinks + self.local_window:
             raise LongKVError(
                 f"budget {self.budget} is below sinks {self.sinks} + window {self.local_window}: "
