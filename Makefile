@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
-DEMO_QUESTION ?= What does the error() method of ArgumentParser do? Answer in two sentences.
+DEMO_QUESTION ?= What does this module do? Answer in one sentence.
 
 .PHONY: demo test lint install dev clean-venv
 
