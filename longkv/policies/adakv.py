@@ -12,7 +12,7 @@ single-head store per KV head (:class:`~longkv.kv.cache.HeadwiseLayerKV`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -20,11 +20,12 @@ import torch
 from longkv.config import EngineConfig, ModelConfig
 from longkv.errors import LongKVError
 from longkv.kv.cache import HeadwiseLayerKV, LayerKV
-from longkv.policies.base import EvictionPolicy, protect
+from longkv.policies.base import protect
+from longkv.policies.wrapper import ScorerWrapper
 
 
 @dataclass
-class AdaKVPolicy(EvictionPolicy):
+class AdaKVPolicy(ScorerWrapper):
     """Per-head budgets under one layer budget of ``budget * n_kv_heads`` (head, token) pairs.
 
     Attributes:
@@ -39,24 +40,7 @@ class AdaKVPolicy(EvictionPolicy):
     name = "adakv"
     per_head: ClassVar[bool] = True
     budget: int = 4096
-    scorer: str = "snapkv"
     floor: float = 0.2
-    inner: EvictionPolicy = field(init=False, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        from longkv.policies import make_policy
-
-        inner = make_policy(self.scorer)
-        if not isinstance(inner, EvictionPolicy) or isinstance(inner, AdaKVPolicy):
-            raise LongKVError(f"adakv scorer {self.scorer!r} is not a token scorer: use e.g. scorer=snapkv")
-        self.inner = inner
-
-    @property
-    def needs_queries(self) -> bool:  # type: ignore[override]
-        return self.inner.needs_queries
-
-    def protected(self, budget: int) -> tuple[int, int]:
-        return self.inner.protected(budget)
 
     def validate(self, model: ModelConfig, engine: EngineConfig) -> None:
         if not 0.0 <= self.floor <= 1.0:

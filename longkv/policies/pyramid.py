@@ -11,17 +11,17 @@ layer (raised to the scorer's sinks + window when that is more), averaging
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from longkv.config import EngineConfig, ModelConfig
 from longkv.errors import LongKVError
-from longkv.policies.base import EvictionPolicy
+from longkv.policies.wrapper import ScorerWrapper
 
 
 @dataclass
-class PyramidPolicy(EvictionPolicy):
+class PyramidPolicy(ScorerWrapper):
     """Any scorer under per-layer budgets decreasing with depth (mean ``budget`` per layer).
 
     Attributes:
@@ -37,22 +37,8 @@ class PyramidPolicy(EvictionPolicy):
 
     name = "pyramid"
     budget: int = 4096
-    scorer: str = "snapkv"
     beta: float = 20.0
     n_layers: int = 0
-    inner: EvictionPolicy = field(init=False, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        from longkv.policies import make_policy
-
-        inner = make_policy(self.scorer)
-        if not isinstance(inner, EvictionPolicy) or isinstance(inner, PyramidPolicy):
-            raise LongKVError(f"pyramid scorer {self.scorer!r} is not a token scorer: use e.g. scorer=snapkv")
-        self.inner = inner
-
-    @property
-    def needs_queries(self) -> bool:  # type: ignore[override]
-        return self.inner.needs_queries
 
     @property
     def budget_tokens(self) -> int | None:
@@ -67,9 +53,6 @@ class PyramidPolicy(EvictionPolicy):
         high = 2 * self.budget - low
         frac = layer / (self.n_layers - 1) if self.n_layers > 1 else 0.5
         return math.floor(high - (high - low) * frac + 0.5)
-
-    def protected(self, budget: int) -> tuple[int, int]:
-        return self.inner.protected(budget)
 
     def validate(self, model: ModelConfig, engine: EngineConfig) -> None:
         if self.beta < 1:

@@ -1,0 +1,39 @@
+"""Base of the methods that wrap another method's scorer (PyramidKV, AdaKV).
+
+The wrapper decides how much each layer or head keeps; the inner policy, named by
+its spec in ``scorer``, decides which tokens are best.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from longkv.errors import LongKVError
+from longkv.policies.base import EvictionPolicy
+
+
+@dataclass
+class ScorerWrapper(EvictionPolicy):
+    """An eviction policy ranking tokens with the scorer of the policy spec ``scorer``.
+
+    Raises:
+        LongKVError: ``scorer`` is not a token-scoring policy (or is this same wrapper).
+    """
+
+    scorer: str = "snapkv"
+    inner: EvictionPolicy = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        from longkv.policies import make_policy
+
+        inner = make_policy(self.scorer)
+        if not isinstance(inner, EvictionPolicy) or isinstance(inner, type(self)):
+            raise LongKVError(f"{self.name} scorer {self.scorer!r} is not a token scorer: use e.g. scorer=snapkv")
+        self.inner = inner
+
+    @property
+    def needs_queries(self) -> bool:  # type: ignore[override]
+        return self.inner.needs_queries
+
+    def protected(self, budget: int) -> tuple[int, int]:
+        return self.inner.protected(budget)
