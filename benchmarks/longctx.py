@@ -26,6 +26,7 @@ import argparse
 import dataclasses
 import json
 import random
+import resource
 import time
 from pathlib import Path
 
@@ -41,14 +42,31 @@ MODEL = Path.home() / ".cache" / "longkv-test-models" / "smollm2-135m.gguf"
 QUESTION = "What is the secret number mentioned in the text above? Answer with the number only."
 
 
-def make_sample(llm: LLM, book_ids: list[int], n_tokens: int, depth: float, rng: random.Random) -> dict:
-    """A chat prompt of about ``n_tokens`` with the needle at ``depth``; token range of the needle."""
+_BOOK_IDS: dict[str, list[int]] = {}
+
+
+def haystack(llm: LLM, books: list[Path], first: int, n: int, rng: random.Random) -> list[int]:
+    """``n`` tokens of book text: a random stretch of ``books[first]``, continued by the next books
+    (cycling, tokenized once per run) when one book is too short (128 K tokens and beyond)."""
+    ids: list[int] = []
+    i = first
+    while len(ids) < n + 1000:
+        book = books[i % len(books)]
+        if book.name not in _BOOK_IDS:
+            _BOOK_IDS[book.name] = llm.encode(book.read_text())
+        ids += _BOOK_IDS[book.name] + llm.encode("\n\n")
+        i += 1
+    start = rng.randint(0, len(ids) - n - 1)
+    return ids[start : start + n]
+
+
+def make_sample(llm: LLM, hay_ids: list[int], n_tokens: int, depth: float, rng: random.Random) -> dict:
+    """A chat prompt of about ``n_tokens`` with the needle at ``depth`` of ``hay_ids``; token range of the needle."""
     number = str(rng.randint(100000, 999999))
     needle = f" The secret number is {number}. "
     overhead = len(llm.encode(llm.apply_chat_template([{"role": "user", "content": needle + "\n\n" + QUESTION}])))
-    hay = n_tokens - overhead
-    start = rng.randint(0, len(book_ids) - hay - 1)
-    hay_ids = book_ids[start : start + hay]
+    hay_ids = hay_ids[: n_tokens - overhead]
+    hay = len(hay_ids)
     cut = int(depth * hay)
     before = llm.tokenizer.decode(hay_ids[:cut])
     after = llm.tokenizer.decode(hay_ids[cut:])
@@ -108,6 +126,8 @@ def run_sample(llm: LLM, sample: dict, base: BlockTopKPolicy, variants: dict[str
     lo, hi = sample["needle_tokens"]
     needle_pages = set(range(lo // ps, (hi - 1) // ps + 1))
     res = {k: sample[k] for k in ("tokens", "depth", "number")} | {"prefill_s": round(prefill_s, 2), "answers": {}}
+    res["kv_ram_peak_mib"] = round(seq.peak_kv_bytes / 2**20, 1)
+    res["kv_disk_mib"] = round(sum(getattr(lkv, "disk_bytes", lambda: 0)() for lkv in seq.cache.layers) / 2**20, 1)
     for name, pol in variants.items():
         cut_back(seq, split)
         r = Runner(llm.model, pol, llm.engine_config)
@@ -118,6 +138,7 @@ def run_sample(llm: LLM, sample: dict, base: BlockTopKPolicy, variants: dict[str
         if pol.topk:
             entry |= recall(pol, seq, needle_pages)
         res["answers"][name] = entry
+    res["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # whole run so far
     return res
 
 
@@ -134,18 +155,31 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=6)
     ap.add_argument("--topk", type=int, nargs="+", default=[2, 4, 8, 16, 32])
     ap.add_argument("--scores", nargs="+", default=["max", "mean", "minmax"], help="scores tried at topk=8")
+    ap.add_argument("--expand", type=int, nargs="+", default=[1], help="block_topk expand values tried with each --topk")
+    ap.add_argument("--resident", default="", help="block_topk resident KV bytes (e.g. 1GiB): tiered cache")
+    ap.add_argument("--cold", default="disk", help="cold tier with --resident: disk or ram")
+    ap.add_argument("--cold-codec", default="int8", help="cold page codec with --resident: int8, int4, none")
     ap.add_argument("--window", type=int, default=1024)
     ap.add_argument("--ablate", action="store_true", help="also k=8 without re-encoding the selected pages")
     ap.add_argument("--dense", action="store_true", help="also run dense on the full prompt (fits the window only)")
     ap.add_argument("--depths", type=float, nargs="+", help="needle depths (default: --samples spread over 0-1)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "longctx.json"))
+    ap.add_argument("--heatmap", nargs="+", metavar="JSON", help="no run: plot accuracy by depth x length from result files")
+    ap.add_argument("--variant", default="block_topk k=8 e=1", help="the answers plotted by --heatmap")
+    ap.add_argument("--png", default=str(ROOT / "docs" / "results" / "longctx-heatmap.png"))
     args = ap.parse_args()
+    if args.heatmap:
+        print(plot(args.heatmap, args.variant, Path(args.png)))
+        return
 
     llm = LLM(model=args.model, dtype="bfloat16")
-    base = BlockTopKPolicy(window=args.window)
+    base = BlockTopKPolicy(window=args.window, resident=args.resident, cold=args.cold, cold_codec=args.cold_codec)
     base.validate(llm.config, llm.engine_config)
-    variants = {f"block_topk k={k}": dataclasses.replace(base, topk=k) for k in args.topk}
+    variants = {
+        f"block_topk k={k}" + (f" e={e}" if e else ""): dataclasses.replace(base, topk=k, expand=e)
+        for e in args.expand for k in args.topk
+    }
     variants |= {f"block_topk k=8 {s}": dataclasses.replace(base, topk=8, score=s) for s in args.scores if s != "max"}
     if args.ablate:
         variants["block_topk k=8 no re-encode"] = dataclasses.replace(base, topk=8, reencode=False)
@@ -158,16 +192,33 @@ def main() -> None:
     for n in args.lengths:
         depths = args.depths or [i / max(args.samples - 1, 1) for i in range(args.samples)]
         for i, depth in enumerate(depths):
-            book = books[(i + n) % len(books)]
-            sample = make_sample(llm, llm.encode(book.read_text()), n, depth, rng)
+            first = (i + n) % len(books)
+            book = books[first]
+            sample = make_sample(llm, haystack(llm, books, first, n, rng), n, depth, rng)
             res = run_sample(llm, sample, base, variants) | {"length": n, "book": book.name}
             if args.dense:
                 res["answers"]["dense"] = run_dense(llm, sample)
             results.append(res)
             brief = {k: int(v["correct"]) for k, v in res["answers"].items()}
-            print(f"{n} depth={depth:.2f} prefill={res['prefill_s']}s {brief}", flush=True)
+            print(f"{n} depth={depth:.2f} prefill={res['prefill_s']}s rss={res['peak_rss_mib']}MiB "
+                  f"kv ram={res['kv_ram_peak_mib']}MiB disk={res['kv_disk_mib']}MiB {brief}", flush=True)
             out.write_text(json.dumps({"args": vars(args), "samples": results, "summary": summarise(results)}, indent=1))
     print_table(summarise(results))
+
+
+def plot(files: list[str], variant: str, png: Path, bins: int = 5) -> Path:
+    """Accuracy heatmap (needle depth in ``bins`` steps x prompt length) of one variant over result files."""
+    from longkv.bench.plots import heatmap
+
+    rows = []
+    for f in files:
+        for res in json.loads(Path(f).read_text())["samples"]:
+            a = res["answers"].get(variant)
+            if a is not None:
+                depth = round(res["depth"] * (bins - 1)) / (bins - 1)
+                rows.append({"policy": variant, "depth": depth, "length": res["length"], "score": float(a["correct"]), "status": "ok"})
+    png.parent.mkdir(parents=True, exist_ok=True)
+    return heatmap(rows, variant, png, f"SmolLM2-135M (8 K window), needle retrieval: {variant}")
 
 
 def summarise(results: list[dict]) -> dict:

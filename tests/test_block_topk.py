@@ -233,7 +233,12 @@ def test_spec_parser_and_validation_errors() -> None:
     pol.validate(model.config, eng)
     assert pol.max_context(model.config) is None
     bad = {
-        "topk=-1": "topk, prefill_topk and sinks >= 0",
+        "topk=-1": "topk, prefill_topk, sinks and expand >= 0",
+        "expand=-1": "topk, prefill_topk, sinks and expand >= 0",
+        "resident=lots": "cannot read 'lots' as a size",
+        "resident=1KiB": "cannot hold the sinks, window and a chunk",
+        "resident=1GiB,cold=tape": "cold must be one of ram, disk",
+        "resident=1GiB,cold_codec=fp8": "cold_codec one of none, int8, int4",
         "window=0": "window, query_tokens and votes >= 1",
         "query_tokens=0": "query_tokens and votes >= 1",
         "votes=0": "query_tokens and votes >= 1",
@@ -279,7 +284,7 @@ def test_reencoded_pages_are_the_dense_encoding_of_sinks_plus_pages() -> None:
     assert (plain - with_prefix).abs().max().item() > 1e-4
 
 
-def test_auto_policy_uses_block_topk_beyond_the_window_while_the_cache_fits() -> None:
+def test_auto_policy_uses_block_topk_beyond_the_window_tiered_when_the_cache_is_too_big() -> None:
     from longkv.engine.llm import LLM
 
     def llm_for(max_position: int) -> LLM:
@@ -293,6 +298,8 @@ def test_auto_policy_uses_block_topk_beyond_the_window_while_the_cache_fits() ->
     assert llm.resolve_policy(100).name == "dense"
     assert llm.resolve_policy(20_000).name == "block_topk"
     per_token = 2 * 2 * 2 * 16 * 2  # K and V, 2 layers, 2 KV heads, head_dim 16, bfloat16
-    assert llm.resolve_policy(LLM.auto_block_topk_bytes // per_token + 1).name == "streaming"  # cache too big
+    big = llm.resolve_policy(LLM.auto_block_topk_bytes // per_token + 1)  # all pages would not fit: tiered
+    assert isinstance(big, BlockTopKPolicy) and big.resident == str(LLM.auto_block_topk_bytes) and big.cold == "disk"
+    assert isinstance(llm.resolve_policy(20_000), BlockTopKPolicy) and not llm.resolve_policy(20_000).resident
     assert llm.resolve_policy(20_000, budget=1024).name == "streaming"  # a budget asks for eviction
     assert llm_for(2048).resolve_policy(20_000).name == "streaming"  # block_topk's span exceeds a 2 K window

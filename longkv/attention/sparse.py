@@ -104,34 +104,62 @@ def attend_pages(
         (H, T, D) in q's dtype. With ``pages`` covering every candidate page the
         result is dense attention exactly (same keys, true positions).
     """
-    k, v, kpos = lkv.view()
     n, t, ps = lkv.n, q.shape[1], lkv.page_size
     if w0 is None:
         w0 = window_start(n - t, sink_tokens, window, ps)
     if w0 <= sink_tokens and (pages is None or pages.numel() == 0):
+        k, v, kpos = lkv.read(0, n)
+        assert v is not None
         return attend(q, k, v, q_pos, kpos)  # nothing is left out: dense fallback
+    wk, wv, wpos = lkv.read(w0, n)  # the local window (hot in a tiered store)
+    assert wv is not None
+    last = int(wpos[-1])
     if prefix is not None:
         pk, pv, ppos = prefix
         m = pk.shape[1] + n - w0
-        shift = torch.full((pk.shape[1],), int(kpos[-1]) - m + 1, dtype=torch.int64)  # 0..P-1 -> assigned
-        keys = torch.cat((rope.rotate(pk, shift), k[:, w0:]), dim=1)
-        return attend(q, keys, torch.cat((pv, v[:, w0:]), dim=1), q_pos, torch.cat((ppos, kpos[w0:])))
-    idx = layout(n, w0, sink_tokens, ps, pages)  # (G, M)
+        shift = torch.full((pk.shape[1],), last - m + 1, dtype=torch.int64)  # 0..P-1 -> assigned
+        keys = torch.cat((rope.rotate(pk, shift), wk), dim=1)
+        return attend(q, keys, torch.cat((pv, wv), dim=1), q_pos, torch.cat((ppos, wpos)))
+    if pages is not None and pages.shape[0] > 1:
+        return _attend_per_head(q, lkv, q_pos, rope, sink_tokens, pages, w0)
+    sk, sv, spos = lkv.read(0, sink_tokens)
+    assert sv is not None
+    parts_k, parts_v, parts_p = [sk], [sv], [spos]
+    if pages is not None and pages.numel():
+        pk, pv, ppos = lkv.gather_pages(pages[0])
+        parts_k.append(pk)
+        parts_v.append(pv)
+        parts_p.append(ppos)
+    moved = sum(p.numel() for p in parts_p)  # sinks + pages; the window keeps its true positions
+    orig = torch.cat(parts_p)
+    m = moved + n - w0
+    keys = torch.cat(parts_k, dim=1)
+    delta = assigned_positions(last, m)[:moved] - orig
+    if bool(delta.any()):
+        keys = rope.rotate(keys, delta)
+    keys = torch.cat((keys, wk), dim=1)
+    values = torch.cat((*parts_v, wv), dim=1)
+    # Causality by original positions: pages and sinks precede every query.
+    return attend(q, keys, values, q_pos, torch.cat((orig, wpos)))
+
+
+def _attend_per_head(
+    q: torch.Tensor, lkv: LayerKV, q_pos: torch.Tensor, rope: Rotary, sink_tokens: int, pages: torch.Tensor, w0: int
+) -> torch.Tensor:
+    """:func:`attend_pages` with one page selection per KV head: pages (Hkv, k)."""
+    k, v, kpos = lkv.view()
+    n = lkv.n
+    idx = layout(n, w0, sink_tokens, lkv.page_size, pages)  # (G, M)
     g, m = idx.shape
-    if g == 1:
-        keys, values, orig = k[:, idx[0]], v[:, idx[0]], kpos[idx[0]][None]
-    else:
-        gather = idx[:, :, None].expand(-1, -1, k.shape[2])
-        keys, values, orig = torch.gather(k, 1, gather), torch.gather(v, 1, gather), kpos[idx]
-    moved = m - (n - w0)  # sinks + pages; the window keeps its true positions
+    gather = idx[:, :, None].expand(-1, -1, k.shape[2])
+    keys, values, orig = torch.gather(k, 1, gather), torch.gather(v, 1, gather), kpos[idx]
+    moved = m - (n - w0)
     if moved:
         delta = assigned_positions(int(kpos[-1]), m)[:moved] - orig[:, :moved]  # (G, moved)
         if bool(delta.any()):
             cos, sin = rope.cos_sin(delta.reshape(-1), keys.dtype)
             cos, sin = cos.view(g, moved, -1), sin.view(g, moved, -1)
             keys = torch.cat((Rotary.apply(keys[:, :moved], cos, sin), keys[:, moved:]), dim=1)
-    # Causality by original positions: pages and sinks precede every query, so any
-    # head's positions give the same mask.
     return attend(q, keys, values, q_pos, orig[0])
 
 
@@ -166,19 +194,19 @@ def page_scores(
         logit before the 1/sqrt(D) scale.
     """
     h, t, d = q.shape
-    hkv, ps = lkv.k.shape[0], lkv.page_size
+    hkv, ps = lkv.n_kv_heads, lkv.page_size
     c = pages.numel()
     if c == 0:
         return torch.empty(hkv, (h // hkv) * t, 0)
     qf = q.float().reshape(hkv, (h // hkv) * t, d)  # query heads grouped by KV head (GQA)
     if score == "max":
-        k, _, pos = lkv.view()
         first = int(pages[0])
         out = []
         for b in range(0, c, block_pages):  # bounded memory: (Hkv, G*T, block_pages * ps) floats
             lo, hi = (first + b) * ps, (first + min(b + block_pages, c)) * ps
-            starts = pos[lo:hi:ps].repeat_interleave(ps)
-            keys = rope.rotate(k[:, lo:hi].float(), assumed_position - starts)  # each page moved to the assumed place
+            k, _, pos = lkv.read(lo, hi, values=False)  # a tiered store loads only these pages
+            starts = pos[::ps].repeat_interleave(ps)
+            keys = rope.rotate(k.float(), assumed_position - starts)  # each page moved to the assumed place
             s = torch.bmm(qf, keys.transpose(1, 2))  # (Hkv, G*T, m * ps)
             out.append(s.unflatten(2, (-1, ps)).amax(dim=3))
         return torch.cat(out, dim=2)

@@ -102,8 +102,10 @@ class LLM:
             Hugging Face folder; a hub id).
         policy: a spec such as ``"dense"`` or ``"streaming:budget=2048"``, a
             :class:`~longkv.policies.KVPolicy`, or ``"auto"`` / ``None``: dense when
-            the input fits the trained window, else block_topk while the whole KV
-            cache fits in ``auto_block_topk_bytes`` (4 GiB), else streaming.
+            the input fits the trained window, else block_topk (all pages in RAM
+            while they fit in ``auto_block_topk_bytes``, 4 GiB; beyond that a
+            tiered cache keeping 4 GiB resident and the other pages int8 on disk),
+            or streaming for models whose window is too short for block_topk.
         budget: KV budget in tokens for eviction policies (overrides the spec).
         chunk_size: prefill chunk in tokens.
         dtype: ``"bfloat16"`` (fast, default) or ``"float32"`` (matches transformers
@@ -146,7 +148,7 @@ class LLM:
         self.eos_ids = frozenset(eos)
 
     # ------------------------------------------------------------------ policy
-    auto_block_topk_bytes = 4 << 30  # "auto" uses block_topk beyond the window while all KV fits in this
+    auto_block_topk_bytes = 4 << 30  # "auto": block_topk keeps at most this much KV in RAM (the rest on disk)
 
     def _kv_bytes_per_token(self) -> int:
         c = self.config
@@ -164,14 +166,11 @@ class LLM:
         if spec in (None, "auto"):
             if n_tokens <= window and budget is None:
                 spec = "dense"
-            elif (
-                budget is None
-                and n_tokens * self._kv_bytes_per_token() <= self.auto_block_topk_bytes
-                and BlockTopKPolicy().span(self.engine_config) <= window
-            ):
+            elif budget is None and BlockTopKPolicy().span(self.engine_config) <= window:
                 # Beyond the window, retrieval answers what a sliding window has forgotten
-                # (docs/sparse.md); it keeps every page, so only while the whole cache fits.
-                spec = BlockTopKPolicy()
+                # (docs/sparse.md); it keeps every page: in RAM while they fit, else tiered.
+                fits = n_tokens * self._kv_bytes_per_token() <= self.auto_block_topk_bytes
+                spec = BlockTopKPolicy() if fits else BlockTopKPolicy(resident=str(self.auto_block_topk_bytes))
             else:
                 # the largest budget whose span (budget + chunk) stays inside the trained window
                 default_budget = max(1, min(4096, window - max(self.engine_config.chunk_size, StreamingPolicy.evict_every)))

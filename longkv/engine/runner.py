@@ -64,6 +64,8 @@ class Runner:
         """A fresh sequence; reserves KV room for ``expected_tokens`` (or the policy's bound)."""
         c = self.model.config
         make: Callable[[], LayerKV] = partial(self.policy.new_layer_kv, c.n_kv_heads, c.head_dim, self.engine.page_size, self.model.dtype)
+        if isinstance(self.policy, SelectionPolicy):  # may build tiered stores sized from the model
+            make = partial(self.policy.new_layer_kv, c.n_kv_heads, c.head_dim, self.engine.page_size, self.model.dtype, c, self.engine)
         if getattr(self.policy, "per_head", False):  # heads keep different tokens (AdaKV)
             one = partial(self.policy.new_layer_kv, 1, c.head_dim, self.engine.page_size, self.model.dtype)
             make = partial(HeadwiseLayerKV, one, c.n_kv_heads)

@@ -101,6 +101,18 @@ class LayerKV:
         """All cached tokens, zero-copy: k, v: (Hkv, n, D); positions: (n,)."""
         return self.k[:, : self.n], self.v[:, : self.n], self.pos[: self.n]
 
+    @property
+    def n_kv_heads(self) -> int:
+        return self.k.shape[0]
+
+    def read(self, lo: int, hi: int, values: bool = True) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """Tokens [lo, hi) of the cache: k, v (Hkv, hi - lo, D) and positions (zero-copy here).
+
+        ``values=False`` returns None for v (scoring reads keys only; a tiered
+        store then skips loading them). ``0 <= lo <= hi <= n``.
+        """
+        return self.k[:, lo:hi], (self.v[:, lo:hi] if values else None), self.pos[lo:hi]
+
     def gather_pages(self, page_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Copy out the tokens of the given pages, in the order given.
 
@@ -175,6 +187,10 @@ class HeadwiseLayerKV(LayerKV):
     @property
     def capacity(self) -> int:
         return max(h.capacity for h in self.heads)
+
+    @property
+    def n_kv_heads(self) -> int:
+        return len(self.heads)
 
     def tokens_per_head(self) -> list[int]:
         """Exact cached tokens of every KV head."""

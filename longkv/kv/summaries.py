@@ -57,9 +57,8 @@ class PageSummaries:
         start = self.n_pages
         if full == start:
             return
-        k, _, pos = lkv.view()
-        lo, hi = start * ps, full * ps
-        raw = rope.rotate(k[:, lo:hi].float(), -pos[lo:hi])  # (Hkv, m * ps, D) position-free
+        k, _, pos = lkv.read(start * ps, full * ps, values=False)
+        raw = rope.rotate(k.float(), -pos)  # (Hkv, m * ps, D) position-free
         pages = raw.unflatten(1, (full - start, ps))  # (Hkv, m, ps, D)
         self.mean = torch.cat((self.mean, pages.mean(2)), dim=1)
         self.kmin = torch.cat((self.kmin, pages.amin(2)), dim=1)

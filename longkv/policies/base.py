@@ -71,8 +71,11 @@ class KVPolicy:
         """Short human-readable form, e.g. ``streaming(budget=4096, sinks=4)``."""
         return self.name
 
-    def new_layer_kv(self, n_kv_heads: int, head_dim: int, page_size: int, dtype: torch.dtype) -> LayerKV:
-        """The store for one layer's KV: plain, or int8/int4 per ``kv_quant``.
+    def new_layer_kv(
+        self, n_kv_heads: int, head_dim: int, page_size: int, dtype: torch.dtype, model: ModelConfig | None = None,
+        engine: EngineConfig | None = None,
+    ) -> LayerKV:
+        """The store for one layer's KV: plain, or int8/int4 per ``kv_quant`` (``model``/``engine``: for subclasses).
 
         Raises:
             LongKVError: unknown ``kv_quant``.

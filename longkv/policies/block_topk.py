@@ -43,6 +43,7 @@ from longkv.config import EngineConfig, ModelConfig
 from longkv.errors import LongKVError
 from longkv.kv.cache import KVCache, LayerKV
 from longkv.kv.summaries import PageSummaries
+from longkv.kv.tiers import CODECS, COLD, TieredLayerKV, parse_bytes
 from longkv.models.layers import Rotary
 from longkv.models.llama import LlamaModel
 from longkv.policies.base import SelectionPolicy
@@ -104,6 +105,19 @@ class BlockTopKPolicy(SelectionPolicy):
             and values (the cached ones come from a local-window prefill).
         prefill_topk: pages each prompt chunk retrieves (per layer, from its own
             queries) on top of sinks + window; 0 keeps prefill strictly local.
+        expand: pages on each side of a chosen page retrieved with it (scopes
+            ``shared`` and ``layer``): a sentence cut by a page boundary is read
+            whole. At most ``topk * (1 + 2 * expand)`` pages are attended.
+        resident: KV bytes kept in RAM over all layers, e.g. ``"1GiB"`` (empty:
+            everything in RAM, uncoded). Sink pages and the newest tokens that
+            fit stay in RAM in the compute dtype; older pages go to the ``cold``
+            tier, coded with ``cold_codec``, and are loaded when scored or
+            selected (``longkv.kv.tiers``).
+        cold: ``"disk"`` (a file in ``tier_dir``, default ``$LONGKV_HOME/kv``;
+            RAM stays within ``resident``) or ``"ram"`` (coded pages in RAM on
+            top of the hot set: int8 ~0.56x, int4 ~0.31x the bfloat16 bytes).
+        cold_codec: ``"int8"``, ``"int4"`` or ``"none"`` for cold pages.
+        tier_dir: folder of the disk tier's page files (deleted on exit).
 
     Raises:
         LongKVError (from :meth:`validate`): a knob out of range, an unknown score
@@ -121,6 +135,11 @@ class BlockTopKPolicy(SelectionPolicy):
     votes: int = 10
     reencode: bool = True
     prefill_topk: int = 0
+    expand: int = 0
+    resident: str = ""
+    cold: str = "disk"
+    cold_codec: str = "int8"
+    tier_dir: str = ""
 
     # ------------------------------------------------------------------ setup
     def sink_tokens(self, page_size: int) -> int:
@@ -130,12 +149,14 @@ class BlockTopKPolicy(SelectionPolicy):
         """Longest distance a query can see, in tokens (sinks + pages + window + one page + block)."""
         ps = engine.page_size
         block = max(engine.chunk_size, self.query_tokens)
-        return self.sink_tokens(ps) + max(self.topk, self.prefill_topk) * ps + self.window + ps + block
+        pages = max(self.topk * (1 + 2 * self.expand), self.prefill_topk)
+        return self.sink_tokens(ps) + pages * ps + self.window + ps + block
 
     def validate(self, model: ModelConfig, engine: EngineConfig) -> None:
-        if self.topk < 0 or self.prefill_topk < 0 or self.sinks < 0:
+        if min(self.topk, self.prefill_topk, self.sinks, self.expand) < 0:
             raise LongKVError(
-                f"block_topk needs topk, prefill_topk and sinks >= 0, got {self.topk}, {self.prefill_topk}, {self.sinks}: "
+                f"block_topk needs topk, prefill_topk, sinks and expand >= 0, got {self.topk}, {self.prefill_topk}, "
+                f"{self.sinks}, {self.expand}: "
                 "pass non-negative values"
             )
         if self.window < 1 or self.query_tokens < 1 or self.votes < 1:
@@ -147,6 +168,13 @@ class BlockTopKPolicy(SelectionPolicy):
             raise LongKVError(f"unknown block_topk score {self.score!r}: choose one of {', '.join(SCORES)}")
         if self.scope not in SCOPES:
             raise LongKVError(f"unknown block_topk scope {self.scope!r}: choose one of {', '.join(SCOPES)}")
+        if self.resident:
+            self.hot_tokens(model, engine)  # raises on a bad size or one too small for the window
+            if self.cold not in COLD or self.cold_codec not in CODECS:
+                raise LongKVError(
+                    f"block_topk tiers: cold must be one of {', '.join(COLD)} and cold_codec one of "
+                    f"{', '.join(CODECS)}, got {self.cold!r}, {self.cold_codec!r}"
+                )
         span = self.span(engine)
         if span > model.max_position:
             raise LongKVError(
@@ -154,13 +182,49 @@ class BlockTopKPolicy(SelectionPolicy):
                 f"model's trained window of {model.max_position}: lower topk, window or the chunk size"
             )
 
+    def hot_tokens(self, model: ModelConfig, engine: EngineConfig, itemsize: int = 2) -> int:
+        """Newest tokens per layer kept in RAM under ``resident`` (with ``itemsize``-byte K/V).
+
+        Raises:
+            LongKVError: ``resident`` is not a size, or too small to hold the sinks,
+            the local window and one prompt chunk in every layer.
+        """
+        ps = engine.page_size
+        least = self.window + 2 * ps + max(engine.chunk_size, self.query_tokens)
+        per_token = 2 * model.n_kv_heads * model.head_dim * itemsize + 8  # K + V + position
+        if self.cold == "ram":
+            return least
+        per_layer = parse_bytes(self.resident) // model.n_layers
+        hot = (per_layer // per_token - self.sink_tokens(ps)) // ps * ps
+        if hot < least:
+            need = (least + self.sink_tokens(ps)) * per_token * model.n_layers
+            raise LongKVError(
+                f"block_topk resident={self.resident} cannot hold the sinks, window and a chunk in RAM "
+                f"(needs >= {need / 2**20:.0f} MiB for this model): raise resident or lower window"
+            )
+        return hot
+
+    def new_layer_kv(
+        self, n_kv_heads: int, head_dim: int, page_size: int, dtype: torch.dtype, model: ModelConfig | None = None,
+        engine: EngineConfig | None = None,
+    ) -> LayerKV:
+        """A plain store, or with ``resident`` set a tiered one (sinks + hot tail in RAM, cold pages coded)."""
+        if not self.resident or model is None or engine is None:
+            return super().new_layer_kv(n_kv_heads, head_dim, page_size, dtype)
+        return TieredLayerKV(
+            n_kv_heads, head_dim, page_size, dtype, pinned_tokens=self.sink_tokens(page_size),
+            hot_tokens=self.hot_tokens(model, engine, dtype.itemsize), cold=self.cold, codec=self.cold_codec,
+            directory=self.tier_dir or None,
+        )
+
     def max_context(self, model: ModelConfig) -> int | None:
         return None  # every distance stays inside the span checked by validate()
 
     def describe(self) -> str:
+        tiers = f", resident={self.resident}, cold={self.cold}, cold_codec={self.cold_codec}" if self.resident else ""
         return (
             f"block_topk(topk={self.topk}, sinks={self.sinks}, window={self.window}, score={self.score}, "
-            f"scope={self.scope}, keep_selection={self.keep_selection}, reencode={self.reencode})"
+            f"scope={self.scope}, expand={self.expand}, keep_selection={self.keep_selection}, reencode={self.reencode}{tiers})"
         )
 
     def new_state(self, model: ModelConfig, engine: EngineConfig) -> BlockTopKState:
@@ -261,14 +325,14 @@ class BlockTopKPolicy(SelectionPolicy):
             if self.scope == "shared":
                 best = merge_votes(best, z.flatten(0, 1), self.votes)
             elif self.scope == "layer":
-                state.pages[i] = _top(cand, vote(z.flatten(0, 1)[None], self.votes), self.topk)
+                state.pages[i] = _top(cand, vote(z.flatten(0, 1)[None], self.votes), self.topk, self.expand)
             else:
                 state.pages[i] = _top(cand, per_head[-1], self.topk)
         state.z = torch.stack(per_head)  # (L, Hkv, C)
         state.anchor = window_start(n0, sinks, self.window, ps)
         if best is not None:
             state.score = best.mean(0)
-            shared = _top(cand, state.score[None], self.topk)
+            shared = _top(cand, state.score[None], self.topk, self.expand)
             state.pages = [shared] * len(queries)
             if self.reencode:
                 state.prefix = _reencode(model, context, shared[0], sinks, ps)
@@ -320,8 +384,16 @@ def _zscore(s: torch.Tensor) -> torch.Tensor:
     return (s - s.mean(-1, keepdim=True)) / s.std(-1, keepdim=True).clamp_min(1e-6)
 
 
-def _top(cand: torch.Tensor, scores: torch.Tensor, k: int) -> torch.Tensor:
-    """(G, C) scores over candidate pages ``cand`` (C,) -> (G, min(k, C)) selected page ids, sorted."""
+def _top(cand: torch.Tensor, scores: torch.Tensor, k: int, expand: int = 0) -> torch.Tensor:
+    """(G, C) scores over candidate pages ``cand`` (C,) -> (G, m) selected page ids, sorted.
+
+    m = min(k, C) pages; with ``expand`` (G must be 1) each chosen page also brings
+    its ``expand`` neighbours on each side that are candidates (duplicates merged).
+    """
     k = min(k, cand.numel())
     idx = torch.topk(scores, k, dim=-1).indices.sort(dim=-1).values
+    if expand and idx.numel():
+        assert idx.shape[0] == 1, "expand needs one selection (scope shared or layer)"
+        near = (idx[0][:, None] + torch.arange(-expand, expand + 1)).flatten()
+        idx = near[(near >= 0) & (near < cand.numel())].unique()[None]  # unique() sorts
     return cand[idx]
