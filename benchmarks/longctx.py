@@ -78,6 +78,84 @@ def make_sample(llm: LLM, hay_ids: list[int], n_tokens: int, depth: float, rng: 
     return {"ids": ids, "number": number, "depth": depth, "needle_tokens": (lo, hi), "tokens": len(ids)}
 
 
+# Needles of different wording for --needles: one prefill, one question per needle.
+NEEDLES = [
+    ("The secret number is {n}.", "What is the secret number mentioned in the text above?"),
+    ("The code to open the vault is {n}.", "What is the code to open the vault mentioned in the text above?"),
+    ("The lighthouse keeper's badge number is {n}.", "What is the lighthouse keeper's badge number mentioned in the text above?"),
+    ("The winning lottery ticket was number {n}.", "What was the number of the winning lottery ticket mentioned in the text above?"),
+    ("The train to the coast leaves from platform {n}.", "From which platform does the train to the coast leave, according to the text above?"),
+]
+
+
+def make_multi(llm: LLM, hay_ids: list[int], n_tokens: int, depths: list[float], rng: random.Random) -> dict:
+    """One context with a needle of a different wording at each depth, and one question per needle.
+
+    Returns the shared prompt prefix (context, prefilled once) and, per needle, the
+    question's remaining ids, its answer and the needle's token range.
+    """
+    numbers = [str(rng.randint(100000, 999999)) for _ in depths]
+    needles = [" " + NEEDLES[i % len(NEEDLES)][0].format(n=num) + " " for i, num in enumerate(numbers)]
+    questions = [NEEDLES[i % len(NEEDLES)][1] + " Answer with the number only." for i in range(len(depths))]
+    overhead = sum(len(llm.encode(x)) for x in needles) + 64
+    hay_ids = hay_ids[: n_tokens - overhead]
+    cuts = [int(d * len(hay_ids)) for d in depths]
+    pieces, prev = [], 0
+    for cut, needle in sorted(zip(cuts, needles, strict=True)):
+        pieces += [llm.tokenizer.decode(hay_ids[prev:cut]), needle]
+        prev = cut
+    text = "".join(pieces) + llm.tokenizer.decode(hay_ids[prev:])
+    prompts = [llm.encode(llm.apply_chat_template([{"role": "user", "content": text + "\n\n" + q}])) for q in questions]
+    common = 0
+    while all(len(p) > common and p[common] == prompts[0][common] for p in prompts):
+        common += 1
+    head = llm.apply_chat_template([{"role": "user", "content": text}])
+    ranges = []
+    for needle in needles:
+        before = head[: head.index(needle)]
+        ranges.append((len(llm.encode(before)), len(llm.encode(before + needle))))
+    return {"context": prompts[0][:common], "tails": [p[common:] for p in prompts], "numbers": numbers,
+            "depths": depths, "needle_tokens": ranges, "tokens": len(prompts[0])}
+
+
+def run_multi(llm: LLM, sample: dict, base: BlockTopKPolicy, variants: dict[str, BlockTopKPolicy]) -> list[dict]:
+    """Prefill the shared context once (sinks + window), then ask every needle's question under every variant."""
+    ctx, ps = sample["context"], llm.engine_config.page_size
+    runner = Runner(llm.model, dataclasses.replace(base, topk=0), llm.engine_config)
+    seq = runner.new_sequence(len(ctx) + 64)
+    t0 = time.perf_counter()
+    marks = iter(range(1, 11))
+    mark = next(marks)
+
+    def progress(done: int, total: int) -> None:
+        nonlocal mark
+        while mark <= 10 and done * 10 >= mark * total:
+            print(f"  prefill {mark * 10}% ({done} tokens, {time.perf_counter() - t0:.0f} s)", flush=True)
+            mark = next(marks, 11)
+
+    runner.prefill(seq, ctx, progress)
+    prefill_s = time.perf_counter() - t0
+    kv_ram = round(seq.peak_kv_bytes / 2**20, 1)
+    kv_disk = round(sum(getattr(lkv, "disk_bytes", lambda: 0)() for lkv in seq.cache.layers) / 2**20, 1)
+    out = []
+    for tail, number, depth, (lo, hi) in zip(sample["tails"], sample["numbers"], sample["depths"], sample["needle_tokens"], strict=True):
+        res = {"tokens": len(ctx) + len(tail), "depth": depth, "number": number, "prefill_s": round(prefill_s, 2),
+               "shared_prefill": len(sample["tails"]), "kv_ram_peak_mib": kv_ram, "kv_disk_mib": kv_disk, "answers": {}}
+        for name, pol in variants.items():
+            cut_back(seq, len(ctx))
+            r = Runner(llm.model, pol, llm.engine_config)
+            t1 = time.perf_counter()
+            text = greedy(llm, r, seq, r.ask(seq, tail), 32)
+            entry = {"text": text, "correct": number in text, "answer_s": round(time.perf_counter() - t1, 2)}
+            if pol.topk:
+                entry |= recall(pol, seq, set(range(lo // ps, (hi - 1) // ps + 1)))
+            res["answers"][name] = entry
+        res["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+        out.append(res)
+        print(f"  depth={depth:.2f} {number} " + " ".join(f"{k}: {v['text'][:40]!r}" for k, v in res["answers"].items()), flush=True)
+    return out
+
+
 def greedy(llm: LLM, runner: Runner, seq: Sequence, logits: torch.Tensor, n: int = 20) -> str:
     out: list[int] = []
     for _ in range(n):
@@ -165,6 +243,9 @@ def main() -> None:
     ap.add_argument("--depths", type=float, nargs="+", help="needle depths (default: --samples spread over 0-1)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "longctx.json"))
+    ap.add_argument("--needles", type=int, default=0,
+                    help="N > 0: one context per length with N needles of different wording at the depths, "
+                         "prefilled once, one question per needle (for 1 M tokens)")
     ap.add_argument("--heatmap", nargs="+", metavar="JSON", help="no run: plot accuracy by depth x length from result files")
     ap.add_argument("--variant", default="block_topk k=8 e=1", help="the answers plotted by --heatmap")
     ap.add_argument("--png", default=str(ROOT / "docs" / "results" / "longctx-heatmap.png"))
@@ -190,6 +271,15 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     for n in args.lengths:
+        if args.needles:
+            depths = args.depths or [i / max(args.needles - 1, 1) for i in range(args.needles)]
+            first = n % len(books)
+            multi = make_multi(llm, haystack(llm, books, first, n, rng), n, depths, rng)
+            print(f"{n}: context of {len(multi['context'])} tokens, {len(depths)} needles", flush=True)
+            for res in run_multi(llm, multi, base, variants):
+                results.append(res | {"length": n, "book": books[first].name + " (+ following books)"})
+            out.write_text(json.dumps({"args": vars(args), "samples": results, "summary": summarise(results)}, indent=1))
+            continue
         depths = args.depths or [i / max(args.samples - 1, 1) for i in range(args.samples)]
         for i, depth in enumerate(depths):
             first = (i + n) % len(books)

@@ -89,6 +89,7 @@ def test_page_scores_are_rope_consistent() -> None:
     s = page_scores(q, lkv, pages, assumed, rope, "max")
     assert s.shape == (2, 6, 6)  # (Hkv, 2 query heads x 3 tokens, pages)
     s = s.amax(1)
+    lse = torch.logsumexp(page_scores(q, lkv, pages, assumed, rope, "lse"), dim=1)  # over the 6 query rows
     # brute force: every page's keys moved to start at `assumed`, logits with the rotated queries
     k, _, pos = lkv.view()
     for j, p in enumerate(pages.tolist()):
@@ -96,6 +97,7 @@ def test_page_scores_are_rope_consistent() -> None:
         for h in range(2):
             logits = q[2 * h : 2 * h + 2].reshape(-1, 16) @ keys[h].T
             assert s[h, j].item() == pytest.approx(logits.max().item(), abs=1e-4)
+            assert lse[h, j].item() == pytest.approx(torch.logsumexp(logits.flatten() / 4.0, 0).item(), abs=1e-4)
     # the summaries: Quest's bound is >= the exact max; the mean-key gate is <= it
     summ = PageSummaries(2, 16, PS)
     summ.update(lkv, rope)
@@ -212,6 +214,32 @@ def test_shared_score_is_the_mean_of_the_best_votes_over_all_rows() -> None:
     torch.testing.assert_close(best.mean(0), expected)
 
 
+def test_expand_brings_neighbour_pages_inside_the_candidates() -> None:
+    from longkv.policies.block_topk import _top
+
+    cand = torch.arange(1, 11)  # pages 1..10 may be retrieved
+    scores = torch.zeros(1, 10)
+    scores[0, [0, 4, 5, 9]] = torch.tensor([3.0, 2.0, 1.0, 4.0])  # pages 1, 5, 6, 10
+    assert _top(cand, scores, 3).tolist() == [[1, 5, 10]]
+    assert _top(cand, scores, 3, expand=1).tolist() == [[1, 2, 4, 5, 6, 9, 10]]  # merged, clipped to 1..10
+    pol = BlockTopKPolicy(topk=4, expand=1)
+    eng = EngineConfig(chunk_size=512, page_size=64)
+    assert pol.span(eng) == 64 + 12 * 64 + 1024 + 64 + 512  # 4 pages x (1 + 2 neighbours)
+
+
+def test_mass_rows_are_attention_shares_over_the_pages() -> None:
+    lkv, rope = filled_layer(12 * PS)
+    q = rope.rotate(torch.randn(4, 3, 16, generator=torch.Generator().manual_seed(2)), torch.arange(300, 303))
+    pol = BlockTopKPolicy(sinks=PS, window=2 * PS)
+    state = pol.new_state(tiny_model().config, EngineConfig(chunk_size=16, page_size=PS))
+    cand, rows = pol._scores(state, 0, q, lkv, lkv.n, rope)
+    assert rows.shape == (2, 6, cand.numel()) and bool((rows >= 0).all())
+    torch.testing.assert_close(rows.sum(-1), torch.ones(2, 6))
+    # the share follows the page's log-sum-exp: the best page by lse has the largest share in every row
+    lse = page_scores(q, lkv, cand, window_start(lkv.n, PS, 2 * PS, PS) - PS, rope, "lse")
+    assert torch.equal(rows.argmax(-1), lse.argmax(-1))
+
+
 @pytest.mark.parametrize("score", ["mean", "minmax"])
 def test_summary_scores_and_reselection_run(score: str) -> None:
     model = tiny_model()
@@ -244,6 +272,7 @@ def test_spec_parser_and_validation_errors() -> None:
         "votes=0": "query_tokens and votes >= 1",
         "score=cosine": "unknown block_topk score 'cosine'",
         "scope=token": "unknown block_topk scope 'token'",
+        "aggregate=sum": "unknown block_topk aggregate 'sum'",
         "window=500": "beyond the model's trained window of 512",
     }
     for knob, message in bad.items():

@@ -30,7 +30,7 @@ from longkv.kv.cache import LayerKV
 from longkv.kv.summaries import PageSummaries
 from longkv.models.layers import Rotary
 
-SCORES = ("max", "mean", "minmax")
+SCORES = ("lse", "max", "mean", "minmax")
 
 
 def window_start(n_before: int, sink_tokens: int, window: int, page_size: int) -> int:
@@ -183,15 +183,16 @@ def page_scores(
         q: (H, T, D) queries rotated at their true positions.
         lkv: the layer's cache (keys rotated at their original positions).
         pages: (C,) int64 candidate page ids, increasing and contiguous.
-        score: ``"max"``: exact maximum of q.k over the page's keys and the
-            queries; ``"mean"``: q against the page's mean key (MoBA's gate);
+        score: ``"lse"``: log-sum-exp of the page's scaled logits q.k / sqrt(D)
+            (the log of the attention mass the page would get, up to the softmax
+            normaliser); ``"max"``: exact maximum of q.k over the page's keys; ``"mean"``: q against the page's mean key (MoBA's gate);
             ``"minmax"``: Quest's upper bound from per-channel min/max.
         summaries: required for ``"mean"`` and ``"minmax"`` (full pages summarised).
 
     Returns:
         (Hkv, G * T, C) float32: for each KV head, each query of its group
         (G = H / Hkv query heads x T tokens, head-major) and each page, the
-        logit before the 1/sqrt(D) scale.
+        logit before the 1/sqrt(D) scale (``"lse"``: after it).
     """
     h, t, d = q.shape
     hkv, ps = lkv.n_kv_heads, lkv.page_size
@@ -199,7 +200,7 @@ def page_scores(
     if c == 0:
         return torch.empty(hkv, (h // hkv) * t, 0)
     qf = q.float().reshape(hkv, (h // hkv) * t, d)  # query heads grouped by KV head (GQA)
-    if score == "max":
+    if score in ("max", "lse"):
         first = int(pages[0])
         out = []
         for b in range(0, c, block_pages):  # bounded memory: (Hkv, G*T, block_pages * ps) floats
@@ -208,7 +209,8 @@ def page_scores(
             starts = pos[::ps].repeat_interleave(ps)
             keys = rope.rotate(k.float(), assumed_position - starts)  # each page moved to the assumed place
             s = torch.bmm(qf, keys.transpose(1, 2))  # (Hkv, G*T, m * ps)
-            out.append(s.unflatten(2, (-1, ps)).amax(dim=3))
+            s = s.unflatten(2, (-1, ps))
+            out.append(s.amax(dim=3) if score == "max" else torch.logsumexp(s * d**-0.5, dim=3))
         return torch.cat(out, dim=2)
     assert summaries is not None and score in SCORES, score
     # q . R(P) k_raw == (R(-P) q) . k_raw: rotate the queries once instead of every summary.

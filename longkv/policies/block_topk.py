@@ -14,12 +14,14 @@ How an input far longer than the model's trained window is read:
 2. **Selection at the question.** The last ``query_tokens`` tokens of the
    prompt (the question and the chat template's answer prefix) are run once
    against sinks + window to collect their queries in every layer. Every
-   candidate page is scored, for each query, by the maximum q.k over its keys,
-   with the page rotated to the position it will get (just beyond the window):
-   the logit attention will really see. Scores are z-normalised over the pages
-   for each (layer, KV head, query); with ``scope="shared"`` a page's score is
-   the mean of its ``votes`` best z-scores over all of them, and one top-k
-   selection serves every layer and head.
+   candidate page is scored, for each query, by the log-sum-exp of its logits
+   q.k / sqrt(D) (``score="lse"``), with the page rotated to the position it
+   will get (just beyond the window): the log of the attention mass attention
+   would really give it. Each (layer, KV head, query) row turns these into the
+   share of attention each page would get (softmax over the candidate pages,
+   ``aggregate="mass"``); with ``scope="shared"`` a page's score is the mean of
+   its ``votes`` best shares over all rows (the heads that retrieve it), and
+   one top-k selection serves every layer and head.
 3. **Answer.** The question tail is run again, now attending to sinks +
    selected pages + window, and (``keep_selection``) every answer token keeps
    that selection. Positions are assigned so every distance stays inside the
@@ -49,6 +51,7 @@ from longkv.models.llama import LlamaModel
 from longkv.policies.base import SelectionPolicy
 
 SCOPES = ("shared", "layer", "head")
+AGGREGATES = ("mass", "z")
 
 
 @dataclass
@@ -89,15 +92,19 @@ class BlockTopKPolicy(SelectionPolicy):
         topk: pages retrieved at the question and kept for the answer.
         sinks: sink tokens at the start of the input, rounded up to whole pages.
         window: local window in tokens; its tokens keep their true distances.
-        score: ``"max"`` (exact max q.k, default), ``"mean"`` (mean-key gate,
-            MoBA) or ``"minmax"`` (Quest bound); all RoPE-consistent.
+        score: ``"lse"`` (log of the page's attention mass, default), ``"max"``
+            (exact max q.k), ``"mean"`` (mean-key gate, MoBA) or ``"minmax"``
+            (Quest bound); all RoPE-consistent.
+        aggregate: how a (layer, KV head, query) row rates the pages before the
+            votes: ``"mass"`` (default: softmax over the candidate pages, the share
+            of attention each page would get) or ``"z"`` (z-score over the pages).
         scope: ``"shared"`` (one selection for all layers and heads, default),
             ``"layer"`` (one per layer) or ``"head"`` (one per layer and KV head).
         keep_selection: keep the question's selection for every answer token;
             off: each decode step re-selects per layer from its own query.
         query_tokens: prompt tokens at the end whose queries choose the pages
             (the question and the chat template's answer prefix).
-        votes: a page's score is the mean of its ``votes`` best z-scores over
+        votes: a page's score is the mean of its ``votes`` best ratings over
             (layer, KV head, query) rows: a page must stand out for several
             queries or heads, not one noisy row.
         reencode: with ``scope="shared"``, encode the sink pages + selected pages
@@ -128,7 +135,8 @@ class BlockTopKPolicy(SelectionPolicy):
     topk: int = 8
     sinks: int = 64
     window: int = 1024
-    score: str = "max"
+    score: str = "lse"
+    aggregate: str = "mass"
     scope: str = "shared"
     keep_selection: bool = True
     query_tokens: int = 32
@@ -166,6 +174,8 @@ class BlockTopKPolicy(SelectionPolicy):
             )
         if self.score not in SCORES:
             raise LongKVError(f"unknown block_topk score {self.score!r}: choose one of {', '.join(SCORES)}")
+        if self.aggregate not in AGGREGATES:
+            raise LongKVError(f"unknown block_topk aggregate {self.aggregate!r}: choose one of {', '.join(AGGREGATES)}")
         if self.scope not in SCOPES:
             raise LongKVError(f"unknown block_topk scope {self.scope!r}: choose one of {', '.join(SCOPES)}")
         if self.resident:
@@ -223,7 +233,7 @@ class BlockTopKPolicy(SelectionPolicy):
     def describe(self) -> str:
         tiers = f", resident={self.resident}, cold={self.cold}, cold_codec={self.cold_codec}" if self.resident else ""
         return (
-            f"block_topk(topk={self.topk}, sinks={self.sinks}, window={self.window}, score={self.score}, "
+            f"block_topk(topk={self.topk}, sinks={self.sinks}, window={self.window}, score={self.score}, aggregate={self.aggregate}, "
             f"scope={self.scope}, expand={self.expand}, keep_selection={self.keep_selection}, reencode={self.reencode}{tiers})"
         )
 
@@ -267,14 +277,19 @@ class BlockTopKPolicy(SelectionPolicy):
     def _scores(
         self, state: BlockTopKState, layer: int, q: torch.Tensor, lkv: LayerKV, n_before: int, rope: Rotary
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Candidate pages (C,) and their z-scores (Hkv, R, C), one row per query of each KV head's group."""
+        """Candidate pages (C,) and their rating (Hkv, R, C) per row (one per query of each KV head's group):
+        the share of attention (``aggregate="mass"``) or the z-score over the pages (``"z"``)."""
         ps = lkv.page_size
         sinks = self.sink_tokens(ps)
         cand = candidate_pages(n_before, sinks, self.window, ps)
-        if self.score != "max":
+        if self.score not in ("max", "lse"):
             state.summaries[layer].update(lkv, rope)
         w0 = window_start(n_before, sinks, self.window, ps)
-        return cand, _zscore(page_scores(q, lkv, cand, w0 - ps, rope, self.score, state.summaries[layer]))
+        s = page_scores(q, lkv, cand, w0 - ps, rope, self.score, state.summaries[layer])
+        if self.aggregate == "z":
+            return cand, _zscore(s)
+        scale = 1.0 if self.score == "lse" else q.shape[-1] ** -0.5
+        return cand, torch.softmax(s * scale, dim=-1)
 
     def _select_layer(
         self, state: BlockTopKState, layer: int, q: torch.Tensor, lkv: LayerKV, n_before: int, rope: Rotary, k: int
