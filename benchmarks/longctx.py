@@ -34,7 +34,7 @@ import torch
 
 from longkv import LLM
 from longkv.engine.runner import Runner, Sequence
-from longkv.policies import BlockTopKPolicy
+from longkv.policies import BlockTopKPolicy, make_policy
 
 ROOT = Path(__file__).resolve().parents[1]
 BOOKS = ROOT.parent / "shared" / "data" / "books"
@@ -231,12 +231,14 @@ def main() -> None:
     ap.add_argument("--model", default=str(MODEL))
     ap.add_argument("--lengths", type=int, nargs="+", default=[16384, 32768])
     ap.add_argument("--samples", type=int, default=6)
-    ap.add_argument("--topk", type=int, nargs="+", default=[2, 4, 8, 16, 32])
-    ap.add_argument("--scores", nargs="+", default=["max", "mean", "minmax"], help="scores tried at topk=8")
+    ap.add_argument("--topk", type=int, nargs="+", default=[8])
+    ap.add_argument("--scores", nargs="+", default=[], help="other page scores tried at topk=8 (max, mean, minmax)")
     ap.add_argument("--expand", type=int, nargs="+", default=[1], help="block_topk expand values tried with each --topk")
     ap.add_argument("--resident", default="", help="block_topk resident KV bytes (e.g. 1GiB): tiered cache")
     ap.add_argument("--cold", default="disk", help="cold tier with --resident: disk or ram")
     ap.add_argument("--cold-codec", default="int8", help="cold page codec with --resident: int8, int4, none")
+    ap.add_argument("--extra", nargs="+", default=[], metavar="LABEL::KNOBS",
+                    help='more block_topk variants, e.g. "z-vote::score=max,aggregate=z,expand=1"')
     ap.add_argument("--window", type=int, default=1024)
     ap.add_argument("--ablate", action="store_true", help="also k=8 without re-encoding the selected pages")
     ap.add_argument("--dense", action="store_true", help="also run dense on the full prompt (fits the window only)")
@@ -261,7 +263,12 @@ def main() -> None:
         f"block_topk k={k}" + (f" e={e}" if e else ""): dataclasses.replace(base, topk=k, expand=e)
         for e in args.expand for k in args.topk
     }
-    variants |= {f"block_topk k=8 {s}": dataclasses.replace(base, topk=8, score=s) for s in args.scores if s != "max"}
+    variants |= {f"block_topk k=8 {s}": dataclasses.replace(base, topk=8, score=s) for s in args.scores if s != base.score}
+    for extra in args.extra:
+        label, _, knobs = extra.partition("::")
+        pol = make_policy(f"block_topk:{knobs}", window=args.window)
+        assert isinstance(pol, BlockTopKPolicy)
+        variants[label] = dataclasses.replace(pol, resident=base.resident, cold=base.cold, cold_codec=base.cold_codec)
     if args.ablate:
         variants["block_topk k=8 no re-encode"] = dataclasses.replace(base, topk=8, reencode=False)
     variants["local (sinks+window)"] = dataclasses.replace(base, topk=0)

@@ -229,8 +229,11 @@ class TieredLayerKV(LayerKV):
     Args:
         n_kv_heads, head_dim, page_size, dtype: as :class:`~longkv.kv.cache.LayerKV`.
         pinned_tokens: tokens at the start always kept in RAM (sinks; a multiple of ``page_size``).
-        hot_tokens: the tail keeps at least this many newest tokens in RAM; whole
-            pages older than that are spilled to the cold store.
+        hot_tokens: most tokens the tail holds in RAM; when it grows past that,
+            whole pages are spilled to the cold store, oldest first, until
+            ``max(min_hot, 3/4 hot_tokens)`` remain (spilling in batches keeps the
+            cost of repacking the tail low).
+        min_hot: newest tokens always left in RAM (the local window and a chunk).
         cold: ``"ram"`` or ``"disk"``.
         codec: ``"none"``, ``"int8"`` or ``"int4"`` for cold pages.
         directory: where a disk store puts its file.
@@ -241,7 +244,7 @@ class TieredLayerKV(LayerKV):
 
     def __init__(
         self, n_kv_heads: int, head_dim: int, page_size: int = 64, dtype: torch.dtype = torch.float32, *,
-        pinned_tokens: int = 64, hot_tokens: int = 4096, cold: str = "disk", codec: str = "int8",
+        pinned_tokens: int = 64, hot_tokens: int = 4096, min_hot: int = 0, cold: str = "disk", codec: str = "int8",
         directory: str | Path | None = None,
     ) -> None:
         if cold not in COLD:
@@ -250,6 +253,7 @@ class TieredLayerKV(LayerKV):
             raise LongKVError(f"tiered KV needs whole pinned pages and at least one hot page (page size {page_size})")
         self.page_size, self.acc = page_size, None
         self.pinned_tokens, self.hot_tokens = pinned_tokens, hot_tokens
+        self.spill_to = min(hot_tokens, max(min_hot, hot_tokens - hot_tokens // 4))
         self.head = LayerKV(n_kv_heads, head_dim, page_size, dtype)
         self.tail = LayerKV(n_kv_heads, head_dim, page_size, dtype)
         self.cold: ColdStore = (
@@ -300,7 +304,9 @@ class TieredLayerKV(LayerKV):
             k, v, positions = k[:, room:], v[:, room:], positions[room:]
         if positions.numel():
             self.tail.append(k, v, positions)
-        spill = (self.tail.n - self.hot_tokens) // self.page_size * self.page_size
+        if self.tail.n <= self.hot_tokens:
+            return
+        spill = (self.tail.n - self.spill_to) // self.page_size * self.page_size
         if spill > 0:
             tk, tv, tp = self.tail.view()
             self.cold.write(tk[:, :spill], tv[:, :spill], tp[:spill])

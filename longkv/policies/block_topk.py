@@ -224,6 +224,7 @@ class BlockTopKPolicy(SelectionPolicy):
         return TieredLayerKV(
             n_kv_heads, head_dim, page_size, dtype, pinned_tokens=self.sink_tokens(page_size),
             hot_tokens=self.hot_tokens(model, engine, dtype.itemsize), cold=self.cold, codec=self.cold_codec,
+            min_hot=self.window + 2 * page_size + max(engine.chunk_size, self.query_tokens),
             directory=self.tier_dir or None,
         )
 

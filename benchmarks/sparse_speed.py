@@ -1,0 +1,121 @@
+"""Prefill and decode speed of block_topk against our dense attention and llama.cpp, by context length.
+
+Same machine, same GGUF, same threads, one run. For each length L (book text):
+
+* ``dense``: our engine with dense attention over the whole cache (forced past
+  the model's trained window: a speed measurement, the answers are not used);
+* ``block_topk``: the default block_topk policy (sink pages + local window
+  during prefill, pages chosen at the question, kept for the answer);
+* ``llama.cpp`` (``--llama-cpp``): llama-cpp-python, n_batch 512.
+
+Decode: ``--steps`` greedy tokens right after the prefill. Also printed: the
+bytes one decode step reads (weights + the KV it attends to).
+
+    python benchmarks/sparse_speed.py --lengths 2048 32768 --llama-cpp --out benchmarks/results/sparse_speed.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from throughput import decode_bytes_per_token, make_llama_cpp  # noqa: E402
+
+from longkv import LLM  # noqa: E402
+from longkv.engine.runner import Runner  # noqa: E402
+from longkv.policies import BlockTopKPolicy, DensePolicy, KVPolicy  # noqa: E402
+
+MODEL = Path.home() / ".cache" / "longkv-test-models" / "smollm2-135m.gguf"
+BOOKS = ROOT.parent / "shared" / "data" / "books"
+
+
+def book_ids(llm: LLM, n: int) -> list[int]:
+    ids: list[int] = []
+    for p in sorted(BOOKS.glob("*.txt")):
+        ids += llm.encode(p.read_text())
+        if len(ids) >= n:
+            return ids[:n]
+    raise SystemExit(f"not enough book text in {BOOKS} for {n} tokens")
+
+
+def run(llm: LLM, policy: KVPolicy, ids: list[int], steps: int) -> dict:
+    runner = Runner(llm.model, policy, llm.engine_config)
+    seq = runner.new_sequence(len(ids) + steps + 1)
+    t0 = time.perf_counter()
+    logits = runner.prefill(seq, ids)
+    t1 = time.perf_counter()
+    token = int(logits.argmax())
+    for _ in range(steps):
+        token = int(runner.decode(seq, token).argmax())
+    t2 = time.perf_counter()
+    return {"prefill_tok_s": round(len(ids) / (t1 - t0), 1), "prefill_s": round(t1 - t0, 1),
+            "decode_tok_s": round(steps / (t2 - t1), 2), "kv_ram_mib": round(seq.peak_kv_bytes / 2**20, 1)}
+
+
+def attended_tokens(pol: BlockTopKPolicy, llm: LLM, n: int) -> int:
+    """Cached tokens one block_topk decode step reads: sinks + retrieved pages + window (+ the answer so far)."""
+    ps = llm.engine_config.page_size
+    pages = pol.topk * (1 + 2 * pol.expand)
+    return min(n, pol.sink_tokens(ps) + pages * ps + pol.window + ps)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=str(MODEL))
+    ap.add_argument("--lengths", type=int, nargs="+", default=[2048, 32768])
+    ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--llama-cpp", action="store_true", help="also time llama-cpp-python on the same GGUF")
+    ap.add_argument("--no-dense", action="store_true", help="skip our dense attention (slow at long lengths)")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "sparse_speed.json"))
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    llm = LLM(model=args.model, dtype="bfloat16")
+    pol = BlockTopKPolicy()
+    pol.validate(llm.config, llm.engine_config)
+    c = llm.config
+    kv_token = 2 * c.n_layers * c.n_kv_heads * c.head_dim * 2
+    weights = decode_bytes_per_token(llm, 0)
+    rows = []
+    for n in args.lengths:
+        ids = book_ids(llm, n)
+        row: dict = {"length": n}
+        print(f"{n} tokens: block_topk ...", flush=True)
+        row["block_topk"] = run(llm, pol, ids, args.steps)
+        row["block_topk"]["decode_mb_per_token"] = round((weights + attended_tokens(pol, llm, n) * kv_token) / 1e6, 1)
+        if not args.no_dense:
+            print(f"{n} tokens: dense ...", flush=True)
+            row["dense"] = run(llm, DensePolicy(), ids, args.steps)
+            row["dense"]["decode_mb_per_token"] = round(decode_bytes_per_token(llm, n) / 1e6, 1)
+        if args.llama_cpp:
+            print(f"{n} tokens: llama.cpp ...", flush=True)
+            timing = make_llama_cpp(Path(args.model), args.threads, n + args.steps + 8)(ids, args.steps)
+            row["llama.cpp"] = {"prefill_tok_s": round(timing[0], 1), "prefill_s": round(n / timing[0], 1),
+                                "decode_tok_s": round(timing[1], 2)}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({"args": vars(args), "machine": platform.processor() or platform.machine(),
+                                              "policy": pol.describe(), "rows": rows}, indent=1))
+    print(f"{'length':>7} | {'engine':<10} | {'prefill tok/s':>13} | {'decode tok/s':>12} | block_topk x engine (prefill / decode)")
+    for row in rows:
+        b = row["block_topk"]
+        for name in ("block_topk", "dense", "llama.cpp"):
+            if name in row:
+                r = row[name]
+                ratio = f"{b['prefill_tok_s'] / r['prefill_tok_s']:.2f}x / {b['decode_tok_s'] / r['decode_tok_s']:.2f}x"
+                print(f"{row['length']:>7} | {name:<10} | {r['prefill_tok_s']:>13} | {r['decode_tok_s']:>12} | {ratio}")
+
+
+if __name__ == "__main__":
+    main()
