@@ -183,7 +183,7 @@ def test_local_only_differs_from_dense_and_question_selection_helps() -> None:
 def test_selection_is_fixed_for_the_answer_and_cache_intact() -> None:
     model = tiny_model()
     ids = torch.randint(0, 97, (200,), generator=torch.Generator().manual_seed(4)).tolist()
-    pol = BlockTopKPolicy(topk=3, sinks=PS, window=2 * PS, query_tokens=10)
+    pol = BlockTopKPolicy(topk=3, sinks=PS, window=2 * PS, query_tokens=10, expand=0)
     _, seq = _run(model, pol, ids, [1, 2, 3, 4])
     st = seq.selection
     assert all(p is st.pages[0] for p in st.pages) and st.pages[0].shape == (1, 3)
@@ -280,8 +280,9 @@ def test_spec_parser_and_validation_errors() -> None:
             make_policy(f"block_topk:{knob}").validate(model.config, eng)
     with pytest.raises(LongKVError, match="no knob 'k'"):
         make_policy("block_topk:k=4")
-    assert dataclasses.replace(pol, topk=1).span(eng) == 64 + PS + 256 + PS + 64  # sinks + 1 page + window + page + chunk
-    assert dataclasses.replace(pol, query_tokens=100).span(eng) == 64 + 4 * PS + 256 + PS + 100
+    # sinks + 1 page and its 2 neighbours + window + page + chunk
+    assert dataclasses.replace(pol, topk=1).span(eng) == 64 + 3 * PS + 256 + PS + 64
+    assert dataclasses.replace(pol, query_tokens=100, expand=0).span(eng) == 64 + 4 * PS + 256 + PS + 100
 
 
 def test_reencoded_pages_are_the_dense_encoding_of_sinks_plus_pages() -> None:

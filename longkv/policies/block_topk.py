@@ -132,7 +132,7 @@ class BlockTopKPolicy(SelectionPolicy):
     """
 
     name: ClassVar[str] = "block_topk"
-    topk: int = 8
+    topk: int = 4
     sinks: int = 64
     window: int = 1024
     score: str = "lse"
@@ -143,7 +143,7 @@ class BlockTopKPolicy(SelectionPolicy):
     votes: int = 10
     reencode: bool = True
     prefill_topk: int = 0
-    expand: int = 0
+    expand: int = 1
     resident: str = ""
     cold: str = "disk"
     cold_codec: str = "int8"
