@@ -119,9 +119,9 @@ def test_tier_errors_are_clear(tmp_path) -> None:
 
 
 # ---------------------------------------------------------------- block_topk over tiers (tiny model, float32)
-def _resident(hot_tokens: int, sinks: int = PS) -> str:
+def _resident(hot_tokens: int, sinks: int = PS, chunk: int = 16) -> str:
     per_token = 2 * 2 * 16 * 4 + 8  # tiny model: 2 KV heads x 16 dims, float32, + position
-    return str((hot_tokens + sinks) * per_token * 2)  # 2 layers
+    return str((hot_tokens + sinks + chunk) * per_token * 2)  # 2 layers
 
 
 def test_block_topk_on_an_uncoded_disk_tier_equals_it_in_ram(tmp_path) -> None:
@@ -136,6 +136,7 @@ def test_block_topk_on_an_uncoded_disk_tier_equals_it_in_ram(tmp_path) -> None:
     lkv = seq.cache[0]
     assert isinstance(lkv, TieredLayerKV) and lkv.hot_tokens == 64 and lkv.cold.n_pages > 30
     assert torch.equal(disk, ram)
+    assert 0 < seq.peak_kv_bytes <= int(tier.resident)  # the resident budget holds, exactly accounted
     # selecting every page from a disk tier is still dense attention
     dense, _ = _run(model, DensePolicy(), ids, [5, 6, 7])
     every = BlockTopKPolicy(topk=1000, prefill_topk=1000, sinks=PS, window=2 * PS, query_tokens=12,

@@ -229,7 +229,8 @@ class TieredLayerKV(LayerKV):
     Args:
         n_kv_heads, head_dim, page_size, dtype: as :class:`~longkv.kv.cache.LayerKV`.
         pinned_tokens: tokens at the start always kept in RAM (sinks; a multiple of ``page_size``).
-        hot_tokens: most tokens the tail holds in RAM; when it grows past that,
+        hot_tokens: most tokens the tail holds in RAM after an append (RAM peaks
+            at ``hot_tokens`` + the tokens of one append); when it grows past that,
             whole pages are spilled to the cold store, oldest first, until
             ``max(min_hot, 3/4 hot_tokens)`` remain (spilling in batches keeps the
             cost of repacking the tail low).
@@ -303,6 +304,7 @@ class TieredLayerKV(LayerKV):
             self.head.append(k[:, :room], v[:, :room], positions[:room])
             k, v, positions = k[:, room:], v[:, room:], positions[room:]
         if positions.numel():
+            self.tail.reserve(self.tail.n + positions.numel())  # exact growth: no doubling past the hot set
             self.tail.append(k, v, positions)
         if self.tail.n <= self.hot_tokens:
             return

@@ -205,7 +205,8 @@ class BlockTopKPolicy(SelectionPolicy):
         if self.cold == "ram":
             return least
         per_layer = parse_bytes(self.resident) // model.n_layers
-        hot = (per_layer // per_token - self.sink_tokens(ps)) // ps * ps
+        # RAM per layer: sinks + hot tail + one chunk appended before the spill
+        hot = (per_layer // per_token - self.sink_tokens(ps) - max(engine.chunk_size, self.query_tokens)) // ps * ps
         if hot < least:
             need = (least + self.sink_tokens(ps)) * per_token * model.n_layers
             raise LongKVError(
