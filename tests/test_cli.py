@@ -83,6 +83,11 @@ def test_budget_below_sinks_and_window(work: Path, tiny_llama: Path) -> None:
     assert_user_error(proc, "below sinks 4 + window 100", "--budget")
 
 
+def test_bad_resident_size_for_tiered_kv(work: Path, tiny_llama: Path) -> None:
+    proc = run(["ask", "notes.txt", "-q", "x", "--model", str(tiny_llama), "--policy", "block_topk:resident=lots"], work)
+    assert_user_error(proc, "cannot read 'lots' as a size", "1GiB")
+
+
 def test_dense_beyond_window_suggests_streaming(work: Path, tiny_llama: Path) -> None:
     (work / "long.txt").write_text("the quick brown fox " * 400)
     proc = run(["ask", "long.txt", "-q", "x", "--model", str(tiny_llama), "--policy", "dense"], work)
