@@ -67,6 +67,10 @@ def ask(
 
     if not question.strip():
         raise LongKVError("the question is empty: pass -q \"...\"")
+    if policy not in (None, "auto"):
+        from longkv.policies import make_policy
+
+        make_policy(policy)  # a wrong name or knob fails now, before the model loads
     docs, skipped = collect(paths)
     if skipped and not as_json:
         err.print(f"[dim]skipped {len(skipped)} binary or non-UTF-8 file(s), e.g. {skipped[0]}[/dim]")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import pytest
 import torch
@@ -261,15 +262,15 @@ def test_spec_parser_and_validation_errors() -> None:
     pol.validate(model.config, eng)
     assert pol.max_context(model.config) is None
     bad = {
-        "topk=-1": "topk, prefill_topk, sinks and expand >= 0",
-        "expand=-1": "topk, prefill_topk, sinks and expand >= 0",
+        "topk=-1": "topk must be >= 0, got -1",
+        "expand=-1": "expand must be >= 0, got -1",
         "resident=lots": "cannot read 'lots' as a size",
         "resident=1KiB": "cannot hold the sinks, window and a chunk",
-        "resident=1GiB,cold=tape": "cold must be one of ram, disk",
-        "resident=1GiB,cold_codec=fp8": "cold_codec one of none, int8, int4",
-        "window=0": "window, query_tokens and votes >= 1",
-        "query_tokens=0": "query_tokens and votes >= 1",
-        "votes=0": "query_tokens and votes >= 1",
+        "resident=1GiB,cold=tape": "unknown block_topk cold tier 'tape'",
+        "resident=1GiB,cold_codec=fp8": "unknown block_topk cold_codec 'fp8'",
+        "window=0": "window must be >= 1",
+        "query_tokens=0": "query_tokens must be >= 1",
+        "votes=0": "votes must be >= 1",
         "score=cosine": "unknown block_topk score 'cosine'",
         "scope=token": "unknown block_topk scope 'token'",
         "aggregate=sum": "unknown block_topk aggregate 'sum'",
@@ -280,6 +281,13 @@ def test_spec_parser_and_validation_errors() -> None:
             make_policy(f"block_topk:{knob}").validate(model.config, eng)
     with pytest.raises(LongKVError, match="no knob 'k'"):
         make_policy("block_topk:k=4")
+    with pytest.raises(LongKVError, match="knob 'topk' needs a value"):
+        make_policy("block_topk:topk")
+    # the smallest resident the error names is really enough
+    with pytest.raises(LongKVError, match=r"needs >= (\d+) MiB") as err:
+        make_policy("block_topk:resident=10KiB,window=256").validate(model.config, eng)
+    enough = int(re.search(r"needs >= (\d+) MiB", str(err.value)).group(1))  # type: ignore[union-attr]
+    make_policy(f"block_topk:resident={enough}MiB,window=256").validate(model.config, eng)
     # sinks + 1 page and its 2 neighbours + window + page + chunk
     assert dataclasses.replace(pol, topk=1).span(eng) == 64 + 3 * PS + 256 + PS + 64
     assert dataclasses.replace(pol, query_tokens=100, expand=0).span(eng) == 64 + 4 * PS + 256 + PS + 100

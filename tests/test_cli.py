@@ -88,10 +88,15 @@ def test_bad_resident_size_for_tiered_kv(work: Path, tiny_llama: Path) -> None:
     assert_user_error(proc, "cannot read 'lots' as a size", "1GiB")
 
 
-def test_dense_beyond_window_suggests_streaming(work: Path, tiny_llama: Path) -> None:
+def test_bad_thread_count(work: Path, tiny_llama: Path) -> None:
+    proc = run(["ask", "notes.txt", "-q", "x", "--model", str(tiny_llama), "--threads", "0"], work)
+    assert_user_error(proc, "threads must be at least 1, got 0")
+
+
+def test_dense_beyond_window_suggests_block_topk(work: Path, tiny_llama: Path) -> None:
     (work / "long.txt").write_text("the quick brown fox " * 400)
     proc = run(["ask", "long.txt", "-q", "x", "--model", str(tiny_llama), "--policy", "dense"], work)
-    assert_user_error(proc, "exceeds the model's trained window", "--policy streaming")
+    assert_user_error(proc, "exceeds the model's trained window", "--policy block_topk")
 
 
 def test_unknown_option_is_a_usage_error(work: Path) -> None:

@@ -93,7 +93,7 @@ def test_streaming_answers_far_beyond_the_window(smollm2_bf16: LLM, book_text: s
 
 
 def test_dense_beyond_the_window_is_a_clear_error(smollm2_bf16: LLM) -> None:
-    with pytest.raises(LongKVError, match="use --policy streaming"):
+    with pytest.raises(LongKVError, match="use the block_topk policy"):
         smollm2_bf16.generate(list(range(100, 8300)), policy="dense", max_new_tokens=4)
 
 

@@ -40,6 +40,7 @@ class Stats:
     ttft_s: float = 0.0
     decode_s: float = 0.0
     peak_kv_bytes: int = 0
+    kv_disk_bytes: int = 0  # KV pages in a disk tier (block_topk with resident=...)
     policy: str = ""
 
     @property
@@ -58,7 +59,9 @@ class Stats:
         return (
             f"prompt {self.prompt_tokens} tokens | prefill {self.prefill_tok_s:.0f} tok/s | "
             f"TTFT {self.ttft_s:.2f} s | decode {self.decode_tok_s:.1f} tok/s ({self.generated_tokens} tokens) | "
-            f"peak KV {_fmt_bytes(self.peak_kv_bytes)} | policy {self.policy}"
+            f"peak KV {_fmt_bytes(self.peak_kv_bytes)}"
+            + (f" (+ {_fmt_bytes(self.kv_disk_bytes)} on disk)" if self.kv_disk_bytes else "")
+            + f" | policy {self.policy}"
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -72,6 +75,7 @@ class Stats:
             "decode_s": round(self.decode_s, 4),
             "decode_tok_s": round(self.decode_tok_s, 1),
             "peak_kv_bytes": self.peak_kv_bytes,
+            "kv_disk_bytes": self.kv_disk_bytes,
             "policy": self.policy,
         }
 
@@ -132,6 +136,8 @@ class LLM:
         self.engine_config = EngineConfig(chunk_size=chunk_size, page_size=page_size, dtype=dtype, threads=threads)
         self.int8_decode = dtype == "bfloat16" if int8_decode is None else int8_decode
         if threads is not None:
+            if threads < 1:
+                raise LongKVError(f"threads must be at least 1, got {threads}: pass a positive count or leave it unset (all cores)")
             torch.set_num_threads(threads)
         self._default_policy = policy
         self._default_budget = budget
@@ -181,7 +187,8 @@ class LLM:
         if limit is not None and n_tokens > limit:
             raise LongKVError(
                 f"input of {n_tokens} tokens (prompt + max new tokens) exceeds the model's trained window of "
-                f"{limit} under the {pol.name} policy: use --policy streaming (or a smaller input)"
+                f"{limit} under the {pol.name} policy: use the block_topk policy (--policy block_topk, or auto) to read "
+                "beyond the window, streaming to keep only recent tokens, or a smaller input"
             )
         return pol
 
@@ -281,6 +288,7 @@ class LLM:
         if t_first:
             st.decode_s = time.perf_counter() - t_first
         st.peak_kv_bytes = max(seq.peak_kv_bytes, seq.cache.bytes())
+        st.kv_disk_bytes = sum(getattr(lkv, "disk_bytes", lambda: 0)() for lkv in seq.cache.layers)
 
     def generate(
         self,

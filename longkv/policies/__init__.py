@@ -74,6 +74,8 @@ def make_policy(spec: str | KVPolicy, **overrides: Any) -> KVPolicy:
     for item in filter(None, (p.strip() for p in rest.split(","))):
         key, eq, value = item.partition("=")
         key = key.strip()
+        if not eq and key in fields:
+            raise LongKVError(f"policy {name} knob {key!r} needs a value: write {name}:{key}=VALUE")
         if not eq or key not in fields:
             known = ", ".join(fields) or "none"
             raise LongKVError(f"policy {name} has no knob {key!r}: its knobs are {known} (e.g. {name}:{next(iter(fields), 'budget')}=...)")

@@ -160,18 +160,17 @@ class BlockTopKPolicy(SelectionPolicy):
         pages = max(self.topk * (1 + 2 * self.expand), self.prefill_topk)
         return self.sink_tokens(ps) + pages * ps + self.window + ps + block
 
-    def validate(self, model: ModelConfig, engine: EngineConfig) -> None:
-        if min(self.topk, self.prefill_topk, self.sinks, self.expand) < 0:
-            raise LongKVError(
-                f"block_topk needs topk, prefill_topk, sinks and expand >= 0, got {self.topk}, {self.prefill_topk}, "
-                f"{self.sinks}, {self.expand}: "
-                "pass non-negative values"
-            )
-        if self.window < 1 or self.query_tokens < 1 or self.votes < 1:
-            raise LongKVError(
-                f"block_topk needs window, query_tokens and votes >= 1, got {self.window}, {self.query_tokens}, "
-                f"{self.votes}: raise them"
-            )
+    def __post_init__(self) -> None:
+        self.check_knobs()  # bad knobs fail when the policy is built, before any model is loaded
+
+    def check_knobs(self) -> None:
+        """Raise :class:`~longkv.errors.LongKVError` on a knob that is wrong for any model."""
+        for knob in ("topk", "prefill_topk", "sinks", "expand"):
+            if getattr(self, knob) < 0:
+                raise LongKVError(f"block_topk {knob} must be >= 0, got {getattr(self, knob)}: pass a non-negative value")
+        for knob in ("window", "query_tokens", "votes"):
+            if getattr(self, knob) < 1:
+                raise LongKVError(f"block_topk {knob} must be >= 1, got {getattr(self, knob)}: raise it")
         if self.score not in SCORES:
             raise LongKVError(f"unknown block_topk score {self.score!r}: choose one of {', '.join(SCORES)}")
         if self.aggregate not in AGGREGATES:
@@ -179,12 +178,16 @@ class BlockTopKPolicy(SelectionPolicy):
         if self.scope not in SCOPES:
             raise LongKVError(f"unknown block_topk scope {self.scope!r}: choose one of {', '.join(SCOPES)}")
         if self.resident:
-            self.hot_tokens(model, engine)  # raises on a bad size or one too small for the window
-            if self.cold not in COLD or self.cold_codec not in CODECS:
-                raise LongKVError(
-                    f"block_topk tiers: cold must be one of {', '.join(COLD)} and cold_codec one of "
-                    f"{', '.join(CODECS)}, got {self.cold!r}, {self.cold_codec!r}"
-                )
+            parse_bytes(self.resident)  # raises on a bad size
+            if self.cold not in COLD:
+                raise LongKVError(f"unknown block_topk cold tier {self.cold!r}: choose one of {', '.join(COLD)}")
+            if self.cold_codec not in CODECS:
+                raise LongKVError(f"unknown block_topk cold_codec {self.cold_codec!r}: choose one of {', '.join(CODECS)}")
+
+    def validate(self, model: ModelConfig, engine: EngineConfig) -> None:
+        self.check_knobs()
+        if self.resident:
+            self.hot_tokens(model, engine)  # raises on a size too small for sinks + window + chunk
         span = self.span(engine)
         if span > model.max_position:
             raise LongKVError(
@@ -208,10 +211,10 @@ class BlockTopKPolicy(SelectionPolicy):
         # RAM per layer: sinks + hot tail + one chunk appended before the spill
         hot = (per_layer // per_token - self.sink_tokens(ps) - max(engine.chunk_size, self.query_tokens)) // ps * ps
         if hot < least:
-            need = (least + self.sink_tokens(ps)) * per_token * model.n_layers
+            need = (least + self.sink_tokens(ps) + max(engine.chunk_size, self.query_tokens)) * per_token * model.n_layers
             raise LongKVError(
                 f"block_topk resident={self.resident} cannot hold the sinks, window and a chunk in RAM "
-                f"(needs >= {need / 2**20:.0f} MiB for this model): raise resident or lower window"
+                f"(needs >= {-(-need // 2**20)} MiB for this model): raise resident or lower window"
             )
         return hot
 
