@@ -315,7 +315,7 @@ def plot(files: list[str], variant: str, png: Path, bins: int = 5) -> Path:
                 depth = round(res["depth"] * (bins - 1)) / (bins - 1)
                 rows.append({"policy": variant, "depth": depth, "length": res["length"], "score": float(a["correct"]), "status": "ok"})
     png.parent.mkdir(parents=True, exist_ok=True)
-    return heatmap(rows, variant, png, f"SmolLM2-135M (8 K window), needle retrieval: {variant}")
+    return heatmap(rows, variant, png, f"SmolLM2-135M (8 K window)\n{variant}")
 
 
 def summarise(results: list[dict]) -> dict:

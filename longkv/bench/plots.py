@@ -28,6 +28,10 @@ def _mean(xs: list[float]) -> float:
 
 
 def _fmt_len(n: int) -> str:
+    if n >= 1 << 20 and n % (1 << 20) == 0:
+        return f"{n >> 20}M"
+    if n >= 1024 and n % 1024 == 0:
+        return f"{n >> 10}K"
     return f"{n / 1000:g}K" if n >= 1000 else str(n)
 
 
