@@ -132,7 +132,7 @@ class BlockTopKPolicy(SelectionPolicy):
     """
 
     name: ClassVar[str] = "block_topk"
-    topk: int = 4
+    topk: int = 2
     sinks: int = 64
     window: int = 1024
     score: str = "lse"
