@@ -166,10 +166,25 @@ def test_selecting_every_page_equals_dense(scope: str) -> None:
     model = tiny_model()
     ids = torch.randint(0, 97, (300,), generator=torch.Generator().manual_seed(0)).tolist()
     dense, _ = _run(model, DensePolicy(), ids, [5, 6, 7])
-    pol = BlockTopKPolicy(topk=1000, prefill_topk=1000, sinks=PS, window=2 * PS, query_tokens=12, scope=scope)
+    pol = BlockTopKPolicy(topk=1000, prefill_topk=1000, sinks=PS, window=2 * PS, query_tokens=12, scope=scope,
+                          dense_fallback=False)
     sparse, seq = _run(model, pol, ids, [5, 6, 7])
     assert seq.selection.pages[0] is not None and seq.selection.pages[0].shape[-1] == len(seq.selection.candidates)
     torch.testing.assert_close(sparse, dense, rtol=0, atol=1e-4)
+
+
+def test_a_prompt_within_the_span_is_read_densely() -> None:
+    model = tiny_model()
+    ids = torch.randint(0, 97, (100,), generator=torch.Generator().manual_seed(6)).tolist()
+    dense, _ = _run(model, DensePolicy(), ids, [5, 6])
+    pol = BlockTopKPolicy(topk=2, sinks=PS, window=2 * PS, query_tokens=12)  # span 8 + 48 + 16 + 8 + 16 = 96
+    assert pol.span(EngineConfig(chunk_size=16, page_size=PS)) == 96
+    short, seq = _run(model, pol, ids[:96], [5, 6])
+    assert seq.selection.dense and seq.selection.pages[0] is None  # no selection pass
+    ref, _ = _run(model, DensePolicy(), ids[:96], [5, 6])
+    torch.testing.assert_close(short, ref, rtol=0, atol=1e-5)
+    longer, seq = _run(model, pol, ids, [5, 6])  # 100 > span: selection and windows as usual
+    assert not seq.selection.dense and (longer - dense).abs().max().item() > 1e-4
 
 
 def test_local_only_differs_from_dense_and_question_selection_helps() -> None:

@@ -165,8 +165,8 @@ class Runner:
         if not ids:
             raise ValueError("prefill needs at least one token")
         if isinstance(self.policy, SelectionPolicy):
-            self.policy.reset(seq.selection)
-            split = self.policy.question_start(len(ids))
+            self.policy.reset(seq.selection, len(ids))
+            split = self.policy.question_start(len(ids), seq.selection)
             if split:
                 self._chunks(seq, ids[:split], progress, 0, len(ids), compress)
                 return self.ask(seq, ids[split:])

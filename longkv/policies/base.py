@@ -246,10 +246,10 @@ class SelectionPolicy(KVPolicy, ABC):
     def new_state(self, model: ModelConfig, engine: EngineConfig) -> Any:
         """Fresh per-sequence state (selection in force, page summaries)."""
 
-    def reset(self, state: Any) -> None:
-        """Forget the selection in force (a new prompt starts)."""
+    def reset(self, state: Any, n_tokens: int = 0) -> None:
+        """Forget the selection in force: a new prompt of ``n_tokens`` starts (0: length unknown)."""
 
-    def question_start(self, n_tokens: int) -> int:
+    def question_start(self, n_tokens: int, state: Any = None) -> int:
         """Index where the question part of an ``n_tokens`` prompt starts (0: no separate selection)."""
         return 0
 

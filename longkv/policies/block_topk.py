@@ -70,11 +70,17 @@ class BlockTopKState:
         anchor: window start when the selection was made (None: no selection).
         max_local: most tokens the local window may hold before it slides
             (``window + page_size + block``, the block term of the validated span).
+        dense_upto: prompts of at most this many tokens (the span) are read densely.
+        max_position: the model's trained window (dense reading stops there).
+        dense: the current prompt is read densely (set by ``reset``).
     """
 
     pages: list[torch.Tensor | None]
     summaries: list[PageSummaries]
     max_local: int
+    dense_upto: int = 0
+    max_position: int = 0
+    dense: bool = False
     anchor: int | None = None
     candidates: torch.Tensor | None = None
     z: torch.Tensor | None = None
@@ -125,6 +131,8 @@ class BlockTopKPolicy(SelectionPolicy):
             top of the hot set: int8 ~0.56x, int4 ~0.31x the bfloat16 bytes).
         cold_codec: ``"int8"``, ``"int4"`` or ``"none"`` for cold pages.
         tier_dir: folder of the disk tier's page files (deleted on exit).
+        dense_fallback: read a prompt no longer than the span (what block_topk
+            would attend to anyway) densely, without selection (faster, exact).
 
     Raises:
         LongKVError (from :meth:`validate`): a knob out of range, an unknown score
@@ -148,6 +156,7 @@ class BlockTopKPolicy(SelectionPolicy):
     cold: str = "disk"
     cold_codec: str = "int8"
     tier_dir: str = ""
+    dense_fallback: bool = True
 
     # ------------------------------------------------------------------ setup
     def sink_tokens(self, page_size: int) -> int:
@@ -248,14 +257,21 @@ class BlockTopKPolicy(SelectionPolicy):
             [None] * n,
             [PageSummaries(model.n_kv_heads, model.head_dim, ps) for _ in range(n)],
             self.window + ps + max(engine.chunk_size, self.query_tokens),
+            dense_upto=min(self.span(engine), model.max_position) if self.dense_fallback else 0,
+            max_position=model.max_position,
         )
 
-    def reset(self, state: BlockTopKState) -> None:
+    def reset(self, state: BlockTopKState, n_tokens: int = 0) -> None:
         state.pages = [None] * len(state.pages)
         state.anchor = None
         state.prefix = None
+        # A prompt no longer than what block_topk would attend to anyway (its span) is read
+        # densely: nothing would be left out, and selection would only add its fixed cost.
+        state.dense = 0 < n_tokens <= state.dense_upto
 
-    def question_start(self, n_tokens: int) -> int:
+    def question_start(self, n_tokens: int, state: BlockTopKState | None = None) -> int:
+        if state is not None and 0 < n_tokens <= state.dense_upto:
+            return 0  # dense fallback: no separate selection
         return max(n_tokens - self.query_tokens, 0)
 
     # ------------------------------------------------------------------ attention
@@ -263,6 +279,10 @@ class BlockTopKPolicy(SelectionPolicy):
         self, state: BlockTopKState, layer: int, q: torch.Tensor, lkv: LayerKV, q_pos: torch.Tensor, rope: Rotary
     ) -> torch.Tensor:
         """Attention of one layer for T new tokens (already appended to ``lkv``): (H, T, D)."""
+        if state.dense and lkv.n <= state.max_position:
+            k, v, kpos = lkv.read(0, lkv.n)
+            assert v is not None
+            return attend(q, k, v, q_pos, kpos)
         sinks = self.sink_tokens(lkv.page_size)
         pages = state.pages[layer]
         t = q.shape[1]
