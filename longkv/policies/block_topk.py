@@ -280,9 +280,9 @@ class BlockTopKPolicy(SelectionPolicy):
     ) -> torch.Tensor:
         """Attention of one layer for T new tokens (already appended to ``lkv``): (H, T, D)."""
         if state.dense and lkv.n <= state.max_position:
-            k, v, kpos = lkv.read(0, lkv.n)
-            assert v is not None
-            return attend(q, k, v, q_pos, kpos)
+            keys, values, kpos = lkv.read(0, lkv.n)
+            assert values is not None
+            return attend(q, keys, values, q_pos, kpos)
         sinks = self.sink_tokens(lkv.page_size)
         pages = state.pages[layer]
         t = q.shape[1]
