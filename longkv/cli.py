@@ -46,6 +46,7 @@ def ask(
     max_new_tokens: Annotated[int, typer.Option(help="Most tokens to generate.")] = 256,
     temperature: Annotated[float, typer.Option(help="0 for greedy decoding.")] = 0.0,
     top_p: Annotated[float, typer.Option(help="Nucleus sampling threshold (with temperature > 0).")] = 1.0,
+    repetition_penalty: Annotated[float, typer.Option(help="> 1 discourages repeating generated tokens (1.0: off; small models loop less with 1.2).")] = 1.0,
     seed: Annotated[int | None, typer.Option(help="Seed for sampling.")] = None,
     chunk_size: Annotated[int, typer.Option(help="Prefill chunk in tokens.")] = 512,
     dtype: Annotated[str, typer.Option(help="Compute dtype: bfloat16 (fast) or float32 (exact).")] = "bfloat16",
@@ -88,7 +89,8 @@ def ask(
 
     try:
         out = llm.generate(
-            ids, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, progress=progress, on_text=write
+            ids, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, progress=progress, on_text=write,
+            repetition_penalty=repetition_penalty,
         )
     finally:
         done()

@@ -48,3 +48,16 @@ def test_seed_reproduces_and_differs() -> None:
 def test_bad_values_raise(kwargs: dict) -> None:
     with pytest.raises(LongKVError):
         SamplingParams(**kwargs)
+
+
+def test_repetition_penalty_lowers_seen_tokens_only() -> None:
+    from longkv.engine.sampling import penalize_repeats
+
+    logits = torch.tensor([2.0, -1.0, 0.5, 3.0])
+    out = penalize_repeats(logits, [0, 1, 1], 2.0)
+    assert out.tolist() == [1.0, -2.0, 0.5, 3.0]  # positive halved, negative doubled, unseen unchanged
+    assert penalize_repeats(logits, [0], 1.0) is logits
+    params = SamplingParams(repetition_penalty=2.0)
+    assert sample(torch.tensor([3.0, 2.0]), params, make_generator(0), [0]) == 1  # greedy moves off the repeat
+    with pytest.raises(LongKVError, match="repetition_penalty must be > 0"):
+        SamplingParams(repetition_penalty=0.0)

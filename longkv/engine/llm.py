@@ -257,7 +257,7 @@ class LLM:
         t_first = 0.0
         res.finish_reason = "length"
         for step in range(params.max_new_tokens):
-            token = sample(logits, params, gen)
+            token = sample(logits, params, gen, out)
             if step == 0:
                 t_first = time.perf_counter()
                 st.ttft_s = t_first - t0
@@ -304,6 +304,7 @@ class LLM:
         progress: ProgressFn | None = None,
         on_text: Callable[[str], None] | None = None,
         ignore_eos: bool = False,
+        repetition_penalty: float = 1.0,
     ) -> Generation:
         """Complete ``prompt`` (text or token ids) and return the whole :class:`Generation`.
 
@@ -312,7 +313,7 @@ class LLM:
         Raises:
             LongKVError: empty prompt, bad sampling values, or a policy that cannot serve the input.
         """
-        params = SamplingParams(max_new_tokens, temperature, top_k, top_p, seed, tuple(stop), ignore_eos)
+        params = SamplingParams(max_new_tokens, temperature, top_k, top_p, seed, tuple(stop), ignore_eos, repetition_penalty)
         res = Generation("", [], "length")
         pieces: list[str] = []
         for piece in self.stream(prompt, params, policy, budget, progress, res):

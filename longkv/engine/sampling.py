@@ -26,6 +26,9 @@ class SamplingParams:
         seed: seed of the sampling generator (None: nondeterministic).
         stop: strings that end the completion (not included in the text).
         ignore_eos: keep going past end-of-sequence tokens (benchmarks).
+        repetition_penalty: > 1 makes tokens already generated less likely (CTRL,
+            Keskar et al. 2019: positive logits divided by it, negative ones
+            multiplied); 1.0: off.
     """
 
     max_new_tokens: int = 256
@@ -35,6 +38,7 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    repetition_penalty: float = 1.0
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 0:
@@ -43,6 +47,8 @@ class SamplingParams:
             raise LongKVError(f"temperature must be >= 0, got {self.temperature}: use 0 for greedy")
         if self.top_k < 0:
             raise LongKVError(f"top_k must be >= 0, got {self.top_k}: use 0 to disable")
+        if not self.repetition_penalty > 0:
+            raise LongKVError(f"repetition_penalty must be > 0, got {self.repetition_penalty}: use 1.0 to disable")
         if not 0.0 < self.top_p <= 1.0:
             raise LongKVError(f"top_p must be in (0, 1], got {self.top_p}")
 
@@ -73,8 +79,20 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
     return out
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
-    """Pick one token id from logits (V,) float32."""
+def penalize_repeats(logits: torch.Tensor, history: list[int], penalty: float) -> torch.Tensor:
+    """Logits (V,) with every token of ``history`` made less likely by ``penalty`` (a new tensor)."""
+    if penalty == 1.0 or not history:
+        return logits
+    out = logits.clone()
+    idx = torch.tensor(sorted(set(history)), dtype=torch.int64)
+    seen = out[idx]
+    out[idx] = torch.where(seen > 0, seen / penalty, seen * penalty)
+    return out
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator, history: list[int] | None = None) -> int:
+    """Pick one token id from logits (V,) float32; ``history``: tokens generated so far (repetition penalty)."""
+    logits = penalize_repeats(logits, history or [], params.repetition_penalty)
     if params.temperature == 0.0:
         return int(torch.argmax(logits))
     scaled = filter_logits(logits / params.temperature, params.top_k, params.top_p)
