@@ -116,18 +116,14 @@ class QuantizedLayerKV(LayerKV):
         k, v = self._decode(slice(0, self.n))
         return k, v, self.pos[: self.n]
 
-    @property
-    def n_kv_heads(self) -> int:
-        return self.k.shape[0]
-
     def read(self, lo: int, hi: int, values: bool = True) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """Decoded tokens [lo, hi): k, v (Hkv, hi - lo, D) of ``dtype`` (v None unless ``values``), positions."""
         idx = slice(lo, hi)
+        if values:
+            k, v = self._decode(idx)
+            return k, v, self.pos[idx]
         k = dequantize(self.k[:, idx], self.k_step[:, idx], self.k_min[:, idx], self.bits, self.group, self.dtype)
-        if not values:
-            return k, None, self.pos[idx]
-        v = dequantize(self.v[:, idx], self.v_step[:, idx], self.v_min[:, idx], self.bits, self.group, self.dtype)
-        return k, v, self.pos[idx]
+        return k, None, self.pos[idx]
 
     def gather_pages(self, page_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         idx = (page_ids[:, None] * self.page_size + torch.arange(self.page_size)[None, :]).reshape(-1)
