@@ -32,7 +32,7 @@ from longkv.policies.modes import prefill_with_question
 
 ROOT = Path(__file__).resolve().parents[1]
 BOOKS = ROOT.parent / "shared" / "data" / "books"
-METHODS = ["snapkv", "expected_attention", "h2o", "tova", "pyramid", "adakv", "knorm", "streaming", "random"]
+METHODS = ["snapkv", "kvzip", "expected_attention", "h2o", "tova", "pyramid", "adakv", "knorm", "streaming", "random"]
 QUERY_FREE = {"knorm", "streaming", "random"}  # same kept context in both modes: run question-agnostic only
 NAMES = ["Tobias", "Marguerite", "Ezekiel", "Philippa", "Octavia", "Barnaby", "Cornelius", "Imogen"]
 
@@ -61,6 +61,8 @@ def make_sample(llm: LLM, book: str, length: int, seed: int, needles: int) -> di
         "question_ids": llm.encode(prompt[cut:]),
         "answer": numbers[0],
         "seed": seed,
+        # the same sample as text, for other tools (kvpress_compare.py)
+        "context": context, "question": question, "answer_prefix": f"The secret number of {names[0]} is",
     }
 
 
@@ -180,6 +182,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "compression.json")
     ap.add_argument("--rss", default="", help="instead: peak RSS per input length, e.g. 4096,16384 (policy --rss-policy)")
     ap.add_argument("--rss-policy", default="snapkv:budget=2048")
+    ap.add_argument("--dump-samples", type=Path, default=None, help="instead: write the samples as text (for kvpress_compare.py) and exit")
     args = ap.parse_args()
     ratios = [float(r) for r in args.ratios.split(",")]
     if args.report:
@@ -204,6 +207,13 @@ def main() -> None:
     llm = LLM(model=path, dtype="bfloat16", chunk_size=512)
     book = (BOOKS / args.book).read_text()
     samples = [make_sample(llm, book, args.length, seed, args.needles) for seed in range(args.samples)]
+    if args.dump_samples:
+        keep = ("seed", "answer", "context", "question", "answer_prefix")
+        dump = {"meta": {"model": args.model, "model_path": path, "length": args.length, "needles": args.needles, "book": args.book, "samples": args.samples},
+                "samples": [{k: s[k] for k in keep} for s in samples]}
+        args.dump_samples.write_text(json.dumps(dump, indent=1))
+        print(f"wrote {len(samples)} samples to {args.dump_samples}")
+        return
     args.out.parent.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
     meta = {"model": args.model, "length": args.length, "needles": args.needles, "book": args.book, "samples": args.samples}

@@ -3,7 +3,8 @@
 Every method: budget >= input gives the dense logits exactly; a small budget
 keeps exactly ``budget`` tokens per layer (per-layer budgets for PyramidKV,
 per-head sets summing to the layer budget for AdaKV) with the sinks and local
-window each method promises; the same input keeps the same tokens.
+window each method promises; the same input keeps the same tokens; a batch of
+two prompts of different lengths ends as each prompt does alone.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from longkv.policies import (
     TOVAPolicy,
     make_policy,
 )
-from longkv.policies.base import window_attention
+from longkv.policies.base import probe_observation, window_attention
 from longkv.policies.modes import fork, prefill_with_question
 
 METHODS = [
@@ -41,11 +42,14 @@ METHODS = [
     "adakv:scorer=expected_attention",
     "knorm",
     "expected_attention",
+    "kvzip",
+    "kvzip:scope=shared,kernel=5",
+    "adakv:scorer=kvzip",
     "random",
 ]
 
 
-def tiny_model(arch: str = "llama", seed: int = 0, n_layers: int = 2, max_position: int = 1 << 20):
+def tiny_model(arch: str = "llama", seed: int = 0, n_layers: int = 2, max_position: int = 1 << 20, dtype: torch.dtype = torch.float32):
     """A random llama/qwen2 model: hidden 64, 4 heads / 2 KV heads (GQA), head_dim 16, vocab 64."""
     cfg = ModelConfig(
         arch=arch, vocab_size=64, hidden_size=64, intermediate_size=128, n_layers=n_layers, n_heads=4,
@@ -54,13 +58,13 @@ def tiny_model(arch: str = "llama", seed: int = 0, n_layers: int = 2, max_positi
     g = torch.Generator().manual_seed(seed)
 
     def rnd(*shape: int, std: float = 0.1) -> torch.Tensor:
-        return torch.randn(*shape, generator=g) * std
+        return (torch.randn(*shape, generator=g) * std).to(dtype)
 
-    w = {"model.embed_tokens.weight": rnd(64, 64, std=1.0), "model.norm.weight": torch.ones(64), "lm_head.weight": rnd(64, 64)}
+    w = {"model.embed_tokens.weight": rnd(64, 64, std=1.0), "model.norm.weight": torch.ones(64, dtype=dtype), "lm_head.weight": rnd(64, 64)}
     for i in range(n_layers):
         p = f"model.layers.{i}."
-        w[p + "input_layernorm.weight"] = torch.ones(64)
-        w[p + "post_attention_layernorm.weight"] = torch.ones(64)
+        w[p + "input_layernorm.weight"] = torch.ones(64, dtype=dtype)
+        w[p + "post_attention_layernorm.weight"] = torch.ones(64, dtype=dtype)
         w[p + "self_attn.q_proj.weight"] = rnd(64, 64, std=0.4)  # peaked attention: scores differ
         w[p + "self_attn.k_proj.weight"] = rnd(32, 64, std=0.4)
         w[p + "self_attn.v_proj.weight"] = rnd(32, 64)
@@ -316,3 +320,139 @@ def test_original_positions_keep_keys_where_they_were() -> None:
     assert original.key_positions(pos) is None
     cfg = tiny_model().config
     assert SnapKVPolicy().max_context(cfg) is None and original.max_context(cfg) == cfg.max_position
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def model64(request: pytest.FixtureRequest):
+    return tiny_model(request.param, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("budget", [4000, 40])
+@pytest.mark.parametrize("spec", ["dense", *METHODS])
+def test_batch_of_two_lengths_equals_each_alone(model64, spec: str, budget: int) -> None:
+    # One forward per chunk / decode step for both sequences (ragged batch): same logits and
+    # the same kept tokens, through prefill compressions and one compression while decoding
+    # (34 steps). In float64, so the batch's other GEMM row count (rounding in the last bits)
+    # cannot flip a near-tie between two tokens' scores.
+    model = model64
+    prompts = [ids(190, seed=13), ids(97, seed=14)]
+    make = (lambda: DensePolicy()) if spec == "dense" else (lambda: make_policy(spec, budget=budget))
+    alone = [run(model, make(), p, steps=34) for p in prompts]
+    policy = make()
+    policy.validate(model.config, ENGINE)
+    runner = Runner(model, policy, ENGINE)
+    seqs = [runner.new_sequence(), runner.new_sequence()]
+    first = runner.prefill_batch(seqs, prompts)
+    steps = [torch.stack(first)]
+    for t in range(34):  # feed each sequence the tokens it chose alone
+        steps.append(runner.decode_batch(seqs, [int(alone[i][1][t].argmax()) for i in range(2)]))
+    got = torch.stack(steps, dim=1)  # (2, 35, V)
+    for i in range(2):
+        torch.testing.assert_close(got[i], alone[i][1], rtol=0, atol=1e-9)
+        assert kept_positions(seqs[i]) == kept_positions(alone[i][0])
+        assert seqs[i].tokens == alone[i][0].tokens
+
+
+def test_batch_errors() -> None:
+    model = tiny_model()
+    runner = Runner(model, DensePolicy(), ENGINE)
+    seqs = [runner.new_sequence(), runner.new_sequence()]
+    with pytest.raises(ValueError, match="non-empty"):
+        runner.prefill_batch(seqs, [ids(5), []])
+    with pytest.raises(ValueError, match="one token per sequence"):
+        runner.decode_batch(seqs, [1])
+
+
+def test_probe_leaves_cache_and_gives_the_real_queries(model) -> None:
+    # A probe's queries are those the same tokens get when prefilled for real; the cache is untouched.
+    policy = make_policy("snapkv", budget=4000)
+    runner = Runner(model, policy, ENGINE)
+    seq = runner.new_sequence()
+    runner.prefill(seq, ids(70, seed=20))
+    before = kept_positions(seq), [lkv.view()[0].clone() for lkv in seq.cache.layers]
+    question = ids(9, seed=21)
+    probed = runner.probe(seq, question)
+    assert kept_positions(seq) == before[0] and len(seq.tokens) == 70
+    assert all(torch.equal(lkv.view()[0], k) for lkv, k in zip(seq.cache.layers, before[1], strict=True))
+    real = fork(seq)
+    runner.prefill(real, question, compress=False)
+    for layer in range(model.config.n_layers):
+        assert probed[layer].shape == (model.config.n_heads, 9, model.config.head_dim)
+        torch.testing.assert_close(probed[layer], real.queries[layer][:, -9:], rtol=0, atol=1e-5)
+
+
+def test_probe_observation_lifts_the_causal_mask() -> None:
+    keys = torch.randn(2, 10, 16)
+    queries = torch.randn(4, 3, 16)
+    pos = torch.arange(10)
+    causal = window_attention(keys, queries, pos)
+    assert (causal[:, 0, 8:] == 0).all() and (causal[:, 1, 9:] == 0).all()  # query i sees up to 7 + i
+    with probe_observation():
+        probe = window_attention(keys, queries, pos)
+    assert (probe > 0).all()
+    torch.testing.assert_close(probe[:, 2], causal[:, 2])  # the newest query sees everything either way
+    torch.testing.assert_close(probe.sum(-1), torch.ones(2, 3))
+
+
+def test_kvzip_scores_by_a_repeat_of_each_chunk() -> None:
+    # After one 32-token chunk (nothing evicted) each token's score is the largest attention
+    # any query of a second copy of the chunk, probed over the cache, gives it in its KV group.
+    model = tiny_model("llama", seed=6)
+    policy = make_policy("kvzip", budget=4000)
+    runner = Runner(model, policy, ENGINE)
+    seq = runner.new_sequence()
+    chunk = ids(32, seed=22)
+    runner.prefill(seq, chunk)
+    probed = runner.probe(seq, chunk)
+    for layer, lkv in enumerate(seq.cache.layers):
+        k, _, pos = lkv.view()
+        with probe_observation():
+            expected = window_attention(k, probed[layer], pos, reduce="max").amax(1)
+        torch.testing.assert_close(lkv.acc, expected)
+    # the scores are a running maximum: a second chunk never lowers the first chunk's
+    first = seq.cache[0].acc.clone()
+    runner.prefill(seq, ids(32, seed=23))
+    assert (seq.cache[0].acc[:, :32] >= first).all()
+
+
+def test_question_aware_probes_the_question_after_every_chunk(monkeypatch) -> None:
+    model = tiny_model("llama", seed=7)
+    runner = Runner(model, make_policy("snapkv", budget=40), ENGINE)
+    seen: list[tuple[int, list[int]]] = []
+    real_probe = runner.probe
+
+    def spy(seq, probe_ids):
+        seen.append((len(seq.tokens), list(probe_ids)))
+        return real_probe(seq, probe_ids)
+
+    monkeypatch.setattr(runner, "probe", spy)
+    question = ids(6, seed=24)
+    prefill_with_question(runner, runner.new_sequence(), ids(100, seed=25), question, "question-aware")
+    assert seen == [(32, question), (64, question), (96, question), (100, question)]
+
+
+def test_shared_scope_keeps_one_set_for_every_layer() -> None:
+    # scope=shared: every layer keeps the same tokens, the best by the sum over layers of each
+    # layer's score shares; scope=layer lets the layers differ.
+    model = tiny_model("llama", seed=8, n_layers=3)
+    prompt = ids(120, seed=26)
+    shared = kept_positions(run(model, make_policy("kvzip", budget=40, scope="shared"), prompt, steps=0)[0])
+    per_layer = kept_positions(run(model, make_policy("kvzip", budget=40), prompt, steps=0)[0])
+    assert shared[0] == shared[1] == shared[2] and len(shared[0]) == 40
+    assert not per_layer[0] == per_layer[1] == per_layer[2]
+
+
+def test_shared_scope_ranks_by_summed_layer_shares() -> None:
+    from longkv.kv.cache import LayerKV
+
+    policy = make_policy("kvzip", budget=3, scope="shared", sinks=0, window=0)
+    caches = []
+    for acc in ([[6.0, 0.0, 0.0, 0.0, 2.0, 0.0]], [[0.0, 0.0, 0.0, 1.0, 2.0, 5.0]]):
+        lkv = LayerKV(1, 4, 64, torch.float32)
+        lkv.append(torch.randn(1, 6, 4), torch.randn(1, 6, 4), torch.arange(6))
+        lkv.acc = torch.tensor(acc)
+        caches.append(lkv)
+    policy.compress_layers(caches, {})  # no queries: rank by the stored totals alone
+    # shares: layer 0 -> .75 (token 0), .25 (4); layer 1 -> .125 (3), .25 (4), .625 (5)
+    # totals: 0 -> .75, 5 -> .625, 4 -> .5, 3 -> .125: layer 1 alone would keep 3 over 0
+    assert [lkv.view()[2].tolist() for lkv in caches] == [[0, 4, 5], [0, 4, 5]]

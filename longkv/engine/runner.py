@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
+from itertools import accumulate
 from typing import Any
 
 import torch
@@ -20,7 +21,7 @@ from longkv.attention.dense import attend
 from longkv.config import EngineConfig
 from longkv.kv.cache import HeadwiseLayerKV, KVCache, LayerKV
 from longkv.models.llama import LlamaModel
-from longkv.policies.base import KVPolicy, SelectionPolicy
+from longkv.policies.base import KVPolicy, SelectionPolicy, probe_observation
 
 # progress(tokens_done, tokens_total)
 ProgressFn = Callable[[int, int], None]
@@ -34,9 +35,9 @@ class Sequence:
     tokens: list[int] = field(default_factory=list)
     peak_kv_bytes: int = 0
     queries: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (H, W, D) last queries
-    # layer -> (H, W, D) fixed observation window that compression scores with instead of
-    # the last queries (question-aware compression of a context, see longkv.policies.modes)
-    observation: dict[int, torch.Tensor] = field(default_factory=dict)
+    # question-aware compression (see longkv.policies.modes): after every prefill chunk these
+    # tokens (the question) are probed over the cache and their queries score what to keep
+    probe_ids: list[int] = field(default_factory=list)
     selection: Any = None  # a SelectionPolicy's state (selected pages, page summaries)
 
     @property
@@ -145,9 +146,53 @@ class Runner:
             outs.append(attend(q[h * g : (h + 1) * g], keys, values, pos, kpos))
         return torch.cat(outs, dim=0)
 
-    def _compress(self, seq: Sequence) -> None:
-        for i, lkv in enumerate(seq.cache.layers):
-            self.policy.compress(i, lkv, seq.observation.get(i, seq.queries.get(i)))
+    def _compress(self, seq: Sequence, chunk: list[int] | None = None) -> None:
+        """Let the policy free what it will in every layer.
+
+        Observation queries: the question's, probed over the cache, when
+        ``seq.probe_ids`` is set (question-aware); a repeat of the prefill
+        ``chunk`` probed the same way for policies that score by reconstruction
+        (``reconstruct``, KVzip); else the last ``query_window`` queries.
+        """
+        probe: dict[int, torch.Tensor] = {}
+        if seq.probe_ids:
+            probe = self.probe(seq, seq.probe_ids)
+        elif chunk and getattr(self.policy, "reconstruct", False):
+            probe = self.probe(seq, chunk)
+        with probe_observation(bool(probe)):
+            self.policy.compress_layers(seq.cache.layers, probe or seq.queries)
+
+    @torch.inference_mode()
+    def probe(self, seq: Sequence, ids: list[int]) -> dict[int, torch.Tensor]:
+        """Queries of ``ids`` fed after every cached token, their KV not stored: layer -> (H, P, D).
+
+        The probe tokens take the positions that follow the sequence and attend
+        to the cache (as the policy positions it) and causally to themselves; the
+        cache and ``seq.tokens`` are left untouched. Used to score cached tokens
+        by what a later text needs from them: the question (FINCH, Corallo &
+        Papotti 2024) or a repeat of the context (KVzip, Kim et al. 2025).
+        Cost: one forward of ``len(ids)`` tokens over the cache.
+        """
+        out: dict[int, torch.Tensor] = {}
+
+        def attention(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+            out[layer] = q
+            lkv = seq.cache[layer]
+            heads = lkv.heads if isinstance(lkv, HeadwiseLayerKV) else [lkv]
+            g = q.shape[0] // len(heads)
+            hk = k.shape[0] // len(heads)
+            outs = []
+            for h, head in enumerate(heads):
+                keys, values, kpos = head.view()
+                keys = self._move_keys(keys, kpos)
+                kk, vv = k[h * hk : (h + 1) * hk], v[h * hk : (h + 1) * hk]
+                outs.append(attend(q[h * g : (h + 1) * g], torch.cat((keys, kk), 1), torch.cat((values, vv), 1), pos, torch.cat((kpos, pos))))
+            return torch.cat(outs, dim=0)
+
+        p0 = seq.next_position
+        positions = torch.arange(p0, p0 + len(ids), dtype=torch.int64)
+        self.model.forward(torch.tensor(ids, dtype=torch.int64), positions, attention, "none")
+        return out
 
     @torch.inference_mode()
     def prefill(
@@ -204,7 +249,7 @@ class Runner:
             seq.tokens.extend(part)
             seq.peak_kv_bytes = max(seq.peak_kv_bytes, seq.cache.bytes())
             if compress and self.policy.budget_tokens is not None:
-                self._compress(seq)
+                self._compress(seq, part)
             if progress is not None:
                 progress(done + start + len(part), total)
             if out is not None:
@@ -217,6 +262,10 @@ class Runner:
         pos = torch.tensor([seq.next_position], dtype=torch.int64)
         out = self.model.forward(torch.tensor([token], dtype=torch.int64), pos, self._attention(seq), "last")
         assert out is not None
+        self._after_decode(seq, token)
+        return out[-1]
+
+    def _after_decode(self, seq: Sequence, token: int) -> None:
         seq.tokens.append(token)
         budget = self.policy.budget_tokens
         if budget is not None and seq.cache[0].n >= budget + self.policy.evict_every:
@@ -224,7 +273,86 @@ class Runner:
             self._compress(seq)
         elif budget is None and len(seq.tokens) % 64 == 0:
             seq.peak_kv_bytes = max(seq.peak_kv_bytes, seq.cache.bytes())
-        return out[-1]
+
+    # ------------------------------------------------------------------ batches
+    def _batch_attention(
+        self, seqs: list[Sequence], sizes: list[int]
+    ) -> Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+        """Attention over a ragged batch: the T tokens are ``sizes[i]`` tokens of ``seqs[i]`` in turn."""
+        fns = [self._attention(s) for s in seqs]
+
+        def attention(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+            outs, o = [], 0
+            for fn, n in zip(fns, sizes, strict=True):
+                outs.append(fn(layer, q[:, o : o + n], k[:, o : o + n], v[:, o : o + n], pos[o : o + n]))
+                o += n
+            return torch.cat(outs, dim=1)
+
+        return attention
+
+    @torch.inference_mode()
+    def prefill_batch(
+        self, seqs: list[Sequence], prompts: list[list[int]], progress: ProgressFn | None = None, compress: bool = True
+    ) -> list[torch.Tensor]:
+        """Prefill several sequences at once; return the logits (V,) after each prompt.
+
+        A ragged batch (prompts of any lengths, no padding): each step takes the
+        next ``chunk_size`` tokens of every unfinished prompt, runs the model
+        once over all of them (one matmul per weight for the whole batch) and
+        attention sequence by sequence over its own cache; then each sequence
+        is compressed under the policy as :meth:`prefill` would. Every
+        sequence ends exactly as if prefilled alone (same kept tokens, logits
+        equal up to float rounding). Selection policies (block_topk) choose
+        pages from each question separately: their sequences are prefilled
+        one after the other.
+
+        Raises:
+            ValueError: an empty prompt, or ``seqs`` and ``prompts`` of different lengths.
+        """
+        if len(seqs) != len(prompts) or any(not p for p in prompts):
+            raise ValueError("prefill_batch needs one non-empty prompt per sequence")
+        if isinstance(self.policy, SelectionPolicy) or len(seqs) == 1:
+            return [self.prefill(s, p, progress, compress) for s, p in zip(seqs, prompts, strict=True)]
+        chunk, total = self.engine.chunk_size, sum(map(len, prompts))
+        logits: list[torch.Tensor | None] = [None] * len(seqs)
+        done = 0
+        for start in range(0, max(map(len, prompts)), chunk):
+            active = [i for i, p in enumerate(prompts) if start < len(p)]
+            parts = [prompts[i][start : start + chunk] for i in active]
+            positions = torch.cat([torch.arange(seqs[i].next_position, seqs[i].next_position + len(part)) for i, part in zip(active, parts, strict=True)])
+            ends = torch.tensor(list(accumulate(map(len, parts)))) - 1
+            last = [j for j, i in enumerate(active) if start + chunk >= len(prompts[i])]
+            ids = torch.tensor([t for part in parts for t in part], dtype=torch.int64)
+            out = self.model.forward(ids, positions, self._batch_attention([seqs[i] for i in active], list(map(len, parts))), ends[last] if last else "none")
+            for j, (i, part) in enumerate(zip(active, parts, strict=True)):
+                seq = seqs[i]
+                seq.tokens.extend(part)
+                seq.peak_kv_bytes = max(seq.peak_kv_bytes, seq.cache.bytes())
+                if compress and self.policy.budget_tokens is not None:
+                    self._compress(seq, part)
+                if j in last:
+                    assert out is not None
+                    logits[i] = out[last.index(j)]
+            done += len(ids)
+            if progress is not None:
+                progress(done, total)
+        return [lg for lg in logits if lg is not None]
+
+    @torch.inference_mode()
+    def decode_batch(self, seqs: list[Sequence], tokens: list[int]) -> torch.Tensor:
+        """Feed one token to each sequence in one forward; return the logits (B, V).
+
+        Raises:
+            ValueError: ``seqs`` and ``tokens`` of different lengths.
+        """
+        if len(seqs) != len(tokens):
+            raise ValueError("decode_batch needs one token per sequence")
+        pos = torch.tensor([s.next_position for s in seqs], dtype=torch.int64)
+        out = self.model.forward(torch.tensor(tokens, dtype=torch.int64), pos, self._batch_attention(seqs, [1] * len(seqs)), "all")
+        assert out is not None
+        for seq, token in zip(seqs, tokens, strict=True):
+            self._after_decode(seq, token)
+        return out
 
     @torch.inference_mode()
     def logits_all(self, seq: Sequence, ids: list[int]) -> torch.Tensor:

@@ -79,7 +79,7 @@ class LlamaModel:
         input_ids: torch.Tensor,
         positions: torch.Tensor,
         attention: AttentionFn,
-        logits_at: Literal["last", "all", "none"] = "last",
+        logits_at: Literal["last", "all", "none"] | torch.Tensor = "last",
     ) -> torch.Tensor | None:
         """Run the decoder over T new tokens.
 
@@ -89,10 +89,11 @@ class LlamaModel:
             attention: the engine's attention callback (see module docstring).
             logits_at: which positions get logits: only the last (prefill chunks,
                 decode), all (perplexity, parity tests), or none (middle chunks:
-                the LM head is skipped entirely).
+                the LM head is skipped entirely), or a (R,) int64 tensor of row
+                indices (the last token of each sequence of a batched chunk).
 
         Returns:
-            logits (1 or T, vocab) in float32, or None for ``"none"``.
+            logits (1, T or R, vocab) in float32, or None for ``"none"``.
         """
         c = self.config
         T = input_ids.shape[0]
@@ -109,8 +110,10 @@ class LlamaModel:
             o = attention(i, q, k, v, positions)  # (H, T, D)
             x = x + L.o(o.transpose(0, 1).reshape(T, nq))
             x = x + gated_mlp(rms_norm(x, L.mlp_norm, c.rms_eps), L.gate_up, L.down)
-        if logits_at == "none":
+        if isinstance(logits_at, torch.Tensor):
+            x = x[logits_at]
+        elif logits_at == "none":
             return None
-        if logits_at == "last":
+        elif logits_at == "last":
             x = x[-1:]
         return self.lm_head(rms_norm(x, self.norm, c.rms_eps)).float()

@@ -17,6 +17,7 @@ from longkv.policies.dense import DensePolicy
 from longkv.policies.expected_attention import ExpectedAttentionPolicy
 from longkv.policies.h2o import H2OPolicy
 from longkv.policies.knorm import KNormPolicy
+from longkv.policies.kvzip import KVzipPolicy
 from longkv.policies.pyramid import PyramidPolicy
 from longkv.policies.random import RandomPolicy
 from longkv.policies.snapkv import SnapKVPolicy
@@ -33,6 +34,7 @@ POLICIES: dict[str, type[KVPolicy]] = {
     "adakv": AdaKVPolicy,
     "knorm": KNormPolicy,
     "expected_attention": ExpectedAttentionPolicy,
+    "kvzip": KVzipPolicy,
     "random": RandomPolicy,
     "block_topk": BlockTopKPolicy,
 }
@@ -100,6 +102,7 @@ __all__ = [
     "H2OPolicy",
     "KNormPolicy",
     "KVPolicy",
+    "KVzipPolicy",
     "PyramidPolicy",
     "RandomPolicy",
     "SelectionPolicy",

@@ -18,6 +18,9 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -58,6 +61,15 @@ class KVPolicy:
 
     needs_queries: ClassVar[bool] = False
     evict_every: ClassVar[int] = 32
+
+    def compress_layers(self, caches: list[LayerKV], queries: dict[int, torch.Tensor]) -> None:
+        """Compress every layer (the runner's entry point): :meth:`compress` layer by layer.
+
+        queries: layer -> (H, W, D) observation queries. Policies that decide
+        for all layers at once (one kept set shared by the layers) override this.
+        """
+        for i, lkv in enumerate(caches):
+            self.compress(i, lkv, queries.get(i))
 
     def key_positions(self, positions: torch.Tensor) -> torch.Tensor | None:
         """Positions at which attention should see the cached keys.
@@ -191,6 +203,75 @@ class EvictionPolicy(KVPolicy, ABC):
         return f"{self.name}(budget={self.budget}, sinks={sinks}, window={window})"
 
 
+@dataclass
+class AccumulatedScorePolicy(EvictionPolicy, ABC):
+    """Rank tokens by a score accumulated over every compression, kept per token in ``LayerKV.acc``.
+
+    At each :meth:`compress` the observation queries score every cached token
+    (:meth:`score`) and the score is folded into the token's running total
+    (``accumulate = "sum"``, H2O) or running maximum (``"max"``, KVzip); the
+    (Hkv, N) float32 totals move and are freed with their tokens. Tokens are
+    ranked by the totals summed over KV heads (or their maximum, for a
+    subclass with ``heads = "max"``), max-pooled over ``kernel`` neighbours
+    when a subclass has that knob.
+    """
+
+    accumulate: ClassVar[str] = "sum"
+
+    def compress(self, layer: int, cache: LayerKV, queries: torch.Tensor | None = None) -> None:
+        # Fold in at every call (not only when something must go), then rank by the totals.
+        self.fold(layer, cache, queries)
+        super().compress(layer, cache, queries)
+
+    def fold(self, layer: int, cache: LayerKV, queries: torch.Tensor | None) -> None:
+        """Fold the observation's scores into ``cache.acc`` (sum or running max)."""
+        if queries is not None and cache.n:
+            k, v, pos = cache.view()
+            new = self.score(layer, k, v, pos, queries).float()
+            old = cache.acc if cache.acc is not None else torch.zeros(new.shape[0], 0)
+            old = torch.nn.functional.pad(old, (0, cache.n - old.shape[1]))
+            cache.acc = old + new if self.accumulate == "sum" else torch.maximum(old, new)
+
+    def token_scores(self, cache: LayerKV) -> torch.Tensor:
+        """(N,) float32 ranking of the cached tokens: the totals combined over KV heads (sum or max)."""
+        acc = cache.acc if cache.acc is not None else torch.zeros(1, 0)
+        acc = torch.nn.functional.pad(acc, (0, cache.n - acc.shape[1]))
+        return acc.amax(0) if getattr(self, "heads", "sum") == "max" else acc.sum(0)
+
+    def compress_layers(self, caches: list[LayerKV], queries: dict[int, torch.Tensor]) -> None:
+        if getattr(self, "scope", "layer") != "shared":
+            super().compress_layers(caches, queries)
+            return
+        # One kept set for every layer: each layer's scores as shares of that layer's total,
+        # summed over layers (a token that matters in any layer is kept in all).
+        for i, lkv in enumerate(caches):
+            self.fold(i, lkv, queries.get(i))
+        n = caches[0].n
+        budget = self.layer_budget(0)
+        if n <= budget:
+            return
+        total = torch.zeros(n)
+        for lkv in caches:
+            s = self.token_scores(lkv)
+            total += s / s.sum().clamp_min(1e-30)
+        keep = self.pick(total, budget)
+        for lkv in caches:
+            lkv.keep(keep)
+
+    def pick(self, scores: torch.Tensor, budget: int) -> torch.Tensor:
+        """Sorted (budget,) indices of the best tokens by ``scores`` (N,), after pooling and protection."""
+        kernel = int(getattr(self, "kernel", 1))
+        if kernel > 1:  # keep the neighbours of a high-scoring token with it (whole phrases)
+            scores = torch.nn.functional.max_pool1d(scores[None, None], kernel, stride=1, padding=kernel // 2)[0, 0]
+        scores = protect(scores, *self.protected(budget))
+        return torch.topk(scores, budget, sorted=False).indices.sort().values
+
+    def select(self, layer: int, cache: LayerKV, queries: torch.Tensor | None, budget: int) -> torch.Tensor | None:
+        if cache.n <= budget:
+            return None
+        return self.pick(self.token_scores(cache), budget)
+
+
 def protect(scores: torch.Tensor, sinks: int, window: int) -> torch.Tensor:
     """Scores (..., N) with the first ``sinks`` and last ``window`` tokens raised to +inf (always kept)."""
     n = scores.shape[-1]
@@ -201,25 +282,49 @@ def protect(scores: torch.Tensor, sinks: int, window: int) -> torch.Tensor:
     return scores
 
 
-def window_attention(keys: torch.Tensor, queries: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+_PROBE: ContextVar[bool] = ContextVar("longkv_probe_observation", default=False)
+
+
+@contextmanager
+def probe_observation(active: bool = True) -> Iterator[None]:
+    """Within this block the observation queries handed to policies come from a probe.
+
+    A probe (``Runner.probe``) feeds tokens *after* every cached token without
+    storing them (the question, in question-aware mode; a repeat of the chunk,
+    for KVzip), so its queries see every cached key: :func:`window_attention`
+    then applies no causal mask.
+    """
+    token = _PROBE.set(active)
+    try:
+        yield
+    finally:
+        _PROBE.reset(token)
+
+
+def window_attention(
+    keys: torch.Tensor, queries: torch.Tensor, positions: torch.Tensor, reduce: str = "mean"
+) -> torch.Tensor:
     """Attention of the observation-window queries over the cached keys, per KV head.
 
-    The W queries are taken to be those of the W newest tokens (the runner keeps
-    them), so query ``i`` sees the keys whose original position is at most
-    ``positions[-1] - (W - 1 - i)`` (causal). Softmax in float32, averaged over
-    the query heads that share a KV head (GQA).
+    Outside :func:`probe_observation` the W queries are those of the W newest
+    tokens (the runner keeps them), so query ``i`` sees the keys whose original
+    position is at most ``positions[-1] - (W - 1 - i)`` (causal); inside it they
+    follow every cached key and see them all. Softmax in float32, then the query
+    heads that share a KV head (GQA) are reduced by ``reduce`` (mean or max).
 
     keys: (Hkv, N, D) rotated; queries: (H, W, D) rotated; positions: (N,) int64.
-    Returns (Hkv, W, N) float32 attention probabilities (each row sums to 1).
+    Returns (Hkv, W, N) float32 attention probabilities (each row of each head sums to 1).
     """
     hkv, n, d = keys.shape
     h, w, _ = queries.shape
     g = h // hkv
     q = queries.float().reshape(hkv, g * w, d)
     logits = torch.bmm(q, keys.float().transpose(1, 2)).mul_(d**-0.5).view(hkv, g, w, n)
-    q_pos = positions[-1] - torch.arange(w - 1, -1, -1, dtype=torch.int64)
-    logits.masked_fill_(positions[None, :] > q_pos[:, None], -math.inf)
-    return logits.softmax(-1).mean(1)
+    if not _PROBE.get():
+        q_pos = positions[-1] - torch.arange(w - 1, -1, -1, dtype=torch.int64)
+        logits.masked_fill_(positions[None, :] > q_pos[:, None], -math.inf)
+    probs = logits.softmax(-1)
+    return probs.amax(1) if reduce == "max" else probs.mean(1)
 
 
 def needs_window(name: str, queries: torch.Tensor | None) -> torch.Tensor:

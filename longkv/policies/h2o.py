@@ -16,14 +16,12 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 
-from longkv.kv.cache import LayerKV
-from longkv.policies.base import EvictionPolicy, needs_window, protect, window_attention
+from longkv.policies.base import AccumulatedScorePolicy, needs_window, window_attention
 
 
 @dataclass
-class H2OPolicy(EvictionPolicy):
+class H2OPolicy(AccumulatedScorePolicy):
     """Keep the heavy hitters (accumulated attention) and a recent window.
 
     Attributes:
@@ -52,21 +50,6 @@ class H2OPolicy(EvictionPolicy):
     ) -> torch.Tensor:
         """(Hkv, N) float32: attention mass the observation-window queries give each token (summed)."""
         return window_attention(keys, needs_window(self.name, queries), positions).sum(1)
-
-    def compress(self, layer: int, cache: LayerKV, queries: torch.Tensor | None = None) -> None:
-        # Accumulate at every call (not only when something must go), then rank by the total.
-        if queries is not None and cache.n:
-            k, v, pos = cache.view()
-            acc = cache.acc if cache.acc is not None else torch.zeros(k.shape[0], 0)
-            cache.acc = F.pad(acc, (0, cache.n - acc.shape[1])) + self.score(layer, k, v, pos, queries)
-        super().compress(layer, cache, queries)
-
-    def select(self, layer: int, cache: LayerKV, queries: torch.Tensor | None, budget: int) -> torch.Tensor | None:
-        if cache.n <= budget:
-            return None
-        acc = cache.acc if cache.acc is not None else torch.zeros(1, 0)
-        scores = protect(F.pad(acc, (0, cache.n - acc.shape[1])).sum(0), *self.protected(budget))
-        return torch.topk(scores, budget, sorted=False).indices.sort().values
 
     def describe(self) -> str:
         return f"h2o(budget={self.budget}, sinks={self.sinks}, recent_ratio={self.recent_ratio})"

@@ -6,11 +6,12 @@
   can then be forked and asked many questions (a session, a server's shared
   prefix). The question is appended without further compression.
 * **question-aware**: the question is known while the context is compressed.
-  To keep memory bounded (compression still runs after every chunk) the
-  question's queries are first computed by a short forward of the question
-  alone at the positions it will occupy, and every compression of the context
-  scores with them as its observation window; after the context, the question
-  is prefilled for real and a last compression scores with its true queries.
+  To keep memory bounded, compression still runs after every chunk: each time,
+  the question is probed over the cache as it stands (``Runner.probe``: a
+  forward of the question's tokens placed after the chunk, their KV not
+  stored) and its queries score what to keep (as FINCH, Corallo & Papotti
+  2024). After the context, the question is prefilled for real and a last
+  compression scores with its true queries.
 
 Policies that use no queries (KNorm, Random, StreamingLLM) behave the same in
 both modes.
@@ -23,33 +24,11 @@ from typing import Literal
 
 import torch
 
-from longkv.attention.dense import attend
 from longkv.engine.runner import Runner, Sequence
 from longkv.errors import LongKVError
 
 Mode = Literal["question-agnostic", "question-aware"]
 MODES: tuple[str, ...] = ("question-agnostic", "question-aware")
-
-
-def question_queries(runner: Runner, question_ids: list[int], start: int) -> dict[int, torch.Tensor]:
-    """Rotated queries of the question alone, as if it sat at ``start``: layer -> (H, W, D).
-
-    W is at most ``runner.query_window`` (the last question tokens). The
-    question attends only to itself (causal): no context, so deeper layers'
-    queries are an approximation of those the full prompt will produce.
-    """
-    window = runner.query_window
-    out: dict[int, torch.Tensor] = {}
-
-    def attention(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        out[layer] = q[:, -window:].clone()
-        return attend(q, k, v, pos, pos)
-
-    ids = torch.tensor(question_ids, dtype=torch.int64)
-    positions = torch.arange(start, start + len(question_ids), dtype=torch.int64)
-    with torch.inference_mode():
-        runner.model.forward(ids, positions, attention, "none")
-    return out
 
 
 def prefill_with_question(
@@ -71,11 +50,11 @@ def prefill_with_question(
         compress_context(runner, seq, context_ids)
         return runner.prefill(seq, question_ids, compress=False)
     if runner.policy.needs_queries:
-        seq.observation = question_queries(runner, question_ids, seq.next_position + len(context_ids))
+        seq.probe_ids = list(question_ids)
     try:
         runner.prefill(seq, context_ids)
     finally:
-        seq.observation = {}
+        seq.probe_ids = []
     return runner.prefill(seq, question_ids)
 
 

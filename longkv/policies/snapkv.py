@@ -26,7 +26,11 @@ class SnapKVPolicy(EvictionPolicy):
         budget: tokens kept per layer.
         sinks: first tokens always kept.
         window: last tokens always kept (the observation window's own tokens).
-        kernel: width of the max-pooling along the sequence (odd, tokens).
+        kernel: width of the max-pooling along the sequence (odd, tokens). The
+            paper pools over 7 (kvpress: 5); 15 keeps a whole number or name with
+            its context: on 4 K-token book needles with SmolLM2-135M at 25 %
+            kept, question-aware, 7 answered 3 of 10 (most answers lost their
+            last digits) and 15 answered 9 of 10, as dense did (31: 6 of 10).
 
     Raises:
         LongKVError (from :meth:`validate`): budget below ``sinks + window``.
@@ -37,7 +41,7 @@ class SnapKVPolicy(EvictionPolicy):
     budget: int = 4096
     sinks: int = 4
     window: int = 32
-    kernel: int = 7
+    kernel: int = 15
 
     def score(
         self,

@@ -35,5 +35,10 @@ class ScorerWrapper(EvictionPolicy):
     def needs_queries(self) -> bool:  # type: ignore[override]
         return self.inner.needs_queries
 
+    @property
+    def reconstruct(self) -> bool:
+        """Whether the scorer rates tokens by a repeat of each chunk (KVzip)."""
+        return bool(getattr(self.inner, "reconstruct", False))
+
     def protected(self, budget: int) -> tuple[int, int]:
         return self.inner.protected(budget)
