@@ -65,3 +65,30 @@ def test_auto_policy_switches_to_streaming_beyond_the_window(tiny: LLM) -> None:
     assert tiny.resolve_policy(100).name == "dense"
     pol = tiny.resolve_policy(5000)
     assert pol.name == "streaming" and pol.budget_tokens == 512 - 128  # budget + chunk fits the window
+
+
+@pytest.mark.parametrize("policy", ["dense", "snapkv:budget=40", "kvzip:budget=40"])
+def test_batch_generation_equals_each_prompt_alone(tiny: LLM, policy: str) -> None:
+    prompts = ["The quick brown fox jumps over the lazy dog. " * 6, "Alice was", "def main():\n    return 1\n" * 3]
+    alone = [tiny.generate(p, max_new_tokens=12, ignore_eos=True, policy=policy) for p in prompts]
+    batch = tiny.generate_batch(prompts, max_new_tokens=12, ignore_eos=True, policy=policy)
+    assert [g.token_ids for g in batch] == [g.token_ids for g in alone]
+    assert [g.text for g in batch] == [g.text for g in alone]
+    assert [g.stats.prompt_tokens for g in batch] == [len(tiny.encode(p)) for p in prompts]
+    assert all(g.finish_reason == "length" and g.stats.generated_tokens == 12 for g in batch)
+
+
+def test_batch_generation_stops_each_sequence_on_its_own(tiny: LLM) -> None:
+    full = tiny.generate("The quick", max_new_tokens=30, ignore_eos=True)
+    stop = full.text[3:6]
+    out = tiny.generate_batch(["The quick", "Alice was"], max_new_tokens=30, ignore_eos=True, stop=[stop])
+    assert out[0].finish_reason == "stop" and out[0].text == full.text[: full.text.find(stop)]
+    other = tiny.generate("Alice was", max_new_tokens=30, ignore_eos=True, stop=[stop])
+    assert out[1].text == other.text and out[1].finish_reason == other.finish_reason
+
+
+def test_batch_generation_bad_inputs(tiny: LLM) -> None:
+    with pytest.raises(LongKVError, match="no prompts"):
+        tiny.generate_batch([])
+    with pytest.raises(LongKVError, match="prompt 1 is empty"):
+        tiny.generate_batch(["hello", ""])

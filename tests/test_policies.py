@@ -43,7 +43,7 @@ METHODS = [
     "knorm",
     "expected_attention",
     "kvzip",
-    "kvzip:scope=shared,kernel=5",
+    "kvzip:scope=layer,kernel=5",
     "adakv:scorer=kvzip",
     "random",
 ]
@@ -437,7 +437,7 @@ def test_shared_scope_keeps_one_set_for_every_layer() -> None:
     model = tiny_model("llama", seed=8, n_layers=3)
     prompt = ids(120, seed=26)
     shared = kept_positions(run(model, make_policy("kvzip", budget=40, scope="shared"), prompt, steps=0)[0])
-    per_layer = kept_positions(run(model, make_policy("kvzip", budget=40), prompt, steps=0)[0])
+    per_layer = kept_positions(run(model, make_policy("kvzip", budget=40, scope="layer"), prompt, steps=0)[0])
     assert shared[0] == shared[1] == shared[2] and len(shared[0]) == 40
     assert not per_layer[0] == per_layer[1] == per_layer[2]
 

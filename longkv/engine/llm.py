@@ -323,6 +323,83 @@ class LLM:
         res.text = "".join(pieces)
         return res
 
+    def generate_batch(
+        self,
+        prompts: list[str] | list[list[int]],
+        max_new_tokens: int = 256,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop: tuple[str, ...] | list[str] = (),
+        policy: str | KVPolicy | None = None,
+        budget: int | None = None,
+        ignore_eos: bool = False,
+        repetition_penalty: float = 1.0,
+    ) -> list[Generation]:
+        """Complete several prompts (text or token ids, any lengths) together; one Generation each.
+
+        Every prefill chunk and decode step runs the model once for all the
+        sequences still going (``Runner.prefill_batch`` / ``decode_batch``), each
+        with its own KV cache compressed under ``policy``; a sequence that stops
+        (end of sequence, a stop string, ``max_new_tokens``) leaves the batch.
+        Greedy results are those of :meth:`generate` on each prompt alone (up to
+        float rounding); sampling draws from one generator seeded by ``seed``.
+        ``stats.prefill_s`` is the batch's prefill time, shared by all.
+
+        Raises:
+            LongKVError: no prompts, an empty prompt, bad sampling values, or a
+                policy that cannot serve the longest input.
+        """
+        if not prompts:
+            raise LongKVError("no prompts: pass a list with at least one prompt")
+        params = SamplingParams(max_new_tokens, temperature, top_k, top_p, seed, tuple(stop), ignore_eos, repetition_penalty)
+        ids = [self.encode(p) if isinstance(p, str) else list(p) for p in prompts]
+        if any(not x for x in ids):
+            raise LongKVError(f"prompt {next(i for i, x in enumerate(ids) if not x)} is empty: pass some text for every prompt")
+        t0 = time.perf_counter()
+        pol = self.resolve_policy(max(map(len, ids)) + max_new_tokens, policy, budget)
+        runner = Runner(self.model, pol, self.engine_config)
+        seqs = [runner.new_sequence(len(x) + max_new_tokens) for x in ids]
+        logits = dict(enumerate(runner.prefill_batch(seqs, ids)))
+        prefill_s = time.perf_counter() - t0
+        gens = [Generation("", [], "length") for _ in ids]
+        for g, x in zip(gens, ids, strict=True):
+            g.stats.prompt_tokens, g.stats.policy, g.stats.prefill_s = len(x), pol.describe(), prefill_s
+        rng = make_generator(seed)
+        cuts: dict[int, str] = {}  # text of the sequences a stop string ended
+        active = list(range(len(ids)))
+        for step in range(max_new_tokens):
+            feed: list[int] = []
+            for i in active:
+                g = gens[i]
+                token = sample(logits[i], params, rng, g.token_ids)
+                if step == 0:
+                    g.stats.ttft_s = time.perf_counter() - t0
+                if token in self.eos_ids and not ignore_eos:
+                    g.finish_reason = "stop"
+                    continue
+                g.token_ids.append(token)
+                text = self.tokenizer.decode(g.token_ids, skip_special_tokens=True)
+                cut = _find_stop(text, params.stop)
+                if cut is not None:
+                    g.finish_reason, cuts[i] = "stop", text[:cut]
+                    continue
+                feed.append(i)
+            active = feed
+            if not active or step + 1 == max_new_tokens:
+                break
+            out = runner.decode_batch([seqs[i] for i in active], [gens[i].token_ids[-1] for i in active])
+            logits = {i: out[j] for j, i in enumerate(active)}
+        t1 = time.perf_counter()
+        for i, (g, seq) in enumerate(zip(gens, seqs, strict=True)):
+            g.text = cuts[i] if i in cuts else self.tokenizer.decode(g.token_ids, skip_special_tokens=True)
+            st = g.stats
+            st.generated_tokens = len(g.token_ids)
+            st.decode_s = max(t1 - t0 - st.ttft_s, 0.0)
+            st.peak_kv_bytes = max(seq.peak_kv_bytes, seq.cache.bytes())
+        return gens
+
     def chat(self, messages: list[dict[str, str]], **kwargs: Any) -> Generation:
         """Render ``messages`` with the chat template, then :meth:`generate` (same keyword arguments)."""
         if not messages:
