@@ -52,6 +52,10 @@ def ask(
     dtype: Annotated[str, typer.Option(help="Compute dtype: bfloat16 (fast) or float32 (exact).")] = "bfloat16",
     threads: Annotated[int | None, typer.Option(help="CPU threads (default: all cores).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (answer + stats) instead of streaming text.")] = False,
+    compression: Annotated[
+        str,
+        typer.Option(help="For eviction policies that score with queries (snapkv, h2o, tova, kvzip, ...): question-aware (the question chooses what each chunk keeps) or question-agnostic (each chunk scored without it)."),
+    ] = "question-aware",
 ) -> None:
     """Answer a question about long files, a folder or stdin.
 
@@ -68,6 +72,8 @@ def ask(
 
     if not question.strip():
         raise LongKVError("the question is empty: pass -q \"...\"")
+    if compression not in ("question-aware", "question-agnostic"):
+        raise LongKVError(f"unknown --compression {compression!r}: use question-aware or question-agnostic")
     if policy not in (None, "auto"):
         from longkv.policies import make_policy
 
@@ -91,6 +97,8 @@ def ask(
         out = llm.generate(
             ids, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, progress=progress, on_text=write,
             repetition_penalty=repetition_penalty,
+            # the question and the chat template's tail close the prompt: probe them
+            question_ids=ids[-(len(llm.encode(question)) + 8) :] if compression == "question-aware" else None,
         )
     finally:
         done()

@@ -133,3 +133,8 @@ def test_models_lists_architectures_and_default(work: Path) -> None:
 def test_help_teaches(work: Path) -> None:
     proc = run(["ask", "--help"], work)
     assert proc.returncode == 0 and "--policy" in proc.stdout and "Examples" in proc.stdout
+
+
+def test_unknown_compression_mode(work: Path) -> None:
+    proc = run(["ask", "notes.txt", "-q", "x", "--policy", "snapkv", "--compression", "aware"], work)
+    assert_user_error(proc, "unknown --compression 'aware'", "question-aware")

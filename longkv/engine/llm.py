@@ -216,11 +216,17 @@ class LLM:
         budget: int | None = None,
         progress: ProgressFn | None = None,
         result: Generation | None = None,
+        question_ids: list[int] | None = None,
     ) -> Iterator[str]:
         """Yield the completion's text piece by piece.
 
         ``result``, if given, is filled as it goes: token ids, finish reason and stats
         (its ``text`` is left to the caller, who sees every piece).
+        ``question_ids``: question-aware compression. For an eviction policy that
+        scores with queries, these tokens (the question, usually the prompt's
+        tail) are probed over the cache after every prefill chunk and their
+        queries choose what is kept (see :mod:`longkv.policies.modes`); ``None``:
+        question-agnostic, each chunk scored by its own last queries.
 
         Raises:
             LongKVError: empty prompt, or a policy that cannot serve it.
@@ -237,7 +243,12 @@ class LLM:
         runner = Runner(self.model, pol, self.engine_config)
         seq = runner.new_sequence(len(ids) + params.max_new_tokens)
         gen = make_generator(params.seed)
-        logits = runner.prefill(seq, ids, progress)
+        if question_ids and pol.needs_queries and pol.budget_tokens is not None:
+            seq.probe_ids = list(question_ids)
+        try:
+            logits = runner.prefill(seq, ids, progress)
+        finally:
+            seq.probe_ids = []
         st.prefill_s = time.perf_counter() - t0
         yield from self._decode_loop(runner, seq, logits, params, gen, res, t0)
 
@@ -305,10 +316,12 @@ class LLM:
         on_text: Callable[[str], None] | None = None,
         ignore_eos: bool = False,
         repetition_penalty: float = 1.0,
+        question_ids: list[int] | None = None,
     ) -> Generation:
         """Complete ``prompt`` (text or token ids) and return the whole :class:`Generation`.
 
         ``on_text`` receives each new piece of text as soon as it is decoded.
+        ``question_ids``: question-aware compression (see :meth:`stream`).
 
         Raises:
             LongKVError: empty prompt, bad sampling values, or a policy that cannot serve the input.
@@ -316,7 +329,7 @@ class LLM:
         params = SamplingParams(max_new_tokens, temperature, top_k, top_p, seed, tuple(stop), ignore_eos, repetition_penalty)
         res = Generation("", [], "length")
         pieces: list[str] = []
-        for piece in self.stream(prompt, params, policy, budget, progress, res):
+        for piece in self.stream(prompt, params, policy, budget, progress, res, question_ids):
             pieces.append(piece)
             if on_text is not None:
                 on_text(piece)
