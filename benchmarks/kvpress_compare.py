@@ -80,6 +80,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--venv", type=Path, default=ROOT / ".venv-kvpress")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "kvpress.json")
+    ap.add_argument("--rss", default="", help="instead: peak RSS of one SnapKV (25 %% kept, question-aware) answer per context length, e.g. 4096,16384, each in a fresh process")
+    ap.add_argument("--rss-one", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if not args.samples_file.exists():
         raise SystemExit(f"no samples file {args.samples_file}: write one with compression.py --dump-samples")
@@ -96,10 +98,30 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     data = json.loads(args.samples_file.read_text())
+    if args.rss:  # parent: one fresh process per length
+        rows = []
+        for n in (int(x) for x in args.rss.split(",")):
+            cmd = [sys.executable, __file__, "--samples-file", str(args.samples_file), "--venv", str(args.venv), "--threads", str(args.threads), "--dtype", args.dtype, f"--rss-one={n}"]
+            res = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
+            print(rows[-1], flush=True)
+        args.out.write_text(json.dumps(rows, indent=1))
+        return
     gguf = Path(data["meta"]["model_path"])
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=getattr(torch, args.dtype)).eval()
     pipe = pipeline("kv-press-text-generation", model=model, tokenizer=tok, device="cpu")
+    if args.rss_one:  # child: the first sample's text stretched to --rss-one tokens
+        s = data["samples"][0]
+        book = (ROOT.parent / "shared" / "data" / "books" / data["meta"]["book"]).read_text()
+        filler = tok.decode(tok.encode(book)[: args.rss_one])
+        context = filler[: len(filler) // 2] + s["context"][-2000:] + filler[len(filler) // 2 :]
+        n = len(tok.encode(context))
+        t0 = time.perf_counter()
+        out = pipe(context + "\n\n" + s["question"], question="", answer_prefix=s["answer_prefix"], press=make_press("snapkv", 0.25), max_new_tokens=4)
+        print(json.dumps({"tool": "kvpress", "policy": "SnapKVPress(compression_ratio=0.75)", "tokens": n, "seconds": round(time.perf_counter() - t0, 1),
+                          "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "answer": out["answer"]}))
+        return
     rows: list[dict] = []
     pairs = [tuple(p.split("@")) for p in args.presses.split(",")]
     for method, mode in pairs:

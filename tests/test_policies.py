@@ -445,7 +445,7 @@ def test_shared_scope_keeps_one_set_for_every_layer() -> None:
 def test_shared_scope_ranks_by_summed_layer_shares() -> None:
     from longkv.kv.cache import LayerKV
 
-    policy = make_policy("kvzip", budget=3, scope="shared", sinks=0, window=0)
+    policy = make_policy("kvzip", budget=3, scope="shared", sinks=0, window=0, layers="sum", kernel=1)
     caches = []
     for acc in ([[6.0, 0.0, 0.0, 0.0, 2.0, 0.0]], [[0.0, 0.0, 0.0, 1.0, 2.0, 5.0]]):
         lkv = LayerKV(1, 4, 64, torch.float32)
@@ -456,3 +456,12 @@ def test_shared_scope_ranks_by_summed_layer_shares() -> None:
     # shares: layer 0 -> .75 (token 0), .25 (4); layer 1 -> .125 (3), .25 (4), .625 (5)
     # totals: 0 -> .75, 5 -> .625, 4 -> .5, 3 -> .125: layer 1 alone would keep 3 over 0
     assert [lkv.view()[2].tolist() for lkv in caches] == [[0, 4, 5], [0, 4, 5]]
+    # layers=max: a token ranks by its best share: fresh stores, best shares .75 (0), .625 (5), .25 (4), .125 (3)
+    caches2 = []
+    for acc in ([[6.0, 0.0, 0.0, 0.0, 2.0, 0.0]], [[0.0, 0.0, 0.0, 1.0, 2.0, 5.0]]):
+        lkv = LayerKV(1, 4, 64, torch.float32)
+        lkv.append(torch.randn(1, 6, 4), torch.randn(1, 6, 4), torch.arange(6))
+        lkv.acc = torch.tensor(acc)
+        caches2.append(lkv)
+    make_policy("kvzip", budget=2, scope="shared", sinks=0, window=0, layers="max", kernel=1).compress_layers(caches2, {})
+    assert [lkv.view()[2].tolist() for lkv in caches2] == [[0, 5], [0, 5]]

@@ -243,17 +243,15 @@ class AccumulatedScorePolicy(EvictionPolicy, ABC):
             super().compress_layers(caches, queries)
             return
         # One kept set for every layer: each layer's scores as shares of that layer's total,
-        # summed over layers (a token that matters in any layer is kept in all).
+        # combined over layers by sum or max (``layers``): a token that matters in any layer is kept in all.
         for i, lkv in enumerate(caches):
             self.fold(i, lkv, queries.get(i))
         n = caches[0].n
         budget = self.layer_budget(0)
         if n <= budget:
             return
-        total = torch.zeros(n)
-        for lkv in caches:
-            s = self.token_scores(lkv)
-            total += s / s.sum().clamp_min(1e-30)
+        shares = torch.stack([s / s.sum().clamp_min(1e-30) for s in map(self.token_scores, caches)])  # (L, N)
+        total = shares.amax(0) if getattr(self, "layers", "sum") == "max" else shares.sum(0)
         keep = self.pick(total, budget)
         for lkv in caches:
             lkv.keep(keep)
