@@ -97,17 +97,29 @@ def summarise(rows: list[dict]) -> dict[tuple[str, str, float], float]:
     return {k: 100.0 * sum(v) / len(v) for k, v in acc.items()}
 
 
+def _order(rows: list[dict]) -> list[str]:
+    """Method names, each of ours followed by kvpress's same method (``kvpress:NAME``)."""
+    names = list(dict.fromkeys(r["method"] for r in rows if r["method"] not in ("dense", "kvpress:dense")))
+    ours = [m for m in names if not m.startswith("kvpress:")]
+    theirs = [m for m in names if m.startswith("kvpress:") and m[8:] not in ours]
+    return [x for m in ours for x in (m, f"kvpress:{m}") if x in names] + theirs
+
+
 def table(rows: list[dict], ratios: list[float]) -> str:
     s = summarise(rows)
-    dense = s.get(("dense", "dense", 1.0))
-    lines = ["| method | mode | " + " | ".join(f"{int(r * 100)} %" for r in ratios) + " |", "|---|---|" + "---|" * len(ratios)]
-    if dense is not None:
-        lines.append("| dense | - | " + " | ".join(f"{dense:.0f}" if r == 1.0 else "" for r in ratios) + " |")
-    for m in dict.fromkeys(r["method"] for r in rows if r["method"] != "dense"):
+    n = {}
+    for r in rows:
+        n[(r["method"], r["mode"])] = n.get((r["method"], r["mode"]), set()) | {r["seed"]}
+    cols = [r for r in ratios if r != 1.0] + [1.0]
+    lines = ["| method | mode | samples | " + " | ".join(f"{int(r * 100)} % kept" for r in cols) + " |", "|---|---|---|" + "---|" * len(cols)]
+    for name, key in (("dense", ("dense", "dense", 1.0)), ("kvpress:dense", ("kvpress:dense", "question-agnostic", 1.0))):
+        if key in s:
+            lines.append(f"| {name} | - | {len(n[(key[0], key[1])])} | " + " | " * (len(cols) - 1) + f"{s[key]:.0f} |")
+    for m in _order(rows):
         for mode in ("question-agnostic", "question-aware"):
-            cells = [f"{s[(m, mode, r)]:.0f}" if (m, mode, r) in s else "" for r in ratios]
+            cells = [f"{s[(m, mode, r)]:.0f}" if (m, mode, r) in s else "" for r in cols]
             if any(cells):
-                lines.append(f"| {m} | {mode} | " + " | ".join(cells) + " |")
+                lines.append(f"| {m} | {mode} | {len(n[(m, mode)])} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -119,22 +131,32 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 
     s = summarise(rows)
     dense = s.get(("dense", "dense", 1.0))
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6), sharey=True)
+    colors: dict[str, str] = {}
+    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"] + ["#444444", "#aa7700", "#007777"]
     for ax, mode in zip(axes, ("question-agnostic", "question-aware"), strict=True):
-        for m in dict.fromkeys(r["method"] for r in rows if r["method"] != "dense"):
+        for m in _order(rows):
             pts = sorted((r, a) for (mm, md, r), a in s.items() if mm == m and md == mode)
-            if dense is not None:
+            if not pts:
+                continue
+            base = m.removeprefix("kvpress:")
+            color = colors.setdefault(base, palette[len(colors) % len(palette)])
+            theirs = m.startswith("kvpress:")
+            if dense is not None and not theirs:
                 pts.append((1.0, dense))
-            if pts:
-                ax.plot([100 * r for r, _ in pts], [a for _, a in pts], marker="o", label=m)
+            ax.plot([100 * r for r, _ in pts], [a for _, a in pts], marker="s" if theirs else "o", linestyle="--" if theirs else "-",
+                    color=color, label=m, alpha=0.8 if theirs else 1.0)
+        if dense is not None:
+            ax.axhline(dense, color="black", lw=0.8, ls=":", label="dense (longkv)")
         ax.set_title(mode)
         ax.set_xlabel("KV kept (% of context tokens)")
         ax.set_xscale("log")
         ax.set_xticks([10, 25, 50, 100], ["10", "25", "50", "100"])
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("needle accuracy (%)")
-    axes[1].legend(fontsize=8, loc="lower right")
-    fig.suptitle(title)
+    for ax in axes:
+        ax.legend(fontsize=7, loc="best", ncol=2)
+    fig.suptitle(title + " (dashed: NVIDIA kvpress, same samples)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -189,6 +211,8 @@ def main() -> None:
         parts = [json.loads(Path(f).read_text()) for f in args.report.split(",")]
         rows = [r for part in parts for r in part["rows"]]
         meta = parts[0]["meta"]
+        seeds = {r["seed"] for r in rows}
+        meta["samples"] = len(seeds)
         args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
         print(table(rows, [*ratios, 1.0]))
         title = f"{meta['model']}, {meta['length']}-token book context, {meta['needles']} needle(s), {meta['samples']} samples"
