@@ -124,25 +124,37 @@ def main() -> None:
         return
     rows: list[dict] = []
     pairs = [tuple(p.split("@")) for p in args.presses.split(",")]
+    failed: dict[str, str] = {}
     for method, mode in pairs:
         for ratio in [1.0] if method == "dense" else [float(r) for r in args.ratios.split(",")]:
             for s in data["samples"]:
+                if method in failed:
+                    break
                 press = make_press(method, ratio)
                 t0 = time.perf_counter()
-                if mode == "question-aware":  # the question is part of what is compressed
-                    out = pipe(s["context"] + "\n\n" + s["question"], question="", answer_prefix=s["answer_prefix"], press=press, max_new_tokens=6)
-                else:
-                    out = pipe(s["context"], question="\n\n" + s["question"], answer_prefix=s["answer_prefix"], press=press, max_new_tokens=6)
+                try:
+                    if mode == "question-aware":  # the question is part of what is compressed
+                        out = pipe(s["context"] + "\n\n" + s["question"], question="", answer_prefix=s["answer_prefix"], press=press, max_new_tokens=6)
+                    else:
+                        out = pipe(s["context"], question="\n\n" + s["question"], answer_prefix=s["answer_prefix"], press=press, max_new_tokens=6)
+                except Exception as exc:  # a press that breaks on this model: say so, go on with the others
+                    failed[method] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+                    print(f"kvpress:{method} failed on this model, skipped: {failed[method]}", flush=True)
+                    break
                 text = out["answer"]
                 rows.append({
                     "method": "kvpress:dense" if method == "dense" else f"kvpress:{method}", "ratio": ratio, "mode": mode, "seed": s["seed"], "correct": s["answer"] in text,
                     "text": text, "seconds": round(time.perf_counter() - t0, 2),
                     "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
                 })
+            if method in failed:
+                break
             acc = 100.0 * sum(r["correct"] for r in rows[-len(data["samples"]) :]) / len(data["samples"])
             print(f"kvpress:{method:18s} {mode:18s} {ratio:5.2f}: {acc:5.1f} %", flush=True)
             args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps({"meta": data["meta"], "rows": rows}, indent=1))
+            args.out.write_text(json.dumps({"meta": data["meta"], "rows": rows, "failed": failed}, indent=1))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"meta": data["meta"], "rows": rows, "failed": failed}, indent=1))
 
 
 if __name__ == "__main__":
