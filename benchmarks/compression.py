@@ -155,7 +155,8 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("needle accuracy (%)")
     for ax in axes:
-        ax.legend(fontsize=7, loc="best", ncol=2)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7, loc="best", ncol=2)
     fig.suptitle(title + " (dashed: NVIDIA kvpress, same samples)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
