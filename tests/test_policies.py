@@ -267,6 +267,21 @@ def test_bad_knobs_raise(spec: str, match: str) -> None:
         make_policy(spec).validate(tiny_model().config, ENGINE)
 
 
+@pytest.mark.parametrize(
+    ("spec", "match"),
+    [
+        ("snapkv:kernel=0", "kernel must be an odd number of tokens >= 1 \\(got 0\\)"),
+        ("kvzip:kernel=4", "kernel must be an odd number"),
+        ("kvzip:heads=avg", "unknown kvzip heads 'avg': use sum or max"),
+        ("kvzip:layers=mean", "unknown kvzip layers 'mean'"),
+        ("kvzip:scope=bogus", "unknown kvzip scope 'bogus': use layer or shared"),
+    ],
+)
+def test_bad_pooling_and_scope_knobs_fail_at_once(spec: str, match: str) -> None:
+    with pytest.raises(LongKVError, match=match):
+        make_policy(spec)
+
+
 def test_bad_wrappers_and_modes_raise() -> None:
     with pytest.raises(LongKVError, match="not a token scorer"):
         make_policy("pyramid:scorer=dense")

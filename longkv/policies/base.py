@@ -122,6 +122,22 @@ class EvictionPolicy(KVPolicy, ABC):
     positions: str = "contiguous"
     contiguous_positions: ClassVar[bool] = True
 
+    _CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"heads": ("sum", "max"), "layers": ("sum", "max"), "scope": ("layer", "shared")}
+
+    def __post_init__(self) -> None:
+        """Check the knobs some methods share (``kernel``, ``heads``, ``layers``, ``scope``) at once.
+
+        Raises:
+            LongKVError: an even or non-positive pooling width, or an unknown choice.
+        """
+        kernel = getattr(self, "kernel", None)
+        if kernel is not None and (kernel < 1 or kernel % 2 == 0):
+            raise LongKVError(f"{self.name} kernel must be an odd number of tokens >= 1 (got {kernel}): e.g. kernel=15, or 1 for no pooling")
+        for knob, allowed in self._CHOICES.items():
+            value = getattr(self, knob, None)
+            if value is not None and value not in allowed:
+                raise LongKVError(f"unknown {self.name} {knob} {value!r}: use {' or '.join(allowed)}")
+
     @property
     def budget_tokens(self) -> int | None:
         return self.budget
