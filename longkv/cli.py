@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from enum import StrEnum
 from typing import Annotated
 
 import typer
@@ -25,6 +26,14 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 err = Console(stderr=True, highlight=False)
+
+
+class Compression(StrEnum):
+    """How ``ask`` lets an eviction policy score the cached tokens."""
+
+    aware = "question-aware"
+    agnostic = "question-agnostic"
+
 app.add_typer(bench_app, name="bench")
 
 ModelOpt = Annotated[
@@ -40,7 +49,7 @@ def ask(
     model: ModelOpt = None,
     policy: Annotated[
         str,
-        typer.Option(help="KV policy: auto (dense if the input fits the window, else block_topk; beyond 4 GiB of KV its cold pages go int8 to disk), dense, streaming, block_topk, snapkv, h2o, ... or NAME:knob=value,..."),
+        typer.Option(help="KV policy: auto (dense if the input fits the window, else block_topk; beyond 4 GiB of KV its cold pages go int8 to disk), dense, streaming, block_topk, or an eviction method (snapkv, kvzip, h2o, tova, pyramid, adakv, knorm, expected_attention, random; keep --budget tokens per layer), as NAME or NAME:knob=value,..."),
     ] = "auto",
     budget: Annotated[int | None, typer.Option(help="KV budget in tokens per layer for eviction policies (streaming default: 4096). With --policy auto, a budget means streaming with that budget.")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="Most tokens to generate.")] = 256,
@@ -53,9 +62,9 @@ def ask(
     threads: Annotated[int | None, typer.Option(help="CPU threads (default: all cores).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (answer + stats) instead of streaming text.")] = False,
     compression: Annotated[
-        str,
-        typer.Option(help="For eviction policies that score with queries (snapkv, h2o, tova, kvzip, ...): question-aware (the question chooses what each chunk keeps) or question-agnostic (each chunk scored without it)."),
-    ] = "question-aware",
+        Compression,
+        typer.Option(help="Eviction policies that score with queries (snapkv, h2o, tova, pyramid, adakv, expected_attention): question-aware = the question, probed over the cache after every chunk, chooses what is kept; question-agnostic = each chunk is scored by its own last queries (the question is in the last chunk). kvzip always scores by re-reading each chunk."),
+    ] = Compression.aware,
 ) -> None:
     """Answer a question about long files, a folder or stdin.
 
@@ -72,8 +81,6 @@ def ask(
 
     if not question.strip():
         raise LongKVError("the question is empty: pass -q \"...\"")
-    if compression not in ("question-aware", "question-agnostic"):
-        raise LongKVError(f"unknown --compression {compression!r}: use question-aware or question-agnostic")
     if policy not in (None, "auto"):
         from longkv.policies import make_policy
 
@@ -98,7 +105,7 @@ def ask(
             ids, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, progress=progress, on_text=write,
             repetition_penalty=repetition_penalty,
             # the question and the chat template's tail close the prompt: probe them
-            question_ids=ids[-(len(llm.encode(question)) + 8) :] if compression == "question-aware" else None,
+            question_ids=ids[-(len(llm.encode(question)) + 8) :] if Compression(compression) is Compression.aware else None,
         )
     finally:
         done()

@@ -87,7 +87,22 @@ def test_batch_generation_stops_each_sequence_on_its_own(tiny: LLM) -> None:
     assert out[1].text == other.text and out[1].finish_reason == other.finish_reason
 
 
+def test_batch_generation_question_aware_equals_each_alone(tiny: LLM) -> None:
+    prompts = [tiny.encode("The quick brown fox jumps over the lazy dog. " * 8), tiny.encode("def main():\n    return 1\n" * 5)]
+    questions = [p[-6:] for p in prompts]
+    alone = [tiny.generate(p, max_new_tokens=8, ignore_eos=True, policy="snapkv:budget=40", question_ids=q) for p, q in zip(prompts, questions, strict=True)]
+    batch = tiny.generate_batch(prompts, max_new_tokens=8, ignore_eos=True, policy="snapkv:budget=40", question_ids=questions)
+    assert [g.token_ids for g in batch] == [g.token_ids for g in alone]
+    assert all(g.stats.compression == "question-aware" for g in batch + alone)
+    agnostic = tiny.generate(prompts[0], max_new_tokens=2, ignore_eos=True, policy="snapkv:budget=40")
+    assert agnostic.stats.compression == "question-agnostic" and "question-agnostic" in agnostic.stats.line()
+    assert tiny.generate(prompts[0], max_new_tokens=2, policy="kvzip:budget=40").stats.compression == "question-agnostic (re-read)"
+    assert tiny.generate(prompts[0], max_new_tokens=2, policy="dense").stats.compression == ""
+
+
 def test_batch_generation_bad_inputs(tiny: LLM) -> None:
+    with pytest.raises(LongKVError, match="question_ids has 1 entries for 2 prompts"):
+        tiny.generate_batch(["a b", "c d"], question_ids=[[1]])
     with pytest.raises(LongKVError, match="no prompts"):
         tiny.generate_batch([])
     with pytest.raises(LongKVError, match="prompt 1 is empty"):

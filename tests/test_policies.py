@@ -480,3 +480,20 @@ def test_shared_scope_ranks_by_summed_layer_shares() -> None:
         caches2.append(lkv)
     make_policy("kvzip", budget=2, scope="shared", sinks=0, window=0, layers="max", kernel=1).compress_layers(caches2, {})
     assert [lkv.view()[2].tolist() for lkv in caches2] == [[0, 5], [0, 5]]
+
+
+def test_kvzip_probes_each_chunk_in_both_modes(monkeypatch) -> None:
+    # KVzip scores by a re-read of each chunk, question or not: one compressed context for any question.
+    model = tiny_model("llama", seed=7)
+    runner = Runner(model, make_policy("kvzip", budget=40), ENGINE)
+    seen: list[list[int]] = []
+    real_probe = runner.probe
+    monkeypatch.setattr(runner, "probe", lambda seq, probe_ids: seen.append(list(probe_ids)) or real_probe(seq, probe_ids))
+    context = ids(100, seed=25)
+    prefill_with_question(runner, runner.new_sequence(), context, ids(6, seed=24), "question-aware")
+    assert seen[:4] == [context[0:32], context[32:64], context[64:96], context[96:100]]
+
+
+def test_describe_names_every_knob() -> None:
+    assert make_policy("kvzip", budget=64).describe() == "kvzip(budget=64, sinks=4, window=32, kernel=15, heads=max, scope=shared, layers=max)"
+    assert make_policy("snapkv", budget=64, kv_quant="int4").describe() == "snapkv(budget=64, sinks=4, window=32, kernel=15, kv_quant=int4)"

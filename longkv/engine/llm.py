@@ -42,6 +42,7 @@ class Stats:
     peak_kv_bytes: int = 0
     kv_disk_bytes: int = 0  # KV pages in a disk tier (block_topk with resident=...)
     policy: str = ""
+    compression: str = ""  # how an eviction policy scored: question-aware, question-agnostic, or re-read (KVzip)
 
     @property
     def prefill_tok_s(self) -> float:
@@ -62,6 +63,7 @@ class Stats:
             f"peak KV {_fmt_bytes(self.peak_kv_bytes)}"
             + (f" (+ {_fmt_bytes(self.kv_disk_bytes)} on disk)" if self.kv_disk_bytes else "")
             + f" | policy {self.policy}"
+            + (f" {self.compression}" if self.compression else "")
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -77,6 +79,7 @@ class Stats:
             "peak_kv_bytes": self.peak_kv_bytes,
             "kv_disk_bytes": self.kv_disk_bytes,
             "policy": self.policy,
+            "compression": self.compression,
         }
 
 
@@ -243,6 +246,7 @@ class LLM:
         runner = Runner(self.model, pol, self.engine_config)
         seq = runner.new_sequence(len(ids) + params.max_new_tokens)
         gen = make_generator(params.seed)
+        st.compression = _compression_label(pol, bool(question_ids))
         if question_ids and pol.needs_queries and pol.budget_tokens is not None:
             seq.probe_ids = list(question_ids)
         try:
@@ -349,6 +353,7 @@ class LLM:
         budget: int | None = None,
         ignore_eos: bool = False,
         repetition_penalty: float = 1.0,
+        question_ids: list[list[int]] | None = None,
     ) -> list[Generation]:
         """Complete several prompts (text or token ids, any lengths) together; one Generation each.
 
@@ -360,9 +365,13 @@ class LLM:
         float rounding); sampling draws from one generator seeded by ``seed``.
         ``stats.prefill_s`` is the batch's prefill time, shared by all.
 
+        ``question_ids``: one list per prompt for question-aware compression
+        (see :meth:`stream`); ``None``: question-agnostic.
+
         Raises:
-            LongKVError: no prompts, an empty prompt, bad sampling values, or a
-                policy that cannot serve the longest input.
+            LongKVError: no prompts, an empty prompt, ``question_ids`` not one per
+                prompt, bad sampling values, or a policy that cannot serve the
+                longest input.
         """
         if not prompts:
             raise LongKVError("no prompts: pass a list with at least one prompt")
@@ -370,15 +379,25 @@ class LLM:
         ids = [self.encode(p) if isinstance(p, str) else list(p) for p in prompts]
         if any(not x for x in ids):
             raise LongKVError(f"prompt {next(i for i, x in enumerate(ids) if not x)} is empty: pass some text for every prompt")
+        if question_ids is not None and len(question_ids) != len(ids):
+            raise LongKVError(f"question_ids has {len(question_ids)} entries for {len(ids)} prompts: pass one list per prompt (or none)")
         t0 = time.perf_counter()
         pol = self.resolve_policy(max(map(len, ids)) + max_new_tokens, policy, budget)
         runner = Runner(self.model, pol, self.engine_config)
         seqs = [runner.new_sequence(len(x) + max_new_tokens) for x in ids]
-        logits = dict(enumerate(runner.prefill_batch(seqs, ids)))
+        if question_ids is not None and pol.needs_queries and pol.budget_tokens is not None:
+            for seq, q in zip(seqs, question_ids, strict=True):
+                seq.probe_ids = list(q)
+        try:
+            logits = dict(enumerate(runner.prefill_batch(seqs, ids)))
+        finally:
+            for seq in seqs:
+                seq.probe_ids = []
         prefill_s = time.perf_counter() - t0
         gens = [Generation("", [], "length") for _ in ids]
-        for g, x in zip(gens, ids, strict=True):
+        for i, (g, x) in enumerate(zip(gens, ids, strict=True)):
             g.stats.prompt_tokens, g.stats.policy, g.stats.prefill_s = len(x), pol.describe(), prefill_s
+            g.stats.compression = _compression_label(pol, bool(question_ids and question_ids[i]))
         rng = make_generator(seed)
         cuts: dict[int, str] = {}  # text of the sequences a stop string ended
         active = list(range(len(ids)))
@@ -418,6 +437,17 @@ class LLM:
         if not messages:
             raise LongKVError("no messages: pass at least one {'role': 'user', 'content': ...}")
         return self.generate(self.apply_chat_template(messages), **kwargs)
+
+
+def _compression_label(pol: KVPolicy, aware: bool) -> str:
+    """How an eviction policy scores (``Stats.compression``); empty for other policies."""
+    if pol.budget_tokens is None or isinstance(pol, StreamingPolicy):
+        return ""
+    if getattr(pol, "reconstruct", False):
+        return "question-agnostic (re-read)"
+    if not pol.needs_queries:
+        return ""
+    return "question-aware" if aware else "question-agnostic"
 
 
 def _is_dense(spec: str | KVPolicy) -> bool:

@@ -149,16 +149,17 @@ class Runner:
     def _compress(self, seq: Sequence, chunk: list[int] | None = None) -> None:
         """Let the policy free what it will in every layer.
 
-        Observation queries: the question's, probed over the cache, when
-        ``seq.probe_ids`` is set (question-aware); a repeat of the prefill
-        ``chunk`` probed the same way for policies that score by reconstruction
-        (``reconstruct``, KVzip); else the last ``query_window`` queries.
+        Observation queries: for policies that score by reconstruction
+        (``reconstruct``, KVzip), a repeat of the prefill ``chunk`` probed over
+        the cache, in both modes; else the question's, probed the same way, when
+        ``seq.probe_ids`` is set (question-aware); else the last
+        ``query_window`` queries.
         """
         probe: dict[int, torch.Tensor] = {}
-        if seq.probe_ids:
-            probe = self.probe(seq, seq.probe_ids)
-        elif chunk and getattr(self.policy, "reconstruct", False):
+        if chunk and getattr(self.policy, "reconstruct", False):
             probe = self.probe(seq, chunk)
+        elif seq.probe_ids:
+            probe = self.probe(seq, seq.probe_ids)
         with probe_observation(bool(probe)):
             self.policy.compress_layers(seq.cache.layers, probe or seq.queries)
 

@@ -16,6 +16,7 @@ to attend to (the selection interface, built on by block-sparse methods).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
@@ -215,8 +216,15 @@ class EvictionPolicy(KVPolicy, ABC):
         return positions[-1] - torch.arange(n - 1, -1, -1, dtype=torch.int64)
 
     def describe(self) -> str:
+        """``name(budget=.., sinks=.., window=.., <the method's other knobs>)``; codec and positions when not the defaults."""
         sinks, window = self.protected(self.budget)
-        return f"{self.name}(budget={self.budget}, sinks={sinks}, window={window})"
+        skip = {"budget", "sinks", "window", "kv_quant", "positions"}
+        extra = "".join(f", {f.name}={getattr(self, f.name)}" for f in dataclasses.fields(self) if f.init and f.name not in skip)
+        if self.kv_quant != "none":
+            extra += f", kv_quant={self.kv_quant}"
+        if self.positions != "contiguous":
+            extra += f", positions={self.positions}"
+        return f"{self.name}(budget={self.budget}, sinks={sinks}, window={window}{extra})"
 
 
 @dataclass

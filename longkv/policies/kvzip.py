@@ -16,8 +16,9 @@ ranks it, max-pooled over 15 neighbours. The paper scores with a "repeat the pre
 context" prompt over a fully prefilled context; here the chunk is repeated
 without a prompt, one chunk at a time, so resident KV stays within
 ``budget + chunk_size`` tokens per layer. Prefill costs about twice as much.
-In question-aware mode the question's probe is used instead (as every other
-attention-based method).
+KVzip is question-agnostic by construction: it scores by the repeat in both
+modes (a question, when known, does not change what it keeps), so one
+compressed context serves any later question.
 """
 
 from __future__ import annotations

@@ -13,8 +13,8 @@
   2024). After the context, the question is prefilled for real and a last
   compression scores with its true queries.
 
-Policies that use no queries (KNorm, Random, StreamingLLM) behave the same in
-both modes.
+Policies that use no queries (KNorm, Random, StreamingLLM) and KVzip (which
+scores by a re-read of each chunk) behave the same in both modes.
 """
 
 from __future__ import annotations
