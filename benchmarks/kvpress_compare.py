@@ -110,6 +110,12 @@ def main() -> None:
     gguf = Path(data["meta"]["model_path"])
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=getattr(torch, args.dtype)).eval()
+    # some presses (KVzip) reload the tokenizer from the model's name: point it at a saved copy
+    import tempfile
+
+    tokdir = tempfile.mkdtemp(prefix="kvpress-tokenizer-")
+    tok.save_pretrained(tokdir)
+    model.config.name_or_path = tokdir
     pipe = pipeline("kv-press-text-generation", model=model, tokenizer=tok, device="cpu")
     if args.rss_one:  # child: the first sample's text stretched to --rss-one tokens
         s = data["samples"][0]
