@@ -131,7 +131,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 
     s = summarise(rows)
     dense = s.get(("dense", "dense", 1.0))
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6), sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 6.2), sharey=True)
     colors: dict[str, str] = {}
     palette = plt.rcParams["axes.prop_cycle"].by_key()["color"] + ["#444444", "#aa7700", "#007777"]
     for ax, mode in zip(axes, ("question-agnostic", "question-aware"), strict=True):
@@ -156,7 +156,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     axes[0].set_ylabel("needle accuracy (%)")
     for ax in axes:
         if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7, loc="best", ncol=2)
+            ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=3, frameon=False)
     fig.suptitle(title + " (dashed: NVIDIA kvpress, same samples)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
