@@ -111,15 +111,15 @@ def kept_positions(seq) -> list:
     return out
 
 
-_DENSE: dict[int, torch.Tensor] = {}
+_DENSE: dict[int, tuple[object, torch.Tensor]] = {}  # id(model) -> (model, dense logits): the model is kept so its id is not reused
 
 
 @pytest.mark.parametrize("spec", METHODS)
 def test_budget_above_input_equals_dense(model, spec: str) -> None:
     prompt = ids(100)
-    if id(model) not in _DENSE:
-        _DENSE[id(model)] = run(model, DensePolicy(), prompt)[1]
-    dense = _DENSE[id(model)]
+    if id(model) not in _DENSE or _DENSE[id(model)][0] is not model:
+        _DENSE[id(model)] = (model, run(model, DensePolicy(), prompt)[1])
+    dense = _DENSE[id(model)][1]
     seq, got = run(model, make_policy(spec, budget=4000), prompt)  # pyramid: last layer 4000 / 20
     if spec.startswith("adakv"):  # attention per KV group instead of one GQA call: same math, other summation order
         torch.testing.assert_close(got, dense, rtol=0, atol=1e-5)
