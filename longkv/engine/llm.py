@@ -441,7 +441,7 @@ class LLM:
 
 def _compression_label(pol: KVPolicy, aware: bool) -> str:
     """How an eviction policy scores (``Stats.compression``); empty for other policies."""
-    if pol.budget_tokens is None or isinstance(pol, StreamingPolicy):
+    if pol.budget_tokens is None:
         return ""
     if getattr(pol, "reconstruct", False):
         return "question-agnostic (re-read)"
