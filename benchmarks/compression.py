@@ -193,6 +193,7 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--length", type=int, default=4096, help="context tokens")
     ap.add_argument("--samples", type=int, default=6)
+    ap.add_argument("--first-seed", type=int, default=0, help="samples use seeds first-seed .. first-seed + samples - 1")
     ap.add_argument("--needles", type=int, default=1)
     ap.add_argument("--ratios", default="0.5,0.25,0.1")
     ap.add_argument("--methods", default=",".join(METHODS))
@@ -231,7 +232,7 @@ def main() -> None:
         return
     llm = LLM(model=path, dtype="bfloat16", chunk_size=512)
     book = (BOOKS / args.book).read_text()
-    samples = [make_sample(llm, book, args.length, seed, args.needles) for seed in range(args.samples)]
+    samples = [make_sample(llm, book, args.length, seed, args.needles) for seed in range(args.first_seed, args.first_seed + args.samples)]
     if args.dump_samples:
         keep = ("seed", "answer", "context", "question", "answer_prefix")
         dump = {"meta": {"model": args.model, "model_path": path, "length": args.length, "needles": args.needles, "book": args.book, "samples": args.samples},
