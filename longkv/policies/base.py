@@ -199,6 +199,10 @@ class EvictionPolicy(KVPolicy, ABC):
         scores = self.score(layer, k, v, pos, queries).float()
         if scores.dim() == 2:
             scores = scores.sum(0)
+        return self.top(scores, budget)
+
+    def top(self, scores: torch.Tensor, budget: int) -> torch.Tensor:
+        """Sorted (budget,) indices of the best tokens by ``scores`` (N,), sinks and local window always in."""
         scores = protect(scores, *self.protected(budget))
         return torch.topk(scores, budget, sorted=False).indices.sort().values
 
@@ -285,8 +289,7 @@ class AccumulatedScorePolicy(EvictionPolicy, ABC):
         kernel = int(getattr(self, "kernel", 1))
         if kernel > 1:  # keep the neighbours of a high-scoring token with it (whole phrases)
             scores = torch.nn.functional.max_pool1d(scores[None, None], kernel, stride=1, padding=kernel // 2)[0, 0]
-        scores = protect(scores, *self.protected(budget))
-        return torch.topk(scores, budget, sorted=False).indices.sort().values
+        return self.top(scores, budget)
 
     def select(self, layer: int, cache: LayerKV, queries: torch.Tensor | None, budget: int) -> torch.Tensor | None:
         if cache.n <= budget:
