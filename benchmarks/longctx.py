@@ -118,7 +118,8 @@ def make_multi(llm: LLM, hay_ids: list[int], n_tokens: int, depths: list[float],
             "depths": depths, "needle_tokens": ranges, "tokens": len(prompts[0])}
 
 
-def run_multi(llm: LLM, sample: dict, base: BlockTopKPolicy, variants: dict[str, BlockTopKPolicy]) -> list[dict]:
+def run_multi(llm: LLM, sample: dict, base: BlockTopKPolicy, variants: dict[str, BlockTopKPolicy],
+              dump: Path | None = None) -> list[dict]:
     """Prefill the shared context once (sinks + window), then ask every needle's question under every variant."""
     ctx, ps = sample["context"], llm.engine_config.page_size
     runner = Runner(llm.model, dataclasses.replace(base, topk=0), llm.engine_config)
@@ -141,11 +142,17 @@ def run_multi(llm: LLM, sample: dict, base: BlockTopKPolicy, variants: dict[str,
     for tail, number, depth, (lo, hi) in zip(sample["tails"], sample["numbers"], sample["depths"], sample["needle_tokens"], strict=True):
         res = {"tokens": len(ctx) + len(tail), "depth": depth, "number": number, "prefill_s": round(prefill_s, 2),
                "shared_prefill": len(sample["tails"]), "kv_ram_peak_mib": kv_ram, "kv_disk_mib": kv_disk, "answers": {}}
-        for name, pol in variants.items():
+        for j, (name, pol) in enumerate(variants.items()):
             cut_back(seq, len(ctx))
+            rows: list[torch.Tensor] = []
+            if dump is not None and j == 0:
+                pol, rows = capture_rows(pol)
             r = Runner(llm.model, pol, llm.engine_config)
             t1 = time.perf_counter()
             text = greedy(llm, r, seq, r.ask(seq, tail), 32)
+            if rows and dump is not None:
+                dump.mkdir(parents=True, exist_ok=True)
+                dump_rows(dump / f"{len(ctx)}-{number}.pt", rows, seq, set(range(lo // ps, (hi - 1) // ps + 1)), number)
             entry = {"text": text, "correct": number in text, "answer_s": round(time.perf_counter() - t1, 2)}
             if pol.topk:
                 entry |= recall(pol, seq, set(range(lo // ps, (hi - 1) // ps + 1)))
@@ -154,6 +161,29 @@ def run_multi(llm: LLM, sample: dict, base: BlockTopKPolicy, variants: dict[str,
         out.append(res)
         print(f"  depth={depth:.2f} {number} " + " ".join(f"{k}: {v['text'][:40]!r}" for k, v in res["answers"].items()), flush=True)
     return out
+
+
+def capture_rows(pol: BlockTopKPolicy) -> tuple[BlockTopKPolicy, list[torch.Tensor]]:
+    """A copy of ``pol`` that also keeps, in the returned list, the first-stage page ratings of
+    every (layer, KV head, query) row at the question ((R, C) per layer, float16), so
+    selection rules can be compared offline on the same caches (``--dump-rows``)."""
+    rows: list[torch.Tensor] = []
+    pol = dataclasses.replace(pol)
+    scores = pol._scores
+
+    def keep(*args: object) -> tuple[torch.Tensor, torch.Tensor]:
+        cand, z = scores(*args)  # type: ignore[arg-type]
+        rows.append(z.flatten(0, 1).half())
+        return cand, z
+
+    pol._scores = keep  # type: ignore[method-assign]
+    return pol, rows
+
+
+def dump_rows(path: Path, rows: list[torch.Tensor], seq: Sequence, needle_pages: set[int], number: str) -> None:
+    st = seq.selection
+    torch.save({"rows": torch.cat(rows), "candidates": st.candidates, "needle_pages": sorted(needle_pages),
+                "number": number}, path)
 
 
 def greedy(llm: LLM, runner: Runner, seq: Sequence, logits: torch.Tensor, n: int = 20) -> str:
@@ -248,6 +278,9 @@ def main() -> None:
     ap.add_argument("--needles", type=int, default=0,
                     help="N > 0: one context per length with N needles of different wording at the depths, "
                          "prefilled once, one question per needle (for 1 M tokens)")
+    ap.add_argument("--dump-rows", metavar="DIR",
+                    help="with --needles: save the first variant's page ratings per (layer, head, query) row at each "
+                         "question (float16 .pt files) for offline study of selection rules")
     ap.add_argument("--heatmap", nargs="+", metavar="JSON", help="no run: plot accuracy by depth x length from result files")
     ap.add_argument("--variant", default="block_topk k=8 e=1", help="the answers plotted by --heatmap")
     ap.add_argument("--png", default=str(ROOT / "docs" / "results" / "longctx-heatmap.png"))
@@ -283,7 +316,7 @@ def main() -> None:
             first = n % len(books)
             multi = make_multi(llm, haystack(llm, books, first, n, rng), n, depths, rng)
             print(f"{n}: context of {len(multi['context'])} tokens, {len(depths)} needles", flush=True)
-            for res in run_multi(llm, multi, base, variants):
+            for res in run_multi(llm, multi, base, variants, Path(args.dump_rows) if args.dump_rows else None):
                 results.append(res | {"length": n, "book": books[first].name + " (+ following books)"})
             out.write_text(json.dumps({"args": vars(args), "samples": results, "summary": summarise(results)}, indent=1))
             continue
