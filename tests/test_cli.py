@@ -83,6 +83,15 @@ def test_budget_below_sinks_and_window(work: Path, tiny_llama: Path) -> None:
     assert_user_error(proc, "below sinks 4 + window 100", "--budget")
 
 
+def test_budget_errors_come_before_the_model_loads(work: Path) -> None:
+    # the model reference does not exist: the budget error must win, i.e. be raised before loading
+    missing = ["--model", "./missing.gguf"]
+    proc = run(["ask", "notes.txt", "-q", "x", *missing, "--policy", "snapkv", "--budget", "10"], work)
+    assert_user_error(proc, "snapkv budget 10 is below the sinks 4 + local window 32", "--budget to at least 36")
+    proc = run(["ask", "notes.txt", "-q", "x", *missing, "--budget", "3"], work)  # auto + budget: streaming
+    assert_user_error(proc, "budget 3 leaves no local window after 4 sink tokens", "--budget to at least 5")
+
+
 def test_bad_resident_size_for_tiered_kv(work: Path, tiny_llama: Path) -> None:
     proc = run(["ask", "notes.txt", "-q", "x", "--model", str(tiny_llama), "--policy", "block_topk:resident=lots"], work)
     assert_user_error(proc, "cannot read 'lots' as a size", "1GiB")

@@ -144,8 +144,11 @@ class LLM:
             torch.set_num_threads(threads)
         self._default_policy = policy
         self._default_budget = budget
-        if policy not in (None, "auto"):  # fail fast on a bad spec, before loading weights
-            make_policy(policy, budget=budget)
+        if policy not in (None, "auto") or budget is not None:  # fail fast on a bad spec or budget, before loading weights
+            spec = policy if policy not in (None, "auto") else "streaming"  # auto + budget means streaming
+            early = make_policy(spec, budget=budget) if budget is not None and not _is_dense(spec) else make_policy(spec)
+            if hasattr(early, "check_budget"):
+                early.check_budget()
         loaded = load(model, DTYPES[dtype])
         self.config: ModelConfig = loaded.config
         self.tokenizer = loaded.tokenizer

@@ -152,7 +152,19 @@ class EvictionPolicy(KVPolicy, ABC):
         return int(getattr(self, "sinks", 0) or 0), int(getattr(self, "window", 0) or 0)
 
     def validate(self, model: ModelConfig, engine: EngineConfig) -> None:
-        """Raises LongKVError: budget < 1, negative sinks/window, or budget below sinks + window."""
+        """Raises LongKVError: budget < 1, negative sinks/window, budget below sinks + window, unknown codec or positions."""
+        self.check_budget()
+        if self.kv_quant not in KV_QUANT:
+            raise LongKVError(f"unknown kv_quant {self.kv_quant!r}: use one of {', '.join(KV_QUANT)}")
+        if self.positions not in ("contiguous", "original"):
+            raise LongKVError(f"unknown positions {self.positions!r}: use contiguous or original")
+
+    def check_budget(self) -> None:
+        """The model-independent part of :meth:`validate` (the CLI runs it before loading a model).
+
+        Raises:
+            LongKVError: budget < 1, negative sinks/window, or budget below sinks + window.
+        """
         sinks, window = self.protected(self.budget)
         if self.budget < 1 or sinks < 0 or window < 0:
             raise LongKVError(
@@ -164,10 +176,6 @@ class EvictionPolicy(KVPolicy, ABC):
                 f"{self.name} budget {self.budget} is below the sinks {sinks} + local window {window} it always "
                 f"keeps: raise --budget to at least {sinks + window} or lower sinks/window"
             )
-        if self.kv_quant not in KV_QUANT:
-            raise LongKVError(f"unknown kv_quant {self.kv_quant!r}: use one of {', '.join(KV_QUANT)}")
-        if self.positions not in ("contiguous", "original"):
-            raise LongKVError(f"unknown positions {self.positions!r}: use contiguous or original")
 
     def max_context(self, model: ModelConfig) -> int | None:
         return None if self._contiguous else model.max_position

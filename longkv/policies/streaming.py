@@ -43,6 +43,20 @@ class StreamingPolicy(EvictionPolicy):
         return self.budget - self.sinks if self.window is None else self.window
 
     def validate(self, model: ModelConfig, engine: EngineConfig) -> None:
+        self.check_budget()
+        span = self.budget + max(engine.chunk_size, self.evict_every)
+        if span > model.max_position:
+            raise LongKVError(
+                f"budget {self.budget} + chunk {engine.chunk_size} = {span} tokens exceeds the model's trained "
+                f"window of {model.max_position}: lower --budget or --chunk-size"
+            )
+
+    def check_budget(self) -> None:
+        """The model-independent checks of :meth:`validate` (the CLI runs them before loading a model).
+
+        Raises:
+            LongKVError: negative sinks, or a budget that leaves no local window after the sinks.
+        """
         if self.sinks < 0:
             raise LongKVError(f"sinks must be >= 0, got {self.sinks}: pass e.g. streaming:sinks=4")
         if self.window is None and self.local_window < 1:
@@ -54,12 +68,6 @@ class StreamingPolicy(EvictionPolicy):
             raise LongKVError(
                 f"budget {self.budget} is below sinks {self.sinks} + window {self.local_window}: "
                 f"raise --budget to at least {self.sinks + max(self.local_window, 1)} or shrink the window"
-            )
-        span = self.budget + max(engine.chunk_size, self.evict_every)
-        if span > model.max_position:
-            raise LongKVError(
-                f"budget {self.budget} + chunk {engine.chunk_size} = {span} tokens exceeds the model's trained "
-                f"window of {model.max_position}: lower --budget or --chunk-size"
             )
 
     def score(
