@@ -75,6 +75,9 @@ def test_batch_generation_equals_each_prompt_alone(tiny: LLM, policy: str) -> No
     assert [g.token_ids for g in batch] == [g.token_ids for g in alone]
     assert [g.text for g in batch] == [g.text for g in alone]
     assert [g.stats.prompt_tokens for g in batch] == [len(tiny.encode(p)) for p in prompts]
+    total = sum(g.stats.prompt_tokens for g in batch)  # the shared prefill time covers every prompt
+    assert all(g.stats.batch_prompt_tokens == total and g.stats.prefill_tok_s == total / g.stats.prefill_s for g in batch)
+    assert f"(batch of {total} tokens)" in batch[0].stats.line() and "batch of" not in alone[0].stats.line()
     assert all(g.finish_reason == "length" and g.stats.generated_tokens == 12 for g in batch)
 
 

@@ -43,11 +43,13 @@ class Stats:
     kv_disk_bytes: int = 0  # KV pages in a disk tier (block_topk with resident=...)
     policy: str = ""
     compression: str = ""  # how an eviction policy scored: question-aware, question-agnostic, or re-read (KVzip)
+    batch_prompt_tokens: int = 0  # generate_batch: prompt tokens of the whole batch, prefilled together in prefill_s
 
     @property
     def prefill_tok_s(self) -> float:
-        """Prompt tokens per second of prefill."""
-        return self.prompt_tokens / self.prefill_s if self.prefill_s > 0 else 0.0
+        """Prompt tokens per second of prefill (of the whole batch, for a sequence of a batch)."""
+        tokens = self.batch_prompt_tokens or self.prompt_tokens
+        return tokens / self.prefill_s if self.prefill_s > 0 else 0.0
 
     @property
     def decode_tok_s(self) -> float:
@@ -58,7 +60,9 @@ class Stats:
     def line(self) -> str:
         """One human-readable line."""
         return (
-            f"prompt {self.prompt_tokens} tokens | prefill {self.prefill_tok_s:.0f} tok/s | "
+            f"prompt {self.prompt_tokens} tokens | prefill {self.prefill_tok_s:.0f} tok/s"
+            + (f" (batch of {self.batch_prompt_tokens} tokens)" if self.batch_prompt_tokens else "")
+            + " | "
             f"TTFT {self.ttft_s:.2f} s | decode {self.decode_tok_s:.1f} tok/s ({self.generated_tokens} tokens) | "
             f"peak KV {_fmt_bytes(self.peak_kv_bytes)}"
             + (f" (+ {_fmt_bytes(self.kv_disk_bytes)} on disk)" if self.kv_disk_bytes else "")
@@ -80,6 +84,7 @@ class Stats:
             "kv_disk_bytes": self.kv_disk_bytes,
             "policy": self.policy,
             "compression": self.compression,
+            "batch_prompt_tokens": self.batch_prompt_tokens,
         }
 
 
@@ -366,7 +371,8 @@ class LLM:
         (end of sequence, a stop string, ``max_new_tokens``) leaves the batch.
         Greedy results are those of :meth:`generate` on each prompt alone (up to
         float rounding); sampling draws from one generator seeded by ``seed``.
-        ``stats.prefill_s`` is the batch's prefill time, shared by all.
+        ``stats.prefill_s`` is the batch's prefill time, shared by all, and
+        ``stats.prefill_tok_s`` the batch's rate (``stats.batch_prompt_tokens`` prompt tokens in that time).
 
         ``question_ids``: one list per prompt for question-aware compression
         (see :meth:`stream`); ``None``: question-agnostic.
@@ -401,6 +407,7 @@ class LLM:
         for i, (g, x) in enumerate(zip(gens, ids, strict=True)):
             g.stats.prompt_tokens, g.stats.policy, g.stats.prefill_s = len(x), pol.describe(), prefill_s
             g.stats.compression = _compression_label(pol, bool(question_ids and question_ids[i]))
+            g.stats.batch_prompt_tokens = sum(map(len, ids))
         rng = make_generator(seed)
         cuts: dict[int, str] = {}  # text of the sequences a stop string ended
         active = list(range(len(ids)))
