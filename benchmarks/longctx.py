@@ -222,7 +222,8 @@ def recall(pol: BlockTopKPolicy, seq: Sequence, needle_pages: set[int]) -> dict:
     return out
 
 
-def run_sample(llm: LLM, sample: dict, base: BlockTopKPolicy, variants: dict[str, BlockTopKPolicy]) -> dict:
+def run_sample(llm: LLM, sample: dict, base: BlockTopKPolicy, variants: dict[str, BlockTopKPolicy],
+               dump: Path | None = None) -> dict:
     ids, ps = sample["ids"], llm.engine_config.page_size
     split = base.question_start(len(ids))
     # the context alone, prefilled once with sinks + window (topk=0: no selection at its end)
@@ -236,12 +237,18 @@ def run_sample(llm: LLM, sample: dict, base: BlockTopKPolicy, variants: dict[str
     res = {k: sample[k] for k in ("tokens", "depth", "number")} | {"prefill_s": round(prefill_s, 2), "answers": {}}
     res["kv_ram_peak_mib"] = round(seq.peak_kv_bytes / 2**20, 1)
     res["kv_disk_mib"] = round(sum(getattr(lkv, "disk_bytes", lambda: 0)() for lkv in seq.cache.layers) / 2**20, 1)
-    for name, pol in variants.items():
+    for j, (name, pol) in enumerate(variants.items()):
         cut_back(seq, split)
+        rows: list[torch.Tensor] = []
+        if dump is not None and j == 0:
+            pol, rows = capture_rows(pol)
         r = Runner(llm.model, pol, llm.engine_config)
         t1 = time.perf_counter()
         logits = r.ask(seq, ids[split:])
         text = greedy(llm, r, seq, logits)
+        if rows and dump is not None:
+            dump.mkdir(parents=True, exist_ok=True)
+            dump_rows(dump / f"{len(ids)}-{sample['number']}.pt", rows, seq, needle_pages, sample["number"])
         entry = {"text": text, "correct": sample["number"] in text, "answer_s": round(time.perf_counter() - t1, 2)}
         if pol.topk:
             entry |= recall(pol, seq, needle_pages)
@@ -279,7 +286,7 @@ def main() -> None:
                     help="N > 0: one context per length with N needles of different wording at the depths, "
                          "prefilled once, one question per needle (for 1 M tokens)")
     ap.add_argument("--dump-rows", metavar="DIR",
-                    help="with --needles: save the first variant's page ratings per (layer, head, query) row at each "
+                    help="save the first variant's page ratings per (layer, head, query) row at each "
                          "question (float16 .pt files) for offline study of selection rules")
     ap.add_argument("--heatmap", nargs="+", metavar="JSON", help="no run: plot accuracy by depth x length from result files")
     ap.add_argument("--variant", default="block_topk k=8 e=1", help="the answers plotted by --heatmap")
@@ -325,7 +332,7 @@ def main() -> None:
             first = (i + n) % len(books)
             book = books[first]
             sample = make_sample(llm, haystack(llm, books, first, n, rng), n, depth, rng)
-            res = run_sample(llm, sample, base, variants) | {"length": n, "book": book.name}
+            res = run_sample(llm, sample, base, variants, Path(args.dump_rows) if args.dump_rows else None) | {"length": n, "book": book.name}
             if args.dense:
                 res["answers"]["dense"] = run_dense(llm, sample)
             results.append(res)
