@@ -218,6 +218,10 @@ def recall(pol: BlockTopKPolicy, seq: Sequence, needle_pages: set[int]) -> dict:
             for i in idx:
                 hit |= (per_head == i).any(-1)
             out["head_recall"] = round(hit.float().mean().item(), 3)
+        if st.first_score is not None and pol.verify:
+            first = st.first_score
+            out["rank_first_stage"] = int((first > first[idx].max()).sum()) + 1 if idx else None
+            out["confidence"] = [round(c, 3) for c in st.confidence.tolist()] if st.confidence is not None else None
         out["candidates"] = len(cand)
     return out
 

@@ -337,6 +337,44 @@ def test_reencoded_pages_are_the_dense_encoding_of_sinks_plus_pages() -> None:
     assert (plain - with_prefix).abs().max().item() > 1e-4
 
 
+def test_verify_ranks_pages_by_the_confidence_of_the_answer_read_from_each() -> None:
+    model = tiny_model()
+    ids = torch.randint(0, 97, (240,), generator=torch.Generator().manual_seed(8)).tolist()
+    pol = BlockTopKPolicy(topk=2, sinks=PS, window=2 * PS, query_tokens=10, expand=1, verify=4, verify_tokens=5)
+    _, seq = _run(model, pol, ids, [])
+    st = seq.selection
+    assert st.first_score is not None and st.score is not None and st.candidates is not None and st.confidence is not None
+    order = st.first_score.topk(4).indices  # the first stage's 4 best, best first
+    expected = []
+    for c in order.tolist():  # brute force: sinks + the page and its neighbours + the question, greedy through the engine
+        near = [p for p in (c - 1, c, c + 1) if 0 <= p < st.candidates.numel()]
+        idx = list(range(PS)) + [int(st.candidates[p]) * PS + t for p in near for t in range(PS)]
+        runner = Runner(model, DensePolicy(), EngineConfig(chunk_size=16, page_size=PS))
+        ref = runner.new_sequence(len(idx) + 10 + 5)
+        logits = runner.prefill(ref, [ids[i] for i in idx] + ids[230:])
+        total = 0.0
+        for _ in range(5):
+            logp = torch.log_softmax(logits.reshape(-1)[-97:].float(), -1)
+            tok = int(logp.argmax())
+            total += float(logp[tok])
+            logits = runner.decode(ref, tok)
+        expected.append(total / 5)
+    torch.testing.assert_close(st.confidence, torch.tensor(expected), rtol=0, atol=1e-4)
+    torch.testing.assert_close(st.score[order], st.confidence)
+    rest = torch.ones(st.candidates.numel(), dtype=torch.bool)
+    rest[order] = False  # unverified pages: below every verified one, in first-stage order
+    assert st.score[rest].max() < st.score[order].min()
+    assert torch.equal(st.score[rest].argsort(), st.first_score[rest].argsort())
+    best = order[st.confidence.topk(2).indices]  # the two most confident, with their neighbours
+    near = (best[:, None] + torch.arange(-1, 2)).flatten()
+    assert st.pages[0][0].tolist() == st.candidates[near[(near >= 0) & (near < st.candidates.numel())].unique()].tolist()
+    assert "verify=4, verify_tokens=5" in pol.describe()
+    with pytest.raises(LongKVError, match="verify must be >= 0, got -1"):
+        make_policy("block_topk:verify=-1")
+    with pytest.raises(LongKVError, match="verify_tokens must be >= 1, got 0"):
+        make_policy("block_topk:verify_tokens=0")
+
+
 def test_auto_policy_uses_block_topk_beyond_the_window_tiered_when_the_cache_is_too_big() -> None:
     from longkv.engine.llm import LLM
 

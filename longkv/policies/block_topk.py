@@ -64,7 +64,11 @@ class BlockTopKState:
         candidates: (C,) page ids that could be chosen at the last question.
         z: (L, Hkv, C) float32 per-head page scores at the last question (the
             vote over that head's queries; for page-recall measurements), or None.
-        score: (C,) the shared score of the candidates at the last question (scope "shared").
+        score: (C,) the shared score of the candidates at the last question (scope "shared");
+            with ``verify``, the verified pages rank by their answer's confidence, above all others.
+        first_score: (C,) the score before verification.
+        confidence: (m,) with ``verify``: the mean log-probability of the answer read from
+            each verified page, in the order of ``first_score`` (best first).
         prefix: per layer, the sink pages + selected pages re-encoded together:
             keys, values (Hkv, P, D) (keys rotated at 0..P-1), original positions (P,).
         anchor: window start when the selection was made (None: no selection).
@@ -85,6 +89,8 @@ class BlockTopKState:
     candidates: torch.Tensor | None = None
     z: torch.Tensor | None = None
     score: torch.Tensor | None = None
+    first_score: torch.Tensor | None = None
+    confidence: torch.Tensor | None = None
     prefix: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
 
 
@@ -133,6 +139,14 @@ class BlockTopKPolicy(SelectionPolicy):
         tier_dir: folder of the disk tier's page files (deleted on exit).
         dense_fallback: read a prompt no longer than the span (what block_topk
             would attend to anyway) densely, without selection (faster, exact).
+        verify: with ``scope="shared"``, answer from each of the ``verify`` best
+            pages on its own (the sink pages + the page and its ``expand``
+            neighbours + the question, one short dense forward and
+            ``verify_tokens`` greedy tokens) and keep the ``topk`` pages whose
+            answer the model is most confident of (mean log-probability of its
+            greedy tokens); 0 turns it off. A page holding the answer is copied
+            from with near certainty, a page without it gives a guess.
+        verify_tokens: greedy tokens read per verified page.
 
     Raises:
         LongKVError (from :meth:`validate`): a knob out of range, an unknown score
@@ -157,6 +171,8 @@ class BlockTopKPolicy(SelectionPolicy):
     cold_codec: str = "int8"
     tier_dir: str = ""
     dense_fallback: bool = True
+    verify: int = 0
+    verify_tokens: int = 16
 
     # ------------------------------------------------------------------ setup
     def sink_tokens(self, page_size: int) -> int:
@@ -174,10 +190,10 @@ class BlockTopKPolicy(SelectionPolicy):
 
     def check_knobs(self) -> None:
         """Raise :class:`~longkv.errors.LongKVError` on a knob that is wrong for any model."""
-        for knob in ("topk", "prefill_topk", "sinks", "expand"):
+        for knob in ("topk", "prefill_topk", "sinks", "expand", "verify"):
             if getattr(self, knob) < 0:
                 raise LongKVError(f"block_topk {knob} must be >= 0, got {getattr(self, knob)}: pass a non-negative value")
-        for knob in ("window", "query_tokens", "votes"):
+        for knob in ("window", "query_tokens", "votes", "verify_tokens"):
             if getattr(self, knob) < 1:
                 raise LongKVError(f"block_topk {knob} must be >= 1, got {getattr(self, knob)}: raise it")
         if self.score not in SCORES:
@@ -248,7 +264,9 @@ class BlockTopKPolicy(SelectionPolicy):
         tiers = f", resident={self.resident}, cold={self.cold}, cold_codec={self.cold_codec}" if self.resident else ""
         return (
             f"block_topk(topk={self.topk}, sinks={self.sinks}, window={self.window}, score={self.score}, aggregate={self.aggregate}, "
-            f"scope={self.scope}, expand={self.expand}, keep_selection={self.keep_selection}, reencode={self.reencode}{tiers})"
+            f"scope={self.scope}, expand={self.expand}, keep_selection={self.keep_selection}, reencode={self.reencode}"
+            + (f", verify={self.verify}, verify_tokens={self.verify_tokens}" if self.verify else "")
+            + f"{tiers})"
         )
 
     def new_state(self, model: ModelConfig, engine: EngineConfig) -> BlockTopKState:
@@ -341,6 +359,7 @@ class BlockTopKPolicy(SelectionPolicy):
         sinks = self.sink_tokens(ps)
         cand = candidate_pages(n0, sinks, self.window, ps)
         state.candidates, state.z, state.score, state.prefix = cand, None, None, None
+        state.first_score = state.confidence = None
         if cand.numel() == 0 or self.topk == 0:
             self.reset(state)
             return
@@ -371,11 +390,59 @@ class BlockTopKPolicy(SelectionPolicy):
         state.z = torch.stack(per_head)  # (L, Hkv, C)
         state.anchor = window_start(n0, sinks, self.window, ps)
         if best is not None:
-            state.score = best.mean(0)
+            state.score = state.first_score = best.mean(0)
+            if self.verify and cand.numel() > self.topk:
+                state.score, state.confidence = self._verify(model, context, ids, cand, state.score, sinks, ps)
             shared = _top(cand, state.score[None], self.topk, self.expand)
             state.pages = [shared] * len(queries)
             if self.reencode:
                 state.prefix = _reencode(model, context, shared[0], sinks, ps)
+
+    def _verify(
+        self, model: LlamaModel, context: list[int], ids: list[int], cand: torch.Tensor, first: torch.Tensor,
+        sinks: int, ps: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(C,) first-stage scores -> ((C,) scores, (m,) confidences): the ``verify`` best pages rank
+        by the confidence of the answer read from each alone, above every other page (which keep
+        their first-stage order)."""
+        m = min(self.verify, cand.numel())
+        order = torch.topk(first, m).indices  # best first
+        conf = torch.empty(m)
+        for j, c in enumerate(order.tolist()):
+            near = torch.arange(c - self.expand, c + self.expand + 1)
+            pages = cand[near[(near >= 0) & (near < cand.numel())]]
+            idx = torch.cat((torch.arange(sinks), (pages[:, None] * ps + torch.arange(ps)).flatten()))
+            toks = torch.cat((torch.tensor(context, dtype=torch.int64)[idx], torch.tensor(ids, dtype=torch.int64)))
+            conf[j] = greedy_confidence(model, toks, self.verify_tokens)
+        out = first - first.max() + conf.min() - 1.0  # below every verified page, same order
+        out[order] = conf
+        return out, conf
+
+
+def greedy_confidence(model: LlamaModel, toks: torch.Tensor, n: int) -> float:
+    """Mean log-probability of the ``n`` greedy tokens that follow ``toks`` (T,), read densely
+    at positions 0..T-1 with a throw-away cache (the engine's cache is not touched)."""
+    kv: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] = [None] * model.config.n_layers
+
+    def cached_attention(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        old = kv[layer]
+        if old is not None:
+            k, v, pos_k = torch.cat((old[0], k), 1), torch.cat((old[1], v), 1), torch.cat((old[2], pos))
+        else:
+            pos_k = pos
+        kv[layer] = (k, v, pos_k)
+        return attend(q, k, v, pos, pos_k)
+
+    logits = model.forward(toks, torch.arange(toks.numel()), cached_attention, "last")
+    total = 0.0
+    for i in range(n):
+        assert logits is not None
+        logp = torch.log_softmax(logits.reshape(-1, logits.shape[-1])[-1].float(), dim=-1)
+        tok = int(logp.argmax())
+        total += float(logp[tok])
+        if i + 1 < n:
+            logits = model.forward(torch.tensor([tok]), torch.tensor([toks.numel() + i]), cached_attention, "last")
+    return total / n
 
 
 def vote(z: torch.Tensor, votes: int) -> torch.Tensor:
