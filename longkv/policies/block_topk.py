@@ -151,8 +151,9 @@ class BlockTopKPolicy(SelectionPolicy):
         verify_min_pages: verify only when more than this many pages are
             candidates (1024, i.e. inputs beyond ~64 K tokens with 64-token
             pages): below it the first stage ranks the needle's page first or
-            second in nearly every sample measured and verifying adds ~1 s per
-            page for nothing; among thousands of pages it slips (docs/sparse.md).
+            second in nearly every sample measured; among thousands of pages it
+            slips. Off by default: with several needle-like facts in the text the
+            model answers as confidently from the wrong one (docs/sparse.md).
 
     Raises:
         LongKVError (from :meth:`validate`): a knob out of range, an unknown score
@@ -177,7 +178,7 @@ class BlockTopKPolicy(SelectionPolicy):
     cold_codec: str = "int8"
     tier_dir: str = ""
     dense_fallback: bool = True
-    verify: int = 16
+    verify: int = 0
     verify_tokens: int = 16
     verify_min_pages: int = 1024
 
