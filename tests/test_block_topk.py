@@ -340,8 +340,7 @@ def test_reencoded_pages_are_the_dense_encoding_of_sinks_plus_pages() -> None:
 def test_verify_ranks_pages_by_the_confidence_of_the_answer_read_from_each() -> None:
     model = tiny_model()
     ids = torch.randint(0, 97, (240,), generator=torch.Generator().manual_seed(8)).tolist()
-    pol = BlockTopKPolicy(topk=2, sinks=PS, window=2 * PS, query_tokens=10, expand=1, verify=4, verify_tokens=5,
-                          verify_min_pages=0)
+    pol = BlockTopKPolicy(topk=2, sinks=PS, window=2 * PS, query_tokens=10, expand=1, verify=4, verify_tokens=5)
     _, seq = _run(model, pol, ids, [])
     st = seq.selection
     assert st.first_score is not None and st.score is not None and st.candidates is not None and st.confidence is not None
@@ -369,18 +368,15 @@ def test_verify_ranks_pages_by_the_confidence_of_the_answer_read_from_each() -> 
     best = order[st.confidence.topk(2).indices]  # the two most confident, with their neighbours
     near = (best[:, None] + torch.arange(-1, 2)).flatten()
     assert st.pages[0][0].tolist() == st.candidates[near[(near >= 0) & (near < st.candidates.numel())].unique()].tolist()
-    assert "verify=4 (beyond 0 pages), verify_tokens=5" in pol.describe()
-    # with fewer candidates than verify_min_pages nothing is verified (the default: 1024 pages)
-    _, seq = _run(model, dataclasses.replace(pol, verify_min_pages=st.candidates.numel()), ids, [])
+    assert "verify=4, verify_tokens=5" in pol.describe()
+    # off (the default): the first stage's score is the selection's
+    _, seq = _run(model, dataclasses.replace(pol, verify=0), ids, [])
     assert seq.selection.confidence is None and torch.equal(seq.selection.score, seq.selection.first_score)
-    _, seq = _run(model, dataclasses.replace(pol, verify_min_pages=st.candidates.numel() - 1), ids, [])
-    assert seq.selection.confidence is not None
+    assert "verify" not in BlockTopKPolicy().describe()
     with pytest.raises(LongKVError, match="verify must be >= 0, got -1"):
         make_policy("block_topk:verify=-1")
     with pytest.raises(LongKVError, match="verify_tokens must be >= 1, got 0"):
         make_policy("block_topk:verify_tokens=0")
-    with pytest.raises(LongKVError, match="verify_min_pages must be >= 0, got -5"):
-        make_policy("block_topk:verify_min_pages=-5")
 
 
 def test_auto_policy_uses_block_topk_beyond_the_window_tiered_when_the_cache_is_too_big() -> None:

@@ -139,21 +139,16 @@ class BlockTopKPolicy(SelectionPolicy):
         tier_dir: folder of the disk tier's page files (deleted on exit).
         dense_fallback: read a prompt no longer than the span (what block_topk
             would attend to anyway) densely, without selection (faster, exact).
-        verify: with ``scope="shared"`` and more than ``verify_min_pages``
-            candidate pages, answer from each of the ``verify`` best
+        verify: with ``scope="shared"``, answer from each of the ``verify`` best
             pages on its own (the sink pages + the page and its ``expand``
             neighbours + the question, one short dense forward and
             ``verify_tokens`` greedy tokens) and keep the ``topk`` pages whose
             answer the model is most confident of (mean log-probability of its
-            greedy tokens); 0 turns it off. A page holding the answer is copied
-            from with near certainty, a page without it gives a guess.
+            greedy tokens); 0 (default) turns it off. A page holding the answer
+            is copied from with near certainty, a page without it gives a guess;
+            but a page holding a look-alike fact is copied from as confidently,
+            so it helps a lone needle and hurts among several (docs/sparse.md).
         verify_tokens: greedy tokens read per verified page.
-        verify_min_pages: verify only when more than this many pages are
-            candidates (1024, i.e. inputs beyond ~64 K tokens with 64-token
-            pages): below it the first stage ranks the needle's page first or
-            second in nearly every sample measured; among thousands of pages it
-            slips. Off by default: with several needle-like facts in the text the
-            model answers as confidently from the wrong one (docs/sparse.md).
 
     Raises:
         LongKVError (from :meth:`validate`): a knob out of range, an unknown score
@@ -180,7 +175,6 @@ class BlockTopKPolicy(SelectionPolicy):
     dense_fallback: bool = True
     verify: int = 0
     verify_tokens: int = 16
-    verify_min_pages: int = 1024
 
     # ------------------------------------------------------------------ setup
     def sink_tokens(self, page_size: int) -> int:
@@ -198,7 +192,7 @@ class BlockTopKPolicy(SelectionPolicy):
 
     def check_knobs(self) -> None:
         """Raise :class:`~longkv.errors.LongKVError` on a knob that is wrong for any model."""
-        for knob in ("topk", "prefill_topk", "sinks", "expand", "verify", "verify_min_pages"):
+        for knob in ("topk", "prefill_topk", "sinks", "expand", "verify"):
             if getattr(self, knob) < 0:
                 raise LongKVError(f"block_topk {knob} must be >= 0, got {getattr(self, knob)}: pass a non-negative value")
         for knob in ("window", "query_tokens", "votes", "verify_tokens"):
@@ -273,7 +267,7 @@ class BlockTopKPolicy(SelectionPolicy):
         return (
             f"block_topk(topk={self.topk}, sinks={self.sinks}, window={self.window}, score={self.score}, aggregate={self.aggregate}, "
             f"scope={self.scope}, expand={self.expand}, keep_selection={self.keep_selection}, reencode={self.reencode}"
-            + (f", verify={self.verify} (beyond {self.verify_min_pages} pages), verify_tokens={self.verify_tokens}" if self.verify else "")
+            + (f", verify={self.verify}, verify_tokens={self.verify_tokens}" if self.verify else "")
             + f"{tiers})"
         )
 
@@ -399,7 +393,7 @@ class BlockTopKPolicy(SelectionPolicy):
         state.anchor = window_start(n0, sinks, self.window, ps)
         if best is not None:
             state.score = state.first_score = best.mean(0)
-            if self.verify and cand.numel() > max(self.topk, self.verify_min_pages):
+            if self.verify and cand.numel() > self.topk:
                 state.score, state.confidence = self._verify(model, context, ids, cand, state.score, sinks, ps)
             shared = _top(cand, state.score[None], self.topk, self.expand)
             state.pages = [shared] * len(queries)
