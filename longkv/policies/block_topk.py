@@ -49,6 +49,7 @@ from longkv.kv.tiers import CODECS, COLD, TieredLayerKV, parse_bytes
 from longkv.models.layers import Rotary
 from longkv.models.llama import LlamaModel
 from longkv.policies.base import SelectionPolicy
+from longkv.policies.rereading import greedy_confidence, reencode_pages
 
 SCOPES = ("shared", "layer", "head")
 AGGREGATES = ("mass", "z")
@@ -398,7 +399,7 @@ class BlockTopKPolicy(SelectionPolicy):
             shared = _top(cand, state.score[None], self.topk, self.expand)
             state.pages = [shared] * len(queries)
             if self.reencode:
-                state.prefix = _reencode(model, context, shared[0], sinks, ps)
+                state.prefix = reencode_pages(model, context, shared[0], sinks, ps)
 
     def _verify(
         self, model: LlamaModel, context: list[int], ids: list[int], cand: torch.Tensor, first: torch.Tensor,
@@ -421,59 +422,9 @@ class BlockTopKPolicy(SelectionPolicy):
         return out, conf
 
 
-def greedy_confidence(model: LlamaModel, toks: torch.Tensor, n: int) -> float:
-    """Mean log-probability of the ``n`` greedy tokens that follow ``toks`` (T,), read densely
-    at positions 0..T-1 with a throw-away cache (the engine's cache is not touched)."""
-    kv: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] = [None] * model.config.n_layers
-
-    def cached_attention(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        old = kv[layer]
-        if old is not None:
-            k, v, pos_k = torch.cat((old[0], k), 1), torch.cat((old[1], v), 1), torch.cat((old[2], pos))
-        else:
-            pos_k = pos
-        kv[layer] = (k, v, pos_k)
-        return attend(q, k, v, pos, pos_k)
-
-    logits = model.forward(toks, torch.arange(toks.numel()), cached_attention, "last")
-    total = 0.0
-    for i in range(n):
-        assert logits is not None
-        logp = torch.log_softmax(logits.reshape(-1, logits.shape[-1])[-1].float(), dim=-1)
-        tok = int(logp.argmax())
-        total += float(logp[tok])
-        if i + 1 < n:
-            logits = model.forward(torch.tensor([tok]), torch.tensor([toks.numel() + i]), cached_attention, "last")
-    return total / n
-
-
 def vote(z: torch.Tensor, votes: int) -> torch.Tensor:
     """(..., R, C) z-scores -> (..., C): the mean of each page's ``votes`` best z-scores over the R rows."""
     return z.topk(min(votes, z.shape[-2]), dim=-2).values.mean(-2)
-
-
-def _reencode(
-    model: LlamaModel, context: list[int], pages: torch.Tensor, sinks: int, ps: int
-) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Keys and values of the sink pages + ``pages`` (k,) computed together, as one short text.
-
-    Why: the cached keys of a far page were computed by a prefill that saw only
-    sinks + a local window around it, at a distance from the sinks unlike any
-    the answer will use; SmolLM2 then fails to read the needle from a correctly
-    selected page (docs/sparse.md). Encoding the few selected pages again right
-    after the sinks, at consecutive positions (the layout attention uses), gives
-    keys it reads. Costs one dense forward of ``sinks + k * page_size`` tokens.
-    """
-    idx = torch.cat((torch.arange(sinks), (pages[:, None] * ps + torch.arange(ps)).flatten()))
-    toks = torch.tensor(context, dtype=torch.int64)[idx]
-    out: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-
-    def block_attention(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        out.append((k, v, idx))
-        return attend(q, k, v, pos, pos)  # causal over the block
-
-    model.forward(toks, torch.arange(idx.numel()), block_attention, "none")
-    return out
 
 
 def merge_votes(best: torch.Tensor | None, rows: torch.Tensor, votes: int) -> torch.Tensor:
