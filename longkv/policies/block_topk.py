@@ -411,11 +411,12 @@ class BlockTopKPolicy(SelectionPolicy):
         m = min(self.verify, cand.numel())
         order = torch.topk(first, m).indices  # best first
         conf = torch.empty(m)
+        ctx, question = torch.tensor(context, dtype=torch.int64), torch.tensor(ids, dtype=torch.int64)
         for j, c in enumerate(order.tolist()):
             near = torch.arange(c - self.expand, c + self.expand + 1)
             pages = cand[near[(near >= 0) & (near < cand.numel())]]
             idx = torch.cat((torch.arange(sinks), (pages[:, None] * ps + torch.arange(ps)).flatten()))
-            toks = torch.cat((torch.tensor(context, dtype=torch.int64)[idx], torch.tensor(ids, dtype=torch.int64)))
+            toks = torch.cat((ctx[idx], question))
             conf[j] = greedy_confidence(model, toks, self.verify_tokens)
         out = first - first.max() + conf.min() - 1.0  # below every verified page, same order
         out[order] = conf
