@@ -150,12 +150,12 @@ def run_multi(llm: LLM, sample: dict, base: BlockTopKPolicy, variants: dict[str,
             r = Runner(llm.model, pol, llm.engine_config)
             t1 = time.perf_counter()
             text = greedy(llm, r, seq, r.ask(seq, tail), 32)
+            needle_pages = set(range(lo // ps, (hi - 1) // ps + 1))
             if rows and dump is not None:
-                dump.mkdir(parents=True, exist_ok=True)
-                dump_rows(dump / f"{len(ctx)}-{number}.pt", rows, seq, set(range(lo // ps, (hi - 1) // ps + 1)), number)
+                dump_rows(dump / f"{len(ctx)}-{number}.pt", rows, seq, needle_pages, number)
             entry = {"text": text, "correct": number in text, "answer_s": round(time.perf_counter() - t1, 2)}
             if pol.topk:
-                entry |= recall(pol, seq, set(range(lo // ps, (hi - 1) // ps + 1)))
+                entry |= recall(pol, seq, needle_pages)
             res["answers"][name] = entry
         res["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
         out.append(res)
@@ -182,6 +182,7 @@ def capture_rows(pol: BlockTopKPolicy) -> tuple[BlockTopKPolicy, list[torch.Tens
 
 def dump_rows(path: Path, rows: list[torch.Tensor], seq: Sequence, needle_pages: set[int], number: str) -> None:
     st = seq.selection
+    path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"rows": torch.cat(rows), "candidates": st.candidates, "needle_pages": sorted(needle_pages),
                 "number": number}, path)
 
@@ -251,7 +252,6 @@ def run_sample(llm: LLM, sample: dict, base: BlockTopKPolicy, variants: dict[str
         logits = r.ask(seq, ids[split:])
         text = greedy(llm, r, seq, logits)
         if rows and dump is not None:
-            dump.mkdir(parents=True, exist_ok=True)
             dump_rows(dump / f"{len(ids)}-{sample['number']}.pt", rows, seq, needle_pages, sample["number"])
         entry = {"text": text, "correct": sample["number"] in text, "answer_s": round(time.perf_counter() - t1, 2)}
         if pol.topk:
