@@ -208,17 +208,18 @@ def recall(pol: BlockTopKPolicy, seq: Sequence, needle_pages: set[int]) -> dict:
     st = seq.selection
     chosen = set(st.pages[0].flatten().tolist()) if st.pages[0] is not None else set()
     out = {"recall": bool(chosen & needle_pages)}
-    if st.z is not None and len(st.candidates):
+    if (st.z is not None or st.score is not None) and len(st.candidates):
         cand = st.candidates.tolist()
         idx = [cand.index(p) for p in needle_pages if p in cand]
         if idx:
             combined = st.score if st.score is not None else st.z.amax(dim=(0, 1))
             out["rank"] = int((combined > combined[idx].max()).sum()) + 1  # by the selection's score; 1 = best
-            per_head = st.z.topk(min(pol.topk, len(cand)), dim=-1).indices  # (L, Hkv, k)
-            hit = torch.zeros(per_head.shape[:2], dtype=torch.bool)
-            for i in idx:
-                hit |= (per_head == i).any(-1)
-            out["head_recall"] = round(hit.float().mean().item(), 3)
+            if st.z is not None:  # per-head votes (not kept when the retrieval heads choose)
+                per_head = st.z.topk(min(pol.topk, len(cand)), dim=-1).indices  # (L, Hkv, k)
+                hit = torch.zeros(per_head.shape[:2], dtype=torch.bool)
+                for i in idx:
+                    hit |= (per_head == i).any(-1)
+                out["head_recall"] = round(hit.float().mean().item(), 3)
         if st.first_score is not None and pol.verify:
             first = st.first_score
             out["rank_first_stage"] = int((first > first[idx].max()).sum()) + 1 if idx else None
@@ -264,7 +265,8 @@ def run_sample(llm: LLM, sample: dict, base: BlockTopKPolicy, variants: dict[str
 def run_dense(llm: LLM, sample: dict) -> dict:
     t0 = time.perf_counter()
     g = llm.generate(sample["ids"], max_new_tokens=20, policy="dense")
-    return {"text": g.text, "correct": sample["number"] in g.text, "answer_s": round(time.perf_counter() - t0, 2)}
+    return {"text": g.text, "correct": sample["number"] in g.text, "answer_s": round(time.perf_counter() - t0, 2),
+            "prefill_s": round(g.stats.prefill_s, 2), "kv_ram_peak_mib": round(g.stats.peak_kv_bytes / 2**20, 1)}
 
 
 def main() -> None:

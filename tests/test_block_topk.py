@@ -290,6 +290,10 @@ def test_spec_parser_and_validation_errors() -> None:
         "scope=token": "unknown block_topk scope 'token'",
         "aggregate=sum": "unknown block_topk aggregate 'sum'",
         "window=500": "beyond the model's trained window of 512",
+        "heads=7": "bad block_topk heads '7'",
+        "heads=0.1+x.2": "bad block_topk heads",
+        "heads=2.0": "head 2.0 is not in this model",
+        "heads=1.4": "head 1.4 is not in this model",
     }
     for knob, message in bad.items():
         with pytest.raises(LongKVError, match=message):
@@ -306,6 +310,48 @@ def test_spec_parser_and_validation_errors() -> None:
     # sinks + 1 page and its 2 neighbours + window + page + chunk
     assert dataclasses.replace(pol, topk=1).span(eng) == 64 + 3 * PS + 256 + PS + 64
     assert dataclasses.replace(pol, query_tokens=100, expand=0).span(eng) == 64 + 4 * PS + 256 + PS + 100
+
+
+def test_retrieval_heads_score_is_the_mean_log_share_of_those_heads(monkeypatch: pytest.MonkeyPatch) -> None:
+    from longkv.policies import retrieval_heads
+
+    model = tiny_model()
+    ids = torch.randint(0, 97, (300,), generator=torch.Generator().manual_seed(8)).tolist()
+    heads = [(1, 0), (0, 3), (1, 2)]  # (layer, query head); query heads 0-1 read KV head 0, 2-3 KV head 1
+    pol = BlockTopKPolicy(topk=2, sinks=PS, window=2 * PS, query_tokens=12, heads="1.0+0.3+1.2", reencode=False,
+                          expand=0)
+    rows: list[torch.Tensor] = []
+    scores = pol._scores
+
+    def keep(*args):  # type: ignore[no-untyped-def]
+        cand, z = scores(*args)
+        rows.append(z)  # (Hkv, G * T, C), head-major inside each KV head
+        return cand, z
+
+    monkeypatch.setattr(pol, "_scores", keep)
+    _, seq = _run(model, pol, ids, [])
+    st = seq.selection
+    shares = [z.reshape(2, 2, 12, -1).flatten(0, 1) for z in rows]  # per layer (query head, query, page)
+    expected = torch.stack([shares[layer][h].mean(0).clamp_min(1e-6).log() for layer, h in heads]).mean(0)
+    torch.testing.assert_close(st.score, expected)
+    assert st.pages[0][0].tolist() == st.candidates[expected.topk(2).indices].sort().values.tolist()
+    assert st.z is None  # the per-head votes of every layer are not computed
+    rows.clear()
+    one = dataclasses.replace(pol, heads="1.2")
+    scores = one._scores
+    monkeypatch.setattr(one, "_scores", keep)
+    _, seq_one = _run(model, one, ids, [])
+    assert len(rows) == 1  # only layer 1 holds a retrieval head: layer 0 is not scored
+    torch.testing.assert_close(seq_one.selection.score, shares[1][2].mean(0).clamp_min(1e-6).log())
+    # "all" votes over every row; "auto" is "all" for a model longkv has no calibration for, and the table otherwise
+    all_rows, _ = _run(model, dataclasses.replace(pol, heads="all"), ids, [])
+    auto, seq_auto = _run(model, dataclasses.replace(pol, heads="auto"), ids, [])
+    torch.testing.assert_close(auto, all_rows, rtol=0, atol=0)
+    assert not torch.equal(seq_auto.selection.score, st.score)
+    monkeypatch.setitem(retrieval_heads.KNOWN, retrieval_heads.fingerprint(model.config), tuple(heads))
+    assert retrieval_heads.fingerprint(model.config) == "llama:2x4x2x16:64:97"
+    _, seq_known = _run(model, dataclasses.replace(pol, heads="auto"), ids, [])
+    torch.testing.assert_close(seq_known.selection.score, st.score)
 
 
 def test_reencoded_pages_are_the_dense_encoding_of_sinks_plus_pages() -> None:

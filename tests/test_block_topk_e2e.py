@@ -32,3 +32,34 @@ def test_smollm2_answers_a_needle_at_16k_beyond_its_window() -> None:
     # the baseline without retrieval (sinks + the same window) cannot see the needle
     local = llm.generate(prompt, max_new_tokens=20, policy="block_topk:topk=0")
     assert "730412" not in local.text
+
+
+def test_smollm2_retrieval_heads_rank_the_needle_page_first(smollm2_bf16, book_text: str) -> None:
+    # heads=auto resolves to SmolLM2's calibrated retrieval heads, and they point at the fact asked for
+    import dataclasses
+
+    from longkv.engine.runner import Runner
+    from longkv.policies import BlockTopKPolicy
+    from longkv.policies.retrieval_heads import KNOWN, fingerprint, resolve_heads
+
+    llm = smollm2_bf16
+    assert resolve_heads("auto", llm.config) == list(KNOWN[fingerprint(llm.config)])
+    hay = llm.encode(book_text[20_000:80_000])[:6000]
+    cut = len(hay) // 2
+    needle = " The code to open the vault is 580133. "
+    text = llm.tokenizer.decode(hay[:cut]) + needle + llm.tokenizer.decode(hay[cut:])
+    question = "What is the code to open the vault mentioned in the text above? Answer with the number only."
+    prompt = llm.apply_chat_template([{"role": "user", "content": text + "\n\n" + question}])
+    ids = llm.encode(prompt)
+    head = llm.encode(prompt[: prompt.index(needle)])
+    page = len(head) // llm.engine_config.page_size  # the needle starts in this page (or the next)
+    pol = BlockTopKPolicy(heads="auto", reencode=False)
+    split = pol.question_start(len(ids))
+    runner = Runner(llm.model, dataclasses.replace(pol, topk=0), llm.engine_config)
+    seq = runner.new_sequence(len(ids))
+    runner.prefill(seq, ids[:split])
+    Runner(llm.model, pol, llm.engine_config).ask(seq, ids[split:])
+    st = seq.selection
+    best = int(st.candidates[st.score.argmax()])
+    assert best in (page, page + 1), (best, page)
+    assert best in st.pages[0][0].tolist()

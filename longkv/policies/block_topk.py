@@ -19,9 +19,11 @@ How an input far longer than the model's trained window is read:
    will get (just beyond the window): the log of the attention mass attention
    would really give it. Each (layer, KV head, query) row turns these into the
    share of attention each page would get (softmax over the candidate pages,
-   ``aggregate="mass"``); with ``scope="shared"`` a page's score is the mean of
-   its ``votes`` best shares over all rows (the heads that retrieve it), and
-   one top-k selection serves every layer and head.
+   ``aggregate="mass"``); with ``scope="shared"`` one top-k selection serves
+   every layer and head, and a page's score is the mean over the model's
+   calibrated retrieval heads (``heads``, ``longkv.policies.retrieval_heads``)
+   of the log of the share each head's queries would give it, or, for a model
+   without calibration, the mean of its ``votes`` best shares over all rows.
 3. **Answer.** The question tail is run again, now attending to sinks +
    selected pages + window, and (``keep_selection``) every answer token keeps
    that selection. Positions are assigned so every distance stays inside the
@@ -50,6 +52,7 @@ from longkv.models.layers import Rotary
 from longkv.models.llama import LlamaModel
 from longkv.policies.base import SelectionPolicy
 from longkv.policies.rereading import greedy_confidence, reencode_pages
+from longkv.policies.retrieval_heads import check_heads, resolve_heads
 
 SCOPES = ("shared", "layer", "head")
 AGGREGATES = ("mass", "z")
@@ -64,7 +67,8 @@ class BlockTopKState:
         summaries: per layer, page summaries (built only when a score needs them).
         candidates: (C,) page ids that could be chosen at the last question.
         z: (L, Hkv, C) float32 per-head page scores at the last question (the
-            vote over that head's queries; for page-recall measurements), or None.
+            vote over that head's queries; for page-recall measurements), or None
+            (no selection, or the retrieval heads chose and only their layers were scored).
         score: (C,) the shared score of the candidates at the last question (scope "shared");
             with ``verify``, the verified pages rank by their answer's confidence, above all others.
         first_score: (C,) the score before verification.
@@ -150,6 +154,13 @@ class BlockTopKPolicy(SelectionPolicy):
             but a page holding a look-alike fact is copied from as confidently,
             so it helps a lone needle and hurts among several (docs/sparse.md).
         verify_tokens: greedy tokens read per verified page.
+        heads: which query heads choose the pages with ``scope="shared"``:
+            ``"auto"`` (default: the model's calibrated retrieval heads when
+            longkv knows them, ``longkv.policies.retrieval_heads``, else every
+            row), ``"all"`` (every (layer, KV head, query) row votes) or a list
+            ``LAYER.HEAD+LAYER.HEAD...``. With heads, a page's score is the mean
+            over them of the log of the share of attention each head's queries
+            would give it (Wu et al. 2024, retrieval heads).
 
     Raises:
         LongKVError (from :meth:`validate`): a knob out of range, an unknown score
@@ -176,6 +187,7 @@ class BlockTopKPolicy(SelectionPolicy):
     dense_fallback: bool = True
     verify: int = 0
     verify_tokens: int = 16
+    heads: str = "auto"
 
     # ------------------------------------------------------------------ setup
     def sink_tokens(self, page_size: int) -> int:
@@ -205,6 +217,7 @@ class BlockTopKPolicy(SelectionPolicy):
             raise LongKVError(f"unknown block_topk aggregate {self.aggregate!r}: choose one of {', '.join(AGGREGATES)}")
         if self.scope not in SCOPES:
             raise LongKVError(f"unknown block_topk scope {self.scope!r}: choose one of {', '.join(SCOPES)}")
+        check_heads(self.heads)
         if self.resident:
             parse_bytes(self.resident)  # raises on a bad size
             if self.cold not in COLD:
@@ -214,6 +227,7 @@ class BlockTopKPolicy(SelectionPolicy):
 
     def validate(self, model: ModelConfig, engine: EngineConfig) -> None:
         self.check_knobs()
+        resolve_heads(self.heads, model)  # raises on a head the model does not have
         if self.resident:
             self.hot_tokens(model, engine)  # raises on a size too small for sinks + window + chunk
         span = self.span(engine)
@@ -380,8 +394,17 @@ class BlockTopKPolicy(SelectionPolicy):
         for lkv in cache.layers:
             lkv.truncate(n0)
         best: torch.Tensor | None = None  # (<= votes, C): the best z-scores of every page so far
+        heads = resolve_heads(self.heads, model.config) if self.scope == "shared" else None
+        by_heads = torch.zeros(cand.numel())  # (C,): sum over the retrieval heads of their rating
         per_head = []
         for i, q in enumerate(queries):
+            if heads:  # only the layers that hold a retrieval head are scored (and, when tiered, read)
+                here = [h for layer, h in heads if layer == i]
+                if here:
+                    z = self._scores(state, i, q, cache[i], n0, rope)[1]  # (Hkv, G * T, C), head-major per group
+                    r = z.reshape(q.shape[0], q.shape[1], -1)[here].mean(1)  # (n, C): mean over the queries
+                    by_heads += (r.clamp_min(1e-6).log() if self.aggregate == "mass" else r).sum(0)
+                continue
             z = self._scores(state, i, q, cache[i], n0, rope)[1]  # (Hkv, R, C)
             per_head.append(vote(z, self.votes))
             if self.scope == "shared":
@@ -390,10 +413,14 @@ class BlockTopKPolicy(SelectionPolicy):
                 state.pages[i] = _top(cand, vote(z.flatten(0, 1)[None], self.votes), self.topk, self.expand)
             else:
                 state.pages[i] = _top(cand, per_head[-1], self.topk)
-        state.z = torch.stack(per_head)  # (L, Hkv, C)
+        state.z = torch.stack(per_head) if per_head else None  # (L, Hkv, C); None with retrieval heads
         state.anchor = window_start(n0, sinks, self.window, ps)
-        if best is not None:
-            state.score = state.first_score = best.mean(0)
+        if heads:
+            state.score = by_heads / len(heads)
+        elif best is not None:
+            state.score = best.mean(0)
+        if state.score is not None:
+            state.first_score = state.score
             if self.verify and cand.numel() > self.topk:
                 state.score, state.confidence = self._verify(model, context, ids, cand, state.score, sinks, ps)
             shared = _top(cand, state.score[None], self.topk, self.expand)
