@@ -443,4 +443,4 @@ def test_auto_policy_uses_block_topk_beyond_the_window_tiered_when_the_cache_is_
     assert isinstance(big, BlockTopKPolicy) and big.resident == str(LLM.auto_block_topk_bytes) and big.cold == "disk"
     assert isinstance(llm.resolve_policy(20_000), BlockTopKPolicy) and not llm.resolve_policy(20_000).resident
     assert llm.resolve_policy(20_000, budget=1024).name == "streaming"  # a budget asks for eviction
-    assert llm_for(2000).resolve_policy(20_000).name == "streaming"  # block_topk's span (2048) exceeds the window
+    assert llm_for(1800).resolve_policy(20_000).name == "streaming"  # block_topk's span (1856) exceeds the window

@@ -106,7 +106,11 @@ class BlockTopKPolicy(SelectionPolicy):
     Page size is the engine's (``LLM(page_size=...)``, 64 tokens by default).
 
     Attributes:
-        topk: pages retrieved at the question and kept for the answer.
+        topk: pages retrieved at the question and kept for the answer (each
+            brings its ``expand`` neighbours). 1 by default: with the retrieval
+            heads the needle's page ranks first in nearly every question, and
+            every further page is a distractor the model may copy from; with
+            ``heads=all`` (a model without calibration) 2 is safer.
         sinks: sink tokens at the start of the input, rounded up to whole pages.
         window: local window in tokens; its tokens keep their true distances.
         score: ``"lse"`` (log of the page's attention mass, default), ``"max"``
@@ -168,7 +172,7 @@ class BlockTopKPolicy(SelectionPolicy):
     """
 
     name: ClassVar[str] = "block_topk"
-    topk: int = 2
+    topk: int = 1
     sinks: int = 64
     window: int = 1024
     score: str = "lse"
@@ -281,7 +285,7 @@ class BlockTopKPolicy(SelectionPolicy):
         tiers = f", resident={self.resident}, cold={self.cold}, cold_codec={self.cold_codec}" if self.resident else ""
         return (
             f"block_topk(topk={self.topk}, sinks={self.sinks}, window={self.window}, score={self.score}, aggregate={self.aggregate}, "
-            f"scope={self.scope}, expand={self.expand}, keep_selection={self.keep_selection}, reencode={self.reencode}"
+            f"scope={self.scope}, heads={self.heads}, expand={self.expand}, keep_selection={self.keep_selection}, reencode={self.reencode}"
             + (f", verify={self.verify}, verify_tokens={self.verify_tokens}" if self.verify else "")
             + f"{tiers})"
         )
