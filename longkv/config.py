@@ -162,8 +162,8 @@ class ModelConfig:
         hidden = int(get("embedding_length"))
         n_heads = int(get("attention.head_count"))
         vocab = get("vocab_size")
-        if vocab is None:
-            vocab = len(meta.get("tokenizer.ggml.tokens", []))
+        if vocab is None:  # e.g. llama.cpp's Qwen2 files: the tokenizer's size
+            vocab = meta.get("tokenizer.ggml.token_count") or len(meta.get("tokenizer.ggml.tokens", []))
         eos = meta.get("tokenizer.ggml.eos_token_id")
         eos_ids = [int(eos)] if eos is not None else []
         eot = meta.get("tokenizer.ggml.eot_token_id")

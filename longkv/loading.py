@@ -234,6 +234,9 @@ def read_gguf(path: Path) -> tuple[dict[str, Any], Any]:
             for k, f in reader.fields.items()
             if not k.startswith("tokenizer.ggml.") or k.endswith(("_id", ".model", ".pre"))
         }
+        tokens = reader.fields.get("tokenizer.ggml.tokens")
+        if tokens is not None:  # the vocabulary itself is not decoded here, only its size
+            meta["tokenizer.ggml.token_count"] = len(tokens.data)
         for t in reader.tensors:  # touch every tensor's extent: catches truncation now
             _ = t.data.shape
     except LongKVError:

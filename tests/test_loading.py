@@ -18,6 +18,18 @@ def test_gguf_config_matches_the_real_smollm2(smollm2_path: Path) -> None:
     cfg = ModelConfig.from_gguf(meta, {t.name for t in reader.tensors})
     assert (cfg.arch, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.hidden_size, cfg.head_dim) == ("llama", 30, 9, 3, 576, 64)
     assert cfg.max_position == 8192 and cfg.tie_embeddings and not cfg.attention_bias
+    assert cfg.vocab_size == 49152
+
+
+def test_gguf_vocab_size_falls_back_to_the_tokenizer() -> None:
+    # llama.cpp's Qwen2 files carry no qwen2.vocab_size: the tokenizer's token count gives it
+    from tests.conftest import _get_model
+
+    meta, reader = loading.read_gguf(_get_model("qwen2.5-coder-0.5b"))
+    assert "qwen2.vocab_size" not in meta
+    cfg = ModelConfig.from_gguf(meta, {t.name for t in reader.tensors})
+    embed = next(t for t in reader.tensors if t.name == "token_embd.weight")
+    assert cfg.vocab_size == 151936 == int(embed.shape[-1])
 
 
 def test_hf_folder_and_hub_id_give_the_same_model(tiny_qwen2: Path, monkeypatch: pytest.MonkeyPatch) -> None:

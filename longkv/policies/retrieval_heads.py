@@ -30,6 +30,10 @@ from longkv.errors import LongKVError
 KNOWN: dict[str, tuple[tuple[int, int], ...]] = {
     # SmolLM2-135M(-Instruct): 15 questions at 32 K, seed 1000 (benchmarks/results/retrieval_heads_smollm2.json)
     "llama:30x9x3x64:576:49152": ((18, 7), (18, 6), (17, 3), (7, 7), (15, 6)),
+    # Qwen2.5-Coder-0.5B(-Instruct): 15 questions at 32 K, seed 1000, 8 best of 15 heads found in >= 87 %
+    # (benchmarks/results/retrieval_heads_qwen05.json, written before GGUF files without <arch>.vocab_size
+    # got their vocabulary size from the tokenizer: its "fingerprint" field reads ...:0)
+    "qwen2:24x14x2x64:896:151936": ((11, 12), (11, 11), (11, 9), (9, 13), (9, 10), (9, 9), (9, 8), (7, 8)),
 }
 
 
