@@ -30,7 +30,7 @@ How an input far longer than the model's trained window is read:
    trained window (see ``longkv.attention.sparse``).
 
 Scoring with the mean key without RoPE (MoBA's gate as trained) does not find
-the needle in SmolLM2; the RoPE-consistent maximum does, and few pages (k ~ 8)
+the needle in SmolLM2; the RoPE-consistent maximum does, and few pages (k = 1 or 2)
 answer better than many (distractor pages): see docs/sparse.md.
 """
 
