@@ -154,7 +154,7 @@ def run_multi(llm: LLM, sample: dict, base: BlockTopKPolicy, variants: dict[str,
             if rows and dump is not None:
                 dump_rows(dump / f"{len(ctx)}-{number}.pt", rows, seq, needle_pages, number)
             entry = {"text": text, "correct": number in text, "answer_s": round(time.perf_counter() - t1, 2)}
-            if pol.topk:
+            if pol.k():
                 entry |= recall(pol, seq, needle_pages)
             res["answers"][name] = entry
         res["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
@@ -215,7 +215,7 @@ def recall(pol: BlockTopKPolicy, seq: Sequence, needle_pages: set[int]) -> dict:
             combined = st.score if st.score is not None else st.z.amax(dim=(0, 1))
             out["rank"] = int((combined > combined[idx].max()).sum()) + 1  # by the selection's score; 1 = best
             if st.z is not None:  # per-head votes (not kept when the retrieval heads choose)
-                per_head = st.z.topk(min(pol.topk, len(cand)), dim=-1).indices  # (L, Hkv, k)
+                per_head = st.z.topk(min(pol.k(), len(cand)), dim=-1).indices  # (L, Hkv, k)
                 hit = torch.zeros(per_head.shape[:2], dtype=torch.bool)
                 for i in idx:
                     hit |= (per_head == i).any(-1)
@@ -255,7 +255,7 @@ def run_sample(llm: LLM, sample: dict, base: BlockTopKPolicy, variants: dict[str
         if rows and dump is not None:
             dump_rows(dump / f"{len(ids)}-{sample['number']}.pt", rows, seq, needle_pages, sample["number"])
         entry = {"text": text, "correct": sample["number"] in text, "answer_s": round(time.perf_counter() - t1, 2)}
-        if pol.topk:
+        if pol.k():
             entry |= recall(pol, seq, needle_pages)
         res["answers"][name] = entry
     res["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # whole run so far

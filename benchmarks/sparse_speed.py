@@ -65,7 +65,7 @@ def run(llm: LLM, policy: KVPolicy, ids: list[int], steps: int) -> dict:
 def attended_tokens(pol: BlockTopKPolicy, llm: LLM, n: int) -> int:
     """Cached tokens one block_topk decode step reads: sinks + retrieved pages + window (+ the answer so far)."""
     ps = llm.engine_config.page_size
-    pages = pol.topk * (1 + 2 * pol.expand)
+    pages = pol.k(llm.config) * (1 + 2 * pol.expand)
     return min(n, pol.sink_tokens(ps) + pages * ps + pol.window + ps)
 
 

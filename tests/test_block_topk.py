@@ -354,6 +354,36 @@ def test_retrieval_heads_score_is_the_mean_log_share_of_those_heads(monkeypatch:
     torch.testing.assert_close(seq_known.selection.score, st.score)
 
 
+def test_topk_auto_is_one_page_with_calibrated_heads_and_two_when_every_row_votes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from longkv.policies import retrieval_heads
+
+    model = tiny_model()
+    ids = torch.randint(0, 97, (300,), generator=torch.Generator().manual_seed(8)).tolist()
+    eng = EngineConfig(chunk_size=16, page_size=PS)
+    pol = make_policy(f"block_topk:topk=auto,sinks={PS},window={2 * PS},query_tokens=12,expand=0,reencode=false")
+    assert isinstance(pol, BlockTopKPolicy) and pol.topk is None and pol.describe().startswith("block_topk(topk=auto,")
+    assert pol.span(eng) == PS + 2 * PS + 2 * PS + PS + 16  # before a model is known: the larger value, 2 pages
+    pol.validate(model.config, eng)  # no calibration for this model: every row votes, 2 pages
+    assert pol.k(model.config) == 2 and "topk=auto:2," in pol.describe()
+    _, seq = _run(model, pol, ids, [])
+    assert seq.selection.pages[0].shape[-1] == 2
+    monkeypatch.setitem(retrieval_heads.KNOWN, retrieval_heads.fingerprint(model.config), ((1, 0), (0, 3)))
+    calibrated = dataclasses.replace(pol)
+    calibrated.validate(model.config, eng)
+    assert calibrated.k(model.config) == 1 and "topk=auto:1," in calibrated.describe()
+    assert calibrated.span(eng, model.config) == dataclasses.replace(pol, topk=2).span(eng) - PS  # a page less
+    _, seq = _run(model, calibrated, ids, [])
+    assert seq.selection.pages[0].shape[-1] == 1
+    assert seq.selection.pages[0][0].item() == seq.selection.candidates[seq.selection.score.argmax()].item()
+    # every row votes (heads=all, or a per-layer scope): 2 pages; an explicit topk always wins
+    assert dataclasses.replace(pol, heads="all").k(model.config) == 2
+    assert dataclasses.replace(pol, scope="layer").k(model.config) == 2
+    assert dataclasses.replace(pol, topk=3).k(model.config) == 3
+    assert make_policy("block_topk:topk=0").k(model.config) == 0
+
+
 def test_reencoded_pages_are_the_dense_encoding_of_sinks_plus_pages() -> None:
     model = tiny_model()
     ids = torch.randint(0, 97, (240,), generator=torch.Generator().manual_seed(6)).tolist()

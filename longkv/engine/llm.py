@@ -183,7 +183,7 @@ class LLM:
         if spec in (None, "auto"):
             if n_tokens <= window and budget is None:
                 spec = "dense"
-            elif budget is None and BlockTopKPolicy().span(self.engine_config) <= window:
+            elif budget is None and BlockTopKPolicy().span(self.engine_config, self.config) <= window:
                 # Beyond the window, retrieval answers what a sliding window has forgotten
                 # (docs/sparse.md); it keeps every page: in RAM while they fit, else tiered.
                 fits = n_tokens * self._kv_bytes_per_token() <= self.auto_block_topk_bytes

@@ -43,7 +43,7 @@ POLICIES: dict[str, type[KVPolicy]] = {
 def _coerce(value: str, field_type: Any) -> Any:
     t = str(field_type)
     if "int" in t:
-        if value.lower() in ("none", "null") and "None" in t:
+        if value.lower() in ("auto", "none", "null") and "None" in t:
             return None
         return int(value.replace("_", "").lower().replace("k", "000"))
     if "float" in t:

@@ -36,7 +36,7 @@ answer better than many (distractor pages): see docs/sparse.md.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
@@ -107,10 +107,12 @@ class BlockTopKPolicy(SelectionPolicy):
 
     Attributes:
         topk: pages retrieved at the question and kept for the answer (each
-            brings its ``expand`` neighbours). 1 by default: with the retrieval
-            heads the needle's page ranks first in nearly every question, and
-            every further page is a distractor the model may copy from; with
-            ``heads=all`` (a model without calibration) 2 is safer.
+            brings its ``expand`` neighbours). ``None`` (default, written
+            ``topk=auto``): 1 when the model's calibrated retrieval heads choose
+            the pages (their choice ranks the needle's page first in nearly every
+            question, and every further page is a distractor the model may copy
+            from), else 2 (every row votes: the needle's page came second in 3
+            of 18 questions at 32 K, docs/sparse.md).
         sinks: sink tokens at the start of the input, rounded up to whole pages.
         window: local window in tokens; its tokens keep their true distances.
         score: ``"lse"`` (log of the page's attention mass, default), ``"max"``
@@ -172,7 +174,7 @@ class BlockTopKPolicy(SelectionPolicy):
     """
 
     name: ClassVar[str] = "block_topk"
-    topk: int = 1
+    topk: int | None = None
     sinks: int = 64
     window: int = 1024
     score: str = "lse"
@@ -192,16 +194,27 @@ class BlockTopKPolicy(SelectionPolicy):
     verify: int = 0
     verify_tokens: int = 16
     heads: str = "auto"
+    _auto_topk: int | None = field(default=None, init=False, repr=False, compare=False)
 
     # ------------------------------------------------------------------ setup
     def sink_tokens(self, page_size: int) -> int:
         return -(-self.sinks // page_size) * page_size
 
-    def span(self, engine: EngineConfig) -> int:
+    def k(self, model: ModelConfig | None = None) -> int:
+        """Pages retrieved at the question: ``topk``, or with ``topk=None`` 1 when ``model``'s
+        calibrated retrieval heads choose them, else 2 (without ``model``: the value found by the
+        last :meth:`validate`, else 2, the most ``topk=None`` can mean)."""
+        if self.topk is not None:
+            return self.topk
+        if model is not None:
+            self._auto_topk = 1 if self.scope == "shared" and resolve_heads(self.heads, model) else 2
+        return self._auto_topk or 2
+
+    def span(self, engine: EngineConfig, model: ModelConfig | None = None) -> int:
         """Longest distance a query can see, in tokens (sinks + pages + window + one page + block)."""
         ps = engine.page_size
         block = max(engine.chunk_size, self.query_tokens)
-        pages = max(self.topk * (1 + 2 * self.expand), self.prefill_topk)
+        pages = max(self.k(model) * (1 + 2 * self.expand), self.prefill_topk)
         return self.sink_tokens(ps) + pages * ps + self.window + ps + block
 
     def __post_init__(self) -> None:
@@ -210,7 +223,7 @@ class BlockTopKPolicy(SelectionPolicy):
     def check_knobs(self) -> None:
         """Raise :class:`~longkv.errors.LongKVError` on a knob that is wrong for any model."""
         for knob in ("topk", "prefill_topk", "sinks", "expand", "verify"):
-            if getattr(self, knob) < 0:
+            if (getattr(self, knob) or 0) < 0:
                 raise LongKVError(f"block_topk {knob} must be >= 0, got {getattr(self, knob)}: pass a non-negative value")
         for knob in ("window", "query_tokens", "votes", "verify_tokens"):
             if getattr(self, knob) < 1:
@@ -234,7 +247,7 @@ class BlockTopKPolicy(SelectionPolicy):
         resolve_heads(self.heads, model)  # raises on a head the model does not have
         if self.resident:
             self.hot_tokens(model, engine)  # raises on a size too small for sinks + window + chunk
-        span = self.span(engine)
+        span = self.span(engine, model)
         if span > model.max_position:
             raise LongKVError(
                 f"block_topk attends over up to {span} positions (sinks + topk pages + window + chunk), beyond the "
@@ -284,11 +297,16 @@ class BlockTopKPolicy(SelectionPolicy):
     def describe(self) -> str:
         tiers = f", resident={self.resident}, cold={self.cold}, cold_codec={self.cold_codec}" if self.resident else ""
         return (
-            f"block_topk(topk={self.topk}, sinks={self.sinks}, window={self.window}, score={self.score}, aggregate={self.aggregate}, "
+            f"block_topk(topk={self._describe_topk()}, sinks={self.sinks}, window={self.window}, score={self.score}, aggregate={self.aggregate}, "
             f"scope={self.scope}, heads={self.heads}, expand={self.expand}, keep_selection={self.keep_selection}, reencode={self.reencode}"
             + (f", verify={self.verify}, verify_tokens={self.verify_tokens}" if self.verify else "")
             + f"{tiers})"
         )
+
+    def _describe_topk(self) -> str:
+        if self.topk is not None:
+            return str(self.topk)
+        return f"auto:{self._auto_topk}" if self._auto_topk else "auto"
 
     def new_state(self, model: ModelConfig, engine: EngineConfig) -> BlockTopKState:
         ps, n = engine.page_size, model.n_layers
@@ -296,7 +314,7 @@ class BlockTopKPolicy(SelectionPolicy):
             [None] * n,
             [PageSummaries(model.n_kv_heads, model.head_dim, ps) for _ in range(n)],
             self.window + ps + max(engine.chunk_size, self.query_tokens),
-            dense_upto=min(self.span(engine), model.max_position) if self.dense_fallback else 0,
+            dense_upto=min(self.span(engine, model), model.max_position) if self.dense_fallback else 0,
             max_position=model.max_position,
         )
 
@@ -327,11 +345,11 @@ class BlockTopKPolicy(SelectionPolicy):
         t = q.shape[1]
         w0 = None
         if pages is None:
-            k = self.prefill_topk if t > 1 else (0 if self.keep_selection else self.topk)
+            k = self.prefill_topk if t > 1 else (0 if self.keep_selection else self.k())
             if k:
                 pages = self._select_layer(state, layer, q, lkv, lkv.n - t, rope, k)
         elif t == 1 and not self.keep_selection:
-            pages = self._select_layer(state, layer, q, lkv, lkv.n - 1, rope, self.topk)
+            pages = self._select_layer(state, layer, q, lkv, lkv.n - 1, rope, self.k())
         elif state.anchor is not None and lkv.n - state.anchor <= state.max_local:
             w0 = state.anchor  # the window grows from where the pages were chosen: no page falls between
             if state.prefix is not None:
@@ -381,7 +399,8 @@ class BlockTopKPolicy(SelectionPolicy):
         cand = candidate_pages(n0, sinks, self.window, ps)
         state.candidates, state.z, state.score, state.prefix = cand, None, None, None
         state.first_score = state.confidence = None
-        if cand.numel() == 0 or self.topk == 0:
+        topk = self.k(model.config)
+        if cand.numel() == 0 or topk == 0:
             self.reset(state)
             return
         queries: list[torch.Tensor] = []
@@ -414,9 +433,9 @@ class BlockTopKPolicy(SelectionPolicy):
             if self.scope == "shared":
                 best = merge_votes(best, z.flatten(0, 1), self.votes)
             elif self.scope == "layer":
-                state.pages[i] = _top(cand, vote(z.flatten(0, 1)[None], self.votes), self.topk, self.expand)
+                state.pages[i] = _top(cand, vote(z.flatten(0, 1)[None], self.votes), topk, self.expand)
             else:
-                state.pages[i] = _top(cand, per_head[-1], self.topk)
+                state.pages[i] = _top(cand, per_head[-1], topk)
         state.z = torch.stack(per_head) if per_head else None  # (L, Hkv, C); None with retrieval heads
         state.anchor = window_start(n0, sinks, self.window, ps)
         if heads:
@@ -425,9 +444,9 @@ class BlockTopKPolicy(SelectionPolicy):
             state.score = best.mean(0)
         if state.score is not None:
             state.first_score = state.score
-            if self.verify and cand.numel() > self.topk:
+            if self.verify and cand.numel() > topk:
                 state.score, state.confidence = self._verify(model, context, ids, cand, state.score, sinks, ps)
-            shared = _top(cand, state.score[None], self.topk, self.expand)
+            shared = _top(cand, state.score[None], topk, self.expand)
             state.pages = [shared] * len(queries)
             if self.reencode:
                 state.prefix = reencode_pages(model, context, shared[0], sinks, ps)
