@@ -82,6 +82,7 @@ class BlockTopKState:
         dense_upto: prompts of at most this many tokens (the span) are read densely.
         max_position: the model's trained window (dense reading stops there).
         dense: the current prompt is read densely (set by ``reset``).
+        topk: the policy's ``topk`` resolved for this model (``BlockTopKPolicy.k``).
     """
 
     pages: list[torch.Tensor | None]
@@ -90,6 +91,7 @@ class BlockTopKState:
     dense_upto: int = 0
     max_position: int = 0
     dense: bool = False
+    topk: int = 1
     anchor: int | None = None
     candidates: torch.Tensor | None = None
     z: torch.Tensor | None = None
@@ -316,6 +318,7 @@ class BlockTopKPolicy(SelectionPolicy):
             self.window + ps + max(engine.chunk_size, self.query_tokens),
             dense_upto=min(self.span(engine, model), model.max_position) if self.dense_fallback else 0,
             max_position=model.max_position,
+            topk=self.k(model),
         )
 
     def reset(self, state: BlockTopKState, n_tokens: int = 0) -> None:
@@ -345,11 +348,11 @@ class BlockTopKPolicy(SelectionPolicy):
         t = q.shape[1]
         w0 = None
         if pages is None:
-            k = self.prefill_topk if t > 1 else (0 if self.keep_selection else self.k())
+            k = self.prefill_topk if t > 1 else (0 if self.keep_selection else state.topk)
             if k:
                 pages = self._select_layer(state, layer, q, lkv, lkv.n - t, rope, k)
         elif t == 1 and not self.keep_selection:
-            pages = self._select_layer(state, layer, q, lkv, lkv.n - 1, rope, self.k())
+            pages = self._select_layer(state, layer, q, lkv, lkv.n - 1, rope, state.topk)
         elif state.anchor is not None and lkv.n - state.anchor <= state.max_local:
             w0 = state.anchor  # the window grows from where the pages were chosen: no page falls between
             if state.prefix is not None:
