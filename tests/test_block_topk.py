@@ -177,7 +177,7 @@ def test_a_prompt_within_the_span_is_read_densely() -> None:
     model = tiny_model()
     ids = torch.randint(0, 97, (100,), generator=torch.Generator().manual_seed(6)).tolist()
     dense, _ = _run(model, DensePolicy(), ids, [5, 6])
-    pol = BlockTopKPolicy(topk=2, sinks=PS, window=2 * PS, query_tokens=12)  # span 8 + 48 + 16 + 8 + 16 = 96
+    pol = BlockTopKPolicy(dense_below=0, topk=2, sinks=PS, window=2 * PS, query_tokens=12)  # span 8 + 48 + 16 + 8 + 16 = 96
     assert pol.span(EngineConfig(chunk_size=16, page_size=PS)) == 96
     short, seq = _run(model, pol, ids[:96], [5, 6])
     assert seq.selection.dense and seq.selection.pages[0] is None  # no selection pass
@@ -185,6 +185,13 @@ def test_a_prompt_within_the_span_is_read_densely() -> None:
     torch.testing.assert_close(short, ref, rtol=0, atol=1e-5)
     longer, seq = _run(model, pol, ids, [5, 6])  # 100 > span: selection and windows as usual
     assert not seq.selection.dense and (longer - dense).abs().max().item() > 1e-4
+    # dense_below reads a prompt past the span densely too (where sparsity does not pay yet) ...
+    below, seq = _run(model, dataclasses.replace(pol, dense_below=100), ids, [5, 6])
+    assert seq.selection.dense
+    torch.testing.assert_close(below, dense, rtol=0, atol=1e-5)
+    # ... but never past the model's trained window.
+    capped = dataclasses.replace(pol, dense_below=10**6).new_state(tiny_model(max_position=512).config, EngineConfig(chunk_size=16, page_size=PS))
+    assert capped.dense_upto == 512
 
 
 def test_local_only_differs_from_dense_and_question_selection_helps() -> None:
@@ -192,14 +199,14 @@ def test_local_only_differs_from_dense_and_question_selection_helps() -> None:
     model = tiny_model()
     ids = torch.randint(0, 97, (300,), generator=torch.Generator().manual_seed(0)).tolist()
     dense, _ = _run(model, DensePolicy(), ids, [])
-    local, _ = _run(model, BlockTopKPolicy(topk=0, sinks=PS, window=2 * PS, query_tokens=12), ids, [])
+    local, _ = _run(model, BlockTopKPolicy(dense_below=0, topk=0, sinks=PS, window=2 * PS, query_tokens=12), ids, [])
     assert (local - dense).abs().max().item() > 1e-3
 
 
 def test_selection_is_fixed_for_the_answer_and_cache_intact() -> None:
     model = tiny_model()
     ids = torch.randint(0, 97, (200,), generator=torch.Generator().manual_seed(4)).tolist()
-    pol = BlockTopKPolicy(topk=3, sinks=PS, window=2 * PS, query_tokens=10, expand=0)
+    pol = BlockTopKPolicy(dense_below=0, topk=3, sinks=PS, window=2 * PS, query_tokens=10, expand=0)
     _, seq = _run(model, pol, ids, [1, 2, 3, 4])
     st = seq.selection
     assert all(p is st.pages[0] for p in st.pages) and st.pages[0].shape == (1, 3)
@@ -246,7 +253,7 @@ def test_expand_brings_neighbour_pages_inside_the_candidates() -> None:
 def test_mass_rows_are_attention_shares_over_the_pages() -> None:
     lkv, rope = filled_layer(12 * PS)
     q = rope.rotate(torch.randn(4, 3, 16, generator=torch.Generator().manual_seed(2)), torch.arange(300, 303))
-    pol = BlockTopKPolicy(sinks=PS, window=2 * PS)
+    pol = BlockTopKPolicy(dense_below=0, sinks=PS, window=2 * PS)
     state = pol.new_state(tiny_model().config, EngineConfig(chunk_size=16, page_size=PS))
     cand, rows = pol._scores(state, 0, q, lkv, lkv.n, rope)
     assert rows.shape == (2, 6, cand.numel()) and bool((rows >= 0).all())
@@ -260,7 +267,7 @@ def test_mass_rows_are_attention_shares_over_the_pages() -> None:
 def test_summary_scores_and_reselection_run(score: str) -> None:
     model = tiny_model()
     ids = torch.randint(0, 97, (200,), generator=torch.Generator().manual_seed(5)).tolist()
-    pol = BlockTopKPolicy(topk=2, prefill_topk=2, sinks=PS, window=2 * PS, query_tokens=10, score=score,
+    pol = BlockTopKPolicy(dense_below=0, topk=2, prefill_topk=2, sinks=PS, window=2 * PS, query_tokens=10, score=score,
                           scope="head", keep_selection=False)
     logits, seq = _run(model, pol, ids, [1, 2])
     assert torch.isfinite(logits).all()
@@ -279,6 +286,7 @@ def test_spec_parser_and_validation_errors() -> None:
     bad = {
         "topk=-1": "topk must be >= 0, got -1",
         "expand=-1": "expand must be >= 0, got -1",
+        "dense_below=-1": "dense_below must be >= 0, got -1",
         "resident=lots": "cannot read 'lots' as a size",
         "resident=1KiB": "cannot hold the sinks, window and a chunk",
         "resident=1GiB,cold=tape": "unknown block_topk cold tier 'tape'",
@@ -318,7 +326,7 @@ def test_retrieval_heads_score_is_the_mean_log_share_of_those_heads(monkeypatch:
     model = tiny_model()
     ids = torch.randint(0, 97, (300,), generator=torch.Generator().manual_seed(8)).tolist()
     heads = [(1, 0), (0, 3), (1, 2)]  # (layer, query head); query heads 0-1 read KV head 0, 2-3 KV head 1
-    pol = BlockTopKPolicy(topk=2, sinks=PS, window=2 * PS, query_tokens=12, heads="1.0+0.3+1.2", reencode=False,
+    pol = BlockTopKPolicy(dense_below=0, topk=2, sinks=PS, window=2 * PS, query_tokens=12, heads="1.0+0.3+1.2", reencode=False,
                           expand=0)
     rows: list[torch.Tensor] = []
     scores = pol._scores
@@ -362,7 +370,7 @@ def test_topk_auto_is_one_page_with_calibrated_heads_and_two_when_every_row_vote
     model = tiny_model()
     ids = torch.randint(0, 97, (300,), generator=torch.Generator().manual_seed(8)).tolist()
     eng = EngineConfig(chunk_size=16, page_size=PS)
-    pol = make_policy(f"block_topk:topk=auto,sinks={PS},window={2 * PS},query_tokens=12,expand=0,reencode=false")
+    pol = make_policy(f"block_topk:topk=auto,sinks={PS},window={2 * PS},query_tokens=12,expand=0,reencode=false,dense_below=0")
     assert isinstance(pol, BlockTopKPolicy) and pol.topk is None and pol.describe().startswith("block_topk(topk=auto,")
     assert pol.span(eng) == PS + 2 * PS + 2 * PS + PS + 16  # before a model is known: the larger value, 2 pages
     pol.validate(model.config, eng)  # no calibration for this model: every row votes, 2 pages
@@ -387,7 +395,7 @@ def test_topk_auto_is_one_page_with_calibrated_heads_and_two_when_every_row_vote
 def test_reencoded_pages_are_the_dense_encoding_of_sinks_plus_pages() -> None:
     model = tiny_model()
     ids = torch.randint(0, 97, (240,), generator=torch.Generator().manual_seed(6)).tolist()
-    pol = BlockTopKPolicy(topk=3, sinks=PS, window=2 * PS, query_tokens=10)
+    pol = BlockTopKPolicy(dense_below=0, topk=3, sinks=PS, window=2 * PS, query_tokens=10)
     _, seq = _run(model, pol, ids, [])
     st = seq.selection
     assert st.prefix is not None and len(st.prefix) == 2
@@ -416,7 +424,7 @@ def test_reencoded_pages_are_the_dense_encoding_of_sinks_plus_pages() -> None:
 def test_verify_ranks_pages_by_the_confidence_of_the_answer_read_from_each() -> None:
     model = tiny_model()
     ids = torch.randint(0, 97, (240,), generator=torch.Generator().manual_seed(8)).tolist()
-    pol = BlockTopKPolicy(topk=2, sinks=PS, window=2 * PS, query_tokens=10, expand=1, verify=4, verify_tokens=5)
+    pol = BlockTopKPolicy(dense_below=0, topk=2, sinks=PS, window=2 * PS, query_tokens=10, expand=1, verify=4, verify_tokens=5)
     _, seq = _run(model, pol, ids, [])
     st = seq.selection
     assert st.first_score is not None and st.score is not None and st.candidates is not None and st.confidence is not None
@@ -474,3 +482,25 @@ def test_auto_policy_uses_block_topk_beyond_the_window_tiered_when_the_cache_is_
     assert isinstance(llm.resolve_policy(20_000), BlockTopKPolicy) and not llm.resolve_policy(20_000).resident
     assert llm.resolve_policy(20_000, budget=1024).name == "streaming"  # a budget asks for eviction
     assert llm_for(1800).resolve_policy(20_000).name == "streaming"  # block_topk's span (1856) exceeds the window
+    # One long input read once (LLM.generate): block_topk from its dense_below on, inside the window too
+    assert llm.resolve_policy(5000).name == "dense"  # the server's auto: dense inside the window
+    assert llm.resolve_policy(5000, sparse_within_window=True).name == "block_topk"
+    assert llm.resolve_policy(BlockTopKPolicy.dense_below, sparse_within_window=True).name == "dense"
+    assert llm_for(2048).resolve_policy(2048, sparse_within_window=True).name == "dense"
+
+
+def test_rotary_reuses_its_last_table_only_for_the_same_positions_and_dtype() -> None:
+    rope = tiny_model().rope
+
+    def fresh(pos: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        angles = pos.to(torch.float64)[:, None] * rope.inv_freq[None, :]
+        return angles.cos().to(dtype), angles.sin().to(dtype)
+
+    a = torch.tensor([-5, 0, 7, 1000])
+    first = rope.cos_sin(a, torch.float32)
+    assert rope.cos_sin(a.clone(), torch.float32)[0] is first[0]  # same deltas (the next layer): reused
+    a[0] = 3  # the caller's tensor changes afterwards: the table it was made from does not
+    for pos, dtype in ((a, torch.float32), (torch.tensor([-5, 0, 7, 1000]), torch.bfloat16), (torch.tensor([1, 2]), torch.float32)):
+        cos, sin = rope.cos_sin(pos, dtype)
+        ref = fresh(pos, dtype)
+        assert cos.dtype == dtype and torch.equal(cos, ref[0]) and torch.equal(sin, ref[1])

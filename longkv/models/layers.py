@@ -93,11 +93,19 @@ class Rotary:
         if config.rope_scaling is not None:
             inv = _llama3_inv_freq(inv, config.rope_scaling)
         self.inv_freq = inv  # (D/2,) float64: angles of far positions (1 M tokens) stay exact
+        # The last table computed: every layer of one step moves its keys by the same deltas
+        # (sink pages, retrieved pages), so 29 of 30 layers reuse it instead of recomputing.
+        self._last: tuple[torch.Tensor, torch.dtype, torch.Tensor, torch.Tensor] | None = None
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """positions: (T,) int64 (may be negative for deltas) -> cos, sin: (T, D/2) of ``dtype``."""
+        last = self._last
+        if last is not None and last[1] == dtype and last[0].shape == positions.shape and torch.equal(last[0], positions):
+            return last[2], last[3]
         angles = positions.to(torch.float64)[:, None] * self.inv_freq[None, :]
-        return angles.cos().to(dtype), angles.sin().to(dtype)
+        cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+        self._last = (positions.clone(), dtype, cos, sin)
+        return cos, sin
 
     @staticmethod
     def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -79,7 +79,7 @@ class BlockTopKState:
         anchor: window start when the selection was made (None: no selection).
         max_local: most tokens the local window may hold before it slides
             (``window + page_size + block``, the block term of the validated span).
-        dense_upto: prompts of at most this many tokens (the span) are read densely.
+        dense_upto: prompts of at most this many tokens (the span or ``dense_below``) are read densely.
         max_position: the model's trained window (dense reading stops there).
         dense: the current prompt is read densely (set by ``reset``).
         topk: the policy's ``topk`` resolved for this model (``BlockTopKPolicy.k``).
@@ -151,7 +151,13 @@ class BlockTopKPolicy(SelectionPolicy):
         cold_codec: ``"int8"``, ``"int4"`` or ``"none"`` for cold pages.
         tier_dir: folder of the disk tier's page files (deleted on exit).
         dense_fallback: read a prompt no longer than the span (what block_topk
-            would attend to anyway) densely, without selection (faster, exact).
+            would attend to anyway) or than ``dense_below`` densely, without
+            selection (exact, and faster where sparsity cannot pay).
+        dense_below: tokens up to which a prompt is read densely even past the
+            span (never past the model's trained window). 3072: where sparse
+            prefill overtook our dense prefill with SmolLM2-135M and
+            Qwen2.5-Coder-0.5B on 2 CPU cores (0.84-0.97x dense at 2 K,
+            1.03-1.09x at 3 K; docs/sparse.md).
         verify: with ``scope="shared"``, answer from each of the ``verify`` best
             pages on its own (the sink pages + the page and its ``expand``
             neighbours + the question, one short dense forward and
@@ -193,6 +199,7 @@ class BlockTopKPolicy(SelectionPolicy):
     cold_codec: str = "int8"
     tier_dir: str = ""
     dense_fallback: bool = True
+    dense_below: int = 3072
     verify: int = 0
     verify_tokens: int = 16
     heads: str = "auto"
@@ -224,7 +231,7 @@ class BlockTopKPolicy(SelectionPolicy):
 
     def check_knobs(self) -> None:
         """Raise :class:`~longkv.errors.LongKVError` on a knob that is wrong for any model."""
-        for knob in ("topk", "prefill_topk", "sinks", "expand", "verify"):
+        for knob in ("topk", "prefill_topk", "sinks", "expand", "verify", "dense_below"):
             if (getattr(self, knob) or 0) < 0:
                 raise LongKVError(f"block_topk {knob} must be >= 0, got {getattr(self, knob)}: pass a non-negative value")
         for knob in ("window", "query_tokens", "votes", "verify_tokens"):
@@ -316,7 +323,7 @@ class BlockTopKPolicy(SelectionPolicy):
             [None] * n,
             [PageSummaries(model.n_kv_heads, model.head_dim, ps) for _ in range(n)],
             self.window + ps + max(engine.chunk_size, self.query_tokens),
-            dense_upto=min(self.span(engine, model), model.max_position) if self.dense_fallback else 0,
+            dense_upto=min(max(self.span(engine, model), self.dense_below), model.max_position) if self.dense_fallback else 0,
             max_position=model.max_position,
             topk=self.k(model),
         )
