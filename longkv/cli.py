@@ -63,7 +63,7 @@ def ask(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (answer + stats) instead of streaming text.")] = False,
     compression: Annotated[
         Compression,
-        typer.Option(help="Eviction policies that score with queries (snapkv, h2o, tova, pyramid, adakv, expected_attention): question-aware = the question, probed over the cache after every chunk, chooses what is kept; question-agnostic = each chunk is scored by its own last queries (the question is in the last chunk). kvzip always scores by re-reading each chunk."),
+        typer.Option(metavar="MODE", help="question-aware (default) or question-agnostic. Eviction policies that score with queries (snapkv, h2o, tova, pyramid, adakv, expected_attention): question-aware = the question, probed over the cache after every chunk, chooses what is kept; question-agnostic = each chunk is scored by its own last queries (the question is in the last chunk). kvzip always scores by re-reading each chunk."),
     ] = Compression.aware,
 ) -> None:
     """Answer a question about long files, a folder or stdin.
@@ -81,6 +81,11 @@ def ask(
 
     if not question.strip():
         raise LongKVError("the question is empty: pass -q \"...\"")
+    from longkv.engine.sampling import SamplingParams
+
+    SamplingParams(  # bad sampling values fail now, before the model loads
+        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, repetition_penalty=repetition_penalty
+    )
     if policy not in (None, "auto"):
         from longkv.policies import make_policy
 
@@ -94,6 +99,7 @@ def ask(
     if getattr(llm.tokenizer, "chat_template", None):
         prompt_text = llm.apply_chat_template([{"role": "user", "content": prompt_text}])
     ids = llm.encode(prompt_text)
+    llm.resolve_policy(len(ids) + max_new_tokens, policy, budget, sparse_within_window=True)  # fail before "prefilling ..."
     progress, done = _progress_bar(len(ids), llm.engine_config.progress_min_tokens, quiet=as_json)
     def write(piece: str) -> None:
         if not as_json:
@@ -135,6 +141,16 @@ def serve(
     """Serve a model over the OpenAI HTTP API, reusing cached prefixes across requests.
 
     Example: longkv serve --model ./SmolLM2-135M-Instruct.Q4_1.gguf --port 8000
+
+    Requests take longkv's own settings in a "longkv" object of the body
+    (extra_body={"longkv": {...}} with the openai client): "policy" (e.g. "auto"
+    to read past the model's window with block_topk, "snapkv:budget=2048"),
+    "budget", "session" (a session id whose cached prefix eviction skips),
+    "cache" (false: compute everything, store nothing), "cache_salt", "top_k",
+    "ignore_eos". See docs/serving.md.
+
+    The default --policy dense computes exact KV that requests share by prefix;
+    a request past the model's window then gets HTTP 400 with the fix.
     """
     try:
         from longkv.server.app import serve as run_server
@@ -145,6 +161,48 @@ def serve(
         chunk_size=chunk_size, threads=threads, default_policy=policy, cache_bytes=cache_mib << 20,
         max_queue=max_queue, default_max_tokens=max_tokens_default, max_tokens_limit=max_tokens_limit,
     )  # fmt: skip
+
+
+@app.command()
+def policies(
+    name: Annotated[str | None, typer.Argument(help="One policy to show in full: what it does, the paper, every knob.")] = None,
+) -> None:
+    """List the KV policies and their knobs; set knobs as NAME:knob=value,... (e.g. --policy snapkv:budget=2048,window=32).
+
+    Examples:
+
+      longkv policies
+
+      longkv policies block_topk
+    """
+    import dataclasses
+    import inspect
+
+    from rich.table import Table
+
+    from longkv.policies import POLICIES
+
+    out = Console()
+
+    def knobs(cls: type) -> str:
+        fields = [f for f in dataclasses.fields(cls) if f.init]
+        return ", ".join(f"{f.name}={'auto' if f.default is None else f.default}" for f in fields) or "-"
+
+    if name is None:
+        table = Table(title="KV policies (--policy NAME or NAME:knob=value,...; auto picks dense or block_topk by length)")
+        table.add_column("policy", no_wrap=True)
+        table.add_column("what it keeps or attends to")
+        table.add_column("knobs (defaults)")
+        for key, cls in POLICIES.items():
+            table.add_row(key, (inspect.getdoc(cls) or "").splitlines()[0].replace("``", ""), knobs(cls))
+        out.print(table)
+        out.print("details of one policy: longkv policies NAME")
+        return
+    cls = POLICIES.get(name.strip().lower())
+    if cls is None:
+        raise LongKVError(f"unknown policy {name!r}: choose one of {', '.join(POLICIES)} (longkv policies lists them)")
+    out.print((inspect.getdoc(cls) or "").replace("``", ""), markup=False, highlight=False)
+    out.print(f"\nknobs (defaults): {knobs(cls)}", markup=False, highlight=False)
 
 
 @app.command()

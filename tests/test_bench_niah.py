@@ -156,6 +156,15 @@ def test_run_folder_resume_and_refused_rows(tmp_path: Path) -> None:
     assert (folder.path / "heatmap_dense.png").stat().st_size > 1000
 
 
+def test_summary_names_the_default_model_when_none_was_given(tmp_path: Path) -> None:
+    folder = RunFolder(tmp_path, "r")
+    folder.open({"kind": "niah", "model": None, "seed": 0})
+    assert "model: `SmolLM2-135M-Instruct (default)`" in write_summary(folder).read_text()
+    named = RunFolder(tmp_path, "s")
+    named.open({"kind": "niah", "model": "./qwen.gguf", "seed": 0})
+    assert "model: `./qwen.gguf`" in write_summary(named).read_text()
+
+
 def test_run_folder_rejects_changed_fixed_settings(tmp_path: Path) -> None:
     RunFolder(tmp_path, "r").open({"kind": "niah", "model": "a", "seed": 0})
     RunFolder(tmp_path, "r").open({"kind": "niah", "model": "a", "seed": 0, "lengths": [5]})  # grid may grow

@@ -92,6 +92,20 @@ def test_budget_errors_come_before_the_model_loads(work: Path) -> None:
     assert_user_error(proc, "budget 3 leaves no local window after 4 sink tokens", "--budget to at least 5")
 
 
+@pytest.mark.parametrize(
+    ("option", "needles"),
+    [
+        (["--top-p", "2"], ("top_p must be in (0, 1], got 2.0", "use 1.0 to disable")),
+        (["--temperature", "-1"], ("temperature must be >= 0, got -1.0", "use 0 for greedy")),
+        (["--repetition-penalty", "0"], ("repetition_penalty must be > 0, got 0.0", "use 1.0 to disable")),
+        (["--max-new-tokens", "-5"], ("max_new_tokens must be >= 0, got -5", "positive number")),
+    ],
+)
+def test_sampling_errors_come_before_the_model_loads(work: Path, option: list[str], needles: tuple[str, ...]) -> None:
+    proc = run(["ask", "notes.txt", "-q", "x", "--model", "./missing.gguf", *option], work)
+    assert_user_error(proc, *needles)
+
+
 def test_bad_resident_size_for_tiered_kv(work: Path, tiny_llama: Path) -> None:
     proc = run(["ask", "notes.txt", "-q", "x", "--model", str(tiny_llama), "--policy", "block_topk:resident=lots"], work)
     assert_user_error(proc, "cannot read 'lots' as a size", "1GiB")
@@ -142,6 +156,27 @@ def test_models_lists_architectures_and_default(work: Path) -> None:
 def test_help_teaches(work: Path) -> None:
     proc = run(["ask", "--help"], work)
     assert proc.returncode == 0 and "--policy" in proc.stdout and "Examples" in proc.stdout
+
+
+def test_serve_help_teaches_the_request_extension(work: Path) -> None:
+    proc = run(["serve", "--help"], work)
+    assert proc.returncode == 0 and "--policy" in proc.stdout
+    text = " ".join(proc.stdout.split())  # Rich wraps the help text
+    assert '"longkv"' in text and '"policy"' in text and "docs/serving.md" in text
+
+
+def test_policies_lists_every_policy_with_its_knobs(work: Path) -> None:
+    from longkv.policies import POLICIES
+
+    proc = run(["policies"], work)
+    assert proc.returncode == 0, proc.stderr
+    text = "".join(proc.stdout.split())  # the table wraps cells
+    assert all(name in text for name in POLICIES) and "budget=4096" in text
+    one = run(["policies", "block_topk"], work)
+    assert one.returncode == 0 and "Lu et al. 2025" in one.stdout
+    knobs = "".join(one.stdout.split())
+    assert "topk=auto" in knobs and "dense_below=3072" in knobs and "window=1024" in knobs
+    assert_user_error(run(["policies", "bogus"], work), "unknown policy 'bogus'", "longkv policies lists them")
 
 
 def test_unknown_compression_mode_is_a_usage_error(work: Path) -> None:

@@ -262,7 +262,7 @@ def test_overflow_is_a_400_with_the_numbers(server: ServerProcess, client: opena
     err = e.value.body
     assert e.value.status_code == 400
     assert (err["n_prompt_tokens"], err["n_ctx"], err["max_tokens"]) == (8200, 8192, 4)
-    assert err["code"] == "context_length_exceeded" and "8192" in err["message"]
+    assert err["code"] == "context_length_exceeded" and "8192" in err["message"] and "\"policy\": \"auto\"" in err["message"]
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model=MODEL_ID, prompt=[1] * 8000, max_tokens=500)
     assert (e.value.body["n_prompt_tokens"], e.value.body["n_ctx"], e.value.body["max_tokens"]) == (8000, 8192, 500)

@@ -16,6 +16,7 @@ from typing import Any
 from longkv.bench import plots
 from longkv.bench.runner import RunFolder
 from longkv.errors import LongKVError
+from longkv.loading import DEFAULT_MODEL_NAME
 
 Row = dict[str, Any]
 
@@ -130,7 +131,7 @@ def write_summary(folder: RunFolder) -> Path:
     rows = folder.rows()
     kind = cfg.get("kind", "niah")
     pngs = write_plots(rows, kind, folder.path)
-    head = [f"# {kind} run `{folder.path.name}`", "", f"model: `{cfg.get('model')}`, backend: {cfg.get('backend', 'longkv')}, seed {cfg.get('seed')}, {len(rows)} rows", ""]
+    head = [f"# {kind} run `{folder.path.name}`", "", f"model: `{cfg.get('model') or DEFAULT_MODEL_NAME + ' (default)'}`, backend: {cfg.get('backend', 'longkv')}, seed {cfg.get('seed')}, {len(rows)} rows", ""]
     if cfg.get("command"):
         head += ["```", str(cfg["command"]), "```", ""]
     body = tables(rows, kind) if rows else "(no results yet)"

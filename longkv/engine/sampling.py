@@ -42,7 +42,7 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 0:
-            raise LongKVError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+            raise LongKVError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}: pass a positive number of tokens")
         if self.temperature < 0:
             raise LongKVError(f"temperature must be >= 0, got {self.temperature}: use 0 for greedy")
         if self.top_k < 0:
@@ -50,7 +50,7 @@ class SamplingParams:
         if not self.repetition_penalty > 0:
             raise LongKVError(f"repetition_penalty must be > 0, got {self.repetition_penalty}: use 1.0 to disable")
         if not 0.0 < self.top_p <= 1.0:
-            raise LongKVError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise LongKVError(f"top_p must be in (0, 1], got {self.top_p}: use 1.0 to disable, e.g. 0.9 to keep the top 90 % of the mass")
 
 
 def make_generator(seed: int | None) -> torch.Generator:

@@ -105,7 +105,10 @@ class BlockTopKState:
 class BlockTopKPolicy(SelectionPolicy):
     """Attend to sink pages + local window + the top-k pages by RoPE-consistent score.
 
-    Page size is the engine's (``LLM(page_size=...)``, 64 tokens by default).
+    Block selection as in MoBA (Lu et al. 2025) and Quest (Tang et al. 2024),
+    retrieved pages placed just beyond the local window as in InfLLM (Xiao et
+    al. 2024), sink tokens from StreamingLLM (Xiao et al. 2023); pages chosen by
+    retrieval heads (Wu et al. 2024). Page size is the engine's (``LLM(page_size=...)``, 64 tokens by default).
 
     Attributes:
         topk: pages retrieved at the question and kept for the answer (each

@@ -50,7 +50,8 @@ class ContextOverflow(LongKVError):
             what = f"{n_prompt_tokens} prompt tokens + max_tokens {max_tokens} exceed the model's window of {n_ctx} tokens"
         super().__init__(
             f"{what} under the {policy} policy: shorten the prompt, lower max_tokens, or pass "
-            f'"longkv": {{"policy": "streaming"}} to keep a bounded window'
+            f'"longkv": {{"policy": "auto"}} to read past the window with block_topk '
+            f'(or {{"policy": "streaming"}} to keep only a recent window)'
         )
 
 
