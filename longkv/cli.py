@@ -198,11 +198,11 @@ def policies(
         out.print(table)
         out.print("details of one policy: longkv policies NAME")
         return
-    cls = POLICIES.get(name.strip().lower())
-    if cls is None:
+    chosen = POLICIES.get(name.strip().lower())
+    if chosen is None:
         raise LongKVError(f"unknown policy {name!r}: choose one of {', '.join(POLICIES)} (longkv policies lists them)")
-    out.print((inspect.getdoc(cls) or "").replace("``", ""), markup=False, highlight=False)
-    out.print(f"\nknobs (defaults): {knobs(cls)}", markup=False, highlight=False)
+    out.print((inspect.getdoc(chosen) or "").replace("``", ""), markup=False, highlight=False)
+    out.print(f"\nknobs (defaults): {knobs(chosen)}", markup=False, highlight=False)
 
 
 @app.command()
