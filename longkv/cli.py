@@ -77,7 +77,7 @@ def ask(
       longkv ask book.txt -q "Who is Ishmael?" --policy streaming --budget 2048
     """
     from longkv.engine.llm import LLM
-    from longkv.inputs import build_prompt, collect
+    from longkv.inputs import collect
 
     if not question.strip():
         raise LongKVError("the question is empty: pass -q \"...\"")
@@ -95,10 +95,7 @@ def ask(
         err.print(f"[dim]skipped {len(skipped)} binary or non-UTF-8 file(s), e.g. {skipped[0]}[/dim]")
     with err.status("loading model ...", spinner="dots") if not as_json else _null():
         llm = LLM(model, policy=policy, budget=budget, chunk_size=chunk_size, dtype=dtype, threads=threads)
-    prompt_text = build_prompt(docs, question)
-    if getattr(llm.tokenizer, "chat_template", None):
-        prompt_text = llm.apply_chat_template([{"role": "user", "content": prompt_text}])
-    ids = llm.encode(prompt_text)
+    ids, question_ids = llm.ask_ids(docs, question, Compression(compression) is Compression.aware)
     llm.resolve_policy(len(ids) + max_new_tokens, policy, budget, sparse_within_window=True)  # fail before "prefilling ..."
     progress, done = _progress_bar(len(ids), llm.engine_config.progress_min_tokens, quiet=as_json)
     def write(piece: str) -> None:
@@ -109,9 +106,7 @@ def ask(
     try:
         out = llm.generate(
             ids, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, progress=progress, on_text=write,
-            repetition_penalty=repetition_penalty,
-            # the question and the chat template's tail close the prompt: probe them
-            question_ids=ids[-(len(llm.encode(question)) + 8) :] if Compression(compression) is Compression.aware else None,
+            repetition_penalty=repetition_penalty, question_ids=question_ids,
         )
     finally:
         done()

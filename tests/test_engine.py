@@ -110,3 +110,26 @@ def test_batch_generation_bad_inputs(tiny: LLM) -> None:
         tiny.generate_batch([])
     with pytest.raises(LongKVError, match="prompt 1 is empty"):
         tiny.generate_batch(["hello", ""])
+
+
+def test_ask_frames_the_question_as_the_cli_does(tiny: LLM, tmp_path: Path) -> None:
+    from longkv.inputs import Document
+
+    text = "The meeting moved to Thursday. Budget approved: 4200 euros.\n" * 6
+    q = "When is the meeting?"
+    out = tiny.ask(text, q, max_new_tokens=6, ignore_eos=True)
+    ids, question_ids = tiny.ask_ids([Document("<stdin>", text)], q)
+    assert "### Question\nWhen is the meeting?" in tiny.tokenizer.decode(ids)
+    assert question_ids == ids[-(len(tiny.encode(q)) + 8) :]
+    assert out.stats.prompt_tokens == len(ids)
+    assert out.token_ids == tiny.generate(ids, max_new_tokens=6, ignore_eos=True).token_ids
+    (tmp_path / "notes.txt").write_text(text)
+    by_file = tiny.ask(tmp_path / "notes.txt", q, max_new_tokens=2, ignore_eos=True)
+    file_ids, _ = tiny.ask_ids([Document(str(tmp_path / "notes.txt"), text)], q)
+    assert by_file.stats.prompt_tokens == len(file_ids) > len(ids)  # the file is introduced by its path
+    with pytest.raises(LongKVError, match="question is empty"):
+        tiny.ask(text, "  ")
+    with pytest.raises(LongKVError, match="text is empty"):
+        tiny.ask("", q)
+    with pytest.raises(LongKVError, match="missing.txt"):
+        tiny.ask([tmp_path / "missing.txt"], q)

@@ -23,6 +23,7 @@ from longkv.config import EngineConfig, ModelConfig
 from longkv.engine.runner import ProgressFn, Runner, Sequence
 from longkv.engine.sampling import SamplingParams, make_generator, sample
 from longkv.errors import LongKVError
+from longkv.inputs import Document, build_prompt, collect
 from longkv.loading import load
 from longkv.models import build
 from longkv.policies import BlockTopKPolicy, KVPolicy, StreamingPolicy, make_policy
@@ -452,6 +453,51 @@ class LLM:
             st.decode_s = max(t1 - t0 - st.ttft_s, 0.0)
             st.peak_kv_bytes = max(seq.peak_kv_bytes, seq.cache.bytes())
         return gens
+
+    def ask_ids(self, docs: list[Document], question: str, question_aware: bool = True) -> tuple[list[int], list[int] | None]:
+        """Token ids of a question about ``docs``, framed as ``longkv ask`` frames it.
+
+        Every document under its name, the question last under ``### Question``
+        (:func:`longkv.inputs.build_prompt`), in the model's chat template when it
+        has one. Returns (prompt ids, question ids for question-aware compression:
+        the question and the template's tail, or None).
+        """
+        text = build_prompt(docs, question)
+        if getattr(self.tokenizer, "chat_template", None):
+            text = self.apply_chat_template([{"role": "user", "content": text}])
+        ids = self.encode(text)
+        return ids, (ids[-(len(self.encode(question)) + 8) :] if question_aware else None)
+
+    def ask(
+        self,
+        source: str | os.PathLike[str] | list[str | os.PathLike[str]],
+        question: str,
+        question_aware: bool = True,
+        **kwargs: Any,
+    ) -> Generation:
+        """Answer ``question`` about a long text, a file, or files and folders, as ``longkv ask`` does.
+
+        Args:
+            source: the text itself (``str``), or a path (``pathlib.Path``) or a list
+                of paths to files and folders (read recursively, text files only).
+            question: what to ask; it is placed after the documents.
+            question_aware: with an eviction policy that scores with queries, let the
+                question choose what each chunk keeps (``False``: question-agnostic).
+            kwargs: :meth:`generate` keyword arguments (``max_new_tokens``, ``policy``, ...).
+
+        Raises:
+            LongKVError: an empty question or text, a missing path, or what :meth:`generate` raises.
+        """
+        if not question.strip():
+            raise LongKVError("the question is empty: pass the question as the second argument")
+        if isinstance(source, str):
+            if not source.strip():
+                raise LongKVError("the text is empty: pass the document's text, or a pathlib.Path to read a file")
+            docs = [Document("<stdin>", source)]
+        else:
+            docs, _ = collect([os.fspath(p) for p in (source if isinstance(source, list) else [source])])
+        ids, question_ids = self.ask_ids(docs, question, question_aware)
+        return self.generate(ids, question_ids=question_ids, **kwargs)
 
     def chat(self, messages: list[dict[str, str]], **kwargs: Any) -> Generation:
         """Render ``messages`` with the chat template, then :meth:`generate` (same keyword arguments)."""
