@@ -98,7 +98,7 @@ def test_budget_errors_come_before_the_model_loads(work: Path) -> None:
         (["--top-p", "2"], ("top_p must be in (0, 1], got 2.0", "use 1.0 to disable")),
         (["--temperature", "-1"], ("temperature must be >= 0, got -1.0", "use 0 for greedy")),
         (["--repetition-penalty", "0"], ("repetition_penalty must be > 0, got 0.0", "use 1.0 to disable")),
-        (["--max-new-tokens", "-5"], ("max_new_tokens must be >= 0, got -5", "positive number")),
+        (["--max-new-tokens", "-5"], ("max_new_tokens must be >= 0, got -5", "0 or more")),
     ],
 )
 def test_sampling_errors_come_before_the_model_loads(work: Path, option: list[str], needles: tuple[str, ...]) -> None:

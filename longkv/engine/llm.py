@@ -210,8 +210,9 @@ class LLM:
         if limit is not None and n_tokens > limit:
             raise LongKVError(
                 f"input of {n_tokens} tokens (prompt + max new tokens) exceeds the model's trained window of "
-                f"{limit} under the {pol.name} policy: use the block_topk policy (--policy block_topk, or auto) to read "
-                "beyond the window, streaming to keep only recent tokens, or a smaller input"
+                f"{limit} under the {pol.name} policy: lower --max-new-tokens if the prompt alone fits, use the block_topk "
+                "policy (--policy block_topk, or auto) to read beyond the window, streaming to keep only recent tokens, "
+                "or a smaller input"
             )
         return pol
 

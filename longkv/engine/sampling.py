@@ -42,7 +42,7 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 0:
-            raise LongKVError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}: pass a positive number of tokens")
+            raise LongKVError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}: pass 0 or more tokens")
         if self.temperature < 0:
             raise LongKVError(f"temperature must be >= 0, got {self.temperature}: use 0 for greedy")
         if self.top_k < 0:
