@@ -71,7 +71,7 @@ def run(llm: LLM, policy: KVPolicy, ids: list[int], steps: int) -> dict:
 def attended_tokens(pol: BlockTopKPolicy, llm: LLM, n: int) -> int:
     """Cached tokens one block_topk decode step reads: sinks + retrieved pages + window (+ the answer so far)."""
     ps = llm.engine_config.page_size
-    if pol.dense_fallback and n <= min(max(pol.span(llm.engine_config, llm.config), pol.dense_below), llm.config.max_position):
+    if n <= pol.dense_upto(llm.engine_config, llm.config):
         return n  # read densely
     pages = pol.k(llm.config) * (1 + 2 * pol.expand)
     return min(n, pol.sink_tokens(ps) + pages * ps + pol.window + ps)

@@ -320,13 +320,19 @@ class BlockTopKPolicy(SelectionPolicy):
             return str(self.topk)
         return f"auto:{self._auto_topk}" if self._auto_topk else "auto"
 
+    def dense_upto(self, engine: EngineConfig, model: ModelConfig) -> int:
+        """Tokens up to which a prompt is read densely: max(span, ``dense_below``) within the trained window (0: never)."""
+        if not self.dense_fallback:
+            return 0
+        return min(max(self.span(engine, model), self.dense_below), model.max_position)
+
     def new_state(self, model: ModelConfig, engine: EngineConfig) -> BlockTopKState:
         ps, n = engine.page_size, model.n_layers
         return BlockTopKState(
             [None] * n,
             [PageSummaries(model.n_kv_heads, model.head_dim, ps) for _ in range(n)],
             self.window + ps + max(engine.chunk_size, self.query_tokens),
-            dense_upto=min(max(self.span(engine, model), self.dense_below), model.max_position) if self.dense_fallback else 0,
+            dense_upto=self.dense_upto(engine, model),
             max_position=model.max_position,
             topk=self.k(model),
         )
