@@ -81,6 +81,8 @@ def ask(
 
     if not question.strip():
         raise LongKVError("the question is empty: pass -q \"...\"")
+    if max_new_tokens < 1:  # 0 would prefill the whole input for an empty answer
+        raise LongKVError(f"--max-new-tokens must be at least 1, got {max_new_tokens}: an answer needs tokens (default 256)")
     from longkv.engine.sampling import SamplingParams
 
     SamplingParams(  # bad sampling values fail now, before the model loads
@@ -196,8 +198,31 @@ def policies(
     chosen = POLICIES.get(name.strip().lower())
     if chosen is None:
         raise LongKVError(f"unknown policy {name!r}: choose one of {', '.join(POLICIES)} (longkv policies lists them)")
-    out.print((inspect.getdoc(chosen) or "").replace("``", ""), markup=False, highlight=False)
+    module_doc = inspect.getdoc(sys.modules[chosen.__module__]) or ""
+    class_doc = inspect.getdoc(chosen) or ""
+    text = class_doc if module_doc.startswith("The two KV-policy") else f"{module_doc}\n\n{class_doc}"
+    fields = {f.name for f in dataclasses.fields(chosen) if f.init}
+    common = [f"    {k}: {v}" for k, v in COMMON_KNOBS.items() if k in fields and f"{k}:" not in class_doc]
+    if common:
+        text += "\n\nShared knobs:\n" + "\n".join(common)
+    out.print(_plain(text), markup=False, highlight=False, soft_wrap=True)
     out.print(f"\nknobs (defaults): {knobs(chosen)}", markup=False, highlight=False)
+
+
+COMMON_KNOBS = {
+    "kv_quant": "how kept KV is stored: none (the compute dtype), int8 or int4 (per group of 32 channels, "
+    "with a scale each; longkv.kv.quant). Composes with any method, e.g. snapkv:budget=1024,kv_quant=int4.",
+    "positions": "contiguous (default: kept keys are seen at consecutive positions, as StreamingLLM does, so "
+    "distances stay inside the trained window) or original (each key keeps its position in the input).",
+}
+
+
+def _plain(doc: str) -> str:
+    """Docstring text for a terminal: Sphinx roles and double backticks removed."""
+    import re
+
+    doc = re.sub(r":(?:meth|class|func|attr|mod|data|exc):`~?(?:[\w.]+\.)?([^`]+)`", r"\1", doc)
+    return doc.replace("``", "")
 
 
 @app.command()

@@ -85,6 +85,12 @@ def collect(paths: list[str], stdin_text: str | None = None) -> tuple[list[Docum
             raise LongKVError(f"{p}: file is binary or not UTF-8: pass text files or a folder")
         docs.append(Document(str(path), text))
     if not any(d.text.strip() for d in docs):
+        if skipped:  # a folder of binaries: say what was found, not just "empty"
+            more = f" and {len(skipped) - 1} more" if len(skipped) > 1 else ""
+            raise LongKVError(
+                f"no text in the input: {len(skipped)} binary or non-UTF-8 file(s) skipped ({skipped[0]}{more}): "
+                f"pass text files or folders that hold some"
+            )
         raise LongKVError("the input is empty: pass files with some text in them")
     return docs, skipped
 

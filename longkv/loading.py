@@ -223,10 +223,17 @@ def read_gguf(path: Path) -> tuple[dict[str, Any], Any]:
     """Open a GGUF file; return (metadata dict, reader).
 
     Raises:
-        LongKVError: the file is not a valid GGUF (wrong magic, truncated, corrupted).
+        LongKVError: the file is not a GGUF file at all (no 'GGUF' magic: e.g. a text file passed
+            as the model), or a truncated or corrupted one.
     """
     from gguf import GGUFReader
 
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        hint = ("pass the folder that holds it with config.json" if path.suffix == ".safetensors"
+                else "pass a .gguf file, a Hugging Face model folder (config.json + *.safetensors) or a hub id")
+        raise LongKVError(f"{path} is not a model file (a GGUF file starts with the bytes 'GGUF'): {hint}")
     try:
         reader = GGUFReader(str(path))
         meta = {

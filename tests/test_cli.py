@@ -58,6 +58,13 @@ def test_empty_input(work: Path) -> None:
     assert_user_error(run(["ask", "-", "-q", "x"], work, stdin=""), "empty")
 
 
+def test_folder_of_binaries_names_what_it_skipped(work: Path) -> None:
+    (work / "bins").mkdir()
+    (work / "bins" / "a.bin").write_bytes(b"\x00\x01")
+    (work / "bins" / "b.bin").write_bytes(b"\xff\xfe\x00")
+    assert_user_error(run(["ask", "bins", "-q", "x"], work), "2 binary or non-UTF-8 file(s) skipped", "a.bin and 1 more")
+
+
 def test_empty_question(work: Path) -> None:
     assert_user_error(run(["ask", "notes.txt", "-q", "  "], work), "question is empty")
 
@@ -71,7 +78,12 @@ def test_truncated_gguf(work: Path, smollm2_path: Path) -> None:
     (work / "broken.gguf").write_bytes(data[: len(data) // 3])
     assert_user_error(run(["ask", "notes.txt", "-q", "x", "--model", "broken.gguf"], work), "not a valid GGUF", "download it again")
     (work / "garbage.gguf").write_bytes(b"this is not a model at all" * 100)
-    assert_user_error(run(["ask", "notes.txt", "-q", "x", "--model", "garbage.gguf"], work), "not a valid GGUF")
+    assert_user_error(run(["ask", "notes.txt", "-q", "x", "--model", "garbage.gguf"], work), "is not a model file", "GGUF")
+
+
+def test_text_file_as_model(work: Path) -> None:
+    # a common slip: the input file given to --model; the error names the file and what to pass instead
+    assert_user_error(run(["ask", "notes.txt", "-q", "x", "-m", "notes.txt"], work), "notes.txt is not a model file", ".gguf")
 
 
 def test_unknown_policy(work: Path) -> None:
@@ -92,13 +104,19 @@ def test_budget_errors_come_before_the_model_loads(work: Path) -> None:
     assert_user_error(proc, "budget 3 leaves no local window after 4 sink tokens", "--budget to at least 5")
 
 
+def test_budget_with_block_topk_points_to_resident_bytes(work: Path) -> None:
+    proc = run(["ask", "notes.txt", "-q", "x", "--model", "./missing.gguf", "--policy", "block_topk", "--budget", "1024"], work)
+    assert_user_error(proc, "policy block_topk keeps every token, so --budget does not apply", "block_topk:resident=1GiB")
+
+
 @pytest.mark.parametrize(
     ("option", "needles"),
     [
         (["--top-p", "2"], ("top_p must be in (0, 1], got 2.0", "use 1.0 to disable")),
         (["--temperature", "-1"], ("temperature must be >= 0, got -1.0", "use 0 for greedy")),
         (["--repetition-penalty", "0"], ("repetition_penalty must be > 0, got 0.0", "use 1.0 to disable")),
-        (["--max-new-tokens", "-5"], ("max_new_tokens must be >= 0, got -5", "0 or more")),
+        (["--max-new-tokens", "-5"], ("--max-new-tokens must be at least 1, got -5", "256")),
+        (["--max-new-tokens", "0"], ("--max-new-tokens must be at least 1, got 0", "256")),
     ],
 )
 def test_sampling_errors_come_before_the_model_loads(work: Path, option: list[str], needles: tuple[str, ...]) -> None:
@@ -176,6 +194,9 @@ def test_policies_lists_every_policy_with_its_knobs(work: Path) -> None:
     assert one.returncode == 0 and "Lu et al. 2025" in one.stdout
     knobs = "".join(one.stdout.split())
     assert "topk=auto" in knobs and "dense_below=3072" in knobs and "window=1024" in knobs
+    snap = run(["policies", "snapkv"], work).stdout  # the paper (module docstring), the shared knobs, no Sphinx roles
+    assert "Li et al. 2024" in snap and "kv_quant: how kept KV is stored" in snap and "positions: contiguous" in snap
+    assert ":meth:" not in snap and "``" not in snap and "LongKVError (from validate)" in snap
     assert_user_error(run(["policies", "bogus"], work), "unknown policy 'bogus'", "longkv policies lists them")
 
 

@@ -133,3 +133,14 @@ def test_ask_frames_the_question_as_the_cli_does(tiny: LLM, tmp_path: Path) -> N
         tiny.ask("", q)
     with pytest.raises(LongKVError, match="missing.txt"):
         tiny.ask([tmp_path / "missing.txt"], q)
+
+
+def test_stats_line_and_json_with_one_generated_token() -> None:
+    from longkv.engine.results import Stats
+
+    one = Stats(prompt_tokens=100, generated_tokens=1, prefill_s=0.5, ttft_s=0.5, decode_s=0.0, policy="dense")
+    assert "| decode - (1 token) |" in one.line()  # no rate from a single token
+    d = one.as_dict()
+    assert d["compression"] is None and "batch_prompt_tokens" not in d and d["decode_tok_s"] == 0.0
+    many = Stats(prompt_tokens=100, generated_tokens=11, prefill_s=0.5, ttft_s=0.5, decode_s=2.0, compression="question-aware")
+    assert "| decode 5.0 tok/s (11 tokens) |" in many.line() and many.as_dict()["compression"] == "question-aware"

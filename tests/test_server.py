@@ -302,6 +302,33 @@ def test_bad_chat_requests_get_openai_errors(server: ServerProcess, what: str, b
     assert err["message"] and err["type"] in ("invalid_request_error", "not_found_error")
 
 
+def test_malformed_json_says_so(server: ServerProcess) -> None:
+    r = httpx.post(server.url + "/v1/chat/completions", content=b'{"model": "x", "messages": [',
+                   headers={"content-type": "application/json"}, timeout=30)
+    assert r.status_code == 400
+    err = r.json()["error"]
+    assert err["code"] == "invalid_json" and err["message"].startswith("the request body is not valid JSON")
+    assert "at character 28" in err["message"], err["message"]
+
+
+def test_serve_on_a_port_in_use_fails_before_loading() -> None:
+    import socket
+
+    from typer.testing import CliRunner
+
+    from longkv.cli import app
+    from longkv.errors import LongKVError
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        # the model does not exist: the port error must come first, i.e. before loading
+        result = CliRunner().invoke(app, ["serve", "--model", "/nonexistent.gguf", "--port", str(port)])
+    assert isinstance(result.exception, LongKVError), result.output
+    assert f"port {port} on 127.0.0.1 is in use" in str(result.exception) and "--port" in str(result.exception)
+
+
 @pytest.mark.parametrize(
     ("body", "status"),
     [

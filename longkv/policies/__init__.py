@@ -87,6 +87,12 @@ def make_policy(spec: str | KVPolicy, **overrides: Any) -> KVPolicy:
             raise LongKVError(f"bad value {value!r} for {name}.{key}: expected {fields[key].type}") from None
     for key, value in overrides.items():
         if key not in fields:
+            if key == "budget":  # --budget with a policy that keeps every token
+                bound = f" (bound its resident KV in bytes instead: --policy {name}:resident=1GiB)" if "resident" in fields else ""
+                raise LongKVError(
+                    f"policy {name} keeps every token, so --budget does not apply{bound}: drop --budget, or pick an "
+                    f"eviction policy (streaming, snapkv, ...) to keep a budget of tokens"
+                )
             raise LongKVError(f"policy {name} takes no {key!r} setting: its knobs are {', '.join(fields) or 'none'}")
         knobs[key] = value
     return cls(**knobs)

@@ -34,6 +34,7 @@ from fastapi.responses import Response, StreamingResponse
 
 from longkv import __version__
 from longkv.engine.llm import LLM
+from longkv.errors import LongKVError
 from longkv.server.errors import ApiError, error_response, install_error_handlers
 from longkv.server.metrics import Metrics
 from longkv.server.schemas import (
@@ -367,6 +368,7 @@ def serve(
     """Load ``model`` and serve it until interrupted (``config``: :class:`ServerConfig` fields)."""
     import uvicorn
 
+    _check_port_free(host, port)  # before the model loads: a busy port is a one-line error, not errno 98 later
     policy = config.get("default_policy", "dense")
     llm = LLM(model, policy=policy, dtype=dtype, chunk_size=chunk_size, threads=threads)  # a bad policy fails before loading
     cfg = ServerConfig(model_id=served_model_name or default_model_id(llm), **config)
@@ -375,3 +377,25 @@ def serve(
     app = create_app(llm, cfg)
     log.info("serving %s as %r on http://%s:%d", llm.source, cfg.model_id, host, port)
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """Raise :class:`LongKVError` when ``host:port`` cannot be bound (in use, or not an address of this machine)."""
+    import errno
+    import socket
+
+    if port == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise LongKVError(f"cannot resolve --host {host!r} ({exc.strerror}): pass an address such as 127.0.0.1 or 0.0.0.0") from None
+    family, _, _, _, addr = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: TIME_WAIT leftovers are fine
+        try:
+            probe.bind(addr)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise LongKVError(f"port {port} on {host} is in use (another server?): stop it or pass another --port") from None
+            raise LongKVError(f"cannot listen on {host}:{port} ({exc.strerror}): check --host and --port") from None

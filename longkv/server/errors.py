@@ -54,6 +54,12 @@ def install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
     async def _invalid(request: Request, exc: RequestValidationError) -> Response:
         errors = exc.errors()
         first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+        if first.get("type") == "json_invalid":  # loc is ("body", character offset): no field to name
+            at = first.get("loc", ("body", "?"))[-1]
+            ctx = first.get("ctx")
+            detail = ctx.get("error", "") if isinstance(ctx, dict) else ""
+            text = f"the request body is not valid JSON ({detail} at character {at}): send one JSON object"
+            return counted(request, error_response(400, text, "invalid_request_error", None, "invalid_json"))
         loc = [str(p) for p in first.get("loc", ()) if p != "body"]
         where = ".".join(loc)
         msg = str(first.get("msg", "invalid request"))
