@@ -218,33 +218,7 @@ def test_selection_is_fixed_for_the_answer_and_cache_intact() -> None:
     assert st.pages[0][0].tolist() == best.tolist()
 
 
-def test_shared_score_is_the_mean_of_the_best_votes_over_all_rows() -> None:
-    # The running merge over layers in select() must equal one top-k over every row.
-    from longkv.policies.block_topk import _zscore, merge_votes, vote
-
-    g = torch.Generator().manual_seed(3)
-    layers = [torch.randn(2, 5, 7, generator=g) for _ in range(3)]  # (Hkv, R, C) scores per layer
-    z = [_zscore(s) for s in layers]
-    assert torch.allclose(z[0].mean(-1), torch.zeros(2, 5), atol=1e-6)
-    assert torch.allclose(z[0].std(-1), torch.ones(2, 5), atol=1e-5)
-    rows = torch.cat([zl.flatten(0, 1) for zl in z])  # (30, C)
-    expected = rows.sort(dim=0, descending=True).values[:4].mean(0)
-    torch.testing.assert_close(vote(rows[None], 4)[0], expected)
-    best = None
-    for zl in z:  # layer by layer, as select() does
-        best = merge_votes(best, zl.flatten(0, 1), 4)
-    assert best is not None and best.shape == (4, 7)
-    torch.testing.assert_close(best.mean(0), expected)
-
-
-def test_expand_brings_neighbour_pages_inside_the_candidates() -> None:
-    from longkv.policies.block_topk import _top
-
-    cand = torch.arange(1, 11)  # pages 1..10 may be retrieved
-    scores = torch.zeros(1, 10)
-    scores[0, [0, 4, 5, 9]] = torch.tensor([3.0, 2.0, 1.0, 4.0])  # pages 1, 5, 6, 10
-    assert _top(cand, scores, 3).tolist() == [[1, 5, 10]]
-    assert _top(cand, scores, 3, expand=1).tolist() == [[1, 2, 4, 5, 6, 9, 10]]  # merged, clipped to 1..10
+def test_expand_widens_the_span_by_the_neighbour_pages() -> None:
     pol = BlockTopKPolicy(topk=4, expand=1)
     eng = EngineConfig(chunk_size=512, page_size=64)
     assert pol.span(eng) == 64 + 12 * 64 + 1024 + 64 + 512  # 4 pages x (1 + 2 neighbours)

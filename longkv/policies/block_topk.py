@@ -51,6 +51,7 @@ from longkv.kv.tiers import CODECS, COLD, TieredLayerKV, parse_bytes
 from longkv.models.layers import Rotary
 from longkv.models.llama import LlamaModel
 from longkv.policies.base import SelectionPolicy
+from longkv.policies.page_votes import merge_votes, top_pages, vote, zscore
 from longkv.policies.rereading import greedy_confidence, reencode_pages
 from longkv.policies.retrieval_heads import check_heads, resolve_heads
 
@@ -388,7 +389,7 @@ class BlockTopKPolicy(SelectionPolicy):
         w0 = window_start(n_before, sinks, self.window, ps)
         s = page_scores(q, lkv, cand, w0 - ps, rope, self.score, state.summaries[layer])
         if self.aggregate == "z":
-            return cand, _zscore(s)
+            return cand, zscore(s)
         scale = 1.0 if self.score == "lse" else q.shape[-1] ** -0.5
         return cand, torch.softmax(s * scale, dim=-1)
 
@@ -398,7 +399,7 @@ class BlockTopKPolicy(SelectionPolicy):
         cand, z = self._scores(state, layer, q, lkv, n_before, rope)
         if cand.numel() == 0:
             return None
-        return _top(cand, vote(z, self.votes) if self.scope == "head" else vote(z.flatten(0, 1)[None], self.votes), k)
+        return top_pages(cand, vote(z, self.votes) if self.scope == "head" else vote(z.flatten(0, 1)[None], self.votes), k)
 
     # ------------------------------------------------------------------ selection at the question
     @torch.inference_mode()
@@ -452,9 +453,9 @@ class BlockTopKPolicy(SelectionPolicy):
             if self.scope == "shared":
                 best = merge_votes(best, z.flatten(0, 1), self.votes)
             elif self.scope == "layer":
-                state.pages[i] = _top(cand, vote(z.flatten(0, 1)[None], self.votes), topk, self.expand)
+                state.pages[i] = top_pages(cand, vote(z.flatten(0, 1)[None], self.votes), topk, self.expand)
             else:
-                state.pages[i] = _top(cand, per_head[-1], topk)
+                state.pages[i] = top_pages(cand, per_head[-1], topk)
         state.z = torch.stack(per_head) if per_head else None  # (L, Hkv, C); None with retrieval heads
         state.anchor = window_start(n0, sinks, self.window, ps)
         if heads:
@@ -465,7 +466,7 @@ class BlockTopKPolicy(SelectionPolicy):
             state.first_score = state.score
             if self.verify and cand.numel() > topk:
                 state.score, state.confidence = self._verify(model, context, ids, cand, state.score, sinks, ps)
-            shared = _top(cand, state.score[None], topk, self.expand)
+            shared = top_pages(cand, state.score[None], topk, self.expand)
             state.pages = [shared] * len(queries)
             if self.reencode:
                 state.prefix = reencode_pages(model, context, shared[0], sinks, ps)
@@ -490,40 +491,3 @@ class BlockTopKPolicy(SelectionPolicy):
         out = first - first.max() + conf.min() - 1.0  # below every verified page, same order
         out[order] = conf
         return out, conf
-
-
-def vote(z: torch.Tensor, votes: int) -> torch.Tensor:
-    """(..., R, C) z-scores -> (..., C): the mean of each page's ``votes`` best z-scores over the R rows."""
-    return z.topk(min(votes, z.shape[-2]), dim=-2).values.mean(-2)
-
-
-def merge_votes(best: torch.Tensor | None, rows: torch.Tensor, votes: int) -> torch.Tensor:
-    """Keep each page's ``votes`` best z-scores: (<= votes, C) so far + (R, C) new rows -> (<= votes, C).
-
-    Merging layer by layer gives the same top rows as one top-k over every row,
-    without holding all of them (memory ~ votes x pages).
-    """
-    rows = rows if best is None else torch.cat((best, rows))
-    return rows.topk(min(votes, rows.shape[0]), dim=0).values
-
-
-def _zscore(s: torch.Tensor) -> torch.Tensor:
-    """(..., C) scores -> z-scores over the pages, so queries, heads and layers of different scales compare."""
-    if s.shape[-1] < 2:
-        return torch.zeros_like(s)
-    return (s - s.mean(-1, keepdim=True)) / s.std(-1, keepdim=True).clamp_min(1e-6)
-
-
-def _top(cand: torch.Tensor, scores: torch.Tensor, k: int, expand: int = 0) -> torch.Tensor:
-    """(G, C) scores over candidate pages ``cand`` (C,) -> (G, m) selected page ids, sorted.
-
-    m = min(k, C) pages; with ``expand`` (G must be 1) each chosen page also brings
-    its ``expand`` neighbours on each side that are candidates (duplicates merged).
-    """
-    k = min(k, cand.numel())
-    idx = torch.topk(scores, k, dim=-1).indices.sort(dim=-1).values
-    if expand and idx.numel():
-        assert idx.shape[0] == 1, "expand needs one selection (scope shared or layer)"
-        near = (idx[0][:, None] + torch.arange(-expand, expand + 1)).flatten()
-        idx = near[(near >= 0) & (near < cand.numel())].unique()[None]  # unique() sorts
-    return cand[idx]
