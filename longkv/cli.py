@@ -183,7 +183,10 @@ def policies(
 
     def knobs(cls: type) -> str:
         fields = [f for f in dataclasses.fields(cls) if f.init]
-        return ", ".join(f"{f.name}={'auto' if f.default is None else f.default}" for f in fields) or "-"
+        def shown(v: object) -> object:
+            return "auto" if v is None else "(none)" if v == "" else v
+
+        return ", ".join(f"{f.name}={shown(f.default)}" for f in fields) or "-"
 
     if name is None:
         table = Table(title="KV policies (--policy NAME or NAME:knob=value,...; auto picks dense or block_topk by length)")

@@ -311,6 +311,13 @@ def test_malformed_json_says_so(server: ServerProcess) -> None:
     assert "at character 28" in err["message"], err["message"]
 
 
+def test_every_bad_field_is_named(server: ServerProcess) -> None:
+    r = httpx.post(server.url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": -1}, timeout=30)
+    assert r.status_code == 400
+    msg = r.json()["error"]["message"]
+    assert "model: Field required" in msg and "max_tokens:" in msg and "more)" not in msg, msg
+
+
 def test_serve_on_a_port_in_use_fails_before_loading() -> None:
     import socket
 

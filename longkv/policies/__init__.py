@@ -53,6 +53,14 @@ def _coerce(value: str, field_type: Any) -> Any:
     return value
 
 
+def _example_knob(fields: dict[str, dataclasses.Field[Any]]) -> str:
+    """One knob=value of a policy for an error message: its budget if it has one, else its first knob with a default."""
+    for f in sorted(fields.values(), key=lambda f: f.name != "budget"):
+        if f.default not in (None, "", dataclasses.MISSING):
+            return f"{f.name}={f.default}"
+    return "knob=value"
+
+
 def make_policy(spec: str | KVPolicy, **overrides: Any) -> KVPolicy:
     """Build a policy from a spec string (or return a policy object unchanged, with overrides applied).
 
@@ -80,11 +88,13 @@ def make_policy(spec: str | KVPolicy, **overrides: Any) -> KVPolicy:
             raise LongKVError(f"policy {name} knob {key!r} needs a value: write {name}:{key}=VALUE")
         if not eq or key not in fields:
             known = ", ".join(fields) or "none"
-            raise LongKVError(f"policy {name} has no knob {key!r}: its knobs are {known} (e.g. {name}:{next(iter(fields), 'budget')}=...)")
+            raise LongKVError(f"policy {name} has no knob {key!r}: its knobs are {known} (e.g. {name}:{_example_knob(fields)})")
         try:
             knobs[key] = _coerce(value.strip(), fields[key].type)
         except ValueError:
-            raise LongKVError(f"bad value {value!r} for {name}.{key}: expected {fields[key].type}") from None
+            default = fields[key].default
+            example = f" such as {name}:{key}={default}" if default not in (None, "", dataclasses.MISSING) else ""
+            raise LongKVError(f"bad value {value!r} for {name}.{key}: expected {fields[key].type}{example}") from None
     for key, value in overrides.items():
         if key not in fields:
             if key == "budget":  # --budget with a policy that keeps every token

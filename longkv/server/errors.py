@@ -60,12 +60,15 @@ def install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
             detail = ctx.get("error", "") if isinstance(ctx, dict) else ""
             text = f"the request body is not valid JSON ({detail} at character {at}): send one JSON object"
             return counted(request, error_response(400, text, "invalid_request_error", None, "invalid_json"))
-        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-        where = ".".join(loc)
-        msg = str(first.get("msg", "invalid request"))
-        text = f"{where}: {msg}" if where else msg
-        if len(errors) > 1:
-            text += f" (and {len(errors) - 1} more)"
+        def one(e: Any) -> tuple[str, str]:
+            where = ".".join(str(p) for p in e.get("loc", ()) if p != "body")
+            msg = str(e.get("msg", "invalid request"))
+            return where, f"{where}: {msg}" if where else msg
+
+        where = one(first)[0]
+        text = "; ".join(one(e)[1] for e in errors[:3]) if errors else one(first)[1]  # every field named, not "1 more"
+        if len(errors) > 3:
+            text += f" (and {len(errors) - 3} more)"
         return counted(request, error_response(400, text, "invalid_request_error", where or None, "invalid_request"))
 
     @app.exception_handler(StarletteHTTPException)
