@@ -201,9 +201,8 @@ def policies(
     chosen = POLICIES.get(name.strip().lower())
     if chosen is None:
         raise LongKVError(f"unknown policy {name!r}: choose one of {', '.join(POLICIES)} (longkv policies lists them)")
-    module_doc = inspect.getdoc(sys.modules[chosen.__module__]) or ""
     class_doc = inspect.getdoc(chosen) or ""
-    text = class_doc if module_doc.startswith("The two KV-policy") else f"{module_doc}\n\n{class_doc}"
+    text = f"{inspect.getdoc(sys.modules[chosen.__module__]) or ''}\n\n{class_doc}"  # one module per method: its paper
     fields = {f.name for f in dataclasses.fields(chosen) if f.init}
     common = [f"    {k}: {v}" for k, v in COMMON_KNOBS.items() if k in fields and f"{k}:" not in class_doc]
     if common:

@@ -53,10 +53,15 @@ def _coerce(value: str, field_type: Any) -> Any:
     return value
 
 
+def _has_example(f: dataclasses.Field[Any]) -> bool:
+    """Whether a knob's default can be shown as an example value (not auto, empty or missing)."""
+    return f.default not in (None, "", dataclasses.MISSING)
+
+
 def _example_knob(fields: dict[str, dataclasses.Field[Any]]) -> str:
     """One knob=value of a policy for an error message: its budget if it has one, else its first knob with a default."""
     for f in sorted(fields.values(), key=lambda f: f.name != "budget"):
-        if f.default not in (None, "", dataclasses.MISSING):
+        if _has_example(f):
             return f"{f.name}={f.default}"
     return "knob=value"
 
@@ -92,8 +97,7 @@ def make_policy(spec: str | KVPolicy, **overrides: Any) -> KVPolicy:
         try:
             knobs[key] = _coerce(value.strip(), fields[key].type)
         except ValueError:
-            default = fields[key].default
-            example = f" such as {name}:{key}={default}" if default not in (None, "", dataclasses.MISSING) else ""
+            example = f" such as {name}:{key}={fields[key].default}" if _has_example(fields[key]) else ""
             raise LongKVError(f"bad value {value!r} for {name}.{key}: expected {fields[key].type}{example}") from None
     for key, value in overrides.items():
         if key not in fields:
