@@ -60,13 +60,16 @@ def install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
             detail = ctx.get("error", "") if isinstance(ctx, dict) else ""
             text = f"the request body is not valid JSON ({detail} at character {at}): send one JSON object"
             return counted(request, error_response(400, text, "invalid_request_error", None, "invalid_json"))
-        def one(e: Any) -> tuple[str, str]:
-            where = ".".join(str(p) for p in e.get("loc", ()) if p != "body")
-            msg = str(e.get("msg", "invalid request"))
-            return where, f"{where}: {msg}" if where else msg
 
-        where = one(first)[0]
-        text = "; ".join(one(e)[1] for e in errors[:3]) if errors else one(first)[1]  # every field named, not "1 more"
+        def field(e: Any) -> str:
+            return ".".join(str(p) for p in e.get("loc", ()) if p != "body")
+
+        def line(e: Any) -> str:
+            msg = str(e.get("msg", "invalid request"))
+            return f"{field(e)}: {msg}" if field(e) else msg
+
+        where = field(first)
+        text = "; ".join(line(e) for e in errors[:3] or [first])  # every field named, not "1 more"
         if len(errors) > 3:
             text += f" (and {len(errors) - 3} more)"
         return counted(request, error_response(400, text, "invalid_request_error", where or None, "invalid_request"))
