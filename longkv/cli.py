@@ -60,7 +60,7 @@ def ask(
     chunk_size: Annotated[int, typer.Option(help="Prefill chunk in tokens.")] = 512,
     dtype: Annotated[str, typer.Option(help="Compute dtype: bfloat16 (fast) or float32 (exact).")] = "bfloat16",
     threads: Annotated[int | None, typer.Option(help="CPU threads (default: all cores).")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (answer + stats) instead of streaming text.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", metavar="", help="Print one JSON object (answer + stats) instead of streaming text.")] = False,
     compression: Annotated[
         Compression,
         typer.Option(metavar="MODE", help="question-aware (default) or question-agnostic. Eviction policies that score with queries (snapkv, h2o, tova, pyramid, adakv, expected_attention): question-aware = the question, probed over the cache after every chunk, chooses what is kept; question-agnostic = each chunk is scored by its own last queries (the question is in the last chunk). kvzip always scores by re-reading each chunk."),

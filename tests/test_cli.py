@@ -174,6 +174,8 @@ def test_models_lists_architectures_and_default(work: Path) -> None:
 def test_help_teaches(work: Path) -> None:
     proc = run(["ask", "--help"], work)
     assert proc.returncode == 0 and "--policy" in proc.stdout and "Examples" in proc.stdout
+    json_row = next(line for line in proc.stdout.splitlines() if "--json" in line)
+    assert "<bool>" not in json_row  # a flag takes no value, so its row shows no type
 
 
 def test_serve_help_teaches_the_request_extension(work: Path) -> None:

@@ -31,7 +31,7 @@ Backend = Annotated[str, typer.Option(help="longkv (our engine) or transformers 
 Dtype = Annotated[str | None, typer.Option(help="bfloat16 or float32 (default: bfloat16 for longkv, float32 for transformers).")]
 Threads = Annotated[int | None, typer.Option(help="CPU threads (default: all cores).")]
 ChunkSize = Annotated[int, typer.Option(help="Prefill chunk in tokens.")]
-Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", metavar="", help="No progress bar.")]
 Haystack = Annotated[list[Path] | None, typer.Option("--haystack", help="Haystack text file, repeatable (default: ../shared/data/books).")]
 
 
