@@ -311,6 +311,15 @@ def test_malformed_json_says_so(server: ServerProcess) -> None:
     assert "at character 28" in err["message"], err["message"]
 
 
+@pytest.mark.parametrize(("content", "kind"), [(b"model=x&messages=hi", "application/x-www-form-urlencoded"), (b"[1, 2]", "application/json")])
+def test_a_body_that_is_not_an_object_says_so(server: ServerProcess, content: bytes, kind: str) -> None:
+    r = httpx.post(server.url + "/v1/chat/completions", content=content, headers={"content-type": kind}, timeout=30)
+    assert r.status_code == 400
+    err = r.json()["error"]
+    assert err["code"] == "invalid_json" and err["message"].startswith("the request body must be one JSON object"), err
+    assert kind in err["message"] and "Content-Type: application/json" in err["message"]
+
+
 def test_every_bad_field_is_named(server: ServerProcess) -> None:
     r = httpx.post(server.url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": -1}, timeout=30)
     assert r.status_code == 400

@@ -60,6 +60,10 @@ def install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
             detail = ctx.get("error", "") if isinstance(ctx, dict) else ""
             text = f"the request body is not valid JSON ({detail} at character {at}): send one JSON object"
             return counted(request, error_response(400, text, "invalid_request_error", None, "invalid_json"))
+        if tuple(first.get("loc", ())) == ("body",):  # the body parsed, but is not an object: a list, a form, plain text
+            kind = request.headers.get("content-type") or "no content type"
+            text = f"the request body must be one JSON object (got {kind}): send it with Content-Type: application/json"
+            return counted(request, error_response(400, text, "invalid_request_error", None, "invalid_json"))
 
         def field(e: Any) -> str:
             return ".".join(str(p) for p in e.get("loc", ()) if p != "body")
