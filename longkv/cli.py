@@ -102,6 +102,7 @@ def ask(
     progress, done = _progress_bar(len(ids), llm.engine_config.progress_min_tokens, quiet=as_json)
     def write(piece: str) -> None:
         if not as_json:
+            done()  # the first token ends the prefill bar, so the answer streams on stdout below it
             sys.stdout.write(piece)
             sys.stdout.flush()
 
@@ -284,6 +285,8 @@ def _progress_bar(total: int, min_tokens: int, quiet: bool):  # type: ignore[no-
         TimeRemainingColumn(),
         console=err,
         transient=True,
+        redirect_stdout=False,  # the answer goes to stdout, never into the bar's stderr display
+        redirect_stderr=False,
     )
     task = bar.add_task("prefill", total=total, rate="")
     bar.start()
@@ -295,7 +298,14 @@ def _progress_bar(total: int, min_tokens: int, quiet: bool):  # type: ignore[no-
         dt = time.perf_counter() - t0
         bar.update(task, completed=done, rate=f"{done / dt:.0f} tok/s" if dt > 0 else "")
 
-    return update, bar.stop
+    running = [True]
+
+    def close() -> None:  # called at the first token and again at the end
+        if running[0]:
+            running[0] = False
+            bar.stop()
+
+    return update, close
 
 
 def main() -> None:

@@ -13,8 +13,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run(args: list[str], cwd: Path, stdin: str | None = None, home: Path | None = None) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "LONGKV_HOME": str(home or cwd / ".longkv-home")}
+def run(
+    args: list[str], cwd: Path, stdin: str | None = None, home: Path | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "LONGKV_HOME": str(home or cwd / ".longkv-home"), **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", "longkv", *args], cwd=cwd, input=stdin, capture_output=True, text=True, env=env, timeout=300
     )
@@ -162,6 +164,23 @@ def test_ask_answers_from_a_folder_and_stdin_as_json(work: Path, smollm2_path: P
     assert proc.returncode == 0, proc.stderr
     assert "thursday" in proc.stdout.lower()
     assert "prefill" in proc.stderr and "peak KV" in proc.stderr and "policy dense" in proc.stderr
+
+
+def test_auto_on_a_window_too_short_for_the_chunk_names_the_chunk_size(work: Path, tiny_llama: Path) -> None:
+    (work / "long.txt").write_text("the quick brown fox " * 400)  # past the tiny model's 512-token window
+    proc = run(["ask", "long.txt", "-q", "x", "--model", str(tiny_llama)], work)  # chunk 512 = the whole window
+    assert_user_error(proc, "trained window of 512 tokens", "--chunk-size 128")
+
+
+def test_answer_streams_on_stdout_while_stderr_is_a_terminal(work: Path, tiny_llama: Path) -> None:
+    """The prefill bar (shown when stderr is a terminal) must not take the answer: stdout is the same with it."""
+    (work / "long.txt").write_text("the quick brown fox " * 700)  # past progress_min_tokens, so the bar shows
+    args = ["ask", "long.txt", "-q", "x", "--model", str(tiny_llama), "--max-new-tokens", "8", "--chunk-size", "128"]
+    piped = run(args, work, env={"TTY_COMPATIBLE": "0"})
+    bar = run(args, work, env={"TTY_COMPATIBLE": "1"})  # rich then treats stderr as a terminal and draws the bar
+    assert piped.returncode == 0 and bar.returncode == 0, bar.stderr
+    assert piped.stdout.strip() and bar.stdout == piped.stdout
+    assert "prefilling" in piped.stderr and "prefilling" not in bar.stderr  # the bar, not the log line
 
 
 def test_models_lists_architectures_and_default(work: Path) -> None:

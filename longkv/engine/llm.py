@@ -126,7 +126,12 @@ class LLM:
                 spec = BlockTopKPolicy() if fits else BlockTopKPolicy(resident=str(self.auto_block_topk_bytes))
             else:
                 # the largest budget whose span (budget + chunk) stays inside the trained window
-                default_budget = max(1, min(4096, window - max(self.engine_config.chunk_size, StreamingPolicy.evict_every)))
+                default_budget = min(4096, window - max(self.engine_config.chunk_size, StreamingPolicy.evict_every))
+                if budget is None and default_budget <= StreamingPolicy.sinks:
+                    raise LongKVError(
+                        f"the model's trained window of {window} tokens leaves no room to stream a longer input in "
+                        f"{self.engine_config.chunk_size}-token chunks: lower the chunk size (--chunk-size {max(16, window // 4)})"
+                    )
                 spec = StreamingPolicy(budget=budget if budget is not None else default_budget)
         pol = make_policy(spec, budget=budget) if budget is not None and not _is_dense(spec) else make_policy(spec)
         pol.validate(self.config, self.engine_config)
