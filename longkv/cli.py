@@ -120,6 +120,28 @@ def ask(
         err.print(f"[dim]{out.stats.line()}[/dim]", soft_wrap=True)
 
 
+def _auto_doc() -> str:
+    """What --policy auto does, with the thresholds the engine really uses."""
+    from longkv.engine.llm import LLM
+    from longkv.policies import BlockTopKPolicy
+
+    dense_below, gib = BlockTopKPolicy.dense_below, LLM.auto_block_topk_bytes / 2**30
+    return f"""Picks a policy by the input's length: dense if short, block_topk if long.
+
+auto is the default of longkv ask and of LLM:
+  * up to {dense_below} tokens (block_topk's dense_below, and never past the model's
+    trained window): dense attention over everything, exact;
+  * longer, inside or beyond the trained window: block_topk with its defaults,
+    every page in RAM while the KV cache fits in {gib:g} GiB, else
+    block_topk:resident={gib:g}GiB (hot pages in RAM, cold pages int8 on disk);
+  * a model whose window is too short for block_topk's span: streaming
+    (sinks + the largest local window that fits);
+  * with --budget N: streaming with that budget.
+The stats line after an answer names the policy that ran. longkv serve
+defaults to dense (its sessions share KV across requests): pass
+--policy auto to change that."""
+
+
 @app.command()
 def serve(
     model: ModelOpt = None,
@@ -194,14 +216,18 @@ def policies(
         table.add_column("policy", no_wrap=True)
         table.add_column("what it keeps or attends to")
         table.add_column("knobs (defaults)")
+        table.add_row("auto", _auto_doc().splitlines()[0], "- (the default of ask; set knobs on the policy it picks)")
         for key, cls in POLICIES.items():
             table.add_row(key, (inspect.getdoc(cls) or "").splitlines()[0].replace("``", ""), knobs(cls))
         out.print(table)
         out.print("details of one policy: longkv policies NAME")
         return
+    if name.strip().lower() == "auto":
+        out.print(_auto_doc(), soft_wrap=True)
+        return
     chosen = POLICIES.get(name.strip().lower())
     if chosen is None:
-        raise LongKVError(f"unknown policy {name!r}: choose one of {', '.join(POLICIES)} (longkv policies lists them)")
+        raise LongKVError(f"unknown policy {name!r}: choose auto or one of {', '.join(POLICIES)} (longkv policies lists them)")
     class_doc = inspect.getdoc(chosen) or ""
     text = f"{inspect.getdoc(sys.modules[chosen.__module__]) or ''}\n\n{class_doc}"  # one module per method: its paper
     fields = {f.name for f in dataclasses.fields(chosen) if f.init}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -265,6 +266,9 @@ def test_spec_parser_and_validation_errors() -> None:
         "resident=1KiB": "cannot hold the sinks, window and a chunk",
         "resident=1GiB,cold=tape": "unknown block_topk cold tier 'tape'",
         "resident=1GiB,cold_codec=fp8": "unknown block_topk cold_codec 'fp8'",
+        "cold=cloud": "unknown block_topk cold tier 'cloud'",  # checked with or without resident
+        "cold=ram": r"cold=ram only applies to a tiered cache: add resident=SIZE \(e.g. block_topk:resident=1GiB,cold=ram\)",
+        "tier_dir=/tmp,cold_codec=int4": "cold_codec=int4, tier_dir=/tmp only applies to a tiered cache",
         "window=0": "window must be >= 1",
         "query_tokens=0": "query_tokens must be >= 1",
         "votes=0": "votes must be >= 1",
@@ -282,6 +286,13 @@ def test_spec_parser_and_validation_errors() -> None:
             make_policy(f"block_topk:{knob}").validate(model.config, eng)
     with pytest.raises(LongKVError, match="no knob 'k'"):
         make_policy("block_topk:k=4")
+    with pytest.raises(LongKVError, match=r"no knob 'topK': did you mean block_topk:topk=\.\.\.\?"):
+        make_policy("block_topk:topK=2")
+    with pytest.raises(LongKVError, match="bad value 'ture' for block_topk.reencode: expected true or false"):
+        make_policy("block_topk:reencode=ture")  # a typo must not silently turn re-encoding off
+    assert make_policy("block_topk:reencode=off").reencode is False and make_policy("block_topk:reencode=Yes").reencode is True
+    with pytest.raises(LongKVError, match="bad value '2;expand=1' for block_topk.topk: expected a whole number, or auto.*separate knobs with commas"):
+        make_policy("block_topk:topk=2;expand=1")
     with pytest.raises(LongKVError, match="knob 'topk' needs a value"):
         make_policy("block_topk:topk")
     # the smallest resident the error names is really enough
@@ -348,13 +359,13 @@ def test_topk_auto_is_one_page_with_calibrated_heads_and_two_when_every_row_vote
     assert isinstance(pol, BlockTopKPolicy) and pol.topk is None and pol.describe().startswith("block_topk(topk=auto,")
     assert pol.span(eng) == PS + 2 * PS + 2 * PS + PS + 16  # before a model is known: the larger value, 2 pages
     pol.validate(model.config, eng)  # no calibration for this model: every row votes, 2 pages
-    assert pol.k(model.config) == 2 and "topk=auto:2," in pol.describe()
+    assert pol.k(model.config) == 2 and "topk=2," in pol.describe()
     _, seq = _run(model, pol, ids, [])
     assert seq.selection.pages[0].shape[-1] == 2
     monkeypatch.setitem(retrieval_heads.KNOWN, retrieval_heads.fingerprint(model.config), ((1, 0), (0, 3)))
     calibrated = dataclasses.replace(pol)
     calibrated.validate(model.config, eng)
-    assert calibrated.k(model.config) == 1 and "topk=auto:1," in calibrated.describe()
+    assert calibrated.k(model.config) == 1 and "topk=1," in calibrated.describe()
     assert calibrated.span(eng, model.config) == dataclasses.replace(pol, topk=2).span(eng) - PS  # a page less
     _, seq = _run(model, calibrated, ids, [])
     assert seq.selection.pages[0].shape[-1] == 1
@@ -478,3 +489,18 @@ def test_rotary_reuses_its_last_table_only_for_the_same_positions_and_dtype() ->
         cos, sin = rope.cos_sin(pos, dtype)
         ref = fresh(pos, dtype)
         assert cos.dtype == dtype and torch.equal(cos, ref[0]) and torch.equal(sin, ref[1])
+
+
+def test_stats_line_names_the_dense_fallback_and_reads_back_as_a_spec(tiny_llama: Path) -> None:
+    """A prompt within dense_below says it was read densely; the policy text parses back to the same policy."""
+    from longkv.engine.llm import LLM
+
+    llm = LLM(model=tiny_llama, dtype="float32", chunk_size=64)
+    spec = "block_topk:sinks=64,window=128,query_tokens=16,topk=1"  # span 64 + 3 x 64 + 128 + 64 + 64 = 512, the tiny window
+    ids = torch.randint(0, 300, (700,), generator=torch.Generator().manual_seed(3)).tolist()
+    short = llm.generate(ids[:100], max_new_tokens=2, policy=spec)
+    long = llm.generate(ids, max_new_tokens=2, policy=spec)
+    assert short.stats.policy.endswith("), prompt read densely")
+    assert "read densely" not in long.stats.policy and long.stats.policy.startswith("block_topk(topk=1,")
+    inner = long.stats.policy[len("block_topk(") : -1].replace(" ", "")
+    assert make_policy(f"block_topk:{inner}").describe() == long.stats.policy

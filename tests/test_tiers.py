@@ -104,8 +104,13 @@ def test_disk_tier_keeps_ram_bounded_and_leaves_no_file(tmp_path) -> None:
 def test_tier_errors_are_clear(tmp_path) -> None:
     blocked = tmp_path / "file"
     blocked.write_text("x")
-    with pytest.raises(LongKVError, match="cannot create a KV page file"):
-        DiskStore(H, D, PS, torch.float32, "int8", directory=blocked / "sub")
+    with pytest.raises(LongKVError, match="is not a folder: create it first"):
+        DiskStore(H, D, PS, torch.float32, "int8", directory=tmp_path / "missing" / "sub")
+    assert not (tmp_path / "missing").exists()  # a user's tier_dir is never created behind their back
+    with pytest.raises(LongKVError, match="is not a folder"):
+        DiskStore(H, D, PS, torch.float32, "int8", directory=blocked)
+    with pytest.raises(LongKVError, match="cannot create a KV page file in /proc"):
+        DiskStore(H, D, PS, torch.float32, "int8", directory="/proc")  # a folder no file can be made in
     with pytest.raises(LongKVError, match="unknown KV tier 'tape'"):
         TieredLayerKV(H, D, PS, cold="tape")
     with pytest.raises(LongKVError, match="unknown KV tier codec 'fp8'"):

@@ -204,6 +204,8 @@ class LLM:
         finally:
             seq.probe_ids = []
         st.prefill_s = time.perf_counter() - t0
+        if getattr(seq.selection, "dense", False):  # block_topk's dense fallback: a short prompt, nothing selected
+            st.policy += ", prompt read densely"
         yield from self._decode_loop(runner, seq, logits, params, gen, res, t0)
 
     def _decode_loop(
@@ -348,6 +350,8 @@ class LLM:
         gens = [Generation("", [], "length") for _ in ids]
         for i, (g, x) in enumerate(zip(gens, ids, strict=True)):
             g.stats.prompt_tokens, g.stats.policy, g.stats.prefill_s = len(x), pol.describe(), prefill_s
+            if getattr(seqs[i].selection, "dense", False):
+                g.stats.policy += ", prompt read densely"
             g.stats.compression = _compression_label(pol, bool(question_ids and question_ids[i]))
             g.stats.batch_prompt_tokens = sum(map(len, ids))
         rng = make_generator(seed)

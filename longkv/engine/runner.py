@@ -215,10 +215,10 @@ class Runner:
             split = self.policy.question_start(len(ids), seq.selection)
             if split:
                 self._chunks(seq, ids[:split], progress, 0, len(ids), compress)
-                logits = self.ask(seq, ids[split:])
+                answer_logits = self.ask(seq, ids[split:])
                 if progress is not None:
                     progress(len(ids), len(ids))
-                return logits
+                return answer_logits
         logits = self._chunks(seq, ids, progress, 0, len(ids), compress)
         assert logits is not None
         return logits

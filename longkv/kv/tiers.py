@@ -155,8 +155,11 @@ class DiskStore(ColdStore):
             from longkv.loading import longkv_home
 
             directory = longkv_home() / "kv"
+            Path(directory).parent.mkdir(parents=True, exist_ok=True)
+        elif not Path(directory).is_dir():  # a folder of the user's: never created behind their back
+            raise LongKVError(f"tier_dir {directory} is not a folder: create it first, or leave tier_dir unset for $LONGKV_HOME/kv")
         try:
-            Path(directory).mkdir(parents=True, exist_ok=True)
+            Path(directory).mkdir(exist_ok=True)
             fd, name = tempfile.mkstemp(prefix="kv-", suffix=".pages", dir=directory)
             os.unlink(name)
         except OSError as e:

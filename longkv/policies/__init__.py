@@ -7,6 +7,7 @@ A policy spec is ``NAME`` or ``NAME:knob=value,knob=value``, e.g.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from typing import Any
 
 from longkv.errors import LongKVError
@@ -49,8 +50,24 @@ def _coerce(value: str, field_type: Any) -> Any:
     if "float" in t:
         return float(value)
     if "bool" in t:
-        return value.lower() in ("1", "true", "yes", "on")
+        if value.lower() in ("1", "true", "yes", "on"):
+            return True
+        if value.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(value)
     return value
+
+
+def _expected(field_type: Any) -> str:
+    """What a knob's value must look like, in words, for an error message."""
+    t = str(field_type)
+    if "int" in t:
+        return "a whole number, or auto" if "None" in t else "a whole number"
+    if "float" in t:
+        return "a number"
+    if "bool" in t:
+        return "true or false"
+    return "text"
 
 
 def _has_example(f: dataclasses.Field[Any]) -> bool:
@@ -93,12 +110,15 @@ def make_policy(spec: str | KVPolicy, **overrides: Any) -> KVPolicy:
             raise LongKVError(f"policy {name} knob {key!r} needs a value: write {name}:{key}=VALUE")
         if not eq or key not in fields:
             known = ", ".join(fields) or "none"
-            raise LongKVError(f"policy {name} has no knob {key!r}: its knobs are {known} (e.g. {name}:{_example_knob(fields)})")
+            close = difflib.get_close_matches(key.lower(), list(fields), n=1, cutoff=0.6)
+            hint = f"did you mean {name}:{close[0]}=...? " if close else ""
+            raise LongKVError(f"policy {name} has no knob {key!r}: {hint}its knobs are {known} (e.g. {name}:{_example_knob(fields)})")
         try:
             knobs[key] = _coerce(value.strip(), fields[key].type)
         except ValueError:
             example = f" such as {name}:{key}={fields[key].default}" if _has_example(fields[key]) else ""
-            raise LongKVError(f"bad value {value!r} for {name}.{key}: expected {fields[key].type}{example}") from None
+            sep = "; separate knobs with commas" if any(c in value for c in ";: ") else ""
+            raise LongKVError(f"bad value {value!r} for {name}.{key}: expected {_expected(fields[key].type)}{example}{sep}") from None
     for key, value in overrides.items():
         if key not in fields:
             if key == "budget":  # --budget with a policy that keeps every token

@@ -153,7 +153,8 @@ class BlockTopKPolicy(SelectionPolicy):
             RAM stays within ``resident``) or ``"ram"`` (coded pages in RAM on
             top of the hot set: int8 ~0.56x, int4 ~0.31x the bfloat16 bytes).
         cold_codec: ``"int8"``, ``"int4"`` or ``"none"`` for cold pages.
-        tier_dir: folder of the disk tier's page files (deleted on exit).
+        tier_dir: an existing folder for the disk tier's page files (the files
+            are deleted on exit; default ``$LONGKV_HOME/kv``, created if needed).
         dense_fallback: read a prompt no longer than the span (what block_topk
             would attend to anyway) or than ``dense_below`` densely, without
             selection (exact, and faster where sparsity cannot pay).
@@ -248,12 +249,19 @@ class BlockTopKPolicy(SelectionPolicy):
         if self.scope not in SCOPES:
             raise LongKVError(f"unknown block_topk scope {self.scope!r}: choose one of {', '.join(SCOPES)}")
         check_heads(self.heads)
+        if self.cold not in COLD:
+            raise LongKVError(f"unknown block_topk cold tier {self.cold!r}: choose one of {', '.join(COLD)}")
+        if self.cold_codec not in CODECS:
+            raise LongKVError(f"unknown block_topk cold_codec {self.cold_codec!r}: choose one of {', '.join(CODECS)}")
         if self.resident:
             parse_bytes(self.resident)  # raises on a bad size
-            if self.cold not in COLD:
-                raise LongKVError(f"unknown block_topk cold tier {self.cold!r}: choose one of {', '.join(COLD)}")
-            if self.cold_codec not in CODECS:
-                raise LongKVError(f"unknown block_topk cold_codec {self.cold_codec!r}: choose one of {', '.join(CODECS)}")
+        else:
+            unused = [f"{k}={getattr(self, k)}" for k, d in (("cold", "disk"), ("cold_codec", "int8"), ("tier_dir", "")) if getattr(self, k) != d]
+            if unused:
+                raise LongKVError(
+                    f"block_topk {', '.join(unused)} only applies to a tiered cache: add resident=SIZE "
+                    f"(e.g. block_topk:resident=1GiB,{unused[0]}), or drop it"
+                )
 
     def validate(self, model: ModelConfig, engine: EngineConfig) -> None:
         self.check_knobs()
@@ -319,7 +327,7 @@ class BlockTopKPolicy(SelectionPolicy):
     def _describe_topk(self) -> str:
         if self.topk is not None:
             return str(self.topk)
-        return f"auto:{self._auto_topk}" if self._auto_topk else "auto"
+        return str(self._auto_topk) if self._auto_topk else "auto"  # what ran, so the line works as a spec
 
     def dense_upto(self, engine: EngineConfig, model: ModelConfig) -> int:
         """Tokens up to which a prompt is read densely: max(span, ``dense_below``) within the trained window (0: never)."""
