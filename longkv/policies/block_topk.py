@@ -153,8 +153,7 @@ class BlockTopKPolicy(SelectionPolicy):
             RAM stays within ``resident``) or ``"ram"`` (coded pages in RAM on
             top of the hot set: int8 ~0.56x, int4 ~0.31x the bfloat16 bytes).
         cold_codec: ``"int8"``, ``"int4"`` or ``"none"`` for cold pages.
-        tier_dir: an existing folder for the disk tier's page files (the files
-            are deleted on exit; default ``$LONGKV_HOME/kv``, created if needed).
+        tier_dir: an existing folder for the disk tier's page files (deleted on exit; default ``$LONGKV_HOME/kv``).
         dense_fallback: read a prompt no longer than the span (what block_topk
             would attend to anyway) or than ``dense_below`` densely, without
             selection (exact, and faster where sparsity cannot pay).
