@@ -149,7 +149,8 @@ def serve(
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
     policy: Annotated[str, typer.Option(help="Default KV policy of requests that name none (dense, auto, streaming, ...).")] = "dense",
     cache_mib: Annotated[int, typer.Option(help="Prefix cache budget in MiB (0: no prefix cache).")] = 2048,
-    max_queue: Annotated[int, typer.Option(help="Requests that may wait while one runs; beyond it, HTTP 429.")] = 16,
+    max_num_seqs: Annotated[int, typer.Option(help="Requests decoded together in one batched step (the rest wait).")] = 8,
+    max_queue: Annotated[int, typer.Option(help="Requests that may wait while --max-num-seqs run; beyond it, HTTP 429.")] = 16,
     max_tokens_default: Annotated[int, typer.Option(help="max_tokens of requests that give none.")] = 1024,
     max_tokens_limit: Annotated[int | None, typer.Option(help="Most tokens one request may ask for (default: the window).")] = None,
     served_model_name: Annotated[str | None, typer.Option(help="Model id clients send (default: the file name).")] = None,
@@ -169,6 +170,10 @@ def serve(
     "cache" (false: compute everything, store nothing), "cache_salt", "top_k",
     "ignore_eos". See docs/serving.md.
 
+    Concurrent requests run in one batch (--max-num-seqs): each step feeds every
+    decoding request one token and fills the rest of a chunk with prompt tokens,
+    shortest prompt first, in one forward.
+
     The default --policy dense computes exact KV that requests share by prefix;
     a request past the model's window then gets HTTP 400 with the fix.
     """
@@ -179,7 +184,8 @@ def serve(
     run_server(
         model, host=host, port=port, dtype=dtype, served_model_name=served_model_name, log_level=log_level,
         chunk_size=chunk_size, threads=threads, default_policy=policy, cache_bytes=cache_mib << 20,
-        max_queue=max_queue, default_max_tokens=max_tokens_default, max_tokens_limit=max_tokens_limit,
+        max_queue=max_queue, max_num_seqs=max_num_seqs, default_max_tokens=max_tokens_default,
+        max_tokens_limit=max_tokens_limit,
     )  # fmt: skip
 
 

@@ -120,3 +120,28 @@ def tiny_qwen2(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random Llama (GQA 4/2) saved as an HF folder."""
     return make_tiny_hf_model(tmp_path_factory.mktemp("tiny-llama"), "llama", seed=1)
+
+
+def random_llama_weights(cfg, seed: int = 0, scale: float = 0.2) -> dict[str, torch.Tensor]:  # type: ignore[no-untyped-def]
+    """HF-named random weights (normal * ``scale``) for a llama-shaped ``ModelConfig``, unit norms."""
+    g = torch.Generator().manual_seed(seed)
+    c = cfg
+
+    def r(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g) * scale
+
+    w = {"model.embed_tokens.weight": r(c.vocab_size, c.hidden_size), "model.norm.weight": torch.ones(c.hidden_size)}
+    w["lm_head.weight"] = r(c.vocab_size, c.hidden_size)
+    kv = c.n_kv_heads * c.head_dim
+    for i in range(c.n_layers):
+        p = f"model.layers.{i}."
+        w[p + "input_layernorm.weight"] = torch.ones(c.hidden_size)
+        w[p + "post_attention_layernorm.weight"] = torch.ones(c.hidden_size)
+        w[p + "self_attn.q_proj.weight"] = r(c.n_heads * c.head_dim, c.hidden_size)
+        w[p + "self_attn.k_proj.weight"] = r(kv, c.hidden_size)
+        w[p + "self_attn.v_proj.weight"] = r(kv, c.hidden_size)
+        w[p + "self_attn.o_proj.weight"] = r(c.hidden_size, c.n_heads * c.head_dim)
+        w[p + "mlp.gate_proj.weight"] = r(c.intermediate_size, c.hidden_size)
+        w[p + "mlp.up_proj.weight"] = r(c.intermediate_size, c.hidden_size)
+        w[p + "mlp.down_proj.weight"] = r(c.hidden_size, c.intermediate_size)
+    return w

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from longkv.config import EngineConfig, ModelConfig
-from longkv.engine.runner import Runner
+from longkv.engine.runner import Runner, Work, run_batch
 from longkv.errors import LongKVError
 from longkv.kv.cache import HeadwiseLayerKV
 from longkv.models import build
@@ -357,10 +357,17 @@ def test_batch_of_two_lengths_equals_each_alone(model64, spec: str, budget: int)
     policy.validate(model.config, ENGINE)
     runner = Runner(model, policy, ENGINE)
     seqs = [runner.new_sequence(), runner.new_sequence()]
-    first = runner.prefill_batch(seqs, prompts)
-    steps = [torch.stack(first)]
+    plans = [runner.plan_prefill(s, p) for s, p in zip(seqs, prompts, strict=True)]
+    first: list[torch.Tensor | None] = [None, None]
+    while not all(p.done for p in plans):  # each step: the next chunk of every unfinished prompt, one forward
+        live = [i for i, p in enumerate(plans) if not p.done]
+        for i, lg in zip(live, run_batch(model, [plans[i].next_work() for i in live]), strict=True):
+            if lg is not None:
+                first[i] = lg
+    steps = [torch.stack(first)]  # type: ignore[arg-type]
     for t in range(34):  # feed each sequence the tokens it chose alone
-        steps.append(runner.decode_batch(seqs, [int(alone[i][1][t].argmax()) for i in range(2)]))
+        works = [Work(runner, seqs[i], [int(alone[i][1][t].argmax())], decode=True) for i in range(2)]
+        steps.append(torch.stack(run_batch(model, works)))  # type: ignore[arg-type]
     got = torch.stack(steps, dim=1)  # (2, 35, V)
     for i in range(2):
         torch.testing.assert_close(got[i], alone[i][1], rtol=0, atol=1e-9)
@@ -368,14 +375,10 @@ def test_batch_of_two_lengths_equals_each_alone(model64, spec: str, budget: int)
         assert seqs[i].tokens == alone[i][0].tokens
 
 
-def test_batch_errors() -> None:
-    model = tiny_model()
-    runner = Runner(model, DensePolicy(), ENGINE)
-    seqs = [runner.new_sequence(), runner.new_sequence()]
-    with pytest.raises(ValueError, match="non-empty"):
-        runner.prefill_batch(seqs, [ids(5), []])
-    with pytest.raises(ValueError, match="one token per sequence"):
-        runner.decode_batch(seqs, [1])
+def test_empty_prefill_is_refused() -> None:
+    runner = Runner(tiny_model(), DensePolicy(), ENGINE)
+    with pytest.raises(ValueError, match="at least one token"):
+        runner.plan_prefill(runner.new_sequence(), [])
 
 
 def test_probe_leaves_cache_and_gives_the_real_queries(model) -> None:

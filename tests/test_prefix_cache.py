@@ -1,4 +1,4 @@
-"""The prefix cache (radix tree of KV), prefix continuation and cancellation, on a tiny random model.
+"""The prefix cache (radix tree of KV), continuation on the step loop and cancellation, on a tiny random model.
 
 No model file needed: a 2-layer llama with random weights, float32. Values are
 compared exactly where the computation is the same (a copied prefix, kept logits)
@@ -11,11 +11,12 @@ import types
 
 import pytest
 import torch
+from conftest import random_llama_weights
 
 from longkv.config import EngineConfig, ModelConfig
-from longkv.engine.runner import Runner
+from longkv.engine.engine import Engine, Request, RequestOutput
+from longkv.engine.runner import Interrupted, Runner, Sequence, run_batch
 from longkv.engine.sampling import SamplingParams
-from longkv.engine.session import Cancelled, StoppableRunner, Turn, continue_generation, feed_pending, rollback
 from longkv.kv.cache import KVCache
 from longkv.models import build
 from longkv.policies import DensePolicy, StreamingPolicy
@@ -29,27 +30,7 @@ ENGINE = EngineConfig(chunk_size=16, page_size=8, dtype="float32")
 
 
 def _weights(seed: int = 0) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    c = CFG
-
-    def r(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=g) * 0.2
-
-    w = {"model.embed_tokens.weight": r(c.vocab_size, c.hidden_size), "model.norm.weight": torch.ones(c.hidden_size)}
-    w["lm_head.weight"] = r(c.vocab_size, c.hidden_size)
-    kv = c.n_kv_heads * c.head_dim
-    for i in range(c.n_layers):
-        p = f"model.layers.{i}."
-        w[p + "input_layernorm.weight"] = torch.ones(c.hidden_size)
-        w[p + "post_attention_layernorm.weight"] = torch.ones(c.hidden_size)
-        w[p + "self_attn.q_proj.weight"] = r(c.n_heads * c.head_dim, c.hidden_size)
-        w[p + "self_attn.k_proj.weight"] = r(kv, c.hidden_size)
-        w[p + "self_attn.v_proj.weight"] = r(kv, c.hidden_size)
-        w[p + "self_attn.o_proj.weight"] = r(c.hidden_size, c.n_heads * c.head_dim)
-        w[p + "mlp.gate_proj.weight"] = r(c.intermediate_size, c.hidden_size)
-        w[p + "mlp.up_proj.weight"] = r(c.intermediate_size, c.hidden_size)
-        w[p + "mlp.down_proj.weight"] = r(c.hidden_size, c.intermediate_size)
-    return w
+    return random_llama_weights(CFG, seed, 0.2)
 
 
 class _Tok:
@@ -185,12 +166,27 @@ def test_capacity_zero_disables() -> None:
 # --------------------------------------------------------------------------- engine continuation
 
 
-def _cold(llm: types.SimpleNamespace, ids: list[int], params: SamplingParams) -> tuple[Turn, list[str], Runner]:
-    runner = Runner(llm.model, DensePolicy(), ENGINE)
-    seq = runner.new_sequence()
-    turn = Turn()
-    pieces = list(continue_generation(llm, runner, seq, ids, params, turn))
-    return turn, pieces, seq
+def _engine(llm: types.SimpleNamespace) -> Engine:
+    return Engine(llm.model, llm.tokenizer, llm.eos_ids, ENGINE)
+
+
+def _run(llm: types.SimpleNamespace, req: Request) -> tuple[RequestOutput, list[str], Sequence]:
+    """Run one request on a fresh engine to the end: its output, text pieces and released sequence."""
+    released: list[Sequence] = []
+    req.on_release = lambda seq, out: released.append(seq)
+    engine = _engine(llm)
+    engine.add_request(req)
+    pieces, out = [], None
+    while engine.has_unfinished():
+        for ev in engine.step():
+            pieces.append(ev.text)
+            out = ev.output
+    assert out is not None and len(released) == 1
+    return out, pieces, released[0]
+
+
+def _cold(llm: types.SimpleNamespace, ids: list[int], params: SamplingParams, feed_last: bool = False) -> tuple[RequestOutput, list[str], Sequence]:
+    return _run(llm, Request(ids, params, DensePolicy(), feed_last=feed_last))
 
 
 def test_continuation_from_a_cached_prefix_matches_cold(llm: types.SimpleNamespace) -> None:
@@ -215,33 +211,31 @@ def test_continuation_from_a_cached_prefix_matches_cold(llm: types.SimpleNamespa
 def test_warm_equals_cold_exactly_with_kept_logits(llm: types.SimpleNamespace) -> None:
     ids = _ids(40, seed=3)
     params = SamplingParams(max_new_tokens=12, temperature=0.8, seed=7)
-    turn1, pieces1, seq1 = _cold(llm, ids, params)
-    runner = Runner(llm.model, DensePolicy(), ENGINE)
-    feed_pending(runner, seq1, turn1)
+    out1, pieces1, seq1 = _cold(llm, ids, params, feed_last=True)
+    assert seq1.tokens == ids + out1.token_ids  # the last token was fed for the cache
     pc = PrefixCache(1 << 30)
-    pc.insert("ns", seq1.tokens, seq1.cache, {len(ids): turn1.prompt_logits})
+    pc.insert("ns", seq1.tokens, seq1.cache, {len(ids): out1.prompt_logits})
     m = pc.match("ns", ids)
     assert m.length == len(ids) and m.logits is not None
-    seq2 = runner.new_sequence()
+    seq2 = Runner(llm.model, DensePolicy(), ENGINE).new_sequence()
     pc.load(m, seq2.cache, m.length)
     seq2.tokens = list(ids)
-    turn2 = Turn()
-    pieces2 = list(continue_generation(llm, runner, seq2, ids, params, turn2, logits=m.logits))
-    assert turn2.token_ids == turn1.token_ids and "".join(pieces2) == "".join(pieces1)
-    assert turn2.reused_tokens == len(ids) and turn2.prefilled_tokens == 0
+    out2, pieces2, _ = _run(llm, Request(ids, params, DensePolicy(), sequence=seq2, prompt_logits=m.logits))
+    assert out2.token_ids == out1.token_ids and "".join(pieces2) == "".join(pieces1)
+    assert out2.reused_tokens == len(ids) and out2.prefilled_tokens == 0
 
 
-def test_stop_strings_and_pending_token(llm: types.SimpleNamespace) -> None:
+def test_stop_strings_and_the_last_token_fed(llm: types.SimpleNamespace) -> None:
     ids = _ids(20, seed=4)
     free, _, _ = _cold(llm, ids, SamplingParams(max_new_tokens=8, ignore_eos=True))
     text = "".join(llm.tokenizer.decode(free.token_ids))
     stop = text[3:5]
-    turn, pieces, seq = _cold(llm, ids, SamplingParams(max_new_tokens=8, stop=(stop,), ignore_eos=True))
+    out, pieces, seq = _cold(llm, ids, SamplingParams(max_new_tokens=8, stop=(stop,), ignore_eos=True))
     joined = "".join(pieces)
-    assert turn.finish_reason == "stop" and stop not in joined and text.startswith(joined)
-    assert turn.pending_token == turn.token_ids[-1] and len(seq.tokens) == len(ids) + len(turn.token_ids) - 1
-    feed_pending(Runner(llm.model, DensePolicy(), ENGINE), seq, turn)
-    assert seq.tokens == ids + turn.token_ids and turn.pending_token is None
+    assert out.finish_reason == "stop" and stop not in joined and text.startswith(joined)
+    assert len(seq.tokens) == len(ids) + len(out.token_ids) - 1  # the token that completed the stop was not fed
+    out, _, seq = _cold(llm, ids, SamplingParams(max_new_tokens=8, stop=(stop,), ignore_eos=True), feed_last=True)
+    assert seq.tokens == ids + out.token_ids
 
 
 def test_cancel_mid_prefill_leaves_a_consistent_reusable_prefix(llm: types.SimpleNamespace) -> None:
@@ -252,13 +246,14 @@ def test_cancel_mid_prefill_leaves_a_consistent_reusable_prefix(llm: types.Simpl
         calls["n"] += 1
         return calls["n"] > 2 * CFG.n_layers + 1  # two chunks and one layer of the third
 
-    runner = StoppableRunner(llm.model, DensePolicy(), ENGINE, stop_after_some_layers)
+    runner = Runner(llm.model, DensePolicy(), ENGINE)
     seq = runner.new_sequence()
-    with pytest.raises(Cancelled):
-        runner.prefill(seq, ids)
-    assert len(seq.tokens) == 2 * ENGINE.chunk_size and seq.cache.layers[0].n > len(seq.tokens)
-    rollback(seq)
-    assert seq.cache.tokens() == [len(seq.tokens)] * CFG.n_layers
+    plan = runner.plan_prefill(seq, ids)
+    with pytest.raises(Interrupted):
+        while not plan.done:
+            run_batch(llm.model, [plan.next_work()], stop_after_some_layers)
+    assert len(seq.tokens) == 2 * ENGINE.chunk_size
+    assert seq.cache.tokens() == [len(seq.tokens)] * CFG.n_layers  # the cut forward's KV was rolled back
     pc = PrefixCache(1 << 30)
     assert pc.insert("ns", seq.tokens, seq.cache) == 32
     ref = Runner(llm.model, DensePolicy(), ENGINE)
@@ -271,18 +266,20 @@ def test_cancel_mid_prefill_leaves_a_consistent_reusable_prefix(llm: types.Simpl
     torch.testing.assert_close(ref.prefill(resumed, ids[m.length :]), logits_cold, rtol=1e-5, atol=1e-5)
 
 
-def test_cancel_mid_decode(llm: types.SimpleNamespace) -> None:
-    flag = {"stop": False}
-    runner = StoppableRunner(llm.model, DensePolicy(), ENGINE, lambda: flag["stop"])
-    seq = runner.new_sequence()
-    turn = Turn()
-    gen = continue_generation(llm, runner, seq, _ids(10), SamplingParams(max_new_tokens=50, ignore_eos=True), turn)
-    next(gen)
-    next(gen)
-    flag["stop"] = True
-    with pytest.raises(Cancelled):
-        list(gen)
-    assert turn.finish_reason == "cancelled" and 2 <= len(turn.token_ids) < 50
+def test_abort_mid_decode_ends_the_request_and_keeps_its_tokens(llm: types.SimpleNamespace) -> None:
+    engine = _engine(llm)
+    released: list[Sequence] = []
+    req = Request(_ids(10), SamplingParams(max_new_tokens=50, ignore_eos=True), DensePolicy(), on_release=lambda s, o: released.append(s))
+    engine.add_request(req)
+    events = []
+    while len([e for e in events if e.token_id is not None]) < 3:
+        events += engine.step()
+    engine.abort(req.request_id)
+    last = engine.step()
+    assert len(last) == 1 and last[0].finished and last[0].output.finish_reason == "cancelled"
+    out = last[0].output
+    assert 3 <= len(out.token_ids) < 50 and not engine.has_unfinished()
+    assert released[0].tokens == req.prompt_ids + out.token_ids[:-1]  # the KV is that of the tokens fed
 
 
 # --------------------------------------------------------------------------- fail closed
@@ -290,6 +287,8 @@ def test_cancel_mid_decode(llm: types.SimpleNamespace) -> None:
 
 def test_only_provably_dense_kv_is_shared(llm: types.SimpleNamespace) -> None:
     assert shares_dense_kv(DensePolicy(), 10_000)
+    assert not shares_dense_kv(DensePolicy(kv_quant="int4"), 10) and not shares_dense_kv(DensePolicy(kv_quant="int8"), 10)
+    assert not shares_dense_kv(StreamingPolicy(budget=64, kv_quant="int8"), 10)
     assert shares_dense_kv(StreamingPolicy(budget=64), 64)
     assert not shares_dense_kv(StreamingPolicy(budget=64), 65)
     assert not shares_dense_kv(StreamingPolicy(budget=64, window=32), 64)  # evicts past sinks + window = 36

@@ -1,7 +1,7 @@
 """`longkv serve` end to end: the real SmolLM2-135M behind the server, the official `openai` client in front.
 
-The server runs in a child process on a free loopback port (float32, at most one
-request waiting). Skipped where ../shared (the real model) is absent.
+The server runs in a child process on a free loopback port (float32, two requests
+per batch, at most one more waiting). Skipped where ../shared (the real model) is absent.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def book(chars: int, start: int = 10_000) -> str:
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[ServerProcess]:
-    args = ("--dtype", "float32", "--max-queue", "1", "--max-tokens-default", "32", "--log-level", "warning")
+    args = ("--dtype", "float32", "--max-num-seqs", "2", "--max-queue", "1", "--max-tokens-default", "32", "--log-level", "warning")
     with ServerProcess(smollm2_path(), *args) as s:
         yield s
 
@@ -141,7 +141,8 @@ def test_models_health_and_metrics(server: ServerProcess, client: openai.OpenAI)
         "longkv_prefill_tokens_per_second", "longkv_decode_tokens_per_second",
         "longkv_time_to_first_token_seconds_bucket", "longkv_prefix_cache_hits_total",
         "longkv_prefix_cache_misses_total", "longkv_prefix_cache_evictions_total",
-        "longkv_prefix_cache_bytes", "longkv_queue_length", "longkv_requests_running",
+        "longkv_prefix_cache_bytes", "longkv_queue_length", "longkv_requests_running", "longkv_batch_size",
+        "longkv_inter_token_latency_seconds_bucket", "longkv_active_kv_bytes",
     ):  # fmt: skip
         assert f"\n{name}" in text, name
     count = [ln for ln in text.splitlines() if ln.startswith('longkv_requests_total{endpoint="chat",status="200"}')]
@@ -219,7 +220,7 @@ def test_concurrent_chats_are_isolated(client: openai.OpenAI) -> None:
     }
     solo = {k: chat(client, m, {"longkv": {"cache": False}}).choices[0].message.content for k, m in convs.items()}
     results: dict[str, list[str]] = {}
-    # one runs while the other waits (max_queue 1): a third request in between gets a 429, which clients retry
+    # both run in one batch (max_num_seqs 2): a third request in between may get a 429, which clients retry
     patient = client.with_options(max_retries=10)
 
     def run(key: str) -> None:
@@ -422,25 +423,67 @@ def test_non_streaming_disconnect_stops_within_a_second(server: ServerProcess) -
 
 
 def test_full_queue_answers_429_and_health_stays_responsive(server: ServerProcess, client: openai.OpenAI) -> None:
-    running = chat(client, long_messages(60_000), LONG, stream=True, max_tokens=8)
-    next(iter(running))  # prefilling now
+    running = [chat(client, long_messages(s), LONG, stream=True, max_tokens=8) for s in (60_000, 100_000)]
+    for r in running:
+        next(iter(r))  # both in the batch, prefilling together
     waiting = chat(client, long_messages(80_000), LONG, stream=True, max_tokens=8)  # headers come back while it waits
     for _ in range(5):
         t = time.perf_counter()
         h = health(server)
         assert time.perf_counter() - t < 1.0
         time.sleep(0.1)
-    assert h["running"] == 1 and h["queued"] == 1
+    assert h["running"] == 2 and h["queued"] == 1
     with pytest.raises(openai.RateLimitError) as e:
         chat(client, [{"role": "user", "content": "hi"}], max_tokens=2)
     assert e.value.status_code == 429 and int(e.value.response.headers["retry-after"]) >= 1
     assert e.value.body["type"] == "rate_limit_error"
     waiting.close()
-    running.close()
+    for r in running:
+        r.close()
     assert wait_idle(server, 5.0) < 1.0
+    assert metric(server, "longkv_active_kv_bytes") == 0  # every cancelled sequence let go of its KV
     t = time.perf_counter()
     r = chat(client, [{"role": "user", "content": "hi"}], salted(), max_tokens=2)  # the slot is free again
     assert r.usage.completion_tokens >= 1 and time.perf_counter() - t < 30
+
+
+def test_concurrent_decodes_share_one_batch(server: ServerProcess, client: openai.OpenAI) -> None:
+    msgs = [{"role": "user", "content": "Count from one to one thousand."}]
+    streams = [chat(client, msgs, salted(ignore_eos=True), stream=True, max_tokens=400) for _ in range(2)]
+    its = [iter(s) for s in streams]
+    for it in its:
+        next(it), next(it)  # the role chunk and a first token: both decoding
+    sizes = []
+    for _ in range(10):
+        sizes.append(metric(server, "longkv_batch_size"))
+        time.sleep(0.05)
+    for s in streams:
+        s.close()
+    assert 2 in sizes  # one forward fed both sequences
+    wait_idle(server, 5.0)
+
+
+def test_a_short_request_is_answered_during_a_long_prefill(client: openai.OpenAI) -> None:
+    long = chat(client, long_messages(120_000), LONG, stream=True, max_tokens=4)
+    it = iter(long)
+    next(it)  # the long prompt is prefilling
+    t = time.perf_counter()
+    short = chat(client, [{"role": "user", "content": "Say hi."}], salted(), max_tokens=2)
+    waited = time.perf_counter() - t
+    rest = list(it)  # the long one finishes after the short one
+    assert short.usage.completion_tokens >= 1 and rest[-1].choices[0].finish_reason is not None
+    assert waited < 10.0, f"the short request waited {waited:.1f} s behind the long prefill"
+
+
+def test_quantized_and_plain_dense_kv_never_meet(client: openai.OpenAI) -> None:
+    msgs = [{"role": "user", "content": "Name three planets of the solar system."}]
+    salt = uuid.uuid4().hex
+    q = chat(client, msgs, {"longkv": {"cache_salt": salt, "policy": "dense:kv_quant=int4"}}, max_tokens=8)
+    plain = chat(client, msgs, {"longkv": {"cache_salt": salt}}, max_tokens=8)
+    cold = chat(client, msgs, {"longkv": {"cache": False}}, max_tokens=8)
+    assert q.usage.completion_tokens >= 1 and q.usage.prompt_tokens_details.cached_tokens == 0
+    assert plain.usage.prompt_tokens_details.cached_tokens == 0  # nothing of the int4 run was shared
+    assert plain.choices[0].message.content == cold.choices[0].message.content
 
 
 def test_serve_without_its_extra_is_a_one_line_error(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -19,9 +19,10 @@ from typing import Any
 import torch
 
 from longkv.config import EngineConfig, ModelConfig
+from longkv.engine.engine import Engine, Request, RequestOutput, TokenEvent
 from longkv.engine.results import Generation
-from longkv.engine.runner import ProgressFn, Runner, Sequence
-from longkv.engine.sampling import SamplingParams, make_generator, sample
+from longkv.engine.runner import ProgressFn
+from longkv.engine.sampling import SamplingParams
 from longkv.errors import LongKVError
 from longkv.inputs import Document, build_prompt, collect
 from longkv.loading import load
@@ -50,6 +51,8 @@ class LLM:
         int8_decode: decode steps read int8 copies of the weight matrices
             (per-channel scales), ~2x faster decode; default: on with bfloat16.
         threads: torch threads (``None``: torch's default, all physical cores).
+        max_num_seqs: most sequences :meth:`generate_batch` runs in one batch (the others
+            join as sequences finish).
 
     Raises:
         LongKVError: bad model reference, policy or settings.
@@ -65,9 +68,12 @@ class LLM:
         threads: int | None = None,
         page_size: int = 64,
         int8_decode: bool | None = None,
+        max_num_seqs: int = 8,
     ) -> None:
         self.engine_config = EngineConfig(chunk_size=chunk_size, page_size=page_size, dtype=dtype, threads=threads)
         self.int8_decode = dtype == "bfloat16" if int8_decode is None else int8_decode
+        if max_num_seqs < 1:
+            raise LongKVError(f"max_num_seqs must be at least 1, got {max_num_seqs}: pass e.g. 8")
         if threads is not None:
             if threads < 1:
                 raise LongKVError(f"threads must be at least 1, got {threads}: pass a positive count or leave it unset (all cores)")
@@ -88,6 +94,7 @@ class LLM:
         if getattr(self.tokenizer, "eos_token_id", None) is not None:
             eos.add(int(self.tokenizer.eos_token_id))
         self.eos_ids = frozenset(eos)
+        self.engine = Engine(self.model, self.tokenizer, self.eos_ids, self.engine_config, max_num_seqs)
 
     # ------------------------------------------------------------------ policy
     auto_block_topk_bytes = 4 << 30  # "auto": block_topk keeps at most this much KV in RAM (the rest on disk)
@@ -191,71 +198,33 @@ class LLM:
             raise LongKVError("the prompt is empty: pass some text")
         pol = self.resolve_policy(len(ids) + params.max_new_tokens, policy, budget, sparse_within_window=True)
         res = result if result is not None else Generation("", [], "length")
-        st = res.stats
-        st.prompt_tokens, st.policy = len(ids), pol.describe()
-        runner = Runner(self.model, pol, self.engine_config)
-        seq = runner.new_sequence(len(ids) + params.max_new_tokens)
-        gen = make_generator(params.seed)
-        st.compression = _compression_label(pol, bool(question_ids))
-        if question_ids and pol.needs_queries and pol.budget_tokens is not None:
-            seq.probe_ids = list(question_ids)
-        try:
-            logits = runner.prefill(seq, ids, progress)
-        finally:
-            seq.probe_ids = []
-        st.prefill_s = time.perf_counter() - t0
-        if getattr(seq.selection, "dense", False):  # block_topk's dense fallback: a short prompt, nothing selected
-            st.policy += ", prompt read densely"
-        yield from self._decode_loop(runner, seq, logits, params, gen, res, t0)
+        res.stats.prompt_tokens, res.stats.policy = len(ids), pol.describe()
+        res.stats.compression = _compression_label(pol, bool(question_ids))
+        req = Request(ids, params, pol, question_ids=question_ids, progress=progress, arrival=t0)
+        for ev in self._run([req]):
+            if ev.text:
+                yield ev.text
+            if ev.finished:
+                _fill(res, ev.output, pol)
 
-    def _decode_loop(
-        self,
-        runner: Runner,
-        seq: Sequence,
-        logits: torch.Tensor,
-        params: SamplingParams,
-        gen: torch.Generator,
-        res: Generation,
-        t0: float,
-    ) -> Iterator[str]:
-        st = res.stats
-        out = res.token_ids
-        emitted = ""
-        t_first = 0.0
-        res.finish_reason = "length"
-        for step in range(params.max_new_tokens):
-            token = sample(logits, params, gen, out)
-            if step == 0:
-                t_first = time.perf_counter()
-                st.ttft_s = t_first - t0
-            if token in self.eos_ids and not params.ignore_eos:
-                res.finish_reason = "stop"
-                break
-            out.append(token)
-            st.generated_tokens = len(out)
-            text = self.tokenizer.decode(out, skip_special_tokens=True)
-            cut = _find_stop(text, params.stop)
-            if cut is not None:
-                if cut > len(emitted):
-                    yield text[len(emitted) : cut]
-                emitted = text[:cut]
-                res.finish_reason = "stop"
-                break
-            # hold back a possible partial stop string or an incomplete UTF-8 character
-            safe = len(text) - _held_back(text, params.stop)
-            if safe > len(emitted):
-                yield text[len(emitted) : safe]
-                emitted = text[:safe]
-            if step + 1 < params.max_new_tokens:
-                logits = runner.decode(seq, token)
-        else:
-            text = self.tokenizer.decode(out, skip_special_tokens=True)
-            if len(text) > len(emitted):
-                yield text[len(emitted) :]
-        if t_first:
-            st.decode_s = time.perf_counter() - t_first
-        st.peak_kv_bytes = max(seq.peak_kv_bytes, seq.cache.bytes())
-        st.kv_disk_bytes = sum(getattr(lkv, "disk_bytes", lambda: 0)() for lkv in seq.cache.layers)
+    def _run(self, requests: list[Request]) -> Iterator[TokenEvent]:
+        """Run ``requests`` on the step loop to the end; yield their events.
+
+        Requests left running when the caller stops iterating are cancelled.
+        """
+        engine = self.engine
+        assert not engine.has_unfinished(), "LLM is not re-entrant: finish one generation before starting another"
+        for req in requests:
+            engine.add_request(req)
+        try:
+            while engine.has_unfinished():
+                yield from engine.step()
+        finally:
+            if engine.has_unfinished():  # the caller stopped early (or an error): free everything
+                for req in requests:
+                    engine.abort(req.request_id)
+                while engine.has_unfinished():
+                    engine.step()
 
     def generate(
         self,
@@ -309,12 +278,13 @@ class LLM:
     ) -> list[Generation]:
         """Complete several prompts (text or token ids, any lengths) together; one Generation each.
 
-        Every prefill chunk and decode step runs the model once for all the
-        sequences still going (``Runner.prefill_batch`` / ``decode_batch``), each
-        with its own KV cache compressed under ``policy``; a sequence that stops
-        (end of sequence, a stop string, ``max_new_tokens``) leaves the batch.
-        Greedy results are those of :meth:`generate` on each prompt alone (up to
-        float rounding); sampling draws from one generator seeded by ``seed``.
+        The prompts run on the step loop (:class:`~longkv.engine.engine.Engine`): up to
+        ``max_num_seqs`` at once, each step one forward for all of them (decode tokens
+        and prompt chunks), each with its own KV cache compressed under ``policy``; a
+        sequence that stops (end of sequence, a stop string, ``max_new_tokens``) leaves
+        the batch and the next prompt joins. Results are those of :meth:`generate` on
+        each prompt alone (up to float rounding), sampling included: every prompt has
+        its own generator seeded by ``seed``.
         ``stats.prefill_s`` is the batch's prefill time, shared by all, and
         ``stats.prefill_tok_s`` the batch's rate (``stats.batch_prompt_tokens`` prompt tokens in that time).
 
@@ -336,56 +306,25 @@ class LLM:
             raise LongKVError(f"question_ids has {len(question_ids)} entries for {len(ids)} prompts: pass one list per prompt (or none)")
         t0 = time.perf_counter()
         pol = self.resolve_policy(max(map(len, ids)) + max_new_tokens, policy, budget)
-        runner = Runner(self.model, pol, self.engine_config)
-        seqs = [runner.new_sequence(len(x) + max_new_tokens) for x in ids]
-        if question_ids is not None and pol.needs_queries and pol.budget_tokens is not None:
-            for seq, q in zip(seqs, question_ids, strict=True):
-                seq.probe_ids = list(q)
-        try:
-            logits = dict(enumerate(runner.prefill_batch(seqs, ids)))
-        finally:
-            for seq in seqs:
-                seq.probe_ids = []
-        prefill_s = time.perf_counter() - t0
-        gens = [Generation("", [], "length") for _ in ids]
-        for i, (g, x) in enumerate(zip(gens, ids, strict=True)):
-            g.stats.prompt_tokens, g.stats.policy, g.stats.prefill_s = len(x), pol.describe(), prefill_s
-            if getattr(seqs[i].selection, "dense", False):
-                g.stats.policy += ", prompt read densely"
+        reqs = [
+            Request(x, params, pol, question_ids=question_ids[i] if question_ids is not None else None, arrival=t0)
+            for i, x in enumerate(ids)
+        ]
+        outs: dict[str, RequestOutput] = {}
+        texts: dict[str, list[str]] = {r.request_id: [] for r in reqs}
+        for ev in self._run(reqs):
+            texts[ev.request_id].append(ev.text)
+            if ev.finished:
+                outs[ev.request_id] = ev.output
+        prefill_end = max(o.prefill_end for o in outs.values())
+        gens = []
+        for i, r in enumerate(reqs):
+            g = Generation("".join(texts[r.request_id]), [], "length")
+            _fill(g, outs[r.request_id], pol)
             g.stats.compression = _compression_label(pol, bool(question_ids and question_ids[i]))
+            g.stats.prefill_s = prefill_end - t0  # the batch's prompts were prefilled together
             g.stats.batch_prompt_tokens = sum(map(len, ids))
-        rng = make_generator(seed)
-        cuts: dict[int, str] = {}  # text of the sequences a stop string ended
-        active = list(range(len(ids)))
-        for step in range(max_new_tokens):
-            feed: list[int] = []
-            for i in active:
-                g = gens[i]
-                token = sample(logits[i], params, rng, g.token_ids)
-                if step == 0:
-                    g.stats.ttft_s = time.perf_counter() - t0
-                if token in self.eos_ids and not ignore_eos:
-                    g.finish_reason = "stop"
-                    continue
-                g.token_ids.append(token)
-                text = self.tokenizer.decode(g.token_ids, skip_special_tokens=True)
-                cut = _find_stop(text, params.stop)
-                if cut is not None:
-                    g.finish_reason, cuts[i] = "stop", text[:cut]
-                    continue
-                feed.append(i)
-            active = feed
-            if not active or step + 1 == max_new_tokens:
-                break
-            out = runner.decode_batch([seqs[i] for i in active], [gens[i].token_ids[-1] for i in active])
-            logits = {i: out[j] for j, i in enumerate(active)}
-        t1 = time.perf_counter()
-        for i, (g, seq) in enumerate(zip(gens, seqs, strict=True)):
-            g.text = cuts[i] if i in cuts else self.tokenizer.decode(g.token_ids, skip_special_tokens=True)
-            st = g.stats
-            st.generated_tokens = len(g.token_ids)
-            st.decode_s = max(t1 - t0 - st.ttft_s, 0.0)
-            st.peak_kv_bytes = max(seq.peak_kv_bytes, seq.cache.bytes())
+            gens.append(g)
         return gens
 
     def ask_ids(self, docs: list[Document], question: str, question_aware: bool = True) -> tuple[list[int], list[int] | None]:
@@ -440,6 +379,19 @@ class LLM:
         return self.generate(self.apply_chat_template(messages), **kwargs)
 
 
+def _fill(res: Generation, out: RequestOutput, pol: KVPolicy) -> None:
+    """Copy a finished request's tokens, finish reason and costs into ``res``."""
+    res.token_ids[:] = out.token_ids
+    res.finish_reason = "stop" if out.finish_reason == "stop" else "length"
+    st = res.stats
+    st.prompt_tokens, st.generated_tokens = out.prompt_tokens, len(out.token_ids)
+    st.policy = pol.describe() + (", prompt read densely" if out.dense_read else "")
+    st.prefill_s, st.ttft_s, st.decode_s = out.prefill_s, out.ttft_s, out.decode_s
+    st.peak_kv_bytes, st.kv_disk_bytes = out.peak_kv_bytes, out.kv_disk_bytes
+    if out.error is not None:
+        raise out.error
+
+
 def _compression_label(pol: KVPolicy, aware: bool) -> str:
     """How an eviction policy scores (``Stats.compression``); empty for other policies."""
     if pol.budget_tokens is None:
@@ -455,19 +407,3 @@ def _is_dense(spec: str | KVPolicy) -> bool:
     return (isinstance(spec, str) and spec.split(":")[0].strip().lower() == "dense") or (
         isinstance(spec, KVPolicy) and spec.name == "dense"
     )
-
-
-def _find_stop(text: str, stops: tuple[str, ...]) -> int | None:
-    hits = [i for i in (text.find(s) for s in stops if s) if i >= 0]
-    return min(hits) if hits else None
-
-
-def _held_back(text: str, stops: tuple[str, ...]) -> int:
-    """Characters at the end of ``text`` not to emit yet (a stop-string prefix or U+FFFD)."""
-    hold = 1 if text.endswith("\ufffd") else 0
-    for s in stops:
-        for k in range(min(len(s) - 1, len(text)), 0, -1):
-            if text.endswith(s[:k]):
-                hold = max(hold, k)
-                break
-    return hold

@@ -1,10 +1,15 @@
-"""The loop: chunked prefill and one-token decode steps over a paged KV cache.
+"""Model runner: feeds tokens to sequences through the model, under each sequence's KV policy.
 
-A :class:`Sequence` is one stream of tokens with its own cache; the
-:class:`Runner` feeds it tokens. It asks the policy at fixed points: which
-position each cached key has (before every attention) and what to free (after
-every prefill chunk, and every ``evict_every`` decode steps), so resident KV
-never exceeds ``budget + max(chunk_size, evict_every)`` tokens per layer.
+A :class:`Sequence` is one stream of tokens with its own cache; a :class:`Runner`
+feeds it tokens under one policy, and :func:`run_batch` runs one forward over
+the tokens of many sequences (prompt chunks and decode tokens mixed, policies
+mixed). The runner asks the policy at fixed points: which position each cached
+key has (before every attention) and what to free (after every prefill chunk,
+and every ``evict_every`` decode steps), so resident KV never exceeds
+``budget + max(chunk_size, evict_every)`` tokens per layer.
+
+Scheduling (which sequences share a forward, sampling, stop rules) lives one
+level up, in the step loop of :mod:`longkv.engine.engine`.
 """
 
 from __future__ import annotations
@@ -201,27 +206,34 @@ class Runner:
     ) -> torch.Tensor:
         """Feed ``ids`` in chunks of ``engine.chunk_size``; return the logits (V,) after the last one.
 
-        Logits are computed for the last position only (the LM head is skipped
-        for every other chunk). ``compress=False`` skips compression (a short
+        The same :class:`PrefillPlan` the step loop (``longkv.engine.engine``) runs, one
+        sequence alone. Logits are computed for the last position only (the LM head is
+        skipped for every other chunk). ``compress=False`` skips compression (a short
         question after a compressed context: the cache grows by ``len(ids)``).
         Under a selection policy the question (the last part of ``ids``, see
         ``SelectionPolicy.question_start``) goes last, after the policy has chosen
         its pages from it. Raises ValueError on empty ``ids``.
         """
-        if not ids:
-            raise ValueError("prefill needs at least one token")
-        if isinstance(self.policy, SelectionPolicy):
-            self.policy.reset(seq.selection, len(ids))
-            split = self.policy.question_start(len(ids), seq.selection)
-            if split:
-                self._chunks(seq, ids[:split], progress, 0, len(ids), compress)
-                answer_logits = self.ask(seq, ids[split:])
-                if progress is not None:
-                    progress(len(ids), len(ids))
-                return answer_logits
-        logits = self._chunks(seq, ids, progress, 0, len(ids), compress)
+        plan = self.plan_prefill(seq, ids, compress)
+        logits: torch.Tensor | None = None
+        while not plan.done:
+            work = plan.next_work()
+            logits = run_batch(self.model, [work])[0]
+            if progress is not None:
+                progress(plan.fed, plan.total)
         assert logits is not None
         return logits
+
+    def plan_prefill(self, seq: Sequence, ids: list[int], compress: bool = True) -> PrefillPlan:
+        """The chunks that prefill ``ids`` into ``seq`` (see :class:`PrefillPlan`). Raises ValueError on empty ``ids``."""
+        if not ids:
+            raise ValueError("prefill needs at least one token")
+        return PrefillPlan(self, seq, list(ids), compress)
+
+    def select(self, seq: Sequence, question: list[int]) -> None:
+        """Selection policies: choose pages from ``question``'s queries (fed after this)."""
+        assert isinstance(self.policy, SelectionPolicy) and question
+        self.policy.select(seq.selection, self.model, seq.cache, seq.tokens, question)
 
     @torch.inference_mode()
     def ask(self, seq: Sequence, question: list[int]) -> torch.Tensor:
@@ -230,133 +242,35 @@ class Runner:
         Also lets several questions be asked about one prefilled context (cut the
         cache back with ``LayerKV.truncate`` and ``seq.tokens`` between them).
         """
-        assert isinstance(self.policy, SelectionPolicy) and question
-        self.policy.select(seq.selection, self.model, seq.cache, seq.tokens, question)
-        logits = self._chunks(seq, question, None, 0, len(question))
-        assert logits is not None
-        return logits
-
-    def _chunks(
-        self, seq: Sequence, ids: list[int], progress: ProgressFn | None, done: int, total: int, compress: bool = True
-    ) -> torch.Tensor | None:
-        attention = self._attention(seq)
-        chunk = self.engine.chunk_size
+        self.select(seq, question)
+        plan = PrefillPlan(self, seq, list(question), select=False)
         logits: torch.Tensor | None = None
-        for start in range(0, len(ids), chunk):
-            part = ids[start : start + chunk]
-            is_last = start + chunk >= len(ids)
-            p0 = seq.next_position
-            positions = torch.arange(p0, p0 + len(part), dtype=torch.int64)
-            out = self.model.forward(
-                torch.tensor(part, dtype=torch.int64), positions, attention, "last" if is_last else "none"
-            )
-            seq.tokens.extend(part)
-            seq.peak_kv_bytes = max(seq.peak_kv_bytes, seq.cache.bytes())
-            if compress and self.policy.budget_tokens is not None:
-                self._compress(seq, part)
-            if progress is not None:
-                progress(done + start + len(part), total)
-            if out is not None:
-                logits = out[-1]
+        while not plan.done:
+            logits = run_batch(self.model, [plan.next_work()])[0]
+        assert logits is not None
         return logits
 
     @torch.inference_mode()
     def decode(self, seq: Sequence, token: int) -> torch.Tensor:
         """Feed one token; return the logits (V,) for the next one."""
-        pos = torch.tensor([seq.next_position], dtype=torch.int64)
-        out = self.model.forward(torch.tensor([token], dtype=torch.int64), pos, self._attention(seq), "last")
+        out = run_batch(self.model, [Work(self, seq, [token], decode=True)])[0]
         assert out is not None
-        self._after_decode(seq, token)
-        return out[-1]
+        return out
 
-    def _after_decode(self, seq: Sequence, token: int) -> None:
-        seq.tokens.append(token)
+    def after_forward(self, work: Work) -> None:
+        """Bookkeeping once a forward has fed ``work.ids`` to ``work.seq``: tokens, peak bytes, compression."""
+        seq = work.seq
+        seq.tokens.extend(work.ids)
         budget = self.policy.budget_tokens
-        if budget is not None and seq.cache[0].n >= budget + self.policy.evict_every:
+        if not work.decode:
+            seq.peak_kv_bytes = max(seq.peak_kv_bytes, seq.cache.bytes())
+            if work.compress and budget is not None:
+                self._compress(seq, work.ids)
+        elif budget is not None and seq.cache[0].n >= budget + self.policy.evict_every:
             seq.peak_kv_bytes = max(seq.peak_kv_bytes, seq.cache.bytes())
             self._compress(seq)
         elif budget is None and len(seq.tokens) % 64 == 0:
             seq.peak_kv_bytes = max(seq.peak_kv_bytes, seq.cache.bytes())
-
-    # ------------------------------------------------------------------ batches
-    def _batch_attention(
-        self, seqs: list[Sequence], sizes: list[int]
-    ) -> Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
-        """Attention over a ragged batch: the T tokens are ``sizes[i]`` tokens of ``seqs[i]`` in turn."""
-        fns = [self._attention(s) for s in seqs]
-
-        def attention(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-            outs, o = [], 0
-            for fn, n in zip(fns, sizes, strict=True):
-                outs.append(fn(layer, q[:, o : o + n], k[:, o : o + n], v[:, o : o + n], pos[o : o + n]))
-                o += n
-            return torch.cat(outs, dim=1)
-
-        return attention
-
-    @torch.inference_mode()
-    def prefill_batch(
-        self, seqs: list[Sequence], prompts: list[list[int]], progress: ProgressFn | None = None, compress: bool = True
-    ) -> list[torch.Tensor]:
-        """Prefill several sequences at once; return the logits (V,) after each prompt.
-
-        A ragged batch (prompts of any lengths, no padding): each step takes the
-        next ``chunk_size`` tokens of every unfinished prompt, runs the model
-        once over all of them (one matmul per weight for the whole batch) and
-        attention sequence by sequence over its own cache; then each sequence
-        is compressed under the policy as :meth:`prefill` would. Every
-        sequence ends exactly as if prefilled alone (same kept tokens, logits
-        equal up to float rounding). Selection policies (block_topk) choose
-        pages from each question separately: their sequences are prefilled
-        one after the other.
-
-        Raises:
-            ValueError: an empty prompt, or ``seqs`` and ``prompts`` of different lengths.
-        """
-        if len(seqs) != len(prompts) or any(not p for p in prompts):
-            raise ValueError("prefill_batch needs one non-empty prompt per sequence")
-        if isinstance(self.policy, SelectionPolicy) or len(seqs) == 1:
-            return [self.prefill(s, p, progress, compress) for s, p in zip(seqs, prompts, strict=True)]
-        chunk, total = self.engine.chunk_size, sum(map(len, prompts))
-        logits: list[torch.Tensor | None] = [None] * len(seqs)
-        done = 0
-        for start in range(0, max(map(len, prompts)), chunk):
-            active = [i for i, p in enumerate(prompts) if start < len(p)]
-            parts = [prompts[i][start : start + chunk] for i in active]
-            positions = torch.cat([torch.arange(seqs[i].next_position, seqs[i].next_position + len(part)) for i, part in zip(active, parts, strict=True)])
-            ends = torch.tensor(list(accumulate(map(len, parts)))) - 1
-            last = [j for j, i in enumerate(active) if start + chunk >= len(prompts[i])]
-            ids = torch.tensor([t for part in parts for t in part], dtype=torch.int64)
-            out = self.model.forward(ids, positions, self._batch_attention([seqs[i] for i in active], list(map(len, parts))), ends[last] if last else "none")
-            for j, (i, part) in enumerate(zip(active, parts, strict=True)):
-                seq = seqs[i]
-                seq.tokens.extend(part)
-                seq.peak_kv_bytes = max(seq.peak_kv_bytes, seq.cache.bytes())
-                if compress and self.policy.budget_tokens is not None:
-                    self._compress(seq, part)
-                if j in last:
-                    assert out is not None
-                    logits[i] = out[last.index(j)]
-            done += len(ids)
-            if progress is not None:
-                progress(done, total)
-        return [lg for lg in logits if lg is not None]
-
-    @torch.inference_mode()
-    def decode_batch(self, seqs: list[Sequence], tokens: list[int]) -> torch.Tensor:
-        """Feed one token to each sequence in one forward; return the logits (B, V).
-
-        Raises:
-            ValueError: ``seqs`` and ``tokens`` of different lengths.
-        """
-        if len(seqs) != len(tokens):
-            raise ValueError("decode_batch needs one token per sequence")
-        pos = torch.tensor([s.next_position for s in seqs], dtype=torch.int64)
-        out = self.model.forward(torch.tensor(tokens, dtype=torch.int64), pos, self._batch_attention(seqs, [1] * len(seqs)), "all")
-        assert out is not None
-        for seq, token in zip(seqs, tokens, strict=True):
-            self._after_decode(seq, token)
-        return out
 
     @torch.inference_mode()
     def logits_all(self, seq: Sequence, ids: list[int]) -> torch.Tensor:
@@ -367,3 +281,142 @@ class Runner:
         assert out is not None
         seq.tokens.extend(ids)
         return out
+
+
+@dataclass
+class Work:
+    """One sequence's share of a batched forward: ``ids`` fed after what ``seq`` holds.
+
+    Attributes:
+        runner: runs the sequence's policy (sequences of one batch may differ in policy).
+        decode: one generated token (compression every ``evict_every`` steps) rather than a
+            prompt chunk (compression after the chunk).
+        logits: compute the logits after the last of ``ids``.
+        compress: prompt chunks only: let the policy compress after it.
+    """
+
+    runner: Runner
+    seq: Sequence
+    ids: list[int]
+    decode: bool = False
+    logits: bool = True
+    compress: bool = True
+
+
+class PrefillPlan:
+    """A prompt cut into the chunks that prefill it, handed out one at a time.
+
+    Chunks are ``engine.chunk_size`` tokens on the sequence's own grid (so a
+    compressing policy sees the same chunks alone or in a batch). Under a
+    selection policy the question part (``SelectionPolicy.question_start``) comes
+    last, and its pages are chosen from it (``Runner.select``) just before its
+    first chunk is handed out. The last chunk asks for logits.
+    """
+
+    def __init__(self, runner: Runner, seq: Sequence, ids: list[int], compress: bool = True, select: bool = True) -> None:
+        self.runner, self.seq, self.compress = runner, seq, compress
+        self.total = len(ids)
+        self.fed = 0  # tokens handed out
+        self.question: list[int] = []
+        policy = runner.policy
+        if isinstance(policy, SelectionPolicy) and select:  # select=False: the pages in force stay
+            policy.reset(seq.selection, len(ids))
+            split = policy.question_start(len(ids), seq.selection)
+            if split:
+                ids, self.question = ids[:split], ids[split:]
+        self._pending = ids
+        self._pos = 0
+
+    @property
+    def done(self) -> bool:
+        return self._pos >= len(self._pending) and not self.question
+
+    @property
+    def remaining(self) -> int:
+        """Prompt tokens not handed out yet."""
+        return self.total - self.fed
+
+    def peek(self) -> int:
+        """Tokens of the next chunk."""
+        if self._pos >= len(self._pending):
+            return min(self.runner.engine.chunk_size, len(self.question))
+        return min(self.runner.engine.chunk_size, len(self._pending) - self._pos)
+
+    def next_work(self) -> Work:
+        """The next chunk as a :class:`Work` (runs the selection first when the question starts)."""
+        assert not self.done
+        if self._pos >= len(self._pending):  # the context is in: choose pages from the question
+            self.runner.select(self.seq, self.question)
+            self._pending, self._pos, self.question = self.question, 0, []
+        part = self._pending[self._pos : self._pos + self.runner.engine.chunk_size]
+        self._pos += len(part)
+        self.fed += len(part)
+        return Work(self.runner, self.seq, part, decode=False, logits=self.done, compress=self.compress)
+
+
+    def undo(self, work: Work) -> None:
+        """Hand ``work``'s chunk out again (its forward was cut short and rolled back)."""
+        assert work.ids == self._pending[self._pos - len(work.ids) : self._pos]
+        self._pos -= len(work.ids)
+        self.fed -= len(work.ids)
+
+
+class Interrupted(Exception):
+    """``should_stop()`` asked a batched forward to stop between two layers; every cache was rolled back."""
+
+
+def run_batch(
+    model: LlamaModel, works: list[Work], should_stop: Callable[[], bool] | None = None
+) -> list[torch.Tensor | None]:
+    """One forward over the tokens of every work item (a ragged batch: no padding); logits (V,) or None each.
+
+    Every weight matrix is multiplied once for the whole batch; attention runs sequence
+    by sequence over its own cache, under its own policy. Then each runner's
+    :meth:`Runner.after_forward` (tokens, compression). Each sequence ends exactly as if
+    fed alone (logits equal up to float rounding).
+
+    ``should_stop`` is asked before every layer's attention; when it says so, the KV
+    appended by the layers already run is rolled back and :class:`Interrupted` raised
+    (``seq.tokens`` is only extended once the forward has finished).
+    """
+    assert works
+    marks = [w.seq.cache.marks() for w in works] if should_stop is not None else []
+    fns = [w.runner._attention(w.seq) for w in works]
+    sizes = [len(w.ids) for w in works]
+
+    def attention(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        if should_stop is not None and should_stop():
+            raise Interrupted
+        if len(fns) == 1:
+            return fns[0](layer, q, k, v, pos)
+        outs, o = [], 0
+        for fn, n in zip(fns, sizes, strict=True):
+            outs.append(fn(layer, q[:, o : o + n], k[:, o : o + n], v[:, o : o + n], pos[o : o + n]))
+            o += n
+        return torch.cat(outs, dim=1)
+
+    positions = torch.cat([torch.arange(w.seq.next_position, w.seq.next_position + len(w.ids)) for w in works])
+    ends = list(accumulate(sizes))
+    rows = [e - 1 for e, w in zip(ends, works, strict=True) if w.logits]
+    ids = torch.tensor([t for w in works for t in w.ids], dtype=torch.int64)
+    logits_at: torch.Tensor | str = torch.tensor(rows, dtype=torch.int64) if rows else "none"
+    try:
+        with torch.inference_mode():
+            out = model.forward(ids, positions, attention, logits_at)  # type: ignore[arg-type]
+    except Interrupted:
+        for w, m in zip(works, marks, strict=True):
+            w.seq.cache.rollback(m)
+        raise
+    with torch.inference_mode():
+        for w in works:
+            w.runner.after_forward(w)
+    res: list[torch.Tensor | None] = []
+    r = 0
+    for w in works:
+        if w.logits:
+            assert out is not None
+            res.append(out[r])
+            r += 1
+        else:
+            res.append(None)
+    return res

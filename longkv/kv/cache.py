@@ -161,6 +161,15 @@ class LayerKV:
         self.acc = None
         self._resize(0)
 
+    def mark(self) -> object:
+        """A point to :meth:`rollback` to: tokens appended after it can be forgotten."""
+        return self.n
+
+    def rollback(self, mark: object) -> None:
+        """Forget every token appended since :meth:`mark` (nothing may have been evicted since)."""
+        assert isinstance(mark, int)
+        self.truncate(mark)
+
 
 class HeadwiseLayerKV(LayerKV):
     """One layer whose KV heads keep different tokens (AdaKV): one single-head store per KV head.
@@ -231,6 +240,14 @@ class HeadwiseLayerKV(LayerKV):
         for h in self.heads:
             h.clear()
 
+    def mark(self) -> object:
+        return tuple(h.n for h in self.heads)
+
+    def rollback(self, mark: object) -> None:
+        assert isinstance(mark, tuple)
+        for h, n in zip(self.heads, mark, strict=True):
+            h.truncate(n)
+
 
 class KVCache:
     """One :class:`LayerKV` per decoder layer.
@@ -284,6 +301,15 @@ class KVCache:
         """Keep only the first ``n_tokens`` of every layer (see :meth:`LayerKV.truncate`)."""
         for layer in self.layers:
             layer.truncate(min(n_tokens, layer.n))
+
+    def marks(self) -> list[object]:
+        """Every layer's :meth:`LayerKV.mark` (to undo a forward cut short)."""
+        return [layer.mark() for layer in self.layers]
+
+    def rollback(self, marks: list[object]) -> None:
+        """Forget what every layer appended since :meth:`marks`."""
+        for layer, m in zip(self.layers, marks, strict=True):
+            layer.rollback(m)
 
     def clear(self) -> None:
         """Free every layer."""

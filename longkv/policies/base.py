@@ -84,6 +84,15 @@ class KVPolicy:
         """Short human-readable form, e.g. ``streaming(budget=4096, sinks=4)``."""
         return self.name
 
+    def dense_kv_upto(self) -> int:
+        """Tokens up to which this policy provably computes the dense policy's KV, bit for bit (0: never).
+
+        A prefix cache shares KV only between requests whose KV is the dense one: an
+        uncoded store that kept every token at its original position. Fail closed: a
+        policy says so only when it is certain.
+        """
+        return 0
+
     def new_layer_kv(
         self, n_kv_heads: int, head_dim: int, page_size: int, dtype: torch.dtype, model: ModelConfig | None = None,
         engine: EngineConfig | None = None,

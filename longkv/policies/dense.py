@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 from longkv.policies.base import KVPolicy
@@ -12,3 +13,6 @@ class DensePolicy(KVPolicy):
     """Keep the whole KV cache. Inputs must fit the model's trained window."""
 
     name = "dense"
+
+    def dense_kv_upto(self) -> int:
+        return sys.maxsize if self.kv_quant == "none" else 0  # int8/int4 codes are not the dense bytes

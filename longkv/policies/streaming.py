@@ -92,5 +92,10 @@ class StreamingPolicy(EvictionPolicy):
             return
         cache.keep(torch.cat((torch.arange(self.sinks), torch.arange(n - self.local_window, n))))
 
+    def dense_kv_upto(self) -> int:
+        # Nothing is freed until a layer holds more than sinks + window tokens, and with
+        # nothing freed every key keeps its original position.
+        return min(self.budget, self.sinks + self.local_window) if self.kv_quant == "none" else 0
+
     def describe(self) -> str:
         return f"streaming(budget={self.budget}, sinks={self.sinks}, window={self.local_window})"

@@ -6,7 +6,7 @@ checked against the window and limits (:func:`longkv.server.worker.plan`), queue
 on the :class:`~longkv.server.worker.EngineWorker`, and answered from the events
 the engine thread sends back: one JSON object, or Server-Sent Events ending
 with ``data: [DONE]``. A task watches the connection meanwhile: when the client
-goes away the job is cancelled, and the engine stops within one layer.
+goes away the job is cancelled, and the engine stops it within one layer.
 
 Every error is an OpenAI-style object ``{"error": {"message", "type", "param",
 "code"}}``: 400 for a bad request (malformed JSON and wrong types included),
@@ -233,7 +233,7 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
             watcher.cancel()
             if not job.finished:
                 worker.cancel(job)
-        turn = ev.turn
+        turn = ev.output
         assert turn is not None
         if turn.finish_reason == "cancelled":
             metrics.requests.labels(endpoint, "499").inc()
@@ -281,7 +281,7 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
                     yield f"data: {json.dumps({'error': err})}\n\n"
                     return
                 elif ev.kind == "done":
-                    turn = ev.turn
+                    turn = ev.output
                     assert turn is not None
                     if turn.finish_reason == "cancelled":
                         metrics.requests.labels(endpoint, "499").inc()

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from longkv.engine.session import Turn
+from longkv.engine.engine import RequestOutput
 
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+ITL_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5)
 
 
 class Metrics:
@@ -43,12 +44,16 @@ class Metrics:
         self.cache_evicted_tokens = Counter("longkv_prefix_cache_evicted_tokens", "Tokens evicted from the prefix cache.", registry=r)
         self.cache_bytes = Gauge("longkv_prefix_cache_bytes", "Bytes of KV resident in the prefix cache.", registry=r)
         self.cache_tokens = Gauge("longkv_prefix_cache_tokens", "Tokens resident in the prefix cache.", registry=r)
-        self.active_kv_bytes = Gauge("longkv_active_kv_bytes", "Bytes of KV of the generation running now.", registry=r)
+        self.active_kv_bytes = Gauge("longkv_active_kv_bytes", "Bytes of KV of the generations running now.", registry=r)
         self.queue_length = Gauge("longkv_queue_length", "Requests waiting for the engine.", registry=r)
-        self.running = Gauge("longkv_requests_running", "Generations running now.", registry=r)
+        self.running = Gauge("longkv_requests_running", "Generations running now (in the batch).", registry=r)
+        self.batch_size = Gauge("longkv_batch_size", "Sequences in the last batched step's forward.", registry=r)
+        self.inter_token = Histogram(
+            "longkv_inter_token_latency_seconds", "Seconds between two tokens of one request.", buckets=ITL_BUCKETS, registry=r
+        )
         self.cancelled = Counter("longkv_requests_cancelled", "Generations stopped because the client went away.", registry=r)
 
-    def observe_turn(self, turn: Turn) -> None:
+    def observe_output(self, turn: RequestOutput) -> None:
         """Count one finished (or cancelled) generation."""
         self.prompt_tokens.inc(turn.prompt_tokens)
         self.completion_tokens.inc(len(turn.token_ids))

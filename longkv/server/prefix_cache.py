@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 import torch
 
 from longkv.kv.cache import KVCache
-from longkv.policies import DensePolicy, KVPolicy, StreamingPolicy
+from longkv.policies import KVPolicy
 
 
 class _Node:
@@ -96,15 +96,11 @@ class CacheStats:
 def shares_dense_kv(policy: KVPolicy, n_tokens: int) -> bool:
     """Whether a run of ``n_tokens`` under ``policy`` computes exactly the dense KV (and may share the cache).
 
-    Dense does. Streaming does while it never evicts: nothing is freed until a layer
-    holds more than ``sinks + window`` tokens, and with nothing freed every key keeps
-    its position. Any other policy: no (fail closed).
+    Asks the policy (:meth:`~longkv.policies.KVPolicy.dense_kv_upto`): dense with an
+    uncoded store does; streaming does while it never evicts; anything else, or a
+    quantized KV store, does not (fail closed).
     """
-    if type(policy) is DensePolicy:
-        return True
-    if type(policy) is StreamingPolicy:
-        return n_tokens <= min(policy.budget, policy.sinks + policy.local_window)
-    return False
+    return n_tokens <= policy.dense_kv_upto()
 
 
 def namespace(*settings: object) -> str:

@@ -168,7 +168,7 @@ class ModelList(BaseModel):
 class Health(BaseModel):
     status: Literal["ok"] = "ok"
     model: str
-    running: int = Field(description="Generations running now (0 or 1).")
+    running: int = Field(description="Generations running now (in the batch, at most --max-num-seqs).")
     queued: int = Field(description="Requests waiting for the engine.")
     cache_tokens: int = Field(description="Tokens held by the prefix cache.")
     cache_bytes: int = Field(description="Bytes held by the prefix cache.")

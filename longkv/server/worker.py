@@ -1,17 +1,19 @@
-"""The engine thread: one generation at a time, a bounded wait queue, and the prefix cache.
+"""The engine thread: the step loop, a bounded wait queue, and the prefix cache.
 
 HTTP handlers (asyncio) never run the model. They turn a request into an
 :class:`EngineRequest` with :func:`plan` (tokens, policy, limits: every user error
 is raised here, before anything is queued), :meth:`EngineWorker.submit` it, and
 read the :class:`Event` s it sends back. The engine runs in one thread of its own,
-so the event loop keeps answering (``/health`` during a long prefill), and a job
-whose client went away is stopped between two layers (see
-:class:`~longkv.engine.session.StoppableRunner`).
+so the event loop keeps answering (``/health`` during a long prefill). Up to
+``max_num_seqs`` requests share each batched step (:mod:`longkv.engine.engine`);
+a job whose client went away is stopped before the next layer of the running
+forward, and its sequence leaves the batch.
 
 Prefix reuse is fail-closed: a request shares the prefix cache only when its KV is
-provably what the dense policy computes (dense itself, or streaming whose budget
-is never reached), and KV is inserted only after checking the sequence holds every
-position in order.
+provably what the dense policy computes (``KVPolicy.dense_kv_upto``: dense with an
+uncoded store, or streaming whose budget is never reached), under a namespace
+that names everything deciding the KV bytes (model, dtype, weights, KV codec),
+and KV is inserted only after checking the sequence holds every position in order.
 """
 
 from __future__ import annotations
@@ -20,15 +22,17 @@ import collections
 import logging
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from longkv.engine.engine import Engine, Request, RequestOutput, TokenEvent
 from longkv.engine.llm import LLM
+from longkv.engine.runner import Runner, Sequence
 from longkv.engine.sampling import SamplingParams
-from longkv.engine.session import Cancelled, StoppableRunner, Turn, continue_generation, feed_pending, rollback
 from longkv.errors import LongKVError
 from longkv.policies import KVPolicy
 from longkv.server.prefix_cache import PrefixCache, namespace, shares_dense_kv
@@ -73,7 +77,8 @@ class ServerConfig:
         default_max_tokens: ``max_tokens`` when a request gives none (capped by the
             window left under window-bound policies).
         max_tokens_limit: most tokens one request may ask for (``None``: the window).
-        max_queue: requests that may wait while one runs; beyond it, 429.
+        max_queue: requests that may wait while ``max_num_seqs`` run; beyond it, 429.
+        max_num_seqs: requests decoded together in one batch.
         cache_bytes: prefix cache budget in bytes (0: off).
         max_sessions: sessions pinning a path at once.
     """
@@ -83,6 +88,7 @@ class ServerConfig:
     default_max_tokens: int = 1024
     max_tokens_limit: int | None = None
     max_queue: int = 16
+    max_num_seqs: int = 8
     cache_bytes: int = 2 << 30
     max_sessions: int = 256
 
@@ -97,6 +103,12 @@ class EngineRequest:
     share_cache: bool
     session: str | None = None
     salt: str = ""
+    request_id: str = field(default_factory=lambda: f"req-{uuid.uuid4().hex}")
+
+    @property
+    def kv_key(self) -> str:
+        """What, besides the model and dtype, decides this request's KV bytes: the KV codec."""
+        return f"kv={self.policy.kv_quant}"
 
 
 @dataclass
@@ -106,7 +118,7 @@ class Event:
     kind: str
     text: str = ""
     cached_tokens: int = 0
-    turn: Turn | None = None
+    output: RequestOutput | None = None
     error: BaseException | None = None
 
 
@@ -119,7 +131,9 @@ class Job:
     cancel: threading.Event = field(default_factory=threading.Event)
     created: float = field(default_factory=time.perf_counter)
     finished: bool = False
-    turn: Turn = field(default_factory=Turn)
+    output: RequestOutput = field(default_factory=RequestOutput)
+    request_id: str | None = None  # set when the job enters the engine
+    last_token_at: float = 0.0
 
 
 def plan(
@@ -170,7 +184,12 @@ def plan(
 
 
 class EngineWorker:
-    """Runs queued generations one at a time in a thread of its own.
+    """Runs the step loop (:class:`~longkv.engine.engine.Engine`) in a thread of its own.
+
+    Up to ``config.max_num_seqs`` requests run together, one batched forward per step;
+    up to ``config.max_queue`` more wait (beyond that, :class:`QueueFull`). A job joins
+    the batch between two steps; its prefix-cache lookup happens then, so it finds what
+    the jobs before it stored.
 
     Args:
         llm: the loaded model.
@@ -183,12 +202,13 @@ class EngineWorker:
         self.config = config
         self.metrics = metrics
         self.cache = PrefixCache(config.cache_bytes, config.max_sessions)
+        self.engine = Engine(llm.model, llm.tokenizer, llm.eos_ids, llm.engine_config, config.max_num_seqs)
         self._waiting: collections.deque[Job] = collections.deque()
+        self._jobs: dict[str, Job] = {}  # request id -> job, for the jobs in the engine
         self._cv = threading.Condition()
-        self._current: Job | None = None
         self._stop = False
         self._thread = threading.Thread(target=self._loop, name="longkv-engine", daemon=True)
-        self._fingerprint = namespace(llm.source, llm.engine_config.dtype, f"int8={llm.int8_decode}", "dense-kv")
+        self._fingerprint = namespace(llm.source, llm.engine_config.dtype, f"int8={llm.int8_decode}")
 
     # ----------------------------------------------------------------- control
     def start(self) -> None:
@@ -199,17 +219,19 @@ class EngineWorker:
         with self._cv:
             self._stop = True
             waiting, self._waiting = list(self._waiting), collections.deque()
-            if self._current is not None:
-                self._current.cancel.set()
+            for rid in list(self._jobs):
+                self.engine.abort(rid)
             self._cv.notify_all()
         for job in waiting:
-            self._finish(job, Event("done", turn=job.turn))
+            job.output.finish_reason = "cancelled"
+            self._finish(job, Event("done", output=job.output))
         if self._thread.is_alive():
             self._thread.join(timeout)
 
     @property
     def running(self) -> int:
-        return 0 if self._current is None else 1
+        """Jobs in the engine's batch (or about to join it)."""
+        return len(self._jobs)
 
     @property
     def queued(self) -> int:
@@ -221,8 +243,8 @@ class EngineWorker:
         with self._cv:
             if self._stop:
                 raise QueueFull(5)
-            busy = self._current is not None or bool(self._waiting)
-            if busy and len(self._waiting) >= self.config.max_queue:
+            full = len(self._jobs) >= self.config.max_num_seqs
+            if full and len(self._waiting) >= self.config.max_queue:
                 raise QueueFull(max(1, len(self._waiting)))
             self._waiting.append(job)
             self._gauges()
@@ -236,38 +258,52 @@ class EngineWorker:
             try:
                 self._waiting.remove(job)
             except ValueError:
-                return  # running or done: the engine thread sees the flag
+                if job.request_id is not None:
+                    self.engine.abort(job.request_id)  # running: the engine stops before its next layer
+                return
             self._gauges()
-        job.turn.finish_reason = "cancelled"
-        self._finish(job, Event("done", turn=job.turn))
+        job.output.finish_reason = "cancelled"
+        self._finish(job, Event("done", output=job.output))
 
     # ----------------------------------------------------------------- engine thread
     def _loop(self) -> None:
         while True:
             with self._cv:
-                while not self._waiting and not self._stop:
+                while not self._waiting and not self._jobs and not self._stop and not self.engine.has_unfinished():
                     self._cv.wait()
-                if self._stop:
+                if self._stop and not self._jobs and not self.engine.has_unfinished():
                     return
-                job = self._current = self._waiting.popleft()
+                admitted = []
+                # A finished sequence may still feed its last token before it is stored in the prefix
+                # cache: a job arriving meanwhile (the next turn of that chat) waits for that one step.
+                ready = not self.engine.num_finishing
+                while ready and self._waiting and len(self._jobs) < self.config.max_num_seqs and not self._stop:
+                    job = self._waiting.popleft()
+                    admitted.append(job)
+                    self._jobs[job.request.request_id] = job
                 self._gauges()
+            for job in admitted:
+                self._admit(job)
             try:
                 with torch.inference_mode():
-                    self._run(job)
-            except Exception as exc:  # a bug, not a user error: report it on this request only
-                log.exception("generation failed")
-                self._finish(job, Event("error", error=exc))
-            finally:
-                with self._cv:
-                    self._current = None
-                    self._gauges()
+                    events = self.engine.step()
+            except Exception as exc:  # a bug outside any one request: fail them all, keep serving
+                log.exception("engine step failed")
+                events = []
+                for job in list(self._jobs.values()):
+                    self.engine.abort(job.request.request_id)
+                    self._finish(job, Event("error", error=exc))
+                with torch.inference_mode():
+                    self.engine.step()  # releases the aborted requests
+            for ev in events:
+                self._dispatch(ev)
+            self._gauges()
 
-    def _run(self, job: Job) -> None:
-        req, llm, turn = job.request, self.llm, job.turn
-        runner = StoppableRunner(llm.model, req.policy, llm.engine_config, job.cancel.is_set)
-        seq = runner.new_sequence(len(req.ids) + req.params.max_new_tokens + 1)
-        ns = namespace(self._fingerprint, req.salt)
-        reuse, logits = 0, None
+    def _admit(self, job: Job) -> None:
+        """Look the job's prompt up in the prefix cache and hand it to the engine."""
+        req, llm = job.request, self.llm
+        ns = namespace(self._fingerprint, req.kv_key, req.salt)
+        reuse, logits, seq = 0, None, None
         if req.share_cache:
             match = self.cache.match(ns, req.ids)
             # A whole prompt is reused only with the logits a run computed after it; else
@@ -275,6 +311,8 @@ class EngineWorker:
             full = match.length == len(req.ids) and match.logits is not None
             reuse = match.length if full else min(match.length, len(req.ids) - 1)
             if reuse:
+                runner = Runner(llm.model, req.policy, llm.engine_config)
+                seq = runner.new_sequence(len(req.ids) + req.params.max_new_tokens + 1)
                 self.cache.load(match, seq.cache, reuse)
                 seq.tokens = list(req.ids[:reuse])
                 logits = match.logits if full else None
@@ -282,32 +320,52 @@ class EngineWorker:
                 (self.metrics.cache_hits if reuse else self.metrics.cache_misses).inc()
         elif self.metrics is not None:
             self.metrics.cache_bypass.inc()
-        job.sink(Event("start", cached_tokens=reuse))
-        try:
-            for piece in continue_generation(llm, runner, seq, req.ids, req.params, turn, logits, job.created):
-                job.sink(Event("text", piece))
-        except Cancelled:
-            rollback(seq)
-        if self.metrics is not None:
-            self.metrics.active_kv_bytes.set(seq.cache.bytes())
-            self.metrics.observe_turn(turn)
-        self._finish(job, Event("done", turn=turn))
-        if req.share_cache:  # after the answer is out: extend and store the path
-            if turn.finish_reason != "cancelled":
-                try:
-                    feed_pending(runner, seq, turn)
-                except Cancelled:
-                    rollback(seq)
-            memo = {len(req.ids): turn.prompt_logits} if turn.prompt_logits is not None else {}
+
+        def release(seq: Sequence, out: RequestOutput) -> None:  # engine thread, after the answer is out
+            if not req.share_cache or out.finish_reason == "error":
+                return
+            memo = {len(req.ids): out.prompt_logits} if out.prompt_logits is not None else {}
             before = self.cache.stats.evictions, self.cache.stats.evicted_tokens
             self.cache.insert(ns, seq.tokens, seq.cache, memo, fresh_from=reuse, session=req.session)
             if self.metrics is not None:
                 self.metrics.cache_evictions.inc(self.cache.stats.evictions - before[0])
                 self.metrics.cache_evicted_tokens.inc(self.cache.stats.evicted_tokens - before[1])
+                self.metrics.cache_bytes.set(self.cache.bytes)
+                self.metrics.cache_tokens.set(self.cache.tokens)
+
+        engine_req = Request(
+            req.ids, req.params, req.policy, sequence=seq, prompt_logits=logits, feed_last=req.share_cache,
+            on_release=release, request_id=req.request_id, arrival=job.created,
+        )  # fmt: skip
+        job.request_id = req.request_id
+        job.output = RequestOutput(prompt_tokens=len(req.ids), reused_tokens=reuse, arrival=job.created)
+        job.sink(Event("start", cached_tokens=reuse))
+        self.engine.add_request(engine_req)
+        if job.cancel.is_set():
+            self.engine.abort(req.request_id)
+
+    def _dispatch(self, ev: TokenEvent) -> None:
+        job = self._jobs.get(ev.request_id)
+        if job is None:
+            return
+        job.output = ev.output
+        if ev.output.first_token and job.last_token_at and ev.token_id is not None and self.metrics is not None:
+            self.metrics.inter_token.observe(time.perf_counter() - job.last_token_at)
+        if ev.token_id is not None:
+            job.last_token_at = time.perf_counter()
+        if ev.text:
+            job.sink(Event("text", ev.text))
+        if not ev.finished:
+            return
+        with self._cv:
+            self._jobs.pop(ev.request_id, None)
+        out = ev.output
         if self.metrics is not None:
-            self.metrics.cache_bytes.set(self.cache.bytes)
-            self.metrics.cache_tokens.set(self.cache.tokens)
-            self.metrics.active_kv_bytes.set(0)
+            self.metrics.observe_output(out)
+        if out.finish_reason == "error":
+            self._finish(job, Event("error", error=out.error))
+        else:
+            self._finish(job, Event("done", output=out))
 
     def _finish(self, job: Job, event: Event) -> None:
         if job.finished:
@@ -318,4 +376,6 @@ class EngineWorker:
     def _gauges(self) -> None:
         if self.metrics is not None:
             self.metrics.queue_length.set(len(self._waiting))
-            self.metrics.running.set(self.running)
+            self.metrics.running.set(len(self._jobs))
+            self.metrics.batch_size.set(self.engine.last_batch_size if self.engine.running else 0)
+            self.metrics.active_kv_bytes.set(self.engine.kv_bytes())

@@ -1,0 +1,408 @@
+"""The step loop: requests in, token events out, many sequences per forward.
+
+One loop serves every caller (``LLM.generate`` / ``ask`` / ``chat``, batch
+generation and the server)::
+
+    engine.add_request(Request(ids, params, policy))
+    while engine.has_unfinished():
+        for event in engine.step():        # one batched forward
+            print(event.text, end="")
+
+Scheduling (as in Orca's iteration-level batching and Sarathi-Serve's
+chunked prefills): requests wait in a FIFO queue and join the running batch
+between steps while fewer than ``max_num_seqs`` run. Each step feeds every
+decoding sequence its last token, then fills the rest of a token budget
+(``max_step_tokens``) with prompt chunks, shortest remaining prompt first, so
+a short request that arrives during a long prefill gets its first token after
+one chunk, not after the whole prompt; the first chunk always goes in, so a
+prefill never starves behind decoders. All of it is one forward through the
+model (:func:`~longkv.engine.runner.run_batch`): a batch reads the weights once.
+
+Each request keeps its own policy, sampler (its own seeded generator: a seed
+reproduces a completion whatever else runs), incremental detokenizer and stop
+filter, so a sequence's tokens are the same alone or in a batch.
+
+:meth:`Engine.abort` may be called from another thread: the running forward
+stops before its next layer, its caches are rolled back, and the request ends
+with ``finish_reason="cancelled"`` (the other sequences of that forward redo
+the step).
+
+Not thread-safe otherwise: one thread calls ``add_request`` and ``step``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from longkv.config import EngineConfig
+from longkv.engine.detokenizer import Decoder, Detokenizer, StopFilter
+from longkv.engine.runner import Interrupted, PrefillPlan, ProgressFn, Runner, Sequence, Work, run_batch
+from longkv.engine.sampling import SamplingParams, make_generator, sample
+from longkv.models.llama import LlamaModel
+from longkv.policies.base import KVPolicy
+
+_ids = itertools.count()
+
+
+@dataclass
+class Request:
+    """One generation to run.
+
+    Attributes:
+        prompt_ids: the whole prompt, token ids.
+        params: sampling and stopping.
+        policy: the KV policy, validated for this model (``LLM.resolve_policy``).
+        question_ids: question-aware compression: these tokens are probed over the
+            cache after every prefill chunk (eviction policies that score with queries).
+        sequence: a sequence that already holds a prefix of the prompt
+            (``sequence.tokens == prompt_ids[:m]``, e.g. from a prefix cache): only the
+            rest is prefilled. ``None``: a fresh one.
+        prompt_logits: (V,) logits after the whole prompt when ``sequence`` holds all of it.
+        feed_last: once finished, feed the last sampled token (the EOS or the final one)
+            so the sequence covers the whole turn (a prefix cache stores it).
+        on_release: called with the sequence and the output when the engine lets go of it
+            (finished, cancelled or failed: then its KV may be half-written), in the stepping
+            thread; e.g. to store the sequence in a prefix cache. Cache and ``tokens`` agree
+            unless ``finish_reason == "error"``.
+        progress: called with (prompt tokens fed, prompt tokens) after every prefill chunk.
+        request_id: unique id (default: a counter).
+        arrival: ``time.perf_counter()`` when the request arrived (TTFT origin).
+    """
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    policy: KVPolicy
+    question_ids: list[int] | None = None
+    sequence: Sequence | None = None
+    prompt_logits: torch.Tensor | None = None
+    feed_last: bool = False
+    on_release: Callable[[Sequence, RequestOutput], None] | None = None
+    progress: ProgressFn | None = None
+    request_id: str = field(default_factory=lambda: f"req-{next(_ids)}")
+    arrival: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class RequestOutput:
+    """What one request did, filled in as it runs (times are ``time.perf_counter()`` seconds).
+
+    Attributes:
+        prompt_tokens: length of the prompt.
+        reused_tokens: prompt tokens whose KV the request's sequence already held.
+        token_ids: generated tokens (an end-of-sequence token is not included).
+        finish_reason: ``"stop"`` (EOS or a stop string), ``"length"``, ``"cancelled"``,
+            ``"error"``; ``None`` while running.
+        prompt_logits: (V,) float32 logits after the whole prompt (``None`` until prefilled).
+        error: the exception that ended it (``finish_reason == "error"``).
+        peak_kv_bytes, kv_disk_bytes: KV storage at its peak, and in a disk tier at the end.
+        dense_read: a selection policy read the whole prompt densely (it was short).
+    """
+
+    prompt_tokens: int = 0
+    reused_tokens: int = 0
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    prompt_logits: torch.Tensor | None = None
+    error: BaseException | None = None
+    arrival: float = 0.0
+    prefill_end: float = 0.0
+    first_token: float = 0.0
+    finished: float = 0.0
+    peak_kv_bytes: int = 0
+    kv_disk_bytes: int = 0
+    dense_read: bool = False
+
+    @property
+    def prefilled_tokens(self) -> int:
+        """Prompt tokens that were actually computed."""
+        return self.prompt_tokens - self.reused_tokens
+
+    @property
+    def prefill_s(self) -> float:
+        """Seconds from arrival until the prompt was in the cache (queueing included)."""
+        return max(self.prefill_end - self.arrival, 0.0) if self.prefill_end else 0.0
+
+    @property
+    def ttft_s(self) -> float:
+        """Seconds from arrival to the first token."""
+        return max(self.first_token - self.arrival, 0.0) if self.first_token else 0.0
+
+    @property
+    def decode_s(self) -> float:
+        """Seconds from the first token to the end."""
+        return max(self.finished - self.first_token, 0.0) if self.first_token else 0.0
+
+
+@dataclass
+class TokenEvent:
+    """What one step did for one request.
+
+    Attributes:
+        request_id: the request.
+        token_id: the token sampled this step (``None`` on an event that only ends the request).
+        text: new text (may be empty: a character still incomplete, a possible stop string held back).
+        finished: the request is over; ``output.finish_reason`` says why.
+        output: the request's :class:`RequestOutput` (the same object on every event).
+    """
+
+    request_id: str
+    token_id: int | None
+    text: str
+    finished: bool
+    output: RequestOutput
+
+
+class _Running:
+    """Engine-side state of one admitted request."""
+
+    __slots__ = ("detok", "feeding", "generator", "out", "pending", "plan", "req", "runner", "seq", "stops")
+
+    def __init__(self, req: Request, runner: Runner, seq: Sequence, tokenizer: Decoder) -> None:
+        self.req, self.runner, self.seq = req, runner, seq
+        self.out = RequestOutput(prompt_tokens=len(req.prompt_ids), reused_tokens=len(seq.tokens), arrival=req.arrival)
+        self.detok = Detokenizer(tokenizer)
+        self.stops = StopFilter(req.params.stop)
+        self.generator = make_generator(req.params.seed)
+        self.plan: PrefillPlan | None = None
+        self.pending: int | None = None  # sampled, not yet fed
+        self.feeding = False  # finished; one last forward feeds ``pending`` (Request.feed_last)
+
+
+class Engine:
+    """Runs requests in batched steps over one model.
+
+    Args:
+        model: the model forward.
+        tokenizer: decodes token ids (``decode(ids, skip_special_tokens=True)``).
+        eos_ids: token ids that end a generation.
+        config: chunk size (the unit of prefill), page size.
+        max_num_seqs: most sequences running at once (the rest wait).
+        max_step_tokens: tokens one step may feed (decode tokens + prompt chunks; the
+            first prompt chunk always fits). Default: ``chunk_size``.
+
+    Raises:
+        ValueError: ``max_num_seqs`` or ``max_step_tokens`` below 1.
+    """
+
+    def __init__(
+        self,
+        model: LlamaModel,
+        tokenizer: Decoder,
+        eos_ids: frozenset[int],
+        config: EngineConfig,
+        max_num_seqs: int = 8,
+        max_step_tokens: int | None = None,
+    ) -> None:
+        if max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be at least 1, got {max_num_seqs}")
+        self.model, self.tokenizer, self.eos_ids, self.config = model, tokenizer, eos_ids, config
+        self.max_num_seqs = max_num_seqs
+        self.max_step_tokens = max_step_tokens if max_step_tokens is not None else config.chunk_size
+        if self.max_step_tokens < 1:
+            raise ValueError(f"max_step_tokens must be at least 1, got {self.max_step_tokens}")
+        self.waiting: deque[Request] = deque()
+        self.running: list[_Running] = []
+        self._aborted: set[str] = set()
+        self.last_batch_size = 0  # sequences in the last step's forward
+        self.steps = 0
+
+    # ------------------------------------------------------------------ queue
+    def add_request(self, request: Request) -> str:
+        """Queue ``request``; it joins the batch at a later step. Returns its id.
+
+        Raises:
+            ValueError: an empty prompt, or a ``sequence`` that is not a prefix of the prompt.
+        """
+        if not request.prompt_ids:
+            raise ValueError("the prompt is empty")
+        seq = request.sequence
+        if seq is not None:
+            m = len(seq.tokens)
+            if seq.tokens != request.prompt_ids[:m]:
+                raise ValueError("the request's sequence must hold a prefix of its prompt")
+            if m == len(request.prompt_ids) and request.prompt_logits is None:
+                raise ValueError("a sequence holding the whole prompt needs the prompt's logits")
+        self.waiting.append(request)
+        return request.request_id
+
+    def abort(self, request_id: str) -> None:
+        """Cancel a request (safe from any thread): it ends at the next step, or within a layer if running."""
+        self._aborted.add(request_id)
+
+    def has_unfinished(self) -> bool:
+        """Whether any request waits or runs."""
+        return bool(self.waiting or self.running)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def num_finishing(self) -> int:
+        """Finished sequences still feeding their last token (``Request.feed_last``) before release."""
+        return sum(1 for r in self.running if r.feeding)
+
+    def kv_bytes(self) -> int:
+        """KV bytes allocated by the running sequences."""
+        return sum(r.seq.cache.bytes() for r in self.running)
+
+    # ------------------------------------------------------------------ step
+    def step(self) -> list[TokenEvent]:
+        """Admit waiting requests, run one batched forward, sample; one event per request that moved.
+
+        A request whose forward raised ends with ``finish_reason="error"`` (and so do the
+        others of that forward, whose caches may be half-written).
+        """
+        events: list[TokenEvent] = []
+        self._reap_aborted(events)
+        self._admit(events)
+        works, owners = self._schedule(events)
+        if not works:
+            return events
+        self.last_batch_size = len(works)
+        self.steps += 1
+        aborted = self._aborted
+        ids = {o.req.request_id for o in owners}
+        try:
+            logits = run_batch(self.model, works, lambda: bool(aborted) and not aborted.isdisjoint(ids))
+        except Interrupted:  # caches are rolled back: the others redo their share next step
+            for w, o in zip(works, owners, strict=True):
+                if o.plan is not None and not w.decode:
+                    o.plan.undo(w)
+            self._reap_aborted(events)
+            return events
+        except Exception as exc:  # a bug: end the requests of this forward, keep serving the others
+            for o in owners:
+                o.out.error = exc
+                self._finish(o, "error", events)
+            return events
+        now = time.perf_counter()
+        for o, lg in zip(owners, logits, strict=True):
+            if o.feeding:
+                self._release(o)
+                continue
+            if o.plan is not None and o.plan.done:
+                self._prompt_done(o, lg, now)
+            if lg is not None:
+                self._next(o, lg, events)
+        return events
+
+    def _reap_aborted(self, events: list[TokenEvent]) -> None:
+        if not self._aborted:
+            return
+        gone = set(self._aborted)
+        self._aborted.difference_update(gone)
+        for req in [r for r in self.waiting if r.request_id in gone]:
+            self.waiting.remove(req)
+            out = RequestOutput(prompt_tokens=len(req.prompt_ids), finish_reason="cancelled", arrival=req.arrival)
+            out.finished = time.perf_counter()
+            events.append(TokenEvent(req.request_id, None, "", True, out))
+            if req.on_release is not None and req.sequence is not None:
+                req.on_release(req.sequence, out)
+        for o in [o for o in self.running if o.req.request_id in gone]:
+            if o.feeding:
+                self._release(o)
+            elif o.out.finish_reason is None:
+                self._finish(o, "cancelled", events)
+
+    def _admit(self, events: list[TokenEvent]) -> None:
+        while self.waiting and len(self.running) < self.max_num_seqs:
+            req = self.waiting.popleft()
+            runner = Runner(self.model, req.policy, self.config)
+            seq = req.sequence or runner.new_sequence(len(req.prompt_ids) + req.params.max_new_tokens + int(req.feed_last))
+            pol = req.policy
+            if req.question_ids and pol.needs_queries and pol.budget_tokens is not None:
+                seq.probe_ids = list(req.question_ids)
+            o = _Running(req, runner, seq, self.tokenizer)
+            self.running.append(o)
+            rest = req.prompt_ids[len(seq.tokens) :]
+            if rest:
+                o.plan = runner.plan_prefill(seq, rest)
+            else:  # the whole prompt was cached with its logits
+                assert req.prompt_logits is not None
+                self._prompt_done(o, req.prompt_logits, time.perf_counter())
+                self._next(o, req.prompt_logits, events)
+
+    def _schedule(self, events: list[TokenEvent]) -> tuple[list[Work], list[_Running]]:
+        works: list[Work] = []
+        owners: list[_Running] = []
+        for o in self.running:  # every decoding sequence feeds its last token
+            if o.plan is None and o.pending is not None:
+                works.append(Work(o.runner, o.seq, [o.pending], decode=True, logits=not o.feeding))
+                owners.append(o)
+        budget = self.max_step_tokens - len(works)
+        prefilling = sorted((o for o in self.running if o.plan is not None), key=lambda o: o.plan.remaining if o.plan else 0)
+        for i, o in enumerate(prefilling):
+            assert o.plan is not None
+            n = o.plan.peek()
+            if i > 0 and n > budget:
+                continue
+            try:
+                works.append(o.plan.next_work())  # may run a selection policy's page choice
+            except Exception as exc:
+                o.out.error = exc
+                self._finish(o, "error", events)
+                continue
+            owners.append(o)
+            budget -= n
+        return works, owners
+
+    def _prompt_done(self, o: _Running, logits: torch.Tensor | None, now: float) -> None:
+        o.plan = None
+        o.seq.probe_ids = []
+        o.out.prompt_logits = logits
+        o.out.prefill_end = now
+        o.out.dense_read = bool(getattr(o.seq.selection, "dense", False))
+
+    def _next(self, o: _Running, logits: torch.Tensor, events: list[TokenEvent]) -> None:
+        if o.req.params.max_new_tokens == 0:
+            self._finish(o, "length", events)
+        else:
+            self._sample(o, logits, events)
+
+    def _sample(self, o: _Running, logits: torch.Tensor, events: list[TokenEvent]) -> None:
+        params, out = o.req.params, o.out
+        token = sample(logits, params, o.generator, out.token_ids)
+        if not out.first_token:
+            out.first_token = time.perf_counter()
+        o.pending = token
+        if token in self.eos_ids and not params.ignore_eos:
+            self._finish(o, "stop", events, token=token)
+            return
+        out.token_ids.append(token)
+        text, stopped = o.stops.push(o.detok.add(token))
+        if stopped:
+            self._finish(o, "stop", events, text, token)
+        elif len(out.token_ids) >= params.max_new_tokens:
+            self._finish(o, "length", events, text + o.stops.push(o.detok.flush())[0] + o.stops.flush(), token)
+        else:
+            events.append(TokenEvent(o.req.request_id, token, text, False, out))
+
+    def _finish(self, o: _Running, reason: str, events: list[TokenEvent], text: str = "", token: int | None = None) -> None:
+        out = o.out
+        out.finish_reason = reason
+        out.finished = time.perf_counter()
+        out.peak_kv_bytes = max(o.seq.peak_kv_bytes, o.seq.cache.bytes())
+        out.kv_disk_bytes = sum(getattr(lkv, "disk_bytes", lambda: 0)() for lkv in o.seq.cache.layers)
+        events.append(TokenEvent(o.req.request_id, token, text, True, out))
+        if reason in ("stop", "length") and o.req.feed_last and o.pending is not None:
+            o.feeding = True  # one more forward, in the next step's batch
+        else:
+            self._release(o)
+
+    def _release(self, o: _Running) -> None:
+        if o in self.running:
+            self.running.remove(o)
+        o.seq.probe_ids = []
+        if o.req.on_release is not None:
+            o.req.on_release(o.seq, o.out)

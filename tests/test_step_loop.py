@@ -1,0 +1,263 @@
+"""The step loop: batched forwards over sequences of mixed policies, joining and leaving, equal each alone.
+
+A tiny random Llama in float32 (no model file needed). Logits of a sequence run in
+a mixed batch (prompt chunks and decode tokens, dense and evicting and selecting
+policies, sequences arriving and finishing mid-run) are compared with the same
+sequence run alone to 1e-4; engine outputs are compared token for token.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import random_llama_weights
+
+from longkv.config import EngineConfig, ModelConfig
+from longkv.engine.detokenizer import Detokenizer, StopFilter
+from longkv.engine.engine import Engine, Request, RequestOutput, TokenEvent
+from longkv.engine.runner import Runner, Sequence, Work, run_batch
+from longkv.engine.sampling import SamplingParams
+from longkv.models import build
+from longkv.policies import KVPolicy, make_policy
+
+CFG = ModelConfig(
+    arch="llama", vocab_size=97, hidden_size=32, intermediate_size=64, n_layers=2, n_heads=4, n_kv_heads=2,
+    head_dim=8, max_position=2048, eos_token_ids=(0,),
+)  # fmt: skip
+ENGINE = EngineConfig(chunk_size=16, page_size=8, dtype="float32")
+POLICIES = [
+    "dense",
+    "streaming:budget=40,sinks=4",
+    "snapkv:budget=40",
+    "h2o:budget=40",
+    "adakv:budget=40",
+    "kvzip:budget=40",
+    "block_topk:sinks=8,window=32,query_tokens=8,topk=2,dense_below=0",
+]
+
+
+def _weights(seed: int = 0) -> dict[str, torch.Tensor]:
+    return random_llama_weights(CFG, seed, 0.3)
+
+
+class _Tok:
+    """Token t decodes as the letter chr(97 + t % 26); 0 is the EOS (skipped)."""
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return "".join(chr(97 + t % 26) for t in ids if t != 0 or not skip_special_tokens)
+
+
+MODEL = build(CFG, _weights())
+
+
+def _ids(n: int, seed: int) -> list[int]:
+    return torch.randint(1, CFG.vocab_size, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def _policy(spec: str) -> KVPolicy:
+    pol = make_policy(spec)
+    pol.validate(CFG, ENGINE)
+    return pol
+
+
+def _alone(spec: str, prompt: list[int], steps: int) -> list[torch.Tensor]:
+    """Logits after the prompt and after each of ``steps`` greedy tokens, the sequence run alone."""
+    runner = Runner(MODEL, _policy(spec), ENGINE)
+    seq = runner.new_sequence()
+    out = [runner.prefill(seq, prompt)]
+    for _ in range(steps):
+        out.append(runner.decode(seq, int(out[-1].argmax())))
+    return out
+
+
+def test_mixed_batch_logits_equal_each_sequence_alone() -> None:
+    """Every policy in one batch; sequence i joins at step 2 i and leaves after its tokens."""
+    steps = 6
+    prompts = [_ids(40 + 23 * i, seed=i) for i in range(len(POLICIES))]
+    want = [_alone(spec, p, steps) for spec, p in zip(POLICIES, prompts, strict=True)]
+    runners = [Runner(MODEL, _policy(spec), ENGINE) for spec in POLICIES]
+    seqs = [r.new_sequence() for r in runners]
+    plans = [r.plan_prefill(s, p) for r, s, p in zip(runners, seqs, prompts, strict=True)]
+    got: list[list[torch.Tensor]] = [[] for _ in POLICIES]
+    step, widest = 0, 0
+    while any(len(g) < steps + 1 for g in got):
+        works, owners = [], []
+        for i in range(len(POLICIES)):
+            if step < 2 * i or len(got[i]) == steps + 1:
+                continue  # not arrived yet, or gone
+            if not plans[i].done:
+                works.append(plans[i].next_work())
+            else:
+                works.append(Work(runners[i], seqs[i], [int(got[i][-1].argmax())], decode=True))
+            owners.append(i)
+        widest = max(widest, len(works))
+        for i, lg in zip(owners, run_batch(MODEL, works), strict=True):
+            if lg is not None:
+                got[i].append(lg)
+        step += 1
+    assert widest >= 4  # prompt chunks and decode tokens of several policies really shared forwards
+    for spec, g, w in zip(POLICIES, got, want, strict=True):
+        assert len(g) == len(w), spec
+        for a, b in zip(g, w, strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-4, msg=spec)
+
+
+def _engine(max_num_seqs: int = 8, max_step_tokens: int | None = None) -> Engine:
+    return Engine(MODEL, _Tok(), frozenset({0}), ENGINE, max_num_seqs, max_step_tokens)
+
+
+def _drain(engine: Engine) -> dict[str, tuple[RequestOutput, str]]:
+    texts: dict[str, list[str]] = {}
+    outs: dict[str, RequestOutput] = {}
+    while engine.has_unfinished():
+        for ev in engine.step():
+            texts.setdefault(ev.request_id, []).append(ev.text)
+            if ev.finished:
+                outs[ev.request_id] = ev.output
+    return {rid: (out, "".join(texts[rid])) for rid, out in outs.items()}
+
+
+def test_engine_requests_joining_and_leaving_equal_each_alone() -> None:
+    params = [
+        SamplingParams(max_new_tokens=5 + 3 * i, temperature=0.0 if i % 2 else 0.9, seed=i, ignore_eos=True)
+        for i in range(len(POLICIES))
+    ]
+    prompts = [_ids(30 + 17 * i, seed=10 + i) for i in range(len(POLICIES))]
+    alone = []
+    for spec, p, sp in zip(POLICIES, prompts, params, strict=True):
+        e = _engine()
+        rid = e.add_request(Request(p, sp, _policy(spec)))
+        alone.append(_drain(e)[rid])
+    engine = _engine(max_num_seqs=3)  # at most 3 at once: the others join as sequences finish
+    rids = [engine.add_request(Request(p, sp, _policy(spec))) for spec, p, sp in zip(POLICIES, prompts, params, strict=True)]
+    together = _drain(engine)
+    for spec, rid, (out, text) in zip(POLICIES, rids, alone, strict=True):
+        got, got_text = together[rid]
+        assert got.token_ids == out.token_ids and got_text == text, spec
+        assert got.finish_reason == "length" and got.prompt_tokens == out.prompt_tokens
+    assert engine.steps < sum(len(o.token_ids) + -(-len(p) // 16) for (o, _), p in zip(alone, prompts, strict=True))
+    assert engine.kv_bytes() == 0 and not engine.running
+
+
+def test_a_short_request_overtakes_a_long_prefill() -> None:
+    engine = _engine()
+    long_id = engine.add_request(Request(_ids(400, seed=1), SamplingParams(max_new_tokens=4, ignore_eos=True), _policy("dense")))
+    for _ in range(3):
+        engine.step()  # three chunks of the long prompt
+    short_id = engine.add_request(Request(_ids(10, seed=2), SamplingParams(max_new_tokens=4, ignore_eos=True), _policy("dense")))
+    events: list[TokenEvent] = engine.step()
+    assert [e.request_id for e in events] == [short_id]  # its first token after one step...
+    long_events: list[TokenEvent] = []
+    while engine.has_unfinished():
+        long_events += [e for e in engine.step() if e.request_id == long_id]
+    assert long_events[0].output.prefill_end > events[0].output.first_token  # ...while the long prompt still prefilled
+
+
+def test_step_token_budget_mixes_decode_tokens_with_a_prompt_chunk(monkeypatch: pytest.MonkeyPatch) -> None:
+    engine = _engine(max_step_tokens=20)
+    sizes: list[int] = []
+    real = MODEL.forward
+
+    def counting(ids, *args, **kwargs):  # type: ignore[no-untyped-def]
+        sizes.append(ids.shape[0])
+        return real(ids, *args, **kwargs)
+
+    monkeypatch.setattr(MODEL, "forward", counting)
+    prompts = [_ids(20, seed=7), _ids(50, seed=8), _ids(50, seed=9)]
+    rids = [engine.add_request(Request(p, SamplingParams(max_new_tokens=6, ignore_eos=True), _policy("snapkv:budget=40"))) for p in prompts]
+    outs = _drain(engine)
+    assert all(len(outs[r][0].token_ids) == 6 for r in rids)
+    # 16-token chunks (the second of a step would pass the budget), decode tokens beside them
+    assert max(sizes) <= 20 and any(s > 16 for s in sizes)
+    assert sum(sizes) == sum(map(len, prompts)) + 3 * 5  # every token fed once (the last sampled is not fed)
+
+
+def test_abort_waiting_and_running_and_the_kv_is_freed() -> None:
+    engine = _engine(max_num_seqs=1)
+    released: list[Sequence] = []
+    a = Request(_ids(100, seed=3), SamplingParams(max_new_tokens=30, ignore_eos=True), _policy("dense"), on_release=lambda s, o: released.append(s))
+    b = Request(_ids(20, seed=4), SamplingParams(max_new_tokens=30, ignore_eos=True), _policy("dense"))
+    engine.add_request(a)
+    engine.add_request(b)
+    engine.step()
+    assert engine.num_running == 1 and engine.num_waiting == 1 and engine.kv_bytes() > 0
+    engine.abort(b.request_id)  # waiting
+    engine.abort(a.request_id)  # mid-prefill
+    events = engine.step()
+    assert sorted(e.output.finish_reason or "" for e in events) == ["cancelled", "cancelled"]
+    assert not engine.has_unfinished() and engine.kv_bytes() == 0
+    assert len(released) == 1 and released[0].cache.tokens() == [len(released[0].tokens)] * CFG.n_layers
+
+
+def test_a_failing_forward_ends_its_requests_and_the_engine_serves_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    engine = _engine()
+    real = MODEL.forward
+    calls = {"n": 0}
+
+    def flaky(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("boom")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(MODEL, "forward", flaky)
+    rid = engine.add_request(Request(_ids(40, seed=5), SamplingParams(max_new_tokens=5), _policy("dense")))
+    out, _ = _drain(engine)[rid]
+    assert out.finish_reason == "error" and isinstance(out.error, RuntimeError) and engine.kv_bytes() == 0
+    rid = engine.add_request(Request(_ids(40, seed=5), SamplingParams(max_new_tokens=5, ignore_eos=True), _policy("dense")))
+    out, _ = _drain(engine)[rid]
+    assert out.finish_reason == "length" and len(out.token_ids) == 5
+
+
+def test_bad_requests_are_refused() -> None:
+    engine = _engine()
+    with pytest.raises(ValueError, match="prompt is empty"):
+        engine.add_request(Request([], SamplingParams(), _policy("dense")))
+    seq = Runner(MODEL, _policy("dense"), ENGINE).new_sequence()
+    seq.tokens = [5, 6]
+    with pytest.raises(ValueError, match="prefix of its prompt"):
+        engine.add_request(Request([5, 7, 8], SamplingParams(), _policy("dense"), sequence=seq))
+    with pytest.raises(ValueError, match="max_num_seqs"):
+        _engine(max_num_seqs=0)
+
+
+# --------------------------------------------------------------------------- detokenizer
+
+
+@pytest.fixture(scope="module")
+def byte_tokenizer(tiny_qwen2: Path):  # type: ignore[no-untyped-def]
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(tiny_qwen2))
+
+
+@pytest.mark.parametrize("text", ["The quick brown fox", "naïve café, 世界 和平 🎉🎉 ok", "tabs\tand\nnewlines  twice"])
+def test_incremental_detokenizer_equals_a_whole_decode(byte_tokenizer, text: str) -> None:  # type: ignore[no-untyped-def]
+    ids = byte_tokenizer.encode(text, add_special_tokens=False)
+    d = Detokenizer(byte_tokenizer)
+    pieces = [d.add(t) for t in ids] + [d.flush()]
+    assert "".join(pieces) == byte_tokenizer.decode(ids) == text
+    assert all("\ufffd" not in p for p in pieces)  # a character split over byte tokens comes out whole
+    if any(ord(c) > 127 for c in text):
+        assert "" in pieces[:-1]  # ...once its last byte is in
+
+
+def test_detokenizer_emits_invalid_bytes_as_they_come(byte_tokenizer) -> None:  # type: ignore[no-untyped-def]
+    ids = byte_tokenizer.encode("🎉", add_special_tokens=False)[:1] * 40  # a lone lead byte, again and again
+    d = Detokenizer(byte_tokenizer)
+    pieces = [d.add(t) for t in ids] + [d.flush()]
+    assert "".join(pieces) == byte_tokenizer.decode(ids) and sum(1 for p in pieces if p) > 2
+
+
+def test_stop_filter_holds_a_possible_stop_and_cuts_at_a_whole_one() -> None:
+    f = StopFilter(("END", "\n\n"))
+    assert f.push("abc E") == ("abc ", False)
+    assert f.push("N") == ("", False)
+    assert f.push("x") == ("ENx", False)  # not a stop after all: released
+    assert f.push("yy\n") == ("yy", False)
+    assert f.push("\nrest") == ("", True)
+    g = StopFilter(("END",))
+    assert g.push("aEN") == ("a", False) and g.flush() == "EN"
+    assert StopFilter(()).push("anything") == ("anything", False)
