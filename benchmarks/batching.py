@@ -13,6 +13,11 @@ server's engine thread does, so the numbers are the engine's, not HTTP's:
 * **ttft**: a ``--short-tokens`` request sent while a ``--long-tokens`` prompt is
   prefilling (after its first chunk): its TTFT against the time of one prefill
   chunk and against the long prompt's whole prefill.
+* **sharing**: one ``--doc-tokens`` document in the prefix cache (the radix tree
+  over the page pool, as ``longkv serve`` keeps it), then 1 and ``--sessions``
+  sessions each asking their own question about it at once: resident KV (pool
+  pages held, a shared page once) and process RSS at their peak; and the time to
+  attach a ``--attach-tokens`` cached prefix to a new sequence (median of 20).
 
 Prints tables and writes JSON (``--out``). Example::
 
@@ -38,7 +43,9 @@ sys.path.insert(0, str(ROOT))
 
 from longkv import LLM  # noqa: E402
 from longkv.engine.engine import Engine, Request  # noqa: E402
+from longkv.engine.runner import Runner  # noqa: E402
 from longkv.engine.sampling import SamplingParams  # noqa: E402
+from longkv.kv.radix import PrefixCache  # noqa: E402
 from longkv.policies import DensePolicy  # noqa: E402
 
 BOOK = ROOT.parent / "shared" / "data" / "books" / "moby-dick.txt"
@@ -131,6 +138,68 @@ def run_ttft(llm: LLM, long_tokens: int, short_tokens: int) -> dict[str, Any]:
     }
 
 
+def rss_bytes() -> int:
+    """Resident set size of this process (Linux /proc)."""
+    return int(Path("/proc/self/statm").read_text().split()[1]) * 4096
+
+
+def run_sharing(llm: LLM, doc_tokens: int, sessions: int, new_tokens: int, attach_tokens: int) -> dict[str, Any]:
+    engine = Engine(llm.model, llm.tokenizer, llm.eos_ids, llm.engine_config, max_num_seqs=sessions)
+    runner = Runner(llm.model, DensePolicy(), llm.engine_config, engine.pools)
+    text = llm.encode(BOOK.read_text()[300_000:])
+    doc = text[: max(doc_tokens, attach_tokens)]
+    questions = [llm.encode(f" Question {i}: who speaks in paragraph {i + 1}? Answer:") for i in range(sessions)]
+    tree = PrefixCache(1 << 34)
+    seq = runner.new_sequence()
+    runner.prefill(seq, doc)
+    tree.insert("bench", doc, seq.cache)
+    seq.cache.clear()
+    attach = []
+    for _ in range(20):
+        t = time.perf_counter()
+        m = tree.match("bench", doc[:attach_tokens])
+        warm = runner.new_sequence()
+        tree.load(m, warm.cache, m.length)
+        attach.append(time.perf_counter() - t)
+        assert m.length == attach_tokens
+        warm.cache.clear()
+    doc = doc[:doc_tokens]
+    params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
+
+    def serve(n: int) -> tuple[int, int, float]:
+        for q in questions[:n]:
+            warm = runner.new_sequence()
+            m = tree.match("bench", doc + q)
+            tree.load(m, warm.cache, m.length)
+            warm.tokens = list(doc[: m.length])
+            engine.add_request(Request(doc + q, params, DensePolicy(), sequence=warm))
+        peak_kv = peak_rss = 0
+        t = time.perf_counter()
+        while engine.has_unfinished():
+            engine.step()
+            peak_kv, peak_rss = max(peak_kv, engine.pools.used_bytes()), max(peak_rss, rss_bytes())
+        return peak_kv, peak_rss, time.perf_counter() - t
+
+    serve(1)  # warm-up
+    kv1, rss1, s1 = serve(1)
+    kvn, rssn, sn = serve(sessions)
+    per_token = 2 * llm.config.n_layers * llm.config.n_kv_heads * llm.config.head_dim * 2
+    return {
+        "doc_tokens": doc_tokens,
+        "sessions": sessions,
+        "kv_one_mb": round(kv1 / 1e6, 1),
+        "kv_all_mb": round(kvn / 1e6, 1),
+        "kv_unshared_mb": round(sessions * (doc_tokens + 20 + new_tokens) * per_token / 1e6, 1),
+        "rss_one_mb": round(rss1 / 1e6, 1),
+        "rss_all_mb": round(rssn / 1e6, 1),
+        "rss_ratio": round(rssn / rss1, 3),
+        "seconds_one": round(s1, 2),
+        "seconds_all": round(sn, 2),
+        "attach_tokens": attach_tokens,
+        "attach_ms": round(1000 * statistics.median(attach), 3),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="GGUF file or HF folder")
@@ -139,6 +208,9 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--long-tokens", type=int, default=7168, help="the long prompt of the TTFT test (0: skip it)")
     ap.add_argument("--short-tokens", type=int, default=100)
+    ap.add_argument("--sessions", type=int, default=8, help="sessions sharing one document (0: skip the sharing test)")
+    ap.add_argument("--doc-tokens", type=int, default=4096)
+    ap.add_argument("--attach-tokens", type=int, default=6144, help="cached prefix whose attach time is measured")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, help="JSON results file")
     args = ap.parse_args()
@@ -147,7 +219,7 @@ def main() -> None:
     print(f"{llm.source}: {llm.config.arch}, {llm.config.n_layers} layers, torch {torch.__version__}, {args.threads} threads")
     run_decode(llm, 1, 256, 8)  # warm-up
     rows = []
-    for n in [int(x) for x in args.clients.split(",")]:
+    for n in [int(x) for x in args.clients.split(",") if x]:
         rows.append(run_decode(llm, n, args.prompt_tokens, args.new_tokens))
         print(f"  {n} clients: {rows[-1]['decode_tok_s']} tok/s", flush=True)
     base = rows[0]["decode_tok_s"] if rows and rows[0]["clients"] == 1 else None
@@ -162,10 +234,19 @@ def main() -> None:
         print(f"\nTTFT of a {ttft['short_tokens']}-token request sent while a {ttft['long_tokens']}-token prompt prefills:")
         print(f"  {ttft['short_ttft_s']} s = {ttft['ttft_in_chunks']} prefill chunks ({ttft['chunk_s']} s each); "
               f"the long prompt's whole prefill: {ttft['long_prefill_s']} s")  # fmt: skip
+    sharing = run_sharing(llm, args.doc_tokens, args.sessions, 32, args.attach_tokens) if args.sessions else None
+    if sharing:
+        sh = sharing
+        print(f"\n{sh['sessions']} sessions sharing one {sh['doc_tokens']}-token document (prefix cache, 32 new tokens each):")
+        print(f"  resident KV: {sh['kv_one_mb']} MB for 1 session, {sh['kv_all_mb']} MB for {sh['sessions']} "
+              f"(unshared copies would be {sh['kv_unshared_mb']} MB); process RSS {sh['rss_one_mb']} -> {sh['rss_all_mb']} MB "
+              f"({sh['rss_ratio']}x)")  # fmt: skip
+        print(f"  attaching a cached {sh['attach_tokens']}-token prefix to a new sequence: {sh['attach_ms']} ms (median of 20)")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         meta = {"model": str(llm.source), "threads": args.threads, "torch": torch.__version__, "machine": platform.processor() or platform.machine()}
-        args.out.write_text(json.dumps({"meta": meta, "decode": rows, "ttft": ttft}, indent=2) + "\n")
+        result = {"meta": meta, "decode": rows, "ttft": ttft, "sharing": sharing}
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {args.out}")
 
 

@@ -18,9 +18,9 @@ from longkv.engine.engine import Engine, Request, RequestOutput
 from longkv.engine.runner import Interrupted, Runner, Sequence, run_batch
 from longkv.engine.sampling import SamplingParams
 from longkv.kv.cache import KVCache
+from longkv.kv.radix import PrefixCache, shares_dense_kv
 from longkv.models import build
 from longkv.policies import DensePolicy, StreamingPolicy
-from longkv.server.prefix_cache import PrefixCache, shares_dense_kv
 
 CFG = ModelConfig(
     arch="llama", vocab_size=97, hidden_size=32, intermediate_size=64, n_layers=2, n_heads=4, n_kv_heads=2,
@@ -28,6 +28,11 @@ CFG = ModelConfig(
 )  # fmt: skip
 ENGINE = EngineConfig(chunk_size=16, page_size=8, dtype="float32")
 
+
+
+def _kept(seq: Sequence) -> Sequence:
+    """What an ``on_release`` hook keeps of a sequence: a copy-on-write fork (the engine frees the original next)."""
+    return Sequence(seq.cache.fork(), list(seq.tokens))
 
 def _weights(seed: int = 0) -> dict[str, torch.Tensor]:
     return random_llama_weights(CFG, seed, 0.2)
@@ -86,12 +91,12 @@ def test_match_load_split_and_exact_kv() -> None:
             if src is not None:
                 assert torch.equal(k, src.layers[i].view()[0]) and torch.equal(v, src.layers[i].view()[1])
             else:  # b's first 3 tokens come from a's KV, the rest from b's
-                assert torch.equal(k[:, :3], ca.layers[i].k[:, :3]) and torch.equal(k[:, 3:], cb.layers[i].k[:, 3:5])
+                assert torch.equal(k[:, :3], ca.layers[i].view()[0][:, :3]) and torch.equal(k[:, 3:], cb.layers[i].view()[0][:, 3:5])
     assert pc.match("other", a).length == 0  # namespaces never meet
 
 
 def test_bytes_accounting_and_lru_eviction() -> None:
-    per_token = 2 * CFG.n_layers * CFG.n_kv_heads * CFG.head_dim * 4 + 8
+    per_token = CFG.n_layers * (2 * CFG.n_kv_heads * CFG.head_dim * 4 + 8)  # K, V and a position per layer
     pc = PrefixCache(10 * per_token)
     pc.insert("ns", [1, 2, 3, 4], _cache_with(4))
     pc.insert("ns", [7, 8, 9, 10], _cache_with(4))
@@ -107,7 +112,7 @@ def test_bytes_accounting_and_lru_eviction() -> None:
 
 
 def test_session_pin_survives_eviction_until_only_pins_are_left() -> None:
-    per_token = 2 * CFG.n_layers * CFG.n_kv_heads * CFG.head_dim * 4 + 8
+    per_token = CFG.n_layers * (2 * CFG.n_kv_heads * CFG.head_dim * 4 + 8)  # K, V and a position per layer
     pc = PrefixCache(8 * per_token)
     pc.insert("ns", [1, 2, 3, 4], _cache_with(4), session="s1")
     pc.insert("ns", [5, 6, 7, 8], _cache_with(4))
@@ -173,7 +178,7 @@ def _engine(llm: types.SimpleNamespace) -> Engine:
 def _run(llm: types.SimpleNamespace, req: Request) -> tuple[RequestOutput, list[str], Sequence]:
     """Run one request on a fresh engine to the end: its output, text pieces and released sequence."""
     released: list[Sequence] = []
-    req.on_release = lambda seq, out: released.append(seq)
+    req.on_release = lambda seq, out: released.append(_kept(seq))
     engine = _engine(llm)
     engine.add_request(req)
     pieces, out = [], None
@@ -269,7 +274,7 @@ def test_cancel_mid_prefill_leaves_a_consistent_reusable_prefix(llm: types.Simpl
 def test_abort_mid_decode_ends_the_request_and_keeps_its_tokens(llm: types.SimpleNamespace) -> None:
     engine = _engine(llm)
     released: list[Sequence] = []
-    req = Request(_ids(10), SamplingParams(max_new_tokens=50, ignore_eos=True), DensePolicy(), on_release=lambda s, o: released.append(s))
+    req = Request(_ids(10), SamplingParams(max_new_tokens=50, ignore_eos=True), DensePolicy(), on_release=lambda s, o: released.append(_kept(s)))
     engine.add_request(req)
     events = []
     while len([e for e in events if e.token_id is not None]) < 3:

@@ -9,7 +9,7 @@ from longkv.config import EngineConfig
 from longkv.engine.runner import Runner
 from longkv.errors import LongKVError
 from longkv.kv.cache import HeadwiseLayerKV, LayerKV
-from longkv.kv.quant import QuantizedLayerKV, dequantize, quantize
+from longkv.kv.quant import dequantize, quantize
 from longkv.policies import make_policy
 from tests.test_policies import ids, run, tiny_model
 
@@ -35,7 +35,7 @@ def test_constant_group_decodes_exactly() -> None:
 @pytest.mark.parametrize(("bits", "per_token"), [(8, 2 * 2 * (64 + 4 * 2) + 8), (4, 2 * 2 * (32 + 4 * 2) + 8)])
 def test_bytes_are_exact(bits: int, per_token: int) -> None:
     # 2 KV heads, head_dim 64, groups of 32: codes D*bits/8 + step and minimum (2 x float16) per group, K and V; position int64
-    store = QuantizedLayerKV(2, 64, page_size=64, dtype=torch.bfloat16, bits=bits)
+    store = LayerKV(2, 64, page_size=64, dtype=torch.bfloat16, codec=f"int{bits}")
     store.append(torch.randn(2, 200, 64), torch.randn(2, 200, 64), torch.arange(200))
     assert store.capacity == 256 and store.bytes() == 256 * per_token
     store.keep(torch.arange(0, 200, 8))  # 25 left: the buffers shrink to one 64-slot page
@@ -49,7 +49,7 @@ def test_bytes_are_exact(bits: int, per_token: int) -> None:
 
 def test_keep_moves_codes_with_their_scales() -> None:
     x = torch.randn(1, 8, 32) * torch.arange(1, 9)[None, :, None]  # every token its own scale
-    store = QuantizedLayerKV(1, 32, page_size=4, bits=8)
+    store = LayerKV(1, 32, page_size=4, codec="int8")
     store.append(x, -x, torch.arange(8))
     full_k, full_v, _ = store.view()
     store.keep(torch.tensor([1, 5, 6]))
@@ -69,7 +69,7 @@ def test_quantized_store_composes_with_eviction(spec: str) -> None:
         seq, _ = run(model, pol, prompt, steps=2)
         layer = seq.cache[0]
         heads = layer.heads if isinstance(layer, HeadwiseLayerKV) else [layer]
-        assert all(isinstance(h, QuantizedLayerKV) == (quant != "none") for h in heads)
+        assert all(h.codec == quant for h in heads)
         assert [lk.n for lk in seq.cache.layers] == [50, 50]  # budget + 2 decoded tokens
         _, full = run(model, make_policy(f"{spec}:kv_quant={quant}", budget=400), prompt, steps=0)  # nothing evicted
         if quant == "none":
@@ -80,7 +80,7 @@ def test_quantized_store_composes_with_eviction(spec: str) -> None:
 
 def test_bad_codec_raises() -> None:
     with pytest.raises(LongKVError, match="cannot store head_dim 48 as int4"):
-        QuantizedLayerKV(1, 48, bits=4, group=32)
+        LayerKV(1, 48, codec="int4")
     with pytest.raises(LongKVError, match="unknown kv_quant"):
         make_policy("snapkv:kv_quant=fp8").new_layer_kv(1, 64, 64, torch.float32)
     model = tiny_model()

@@ -141,7 +141,7 @@ def test_models_health_and_metrics(server: ServerProcess, client: openai.OpenAI)
         "longkv_prefill_tokens_per_second", "longkv_decode_tokens_per_second",
         "longkv_time_to_first_token_seconds_bucket", "longkv_prefix_cache_hits_total",
         "longkv_prefix_cache_misses_total", "longkv_prefix_cache_evictions_total",
-        "longkv_prefix_cache_bytes", "longkv_queue_length", "longkv_requests_running", "longkv_batch_size",
+        "longkv_prefix_cache_bytes", "longkv_queue_length", "longkv_requests_running", "longkv_batch_size", "longkv_kv_pages_used", "longkv_kv_pages_free",
         "longkv_inter_token_latency_seconds_bucket", "longkv_active_kv_bytes",
     ):  # fmt: skip
         assert f"\n{name}" in text, name

@@ -38,6 +38,11 @@ POLICIES = [
 ]
 
 
+
+def _kept(seq: Sequence) -> Sequence:
+    """What an ``on_release`` hook keeps of a sequence: a copy-on-write fork (the engine frees the original next)."""
+    return Sequence(seq.cache.fork(), list(seq.tokens))
+
 def _weights(seed: int = 0) -> dict[str, torch.Tensor]:
     return random_llama_weights(CFG, seed, 0.3)
 
@@ -177,7 +182,7 @@ def test_step_token_budget_mixes_decode_tokens_with_a_prompt_chunk(monkeypatch: 
 def test_abort_waiting_and_running_and_the_kv_is_freed() -> None:
     engine = _engine(max_num_seqs=1)
     released: list[Sequence] = []
-    a = Request(_ids(100, seed=3), SamplingParams(max_new_tokens=30, ignore_eos=True), _policy("dense"), on_release=lambda s, o: released.append(s))
+    a = Request(_ids(100, seed=3), SamplingParams(max_new_tokens=30, ignore_eos=True), _policy("dense"), on_release=lambda s, o: released.append(_kept(s)))
     b = Request(_ids(20, seed=4), SamplingParams(max_new_tokens=30, ignore_eos=True), _policy("dense"))
     engine.add_request(a)
     engine.add_request(b)

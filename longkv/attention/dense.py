@@ -61,3 +61,40 @@ def _decode_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.T
     scores = torch.bmm(k, qg.transpose(1, 2)).transpose(1, 2).float().contiguous()  # (Hkv, G, N)
     probs = torch.softmax(scores * (d**-0.5), dim=-1).to(v.dtype)
     return torch.bmm(probs, v).reshape(h, 1, d)
+
+
+def attend_segments(
+    q: torch.Tensor, segments: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], q_pos: torch.Tensor
+) -> torch.Tensor:
+    """:func:`attend` over keys stored in parts (a shared prefix's pages, then a sequence's own).
+
+    Args:
+        q: (H, T, D) rotated queries; q_pos: (T,) their original positions.
+        segments: [(k, v (Hkv, N_i, D), k_pos (N_i,))] in cache order, the queries'
+            own keys last (see ``LayerKV.segments``).
+
+    A decode step reads every part in place: the scores of all parts are one
+    softmax, the output the sum of each part's probabilities times its values.
+    A multi-token query joins the parts first (prefill is compute-bound; the
+    copy is small against its matmuls). Returns (H, T, D) in q's dtype.
+    """
+    if len(segments) == 1:
+        k, v, kpos = segments[0]
+        return attend(q, k, v, q_pos, kpos)
+    if q.shape[1] > 1:
+        k, v, kpos = (torch.cat(parts, dim=d) for parts, d in zip(zip(*segments, strict=True), (1, 1, 0), strict=True))
+        return attend(q, k, v, q_pos, kpos)
+    h, _, d = q.shape
+    hkv = segments[0][0].shape[0]
+    qg = q.reshape(hkv, h // hkv, d).transpose(1, 2)  # (Hkv, D, G)
+    scores = torch.cat([torch.bmm(k, qg).transpose(1, 2).float() for k, _, _ in segments], dim=-1)  # (Hkv, G, N)
+    probs = torch.softmax(scores * (d**-0.5), dim=-1)
+    out = None
+    at = 0
+    for _, v, _ in segments:
+        n = v.shape[1]
+        part = torch.bmm(probs[:, :, at : at + n].to(v.dtype), v)
+        out = part if out is None else out + part
+        at += n
+    assert out is not None
+    return out.reshape(h, 1, d)

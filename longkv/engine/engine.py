@@ -44,6 +44,7 @@ from longkv.config import EngineConfig
 from longkv.engine.detokenizer import Decoder, Detokenizer, StopFilter
 from longkv.engine.runner import Interrupted, PrefillPlan, ProgressFn, Runner, Sequence, Work, run_batch
 from longkv.engine.sampling import SamplingParams, make_generator, sample
+from longkv.kv.pool import KVPools
 from longkv.models.llama import LlamaModel
 from longkv.policies.base import KVPolicy
 
@@ -69,7 +70,8 @@ class Request:
         on_release: called with the sequence and the output when the engine lets go of it
             (finished, cancelled or failed: then its KV may be half-written), in the stepping
             thread; e.g. to store the sequence in a prefix cache. Cache and ``tokens`` agree
-            unless ``finish_reason == "error"``.
+            unless ``finish_reason == "error"``. Right after it the engine frees the
+            sequence's pages (what a prefix index retained stays).
         progress: called with (prompt tokens fed, prompt tokens) after every prefill chunk.
         request_id: unique id (default: a counter).
         arrival: ``time.perf_counter()`` when the request arrived (TTFT origin).
@@ -185,6 +187,7 @@ class Engine:
         max_num_seqs: most sequences running at once (the rest wait).
         max_step_tokens: tokens one step may feed (decode tokens + prompt chunks; the
             first prompt chunk always fits). Default: ``chunk_size``.
+        pools: the page pools every sequence takes its KV pages from (default: new ones).
 
     Raises:
         ValueError: ``max_num_seqs`` or ``max_step_tokens`` below 1.
@@ -198,6 +201,7 @@ class Engine:
         config: EngineConfig,
         max_num_seqs: int = 8,
         max_step_tokens: int | None = None,
+        pools: KVPools | None = None,
     ) -> None:
         if max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be at least 1, got {max_num_seqs}")
@@ -206,6 +210,7 @@ class Engine:
         self.max_step_tokens = max_step_tokens if max_step_tokens is not None else config.chunk_size
         if self.max_step_tokens < 1:
             raise ValueError(f"max_step_tokens must be at least 1, got {self.max_step_tokens}")
+        self.pools = pools if pools is not None else KVPools(config.page_size)
         self.waiting: deque[Request] = deque()
         self.running: list[_Running] = []
         self._aborted: set[str] = set()
@@ -307,8 +312,12 @@ class Engine:
             out = RequestOutput(prompt_tokens=len(req.prompt_ids), finish_reason="cancelled", arrival=req.arrival)
             out.finished = time.perf_counter()
             events.append(TokenEvent(req.request_id, None, "", True, out))
-            if req.on_release is not None and req.sequence is not None:
-                req.on_release(req.sequence, out)
+            if req.sequence is not None:
+                try:
+                    if req.on_release is not None:
+                        req.on_release(req.sequence, out)
+                finally:
+                    req.sequence.cache.clear()
         for o in [o for o in self.running if o.req.request_id in gone]:
             if o.feeding:
                 self._release(o)
@@ -318,7 +327,7 @@ class Engine:
     def _admit(self, events: list[TokenEvent]) -> None:
         while self.waiting and len(self.running) < self.max_num_seqs:
             req = self.waiting.popleft()
-            runner = Runner(self.model, req.policy, self.config)
+            runner = Runner(self.model, req.policy, self.config, self.pools)
             seq = req.sequence or runner.new_sequence(len(req.prompt_ids) + req.params.max_new_tokens + int(req.feed_last))
             pol = req.policy
             if req.question_ids and pol.needs_queries and pol.budget_tokens is not None:
@@ -404,5 +413,8 @@ class Engine:
         if o in self.running:
             self.running.remove(o)
         o.seq.probe_ids = []
-        if o.req.on_release is not None:
-            o.req.on_release(o.seq, o.out)
+        try:
+            if o.req.on_release is not None:
+                o.req.on_release(o.seq, o.out)
+        finally:
+            o.seq.cache.clear()  # its pages go back to the pool (a prefix index keeps what it retained)

@@ -22,9 +22,10 @@ from typing import Any
 
 import torch
 
-from longkv.attention.dense import attend
+from longkv.attention.dense import attend, attend_segments
 from longkv.config import EngineConfig
 from longkv.kv.cache import HeadwiseLayerKV, KVCache, LayerKV
+from longkv.kv.pool import KVPools
 from longkv.models.llama import LlamaModel
 from longkv.policies.base import KVPolicy, SelectionPolicy, probe_observation
 
@@ -57,25 +58,34 @@ class Runner:
         model: a model from :func:`longkv.models.build`.
         policy: the KV policy.
         engine: chunk size, page size.
+        pools: the engine's page pools the sequences take their pages from (by
+            default every layer of every sequence has a pool of its own).
     """
 
     query_window = 32  # queries kept per layer for policies that score with them
 
-    def __init__(self, model: LlamaModel, policy: KVPolicy, engine: EngineConfig) -> None:
+    def __init__(self, model: LlamaModel, policy: KVPolicy, engine: EngineConfig, pools: KVPools | None = None) -> None:
         self.model = model
         self.policy = policy
         self.engine = engine
+        self.pools = pools
 
     def new_sequence(self, expected_tokens: int = 0) -> Sequence:
         """A fresh sequence; reserves KV room for ``expected_tokens`` (or the policy's bound)."""
-        c = self.model.config
-        make: Callable[[], LayerKV] = partial(self.policy.new_layer_kv, c.n_kv_heads, c.head_dim, self.engine.page_size, self.model.dtype)
-        if isinstance(self.policy, SelectionPolicy):  # may build tiered stores sized from the model
-            make = partial(self.policy.new_layer_kv, c.n_kv_heads, c.head_dim, self.engine.page_size, self.model.dtype, c, self.engine)
-        if getattr(self.policy, "per_head", False):  # heads keep different tokens (AdaKV)
-            one = partial(self.policy.new_layer_kv, 1, c.head_dim, self.engine.page_size, self.model.dtype)
-            make = partial(HeadwiseLayerKV, one, c.n_kv_heads)
-        cache = KVCache(c.n_layers, c.n_kv_heads, c.head_dim, self.engine.page_size, self.model.dtype, make)
+        c, pol, ps, dt = self.model.config, self.policy, self.engine.page_size, self.model.dtype
+        pools = self.pools
+        fmt = pol.page_format(c.head_dim, dt)
+        per_head = getattr(pol, "per_head", False)  # heads keep different tokens (AdaKV)
+        heads = 1 if per_head else c.n_kv_heads
+
+        def store(i: int) -> LayerKV:
+            pool = pools.get(i, heads, fmt) if pools is not None else None
+            return pol.new_layer_kv(heads, c.head_dim, ps, dt, c, self.engine, pool)
+
+        make: Callable[[int], LayerKV] = store
+        if per_head:
+            make = lambda i: HeadwiseLayerKV(partial(store, i), c.n_kv_heads)  # noqa: E731
+        cache = KVCache(c.n_layers, c.n_kv_heads, c.head_dim, ps, dt, make)
         budget = self.policy.budget_tokens
         bound = budget + max(self.engine.chunk_size, self.policy.evict_every) if budget is not None else None
         reserve = min(expected_tokens, bound) if bound is not None else expected_tokens
@@ -109,12 +119,16 @@ class Runner:
             if isinstance(lkv, HeadwiseLayerKV):
                 return self._attend_headwise(seq, layer, lkv, q, k, v, pos)
             lkv.append(k, v, pos)
-            keys, values, kpos = lkv.view()
-            keys = self._move_keys(keys, kpos)
             if keep_queries:
                 prev = seq.queries.get(layer)
                 qs = q if prev is None else torch.cat((prev, q), dim=1)
                 seq.queries[layer] = qs[:, -self.query_window :]
+            segments = lkv.segments()
+            # a shared prefix's pages, then the sequence's own: read in place (when no key moves)
+            if len(segments) > 1 and policy.key_positions(lkv.positions()) is None:
+                return attend_segments(q, segments, pos)
+            keys, values, kpos = lkv.view()
+            keys = self._move_keys(keys, kpos)
             return attend(q, keys, values, pos, kpos)
 
         return attention

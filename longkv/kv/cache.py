@@ -1,81 +1,196 @@
-"""Paged KV cache: where keys and values live, per layer.
+"""Per-sequence KV: a layer's cached tokens as a page table over a shared :class:`~longkv.kv.pool.PagePool`.
 
-Each layer stores its cached tokens in logical order (increasing original
-position) in one buffer per K and V, cut into fixed-size pages of
-``page_size`` tokens: page ``i`` holds tokens ``[i * page_size, (i + 1) * page_size)``
-of the cache (not of the input: after an eviction the kept tokens are packed
-together again). Keys are stored already rotated by RoPE at their **original**
-position, and that position is kept for every token, so attention can move
-any key to another position by rotating it by the difference (see
-``longkv.models.layers.Rotary``).
+Each layer of a sequence sees its cached tokens in logical order (increasing
+original position), cut into pages of ``page_size`` tokens: page ``i`` holds
+tokens ``[i * page_size, (i + 1) * page_size)`` of the cache (not of the input:
+after an eviction the kept tokens are packed together again). Keys are stored
+already rotated by RoPE at their **original** position, and that position is
+kept for every token, so attention can move any key to another position by
+rotating it by the difference (see ``longkv.models.layers.Rotary``).
+
+Where the tokens live: first any number of *shared* spans (slots of the pool
+that a prefix index or another sequence also reads: read-only here, their pages
+reference-counted), then the sequence's *own* run of consecutive pages, which
+appends grow (in place when the next pages of the pool are free, else by moving
+to a larger run). Attaching a cached prefix is a page-table edit, not a copy;
+writing over shared tokens (an eviction) first copies the survivors into an own
+run (copy on write).
 
 Freeing is real: :meth:`LayerKV.keep` and :meth:`LayerKV.drop_pages` pack the
-survivors and give the buffer back when it is far larger than what is left,
-and :meth:`bytes` counts the storage that is actually allocated.
+survivors and give pages back to the pool when the run is far larger than what
+is left, and :meth:`bytes` counts the pages the layer actually holds.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 
 import torch
+
+from longkv.kv.pool import PageFormat, PagePool
 
 
 def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-class LayerKV:
-    """Keys, values and original positions of one layer's cached tokens.
+def page_format(head_dim: int, dtype: torch.dtype, codec: str = "none") -> PageFormat:
+    """The page format for ``codec`` (``"none"``, ``"int8"``, ``"int4"``). Raises LongKVError for another codec."""
+    if codec == "none":
+        return PageFormat(head_dim, dtype)
+    from longkv.kv.quant import coded_format
 
-    Storage: ``k``, ``v``: (Hkv, capacity, D) of the cache dtype; ``pos``: (capacity,) int64.
-    Only the first ``n`` tokens are valid. ``capacity`` is a multiple of ``page_size``.
+    return coded_format(head_dim, dtype, codec)
+
+
+class LayerKV:
+    """Keys, values and original positions of one layer's cached tokens: a page table over a pool.
+
+    Args:
+        n_kv_heads, head_dim: shape of the keys.
+        page_size: tokens per page.
+        dtype: the compute dtype (what reads return).
+        codec: page format: ``"none"`` (stored as computed), ``"int8"`` or ``"int4"`` codes.
+        pool: the pool to take pages from (an engine's, shared by its sequences);
+            by default a pool of this layer's own.
+
+    Only the first ``n`` tokens are valid; ``capacity`` (tokens) is a multiple of
+    ``page_size`` past the shared spans.
+
+    Raises:
+        LongKVError: unknown codec, or a head_dim the codec cannot store.
     """
 
-    def __init__(self, n_kv_heads: int, head_dim: int, page_size: int = 64, dtype: torch.dtype = torch.float32) -> None:
-        self.page_size = page_size
-        self.k = torch.empty(n_kv_heads, 0, head_dim, dtype=dtype)
-        self.v = torch.empty(n_kv_heads, 0, head_dim, dtype=dtype)
-        self.pos = torch.empty(0, dtype=torch.int64)
-        self.n = 0
+    def __init__(
+        self, n_kv_heads: int, head_dim: int, page_size: int = 64, dtype: torch.dtype = torch.float32, *,
+        codec: str = "none", pool: PagePool | None = None,
+    ) -> None:
+        fmt = page_format(head_dim, dtype, codec)
+        if pool is None:
+            pool = PagePool(n_kv_heads, fmt, page_size)
+        assert pool.fmt == fmt and pool.n_kv_heads == n_kv_heads and pool.page_size == page_size, "pool of another shape"
+        self.pool, self.page_size, self.dtype = pool, page_size, dtype
+        self.shared: list[tuple[int, int]] = []  # (first slot, tokens): read-only spans, pages retained
+        self.shared_n = 0
+        self.run_start, self.run_pages = 0, 0  # own run of pages
+        self.n_own = 0
         # Per-token scores a policy accumulates over time (H2O): (Hkv, <= n) float32 or None.
         # keep() reindexes them with the tokens; the policy pads them for new tokens.
         self.acc: torch.Tensor | None = None
 
+    def __del__(self) -> None:  # a dropped sequence gives its pages back (no tensor work: GC may run anywhere)
+        if sys.is_finalizing() or not hasattr(self, "pool"):
+            return
+        for s, n in self.shared:
+            self.pool.release_slots(s, n, trim=False)
+        if self.run_pages:
+            self.pool.release(self.run_start, self.run_pages, trim=False)
+        self.shared, self.run_pages = [], 0
+
+    shareable = True  # its pages can be attached to other sequences (a prefix index)
+
     # ---------------------------------------------------------------- sizes
     @property
+    def n(self) -> int:
+        return self.shared_n + self.n_own
+
+    @property
+    def codec(self) -> str:
+        return self.pool.fmt.codec
+
+    @property
     def capacity(self) -> int:
-        """Allocated slots, in tokens."""
-        return self.k.shape[1]
+        """Tokens the layer can hold without taking more pages (shared spans + own run)."""
+        return self.shared_n + self.run_pages * self.page_size
 
     @property
     def n_pages(self) -> int:
         """Pages holding at least one cached token."""
         return -(-self.n // self.page_size)
 
+    @property
+    def n_kv_heads(self) -> int:
+        return self.pool.n_kv_heads
+
     def bytes(self) -> int:
-        """Bytes allocated for this layer (K + V + positions + accumulated scores), used or not."""
+        """Bytes of the pages this layer holds (own run + pages under shared spans) and its accumulated scores."""
+        pages = self.run_pages + sum(self.pool.pages_of(s, n)[1] for s, n in self.shared)
         acc = 0 if self.acc is None else self.acc.nbytes
-        return self.k.nbytes + self.v.nbytes + self.pos.nbytes + acc
+        return pages * self.pool.page_bytes() + acc
 
     def used_bytes(self) -> int:
-        """Bytes of the ``n`` valid tokens (K + V + positions)."""
-        per_token = (self.k.nbytes + self.v.nbytes + self.pos.nbytes) // max(self.capacity, 1)
-        return self.n * per_token if self.capacity else 0
+        """Bytes of the ``n`` valid tokens (every plane + positions)."""
+        return self.n * self.pool.fmt.bytes_per_slot(self.n_kv_heads)
 
     # ---------------------------------------------------------------- storage
-    def _resize(self, capacity: int) -> None:
-        capacity = _round_up(max(capacity, self.n), self.page_size)
-        if capacity == self.capacity:
+    def _own0(self) -> int:
+        return self.run_start * self.page_size
+
+    def _set_run(self, pages: int) -> None:
+        """Make the own run exactly ``pages`` pages long (moving its tokens when it cannot grow in place)."""
+        pool = self.pool
+        if pages == self.run_pages:
             return
-        h, _, d = self.k.shape
-        k = torch.empty(h, capacity, d, dtype=self.k.dtype)
-        v = torch.empty(h, capacity, d, dtype=self.v.dtype)
-        pos = torch.full((capacity,), -1, dtype=torch.int64)
-        k[:, : self.n] = self.k[:, : self.n]
-        v[:, : self.n] = self.v[:, : self.n]
-        pos[: self.n] = self.pos[: self.n]
-        self.k, self.v, self.pos = k, v, pos
+        if pages < self.run_pages:
+            pool.release(self.run_start + pages, self.run_pages - pages)
+            self.run_pages = pages
+            return
+        if self.run_pages == 0:
+            self.run_start, self.run_pages = pool.alloc(pages), pages
+            return
+        if pool.extend(self.run_start, self.run_pages, pages - self.run_pages):
+            self.run_pages = pages
+            return
+        self._move_run(pages)
+
+    def _writes_shared(self, t: int) -> bool:
+        """Whether appending ``t`` tokens writes into a page of the run that another reader holds."""
+        first = self.n_own // self.page_size
+        last = min((self.n_own + t - 1) // self.page_size, self.run_pages - 1)
+        refs, r0 = self.pool.refs, self.run_start
+        return any(refs[r0 + p] > 1 for p in range(first, last + 1))
+
+    def _run_shared(self) -> bool:
+        """Whether another reader (a fork, a prefix index) holds a page of the own run."""
+        refs = self.pool.refs
+        return any(refs[p] > 1 for p in range(self.run_start, self.run_start + self.run_pages))
+
+    def _move_run(self, pages: int) -> None:
+        """Copy the own tokens into a fresh run of ``pages`` pages and let go of the old run (copy on write)."""
+        pool = self.pool
+        start = pool.alloc(pages)
+        src, dst = slice(self._own0(), self._own0() + self.n_own), slice(start * self.page_size, start * self.page_size + self.n_own)
+        for t in pool.planes.values():
+            t[:, dst] = t[:, src]
+        pool.pos[dst] = pool.pos[src]
+        pool.release(self.run_start, self.run_pages)
+        self.run_start, self.run_pages = start, pages
+
+    def _cow(self) -> None:
+        """Copy on write: the own run's full pages become a shared span, its last partial page is copied to a new run."""
+        ps, pool = self.page_size, self.pool
+        full = self.n_own // ps
+        if full == 0:
+            self._move_run(self.run_pages)
+            return
+        old_start, old_pages, rest = self.run_start, self.run_pages, self.n_own - full * ps
+        self.shared.append((self._own0(), full * ps))  # this layer's reference to those pages carries over
+        self.shared_n += full * ps
+        start = pool.alloc(max(old_pages - full, 1))
+        src = slice((old_start + full) * ps, (old_start + full) * ps + rest)
+        dst = slice(start * ps, start * ps + rest)
+        for t in pool.planes.values():
+            t[:, dst] = t[:, src]
+        pool.pos[dst] = pool.pos[src]
+        if old_pages > full:
+            pool.release(old_start + full, old_pages - full)
+        self.run_start, self.run_pages, self.n_own = start, max(old_pages - full, 1), rest
+
+    def _resize(self, capacity: int) -> None:
+        """Own run sized to hold ``capacity`` tokens in all (never fewer than it holds)."""
+        own = max(capacity - self.shared_n, self.n_own)
+        self._set_run(_round_up(own, self.page_size) // self.page_size)
 
     def reserve(self, n_tokens: int) -> None:
         """Make room for ``n_tokens`` in total without a later reallocation."""
@@ -85,33 +200,86 @@ class LayerKV:
     def append(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> None:
         """Add T tokens at the end.
 
-        k, v: (Hkv, T, D); positions: (T,) int64, each larger than every cached position.
-        Grows the buffers geometrically when full (call :meth:`reserve` to avoid that).
+        k, v: (Hkv, T, D) in the compute dtype (coded on the way in for a coded
+        format); positions: (T,) int64, each larger than every cached position.
+        Takes pages geometrically when full (call :meth:`reserve` to avoid that).
         """
         t = k.shape[1]
+        if self._writes_shared(t):
+            self._cow()  # a reader (a fork, a prefix index) holds a page written next: never write under it
         need = self.n + t
         if need > self.capacity:
             self._resize(max(need, 2 * self.capacity))
-        self.k[:, self.n : need] = k
-        self.v[:, self.n : need] = v
-        self.pos[self.n : need] = positions
-        self.n = need
+        dst = slice(self._own0() + self.n_own, self._own0() + self.n_own + t)
+        for name, x in self.pool.fmt.encode(k, v).items():
+            self.pool.planes[name][:, dst] = x
+        self.pool.pos[dst] = positions
+        self.n_own += t
+
+    # ---------------------------------------------------------------- reads
+    def _spans(self) -> list[tuple[int, int]]:
+        """(first slot, tokens) of every part of the cache, in logical order."""
+        own = [(self._own0(), self.n_own)] if self.n_own else []
+        return self.shared + own
+
+    def _decode(self, idx: slice | torch.Tensor, values: bool = True) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        planes = {name: t[:, idx] for name, t in self.pool.planes.items() if values or not name.startswith("v")}
+        k, v = self.pool.fmt.decode(planes, values)
+        return k, v, self.pool.pos[idx]
+
+    def _slots(self, lo: int, hi: int) -> slice | torch.Tensor:
+        """Pool slots of cache tokens [lo, hi): a slice when they are consecutive there, else an index tensor."""
+        parts: list[tuple[int, int]] = []
+        at = 0
+        for s, n in self._spans():
+            a, b = max(lo, at), min(hi, at + n)
+            if a < b:
+                parts.append((s + a - at, s + b - at))
+            at += n
+        if len(parts) <= 1:
+            a, b = parts[0] if parts else (0, 0)
+            return slice(a, b)
+        return torch.cat([torch.arange(a, b, device=self.pool.device) for a, b in parts])
+
+    def _slot_index(self, idx: torch.Tensor) -> torch.Tensor:
+        """Pool slots of the cache tokens at ``idx`` ((M,) int64 in ``[0, n)``)."""
+        if not self.shared:
+            return idx + self._own0()
+        starts = torch.tensor([s for s, _ in self._spans()], dtype=torch.int64)
+        offsets = torch.tensor([0] + [n for _, n in self._spans()], dtype=torch.int64).cumsum(0)
+        part = torch.searchsorted(offsets[1:], idx, right=True)
+        return starts[part] + idx - offsets[part]
+
+    def segments(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """The cache as its stored parts, in order: [(k, v (Hkv, n_i, D), positions (n_i,))], views for plain pages.
+
+        Attention reads these in place (``longkv.attention.dense.attend_segments``)
+        instead of concatenating a shared prefix with the sequence's own tokens.
+        """
+        out = []
+        for s, n in self._spans():
+            k, v, pos = self._decode(slice(s, s + n))
+            assert v is not None
+            out.append((k, v, pos))
+        return out
 
     def view(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """All cached tokens, zero-copy: k, v: (Hkv, n, D); positions: (n,)."""
-        return self.k[:, : self.n], self.v[:, : self.n], self.pos[: self.n]
-
-    @property
-    def n_kv_heads(self) -> int:
-        return self.k.shape[0]
+        """All cached tokens: k, v: (Hkv, n, D); positions: (n,). Zero-copy for plain pages in one part."""
+        k, v, pos = self.read(0, self.n)
+        assert v is not None
+        return k, v, pos
 
     def read(self, lo: int, hi: int, values: bool = True) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        """Tokens [lo, hi) of the cache: k, v (Hkv, hi - lo, D) and positions (zero-copy here).
+        """Tokens [lo, hi) of the cache: k, v (Hkv, hi - lo, D) and positions (zero-copy for plain pages in one part).
 
         ``values=False`` returns None for v (scoring reads keys only; a tiered
         store then skips loading them). ``0 <= lo <= hi <= n``.
         """
-        return self.k[:, lo:hi], (self.v[:, lo:hi] if values else None), self.pos[lo:hi]
+        return self._decode(self._slots(lo, hi), values)
+
+    def positions(self) -> torch.Tensor:
+        """(n,) int64: the original position of every cached token."""
+        return self.pool.pos[self._slots(0, self.n)]
 
     def gather_pages(self, page_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Copy out the tokens of the given pages, in the order given.
@@ -121,25 +289,109 @@ class LayerKV:
         """
         idx = (page_ids[:, None] * self.page_size + torch.arange(self.page_size)[None, :]).reshape(-1)
         idx = idx[idx < self.n]
-        return self.k[:, idx], self.v[:, idx], self.pos[idx]
+        k, v, pos = self._decode(self._slot_index(idx))
+        assert v is not None
+        return k, v, pos
+
+    # ---------------------------------------------------------------- edits
+    def attach(self, pool: PagePool, slot0: int, n: int) -> None:
+        """Read ``n`` tokens at ``pool``'s slots [slot0, slot0 + n) as the next cached tokens, without copying.
+
+        Their pages are retained until this layer lets go. Tokens from another pool,
+        or after tokens of the layer's own (shared spans come first), are copied in.
+        """
+        if n <= 0:
+            return
+        if pool is not self.pool or self.n_own:  # shared spans only come first
+            self.copy_in(pool, slot0, n)
+            return
+        pool.retain_slots(slot0, n)
+        if self.shared and sum(self.shared[-1]) == slot0:  # continues the last span (a split node): one part
+            s0, m = self.shared[-1]
+            first = slot0 // self.page_size
+            if slot0 % self.page_size:  # the page at the seam is now referenced once for the joined span
+                pool.release(first, 1)
+            self.shared[-1] = (s0, m + n)
+        else:
+            self.shared.append((slot0, n))
+        self.shared_n += n
+
+    def copy_in(self, pool: PagePool, slot0: int, n: int) -> None:
+        """Append a copy of the ``n`` tokens at ``pool``'s slots [slot0, slot0 + n) (any pool of this format)."""
+        planes = {name: t[:, slot0 : slot0 + n] for name, t in pool.planes.items()}
+        if pool.fmt == self.pool.fmt:
+            if self.n + n > self.capacity:
+                self._resize(max(self.n + n, 2 * self.capacity))
+            dst = slice(self._own0() + self.n_own, self._own0() + self.n_own + n)
+            for name, t in planes.items():
+                self.pool.planes[name][:, dst] = t
+            self.pool.pos[dst] = pool.pos[slot0 : slot0 + n]
+            self.n_own += n
+            return
+        k, v = pool.fmt.decode(planes)
+        assert v is not None
+        self.append(k, v, pool.pos[slot0 : slot0 + n])
+
+    def fork(self) -> LayerKV:
+        """A second cache with the same tokens, sharing every page (no copy).
+
+        Either side may then append, evict or truncate: a write to a page the
+        other still reads goes to fresh pages first (copy on write).
+        """
+        other = LayerKV(self.n_kv_heads, self.pool.fmt.head_dim, self.page_size, self.dtype, codec=self.codec, pool=self.pool)
+        for s, n in self._spans():
+            other.attach(self.pool, s, n)
+        other.acc = None if self.acc is None else self.acc.clone()
+        return other
+
+    def spans(self, lo: int, hi: int) -> list[tuple[int, int]]:
+        """Where cache tokens [lo, hi) sit in the pool: [(first slot, tokens)], in order (nothing retained)."""
+        out, at = [], 0
+        for s, n in self._spans():
+            a, b = max(lo, at), min(hi, at + n)
+            if a < b:
+                out.append((s + a - at, b - a))
+            at += n
+        return out
+
+    def _unshare(self) -> None:
+        """Copy every token into an own run and let go of the shared spans (before a write over them)."""
+        if not self.shared:
+            return
+        k, v, pos = self.view()
+        k, v, pos = k.clone(), v.clone(), pos.clone()
+        old_run = (self.run_start, self.run_pages)
+        for s, n in self.shared:
+            self.pool.release_slots(s, n)
+        self.shared, self.shared_n, self.n_own, self.run_pages = [], 0, 0, 0
+        if old_run[1]:
+            self.pool.release(*old_run)
+        acc = self.acc
+        self.append(k, v, pos)
+        self.acc = acc
 
     def keep(self, indices: torch.Tensor) -> None:
         """Keep only the tokens at ``indices`` (sorted, unique, int64 in ``[0, n)``); free the rest.
 
-        Survivors are packed to the front in the same order. The buffers shrink
-        when they would be over twice the size needed, so evicted tokens really
-        give their memory back.
+        Survivors are packed to the front in the same order. Pages go back to the
+        pool when the run would be over twice the size needed, so evicted tokens
+        really give their memory back.
         """
         m = indices.numel()
         assert m <= self.n
         if m == self.n:
             return
-        self.k[:, :m] = self.k[:, indices]
-        self.v[:, :m] = self.v[:, indices]
-        self.pos[:m] = self.pos[indices]
+        self._unshare()
+        if self._run_shared():
+            self._move_run(self.run_pages)
+        src = indices + self._own0()
+        dst = slice(self._own0(), self._own0() + m)
+        for t in self.pool.planes.values():
+            t[:, dst] = t[:, src]
+        self.pool.pos[dst] = self.pool.pos[src]
         if self.acc is not None:
             self.acc = self.acc[:, indices[indices < self.acc.shape[1]]].contiguous()
-        self.n = m
+        self.n_own = m
         if self.capacity > 2 * _round_up(max(m, 1), self.page_size):
             self._resize(m)
 
@@ -151,15 +403,29 @@ class LayerKV:
         self.keep(mask.nonzero().squeeze(1))
 
     def truncate(self, n: int) -> None:
-        """Forget every token from index ``n`` on (storage is kept for reuse). ``0 <= n <= self.n``."""
+        """Forget every token from index ``n`` on (own pages are kept for reuse). ``0 <= n <= self.n``."""
         assert 0 <= n <= self.n
-        self.n = n
+        if n >= self.shared_n:
+            self.n_own = n - self.shared_n
+            return
+        self.n_own = 0
+        kept, at = [], 0
+        for s, k in self.shared:
+            take = min(k, max(n - at, 0))
+            if take:
+                kept.append((s, take))
+                self.pool.retain_slots(s, take)
+            self.pool.release_slots(s, k)
+            at += k
+        self.shared, self.shared_n = kept, n
 
     def clear(self) -> None:
-        """Drop every token and free the storage."""
-        self.n = 0
+        """Drop every token and give every page back."""
+        for s, n in self.shared:
+            self.pool.release_slots(s, n)
+        self.shared, self.shared_n, self.n_own = [], 0, 0
         self.acc = None
-        self._resize(0)
+        self._set_run(0)
 
     def mark(self) -> object:
         """A point to :meth:`rollback` to: tokens appended after it can be forgotten."""
@@ -183,6 +449,8 @@ class HeadwiseLayerKV(LayerKV):
         make_head: builds one single-head store (plain or quantized).
         n_kv_heads: number of KV heads.
     """
+
+    shareable = False
 
     def __init__(self, make_head: Callable[[], LayerKV], n_kv_heads: int) -> None:
         self.heads = [make_head() for _ in range(n_kv_heads)]
@@ -256,8 +524,9 @@ class KVCache:
         n_layers, n_kv_heads, head_dim: model shape.
         page_size: tokens per page.
         dtype: storage dtype of K and V.
-        make_layer: builds each layer's store instead of a plain :class:`LayerKV`
-            (quantized, per-head); see ``KVPolicy.new_layer_kv``.
+        make_layer: builds layer ``i``'s store instead of a plain :class:`LayerKV`
+            with a pool of its own (the engine's pools, coded pages, per-head); see
+            ``KVPolicy.new_layer_kv``.
     """
 
     def __init__(
@@ -267,12 +536,12 @@ class KVCache:
         head_dim: int,
         page_size: int = 64,
         dtype: torch.dtype = torch.float32,
-        make_layer: Callable[[], LayerKV] | None = None,
+        make_layer: Callable[[int], LayerKV] | None = None,
     ) -> None:
         if make_layer is None:
             self.layers = [LayerKV(n_kv_heads, head_dim, page_size, dtype) for _ in range(n_layers)]
         else:
-            self.layers = [make_layer() for _ in range(n_layers)]
+            self.layers = [make_layer(i) for i in range(n_layers)]
 
     def __len__(self) -> int:
         return len(self.layers)
@@ -310,6 +579,12 @@ class KVCache:
         """Forget what every layer appended since :meth:`marks`."""
         for layer, m in zip(self.layers, marks, strict=True):
             layer.rollback(m)
+
+    def fork(self) -> KVCache:
+        """A copy-on-write twin of this cache: every layer's pages shared (see :meth:`LayerKV.fork`)."""
+        twin = object.__new__(KVCache)
+        twin.layers = [layer.fork() for layer in self.layers]
+        return twin
 
     def clear(self) -> None:
         """Free every layer."""

@@ -1,4 +1,4 @@
-"""int8 / int4 KV codecs: per-group asymmetric quantization, and a quantized layer store.
+"""int8 / int4 KV codecs: per-group asymmetric quantization, and the coded page format of the pool.
 
 Each token's key (and value) vector of every KV head is cut into groups of
 ``group`` channels; a group stores its minimum and its step (``scale``) in
@@ -14,10 +14,12 @@ Bytes per token and KV head (head_dim D, group g), for K and V each:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from longkv.errors import LongKVError
-from longkv.kv.cache import LayerKV, _round_up
+from longkv.kv.pool import PageFormat
 
 _SCALE_DTYPE = torch.float16
 _MIN_STEP = 1e-4  # smallest stored step: a constant group still decodes exactly to its value
@@ -51,90 +53,50 @@ def dequantize(codes: torch.Tensor, step: torch.Tensor, lo: torch.Tensor, bits: 
     return xg.reshape(h, t, d).to(dtype)
 
 
-class QuantizedLayerKV(LayerKV):
-    """A :class:`~longkv.kv.cache.LayerKV` whose keys and values are stored as int8 or int4 codes.
+@dataclass(frozen=True)
+class CodedFormat(PageFormat):
+    """Pages of int8 or int4 codes: per token and KV head, K and V codes plus a step and a minimum per group.
 
-    Storage (capacity C): ``k``, ``v``: (Hkv, C, D * bits / 8) uint8 codes;
-    ``k_step``, ``k_min``, ``v_step``, ``v_min``: (Hkv, C, D / group) float16;
-    ``pos``: (C,) int64. :meth:`view` and :meth:`gather_pages` return decoded
-    tensors of ``dtype``; :meth:`bytes` counts every stored byte.
-
-    Raises:
-        LongKVError: bits not 4 or 8, or head_dim not a multiple of ``group``.
+    Planes: ``k``, ``v``: (D * bits / 8,) uint8 codes; ``k_step``, ``k_min``,
+    ``v_step``, ``v_min``: (D / group,) float16. Reads decode to ``dtype``.
     """
 
-    def __init__(
-        self, n_kv_heads: int, head_dim: int, page_size: int = 64, dtype: torch.dtype = torch.float32,
-        bits: int = 8, group: int = 32,
-    ) -> None:
-        group = min(group, head_dim)
-        if bits not in (4, 8) or head_dim % group or group % 2:
-            raise LongKVError(f"cannot store head_dim {head_dim} as int{bits} in groups of {group}: use kv_quant int8 or int4")
-        super().__init__(n_kv_heads, head_dim * bits // 8, page_size, torch.uint8)
-        self.bits, self.group, self.dtype, self.head_dim = bits, group, dtype, head_dim
-        side = (n_kv_heads, 0, head_dim // group)
-        self.k_step, self.k_min, self.v_step, self.v_min = (torch.empty(side, dtype=_SCALE_DTYPE) for _ in range(4))
+    bits: int = 8
+    group: int = 32
 
-    def _side(self) -> list[torch.Tensor]:
-        return [self.k_step, self.k_min, self.v_step, self.v_min]
+    @property
+    def codec(self) -> str:
+        return f"int{self.bits}"
 
-    def bytes(self) -> int:
-        return super().bytes() + sum(t.nbytes for t in self._side())
+    def planes(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        codes, side = (self.head_dim * self.bits // 8,), (self.head_dim // self.group,)
+        return {
+            "k": (codes, torch.uint8), "k_step": (side, _SCALE_DTYPE), "k_min": (side, _SCALE_DTYPE),
+            "v": (codes, torch.uint8), "v_step": (side, _SCALE_DTYPE), "v_min": (side, _SCALE_DTYPE),
+        }  # fmt: skip
 
-    def used_bytes(self) -> int:
-        return self.n * self.bytes() // self.capacity if self.capacity else 0
-
-    def _resize(self, capacity: int) -> None:
-        capacity = _round_up(max(capacity, self.n), self.page_size)
-        if capacity == self.capacity:
-            return
-        old = self._side()
-        super()._resize(capacity)
-        new = []
-        for t in old:
-            u = torch.empty(t.shape[0], capacity, t.shape[2], dtype=t.dtype)
-            u[:, : self.n] = t[:, : self.n]
-            new.append(u)
-        self.k_step, self.k_min, self.v_step, self.v_min = new
-
-    def append(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> None:
-        """k, v: (Hkv, T, D) in the compute dtype; coded on the way in."""
+    def encode(self, k: torch.Tensor, v: torch.Tensor) -> dict[str, torch.Tensor]:
         kc, ks, km = quantize(k, self.bits, self.group)
         vc, vs, vm = quantize(v, self.bits, self.group)
-        n0, t = self.n, k.shape[1]
-        super().append(kc, vc, positions)  # grows every buffer (see _resize) and writes the codes
-        for dst, src in zip(self._side(), (ks, km, vs, vm), strict=True):
-            dst[:, n0 : n0 + t] = src
+        return {"k": kc, "k_step": ks, "k_min": km, "v": vc, "v_step": vs, "v_min": vm}
 
-    def _decode(self, idx: slice | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        k = dequantize(self.k[:, idx], self.k_step[:, idx], self.k_min[:, idx], self.bits, self.group, self.dtype)
-        v = dequantize(self.v[:, idx], self.v_step[:, idx], self.v_min[:, idx], self.bits, self.group, self.dtype)
-        return k, v
+    def decode(self, planes: dict[str, torch.Tensor], values: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Decoded copies: k, v (Hkv, T, D) of ``dtype`` (v None unless ``values``)."""
+        k = dequantize(planes["k"], planes["k_step"], planes["k_min"], self.bits, self.group, self.dtype)
+        if not values:
+            return k, None
+        return k, dequantize(planes["v"], planes["v_step"], planes["v_min"], self.bits, self.group, self.dtype)
 
-    def view(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Decoded copies: k, v: (Hkv, n, D) of ``dtype``; positions: (n,)."""
-        k, v = self._decode(slice(0, self.n))
-        return k, v, self.pos[: self.n]
 
-    def read(self, lo: int, hi: int, values: bool = True) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        """Decoded tokens [lo, hi): k, v (Hkv, hi - lo, D) of ``dtype`` (v None unless ``values``), positions."""
-        idx = slice(lo, hi)
-        if values:
-            k, v = self._decode(idx)
-            return k, v, self.pos[idx]
-        k = dequantize(self.k[:, idx], self.k_step[:, idx], self.k_min[:, idx], self.bits, self.group, self.dtype)
-        return k, None, self.pos[idx]
+def coded_format(head_dim: int, dtype: torch.dtype, codec: str, group: int = 32) -> CodedFormat:
+    """The page format of ``codec`` (``"int8"`` or ``"int4"``) for keys of ``head_dim``.
 
-    def gather_pages(self, page_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        idx = (page_ids[:, None] * self.page_size + torch.arange(self.page_size)[None, :]).reshape(-1)
-        idx = idx[idx < self.n]
-        k, v = self._decode(idx)
-        return k, v, self.pos[idx]
-
-    def keep(self, indices: torch.Tensor) -> None:
-        m = indices.numel()
-        if m == self.n:
-            return
-        for t in self._side():
-            t[:, :m] = t[:, indices]
-        super().keep(indices)  # moves codes and positions, then shrinks every buffer when far too large
+    Raises:
+        LongKVError: another codec, or head_dim not a multiple of ``group`` (capped at head_dim).
+    """
+    if codec not in ("int8", "int4"):
+        raise LongKVError(f"unknown KV codec {codec!r}: use none, int8 or int4")
+    bits, group = int(codec[3:]), min(group, head_dim)
+    if head_dim % group or group % 2:
+        raise LongKVError(f"cannot store head_dim {head_dim} as int{bits} in groups of {group}: use kv_quant int8 or int4")
+    return CodedFormat(head_dim, dtype, bits, group)

@@ -34,7 +34,7 @@ import torch
 
 from longkv.errors import LongKVError
 from longkv.kv.cache import LayerKV
-from longkv.kv.quant import QuantizedLayerKV, dequantize, quantize
+from longkv.kv.quant import dequantize, quantize
 
 CODECS = ("none", "int8", "int4")
 COLD = ("ram", "disk")
@@ -94,13 +94,9 @@ class RamStore(ColdStore):
     """Cold pages coded in RAM (a plain or quantized layer store underneath)."""
 
     def __init__(self, n_kv_heads: int, head_dim: int, page_size: int, dtype: torch.dtype, codec: str = "int8") -> None:
-        bits = _codec_bits(codec)
+        _codec_bits(codec)  # a clear error for an unknown codec
         self.page_size = page_size
-        self.inner: LayerKV = (
-            LayerKV(n_kv_heads, head_dim, page_size, dtype)
-            if bits == 0
-            else QuantizedLayerKV(n_kv_heads, head_dim, page_size, dtype, bits=bits)
-        )
+        self.inner = LayerKV(n_kv_heads, head_dim, page_size, dtype, codec=codec)
 
     @property
     def n_pages(self) -> int:  # type: ignore[override]
@@ -229,6 +225,8 @@ class DiskStore(ColdStore):
 class TieredLayerKV(LayerKV):
     """One layer's cache: pinned sink pages + cold pages (RAM or disk, coded) + a hot tail in RAM.
 
+    Its pages are its own (``shareable`` is False): a prefix index never attaches them.
+
     Args:
         n_kv_heads, head_dim, page_size, dtype: as :class:`~longkv.kv.cache.LayerKV`.
         pinned_tokens: tokens at the start always kept in RAM (sinks; a multiple of ``page_size``).
@@ -245,6 +243,8 @@ class TieredLayerKV(LayerKV):
     Raises:
         LongKVError: unknown cold tier or codec, sizes not whole pages.
     """
+
+    shareable = False
 
     def __init__(
         self, n_kv_heads: int, head_dim: int, page_size: int = 64, dtype: torch.dtype = torch.float32, *,
@@ -387,6 +387,13 @@ class TieredLayerKV(LayerKV):
         k, v, pos = self.read(0, self.n)
         assert v is not None
         return k, v, pos
+
+    def segments(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Every token as one assembled part (see :meth:`LayerKV.segments`)."""
+        return [self.view()]
+
+    def positions(self) -> torch.Tensor:
+        return self.read(0, self.n, values=False)[2]
 
     def gather_pages(self, page_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Tokens of the given pages (sorted ids), reading runs of consecutive pages at once."""

@@ -29,7 +29,8 @@ import torch
 
 from longkv.config import EngineConfig, ModelConfig
 from longkv.errors import LongKVError
-from longkv.kv.cache import KVCache, LayerKV
+from longkv.kv.cache import KVCache, LayerKV, page_format
+from longkv.kv.pool import PageFormat, PagePool
 
 KV_QUANT = ("none", "int8", "int4")
 
@@ -93,22 +94,28 @@ class KVPolicy:
         """
         return 0
 
+    def page_format(self, head_dim: int, dtype: torch.dtype) -> PageFormat:
+        """The format of this policy's KV pages (``kv_quant``). Raises LongKVError for an unknown ``kv_quant``."""
+        if self.kv_quant not in KV_QUANT:
+            raise LongKVError(f"unknown kv_quant {self.kv_quant!r}: use one of {', '.join(KV_QUANT)}")
+        return page_format(head_dim, dtype, self.kv_quant)
+
     def new_layer_kv(
         self, n_kv_heads: int, head_dim: int, page_size: int, dtype: torch.dtype, model: ModelConfig | None = None,
-        engine: EngineConfig | None = None,
+        engine: EngineConfig | None = None, pool: PagePool | None = None,
     ) -> LayerKV:
-        """The store for one layer's KV: plain, or int8/int4 per ``kv_quant`` (``model``/``engine``: for subclasses).
+        """The store for one layer's KV: plain, or int8/int4 pages per ``kv_quant``, over ``pool``'s pages.
+
+        ``pool`` is the engine's pool for this layer and page format (see
+        :meth:`page_format`; by default the store has a pool of its own);
+        ``model``/``engine`` are for subclasses.
 
         Raises:
             LongKVError: unknown ``kv_quant``.
         """
-        if self.kv_quant == "none":
-            return LayerKV(n_kv_heads, head_dim, page_size, dtype)
         if self.kv_quant not in KV_QUANT:
             raise LongKVError(f"unknown kv_quant {self.kv_quant!r}: use one of {', '.join(KV_QUANT)}")
-        from longkv.kv.quant import QuantizedLayerKV
-
-        return QuantizedLayerKV(n_kv_heads, head_dim, page_size, dtype, bits=int(self.kv_quant[3:]))
+        return LayerKV(n_kv_heads, head_dim, page_size, dtype, codec=self.kv_quant, pool=pool)
 
 
 @dataclass

@@ -46,6 +46,7 @@ from longkv.attention.sparse import SCORES, attend_pages, candidate_pages, page_
 from longkv.config import EngineConfig, ModelConfig
 from longkv.errors import LongKVError
 from longkv.kv.cache import KVCache, LayerKV
+from longkv.kv.pool import PagePool
 from longkv.kv.summaries import PageSummaries
 from longkv.kv.tiers import CODECS, COLD, TieredLayerKV, parse_bytes
 from longkv.models.layers import Rotary
@@ -299,11 +300,11 @@ class BlockTopKPolicy(SelectionPolicy):
 
     def new_layer_kv(
         self, n_kv_heads: int, head_dim: int, page_size: int, dtype: torch.dtype, model: ModelConfig | None = None,
-        engine: EngineConfig | None = None,
+        engine: EngineConfig | None = None, pool: PagePool | None = None,
     ) -> LayerKV:
-        """A plain store, or with ``resident`` set a tiered one (sinks + hot tail in RAM, cold pages coded)."""
+        """Pages of ``pool``, or with ``resident`` set a tiered store (sinks + hot tail in RAM, cold pages coded)."""
         if not self.resident or model is None or engine is None:
-            return super().new_layer_kv(n_kv_heads, head_dim, page_size, dtype)
+            return super().new_layer_kv(n_kv_heads, head_dim, page_size, dtype, pool=pool)
         return TieredLayerKV(
             n_kv_heads, head_dim, page_size, dtype, pinned_tokens=self.sink_tokens(page_size),
             hot_tokens=self.hot_tokens(model, engine, dtype.itemsize), cold=self.cold, codec=self.cold_codec,

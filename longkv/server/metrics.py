@@ -45,6 +45,10 @@ class Metrics:
         self.cache_bytes = Gauge("longkv_prefix_cache_bytes", "Bytes of KV resident in the prefix cache.", registry=r)
         self.cache_tokens = Gauge("longkv_prefix_cache_tokens", "Tokens resident in the prefix cache.", registry=r)
         self.active_kv_bytes = Gauge("longkv_active_kv_bytes", "Bytes of KV of the generations running now.", registry=r)
+        self.kv_pages_used = Gauge(
+            "longkv_kv_pages_used", "KV pages held (running sequences and the prefix cache; a shared page once), over all layers.", registry=r
+        )
+        self.kv_pages_free = Gauge("longkv_kv_pages_free", "KV pages allocated but held by nobody, over all layers.", registry=r)
         self.queue_length = Gauge("longkv_queue_length", "Requests waiting for the engine.", registry=r)
         self.running = Gauge("longkv_requests_running", "Generations running now (in the batch).", registry=r)
         self.batch_size = Gauge("longkv_batch_size", "Sequences in the last batched step's forward.", registry=r)

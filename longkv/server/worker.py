@@ -34,8 +34,8 @@ from longkv.engine.llm import LLM
 from longkv.engine.runner import Runner, Sequence
 from longkv.engine.sampling import SamplingParams
 from longkv.errors import LongKVError
+from longkv.kv.radix import PrefixCache, namespace, shares_dense_kv
 from longkv.policies import KVPolicy
-from longkv.server.prefix_cache import PrefixCache, namespace, shares_dense_kv
 
 if TYPE_CHECKING:
     from longkv.server.metrics import Metrics
@@ -311,9 +311,10 @@ class EngineWorker:
             full = match.length == len(req.ids) and match.logits is not None
             reuse = match.length if full else min(match.length, len(req.ids) - 1)
             if reuse:
-                runner = Runner(llm.model, req.policy, llm.engine_config)
-                seq = runner.new_sequence(len(req.ids) + req.params.max_new_tokens + 1)
-                self.cache.load(match, seq.cache, reuse)
+                runner = Runner(llm.model, req.policy, llm.engine_config, self.engine.pools)
+                seq = runner.new_sequence()
+                self.cache.load(match, seq.cache, reuse)  # attaches the cached pages: no copy
+                seq.cache.reserve(len(req.ids) + req.params.max_new_tokens + 1)
                 seq.tokens = list(req.ids[:reuse])
                 logits = match.logits if full else None
             if self.metrics is not None:
@@ -379,3 +380,5 @@ class EngineWorker:
             self.metrics.running.set(len(self._jobs))
             self.metrics.batch_size.set(self.engine.last_batch_size if self.engine.running else 0)
             self.metrics.active_kv_bytes.set(self.engine.kv_bytes())
+            self.metrics.kv_pages_used.set(self.engine.pools.used_pages())
+            self.metrics.kv_pages_free.set(self.engine.pools.free_pages())

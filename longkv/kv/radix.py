@@ -1,4 +1,4 @@
-"""A token-level radix tree whose nodes hold KV: requests never pay twice for the same prefix.
+"""A token-level radix tree over the page pool: requests never pay twice for the same prefix.
 
 As SGLang's RadixAttention (Zheng et al. 2023, arXiv:2312.07104): every finished
 request's tokens (prompt and answer) are inserted into a radix tree over token
@@ -7,10 +7,14 @@ prefix, prefilling only the rest. A chat's turn t+1 starts with turn t's prompt
 and answer, each step of a tool-calling loop with the whole history so far, so from the second
 request on almost nothing is prefilled.
 
-Nodes: each edge holds a run of tokens and their keys and values for every layer,
-``k, v: (n_layers, Hkv, L, D)`` in the model's dtype. Only the tokens that are new
-to the tree are stored, so shared prefixes are stored once. Splitting a node copies
-its two halves (so evicting one half really frees its memory).
+Nodes: each edge holds a run of tokens and, for every layer, where their keys and
+values sit in that layer's :class:`~longkv.kv.pool.PagePool` (the first slot of a
+run of consecutive slots; the node holds a reference to the pages under them).
+Nothing is copied: inserting a finished sequence retains the pages its new tokens
+already sit in, a hit attaches the node's slots to the new sequence's page table
+(:meth:`~longkv.kv.cache.LayerKV.attach`), and splitting a node only splits its
+slot range (the page at the cut is referenced by both halves). A page goes back to
+the pool when neither the tree nor any sequence holds it.
 
 Memory: a byte budget over all nodes; past it, least-recently-used leaves that no
 session pins are evicted (a leaf at a time, so a parent goes only after its
@@ -37,20 +41,26 @@ from dataclasses import dataclass, field
 import torch
 
 from longkv.kv.cache import KVCache
+from longkv.kv.pool import PagePool
 from longkv.policies import KVPolicy
+
+MAX_SHARED_SPANS = 4  # slot runs a hit attaches in place per layer; later nodes of a long path are copied
 
 
 class _Node:
     """An edge of the tree: tokens ``[start, start + len(tokens))`` of every path through it."""
 
-    __slots__ = ("children", "k", "last_used", "logits", "parent", "pins", "start", "tokens", "v")
+    __slots__ = ("children", "last_used", "logits", "parent", "per_token", "pins", "pools", "slots", "start", "tokens")
 
-    def __init__(self, parent: _Node | None, tokens: list[int], k: torch.Tensor | None, v: torch.Tensor | None, start: int) -> None:
+    def __init__(
+        self, parent: _Node | None, tokens: list[int], pools: list[PagePool], slots: list[int], start: int, per_token: int = 0
+    ) -> None:
         self.parent = parent
         self.tokens = tokens
-        self.k = k  # (n_layers, Hkv, L, D) or None for a root
-        self.v = v
+        self.pools = pools  # per layer: the pool holding these tokens' KV
+        self.slots = slots  # per layer: first slot of the tokens (consecutive slots), [] for a root
         self.start = start
+        self.per_token = per_token  # bytes of one token's KV over every layer
         self.children: dict[int, _Node] = {}
         self.pins = 0
         self.last_used = 0
@@ -60,9 +70,17 @@ class _Node:
     def end(self) -> int:
         return self.start + len(self.tokens)
 
+    def retain(self, offset: int, n: int) -> None:
+        """Reference the pages under tokens [start + offset, start + offset + n) in every layer."""
+        for pool, s in zip(self.pools, self.slots, strict=True):
+            pool.retain_slots(s + offset, n)
+
+    def release(self, offset: int, n: int) -> None:
+        for pool, s in zip(self.pools, self.slots, strict=True):
+            pool.release_slots(s + offset, n)
+
     def nbytes(self) -> int:
-        kv = 0 if self.k is None or self.v is None else self.k.nbytes + self.v.nbytes
-        return kv + sum(t.nbytes for t in self.logits.values()) + 8 * len(self.tokens)
+        return self.per_token * len(self.tokens) + sum(t.nbytes for t in self.logits.values())
 
 
 @dataclass
@@ -130,7 +148,7 @@ class PrefixCache:
     def _root(self, ns: Hashable) -> _Node:
         root = self._roots.get(ns)
         if root is None:
-            root = self._roots[ns] = _Node(None, [], None, None, 0)
+            root = self._roots[ns] = _Node(None, [], [], [], 0)
         return root
 
     def _walk(self, root: _Node, ids: list[int]) -> tuple[list[_Node], int]:
@@ -165,19 +183,23 @@ class PrefixCache:
         return Match(n, path, logits)
 
     def load(self, match: Match, cache: KVCache, n_tokens: int) -> None:
-        """Append the KV of the first ``n_tokens`` (<= ``match.length``) matched tokens to an empty ``cache``.
+        """Attach the KV of the first ``n_tokens`` (<= ``match.length``) matched tokens to an empty ``cache``.
 
-        The tokens land at positions ``0 .. n_tokens - 1`` (dense caches hold every position).
+        The tokens land at positions ``0 .. n_tokens - 1`` (dense caches hold every
+        position). The first :data:`MAX_SHARED_SPANS` nodes of the path are read in
+        place (their pages retained, no copy); the KV of deeper nodes (short turns
+        of a long chat) is copied in, so attention reads a few parts per layer at most.
         """
         assert n_tokens <= match.length and all(layer.n == 0 for layer in cache.layers)
-        for node in match.path:
+        for depth, node in enumerate(match.path):
             take = min(len(node.tokens), n_tokens - node.start)
             if take <= 0:
                 break
-            assert node.k is not None and node.v is not None
-            pos = torch.arange(node.start, node.start + take, dtype=torch.int64)
-            for i, layer in enumerate(cache.layers):
-                layer.append(node.k[i, :, :take], node.v[i, :, :take], pos)
+            for layer, pool, s in zip(cache.layers, node.pools, node.slots, strict=True):
+                if depth < MAX_SHARED_SPANS:
+                    layer.attach(pool, s, take)
+                else:
+                    layer.copy_in(pool, s, take)
 
     # ----------------------------------------------------------------- insert
     def _split(self, node: _Node, at: int) -> _Node:
@@ -186,15 +208,19 @@ class PrefixCache:
         Keeping ``node`` as the deeper part keeps every outside reference to it (a session's
         pin) pointing at the same tokens.
         """
-        assert 0 < at < len(node.tokens) and node.parent is not None and node.k is not None and node.v is not None
+        assert 0 < at < len(node.tokens) and node.parent is not None
         parent = node.parent
-        upper = _Node(parent, node.tokens[:at], node.k[:, :, :at].clone(), node.v[:, :, :at].clone(), node.start)
+        upper = _Node(parent, node.tokens[:at], node.pools, list(node.slots), node.start, node.per_token)
         upper.pins, upper.last_used = node.pins, node.last_used
         cut = node.start + at
         upper.logits = {d: t for d, t in node.logits.items() if d <= cut}
         node.logits = {d: t for d, t in node.logits.items() if d > cut}
+        n = len(node.tokens)
+        upper.retain(0, at)
+        node.retain(at, n - at)
+        node.release(0, n)  # the page at the cut stays: both halves reference it
         node.tokens = node.tokens[at:]
-        node.k, node.v = node.k[:, :, at:].clone(), node.v[:, :, at:].clone()
+        node.slots = [s + at for s in node.slots]
         node.start = cut
         parent.children[upper.tokens[0]] = upper
         upper.children[node.tokens[0]] = node
@@ -212,7 +238,8 @@ class PrefixCache:
     ) -> int:
         """Store the KV of ``ids`` (``cache`` holds it at positions ``0 .. len(ids) - 1``).
 
-        Only tokens new to the tree are copied. ``logits`` maps a depth d to the logits
+        Nothing is copied: the tree takes a reference to the pages the tokens new to it
+        sit in (``cache``'s, or pages it shares). ``logits`` maps a depth d to the logits
         after ``ids[:d]``, computed over this tree's KV for ``ids[:fresh_from]`` and
         ``cache``'s for the rest: they are kept only when the tree holds no other KV for
         those tokens (else a later request would pair them with KV they did not come
@@ -223,9 +250,9 @@ class PrefixCache:
         """
         if self.capacity <= 0 or not ids:
             return 0
-        first = cache.layers[0]
-        if any(layer.n < len(ids) for layer in cache.layers) or not torch.equal(
-            first.pos[: len(ids)], torch.arange(len(ids), dtype=first.pos.dtype)
+        layers = cache.layers
+        if any(layer.n < len(ids) or not layer.shareable for layer in layers) or not torch.equal(
+            layers[0].positions()[: len(ids)].cpu(), torch.arange(len(ids), dtype=torch.int64)
         ):
             return 0
         root = self._root(ns)
@@ -245,14 +272,22 @@ class PrefixCache:
         parent = path[-1] if path else root
         end = parent
         if added:
-            k = torch.stack([layer.k[:, n : len(ids)] for layer in cache.layers])  # a copy
-            v = torch.stack([layer.v[:, n : len(ids)] for layer in cache.layers])  # a copy
-            end = _Node(parent, list(ids[n:]), k, v, n)
-            parent.children[end.tokens[0]] = end
-            self.bytes += end.nbytes()
+            # the new tokens' slots per layer, as runs of consecutive slots (the same cuts in every layer)
+            runs = [layer.spans(n, len(ids)) for layer in layers]
+            if any([m for _, m in r] != [m for _, m in runs[0]] for r in runs):
+                return 0  # layers laid out differently: fail closed (a dense cache never is)
+            pools = [layer.pool for layer in layers]
+            at = n
+            for j, (_, m) in enumerate(runs[0]):
+                end = _Node(parent, list(ids[at : at + m]), pools, [r[j][0] for r in runs], at, per_token)
+                end.retain(0, m)
+                parent.children[end.tokens[0]] = end
+                self.bytes += end.nbytes()
+                path.append(end)
+                parent, at = end, at + m
+            assert at == len(ids)
             self.tokens += added
             self.stats.inserted_tokens += added
-            path.append(end)
         for node in path:
             node.last_used = now
         for d, t in (logits or {}).items() if n <= fresh_from else ():
@@ -274,9 +309,7 @@ class PrefixCache:
 
     @staticmethod
     def _bytes_per_token(cache: KVCache) -> int:
-        layer = cache.layers[0]
-        h, _, d = layer.k.shape
-        return 2 * len(cache.layers) * h * d * layer.k.element_size() + 8
+        return sum(layer.pool.fmt.bytes_per_slot(layer.n_kv_heads) for layer in cache.layers)
 
     # ----------------------------------------------------------------- sessions
     def _pin_path(self, path: list[_Node], delta: int) -> None:
@@ -325,6 +358,7 @@ class PrefixCache:
     def _remove(self, node: _Node) -> None:
         assert not node.children and node.parent is not None
         del node.parent.children[node.tokens[0]]
+        node.release(0, len(node.tokens))
         self.bytes -= node.nbytes()
         self.tokens -= len(node.tokens)
         self.stats.evictions += 1
@@ -343,7 +377,12 @@ class PrefixCache:
                 break  # only nodes pinned by an insertion in progress are left
 
     def clear(self) -> None:
-        """Drop everything (sessions too)."""
+        """Drop everything (sessions too); the pages go back to their pools."""
+        stack = [c for r in self._roots.values() for c in r.children.values()]
+        while stack:
+            node = stack.pop()
+            stack.extend(node.children.values())
+            node.release(0, len(node.tokens))
         self._roots.clear()
         self._sessions.clear()
         self.bytes = 0

@@ -1,0 +1,318 @@
+"""Page pool: where one layer's keys and values live, for every sequence at once.
+
+A :class:`PagePool` holds the KV of one layer (of one KV-head count and one
+page format) for all the sequences of an engine, in fixed-size pages of
+``page_size`` token slots. Its storage is a set of *planes*, each shaped
+``(Hkv, num_pages * page_size, ...)`` (head-major, so the slots of a run of
+consecutive pages are one strided view that attention reads in place), plus
+the original position of every slot: ``pos: (num_pages * page_size,)`` int64.
+
+The pool is also the block manager: every page has a reference count; a
+sequence allocates *runs* of consecutive pages (:meth:`alloc`, grown in place
+by :meth:`extend` when the pages after them are free) and returns them with
+:meth:`release`; a prefix index or another sequence that reads the same pages
+:meth:`retain` s them, so shared prefixes are stored once and freed when their
+last reader lets go. Pages with no reference are free and are handed out
+again; when no free run is large enough the storage grows (doubling, one copy
+amortised over the tokens that filled it), and it shrinks when its free tail
+is over three quarters of it, so memory a sequence frees is given back.
+
+Page formats: a :class:`PageFormat` says how a token's K and V are laid out in
+the planes: plain (K and V in the compute dtype) here, int8/int4 codes with
+per-group scales in :mod:`longkv.kv.quant`. Every format supports every pool
+operation; reads decode to the compute dtype.
+
+Not thread-safe: an engine touches its pools from its one step thread.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class PageFormat:
+    """Plain pages: K and V stored as they are computed.
+
+    Attributes:
+        head_dim: D.
+        dtype: the compute dtype (what reads return, and here what is stored).
+    """
+
+    head_dim: int
+    dtype: torch.dtype = torch.float32
+
+    @property
+    def codec(self) -> str:
+        """Name of the format, as ``kv_quant`` spells it."""
+        return "none"
+
+    def planes(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """Plane name -> (trailing shape per head and token, dtype)."""
+        return {"k": ((self.head_dim,), self.dtype), "v": ((self.head_dim,), self.dtype)}
+
+    def encode(self, k: torch.Tensor, v: torch.Tensor) -> dict[str, torch.Tensor]:
+        """k, v: (Hkv, T, D) in the compute dtype -> every plane's (Hkv, T, ...) values."""
+        return {"k": k, "v": v}
+
+    def decode(self, planes: dict[str, torch.Tensor], values: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The planes of some slots ((Hkv, T, ...) each) -> k, v (Hkv, T, D) in the compute dtype (v None unless ``values``).
+
+        Plain pages return the planes themselves (views, no copy).
+        """
+        return planes["k"], (planes["v"] if values else None)
+
+    def bytes_per_slot(self, n_kv_heads: int) -> int:
+        """Bytes one token slot takes over every plane and its position."""
+        per_head = sum(_numel(shape) * torch.empty(0, dtype=dt).element_size() for shape, dt in self.planes().values())
+        return n_kv_heads * per_head + 8
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+class PoolStats:
+    """Counters of a pool since it was made (pages)."""
+
+    def __init__(self) -> None:
+        self.allocated = 0  # pages handed out by alloc/extend
+        self.freed = 0  # pages whose last reference went
+        self.grown = 0  # times the storage grew (one copy each)
+
+
+class PagePool:
+    """Pages of KV for one layer, shared by the sequences of an engine, with reference counts.
+
+    Args:
+        n_kv_heads: Hkv of the pages.
+        fmt: the page format.
+        page_size: token slots per page.
+        device: where the planes live (``"cpu"``, ``"cuda"``, ...).
+
+    Storage: ``planes[name]``: (Hkv, slots, ...) per :meth:`PageFormat.planes`;
+    ``pos``: (slots,) int64, the original position of the token in each slot;
+    ``slots = num_pages * page_size``. Slot ``s`` is in page ``s // page_size``.
+    """
+
+    def __init__(self, n_kv_heads: int, fmt: PageFormat, page_size: int = 64, device: torch.device | str | None = None) -> None:
+        if page_size < 1:
+            raise ValueError(f"page_size must be >= 1, got {page_size}")
+        self.n_kv_heads, self.fmt, self.page_size = n_kv_heads, fmt, page_size
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.planes = {
+            name: torch.empty(n_kv_heads, 0, *shape, dtype=dt, device=self.device) for name, (shape, dt) in fmt.planes().items()
+        }
+        self.pos = torch.empty(0, dtype=torch.int64, device=self.device)
+        self.refs: list[int] = []  # reference count per page
+        self._free: list[list[int]] = []  # sorted, disjoint [start, length] runs of free pages
+        self.used_pages = 0
+        self.stats = PoolStats()
+
+    # ---------------------------------------------------------------- sizes
+    @property
+    def num_pages(self) -> int:
+        """Pages the storage holds (used or free)."""
+        return len(self.refs)
+
+    @property
+    def free_pages(self) -> int:
+        return self.num_pages - self.used_pages
+
+    def page_bytes(self) -> int:
+        """Bytes of one page over every plane and its positions."""
+        return self.page_size * self.fmt.bytes_per_slot(self.n_kv_heads)
+
+    def bytes(self) -> int:
+        """Bytes of storage allocated (used pages and free ones)."""
+        return self.num_pages * self.page_bytes()
+
+    def used_bytes(self) -> int:
+        """Bytes of the pages some sequence or index holds."""
+        return self.used_pages * self.page_bytes()
+
+    # ---------------------------------------------------------------- storage
+    def _resize(self, num_pages: int) -> None:
+        """Grow or cut the storage to ``num_pages`` (only free pages are ever cut)."""
+        old = self.num_pages
+        if num_pages == old:
+            return
+        keep = min(old, num_pages) * self.page_size
+        slots = num_pages * self.page_size
+        for name, t in self.planes.items():
+            u = torch.empty(t.shape[0], slots, *t.shape[2:], dtype=t.dtype, device=self.device)
+            u[:, :keep] = t[:, :keep]
+            self.planes[name] = u
+        pos = torch.full((slots,), -1, dtype=torch.int64, device=self.device)
+        pos[:keep] = self.pos[:keep]
+        self.pos = pos
+        if num_pages > old:
+            self.refs.extend([0] * (num_pages - old))
+            self._add_free(old, num_pages - old)
+            self.stats.grown += 1
+        else:
+            assert all(r == 0 for r in self.refs[num_pages:]), "cutting pages still in use"
+            del self.refs[num_pages:]
+            self._cut_free(num_pages)
+
+    def _add_free(self, start: int, n: int) -> None:
+        """Mark pages [start, start + n) free, merging with neighbouring free runs."""
+        i = bisect.bisect_left(self._free, [start, 0])
+        if i > 0 and self._free[i - 1][0] + self._free[i - 1][1] == start:
+            i -= 1
+            self._free[i][1] += n
+        else:
+            self._free.insert(i, [start, n])
+        if i + 1 < len(self._free) and self._free[i][0] + self._free[i][1] == self._free[i + 1][0]:
+            self._free[i][1] += self._free.pop(i + 1)[1]
+
+    def _take_free(self, start: int, n: int) -> None:
+        """Remove pages [start, start + n) (all free, inside one free run) from the free runs."""
+        i = bisect.bisect_right(self._free, [start, float("inf")]) - 1
+        s, length = self._free[i]
+        assert s <= start and start + n <= s + length, "pages are not free"
+        pieces = [[s, start - s], [start + n, s + length - start - n]]
+        self._free[i : i + 1] = [p for p in pieces if p[1] > 0]
+        for p in range(start, start + n):
+            self.refs[p] = 1
+        self.used_pages += n
+        self.stats.allocated += n
+
+    def _cut_free(self, num_pages: int) -> None:
+        while self._free and self._free[-1][0] >= num_pages:
+            self._free.pop()
+        if self._free and self._free[-1][0] + self._free[-1][1] > num_pages:
+            self._free[-1][1] = num_pages - self._free[-1][0]
+
+    def _tail_free(self) -> int:
+        """Free pages at the end of the storage."""
+        if self._free and self._free[-1][0] + self._free[-1][1] == self.num_pages:
+            return self._free[-1][1]
+        return 0
+
+    # ---------------------------------------------------------------- block manager
+    def alloc(self, n: int) -> int:
+        """A run of ``n`` consecutive pages, each with one reference; returns its first page.
+
+        First fit among the free runs; grows the storage when none is large enough.
+        """
+        assert n > 0
+        for s, length in self._free:
+            if length >= n:
+                self._take_free(s, n)
+                return s
+        tail = self._tail_free()
+        start = self.num_pages - tail
+        self._resize(max(start + n, 2 * self.num_pages))
+        self._take_free(start, n)
+        return start
+
+    def extend(self, start: int, n: int, extra: int) -> bool:
+        """Grow the run [start, start + n) in place by ``extra`` pages if those pages are free.
+
+        Pages past the end of the storage count as free (the storage grows).
+        Returns False, changing nothing, when a page in the way is in use.
+        """
+        end = start + n
+        if any(self.refs[p] for p in range(end, min(end + extra, self.num_pages))):
+            return False
+        if end + extra > self.num_pages:
+            self._resize(max(end + extra, 2 * self.num_pages))
+        self._take_free(end, extra)
+        return True
+
+    def retain(self, start: int, n: int) -> None:
+        """One more reference to each page in [start, start + n) (all in use)."""
+        for p in range(start, start + n):
+            assert self.refs[p] > 0, "retaining a free page"
+            self.refs[p] += 1
+
+    def release(self, start: int, n: int, trim: bool = True) -> None:
+        """Drop one reference to each page in [start, start + n); pages left with none are free.
+
+        With ``trim`` the storage shrinks when its free tail is over 3/4 of it.
+        """
+        freed_at = -1
+        for p in range(start, start + n):
+            assert self.refs[p] > 0, "releasing a free page"
+            self.refs[p] -= 1
+            if self.refs[p] == 0:
+                self.used_pages -= 1
+                self.stats.freed += 1
+                if freed_at < 0:
+                    freed_at = p
+            elif freed_at >= 0:
+                self._add_free(freed_at, p - freed_at)
+                freed_at = -1
+        if freed_at >= 0:
+            self._add_free(freed_at, start + n - freed_at)
+        tail = self._tail_free()
+        if trim and tail and 4 * tail > 3 * self.num_pages:  # mostly free at the end: give memory back, keep headroom
+            used_end = self.num_pages - tail
+            self._resize(used_end + used_end // 2)
+
+    def slot_range(self, start: int, n: int) -> slice:
+        """Slots of pages [start, start + n)."""
+        return slice(start * self.page_size, (start + n) * self.page_size)
+
+    def pages_of(self, slot0: int, n: int) -> tuple[int, int]:
+        """First page and page count covering slots [slot0, slot0 + n) (n > 0)."""
+        first = slot0 // self.page_size
+        return first, -(-(slot0 + n) // self.page_size) - first
+
+    def retain_slots(self, slot0: int, n: int) -> None:
+        """:meth:`retain` the pages under slots [slot0, slot0 + n)."""
+        if n > 0:
+            self.retain(*self.pages_of(slot0, n))
+
+    def release_slots(self, slot0: int, n: int, trim: bool = True) -> None:
+        """:meth:`release` the pages under slots [slot0, slot0 + n)."""
+        if n > 0:
+            self.release(*self.pages_of(slot0, n), trim=trim)
+
+
+class KVPools:
+    """The page pools of one engine: one per (layer, KV heads, page format), made on first use.
+
+    Args:
+        page_size: token slots per page.
+        device: where every pool's planes live.
+    """
+
+    def __init__(self, page_size: int = 64, device: torch.device | str | None = None) -> None:
+        self.page_size = page_size
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self._pools: dict[tuple[int, int, PageFormat], PagePool] = {}
+
+    def get(self, layer: int, n_kv_heads: int, fmt: PageFormat) -> PagePool:
+        """The pool of ``layer`` for pages of ``n_kv_heads`` heads in format ``fmt``."""
+        key = (layer, n_kv_heads, fmt)
+        pool = self._pools.get(key)
+        if pool is None:
+            pool = self._pools[key] = PagePool(n_kv_heads, fmt, self.page_size, self.device)
+        return pool
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(self._pools.values())
+
+    def used_pages(self) -> int:
+        """Pages held over every pool."""
+        return sum(p.used_pages for p in self._pools.values())
+
+    def free_pages(self) -> int:
+        """Free pages over every pool (allocated storage nobody holds)."""
+        return sum(p.free_pages for p in self._pools.values())
+
+    def used_bytes(self) -> int:
+        """Bytes of the pages held over every pool (a shared page counts once)."""
+        return sum(p.used_bytes() for p in self._pools.values())
+
+    def bytes(self) -> int:
+        """Bytes of storage allocated over every pool."""
+        return sum(p.bytes() for p in self._pools.values())
