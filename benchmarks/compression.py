@@ -70,7 +70,7 @@ def answer(llm: LLM, spec: str, ratio: float, mode: str, sample: dict, max_new: 
     ctx, q = sample["context_ids"], sample["question_ids"]
     budget = max(int(ratio * len(ctx)), 64)
     policy = DensePolicy() if spec == "dense" else make_policy(spec, budget=budget)
-    policy.validate(llm.config, llm.engine_config)
+    policy = policy.resolve(llm.config, llm.engine_config)
     runner = Runner(llm.model, policy, llm.engine_config)
     seq = runner.new_sequence(len(ctx) + len(q) + max_new)
     t0 = time.perf_counter()

@@ -304,7 +304,7 @@ def main() -> None:
 
     llm = LLM(model=args.model, dtype="bfloat16")
     base = BlockTopKPolicy(window=args.window, resident=args.resident, cold=args.cold, cold_codec=args.cold_codec)
-    base.validate(llm.config, llm.engine_config)
+    base = base.resolve(llm.config, llm.engine_config)
     variants = {
         f"block_topk k={k}" + (f" e={e}" if e else ""): dataclasses.replace(base, topk=k, expand=e)
         for e in args.expand for k in args.topk

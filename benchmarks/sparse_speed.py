@@ -90,7 +90,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     llm = LLM(model=args.model, dtype="bfloat16")
     pol = BlockTopKPolicy()
-    pol.validate(llm.config, llm.engine_config)
+    pol = pol.resolve(llm.config, llm.engine_config)
     c = llm.config
     kv_token = 2 * c.n_layers * c.n_kv_heads * c.head_dim * 2
     weights = decode_bytes_per_token(llm, 0)

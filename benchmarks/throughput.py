@@ -124,7 +124,7 @@ def decode_bytes_per_token(llm: LLM, context: int) -> int:
     """Bytes a longkv decode step reads: the matrices it multiplies (int8 copies when enabled) + the KV cache."""
     m = llm.model
     mats = [lin for layer in m.layers for lin in (layer.qkv, layer.o, layer.gate_up, layer.down)] + [m.lm_head]
-    weights = sum((lin.w8.nbytes + lin.scale.nbytes) if lin.w8 is not None else lin.w.nbytes for lin in mats)  # type: ignore[union-attr]
+    weights = sum(lin.decode_bytes() for lin in mats)
     c = llm.config
     kv = context * 2 * c.n_layers * c.n_kv_heads * c.head_dim * m.dtype.itemsize
     return weights + kv
@@ -184,7 +184,7 @@ def main() -> None:
         "model": str(gguf),
         "threads": args.threads,
         "longkv_dtype": args.dtype,
-        "longkv_int8_decode": llm.int8_decode,
+        "longkv_weights": llm.decode_weights,
         "steps": args.steps,
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus",
         "torch": torch.__version__,

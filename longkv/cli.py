@@ -59,6 +59,7 @@ def ask(
     seed: Annotated[int | None, typer.Option(help="Seed for sampling.")] = None,
     chunk_size: Annotated[int, typer.Option(help="Prefill chunk in tokens.")] = 512,
     dtype: Annotated[str, typer.Option(help="Compute dtype: bfloat16 (fast) or float32 (exact).")] = "bfloat16",
+    weights: Annotated[str, typer.Option(help="Weights decode steps read: auto (int8 with bfloat16, none with float32), int4, int8 or none (the compute dtype).")] = "auto",
     threads: Annotated[int | None, typer.Option(help="CPU threads (default: all cores).")] = None,
     as_json: Annotated[bool, typer.Option("--json", metavar="", help="Print one JSON object (answer + stats) instead of streaming text.")] = False,
     compression: Annotated[
@@ -96,7 +97,7 @@ def ask(
     if skipped and not as_json:
         err.print(f"[dim]skipped {len(skipped)} binary or non-UTF-8 file(s), e.g. {skipped[0]}[/dim]")
     with err.status("loading model ...", spinner="dots") if not as_json else _null():
-        llm = LLM(model, policy=policy, budget=budget, chunk_size=chunk_size, dtype=dtype, threads=threads)
+        llm = LLM(model, policy=policy, budget=budget, chunk_size=chunk_size, dtype=dtype, threads=threads, weights=weights)
     ids, question_ids = llm.ask_ids(docs, question, Compression(compression) is Compression.aware)
     llm.resolve_policy(len(ids) + max_new_tokens, policy, budget, sparse_within_window=True)  # fail before "prefilling ..."
     progress, done = _progress_bar(len(ids), llm.engine_config.progress_min_tokens, quiet=as_json)
@@ -156,6 +157,7 @@ def serve(
     served_model_name: Annotated[str | None, typer.Option(help="Model id clients send (default: the file name).")] = None,
     chunk_size: Annotated[int, typer.Option(help="Prefill chunk in tokens.")] = 512,
     dtype: Annotated[str, typer.Option(help="Compute dtype: bfloat16 (fast) or float32 (exact).")] = "bfloat16",
+    weights: Annotated[str, typer.Option(help="Weights decode steps read: auto (int8 with bfloat16, none with float32), int4, int8 or none (the compute dtype).")] = "auto",
     threads: Annotated[int | None, typer.Option(help="CPU threads (default: all cores).")] = None,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
 ) -> None:
@@ -182,7 +184,7 @@ def serve(
     except ImportError as exc:
         raise LongKVError(f"the server needs its extra ({exc.name} is missing): pip install 'longkv[serve]'") from None
     run_server(
-        model, host=host, port=port, dtype=dtype, served_model_name=served_model_name, log_level=log_level,
+        model, host=host, port=port, dtype=dtype, weights=weights, served_model_name=served_model_name, log_level=log_level,
         chunk_size=chunk_size, threads=threads, default_policy=policy, cache_bytes=cache_mib << 20,
         max_queue=max_queue, max_num_seqs=max_num_seqs, default_max_tokens=max_tokens_default,
         max_tokens_limit=max_tokens_limit,

@@ -23,7 +23,7 @@ from longkv.errors import LongKVError
 from longkv.kv.cache import LayerKV
 from longkv.kv.summaries import PageSummaries
 from longkv.models import build
-from longkv.models.layers import Rotary
+from longkv.models.layers import Rotary, SequenceRotary
 from longkv.policies import BlockTopKPolicy, DensePolicy, make_policy
 
 PS = 8  # page size of the tiny tests
@@ -256,7 +256,7 @@ def test_spec_parser_and_validation_errors() -> None:
     pol = make_policy("block_topk:topk=4,window=256,score=minmax,scope=layer,keep_selection=false")
     assert isinstance(pol, BlockTopKPolicy) and pol.topk == 4 and pol.window == 256 and pol.keep_selection is False
     eng = EngineConfig(chunk_size=64, page_size=PS)
-    pol.validate(model.config, eng)
+    pol = pol.resolve(model.config, eng)
     assert pol.max_context(model.config) is None
     bad = {
         "topk=-1": "topk must be >= 0, got -1",
@@ -283,7 +283,7 @@ def test_spec_parser_and_validation_errors() -> None:
     }
     for knob, message in bad.items():
         with pytest.raises(LongKVError, match=message):
-            make_policy(f"block_topk:{knob}").validate(model.config, eng)
+            make_policy(f"block_topk:{knob}").resolve(model.config, eng)
     with pytest.raises(LongKVError, match="no knob 'k'"):
         make_policy("block_topk:k=4")
     with pytest.raises(LongKVError, match=r"no knob 'topK': did you mean block_topk:topk=\.\.\.\?"):
@@ -297,9 +297,9 @@ def test_spec_parser_and_validation_errors() -> None:
         make_policy("block_topk:topk")
     # the smallest resident the error names is really enough
     with pytest.raises(LongKVError, match=r"needs >= (\d+) MiB") as err:
-        make_policy("block_topk:resident=10KiB,window=256").validate(model.config, eng)
+        make_policy("block_topk:resident=10KiB,window=256").resolve(model.config, eng)
     enough = int(re.search(r"needs >= (\d+) MiB", str(err.value)).group(1))  # type: ignore[union-attr]
-    make_policy(f"block_topk:resident={enough}MiB,window=256").validate(model.config, eng)
+    make_policy(f"block_topk:resident={enough}MiB,window=256").resolve(model.config, eng)
     # sinks + 1 page and its 2 neighbours + window + page + chunk
     assert dataclasses.replace(pol, topk=1).span(eng) == 64 + 3 * PS + 256 + PS + 64
     assert dataclasses.replace(pol, query_tokens=100, expand=0).span(eng) == 64 + 4 * PS + 256 + PS + 100
@@ -358,22 +358,22 @@ def test_topk_auto_is_one_page_with_calibrated_heads_and_two_when_every_row_vote
     pol = make_policy(f"block_topk:topk=auto,sinks={PS},window={2 * PS},query_tokens=12,expand=0,reencode=false,dense_below=0")
     assert isinstance(pol, BlockTopKPolicy) and pol.topk is None and pol.describe().startswith("block_topk(topk=auto,")
     assert pol.span(eng) == PS + 2 * PS + 2 * PS + PS + 16  # before a model is known: the larger value, 2 pages
-    pol.validate(model.config, eng)  # no calibration for this model: every row votes, 2 pages
-    assert pol.k(model.config) == 2 and "topk=2," in pol.describe()
+    auto = pol
+    pol = auto.resolve(model.config, eng)  # no calibration for this model: every row votes, 2 pages
+    assert pol.k(model.config) == 2 and "topk=2," in pol.describe() and auto.topk is None  # a resolved copy
     _, seq = _run(model, pol, ids, [])
     assert seq.selection.pages[0].shape[-1] == 2
     monkeypatch.setitem(retrieval_heads.KNOWN, retrieval_heads.fingerprint(model.config), ((1, 0), (0, 3)))
-    calibrated = dataclasses.replace(pol)
-    calibrated.validate(model.config, eng)
+    calibrated = auto.resolve(model.config, eng)
     assert calibrated.k(model.config) == 1 and "topk=1," in calibrated.describe()
     assert calibrated.span(eng, model.config) == dataclasses.replace(pol, topk=2).span(eng) - PS  # a page less
     _, seq = _run(model, calibrated, ids, [])
     assert seq.selection.pages[0].shape[-1] == 1
     assert seq.selection.pages[0][0].item() == seq.selection.candidates[seq.selection.score.argmax()].item()
     # every row votes (heads=all, or a per-layer scope): 2 pages; an explicit topk always wins
-    assert dataclasses.replace(pol, heads="all").k(model.config) == 2
-    assert dataclasses.replace(pol, scope="layer").k(model.config) == 2
-    assert dataclasses.replace(pol, topk=3).k(model.config) == 3
+    assert dataclasses.replace(auto, heads="all").k(model.config) == 2
+    assert dataclasses.replace(auto, scope="layer").k(model.config) == 2
+    assert dataclasses.replace(auto, topk=3).k(model.config) == 3
     assert make_policy("block_topk:topk=0").k(model.config) == 0
 
 
@@ -475,7 +475,10 @@ def test_auto_policy_uses_block_topk_beyond_the_window_tiered_when_the_cache_is_
 
 
 def test_rotary_reuses_its_last_table_only_for_the_same_positions_and_dtype() -> None:
-    rope = tiny_model().rope
+    model_rope = tiny_model().rope
+    a = torch.tensor([-5, 0, 7, 1000])
+    assert model_rope.cos_sin(a, torch.float32)[0] is not model_rope.cos_sin(a, torch.float32)[0]  # the model keeps no state
+    rope = SequenceRotary(model_rope)  # a runner's own memo
 
     def fresh(pos: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         angles = pos.to(torch.float64)[:, None] * rope.inv_freq[None, :]

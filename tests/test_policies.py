@@ -28,7 +28,7 @@ from longkv.policies import (
     TOVAPolicy,
     make_policy,
 )
-from longkv.policies.base import probe_observation, window_attention
+from longkv.policies.base import Observation, window_attention
 from longkv.policies.modes import fork, prefill_with_question
 
 METHODS = [
@@ -92,7 +92,7 @@ def ids(n: int, seed: int = 0) -> list[int]:
 
 def run(model, policy, prompt: list[int], steps: int = 4):
     """Prefill then greedy decode ``steps`` tokens; return (sequence, stacked logits (steps + 1, V))."""
-    policy.validate(model.config, ENGINE)
+    policy = policy.resolve(model.config, ENGINE)
     runner = Runner(model, policy, ENGINE)
     seq = runner.new_sequence(len(prompt) + steps)
     logits = [runner.prefill(seq, prompt)]
@@ -131,7 +131,7 @@ def test_budget_above_input_equals_dense(model, spec: str) -> None:
 @pytest.mark.parametrize("spec", METHODS)
 def test_small_budget_keeps_exact_counts_sinks_and_window(model, spec: str) -> None:
     budget = 48
-    policy = make_policy(spec, budget=budget)
+    policy = make_policy(spec, budget=budget).resolve(model.config, ENGINE)  # PyramidKV: its depth fixed
     prompt = ids(200, seed=1)
     seq, logits = run(model, policy, prompt, steps=0)
     assert torch.isfinite(logits).all()
@@ -191,9 +191,9 @@ def test_tova_scores_with_last_query_only() -> None:
     keys = torch.eye(4)[None] * 10  # (1, 4, 4): token i points along axis i
     q = torch.zeros(1, 3, 4)
     q[0, 0, 0] = q[0, 1, 1] = q[0, 2, 2] = 10.0  # only the last query points at token 2
-    s = TOVAPolicy(budget=1).score(0, keys, keys, torch.arange(4), q)
+    s = TOVAPolicy(budget=1).score(0, keys, keys, torch.arange(4), Observation.newest(q, 3))
     assert int(s.argmax()) == 2
-    w = window_attention(keys, q, torch.arange(4))
+    w = window_attention(keys, Observation.newest(q, 3), torch.arange(4))
     assert w.shape == (1, 3, 4) and torch.allclose(w.sum(-1), torch.ones(1, 3))
     assert float(w[0, 0, 2:].sum()) == 0.0  # causal: the first window query does not see the last two keys
 
@@ -203,7 +203,7 @@ def test_snapkv_pools_neighbours() -> None:
     keys[0, 10, 0] = 10.0
     q = torch.zeros(1, 2, 4)
     q[0, :, 0] = 10.0
-    s = SnapKVPolicy(budget=4, kernel=3).score(0, keys, keys, torch.arange(20), q)[0]
+    s = SnapKVPolicy(budget=4, kernel=3).score(0, keys, keys, torch.arange(20), Observation.newest(q, 19))[0]
     assert s[9] == s[10] == s[11] and s[10] > s[12]
 
 
@@ -217,7 +217,7 @@ def test_h2o_accumulates_across_compressions() -> None:
     cache.append(keys, keys, torch.arange(6))
     hit1 = torch.zeros(1, 1, 4)
     hit1[0, 0, 0] = 10.0  # an early query attends to token 1 only
-    pol.compress(0, cache, hit1)  # nothing evicted yet (budget 3 < 6 evicts): accumulation then eviction
+    pol.compress(0, cache, Observation.newest(hit1, 5))  # nothing evicted yet (budget 3 < 6 evicts): accumulation then eviction
     assert 1 in cache.view()[2].tolist()
     assert cache.acc is not None and cache.acc.shape == (1, 3)
 
@@ -230,7 +230,7 @@ def test_modes_bound_and_reuse(spec: str) -> None:
     out = {}
     for mode in ("question-agnostic", "question-aware"):
         policy = make_policy(spec, budget=64)
-        policy.validate(model.config, ENGINE)
+        policy = policy.resolve(model.config, ENGINE)
         runner = Runner(model, policy, ENGINE)
         seq = runner.new_sequence()
         logits = prefill_with_question(runner, seq, context, question, mode)
@@ -264,7 +264,7 @@ def test_modes_bound_and_reuse(spec: str) -> None:
 )
 def test_bad_knobs_raise(spec: str, match: str) -> None:
     with pytest.raises(LongKVError, match=match):
-        make_policy(spec).validate(tiny_model().config, ENGINE)
+        make_policy(spec).resolve(tiny_model().config, ENGINE)
 
 
 @pytest.mark.parametrize(
@@ -310,7 +310,7 @@ def test_two_sequences_of_different_lengths_interleaved(spec: str) -> None:
     # different lengths fed chunk by chunk in turn through one runner end as each does alone.
     model = tiny_model("qwen2", seed=12)
     policy = make_policy(spec, budget=40)
-    policy.validate(model.config, ENGINE)
+    policy = policy.resolve(model.config, ENGINE)
     runner = Runner(model, policy, ENGINE)
     prompts = [ids(190, seed=13), ids(97, seed=14)]
     alone = []
@@ -354,7 +354,7 @@ def test_batch_of_two_lengths_equals_each_alone(model64, spec: str, budget: int)
     make = (lambda: DensePolicy()) if spec == "dense" else (lambda: make_policy(spec, budget=budget))
     alone = [run(model, make(), p, steps=34) for p in prompts]
     policy = make()
-    policy.validate(model.config, ENGINE)
+    policy = policy.resolve(model.config, ENGINE)
     runner = Runner(model, policy, ENGINE)
     seqs = [runner.new_sequence(), runner.new_sequence()]
     plans = [runner.plan_prefill(s, p) for s, p in zip(seqs, prompts, strict=True)]
@@ -399,14 +399,13 @@ def test_probe_leaves_cache_and_gives_the_real_queries(model) -> None:
         torch.testing.assert_close(probed[layer], real.queries[layer][:, -9:], rtol=0, atol=1e-5)
 
 
-def test_probe_observation_lifts_the_causal_mask() -> None:
+def test_a_probe_after_the_cache_sees_every_key() -> None:
     keys = torch.randn(2, 10, 16)
     queries = torch.randn(4, 3, 16)
     pos = torch.arange(10)
-    causal = window_attention(keys, queries, pos)
+    causal = window_attention(keys, Observation.newest(queries, 9), pos)
     assert (causal[:, 0, 8:] == 0).all() and (causal[:, 1, 9:] == 0).all()  # query i sees up to 7 + i
-    with probe_observation():
-        probe = window_attention(keys, queries, pos)
+    probe = window_attention(keys, Observation(queries, torch.arange(10, 13)), pos)
     assert (probe > 0).all()
     torch.testing.assert_close(probe[:, 2], causal[:, 2])  # the newest query sees everything either way
     torch.testing.assert_close(probe.sum(-1), torch.ones(2, 3))
@@ -424,8 +423,7 @@ def test_kvzip_scores_by_a_repeat_of_each_chunk() -> None:
     probed = runner.probe(seq, chunk)
     for layer, lkv in enumerate(seq.cache.layers):
         k, _, pos = lkv.view()
-        with probe_observation():
-            expected = window_attention(k, probed[layer], pos, reduce="max").amax(1)
+        expected = window_attention(k, Observation(probed[layer], torch.arange(32, 64)), pos, reduce="max").amax(1)
         torch.testing.assert_close(lkv.acc, expected)
     # the scores are a running maximum: a second chunk never lowers the first chunk's
     first = seq.cache[0].acc.clone()

@@ -43,7 +43,7 @@ def test_32k_input_peak_kv_is_budget_plus_chunk(spec: str, quant: str) -> None:
     model = tiny_model("llama", seed=11)
     engine = EngineConfig(chunk_size=CHUNK, page_size=PAGE)
     policy = make_policy(f"{spec}:kv_quant={quant}", budget=BUDGET)
-    policy.validate(model.config, engine)
+    policy = policy.resolve(model.config, engine)
     runner = Runner(model, policy, engine)
     seq = runner.new_sequence(N_TOKENS)
     ids = torch.randint(0, 64, (N_TOKENS,), generator=torch.Generator().manual_seed(0)).tolist()

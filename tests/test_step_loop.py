@@ -63,7 +63,7 @@ def _ids(n: int, seed: int) -> list[int]:
 
 def _policy(spec: str) -> KVPolicy:
     pol = make_policy(spec)
-    pol.validate(CFG, ENGINE)
+    pol = pol.resolve(CFG, ENGINE)
     return pol
 
 

@@ -58,13 +58,13 @@ def test_policy_spec_parser() -> None:
 def test_streaming_validation_errors(smollm2_f32: LLM) -> None:
     cfg = smollm2_f32.config
     with pytest.raises(LongKVError, match="below sinks 4 \\+ window 100"):
-        StreamingPolicy(budget=50, sinks=4, window=100).validate(cfg, EngineConfig())
+        StreamingPolicy(budget=50, sinks=4, window=100).resolve(cfg, EngineConfig())
     with pytest.raises(LongKVError, match="budget 4 leaves no local window after 4 sink tokens: raise --budget to at least 5"):
-        StreamingPolicy(budget=4, sinks=4).validate(cfg, EngineConfig())
+        StreamingPolicy(budget=4, sinks=4).resolve(cfg, EngineConfig())
     with pytest.raises(LongKVError, match="sinks must be >= 0"):
-        StreamingPolicy(budget=100, sinks=-1).validate(cfg, EngineConfig())
+        StreamingPolicy(budget=100, sinks=-1).resolve(cfg, EngineConfig())
     with pytest.raises(LongKVError, match="exceeds the model's trained window of 8192"):
-        StreamingPolicy(budget=8000).validate(cfg, EngineConfig(chunk_size=512))
+        StreamingPolicy(budget=8000).resolve(cfg, EngineConfig(chunk_size=512))
 
 
 def test_streaming_bounds_kv_memory_on_a_long_input(tiny_llama: Path) -> None:

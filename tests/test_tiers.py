@@ -136,7 +136,7 @@ def test_block_topk_on_an_uncoded_disk_tier_equals_it_in_ram(tmp_path) -> None:
     ram, _ = _run(model, base, ids, [5, 6, 7])
     tier = make_policy(base, resident=_resident(64), cold="disk", cold_codec="none", tier_dir=str(tmp_path))
     assert isinstance(tier, BlockTopKPolicy)
-    tier.validate(model.config, EngineConfig(chunk_size=16, page_size=PS))
+    tier = tier.resolve(model.config, EngineConfig(chunk_size=16, page_size=PS))
     disk, seq = _run(model, tier, ids, [5, 6, 7])
     lkv = seq.cache[0]
     assert isinstance(lkv, TieredLayerKV) and lkv.hot_tokens == 64 and lkv.cold.n_pages > 30

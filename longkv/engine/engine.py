@@ -371,7 +371,7 @@ class Engine:
         o.seq.probe_ids = []
         o.out.prompt_logits = logits
         o.out.prefill_end = now
-        o.out.dense_read = bool(getattr(o.seq.selection, "dense", False))
+        o.out.dense_read = o.seq.selection is not None and o.seq.selection.dense
 
     def _next(self, o: _Running, logits: torch.Tensor, events: list[TokenEvent]) -> None:
         if o.req.params.max_new_tokens == 0:
@@ -402,7 +402,7 @@ class Engine:
         out.finish_reason = reason
         out.finished = time.perf_counter()
         out.peak_kv_bytes = max(o.seq.peak_kv_bytes, o.seq.cache.bytes())
-        out.kv_disk_bytes = sum(getattr(lkv, "disk_bytes", lambda: 0)() for lkv in o.seq.cache.layers)
+        out.kv_disk_bytes = sum(lkv.disk_bytes() for lkv in o.seq.cache.layers)
         events.append(TokenEvent(o.req.request_id, token, text, True, out))
         if reason in ("stop", "length") and o.req.feed_last and o.pending is not None:
             o.feeding = True  # one more forward, in the next step's batch

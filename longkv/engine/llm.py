@@ -27,6 +27,7 @@ from longkv.errors import LongKVError
 from longkv.inputs import Document, build_prompt, collect
 from longkv.loading import load
 from longkv.models import build
+from longkv.models.layers import DECODE_WEIGHTS
 from longkv.policies import BlockTopKPolicy, KVPolicy, StreamingPolicy, make_policy
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -48,8 +49,10 @@ class LLM:
         chunk_size: prefill chunk in tokens.
         dtype: ``"bfloat16"`` (fast, default) or ``"float32"`` (matches transformers
             to ~1e-4) compute and KV dtype.
-        int8_decode: decode steps read int8 copies of the weight matrices
-            (per-channel scales), ~2x faster decode; default: on with bfloat16.
+        weights: the weights decode steps read: ``"int8"`` copies (per-channel scales),
+            ``"int4"`` copies (per-group of 64 or 32 input channels), or ``"none"`` (the
+            compute dtype itself); ``"auto"``: int8 with bfloat16, none with float32
+            (the exact path). Prefill always uses the compute dtype.
         threads: torch threads (``None``: torch's default, all physical cores).
         max_num_seqs: most sequences :meth:`generate_batch` runs in one batch (the others
             join as sequences finish).
@@ -67,11 +70,13 @@ class LLM:
         dtype: str = "bfloat16",
         threads: int | None = None,
         page_size: int = 64,
-        int8_decode: bool | None = None,
+        weights: str = "auto",
         max_num_seqs: int = 8,
     ) -> None:
         self.engine_config = EngineConfig(chunk_size=chunk_size, page_size=page_size, dtype=dtype, threads=threads)
-        self.int8_decode = dtype == "bfloat16" if int8_decode is None else int8_decode
+        if weights not in ("auto", *DECODE_WEIGHTS):
+            raise LongKVError(f"unknown weights {weights!r}: use auto, {', '.join(DECODE_WEIGHTS)}")
+        self.decode_weights = ("int8" if dtype == "bfloat16" else "none") if weights == "auto" else weights
         if max_num_seqs < 1:
             raise LongKVError(f"max_num_seqs must be at least 1, got {max_num_seqs}: pass e.g. 8")
         if threads is not None:
@@ -89,7 +94,10 @@ class LLM:
         self.config: ModelConfig = loaded.config
         self.tokenizer = loaded.tokenizer
         self.source = loaded.source
-        self.model = build(loaded.config, loaded.weights, self.int8_decode)
+        try:
+            self.model = build(loaded.config, loaded.weights, self.decode_weights)
+        except ValueError as exc:  # a matrix the chosen format cannot code
+            raise LongKVError(str(exc)) from None
         eos = set(self.config.eos_token_ids)
         if getattr(self.tokenizer, "eos_token_id", None) is not None:
             eos.add(int(self.tokenizer.eos_token_id))
@@ -141,7 +149,7 @@ class LLM:
                     )
                 spec = StreamingPolicy(budget=budget if budget is not None else default_budget)
         pol = make_policy(spec, budget=budget) if budget is not None and not _is_dense(spec) else make_policy(spec)
-        pol.validate(self.config, self.engine_config)
+        pol = pol.resolve(self.config, self.engine_config)
         limit = pol.max_context(self.config)
         if limit is not None and n_tokens > limit:
             raise LongKVError(
@@ -396,7 +404,7 @@ def _compression_label(pol: KVPolicy, aware: bool) -> str:
     """How an eviction policy scores (``Stats.compression``); empty for other policies."""
     if pol.budget_tokens is None:
         return ""
-    if getattr(pol, "reconstruct", False):
+    if pol.reconstruct:
         return "question-agnostic (re-read)"
     if not pol.needs_queries:
         return ""

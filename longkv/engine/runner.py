@@ -18,7 +18,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from itertools import accumulate
-from typing import Any
 
 import torch
 
@@ -26,8 +25,9 @@ from longkv.attention.dense import attend, attend_segments
 from longkv.config import EngineConfig
 from longkv.kv.cache import HeadwiseLayerKV, KVCache, LayerKV
 from longkv.kv.pool import KVPools
+from longkv.models.layers import SequenceRotary
 from longkv.models.llama import LlamaModel
-from longkv.policies.base import KVPolicy, SelectionPolicy, probe_observation
+from longkv.policies.base import KVPolicy, Observation, SelectionPolicy, SelectionState
 
 # progress(tokens_done, tokens_total)
 ProgressFn = Callable[[int, int], None]
@@ -44,7 +44,7 @@ class Sequence:
     # question-aware compression (see longkv.policies.modes): after every prefill chunk these
     # tokens (the question) are probed over the cache and their queries score what to keep
     probe_ids: list[int] = field(default_factory=list)
-    selection: Any = None  # a SelectionPolicy's state (selected pages, page summaries)
+    selection: SelectionState | None = None  # a selection policy's state (selected pages, page summaries)
 
     @property
     def next_position(self) -> int:
@@ -69,13 +69,14 @@ class Runner:
         self.policy = policy
         self.engine = engine
         self.pools = pools
+        self.rope = SequenceRotary(model.rope)  # this runner's own table memo (the model's rope is stateless)
 
     def new_sequence(self, expected_tokens: int = 0) -> Sequence:
         """A fresh sequence; reserves KV room for ``expected_tokens`` (or the policy's bound)."""
         c, pol, ps, dt = self.model.config, self.policy, self.engine.page_size, self.model.dtype
         pools = self.pools
         fmt = pol.page_format(c.head_dim, dt)
-        per_head = getattr(pol, "per_head", False)  # heads keep different tokens (AdaKV)
+        per_head = pol.per_head  # heads keep different tokens (AdaKV)
         heads = 1 if per_head else c.n_kv_heads
 
         def store(i: int) -> LayerKV:
@@ -86,23 +87,18 @@ class Runner:
         if per_head:
             make = lambda i: HeadwiseLayerKV(partial(store, i), c.n_kv_heads)  # noqa: E731
         cache = KVCache(c.n_layers, c.n_kv_heads, c.head_dim, ps, dt, make)
-        budget = self.policy.budget_tokens
-        bound = budget + max(self.engine.chunk_size, self.policy.evict_every) if budget is not None else None
-        reserve = min(expected_tokens, bound) if bound is not None else expected_tokens
-        layer_budget = getattr(self.policy, "layer_budget", None)
-        if reserve and budget is not None and layer_budget is not None:  # per-layer budgets (PyramidKV)
-            extra = max(self.engine.chunk_size, self.policy.evict_every)
+        if expected_tokens:  # room for what the layer will hold at most: its budget + one chunk
+            extra = max(self.engine.chunk_size, pol.evict_every)
             for i, lkv in enumerate(cache.layers):
-                lkv.reserve(min(expected_tokens, layer_budget(i) + extra))
-        elif reserve:
-            cache.reserve(reserve)
+                budget = pol.layer_budget(i)
+                lkv.reserve(expected_tokens if budget is None else min(expected_tokens, budget + extra))
         seq = Sequence(cache)
         if isinstance(self.policy, SelectionPolicy):
             seq.selection = self.policy.new_state(c, self.engine)
         return seq
 
     def _attention(self, seq: Sequence) -> Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
-        policy, rope = self.policy, self.model.rope
+        policy, rope = self.policy, self.rope
         keep_queries = policy.needs_queries
         if isinstance(policy, SelectionPolicy):
             selective = policy
@@ -124,10 +120,12 @@ class Runner:
                 qs = q if prev is None else torch.cat((prev, q), dim=1)
                 seq.queries[layer] = qs[:, -self.query_window :]
             segments = lkv.segments()
-            # a shared prefix's pages, then the sequence's own: read in place (when no key moves)
-            if len(segments) > 1 and policy.key_positions(lkv.positions()) is None:
-                return attend_segments(q, segments, pos)
-            keys, values, kpos = lkv.view()
+            if len(segments) == 1:
+                keys, values, kpos = segments[0]
+            elif policy.key_positions(lkv.positions()) is None:
+                return attend_segments(q, segments, pos)  # a shared prefix's pages, then the own: read in place
+            else:
+                keys, values, kpos = lkv.view()
             keys = self._move_keys(keys, kpos)
             return attend(q, keys, values, pos, kpos)
 
@@ -146,7 +144,7 @@ class Runner:
         moved = int(torch.count_nonzero(delta))
         if not moved:
             return keys
-        return torch.cat((self.model.rope.rotate(keys[:, :moved], delta[:moved]), keys[:, moved:]), dim=1)
+        return torch.cat((self.rope.rotate(keys[:, :moved], delta[:moved]), keys[:, moved:]), dim=1)
 
     def _attend_headwise(
         self, seq: Sequence, layer: int, lkv: HeadwiseLayerKV, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor
@@ -174,13 +172,15 @@ class Runner:
         ``seq.probe_ids`` is set (question-aware); else the last
         ``query_window`` queries.
         """
-        probe: dict[int, torch.Tensor] = {}
-        if chunk and getattr(self.policy, "reconstruct", False):
-            probe = self.probe(seq, chunk)
-        elif seq.probe_ids:
-            probe = self.probe(seq, seq.probe_ids)
-        with probe_observation(bool(probe)):
-            self.policy.compress_layers(seq.cache.layers, probe or seq.queries)
+        probe_ids = chunk if chunk and self.policy.reconstruct else seq.probe_ids
+        if probe_ids:
+            p0 = seq.next_position  # the probe follows every cached token
+            positions = torch.arange(p0, p0 + len(probe_ids), dtype=torch.int64)
+            obs = {layer: Observation(q, positions) for layer, q in self.probe(seq, probe_ids).items()}
+        else:
+            last = seq.next_position - 1
+            obs = {layer: Observation.newest(q, last) for layer, q in seq.queries.items()}
+        self.policy.compress_layers(seq.cache.layers, obs)
 
     @torch.inference_mode()
     def probe(self, seq: Sequence, ids: list[int]) -> dict[int, torch.Tensor]:

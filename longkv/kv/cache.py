@@ -71,6 +71,7 @@ class LayerKV:
             pool = PagePool(n_kv_heads, fmt, page_size)
         assert pool.fmt == fmt and pool.n_kv_heads == n_kv_heads and pool.page_size == page_size, "pool of another shape"
         self.pool, self.page_size, self.dtype = pool, page_size, dtype
+        self._plain = fmt.codec == "none"
         self.shared: list[tuple[int, int]] = []  # (first slot, tokens): read-only spans, pages retained
         self.shared_n = 0
         self.run_start, self.run_pages = 0, 0  # own run of pages
@@ -118,6 +119,10 @@ class LayerKV:
         pages = self.run_pages + sum(self.pool.pages_of(s, n)[1] for s, n in self.shared)
         acc = 0 if self.acc is None else self.acc.nbytes
         return pages * self.pool.page_bytes() + acc
+
+    def disk_bytes(self) -> int:
+        """Bytes of this layer's pages on disk (a tiered store's cold pages; 0 here)."""
+        return 0
 
     def used_bytes(self) -> int:
         """Bytes of the ``n`` valid tokens (every plane + positions)."""
@@ -205,15 +210,21 @@ class LayerKV:
         Takes pages geometrically when full (call :meth:`reserve` to avoid that).
         """
         t = k.shape[1]
-        if self._writes_shared(t):
+        pool = self.pool
+        if pool.multi_ref_pages and self._writes_shared(t):
             self._cow()  # a reader (a fork, a prefix index) holds a page written next: never write under it
-        need = self.n + t
-        if need > self.capacity:
-            self._resize(max(need, 2 * self.capacity))
-        dst = slice(self._own0() + self.n_own, self._own0() + self.n_own + t)
-        for name, x in self.pool.fmt.encode(k, v).items():
-            self.pool.planes[name][:, dst] = x
-        self.pool.pos[dst] = positions
+        if self.n_own + t > self.run_pages * self.page_size:  # grow the own run geometrically
+            self._resize(self.shared_n + max(self.n_own + t, 2 * self.run_pages * self.page_size))
+        a = self.run_start * self.page_size + self.n_own
+        dst = slice(a, a + t)
+        planes = pool.planes
+        if self._plain:
+            planes["k"][:, dst] = k
+            planes["v"][:, dst] = v
+        else:
+            for name, x in pool.fmt.encode(k, v).items():
+                planes[name][:, dst] = x
+        pool.pos[dst] = positions
         self.n_own += t
 
     # ---------------------------------------------------------------- reads
@@ -223,7 +234,10 @@ class LayerKV:
         return self.shared + own
 
     def _decode(self, idx: slice | torch.Tensor, values: bool = True) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        planes = {name: t[:, idx] for name, t in self.pool.planes.items() if values or not name.startswith("v")}
+        planes = self.pool.planes
+        if self._plain:  # the hot path: views of the planes
+            return planes["k"][:, idx], (planes["v"][:, idx] if values else None), self.pool.pos[idx]
+        planes = {name: t[:, idx] for name, t in planes.items() if values or not name.startswith("v")}
         k, v = self.pool.fmt.decode(planes, values)
         return k, v, self.pool.pos[idx]
 
@@ -256,6 +270,11 @@ class LayerKV:
         Attention reads these in place (``longkv.attention.dense.attend_segments``)
         instead of concatenating a shared prefix with the sequence's own tokens.
         """
+        if not self.shared:
+            a = self.run_start * self.page_size
+            k, v, pos = self._decode(slice(a, a + self.n_own))
+            assert v is not None
+            return [(k, v, pos)]
         out = []
         for s, n in self._spans():
             k, v, pos = self._decode(slice(s, s + n))
@@ -321,7 +340,7 @@ class LayerKV:
         planes = {name: t[:, slot0 : slot0 + n] for name, t in pool.planes.items()}
         if pool.fmt == self.pool.fmt:
             if self.n + n > self.capacity:
-                self._resize(max(self.n + n, 2 * self.capacity))
+                self._resize(self.shared_n + max(self.n_own + n, 2 * self.run_pages * self.page_size))
             dst = slice(self._own0() + self.n_own, self._own0() + self.n_own + n)
             for name, t in planes.items():
                 self.pool.planes[name][:, dst] = t

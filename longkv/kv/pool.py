@@ -113,6 +113,7 @@ class PagePool:
         self.refs: list[int] = []  # reference count per page
         self._free: list[list[int]] = []  # sorted, disjoint [start, length] runs of free pages
         self.used_pages = 0
+        self.multi_ref_pages = 0  # pages with more than one reference (0: nobody shares, writes need no check)
         self.stats = PoolStats()
 
     # ---------------------------------------------------------------- sizes
@@ -232,6 +233,8 @@ class PagePool:
         for p in range(start, start + n):
             assert self.refs[p] > 0, "retaining a free page"
             self.refs[p] += 1
+            if self.refs[p] == 2:
+                self.multi_ref_pages += 1
 
     def release(self, start: int, n: int, trim: bool = True) -> None:
         """Drop one reference to each page in [start, start + n); pages left with none are free.
@@ -242,6 +245,8 @@ class PagePool:
         for p in range(start, start + n):
             assert self.refs[p] > 0, "releasing a free page"
             self.refs[p] -= 1
+            if self.refs[p] == 1:
+                self.multi_ref_pages -= 1
             if self.refs[p] == 0:
                 self.used_pages -= 1
                 self.stats.freed += 1

@@ -20,8 +20,8 @@ MODEL_CLASSES: dict[str, type[LlamaModel]] = {
 }
 
 
-def build(config: ModelConfig, weights: dict[str, torch.Tensor], int8_decode: bool = False) -> LlamaModel:
-    """Instantiate the model class registered for ``config.arch`` (``int8_decode``: see LlamaModel).
+def build(config: ModelConfig, weights: dict[str, torch.Tensor], decode_weights: str = "none") -> LlamaModel:
+    """Instantiate the model class registered for ``config.arch`` (``decode_weights``: see LlamaModel).
 
     Raises:
         LongKVError: the architecture has no implementation.
@@ -30,7 +30,7 @@ def build(config: ModelConfig, weights: dict[str, torch.Tensor], int8_decode: bo
         cls = MODEL_CLASSES[config.arch]
     except KeyError:
         raise LongKVError(f"no forward for architecture {config.arch!r}: supported are {sorted(MODEL_CLASSES)}") from None
-    return cls(config, weights, int8_decode)
+    return cls(config, weights, decode_weights)
 
 
 __all__ = ["MODEL_CLASSES", "AttentionFn", "LlamaModel", "Qwen2Model", "build"]

@@ -23,35 +23,95 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return F.rms_norm(x, (x.shape[-1],), weight, eps)
 
 
+DECODE_WEIGHTS = ("int4", "int8", "none")  # formats of the decode copy of a weight matrix
+
+
+def int4_group(k: int) -> int:
+    """Group size of int4 weights with ``k`` input channels: 64 where it divides k, else 32.
+
+    Raises:
+        ValueError: k is not a multiple of 32 (the CPU int4 kernel needs whole groups).
+    """
+    for g in (64, 32):
+        if k % g == 0:
+            return g
+    raise ValueError(f"int4 weights need input sizes that are multiples of 32, got {k}: use weights int8")
+
+
+def quantize_int4(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-group asymmetric 4-bit codes of w: (N, K) -> codes (N, K) int32 in [0, 15], step and min (N, K / group) float32.
+
+    ``w ~ codes * step + min`` per group of ``group`` input channels.
+    """
+    n, k = w.shape
+    wg = w.float().reshape(n, k // group, group)
+    lo, hi = wg.amin(-1), wg.amax(-1)
+    step = ((hi - lo) / 15).clamp_min(1e-10)
+    codes = ((wg - lo[..., None]) / step[..., None]).round_().clamp_(0, 15).to(torch.int32).reshape(n, k)
+    return codes, step, lo
+
+
+def dequantize_int4(codes: torch.Tensor, step: torch.Tensor, lo: torch.Tensor, group: int) -> torch.Tensor:
+    """Inverse of :func:`quantize_int4`: (N, K) float32."""
+    n, k = codes.shape
+    return (codes.float().reshape(n, k // group, group) * step[..., None] + lo[..., None]).reshape(n, k)
+
+
 class Linear:
-    """``y = x @ W.T + b``, with an optional int8 copy of W for few-row inputs (decode).
+    """``y = x @ W.T + b``, with an optional int8 or int4 copy of W for few-row inputs (decode).
 
-    A decode step multiplies one row by every weight matrix, so it is bound by
-    memory bandwidth: reading W as int8 (per-output-channel scales, symmetric)
-    through ``torch.ops.aten._weight_int8pack_mm`` moves half the bytes of
-    bfloat16 and runs ~3x faster here. Many-row inputs (prefill chunks) are
-    compute-bound and use W itself, where that kernel is slower.
+    A decode step multiplies a few rows by every weight matrix, so it is bound by
+    memory bandwidth: reading a coded copy of W moves a half (int8: per-output-
+    channel scales, symmetric, ``aten._weight_int8pack_mm``) or a quarter (int4:
+    per-group step and minimum, ``aten._weight_int4pack_mm_for_cpu``, which reads
+    a weight tile once for up to 4 rows) of the bytes of bfloat16. Many-row
+    inputs (prefill chunks) are compute-bound and use W itself.
 
-    w: (out, in) in the compute dtype; b: (out,) or None.
+    Args:
+        w: (out, in) in the compute dtype; b: (out,) or None.
+        decode: format of the decode copy: ``"int8"``, ``"int4"`` or ``"none"``.
+
+    Raises:
+        ValueError: unknown ``decode``, or an int4 copy of a matrix whose input size
+            is not a multiple of 32.
     """
 
-    __slots__ = ("b", "scale", "w", "w8")
-    int8_max_rows = 4
+    __slots__ = ("b", "decode", "group", "q", "scale", "w")
+    decode_max_rows = 4
 
-    def __init__(self, w: torch.Tensor, b: torch.Tensor | None = None, int8: bool = False) -> None:
+    def __init__(self, w: torch.Tensor, b: torch.Tensor | None = None, decode: str = "none") -> None:
+        if decode not in DECODE_WEIGHTS:
+            raise ValueError(f"unknown decode weight format {decode!r}: use one of {', '.join(DECODE_WEIGHTS)}")
         self.w = w.contiguous()
         self.b = b
-        self.w8: torch.Tensor | None = None
-        self.scale: torch.Tensor | None = None
-        if int8:
+        self.decode = decode
+        self.q: torch.Tensor | None = None  # int8: (out, in) int8; int4: packed by the CPU kernel's own layout
+        self.scale: torch.Tensor | None = None  # int8: (out,); int4: (in / group, out, 2) step and zero point
+        self.group = 0
+        if decode == "int8":
             wf = w.float()
             scale = (wf.abs().amax(dim=1) / 127.0).clamp_min(1e-12)  # (out,)
-            self.w8 = torch.round(wf / scale[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
+            self.q = torch.round(wf / scale[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
             self.scale = scale.to(w.dtype)
+        elif decode == "int4":
+            self.group = int4_group(w.shape[1])
+            codes, step, lo = quantize_int4(w, self.group)
+            self.q = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+            # the kernel computes (code - 8) * step + zero: zero = min + 8 * step
+            self.scale = torch.stack((step, lo + 8 * step), dim=-1).transpose(0, 1).contiguous().to(w.dtype)
+
+    def decode_bytes(self) -> int:
+        """Bytes a decode step reads from this matrix (the coded copy, else W)."""
+        if self.q is None or self.scale is None:
+            return self.w.nbytes
+        return self.q.nbytes + self.scale.nbytes
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.w8 is not None and x.shape[0] <= self.int8_max_rows:
-            y = torch.ops.aten._weight_int8pack_mm(x, self.w8, self.scale)
+        if self.q is not None and x.shape[0] <= self.decode_max_rows:
+            if self.decode == "int4":
+                y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.q, self.group, self.scale)
+            else:
+                y = torch.ops.aten._weight_int8pack_mm(x, self.q, self.scale)
             return y if self.b is None else y + self.b
         return F.linear(x, self.w, self.b)
 
@@ -93,19 +153,11 @@ class Rotary:
         if config.rope_scaling is not None:
             inv = _llama3_inv_freq(inv, config.rope_scaling)
         self.inv_freq = inv  # (D/2,) float64: angles of far positions (1 M tokens) stay exact
-        # The last table computed: every layer of one step moves its keys by the same deltas
-        # (sink pages, retrieved pages), so 29 of 30 layers reuse it instead of recomputing.
-        self._last: tuple[torch.Tensor, torch.dtype, torch.Tensor, torch.Tensor] | None = None
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """positions: (T,) int64 (may be negative for deltas) -> cos, sin: (T, D/2) of ``dtype``."""
-        last = self._last
-        if last is not None and last[1] == dtype and last[0].shape == positions.shape and torch.equal(last[0], positions):
-            return last[2], last[3]
         angles = positions.to(torch.float64)[:, None] * self.inv_freq[None, :]
-        cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
-        self._last = (positions.clone(), dtype, cos, sin)
-        return cos, sin
+        return angles.cos().to(dtype), angles.sin().to(dtype)
 
     @staticmethod
     def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -118,3 +170,24 @@ class Rotary:
         """Rotate x: (..., T, D) by positions: (T,) (absolute positions or deltas)."""
         cos, sin = self.cos_sin(positions, x.dtype)
         return self.apply(x, cos, sin)
+
+
+class SequenceRotary(Rotary):
+    """The model's rotation with its last cos/sin table kept: one per sequence's runner, never shared.
+
+    Every layer of one step moves its keys by the same deltas (sink pages,
+    retrieved pages, contiguous positions), so 29 of 30 layers reuse the table
+    instead of recomputing it. The model's own :class:`Rotary` stays stateless.
+    """
+
+    def __init__(self, rope: Rotary) -> None:
+        self.inv_freq = rope.inv_freq
+        self._last: tuple[torch.Tensor, torch.dtype, torch.Tensor, torch.Tensor] | None = None
+
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        last = self._last
+        if last is not None and last[1] == dtype and last[0].shape == positions.shape and torch.equal(last[0], positions):
+            return last[2], last[3]
+        cos, sin = super().cos_sin(positions, dtype)
+        self._last = (positions.clone(), dtype, cos, sin)
+        return cos, sin

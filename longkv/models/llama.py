@@ -28,7 +28,7 @@ AttentionFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Ten
 class _Layer:
     __slots__ = ("attn_norm", "down", "gate_up", "mlp_norm", "o", "qkv")
 
-    def __init__(self, w: dict[str, torch.Tensor], prefix: str, bias: bool, int8: bool) -> None:
+    def __init__(self, w: dict[str, torch.Tensor], prefix: str, bias: bool, decode: str) -> None:
         def get(name: str) -> torch.Tensor:
             key = prefix + name
             if key not in w:
@@ -40,10 +40,10 @@ class _Layer:
         # One matmul for q, k and v (and one for gate and up): fewer kernel launches per token.
         w_qkv = torch.cat([get(f"self_attn.{p}_proj.weight") for p in "qkv"], dim=0)
         b_qkv = torch.cat([get(f"self_attn.{p}_proj.bias") for p in "qkv"]) if bias else None
-        self.qkv = Linear(w_qkv, b_qkv, int8)
-        self.o = Linear(get("self_attn.o_proj.weight"), None, int8)
-        self.gate_up = Linear(torch.cat([get("mlp.gate_proj.weight"), get("mlp.up_proj.weight")], dim=0), None, int8)
-        self.down = Linear(get("mlp.down_proj.weight"), None, int8)
+        self.qkv = Linear(w_qkv, b_qkv, decode)
+        self.o = Linear(get("self_attn.o_proj.weight"), None, decode)
+        self.gate_up = Linear(torch.cat([get("mlp.gate_proj.weight"), get("mlp.up_proj.weight")], dim=0), None, decode)
+        self.down = Linear(get("mlp.down_proj.weight"), None, decode)
 
 
 class LlamaModel:
@@ -52,23 +52,25 @@ class LlamaModel:
     Args:
         config: model shape.
         weights: HF-named tensors already in the compute dtype.
-        int8_decode: also keep int8 copies of the matrices for decode steps
-            (see :class:`~longkv.models.layers.Linear`); prefill is unchanged.
+        decode_weights: also keep ``"int8"`` or ``"int4"`` copies of the matrices for
+            decode steps (``"none"``: none; see :class:`~longkv.models.layers.Linear`);
+            prefill is unchanged.
 
     Raises:
         LongKVError: a weight is missing.
     """
 
-    def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], int8_decode: bool = False) -> None:
+    def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], decode_weights: str = "none") -> None:
         self.config = config
         bias = config.attention_bias
-        self.layers = [_Layer(weights, f"model.layers.{i}.", bias, int8_decode) for i in range(config.n_layers)]
+        self.layers = [_Layer(weights, f"model.layers.{i}.", bias, decode_weights) for i in range(config.n_layers)]
         if "model.embed_tokens.weight" not in weights:
             raise LongKVError("weight model.embed_tokens.weight missing from the model file: the file is incomplete")
         self.embed = weights["model.embed_tokens.weight"]
         self.norm = weights["model.norm.weight"]
         head = self.embed if config.tie_embeddings else weights.get("lm_head.weight", self.embed)
-        self.lm_head = Linear(head, None, int8_decode)
+        self.lm_head = Linear(head, None, decode_weights)
+        self.decode_weights = decode_weights
         self.rope = Rotary(config)
         self.dtype = self.embed.dtype
         c = config

@@ -20,7 +20,7 @@ import torch
 from longkv.config import EngineConfig, ModelConfig
 from longkv.errors import LongKVError
 from longkv.kv.cache import HeadwiseLayerKV, LayerKV
-from longkv.policies.base import protect
+from longkv.policies.base import Observation, protect
 from longkv.policies.wrapper import ScorerWrapper
 
 
@@ -53,13 +53,13 @@ class AdaKVPolicy(ScorerWrapper):
         keys: torch.Tensor,
         values: torch.Tensor,
         positions: torch.Tensor,
-        queries: torch.Tensor | None,
+        queries: Observation | None,
     ) -> torch.Tensor:
         """The scorer's scores for the given heads: (Hkv, N)."""
         s = self.inner.score(layer, keys, values, positions, queries).float()
         return s if s.dim() == 2 else s.expand(keys.shape[0], -1)
 
-    def compress(self, layer: int, cache: LayerKV, queries: torch.Tensor | None = None) -> None:
+    def compress(self, layer: int, cache: LayerKV, queries: Observation | None = None) -> None:
         assert isinstance(cache, HeadwiseLayerKV), "adakv needs a per-head store (Runner builds one)"
         heads = cache.heads
         total = self.budget * len(heads)
@@ -67,11 +67,11 @@ class AdaKVPolicy(ScorerWrapper):
             return
         sinks, window = self.protected(self.budget)
         forced = max(int(self.floor * self.budget), sinks + window)
-        g = queries.shape[0] // len(heads) if queries is not None else 0
+        g = queries.q.shape[0] // len(heads) if queries is not None else 0
         scores = []
         for i, h in enumerate(heads):
             k, v, pos = h.view()
-            q = queries[i * g : (i + 1) * g] if queries is not None else None
+            q = queries.heads(i * g, (i + 1) * g) if queries is not None else None
             s = protect(self.score(layer, k, v, pos, q)[0], sinks, window)
             top = torch.topk(s, min(forced, h.n)).indices
             s[top] = torch.inf  # safeguard: every head keeps its best `forced` tokens

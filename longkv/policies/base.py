@@ -19,9 +19,6 @@ from __future__ import annotations
 import dataclasses
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
-from contextlib import contextmanager
-from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -48,26 +45,48 @@ class KVPolicy:
         return None
 
     def validate(self, model: ModelConfig, engine: EngineConfig) -> None:
-        """Raise :class:`~longkv.errors.LongKVError` when the knobs cannot work with this model."""
+        """Raise :class:`~longkv.errors.LongKVError` when the knobs cannot work with this model (changes nothing)."""
+
+    def resolve(self, model: ModelConfig, engine: EngineConfig) -> KVPolicy:
+        """This policy for ``model``: a new object with every model-dependent knob fixed, validated.
+
+        The engine runs resolved policies; the caller's object is never changed.
+
+        Raises:
+            LongKVError: the knobs cannot work with this model (see :meth:`validate`).
+        """
+        pol = dataclasses.replace(self, **self.model_knobs(model))
+        pol.validate(model, engine)
+        return pol
+
+    def model_knobs(self, model: ModelConfig) -> dict[str, Any]:
+        """Knob values that depend on the model (e.g. PyramidKV's depth), for :meth:`resolve`."""
+        return {}
 
     def max_context(self, model: ModelConfig) -> int | None:
         """Longest input (prompt + generated tokens) this policy can serve; ``None``: any."""
         return model.max_position
 
-    def compress(self, layer: int, cache: LayerKV, queries: torch.Tensor | None = None) -> None:
+    def compress(self, layer: int, cache: LayerKV, queries: Observation | None = None) -> None:
         """Shrink ``cache`` in place (default: keep everything).
 
-        queries: (H, W, D) the last rotated queries of this layer (observation
-        window), when the policy asked for them with ``needs_queries``.
+        queries: the observation queries of this layer (the newest tokens', or a
+        probe's), when the policy asked for them with ``needs_queries``.
         """
 
     needs_queries: ClassVar[bool] = False
     evict_every: ClassVar[int] = 32
+    per_head: ClassVar[bool] = False  # KV heads keep different tokens (AdaKV): one single-head store per head
+    reconstruct: ClassVar[bool] = False  # scores each prefill chunk by a probe of its repeat (KVzip)
 
-    def compress_layers(self, caches: list[LayerKV], queries: dict[int, torch.Tensor]) -> None:
+    def layer_budget(self, layer: int) -> int | None:
+        """Most tokens ``layer`` keeps after compression (``None``: unbounded); PyramidKV varies it by layer."""
+        return self.budget_tokens
+
+    def compress_layers(self, caches: list[LayerKV], queries: dict[int, Observation]) -> None:
         """Compress every layer (the runner's entry point): :meth:`compress` layer by layer.
 
-        queries: layer -> (H, W, D) observation queries. Policies that decide
+        queries: layer -> observation queries. Policies that decide
         for all layers at once (one kept set shared by the layers) override this.
         """
         for i, lkv in enumerate(caches):
@@ -207,14 +226,14 @@ class EvictionPolicy(KVPolicy, ABC):
         keys: torch.Tensor,
         values: torch.Tensor,
         positions: torch.Tensor,
-        queries: torch.Tensor | None,
+        queries: Observation | None,
     ) -> torch.Tensor:
         """Importance of each cached token: (Hkv, N) or (N,) float; higher is kept.
 
-        keys, values: (Hkv, N, D); positions: (N,) int64; queries: (H, W, D) or None.
+        keys, values: (Hkv, N, D); positions: (N,) int64; queries: the observation or None.
         """
 
-    def select(self, layer: int, cache: LayerKV, queries: torch.Tensor | None, budget: int) -> torch.Tensor | None:
+    def select(self, layer: int, cache: LayerKV, queries: Observation | None, budget: int) -> torch.Tensor | None:
         """Sorted (budget,) int64 indices of the tokens to keep, or ``None`` when all fit."""
         n = cache.n
         if n <= budget:
@@ -230,7 +249,7 @@ class EvictionPolicy(KVPolicy, ABC):
         scores = protect(scores, *self.protected(budget))
         return torch.topk(scores, budget, sorted=False).indices.sort().values
 
-    def compress(self, layer: int, cache: LayerKV, queries: torch.Tensor | None = None) -> None:
+    def compress(self, layer: int, cache: LayerKV, queries: Observation | None = None) -> None:
         keep = self.select(layer, cache, queries, self.layer_budget(layer))
         if keep is not None:
             cache.keep(keep)
@@ -270,12 +289,12 @@ class AccumulatedScorePolicy(EvictionPolicy, ABC):
 
     accumulate: ClassVar[str] = "sum"
 
-    def compress(self, layer: int, cache: LayerKV, queries: torch.Tensor | None = None) -> None:
+    def compress(self, layer: int, cache: LayerKV, queries: Observation | None = None) -> None:
         # Fold in at every call (not only when something must go), then rank by the totals.
         self.fold(layer, cache, queries)
         super().compress(layer, cache, queries)
 
-    def fold(self, layer: int, cache: LayerKV, queries: torch.Tensor | None) -> None:
+    def fold(self, layer: int, cache: LayerKV, queries: Observation | None) -> None:
         """Fold the observation's scores into ``cache.acc`` (sum or running max)."""
         if queries is not None and cache.n:
             k, v, pos = cache.view()
@@ -290,7 +309,7 @@ class AccumulatedScorePolicy(EvictionPolicy, ABC):
         acc = torch.nn.functional.pad(acc, (0, cache.n - acc.shape[1]))
         return acc.amax(0) if getattr(self, "heads", "sum") == "max" else acc.sum(0)
 
-    def compress_layers(self, caches: list[LayerKV], queries: dict[int, torch.Tensor]) -> None:
+    def compress_layers(self, caches: list[LayerKV], queries: dict[int, Observation]) -> None:
         if getattr(self, "scope", "layer") != "shared":
             super().compress_layers(caches, queries)
             return
@@ -315,7 +334,7 @@ class AccumulatedScorePolicy(EvictionPolicy, ABC):
             scores = torch.nn.functional.max_pool1d(scores[None, None], kernel, stride=1, padding=kernel // 2)[0, 0]
         return self.top(scores, budget)
 
-    def select(self, layer: int, cache: LayerKV, queries: torch.Tensor | None, budget: int) -> torch.Tensor | None:
+    def select(self, layer: int, cache: LayerKV, queries: Observation | None, budget: int) -> torch.Tensor | None:
         if cache.n <= budget:
             return None
         return self.pick(self.token_scores(cache), budget)
@@ -331,55 +350,74 @@ def protect(scores: torch.Tensor, sinks: int, window: int) -> torch.Tensor:
     return scores
 
 
-_PROBE: ContextVar[bool] = ContextVar("longkv_probe_observation", default=False)
+@dataclass(frozen=True)
+class Observation:
+    """The queries a policy scores one layer's cached tokens with.
 
-
-@contextmanager
-def probe_observation(active: bool = True) -> Iterator[None]:
-    """Within this block the observation queries handed to policies come from a probe.
-
-    A probe (``Runner.probe``) feeds tokens *after* every cached token without
-    storing them (the question, in question-aware mode; a repeat of the chunk,
-    for KVzip), so its queries see every cached key: :func:`window_attention`
-    then applies no causal mask.
+    Attributes:
+        q: (H, W, D) rotated queries.
+        positions: (W,) int64, the positions the queries were computed at. The
+            newest W tokens of the sequence (the runner keeps them) see the keys
+            up to their own position; a probe (``Runner.probe``: the question, or a
+            repeat of the chunk for KVzip) is fed after every cached token and sees
+            them all.
     """
-    token = _PROBE.set(active)
-    try:
-        yield
-    finally:
-        _PROBE.reset(token)
+
+    q: torch.Tensor
+    positions: torch.Tensor
+
+    @classmethod
+    def newest(cls, q: torch.Tensor, last_position: int) -> Observation:
+        """The queries (H, W, D) of the W tokens ending at ``last_position``."""
+        w = q.shape[1]
+        return cls(q, torch.arange(last_position - w + 1, last_position + 1, dtype=torch.int64))
+
+    def last(self, w: int) -> Observation:
+        """The newest ``w`` queries."""
+        return Observation(self.q[:, -w:], self.positions[-w:])
+
+    def heads(self, lo: int, hi: int) -> Observation:
+        """Query heads [lo, hi) (the group of one KV head)."""
+        return Observation(self.q[lo:hi], self.positions)
 
 
-def window_attention(
-    keys: torch.Tensor, queries: torch.Tensor, positions: torch.Tensor, reduce: str = "mean"
-) -> torch.Tensor:
-    """Attention of the observation-window queries over the cached keys, per KV head.
+def window_attention(keys: torch.Tensor, obs: Observation, positions: torch.Tensor, reduce: str = "mean") -> torch.Tensor:
+    """Attention of the observation queries over the cached keys, per KV head.
 
-    Outside :func:`probe_observation` the W queries are those of the W newest
-    tokens (the runner keeps them), so query ``i`` sees the keys whose original
-    position is at most ``positions[-1] - (W - 1 - i)`` (causal); inside it they
-    follow every cached key and see them all. Softmax in float32, then the query
-    heads that share a KV head (GQA) are reduced by ``reduce`` (mean or max).
+    Query ``i`` sees the keys whose original position is at most
+    ``obs.positions[i]`` (causal; a probe after the cache sees every key).
+    Softmax in float32, then the query heads that share a KV head (GQA) are
+    reduced by ``reduce`` (mean or max).
 
-    keys: (Hkv, N, D) rotated; queries: (H, W, D) rotated; positions: (N,) int64.
+    keys: (Hkv, N, D) rotated; positions: (N,) int64 of the keys.
     Returns (Hkv, W, N) float32 attention probabilities (each row of each head sums to 1).
     """
     hkv, n, d = keys.shape
-    h, w, _ = queries.shape
+    h, w, _ = obs.q.shape
     g = h // hkv
-    q = queries.float().reshape(hkv, g * w, d)
+    q = obs.q.float().reshape(hkv, g * w, d)
     logits = torch.bmm(q, keys.float().transpose(1, 2)).mul_(d**-0.5).view(hkv, g, w, n)
-    if not _PROBE.get():
-        q_pos = positions[-1] - torch.arange(w - 1, -1, -1, dtype=torch.int64)
-        logits.masked_fill_(positions[None, :] > q_pos[:, None], -math.inf)
+    hidden = positions[None, :] > obs.positions[:, None]  # (W, N)
+    if bool(hidden.any()):
+        logits.masked_fill_(hidden, -math.inf)
     probs = logits.softmax(-1)
     return probs.amax(1) if reduce == "max" else probs.mean(1)
 
 
-def needs_window(name: str, queries: torch.Tensor | None) -> torch.Tensor:
+def needs_window(name: str, queries: Observation | None) -> Observation:
     """``queries`` or an assertion: attention-based scorers run only with an observation window."""
     assert queries is not None, f"{name} scores with the observation-window queries (needs_queries)"
     return queries
+
+
+class SelectionState:
+    """Per-sequence state of a selection policy (a policy's own subclass holds the rest).
+
+    Attributes:
+        dense: the current prompt is read densely (short enough that selecting saves nothing).
+    """
+
+    dense: bool = False
 
 
 @dataclass
@@ -397,7 +435,7 @@ class SelectionPolicy(KVPolicy, ABC):
     """
 
     @abstractmethod
-    def new_state(self, model: ModelConfig, engine: EngineConfig) -> Any:
+    def new_state(self, model: ModelConfig, engine: EngineConfig) -> SelectionState:
         """Fresh per-sequence state (selection in force, page summaries)."""
 
     def reset(self, state: Any, n_tokens: int = 0) -> None:

@@ -36,8 +36,8 @@ answer better than many (distractor pages): see docs/sparse.md.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import ClassVar
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 
@@ -51,7 +51,7 @@ from longkv.kv.summaries import PageSummaries
 from longkv.kv.tiers import CODECS, COLD, TieredLayerKV, parse_bytes
 from longkv.models.layers import Rotary
 from longkv.models.llama import LlamaModel
-from longkv.policies.base import SelectionPolicy
+from longkv.policies.base import SelectionPolicy, SelectionState
 from longkv.policies.page_votes import merge_votes, top_pages, vote, zscore
 from longkv.policies.rereading import greedy_confidence, reencode_pages
 from longkv.policies.retrieval_heads import check_heads, resolve_heads
@@ -61,7 +61,7 @@ AGGREGATES = ("mass", "z")
 
 
 @dataclass
-class BlockTopKState:
+class BlockTopKState(SelectionState):
     """Per-sequence state: the selection in force and the page summaries.
 
     Attributes:
@@ -208,7 +208,6 @@ class BlockTopKPolicy(SelectionPolicy):
     verify: int = 0
     verify_tokens: int = 16
     heads: str = "auto"
-    _auto_topk: int | None = field(default=None, init=False, repr=False, compare=False)
 
     # ------------------------------------------------------------------ setup
     def sink_tokens(self, page_size: int) -> int:
@@ -216,13 +215,14 @@ class BlockTopKPolicy(SelectionPolicy):
 
     def k(self, model: ModelConfig | None = None) -> int:
         """Pages retrieved at the question: ``topk``, or with ``topk=None`` 1 when ``model``'s
-        calibrated retrieval heads choose them, else 2 (without ``model``: the value found by the
-        last :meth:`validate`, else 2, the most ``topk=None`` can mean)."""
+        calibrated retrieval heads choose them, else 2 (without ``model``: 2, the most
+        ``topk=None`` can mean; :meth:`resolve` fixes the value for the model)."""
         if self.topk is not None:
             return self.topk
-        if model is not None:
-            self._auto_topk = 1 if self.scope == "shared" and resolve_heads(self.heads, model) else 2
-        return self._auto_topk or 2
+        return 1 if model is not None and self.scope == "shared" and resolve_heads(self.heads, model) else 2
+
+    def model_knobs(self, model: ModelConfig) -> dict[str, Any]:
+        return {"topk": self.k(model)}
 
     def span(self, engine: EngineConfig, model: ModelConfig | None = None) -> int:
         """Longest distance a query can see, in tokens (sinks + pages + window + one page + block)."""
@@ -325,9 +325,7 @@ class BlockTopKPolicy(SelectionPolicy):
         )
 
     def _describe_topk(self) -> str:
-        if self.topk is not None:
-            return str(self.topk)
-        return str(self._auto_topk) if self._auto_topk else "auto"  # what ran, so the line works as a spec
+        return "auto" if self.topk is None else str(self.topk)  # resolved: what ran, so the line works as a spec
 
     def dense_upto(self, engine: EngineConfig, model: ModelConfig) -> int:
         """Tokens up to which a prompt is read densely: max(span, ``dense_below``) within the trained window (0: never)."""

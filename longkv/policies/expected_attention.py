@@ -21,7 +21,7 @@ from typing import ClassVar
 
 import torch
 
-from longkv.policies.base import EvictionPolicy, needs_window
+from longkv.policies.base import EvictionPolicy, Observation, needs_window
 
 
 @dataclass
@@ -48,10 +48,10 @@ class ExpectedAttentionPolicy(EvictionPolicy):
         keys: torch.Tensor,
         values: torch.Tensor,
         positions: torch.Tensor,
-        queries: torch.Tensor | None,
+        queries: Observation | None,
     ) -> torch.Tensor:
         """(Hkv, N) float32: expected attention (mean over the group's heads), times ||v||."""
-        q = needs_window(self.name, queries).float()  # (H, W, D)
+        q = needs_window(self.name, queries).q.float()  # (H, W, D)
         hkv, _, d = keys.shape
         g = q.shape[0] // hkv
         mu = q.mean(1).view(hkv, g, d)  # (Hkv, G, D)

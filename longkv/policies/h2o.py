@@ -17,7 +17,7 @@ from typing import ClassVar
 
 import torch
 
-from longkv.policies.base import AccumulatedScorePolicy, needs_window, window_attention
+from longkv.policies.base import AccumulatedScorePolicy, Observation, needs_window, window_attention
 
 
 @dataclass
@@ -46,7 +46,7 @@ class H2OPolicy(AccumulatedScorePolicy):
         keys: torch.Tensor,
         values: torch.Tensor,
         positions: torch.Tensor,
-        queries: torch.Tensor | None,
+        queries: Observation | None,
     ) -> torch.Tensor:
         """(Hkv, N) float32: attention mass the observation-window queries give each token (summed)."""
         return window_attention(keys, needs_window(self.name, queries), positions).sum(1)

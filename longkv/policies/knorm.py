@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from longkv.policies.base import EvictionPolicy
+from longkv.policies.base import EvictionPolicy, Observation
 
 
 @dataclass
@@ -34,7 +34,7 @@ class KNormPolicy(EvictionPolicy):
         keys: torch.Tensor,
         values: torch.Tensor,
         positions: torch.Tensor,
-        queries: torch.Tensor | None,
+        queries: Observation | None,
     ) -> torch.Tensor:
         """(Hkv, N) float32: minus the key norm (RoPE rotations keep norms, so rotated keys do)."""
         return -keys.float().norm(dim=-1)

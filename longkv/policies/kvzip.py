@@ -28,7 +28,7 @@ from typing import ClassVar
 
 import torch
 
-from longkv.policies.base import AccumulatedScorePolicy, needs_window, window_attention
+from longkv.policies.base import AccumulatedScorePolicy, Observation, needs_window, window_attention
 
 
 @dataclass
@@ -77,7 +77,7 @@ class KVzipPolicy(AccumulatedScorePolicy):
         keys: torch.Tensor,
         values: torch.Tensor,
         positions: torch.Tensor,
-        queries: torch.Tensor | None,
+        queries: Observation | None,
     ) -> torch.Tensor:
         """(Hkv, N) float32: the largest attention any observation query of the KV group gives each token."""
         return window_attention(keys, needs_window(self.name, queries), positions, reduce="max").amax(1)

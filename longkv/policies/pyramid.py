@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from longkv.config import EngineConfig, ModelConfig
 from longkv.errors import LongKVError
+from longkv.policies.base import Observation
 from longkv.policies.wrapper import ScorerWrapper
 
 
@@ -28,7 +30,7 @@ class PyramidPolicy(ScorerWrapper):
         budget: mean tokens kept per layer.
         scorer: spec of the policy that ranks tokens (``snapkv``, ``h2o``, ...).
         beta: ratio of the mean budget to the last layer's budget (the paper's beta).
-        n_layers: model depth (filled by :meth:`validate`).
+        n_layers: model depth (set by :meth:`resolve`).
 
     Raises:
         LongKVError: unknown scorer, beta < 1, or a layer budget below the
@@ -46,7 +48,7 @@ class PyramidPolicy(ScorerWrapper):
 
     def layer_budget(self, layer: int) -> int:
         if self.n_layers < 1:
-            raise LongKVError("pyramid needs the model depth: call validate(model, engine) or pass n_layers=")
+            raise LongKVError("pyramid needs the model depth: use policy.resolve(model, engine) or pass n_layers=")
         sinks, window = self.inner.protected(self.budget)
         # the last layer keeps budget / beta, but never less than the sinks + window the scorer promises
         low = min(max(self.budget / self.beta, sinks + window, 1), self.budget)
@@ -57,8 +59,10 @@ class PyramidPolicy(ScorerWrapper):
     def validate(self, model: ModelConfig, engine: EngineConfig) -> None:
         if self.beta < 1:
             raise LongKVError(f"pyramid beta must be >= 1 (got {self.beta}): the last layer keeps budget / beta tokens")
-        self.n_layers = model.n_layers
         super().validate(model, engine)
+
+    def model_knobs(self, model: ModelConfig) -> dict[str, Any]:
+        return {"n_layers": model.n_layers}
 
     def score(
         self,
@@ -66,7 +70,7 @@ class PyramidPolicy(ScorerWrapper):
         keys: torch.Tensor,
         values: torch.Tensor,
         positions: torch.Tensor,
-        queries: torch.Tensor | None,
+        queries: Observation | None,
     ) -> torch.Tensor:
         """The scorer's scores, unchanged: (Hkv, N) or (N,)."""
         return self.inner.score(layer, keys, values, positions, queries)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from longkv.policies.base import EvictionPolicy
+from longkv.policies.base import EvictionPolicy, Observation
 
 
 @dataclass
@@ -34,7 +34,7 @@ class RandomPolicy(EvictionPolicy):
         keys: torch.Tensor,
         values: torch.Tensor,
         positions: torch.Tensor,
-        queries: torch.Tensor | None,
+        queries: Observation | None,
     ) -> torch.Tensor:
         """(N,) float32 uniform in [0, 1)."""
         n = keys.shape[1]

@@ -15,7 +15,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from longkv.policies.base import EvictionPolicy, needs_window, window_attention
+from longkv.policies.base import EvictionPolicy, Observation, needs_window, window_attention
 
 
 @dataclass
@@ -49,7 +49,7 @@ class SnapKVPolicy(EvictionPolicy):
         keys: torch.Tensor,
         values: torch.Tensor,
         positions: torch.Tensor,
-        queries: torch.Tensor | None,
+        queries: Observation | None,
     ) -> torch.Tensor:
         """(Hkv, N) float32: mean window attention per token, max-pooled over ``kernel`` neighbours."""
         attn = window_attention(keys, needs_window(self.name, queries), positions).mean(1)  # (Hkv, N)

@@ -16,7 +16,7 @@ import torch
 from longkv.config import EngineConfig, ModelConfig
 from longkv.errors import LongKVError
 from longkv.kv.cache import LayerKV
-from longkv.policies.base import EvictionPolicy
+from longkv.policies.base import EvictionPolicy, Observation
 
 
 @dataclass
@@ -76,7 +76,7 @@ class StreamingPolicy(EvictionPolicy):
         keys: torch.Tensor,
         values: torch.Tensor,
         positions: torch.Tensor,
-        queries: torch.Tensor | None,
+        queries: Observation | None,
     ) -> torch.Tensor:
         # Sinks first, then the window by recency; anything older than the window last.
         n = positions.numel()
@@ -85,7 +85,7 @@ class StreamingPolicy(EvictionPolicy):
         score[: min(self.sinks, n)] = float(n + 1)
         return score
 
-    def compress(self, layer: int, cache: LayerKV, queries: torch.Tensor | None = None) -> None:
+    def compress(self, layer: int, cache: LayerKV, queries: Observation | None = None) -> None:
         # Same result as ranking by score(), without a top-k: the kept set is two ranges.
         n, keep_n = cache.n, self.sinks + self.local_window
         if n <= keep_n:

@@ -12,7 +12,7 @@ from typing import ClassVar
 
 import torch
 
-from longkv.policies.base import EvictionPolicy, needs_window, window_attention
+from longkv.policies.base import EvictionPolicy, Observation, needs_window, window_attention
 
 
 @dataclass
@@ -36,8 +36,8 @@ class TOVAPolicy(EvictionPolicy):
         keys: torch.Tensor,
         values: torch.Tensor,
         positions: torch.Tensor,
-        queries: torch.Tensor | None,
+        queries: Observation | None,
     ) -> torch.Tensor:
         """(Hkv, N) float32: attention of the newest query, mean over its group's heads."""
-        q = needs_window(self.name, queries)[:, -1:]
+        q = needs_window(self.name, queries).last(1)
         return window_attention(keys, q, positions)[:, 0]

@@ -36,9 +36,9 @@ class ScorerWrapper(EvictionPolicy):
         return self.inner.needs_queries
 
     @property
-    def reconstruct(self) -> bool:
+    def reconstruct(self) -> bool:  # type: ignore[override]
         """Whether the scorer rates tokens by a repeat of each chunk (KVzip)."""
-        return bool(getattr(self.inner, "reconstruct", False))
+        return self.inner.reconstruct
 
     def protected(self, budget: int) -> tuple[int, int]:
         return self.inner.protected(budget)

@@ -94,7 +94,7 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
     metrics = Metrics()
     worker = EngineWorker(llm, config, metrics)
     tokenizer = _Tokenizer(llm)
-    fingerprint = f"longkv-{__version__}-{llm.engine_config.dtype}"
+    fingerprint = f"longkv-{__version__}-{llm.engine_config.dtype}-{llm.decode_weights}"
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -363,6 +363,7 @@ def serve(
     log_level: str = "info",
     chunk_size: int = 512,
     threads: int | None = None,
+    weights: str = "auto",
     **config: Any,
 ) -> None:
     """Load ``model`` and serve it until interrupted (``config``: :class:`ServerConfig` fields)."""
@@ -370,7 +371,7 @@ def serve(
 
     _check_port_free(host, port)  # before the model loads: a busy port is a one-line error, not errno 98 later
     policy = config.get("default_policy", "dense")
-    llm = LLM(model, policy=policy, dtype=dtype, chunk_size=chunk_size, threads=threads)  # a bad policy fails before loading
+    llm = LLM(model, policy=policy, dtype=dtype, chunk_size=chunk_size, threads=threads, weights=weights)  # a bad policy fails before loading
     cfg = ServerConfig(model_id=served_model_name or default_model_id(llm), **config)
     if cfg.default_policy != "auto":
         llm.resolve_policy(0, cfg.default_policy)  # knobs that cannot work with this model: fail now, not per request

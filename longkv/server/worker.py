@@ -208,7 +208,7 @@ class EngineWorker:
         self._cv = threading.Condition()
         self._stop = False
         self._thread = threading.Thread(target=self._loop, name="longkv-engine", daemon=True)
-        self._fingerprint = namespace(llm.source, llm.engine_config.dtype, f"int8={llm.int8_decode}")
+        self._fingerprint = namespace(llm.source, llm.engine_config.dtype, f"weights={llm.decode_weights}")
 
     # ----------------------------------------------------------------- control
     def start(self) -> None:

@@ -1,0 +1,54 @@
+"""Decode weight formats: int4 codes round-trip, the int4/int8 kernels against dequantize-then-matmul, bad formats."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from longkv.models.layers import Linear, dequantize_int4, int4_group, quantize_int4
+
+
+def _w(n: int, k: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, k, generator=torch.Generator().manual_seed(seed)) * 0.05
+
+
+def test_int4_codes_round_trip_within_half_a_step() -> None:
+    w = _w(96, 192)
+    codes, step, lo = quantize_int4(w, 64)
+    assert codes.dtype == torch.int32 and int(codes.min()) >= 0 and int(codes.max()) <= 15
+    back = dequantize_int4(codes, step, lo, 64)
+    err = (back - w).abs().reshape(96, 3, 64)
+    assert bool((err <= step[..., None] / 2 + 1e-7).all())
+    again = dequantize_int4(*quantize_int4(back, 64), 64)  # coded values code to themselves
+    assert float((again - back).abs().max()) < 1e-6
+
+
+@pytest.mark.parametrize("k", [576, 96])  # groups of 64, and of 32 where 64 does not divide k
+def test_int4_linear_equals_dequantized_matmul(k: int) -> None:
+    w = _w(160, k, 1).to(torch.bfloat16)
+    b = torch.randn(160).to(torch.bfloat16)
+    lin = Linear(w, b, "int4")
+    g = int4_group(k)
+    assert lin.group == g and lin.decode_bytes() < w.nbytes // 3
+    ref_w = dequantize_int4(*quantize_int4(w, g), g)
+    for rows in (1, 3, 4):
+        x = torch.randn(rows, k).to(torch.bfloat16)
+        want = x.float() @ ref_w.T + b.float()
+        got = lin(x).float()
+        assert got.shape == (rows, 160)
+        torch.testing.assert_close(got, want, rtol=0.02, atol=0.02 * float(want.abs().max()))
+    x = torch.randn(5, k).to(torch.bfloat16)  # more rows than a decode step: the exact weights
+    assert torch.equal(lin(x), F.linear(x, w, b))
+
+
+def test_int8_linear_and_bad_formats() -> None:
+    w = _w(64, 128, 2).to(torch.bfloat16)
+    lin = Linear(w, None, "int8")
+    x = torch.randn(2, 128).to(torch.bfloat16)
+    torch.testing.assert_close(lin(x).float(), x.float() @ w.float().T, rtol=0.03, atol=0.03)
+    assert lin.decode_bytes() == 64 * 128 + 64 * 2
+    with pytest.raises(ValueError, match="unknown decode weight format"):
+        Linear(w, None, "int2")
+    with pytest.raises(ValueError, match="multiples of 32"):
+        Linear(_w(8, 40), None, "int4")
