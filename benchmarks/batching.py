@@ -219,10 +219,11 @@ def main() -> None:
     ap.add_argument("--doc-tokens", type=int, default=4096)
     ap.add_argument("--attach-tokens", type=int, default=6144, help="cached prefix whose attach time is measured")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--weights", default="auto", help="decode weights: auto, int4, int8, none")
     ap.add_argument("--out", type=Path, help="JSON results file")
     args = ap.parse_args()
 
-    llm = LLM(args.model, threads=args.threads)
+    llm = LLM(args.model, threads=args.threads, weights=args.weights)
     print(f"{llm.source}: {llm.config.arch}, {llm.config.n_layers} layers, torch {torch.__version__}, {args.threads} threads")
     run_decode(llm, 1, 256, 8)  # warm-up
     rows = []
@@ -252,7 +253,7 @@ def main() -> None:
         print(f"  attaching a cached {sh['attach_tokens']}-token prefix to a new sequence: {sh['attach_ms']} ms (median of 20)")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        meta = {"model": str(llm.source), "threads": args.threads, "torch": torch.__version__, "machine": platform.processor() or platform.machine()}
+        meta = {"model": str(llm.source), "weights": llm.decode_weights, "threads": args.threads, "torch": torch.__version__, "machine": platform.processor() or platform.machine()}
         result = {"meta": meta, "decode": rows, "ttft": ttft, "sharing": sharing}
         args.out.write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {args.out}")

@@ -139,6 +139,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--engines", default="longkv,transformers,llama.cpp", help="which engines to run")
     ap.add_argument("--dtype", default="bfloat16", help="longkv compute dtype")
+    ap.add_argument("--weights", default="auto", help="longkv decode weights: auto, int4, int8, none")
     ap.add_argument("--out", default="runs/throughput.json")
     args = ap.parse_args()
 
@@ -152,7 +153,7 @@ def main() -> None:
         gguf = fetch_default_model()
     lengths = [int(x) for x in args.lengths.split(",")]
     engines = args.engines.split(",")
-    llm = LLM(model=gguf, dtype=args.dtype, threads=args.threads)
+    llm = LLM(model=gguf, dtype=args.dtype, threads=args.threads, weights=args.weights)
     ids_all = book_ids(llm, max(lengths))
     runners: dict[str, Callable[[list[int], int], Timing]] = {"longkv": lambda ids, s: run_longkv(llm, ids, s)}
     if "transformers" in engines:

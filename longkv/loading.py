@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -51,12 +52,26 @@ def default_model_path() -> Path:
 
 @dataclass
 class LoadedModel:
-    """A model ready to run: its config, weights (HF names) and tokenizer."""
+    """A model ready to run: its config, weights (HF names) and tokenizer.
+
+    ``weight_bits``: bits per weight each tensor was stored with in the file (GGUF
+    Q4_1: 4, Q8_0: 8, F16: 16, ...), by HF name; what a decode format can keep.
+    """
 
     config: ModelConfig
     weights: dict[str, torch.Tensor]
     tokenizer: Any
     source: str
+    weight_bits: dict[str, int] = field(default_factory=dict)
+
+
+def _ggml_bits(type_name: str) -> int:
+    """Bits per weight of a GGML tensor type: Q4_1 -> 4, IQ3_S -> 3, Q8_0 -> 8, F16 -> 16, BF16 -> 16, F32 -> 32."""
+    m = re.match(r"I?Q(\d)", type_name)
+    if m:
+        return int(m.group(1))
+    m = re.search(r"(\d+)", type_name)
+    return int(m.group(1)) if m else 32
 
 
 def fetch_default_model(quiet: bool = False) -> Path:
@@ -264,10 +279,12 @@ def _load_gguf(path: Path, dtype: torch.dtype) -> LoadedModel:
     names = {t.name for t in reader.tensors}
     config = ModelConfig.from_gguf(meta, names, name=path.name)
     weights: dict[str, torch.Tensor] = {}
+    bits: dict[str, int] = {}
     for t in reader.tensors:
         hf = _hf_name(t.name)
         if hf is None:
             continue
+        bits[hf] = _ggml_bits(t.tensor_type.name)
         try:
             if t.tensor_type in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
                 arr = np.asarray(t.data, dtype=np.float32)
@@ -283,7 +300,7 @@ def _load_gguf(path: Path, dtype: torch.dtype) -> LoadedModel:
                 arr = _unpermute_rope_rows(arr, config.n_kv_heads)
         weights[hf] = torch.from_numpy(np.array(arr, dtype=np.float32, copy=True)).to(dtype)
     tokenizer = _gguf_tokenizer(path)
-    return LoadedModel(config, weights, tokenizer, str(path))
+    return LoadedModel(config, weights, tokenizer, str(path), bits)
 
 
 def _gguf_tokenizer(path: Path) -> Any:

@@ -49,7 +49,7 @@ def smollm2_f32(smollm2_path: Path):
 
 @pytest.fixture(scope="session")
 def smollm2_bf16(smollm2_path: Path):
-    """The real SmolLM2 loaded once on the fast path (bfloat16 + int8 decode)."""
+    """The real SmolLM2 loaded once on the fast path (bfloat16; decode reads int4 copies of its Q4_1 matrices)."""
     from longkv import LLM
 
     return LLM(model=smollm2_path, dtype="bfloat16")

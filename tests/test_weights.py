@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -52,3 +54,40 @@ def test_int8_linear_and_bad_formats() -> None:
         Linear(w, None, "int2")
     with pytest.raises(ValueError, match="multiples of 32"):
         Linear(_w(8, 40), None, "int4")
+
+
+def test_bits_per_weight_of_ggml_types_and_the_auto_choice() -> None:
+    from longkv.engine.llm import auto_weights
+    from longkv.loading import _ggml_bits
+
+    assert [_ggml_bits(t) for t in ("Q4_1", "Q4_K", "IQ3_S", "Q5_0", "Q6_K", "Q8_0", "F16", "BF16", "F32")] == [4, 4, 3, 5, 6, 8, 16, 16, 32]
+    four = {"model.layers.0.mlp.down_proj.weight": 4, "model.layers.0.self_attn.q_proj.weight": 4, "model.embed_tokens.weight": 8}
+    assert auto_weights("bfloat16", four) == "int4"  # the 8-bit embedding is the LM head, which stays int8
+    assert auto_weights("bfloat16", {**four, "model.layers.0.self_attn.v_proj.weight": 5}) == "int8"
+    assert auto_weights("bfloat16", {}) == "int8"  # an HF folder (bf16/f32 weights)
+    assert auto_weights("float32", four) == "none"
+
+
+def _decode_nll(llm, ids: list[int], context: int) -> float:  # type: ignore[no-untyped-def]
+    from longkv.engine.runner import Runner
+    from longkv.policies import DensePolicy
+
+    runner = Runner(llm.model, DensePolicy(), llm.engine_config)
+    seq = runner.new_sequence(len(ids))
+    logits = runner.prefill(seq, ids[:context])
+    nll = 0.0
+    for t in ids[context:]:
+        nll -= float(torch.log_softmax(logits.float(), -1)[t])
+        logits = runner.decode(seq, t)
+    return nll / (len(ids) - context)
+
+
+def test_real_smollm2_decodes_int4_by_default_at_the_bf16_perplexity(smollm2_bf16, smollm2_path, book_text: str) -> None:  # type: ignore[no-untyped-def]
+    from longkv import LLM
+
+    assert smollm2_bf16.decode_weights == "int4"
+    assert smollm2_bf16.model.lm_head.decode == "int8" and smollm2_bf16.model.layers[0].qkv.decode == "int4"
+    plain = LLM(model=smollm2_path, dtype="bfloat16", weights="none", threads=2)
+    ids = smollm2_bf16.encode(book_text[20_000:])[:352]
+    ratio = math.exp(_decode_nll(smollm2_bf16, ids, 256) - _decode_nll(plain, ids, 256))
+    assert abs(ratio - 1) < 0.03, ratio  # decode perplexity of 96 book tokens within 3 % of the bf16 weights

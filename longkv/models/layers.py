@@ -32,7 +32,7 @@ def int4_group(k: int) -> int:
     Raises:
         ValueError: k is not a multiple of 32 (the CPU int4 kernel needs whole groups).
     """
-    for g in (64, 32):
+    for g in (32,):
         if k % g == 0:
             return g
     raise ValueError(f"int4 weights need input sizes that are multiples of 32, got {k}: use weights int8")
