@@ -2,9 +2,10 @@
 
 Same workload as ``benchmarks/batching.py`` (N different 2048-token book passages, 128
 tokens each, EOS ignored, greedy), sent at once to ``/completion`` as token ids
-(tokenized by the server itself). Aggregate decode tokens/s = the sum over requests
-of the server's own ``timings.predicted_per_second`` (the slots decode together, so
-their decode windows overlap), and the wall time of the whole round.
+(tokenized by the server itself). Each prompt is first prefilled into its own slot
+(``cache_prompt``, one token generated), then the N requests are sent again at once:
+aggregate decode tokens/s = tokens generated / wall time of that second round (the
+server re-reads at most a token of each cached prompt, ``reprocessed_prompt_tokens``).
 
 ``llama-server`` builds from the llama.cpp sources vendored in the llama-cpp-python
 sdist (cmake, ``--target llama-server``); pass its path with ``--server``.
@@ -43,17 +44,19 @@ def _free_port() -> int:
 
 
 def run_round(base: str, prompts: list[list[int]], new_tokens: int) -> dict[str, Any]:
-    body = {"n_predict": new_tokens, "ignore_eos": True, "temperature": 0, "cache_prompt": False}
-    t0 = time.perf_counter()
-    with ThreadPoolExecutor(len(prompts)) as pool:
-        outs = list(pool.map(lambda p: _post(f"{base}/completion", {**body, "prompt": p}), prompts))
-    wall = time.perf_counter() - t0
-    per = [o["timings"]["predicted_per_second"] for o in outs]
+    """N concurrent requests after their prompts were cached in N slots: the wall time is decode time."""
+    body = {"ignore_eos": True, "temperature": 0, "cache_prompt": True}
+    with ThreadPoolExecutor(len(prompts)) as pool:  # prefill every prompt into its own slot first
+        list(pool.map(lambda p: _post(f"{base}/completion", {**body, "prompt": p, "n_predict": 1}), prompts))
+        t0 = time.perf_counter()
+        outs = list(pool.map(lambda p: _post(f"{base}/completion", {**body, "prompt": p, "n_predict": new_tokens}), prompts))
+        wall = time.perf_counter() - t0
+    tokens = sum(o["timings"]["predicted_n"] for o in outs)
     return {
         "clients": len(prompts),
-        "decode_tok_s": round(sum(per), 1),
-        "per_request_tok_s": [round(x, 1) for x in per],
-        "prompt_tok_s": [round(o["timings"]["prompt_per_second"], 1) for o in outs],
+        "decode_tok_s": round(tokens / wall, 1),
+        "per_request_tok_s": [round(o["timings"]["predicted_per_second"], 1) for o in outs],
+        "reprocessed_prompt_tokens": [o["timings"]["prompt_n"] for o in outs],
         "wall_s": round(wall, 2),
     }
 
@@ -74,15 +77,18 @@ def main() -> None:
     env = {**os.environ, "LD_LIBRARY_PATH": str(Path(args.server).parent)}
     ctx = slots * (args.prompt_tokens + args.new_tokens + 64)
     cmd = [args.server, "-m", args.model, "--port", str(port), "-np", str(slots), "-c", str(ctx), "-t", str(args.threads),
-           "-tb", str(args.threads), "-b", "512", "--no-webui"]  # fmt: skip
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+           "-tb", str(args.threads), "-b", "512", "--no-ui"]  # fmt: skip
+    log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"llama-server-{port}.log", "w")  # noqa: SIM115
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(300):
+        for _ in range(600):
             try:
                 if _post(f"{base}/tokenize", {"content": "hi"}, timeout=5):
                     break
             except Exception:
+                if proc.poll() is not None:
+                    raise SystemExit(f"llama-server exited with {proc.returncode}: see {log.name}") from None
                 time.sleep(0.5)
         text = BOOK.read_text()[20_000:]
         ids = _post(f"{base}/tokenize", {"content": text[: 40 * args.prompt_tokens * slots]})["tokens"]
@@ -95,6 +101,7 @@ def main() -> None:
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+        log.close()
     one = rows[0]["decode_tok_s"] if rows and rows[0]["clients"] == 1 else None
     print(f"\nllama-server -np {slots}, {args.prompt_tokens}-token prompts, {args.new_tokens} new tokens each")
     print("| clients | decode tok/s | vs 1 client | wall s |")
