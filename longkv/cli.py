@@ -59,7 +59,7 @@ def ask(
     seed: Annotated[int | None, typer.Option(help="Seed for sampling.")] = None,
     chunk_size: Annotated[int, typer.Option(help="Prefill chunk in tokens.")] = 512,
     dtype: Annotated[str, typer.Option(help="Compute dtype: bfloat16 (fast) or float32 (exact).")] = "bfloat16",
-    weights: Annotated[str, typer.Option(help="Weights decode steps read: auto (int8 with bfloat16, none with float32), int4, int8 or none (the compute dtype).")] = "auto",
+    weights: Annotated[str, typer.Option(help="Weights decode steps read: auto (with bfloat16: int4 when the file stores its matrices in 4 bits, e.g. Q4_1, else int8; with float32: none), int4, int8 or none (the compute dtype).")] = "auto",
     threads: Annotated[int | None, typer.Option(help="CPU threads (default: all cores).")] = None,
     as_json: Annotated[bool, typer.Option("--json", metavar="", help="Print one JSON object (answer + stats) instead of streaming text.")] = False,
     compression: Annotated[
@@ -157,7 +157,7 @@ def serve(
     served_model_name: Annotated[str | None, typer.Option(help="Model id clients send (default: the file name).")] = None,
     chunk_size: Annotated[int, typer.Option(help="Prefill chunk in tokens.")] = 512,
     dtype: Annotated[str, typer.Option(help="Compute dtype: bfloat16 (fast) or float32 (exact).")] = "bfloat16",
-    weights: Annotated[str, typer.Option(help="Weights decode steps read: auto (int8 with bfloat16, none with float32), int4, int8 or none (the compute dtype).")] = "auto",
+    weights: Annotated[str, typer.Option(help="Weights decode steps read: auto (with bfloat16: int4 when the file stores its matrices in 4 bits, e.g. Q4_1, else int8; with float32: none), int4, int8 or none (the compute dtype).")] = "auto",
     threads: Annotated[int | None, typer.Option(help="CPU threads (default: all cores).")] = None,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
 ) -> None:

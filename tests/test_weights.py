@@ -86,6 +86,8 @@ def test_real_smollm2_decodes_int4_by_default_at_the_bf16_perplexity(smollm2_bf1
     from longkv import LLM
 
     assert smollm2_bf16.decode_weights == "int4"
+    stats = smollm2_bf16.generate("Hello", max_new_tokens=2).stats  # a user sees which weights ran
+    assert "| weights int4 | policy " in stats.line() and stats.as_dict()["weights"] == "int4"
     assert smollm2_bf16.model.lm_head.decode == "int8" and smollm2_bf16.model.layers[0].qkv.decode == "int4"
     plain = LLM(model=smollm2_path, dtype="bfloat16", weights="none", threads=2)
     ids = smollm2_bf16.encode(book_text[20_000:])[:352]

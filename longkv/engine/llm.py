@@ -217,7 +217,7 @@ class LLM:
             if ev.text:
                 yield ev.text
             if ev.finished:
-                _fill(res, ev.output, pol)
+                _fill(res, ev.output, pol, self.decode_weights)
 
     def _run(self, requests: list[Request]) -> Iterator[TokenEvent]:
         """Run ``requests`` on the step loop to the end; yield their events.
@@ -332,7 +332,7 @@ class LLM:
         gens = []
         for i, r in enumerate(reqs):
             g = Generation("".join(texts[r.request_id]), [], "length")
-            _fill(g, outs[r.request_id], pol)
+            _fill(g, outs[r.request_id], pol, self.decode_weights)
             g.stats.compression = _compression_label(pol, bool(question_ids and question_ids[i]))
             g.stats.prefill_s = prefill_end - t0  # the batch's prompts were prefilled together
             g.stats.batch_prompt_tokens = sum(map(len, ids))
@@ -391,13 +391,14 @@ class LLM:
         return self.generate(self.apply_chat_template(messages), **kwargs)
 
 
-def _fill(res: Generation, out: RequestOutput, pol: KVPolicy) -> None:
+def _fill(res: Generation, out: RequestOutput, pol: KVPolicy, weights: str) -> None:
     """Copy a finished request's tokens, finish reason and costs into ``res``."""
     res.token_ids[:] = out.token_ids
     res.finish_reason = "stop" if out.finish_reason == "stop" else "length"
     st = res.stats
     st.prompt_tokens, st.generated_tokens = out.prompt_tokens, len(out.token_ids)
     st.policy = pol.describe() + (", prompt read densely" if out.dense_read else "")
+    st.weights = weights
     st.prefill_s, st.ttft_s, st.decode_s = out.prefill_s, out.ttft_s, out.decode_s
     st.peak_kv_bytes, st.kv_disk_bytes = out.peak_kv_bytes, out.kv_disk_bytes
     if out.error is not None:

@@ -18,6 +18,7 @@ class Stats:
     peak_kv_bytes: int = 0
     kv_disk_bytes: int = 0  # KV pages in a disk tier (block_topk with resident=...)
     policy: str = ""
+    weights: str = ""  # the weights decode steps read: int4, int8 or none
     compression: str = ""  # how an eviction policy scored: question-aware, question-agnostic, or re-read (KVzip)
     batch_prompt_tokens: int = 0  # generate_batch: prompt tokens of the whole batch, prefilled together in prefill_s
 
@@ -42,6 +43,7 @@ class Stats:
             f"TTFT {self.ttft_s:.2f} s | {self._decode_part()} | "
             f"peak KV {_fmt_bytes(self.peak_kv_bytes)}"
             + (f" (+ {_fmt_bytes(self.kv_disk_bytes)} on disk)" if self.kv_disk_bytes else "")
+            + (f" | weights {self.weights}" if self.weights else "")
             + f" | policy {self.policy}"
             + (f" {self.compression}" if self.compression else "")
         )
@@ -65,6 +67,7 @@ class Stats:
             "peak_kv_bytes": self.peak_kv_bytes,
             "kv_disk_bytes": self.kv_disk_bytes,
             "policy": self.policy,
+            "weights": self.weights or None,
             "compression": self.compression or None,
         }
         if self.batch_prompt_tokens:
