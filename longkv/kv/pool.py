@@ -78,15 +78,6 @@ def _numel(shape: tuple[int, ...]) -> int:
     return n
 
 
-class PoolStats:
-    """Counters of a pool since it was made (pages)."""
-
-    def __init__(self) -> None:
-        self.allocated = 0  # pages handed out by alloc/extend
-        self.freed = 0  # pages whose last reference went
-        self.grown = 0  # times the storage grew (one copy each)
-
-
 class PagePool:
     """Pages of KV for one layer, shared by the sequences of an engine, with reference counts.
 
@@ -114,7 +105,6 @@ class PagePool:
         self._free: list[list[int]] = []  # sorted, disjoint [start, length] runs of free pages
         self.used_pages = 0
         self.multi_ref_pages = 0  # pages with more than one reference (0: nobody shares, writes need no check)
-        self.stats = PoolStats()
 
     # ---------------------------------------------------------------- sizes
     @property
@@ -156,7 +146,6 @@ class PagePool:
         if num_pages > old:
             self.refs.extend([0] * (num_pages - old))
             self._add_free(old, num_pages - old)
-            self.stats.grown += 1
         else:
             assert all(r == 0 for r in self.refs[num_pages:]), "cutting pages still in use"
             del self.refs[num_pages:]
@@ -183,7 +172,6 @@ class PagePool:
         for p in range(start, start + n):
             self.refs[p] = 1
         self.used_pages += n
-        self.stats.allocated += n
 
     def _cut_free(self, num_pages: int) -> None:
         while self._free and self._free[-1][0] >= num_pages:
@@ -249,7 +237,6 @@ class PagePool:
                 self.multi_ref_pages -= 1
             if self.refs[p] == 0:
                 self.used_pages -= 1
-                self.stats.freed += 1
                 if freed_at < 0:
                     freed_at = p
             elif freed_at >= 0:
@@ -302,9 +289,6 @@ class KVPools:
         if pool is None:
             pool = self._pools[key] = PagePool(n_kv_heads, fmt, self.page_size, self.device)
         return pool
-
-    def __iter__(self):  # type: ignore[no-untyped-def]
-        return iter(self._pools.values())
 
     def used_pages(self) -> int:
         """Pages held over every pool."""
