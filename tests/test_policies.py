@@ -15,7 +15,7 @@ import torch
 from longkv.config import EngineConfig, ModelConfig
 from longkv.engine.runner import Runner, Work, run_batch
 from longkv.errors import LongKVError
-from longkv.kv.cache import HeadwiseLayerKV
+from longkv.kv.headwise import HeadwiseLayerKV
 from longkv.models import build
 from longkv.policies import (
     AdaKVPolicy,

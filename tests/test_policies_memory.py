@@ -12,7 +12,7 @@ import torch
 
 from longkv.config import EngineConfig
 from longkv.engine.runner import Runner
-from longkv.kv.cache import HeadwiseLayerKV
+from longkv.kv.headwise import HeadwiseLayerKV
 from longkv.policies import make_policy
 from tests.test_policies import tiny_model
 

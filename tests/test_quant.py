@@ -8,7 +8,8 @@ import torch
 from longkv.config import EngineConfig
 from longkv.engine.runner import Runner
 from longkv.errors import LongKVError
-from longkv.kv.cache import HeadwiseLayerKV, LayerKV
+from longkv.kv.cache import LayerKV
+from longkv.kv.headwise import HeadwiseLayerKV
 from longkv.kv.quant import dequantize, quantize
 from longkv.policies import make_policy
 from tests.test_policies import ids, run, tiny_model

@@ -23,7 +23,8 @@ import torch
 
 from longkv.attention.dense import attend, attend_segments
 from longkv.config import EngineConfig
-from longkv.kv.cache import HeadwiseLayerKV, KVCache, LayerKV
+from longkv.kv.cache import KVCache, LayerKV
+from longkv.kv.headwise import HeadwiseLayerKV
 from longkv.kv.pool import KVPools
 from longkv.models.layers import SequenceRotary
 from longkv.models.llama import LlamaModel

@@ -7,7 +7,7 @@ scores that are comparable across heads, and keeping the best
 many. A safeguard keeps at least ``floor * budget`` tokens in every head.
 
 Heads really hold different numbers of tokens: the layer is stored as one
-single-head store per KV head (:class:`~longkv.kv.cache.HeadwiseLayerKV`).
+single-head store per KV head (:class:`~longkv.kv.headwise.HeadwiseLayerKV`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ import torch
 
 from longkv.config import EngineConfig, ModelConfig
 from longkv.errors import LongKVError
-from longkv.kv.cache import HeadwiseLayerKV, LayerKV
+from longkv.kv.cache import LayerKV
+from longkv.kv.headwise import HeadwiseLayerKV
 from longkv.policies.base import Observation, protect
 from longkv.policies.wrapper import ScorerWrapper
 
