@@ -17,33 +17,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
-
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from longkv import LLM  # noqa: E402
+from longkv.bench.ppl import streaming_nll  # noqa: E402
 from longkv.engine.runner import Runner  # noqa: E402
 from longkv.policies import DensePolicy  # noqa: E402
 
 BOOK = ROOT.parent / "shared" / "data" / "books" / "moby-dick.txt"
 QUESTION = "Explain in a few sentences why whales were hunted in the nineteenth century."
-
-
-def decode_ppl(llm: LLM, ids: list[int], context: int) -> float:
-    runner = Runner(llm.model, DensePolicy(), llm.engine_config)
-    seq = runner.new_sequence(len(ids))
-    logits = runner.prefill(seq, ids[:context])
-    nll = 0.0
-    for t in ids[context:]:
-        nll -= float(torch.log_softmax(logits.float(), -1)[t])
-        logits = runner.decode(seq, t)
-    return math.exp(nll / (len(ids) - context))
 
 
 def greedy(llm: LLM, n: int) -> tuple[list[int], float]:
@@ -75,7 +62,7 @@ def main() -> None:
     for fmt in args.formats.split(","):
         llm = LLM(args.model, threads=args.threads, weights=fmt)
         ids = llm.encode(BOOK.read_text()[50_000:])[: args.context + args.tokens]
-        ppl = decode_ppl(llm, ids, args.context)
+        ppl = streaming_nll(llm, ids, args.context, "dense").ppl
         tokens, tok_s = greedy(llm, args.gen)
         if ref_tokens is None:
             ref_tokens, ref_ppl = tokens, ppl

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -68,22 +66,9 @@ def test_bits_per_weight_of_ggml_types_and_the_auto_choice() -> None:
     assert auto_weights("float32", four) == "none"
 
 
-def _decode_nll(llm, ids: list[int], context: int) -> float:  # type: ignore[no-untyped-def]
-    from longkv.engine.runner import Runner
-    from longkv.policies import DensePolicy
-
-    runner = Runner(llm.model, DensePolicy(), llm.engine_config)
-    seq = runner.new_sequence(len(ids))
-    logits = runner.prefill(seq, ids[:context])
-    nll = 0.0
-    for t in ids[context:]:
-        nll -= float(torch.log_softmax(logits.float(), -1)[t])
-        logits = runner.decode(seq, t)
-    return nll / (len(ids) - context)
-
-
 def test_real_smollm2_decodes_int4_by_default_at_the_bf16_perplexity(smollm2_bf16, smollm2_path, book_text: str) -> None:  # type: ignore[no-untyped-def]
     from longkv import LLM
+    from longkv.bench.ppl import streaming_nll
 
     assert smollm2_bf16.decode_weights == "int4"
     stats = smollm2_bf16.generate("Hello", max_new_tokens=2).stats  # a user sees which weights ran
@@ -91,5 +76,5 @@ def test_real_smollm2_decodes_int4_by_default_at_the_bf16_perplexity(smollm2_bf1
     assert smollm2_bf16.model.lm_head.decode == "int8" and smollm2_bf16.model.layers[0].qkv.decode == "int4"
     plain = LLM(model=smollm2_path, dtype="bfloat16", weights="none", threads=2)
     ids = smollm2_bf16.encode(book_text[20_000:])[:352]
-    ratio = math.exp(_decode_nll(smollm2_bf16, ids, 256) - _decode_nll(plain, ids, 256))
+    ratio = streaming_nll(smollm2_bf16, ids, 256, "dense").ppl / streaming_nll(plain, ids, 256, "dense").ppl
     assert abs(ratio - 1) < 0.03, ratio  # decode perplexity of 96 book tokens within 3 % of the bf16 weights
