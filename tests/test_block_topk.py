@@ -448,6 +448,63 @@ def test_verify_ranks_pages_by_the_confidence_of_the_answer_read_from_each() -> 
         make_policy("block_topk:verify_tokens=0")
 
 
+def test_the_policy_plans_and_the_engine_runs_its_needs_batched(monkeypatch: pytest.MonkeyPatch) -> None:
+    # the policy never calls the model: its question probe, the texts it verifies and its
+    # re-encoding are work the engine runs, the verified texts side by side in one forward
+    model = tiny_model()
+    ids = torch.randint(0, 97, (240,), generator=torch.Generator().manual_seed(8)).tolist()
+    pol = BlockTopKPolicy(dense_below=0, topk=2, sinks=PS, window=2 * PS, query_tokens=10, expand=1, verify=3, verify_tokens=4)
+    runner = Runner(model, pol, EngineConfig(chunk_size=64, page_size=PS))
+    seq = runner.new_sequence(260)
+    runner.prefill(seq, ids[:230])
+    real, rows = model.forward, []
+
+    def counting(ids_, *args, **kwargs):  # type: ignore[no-untyped-def]
+        rows.append(ids_.numel())
+        return real(ids_, *args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", counting)
+    runner.ask(seq, ids[230:])
+    # probe; the 3 texts' prefills (sinks + 3 pages + question = 42 tokens each); their 3 further
+    # greedy tokens; the sinks + chosen pages re-encoded (<= 8 + 2 * 3 pages); the question
+    assert rows[:5] == [10, 3 * 42, 3, 3, 3] and rows[-1] == 10 and len(rows) == 7
+    assert 8 + 2 * 8 <= rows[5] <= 8 + 6 * 8 == 56 and rows[5] == PS + seq.selection.pages[0].numel() * PS
+    assert seq.cache[0].n == 240 and len(seq.tokens) == 240
+
+
+def test_a_request_cancelled_while_its_needs_run_gives_every_page_back() -> None:
+    from longkv.engine.engine import Engine, Request
+    from longkv.engine.sampling import SamplingParams
+
+    class Tok:
+        def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+            return "x" * len(ids)
+
+    model = tiny_model()
+    pol = BlockTopKPolicy(dense_below=0, topk=1, sinks=PS, window=2 * PS, query_tokens=8, verify=2, verify_tokens=3)
+    engine = Engine(model, Tok(), frozenset(), EngineConfig(chunk_size=16, page_size=PS))
+    prompt = torch.randint(1, 97, (120,), generator=torch.Generator().manual_seed(3)).tolist()
+    req = Request(prompt, SamplingParams(max_new_tokens=4, ignore_eos=True), pol)
+    engine.add_request(req)
+    before = None  # pages in use once the context is in
+    for _ in range(50):  # until the verified texts hold pages of their own
+        engine.step()
+        o = engine.running[0]
+        need = o.plan._need if o.plan is not None else None
+        if need is None:
+            continue
+        before = engine.pools.used_pages() if before is None else before
+        if any(t.seq is not None and t.seq.tokens for t in need._texts):
+            break
+    else:
+        raise AssertionError("the verify texts never ran")
+    assert before is not None and engine.pools.used_pages() > before
+    engine.abort(req.request_id)
+    outs = [e.output for e in engine.step() if e.finished]
+    assert [o.finish_reason for o in outs] == ["cancelled"] and not engine.has_unfinished()
+    assert engine.pools.used_pages() == 0
+
+
 def test_auto_policy_uses_block_topk_beyond_the_window_tiered_when_the_cache_is_too_big() -> None:
     from longkv.engine.llm import LLM
 

@@ -361,7 +361,8 @@ def test_batch_of_two_lengths_equals_each_alone(model64, spec: str, budget: int)
     first: list[torch.Tensor | None] = [None, None]
     while not all(p.done for p in plans):  # each step: the next chunk of every unfinished prompt, one forward
         live = [i for i, p in enumerate(plans) if not p.done]
-        for i, lg in zip(live, run_batch(model, [plans[i].next_work() for i in live]), strict=True):
+        works = [(i, w) for i in live for w in plans[i].next_works()]
+        for (i, _), lg in zip(works, run_batch(model, [w for _, w in works]), strict=True):
             if lg is not None:
                 first[i] = lg
     steps = [torch.stack(first)]  # type: ignore[arg-type]

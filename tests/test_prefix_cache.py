@@ -256,7 +256,7 @@ def test_cancel_mid_prefill_leaves_a_consistent_reusable_prefix(llm: types.Simpl
     plan = runner.plan_prefill(seq, ids)
     with pytest.raises(Interrupted):
         while not plan.done:
-            run_batch(llm.model, [plan.next_work()], stop_after_some_layers)
+            run_batch(llm.model, plan.next_works(), stop_after_some_layers)
     assert len(seq.tokens) == 2 * ENGINE.chunk_size
     assert seq.cache.tokens() == [len(seq.tokens)] * CFG.n_layers  # the cut forward's KV was rolled back
     pc = PrefixCache(1 << 30)

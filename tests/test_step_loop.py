@@ -34,7 +34,7 @@ POLICIES = [
     "h2o:budget=40",
     "adakv:budget=40",
     "kvzip:budget=40",
-    "block_topk:sinks=8,window=32,query_tokens=8,topk=2,dense_below=0",
+    "block_topk:sinks=8,window=32,query_tokens=8,topk=2,dense_below=0,verify=3,verify_tokens=2",  # needs: probe, texts, re-encoding
 ]
 
 
@@ -92,11 +92,9 @@ def test_mixed_batch_logits_equal_each_sequence_alone() -> None:
         for i in range(len(POLICIES)):
             if step < 2 * i or len(got[i]) == steps + 1:
                 continue  # not arrived yet, or gone
-            if not plans[i].done:
-                works.append(plans[i].next_work())
-            else:
-                works.append(Work(runners[i], seqs[i], [int(got[i][-1].argmax())], decode=True))
-            owners.append(i)
+            mine = plans[i].next_works() if not plans[i].done else [Work(runners[i], seqs[i], [int(got[i][-1].argmax())], decode=True)]
+            works.extend(mine)
+            owners.extend([i] * len(mine))
         widest = max(widest, len(works))
         for i, lg in zip(owners, run_batch(MODEL, works), strict=True):
             if lg is not None:

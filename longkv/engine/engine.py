@@ -282,7 +282,7 @@ class Engine:
             logits = run_batch(self.model, works, lambda: bool(aborted) and not aborted.isdisjoint(ids))
         except Interrupted:  # caches are rolled back: the others redo their share next step
             for w, o in zip(works, owners, strict=True):
-                if o.plan is not None and not w.decode:
+                if o.plan is not None:
                     o.plan.undo(w)
             self._reap_aborted(events)
             return events
@@ -353,17 +353,18 @@ class Engine:
         prefilling = sorted((o for o in self.running if o.plan is not None), key=lambda o: o.plan.remaining if o.plan else 0)
         for i, o in enumerate(prefilling):
             assert o.plan is not None
-            n = o.plan.peek()
-            if i > 0 and n > budget:
-                continue
-            try:
-                works.append(o.plan.next_work())  # may run a selection policy's page choice
+            try:  # at the question a selection policy plans its page choice (its needs are works too)
+                n = o.plan.peek()
+                if i > 0 and n > budget:
+                    continue
+                mine = o.plan.next_works(max(budget, n))
             except Exception as exc:
                 o.out.error = exc
                 self._finish(o, "error", events)
                 continue
-            owners.append(o)
-            budget -= n
+            works.extend(mine)
+            owners.extend([o] * len(mine))
+            budget -= sum(len(w.ids) for w in mine)
         return works, owners
 
     def _prompt_done(self, o: _Running, logits: torch.Tensor | None, now: float) -> None:
@@ -412,6 +413,8 @@ class Engine:
     def _release(self, o: _Running) -> None:
         if o in self.running:
             self.running.remove(o)
+        if o.plan is not None:
+            o.plan.close()  # a selection's fresh sequences give their pages back
         o.seq.probe_ids = []
         try:
             if o.req.on_release is not None:

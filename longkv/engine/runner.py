@@ -23,15 +23,18 @@ import torch
 
 from longkv.attention.dense import attend, attend_segments
 from longkv.config import EngineConfig
+from longkv.engine.needs import NeedRun
 from longkv.kv.cache import KVCache, LayerKV
 from longkv.kv.headwise import HeadwiseLayerKV
 from longkv.kv.pool import KVPools
 from longkv.models.layers import SequenceRotary
 from longkv.models.llama import LlamaModel
-from longkv.policies.base import KVPolicy, Observation, SelectionPolicy, SelectionState
+from longkv.policies.base import KVPolicy, Observation, SelectionPolicy, SelectionState, SelectPlan
 
 # progress(tokens_done, tokens_total)
 ProgressFn = Callable[[int, int], None]
+# (layer, q (H, T, D), k, v (Hkv, T, D), positions (T,)) -> attention output (H, T, D)
+AttentionFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -98,7 +101,7 @@ class Runner:
             seq.selection = self.policy.new_state(c, self.engine)
         return seq
 
-    def _attention(self, seq: Sequence) -> Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    def _attention(self, seq: Sequence) -> AttentionFn:
         policy, rope = self.policy, self.rope
         keep_queries = policy.needs_queries
         if isinstance(policy, SelectionPolicy):
@@ -232,8 +235,7 @@ class Runner:
         plan = self.plan_prefill(seq, ids, compress)
         logits: torch.Tensor | None = None
         while not plan.done:
-            work = plan.next_work()
-            logits = run_batch(self.model, [work])[0]
+            logits = run_batch(self.model, plan.next_works())[-1]
             if progress is not None:
                 progress(plan.fed, plan.total)
         assert logits is not None
@@ -245,11 +247,6 @@ class Runner:
             raise ValueError("prefill needs at least one token")
         return PrefillPlan(self, seq, list(ids), compress)
 
-    def select(self, seq: Sequence, question: list[int]) -> None:
-        """Selection policies: choose pages from ``question``'s queries (fed after this)."""
-        assert isinstance(self.policy, SelectionPolicy) and question
-        self.policy.select(seq.selection, self.model, seq.cache, seq.tokens, question)
-
     @torch.inference_mode()
     def ask(self, seq: Sequence, question: list[int]) -> torch.Tensor:
         """Selection policies: choose pages from ``question``'s queries, then feed it; logits (V,).
@@ -257,11 +254,11 @@ class Runner:
         Also lets several questions be asked about one prefilled context (cut the
         cache back with ``LayerKV.truncate`` and ``seq.tokens`` between them).
         """
-        self.select(seq, question)
-        plan = PrefillPlan(self, seq, list(question), select=False)
+        assert isinstance(self.policy, SelectionPolicy) and question
+        plan = PrefillPlan(self, seq, list(question), ask=True)
         logits: torch.Tensor | None = None
         while not plan.done:
-            logits = run_batch(self.model, [plan.next_work()])[0]
+            logits = run_batch(self.model, plan.next_works())[-1]
         assert logits is not None
         return logits
 
@@ -275,6 +272,8 @@ class Runner:
     def after_forward(self, work: Work) -> None:
         """Bookkeeping once a forward has fed ``work.ids`` to ``work.seq``: tokens, peak bytes, compression."""
         seq = work.seq
+        if not work.keep:
+            return
         seq.tokens.extend(work.ids)
         budget = self.policy.budget_tokens
         if not work.decode:
@@ -308,6 +307,12 @@ class Work:
             prompt chunk (compression after the chunk).
         logits: compute the logits after the last of ``ids``.
         compress: prompt chunks only: let the policy compress after it.
+        keep: the tokens join the sequence; ``False``: a probe (``attention`` cuts its
+            keys back, ``seq.tokens`` is not extended, nothing is compressed).
+        attention: replaces the runner's attention for this work (a probe's read).
+        then: called after the forward with this work's logits (V,) or None; the
+            logits are then not returned by :func:`run_batch` (a need's work, see
+            :mod:`longkv.engine.needs`).
     """
 
     runner: Runner
@@ -316,31 +321,44 @@ class Work:
     decode: bool = False
     logits: bool = True
     compress: bool = True
+    keep: bool = True
+    attention: AttentionFn | None = None
+    then: Callable[[torch.Tensor | None], None] | None = None
 
 
 class PrefillPlan:
-    """A prompt cut into the chunks that prefill it, handed out one at a time.
+    """A prompt cut into the chunks that prefill it, handed out step by step.
 
     Chunks are ``engine.chunk_size`` tokens on the sequence's own grid (so a
     compressing policy sees the same chunks alone or in a batch). Under a
     selection policy the question part (``SelectionPolicy.question_start``) comes
-    last, and its pages are chosen from it (``Runner.select``) just before its
-    first chunk is handed out. The last chunk asks for logits.
+    last: once the context is in, the policy's ``select`` plan chooses its pages,
+    each of its needs handed out as works of their own (:mod:`longkv.engine.needs`)
+    before the question's first chunk. The last chunk asks for logits.
+
+    Args:
+        ask: the whole of ``ids`` is a question about what the sequence holds
+            (a selection policy chooses pages from all of it; nothing is reset).
     """
 
-    def __init__(self, runner: Runner, seq: Sequence, ids: list[int], compress: bool = True, select: bool = True) -> None:
+    def __init__(self, runner: Runner, seq: Sequence, ids: list[int], compress: bool = True, ask: bool = False) -> None:
         self.runner, self.seq, self.compress = runner, seq, compress
         self.total = len(ids)
         self.fed = 0  # tokens handed out
         self.question: list[int] = []
         policy = runner.policy
-        if isinstance(policy, SelectionPolicy) and select:  # select=False: the pages in force stay
-            policy.reset(seq.selection, len(ids))
-            split = policy.question_start(len(ids), seq.selection)
-            if split:
-                ids, self.question = ids[:split], ids[split:]
+        if isinstance(policy, SelectionPolicy):
+            if ask:
+                ids, self.question = [], ids
+            else:
+                policy.reset(seq.selection, len(ids))
+                split = policy.question_start(len(ids), seq.selection)
+                if split:
+                    ids, self.question = ids[:split], ids[split:]
         self._pending = ids
         self._pos = 0
+        self._select: SelectPlan | None = None  # the policy's plan at the question, while it runs
+        self._need: NeedRun | None = None  # its need in flight
 
     @property
     def done(self) -> bool:
@@ -351,29 +369,64 @@ class PrefillPlan:
         """Prompt tokens not handed out yet."""
         return self.total - self.fed
 
+    def _selection(self) -> NeedRun | None:
+        """At the question: the selection's need in flight (starting or resuming the policy's
+        plan); ``None`` once the pages are chosen (the question's chunks come next)."""
+        if self._pos < len(self._pending) or not self.question:
+            return None
+        while self._need is None or self._need.done:
+            policy = self.runner.policy
+            assert isinstance(policy, SelectionPolicy)
+            try:
+                if self._select is None:
+                    seq = self.seq
+                    self._select = policy.select(seq.selection, self.runner.model.config, seq.cache, seq.tokens, self.question, self.runner.rope)
+                    need = next(self._select)
+                else:
+                    assert self._need is not None
+                    need = self._select.send(self._need.result)
+            except StopIteration:
+                self._select = self._need = None
+                self._pending, self._pos, self.question = self.question, 0, []
+                return None
+            self._need = NeedRun(self.runner, self.seq, need)
+        return self._need
+
     def peek(self) -> int:
-        """Tokens of the next chunk."""
-        if self._pos >= len(self._pending):
-            return min(self.runner.engine.chunk_size, len(self.question))
+        """Tokens of the next work handed out."""
+        need = self._selection()
+        if need is not None:
+            return need.peek()
         return min(self.runner.engine.chunk_size, len(self._pending) - self._pos)
 
-    def next_work(self) -> Work:
-        """The next chunk as a :class:`Work` (runs the selection first when the question starts)."""
+    def next_works(self, budget: int | None = None) -> list[Work]:
+        """The next works: the next chunk, or at the question the selection's need (at least
+        one work, more while their tokens fit ``budget``; None: no limit)."""
         assert not self.done
-        if self._pos >= len(self._pending):  # the context is in: choose pages from the question
-            self.runner.select(self.seq, self.question)
-            self._pending, self._pos, self.question = self.question, 0, []
+        need = self._selection()
+        if need is not None:
+            return need.works(budget)
         part = self._pending[self._pos : self._pos + self.runner.engine.chunk_size]
         self._pos += len(part)
         self.fed += len(part)
-        return Work(self.runner, self.seq, part, decode=False, logits=self.done, compress=self.compress)
-
+        return [Work(self.runner, self.seq, part, decode=False, logits=self.done, compress=self.compress)]
 
     def undo(self, work: Work) -> None:
-        """Hand ``work``'s chunk out again (its forward was cut short and rolled back)."""
+        """Hand ``work`` out again (its forward was cut short and rolled back)."""
+        if self._need is not None and not self._need.done and work.then is not None:
+            self._need.undo(work)
+            return
         assert work.ids == self._pending[self._pos - len(work.ids) : self._pos]
         self._pos -= len(work.ids)
         self.fed -= len(work.ids)
+
+    def close(self) -> None:
+        """Drop what runs at the question (the prompt will not be finished): fresh sequences' pages go back."""
+        if self._need is not None:
+            self._need.close()
+        if self._select is not None:
+            self._select.close()
+        self._select = self._need = None
 
 
 class Interrupted(Exception):
@@ -396,7 +449,7 @@ def run_batch(
     """
     assert works
     marks = [w.seq.cache.marks() for w in works] if should_stop is not None else []
-    fns = [w.runner._attention(w.seq) for w in works]
+    fns = [w.attention or w.runner._attention(w.seq) for w in works]
     sizes = [len(w.ids) for w in works]
 
     def attention(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
@@ -428,10 +481,14 @@ def run_batch(
     res: list[torch.Tensor | None] = []
     r = 0
     for w in works:
+        lg = None
         if w.logits:
             assert out is not None
-            res.append(out[r])
+            lg = out[r]
             r += 1
-        else:
-            res.append(None)
+        if w.then is not None:
+            with torch.inference_mode():
+                w.then(lg)
+            lg = None
+        res.append(lg)
     return res

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -410,6 +411,56 @@ def needs_window(name: str, queries: Observation | None) -> Observation:
     return queries
 
 
+# ---------------------------------------------------------------------- needs
+# A selection policy never runs the model. At the question its ``select`` is a
+# generator that yields what it needs computed (one need at a time) and is sent
+# the result; the engine runs each need as work of its own in the step loop, in
+# the same batched forward as every other sequence's tokens.
+
+# (layer, q (H, T, D), the layer's KV with the probe's keys appended, q positions (T,)) -> (H, T, D)
+ProbeRead = Callable[[int, torch.Tensor, LayerKV, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class ProbeQueries:
+    """Need: the queries of ``ids`` fed right after the sequence's cached tokens.
+
+    Every layer appends the probe's keys, reads what ``read`` attends to and
+    records its queries; afterwards the cache is cut back (nothing of the probe
+    stays). Result: ``list[Tensor]``, per layer the queries (H, T, D).
+    """
+
+    ids: list[int]
+    read: ProbeRead
+
+
+@dataclass(frozen=True)
+class EncodeText:
+    """Need: the keys and values of ``ids`` read densely as a text of their own (positions 0..T-1).
+
+    Result: ``list[tuple[Tensor, Tensor]]``, per layer keys and values (Hkv, T, D),
+    keys rotated at their positions; the sequence's cache is not touched.
+    """
+
+    ids: list[int]
+
+
+@dataclass(frozen=True)
+class GreedyConfidence:
+    """Need: how confidently the model continues each text: the mean log-probability
+    of its ``n`` greedy tokens, each text read densely on its own (positions 0..T-1).
+
+    Result: ``list[float]``, one per text; the sequence's cache is not touched.
+    """
+
+    texts: list[list[int]]
+    n: int
+
+
+Need = ProbeQueries | EncodeText | GreedyConfidence
+SelectPlan = Generator[Need, Any, None]
+
+
 class SelectionState:
     """Per-sequence state of a selection policy (a policy's own subclass holds the rest).
 
@@ -428,7 +479,9 @@ class SelectionPolicy(KVPolicy, ABC):
 
     * :meth:`new_state` once per sequence, :meth:`reset` at the start of a prompt;
     * :meth:`select` before the last :meth:`question_start`-split part of a prompt
-      (the question), to choose pages from the question's queries;
+      (the question), to choose pages from the question's queries: a generator of
+      :data:`Need` s (probe queries, short dense texts) that the engine schedules
+      as work of their own, so the policy never runs the model;
     * :meth:`attend` in every layer, after the new keys are appended.
 
     Subclasses: ``longkv.policies.block_topk`` (block top-k, MoBA / Quest / InfLLM).
@@ -445,8 +498,15 @@ class SelectionPolicy(KVPolicy, ABC):
         """Index where the question part of an ``n_tokens`` prompt starts (0: no separate selection)."""
         return 0
 
-    def select(self, state: Any, model: Any, cache: KVCache, context: list[int], ids: list[int]) -> None:
-        """Choose pages for the question ``ids`` that follows the cached ``context`` tokens."""
+    def select(self, state: Any, model: ModelConfig, cache: KVCache, context: list[int], ids: list[int], rope: Any) -> SelectPlan:
+        """Choose pages for the question ``ids`` that follows the cached ``context`` tokens.
+
+        A generator: it yields the :data:`Need` s whose results it chooses from (the
+        engine sends each result back) and stores the choice in ``state``; the cache
+        is left as it was. ``rope``: the sequence's rotary embedding.
+        """
+        return
+        yield
 
     @abstractmethod
     def attend(

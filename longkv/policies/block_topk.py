@@ -50,10 +50,8 @@ from longkv.kv.pool import PagePool
 from longkv.kv.summaries import PageSummaries
 from longkv.kv.tiers import CODECS, COLD, TieredLayerKV, parse_bytes
 from longkv.models.layers import Rotary
-from longkv.models.llama import LlamaModel
-from longkv.policies.base import SelectionPolicy, SelectionState
+from longkv.policies.base import EncodeText, GreedyConfidence, ProbeQueries, SelectionPolicy, SelectionState, SelectPlan
 from longkv.policies.page_votes import merge_votes, top_pages, vote, zscore
-from longkv.policies.rereading import greedy_confidence, reencode_pages
 from longkv.policies.retrieval_heads import check_heads, resolve_heads
 
 SCOPES = ("shared", "layer", "head")
@@ -408,42 +406,35 @@ class BlockTopKPolicy(SelectionPolicy):
         return top_pages(cand, vote(z, self.votes) if self.scope == "head" else vote(z.flatten(0, 1)[None], self.votes), k)
 
     # ------------------------------------------------------------------ selection at the question
-    @torch.inference_mode()
     def select(
-        self, state: BlockTopKState, model: LlamaModel, cache: KVCache, context: list[int], ids: list[int]
-    ) -> None:
+        self, state: BlockTopKState, model: ModelConfig, cache: KVCache, context: list[int], ids: list[int], rope: Rotary
+    ) -> SelectPlan:
         """Choose the pages for the question ``ids``, which follows the cached ``context`` tokens.
 
-        Runs the question once against sinks + window to read its queries in every
-        layer, scores every candidate page and stores the selection in ``state``
-        (and, with ``reencode``, the selected pages re-encoded). The cache is left as it was.
+        Needs (see :class:`~longkv.policies.base.SelectionPolicy`): the question's
+        queries in every layer, read against sinks + window (:class:`ProbeQueries`);
+        with ``verify``, the confidence of the answer read from each of the best
+        pages alone (:class:`GreedyConfidence`); with ``reencode``, the sink pages +
+        selected pages encoded as one short text (:class:`EncodeText`). Scores every
+        candidate page and stores the selection in ``state``. The cache is left as it was.
         """
-        p0 = len(context)
         n0 = cache[0].n
         ps = cache[0].page_size
         sinks = self.sink_tokens(ps)
         cand = candidate_pages(n0, sinks, self.window, ps)
         state.candidates, state.z, state.score, state.prefix = cand, None, None, None
         state.first_score = state.confidence = None
-        topk = self.k(model.config)
+        topk = self.k(model)
         if cand.numel() == 0 or topk == 0:
             self.reset(state)
             return
-        queries: list[torch.Tensor] = []
-        rope = model.rope
 
-        def local_attention(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-            lkv = cache[layer]
-            lkv.append(k, v, pos)
-            queries.append(q)
+        def local(layer: int, q: torch.Tensor, lkv: LayerKV, pos: torch.Tensor) -> torch.Tensor:
             return attend_pages(q, lkv, pos, rope, sinks, self.window, None)
 
-        positions = torch.arange(p0, p0 + len(ids), dtype=torch.int64)
-        model.forward(torch.tensor(ids, dtype=torch.int64), positions, local_attention, "none")
-        for lkv in cache.layers:
-            lkv.truncate(n0)
+        queries: list[torch.Tensor] = yield ProbeQueries(list(ids), local)
         best: torch.Tensor | None = None  # (<= votes, C): the best z-scores of every page so far
-        heads = resolve_heads(self.heads, model.config) if self.scope == "shared" else None
+        heads = resolve_heads(self.heads, model) if self.scope == "shared" else None
         by_heads = torch.zeros(cand.numel())  # (C,): sum over the retrieval heads of their rating
         per_head = []
         for i, q in enumerate(queries):
@@ -468,32 +459,27 @@ class BlockTopKPolicy(SelectionPolicy):
             state.score = by_heads / len(heads)
         elif best is not None:
             state.score = best.mean(0)
-        if state.score is not None:
-            state.first_score = state.score
-            if self.verify and cand.numel() > topk:
-                state.score, state.confidence = self._verify(model, context, ids, cand, state.score, sinks, ps)
-            shared = top_pages(cand, state.score[None], topk, self.expand)
-            state.pages = [shared] * len(queries)
-            if self.reencode:
-                state.prefix = reencode_pages(model, context, shared[0], sinks, ps)
+        if state.score is None:
+            return
+        state.first_score = state.score
+        if self.verify and cand.numel() > topk:
+            m = min(self.verify, cand.numel())
+            order = torch.topk(state.first_score, m).indices  # best first
+            texts = [[context[i] for i in self._page_text(cand, c, sinks, ps).tolist()] + list(ids) for c in order.tolist()]
+            conf = torch.tensor((yield GreedyConfidence(texts, self.verify_tokens)), dtype=torch.float32)
+            first = state.first_score  # verified pages rank by confidence, above every other page (same order)
+            state.score = first - first.max() + conf.min() - 1.0
+            state.score[order] = conf
+            state.confidence = conf
+        shared = top_pages(cand, state.score[None], topk, self.expand)
+        state.pages = [shared] * len(queries)
+        if self.reencode:
+            idx = torch.cat((torch.arange(sinks), (shared[0][:, None] * ps + torch.arange(ps)).flatten()))
+            kv = yield EncodeText([context[i] for i in idx.tolist()])
+            state.prefix = [(k, v, idx) for k, v in kv]
 
-    def _verify(
-        self, model: LlamaModel, context: list[int], ids: list[int], cand: torch.Tensor, first: torch.Tensor,
-        sinks: int, ps: int,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(C,) first-stage scores -> ((C,) scores, (m,) confidences): the ``verify`` best pages rank
-        by the confidence of the answer read from each alone, above every other page (which keep
-        their first-stage order)."""
-        m = min(self.verify, cand.numel())
-        order = torch.topk(first, m).indices  # best first
-        conf = torch.empty(m)
-        ctx, question = torch.tensor(context, dtype=torch.int64), torch.tensor(ids, dtype=torch.int64)
-        for j, c in enumerate(order.tolist()):
-            near = torch.arange(c - self.expand, c + self.expand + 1)
-            pages = cand[near[(near >= 0) & (near < cand.numel())]]
-            idx = torch.cat((torch.arange(sinks), (pages[:, None] * ps + torch.arange(ps)).flatten()))
-            toks = torch.cat((ctx[idx], question))
-            conf[j] = greedy_confidence(model, toks, self.verify_tokens)
-        out = first - first.max() + conf.min() - 1.0  # below every verified page, same order
-        out[order] = conf
-        return out, conf
+    def _page_text(self, cand: torch.Tensor, c: int, sinks: int, ps: int) -> torch.Tensor:
+        """Token indices (T,) of the sink pages + candidate ``c`` and its ``expand`` neighbours."""
+        near = torch.arange(c - self.expand, c + self.expand + 1)
+        pages = cand[near[(near >= 0) & (near < cand.numel())]]
+        return torch.cat((torch.arange(sinks), (pages[:, None] * ps + torch.arange(ps)).flatten()))
