@@ -16,6 +16,7 @@ import typer
 from rich.console import Console
 
 from longkv.bench.cli import bench_app
+from longkv.config import ASK_DRY_MULTIPLIER
 from longkv.errors import LongKVError
 
 app = typer.Typer(
@@ -56,6 +57,7 @@ def ask(
     temperature: Annotated[float, typer.Option(help="0 for greedy decoding.")] = 0.0,
     top_p: Annotated[float, typer.Option(help="Nucleus sampling threshold (with temperature > 0).")] = 1.0,
     repetition_penalty: Annotated[float, typer.Option(help="> 1 discourages repeating generated tokens (1.0: off; small models loop less with 1.2).")] = 1.0,
+    dry_multiplier: Annotated[float, typer.Option(help="Loop guard (DRY): a token that would extend a repeat of the answer's own text loses MULT * 1.75^(run - 2) from its logit; quoting the input is free. 0: off.")] = ASK_DRY_MULTIPLIER,
     seed: Annotated[int | None, typer.Option(help="Seed for sampling.")] = None,
     chunk_size: Annotated[int, typer.Option(help="Prefill chunk in tokens.")] = 512,
     dtype: Annotated[str, typer.Option(help="Compute dtype: bfloat16 (fast) or float32 (exact).")] = "bfloat16",
@@ -87,7 +89,8 @@ def ask(
     from longkv.engine.sampling import SamplingParams
 
     SamplingParams(  # bad sampling values fail now, before the model loads
-        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, repetition_penalty=repetition_penalty
+        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, repetition_penalty=repetition_penalty,
+        dry_multiplier=dry_multiplier,
     )
     if policy not in (None, "auto"):
         from longkv.policies import make_policy
@@ -110,7 +113,7 @@ def ask(
     try:
         out = llm.generate(
             ids, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, progress=progress, on_text=write,
-            repetition_penalty=repetition_penalty, question_ids=question_ids,
+            repetition_penalty=repetition_penalty, question_ids=question_ids, dry_multiplier=dry_multiplier,
         )
     finally:
         done()

@@ -13,6 +13,8 @@ from typing import Any
 
 from longkv.errors import LongKVError
 
+ASK_DRY_MULTIPLIER = 0.8  # the loop guard (DRY) of ``longkv ask`` and ``LLM.ask``: benchmarks/loops.py
+
 # HF ``model_type`` / GGUF ``general.architecture`` -> the module in longkv.models.
 SUPPORTED_ARCHITECTURES: dict[str, str] = {
     "llama": "Llama 2/3.x, SmolLM/SmolLM2, TinyLlama",

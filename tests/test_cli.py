@@ -122,6 +122,7 @@ def test_budget_with_block_topk_points_to_resident_bytes(work: Path) -> None:
         (["--top-p", "2"], ("top_p must be in (0, 1], got 2.0", "use 1.0 to disable")),
         (["--temperature", "-1"], ("temperature must be >= 0, got -1.0", "use 0 for greedy")),
         (["--repetition-penalty", "0"], ("repetition_penalty must be > 0, got 0.0", "use 1.0 to disable")),
+        (["--dry-multiplier", "-1"], ("dry_multiplier must be >= 0, got -1.0", "use 0 to turn the loop guard off")),
         (["--max-new-tokens", "-5"], ("--max-new-tokens must be at least 1, got -5", "256")),
         (["--max-new-tokens", "0"], ("--max-new-tokens must be at least 1, got 0", "256")),
     ],

@@ -61,3 +61,35 @@ def test_repetition_penalty_lowers_seen_tokens_only() -> None:
     assert sample(torch.tensor([3.0, 2.0]), params, make_generator(0), [0]) == 1  # greedy moves off the repeat
     with pytest.raises(LongKVError, match="repetition_penalty must be > 0"):
         SamplingParams(repetition_penalty=0.0)
+
+
+def test_loop_guard_finds_the_runs_a_token_would_extend() -> None:
+    from longkv.engine.sampling import repeat_runs
+
+    assert repeat_runs([1, 2, 3, 9, 1, 2, 3], 2) == {9: 3}  # "1 2 3" was followed by 9 once
+    assert repeat_runs([5, 1, 2, 8, 4, 1, 2, 7, 1, 2], 2) == {8: 2, 7: 2}
+    assert repeat_runs([7, 7], 2) == {}  # one repeated token is no run
+    assert repeat_runs([7, 7, 7], 2) == {7: 2}
+    assert repeat_runs([1, 2, 3, 9, 1, 2, 3], 4) == {}  # within the allowed length
+
+
+def test_loop_guard_breaks_a_loop_and_is_off_by_default() -> None:
+    from longkv.engine.sampling import penalize_loops
+
+    history = [1, 2, 3, 9, 1, 2, 3]
+    logits = torch.zeros(12)
+    logits[9], logits[4] = 2.0, 1.0  # the loop's next token leads by 1.0
+    params = SamplingParams(dry_multiplier=0.8)
+    out = penalize_loops(logits, history, params)
+    expected = logits.clone()
+    expected[9] -= 0.8 * 1.75 ** (3 - 2)  # 1.4: more than the lead
+    assert torch.equal(out, expected) and torch.equal(logits[9], torch.tensor(2.0))
+    assert sample(logits, params, make_generator(0), history) == 4
+    assert sample(logits, SamplingParams(), make_generator(0), history) == 9  # off: the loop goes on
+    assert sample(logits, params, make_generator(0), [9, 9]) == 9  # no run: nothing changes
+    with pytest.raises(LongKVError, match="dry_multiplier must be >= 0, got -1.0: use 0 to turn the loop guard off"):
+        SamplingParams(dry_multiplier=-1.0)
+    with pytest.raises(LongKVError, match="dry_base must be > 1, got 1.0"):
+        SamplingParams(dry_multiplier=0.8, dry_base=1.0)
+    with pytest.raises(LongKVError, match="dry_allowed_length must be >= 1, got 0"):
+        SamplingParams(dry_allowed_length=0)

@@ -290,6 +290,7 @@ BAD_BODIES = [
     ("unknown policy", {"model": MODEL_ID, "messages": [{"role": "user", "content": "hi"}], "longkv": {"policy": "nope"}}, 400),
     ("unknown extension key", {"model": MODEL_ID, "messages": [{"role": "user", "content": "hi"}], "longkv": {"polcy": "dense"}}, 400),
     ("budget too small", {"model": MODEL_ID, "messages": [{"role": "user", "content": "hi"}], "longkv": {"policy": "streaming", "budget": 2}}, 400),
+    ("negative loop guard", {"model": MODEL_ID, "messages": [{"role": "user", "content": "hi"}], "longkv": {"dry_multiplier": -1.0}}, 400),
     ("unknown model", {"model": "gpt-9", "messages": [{"role": "user", "content": "hi"}]}, 404),
 ]
 

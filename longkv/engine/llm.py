@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from longkv.config import EngineConfig, ModelConfig
+from longkv.config import ASK_DRY_MULTIPLIER, EngineConfig, ModelConfig
 from longkv.engine.engine import Engine, Request, RequestOutput, TokenEvent
 from longkv.engine.results import Generation
 from longkv.engine.runner import ProgressFn
@@ -254,16 +254,19 @@ class LLM:
         ignore_eos: bool = False,
         repetition_penalty: float = 1.0,
         question_ids: list[int] | None = None,
+        dry_multiplier: float = 0.0,
     ) -> Generation:
         """Complete ``prompt`` (text or token ids) and return the whole :class:`Generation`.
 
         ``on_text`` receives each new piece of text as soon as it is decoded.
         ``question_ids``: question-aware compression (see :meth:`stream`).
+        ``dry_multiplier``: the loop guard (see :class:`~longkv.engine.sampling.SamplingParams`;
+        0.0, off, here; :meth:`ask` turns it on).
 
         Raises:
             LongKVError: empty prompt, bad sampling values, or a policy that cannot serve the input.
         """
-        params = SamplingParams(max_new_tokens, temperature, top_k, top_p, seed, tuple(stop), ignore_eos, repetition_penalty)
+        params = SamplingParams(max_new_tokens, temperature, top_k, top_p, seed, tuple(stop), ignore_eos, repetition_penalty, dry_multiplier)
         res = Generation("", [], "length")
         pieces: list[str] = []
         for piece in self.stream(prompt, params, policy, budget, progress, res, question_ids):
@@ -287,6 +290,7 @@ class LLM:
         ignore_eos: bool = False,
         repetition_penalty: float = 1.0,
         question_ids: list[list[int]] | None = None,
+        dry_multiplier: float = 0.0,
     ) -> list[Generation]:
         """Complete several prompts (text or token ids, any lengths) together; one Generation each.
 
@@ -310,7 +314,7 @@ class LLM:
         """
         if not prompts:
             raise LongKVError("no prompts: pass a list with at least one prompt")
-        params = SamplingParams(max_new_tokens, temperature, top_k, top_p, seed, tuple(stop), ignore_eos, repetition_penalty)
+        params = SamplingParams(max_new_tokens, temperature, top_k, top_p, seed, tuple(stop), ignore_eos, repetition_penalty, dry_multiplier)
         ids = [self.encode(p) if isinstance(p, str) else list(p) for p in prompts]
         if any(not x for x in ids):
             raise LongKVError(f"prompt {next(i for i, x in enumerate(ids) if not x)} is empty: pass some text for every prompt")
@@ -368,7 +372,9 @@ class LLM:
             question: what to ask; it is placed after the documents.
             question_aware: with an eviction policy that scores with queries, let the
                 question choose what each chunk keeps (``False``: question-agnostic).
-            kwargs: :meth:`generate` keyword arguments (``max_new_tokens``, ``policy``, ...).
+            kwargs: :meth:`generate` keyword arguments (``max_new_tokens``, ``policy``, ...);
+                the loop guard is on unless ``dry_multiplier=0.0`` (default
+                :data:`ASK_DRY_MULTIPLIER`: small models otherwise loop on long inputs).
 
         Raises:
             LongKVError: an empty question or text, a missing path, or what :meth:`generate` raises.
@@ -382,6 +388,7 @@ class LLM:
         else:
             docs, _ = collect([os.fspath(p) for p in (source if isinstance(source, list) else [source])])
         ids, question_ids = self.ask_ids(docs, question, question_aware)
+        kwargs.setdefault("dry_multiplier", ASK_DRY_MULTIPLIER)
         return self.generate(ids, question_ids=question_ids, **kwargs)
 
     def chat(self, messages: list[dict[str, str]], **kwargs: Any) -> Generation:

@@ -171,6 +171,7 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
             "seed": body.seed,
             "stop": tuple(s for s in stops if s),
             "ignore_eos": bool(ext and ext.ignore_eos),
+            "dry_multiplier": ext.dry_multiplier if ext else 0.0,
         }
 
     async def submit(body: ChatCompletionRequest | CompletionRequest, ids: list[int], max_tokens: int | None) -> tuple[Job, asyncio.Queue[Event]]:

@@ -31,6 +31,11 @@ class LongKVOptions(BaseModel):
         "Only dense (or an eviction policy that evicts nothing) shares the prefix cache.",
     )
     budget: int | None = Field(None, ge=1, le=INT_MAX, description="KV budget in tokens for eviction policies.")
+    dry_multiplier: float = Field(
+        0.0, ge=0.0, le=100.0,
+        description="Loop guard (DRY): a token that would extend a repeat of the generated text loses "
+        "dry_multiplier * 1.75 ** (run - 2) from its logit; 0 (default): off, 0.8: what longkv ask uses.",
+    )
     session: str | None = Field(
         None, min_length=1, max_length=256, description="Session id: pins this session's latest path in the prefix cache."
     )
