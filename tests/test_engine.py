@@ -113,6 +113,7 @@ def test_batch_generation_bad_inputs(tiny: LLM) -> None:
 
 
 def test_ask_frames_the_question_as_the_cli_does(tiny: LLM, tmp_path: Path) -> None:
+    from longkv.config import ASK_DRY_MULTIPLIER
     from longkv.inputs import Document
 
     text = "The meeting moved to Thursday. Budget approved: 4200 euros.\n" * 6
@@ -122,7 +123,10 @@ def test_ask_frames_the_question_as_the_cli_does(tiny: LLM, tmp_path: Path) -> N
     assert "### Question\nWhen is the meeting?" in tiny.tokenizer.decode(ids)
     assert question_ids == ids[-(len(tiny.encode(q)) + 8) :]
     assert out.stats.prompt_tokens == len(ids)
-    assert out.token_ids == tiny.generate(ids, max_new_tokens=6, ignore_eos=True).token_ids
+    # ask decodes with the loop guard on; dry_multiplier=0.0 turns it off
+    assert out.token_ids == tiny.generate(ids, max_new_tokens=6, ignore_eos=True, dry_multiplier=ASK_DRY_MULTIPLIER).token_ids
+    plain = tiny.ask(text, q, max_new_tokens=6, ignore_eos=True, dry_multiplier=0.0)
+    assert plain.token_ids == tiny.generate(ids, max_new_tokens=6, ignore_eos=True).token_ids
     (tmp_path / "notes.txt").write_text(text)
     by_file = tiny.ask(tmp_path / "notes.txt", q, max_new_tokens=2, ignore_eos=True)
     file_ids, _ = tiny.ask_ids([Document(str(tmp_path / "notes.txt"), text)], q)
