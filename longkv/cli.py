@@ -37,6 +37,7 @@ class Compression(StrEnum):
 
 app.add_typer(bench_app, name="bench")
 
+DeviceOpt = Annotated[str, typer.Option(help="Where weights, KV pages and activations live: cpu, cuda or cuda:N (on CUDA, --weights auto means none: int8/int4 decode weights are CPU kernels).")]
 ModelOpt = Annotated[
     str | None,
     typer.Option("--model", "-m", help="A .gguf file, a Hugging Face model folder, or a hub id. Default: SmolLM2-135M-Instruct."),
@@ -63,6 +64,7 @@ def ask(
     dtype: Annotated[str, typer.Option(help="Compute dtype: bfloat16 (fast) or float32 (exact).")] = "bfloat16",
     weights: Annotated[str, typer.Option(help="Weights decode steps read: auto (with bfloat16: int4 when the file stores its matrices in 4 bits, e.g. Q4_1, else int8; with float32: none), int4, int8 or none (the compute dtype).")] = "auto",
     threads: Annotated[int | None, typer.Option(help="CPU threads (default: all cores).")] = None,
+    device: DeviceOpt = "cpu",
     as_json: Annotated[bool, typer.Option("--json", metavar="", help="Print one JSON object (answer + stats) instead of streaming text.")] = False,
     compression: Annotated[
         Compression,
@@ -100,7 +102,7 @@ def ask(
     if skipped and not as_json:
         err.print(f"[dim]skipped {len(skipped)} binary or non-UTF-8 file(s), e.g. {skipped[0]}[/dim]")
     with err.status("loading model ...", spinner="dots") if not as_json else _null():
-        llm = LLM(model, policy=policy, budget=budget, chunk_size=chunk_size, dtype=dtype, threads=threads, weights=weights)
+        llm = LLM(model, policy=policy, budget=budget, chunk_size=chunk_size, dtype=dtype, threads=threads, weights=weights, device=device)
     ids, question_ids = llm.ask_ids(docs, question, Compression(compression) is Compression.aware)
     llm.resolve_policy(len(ids) + max_new_tokens, policy, budget, sparse_within_window=True)  # fail before "prefilling ..."
     progress, done = _progress_bar(len(ids), llm.engine_config.progress_min_tokens, quiet=as_json)
@@ -162,6 +164,7 @@ def serve(
     dtype: Annotated[str, typer.Option(help="Compute dtype: bfloat16 (fast) or float32 (exact).")] = "bfloat16",
     weights: Annotated[str, typer.Option(help="Weights decode steps read: auto (with bfloat16: int4 when the file stores its matrices in 4 bits, e.g. Q4_1, else int8; with float32: none), int4, int8 or none (the compute dtype).")] = "auto",
     threads: Annotated[int | None, typer.Option(help="CPU threads (default: all cores).")] = None,
+    device: DeviceOpt = "cpu",
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
 ) -> None:
     """Serve a model over the OpenAI HTTP API, reusing cached prefixes across requests.
@@ -188,7 +191,7 @@ def serve(
         raise LongKVError(f"the server needs its extra ({exc.name} is missing): pip install 'longkv[serve]'") from None
     run_server(
         model, host=host, port=port, dtype=dtype, weights=weights, served_model_name=served_model_name, log_level=log_level,
-        chunk_size=chunk_size, threads=threads, default_policy=policy, cache_bytes=cache_mib << 20,
+        chunk_size=chunk_size, threads=threads, device=device, default_policy=policy, cache_bytes=cache_mib << 20,
         max_queue=max_queue, max_num_seqs=max_num_seqs, default_max_tokens=max_tokens_default,
         max_tokens_limit=max_tokens_limit,
     )  # fmt: skip

@@ -203,6 +203,8 @@ class EngineConfig:
         dtype: compute dtype name, ``"float32"`` or ``"bfloat16"``.
         threads: torch intra-op threads (``None``: all cores).
         progress_min_tokens: show a prefill progress bar from this many prompt tokens.
+        device: where weights, KV pages and every activation live: ``"cpu"``, ``"cuda"``
+            or ``"cuda:N"`` (see :func:`check_device`).
     """
 
     chunk_size: int = 512
@@ -210,6 +212,7 @@ class EngineConfig:
     dtype: str = "float32"
     threads: int | None = None
     progress_min_tokens: int = 2048
+    device: str = "cpu"
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -219,3 +222,34 @@ class EngineConfig:
             raise LongKVError(f"page size must be at least 1 token, got {self.page_size}")
         if self.dtype not in ("float32", "bfloat16"):
             raise LongKVError(f"unknown dtype {self.dtype!r}: use float32 or bfloat16")
+        object.__setattr__(self, "device", check_device(self.device))
+
+
+def check_device(name: str) -> str:
+    """The canonical name of a device the engine can run on (``"cpu"``, ``"cuda:0"``, ...).
+
+    ``"cuda"`` means the current CUDA device.
+
+    Raises:
+        LongKVError: not cpu/cuda[:N], or no such CUDA device visible to this torch build.
+    """
+    import torch  # config stays importable without torch for the CLI's fast paths
+
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise LongKVError(f"unknown device {name!r}: use cpu, cuda or cuda:N") from None
+    if dev.type == "cpu":
+        return "cpu"
+    if dev.type != "cuda":
+        raise LongKVError(f"device {name!r} is not supported: use cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+        raise LongKVError(
+            f"device {name!r}: no CUDA GPU is visible to this torch ({torch.__version__}, {build}): "
+            "install a CUDA build of torch (README, 'On a GPU') or use --device cpu"
+        )
+    index = dev.index if dev.index is not None else torch.cuda.current_device()
+    if index >= torch.cuda.device_count():
+        raise LongKVError(f"device {name!r}: only {torch.cuda.device_count()} CUDA device(s) visible (cuda:0 .. cuda:{torch.cuda.device_count() - 1})")
+    return f"cuda:{index}"

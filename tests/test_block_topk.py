@@ -27,6 +27,7 @@ from longkv.models.layers import Rotary, SequenceRotary
 from longkv.policies import BlockTopKPolicy, DensePolicy, make_policy
 
 PS = 8  # page size of the tiny tests
+CPU = torch.device("cpu")
 
 
 def tiny_model(max_position: int = 4096, seed: int = 0):
@@ -68,7 +69,7 @@ def filled_layer(n: int, seed: int = 0, hkv: int = 2, d: int = 16) -> tuple[Laye
 def test_page_summaries_match_brute_force_over_appends() -> None:
     lkv, rope = filled_layer(0)
     full, _ = filled_layer(45, seed=3)
-    summ = PageSummaries(2, 16, PS)
+    summ = PageSummaries(2, 16, PS, CPU)
     k, v, pos = full.view()
     for lo, hi in ((0, 5), (5, 21), (21, 40), (40, 45)):  # partial pages across appends
         lkv.append(k[:, lo:hi], v[:, lo:hi], pos[lo:hi])
@@ -101,7 +102,7 @@ def test_page_scores_are_rope_consistent() -> None:
             assert s[h, j].item() == pytest.approx(logits.max().item(), abs=1e-4)
             assert lse[h, j].item() == pytest.approx(torch.logsumexp(logits.flatten() / 4.0, 0).item(), abs=1e-4)
     # the summaries: Quest's bound is >= the exact max; the mean-key gate is <= it
-    summ = PageSummaries(2, 16, PS)
+    summ = PageSummaries(2, 16, PS, CPU)
     summ.update(lkv, rope)
     bound = page_scores(q, lkv, pages, assumed, rope, "minmax", summ).amax(1)
     mean = page_scores(q, lkv, pages, assumed, rope, "mean", summ).amax(1)
@@ -117,19 +118,19 @@ def test_layout_always_includes_sinks_and_window() -> None:
     n, sinks, window = 20 * PS + 3, PS, 4 * PS
     w0 = window_start(n - 1, sinks, window, PS)
     assert w0 % PS == 0 and n - 1 - w0 >= window
-    cand = candidate_pages(n - 1, sinks, window, PS)
+    cand = candidate_pages(n - 1, sinks, window, PS, CPU)
     assert cand.tolist() == list(range(1, w0 // PS))
-    idx = layout(n, w0, sinks, PS, torch.tensor([[3, 7]]))
+    idx = layout(n, w0, sinks, PS, torch.tensor([[3, 7]]), CPU)
     assert idx[0].tolist() == [*range(PS), *range(3 * PS, 4 * PS), *range(7 * PS, 8 * PS), *range(w0, n)]
-    assert layout(n, w0, sinks, PS, None)[0].tolist() == [*range(PS), *range(w0, n)]
+    assert layout(n, w0, sinks, PS, None, CPU)[0].tolist() == [*range(PS), *range(w0, n)]
 
 
 def test_assigned_positions_keep_window_true_and_stay_inside_span() -> None:
     lkv, _ = filled_layer(40 * PS)
     sinks, window, k = PS, 4 * PS, 3
     pages = torch.tensor([[2, 9, 20]])
-    idx = layout(lkv.n, window_start(lkv.n - 1, sinks, window, PS), sinks, PS, pages)[0]
-    target = assigned_positions(lkv.n - 1, idx.numel())
+    idx = layout(lkv.n, window_start(lkv.n - 1, sinks, window, PS), sinks, PS, pages, CPU)[0]
+    target = assigned_positions(lkv.n - 1, idx.numel(), CPU)
     orig = lkv.view()[2][idx]
     w = idx.numel() - sinks - k * PS
     assert target[-w:].tolist() == orig[-w:].tolist()  # window at true positions
@@ -148,7 +149,7 @@ def test_attend_pages_equals_attention_over_moved_keys() -> None:
     k, v, pos = lkv.view()
     w0 = window_start(n - 1, PS, 3 * PS, PS)
     idx = torch.cat((torch.arange(PS), torch.arange(4 * PS, 5 * PS), torch.arange(11 * PS, 12 * PS), torch.arange(w0, n)))
-    keys = rope.rotate(k[:, idx], assigned_positions(n - 1, idx.numel()) - pos[idx])
+    keys = rope.rotate(k[:, idx], assigned_positions(n - 1, idx.numel(), CPU) - pos[idx])
     att = torch.softmax(q.view(2, 2, 16) @ keys.transpose(1, 2) / 4.0, dim=-1) @ v[:, idx]
     torch.testing.assert_close(out, att.reshape(4, 1, 16), rtol=1e-4, atol=1e-5)
 

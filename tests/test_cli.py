@@ -234,3 +234,16 @@ def test_unknown_compression_mode_is_a_usage_error(work: Path) -> None:
     proc = run(["ask", "notes.txt", "-q", "x", "--policy", "snapkv", "--compression", "aware"], work)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and proc.stdout == ""
     assert "'question-aware', 'question-agnostic'" in proc.stderr
+
+
+def test_device_errors_come_before_the_model_loads(work: Path) -> None:
+    missing = ["--model", "./missing.gguf"]
+    assert_user_error(run(["ask", "notes.txt", "-q", "x", *missing, "--device", "gpu"], work), "unknown device 'gpu'", "cpu, cuda or cuda:N")
+    before = _listing(work)
+    assert_user_error(run(["bench", "speed", *missing, "--device", "tpu", "--runs-dir", "runs"], work), "unknown device 'tpu'")
+    assert _listing(work) == before  # no run folder
+    import torch
+
+    if not torch.cuda.is_available():
+        proc = run(["ask", "notes.txt", "-q", "x", *missing, "--device", "cuda"], work)
+        assert_user_error(proc, "no CUDA GPU is visible to this torch", "--device cpu")

@@ -42,13 +42,13 @@ def window_start(n_before: int, sink_tokens: int, window: int, page_size: int) -
     return max(sink_tokens, (n_before - window) // page_size * page_size)
 
 
-def candidate_pages(n_before: int, sink_tokens: int, window: int, page_size: int) -> torch.Tensor:
-    """(C,) int64 ids of the pages a block may retrieve: every page between the sinks and the window."""
+def candidate_pages(n_before: int, sink_tokens: int, window: int, page_size: int, device: torch.device) -> torch.Tensor:
+    """(C,) int64 ids (on ``device``) of the pages a block may retrieve: every page between the sinks and the window."""
     w0 = window_start(n_before, sink_tokens, window, page_size)
-    return torch.arange(sink_tokens // page_size, w0 // page_size, dtype=torch.int64)
+    return torch.arange(sink_tokens // page_size, w0 // page_size, dtype=torch.int64, device=device)
 
 
-def layout(n: int, w0: int, sink_tokens: int, page_size: int, pages: torch.Tensor | None) -> torch.Tensor:
+def layout(n: int, w0: int, sink_tokens: int, page_size: int, pages: torch.Tensor | None, device: torch.device) -> torch.Tensor:
     """Cache indices a block attends to, in original order: sinks, selected pages, window.
 
     Args:
@@ -58,20 +58,20 @@ def layout(n: int, w0: int, sink_tokens: int, page_size: int, pages: torch.Tenso
             G is 1 (one selection for every KV head) or Hkv. ``None``: no pages.
 
     Returns:
-        (G, M) int64 indices, M = sink_tokens + k * page_size + (n - w0).
+        (G, M) int64 indices on ``device``, M = sink_tokens + k * page_size + (n - w0).
     """
-    sinks = torch.arange(sink_tokens, dtype=torch.int64)
-    win = torch.arange(w0, n, dtype=torch.int64)
+    sinks = torch.arange(sink_tokens, dtype=torch.int64, device=device)
+    win = torch.arange(w0, n, dtype=torch.int64, device=device)
     if pages is None or pages.numel() == 0:
         return torch.cat((sinks, win))[None]
     g = pages.shape[0]
-    toks = (pages[:, :, None] * page_size + torch.arange(page_size)).flatten(1)  # (G, k * ps)
+    toks = (pages[:, :, None] * page_size + torch.arange(page_size, device=device)).flatten(1)  # (G, k * ps)
     return torch.cat((sinks.expand(g, -1), toks, win.expand(g, -1)), dim=1)
 
 
-def assigned_positions(last_position: int, m: int) -> torch.Tensor:
-    """(M,) consecutive positions ending at ``last_position``: where the M attended keys are seen."""
-    return last_position - torch.arange(m - 1, -1, -1, dtype=torch.int64)
+def assigned_positions(last_position: int, m: int, device: torch.device) -> torch.Tensor:
+    """(M,) consecutive positions on ``device`` ending at ``last_position``: where the M attended keys are seen."""
+    return last_position - torch.arange(m - 1, -1, -1, dtype=torch.int64, device=device)
 
 
 def attend_pages(
@@ -117,7 +117,7 @@ def attend_pages(
     if prefix is not None:
         pk, pv, ppos = prefix
         m = pk.shape[1] + n - w0
-        shift = torch.full((pk.shape[1],), last - m + 1, dtype=torch.int64)  # 0..P-1 -> assigned
+        shift = torch.full((pk.shape[1],), last - m + 1, dtype=torch.int64, device=q.device)  # 0..P-1 -> assigned
         keys = torch.cat((rope.rotate(pk, shift), wk), dim=1)
         return attend(q, keys, torch.cat((pv, wv), dim=1), q_pos, torch.cat((ppos, wpos)))
     if pages is not None and pages.shape[0] > 1:
@@ -134,7 +134,7 @@ def attend_pages(
     orig = torch.cat(parts_p)
     m = moved + n - w0
     keys = torch.cat(parts_k, dim=1)
-    delta = assigned_positions(last, m)[:moved] - orig
+    delta = assigned_positions(last, m, orig.device)[:moved] - orig
     if bool(delta.any()):
         keys = rope.rotate(keys, delta)
     keys = torch.cat((keys, wk), dim=1)
@@ -149,13 +149,13 @@ def _attend_per_head(
     """:func:`attend_pages` with one page selection per KV head: pages (Hkv, k)."""
     k, v, kpos = lkv.view()
     n = lkv.n
-    idx = layout(n, w0, sink_tokens, lkv.page_size, pages)  # (G, M)
+    idx = layout(n, w0, sink_tokens, lkv.page_size, pages, k.device)  # (G, M)
     g, m = idx.shape
     gather = idx[:, :, None].expand(-1, -1, k.shape[2])
     keys, values, orig = torch.gather(k, 1, gather), torch.gather(v, 1, gather), kpos[idx]
     moved = m - (n - w0)
     if moved:
-        delta = assigned_positions(int(kpos[-1]), m)[:moved] - orig[:, :moved]  # (G, moved)
+        delta = assigned_positions(int(kpos[-1]), m, kpos.device)[:moved] - orig[:, :moved]  # (G, moved)
         if bool(delta.any()):
             cos, sin = rope.cos_sin(delta.reshape(-1), keys.dtype)
             cos, sin = cos.view(g, moved, -1), sin.view(g, moved, -1)
@@ -198,7 +198,7 @@ def page_scores(
     hkv, ps = lkv.n_kv_heads, lkv.page_size
     c = pages.numel()
     if c == 0:
-        return torch.empty(hkv, (h // hkv) * t, 0)
+        return torch.empty(hkv, (h // hkv) * t, 0, device=q.device)
     qf = q.float().reshape(hkv, (h // hkv) * t, d)  # query heads grouped by KV head (GQA)
     if score in ("max", "lse"):
         first = int(pages[0])
@@ -214,7 +214,7 @@ def page_scores(
         return torch.cat(out, dim=2)
     assert summaries is not None and score in SCORES, score
     # q . R(P) k_raw == (R(-P) q) . k_raw: rotate the queries once instead of every summary.
-    qe = rope.rotate(qf, torch.full((qf.shape[1],), -assumed_position, dtype=torch.int64))
+    qe = rope.rotate(qf, torch.full((qf.shape[1],), -assumed_position, dtype=torch.int64, device=q.device))
     if score == "mean":
         s = torch.bmm(qe, summaries.mean[:, pages].transpose(1, 2))
     else:

@@ -41,10 +41,12 @@ class LongKVBackend:
 
     name = "longkv"
 
-    def __init__(self, model: str | None, dtype: str = "bfloat16", chunk_size: int = 512, threads: int | None = None) -> None:
+    def __init__(
+        self, model: str | None, dtype: str = "bfloat16", chunk_size: int = 512, threads: int | None = None, device: str = "cpu"
+    ) -> None:
         from longkv.engine.llm import LLM
 
-        self.llm = LLM(model, dtype=dtype, chunk_size=chunk_size, threads=threads)
+        self.llm = LLM(model, dtype=dtype, chunk_size=chunk_size, threads=threads, device=device)
         self.tokenizer = self.llm.tokenizer
 
     def window(self) -> int:
@@ -136,14 +138,18 @@ class TransformersBackend:
         }
 
 
-def make_backend(name: str, model: str | None, dtype: str | None = None, chunk_size: int = 512, threads: int | None = None) -> Any:
-    """Build a backend by name.
+def make_backend(
+    name: str, model: str | None, dtype: str | None = None, chunk_size: int = 512, threads: int | None = None, device: str = "cpu"
+) -> Any:
+    """Build a backend by name (``device``: longkv's; the transformers reference runs on the CPU).
 
     Raises:
-        LongKVError: unknown backend name.
+        LongKVError: unknown backend name, or the transformers backend off the CPU.
     """
     if name == "longkv":
-        return LongKVBackend(model, dtype or "bfloat16", chunk_size, threads)
+        return LongKVBackend(model, dtype or "bfloat16", chunk_size, threads, device)
+    if device != "cpu":
+        raise LongKVError(f"the transformers backend runs on the CPU: drop --device {device} or use --backend longkv")
     if name == "transformers":
         return TransformersBackend(model, dtype or "float32", chunk_size, threads)
     raise LongKVError(f"unknown backend {name!r}: choose one of {', '.join(BACKENDS)}")

@@ -30,6 +30,7 @@ Ray = Annotated[str | None, typer.Option("--ray", help="Run cells as Ray tasks: 
 Backend = Annotated[str, typer.Option(help="longkv (our engine) or transformers (dense reference, eager attention).")]
 Dtype = Annotated[str | None, typer.Option(help="bfloat16 or float32 (default: bfloat16 for longkv, float32 for transformers).")]
 Threads = Annotated[int | None, typer.Option(help="CPU threads (default: all cores).")]
+Device = Annotated[str, typer.Option(help="Where longkv runs: cpu, cuda or cuda:N.")]
 ChunkSize = Annotated[int, typer.Option(help="Prefill chunk in tokens.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", metavar="", help="No progress bar.")]
 Haystack = Annotated[list[Path] | None, typer.Option("--haystack", help="Haystack text file, repeatable (default: ../shared/data/books).")]
@@ -46,14 +47,18 @@ def _policies(policies: list[str] | None, backend: str) -> list[str]:
     return specs
 
 
-def _settings(backend: str, model: str | None, dtype: str | None, chunk_size: int, threads: int | None) -> dict[str, Any]:
+def _settings(backend: str, model: str | None, dtype: str | None, chunk_size: int, threads: int | None, device: str) -> dict[str, Any]:
     from longkv.bench.backends import BACKENDS
+    from longkv.config import check_device
 
     if backend not in BACKENDS:
         raise LongKVError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
     if dtype is not None and dtype not in ("bfloat16", "float32"):
         raise LongKVError(f"unknown dtype {dtype!r}: choose bfloat16 or float32")
-    return {"name": backend, "model": model, "dtype": dtype, "chunk_size": chunk_size, "threads": threads}
+    device = check_device(device)
+    if backend != "longkv" and device != "cpu":
+        raise LongKVError(f"the {backend} backend runs on the CPU: drop --device {device} or use --backend longkv")
+    return {"name": backend, "model": model, "dtype": dtype, "chunk_size": chunk_size, "threads": threads, "device": device}
 
 
 def _command() -> str:
@@ -87,6 +92,7 @@ def run_sample_task(
     chunk_size: int,
     quiet: bool,
     haystack: list[str],
+    device: str = "cpu",
 ) -> Any:
     """Shared body of ``niah`` and ``ruler``: open the run, generate pending samples, answer them, summarise."""
     from longkv.bench.backends import load_tokenizer, make_backend
@@ -97,10 +103,10 @@ def run_sample_task(
         raise LongKVError(f"--samples must be at least 1, got {samples}")
     specs = _policies(policies, backend)
     lens = parse_lengths(lengths)
-    settings = _settings(backend, model, dtype, chunk_size, threads)
+    settings = _settings(backend, model, dtype, chunk_size, threads, device)
     folder = RunFolder(runs_dir, name)
     config = {
-        "kind": kind, "model": model, "seed": seed, "backend": backend, "dtype": dtype, "chunk_size": chunk_size,
+        "kind": kind, "model": model, "seed": seed, "backend": backend, "dtype": dtype, "chunk_size": chunk_size, "device": settings["device"],
         "haystack": haystack, "options": options, "policies": specs, "lengths": lens, "depths": depths,
         "samples": samples, "command": _command(),
     }  # fmt: skip
@@ -137,6 +143,7 @@ def niah(
     backend: Backend = "longkv",
     dtype: Dtype = None,
     threads: Threads = None,
+    device: Device = "cpu",
     chunk_size: ChunkSize = 512,
     quiet: Quiet = False,
 ) -> None:
@@ -152,7 +159,7 @@ def niah(
     depth_list = parse_depths(depths)
     run_sample_task(
         "niah", lambda: NiahTask(texts, max_new_tokens), {"max_new_tokens": max_new_tokens}, model, policy, lengths, depth_list,
-        samples, seed, name or "niah", runs_dir, ray, backend, dtype, threads, chunk_size, quiet, hay_paths or ["<books>"],
+        samples, seed, name or "niah", runs_dir, ray, backend, dtype, threads, chunk_size, quiet, hay_paths or ["<books>"], device,
     )  # fmt: skip
 
 
@@ -171,6 +178,7 @@ def ruler(
     backend: Backend = "longkv",
     dtype: Dtype = None,
     threads: Threads = None,
+    device: Device = "cpu",
     chunk_size: ChunkSize = 512,
     quiet: Quiet = False,
 ) -> None:
@@ -186,7 +194,7 @@ def ruler(
     texts = load_haystack(hay_paths)
     run_sample_task(
         "ruler", lambda: RulerSuite(names, texts), {"tasks": names}, model, policy, lengths, None,
-        samples, seed, name or "ruler", runs_dir, ray, backend, dtype, threads, chunk_size, quiet, hay_paths or ["<books>"],
+        samples, seed, name or "ruler", runs_dir, ray, backend, dtype, threads, chunk_size, quiet, hay_paths or ["<books>"], device,
     )  # fmt: skip
 
 
@@ -211,6 +219,7 @@ def ppl(
     runs_dir: RunsDir = Path("runs"),
     dtype: Dtype = None,
     threads: Threads = None,
+    device: Device = "cpu",
     chunk_size: ChunkSize = 512,
     quiet: Quiet = False,
 ) -> None:
@@ -220,19 +229,21 @@ def ppl(
     """
     from longkv.bench.ppl import run_ppl
     from longkv.bench.tasks import load_haystack, parse_lengths
+    from longkv.config import check_device
     from longkv.engine.llm import LLM
 
     if eval_tokens < 1 or samples < 1:
         raise LongKVError(f"--eval-tokens and --samples must be at least 1, got {eval_tokens} and {samples}")
     specs = _policies(policy, "longkv")
     lens = parse_lengths(lengths)
+    device = check_device(device)  # before the run folder is written
     hay_paths = [str(p) for p in haystack] if haystack else None
     texts = load_haystack(hay_paths)
     folder = _open_simple("ppl", name or "ppl", runs_dir, {
-        "model": model, "seed": seed, "dtype": dtype, "chunk_size": chunk_size, "haystack": hay_paths or ["<books>"],
+        "model": model, "seed": seed, "dtype": dtype, "chunk_size": chunk_size, "device": device, "haystack": hay_paths or ["<books>"],
         "options": {"eval_tokens": eval_tokens}, "policies": specs, "lengths": lens, "samples": samples,
     })  # fmt: skip
-    llm = LLM(model, dtype=dtype or "bfloat16", chunk_size=chunk_size, threads=threads)
+    llm = LLM(model, dtype=dtype or "bfloat16", chunk_size=chunk_size, threads=threads, device=device)
     _finish(folder, run_ppl(folder, llm, texts, specs, lens, eval_tokens, samples, seed, quiet))
 
 
@@ -250,6 +261,7 @@ def speed(
     runs_dir: RunsDir = Path("runs"),
     dtype: Dtype = None,
     threads: Threads = None,
+    device: Device = "cpu",
     chunk_size: ChunkSize = 512,
     quiet: Quiet = False,
 ) -> None:
@@ -262,6 +274,7 @@ def speed(
     from longkv.bench.competitors import COMPETITORS
     from longkv.bench.speed import run_speed
     from longkv.bench.tasks import load_haystack, parse_lengths
+    from longkv.config import check_device
     from longkv.engine.llm import LLM
     from longkv.loading import resolve
 
@@ -273,14 +286,15 @@ def speed(
         raise LongKVError(f"--samples must be >= 1 and --decode-tokens >= 2, got {repeats} and {decode_tokens}")
     specs = _policies(policy, "longkv")
     lens = parse_lengths(lengths)
+    device = check_device(device)  # before the run folder is written
     hay_paths = [str(p) for p in haystack] if haystack else None
     texts = load_haystack(hay_paths)
     n_threads = threads or torch.get_num_threads()
     folder = _open_simple("speed", name or "speed", runs_dir, {
-        "model": model, "seed": seed, "dtype": dtype, "chunk_size": chunk_size, "haystack": hay_paths or ["<books>"],
+        "model": model, "seed": seed, "dtype": dtype, "chunk_size": chunk_size, "device": device, "haystack": hay_paths or ["<books>"],
         "options": {"decode_tokens": decode_tokens, "threads": n_threads}, "policies": specs, "lengths": lens, "vs": competitors,
     })  # fmt: skip
-    llm = LLM(model, dtype=dtype or "bfloat16", chunk_size=chunk_size, threads=n_threads)
+    llm = LLM(model, dtype=dtype or "bfloat16", chunk_size=chunk_size, threads=n_threads, device=device)
     written = run_speed(folder, llm, resolve(model), texts, specs, lens, competitors, repeats, decode_tokens, n_threads, seed, quiet)
     _finish(folder, written)
 

@@ -183,14 +183,15 @@ class Engine:
         model: the model forward.
         tokenizer: decodes token ids (``decode(ids, skip_special_tokens=True)``).
         eos_ids: token ids that end a generation.
-        config: chunk size (the unit of prefill), page size.
+        config: chunk size (the unit of prefill), page size, device (the model's).
         max_num_seqs: most sequences running at once (the rest wait).
         max_step_tokens: tokens one step may feed (decode tokens + prompt chunks; the
             first prompt chunk always fits). Default: ``chunk_size``.
         pools: the page pools every sequence takes its KV pages from (default: new ones).
 
     Raises:
-        ValueError: ``max_num_seqs`` or ``max_step_tokens`` below 1.
+        ValueError: ``max_num_seqs`` or ``max_step_tokens`` below 1, or the model on
+            another device than ``config.device``.
     """
 
     def __init__(
@@ -205,12 +206,14 @@ class Engine:
     ) -> None:
         if max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be at least 1, got {max_num_seqs}")
+        if model.device != torch.device(config.device):
+            raise ValueError(f"the model's weights are on {model.device}, the engine runs on {config.device}: build it there")
         self.model, self.tokenizer, self.eos_ids, self.config = model, tokenizer, eos_ids, config
         self.max_num_seqs = max_num_seqs
         self.max_step_tokens = max_step_tokens if max_step_tokens is not None else config.chunk_size
         if self.max_step_tokens < 1:
             raise ValueError(f"max_step_tokens must be at least 1, got {self.max_step_tokens}")
-        self.pools = pools if pools is not None else KVPools(config.page_size)
+        self.pools = pools if pools is not None else KVPools(config.page_size, model.device)
         self.waiting: deque[Request] = deque()
         self.running: list[_Running] = []
         self._aborted: set[str] = set()

@@ -54,10 +54,13 @@ class LLM:
             compute dtype itself); ``"auto"``: with bfloat16, int4 when the file stores
             every projection matrix in 4 bits or fewer (re-coding them in groups of 32
             loses next to nothing: SmolLM2's Q4_1 decode perplexity 0.998x), else int8;
-            with float32, none (the exact path). Prefill always uses the compute dtype.
+            with float32, none (the exact path); on CUDA, none (both coded formats are CPU
+            kernels). Prefill always uses the compute dtype.
         threads: torch threads (``None``: torch's default, all physical cores).
         max_num_seqs: most sequences :meth:`generate_batch` runs in one batch (the others
             join as sequences finish).
+        device: ``"cpu"`` (default), ``"cuda"`` or ``"cuda:N"``: weights, KV pages and every
+            activation live there.
 
     Raises:
         LongKVError: bad model reference, policy or settings.
@@ -74,10 +77,14 @@ class LLM:
         page_size: int = 64,
         weights: str = "auto",
         max_num_seqs: int = 8,
+        device: str = "cpu",
     ) -> None:
-        self.engine_config = EngineConfig(chunk_size=chunk_size, page_size=page_size, dtype=dtype, threads=threads)
+        self.engine_config = EngineConfig(chunk_size=chunk_size, page_size=page_size, dtype=dtype, threads=threads, device=device)
         if weights not in ("auto", *DECODE_WEIGHTS):
             raise LongKVError(f"unknown weights {weights!r}: use auto, {', '.join(DECODE_WEIGHTS)}")
+        on_cpu = self.engine_config.device == "cpu"
+        if weights in ("int8", "int4") and not on_cpu:
+            raise LongKVError(f"{weights} decode weights are a CPU format: on {device} use --weights none (or auto)")
         self.decode_weights = weights
         if max_num_seqs < 1:
             raise LongKVError(f"max_num_seqs must be at least 1, got {max_num_seqs}: pass e.g. 8")
@@ -97,9 +104,9 @@ class LLM:
         self.tokenizer = loaded.tokenizer
         self.source = loaded.source
         if weights == "auto":
-            self.decode_weights = auto_weights(dtype, loaded.weight_bits)
+            self.decode_weights = auto_weights(dtype, loaded.weight_bits) if on_cpu else "none"
         try:
-            self.model = build(loaded.config, loaded.weights, self.decode_weights)
+            self.model = build(loaded.config, loaded.weights, self.decode_weights, self.engine_config.device)
         except ValueError as exc:  # a matrix the chosen format cannot code
             raise LongKVError(str(exc)) from None
         eos = set(self.config.eos_token_ids)

@@ -26,7 +26,7 @@ from longkv.config import EngineConfig
 from longkv.engine.needs import NeedRun
 from longkv.kv.cache import KVCache, LayerKV
 from longkv.kv.headwise import HeadwiseLayerKV
-from longkv.kv.pool import KVPools
+from longkv.kv.pool import KVPools, PagePool
 from longkv.models.layers import SequenceRotary
 from longkv.models.llama import LlamaModel
 from longkv.policies.base import KVPolicy, Observation, SelectionPolicy, SelectionState, SelectPlan
@@ -84,7 +84,7 @@ class Runner:
         heads = 1 if per_head else c.n_kv_heads
 
         def store(i: int) -> LayerKV:
-            pool = pools.get(i, heads, fmt) if pools is not None else None
+            pool = pools.get(i, heads, fmt) if pools is not None else PagePool(heads, fmt, ps, self.model.device)
             return pol.new_layer_kv(heads, c.head_dim, ps, dt, c, self.engine, pool)
 
         make: Callable[[int], LayerKV] = store
@@ -179,7 +179,7 @@ class Runner:
         probe_ids = chunk if chunk and self.policy.reconstruct else seq.probe_ids
         if probe_ids:
             p0 = seq.next_position  # the probe follows every cached token
-            positions = torch.arange(p0, p0 + len(probe_ids), dtype=torch.int64)
+            positions = torch.arange(p0, p0 + len(probe_ids), dtype=torch.int64, device=self.model.device)
             obs = {layer: Observation(q, positions) for layer, q in self.probe(seq, probe_ids).items()}
         else:
             last = seq.next_position - 1
@@ -214,8 +214,9 @@ class Runner:
             return torch.cat(outs, dim=0)
 
         p0 = seq.next_position
-        positions = torch.arange(p0, p0 + len(ids), dtype=torch.int64)
-        self.model.forward(torch.tensor(ids, dtype=torch.int64), positions, attention, "none")
+        dev = self.model.device
+        positions = torch.arange(p0, p0 + len(ids), dtype=torch.int64, device=dev)
+        self.model.forward(torch.tensor(ids, dtype=torch.int64, device=dev), positions, attention, "none")
         return out
 
     @torch.inference_mode()
@@ -290,8 +291,9 @@ class Runner:
     def logits_all(self, seq: Sequence, ids: list[int]) -> torch.Tensor:
         """Logits (T, V) at every position of ``ids`` in one forward (perplexity, parity tests)."""
         p0 = seq.next_position
-        positions = torch.arange(p0, p0 + len(ids), dtype=torch.int64)
-        out = self.model.forward(torch.tensor(ids, dtype=torch.int64), positions, self._attention(seq), "all")
+        dev = self.model.device
+        positions = torch.arange(p0, p0 + len(ids), dtype=torch.int64, device=dev)
+        out = self.model.forward(torch.tensor(ids, dtype=torch.int64, device=dev), positions, self._attention(seq), "all")
         assert out is not None
         seq.tokens.extend(ids)
         return out
@@ -463,11 +465,12 @@ def run_batch(
             o += n
         return torch.cat(outs, dim=1)
 
-    positions = torch.cat([torch.arange(w.seq.next_position, w.seq.next_position + len(w.ids)) for w in works])
+    dev = model.device
+    positions = torch.tensor([p for w in works for p in range(w.seq.next_position, w.seq.next_position + len(w.ids))], dtype=torch.int64, device=dev)
     ends = list(accumulate(sizes))
     rows = [e - 1 for e, w in zip(ends, works, strict=True) if w.logits]
-    ids = torch.tensor([t for w in works for t in w.ids], dtype=torch.int64)
-    logits_at: torch.Tensor | str = torch.tensor(rows, dtype=torch.int64) if rows else "none"
+    ids = torch.tensor([t for w in works for t in w.ids], dtype=torch.int64, device=dev)
+    logits_at: torch.Tensor | str = torch.tensor(rows, dtype=torch.int64, device=dev) if rows else "none"
     try:
         with torch.inference_mode():
             out = model.forward(ids, positions, attention, logits_at)  # type: ignore[arg-type]

@@ -103,7 +103,7 @@ def penalize_repeats(logits: torch.Tensor, history: list[int], penalty: float) -
     if penalty == 1.0 or not history:
         return logits
     out = logits.clone()
-    idx = torch.tensor(sorted(set(history)), dtype=torch.int64)
+    idx = torch.tensor(sorted(set(history)), dtype=torch.int64, device=logits.device)
     seen = out[idx]
     out[idx] = torch.where(seen > 0, seen / penalty, seen * penalty)
     return out
@@ -155,5 +155,5 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     if params.temperature == 0.0:
         return int(torch.argmax(logits))
     scaled = filter_logits(logits / params.temperature, params.top_k, params.top_p)
-    probs = torch.softmax(scaled, dim=-1)
+    probs = torch.softmax(scaled, dim=-1).cpu()  # drawn with the CPU generator: a seed samples alike on every device
     return int(torch.multinomial(probs, 1, generator=generator))

@@ -114,6 +114,11 @@ class LayerKV:
     def n_kv_heads(self) -> int:
         return self.pool.n_kv_heads
 
+    @property
+    def device(self) -> torch.device:
+        """Where the layer's pages are read from (its pool's device)."""
+        return self.pool.device
+
     def bytes(self) -> int:
         """Bytes of the pages this layer holds (own run + pages under shared spans) and its accumulated scores."""
         pages = self.run_pages + sum(self.pool.pages_of(s, n)[1] for s, n in self.shared)
@@ -259,8 +264,9 @@ class LayerKV:
         """Pool slots of the cache tokens at ``idx`` ((M,) int64 in ``[0, n)``)."""
         if not self.shared:
             return idx + self._own0()
-        starts = torch.tensor([s for s, _ in self._spans()], dtype=torch.int64)
-        offsets = torch.tensor([0] + [n for _, n in self._spans()], dtype=torch.int64).cumsum(0)
+        dev = self.pool.device
+        starts = torch.tensor([s for s, _ in self._spans()], dtype=torch.int64, device=dev)
+        offsets = torch.tensor([0] + [n for _, n in self._spans()], dtype=torch.int64, device=dev).cumsum(0)
         part = torch.searchsorted(offsets[1:], idx, right=True)
         return starts[part] + idx - offsets[part]
 
@@ -306,7 +312,7 @@ class LayerKV:
         page_ids: (P,) int64 in ``[0, n_pages)``. Returns k, v: (Hkv, <= P * page_size, D)
         and positions (the last page may be partly filled).
         """
-        idx = (page_ids[:, None] * self.page_size + torch.arange(self.page_size)[None, :]).reshape(-1)
+        idx = (page_ids[:, None] * self.page_size + torch.arange(self.page_size, device=page_ids.device)[None, :]).reshape(-1)
         idx = idx[idx < self.n]
         k, v, pos = self._decode(self._slot_index(idx))
         assert v is not None
@@ -416,7 +422,7 @@ class LayerKV:
 
     def drop_pages(self, page_ids: torch.Tensor) -> None:
         """Free whole pages (page_ids: (P,) int64); the remaining tokens are repacked."""
-        mask = torch.ones(self.n, dtype=torch.bool)
+        mask = torch.ones(self.n, dtype=torch.bool, device=self.pool.device)
         for p in page_ids.tolist():
             mask[p * self.page_size : (p + 1) * self.page_size] = False
         self.keep(mask.nonzero().squeeze(1))

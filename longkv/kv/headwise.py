@@ -41,6 +41,10 @@ class HeadwiseLayerKV(LayerKV):
     def n_kv_heads(self) -> int:
         return len(self.heads)
 
+    @property
+    def device(self) -> torch.device:
+        return self.heads[0].device
+
     def tokens_per_head(self) -> list[int]:
         """Exact cached tokens of every KV head."""
         return [h.n for h in self.heads]

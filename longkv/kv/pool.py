@@ -67,7 +67,7 @@ class PageFormat:
 
     def bytes_per_slot(self, n_kv_heads: int) -> int:
         """Bytes one token slot takes over every plane and its position."""
-        per_head = sum(_numel(shape) * torch.empty(0, dtype=dt).element_size() for shape, dt in self.planes().values())
+        per_head = sum(_numel(shape) * dt.itemsize for shape, dt in self.planes().values())
         return n_kv_heads * per_head + 8
 
 

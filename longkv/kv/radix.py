@@ -252,7 +252,7 @@ class PrefixCache:
             return 0
         layers = cache.layers
         if any(layer.n < len(ids) or not layer.shareable for layer in layers) or not torch.equal(
-            layers[0].positions()[: len(ids)].cpu(), torch.arange(len(ids), dtype=torch.int64)
+            layers[0].positions()[: len(ids)].cpu(), torch.arange(len(ids), dtype=torch.int64, device="cpu")
         ):
             return 0
         root = self._root(ns)

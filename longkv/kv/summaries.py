@@ -31,12 +31,12 @@ class PageSummaries:
     """Mean / min / max of the position-free keys of each full page of one layer.
 
     Attributes:
-        mean, kmin, kmax: (Hkv, P, D) float32, P = pages summarised so far.
+        mean, kmin, kmax: (Hkv, P, D) float32 on the cache's device, P = pages summarised so far.
     """
 
-    def __init__(self, n_kv_heads: int, head_dim: int, page_size: int) -> None:
+    def __init__(self, n_kv_heads: int, head_dim: int, page_size: int, device: torch.device | str) -> None:
         self.page_size = page_size
-        empty = torch.empty(n_kv_heads, 0, head_dim)
+        empty = torch.empty(n_kv_heads, 0, head_dim, device=device)
         self.mean, self.kmin, self.kmax = empty, empty.clone(), empty.clone()
 
     @property
@@ -53,7 +53,7 @@ class PageSummaries:
         full = lkv.n // ps
         if full < self.n_pages:  # the cache was cut (e.g. a new prompt): start again
             h, _, d = self.mean.shape
-            self.mean = self.kmin = self.kmax = torch.empty(h, 0, d)
+            self.mean = self.kmin = self.kmax = self.mean.new_empty(h, 0, d)
         start = self.n_pages
         if full == start:
             return

@@ -33,7 +33,8 @@ from pathlib import Path
 import torch
 
 from longkv.errors import LongKVError
-from longkv.kv.cache import LayerKV
+from longkv.kv.cache import LayerKV, page_format
+from longkv.kv.pool import PagePool
 from longkv.kv.quant import dequantize, quantize
 
 CODECS = ("none", "int8", "int4")
@@ -96,7 +97,8 @@ class RamStore(ColdStore):
     def __init__(self, n_kv_heads: int, head_dim: int, page_size: int, dtype: torch.dtype, codec: str = "int8") -> None:
         _codec_bits(codec)  # a clear error for an unknown codec
         self.page_size = page_size
-        self.inner = LayerKV(n_kv_heads, head_dim, page_size, dtype, codec=codec)
+        fmt = page_format(head_dim, dtype, codec)
+        self.inner = LayerKV(n_kv_heads, head_dim, page_size, dtype, codec=codec, pool=PagePool(n_kv_heads, fmt, page_size, "cpu"))
 
     @property
     def n_pages(self) -> int:  # type: ignore[override]
@@ -194,7 +196,7 @@ class DiskStore(ColdStore):
         if p:
             got = os.preadv(self.fd, [raw], p0 * self.record)
             assert got == len(raw), "short read of KV pages"
-        rows = torch.frombuffer(raw, dtype=torch.uint8).view(p, self.record) if p else torch.empty(0, self.record, dtype=torch.uint8)
+        rows = torch.frombuffer(raw, dtype=torch.uint8).view(p, self.record) if p else torch.empty(0, self.record, dtype=torch.uint8, device="cpu")
         parts, at = [], 0
         for (h, ps, x, dt), nb in zip(self.fields, self.field_bytes, strict=True):
             col = rows[:, at : at + nb].contiguous().view(dt).view(p, h, ps, x).transpose(0, 1)
@@ -239,6 +241,8 @@ class TieredLayerKV(LayerKV):
         cold: ``"ram"`` or ``"disk"``.
         codec: ``"none"``, ``"int8"`` or ``"int4"`` for cold pages.
         directory: where a disk store puts its file.
+        device: where the pinned pages and the hot tail live (the engine's device); cold
+            pages stay in host RAM or on disk and are read back onto it.
 
     Raises:
         LongKVError: unknown cold tier or codec, sizes not whole pages.
@@ -249,7 +253,7 @@ class TieredLayerKV(LayerKV):
     def __init__(
         self, n_kv_heads: int, head_dim: int, page_size: int = 64, dtype: torch.dtype = torch.float32, *,
         pinned_tokens: int = 64, hot_tokens: int = 4096, min_hot: int = 0, cold: str = "disk", codec: str = "int8",
-        directory: str | Path | None = None,
+        directory: str | Path | None = None, device: torch.device | str = "cpu",
     ) -> None:
         if cold not in COLD:
             raise LongKVError(f"unknown KV tier {cold!r}: use one of {', '.join(COLD)}")
@@ -258,8 +262,10 @@ class TieredLayerKV(LayerKV):
         self.page_size, self.acc = page_size, None
         self.pinned_tokens, self.hot_tokens = pinned_tokens, hot_tokens
         self.spill_to = min(hot_tokens, max(min_hot, hot_tokens - hot_tokens // 4))
-        self.head = LayerKV(n_kv_heads, head_dim, page_size, dtype)
-        self.tail = LayerKV(n_kv_heads, head_dim, page_size, dtype)
+        self._device = torch.device(device)
+        fmt = page_format(head_dim, dtype)
+        self.head = LayerKV(n_kv_heads, head_dim, page_size, dtype, pool=PagePool(n_kv_heads, fmt, page_size, self._device))
+        self.tail = LayerKV(n_kv_heads, head_dim, page_size, dtype, pool=PagePool(n_kv_heads, fmt, page_size, self._device))
         self.cold: ColdStore = (
             RamStore(n_kv_heads, head_dim, page_size, dtype, codec)
             if cold == "ram"
@@ -275,6 +281,10 @@ class TieredLayerKV(LayerKV):
     @property
     def n_kv_heads(self) -> int:
         return self._n_kv_heads
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
 
     @property
     def cold_end(self) -> int:
@@ -314,8 +324,8 @@ class TieredLayerKV(LayerKV):
         spill = (self.tail.n - self.spill_to) // self.page_size * self.page_size
         if spill > 0:
             tk, tv, tp = self.tail.view()
-            self.cold.write(tk[:, :spill], tv[:, :spill], tp[:spill])
-            self.tail.keep(torch.arange(spill, self.tail.n))
+            self.cold.write(tk[:, :spill].cpu(), tv[:, :spill].cpu(), tp[:spill].cpu())
+            self.tail.keep(torch.arange(spill, self.tail.n, device=self.device))
 
     def truncate(self, n: int) -> None:
         """Forget every token from index ``n`` on; pages cut back into are moved back to the tail."""
@@ -329,7 +339,7 @@ class TieredLayerKV(LayerKV):
             self.head.truncate(n)
             return
         first = (n - self.head.n) // self.page_size  # cold page holding index n
-        k, v, pos = self.cold.read(first, first + 1)
+        k, v, pos = (t.to(self.device) for t in self.cold.read(first, first + 1))  # type: ignore[union-attr]
         assert v is not None
         self.cold.truncate(first)
         keep = n - self.cold_end
@@ -372,7 +382,8 @@ class TieredLayerKV(LayerKV):
             p0, p1 = a // self.page_size, -(-b // self.page_size)
             k, v, pos = self.cold.read(p0, p1, values)
             s = slice(a - p0 * self.page_size, b - p0 * self.page_size)
-            add((k[:, s], None if v is None else v[:, s], pos[s]))
+            dev = self.device
+            add((k[:, s].to(dev), None if v is None else v[:, s].to(dev), pos[s].to(dev)))
         if hi > c1:
             add(self.tail.read(max(lo, c1) - c1, hi - c1, values))
         if len(ks) == 1:

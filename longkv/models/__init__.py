@@ -20,16 +20,23 @@ MODEL_CLASSES: dict[str, type[LlamaModel]] = {
 }
 
 
-def build(config: ModelConfig, weights: dict[str, torch.Tensor], decode_weights: str = "none") -> LlamaModel:
+def build(
+    config: ModelConfig, weights: dict[str, torch.Tensor], decode_weights: str = "none", device: torch.device | str | None = None
+) -> LlamaModel:
     """Instantiate the model class registered for ``config.arch`` (``decode_weights``: see LlamaModel).
+
+    ``device``: move the weights there first (``None``: leave them where they are).
 
     Raises:
         LongKVError: the architecture has no implementation.
+        ValueError: int8/int4 decode weights off the CPU.
     """
     try:
         cls = MODEL_CLASSES[config.arch]
     except KeyError:
         raise LongKVError(f"no forward for architecture {config.arch!r}: supported are {sorted(MODEL_CLASSES)}") from None
+    if device is not None:
+        weights = {name: w.to(device) for name, w in weights.items()}
     return cls(config, weights, decode_weights)
 
 

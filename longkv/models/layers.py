@@ -72,8 +72,9 @@ class Linear:
         decode: format of the decode copy: ``"int8"``, ``"int4"`` or ``"none"``.
 
     Raises:
-        ValueError: unknown ``decode``, or an int4 copy of a matrix whose input size
-            is not a multiple of 32.
+        ValueError: unknown ``decode``, an int4 copy of a matrix whose input size
+            is not a multiple of 32, or an int8/int4 copy of a matrix off the CPU
+            (both kernels are CPU kernels).
     """
 
     __slots__ = ("b", "decode", "group", "q", "scale", "w")
@@ -82,6 +83,8 @@ class Linear:
     def __init__(self, w: torch.Tensor, b: torch.Tensor | None = None, decode: str = "none") -> None:
         if decode not in DECODE_WEIGHTS:
             raise ValueError(f"unknown decode weight format {decode!r}: use one of {', '.join(DECODE_WEIGHTS)}")
+        if decode != "none" and w.device.type != "cpu":
+            raise ValueError(f"{decode} decode weights are a CPU format, the model is on {w.device}: use weights none (or auto)")
         self.w = w.contiguous()
         self.b = b
         self.decode = decode
@@ -147,12 +150,12 @@ class Rotary:
     this is how policies assign in-cache positions (StreamingLLM, InfLLM).
     """
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, device: torch.device | str = "cpu") -> None:
         d = config.head_dim
-        inv = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+        inv = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64, device=device) / d))
         if config.rope_scaling is not None:
             inv = _llama3_inv_freq(inv, config.rope_scaling)
-        self.inv_freq = inv  # (D/2,) float64: angles of far positions (1 M tokens) stay exact
+        self.inv_freq = inv  # (D/2,) float64 on the model's device: angles of far positions (1 M tokens) stay exact
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """positions: (T,) int64 (may be negative for deltas) -> cos, sin: (T, D/2) of ``dtype``."""

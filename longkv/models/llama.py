@@ -54,18 +54,23 @@ class LlamaModel:
         weights: HF-named tensors already in the compute dtype.
         decode_weights: also keep ``"int8"`` or ``"int4"`` copies of the matrices for
             decode steps (``"none"``: none; see :class:`~longkv.models.layers.Linear`);
-            prefill is unchanged.
+            prefill is unchanged. CPU only.
+
+    Every weight is on one device (:attr:`device`, that of the embedding); callers pass
+    ids and positions on it.
 
     Raises:
         LongKVError: a weight is missing.
+        ValueError: int8/int4 decode weights off the CPU.
     """
 
     def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], decode_weights: str = "none") -> None:
         self.config = config
-        bias = config.attention_bias
-        self.layers = [_Layer(weights, f"model.layers.{i}.", bias, decode_weights) for i in range(config.n_layers)]
         if "model.embed_tokens.weight" not in weights:
             raise LongKVError("weight model.embed_tokens.weight missing from the model file: the file is incomplete")
+        self.device = weights["model.embed_tokens.weight"].device
+        bias = config.attention_bias
+        self.layers = [_Layer(weights, f"model.layers.{i}.", bias, decode_weights) for i in range(config.n_layers)]
         self.embed = weights["model.embed_tokens.weight"]
         self.norm = weights["model.norm.weight"]
         head = self.embed if config.tie_embeddings else weights.get("lm_head.weight", self.embed)
@@ -73,7 +78,7 @@ class LlamaModel:
         # (SmolLM2's Q8_0), and 4-bit logits moved decode perplexity by +5 % there.
         self.lm_head = Linear(head, None, "int8" if decode_weights == "int4" else decode_weights)
         self.decode_weights = decode_weights
-        self.rope = Rotary(config)
+        self.rope = Rotary(config, self.device)
         self.dtype = self.embed.dtype
         c = config
         self._split = (c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim, c.n_kv_heads * c.head_dim)
@@ -88,8 +93,8 @@ class LlamaModel:
         """Run the decoder over T new tokens.
 
         Args:
-            input_ids: (T,) int64 token ids.
-            positions: (T,) int64 absolute positions of those tokens.
+            input_ids: (T,) int64 token ids, on :attr:`device`.
+            positions: (T,) int64 absolute positions of those tokens, on :attr:`device`.
             attention: the engine's attention callback (see module docstring).
             logits_at: which positions get logits: only the last (prefill chunks,
                 decode), all (perplexity, parity tests), or none (middle chunks:

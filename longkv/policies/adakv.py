@@ -78,7 +78,7 @@ class AdaKVPolicy(ScorerWrapper):
             s[top] = torch.inf  # safeguard: every head keeps its best `forced` tokens
             scores.append(s)
         flat = torch.cat(scores)
-        chosen = torch.zeros(flat.numel(), dtype=torch.bool)
+        chosen = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
         chosen[torch.topk(flat, total, sorted=False).indices] = True
         counts = [h.n for h in heads]  # offsets into `flat`, taken before any head shrinks
         for h, part in zip(heads, chosen.split(counts), strict=True):

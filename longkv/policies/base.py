@@ -261,7 +261,7 @@ class EvictionPolicy(KVPolicy, ABC):
         n = positions.numel()
         if n == 0 or int(positions[-1] - positions[0]) == n - 1:
             return None  # no gap: nothing moves
-        return positions[-1] - torch.arange(n - 1, -1, -1, dtype=torch.int64)
+        return positions[-1] - torch.arange(n - 1, -1, -1, dtype=torch.int64, device=positions.device)
 
     def describe(self) -> str:
         """``name(budget=.., sinks=.., window=.., <the method's other knobs>)``; codec and positions when not the defaults."""
@@ -300,13 +300,13 @@ class AccumulatedScorePolicy(EvictionPolicy, ABC):
         if queries is not None and cache.n:
             k, v, pos = cache.view()
             new = self.score(layer, k, v, pos, queries).float()
-            old = cache.acc if cache.acc is not None else torch.zeros(new.shape[0], 0)
+            old = cache.acc if cache.acc is not None else torch.zeros(new.shape[0], 0, device=new.device)
             old = torch.nn.functional.pad(old, (0, cache.n - old.shape[1]))
             cache.acc = old + new if self.accumulate == "sum" else torch.maximum(old, new)
 
     def token_scores(self, cache: LayerKV) -> torch.Tensor:
         """(N,) float32 ranking of the cached tokens: the totals combined over KV heads (sum or max)."""
-        acc = cache.acc if cache.acc is not None else torch.zeros(1, 0)
+        acc = cache.acc if cache.acc is not None else torch.zeros(1, 0, device=cache.device)
         acc = torch.nn.functional.pad(acc, (0, cache.n - acc.shape[1]))
         return acc.amax(0) if getattr(self, "heads", "sum") == "max" else acc.sum(0)
 
@@ -371,7 +371,7 @@ class Observation:
     def newest(cls, q: torch.Tensor, last_position: int) -> Observation:
         """The queries (H, W, D) of the W tokens ending at ``last_position``."""
         w = q.shape[1]
-        return cls(q, torch.arange(last_position - w + 1, last_position + 1, dtype=torch.int64))
+        return cls(q, torch.arange(last_position - w + 1, last_position + 1, dtype=torch.int64, device=q.device))
 
     def last(self, w: int) -> Observation:
         """The newest ``w`` queries."""

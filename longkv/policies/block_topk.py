@@ -307,7 +307,7 @@ class BlockTopKPolicy(SelectionPolicy):
             n_kv_heads, head_dim, page_size, dtype, pinned_tokens=self.sink_tokens(page_size),
             hot_tokens=self.hot_tokens(model, engine, dtype.itemsize), cold=self.cold, codec=self.cold_codec,
             min_hot=self.window + 2 * page_size + max(engine.chunk_size, self.query_tokens),
-            directory=self.tier_dir or None,
+            directory=self.tier_dir or None, device=engine.device,
         )
 
     def max_context(self, model: ModelConfig) -> int | None:
@@ -335,7 +335,7 @@ class BlockTopKPolicy(SelectionPolicy):
         ps, n = engine.page_size, model.n_layers
         return BlockTopKState(
             [None] * n,
-            [PageSummaries(model.n_kv_heads, model.head_dim, ps) for _ in range(n)],
+            [PageSummaries(model.n_kv_heads, model.head_dim, ps, engine.device) for _ in range(n)],
             self.window + ps + max(engine.chunk_size, self.query_tokens),
             dense_upto=self.dense_upto(engine, model),
             max_position=model.max_position,
@@ -387,7 +387,7 @@ class BlockTopKPolicy(SelectionPolicy):
         the share of attention (``aggregate="mass"``) or the z-score over the pages (``"z"``)."""
         ps = lkv.page_size
         sinks = self.sink_tokens(ps)
-        cand = candidate_pages(n_before, sinks, self.window, ps)
+        cand = candidate_pages(n_before, sinks, self.window, ps, q.device)
         if self.score not in ("max", "lse"):
             state.summaries[layer].update(lkv, rope)
         w0 = window_start(n_before, sinks, self.window, ps)
@@ -421,7 +421,7 @@ class BlockTopKPolicy(SelectionPolicy):
         n0 = cache[0].n
         ps = cache[0].page_size
         sinks = self.sink_tokens(ps)
-        cand = candidate_pages(n0, sinks, self.window, ps)
+        cand = candidate_pages(n0, sinks, self.window, ps, cache[0].device)
         state.candidates, state.z, state.score, state.prefix = cand, None, None, None
         state.first_score = state.confidence = None
         topk = self.k(model)
@@ -435,7 +435,7 @@ class BlockTopKPolicy(SelectionPolicy):
         queries: list[torch.Tensor] = yield ProbeQueries(list(ids), local)
         best: torch.Tensor | None = None  # (<= votes, C): the best z-scores of every page so far
         heads = resolve_heads(self.heads, model) if self.scope == "shared" else None
-        by_heads = torch.zeros(cand.numel())  # (C,): sum over the retrieval heads of their rating
+        by_heads = torch.zeros(cand.numel(), device=cand.device)  # (C,): sum over the retrieval heads of their rating
         per_head = []
         for i, q in enumerate(queries):
             if heads:  # only the layers that hold a retrieval head are scored (and, when tiered, read)
@@ -466,7 +466,7 @@ class BlockTopKPolicy(SelectionPolicy):
             m = min(self.verify, cand.numel())
             order = torch.topk(state.first_score, m).indices  # best first
             texts = [[context[i] for i in self._page_text(cand, c, sinks, ps).tolist()] + list(ids) for c in order.tolist()]
-            conf = torch.tensor((yield GreedyConfidence(texts, self.verify_tokens)), dtype=torch.float32)
+            conf = torch.tensor((yield GreedyConfidence(texts, self.verify_tokens)), dtype=torch.float32, device=cand.device)
             first = state.first_score  # verified pages rank by confidence, above every other page (same order)
             state.score = first - first.max() + conf.min() - 1.0
             state.score[order] = conf
@@ -474,12 +474,14 @@ class BlockTopKPolicy(SelectionPolicy):
         shared = top_pages(cand, state.score[None], topk, self.expand)
         state.pages = [shared] * len(queries)
         if self.reencode:
-            idx = torch.cat((torch.arange(sinks), (shared[0][:, None] * ps + torch.arange(ps)).flatten()))
+            dev = shared.device
+            idx = torch.cat((torch.arange(sinks, device=dev), (shared[0][:, None] * ps + torch.arange(ps, device=dev)).flatten()))
             kv = yield EncodeText([context[i] for i in idx.tolist()])
             state.prefix = [(k, v, idx) for k, v in kv]
 
     def _page_text(self, cand: torch.Tensor, c: int, sinks: int, ps: int) -> torch.Tensor:
         """Token indices (T,) of the sink pages + candidate ``c`` and its ``expand`` neighbours."""
-        near = torch.arange(c - self.expand, c + self.expand + 1)
+        dev = cand.device
+        near = torch.arange(c - self.expand, c + self.expand + 1, device=dev)
         pages = cand[near[(near >= 0) & (near < cand.numel())]]
-        return torch.cat((torch.arange(sinks), (pages[:, None] * ps + torch.arange(ps)).flatten()))
+        return torch.cat((torch.arange(sinks, device=dev), (pages[:, None] * ps + torch.arange(ps, device=dev)).flatten()))

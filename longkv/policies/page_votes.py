@@ -42,6 +42,6 @@ def top_pages(cand: torch.Tensor, scores: torch.Tensor, k: int, expand: int = 0)
     idx = torch.topk(scores, k, dim=-1).indices.sort(dim=-1).values
     if expand and idx.numel():
         assert idx.shape[0] == 1, "expand needs one selection (scope shared or layer)"
-        near = (idx[0][:, None] + torch.arange(-expand, expand + 1)).flatten()
+        near = (idx[0][:, None] + torch.arange(-expand, expand + 1, device=idx.device)).flatten()
         idx = near[(near >= 0) & (near < cand.numel())].unique()[None]  # unique() sorts
     return cand[idx]

@@ -39,4 +39,4 @@ class RandomPolicy(EvictionPolicy):
         """(N,) float32 uniform in [0, 1)."""
         n = keys.shape[1]
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + layer * 7_919 + n)
-        return torch.rand(n, generator=gen)
+        return torch.rand(n, generator=gen, device="cpu").to(keys.device)  # the same draws on every device

@@ -80,7 +80,7 @@ class StreamingPolicy(EvictionPolicy):
     ) -> torch.Tensor:
         # Sinks first, then the window by recency; anything older than the window last.
         n = positions.numel()
-        score = torch.arange(n, dtype=torch.float32)
+        score = torch.arange(n, dtype=torch.float32, device=positions.device)
         score[: max(n - self.local_window, 0)] = -1.0
         score[: min(self.sinks, n)] = float(n + 1)
         return score
@@ -90,7 +90,8 @@ class StreamingPolicy(EvictionPolicy):
         n, keep_n = cache.n, self.sinks + self.local_window
         if n <= keep_n:
             return
-        cache.keep(torch.cat((torch.arange(self.sinks), torch.arange(n - self.local_window, n))))
+        dev = cache.device
+        cache.keep(torch.cat((torch.arange(self.sinks, device=dev), torch.arange(n - self.local_window, n, device=dev))))
 
     def dense_kv_upto(self) -> int:
         # Nothing is freed until a layer holds more than sinks + window tokens, and with

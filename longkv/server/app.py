@@ -365,6 +365,7 @@ def serve(
     chunk_size: int = 512,
     threads: int | None = None,
     weights: str = "auto",
+    device: str = "cpu",
     **config: Any,
 ) -> None:
     """Load ``model`` and serve it until interrupted (``config``: :class:`ServerConfig` fields)."""
@@ -372,7 +373,7 @@ def serve(
 
     _check_port_free(host, port)  # before the model loads: a busy port is a one-line error, not errno 98 later
     policy = config.get("default_policy", "dense")
-    llm = LLM(model, policy=policy, dtype=dtype, chunk_size=chunk_size, threads=threads, weights=weights)  # a bad policy fails before loading
+    llm = LLM(model, policy=policy, dtype=dtype, chunk_size=chunk_size, threads=threads, weights=weights, device=device)  # a bad policy fails before loading
     cfg = ServerConfig(model_id=served_model_name or default_model_id(llm), **config)
     if cfg.default_policy != "auto":
         llm.resolve_policy(0, cfg.default_policy)  # knobs that cannot work with this model: fail now, not per request
