@@ -14,6 +14,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from longkv.bench.cli import bench_app
 from longkv.config import ASK_DRY_MULTIPLIER
@@ -21,12 +22,31 @@ from longkv.errors import LongKVError
 
 app = typer.Typer(
     name="longkv",
-    help="Long-context LLM inference on the CPU, with KV memory bounded by a budget you set.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
 err = Console(stderr=True, highlight=False)
+
+
+def _version(show: bool) -> None:
+    if show:
+        import platform
+
+        import torch
+
+        from longkv import __version__
+
+        cuda = f"CUDA {torch.version.cuda}" if torch.version.cuda else "CPU build"
+        print(f"longkv {__version__} (torch {torch.__version__}, {cuda}; Python {platform.python_version()})")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, metavar="", help="Print the versions of longkv and torch and exit.")] = False,
+) -> None:
+    """Long-context LLM inference on the CPU (or a CUDA GPU), with KV memory bounded by a budget you set."""
 
 
 class Compression(StrEnum):
@@ -120,7 +140,14 @@ def ask(
     finally:
         done()
     if as_json:
-        print(json.dumps({"answer": out.text.strip(), "finish_reason": out.finish_reason, "model": llm.source, **out.stats.as_dict()}))
+        settings = {
+            "device": llm.engine_config.device, "dtype": llm.engine_config.dtype, "weights": llm.decode_weights,
+            "sampling": {
+                "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "seed": seed,
+                "repetition_penalty": repetition_penalty, "dry_multiplier": dry_multiplier,
+            },
+        }  # fmt: skip
+        print(json.dumps({"answer": out.text.strip(), "finish_reason": out.finish_reason, "model": llm.source, **settings, **out.stats.as_dict()}))
     else:
         sys.stdout.write("\n")
         err.print(f"[dim]{out.stats.line()}[/dim]", soft_wrap=True)
@@ -355,15 +382,28 @@ def main() -> None:
 
         warnings.filterwarnings("ignore")
     try:
-        app()
+        from typer._click.exceptions import NoArgsIsHelpError, UsageError  # typer >= 0.2x carries its own click
+    except ImportError:  # pragma: no cover - typer on the public click
+        from click.exceptions import NoArgsIsHelpError, UsageError  # type: ignore[assignment]
+
+    try:
+        rc = app(standalone_mode=False, prog_name="longkv")  # usage errors come back here, to be one line like the others
     except LongKVError as exc:
         err.print(f"[bold red]error:[/bold red] {exc}", soft_wrap=True)
         sys.exit(2)
-    except KeyboardInterrupt:
+    except NoArgsIsHelpError:  # the help is printed already
+        sys.exit(2)
+    except UsageError as exc:
+        where = exc.ctx.command_path if exc.ctx is not None else "longkv"
+        err.print(f"[bold red]error:[/bold red] {escape(exc.format_message())} (see {where} --help)", soft_wrap=True)
+        sys.exit(2)
+    except (KeyboardInterrupt, typer.Abort):
         err.print("interrupted")
         sys.exit(130)
     except BrokenPipeError:
         sys.exit(0)
+    if isinstance(rc, int) and rc:
+        sys.exit(rc)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from longkv.config import ASK_DRY_MULTIPLIER
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -148,9 +150,31 @@ def test_dense_beyond_window_suggests_block_topk(work: Path, tiny_llama: Path) -
     assert_user_error(proc, "exceeds the model's trained window", "--policy block_topk")
 
 
-def test_unknown_option_is_a_usage_error(work: Path) -> None:
-    proc = run(["ask", "notes.txt", "-q", "x", "--bogus"], work)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+@pytest.mark.parametrize(
+    ("args", "needles"),
+    [
+        (["ask", "notes.txt", "-q", "x", "--bogus"], ("No such option: --bogus", "see longkv ask --help")),
+        (["ask", "notes.txt"], ("Missing option '--question' / '-q'",)),
+        (["ask", "notes.txt", "-q", "x", "--dry-multiplier", "abc"], ("Invalid value for '--dry-multiplier'",)),
+        (["bench", "speed", "--lenghts", "4k"], ("No such option: --lenghts", "--lengths", "see longkv bench speed --help")),
+        (["nosuch"], ("No such command 'nosuch'",)),
+    ],
+)
+def test_usage_errors_are_one_line(work: Path, args: list[str], needles: tuple[str, ...]) -> None:
+    assert_user_error(run(args, work), *needles)
+
+
+def test_version(work: Path) -> None:
+    from longkv import __version__
+
+    proc = run(["--version"], work)
+    assert proc.returncode == 0 and proc.stdout.startswith(f"longkv {__version__} (torch ")
+
+
+def test_help_exits_zero_and_no_command_shows_it(work: Path) -> None:
+    assert run(["--help"], work).returncode == 0 and run(["ask", "--help"], work).returncode == 0
+    proc = run([], work)
+    assert proc.returncode == 2 and "Commands" in proc.stdout + proc.stderr
 
 
 def test_ask_answers_from_a_folder_and_stdin_as_json(work: Path, smollm2_path: Path) -> None:
@@ -166,6 +190,10 @@ def test_ask_answers_from_a_folder_and_stdin_as_json(work: Path, smollm2_path: P
     out = json.loads(proc.stdout)
     assert "march 3" in out["answer"].lower()
     assert out["policy"] == "dense" and out["prompt_tokens"] > 10 and out["peak_kv_bytes"] > 0
+    assert out["device"] == "cpu" and out["dtype"] == "bfloat16" and out["weights"] in ("int4", "int8")
+    assert out["sampling"] == {
+        "max_new_tokens": 16, "temperature": 0.0, "top_p": 1.0, "seed": None, "repetition_penalty": 1.0, "dry_multiplier": ASK_DRY_MULTIPLIER,
+    }  # fmt: skip
     proc = run(["ask", "-", "-q", "Which day did the meeting move to?", "--model", str(smollm2_path), "--max-new-tokens", "16"], work, stdin=(work / "notes.txt").read_text())
     assert proc.returncode == 0, proc.stderr
     assert "thursday" in proc.stdout.lower()
@@ -232,8 +260,7 @@ def test_policies_lists_every_policy_with_its_knobs(work: Path) -> None:
 
 def test_unknown_compression_mode_is_a_usage_error(work: Path) -> None:
     proc = run(["ask", "notes.txt", "-q", "x", "--policy", "snapkv", "--compression", "aware"], work)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr and proc.stdout == ""
-    assert "'question-aware', 'question-agnostic'" in proc.stderr
+    assert_user_error(proc, "Invalid value for '--compression'", "'question-aware', 'question-agnostic'")
 
 
 def test_device_errors_come_before_the_model_loads(work: Path) -> None:
