@@ -18,13 +18,13 @@ def test_question_aware_snapkv_keeps_a_far_needle(smollm2_bf16: LLM, book_text: 
     ids = llm.encode(prompt)
     tail = ids[-(len(llm.encode(question)) + 16) :]
     probes: list[int] = []
-    real = Runner.probe
+    real = Runner.probe_work
 
-    def counting(self: Runner, seq, probe_ids):  # type: ignore[no-untyped-def]
+    def counting(self: Runner, seq, probe_ids, then):  # type: ignore[no-untyped-def]
         probes.append(len(probe_ids))
-        return real(self, seq, probe_ids)
+        return real(self, seq, probe_ids, then)
 
-    monkeypatch.setattr(Runner, "probe", counting)
+    monkeypatch.setattr(Runner, "probe_work", counting)
     budget = len(ids) // 4
     out = llm.generate(ids, max_new_tokens=6, policy=f"snapkv:budget={budget}", question_ids=tail)
     assert "73914" in out.text

@@ -382,6 +382,12 @@ def test_empty_prefill_is_refused() -> None:
         runner.plan_prefill(runner.new_sequence(), [])
 
 
+def _probe(runner: Runner, seq, ids: list[int]) -> dict[int, torch.Tensor]:  # type: ignore[no-untyped-def]
+    out: dict[int, torch.Tensor] = {}
+    assert run_batch(runner.model, [runner.probe_work(seq, ids, out.update)]) == [None]
+    return out
+
+
 def test_probe_leaves_cache_and_gives_the_real_queries(model) -> None:
     # A probe's queries are those the same tokens get when prefilled for real; the cache is untouched.
     policy = make_policy("snapkv", budget=4000)
@@ -390,7 +396,7 @@ def test_probe_leaves_cache_and_gives_the_real_queries(model) -> None:
     runner.prefill(seq, ids(70, seed=20))
     before = kept_positions(seq), [lkv.view()[0].clone() for lkv in seq.cache.layers]
     question = ids(9, seed=21)
-    probed = runner.probe(seq, question)
+    probed = _probe(runner, seq, question)
     assert kept_positions(seq) == before[0] and len(seq.tokens) == 70
     assert all(torch.equal(lkv.view()[0], k) for lkv, k in zip(seq.cache.layers, before[1], strict=True))
     real = fork(seq)
@@ -421,7 +427,7 @@ def test_kvzip_scores_by_a_repeat_of_each_chunk() -> None:
     seq = runner.new_sequence()
     chunk = ids(32, seed=22)
     runner.prefill(seq, chunk)
-    probed = runner.probe(seq, chunk)
+    probed = _probe(runner, seq, chunk)
     for layer, lkv in enumerate(seq.cache.layers):
         k, _, pos = lkv.view()
         expected = window_attention(k, Observation(probed[layer], torch.arange(32, 64)), pos, reduce="max").amax(1)
@@ -436,13 +442,13 @@ def test_question_aware_probes_the_question_after_every_chunk(monkeypatch) -> No
     model = tiny_model("llama", seed=7)
     runner = Runner(model, make_policy("snapkv", budget=40), ENGINE)
     seen: list[tuple[int, list[int]]] = []
-    real_probe = runner.probe
+    real_probe = runner.probe_work
 
-    def spy(seq, probe_ids):
+    def spy(seq, probe_ids, then):
         seen.append((len(seq.tokens), list(probe_ids)))
-        return real_probe(seq, probe_ids)
+        return real_probe(seq, probe_ids, then)
 
-    monkeypatch.setattr(runner, "probe", spy)
+    monkeypatch.setattr(runner, "probe_work", spy)
     question = ids(6, seed=24)
     prefill_with_question(runner, runner.new_sequence(), ids(100, seed=25), question, "question-aware")
     assert seen == [(32, question), (64, question), (96, question), (100, question)]
@@ -489,8 +495,8 @@ def test_kvzip_probes_each_chunk_in_both_modes(monkeypatch) -> None:
     model = tiny_model("llama", seed=7)
     runner = Runner(model, make_policy("kvzip", budget=40), ENGINE)
     seen: list[list[int]] = []
-    real_probe = runner.probe
-    monkeypatch.setattr(runner, "probe", lambda seq, probe_ids: seen.append(list(probe_ids)) or real_probe(seq, probe_ids))
+    real_probe = runner.probe_work
+    monkeypatch.setattr(runner, "probe_work", lambda seq, probe_ids, then: seen.append(list(probe_ids)) or real_probe(seq, probe_ids, then))
     context = ids(100, seed=25)
     prefill_with_question(runner, runner.new_sequence(), context, ids(6, seed=24), "question-aware")
     assert seen[:4] == [context[0:32], context[32:64], context[64:96], context[96:100]]

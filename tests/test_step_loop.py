@@ -264,3 +264,40 @@ def test_stop_filter_holds_a_possible_stop_and_cuts_at_a_whole_one() -> None:
     g = StopFilter(("END",))
     assert g.push("aEN") == ("a", False) and g.flush() == "EN"
     assert StopFilter(()).push("anything") == ("anything", False)
+
+
+def test_compression_probes_ride_in_the_step_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """KVzip's re-read of each chunk and a question-aware probe are works of the step: no forward outside it."""
+    import longkv.engine.engine as engine_mod
+
+    engine = _engine(max_step_tokens=64)
+    forwards: list[int] = []
+    batches: list[list[tuple[bool, bool, int]]] = []  # per step: (keep, decode, tokens) of each work
+    real_forward, real_batch = MODEL.forward, engine_mod.run_batch
+
+    def counting(ids, *args, **kwargs):  # type: ignore[no-untyped-def]
+        forwards.append(ids.shape[0])
+        return real_forward(ids, *args, **kwargs)
+
+    def recording(model, works, *args, **kwargs):  # type: ignore[no-untyped-def]
+        batches.append([(w.keep, w.decode, len(w.ids)) for w in works])
+        return real_batch(model, works, *args, **kwargs)
+
+    monkeypatch.setattr(MODEL, "forward", counting)
+    monkeypatch.setattr(engine_mod, "run_batch", recording)
+    dense = engine.add_request(Request(_ids(10, seed=30), SamplingParams(max_new_tokens=12, ignore_eos=True), _policy("dense")))
+    engine.step()  # the dense request decodes from here on
+    kv = engine.add_request(Request(_ids(50, seed=31), SamplingParams(max_new_tokens=3, ignore_eos=True), _policy("kvzip:budget=40")))
+    aware = engine.add_request(
+        Request(_ids(40, seed=32), SamplingParams(max_new_tokens=3, ignore_eos=True), _policy("snapkv:budget=40"), question_ids=[5, 6, 7])
+    )
+    outs = _drain(engine)
+    assert len(forwards) == engine.steps == len(batches)  # every forward is one step's batch
+    probes = [(n, b) for b in batches for keep, _, n in b if not keep]
+    assert sorted(n for n, _ in probes) == sorted([16, 16, 16, 2, 3, 3, 3])  # kvzip: each chunk again; snapkv: the question per chunk
+    assert any(any(d for _, d, _ in b) for _, b in probes)  # a probe beside the dense request's decode token
+    for rid in (dense, kv, aware):
+        assert outs[rid][0].finish_reason == "length"
+    alone = _engine()
+    rid = alone.add_request(Request(_ids(50, seed=31), SamplingParams(max_new_tokens=3, ignore_eos=True), _policy("kvzip:budget=40")))
+    assert _drain(alone)[rid][0].token_ids == outs[kv][0].token_ids

@@ -163,7 +163,7 @@ class TokenEvent:
 class _Running:
     """Engine-side state of one admitted request."""
 
-    __slots__ = ("detok", "feeding", "generator", "out", "pending", "plan", "req", "runner", "seq", "stops")
+    __slots__ = ("detok", "feeding", "generator", "out", "pending", "plan", "prompt_logits", "req", "runner", "seq", "stops")
 
     def __init__(self, req: Request, runner: Runner, seq: Sequence, tokenizer: Decoder) -> None:
         self.req, self.runner, self.seq = req, runner, seq
@@ -173,6 +173,7 @@ class _Running:
         self.generator = make_generator(req.params.seed)
         self.plan: PrefillPlan | None = None
         self.pending: int | None = None  # sampled, not yet fed
+        self.prompt_logits: torch.Tensor | None = None  # after the prompt's last chunk
         self.feeding = False  # finished; one last forward feeds ``pending`` (Request.feed_last)
 
 
@@ -299,7 +300,12 @@ class Engine:
             if o.feeding:
                 self._release(o)
                 continue
-            if o.plan is not None and o.plan.done:
+            if o.plan is not None:
+                if lg is not None:
+                    o.prompt_logits = lg  # the last chunk's; a compression probe may still follow
+                if not o.plan.done:
+                    continue
+                lg = o.prompt_logits
                 self._prompt_done(o, lg, now)
             if lg is not None:
                 self._next(o, lg, events)
@@ -418,7 +424,7 @@ class Engine:
             self.running.remove(o)
         if o.plan is not None:
             o.plan.close()  # a selection's fresh sequences give their pages back
-        o.seq.probe_ids = []
+        o.seq.probe_ids, o.seq.probe_due = [], None
         try:
             if o.req.on_release is not None:
                 o.req.on_release(o.seq, o.out)

@@ -48,6 +48,9 @@ class Sequence:
     # question-aware compression (see longkv.policies.modes): after every prefill chunk these
     # tokens (the question) are probed over the cache and their queries score what to keep
     probe_ids: list[int] = field(default_factory=list)
+    # a compression waiting for its probe: these tokens' queries, fed after the cache, score
+    # what is kept; the probe is the sequence's next work (Runner.due_work)
+    probe_due: list[int] | None = None
     selection: SelectionState | None = None  # a selection policy's state (selected pages, page summaries)
 
     @property
@@ -168,34 +171,53 @@ class Runner:
         return torch.cat(outs, dim=0)
 
     def _compress(self, seq: Sequence, chunk: list[int] | None = None) -> None:
-        """Let the policy free what it will in every layer.
+        """Let the policy free what it will in every layer (after a prompt ``chunk``, or a decode step).
 
-        Observation queries: for policies that score by reconstruction
-        (``reconstruct``, KVzip), a repeat of the prefill ``chunk`` probed over
+        Observation queries: after a chunk, for policies that score by
+        reconstruction (``reconstruct``, KVzip), a repeat of the chunk probed over
         the cache, in both modes; else the question's, probed the same way, when
-        ``seq.probe_ids`` is set (question-aware); else the last
-        ``query_window`` queries.
+        ``seq.probe_ids`` is set (question-aware). A probe is not run here: it
+        becomes ``seq.probe_due``, the sequence's next work (:meth:`due_work`),
+        batched with the other sequences' tokens, and the policy compresses once
+        it has run. Otherwise (and at decode steps) the last ``query_window``
+        queries, at once.
         """
-        probe_ids = chunk if chunk and self.policy.reconstruct else seq.probe_ids
+        probe_ids = (chunk if self.policy.reconstruct else seq.probe_ids) if chunk else None
         if probe_ids:
-            p0 = seq.next_position  # the probe follows every cached token
-            positions = torch.arange(p0, p0 + len(probe_ids), dtype=torch.int64, device=self.model.device)
-            obs = {layer: Observation(q, positions) for layer, q in self.probe(seq, probe_ids).items()}
-        else:
-            last = seq.next_position - 1
-            obs = {layer: Observation.newest(q, last) for layer, q in seq.queries.items()}
+            seq.probe_due = list(probe_ids)
+            return
+        last = seq.next_position - 1
+        obs = {layer: Observation.newest(q, last) for layer, q in seq.queries.items()}
         self.policy.compress_layers(seq.cache.layers, obs)
 
-    @torch.inference_mode()
-    def probe(self, seq: Sequence, ids: list[int]) -> dict[int, torch.Tensor]:
-        """Queries of ``ids`` fed after every cached token, their KV not stored: layer -> (H, P, D).
+    def due_work(self, seq: Sequence) -> Work | None:
+        """The probe ``seq``'s compression waits for (``seq.probe_due``), as a work; ``None`` if none.
+
+        After its forward the policy compresses every layer with the probe's queries
+        (positions after every cached token) and ``seq.probe_due`` is cleared. A
+        forward cut short leaves it due, to be handed out again.
+        """
+        ids = seq.probe_due
+        if not ids:
+            return None
+
+        def compress(queries: dict[int, torch.Tensor]) -> None:
+            p0 = seq.next_position  # the probe followed every cached token
+            positions = torch.arange(p0, p0 + len(ids), dtype=torch.int64, device=self.model.device)
+            seq.probe_due = None
+            self.policy.compress_layers(seq.cache.layers, {layer: Observation(q, positions) for layer, q in queries.items()})
+
+        return self.probe_work(seq, ids, compress)
+
+    def probe_work(self, seq: Sequence, ids: list[int], then: Callable[[dict[int, torch.Tensor]], None]) -> Work:
+        """A work feeding ``ids`` after every cached token, their KV not stored; ``then`` gets their queries, layer -> (H, P, D).
 
         The probe tokens take the positions that follow the sequence and attend
         to the cache (as the policy positions it) and causally to themselves; the
         cache and ``seq.tokens`` are left untouched. Used to score cached tokens
         by what a later text needs from them: the question (FINCH, Corallo &
         Papotti 2024) or a repeat of the context (KVzip, Kim et al. 2025).
-        Cost: one forward of ``len(ids)`` tokens over the cache.
+        Cost: ``len(ids)`` tokens in a batched forward (:func:`run_batch`).
         """
         out: dict[int, torch.Tensor] = {}
 
@@ -213,11 +235,7 @@ class Runner:
                 outs.append(attend(q[h * g : (h + 1) * g], torch.cat((keys, kk), 1), torch.cat((values, vv), 1), pos, torch.cat((kpos, pos))))
             return torch.cat(outs, dim=0)
 
-        p0 = seq.next_position
-        dev = self.model.device
-        positions = torch.arange(p0, p0 + len(ids), dtype=torch.int64, device=dev)
-        self.model.forward(torch.tensor(ids, dtype=torch.int64, device=dev), positions, attention, "none")
-        return out
+        return Work(self, seq, list(ids), logits=False, keep=False, attention=attention, then=lambda _: then(out))
 
     @torch.inference_mode()
     def prefill(
@@ -236,7 +254,8 @@ class Runner:
         plan = self.plan_prefill(seq, ids, compress)
         logits: torch.Tensor | None = None
         while not plan.done:
-            logits = run_batch(self.model, plan.next_works())[-1]
+            lg = run_batch(self.model, plan.next_works())[-1]
+            logits = lg if lg is not None else logits  # a compression probe after the last chunk has none
             if progress is not None:
                 progress(plan.fed, plan.total)
         assert logits is not None
@@ -259,7 +278,8 @@ class Runner:
         plan = PrefillPlan(self, seq, list(question), ask=True)
         logits: torch.Tensor | None = None
         while not plan.done:
-            logits = run_batch(self.model, plan.next_works())[-1]
+            lg = run_batch(self.model, plan.next_works())[-1]
+            logits = lg if lg is not None else logits
         assert logits is not None
         return logits
 
@@ -336,7 +356,10 @@ class PrefillPlan:
     selection policy the question part (``SelectionPolicy.question_start``) comes
     last: once the context is in, the policy's ``select`` plan chooses its pages,
     each of its needs handed out as works of their own (:mod:`longkv.engine.needs`)
-    before the question's first chunk. The last chunk asks for logits.
+    before the question's first chunk. After a chunk whose compression scores with
+    a probe (the question's queries, or KVzip's re-read of the chunk), that probe is
+    the next work and the plan is not done until it has run. The last chunk asks
+    for logits.
 
     Args:
         ask: the whole of ``ids`` is a question about what the sequence holds
@@ -364,7 +387,8 @@ class PrefillPlan:
 
     @property
     def done(self) -> bool:
-        return self._pos >= len(self._pending) and not self.question
+        """Every chunk and need handed out, and no compression waits for its probe."""
+        return self._pos >= len(self._pending) and not self.question and not self.seq.probe_due
 
     @property
     def remaining(self) -> int:
@@ -396,6 +420,8 @@ class PrefillPlan:
 
     def peek(self) -> int:
         """Tokens of the next work handed out."""
+        if self.seq.probe_due:
+            return len(self.seq.probe_due)
         need = self._selection()
         if need is not None:
             return need.peek()
@@ -403,8 +429,12 @@ class PrefillPlan:
 
     def next_works(self, budget: int | None = None) -> list[Work]:
         """The next works: the next chunk, or at the question the selection's need (at least
-        one work, more while their tokens fit ``budget``; None: no limit)."""
+        one work, more while their tokens fit ``budget``; None: no limit). A compression's
+        probe (``Sequence.probe_due``) goes first: the next chunk reads the compressed cache."""
         assert not self.done
+        due = self.runner.due_work(self.seq)
+        if due is not None:
+            return [due]
         need = self._selection()
         if need is not None:
             return need.works(budget)
@@ -415,6 +445,8 @@ class PrefillPlan:
 
     def undo(self, work: Work) -> None:
         """Hand ``work`` out again (its forward was cut short and rolled back)."""
+        if not work.keep and self.seq.probe_due and work.ids == self.seq.probe_due and (self._need is None or self._need.done):
+            return  # the compression's probe: still due
         if self._need is not None and not self._need.done and work.then is not None:
             self._need.undo(work)
             return

@@ -359,7 +359,7 @@ class Observation:
         q: (H, W, D) rotated queries.
         positions: (W,) int64, the positions the queries were computed at. The
             newest W tokens of the sequence (the runner keeps them) see the keys
-            up to their own position; a probe (``Runner.probe``: the question, or a
+            up to their own position; a probe (``Runner.probe_work``: the question, or a
             repeat of the chunk for KVzip) is fed after every cached token and sees
             them all.
     """

@@ -2,7 +2,7 @@
 
 Question-agnostic: no question is known, so a token is rated by how much the
 model attends to it when asked to repeat the context. Each prefill chunk is
-fed a second time as a probe after the cache (``Runner.probe``; the probe's
+fed a second time as a probe after the cache (``Runner.probe_work``; the probe's
 KV is not stored): while re-reading the chunk, copy heads attend to the first
 copy, so a token is worth keeping when reproducing the text needs it (the
 paper's premise: what the model needs to rebuild the context is what any

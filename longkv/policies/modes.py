@@ -7,7 +7,7 @@
   prefix). The question is appended without further compression.
 * **question-aware**: the question is known while the context is compressed.
   To keep memory bounded, compression still runs after every chunk: each time,
-  the question is probed over the cache as it stands (``Runner.probe``: a
+  the question is probed over the cache as it stands (``Runner.probe_work``: a
   forward of the question's tokens placed after the chunk, their KV not
   stored) and its queries score what to keep (as FINCH, Corallo & Papotti
   2024). After the context, the question is prefilled for real and a last
