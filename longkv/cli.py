@@ -184,6 +184,7 @@ def serve(
     cache_mib: Annotated[int, typer.Option(help="Prefix cache budget in MiB (0: no prefix cache).")] = 2048,
     max_num_seqs: Annotated[int, typer.Option(help="Requests decoded together in one batched step (the rest wait).")] = 8,
     max_queue: Annotated[int, typer.Option(help="Requests that may wait while --max-num-seqs run; beyond it, HTTP 429.")] = 16,
+    kv_budget_mib: Annotated[int | None, typer.Option(help="Most KV the running requests reserve together, in MiB (default: no limit). A request reserves its prompt + max_tokens (an eviction policy: its budget + a chunk per layer) and waits until that fits; one that never fits gets HTTP 400.")] = None,
     max_tokens_default: Annotated[int, typer.Option(help="max_tokens of requests that give none.")] = 1024,
     max_tokens_limit: Annotated[int | None, typer.Option(help="Most tokens one request may ask for (default: the window).")] = None,
     served_model_name: Annotated[str | None, typer.Option(help="Model id clients send (default: the file name).")] = None,
@@ -212,6 +213,8 @@ def serve(
     The default --policy dense computes exact KV that requests share by prefix;
     a request past the model's window then gets HTTP 400 with the fix.
     """
+    if kv_budget_mib is not None and kv_budget_mib < 1:
+        raise LongKVError(f"--kv-budget-mib must be at least 1, got {kv_budget_mib}: leave it unset for no limit")
     try:
         from longkv.server.app import serve as run_server
     except ImportError as exc:
@@ -220,6 +223,7 @@ def serve(
         model, host=host, port=port, dtype=dtype, weights=weights, served_model_name=served_model_name, log_level=log_level,
         chunk_size=chunk_size, threads=threads, device=device, default_policy=policy, cache_bytes=cache_mib << 20,
         max_queue=max_queue, max_num_seqs=max_num_seqs, default_max_tokens=max_tokens_default,
+        kv_budget_bytes=None if kv_budget_mib is None else kv_budget_mib << 20,
         max_tokens_limit=max_tokens_limit,
     )  # fmt: skip
 

@@ -274,3 +274,7 @@ def test_device_errors_come_before_the_model_loads(work: Path) -> None:
     if not torch.cuda.is_available():
         proc = run(["ask", "notes.txt", "-q", "x", *missing, "--device", "cuda"], work)
         assert_user_error(proc, "no CUDA GPU is visible to this torch", "--device cpu")
+
+
+def test_serve_kv_budget_must_be_positive(work: Path) -> None:
+    assert_user_error(run(["serve", "--model", "./missing.gguf", "--kv-budget-mib", "0"], work), "--kv-budget-mib must be at least 1, got 0")

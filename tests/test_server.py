@@ -47,7 +47,10 @@ def book(chars: int, start: int = 10_000) -> str:
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[ServerProcess]:
-    args = ("--dtype", "float32", "--max-num-seqs", "2", "--max-queue", "1", "--max-tokens-default", "32", "--log-level", "warning")
+    args = (
+        "--dtype", "float32", "--max-num-seqs", "2", "--max-queue", "1", "--max-tokens-default", "32", "--kv-budget-mib", "1024",
+        "--log-level", "warning",
+    )  # fmt: skip
     with ServerProcess(smollm2_path(), *args) as s:
         yield s
 
@@ -270,6 +273,24 @@ def test_overflow_is_a_400_with_the_numbers(server: ServerProcess, client: opena
     with pytest.raises(openai.BadRequestError) as e:  # chat too, and without max_tokens
         client.chat.completions.create(model=MODEL_ID, messages=[{"role": "user", "content": "word " * 8300}])
     assert e.value.body["n_prompt_tokens"] > 8192 and e.value.body["n_ctx"] == 8192
+
+
+
+def test_a_request_beyond_the_kv_budget_is_a_400_before_any_prefill(server: ServerProcess, client: openai.OpenAI) -> None:
+    # 24 K tokens under block_topk (every token kept): ~1.1 GB of float32 KV for SmolLM2, over the 1024 MiB budget
+    extra = salted(policy="block_topk")
+    t0 = time.perf_counter()
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=MODEL_ID, prompt=[100] * 24_000, max_tokens=4, extra_body=extra)
+    assert time.perf_counter() - t0 < 30  # refused at admission, not after a 24 K-token prefill
+    msg = e.value.body["message"]
+    assert "more than the engine's KV budget of 1024.0 MiB" in msg and "24000 prompt tokens + 4 new" in msg
+    with client.completions.with_streaming_response.create(
+        model=MODEL_ID, prompt=[100] * 24_000, max_tokens=4, stream=True, extra_body=extra
+    ) as resp:
+        body = resp.read().decode()
+    assert "KV budget" in body and "invalid_request_error" in body and "internal error" not in body
+    assert chat(client, [{"role": "user", "content": "Say hi."}]).choices[0].message.content  # serving on
 
 
 BAD_BODIES = [

@@ -301,3 +301,50 @@ def test_compression_probes_ride_in_the_step_batch(monkeypatch: pytest.MonkeyPat
     alone = _engine()
     rid = alone.add_request(Request(_ids(50, seed=31), SamplingParams(max_new_tokens=3, ignore_eos=True), _policy("kvzip:budget=40")))
     assert _drain(alone)[rid][0].token_ids == outs[kv][0].token_ids
+
+
+def _reservation(spec: str, n_tokens: int) -> int:
+    """Bytes a sequence of ``n_tokens`` reserves under ``spec`` (what admission measures)."""
+    seq = Runner(MODEL, _policy(spec), ENGINE).new_sequence(n_tokens)
+    try:
+        return seq.cache.bytes()
+    finally:
+        seq.cache.clear()
+
+
+def test_kv_budget_admits_a_request_once_its_pages_fit() -> None:
+    params = SamplingParams(max_new_tokens=6, ignore_eos=True)
+    need = _reservation("dense", 100 + 6)
+    assert need > 0 and _reservation("snapkv:budget=40", 400 + 6) < need < _reservation("dense", 400 + 6)
+    engine = Engine(MODEL, _Tok(), frozenset({0}), ENGINE, kv_budget_bytes=need + need // 2)  # one dense request at a time
+    a = engine.add_request(Request(_ids(100, seed=40), params, _policy("dense")))
+    b = engine.add_request(Request(_ids(100, seed=41), params, _policy("dense")))
+    c = engine.add_request(Request(_ids(400, seed=42), params, _policy("snapkv:budget=40")))  # its budget + a chunk: fits beside
+    running: list[tuple[str, ...]] = []
+    outs: dict[str, RequestOutput] = {}
+    while engine.has_unfinished():
+        for ev in engine.step():
+            if ev.finished:
+                outs[ev.request_id] = ev.output
+        running.append(tuple(o.req.request_id for o in engine.running))
+        assert engine.reserved_bytes() <= engine.kv_budget_bytes
+    assert not any(a in r and b in r for r in running)  # a and b never held pages together
+    assert any(b in r for r in running) and running.index(next(r for r in running if b in r)) > max(i for i, r in enumerate(running) if a in r)
+    assert [outs[r].finish_reason for r in (a, b, c)] == ["length"] * 3 and engine.kv_bytes() == 0
+    for rid, seed in ((a, 40), (b, 41)):
+        alone = _engine()
+        ref = alone.add_request(Request(_ids(100, seed=seed), params, _policy("dense")))
+        assert _drain(alone)[ref][0].token_ids == outs[rid].token_ids
+
+
+def test_a_request_larger_than_the_kv_budget_ends_with_the_numbers() -> None:
+    need = _reservation("dense", 300 + 8)
+    engine = Engine(MODEL, _Tok(), frozenset({0}), ENGINE, kv_budget_bytes=need - 1)
+    rid = engine.add_request(Request(_ids(300, seed=43), SamplingParams(max_new_tokens=8), _policy("dense")))
+    small = engine.add_request(Request(_ids(20, seed=44), SamplingParams(max_new_tokens=2, ignore_eos=True), _policy("dense")))
+    outs = {rid_: out for rid_, (out, _) in _drain(engine).items()}
+    assert outs[rid].finish_reason == "error" and "more than the engine's KV budget" in str(outs[rid].error)
+    assert "300 prompt tokens + 8 new" in str(outs[rid].error)
+    assert outs[small].finish_reason == "length" and engine.kv_bytes() == 0  # the next one is served
+    with pytest.raises(ValueError, match="kv_budget_bytes"):
+        Engine(MODEL, _Tok(), frozenset({0}), ENGINE, kv_budget_bytes=-1)

@@ -44,6 +44,7 @@ from longkv.config import EngineConfig
 from longkv.engine.detokenizer import Decoder, Detokenizer, StopFilter
 from longkv.engine.runner import Interrupted, PrefillPlan, ProgressFn, Runner, Sequence, Work, run_batch
 from longkv.engine.sampling import SamplingParams, make_generator, sample
+from longkv.errors import LongKVError
 from longkv.kv.pool import KVPools
 from longkv.models.llama import LlamaModel
 from longkv.policies.base import KVPolicy
@@ -163,7 +164,7 @@ class TokenEvent:
 class _Running:
     """Engine-side state of one admitted request."""
 
-    __slots__ = ("detok", "feeding", "generator", "out", "pending", "plan", "prompt_logits", "req", "runner", "seq", "stops")
+    __slots__ = ("detok", "feeding", "generator", "out", "pending", "plan", "prompt_logits", "req", "reserved", "runner", "seq", "stops")
 
     def __init__(self, req: Request, runner: Runner, seq: Sequence, tokenizer: Decoder) -> None:
         self.req, self.runner, self.seq = req, runner, seq
@@ -174,6 +175,7 @@ class _Running:
         self.plan: PrefillPlan | None = None
         self.pending: int | None = None  # sampled, not yet fed
         self.prompt_logits: torch.Tensor | None = None  # after the prompt's last chunk
+        self.reserved = 0  # KV bytes its sequence took at admission
         self.feeding = False  # finished; one last forward feeds ``pending`` (Request.feed_last)
 
 
@@ -189,10 +191,18 @@ class Engine:
         max_step_tokens: tokens one step may feed (decode tokens + prompt chunks; the
             first prompt chunk always fits). Default: ``chunk_size``.
         pools: the page pools every sequence takes its KV pages from (default: new ones).
+        kv_budget_bytes: most KV bytes the running sequences may reserve together
+            (``None``: no limit). A sequence reserves at admission the pages it can
+            hold at most (prompt + max new tokens; an eviction policy its budget + a
+            chunk per layer; a sequence handed in, what it holds and has reserved);
+            the next waiting request is admitted only while its reservation fits
+            beside the others' (first come, first served: it waits for pages to come
+            back). One that cannot fit even alone ends at once with
+            ``finish_reason="error"`` and a :class:`~longkv.errors.LongKVError`.
 
     Raises:
-        ValueError: ``max_num_seqs`` or ``max_step_tokens`` below 1, or the model on
-            another device than ``config.device``.
+        ValueError: ``max_num_seqs`` or ``max_step_tokens`` below 1, a negative
+            ``kv_budget_bytes``, or the model on another device than ``config.device``.
     """
 
     def __init__(
@@ -204,9 +214,14 @@ class Engine:
         max_num_seqs: int = 8,
         max_step_tokens: int | None = None,
         pools: KVPools | None = None,
+        kv_budget_bytes: int | None = None,
     ) -> None:
         if max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be at least 1, got {max_num_seqs}")
+        if kv_budget_bytes is not None and kv_budget_bytes < 0:
+            raise ValueError(f"kv_budget_bytes must be >= 0, got {kv_budget_bytes}")
+        self.kv_budget_bytes = kv_budget_bytes
+        self._need: dict[str, int] = {}  # request id -> bytes its reservation took (measured once, while it waits)
         if model.device != torch.device(config.device):
             raise ValueError(f"the model's weights are on {model.device}, the engine runs on {config.device}: build it there")
         self.model, self.tokenizer, self.eos_ids, self.config = model, tokenizer, eos_ids, config
@@ -265,6 +280,10 @@ class Engine:
         """KV bytes allocated by the running sequences."""
         return sum(r.seq.cache.bytes() for r in self.running)
 
+    def reserved_bytes(self) -> int:
+        """KV bytes the running sequences reserved at admission (what ``kv_budget_bytes`` bounds)."""
+        return sum(r.reserved for r in self.running)
+
     # ------------------------------------------------------------------ step
     def step(self) -> list[TokenEvent]:
         """Admit waiting requests, run one batched forward, sample; one event per request that moved.
@@ -318,6 +337,7 @@ class Engine:
         self._aborted.difference_update(gone)
         for req in [r for r in self.waiting if r.request_id in gone]:
             self.waiting.remove(req)
+            self._need.pop(req.request_id, None)
             out = RequestOutput(prompt_tokens=len(req.prompt_ids), finish_reason="cancelled", arrival=req.arrival)
             out.finished = time.perf_counter()
             events.append(TokenEvent(req.request_id, None, "", True, out))
@@ -334,14 +354,33 @@ class Engine:
                 self._finish(o, "cancelled", events)
 
     def _admit(self, events: list[TokenEvent]) -> None:
+        budget = self.kv_budget_bytes
         while self.waiting and len(self.running) < self.max_num_seqs:
-            req = self.waiting.popleft()
+            req = self.waiting[0]
+            held = self.reserved_bytes()
+            need = self._need.get(req.request_id)
+            if budget is not None and need is not None and held + need > budget:
+                break  # still no room: wait for pages to come back
             runner = Runner(self.model, req.policy, self.config, self.pools)
             seq = req.sequence or runner.new_sequence(len(req.prompt_ids) + req.params.max_new_tokens + int(req.feed_last))
+            reserved = seq.cache.bytes()
+            if budget is not None and held + reserved > budget:
+                if req.sequence is None:
+                    seq.cache.clear()  # measured: give the pages back until it fits
+                if not self.running:  # it would not fit even alone
+                    self.waiting.popleft()
+                    self._need.pop(req.request_id, None)
+                    self._refuse(req, reserved, events)
+                    continue
+                self._need[req.request_id] = reserved
+                break
+            self.waiting.popleft()
+            self._need.pop(req.request_id, None)
             pol = req.policy
             if req.question_ids and pol.needs_queries and pol.budget_tokens is not None:
                 seq.probe_ids = list(req.question_ids)
             o = _Running(req, runner, seq, self.tokenizer)
+            o.reserved = reserved
             self.running.append(o)
             rest = req.prompt_ids[len(seq.tokens) :]
             if rest:
@@ -350,6 +389,24 @@ class Engine:
                 assert req.prompt_logits is not None
                 self._prompt_done(o, req.prompt_logits, time.perf_counter())
                 self._next(o, req.prompt_logits, events)
+
+    def _refuse(self, req: Request, need: int, events: list[TokenEvent]) -> None:
+        """End a request whose KV reservation exceeds the whole budget."""
+        assert self.kv_budget_bytes is not None
+        out = RequestOutput(prompt_tokens=len(req.prompt_ids), finish_reason="error", arrival=req.arrival)
+        out.error = LongKVError(
+            f"the request needs {_mib(need)} of KV ({len(req.prompt_ids)} prompt tokens + {req.params.max_new_tokens} new "
+            f"under {req.policy.name}), more than the engine's KV budget of {_mib(self.kv_budget_bytes)}: lower max_tokens, "
+            "use an eviction policy with a budget (e.g. snapkv:budget=2048), or raise the KV budget"
+        )
+        out.finished = time.perf_counter()
+        events.append(TokenEvent(req.request_id, None, "", True, out))
+        if req.sequence is not None:
+            try:
+                if req.on_release is not None:
+                    req.on_release(req.sequence, out)
+            finally:
+                req.sequence.cache.clear()
 
     def _schedule(self, events: list[TokenEvent]) -> tuple[list[Work], list[_Running]]:
         works: list[Work] = []
@@ -430,3 +487,7 @@ class Engine:
                 o.req.on_release(o.seq, o.out)
         finally:
             o.seq.cache.clear()  # its pages go back to the pool (a prefix index keeps what it retained)
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"

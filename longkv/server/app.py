@@ -227,7 +227,7 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
                 elif ev.kind == "text":
                     pieces.append(ev.text)
                 elif ev.kind == "error":
-                    raise ev.error or RuntimeError("generation failed")  # a 500, counted by its handler
+                    raise ev.error or RuntimeError("generation failed")  # a LongKVError is a 400, anything else a 500
                 elif ev.kind == "done":
                     break
         finally:
@@ -277,8 +277,12 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
                 elif ev.kind == "text":
                     yield chunk({"content": ev.text}, ev.text)
                 elif ev.kind == "error":
-                    metrics.requests.labels(endpoint, "500").inc()
-                    err = {"message": f"internal error ({type(ev.error).__name__}): please report it", "type": "server_error", "param": None, "code": None}
+                    if isinstance(ev.error, LongKVError):  # the request's own fault (e.g. more KV than the budget)
+                        metrics.requests.labels(endpoint, "400").inc()
+                        err = {"message": str(ev.error), "type": "invalid_request_error", "param": None, "code": "invalid_request"}
+                    else:
+                        metrics.requests.labels(endpoint, "500").inc()
+                        err = {"message": f"internal error ({type(ev.error).__name__}): please report it", "type": "server_error", "param": None, "code": None}
                     yield f"data: {json.dumps({'error': err})}\n\n"
                     return
                 elif ev.kind == "done":

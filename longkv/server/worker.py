@@ -81,6 +81,9 @@ class ServerConfig:
         max_num_seqs: requests decoded together in one batch.
         cache_bytes: prefix cache budget in bytes (0: off).
         max_sessions: sessions pinning a path at once.
+        kv_budget_bytes: most KV bytes the running requests reserve together (``None``: no
+            limit; see :class:`~longkv.engine.engine.Engine`): a request waits until its
+            pages fit, one that never fits gets HTTP 400 with its numbers.
     """
 
     model_id: str
@@ -91,6 +94,7 @@ class ServerConfig:
     max_num_seqs: int = 8
     cache_bytes: int = 2 << 30
     max_sessions: int = 256
+    kv_budget_bytes: int | None = None
 
 
 @dataclass
@@ -202,7 +206,9 @@ class EngineWorker:
         self.config = config
         self.metrics = metrics
         self.cache = PrefixCache(config.cache_bytes, config.max_sessions)
-        self.engine = Engine(llm.model, llm.tokenizer, llm.eos_ids, llm.engine_config, config.max_num_seqs)
+        self.engine = Engine(
+            llm.model, llm.tokenizer, llm.eos_ids, llm.engine_config, config.max_num_seqs, kv_budget_bytes=config.kv_budget_bytes
+        )
         self._waiting: collections.deque[Job] = collections.deque()
         self._jobs: dict[str, Job] = {}  # request id -> job, for the jobs in the engine
         self._cv = threading.Condition()
