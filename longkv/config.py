@@ -20,6 +20,7 @@ SUPPORTED_ARCHITECTURES: dict[str, str] = {
     "llama": "Llama 2/3.x, SmolLM/SmolLM2, TinyLlama",
     "mistral": "Mistral 7B and other llama-shaped models without biases",
     "qwen2": "Qwen2 / Qwen2.5 (q/k/v biases, GQA)",
+    "qwen3": "Qwen3 (QK-norm: RMSNorm of each query and key head before RoPE, GQA)",
 }
 
 
@@ -55,6 +56,8 @@ class ModelConfig:
             distance the model has seen).
         tie_embeddings: the LM head reuses the token embedding matrix.
         attention_bias: q/k/v projections carry biases (Qwen2).
+        qk_norm: every query and key head is RMS-normalised (its own weight, (head_dim,))
+            before RoPE (Qwen3).
         bos_token_id / eos_token_ids: special token ids (eos may be several).
         rope_scaling: Llama 3.x RoPE scaling, if any.
     """
@@ -72,6 +75,7 @@ class ModelConfig:
     max_position: int = 4096
     tie_embeddings: bool = False
     attention_bias: bool = False
+    qk_norm: bool = False
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     rope_scaling: RopeScaling | None = None
@@ -133,6 +137,7 @@ class ModelConfig:
             max_position=int(cfg.get("max_position_embeddings", 4096)),
             tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             attention_bias=arch == "qwen2" or bool(cfg.get("attention_bias", False)),
+            qk_norm=arch == "qwen3",
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=eos_ids,
             rope_scaling=scaling,
@@ -186,6 +191,7 @@ class ModelConfig:
             max_position=int(get("context_length", 4096)),
             tie_embeddings="output.weight" not in tensor_names,
             attention_bias="blk.0.attn_q.bias" in tensor_names,
+            qk_norm="blk.0.attn_q_norm.weight" in tensor_names,
             bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
             eos_token_ids=tuple(eos_ids),
             name=name,

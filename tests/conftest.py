@@ -77,8 +77,8 @@ def _tiny_tokenizer(folder: Path) -> None:
     fast.save_pretrained(str(folder))
 
 
-def make_tiny_hf_model(folder: Path, model_type: str, seed: int = 0, max_position: int = 512) -> Path:
-    """Save a tiny random HF model (config.json + safetensors + tokenizer) of ``model_type``."""
+def make_tiny_hf_model(folder: Path, model_type: str, seed: int = 0, max_position: int = 512, **extra: object) -> Path:
+    """Save a tiny random HF model (config.json + safetensors + tokenizer) of ``model_type`` (``extra``: config fields)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -97,12 +97,15 @@ def make_tiny_hf_model(folder: Path, model_type: str, seed: int = 0, max_positio
         tie_word_embeddings=False,
         eos_token_id=2,
         bos_token_id=None,
+        **extra,
     )
     model = AutoModelForCausalLM.from_config(cfg).eval()
     with torch.no_grad():  # random biases too, so the q/k/v bias path is really exercised
         for name, p in model.named_parameters():
             if name.endswith("bias"):
                 p.normal_(0, 0.5)
+            elif name.endswith(("q_norm.weight", "k_norm.weight")):  # QK-norm weights away from 1: really applied
+                p.uniform_(0.5, 1.5)
     model.save_pretrained(str(folder), safe_serialization=True)
     _tiny_tokenizer(folder)
     cfg_dict = json.loads((folder / "config.json").read_text())
@@ -114,6 +117,12 @@ def make_tiny_hf_model(folder: Path, model_type: str, seed: int = 0, max_positio
 def tiny_qwen2(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random Qwen2 (q/k/v biases, GQA 4/2) saved as an HF folder."""
     return make_tiny_hf_model(tmp_path_factory.mktemp("tiny-qwen2"), "qwen2")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Qwen3 (QK-norm, GQA 4/2, head_dim 24 != hidden / heads) saved as an HF folder."""
+    return make_tiny_hf_model(tmp_path_factory.mktemp("tiny-qwen3"), "qwen3", seed=2, head_dim=24)
 
 
 @pytest.fixture(scope="session")

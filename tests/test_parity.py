@@ -39,16 +39,49 @@ def test_smollm2_gguf_matches_transformers(smollm2_f32: LLM, smollm2_path: Path,
     assert torch.equal(ours.argmax(-1), ref.argmax(-1))
 
 
-@pytest.mark.parametrize("fixture", ["tiny_qwen2", "tiny_llama"])
+@pytest.mark.parametrize("fixture", ["tiny_qwen2", "tiny_qwen3", "tiny_llama"])
 def test_tiny_random_models_match_transformers(fixture: str, request: pytest.FixtureRequest) -> None:
     folder: Path = request.getfixturevalue(fixture)
     llm = LLM(model=folder, dtype="float32")
     assert llm.config.attention_bias == (fixture == "tiny_qwen2")
+    assert llm.config.qk_norm == (fixture == "tiny_qwen3")
     ids = torch.randint(0, 300, (260,), generator=torch.Generator().manual_seed(3)).tolist()
     ours = _ours_all(llm, ids)
     ref = _hf_logits(folder, ids)
     assert (ours - ref).abs().max().item() < 1e-3
     assert torch.equal(ours.argmax(-1), ref.argmax(-1))
+
+
+
+def test_tiny_qwen3_greedy_generation_matches_transformers(tiny_qwen3: Path) -> None:
+    """Chunked prefill, then decode steps through the engine: the same greedy tokens as transformers' generate."""
+    from transformers import AutoModelForCausalLM
+
+    llm = LLM(model=tiny_qwen3, dtype="float32", chunk_size=48)
+    ids = torch.randint(3, 300, (130,), generator=torch.Generator().manual_seed(4)).tolist()
+    ours = llm.generate(ids, max_new_tokens=24, policy="dense", ignore_eos=True).token_ids
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_qwen3), dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = model.generate(torch.tensor([ids]), max_new_tokens=24, min_new_tokens=24, do_sample=False)[0, len(ids) :].tolist()
+    assert ours == ref
+
+
+def test_qwen3_gguf_metadata_reads_qk_norm_and_head_dim() -> None:
+    from longkv.config import ModelConfig
+    from longkv.loading import _hf_name
+
+    meta = {
+        "general.architecture": "qwen3", "qwen3.embedding_length": 1024, "qwen3.attention.head_count": 16,
+        "qwen3.attention.head_count_kv": 8, "qwen3.attention.key_length": 128, "qwen3.block_count": 28,
+        "qwen3.feed_forward_length": 3072, "qwen3.context_length": 40960, "qwen3.rope.freq_base": 1e6,
+        "qwen3.attention.layer_norm_rms_epsilon": 1e-6, "tokenizer.ggml.token_count": 151936,
+    }  # fmt: skip
+    names = {"token_embd.weight", "blk.0.attn_q.weight", "blk.0.attn_q_norm.weight", "blk.0.attn_k_norm.weight"}
+    cfg = ModelConfig.from_gguf(meta, names)
+    assert (cfg.arch, cfg.qk_norm, cfg.attention_bias, cfg.head_dim, cfg.n_heads * cfg.head_dim) == ("qwen3", True, False, 128, 2048)
+    assert cfg.tie_embeddings and cfg.max_position == 40960 and cfg.rope_theta == 1e6
+    assert _hf_name("blk.3.attn_q_norm.weight") == "model.layers.3.self_attn.q_norm.weight"
+    assert _hf_name("blk.3.attn_k_norm.weight") == "model.layers.3.self_attn.k_norm.weight"
 
 
 def test_chunked_prefill_equals_one_forward(smollm2_f32: LLM, book_text: str) -> None:

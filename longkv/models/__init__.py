@@ -12,11 +12,13 @@ from longkv.config import ModelConfig
 from longkv.errors import LongKVError
 from longkv.models.llama import AttentionFn, LlamaModel
 from longkv.models.qwen2 import Qwen2Model
+from longkv.models.qwen3 import Qwen3Model
 
 MODEL_CLASSES: dict[str, type[LlamaModel]] = {
     "llama": LlamaModel,
     "mistral": LlamaModel,
     "qwen2": Qwen2Model,
+    "qwen3": Qwen3Model,
 }
 
 
@@ -40,4 +42,4 @@ def build(
     return cls(config, weights, decode_weights)
 
 
-__all__ = ["MODEL_CLASSES", "AttentionFn", "LlamaModel", "Qwen2Model", "build"]
+__all__ = ["MODEL_CLASSES", "AttentionFn", "LlamaModel", "Qwen2Model", "Qwen3Model", "build"]

@@ -26,9 +26,9 @@ AttentionFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Ten
 
 
 class _Layer:
-    __slots__ = ("attn_norm", "down", "gate_up", "mlp_norm", "o", "qkv")
+    __slots__ = ("attn_norm", "down", "gate_up", "k_norm", "mlp_norm", "o", "q_norm", "qkv")
 
-    def __init__(self, w: dict[str, torch.Tensor], prefix: str, bias: bool, decode: str) -> None:
+    def __init__(self, w: dict[str, torch.Tensor], prefix: str, bias: bool, decode: str, qk_norm: bool = False) -> None:
         def get(name: str) -> torch.Tensor:
             key = prefix + name
             if key not in w:
@@ -44,6 +44,9 @@ class _Layer:
         self.o = Linear(get("self_attn.o_proj.weight"), None, decode)
         self.gate_up = Linear(torch.cat([get("mlp.gate_proj.weight"), get("mlp.up_proj.weight")], dim=0), None, decode)
         self.down = Linear(get("mlp.down_proj.weight"), None, decode)
+        # QK-norm (Qwen3): one (head_dim,) weight shared by the query heads, one by the key heads
+        self.q_norm = get("self_attn.q_norm.weight") if qk_norm else None
+        self.k_norm = get("self_attn.k_norm.weight") if qk_norm else None
 
 
 class LlamaModel:
@@ -70,7 +73,7 @@ class LlamaModel:
             raise LongKVError("weight model.embed_tokens.weight missing from the model file: the file is incomplete")
         self.device = weights["model.embed_tokens.weight"].device
         bias = config.attention_bias
-        self.layers = [_Layer(weights, f"model.layers.{i}.", bias, decode_weights) for i in range(config.n_layers)]
+        self.layers = [_Layer(weights, f"model.layers.{i}.", bias, decode_weights, config.qk_norm) for i in range(config.n_layers)]
         self.embed = weights["model.embed_tokens.weight"]
         self.norm = weights["model.norm.weight"]
         head = self.embed if config.tie_embeddings else weights.get("lm_head.weight", self.embed)
@@ -112,8 +115,11 @@ class LlamaModel:
         for i, L in enumerate(self.layers):
             h = rms_norm(x, L.attn_norm, c.rms_eps)
             qkv = L.qkv(h)  # (T, (H + 2 Hkv) D)
+            qk = qkv[:, : nq + nk].view(T, -1, c.head_dim)  # (T, H + Hkv, D)
+            if L.q_norm is not None and L.k_norm is not None:
+                qk = torch.cat((rms_norm(qk[:, : c.n_heads], L.q_norm, c.rms_eps), rms_norm(qk[:, c.n_heads :], L.k_norm, c.rms_eps)), dim=1)
             # RoPE on q and k in one go: (T, H + Hkv, D) -> (H + Hkv, T, D)
-            qk = Rotary.apply(qkv[:, : nq + nk].view(T, -1, c.head_dim).transpose(0, 1), cos, sin)
+            qk = Rotary.apply(qk.transpose(0, 1), cos, sin)
             q, k = qk[: c.n_heads], qk[c.n_heads :]  # (H, T, D), (Hkv, T, D)
             v = qkv[:, nq + nk :].view(T, c.n_kv_heads, c.head_dim).transpose(0, 1)
             o = attention(i, q, k, v, positions)  # (H, T, D)
