@@ -148,3 +148,18 @@ def test_stats_line_and_json_with_one_generated_token() -> None:
     assert d["compression"] is None and "batch_prompt_tokens" not in d and d["decode_tok_s"] == 0.0
     many = Stats(prompt_tokens=100, generated_tokens=11, prefill_s=0.5, ttft_s=0.5, decode_s=2.0, compression="question-aware")
     assert "| decode 5.0 tok/s (11 tokens) |" in many.line() and many.as_dict()["compression"] == "question-aware"
+
+
+def test_batch_generation_under_a_kv_budget(tiny_qwen2: Path, tiny: LLM) -> None:
+    prompts = ["The quick brown fox jumps over the lazy dog. " * 6, "Alice was", "def main():\n    return 1\n" * 3]
+    free = tiny.generate_batch(prompts, max_new_tokens=8, ignore_eos=True, policy="dense")
+    per_token = 2 * tiny.config.n_layers * tiny.config.n_kv_heads * tiny.config.head_dim * 4 + 8 * tiny.config.n_layers
+    longest = max(g.stats.prompt_tokens for g in free) + 8
+    one = LLM(model=tiny_qwen2, dtype="float32", chunk_size=128, kv_budget_bytes=2 * longest * per_token)  # ~ one at a time
+    bounded = one.generate_batch(prompts, max_new_tokens=8, ignore_eos=True, policy="dense")
+    assert [g.token_ids for g in bounded] == [g.token_ids for g in free]
+    with pytest.raises(LongKVError, match="more than the engine's KV budget"):
+        one.generate_batch([[5] * 400], max_new_tokens=8, policy="dense")
+    assert one.engine.kv_bytes() == 0 and not one.engine.has_unfinished()
+    with pytest.raises(LongKVError, match="kv_budget_bytes must be at least 1"):
+        LLM(model=tiny_qwen2, kv_budget_bytes=0)

@@ -61,6 +61,9 @@ class LLM:
             join as sequences finish).
         device: ``"cpu"`` (default), ``"cuda"`` or ``"cuda:N"``: weights, KV pages and every
             activation live there.
+        kv_budget_bytes: most KV bytes the sequences of :meth:`generate_batch` reserve
+            together (``None``: no limit); the others wait for pages, and one that
+            cannot fit alone fails (see :class:`~longkv.engine.engine.Engine`).
 
     Raises:
         LongKVError: bad model reference, policy or settings.
@@ -78,6 +81,7 @@ class LLM:
         weights: str = "auto",
         max_num_seqs: int = 8,
         device: str = "cpu",
+        kv_budget_bytes: int | None = None,
     ) -> None:
         self.engine_config = EngineConfig(chunk_size=chunk_size, page_size=page_size, dtype=dtype, threads=threads, device=device)
         if weights not in ("auto", *DECODE_WEIGHTS):
@@ -88,6 +92,8 @@ class LLM:
         self.decode_weights = weights
         if max_num_seqs < 1:
             raise LongKVError(f"max_num_seqs must be at least 1, got {max_num_seqs}: pass e.g. 8")
+        if kv_budget_bytes is not None and kv_budget_bytes < 1:
+            raise LongKVError(f"kv_budget_bytes must be at least 1, got {kv_budget_bytes}: leave it None for no limit")
         if threads is not None:
             if threads < 1:
                 raise LongKVError(f"threads must be at least 1, got {threads}: pass a positive count or leave it unset (all cores)")
@@ -113,7 +119,7 @@ class LLM:
         if getattr(self.tokenizer, "eos_token_id", None) is not None:
             eos.add(int(self.tokenizer.eos_token_id))
         self.eos_ids = frozenset(eos)
-        self.engine = Engine(self.model, self.tokenizer, self.eos_ids, self.engine_config, max_num_seqs)
+        self.engine = Engine(self.model, self.tokenizer, self.eos_ids, self.engine_config, max_num_seqs, kv_budget_bytes=kv_budget_bytes)
 
     # ------------------------------------------------------------------ policy
     auto_block_topk_bytes = 4 << 30  # "auto": block_topk keeps at most this much KV in RAM (the rest on disk)
