@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,6 +39,28 @@ class RopeScaling:
 
 
 @dataclass(frozen=True)
+class AttnSpec:
+    """How one layer attends: its RoPE and which cached keys a query may see.
+
+    Attributes:
+        rope_theta: RoPE base frequency of this layer.
+        rope_scaling: Llama 3.x RoPE scaling of this layer, if any.
+        window: sliding-window attention (Mistral; Gemma's local layers): a query at
+            position p sees the keys at positions ``p - window < k <= p`` (``window``
+            tokens, itself included), as transformers' ``sliding_window``. ``None``:
+            global attention (every earlier key, under the KV policy).
+    """
+
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    window: int | None = None
+
+    @property
+    def sliding(self) -> bool:
+        return self.window is not None
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """Shape of a decoder-only transformer.
 
@@ -60,6 +83,11 @@ class ModelConfig:
             before RoPE (Qwen3).
         bos_token_id / eos_token_ids: special token ids (eos may be several).
         rope_scaling: Llama 3.x RoPE scaling, if any.
+        sliding_window: the window of sliding layers (see :class:`AttnSpec`), if any.
+        layers: one :class:`AttnSpec` per layer; by default every layer global (or
+            sliding when ``sliding_window`` is set) with ``rope_theta`` and
+            ``rope_scaling``. The engine reads a layer's spec (:meth:`attn`), never one
+            model-wide RoPE, so a family with mixed layers only declares them here.
     """
 
     arch: str
@@ -79,6 +107,8 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     rope_scaling: RopeScaling | None = None
+    sliding_window: int | None = None
+    layers: tuple[AttnSpec, ...] = ()
     name: str = ""
 
     def __post_init__(self) -> None:
@@ -88,6 +118,16 @@ class ModelConfig:
                 f"{', '.join(sorted(SUPPORTED_ARCHITECTURES))} (see `longkv models`)"
             )
         assert self.n_heads % self.n_kv_heads == 0, "GQA needs n_heads divisible by n_kv_heads"
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise LongKVError(f"sliding window of {self.sliding_window} tokens in the model config: it must be at least 1")
+        if not self.layers:
+            spec = AttnSpec(self.rope_theta, self.rope_scaling, self.sliding_window)
+            object.__setattr__(self, "layers", (spec,) * self.n_layers)
+        assert len(self.layers) == self.n_layers, "one AttnSpec per layer"
+
+    def attn(self, layer: int) -> AttnSpec:
+        """The attention spec of ``layer`` (RoPE, global or sliding)."""
+        return self.layers[layer]
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -123,16 +163,26 @@ class ModelConfig:
         theta = cfg.get("rope_theta")
         if theta is None and isinstance(rs, Mapping):
             theta = rs.get("rope_theta")
+        theta = float(theta if theta is not None else 10000.0)
+        n_layers = int(cfg["num_hidden_layers"])
+        window = cfg.get("sliding_window")
+        window = int(window) if window else None
+        layer_types = cfg.get("layer_types")
+        if window is not None and arch in ("qwen2", "qwen3") and not cfg.get("use_sliding_window", False):
+            window = None  # Qwen configs carry a window they do not use
+        layers: tuple[AttnSpec, ...] = ()
+        if window is not None and isinstance(layer_types, list) and len(layer_types) == n_layers:
+            layers = tuple(AttnSpec(theta, scaling, window if t == "sliding_attention" else None) for t in layer_types)
         return cls(
             arch=arch,
             vocab_size=int(cfg["vocab_size"]),
             hidden_size=hidden,
             intermediate_size=int(cfg["intermediate_size"]),
-            n_layers=int(cfg["num_hidden_layers"]),
+            n_layers=n_layers,
             n_heads=n_heads,
             n_kv_heads=int(cfg.get("num_key_value_heads") or n_heads),
             head_dim=int(cfg.get("head_dim") or hidden // n_heads),
-            rope_theta=float(theta if theta is not None else 10000.0),
+            rope_theta=theta,
             rms_eps=float(cfg.get("rms_norm_eps", 1e-6)),
             max_position=int(cfg.get("max_position_embeddings", 4096)),
             tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
@@ -141,6 +191,8 @@ class ModelConfig:
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=eos_ids,
             rope_scaling=scaling,
+            sliding_window=window,
+            layers=layers,
             name=name,
         )
 
@@ -177,6 +229,7 @@ class ModelConfig:
         if eot is not None and int(eot) not in eos_ids:
             eos_ids.append(int(eot))
         head_dim = get("attention.key_length") or get("rope.dimension_count") or hidden // n_heads
+        window = get("attention.sliding_window")
         return cls(
             arch=arch,
             vocab_size=int(vocab),
@@ -194,6 +247,7 @@ class ModelConfig:
             qk_norm="blk.0.attn_q_norm.weight" in tensor_names,
             bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
             eos_token_ids=tuple(eos_ids),
+            sliding_window=int(window) if window else None,
             name=name,
         )
 
@@ -229,6 +283,31 @@ class EngineConfig:
         if self.dtype not in ("float32", "bfloat16"):
             raise LongKVError(f"unknown dtype {self.dtype!r}: use float32 or bfloat16")
         object.__setattr__(self, "device", check_device(self.device))
+
+
+def fast_bf16_matmul(device: str | object = "cpu") -> bool:
+    """Whether bfloat16 matrix products run at full speed on ``device``.
+
+    True on CUDA and on CPUs with native bfloat16 dot products (AVX512-BF16 or AMX).
+    On other CPUs (AVX2 only) torch's bfloat16 GEMM and batched matmul fall back to a
+    slow path: measured here on such a CPU, a (512 x 576) x (576 x 1536) product took
+    61 ms in bfloat16 and 6.4 ms in float32, a decode step's (3, 2100, 64) key read
+    550 us against 35 us to up-cast plus 90 us in float32. There the model multiplies
+    in float32 (weights and KV stay bfloat16 in memory).
+    """
+    import torch
+
+    dev = torch.device(str(device))
+    if dev.type != "cpu":
+        return True
+    return _cpu_bf16()
+
+
+@functools.cache
+def _cpu_bf16() -> bool:
+    import torch
+
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
 def check_device(name: str) -> str:

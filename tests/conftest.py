@@ -126,6 +126,12 @@ def tiny_qwen3(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_mistral(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Mistral whose every layer attends over a sliding window of 24 tokens, as an HF folder."""
+    return make_tiny_hf_model(tmp_path_factory.mktemp("tiny-mistral"), "mistral", seed=5, sliding_window=24)
+
+
+@pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random Llama (GQA 4/2) saved as an HF folder."""
     return make_tiny_hf_model(tmp_path_factory.mktemp("tiny-llama"), "llama", seed=1)

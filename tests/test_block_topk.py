@@ -17,7 +17,7 @@ from longkv.attention.sparse import (
     page_scores,
     window_start,
 )
-from longkv.config import EngineConfig, ModelConfig
+from longkv.config import AttnSpec, EngineConfig, ModelConfig
 from longkv.engine.runner import Runner
 from longkv.errors import LongKVError
 from longkv.kv.cache import LayerKV
@@ -55,8 +55,7 @@ def tiny_model(max_position: int = 4096, seed: int = 0):
 
 def filled_layer(n: int, seed: int = 0, hkv: int = 2, d: int = 16) -> tuple[LayerKV, Rotary]:
     """A layer cache of n random keys rotated at positions 0..n-1, as the engine stores them."""
-    rope = Rotary(ModelConfig(arch="llama", vocab_size=8, hidden_size=d, intermediate_size=8, n_layers=1, n_heads=hkv,
-                              n_kv_heads=hkv, head_dim=d))
+    rope = Rotary(d, AttnSpec())
     g = torch.Generator().manual_seed(seed)
     raw = torch.randn(hkv, n, d, generator=g)
     lkv = LayerKV(hkv, d, page_size=PS)
@@ -533,7 +532,7 @@ def test_auto_policy_uses_block_topk_beyond_the_window_tiered_when_the_cache_is_
 
 
 def test_rotary_reuses_its_last_table_only_for_the_same_positions_and_dtype() -> None:
-    model_rope = tiny_model().rope
+    model_rope = tiny_model().ropes[0]
     a = torch.tensor([-5, 0, 7, 1000])
     assert model_rope.cos_sin(a, torch.float32)[0] is not model_rope.cos_sin(a, torch.float32)[0]  # the model keeps no state
     rope = SequenceRotary(model_rope)  # a runner's own memo

@@ -32,14 +32,36 @@ def test_int4_linear_equals_dequantized_matmul(k: int) -> None:
     g = int4_group(k)
     assert lin.group == g and lin.decode_bytes() < w.nbytes // 3
     ref_w = dequantize_int4(*quantize_int4(w, g), g)
-    for rows in (1, 3, 4):
+    for rows in (1, 3, 4, 8, Linear.decode_max_rows):  # a batched decode step of up to 32 sequences
         x = torch.randn(rows, k).to(torch.bfloat16)
         want = x.float() @ ref_w.T + b.float()
         got = lin(x).float()
         assert got.shape == (rows, 160)
         torch.testing.assert_close(got, want, rtol=0.02, atol=0.02 * float(want.abs().max()))
-    x = torch.randn(5, k).to(torch.bfloat16)  # more rows than a decode step: the exact weights
-    assert torch.equal(lin(x), F.linear(x, w, b))
+    x = torch.randn(Linear.decode_max_rows + 1, k).to(torch.bfloat16)  # more rows (a prefill chunk): the exact weights
+    exact = F.linear(x.float(), w.float(), b.float()).to(torch.bfloat16) if lin.upcast else F.linear(x, w, b)
+    assert torch.equal(lin(x), exact)
+
+
+def test_bf16_products_run_in_float32_where_bf16_is_slow() -> None:
+    """On a CPU without native bfloat16 products a prefill chunk's product is the float32 product of the same
+    bfloat16 weights (W stays bfloat16), and a decode step's attention equals the float32 attention."""
+    from longkv.attention.dense import attend
+    from longkv.config import fast_bf16_matmul
+
+    w = _w(96, 64, 2).to(torch.bfloat16)
+    lin = Linear(w)
+    assert lin.upcast == (not fast_bf16_matmul("cpu")) and lin.w.dtype == torch.bfloat16
+    x = torch.randn(Linear.upcast_min_rows, 64).to(torch.bfloat16)
+    if lin.upcast:
+        assert torch.equal(lin(x), F.linear(x.float(), w.float()).to(torch.bfloat16))
+    assert not Linear(w.float()).upcast  # float32 weights multiply as they are
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(h, n, 16, generator=g).to(torch.bfloat16) for h, n in ((6, 1), (2, 50), (2, 50)))
+    pos = torch.arange(50)
+    got = attend(q, k, v, pos[-1:], pos).float()
+    want = attend(q.float(), k.float(), v.float(), pos[-1:], pos)
+    torch.testing.assert_close(got, want, rtol=0.01, atol=0.01)
 
 
 def test_int8_linear_and_bad_formats() -> None:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from longkv.config import fast_bf16_matmul
+
 
 def attend(
     q: torch.Tensor,
@@ -17,6 +19,7 @@ def attend(
     v: torch.Tensor,
     q_pos: torch.Tensor,
     k_pos: torch.Tensor,
+    window: int | None = None,
 ) -> torch.Tensor:
     """Grouped-query attention of T queries over N cached keys.
 
@@ -26,12 +29,21 @@ def attend(
         q_pos: (T,) original positions of the queries.
         k_pos: (N,) original positions of the keys, increasing; the queries' own
             keys are the last T.
+        window: sliding-window attention: a query at position p sees keys at
+            ``p - window < k_pos <= p`` only (``None``: every earlier key).
 
     Returns:
         (H, T, D) attention output in q's dtype.
     """
     t, n = q.shape[1], k.shape[1]
     gqa = q.shape[0] != k.shape[0]
+    if window is not None and n > window:
+        if t == 1:  # keys are in position order: the window is a tail
+            first = int(torch.searchsorted(k_pos, q_pos[0] - window, right=True))
+            return _decode_attend(q, k[:, first:], v[:, first:])
+        band = (k_pos[None, :] <= q_pos[:, None]) & (k_pos[None, :] > q_pos[:, None] - window)  # (T, N) bool
+        out = F.scaled_dot_product_attention(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), attn_mask=band, enable_gqa=gqa)
+        return out.squeeze(0)
     if t == 1:
         return _decode_attend(q, k, v)
     if n == t:  # first chunk: plain causal
@@ -52,9 +64,13 @@ def _decode_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.T
     For a single query the CPU flash kernel of SDPA costs more than the math;
     grouping the H query heads by KV head makes this two bmm calls of shape
     (Hkv, G, D) x (Hkv, D, N). Softmax in float32. q: (H, 1, D); k, v: (Hkv, N, D).
+    Where bfloat16 products are slow (:func:`~longkv.config.fast_bf16_matmul`), K and
+    V are up-cast first and the products run in float32 (4-5x faster there).
     """
     h, _, d = q.shape
     hkv = k.shape[0]
+    if k.dtype == torch.bfloat16 and not fast_bf16_matmul(k.device):
+        return _decode_attend(q.float(), k.float(), v.float()).to(q.dtype)
     qg = q.reshape(hkv, h // hkv, d)  # (Hkv, G, D): heads of a group share K/V
     # k @ q^T keeps the cache view (strided over heads) as the untransposed operand,
     # which the CPU batched GEMM reads in place; q @ k^T would copy K every step.
@@ -63,8 +79,25 @@ def _decode_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.T
     return torch.bmm(probs, v).reshape(h, 1, d)
 
 
+def in_window(
+    segments: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], q_pos: torch.Tensor, window: int | None
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """The parts of a cache one query at ``q_pos`` ((1,) int64) sees under a sliding ``window``: each part cut
+    to its keys at positions ``> q_pos - window`` (views; parts left empty dropped). ``None``: all of them."""
+    if window is None:
+        return segments
+    lo = q_pos[-1] - window
+    out = []
+    for k, v, kpos in segments:
+        if kpos.numel() == 0 or int(kpos[-1]) <= lo:
+            continue
+        first = int(torch.searchsorted(kpos, lo, right=True))
+        out.append((k[:, first:], v[:, first:], kpos[first:]))
+    return out
+
+
 def attend_segments(
-    q: torch.Tensor, segments: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], q_pos: torch.Tensor
+    q: torch.Tensor, segments: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], q_pos: torch.Tensor, window: int | None = None
 ) -> torch.Tensor:
     """:func:`attend` over keys stored in parts (a shared prefix's pages, then a sequence's own).
 
@@ -76,16 +109,22 @@ def attend_segments(
     A decode step reads every part in place: the scores of all parts are one
     softmax, the output the sum of each part's probabilities times its values.
     A multi-token query joins the parts first (prefill is compute-bound; the
-    copy is small against its matmuls). Returns (H, T, D) in q's dtype.
+    copy is small against its matmuls). ``window``: sliding-window attention (see
+    :func:`attend`). Returns (H, T, D) in q's dtype.
     """
+    if window is not None and q.shape[1] == 1:
+        segments, window = in_window(segments, q_pos, window), None
     if len(segments) == 1:
         k, v, kpos = segments[0]
-        return attend(q, k, v, q_pos, kpos)
+        return attend(q, k, v, q_pos, kpos, window)
     if q.shape[1] > 1:
         k, v, kpos = (torch.cat(parts, dim=d) for parts, d in zip(zip(*segments, strict=True), (1, 1, 0), strict=True))
-        return attend(q, k, v, q_pos, kpos)
+        return attend(q, k, v, q_pos, kpos, window)
     h, _, d = q.shape
     hkv = segments[0][0].shape[0]
+    if q.dtype == torch.bfloat16 and not fast_bf16_matmul(q.device):  # see _decode_attend
+        up = [(k.float(), v.float(), kpos) for k, v, kpos in segments]
+        return attend_segments(q.float(), up, q_pos).to(q.dtype)
     qg = q.reshape(hkv, h // hkv, d).transpose(1, 2)  # (Hkv, D, G)
     scores = torch.cat([torch.bmm(k, qg).transpose(1, 2).float() for k, _, _ in segments], dim=-1)  # (Hkv, G, N)
     probs = torch.softmax(scores * (d**-0.5), dim=-1)
@@ -98,3 +137,46 @@ def attend_segments(
         at += n
     assert out is not None
     return out.reshape(h, 1, d)
+
+
+def attend_decode_batch(q: torch.Tensor, plans: list[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]) -> torch.Tensor:
+    """Decode attention of B sequences at once, each one query per head over its own cached parts.
+
+    Args:
+        q: (H, B, D) the new token's rotated queries, column b for sequence b.
+        plans: per sequence, its cache's parts in order as attention reads them:
+            [(k, v (Hkv, N_i, D), k_pos (N_i,))] (``Runner.reader``); lengths differ.
+
+    The ragged caches are packed into one (B, Hkv, N_max, D) buffer each for keys
+    and values (one copy per part, which is also the up-cast to float32 where
+    bfloat16 products are slow, see :func:`~longkv.config.fast_bf16_matmul`); the
+    scores, the padding mask, the softmax (float32) and the product with the values
+    are then one batched op each for the whole batch, whatever B is.
+    Returns (H, B, D) in q's dtype; column b equals :func:`attend_segments` of
+    sequence b alone up to float rounding.
+    """
+    h, b, d = q.shape
+    k0 = plans[0][0][0]
+    hkv = k0.shape[0]
+    lens = [sum(k.shape[1] for k, _, _ in parts) for parts in plans]
+    nmax = max(lens)
+    dt = torch.float32 if k0.dtype == torch.bfloat16 and not fast_bf16_matmul(k0.device) else k0.dtype
+    kb = torch.empty(b, hkv, nmax, d, dtype=dt, device=q.device)
+    vb = torch.empty(b, hkv, nmax, d, dtype=dt, device=q.device)
+    for i, parts in enumerate(plans):
+        at = 0
+        for k, v, _ in parts:
+            n = k.shape[1]
+            kb[i, :, at : at + n] = k
+            vb[i, :, at : at + n] = v
+            at += n
+        if at < nmax:  # padding: its probabilities are 0, its values must not be NaN
+            vb[i, :, at:] = 0
+    qg = q.transpose(0, 1).reshape(b, hkv, h // hkv, d).to(dt)  # (B, Hkv, G, D): heads of a group share K/V
+    scores = torch.matmul(qg, kb.transpose(-1, -2)).float()  # (B, Hkv, G, N_max)
+    if min(lens) < nmax:
+        pad = torch.arange(nmax, device=q.device)[None, :] >= torch.tensor(lens, device=q.device)[:, None]  # (B, N_max)
+        scores.masked_fill_(pad[:, None, None, :], float("-inf"))
+    probs = torch.softmax(scores * (d**-0.5), dim=-1).to(dt)
+    out = torch.matmul(probs, vb)  # (B, Hkv, G, D)
+    return out.reshape(b, h, d).transpose(0, 1).to(q.dtype)

@@ -21,7 +21,7 @@ from itertools import accumulate
 
 import torch
 
-from longkv.attention.dense import attend, attend_segments
+from longkv.attention.dense import attend, attend_decode_batch, attend_segments, in_window
 from longkv.config import EngineConfig
 from longkv.engine.needs import NeedRun
 from longkv.kv.cache import KVCache, LayerKV
@@ -35,6 +35,10 @@ from longkv.policies.base import KVPolicy, Observation, SelectionPolicy, Selecti
 ProgressFn = Callable[[int, int], None]
 # (layer, q (H, T, D), k, v (Hkv, T, D), positions (T,)) -> attention output (H, T, D)
 AttentionFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# a part of a layer's cache as attention reads it: keys (rotated for their positions), values (Hkv, N, D), original positions (N,)
+Segment = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+# (layer, q (H, T, D), k, v (Hkv, T, D), positions (T,)) -> the parts attention reads, new keys appended (Runner.reader)
+ReadFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], list[Segment]]
 
 
 @dataclass
@@ -76,7 +80,10 @@ class Runner:
         self.policy = policy
         self.engine = engine
         self.pools = pools
-        self.rope = SequenceRotary(model.rope)  # this runner's own table memo (the model's rope is stateless)
+        # this runner's own table memos (the model's ropes are stateless), one per distinct layer RoPE
+        memos: dict[int, SequenceRotary] = {}
+        self.ropes = tuple(memos.setdefault(id(r), SequenceRotary(r)) for r in model.ropes)
+        self.windows = [spec.window for spec in model.config.layers]  # sliding layers' windows (None: global)
 
     def new_sequence(self, expected_tokens: int = 0) -> Sequence:
         """A fresh sequence; reserves KV room for ``expected_tokens`` (or the policy's bound)."""
@@ -105,40 +112,70 @@ class Runner:
         return seq
 
     def _attention(self, seq: Sequence) -> AttentionFn:
-        policy, rope = self.policy, self.rope
-        keep_queries = policy.needs_queries
+        policy, ropes, windows = self.policy, self.ropes, self.windows
+        read = self.reader(seq)
         if isinstance(policy, SelectionPolicy):
             selective = policy
 
             def selective_attention(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+                if windows[layer] is not None and read is not None:  # a sliding layer reads its window, whatever the policy
+                    return attend_segments(q, read(layer, q, k, v, pos), pos, windows[layer])
                 lkv = seq.cache[layer]
                 lkv.append(k, v, pos)
-                return selective.attend(seq.selection, layer, q, lkv, pos, rope)
+                return selective.attend(seq.selection, layer, q, lkv, pos, ropes[layer])
 
             return selective_attention
+        if read is None:  # per-head stores (AdaKV)
+
+            def headwise_attention(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+                lkv = seq.cache[layer]
+                assert isinstance(lkv, HeadwiseLayerKV)
+                return self._attend_headwise(seq, layer, lkv, q, k, v, pos)
+
+            return headwise_attention
 
         def attention(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+            return attend_segments(q, read(layer, q, k, v, pos), pos, windows[layer])
+
+        return attention
+
+    def reader(self, seq: Sequence, decode: bool = False) -> ReadFn | None:
+        """What ``seq`` reads in each layer, as a read plan its caller attends over; ``None`` when its policy
+        attends on its own (per-head stores; with ``decode``, a selection policy too).
+
+        The returned function appends the new keys and values to the layer's cache
+        (and keeps the last queries for policies that score with them) and returns the
+        cache's parts in order, keys moved to the policy's positions for them: parts
+        read in place (a shared prefix's pages, then the sequence's own) when no key
+        moves, else one joined part. ``decode``: the read is one query's, and in a
+        sliding layer only the keys inside its window are returned. The step loop
+        attends over the plans of every decoding sequence of a batch at once
+        (:func:`~longkv.attention.dense.attend_decode_batch`).
+        """
+        policy, windows = self.policy, self.windows
+        if policy.per_head or (decode and isinstance(policy, SelectionPolicy)):
+            return None
+        keep_queries = policy.needs_queries
+
+        def read(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> list[Segment]:
             lkv = seq.cache[layer]
-            if isinstance(lkv, HeadwiseLayerKV):
-                return self._attend_headwise(seq, layer, lkv, q, k, v, pos)
             lkv.append(k, v, pos)
             if keep_queries:
                 prev = seq.queries.get(layer)
                 qs = q if prev is None else torch.cat((prev, q), dim=1)
                 seq.queries[layer] = qs[:, -self.query_window :]
             segments = lkv.segments()
-            if len(segments) == 1:
-                keys, values, kpos = segments[0]
-            elif policy.key_positions(lkv.positions()) is None:
-                return attend_segments(q, segments, pos)  # a shared prefix's pages, then the own: read in place
-            else:
-                keys, values, kpos = lkv.view()
-            keys = self._move_keys(keys, kpos)
-            return attend(q, keys, values, pos, kpos)
+            if len(segments) > 1:
+                if policy.key_positions(lkv.positions()) is None:
+                    return in_window(segments, pos, windows[layer]) if decode else segments  # read in place
+                segments = [lkv.view()]
+            keys, values, kpos = segments[0]
+            out = [(self._move_keys(layer, keys, kpos), values, kpos)]
+            return in_window(out, pos, windows[layer]) if decode else out
 
-        return attention
+        return read
 
-    def _move_keys(self, keys: torch.Tensor, kpos: torch.Tensor) -> torch.Tensor:
+    def _move_keys(self, layer: int, keys: torch.Tensor, kpos: torch.Tensor) -> torch.Tensor:
         """Keys (Hkv, N, D) as seen at the policy's positions for them (see ``KVPolicy.key_positions``).
 
         Keys are cached rotated at their original position; only those that move are
@@ -151,7 +188,7 @@ class Runner:
         moved = int(torch.count_nonzero(delta))
         if not moved:
             return keys
-        return torch.cat((self.rope.rotate(keys[:, :moved], delta[:moved]), keys[:, moved:]), dim=1)
+        return torch.cat((self.ropes[layer].rotate(keys[:, :moved], delta[:moved]), keys[:, moved:]), dim=1)
 
     def _attend_headwise(
         self, seq: Sequence, layer: int, lkv: HeadwiseLayerKV, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor
@@ -166,8 +203,8 @@ class Runner:
         outs = []
         for h, head in enumerate(lkv.heads):
             keys, values, kpos = head.view()
-            keys = self._move_keys(keys, kpos)
-            outs.append(attend(q[h * g : (h + 1) * g], keys, values, pos, kpos))
+            keys = self._move_keys(layer, keys, kpos)
+            outs.append(attend(q[h * g : (h + 1) * g], keys, values, pos, kpos, self.windows[layer]))
         return torch.cat(outs, dim=0)
 
     def _compress(self, seq: Sequence, chunk: list[int] | None = None) -> None:
@@ -230,9 +267,9 @@ class Runner:
             outs = []
             for h, head in enumerate(heads):
                 keys, values, kpos = head.view()
-                keys = self._move_keys(keys, kpos)
+                keys = self._move_keys(layer, keys, kpos)
                 kk, vv = k[h * hk : (h + 1) * hk], v[h * hk : (h + 1) * hk]
-                outs.append(attend(q[h * g : (h + 1) * g], torch.cat((keys, kk), 1), torch.cat((values, vv), 1), pos, torch.cat((kpos, pos))))
+                outs.append(attend(q[h * g : (h + 1) * g], torch.cat((keys, kk), 1), torch.cat((values, vv), 1), pos, torch.cat((kpos, pos)), self.windows[layer]))
             return torch.cat(outs, dim=0)
 
         return Work(self, seq, list(ids), logits=False, keep=False, attention=attention, then=lambda _: then(out))
@@ -406,7 +443,7 @@ class PrefillPlan:
             try:
                 if self._select is None:
                     seq = self.seq
-                    self._select = policy.select(seq.selection, self.runner.model.config, seq.cache, seq.tokens, self.question, self.runner.rope)
+                    self._select = policy.select(seq.selection, self.runner.model.config, seq.cache, seq.tokens, self.question, self.runner.ropes)
                     need = next(self._select)
                 else:
                     assert self._need is not None
@@ -483,19 +520,38 @@ def run_batch(
     """
     assert works
     marks = [w.seq.cache.marks() for w in works] if should_stop is not None else []
-    fns = [w.attention or w.runner._attention(w.seq) for w in works]
+    # Decoding sequences whose policy hands out read plans attend together (one batched
+    # product per layer); the rest (prompt chunks, probes, selection policies) one by one.
+    readers = [w.runner.reader(w.seq, decode=True) if len(w.ids) == 1 and w.attention is None else None for w in works]
+    if sum(r is not None for r in readers) < 2:
+        readers = [None] * len(works)
+    fns = [None if r is not None else (w.attention or w.runner._attention(w.seq)) for w, r in zip(works, readers, strict=True)]
     sizes = [len(w.ids) for w in works]
+    offsets = list(accumulate(sizes, initial=0))
+    batched = [i for i, r in enumerate(readers) if r is not None]
 
     def attention(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         if should_stop is not None and should_stop():
             raise Interrupted
-        if len(fns) == 1:
+        if len(fns) == 1 and fns[0] is not None:
             return fns[0](layer, q, k, v, pos)
-        outs, o = [], 0
-        for fn, n in zip(fns, sizes, strict=True):
-            outs.append(fn(layer, q[:, o : o + n], k[:, o : o + n], v[:, o : o + n], pos[o : o + n]))
-            o += n
-        return torch.cat(outs, dim=1)
+        outs: list[torch.Tensor | None] = [None] * len(works)
+        plans = []
+        for i in batched:
+            o = offsets[i]
+            read = readers[i]
+            assert read is not None
+            plans.append(read(layer, q[:, o : o + 1], k[:, o : o + 1], v[:, o : o + 1], pos[o : o + 1]))
+        if plans:
+            rows = torch.tensor([offsets[i] for i in batched], dtype=torch.int64, device=q.device)
+            out = attend_decode_batch(q.index_select(1, rows), plans)  # (H, B, D)
+            for j, i in enumerate(batched):
+                outs[i] = out[:, j : j + 1]
+        for i, fn in enumerate(fns):
+            if fn is not None:
+                o, n = offsets[i], sizes[i]
+                outs[i] = fn(layer, q[:, o : o + n], k[:, o : o + n], v[:, o : o + n], pos[o : o + n])
+        return torch.cat(outs, dim=1)  # type: ignore[arg-type]
 
     dev = model.device
     positions = torch.tensor([p for w in works for p in range(w.seq.next_position, w.seq.next_position + len(w.ids))], dtype=torch.int64, device=dev)

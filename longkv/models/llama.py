@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from longkv.config import ModelConfig
 from longkv.errors import LongKVError
-from longkv.models.layers import Linear, Rotary, gated_mlp, rms_norm
+from longkv.models.layers import Linear, Rotary, gated_mlp, layer_ropes, rms_norm
 
 # attention(layer, q (H, T, D), k (Hkv, T, D), v (Hkv, T, D), positions (T,)) -> (H, T, D)
 AttentionFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -81,7 +81,7 @@ class LlamaModel:
         # (SmolLM2's Q8_0), and 4-bit logits moved decode perplexity by +5 % there.
         self.lm_head = Linear(head, None, "int8" if decode_weights == "int4" else decode_weights)
         self.decode_weights = decode_weights
-        self.rope = Rotary(config, self.device)
+        self.ropes = layer_ropes(config, self.device)  # per layer, from its AttnSpec
         self.dtype = self.embed.dtype
         c = config
         self._split = (c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim, c.n_kv_heads * c.head_dim)
@@ -110,9 +110,13 @@ class LlamaModel:
         c = self.config
         T = input_ids.shape[0]
         x = F.embedding(input_ids, self.embed)  # (T, hidden)
-        cos, sin = self.rope.cos_sin(positions, self.dtype)  # (T, D/2)
+        tables: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(rope) -> cos, sin (T, D/2): once per distinct RoPE
         nq, nk, _ = self._split
         for i, L in enumerate(self.layers):
+            rope = self.ropes[i]
+            if id(rope) not in tables:
+                tables[id(rope)] = rope.cos_sin(positions, self.dtype)
+            cos, sin = tables[id(rope)]
             h = rms_norm(x, L.attn_norm, c.rms_eps)
             qkv = L.qkv(h)  # (T, (H + 2 Hkv) D)
             qk = qkv[:, : nq + nk].view(T, -1, c.head_dim)  # (T, H + Hkv, D)

@@ -498,12 +498,12 @@ class SelectionPolicy(KVPolicy, ABC):
         """Index where the question part of an ``n_tokens`` prompt starts (0: no separate selection)."""
         return 0
 
-    def select(self, state: Any, model: ModelConfig, cache: KVCache, context: list[int], ids: list[int], rope: Any) -> SelectPlan:
+    def select(self, state: Any, model: ModelConfig, cache: KVCache, context: list[int], ids: list[int], ropes: Any) -> SelectPlan:
         """Choose pages for the question ``ids`` that follows the cached ``context`` tokens.
 
         A generator: it yields the :data:`Need` s whose results it chooses from (the
         engine sends each result back) and stores the choice in ``state``; the cache
-        is left as it was. ``rope``: the sequence's rotary embedding.
+        is left as it was. ``ropes``: the sequence's rotary embedding of each layer (indexed by layer).
         """
         return
         yield

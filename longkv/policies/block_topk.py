@@ -36,6 +36,7 @@ answer better than many (distractor pages): see docs/sparse.md.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -407,7 +408,7 @@ class BlockTopKPolicy(SelectionPolicy):
 
     # ------------------------------------------------------------------ selection at the question
     def select(
-        self, state: BlockTopKState, model: ModelConfig, cache: KVCache, context: list[int], ids: list[int], rope: Rotary
+        self, state: BlockTopKState, model: ModelConfig, cache: KVCache, context: list[int], ids: list[int], ropes: Sequence[Rotary]
     ) -> SelectPlan:
         """Choose the pages for the question ``ids``, which follows the cached ``context`` tokens.
 
@@ -430,7 +431,7 @@ class BlockTopKPolicy(SelectionPolicy):
             return
 
         def local(layer: int, q: torch.Tensor, lkv: LayerKV, pos: torch.Tensor) -> torch.Tensor:
-            return attend_pages(q, lkv, pos, rope, sinks, self.window, None)
+            return attend_pages(q, lkv, pos, ropes[layer], sinks, self.window, None)
 
         queries: list[torch.Tensor] = yield ProbeQueries(list(ids), local)
         best: torch.Tensor | None = None  # (<= votes, C): the best z-scores of every page so far
@@ -441,11 +442,11 @@ class BlockTopKPolicy(SelectionPolicy):
             if heads:  # only the layers that hold a retrieval head are scored (and, when tiered, read)
                 here = [h for layer, h in heads if layer == i]
                 if here:
-                    z = self._scores(state, i, q, cache[i], n0, rope)[1]  # (Hkv, G * T, C), head-major per group
+                    z = self._scores(state, i, q, cache[i], n0, ropes[i])[1]  # (Hkv, G * T, C), head-major per group
                     r = z.reshape(q.shape[0], q.shape[1], -1)[here].mean(1)  # (n, C): mean over the queries
                     by_heads += (r.clamp_min(1e-6).log() if self.aggregate == "mass" else r).sum(0)
                 continue
-            z = self._scores(state, i, q, cache[i], n0, rope)[1]  # (Hkv, R, C)
+            z = self._scores(state, i, q, cache[i], n0, ropes[i])[1]  # (Hkv, R, C)
             per_head.append(vote(z, self.votes))
             if self.scope == "shared":
                 best = merge_votes(best, z.flatten(0, 1), self.votes)
