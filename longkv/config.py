@@ -8,9 +8,9 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from longkv.errors import LongKVError
 
@@ -22,20 +22,52 @@ SUPPORTED_ARCHITECTURES: dict[str, str] = {
     "mistral": "Mistral 7B and other llama-shaped models without biases",
     "qwen2": "Qwen2 / Qwen2.5 (q/k/v biases, GQA)",
     "qwen3": "Qwen3 (QK-norm: RMSNorm of each query and key head before RoPE, GQA)",
+    "gemma3_text": "Gemma 3 text (270M-27B): 5 sliding-window layers per global one, two RoPE bases, QK-norm",
+    "gemma3": "Gemma 3 text as llama.cpp names it in GGUF files (same forward as gemma3_text)",
 }
+GEMMA3 = ("gemma3_text", "gemma3")  # HF model_type, GGUF general.architecture
 
 
 @dataclass(frozen=True)
 class RopeScaling:
-    """Llama 3.x frequency scaling of RoPE ("llama3" rope_type).
+    """Frequency scaling of RoPE, of one of two kinds (HF ``rope_type``):
 
-    Source: Meta's Llama 3.1 release; the same formula as HF ``_compute_llama3_parameters``.
+    * ``"llama3"``: Llama 3.x, long wavelengths divided by ``factor``, short ones
+      kept, a smooth ramp between (Meta's Llama 3.1 release; HF
+      ``_compute_llama3_parameters``); uses every field.
+    * ``"linear"``: position interpolation (Chen et al. 2023), every frequency
+      divided by ``factor`` (HF ``_compute_linear_scaling_rope_parameters``; Gemma 3's
+      global layers, factor 8 from 4B up); uses ``factor`` only.
     """
 
     factor: float
-    low_freq_factor: float
-    high_freq_factor: float
-    original_max_position: int
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position: int = 8192
+    kind: Literal["llama3", "linear"] = "llama3"
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any] | None) -> RopeScaling | None:
+        """From HF ``rope_scaling`` / ``rope_parameters`` (``None`` for the default RoPE).
+
+        Raises:
+            LongKVError: a RoPE type longkv does not implement (yarn, dynamic, ...).
+        """
+        if not isinstance(params, Mapping):
+            return None
+        kind = params.get("rope_type", params.get("type"))
+        if kind in (None, "default"):
+            return None
+        if kind == "linear":
+            return cls(factor=float(params["factor"]), kind="linear")
+        if kind == "llama3":
+            return cls(
+                factor=float(params["factor"]),
+                low_freq_factor=float(params["low_freq_factor"]),
+                high_freq_factor=float(params["high_freq_factor"]),
+                original_max_position=int(params["original_max_position_embeddings"]),
+            )
+        raise LongKVError(f"RoPE scaling {kind!r} in the model config is not supported: longkv implements llama3 and linear")
 
 
 @dataclass(frozen=True)
@@ -82,7 +114,11 @@ class ModelConfig:
         qk_norm: every query and key head is RMS-normalised (its own weight, (head_dim,))
             before RoPE (Qwen3).
         bos_token_id / eos_token_ids: special token ids (eos may be several).
-        rope_scaling: Llama 3.x RoPE scaling, if any.
+        rope_scaling: RoPE scaling (Llama 3.x or linear), if any.
+        attn_scale: multiplier of q.k before the softmax; ``None``: ``head_dim ** -0.5``, what the
+            engine's attention applies (Gemma 3: ``query_pre_attn_scalar ** -0.5``; a model whose
+            scale differs folds the ratio into its queries, so attention and policies see it too).
+        final_softcap: logits become ``c * tanh(logits / c)`` (Gemma 2's final softcapping), if set.
         sliding_window: the window of sliding layers (see :class:`AttnSpec`), if any.
         layers: one :class:`AttnSpec` per layer; by default every layer global (or
             sliding when ``sliding_window`` is set) with ``rope_theta`` and
@@ -107,6 +143,8 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     rope_scaling: RopeScaling | None = None
+    attn_scale: float | None = None
+    final_softcap: float | None = None
     sliding_window: int | None = None
     layers: tuple[AttnSpec, ...] = ()
     name: str = ""
@@ -147,19 +185,19 @@ class ModelConfig:
                 f"unsupported model_type {arch!r} in config.json: longkv runs "
                 f"{', '.join(sorted(SUPPORTED_ARCHITECTURES))} (see `longkv models`)"
             )
+        if arch == "gemma3":  # in config.json, "gemma3" is the image-text model (Gemma3ForConditionalGeneration)
+            raise LongKVError(
+                "model_type 'gemma3' in config.json is Gemma 3's image-text checkpoint: longkv runs the text model "
+                "(model_type gemma3_text, e.g. gemma-3-270m or gemma-3-1b) or a Gemma 3 GGUF file"
+            )
         n_heads = int(cfg["num_attention_heads"])
         hidden = int(cfg["hidden_size"])
         eos = cfg.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else ((int(eos),) if eos is not None else ())
         scaling = None
         rs = cfg.get("rope_scaling") or cfg.get("rope_parameters") or None
-        if isinstance(rs, Mapping) and rs.get("rope_type", rs.get("type")) == "llama3":
-            scaling = RopeScaling(
-                factor=float(rs["factor"]),
-                low_freq_factor=float(rs["low_freq_factor"]),
-                high_freq_factor=float(rs["high_freq_factor"]),
-                original_max_position=int(rs["original_max_position_embeddings"]),
-            )
+        if isinstance(rs, Mapping) and rs.get("rope_type", rs.get("type")) in ("llama3", "linear"):
+            scaling = RopeScaling.from_params(rs)
         theta = cfg.get("rope_theta")
         if theta is None and isinstance(rs, Mapping):
             theta = rs.get("rope_theta")
@@ -173,6 +211,11 @@ class ModelConfig:
         layers: tuple[AttnSpec, ...] = ()
         if window is not None and isinstance(layer_types, list) and len(layer_types) == n_layers:
             layers = tuple(AttnSpec(theta, scaling, window if t == "sliding_attention" else None) for t in layer_types)
+        extra: dict[str, Any] = {}
+        if arch in GEMMA3:
+            layers, window, extra = _gemma3_hf(cfg, n_layers)
+            full = next((spec for spec in layers if not spec.sliding), layers[0])  # the model-wide RoPE: the global layers'
+            theta, scaling = full.rope_theta, full.rope_scaling
         return cls(
             arch=arch,
             vocab_size=int(cfg["vocab_size"]),
@@ -185,15 +228,16 @@ class ModelConfig:
             rope_theta=theta,
             rms_eps=float(cfg.get("rms_norm_eps", 1e-6)),
             max_position=int(cfg.get("max_position_embeddings", 4096)),
-            tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            tie_embeddings=bool(cfg.get("tie_word_embeddings", arch in GEMMA3)),
             attention_bias=arch == "qwen2" or bool(cfg.get("attention_bias", False)),
-            qk_norm=arch == "qwen3",
+            qk_norm=arch in ("qwen3", *GEMMA3),
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=eos_ids,
             rope_scaling=scaling,
             sliding_window=window,
             layers=layers,
             name=name,
+            **extra,
         )
 
     @classmethod
@@ -230,6 +274,9 @@ class ModelConfig:
             eos_ids.append(int(eot))
         head_dim = get("attention.key_length") or get("rope.dimension_count") or hidden // n_heads
         window = get("attention.sliding_window")
+        extra: dict[str, Any] = {}
+        if arch in GEMMA3:
+            extra = _gemma3_gguf(get, int(get("block_count")), hidden, n_heads, int(head_dim))
         return cls(
             arch=arch,
             vocab_size=int(vocab),
@@ -249,7 +296,89 @@ class ModelConfig:
             eos_token_ids=tuple(eos_ids),
             sliding_window=int(window) if window else None,
             name=name,
+            **extra,
         )
+
+
+# --------------------------------------------------------------------------- Gemma 3
+
+GEMMA3_LOCAL_THETA = 10_000.0  # RoPE base of Gemma 3's sliding layers (HF rope_local_base_freq; fixed in llama.cpp)
+GEMMA3_PATTERN = 6  # every 6th layer global, the 5 before it sliding (HF sliding_window_pattern; llama.cpp's swa pattern)
+
+
+def _gemma3_layers(types: list[str], window: int, full: AttnSpec, local_theta: float,
+                   local_scaling: RopeScaling | None = None) -> tuple[AttnSpec, ...]:
+    """One spec per layer from HF ``layer_types`` ("sliding_attention" / "full_attention")."""
+    local = AttnSpec(local_theta, local_scaling, window)
+    return tuple(local if t == "sliding_attention" else full for t in types)
+
+
+def _gemma3_types(n_layers: int, pattern: int = GEMMA3_PATTERN) -> list[str]:
+    return ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(n_layers)]
+
+
+def _gemma3_hf(cfg: Mapping[str, Any], n_layers: int) -> tuple[tuple[AttnSpec, ...], int, dict[str, Any]]:
+    """Per-layer specs, the sliding window and the extra ModelConfig fields of a gemma3_text config.json.
+
+    Two file formats: transformers >= 5 writes ``rope_parameters`` per layer type
+    (``{"full_attention": {"rope_theta", "rope_type", "factor"}, "sliding_attention": {...}}``);
+    the hub's files (transformers 4.x) carry ``rope_theta`` and ``rope_scaling`` for the
+    global layers and ``rope_local_base_freq`` for the sliding ones.
+
+    Raises:
+        LongKVError: bidirectional attention (EmbeddingGemma) or attention-logit softcapping,
+            which the engine does not implement; an unsupported RoPE scaling.
+    """
+    if cfg.get("use_bidirectional_attention"):
+        raise LongKVError("this Gemma 3 config uses bidirectional attention (an embedding model): longkv runs causal decoders")
+    if cfg.get("attn_logit_softcapping") is not None:
+        raise LongKVError("attention-logit softcapping (attn_logit_softcapping) is not supported by longkv's attention")
+    rp = cfg.get("rope_parameters")
+    if isinstance(rp, Mapping) and ("full_attention" in rp or "sliding_attention" in rp):
+        full, local = rp.get("full_attention") or {}, rp.get("sliding_attention") or {}
+    else:
+        full = {**(cfg.get("rope_scaling") or {}), "rope_theta": cfg.get("rope_theta") or 1_000_000.0}
+        local = {"rope_theta": cfg.get("rope_local_base_freq") or GEMMA3_LOCAL_THETA}
+    types = cfg.get("layer_types")
+    if not (isinstance(types, list) and len(types) == n_layers):
+        types = _gemma3_types(n_layers, int(cfg.get("sliding_window_pattern") or cfg.get("_sliding_window_pattern") or GEMMA3_PATTERN))
+    window = int(cfg.get("sliding_window") or 4096)  # transformers' default
+    spec = AttnSpec(float(full.get("rope_theta") or 1_000_000.0), RopeScaling.from_params(full), None)
+    layers = _gemma3_layers(types, window, spec, float(local.get("rope_theta") or GEMMA3_LOCAL_THETA),
+                            RopeScaling.from_params(local))
+    extra = {
+        "attn_scale": float(cfg.get("query_pre_attn_scalar") or 256) ** -0.5,  # transformers' default 256
+        "final_softcap": float(cfg["final_logit_softcapping"]) if cfg.get("final_logit_softcapping") is not None else None,
+    }
+    return layers, window, extra
+
+
+def _gemma3_gguf(get: Callable[..., Any], n_layers: int, hidden: int, n_heads: int, head_dim: int) -> dict[str, Any]:
+    """ModelConfig fields of a Gemma 3 GGUF beyond the common keys, as llama.cpp reads the file.
+
+    llama.cpp fixes what the file does not say: sliding layers use RoPE base 10 000 without
+    scaling, global layers ``rope.freq_base`` with ``rope.scaling.*``, every 6th layer global;
+    the attention scale is ``head_dim ** -0.5`` except for the 27B (62 layers), whose
+    ``query_pre_attn_scalar`` is ``hidden / heads`` (168; Google's gemma_pytorch config).
+    """
+    if get("attn_logit_softcapping") is not None:
+        raise LongKVError("attention-logit softcapping (attn_logit_softcapping) is not supported by longkv's attention")
+    window = int(get("attention.sliding_window") or 4096)
+    scaling = None
+    if get("rope.scaling.type") == "linear" and float(get("rope.scaling.factor", 1.0)) != 1.0:
+        scaling = RopeScaling(factor=float(get("rope.scaling.factor")), kind="linear")
+    elif get("rope.scaling.type") not in (None, "none", "linear"):
+        raise LongKVError(f"RoPE scaling {get('rope.scaling.type')!r} in the GGUF file is not supported: longkv implements linear")
+    full = AttnSpec(float(get("rope.freq_base", 1_000_000.0)), scaling, None)
+    local_theta = float(get("rope.freq_base_swa", GEMMA3_LOCAL_THETA))
+    scalar = hidden / n_heads if n_layers == 62 else head_dim
+    softcap = get("final_logit_softcapping")
+    return {
+        "layers": _gemma3_layers(_gemma3_types(n_layers), window, full, local_theta),
+        "rope_scaling": scaling,
+        "attn_scale": float(scalar) ** -0.5,
+        "final_softcap": float(softcap) if softcap is not None else None,
+    }
 
 
 @dataclass(frozen=True)

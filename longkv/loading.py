@@ -12,7 +12,9 @@ A model reference is one of:
   with ``huggingface_hub.snapshot_download``.
 
 Weights come back under the Hugging Face parameter names
-(``model.layers.0.self_attn.q_proj.weight``, ...), whatever the source.
+(``model.layers.0.self_attn.q_proj.weight``, ...), whatever the source. One
+convention differs from HF: Gemma 3's RMSNorm weights come back with the 1 of
+its ``x * (1 + w)`` added (as llama.cpp stores them in GGUF), in float32.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from longkv.config import ModelConfig
+from longkv.config import GEMMA3, ModelConfig
 from longkv.errors import LongKVError
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -200,6 +202,12 @@ _GGUF_LAYER_NAMES = {
     "attn_q_norm.weight": "self_attn.q_norm.weight",
     "attn_k_norm.weight": "self_attn.k_norm.weight",
 }
+# Gemma 3's four norms per block (llama.cpp's gemma3 tensors; its ffn_norm is the pre-MLP norm)
+_GGUF_GEMMA3_NAMES = {
+    "post_attention_norm.weight": "post_attention_layernorm.weight",
+    "ffn_norm.weight": "pre_feedforward_layernorm.weight",
+    "post_ffw_norm.weight": "post_feedforward_layernorm.weight",
+}
 _GGUF_TOP_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
@@ -207,14 +215,22 @@ _GGUF_TOP_NAMES = {
 }
 
 
-def _hf_name(gguf_name: str) -> str | None:
+def _hf_name(gguf_name: str, arch: str = "") -> str | None:
+    """HF parameter name of a GGUF tensor of architecture ``arch``; ``None``: not one the forward uses."""
     if gguf_name in _GGUF_TOP_NAMES:
         return _GGUF_TOP_NAMES[gguf_name]
     if gguf_name.startswith("blk."):
         _, idx, rest = gguf_name.split(".", 2)
-        if rest in _GGUF_LAYER_NAMES:
-            return f"model.layers.{idx}.{_GGUF_LAYER_NAMES[rest]}"
+        names = {**_GGUF_LAYER_NAMES, **_GGUF_GEMMA3_NAMES} if arch in GEMMA3 else _GGUF_LAYER_NAMES
+        if rest in names:
+            return f"model.layers.{idx}.{names[rest]}"
     return None
+
+
+def _keeps_float32(config: ModelConfig, hf_name: str) -> bool:
+    """Gemma 3's norm weights stay float32: its norms are computed in float32 with ``1 + w``, and
+    rounding ``1 + w`` to bfloat16 would drop most of ``w`` (transformers keeps the sum in float32)."""
+    return config.arch in GEMMA3 and hf_name.endswith("norm.weight")
 
 
 def _unpermute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -283,7 +299,7 @@ def _load_gguf(path: Path, dtype: torch.dtype) -> LoadedModel:
     weights: dict[str, torch.Tensor] = {}
     bits: dict[str, int] = {}
     for t in reader.tensors:
-        hf = _hf_name(t.name)
+        hf = _hf_name(t.name, config.arch)
         if hf is None:
             continue
         bits[hf] = _ggml_bits(t.tensor_type.name)
@@ -300,7 +316,8 @@ def _load_gguf(path: Path, dtype: torch.dtype) -> LoadedModel:
                 arr = _unpermute_rope_rows(arr, config.n_heads)
             elif t.name.endswith(("attn_k.weight", "attn_k.bias")):
                 arr = _unpermute_rope_rows(arr, config.n_kv_heads)
-        weights[hf] = torch.from_numpy(np.array(arr, dtype=np.float32, copy=True)).to(dtype)
+        # llama.cpp already added Gemma's 1 to its norm weights: they are used as they are
+        weights[hf] = torch.from_numpy(np.array(arr, dtype=np.float32, copy=True)).to(torch.float32 if _keeps_float32(config, hf) else dtype)
     tokenizer = _gguf_tokenizer(path)
     return LoadedModel(config, weights, tokenizer, str(path), bits)
 
@@ -350,7 +367,9 @@ def _load_hf_folder(path: Path, dtype: torch.dtype) -> LoadedModel:
             part = load_file(str(f))
         except Exception as exc:
             raise LongKVError(f"{f} could not be read ({type(exc).__name__}): the file may be truncated; download it again") from None
-        weights.update({k: v.to(dtype) for k, v in part.items()})
+        for k, v in part.items():
+            # Gemma's RMSNorm multiplies by (1 + w): add the 1 once here, in float32 (the GGUF convention)
+            weights[k] = v.float() + 1.0 if _keeps_float32(config, k) else v.to(dtype)
     from transformers import AutoTokenizer
 
     try:

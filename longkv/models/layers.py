@@ -7,6 +7,7 @@ key/value heads and D for head_dim. All functions are pure.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -129,13 +130,21 @@ class Linear:
         return F.linear(x, self.w, self.b)
 
 
-def gated_mlp(x: torch.Tensor, gate_up: Linear, down: Linear) -> torch.Tensor:
-    """SwiGLU MLP: ``down(silu(gate(x)) * up(x))`` with gate and up fused in one matmul.
+def gated_mlp(
+    x: torch.Tensor, gate_up: Linear, down: Linear, act: Callable[[torch.Tensor], torch.Tensor] = F.silu
+) -> torch.Tensor:
+    """Gated MLP: ``down(act(gate(x)) * up(x))`` with gate and up fused in one matmul; SwiGLU with
+    the default ``act`` (SiLU), GeGLU with :func:`gelu_tanh` (Gemma).
 
     x: (T, hidden); gate_up: (2 * intermediate, hidden); down: (hidden, intermediate).
     """
     gate, up = gate_up(x).chunk(2, dim=-1)
-    return down(F.silu(gate) * up)
+    return down(act(gate) * up)
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """GELU with the tanh approximation (HF ``gelu_pytorch_tanh``, Gemma's MLP activation)."""
+    return F.gelu(x, approximate="tanh")
 
 
 def _llama3_inv_freq(inv_freq: torch.Tensor, s: RopeScaling) -> torch.Tensor:
@@ -163,8 +172,9 @@ class Rotary:
     def __init__(self, head_dim: int, spec: AttnSpec, device: torch.device | str = "cpu") -> None:
         d = head_dim
         inv = 1.0 / (spec.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64, device=device) / d))
-        if spec.rope_scaling is not None:
-            inv = _llama3_inv_freq(inv, spec.rope_scaling)
+        s = spec.rope_scaling
+        if s is not None:  # linear: position interpolation, every frequency divided by the factor
+            inv = inv / s.factor if s.kind == "linear" else _llama3_inv_freq(inv, s)
         self.inv_freq = inv  # (D/2,) float64 on the model's device: angles of far positions (1 M tokens) stay exact
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

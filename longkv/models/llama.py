@@ -11,7 +11,7 @@ Contract shared by every architecture module (see ``longkv.models.build``):
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import torch
@@ -66,6 +66,8 @@ class LlamaModel:
         LongKVError: a weight is missing.
         ValueError: int8/int4 decode weights off the CPU.
     """
+
+    layers: Sequence[_Layer]  # a family's block may extend _Layer (Gemma 3's four norms)
 
     def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], decode_weights: str = "none") -> None:
         self.config = config
