@@ -475,7 +475,7 @@ def test_shared_scope_ranks_by_summed_layer_shares() -> None:
         lkv.append(torch.randn(1, 6, 4), torch.randn(1, 6, 4), torch.arange(6))
         lkv.acc = torch.tensor(acc)
         caches.append(lkv)
-    policy.compress_layers(caches, {})  # no queries: rank by the stored totals alone
+    policy.compress_layers(dict(enumerate(caches)), {})  # no queries: rank by the stored totals alone
     # shares: layer 0 -> .75 (token 0), .25 (4); layer 1 -> .125 (3), .25 (4), .625 (5)
     # totals: 0 -> .75, 5 -> .625, 4 -> .5, 3 -> .125: layer 1 alone would keep 3 over 0
     assert [lkv.view()[2].tolist() for lkv in caches] == [[0, 4, 5], [0, 4, 5]]
@@ -486,7 +486,7 @@ def test_shared_scope_ranks_by_summed_layer_shares() -> None:
         lkv.append(torch.randn(1, 6, 4), torch.randn(1, 6, 4), torch.arange(6))
         lkv.acc = torch.tensor(acc)
         caches2.append(lkv)
-    make_policy("kvzip", budget=2, scope="shared", sinks=0, window=0, layers="max", kernel=1).compress_layers(caches2, {})
+    make_policy("kvzip", budget=2, scope="shared", sinks=0, window=0, layers="max", kernel=1).compress_layers(dict(enumerate(caches2)), {})
     assert [lkv.view()[2].tolist() for lkv in caches2] == [[0, 5], [0, 5]]
 
 

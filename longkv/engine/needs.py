@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from longkv.attention.dense import attend_segments
 from longkv.policies.base import EncodeText, GreedyConfidence, Need, ProbeQueries
 from longkv.policies.dense import DensePolicy
 
@@ -142,6 +143,9 @@ class NeedRun:
         lkv = self.seq.cache[layer]
         lkv.append(k, v, pos)
         self._queries[layer] = q
+        window = self.runner.windows[layer]
+        if window is not None:  # a sliding layer reads its window, as in every other forward
+            return attend_segments(q, lkv.segments(), pos, window)
         return self.need.read(layer, q, lkv, pos)
 
     def _probe_done(self, logits: torch.Tensor | None) -> None:

@@ -24,7 +24,7 @@ import torch
 from longkv.attention.dense import attend, attend_decode_batch, attend_segments, in_window
 from longkv.config import EngineConfig
 from longkv.engine.needs import NeedRun
-from longkv.kv.cache import KVCache, LayerKV
+from longkv.kv.cache import KVCache, LayerKV, page_format
 from longkv.kv.headwise import HeadwiseLayerKV
 from longkv.kv.pool import KVPools, PagePool
 from longkv.models.layers import SequenceRotary
@@ -84,6 +84,9 @@ class Runner:
         memos: dict[int, SequenceRotary] = {}
         self.ropes = tuple(memos.setdefault(id(r), SequenceRotary(r)) for r in model.ropes)
         self.windows = [spec.window for spec in model.config.layers]  # sliding layers' windows (None: global)
+        # The user's policy shapes the global layers only; a sliding layer keeps a ring of its window.
+        self.global_layers = [i for i, w in enumerate(self.windows) if w is None]
+        self.sliding_layers = [i for i, w in enumerate(self.windows) if w is not None]
 
     def new_sequence(self, expected_tokens: int = 0) -> Sequence:
         """A fresh sequence; reserves KV room for ``expected_tokens`` (or the policy's bound)."""
@@ -97,14 +100,22 @@ class Runner:
             pool = pools.get(i, heads, fmt) if pools is not None else PagePool(heads, fmt, ps, self.model.device)
             return pol.new_layer_kv(heads, c.head_dim, ps, dt, c, self.engine, pool)
 
-        make: Callable[[int], LayerKV] = store
-        if per_head:
-            make = lambda i: HeadwiseLayerKV(partial(store, i), c.n_kv_heads)  # noqa: E731
+        def ring(i: int) -> LayerKV:  # a sliding layer: plain pages, whatever the policy's format or tiers
+            plain = page_format(c.head_dim, dt)
+            pool = pools.get(i, c.n_kv_heads, plain) if pools is not None else PagePool(c.n_kv_heads, plain, ps, self.model.device)
+            return LayerKV(c.n_kv_heads, c.head_dim, ps, dt, pool=pool)
+
+        def make(i: int) -> LayerKV:
+            if self.windows[i] is not None:
+                return ring(i)
+            return HeadwiseLayerKV(partial(store, i), c.n_kv_heads) if per_head else store(i)
+
         cache = KVCache(c.n_layers, c.n_kv_heads, c.head_dim, ps, dt, make)
-        if expected_tokens:  # room for what the layer will hold at most: its budget + one chunk
+        if expected_tokens:  # room for what the layer will hold at most: its budget (or window) + one chunk
             extra = max(self.engine.chunk_size, pol.evict_every)
             for i, lkv in enumerate(cache.layers):
-                budget = pol.layer_budget(i)
+                w = self.windows[i]
+                budget = pol.layer_budget(i) if w is None else w + ps
                 lkv.reserve(expected_tokens if budget is None else min(expected_tokens, budget + extra))
         seq = Sequence(cache)
         if isinstance(self.policy, SelectionPolicy):
@@ -113,65 +124,69 @@ class Runner:
 
     def _attention(self, seq: Sequence) -> AttentionFn:
         policy, ropes, windows = self.policy, self.ropes, self.windows
-        read = self.reader(seq)
-        if isinstance(policy, SelectionPolicy):
-            selective = policy
-
-            def selective_attention(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-                if windows[layer] is not None and read is not None:  # a sliding layer reads its window, whatever the policy
-                    return attend_segments(q, read(layer, q, k, v, pos), pos, windows[layer])
-                lkv = seq.cache[layer]
-                lkv.append(k, v, pos)
-                return selective.attend(seq.selection, layer, q, lkv, pos, ropes[layer])
-
-            return selective_attention
-        if read is None:  # per-head stores (AdaKV)
-
-            def headwise_attention(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-                lkv = seq.cache[layer]
-                assert isinstance(lkv, HeadwiseLayerKV)
-                return self._attend_headwise(seq, layer, lkv, q, k, v, pos)
-
-            return headwise_attention
+        read = self._read_fn(seq)
+        selective = policy if isinstance(policy, SelectionPolicy) else None
+        per_head = policy.per_head
 
         def attention(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-            return attend_segments(q, read(layer, q, k, v, pos), pos, windows[layer])
+            if windows[layer] is not None:  # a sliding layer reads its window, whatever the policy
+                return attend_segments(q, read(layer, q, k, v, pos), pos, windows[layer])
+            lkv = seq.cache[layer]
+            if selective is not None:
+                lkv.append(k, v, pos)
+                return selective.attend(seq.selection, layer, q, lkv, pos, ropes[layer])
+            if per_head:  # per-head stores (AdaKV)
+                assert isinstance(lkv, HeadwiseLayerKV)
+                return self._attend_headwise(seq, layer, lkv, q, k, v, pos)
+            return attend_segments(q, read(layer, q, k, v, pos), pos)
 
         return attention
 
-    def reader(self, seq: Sequence, decode: bool = False) -> ReadFn | None:
-        """What ``seq`` reads in each layer, as a read plan its caller attends over; ``None`` when its policy
-        attends on its own (per-head stores; with ``decode``, a selection policy too).
+    def reader(self, seq: Sequence) -> ReadFn | None:
+        """What one decode token of ``seq`` reads in each layer, as a read plan its caller attends over;
+        ``None`` when its policy attends on its own (a selection policy, per-head stores).
 
-        The returned function appends the new keys and values to the layer's cache
-        (and keeps the last queries for policies that score with them) and returns the
-        cache's parts in order, keys moved to the policy's positions for them: parts
-        read in place (a shared prefix's pages, then the sequence's own) when no key
-        moves, else one joined part. ``decode``: the read is one query's, and in a
-        sliding layer only the keys inside its window are returned. The step loop
-        attends over the plans of every decoding sequence of a batch at once
-        (:func:`~longkv.attention.dense.attend_decode_batch`).
+        The returned function appends the new key and value to the layer's cache (and
+        keeps the last queries for policies that score with them) and returns the parts
+        of the cache the token sees, in order: read in place (a shared prefix's pages,
+        then the sequence's own) when no key moves, else one joined part with the keys
+        moved to the policy's positions for them; in a sliding layer, only the keys
+        inside its window. The step loop attends over the plans of every decoding
+        sequence of a batch at once (:func:`~longkv.attention.dense.attend_decode_batch`).
         """
-        policy, windows = self.policy, self.windows
-        if policy.per_head or (decode and isinstance(policy, SelectionPolicy)):
+        if self.policy.per_head or isinstance(self.policy, SelectionPolicy):
             return None
+        read, windows = self._read_fn(seq), self.windows
+
+        def decode_read(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> list[Segment]:
+            return in_window(read(layer, q, k, v, pos), pos, windows[layer])
+
+        return decode_read
+
+    def _read_fn(self, seq: Sequence) -> ReadFn:
+        """Append the new keys to a layer with a plain store and return its cache's parts (see :meth:`reader`),
+        every key seen whole (a sliding window is the caller's to apply). A sliding layer
+        is not the policy's: no key of it moves and no query of it is kept."""
+        policy, windows = self.policy, self.windows
         keep_queries = policy.needs_queries
 
         def read(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> list[Segment]:
             lkv = seq.cache[layer]
             lkv.append(k, v, pos)
-            if keep_queries:
+            mine = windows[layer] is None
+            if keep_queries and mine:
                 prev = seq.queries.get(layer)
                 qs = q if prev is None else torch.cat((prev, q), dim=1)
                 seq.queries[layer] = qs[:, -self.query_window :]
             segments = lkv.segments()
+            if not mine:
+                return segments
             if len(segments) > 1:
                 if policy.key_positions(lkv.positions()) is None:
-                    return in_window(segments, pos, windows[layer]) if decode else segments  # read in place
+                    return segments  # a shared prefix's pages, then the own: read in place
                 segments = [lkv.view()]
             keys, values, kpos = segments[0]
-            out = [(self._move_keys(layer, keys, kpos), values, kpos)]
-            return in_window(out, pos, windows[layer]) if decode else out
+            return [(self._move_keys(layer, keys, kpos), values, kpos)]
 
         return read
 
@@ -225,7 +240,11 @@ class Runner:
             return
         last = seq.next_position - 1
         obs = {layer: Observation.newest(q, last) for layer, q in seq.queries.items()}
-        self.policy.compress_layers(seq.cache.layers, obs)
+        self.policy.compress_layers(self._policy_layers(seq), obs)
+
+    def _policy_layers(self, seq: Sequence) -> dict[int, LayerKV]:
+        """The layers the policy shapes (layer index -> cache): the global ones."""
+        return {i: seq.cache[i] for i in self.global_layers}
 
     def due_work(self, seq: Sequence) -> Work | None:
         """The probe ``seq``'s compression waits for (``seq.probe_due``), as a work; ``None`` if none.
@@ -242,7 +261,8 @@ class Runner:
             p0 = seq.next_position  # the probe followed every cached token
             positions = torch.arange(p0, p0 + len(ids), dtype=torch.int64, device=self.model.device)
             seq.probe_due = None
-            self.policy.compress_layers(seq.cache.layers, {layer: Observation(q, positions) for layer, q in queries.items()})
+            obs = {layer: Observation(q, positions) for layer, q in queries.items() if self.windows[layer] is None}
+            self.policy.compress_layers(self._policy_layers(seq), obs)
 
         return self.probe_work(seq, ids, compress)
 
@@ -333,16 +353,28 @@ class Runner:
         if not work.keep:
             return
         seq.tokens.extend(work.ids)
-        budget = self.policy.budget_tokens
+        budget = self.policy.budget_tokens if self.global_layers else None
         if not work.decode:
             seq.peak_kv_bytes = max(seq.peak_kv_bytes, seq.cache.bytes())
+        self._slide(seq)
+        if not work.decode:
             if work.compress and budget is not None:
                 self._compress(seq, work.ids)
-        elif budget is not None and seq.cache[0].n >= budget + self.policy.evict_every:
+        elif budget is not None and seq.cache[self.global_layers[0]].n >= budget + self.policy.evict_every:
             seq.peak_kv_bytes = max(seq.peak_kv_bytes, seq.cache.bytes())
             self._compress(seq)
         elif budget is None and len(seq.tokens) % 64 == 0:
             seq.peak_kv_bytes = max(seq.peak_kv_bytes, seq.cache.bytes())
+
+    def _slide(self, seq: Sequence) -> None:
+        """Sliding layers keep a ring of their window: once a page past it has filled, the keys no later
+        query can see (position ``<= next - window``) go and their pages back to the pool."""
+        ps = self.engine.page_size
+        for i in self.sliding_layers:
+            lkv, w = seq.cache[i], self.windows[i]
+            assert w is not None
+            if lkv.n >= w + ps:
+                lkv.keep(torch.arange(lkv.n - w, lkv.n, dtype=torch.int64, device=lkv.device))
 
     @torch.inference_mode()
     def logits_all(self, seq: Sequence, ids: list[int]) -> torch.Tensor:
@@ -522,7 +554,7 @@ def run_batch(
     marks = [w.seq.cache.marks() for w in works] if should_stop is not None else []
     # Decoding sequences whose policy hands out read plans attend together (one batched
     # product per layer); the rest (prompt chunks, probes, selection policies) one by one.
-    readers = [w.runner.reader(w.seq, decode=True) if len(w.ids) == 1 and w.attention is None else None for w in works]
+    readers = [w.runner.reader(w.seq) if len(w.ids) == 1 and w.attention is None else None for w in works]
     if sum(r is not None for r in readers) < 2:
         readers = [None] * len(works)
     fns = [None if r is not None else (w.attention or w.runner._attention(w.seq)) for w, r in zip(works, readers, strict=True)]

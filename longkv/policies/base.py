@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -84,13 +84,15 @@ class KVPolicy:
         """Most tokens ``layer`` keeps after compression (``None``: unbounded); PyramidKV varies it by layer."""
         return self.budget_tokens
 
-    def compress_layers(self, caches: list[LayerKV], queries: dict[int, Observation]) -> None:
-        """Compress every layer (the runner's entry point): :meth:`compress` layer by layer.
+    def compress_layers(self, caches: Mapping[int, LayerKV], queries: dict[int, Observation]) -> None:
+        """Compress the layers the policy shapes (the runner's entry point): :meth:`compress` layer by layer.
 
-        queries: layer -> observation queries. Policies that decide
-        for all layers at once (one kept set shared by the layers) override this.
+        caches: layer index -> its cache (the model's global layers; sliding-window
+        layers keep their own ring and are never given to a policy); queries: layer ->
+        observation queries. Policies that decide for all layers at once (one kept set
+        shared by the layers) override this.
         """
-        for i, lkv in enumerate(caches):
+        for i, lkv in caches.items():
             self.compress(i, lkv, queries.get(i))
 
     def key_positions(self, positions: torch.Tensor) -> torch.Tensor | None:
@@ -310,22 +312,25 @@ class AccumulatedScorePolicy(EvictionPolicy, ABC):
         acc = torch.nn.functional.pad(acc, (0, cache.n - acc.shape[1]))
         return acc.amax(0) if getattr(self, "heads", "sum") == "max" else acc.sum(0)
 
-    def compress_layers(self, caches: list[LayerKV], queries: dict[int, Observation]) -> None:
+    def compress_layers(self, caches: Mapping[int, LayerKV], queries: dict[int, Observation]) -> None:
         if getattr(self, "scope", "layer") != "shared":
             super().compress_layers(caches, queries)
             return
+        if not caches:
+            return
         # One kept set for every layer: each layer's scores as shares of that layer's total,
         # combined over layers by sum or max (``layers``): a token that matters in any layer is kept in all.
-        for i, lkv in enumerate(caches):
+        for i, lkv in caches.items():
             self.fold(i, lkv, queries.get(i))
-        n = caches[0].n
-        budget = self.layer_budget(0)
+        first = next(iter(caches))
+        n = caches[first].n
+        budget = self.layer_budget(first)
         if n <= budget:
             return
-        shares = torch.stack([s / s.sum().clamp_min(1e-30) for s in map(self.token_scores, caches)])  # (L, N)
+        shares = torch.stack([s / s.sum().clamp_min(1e-30) for s in map(self.token_scores, caches.values())])  # (L, N)
         total = shares.amax(0) if getattr(self, "layers", "sum") == "max" else shares.sum(0)
         keep = self.pick(total, budget)
-        for lkv in caches:
+        for lkv in caches.values():
             lkv.keep(keep)
 
     def pick(self, scores: torch.Tensor, budget: int) -> torch.Tensor:

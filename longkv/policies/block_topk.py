@@ -419,14 +419,16 @@ class BlockTopKPolicy(SelectionPolicy):
         selected pages encoded as one short text (:class:`EncodeText`). Scores every
         candidate page and stores the selection in ``state``. The cache is left as it was.
         """
-        n0 = cache[0].n
-        ps = cache[0].page_size
+        shaped = [i for i in range(model.n_layers) if not model.attn(i).sliding]  # sliding layers read their window
+        g0 = cache[shaped[0]] if shaped else cache[0]
+        n0 = g0.n
+        ps = g0.page_size
         sinks = self.sink_tokens(ps)
-        cand = candidate_pages(n0, sinks, self.window, ps, cache[0].device)
+        cand = candidate_pages(n0, sinks, self.window, ps, g0.device)
         state.candidates, state.z, state.score, state.prefix = cand, None, None, None
         state.first_score = state.confidence = None
         topk = self.k(model)
-        if cand.numel() == 0 or topk == 0:
+        if cand.numel() == 0 or topk == 0 or not shaped:
             self.reset(state)
             return
 
@@ -439,6 +441,8 @@ class BlockTopKPolicy(SelectionPolicy):
         by_heads = torch.zeros(cand.numel(), device=cand.device)  # (C,): sum over the retrieval heads of their rating
         per_head = []
         for i, q in enumerate(queries):
+            if model.attn(i).sliding:
+                continue
             if heads:  # only the layers that hold a retrieval head are scored (and, when tiered, read)
                 here = [h for layer, h in heads if layer == i]
                 if here:
