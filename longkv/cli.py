@@ -124,6 +124,8 @@ def ask(
     with err.status("loading model ...", spinner="dots") if not as_json else _null():
         llm = LLM(model, policy=policy, budget=budget, chunk_size=chunk_size, dtype=dtype, threads=threads, weights=weights, device=device)
     ids, question_ids = llm.ask_ids(docs, question, Compression(compression) is Compression.aware)
+    if not getattr(llm.tokenizer, "chat_template", None) and not as_json:
+        err.print("[dim]this model has no chat template (a base model): the question is asked as a completion, after '### Answer'[/dim]")
     llm.resolve_policy(len(ids) + max_new_tokens, policy, budget, sparse_within_window=True)  # fail before "prefilling ..."
     progress, done = _progress_bar(len(ids), llm.engine_config.progress_min_tokens, quiet=as_json)
     def write(piece: str) -> None:
@@ -135,7 +137,7 @@ def ask(
     try:
         out = llm.generate(
             ids, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, progress=progress, on_text=write,
-            repetition_penalty=repetition_penalty, question_ids=question_ids, dry_multiplier=dry_multiplier,
+            repetition_penalty=repetition_penalty, question_ids=question_ids, dry_multiplier=dry_multiplier, stop=llm.ask_stop,
         )
     finally:
         done()

@@ -120,7 +120,8 @@ def test_block_topk_selects_from_global_layers_and_matches_dense_when_reading_de
 
 def test_gemma3_prompts_start_with_bos_and_keep_their_sliding_layers_in_a_ring(gemma3_path, smollm2_f32) -> None:  # type: ignore[no-untyped-def]
     """The real Gemma 3 270M: its tokenizer puts <bos> before every text, so a prompt gets it (without it the model
-    loses the thread); SmolLM2's adds nothing and its prompts are unchanged. Over 1300
+    loses the thread); SmolLM2's adds nothing and its prompts are unchanged. Asked about a text, it answers after
+    '### Answer' and stops at the next section. Over 1300
     tokens its 15 sliding layers keep about their 512-token window while the 3 global layers keep every token."""
     from longkv import LLM
 
@@ -130,6 +131,11 @@ def test_gemma3_prompts_start_with_bos_and_keep_their_sliding_layers_in_a_ring(g
     assert llm.generate(prompt, max_new_tokens=4).text.startswith(" Paris")
     assert "Paris" not in llm.generate(llm.encode(prompt), max_new_tokens=4).text  # no <bos>: " France is the city"
     assert smollm2_f32.bos_id is None and smollm2_f32.prompt_ids("Hello there") == smollm2_f32.encode("Hello there")
+    # a base model (no chat template): ask frames the question as a completion after '### Answer' and stops
+    # where the model opens the next section
+    text = "It was a quiet harbour town. " * 20 + "The lighthouse keeper's cat was named Pemberton. " + "Boats came and went. " * 20
+    out = llm.ask(text, "What was the name of the lighthouse keeper's cat?", max_new_tokens=24)
+    assert llm.ask_stop == ("\n### ",) and "Pemberton" in out.text and "###" not in out.text and out.finish_reason == "stop"
     runner = Runner(llm.model, make_policy("dense"), llm.engine_config)
     seq = runner.new_sequence()
     runner.prefill(seq, llm.prompt_ids("word " * 1300))

@@ -367,17 +367,25 @@ class LLM:
             gens.append(g)
         return gens
 
+    @property
+    def ask_stop(self) -> tuple[str, ...]:
+        """Stop strings of an answer to :meth:`ask_ids`: a base model (no chat template) that has answered
+        tends to go on with a new ``### Question``; a chat model ends its turn itself."""
+        return () if getattr(self.tokenizer, "chat_template", None) else ("\n### ",)
+
     def ask_ids(self, docs: list[Document], question: str, question_aware: bool = True) -> tuple[list[int], list[int] | None]:
         """Token ids of a question about ``docs``, framed as ``longkv ask`` frames it.
 
         Every document under its name, the question last under ``### Question``
         (:func:`longkv.inputs.build_prompt`), in the model's chat template when it
-        has one. Returns (prompt ids, question ids for question-aware compression:
+        has one, else followed by ``### Answer`` for a base model to go on from. Returns (prompt ids, question ids for question-aware compression:
         the question and the template's tail, or None).
         """
         text = build_prompt(docs, question)
         if getattr(self.tokenizer, "chat_template", None):
             text = self.apply_chat_template([{"role": "user", "content": text}])
+        else:  # a base model: the answer is what the text goes on with
+            text += "\n### Answer\n"
         ids = self.prompt_ids(text)
         return ids, (ids[-(len(self.encode(question)) + 8) :] if question_aware else None)
 
@@ -413,6 +421,7 @@ class LLM:
             docs, _ = collect([os.fspath(p) for p in (source if isinstance(source, list) else [source])])
         ids, question_ids = self.ask_ids(docs, question, question_aware)
         kwargs.setdefault("dry_multiplier", ASK_DRY_MULTIPLIER)
+        kwargs.setdefault("stop", self.ask_stop)
         return self.generate(ids, question_ids=question_ids, **kwargs)
 
     def chat(self, messages: list[dict[str, str]], **kwargs: Any) -> Generation:
