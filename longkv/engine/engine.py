@@ -42,6 +42,7 @@ import torch
 
 from longkv.config import EngineConfig
 from longkv.engine.detokenizer import Decoder, Detokenizer, StopFilter
+from longkv.engine.grammar import GrammarConstraint
 from longkv.engine.runner import Interrupted, PrefillPlan, ProgressFn, Runner, Sequence, Work, run_batch
 from longkv.engine.sampling import SamplingParams, make_generator, sample
 from longkv.errors import LongKVError
@@ -76,6 +77,9 @@ class Request:
         progress: called with (prompt tokens fed, prompt tokens) after every prefill chunk.
         request_id: unique id (default: a counter).
         arrival: ``time.perf_counter()`` when the request arrived (TTFT origin).
+        constraint: a grammar (:class:`~longkv.engine.grammar.GrammarConstraint`, fresh for this
+            request): before every sample the tokens it forbids are masked out, and the request
+            ends (``"stop"``) once the grammar allows nothing more.
     """
 
     prompt_ids: list[int]
@@ -89,6 +93,7 @@ class Request:
     progress: ProgressFn | None = None
     request_id: str = field(default_factory=lambda: f"req-{next(_ids)}")
     arrival: float = field(default_factory=time.perf_counter)
+    constraint: GrammarConstraint | None = None
 
 
 @dataclass
@@ -105,6 +110,7 @@ class RequestOutput:
         error: the exception that ended it (``finish_reason == "error"``).
         peak_kv_bytes, kv_disk_bytes: KV storage at its peak, and in a disk tier at the end.
         dense_read: a selection policy read the whole prompt densely (it was short).
+        mask_s, masks: seconds spent on grammar masks, and masks computed (``Request.constraint``).
     """
 
     prompt_tokens: int = 0
@@ -120,6 +126,8 @@ class RequestOutput:
     peak_kv_bytes: int = 0
     kv_disk_bytes: int = 0
     dense_read: bool = False
+    mask_s: float = 0.0
+    masks: int = 0
 
     @property
     def prefilled_tokens(self) -> int:
@@ -447,8 +455,18 @@ class Engine:
             self._sample(o, logits, events)
 
     def _sample(self, o: _Running, logits: torch.Tensor, events: list[TokenEvent]) -> None:
-        params, out = o.req.params, o.out
-        token = sample(logits, params, o.generator, out.token_ids)
+        params, out, grammar = o.req.params, o.out, o.req.constraint
+        try:
+            if grammar is not None:
+                logits = grammar.mask(logits)
+            token = sample(logits, params, o.generator, out.token_ids)
+            if grammar is not None:
+                grammar.accept(token)
+                out.mask_s, out.masks = grammar.mask_s, grammar.masks
+        except LongKVError as exc:  # the grammar allows no token: end this request, not the step
+            out.error = exc
+            self._finish(o, "error", events)
+            return
         if not out.first_token:
             out.first_token = time.perf_counter()
         o.pending = token
@@ -457,7 +475,9 @@ class Engine:
             return
         out.token_ids.append(token)
         text, stopped = o.stops.push(o.detok.add(token))
-        if stopped:
+        if grammar is not None and grammar.done and not stopped:  # complete: nothing more may follow
+            self._finish(o, "stop", events, text + o.stops.push(o.detok.flush())[0] + o.stops.flush(), token)
+        elif stopped:
             self._finish(o, "stop", events, text, token)
         elif len(out.token_ids) >= params.max_new_tokens:
             self._finish(o, "length", events, text + o.stops.push(o.detok.flush())[0] + o.stops.flush(), token)

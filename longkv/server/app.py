@@ -33,6 +33,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response, StreamingResponse
 
 from longkv import __version__
+from longkv.engine.grammar import Grammar, GrammarConstraint, grammar_tokenizer
 from longkv.engine.llm import LLM
 from longkv.errors import LongKVError
 from longkv.server.errors import ApiError, error_response, install_error_handlers
@@ -46,18 +47,23 @@ from longkv.server.schemas import (
     CompletionChoice,
     CompletionRequest,
     ErrorResponse,
+    FunctionCall,
     Health,
     ModelCard,
     ModelList,
+    NamedToolChoice,
     PromptTokensDetails,
+    ToolCall,
     Usage,
 )
+from longkv.server.tools import CallParser, Delta, ParseResult, ReplyPlan, plan_reply, render_messages, tool_format
 from longkv.server.worker import EngineWorker, Event, Job, ServerConfig, plan
 
 log = logging.getLogger("longkv.server")
 
 MIN_TEMPERATURE = 1e-4
-UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call", "logit_bias", "best_of")
+UNSUPPORTED = ("functions", "function_call", "logit_bias", "best_of")
+CHAT_ONLY = ("tools", "tool_choice", "parallel_tool_calls")
 ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorResponse, "description": "Invalid request (including a prompt beyond the model's window)."},
     404: {"model": ErrorResponse, "description": "Unknown model."},
@@ -79,12 +85,20 @@ class _Tokenizer:
             except Exception as exc:  # e.g. lone surrogates, which JSON allows and the tokenizer refuses
                 raise ApiError(400, f"the text could not be tokenized ({type(exc).__name__}): send valid UTF-8 text") from None
 
-    def render(self, messages: list[dict[str, str]]) -> str:
+    def grammar(self, lark: str, eos_ids: frozenset[int], vocab_size: int, param: str) -> GrammarConstraint:
+        """Compile ``lark`` for this tokenizer and start it (the first call builds llguidance's view: ~1 s)."""
+        with self._lock:
+            try:
+                return Grammar(lark, grammar_tokenizer(self._tok, eos_ids, vocab_size), vocab_size).constraint()
+            except LongKVError as exc:
+                raise ApiError(400, f"{exc}: simplify the schema, or send \"longkv\": {{\"grammar\": false}}", param=param) from None
+
+    def render(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> str:
         if not getattr(self._tok, "chat_template", None):
             raise ApiError(400, "this model has no chat template: use /v1/completions with a plain prompt", param="messages")
         with self._lock:
             try:
-                return str(self._tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
+                return str(self._tok.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=False))
             except Exception as exc:  # jinja's raise_exception (e.g. roles must alternate) and friends
                 raise ApiError(400, f"the chat template rejected these messages: {exc}", param="messages") from None
 
@@ -94,6 +108,7 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
     metrics = Metrics()
     worker = EngineWorker(llm, config, metrics)
     tokenizer = _Tokenizer(llm)
+    tool_fmt = tool_format(llm.tokenizer)
     fingerprint = f"longkv-{__version__}-{llm.engine_config.dtype}-{llm.decode_weights}"
 
     @asynccontextmanager
@@ -147,10 +162,13 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
         extra = body.model_extra or {}
         for name in UNSUPPORTED:
             if extra.get(name) not in (None, {}, []) and not (name == "best_of" and extra[name] == 1):
-                raise ApiError(400, f"{name} is not supported by longkv serve: leave it out", param=name)
-        fmt = extra.get("response_format")
-        if fmt not in (None, {"type": "text"}):
-            raise ApiError(400, "only response_format {'type': 'text'} is supported", param="response_format")
+                hint = "send tools instead" if name.startswith("function") else "leave it out"
+                raise ApiError(400, f"{name} is not supported by longkv serve: {hint}", param=name)
+        for name in CHAT_ONLY:
+            if extra.get(name) is not None:
+                raise ApiError(400, f"{name} belongs to /v1/chat/completions: send the conversation there", param=name)
+        if extra.get("response_format") not in (None, {"type": "text"}):
+            raise ApiError(400, "response_format belongs to /v1/chat/completions: send the conversation there", param="response_format")
         stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         if len(stops) > 4:
             raise ApiError(400, f"at most 4 stop sequences, got {len(stops)}", param="stop")
@@ -174,13 +192,15 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
             "dry_multiplier": ext.dry_multiplier if ext else 0.0,
         }
 
-    async def submit(body: ChatCompletionRequest | CompletionRequest, ids: list[int], max_tokens: int | None) -> tuple[Job, asyncio.Queue[Event]]:
+    async def submit(
+        body: ChatCompletionRequest | CompletionRequest, ids: list[int], max_tokens: int | None, constraint: GrammarConstraint | None = None
+    ) -> tuple[Job, asyncio.Queue[Event]]:
         ext = body.longkv
         req = plan(
             llm, config, ids, max_tokens, sampling(body),
             policy=ext.policy if ext else None, budget=ext.budget if ext else None,
             session=ext.session if ext else None, share_cache=ext.cache if ext else True,
-            salt=ext.cache_salt if ext else None,
+            salt=ext.cache_salt if ext else None, constraint=constraint,
         )  # fmt: skip
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[Event] = asyncio.Queue()
@@ -208,13 +228,37 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
             prompt_tokens_details=PromptTokensDetails(cached_tokens=cached),
         )
 
-    async def respond(request: Request, body: ChatCompletionRequest | CompletionRequest, job: Job, events: asyncio.Queue[Event], chat: bool) -> Any:
+    def tool_report(reply: ReplyPlan | None, turn: Any, result: ParseResult | None) -> tuple[str, dict[str, Any] | None]:
+        """The finish reason of a chat reply and its ``longkv`` report (with tools or a response format)."""
+        reason = "stop" if turn.finish_reason == "stop" else "length"
+        if result is not None and result.calls and reason == "stop":
+            reason = "tool_calls"
+        if reply is None or (not reply.schemas and reply.answer_schema is None):
+            return reason, None
+        report: dict[str, Any] = {
+            "grammar": reply.grammar is not None,
+            "mask_ms_per_token": round(turn.mask_s / turn.masks * 1e3, 4) if turn.masks else 0.0,
+        }
+        if result is not None:
+            report.update(tool_call_errors=result.errors, truncated_tool_call=result.truncated, recovered_tool_calls=result.recovered)
+            metrics.tool_calls.labels("parsed").inc(len(result.calls) - result.recovered)
+            metrics.tool_calls.labels("recovered").inc(result.recovered)
+            metrics.tool_calls.labels("invalid").inc(len(result.errors))
+            metrics.tool_calls.labels("truncated").inc(int(result.truncated is not None))
+        metrics.grammar_mask_seconds.inc(turn.mask_s)
+        metrics.grammar_masks.inc(turn.masks)
+        return reason, report
+
+    async def respond(
+        request: Request, body: ChatCompletionRequest | CompletionRequest, job: Job, events: asyncio.Queue[Event], chat: bool, reply: ReplyPlan | None = None
+    ) -> Any:
         endpoint = "chat" if chat else "completions"
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         created = int(time.time())
+        parser = reply.parser() if reply is not None else None
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            gen = stream_events(request, job, events, rid, created, chat, include_usage, endpoint)
+            gen = stream_events(request, job, events, rid, created, chat, include_usage, endpoint, reply, parser)
             return StreamingResponse(gen, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         watcher = asyncio.create_task(watch_disconnect(request, job))
         pieces: list[str] = []
@@ -243,18 +287,38 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
         text = "".join(pieces)
         reason: Literal["stop", "length"] = "stop" if turn.finish_reason == "stop" else "length"
         if chat:
+            result = None
+            if parser is not None:
+                parser.feed(text)
+                parser.finish(truncated=turn.finish_reason == "length")
+                result = parser.result
+            chat_reason, report = tool_report(reply, turn, result)
+            message = AssistantMessage(content=text)
+            if result is not None:
+                calls = [ToolCall(id=c.id, function=FunctionCall(name=c.name, arguments=c.arguments)) for c in result.calls]
+                message = AssistantMessage(content=result.content, tool_calls=calls or None)
             return ChatCompletion(
                 id=rid, created=created, model=config.model_id, system_fingerprint=fingerprint,
-                choices=[ChatChoice(message=AssistantMessage(content=text), finish_reason=reason)], usage=usage(turn, cached),
+                choices=[ChatChoice(message=message, finish_reason=chat_reason)], usage=usage(turn, cached), longkv=report,  # type: ignore[arg-type]
             )  # fmt: skip
         return Completion(
             id=rid, created=created, model=config.model_id, system_fingerprint=fingerprint,
             choices=[CompletionChoice(text=text, finish_reason=reason)], usage=usage(turn, cached),
         )  # fmt: skip
 
+    def delta_of(d: Delta) -> dict[str, Any]:
+        """One parser delta as an OpenAI chunk delta."""
+        if d.content is not None:
+            return {"content": d.content}
+        if d.name is not None:
+            call = {"index": d.index, "id": d.id, "type": "function", "function": {"name": d.name, "arguments": d.arguments or ""}}
+            return {"tool_calls": [call]}
+        return {"tool_calls": [{"index": d.index, "function": {"arguments": d.arguments}}]}
+
     async def stream_events(
-        request: Request, job: Job, events: asyncio.Queue[Event], rid: str, created: int, chat: bool, include_usage: bool, endpoint: str
-    ) -> AsyncIterator[str]:
+        request: Request, job: Job, events: asyncio.Queue[Event], rid: str, created: int, chat: bool, include_usage: bool, endpoint: str,
+        reply: ReplyPlan | None = None, parser: CallParser | None = None,
+    ) -> AsyncIterator[str]:  # fmt: skip
         obj = "chat.completion.chunk" if chat else "text_completion"
         base = {"id": rid, "object": obj, "created": created, "model": config.model_id, "system_fingerprint": fingerprint}
 
@@ -275,7 +339,11 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
                     if chat:
                         yield chunk({"role": "assistant", "content": ""})
                 elif ev.kind == "text":
-                    yield chunk({"content": ev.text}, ev.text)
+                    if parser is None:
+                        yield chunk({"content": ev.text}, ev.text)
+                    else:
+                        for d in parser.feed(ev.text):
+                            yield chunk(delta_of(d))
                 elif ev.kind == "error":
                     if isinstance(ev.error, LongKVError):  # the request's own fault (e.g. more KV than the budget)
                         metrics.requests.labels(endpoint, "400").inc()
@@ -292,7 +360,15 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
                         metrics.requests.labels(endpoint, "499").inc()
                         return
                     metrics.requests.labels(endpoint, "200").inc()
-                    yield chunk({}, "", turn.finish_reason)
+                    if not chat:
+                        yield chunk({}, "", turn.finish_reason)
+                    else:
+                        if parser is not None:
+                            for d in parser.finish(truncated=turn.finish_reason == "length"):
+                                yield chunk(delta_of(d))
+                        reason, report = tool_report(reply, turn, parser.result if parser is not None else None)
+                        extra: dict[str, Any] = {"longkv": report} if report is not None else {}
+                        yield chunk({}, None, reason, **extra)
                     if include_usage:
                         u = usage(turn, cached).model_dump()
                         yield f"data: {json.dumps({**base, 'choices': [], 'usage': u})}\n\n"
@@ -306,16 +382,33 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
     @app.post("/v1/chat/completions", response_model=ChatCompletion, responses={**ERRORS, 200: {"content": {"text/event-stream": {}}}})
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
         check(body)
-        messages = []
+        ext = body.longkv
+        choice = body.tool_choice.model_dump() if isinstance(body.tool_choice, NamedToolChoice) else body.tool_choice
+        reply = plan_reply(
+            [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None, choice, body.parallel_tool_calls,
+            body.response_format.model_dump(by_alias=True) if body.response_format else None, ext.grammar if ext else True, tool_fmt,
+        )  # fmt: skip
+        messages: list[dict[str, Any]] = []
         for m in body.messages:
             content = m.content if isinstance(m.content, str) else "".join(p.text for p in m.content or [])
-            messages.append({"role": "system" if m.role == "developer" else m.role, "content": content})
-        if not any(m["content"] for m in messages):
+            msg: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": content}
+            if m.tool_calls:
+                msg["tool_calls"] = [c.model_dump() for c in m.tool_calls]
+            if m.tool_call_id is not None:
+                msg["tool_call_id"] = m.tool_call_id
+            messages.append(msg)
+        if not any(m["content"] or m.get("tool_calls") for m in messages):
             raise ApiError(400, "every message is empty: send some content", param="messages")
-        ids = await run_in_threadpool(lambda: tokenizer.encode(tokenizer.render(messages)))
+        rendered, template_tools = render_messages(messages, reply.tools, tool_fmt)
+        ids = await run_in_threadpool(lambda: tokenizer.encode(tokenizer.render(rendered, template_tools)))
+        constraint = None
+        if reply.grammar is not None:
+            param = "tools" if reply.calls else "response_format"
+            lark = reply.grammar
+            constraint = await run_in_threadpool(lambda: tokenizer.grammar(lark, llm.eos_ids, llm.config.vocab_size, param))
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        job, events = await submit(body, ids, max_tokens)
-        return await respond(request, body, job, events, chat=True)
+        job, events = await submit(body, ids, max_tokens, constraint)
+        return await respond(request, body, job, events, chat=True, reply=reply)
 
     @app.post("/v1/completions", response_model=Completion, responses={**ERRORS, 200: {"content": {"text/event-stream": {}}}})
     async def completions(body: CompletionRequest, request: Request) -> Any:

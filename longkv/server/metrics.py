@@ -55,6 +55,11 @@ class Metrics:
         self.inter_token = Histogram(
             "longkv_inter_token_latency_seconds", "Seconds between two tokens of one request.", buckets=ITL_BUCKETS, registry=r
         )
+        self.tool_calls = Counter(
+            "longkv_tool_calls", "Tool calls in chat replies, by outcome (parsed, recovered, invalid, truncated).", ["outcome"], registry=r
+        )
+        self.grammar_mask_seconds = Counter("longkv_grammar_mask_seconds", "Seconds spent computing grammar token masks.", registry=r)
+        self.grammar_masks = Counter("longkv_grammar_masks", "Grammar token masks computed (one per constrained token).", registry=r)
         self.cancelled = Counter("longkv_requests_cancelled", "Generations stopped because the client went away.", registry=r)
 
     def observe_output(self, turn: RequestOutput) -> None:

@@ -2,9 +2,9 @@
 
 Requests are validated strictly (a string where a number belongs is an error,
 not coerced), so a malformed request is a 400 with an OpenAI-style error object,
-never a 500. Fields the OpenAI API defines but longkv cannot honour (tools,
-logprobs, penalties, ``n > 1``) are rejected by the app rather than silently
-ignored; unknown fields are ignored, as OpenAI does.
+never a 500. Fields the OpenAI API defines but longkv cannot honour (logprobs,
+penalties, ``n > 1``, the legacy ``functions``) are rejected by the app rather than
+silently ignored; unknown fields are ignored, as OpenAI does.
 
 Extensions live under one key, ``"longkv"``, which the official client passes
 with ``extra_body={"longkv": {...}}``.
@@ -45,6 +45,11 @@ class LongKVOptions(BaseModel):
     )
     top_k: int = Field(0, ge=0, le=INT_MAX, description="Keep the k most likely tokens when sampling (0: all).")
     ignore_eos: bool = Field(False, description="Keep generating past end-of-sequence tokens (benchmarks).")
+    grammar: bool = Field(
+        True,
+        description="Constrain tool calls and response_format JSON with a grammar (default). false: the model "
+        "writes freely; calls are parsed leniently and those that do not parse or fit their schema are reported.",
+    )
 
 
 class StreamOptions(BaseModel):
@@ -81,12 +86,76 @@ class TextPart(BaseModel):
     text: str
 
 
+class FunctionCall(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    name: str = Field(max_length=64)
+    arguments: str = Field(description="The arguments as a JSON object text.")
+
+
+class ToolCall(BaseModel):
+    """A call the assistant made (in a request's history and in a response)."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    id: str = Field(max_length=256)
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = Field(None, description="Calls an assistant message made.")
+    tool_call_id: str | None = Field(None, max_length=256, description="The call a tool message answers.")
+
+
+class FunctionDef(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    name: str = Field(description="1-64 letters, digits, _ or -.")
+    description: str | None = None
+    parameters: dict[str, Any] | None = Field(None, description="JSON Schema of the arguments (an object).")
+    strict: bool | None = Field(None, description="Accepted; calls are always constrained to the schema under the grammar.")
+
+
+class ToolDef(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore", populate_by_name=True)
+
+    name: str = Field(max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema", description="The JSON Schema the reply follows.")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
 
 
 class ChatCompletionRequest(_Sampling):
@@ -94,6 +163,12 @@ class ChatCompletionRequest(_Sampling):
 
     messages: list[ChatMessage] = Field(min_length=1, description="The conversation so far (at least one message).")
     max_completion_tokens: int | None = Field(None, ge=1, le=INT_MAX, description="Same as max_tokens.")
+    tools: list[ToolDef] | None = Field(None, max_length=128, description="Functions the model may call.")
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        None, description="none, auto (default with tools), required, or {'type': 'function', 'function': {'name': ...}}."
+    )
+    parallel_tool_calls: bool | None = Field(None, description="More than one call per reply (default true).")
+    response_format: ResponseFormat | None = Field(None, description="text, json_object, or json_schema (grammar-constrained).")
 
 
 class CompletionRequest(_Sampling):
@@ -120,13 +195,14 @@ class Usage(BaseModel):
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(BaseModel):
     index: int = 0
     message: AssistantMessage
-    finish_reason: Literal["stop", "length"]
+    finish_reason: Literal["stop", "length", "tool_calls"]
     logprobs: None = None
 
 
@@ -138,6 +214,11 @@ class ChatCompletion(BaseModel):
     choices: list[ChatChoice]
     usage: Usage
     system_fingerprint: str | None = None
+    longkv: dict[str, Any] | None = Field(
+        None,
+        description="With tools or response_format: grammar (on/off), mask_ms_per_token, tool_call_errors, "
+        "truncated_tool_call (a call cut off by max_tokens, never returned as a call), recovered_tool_calls.",
+    )
 
 
 class CompletionChoice(BaseModel):

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from longkv.engine.engine import Engine, Request, RequestOutput, TokenEvent
+from longkv.engine.grammar import GrammarConstraint
 from longkv.engine.llm import LLM
 from longkv.engine.runner import Runner, Sequence
 from longkv.engine.sampling import SamplingParams
@@ -108,6 +109,7 @@ class EngineRequest:
     session: str | None = None
     salt: str = ""
     request_id: str = field(default_factory=lambda: f"req-{uuid.uuid4().hex}")
+    constraint: GrammarConstraint | None = None
 
     @property
     def kv_key(self) -> str:
@@ -151,6 +153,7 @@ def plan(
     session: str | None = None,
     share_cache: bool = True,
     salt: str | None = None,
+    constraint: GrammarConstraint | None = None,
 ) -> EngineRequest:
     """Check a request against the model and the server's limits; build its :class:`EngineRequest`.
 
@@ -158,6 +161,7 @@ def plan(
         ids: prompt token ids.
         max_tokens: requested, or ``None`` for the server's default.
         params: other :class:`SamplingParams` fields (temperature, top_p, top_k, seed, stop, ignore_eos).
+        constraint: a started grammar the reply must follow (tool calls, JSON).
 
     Raises:
         ContextOverflow: a window-bound policy (dense) and prompt + max_tokens beyond the window.
@@ -184,7 +188,7 @@ def plan(
         wanted = min(wanted, config.max_tokens_limit)
     sampling = SamplingParams(max_new_tokens=wanted, **params)
     share = share_cache and config.cache_bytes > 0 and shares_dense_kv(pol, len(ids) + wanted + 1)
-    return EngineRequest(ids, sampling, pol, share, session, salt or "")
+    return EngineRequest(ids, sampling, pol, share, session, salt or "", constraint=constraint)
 
 
 class EngineWorker:
@@ -342,7 +346,7 @@ class EngineWorker:
 
         engine_req = Request(
             req.ids, req.params, req.policy, sequence=seq, prompt_logits=logits, feed_last=req.share_cache,
-            on_release=release, request_id=req.request_id, arrival=job.created,
+            on_release=release, request_id=req.request_id, arrival=job.created, constraint=req.constraint,
         )  # fmt: skip
         job.request_id = req.request_id
         job.output = RequestOutput(prompt_tokens=len(req.ids), reused_tokens=reuse, arrival=job.created)

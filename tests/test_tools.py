@@ -1,0 +1,427 @@
+"""Tool calls and structured output: the parser, the grammars, and `longkv serve` with the official client.
+
+Unit tests need nothing; grammar tests use the real tokenizers (Qwen2.5-Coder: the
+call tags are special tokens; SmolLM2: plain text, no tool support in its template);
+the end-to-end tests run the real Qwen2.5-Coder-0.5B behind ``longkv serve``.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from longkv.engine.grammar import Grammar, _apply_bits, grammar_tokenizer
+from longkv.server.errors import ApiError
+from longkv.server.tools import (
+    CallParser,
+    ToolFormat,
+    plan_reply,
+    render_messages,
+    tool_format,
+    tool_grammar,
+    write_call,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+QWEN_ID = "qwen2.5-coder-0.5b"
+
+WEATHER = {
+    "type": "object",
+    "properties": {"city": {"type": "string", "description": "City name"}, "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
+    "required": ["city"],
+}
+EVENT = {  # nested arguments
+    "type": "object",
+    "properties": {
+        "title": {"type": "string"},
+        "when": {"type": "object", "properties": {"day": {"type": "integer"}, "month": {"type": "string"}}, "required": ["day", "month"]},
+        "guests": {"type": "array", "items": {"type": "string"}},
+    },
+    "required": ["title", "when", "guests"],
+}
+SCHEMAS = {"get_weather": WEATHER, "create_event": EVENT, "list_files": {"type": "object", "properties": {}}}
+TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "description": "Current weather in a city", "parameters": WEATHER}},
+    {"type": "function", "function": {"name": "create_event", "description": "Put an event in the calendar", "parameters": EVENT}},
+    {"type": "function", "function": {"name": "list_files", "description": "List the files of the working directory", "parameters": SCHEMAS["list_files"]}},
+]
+
+
+def model_path(name: str) -> str:
+    getter = SHARED / "models" / "get-model"
+    if not getter.exists():
+        pytest.skip(f"../shared/models/get-model is absent: the real {name} is needed")
+    proc = subprocess.run([str(getter), name], capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        pytest.skip(f"could not fetch {name}: {proc.stderr.strip()[-200:]}")
+    return proc.stdout.strip().splitlines()[-1]
+
+
+# --------------------------------------------------------------------------- parser (no model)
+
+REPLIES = [
+    'Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "東京 \\"Tokyo\\" }"}}\n</tool_call>',
+    '<tool_call>\n{"name": "list_files", "arguments": {}}\n</tool_call>\n<tool_call>\n{"name": "create_event", "arguments": '
+    '{"title": "Lunch", "when": {"day": 3, "month": "May"}, "guests": ["Ana", "李"]}}\n</tool_call>\n',
+    "Just an answer, with trailing space  \n",
+    '```json\n{\n  "name": "get_weather",\n  "arguments": {"city": "Rome"}\n}\n```',
+    '{"name": "get_weather", "parameters": {"city": "Oslo"}}',
+]
+
+
+@pytest.mark.parametrize("streaming_args", [True, False])
+@pytest.mark.parametrize("reply", REPLIES)
+def test_parser_gives_the_same_reply_whatever_the_chunking(reply: str, streaming_args: bool) -> None:
+    whole = CallParser(SCHEMAS, streaming_args, lenient=True)
+    whole.feed(reply)
+    whole.finish()
+    rng = random.Random(0)
+    for _ in range(20):
+        p = CallParser(SCHEMAS, streaming_args, lenient=True)
+        i = 0
+        while i < len(reply):
+            n = rng.randint(1, 6)
+            p.feed(reply[i : i + n])
+            i += n
+        p.finish()
+        assert p.result.content == whole.result.content
+        assert [(c.name, c.arguments) for c in p.result.calls] == [(c.name, c.arguments) for c in whole.result.calls]
+        assert p.result.errors == whole.result.errors == []
+
+
+def test_parser_reads_content_and_calls() -> None:
+    p = CallParser(SCHEMAS, streaming_args=True, lenient=True)
+    p.feed(REPLIES[0])
+    p.finish()
+    assert p.result.content == "Let me check."
+    assert [(c.name, json.loads(c.arguments)) for c in p.result.calls] == [("get_weather", {"city": '東京 "Tokyo" }'})]
+    p = CallParser(SCHEMAS, streaming_args=True, lenient=True)
+    p.feed(REPLIES[1])
+    p.finish()
+    assert p.result.content is None
+    assert [c.name for c in p.result.calls] == ["list_files", "create_event"]
+    assert p.result.calls[0].arguments == "{}"  # a call without arguments keeps its {}
+    assert json.loads(p.result.calls[1].arguments)["guests"] == ["Ana", "李"]
+
+
+def test_parser_recovers_fenced_and_bare_json_calls() -> None:
+    for reply, args in ((REPLIES[3], {"city": "Rome"}), (REPLIES[4], {"city": "Oslo"})):
+        p = CallParser(SCHEMAS, streaming_args=False, lenient=True)
+        p.feed(reply)
+        p.finish()
+        assert p.result.content is None and p.result.recovered == 1
+        assert [(c.name, json.loads(c.arguments)) for c in p.result.calls] == [("get_weather", args)]
+    p = CallParser(SCHEMAS, streaming_args=False, lenient=False)  # not lenient: it stays text
+    p.feed(REPLIES[3])
+    p.finish()
+    assert p.result.content == REPLIES[3] and p.result.calls == []
+
+
+def test_parser_reports_calls_that_do_not_fit() -> None:
+    p = CallParser(SCHEMAS, streaming_args=False, lenient=True)
+    p.feed('<tool_call>\n{"name": "get_weather", "arguments": {"town": "Oslo"}}\n</tool_call>\n<tool_call>\n{"name": "fly", "arguments": {}}\n</tool_call>')
+    p.finish()
+    assert [c.name for c in p.result.calls] == ["get_weather", "fly"]
+    assert [e["index"] for e in p.result.errors] == [0, 1]
+    assert "'city' is a required property" in p.result.errors[0]["error"]
+    assert p.result.errors[1]["error"] == "unknown tool 'fly'"
+    p = CallParser(SCHEMAS, streaming_args=False, lenient=True)
+    p.feed("<tool_call>\nnot json\n</tool_call>")
+    p.finish()
+    assert p.result.calls == [] and p.result.content == "<tool_call>\nnot json\n</tool_call>"
+    assert "not a JSON object" in p.result.errors[0]["error"]
+
+
+def test_a_call_cut_off_is_flagged_not_returned() -> None:
+    for streaming in (True, False):
+        p = CallParser(SCHEMAS, streaming_args=streaming, lenient=True)
+        p.feed('Sure.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Pa')
+        p.finish(truncated=True)
+        assert p.result.content == "Sure." and p.result.calls == []
+        assert p.result.truncated is not None and p.result.truncated["index"] == 0
+        assert p.result.truncated["name"] == ("get_weather" if streaming else None)
+
+
+# --------------------------------------------------------------------------- rendering and validation (no model)
+
+
+def history(n_calls: int) -> list[dict[str, Any]]:
+    msgs: list[dict[str, Any]] = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Weather please."}]
+    for i in range(n_calls):
+        call = {"id": f"call_{i}", "type": "function", "function": {"name": "get_weather", "arguments": json.dumps({"city": f"City{i}"})}}
+        msgs.append({"role": "assistant", "content": "", "tool_calls": [call]})
+        msgs.append({"role": "tool", "content": f"{i} degrees", "tool_call_id": f"call_{i}"})
+    return msgs
+
+
+def test_fallback_renders_calls_as_the_model_is_asked_to_write_them() -> None:
+    rendered, tools = render_messages(history(10), TOOLS, ToolFormat(native=False))
+    assert tools is None
+    assert rendered[0]["role"] == "system" and rendered[0]["content"].startswith("Be brief.\n\n") and "<tools>" in rendered[0]["content"]
+    assistant = [m["content"] for m in rendered if m["role"] == "assistant"]
+    assert assistant == [write_call("get_weather", {"city": f"City{i}"}) for i in range(10)]
+    assert assistant[3] == '<tool_call>\n{"name": "get_weather", "arguments": {"city": "City3"}}\n</tool_call>'
+    results = [m["content"] for m in rendered if m["role"] == "user"][1:]
+    assert results[2] == "<tool_response>\n2 degrees\n</tool_response>"
+
+
+def test_native_rendering_passes_arguments_as_objects() -> None:
+    rendered, tools = render_messages(history(2), TOOLS, ToolFormat(native=True))
+    assert tools == TOOLS
+    assert rendered[2]["tool_calls"][0]["function"]["arguments"] == {"city": "City0"}
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "param"),
+    [
+        ({"tools": [{"type": "function", "function": {"name": "bad name!"}}]}, "tools[0].function.name"),
+        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": 12}}}]}, "tools[0].function.parameters"),
+        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}]}, "tools[0].function.parameters"),
+        ({"tools": [TOOLS[0], TOOLS[0]]}, "tools[1].function.name"),
+        ({"tool_choice": "required"}, "tool_choice"),
+        ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "fly"}}}, "tool_choice"),
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format.json_schema.schema"),
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nope"}}}}, "response_format.json_schema.schema"),
+    ],
+)
+def test_bad_tool_fields_name_the_field(kwargs: dict[str, Any], param: str) -> None:
+    args = {"tools": None, "tool_choice": None, "parallel_tool_calls": None, "response_format": None, **kwargs}
+    with pytest.raises(ApiError) as info:
+        plan_reply(args["tools"], args["tool_choice"], args["parallel_tool_calls"], args["response_format"], True, ToolFormat(True, 1, 2))
+    assert info.value.status == 400 and info.value.param == param
+
+
+def test_bad_history_arguments_are_a_400() -> None:
+    msgs = history(1)
+    msgs[2]["tool_calls"][0]["function"]["arguments"] = "{city: Oslo"
+    with pytest.raises(ApiError) as info:
+        render_messages(msgs, TOOLS, ToolFormat(native=True))
+    assert info.value.param == "messages[2].tool_calls[0].function.arguments"
+
+
+def test_masks_apply_exactly() -> None:
+    """Sparse, dense and full masks (the three ways a mask is applied) == masked_fill."""
+    rng = np.random.default_rng(0)
+    for vocab in (151936, 49152, 33):
+        logits = torch.randn(vocab)
+        for p in (0.0005, 0.5, 0.9995, 1.0):
+            allowed = rng.random(vocab) < p
+            allowed[1] = True
+            padded = np.concatenate([allowed, rng.random(-vocab % 32) < 0.5])
+            bits = np.packbits(padded, bitorder="little").view(np.int32).copy()
+            assert torch.equal(_apply_bits(bits, logits), logits.masked_fill(~torch.from_numpy(allowed), float("-inf")))
+
+
+# --------------------------------------------------------------------------- grammars over the real tokenizers
+
+
+@pytest.fixture(scope="module")
+def qwen_tokenizer() -> Any:
+    from longkv.loading import _gguf_tokenizer
+
+    return _gguf_tokenizer(Path(model_path(QWEN_ID)))
+
+
+def walk(grammar: Grammar, tok: Any, text: str) -> tuple[bool, Any]:
+    """Feed ``text``'s tokens through a fresh constraint: (all allowed, the constraint)."""
+    c = grammar.constraint()
+    for t in tok.encode(text, add_special_tokens=False):
+        if c.mask(torch.zeros(grammar.vocab_size))[t] != 0:
+            return False, c
+        c.accept(t)
+    return True, c
+
+
+def test_tool_grammar_on_qwen(qwen_tokenizer: Any) -> None:
+    tok = qwen_tokenizer
+    fmt = tool_format(tok)
+    assert fmt.native and fmt.open_id == tok.convert_tokens_to_ids("<tool_call>") and fmt.close_id is not None
+    llt = grammar_tokenizer(tok, [151645, 151643], 151936)
+    auto = Grammar(tool_grammar(SCHEMAS, "auto", True, fmt), llt, 151936)
+    ok, c = walk(auto, tok, REPLIES[0].replace("東京", "Tokyo"))
+    assert ok and c.accepting
+    ok, c = walk(auto, tok, "The weather is fine.")
+    assert ok and c.accepting
+    ok, c = walk(auto, tok, REPLIES[3])  # a fenced call is held to the schemas, then only the end may follow
+    assert ok and c.accepting
+    allowed = (c.mask(torch.zeros(151936)) == 0).nonzero().flatten().tolist()
+    assert set(allowed) <= {151645, 151643}
+    assert not walk(auto, tok, '```json\n{"name": "fly", "arguments": {}}\n```')[0]  # no such tool
+    assert not walk(auto, tok, '<tool_call>\n{"name": "get_weather", "arguments": {"town": "Rome"}}\n</tool_call>')[0]
+    assert not walk(auto, tok, '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Rome", "x": 1}}\n</tool_call>')[0]
+    required = Grammar(tool_grammar(SCHEMAS, "required", False, fmt), llt, 151936)
+    assert not walk(required, tok, "Hello")[0]
+    ok, c = walk(required, tok, '<tool_call>\n{"name": "list_files", "arguments": {}}\n</tool_call>')
+    assert ok and set((c.mask(torch.zeros(151936)) == 0).nonzero().flatten().tolist()) <= {151645, 151643}  # one call only
+    none = Grammar(tool_grammar(SCHEMAS, "none", True, fmt), llt, 151936)
+    assert not walk(none, tok, REPLIES[0])[0]
+
+
+def test_tool_grammar_with_plain_text_tags() -> None:
+    from longkv.loading import _gguf_tokenizer
+
+    tok = _gguf_tokenizer(Path(model_path("smollm2-135m")))
+    fmt = tool_format(tok)
+    assert not fmt.native and fmt.open_id is None
+    llt = grammar_tokenizer(tok, [tok.eos_token_id], len(tok))
+    auto = Grammar(tool_grammar(SCHEMAS, "auto", True, fmt), llt, len(tok))
+    ok, c = walk(auto, tok, REPLIES[1].rstrip())
+    assert ok and c.accepting
+    ok, c = walk(auto, tok, "Sure. <tool_call>\n")  # the tag opens a call: only the call's layout may follow
+    assert ok and not c.accepting
+    assert not walk(auto, tok, "Sure. <tool_call>\nhello")[0]
+
+
+# --------------------------------------------------------------------------- end to end: longkv serve + the official client
+
+openai = pytest.importorskip("openai")
+
+
+@pytest.fixture(scope="module")
+def qwen_server() -> Iterator[Any]:
+    pytest.importorskip("fastapi")
+    from longkv.server.launch import ServerProcess
+
+    with ServerProcess(model_path(QWEN_ID), "--max-tokens-default", "96", "--log-level", "warning") as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def client(qwen_server: Any) -> Any:
+    return openai.OpenAI(base_url=qwen_server.url + "/v1", api_key="none", max_retries=0, timeout=300)
+
+
+ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+def create(client: Any, messages: list[dict[str, Any]], stream: bool = False, **kw: Any) -> tuple[Any, dict[str, Any]]:
+    """One chat completion; streamed ones reassembled. Returns (message-like dict, extras)."""
+    kw.setdefault("temperature", 0)
+    kw.setdefault("tools", TOOLS)
+    if not stream:
+        r = client.chat.completions.create(model=QWEN_ID, messages=messages, **kw)
+        m = r.choices[0].message
+        calls = [(c.function.name, c.function.arguments) for c in m.tool_calls or []]
+        return {"content": m.content, "calls": calls, "finish": r.choices[0].finish_reason, "ids": [c.id for c in m.tool_calls or []]}, {
+            "longkv": r.model_extra.get("longkv"), "usage": r.usage,
+        }  # fmt: skip
+    content, calls, finish, report = None, {}, None, None
+    for chunk in client.chat.completions.create(model=QWEN_ID, messages=messages, stream=True, **kw):
+        report = chunk.model_extra.get("longkv") or report
+        if not chunk.choices:
+            continue
+        d = chunk.choices[0].delta
+        if d.content:
+            content = (content or "") + d.content
+        for tc in d.tool_calls or []:
+            entry = calls.setdefault(tc.index, {"id": tc.id, "name": "", "arguments": ""})
+            entry["name"] += tc.function.name or ""
+            entry["arguments"] += tc.function.arguments or ""
+        finish = chunk.choices[0].finish_reason or finish
+    out = [(c["name"], c["arguments"]) for _, c in sorted(calls.items())]
+    return {"content": content, "calls": out, "finish": finish, "ids": [c["id"] for c in calls.values()]}, {"longkv": report}
+
+
+def test_each_tool_choice(client: Any) -> None:
+    from jsonschema import validate
+
+    auto, ext = create(client, ASK)
+    assert auto["finish"] == "tool_calls" and [n for n, _ in auto["calls"]] == ["get_weather"]
+    assert json.loads(auto["calls"][0][1])["city"] == "Paris"
+    assert ext["longkv"]["grammar"] is True and 0 < ext["longkv"]["mask_ms_per_token"] < 5
+    required, _ = create(client, [{"role": "user", "content": "Hello!"}], tool_choice="required", parallel_tool_calls=False)
+    assert required["finish"] == "tool_calls" and len(required["calls"]) == 1 and required["content"] is None
+    name, args = required["calls"][0]
+    validate(json.loads(args), SCHEMAS[name])
+    named, _ = create(client, ASK, tool_choice={"type": "function", "function": {"name": "create_event"}})
+    assert [n for n, _ in named["calls"]] == ["create_event"]
+    validate(json.loads(named["calls"][0][1]), EVENT)
+    none, _ = create(client, ASK, tool_choice="none", max_tokens=24)
+    assert none["calls"] == [] and none["content"] and none["finish"] in ("stop", "length")
+
+
+@pytest.mark.parametrize(
+    ("messages", "kw"),
+    [
+        (ASK, {"tool_choice": {"type": "function", "function": {"name": "list_files"}}}),  # zero arguments
+        ([{"role": "user", "content": "Put lunch with Ana and 李 on 3 May in my calendar."}], {"tool_choice": "required", "parallel_tool_calls": False}),
+        ([{"role": "user", "content": "东京的天气怎么样？"}], {"tool_choice": {"type": "function", "function": {"name": "get_weather"}}}),
+        ([{"role": "user", "content": "Weather in Paris, and in Rome?"}], {"tool_choice": "required", "max_tokens": 80}),
+    ],
+    ids=["zero-args", "nested", "cjk", "parallel"],
+)
+def test_streamed_calls_reassemble_to_the_whole_response(client: Any, messages: list[dict[str, Any]], kw: dict[str, Any]) -> None:
+    whole, ext = create(client, messages, **kw)
+    streamed, _ = create(client, messages, stream=True, **kw)
+    assert whole["calls"], whole
+    assert streamed["content"] == whole["content"] and streamed["finish"] == whole["finish"]
+    if whole["finish"] == "length":  # this small model may call on and on: the call cut off was streamed in part
+        assert len(whole["calls"]) >= 2 and ext["longkv"]["truncated_tool_call"]["index"] == len(whole["calls"])
+        assert streamed["calls"][:-1] == whole["calls"]
+        assert streamed["calls"][-1][1] == ext["longkv"]["truncated_tool_call"]["arguments"]
+    else:
+        assert streamed["calls"] == whole["calls"]
+    assert all(i and i.startswith("call_") for i in streamed["ids"])
+    for name, args in whole["calls"]:
+        assert isinstance(json.loads(args), dict) and name in SCHEMAS
+
+
+def test_a_truncated_call_is_not_returned(client: Any) -> None:
+    out, ext = create(client, ASK, tool_choice="required", max_tokens=8)
+    assert out["finish"] == "length" and out["calls"] == [] and out["content"] is None
+    assert ext["longkv"]["truncated_tool_call"]["index"] == 0
+
+
+def test_json_schema_output_validates(client: Any) -> None:
+    from jsonschema import validate
+
+    schema = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}}, "required": ["name", "age"], "additionalProperties": False}
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": schema, "strict": True}}
+    out, _ = create(client, [{"role": "user", "content": "Invent a person."}], tools=openai.NOT_GIVEN, response_format=fmt)
+    validate(json.loads(out["content"]), schema)
+    obj, _ = create(client, [{"role": "user", "content": "Three colours as JSON."}], tools=openai.NOT_GIVEN, response_format={"type": "json_object"})
+    assert isinstance(json.loads(obj["content"]), dict)
+
+
+def test_history_of_calls_extends_the_cached_prompt(client: Any) -> None:
+    """A tool loop: each turn's prompt re-renders the last reply byte for byte, so the prefix cache covers it."""
+    salt = {"longkv": {"cache_salt": uuid.uuid4().hex}}
+    messages = history(10)
+    messages.append({"role": "user", "content": "And the weather in Paris?"})
+    prev_total = 0
+    for turn in range(2):
+        r = client.chat.completions.create(model=QWEN_ID, messages=messages, tools=TOOLS, temperature=0, extra_body=salt, tool_choice="required", parallel_tool_calls=False)
+        u = r.usage
+        if turn:
+            assert u.prompt_tokens_details.cached_tokens >= prev_total  # the last prompt and reply, all cached
+        prev_total = u.prompt_tokens + u.completion_tokens
+        call = r.choices[0].message.tool_calls[0]
+        messages.append({"role": "assistant", "content": None, "tool_calls": [call.model_dump()]})
+        messages.append({"role": "tool", "content": "20 degrees", "tool_call_id": call.id})
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"tools": {"type": "function"}}, "tools"),
+        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "required": "x"}}}]}, "tools[0].function.parameters"),
+        ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
+        ({"tool_choice": "sometimes", "tools": TOOLS}, "tool_choice"),
+    ],
+)
+def test_bad_tools_over_http_are_400(qwen_server: Any, body: dict[str, Any], param: str) -> None:
+    import httpx
+
+    r = httpx.post(qwen_server.url + "/v1/chat/completions", json={"model": QWEN_ID, "messages": ASK, **body}, timeout=60)
+    assert r.status_code == 400, r.text
+    assert param in (r.json()["error"]["param"] or "") or param in r.json()["error"]["message"]
