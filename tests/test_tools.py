@@ -425,3 +425,35 @@ def test_bad_tools_over_http_are_400(qwen_server: Any, body: dict[str, Any], par
     r = httpx.post(qwen_server.url + "/v1/chat/completions", json={"model": QWEN_ID, "messages": ASK, **body}, timeout=60)
     assert r.status_code == 400, r.text
     assert param in (r.json()["error"]["param"] or "") or param in r.json()["error"]["message"]
+
+
+def test_smolagents_tool_calling_agent_completes_a_two_tool_task(qwen_server: Any) -> None:
+    """A real agent framework as the client: smolagents' ToolCallingAgent over the OpenAI API."""
+    smolagents = pytest.importorskip("smolagents")
+    calls: list[tuple[str, str]] = []
+
+    @smolagents.tool
+    def find_user_id(name: str) -> str:
+        """Look up the user id of a person by name.
+
+        Args:
+            name: the person's first name.
+        """
+        calls.append(("find_user_id", name))
+        return {"alice": "u-4821"}.get(name.lower(), "unknown user")
+
+    @smolagents.tool
+    def get_balance(user_id: str) -> str:
+        """The account balance of a user id, in euros.
+
+        Args:
+            user_id: the user id that find_user_id returned.
+        """
+        calls.append(("get_balance", user_id))
+        return {"u-4821": "1234.50 EUR"}.get(user_id, "no such user id")
+
+    model = smolagents.OpenAIServerModel(model_id=QWEN_ID, api_base=qwen_server.url + "/v1", api_key="none", temperature=0, parallel_tool_calls=False)
+    agent = smolagents.ToolCallingAgent(tools=[find_user_id, get_balance], model=model, max_steps=5, verbosity_level=0)
+    answer = agent.run("Find the user id of Alice, then get the balance of that user id.")
+    assert "1234.5" in str(answer)
+    assert ("find_user_id", "Alice") in calls and ("get_balance", "u-4821") in calls
