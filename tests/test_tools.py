@@ -76,6 +76,7 @@ REPLIES = [
     "Just an answer, with trailing space  \n",
     '```json\n{\n  "name": "get_weather",\n  "arguments": {"city": "Rome"}\n}\n```',
     '{"name": "get_weather", "parameters": {"city": "Oslo"}}',
+    '```json\n{"name": "get_weather", "arguments": {"city": "Rome"}}\n```\n\n```json\n[{"name": "list_files", "arguments": {}}]\n```',
 ]
 
 
@@ -121,6 +122,14 @@ def test_parser_recovers_fenced_and_bare_json_calls() -> None:
         p.finish()
         assert p.result.content is None and p.result.recovered == 1
         assert [(c.name, json.loads(c.arguments)) for c in p.result.calls] == [("get_weather", args)]
+    p = CallParser(SCHEMAS, streaming_args=False, lenient=True)  # parallel: two fenced blocks (the second a list)
+    p.feed(REPLIES[5])
+    p.finish()
+    assert [(c.name, c.arguments) for c in p.result.calls] == [("get_weather", '{"city": "Rome"}'), ("list_files", "{}")]
+    p = CallParser(SCHEMAS, streaming_args=False, lenient=True)  # code shown beside text is an answer
+    p.feed("Like this:\n" + REPLIES[3])
+    p.finish()
+    assert p.result.calls == [] and p.result.content == "Like this:\n" + REPLIES[3]
     p = CallParser(SCHEMAS, streaming_args=False, lenient=False)  # not lenient: it stays text
     p.feed(REPLIES[3])
     p.finish()
@@ -252,11 +261,14 @@ def test_tool_grammar_on_qwen(qwen_tokenizer: Any) -> None:
     assert ok and c.accepting
     ok, c = walk(auto, tok, "The weather is fine.")
     assert ok and c.accepting
-    ok, c = walk(auto, tok, REPLIES[3])  # a fenced call is held to the schemas, then only the end may follow
+    ok, c = walk(auto, tok, REPLIES[3])  # a fenced call is held to the schemas, then only the end or another block
     assert ok and c.accepting
     allowed = (c.mask(torch.zeros(151936)) == 0).nonzero().flatten().tolist()
-    assert set(allowed) <= {151645, 151643}
+    assert {151645, 151643} <= set(allowed) and all(t in (151645, 151643) or tok.decode([t]).strip("\n") == "" for t in allowed)
     assert not walk(auto, tok, '```json\n{"name": "fly", "arguments": {}}\n```')[0]  # no such tool
+    ok, c = walk(auto, tok, REPLIES[5])  # parallel calls as fenced blocks
+    assert ok and c.accepting
+    assert not walk(auto, tok, "```json\n[1, 2]\n```")[0]
     assert not walk(auto, tok, '<tool_call>\n{"name": "get_weather", "arguments": {"town": "Rome"}}\n</tool_call>')[0]
     assert not walk(auto, tok, '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Rome", "x": 1}}\n</tool_call>')[0]
     required = Grammar(tool_grammar(SCHEMAS, "required", False, fmt), llt, 151936)

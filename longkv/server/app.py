@@ -62,6 +62,7 @@ from longkv.server.worker import EngineWorker, Event, Job, ServerConfig, plan
 log = logging.getLogger("longkv.server")
 
 MIN_TEMPERATURE = 1e-4
+GRAMMAR_CACHE = 32  # compiled grammars kept
 UNSUPPORTED = ("functions", "function_call", "logit_bias", "best_of")
 CHAT_ONLY = ("tools", "tool_choice", "parallel_tool_calls")
 ERRORS: dict[int | str, dict[str, Any]] = {
@@ -77,6 +78,7 @@ class _Tokenizer:
     def __init__(self, llm: LLM) -> None:
         self._tok = copy.deepcopy(llm.tokenizer)
         self._lock = threading.Lock()
+        self._grammars: dict[str, Grammar] = {}  # compiled grammars by their text, least recently used first
 
     def encode(self, text: str) -> list[int]:
         with self._lock:
@@ -86,12 +88,19 @@ class _Tokenizer:
                 raise ApiError(400, f"the text could not be tokenized ({type(exc).__name__}): send valid UTF-8 text") from None
 
     def grammar(self, lark: str, eos_ids: frozenset[int], vocab_size: int, param: str) -> GrammarConstraint:
-        """Compile ``lark`` for this tokenizer and start it (the first call builds llguidance's view: ~1 s)."""
+        """Compile ``lark`` for this tokenizer (the last few are kept: an agent sends the same tools every turn)
+        and start it. The first call builds llguidance's view of the tokenizer (~1 s)."""
         with self._lock:
-            try:
-                return Grammar(lark, grammar_tokenizer(self._tok, eos_ids, vocab_size), vocab_size).constraint()
-            except LongKVError as exc:
-                raise ApiError(400, f"{exc}: simplify the schema, or send \"longkv\": {{\"grammar\": false}}", param=param) from None
+            grammar = self._grammars.pop(lark, None)
+            if grammar is None:
+                try:
+                    grammar = Grammar(lark, grammar_tokenizer(self._tok, eos_ids, vocab_size), vocab_size)
+                except LongKVError as exc:
+                    raise ApiError(400, f"{exc}: simplify the schema, or send \"longkv\": {{\"grammar\": false}}", param=param) from None
+            self._grammars[lark] = grammar  # most recent last
+            while len(self._grammars) > GRAMMAR_CACHE:
+                self._grammars.pop(next(iter(self._grammars)))
+            return grammar.constraint()
 
     def render(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> str:
         if not getattr(self._tok, "chat_template", None):

@@ -239,7 +239,7 @@ def tool_grammar(
         return "\n".join([f"start: {open_tok} body {more}", *rules]) + "\n"
     # auto. Text may not open with a JSON object, bare or in a json fence: small models often write a
     # call that way instead of in tags, so such a reply is held to the call schemas too (and parsed as one).
-    text = "([^{`]|`[^`]|``[^`]|```[^j]|```j[^s]|```js[^o]|```jso[^n]|```json[^\\n]|```json\\n[^{])(.|\\n)*"
+    text = "([^{`]|`[^`]|``[^`]|```[^j]|```j[^s]|```js[^o]|```jso[^n]|```json[^\\n]|```json\\n[^{\\[])(.|\\n)*"
     if fmt.open_id is not None:  # the tag is a special token, which text cannot contain
         first = f"TEXT? {open_tok}"
     else:  # a plain-text tag ends the text lazily: text cannot hold the tag without opening a call
@@ -250,7 +250,12 @@ def tool_grammar(
         return "\n".join(["start: answer | calls", f"calls: {first} body {more}", *rules]) + "\n"
     objects = [{"type": "object", "properties": {"name": {"const": n}, "arguments": p}, "required": ["name", "arguments"], "additionalProperties": False} for n, p in closed.items()]
     rules += [f"TEXT: /{text}/", f"object: %json {json.dumps({'anyOf': objects})}"]
-    return "\n".join(["start: TEXT | calls | object | \"```json\\n\" object \"\\n```\"", f"calls: ({first}) body {more}", *rules]) + "\n"
+    if parallel:  # several fenced blocks, or a list in one
+        rules.append(f"objects: %json {json.dumps({'type': 'array', 'items': {'anyOf': objects}, 'minItems': 1})}")
+        rules += ['fenced: "```json\\n" (object | objects) "\\n```"', 'json_calls: object | fenced (/\\n+/ fenced)*']
+    else:
+        rules += ['fenced: "```json\\n" object "\\n```"', "json_calls: object | fenced"]
+    return "\n".join(["start: TEXT | calls | json_calls", f"calls: ({first}) body {more}", *rules]) + "\n"
 
 
 def _closed(params: dict[str, Any]) -> dict[str, Any]:
@@ -567,16 +572,18 @@ class CallParser:
             self.result.errors.append({"index": index, "error": f"arguments do not fit the schema of {name}: {why}", "text": text})
 
     def _recover(self, text: str, out: list[Delta]) -> bool:
-        """A reply that is only a fenced or bare JSON call (or a list of them) -> calls."""
+        """A reply that is only JSON calls -> calls: one object, a list, or fenced blocks of either."""
         s = text.strip()
-        fenced = re.fullmatch(r"```(?:json)?\s*(.*?)\s*```", s, re.S)
-        if fenced:
-            s = fenced.group(1)
+        blocks = re.findall(r"```(?:json)?\s*(.*?)\s*```", s, re.S)
+        if blocks and re.sub(r"```(?:json)?\s*(.*?)\s*```", "", s, flags=re.S).strip():
+            return False  # text beside the blocks: an answer that shows code
+        items: list[Any] = []
         try:
-            value = json.loads(s)
+            for block in blocks or [s]:
+                value = json.loads(block)
+                items.extend(value if isinstance(value, list) else [value])
         except json.JSONDecodeError:
             return False
-        items = value if isinstance(value, list) else [value]
         calls = [_call_of(v) for v in items]
         if not items or any(c is None or c[0] not in self.schemas for c in calls):
             return False
