@@ -110,7 +110,9 @@ class RequestOutput:
         error: the exception that ended it (``finish_reason == "error"``).
         peak_kv_bytes, kv_disk_bytes: KV storage at its peak, and in a disk tier at the end.
         dense_read: a selection policy read the whole prompt densely (it was short).
-        mask_s, masks: seconds spent on grammar masks, and masks computed (``Request.constraint``).
+        mask_s, masks: seconds grammar masks added to this request's steps (waiting for a mask computed
+            ahead, applying it), and masks applied (``Request.constraint``).
+        mask_compute_s: seconds spent computing those masks (ahead, overlapping the forwards).
     """
 
     prompt_tokens: int = 0
@@ -128,6 +130,7 @@ class RequestOutput:
     dense_read: bool = False
     mask_s: float = 0.0
     masks: int = 0
+    mask_compute_s: float = 0.0
 
     @property
     def prefilled_tokens(self) -> int:
@@ -462,7 +465,7 @@ class Engine:
             token = sample(logits, params, o.generator, out.token_ids)
             if grammar is not None:
                 grammar.accept(token)
-                out.mask_s, out.masks = grammar.mask_s, grammar.masks
+                out.mask_s, out.masks, out.mask_compute_s = grammar.mask_s, grammar.masks, grammar.compute_s
         except LongKVError as exc:  # the grammar allows no token: end this request, not the step
             out.error = exc
             self._finish(o, "error", events)

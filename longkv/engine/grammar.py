@@ -19,6 +19,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -95,18 +96,34 @@ class Grammar:
 class GrammarConstraint:
     """Per-request grammar state: masks logits, follows the sampled tokens.
 
+    The mask of the next token depends only on the tokens so far, so it is computed
+    ahead, in a background thread (llguidance releases the GIL), as soon as the last
+    token is accepted: it overlaps the model's next forward, and :meth:`mask` only
+    waits for it (normally not at all) and applies it.
+
     Attributes:
-        mask_s: seconds spent computing masks (and applying them).
-        masks: masks computed.
+        mask_s: seconds :meth:`mask` added to the steps (waiting for the mask, applying it).
+        compute_s: seconds spent computing masks (in the background).
+        masks: masks applied.
     """
 
     def __init__(self, matcher: Any, vocab_size: int) -> None:
         self._m = matcher
         self.vocab_size = vocab_size
-        words = (vocab_size + 31) // 32
-        self._bits = np.zeros(words, dtype=np.int32)
-        self.mask_s = 0.0
+        self._bits = np.zeros((vocab_size + 31) // 32, dtype=np.int32)
+        self.mask_s = self.compute_s = 0.0
         self.masks = 0
+        self._next: Future[_Mask] = _POOL.submit(self._compute)
+
+    def _compute(self) -> _Mask:
+        t0 = time.perf_counter()
+        m = self._m
+        if m.is_error():
+            raise LongKVError(f"grammar error: {m.get_error()}")
+        m.unsafe_compute_mask_ptr(self._bits.ctypes.data, self._bits.nbytes)
+        plan = _Mask.of(self._bits, self.vocab_size)
+        self.compute_s += time.perf_counter() - t0
+        return plan
 
     def mask(self, logits: torch.Tensor) -> torch.Tensor:
         """``logits`` (V,) float32 with every token the grammar forbids at -inf (a new tensor).
@@ -115,23 +132,21 @@ class GrammarConstraint:
             LongKVError: the matcher is in an error state (no token is allowed).
         """
         t0 = time.perf_counter()
-        m = self._m
-        if m.is_error():
-            raise LongKVError(f"grammar error: {m.get_error()}")
-        m.unsafe_compute_mask_ptr(self._bits.ctypes.data, self._bits.nbytes)
-        out = _apply_bits(self._bits, logits)
+        out = self._next.result().apply(logits)
         self.mask_s += time.perf_counter() - t0
         self.masks += 1
         return out
 
     def accept(self, token: int) -> None:
-        """Advance past the sampled ``token``.
+        """Advance past the sampled ``token`` (and start computing the next mask).
 
         Raises:
             LongKVError: the grammar does not allow ``token`` (only when the logits were not masked).
         """
+        self._next.result()  # the matcher is not shared with a running computation
         if not self._m.consume_token(token):
             raise LongKVError(f"grammar error: token {token} is not allowed here ({self._m.get_error()})")
+        self._next = _POOL.submit(self._compute)
 
     @property
     def done(self) -> bool:
@@ -144,38 +159,61 @@ class GrammarConstraint:
         return bool(self._m.is_accepting())
 
 
-_SPARSE_WORDS = 256  # masks with fewer non-zero 32-token words are applied by index
+_SPARSE_WORDS = 256  # masks with fewer 32-token words holding an allowed (or a forbidden) token go by index
+_POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="longkv-grammar")
+
+
+class _Mask:
+    """A token mask made ready to apply: ``kind`` "all" (nothing forbidden), "allow" (only ``idx``),
+    "forbid" (all but ``idx``) or "dense" (``allowed``, a (V,) bool array).
+
+    Most masks are either nearly empty (inside JSON: a few allowed tokens) or nearly full
+    (free text): both are applied by index, so applying costs a few tens of microseconds,
+    not a pass over every token with a torch op.
+    """
+
+    __slots__ = ("allowed", "idx", "kind")
+
+    def __init__(self, kind: str, idx: np.ndarray | None = None, allowed: np.ndarray | None = None) -> None:
+        self.kind, self.idx, self.allowed = kind, idx, allowed
+
+    @classmethod
+    def of(cls, bits: np.ndarray, vocab: int) -> _Mask:
+        """From llguidance's bitmask ((V + 31) // 32 int32, bit i of word w: token 32 w + i allowed)."""
+        pad = 32 * len(bits) - vocab  # bits past the vocabulary count as allowed
+        full = bits.copy()
+        if pad:
+            full[-1] |= np.int32(np.uint32(0xFFFFFFFF << (32 - pad) & 0xFFFFFFFF).view(np.int32))
+        partial = np.flatnonzero(full != -1)  # words with a forbidden token
+        if len(partial) == 0:
+            return cls("all")
+        words = np.flatnonzero(bits)  # words with an allowed token
+        if len(words) < _SPARSE_WORDS:
+            flags = np.unpackbits(bits[words].view(np.uint8), bitorder="little").reshape(-1, 32).view(np.bool_)
+            idx = (words[:, None] * 32 + np.arange(32))[flags]
+            return cls("allow", idx[idx < vocab])
+        if len(partial) < _SPARSE_WORDS:
+            flags = np.unpackbits(full[partial].view(np.uint8), bitorder="little").reshape(-1, 32).view(np.bool_)
+            return cls("forbid", (partial[:, None] * 32 + np.arange(32))[~flags])
+        return cls("dense", allowed=np.unpackbits(bits.view(np.uint8), bitorder="little")[:vocab].view(np.bool_))
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        """``logits`` (V,) float32 with the forbidden tokens at -inf (``logits`` itself when none is)."""
+        if self.kind == "all":
+            return logits
+        src = logits.detach().cpu().numpy()
+        if self.kind == "allow":
+            out = np.full(src.shape, -np.inf, dtype=src.dtype)
+            out[self.idx] = src[self.idx]
+        elif self.kind == "forbid":
+            out = src.copy()
+            out[self.idx] = -np.inf
+        else:
+            assert self.allowed is not None
+            out = np.where(self.allowed, src, np.asarray(-np.inf, dtype=src.dtype))
+        return torch.from_numpy(out).to(logits.device)
 
 
 def _apply_bits(bits: np.ndarray, logits: torch.Tensor) -> torch.Tensor:
-    """``logits`` (V,) float32 with the tokens whose bit is 0 in ``bits`` ((V + 31) // 32 int32) set to -inf.
-
-    Most masks are either nearly empty (inside JSON: a few allowed tokens) or nearly full
-    (free text): the first are applied by index, a full one not at all, so a mask costs
-    tens of microseconds, not a pass over every token with a torch op.
-    """
-    vocab = logits.shape[-1]
-    pad = 32 * len(bits) - vocab  # bits past the vocabulary count as allowed
-    full = bits.copy()
-    if pad:
-        full[-1] |= np.int32(np.uint32(0xFFFFFFFF << (32 - pad) & 0xFFFFFFFF).view(np.int32))
-    partial = np.flatnonzero(full != -1)  # words with a forbidden token
-    if len(partial) == 0:
-        return logits
-    src = logits.detach().cpu().numpy()
-    words = np.flatnonzero(bits)  # words with an allowed token
-    if len(words) < _SPARSE_WORDS:  # a few tokens allowed
-        flags = np.unpackbits(bits[words].view(np.uint8), bitorder="little").reshape(-1, 32).view(np.bool_)
-        idx = (words[:, None] * 32 + np.arange(32))[flags]
-        idx = idx[idx < vocab]
-        out = np.full(vocab, -np.inf, dtype=src.dtype)
-        out[idx] = src[idx]
-    elif len(partial) < _SPARSE_WORDS:  # a few tokens forbidden
-        flags = np.unpackbits(full[partial].view(np.uint8), bitorder="little").reshape(-1, 32).view(np.bool_)
-        idx = (partial[:, None] * 32 + np.arange(32))[~flags]
-        out = src.copy()
-        out[idx] = -np.inf
-    else:
-        allowed = np.unpackbits(bits.view(np.uint8), bitorder="little")[:vocab].view(np.bool_)
-        out = np.where(allowed, src, np.asarray(-np.inf, dtype=src.dtype))
-    return torch.from_numpy(out).to(logits.device)
+    """``logits`` (V,) with the tokens whose bit is 0 in ``bits`` at -inf (see :class:`_Mask`)."""
+    return _Mask.of(bits, logits.shape[-1]).apply(logits)

@@ -247,6 +247,7 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
         report: dict[str, Any] = {
             "grammar": reply.grammar is not None,
             "mask_ms_per_token": round(turn.mask_s / turn.masks * 1e3, 4) if turn.masks else 0.0,
+            "mask_compute_ms_per_token": round(turn.mask_compute_s / turn.masks * 1e3, 4) if turn.masks else 0.0,
         }
         if result is not None:
             report.update(tool_call_errors=result.errors, truncated_tool_call=result.truncated, recovered_tool_calls=result.recovered)
@@ -255,6 +256,7 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
             metrics.tool_calls.labels("invalid").inc(len(result.errors))
             metrics.tool_calls.labels("truncated").inc(int(result.truncated is not None))
         metrics.grammar_mask_seconds.inc(turn.mask_s)
+        metrics.grammar_compute_seconds.inc(turn.mask_compute_s)
         metrics.grammar_masks.inc(turn.masks)
         return reason, report
 

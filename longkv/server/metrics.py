@@ -58,7 +58,12 @@ class Metrics:
         self.tool_calls = Counter(
             "longkv_tool_calls", "Tool calls in chat replies, by outcome (parsed, recovered, invalid, truncated).", ["outcome"], registry=r
         )
-        self.grammar_mask_seconds = Counter("longkv_grammar_mask_seconds", "Seconds spent computing grammar token masks.", registry=r)
+        self.grammar_mask_seconds = Counter(
+            "longkv_grammar_mask_seconds", "Seconds grammar token masks added to decode steps (waiting for one, applying it).", registry=r
+        )
+        self.grammar_compute_seconds = Counter(
+            "longkv_grammar_compute_seconds", "Seconds spent computing grammar token masks (ahead of the step that uses them).", registry=r
+        )
         self.grammar_masks = Counter("longkv_grammar_masks", "Grammar token masks computed (one per constrained token).", registry=r)
         self.cancelled = Counter("longkv_requests_cancelled", "Generations stopped because the client went away.", registry=r)
 
