@@ -24,6 +24,7 @@ SUPPORTED_ARCHITECTURES: dict[str, str] = {
     "qwen3": "Qwen3 (QK-norm: RMSNorm of each query and key head before RoPE, GQA)",
     "gemma3_text": "Gemma 3 text (270M-27B): 5 sliding-window layers per global one, two RoPE bases, QK-norm",
     "gemma3": "Gemma 3 text as llama.cpp names it in GGUF files (same forward as gemma3_text)",
+    "phi3": "Phi-3 mini/medium 4K (fused qkv and gate/up projections, partial rotary, sliding window)",
 }
 GEMMA3 = ("gemma3_text", "gemma3")  # HF model_type, GGUF general.architecture
 
@@ -119,6 +120,8 @@ class ModelConfig:
             engine's attention applies (Gemma 3: ``query_pre_attn_scalar ** -0.5``; a model whose
             scale differs folds the ratio into its queries, so attention and policies see it too).
         final_softcap: logits become ``c * tanh(logits / c)`` (Gemma 2's final softcapping), if set.
+        rotary_dim: channels of each head that RoPE rotates (the first ``rotary_dim``; partial rotary,
+            HF ``partial_rotary_factor``); ``None``: all of ``head_dim``.
         sliding_window: the window of sliding layers (see :class:`AttnSpec`), if any.
         layers: one :class:`AttnSpec` per layer; by default every layer global (or
             sliding when ``sliding_window`` is set) with ``rope_theta`` and
@@ -145,6 +148,7 @@ class ModelConfig:
     rope_scaling: RopeScaling | None = None
     attn_scale: float | None = None
     final_softcap: float | None = None
+    rotary_dim: int | None = None
     sliding_window: int | None = None
     layers: tuple[AttnSpec, ...] = ()
     name: str = ""
@@ -156,6 +160,8 @@ class ModelConfig:
                 f"{', '.join(sorted(SUPPORTED_ARCHITECTURES))} (see `longkv models`)"
             )
         assert self.n_heads % self.n_kv_heads == 0, "GQA needs n_heads divisible by n_kv_heads"
+        if self.rotary_dim is not None and not (0 < self.rotary_dim <= self.head_dim and self.rotary_dim % 2 == 0):
+            raise LongKVError(f"rotary dimension {self.rotary_dim} in the model config: it must be even and in (0, head_dim={self.head_dim}]")
         if self.sliding_window is not None and self.sliding_window < 1:
             raise LongKVError(f"sliding window of {self.sliding_window} tokens in the model config: it must be at least 1")
         if not self.layers:
@@ -212,6 +218,12 @@ class ModelConfig:
         if window is not None and isinstance(layer_types, list) and len(layer_types) == n_layers:
             layers = tuple(AttnSpec(theta, scaling, window if t == "sliding_attention" else None) for t in layer_types)
         extra: dict[str, Any] = {}
+        head_dim = int(cfg.get("head_dim") or hidden // n_heads)
+        if arch == "phi3" and isinstance(rs, Mapping) and rs.get("rope_type", rs.get("type")) not in (None, "default", "llama3", "linear"):
+            raise LongKVError(f"this Phi model uses {rs.get('rope_type', rs.get('type'))} RoPE scaling (a 128K-context variant), which longkv does not implement: use a 4K-context variant")
+        factor = float(cfg.get("partial_rotary_factor", 1.0))
+        if factor < 1.0:
+            extra["rotary_dim"] = int(head_dim * factor)
         if arch in GEMMA3:
             layers, window, extra = _gemma3_hf(cfg, n_layers)
             full = next((spec for spec in layers if not spec.sliding), layers[0])  # the model-wide RoPE: the global layers'
@@ -224,7 +236,7 @@ class ModelConfig:
             n_layers=n_layers,
             n_heads=n_heads,
             n_kv_heads=int(cfg.get("num_key_value_heads") or n_heads),
-            head_dim=int(cfg.get("head_dim") or hidden // n_heads),
+            head_dim=head_dim,
             rope_theta=theta,
             rms_eps=float(cfg.get("rms_norm_eps", 1e-6)),
             max_position=int(cfg.get("max_position_embeddings", 4096)),
@@ -272,9 +284,14 @@ class ModelConfig:
         eot = meta.get("tokenizer.ggml.eot_token_id")
         if eot is not None and int(eot) not in eos_ids:
             eos_ids.append(int(eot))
-        head_dim = get("attention.key_length") or get("rope.dimension_count") or hidden // n_heads
+        head_dim = get("attention.key_length") or hidden // n_heads
         window = get("attention.sliding_window")
         extra: dict[str, Any] = {}
+        rot = get("rope.dimension_count")
+        if rot is not None and int(rot) < int(head_dim):  # partial rotary (Phi-3's family from Phi-4-mini on)
+            extra["rotary_dim"] = int(rot)
+        if arch == "phi3" and ("rope_factors_long.weight" in tensor_names or get("rope.scaling.attn_factor") is not None):
+            raise LongKVError("this Phi GGUF uses LongRoPE (a 128K-context variant), which longkv does not implement: use a 4K-context variant")
         if arch in GEMMA3:
             extra = _gemma3_gguf(get, int(get("block_count")), hidden, n_heads, int(head_dim))
         return cls(

@@ -208,6 +208,8 @@ _GGUF_GEMMA3_NAMES = {
     "ffn_norm.weight": "pre_feedforward_layernorm.weight",
     "post_ffw_norm.weight": "post_feedforward_layernorm.weight",
 }
+# Phi-3's fused projections (llama.cpp's phi3: attn_qkv, and ffn_up holding gate then up)
+_GGUF_PHI3_NAMES = {"attn_qkv.weight": "self_attn.qkv_proj.weight", "ffn_up.weight": "mlp.gate_up_proj.weight"}
 _GGUF_TOP_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
@@ -222,6 +224,8 @@ def _hf_name(gguf_name: str, arch: str = "") -> str | None:
     if gguf_name.startswith("blk."):
         _, idx, rest = gguf_name.split(".", 2)
         names = {**_GGUF_LAYER_NAMES, **_GGUF_GEMMA3_NAMES} if arch in GEMMA3 else _GGUF_LAYER_NAMES
+        if arch == "phi3":
+            names = {**_GGUF_LAYER_NAMES, **_GGUF_PHI3_NAMES}
         if rest in names:
             return f"model.layers.{idx}.{names[rest]}"
     return None

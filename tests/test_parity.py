@@ -253,3 +253,63 @@ def test_tiny_gemma3_chunked_prefill_and_decode_match_transformers(tiny_gemma3: 
     assert llm.generate(prompts[0], max_new_tokens=30, policy="dense", ignore_eos=True).token_ids == refs[0]
     batch = llm.generate_batch(prompts, max_new_tokens=30, policy="dense", ignore_eos=True)
     assert [o.token_ids for o in batch] == refs
+
+
+@pytest.fixture(scope="module")
+def tiny_phi3(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Phi-3: fused qkv and gate/up projections, partial rotary (half of each head), a sliding window of 24."""
+    from conftest import make_tiny_hf_model
+
+    return make_tiny_hf_model(
+        tmp_path_factory.mktemp("tiny-phi3"), "phi3", seed=11, partial_rotary_factor=0.5, sliding_window=24, pad_token_id=0,
+    )  # fmt: skip
+
+
+def test_tiny_phi3_matches_transformers(tiny_phi3: Path) -> None:
+    """Logits over 100 tokens (4x the window) == transformers; greedy tokens after chunked prefill, alone and with
+    two more prompts in one batched decode, == transformers' generate."""
+    from transformers import AutoModelForCausalLM
+
+    llm = LLM(model=tiny_phi3, dtype="float32", chunk_size=16)
+    assert llm.config.arch == "phi3" and llm.config.rotary_dim == 8 and llm.config.sliding_window == 24
+    ids = torch.randint(3, 300, (100,), generator=torch.Generator().manual_seed(12)).tolist()
+    ours, ref = _ours_all(llm, ids), _hf_logits(tiny_phi3, ids)
+    assert (ours - ref).abs().max().item() < 1e-3
+    assert torch.equal(ours.argmax(-1), ref.argmax(-1))
+    g = torch.Generator().manual_seed(13)
+    prompts = [torch.randint(3, 300, (n,), generator=g).tolist() for n in (70, 45, 30)]
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_phi3), dtype=torch.float32).eval()
+    with torch.no_grad():
+        refs = [model.generate(torch.tensor([p]), max_new_tokens=20, min_new_tokens=20, do_sample=False)[0, len(p) :].tolist() for p in prompts]
+    assert llm.generate(prompts[0], max_new_tokens=20, policy="dense", ignore_eos=True).token_ids == refs[0]
+    assert [o.token_ids for o in llm.generate_batch(prompts, max_new_tokens=20, policy="dense", ignore_eos=True)] == refs
+
+
+def test_phi3_longrope_is_refused_with_a_hint(tmp_path: Path) -> None:
+    from longkv.config import ModelConfig
+
+    cfg = {"model_type": "phi3", "num_attention_heads": 4, "hidden_size": 64, "num_hidden_layers": 2, "vocab_size": 300,
+           "intermediate_size": 128, "rope_scaling": {"type": "longrope", "short_factor": [1.0] * 8, "long_factor": [2.0] * 8}}
+    from longkv.errors import LongKVError
+
+    with pytest.raises(LongKVError, match="longrope RoPE scaling"):
+        ModelConfig.from_hf_config(cfg)
+
+
+def test_phi3_gguf_names_and_partial_rotary_metadata() -> None:
+    """llama.cpp's phi3 tensors map to the fused HF names; rope.dimension_count below the head size is partial rotary."""
+    from longkv.config import ModelConfig
+    from longkv.loading import _hf_name
+
+    assert _hf_name("blk.3.attn_qkv.weight", "phi3") == "model.layers.3.self_attn.qkv_proj.weight"
+    assert _hf_name("blk.3.ffn_up.weight", "phi3") == "model.layers.3.mlp.gate_up_proj.weight"
+    assert _hf_name("blk.3.ffn_up.weight", "llama") == "model.layers.3.mlp.up_proj.weight"
+    meta = {"general.architecture": "phi3", "phi3.embedding_length": 3072, "phi3.attention.head_count": 24,
+            "phi3.attention.head_count_kv": 8, "phi3.block_count": 32, "phi3.feed_forward_length": 8192,
+            "phi3.rope.dimension_count": 96, "phi3.context_length": 4096, "phi3.vocab_size": 200064}  # fmt: skip
+    cfg = ModelConfig.from_gguf(meta, {"output.weight"})
+    assert (cfg.head_dim, cfg.rotary_dim, cfg.n_kv_heads) == (128, 96, 8)
+    from longkv.errors import LongKVError
+
+    with pytest.raises(LongKVError, match="LongRoPE"):
+        ModelConfig.from_gguf(meta, {"output.weight", "rope_factors_long.weight"})

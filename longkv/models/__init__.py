@@ -12,6 +12,7 @@ from longkv.config import ModelConfig
 from longkv.errors import LongKVError
 from longkv.models.gemma3 import Gemma3Model
 from longkv.models.llama import AttentionFn, LlamaModel
+from longkv.models.phi3 import Phi3Model
 from longkv.models.qwen2 import Qwen2Model
 from longkv.models.qwen3 import Qwen3Model
 
@@ -22,6 +23,7 @@ MODEL_CLASSES: dict[str, type[LlamaModel]] = {
     "qwen3": Qwen3Model,
     "gemma3_text": Gemma3Model,  # HF model_type
     "gemma3": Gemma3Model,  # GGUF general.architecture
+    "phi3": Phi3Model,
 }
 
 
@@ -45,4 +47,4 @@ def build(
     return cls(config, weights, decode_weights)
 
 
-__all__ = ["MODEL_CLASSES", "AttentionFn", "Gemma3Model", "LlamaModel", "Qwen2Model", "Qwen3Model", "build"]
+__all__ = ["MODEL_CLASSES", "AttentionFn", "Gemma3Model", "LlamaModel", "Phi3Model", "Qwen2Model", "Qwen3Model", "build"]

@@ -169,8 +169,8 @@ class Rotary:
     this is how policies assign in-cache positions (StreamingLLM, InfLLM).
     """
 
-    def __init__(self, head_dim: int, spec: AttnSpec, device: torch.device | str = "cpu") -> None:
-        d = head_dim
+    def __init__(self, head_dim: int, spec: AttnSpec, device: torch.device | str = "cpu", rotary_dim: int | None = None) -> None:
+        d = rotary_dim or head_dim  # partial rotary: only the first rotary_dim channels turn
         inv = 1.0 / (spec.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64, device=device) / d))
         s = spec.rope_scaling
         if s is not None:  # linear: position interpolation, every frequency divided by the factor
@@ -184,8 +184,10 @@ class Rotary:
 
     @staticmethod
     def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """Rotate x: (..., T, D) with cos/sin: (T, D/2). Returns a new tensor."""
-        half = x.shape[-1] // 2
+        """Rotate x: (..., T, D) with cos/sin: (T, R/2), R <= D rotated channels (the rest pass). Returns a new tensor."""
+        half = cos.shape[-1]
+        if 2 * half < x.shape[-1]:  # partial rotary: the first R channels, in halves of R/2
+            return torch.cat((Rotary.apply(x[..., : 2 * half], cos, sin), x[..., 2 * half :]), dim=-1)
         x1, x2 = x[..., :half], x[..., half:]
         return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
@@ -203,7 +205,7 @@ def layer_ropes(config: ModelConfig, device: torch.device | str = "cpu") -> tupl
     for spec in config.layers:
         key = (spec.rope_theta, spec.rope_scaling)
         if key not in made:
-            made[key] = Rotary(config.head_dim, spec, device)
+            made[key] = Rotary(config.head_dim, spec, device, config.rotary_dim)
         out.append(made[key])
     return tuple(out)
 
