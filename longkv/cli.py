@@ -206,7 +206,11 @@ def serve(
     to read past the model's window with block_topk, "snapkv:budget=2048"),
     "budget", "session" (a session id whose cached prefix eviction skips),
     "cache" (false: compute everything, store nothing), "cache_salt", "top_k",
-    "ignore_eos". See docs/serving.md.
+    "ignore_eos", "dry_multiplier" (the loop guard), "grammar" (false: tool calls
+    and response_format unconstrained, parsed leniently). See docs/serving.md.
+
+    Chat requests take OpenAI "tools", "tool_choice", "parallel_tool_calls" and
+    "response_format"; calls and JSON replies are grammar-constrained, so they parse.
 
     Concurrent requests run in one batch (--max-num-seqs): each step feeds every
     decoding request one token and fills the rest of a chunk with prompt tokens,

@@ -158,7 +158,19 @@ def test_a_call_cut_off_is_flagged_not_returned() -> None:
         p.finish(truncated=True)
         assert p.result.content == "Sure." and p.result.calls == []
         assert p.result.truncated is not None and p.result.truncated["index"] == 0
-        assert p.result.truncated["name"] == ("get_weather" if streaming else None)
+        assert p.result.truncated["name"] == "get_weather"
+        assert p.result.truncated["arguments"] == ('{"city": "Pa' if streaming else None)
+    # complete arguments, only the tag cut off: the arguments are whole
+    p = CallParser(SCHEMAS, streaming_args=True, lenient=True)
+    p.feed('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</')
+    p.finish(truncated=True)
+    assert p.result.truncated is not None and p.result.truncated["arguments"] == '{"city": "Paris"}'
+    # cut off right at the start of a second call's tag: flagged, not content
+    p = CallParser(SCHEMAS, streaming_args=True, lenient=True)
+    p.feed('<tool_call>\n{"name": "list_files", "arguments": {}}\n</tool_call>\n<')
+    p.finish(truncated=True)
+    assert p.result.content is None and [c.name for c in p.result.calls] == ["list_files"]
+    assert p.result.truncated is not None and p.result.truncated["index"] == 1
 
 
 # --------------------------------------------------------------------------- rendering and validation (no model)
@@ -198,6 +210,9 @@ def test_native_rendering_passes_arguments_as_objects() -> None:
         ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}]}, "tools[0].function.parameters"),
         ({"tools": [TOOLS[0], TOOLS[0]]}, "tools[1].function.name"),
         ({"tool_choice": "required"}, "tool_choice"),
+        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {"a": {"not": {"type": "string"}}}}}}]},
+         "tools[0].function.parameters"),  # valid JSON Schema the grammar cannot enforce
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"$ref": "#/$defs/nope"}}}}, "response_format.json_schema.schema"),
         ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "fly"}}}, "tool_choice"),
         ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format.json_schema.schema"),
         ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nope"}}}}, "response_format.json_schema.schema"),
@@ -208,6 +223,12 @@ def test_bad_tool_fields_name_the_field(kwargs: dict[str, Any], param: str) -> N
     with pytest.raises(ApiError) as info:
         plan_reply(args["tools"], args["tool_choice"], args["parallel_tool_calls"], args["response_format"], True, ToolFormat(True, 1, 2))
     assert info.value.status == 400 and info.value.param == param
+
+
+def test_auto_or_none_without_tools_is_plain_chat() -> None:
+    for choice in ("auto", "none"):
+        plan = plan_reply(None, choice, None, None, True, ToolFormat(True, 1, 2))
+        assert plan.grammar is None and plan.parser() is None
 
 
 def test_bad_history_arguments_are_a_400() -> None:
@@ -292,6 +313,12 @@ def test_tool_grammar_with_plain_text_tags() -> None:
     ok, c = walk(auto, tok, "Sure. <tool_call>\n")  # the tag opens a call: only the call's layout may follow
     assert ok and not c.accepting
     assert not walk(auto, tok, "Sure. <tool_call>\nhello")[0]
+    answer = Grammar(tool_grammar(SCHEMAS, "auto", True, fmt, {"type": "object"}), llt, len(tok))  # response_format too
+    assert not walk(answer, tok, "Here is")[0]  # no free text: the JSON answer or calls
+    ok, c = walk(answer, tok, '{"ok": true}')
+    assert ok and c.accepting
+    ok, c = walk(answer, tok, REPLIES[1].rstrip())
+    assert ok and c.accepting
 
 
 # --------------------------------------------------------------------------- end to end: longkv serve + the official client

@@ -78,7 +78,8 @@ class Grammar:
         self._grammar = LLMatcher.grammar_from_lark(lark)
         failed, messages = LLMatcher.validate_grammar_with_warnings(self._grammar, tokenizer)
         if failed:
-            raise LongKVError(f"the grammar does not compile: {'; '.join(messages)[:400]}")
+            first = "; ".join(messages).strip().splitlines()[0] if messages else "unknown error"
+            raise LongKVError(f"the grammar does not compile: {first[:300]}")
         self._start = LLMatcher(tokenizer, self._grammar, log_level=0)  # copied per request: ~10 us, not ~2 ms
 
     @classmethod

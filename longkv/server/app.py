@@ -250,6 +250,8 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
             "mask_compute_ms_per_token": round(turn.mask_compute_s / turn.masks * 1e3, 4) if turn.masks else 0.0,
         }
         if result is not None:
+            if reply.choice == "required" and not result.calls and result.truncated is None:  # possible with the grammar off
+                result.errors.append({"index": 0, "error": "tool_choice asked for a call and the reply holds none", "text": result.content or ""})
             report.update(tool_call_errors=result.errors, truncated_tool_call=result.truncated, recovered_tool_calls=result.recovered)
             metrics.tool_calls.labels("parsed").inc(len(result.calls) - result.recovered)
             metrics.tool_calls.labels("recovered").inc(result.recovered)

@@ -245,8 +245,8 @@ def tool_grammar(
     else:  # a plain-text tag ends the text lazily: text cannot hold the tag without opening a call
         first = "head"
         rules.append(f"head[lazy]: /({text})?{re.escape(OPEN)}/")
-    if answer_schema is not None:
-        first = open_tok if fmt.open_id is not None else first
+    if answer_schema is not None:  # the reply is the JSON answer or calls: no free text before a call either
+        first = open_tok
         return "\n".join(["start: answer | calls", f"calls: {first} body {more}", *rules]) + "\n"
     objects = [{"type": "object", "properties": {"name": {"const": n}, "arguments": p}, "required": ["name", "arguments"], "additionalProperties": False} for n, p in closed.items()]
     rules += [f"TEXT: /{text}/", f"object: %json {json.dumps({'anyOf': objects})}"]
@@ -256,6 +256,17 @@ def tool_grammar(
     else:
         rules += ['fenced: "```json\\n" object "\\n```"', "json_calls: object | fenced"]
     return "\n".join(["start: TEXT | calls | json_calls", f"calls: ({first}) body {more}", *rules]) + "\n"
+
+
+def _unsupported(schema: dict[str, Any]) -> str | None:
+    """Why llguidance cannot compile ``schema`` (its first line), or ``None``."""
+    from llguidance import LLMatcher
+
+    try:
+        err = LLMatcher.validate_grammar(LLMatcher.grammar_from_json_schema(schema))
+    except Exception as exc:  # a schema it cannot even read
+        err = str(exc) or type(exc).__name__
+    return err.strip().splitlines()[0][:300] if err and err.strip() else None
 
 
 def _closed(params: dict[str, Any]) -> dict[str, Any]:
@@ -316,8 +327,8 @@ def plan_reply(
             an unknown tool, a ``json_schema`` format without a valid schema.
     """
     schemas = check_tools(tools) if tools else {}
-    if tool_choice is not None and not tools and tool_choice != "none":
-        raise ApiError(400, "tool_choice needs tools: send the tools the model may call", param="tool_choice")
+    if tool_choice not in (None, "none", "auto") and not tools:
+        raise ApiError(400, "tool_choice required or a named function needs tools: send the tools the model may call", param="tool_choice")
     choice = "auto" if tool_choice is None else tool_choice
     parallel = parallel_tool_calls is not False
     if isinstance(choice, dict):
@@ -343,7 +354,17 @@ def plan_reply(
     if answer is not None:
         answer = {**answer, "x-guidance": JSON_LAYOUT}
     grammar = None
-    if use_grammar:
+    if use_grammar:  # schemas the grammar cannot express: a 400 naming the schema, not the grammar's text
+        named = {name: i for i, name in enumerate(t["function"]["name"] for t in tools or [])}
+        for name, params in schemas.items():
+            why = _unsupported(_closed(params))
+            if why:
+                param = f"tools[{named[name]}].function.parameters"
+                raise ApiError(400, f"{param} cannot be enforced by the grammar ({why}): simplify the schema, or send \"longkv\": {{\"grammar\": false}}", param=param)
+        why = _unsupported(answer) if answer is not None else None
+        if why:
+            param = "response_format.json_schema.schema"
+            raise ApiError(400, f"{param} cannot be enforced by the grammar ({why}): simplify the schema, or send \"longkv\": {{\"grammar\": false}}", param=param)
         if schemas and choice != "none":
             grammar = tool_grammar(schemas, str(choice), parallel, fmt, answer)
         elif answer is not None:
@@ -462,11 +483,16 @@ class CallParser:
             raw = self._raw_call + self._buf
             self._buf = ""
             if truncated:
-                partial = self.result.calls.pop() if self._header is not None else None
-                self.result.truncated = {
-                    "index": self._index, "name": partial.name if partial else None,
-                    "arguments": partial.arguments if partial else None, "text": raw,
-                }  # fmt: skip
+                name: str | None = None
+                args: str | None = None
+                if self._header is not None:
+                    self.result.calls.pop()  # its start (and part of its arguments) went out already
+                    name, args = self._header[0], raw[self._header[1] :]
+                    args = args[: len(args) - _held_prefix(args, "}\n" + CLOSE)]
+                else:
+                    m = re.match(r'\s*\{\s*"name"\s*:\s*"([^"\\]*)"', raw)
+                    name = m.group(1) if m else None
+                self.result.truncated = {"index": self._index, "name": name, "arguments": args, "text": raw}
             else:
                 self.result.errors.append({"index": self._index, "error": f"the call was not closed with {CLOSE}", "text": raw})
                 if self._header is None:
@@ -475,6 +501,8 @@ class CallParser:
             held, self._buf = self._buf, ""
             if self._after_call and not held.strip():
                 pass  # the newline between calls, with no call after it
+            elif truncated and held.strip() and OPEN.startswith(held.strip()):  # the tag of a call, cut off
+                self.result.truncated = {"index": self._index, "name": None, "arguments": None, "text": held}
             elif not (self._holding_json and self._recover(held, out)):
                 out.append(Delta(content=held))
         return self._fold(out)
@@ -524,10 +552,7 @@ class CallParser:
         if c < 0:
             if self._header is not None:
                 args = body[self._header[1] :]
-                cut = len(args) - _held_prefix(args, "}\n" + CLOSE)
-                tail = args[:cut]
-                if tail.endswith("}"):
-                    tail = tail[:-1]  # the call object's own closing brace, unless more follows
+                tail = args[: len(args) - _held_prefix(args, "}\n" + CLOSE)]  # the call object's "}" and tag wait
                 if len(tail) > self._sent_args:
                     out.append(Delta(index=self._index, arguments=tail[self._sent_args :]))
                     self._sent_args = len(tail)
