@@ -404,10 +404,12 @@ def test_streamed_calls_reassemble_to_the_whole_response(client: Any, messages: 
     streamed, _ = create(client, messages, stream=True, **kw)
     assert whole["calls"], whole
     assert streamed["content"] == whole["content"] and streamed["finish"] == whole["finish"]
-    if whole["finish"] == "length":  # this small model may call on and on: the call cut off was streamed in part
-        assert len(whole["calls"]) >= 2 and ext["longkv"]["truncated_tool_call"]["index"] == len(whole["calls"])
-        assert streamed["calls"][:-1] == whole["calls"]
-        assert streamed["calls"][-1][1] == ext["longkv"]["truncated_tool_call"]["arguments"]
+    if whole["finish"] == "length":  # this small model may call on and on: the call cut off may have been streamed in part
+        cut = ext["longkv"]["truncated_tool_call"]
+        assert len(whole["calls"]) >= 2 and cut["index"] == len(whole["calls"])
+        assert streamed["calls"][: len(whole["calls"])] == whole["calls"]
+        extra = streamed["calls"][len(whole["calls"]) :]
+        assert len(extra) <= 1 and (not extra or (extra[0][0] == cut["name"] and cut["arguments"].startswith(extra[0][1])))
     else:
         assert streamed["calls"] == whole["calls"]
     assert all(i and i.startswith("call_") for i in streamed["ids"])
