@@ -208,6 +208,7 @@ def run_sharing(llm: LLM, doc_tokens: int, sessions: int, new_tokens: int, attac
 
 
 def main() -> None:
+    global BOOK
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="GGUF file or HF folder")
     ap.add_argument("--clients", default="1,2,4,8", help="comma-separated numbers of concurrent sequences")
@@ -221,9 +222,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--weights", default="auto", help="decode weights: auto, int4, int8, none")
     ap.add_argument("--out", type=Path, help="JSON results file")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    ap.add_argument("--book", type=Path, default=BOOK, help="the .txt file prompts are cut from")
     args = ap.parse_args()
 
-    llm = LLM(args.model, threads=args.threads, weights=args.weights)
+    BOOK = args.book
+    llm = LLM(args.model, threads=args.threads, weights=args.weights, device=args.device)
     print(f"{llm.source}: {llm.config.arch}, {llm.config.n_layers} layers, torch {torch.__version__}, {args.threads} threads")
     run_decode(llm, 1, 256, 8)  # warm-up
     rows = []
@@ -253,7 +257,7 @@ def main() -> None:
         print(f"  attaching a cached {sh['attach_tokens']}-token prefix to a new sequence: {sh['attach_ms']} ms (median of 20)")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        meta = {"model": str(llm.source), "weights": llm.decode_weights, "threads": args.threads, "torch": torch.__version__, "machine": platform.processor() or platform.machine()}
+        meta = {"model": str(llm.source), "weights": llm.decode_weights, "threads": args.threads, "device": args.device, "torch": torch.__version__, "machine": platform.processor() or platform.machine()}
         result = {"meta": meta, "decode": rows, "ttft": ttft, "sharing": sharing}
         args.out.write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {args.out}")

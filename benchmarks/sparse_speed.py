@@ -6,12 +6,19 @@ Same machine, same GGUF, same threads, one run. For each length L (book text):
   the model's trained window: a speed measurement, the answers are not used);
 * ``block_topk``: the default block_topk policy (sink pages + local window
   during prefill, pages chosen at the question, kept for the answer);
-* ``llama.cpp`` (``--llama-cpp``): llama-cpp-python, n_batch 512.
+* ``llama.cpp`` (``--llama-cpp``): llama-cpp-python, n_batch 512 (CPU);
+* ``transformers`` (``--transformers``): the same weights in transformers
+  (SDPA attention, the same dtype and device), one forward over the prompt and
+  then its KV cache, as a GPU user without longkv would run it.
+
+``--device cuda`` runs longkv (and transformers) on the GPU; ``--model`` may be
+a Hugging Face folder.
 
 Decode: ``--steps`` greedy tokens right after the prefill. Also printed: the
 bytes one decode step reads (weights + the KV it attends to).
 
     python benchmarks/sparse_speed.py --lengths 2048 32768 --llama-cpp --out benchmarks/results/sparse_speed.json
+    python benchmarks/sparse_speed.py --model MODEL_DIR --device cuda --transformers --lengths 2048 32768
 """
 
 from __future__ import annotations
@@ -39,13 +46,13 @@ MODEL = Path.home() / ".cache" / "longkv-test-models" / "smollm2-135m.gguf"
 BOOKS = ROOT.parent / "shared" / "data" / "books"
 
 
-def book_ids(llm: LLM, n: int) -> list[int]:
+def book_ids(llm: LLM, n: int, books: Path = BOOKS) -> list[int]:
     ids: list[int] = []
-    for p in sorted(BOOKS.glob("*.txt")):
+    for p in sorted(books.glob("*.txt")):
         ids += llm.encode(p.read_text())
         if len(ids) >= n:
             return ids[:n]
-    raise SystemExit(f"not enough book text in {BOOKS} for {n} tokens")
+    raise SystemExit(f"not enough book text in {books} for {n} tokens")
 
 
 def best_of(runs: list[dict]) -> dict:
@@ -54,9 +61,15 @@ def best_of(runs: list[dict]) -> dict:
     return {**best, "decode_tok_s": max(r["decode_tok_s"] for r in runs), "runs": len(runs)}
 
 
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
 def run(llm: LLM, policy: KVPolicy, ids: list[int], steps: int) -> dict:
     runner = Runner(llm.model, policy, llm.engine_config)
     seq = runner.new_sequence(len(ids) + steps + 1)
+    sync(llm.engine_config.device)
     t0 = time.perf_counter()
     logits = runner.prefill(seq, ids)
     t1 = time.perf_counter()
@@ -66,6 +79,35 @@ def run(llm: LLM, policy: KVPolicy, ids: list[int], steps: int) -> dict:
     t2 = time.perf_counter()
     return {"prefill_tok_s": round(len(ids) / (t1 - t0), 1), "prefill_s": round(t1 - t0, 1),
             "decode_tok_s": round(steps / (t2 - t1), 2), "kv_ram_mib": round(seq.peak_kv_bytes / 2**20, 1)}
+
+
+def make_transformers(model: str, dtype: str, device: str):  # type: ignore[no-untyped-def]
+    """Timer of the same weights in transformers (SDPA) on ``device``: prefill in one forward, then greedy decode."""
+    from transformers import AutoModelForCausalLM
+
+    path = Path(model)
+    kw = {"gguf_file": path.name} if path.suffix == ".gguf" else {}
+    folder = path.parent if kw else path
+    hf = AutoModelForCausalLM.from_pretrained(str(folder), dtype=getattr(torch, dtype), attn_implementation="sdpa", **kw)
+    hf = hf.to(device).eval()
+
+    @torch.inference_mode()
+    def timed(ids: list[int], steps: int) -> dict:
+        sync(device)
+        t0 = time.perf_counter()
+        out = hf(torch.tensor([ids], device=device), use_cache=True, logits_to_keep=1)
+        past, token = out.past_key_values, out.logits[0, -1].argmax().view(1, 1)
+        int(token)
+        t1 = time.perf_counter()
+        for _ in range(steps):
+            out = hf(token, past_key_values=past, use_cache=True)
+            past, token = out.past_key_values, out.logits[0, -1].argmax().view(1, 1)
+            int(token)
+        t2 = time.perf_counter()
+        return {"prefill_tok_s": round(len(ids) / (t1 - t0), 1), "prefill_s": round(t1 - t0, 2),
+                "decode_tok_s": round(steps / (t2 - t1), 2)}
+
+    return timed
 
 
 def attended_tokens(pol: BlockTopKPolicy, llm: LLM, n: int) -> int:
@@ -85,21 +127,29 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--llama-cpp", action="store_true", help="also time llama-cpp-python on the same GGUF")
     ap.add_argument("--no-dense", action="store_true", help="skip our dense attention (slow at long lengths)")
+    ap.add_argument("--transformers", action="store_true", help="also time transformers (SDPA) on the same weights and device")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (longkv and transformers)")
+    ap.add_argument("--dtype", default="bfloat16", help="bfloat16 or float32")
+    ap.add_argument("--chunk-size", type=int, default=512, help="longkv prefill chunk in tokens")
+    ap.add_argument("--books", type=Path, default=BOOKS, help="folder of .txt files the prompts are cut from")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "sparse_speed.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    llm = LLM(model=args.model, dtype="bfloat16")
+    llm = LLM(model=args.model, dtype=args.dtype, device=args.device, chunk_size=args.chunk_size)
     pol = BlockTopKPolicy()
     pol = pol.resolve(llm.config, llm.engine_config)
     c = llm.config
     kv_token = 2 * c.n_layers * c.n_kv_heads * c.head_dim * 2
     weights = decode_bytes_per_token(llm, 0)
     rows = []
-    warm = book_ids(llm, 512)  # the first prefill and decode of a process run slower (allocator, thread pool):
+    warm = book_ids(llm, 512, args.books)  # the first prefill and decode of a process run slower (allocator, thread pool):
     for policy in (pol, DensePolicy()):  # warm both engines up so neither pays it inside a timed row
         run(llm, policy, warm, 2)
+    hf_timer = make_transformers(args.model, args.dtype, args.device) if args.transformers else None
+    if hf_timer:
+        hf_timer(warm, 2)
     for n in args.lengths:
-        ids = book_ids(llm, n)
+        ids = book_ids(llm, n, args.books)
         row: dict = {"length": n}
         # Below 8 K tokens one run varies by ~8 % and drifts with time: alternate the engines three times, keep the best.
         engines = {"block_topk": pol} if args.no_dense else {"block_topk": pol, "dense": DensePolicy()}
@@ -118,15 +168,20 @@ def main() -> None:
             timing = make_llama_cpp(Path(args.model), args.threads, n + args.steps + 8)(ids, args.steps)
             row["llama.cpp"] = {"prefill_tok_s": round(timing[0], 1), "prefill_s": round(n / timing[0], 1),
                                 "decode_tok_s": round(timing[1], 2)}
+        if args.transformers:
+            print(f"{n} tokens: transformers ...", flush=True)
+            hf_runs = [hf_timer(ids, args.steps) for _ in range(3 if n <= 8192 else 1)]
+            row["transformers"] = best_of(hf_runs)
         rows.append(row)
         print(json.dumps(row), flush=True)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"args": vars(args), "machine": platform.processor() or platform.machine(),
+        machine = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else platform.processor() or platform.machine()
+        Path(args.out).write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "machine": machine, "torch": torch.__version__,
                                               "policy": pol.describe(), "rows": rows}, indent=1))
     print(f"{'length':>7} | {'engine':<10} | {'prefill tok/s':>13} | {'decode tok/s':>12} | block_topk x engine (prefill / decode)")
     for row in rows:
         b = row["block_topk"]
-        for name in ("block_topk", "dense", "llama.cpp"):
+        for name in ("block_topk", "dense", "llama.cpp", "transformers"):
             if name in row:
                 r = row[name]
                 ratio = f"{b['prefill_tok_s'] / r['prefill_tok_s']:.2f}x / {b['decode_tok_s'] / r['decode_tok_s']:.2f}x"

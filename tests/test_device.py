@@ -13,6 +13,7 @@ their logits must match the CPU's; skipped otherwise.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -138,7 +139,9 @@ def test_coded_decode_weights_stay_on_the_cpu() -> None:
 
 @CUDA
 def test_cuda_logits_equal_the_cpu(tmp_path: Path) -> None:
-    """Each policy's greedy request on the GPU: prompt and decode logits as on the CPU (float32, 1e-3)."""
+    """Each policy's greedy request on the GPU: prompt and decode logits as on the CPU (float32, 1e-3; 2e-2 for the
+    coded KV, whose codes flip where CPU and GPU round a value on either side of a step: 7.6e-3 measured for int4 on
+    an H200), and the same greedy tokens."""
     out = {}
     for device in ("cpu", "cuda"):
         engine_cfg = EngineConfig(chunk_size=16, page_size=8, dtype="float32", device=device)
@@ -153,10 +156,79 @@ def test_cuda_logits_equal_the_cpu(tmp_path: Path) -> None:
             logits.append(torch.stack(lg).cpu())
         out[device] = logits
     for spec, a, b in zip(POLICIES, out["cuda"], out["cpu"], strict=True):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-3, msg=spec)
+        torch.testing.assert_close(a, b, rtol=0, atol=2e-2 if "kv_quant" in spec else 1e-3, msg=spec)
+        assert torch.equal(a.argmax(-1), b.argmax(-1)), spec
 
 
 @CUDA
 def test_cuda_engine_batch_runs_every_policy(tmp_path: Path) -> None:
     outs = _run("cuda", tmp_path, trap=False)
     assert [len(o.token_ids) for o in outs] == [6] * len(outs)
+
+
+FAMILIES = ["tiny_llama", "tiny_qwen2", "tiny_qwen3", "tiny_mistral", "tiny_gemma3"]
+
+
+@CUDA
+@pytest.mark.parametrize("fixture", FAMILIES)
+def test_cuda_families_match_transformers(fixture: str, request: pytest.FixtureRequest) -> None:
+    """Each family on the GPU (float32): logits over 100 tokens as transformers' on the CPU (1e-3, same argmax), and
+    greedy tokens of three prompts decoded in one batch as each alone."""
+    from transformers import AutoModelForCausalLM
+
+    from longkv import LLM
+
+    folder: Path = request.getfixturevalue(fixture)
+    llm = LLM(model=folder, dtype="float32", chunk_size=16, device="cuda")
+    ids = torch.randint(3, 300, (100,), generator=torch.Generator().manual_seed(21)).tolist()
+    runner = Runner(llm.model, make_policy("dense").resolve(llm.config, llm.engine_config), llm.engine_config)
+    ours = runner.logits_all(runner.new_sequence(len(ids)), ids)
+    assert ours.device.type == "cuda"
+    hf = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = hf(torch.tensor([ids])).logits[0]
+    assert (ours.cpu() - ref).abs().max().item() < 1e-3
+    assert torch.equal(ours.argmax(-1).cpu(), ref.argmax(-1))
+    g = torch.Generator().manual_seed(22)
+    prompts = [torch.randint(3, 300, (n,), generator=g).tolist() for n in (70, 45, 30)]
+    alone = [llm.generate(p, max_new_tokens=12, policy="dense", ignore_eos=True).token_ids for p in prompts]
+    batch = llm.generate_batch(prompts, max_new_tokens=12, policy="dense", ignore_eos=True)
+    assert [o.token_ids for o in batch] == alone
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
+def test_server_smoke(device: str, tiny_llama: Path) -> None:
+    """The OpenAI server on ``device``: /v1/models gives the window; a greedy chat, the same chat streamed, and two
+    chats sent at once each give the tokens the engine gives alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fastapi.testclient import TestClient
+
+    from longkv import LLM
+    from longkv.server.app import create_app
+    from longkv.server.worker import ServerConfig
+
+    llm = LLM(model=tiny_llama, dtype="float32", chunk_size=16, device=device)
+
+    def body(text: str) -> dict:
+        return {"model": "tiny", "messages": [{"role": "user", "content": text}], "max_tokens": 8, "temperature": 0,
+                "longkv": {"ignore_eos": True}}  # fmt: skip
+
+    def alone(text: str) -> str:
+        prompt = llm.tokenizer.apply_chat_template(body(text)["messages"], add_generation_prompt=True, tokenize=False)
+        out = llm.generate(llm.prompt_ids(prompt), max_new_tokens=8, policy="dense", ignore_eos=True)
+        return str(llm.tokenizer.decode(out.token_ids, skip_special_tokens=True))
+
+    texts = ["the cat sat on", "a dog ran to the", "the bird"]
+    with TestClient(create_app(llm, ServerConfig(model_id="tiny", cache_bytes=1 << 20))) as client:
+        models = client.get("/v1/models").json()["data"]
+        assert [(m["id"], m["max_model_len"]) for m in models] == [("tiny", 512)]
+        one = client.post("/v1/chat/completions", json=body(texts[0])).json()
+        assert one["usage"]["completion_tokens"] == 8
+        with client.stream("POST", "/v1/chat/completions", json={**body(texts[0]), "stream": True}) as r:
+            events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: ") and line != "data: [DONE]"]
+        streamed = "".join(e["choices"][0]["delta"].get("content") or "" for e in events if e["choices"])
+        with ThreadPoolExecutor(2) as pool:
+            two = list(pool.map(lambda t: client.post("/v1/chat/completions", json=body(t)).json(), texts[1:]))
+    assert one["choices"][0]["message"]["content"] == streamed == alone(texts[0])
+    assert [r["choices"][0]["message"]["content"] for r in two] == [alone(t) for t in texts[1:]]

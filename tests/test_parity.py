@@ -175,10 +175,11 @@ def gemma3_hf(gemma3_path: Path):  # type: ignore[no-untyped-def]
     return AutoModelForCausalLM.from_pretrained(str(gemma3_path.parent), gguf_file=gemma3_path.name, dtype=torch.float32).eval()
 
 
-@pytest.mark.parametrize("n", [760, 513, 512])
-def test_gemma3_gguf_matches_transformers(gemma3_f32: LLM, gemma3_hf, gemma3_ids: list[int], n: int) -> None:  # type: ignore[no-untyped-def]
-    """Real Gemma 3 270M (sliding window 512, every 6th layer global): logits at every position equal transformers'
-    on the same GGUF, up to the window, one past it, and 248 tokens past it."""
+def test_gemma3_gguf_matches_transformers(gemma3_f32: LLM, gemma3_hf, gemma3_ids: list[int]) -> None:  # type: ignore[no-untyped-def]
+    """Real Gemma 3 270M (sliding window 512, every 6th layer global): logits at every one of 760 positions equal
+    transformers' on the same GGUF (up to the window, one past it, and 248 tokens past it: a causal forward's logits
+    at position i do not depend on later tokens, so one pass covers every length)."""
+    n = 760
     ids = gemma3_ids[:n]
     ours = _ours_all(gemma3_f32, ids)
     with torch.no_grad():
@@ -186,10 +187,10 @@ def test_gemma3_gguf_matches_transformers(gemma3_f32: LLM, gemma3_hf, gemma3_ids
     assert ours.shape == ref.shape == (n, 262144)
     assert (ours - ref).abs().max().item() < 1e-3
     assert torch.equal(ours.argmax(-1), ref.argmax(-1))
-    if n == 760:  # chunks of 200 (sliding layers read across chunk borders) end on the same logits
-        runner = Runner(gemma3_f32.model, DensePolicy(), type(gemma3_f32.engine_config)(chunk_size=200))
-        last = runner.prefill(runner.new_sequence(), ids)
-        assert (last - ref[-1]).abs().max().item() < 1e-3
+    # chunks of 200 (sliding layers read across chunk borders) end on the same logits
+    runner = Runner(gemma3_f32.model, DensePolicy(), type(gemma3_f32.engine_config)(chunk_size=200))
+    last = runner.prefill(runner.new_sequence(), ids)
+    assert (last - ref[-1]).abs().max().item() < 1e-3
 
 
 def test_gemma3_config_of_the_real_gguf(gemma3_f32: LLM) -> None:
