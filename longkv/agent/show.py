@@ -1,0 +1,123 @@
+"""``longkv agent show``: a run's trajectory from its log, as a table (Rich) or JSON."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from longkv.agent.runlog import Event, RunInfo, RunLog
+
+
+def steps(events: list[Event]) -> list[dict[str, Any]]:
+    """One row per model call: prompt / cached / new tokens, decode tokens, seconds, the calls and their outcome,
+    and the notes (corrections, loop hints, caps) that followed it."""
+    rows: list[dict[str, Any]] = []
+    by_call: dict[str, dict[str, Any]] = {}
+    for e in events:
+        d = e.data
+        if e.kind == "request" and d.get("drop"):
+            rows.append({"note": f"{d['drop']} earlier step(s) left the context (window)"})
+        elif e.kind == "reply":
+            u = d["usage"]
+            row = {"step": len([r for r in rows if "step" in r]) + 1, "prompt": u["prompt"], "cached": u["cached"],
+                   "new": u["prompt"] - u["cached"], "decode": u["completion"], "model_s": d["seconds"], "tool_s": 0.0,
+                   "calls": [], "text": d["content"]}  # fmt: skip
+            for c in d["tool_calls"]:
+                call = {"id": c["id"], "name": c["name"], "arguments": c["arguments"], "status": "not run"}
+                row["calls"].append(call)
+                by_call[c["id"]] = call
+            rows.append(row)
+        elif e.kind == "tool_start" and d["id"] in by_call:
+            by_call[d["id"]]["status"] = "started"
+        elif e.kind == "tool_result" and d["id"] in by_call:
+            call = by_call[d["id"]]
+            out = d["output"]
+            if d.get("interrupted"):
+                call["status"] = "interrupted"
+            elif d["error"]:
+                call["status"] = "error"
+            elif d["name"] in ("bash", "python") and out.rstrip().endswith("]") and "[exit code " in out[-40:]:
+                call["status"] = "exit " + out.rstrip()[out.rstrip().rindex("[exit code ") + 11 : -1]
+            elif "[killed: " in out[-120:]:
+                call["status"] = "killed"
+            else:
+                call["status"] = "ok"
+            call["output"] = out
+            for r in reversed(rows):
+                if "step" in r:
+                    r["tool_s"] = round(r["tool_s"] + d.get("seconds", 0.0), 4)
+                    break
+        elif e.kind == "note":
+            rows.append({"note": d["content"]})
+        elif e.kind == "loop":
+            rows.append({"note": f"loop detected ({d['kind']}): {d['signature'][:80]}"})
+    return rows
+
+
+def summary(info: RunInfo, events: list[Event]) -> dict[str, Any]:
+    rows = steps(events)
+    model = [r for r in rows if "step" in r]
+    prompt = sum(r["prompt"] for r in model)
+    cached = sum(r["cached"] for r in model)
+    steady = model[1:]
+    sp, sc = sum(r["prompt"] for r in steady), sum(r["cached"] for r in steady)
+    return {
+        "run": info.id, "status": info.status, "task": info.task, "workdir": info.workdir, "answer": info.answer, "reason": info.reason,
+        "steps": len(model), "prompt_tokens": prompt, "cached_tokens": cached, "completion_tokens": sum(r["decode"] for r in model),
+        "cache_hit": round(cached / prompt, 4) if prompt else 0.0, "steady_cache_hit": round(sc / sp, 4) if sp else 0.0,
+        "model_s": round(sum(r["model_s"] for r in model), 3), "tool_s": round(sum(r["tool_s"] for r in model), 3),
+    }  # fmt: skip
+
+
+def render(log: RunLog, run_id: str | None, as_json: bool, step: int | None, console: Any) -> None:
+    """Print a run (or, without ``run_id``, the latest runs) to ``console`` (a Rich console)."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    if run_id is None:
+        runs = log.runs()
+        if as_json:
+            print(json.dumps([r.__dict__ for r in runs], indent=1))
+            return
+        t = Table("run", "status", "task", title=f"runs in {log.dir}")
+        for run in runs:
+            t.add_row(run.id, run.status, escape(run.task.replace("\n", " ")[:70]))
+        console.print(t)
+        return
+    info = log.info(run_id)
+    events = log.events(info.id)
+    rows = steps(events)
+    if step is not None:
+        model = [r for r in rows if "step" in r]
+        if not 1 <= step <= len(model):
+            from longkv.errors import LongKVError
+
+            raise LongKVError(f"run {info.id} has steps 1 to {len(model)}, not {step}")
+        r = model[step - 1]
+        if as_json:
+            print(json.dumps(r, indent=1, ensure_ascii=False))
+            return
+        if r["text"]:
+            console.print(f"[bold]model text[/]\n{escape(r['text'])}")
+        for c in r["calls"]:
+            console.print(f"[bold]{escape(c['name'])}[/] {escape(c['arguments'])} -> {c['status']}")
+            console.print(escape(c.get("output", "")), soft_wrap=True)
+        return
+    summ = summary(info, events)
+    if as_json:
+        print(json.dumps({**summ, "trajectory": rows}, indent=1, ensure_ascii=False))
+        return
+    t = Table("step", "prompt", "cached", "new", "decode", "model s", "tool s", "calls", title=f"run {info.id}: {info.status}")
+    for r in rows:
+        if "note" in r:
+            t.add_row("", "", "", "", "", "", "", f"[dim]{escape(r['note'][:100])}[/]")
+            continue
+        calls = ", ".join(f"{c['name']} ({c['status']})" for c in r["calls"]) or escape(r["text"][:60].replace("\n", " "))
+        t.add_row(str(r["step"]), str(r["prompt"]), str(r["cached"]), str(r["new"]), str(r["decode"]), f"{r['model_s']:.2f}",
+                  f"{r['tool_s']:.2f}", calls)  # fmt: skip
+    console.print(t)
+    console.print(f"task: {escape(info.task[:300])}")
+    console.print(f"answer: {escape(str(info.answer or ''))[:500]}" + (f"  [dim]({escape(info.reason or '')})[/]" if info.reason else ""))
+    console.print(f"{summ['steps']} steps, {summ['prompt_tokens']} prompt tokens ({summ['cache_hit']:.1%} from the prefix cache, "
+                  f"{summ['steady_cache_hit']:.1%} after the first step), {summ['completion_tokens']} decoded; "
+                  f"model {summ['model_s']:.1f} s, tools {summ['tool_s']:.1f} s")  # fmt: skip

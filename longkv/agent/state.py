@@ -1,0 +1,202 @@
+"""A run's state, rebuilt from its events alone, and the messages it sends the model.
+
+:class:`RunState` folds the events of :mod:`longkv.agent.runlog` in order
+(:meth:`RunState.apply`); the loop in :mod:`longkv.agent.agent` only ever
+appends an event and applies it, so a resumed run has exactly the state the
+interrupted one had. The context is laid out for the prefix cache:
+
+``[system, task, plan?, turn, turn, ...]``
+
+The system prompt and the task never change; the plan sits right after them and
+changes only when the model calls ``plan``; each turn (an assistant message with
+its tool results, or a note) is appended and never edited. Turns leave the
+context in two ways only: oldest first when the window fills (a whole turn at a
+time, so a tool call is never separated from its result), or a detected loop's
+repeats. Either way the run log keeps them whole.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from longkv.agent.runlog import Event
+
+
+@dataclass
+class Turn:
+    """What one step added to the context: an assistant message and its tool results, or a user note."""
+
+    step: int
+    messages: list[dict[str, Any]]
+    live: bool = True  # still in the context
+    calls: list[dict[str, Any]] = field(default_factory=list)  # the reply's calls: {id, name, arguments}
+
+
+@dataclass
+class Pending:
+    """A tool call of the last reply that has no result yet (``started``: its tool_start is logged)."""
+
+    id: str
+    name: str
+    arguments: str
+    started: dict[str, Any] | None = None
+
+
+@dataclass
+class RunState:
+    """Everything the loop decides from (see the module docstring)."""
+
+    task: str = ""
+    options: dict[str, Any] = field(default_factory=dict)
+    system: str = ""
+    plan: str = ""
+    turns: list[Turn] = field(default_factory=list)
+    pending: list[Pending] = field(default_factory=list)
+    steps: int = 0
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    completion_tokens: int = 0
+    seconds: float = 0.0
+    empty_streak: int = 0
+    history: list[tuple[str, str, bool]] = field(default_factory=list)  # (call signature, result hash, is error)
+    hot: int = 0  # requests left at the raised temperature after a loop
+    replan: bool = False  # the next request must call plan
+    final_request: str | None = None  # a cap was reached: the next request asks for the final answer
+    final_asked: bool = False  # that request was made
+    inbox: str | None = None  # a user message given to resume, added once the pending calls have results
+    observed: list[tuple[int, int]] = field(default_factory=list)  # (request bytes, prompt tokens the server counted)
+    dropped: int = 0  # turns dropped for the window
+    status: str = "running"
+    answer: str | None = None
+    reason: str | None = None
+    last_request_bytes: int = 0
+
+    @classmethod
+    def replay(cls, events: list[Event]) -> RunState:
+        st = cls()
+        for e in events:
+            st.apply(e)
+        return st
+
+    # ------------------------------------------------------------------ folding events
+
+    def apply(self, e: Event) -> None:
+        d = e.data
+        k = e.kind
+        if k == "start":
+            self.task, self.options, self.system = d["task"], d["options"], d["system"]
+        elif k == "resume":
+            self.status, self.answer, self.reason = "running", None, None
+            self.final_request, self.final_asked = None, False
+            self.inbox = d.get("message") or None
+        elif k == "request":
+            self.last_request_bytes = int(d.get("bytes", 0))
+            self.dropped += int(d.get("drop", 0))
+            for t in self.turns:
+                if t.live and t.step in d.get("drop_steps", []):
+                    t.live = False
+            if self.hot:
+                self.hot -= 1
+            self.replan = False
+            self.final_asked = self.final_request is not None
+        elif k == "reply":
+            self.steps += 1
+            u = d["usage"]
+            self.prompt_tokens += u["prompt"]
+            self.cached_tokens += u["cached"]
+            self.completion_tokens += u["completion"]
+            self.seconds += d["seconds"]
+            if u["prompt"] and self.last_request_bytes:
+                self.observed.append((self.last_request_bytes, u["prompt"]))
+            calls = d["tool_calls"]
+            msg: dict[str, Any] = {"role": "assistant", "content": d["content"] or None}
+            if calls:
+                msg["tool_calls"] = [{"id": c["id"], "type": "function", "function": {"name": c["name"], "arguments": c["arguments"]}} for c in calls]
+            self.turns.append(Turn(self.steps, [msg], calls=list(calls)))
+            self.pending = [Pending(c["id"], c["name"], c["arguments"]) for c in calls]
+            self.empty_streak = self.empty_streak + 1 if not calls and not d["content"].strip() else 0
+        elif k == "tool_start":
+            for p in self.pending:
+                if p.id == d["id"]:
+                    p.started = d
+        elif k == "tool_result":
+            self.pending = [p for p in self.pending if p.id != d["id"]]
+            self.seconds += d.get("seconds", 0.0)
+            turn = next((t for t in reversed(self.turns) if any(c["id"] == d["id"] for c in t.calls)), self.turns[-1])
+            turn.messages.append({"role": "tool", "tool_call_id": d["id"], "content": d["context"]})
+            if d["name"] == "plan" and not d["error"]:
+                self.plan = d["arguments"].get("plan", self.plan)
+            self.history.append((d["signature"], hashlib.sha1(d["output"].encode()).hexdigest(), d["error"]))
+        elif k == "note":
+            self.turns.append(Turn(self.steps, [{"role": "user", "content": d["content"]}]))
+            if d.get("source") == "user":
+                self.inbox = None
+            if d.get("final"):
+                self.final_request = d["final"]
+        elif k == "loop":
+            for t in self.turns:
+                if t.step in d["drop_steps"]:
+                    t.live = False
+            self.history.clear()
+            self.hot = int(d.get("hot", 3))
+            self.replan = True
+        elif k == "end":
+            self.status, self.answer, self.reason = d["status"], d.get("answer"), d.get("reason")
+            self.pending = []
+
+    # ------------------------------------------------------------------ the context
+
+    def front(self) -> list[dict[str, Any]]:
+        """The fixed head of every request: system prompt, task, and the plan when there is one."""
+        msgs = [{"role": "system", "content": self.system}, {"role": "user", "content": self.task}]
+        if self.plan:
+            msgs.append({"role": "user", "content": f"Your current plan:\n{self.plan}"})
+        return msgs
+
+    def messages(self) -> list[dict[str, Any]]:
+        """The request's messages: the front, a marker where turns were dropped, then the live turns in order."""
+        msgs = self.front()
+        gap = False
+        for t in self.turns:
+            if not t.live:
+                gap = True
+                continue
+            if gap:
+                msgs.append({"role": "user", "content": "[Earlier steps are not shown here; their results are in the run log.]"})
+                gap = False
+            msgs.extend(t.messages)
+        return msgs
+
+
+    def estimate(self, nbytes: int) -> int:
+        """An upper estimate of the prompt tokens of a request of ``nbytes`` (:func:`message_bytes`).
+
+        Anchored on the last prompt the server counted: bytes added since cost at most the largest tokens per byte
+        seen between two requests (1 until two were seen: a byte-level tokenizer makes at most one token of a byte),
+        bytes removed save at least 0.8x the smallest. Before any count: one token per byte.
+        """
+        if not self.observed:
+            return nbytes
+        rates = [(p1 - p0) / (b1 - b0) for (b0, p0), (b1, p1) in zip(self.observed, self.observed[1:], strict=False) if b1 - b0 > 64]
+        high = min(1.0, max(rates)) if rates else 1.0
+        low = max(0.0, 0.8 * min(rates)) if rates else 0.0
+        b, p = self.observed[-1]
+        delta = nbytes - b
+        return int(p + (high * delta if delta > 0 else low * delta)) + 16
+
+
+def signature(name: str, arguments: str) -> str:
+    """A call's identity for loop detection: the tool and its arguments with keys sorted."""
+    try:
+        args = json.dumps(json.loads(arguments), sort_keys=True)
+    except (json.JSONDecodeError, TypeError):
+        args = arguments
+    return f"{name}({args})"
+
+
+def message_bytes(messages: list[dict[str, Any]]) -> int:
+    """UTF-8 bytes of the messages as JSON: with the prompt tokens the server counts, the calibration of a bound."""
+    return len(json.dumps(messages, ensure_ascii=False).encode())

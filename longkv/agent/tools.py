@@ -1,0 +1,365 @@
+"""The agent's tools: typed Python functions whose JSON schema comes from the signature and docstring.
+
+A tool is a function ``f(ctx, **arguments) -> str`` registered with :func:`tool`;
+the first parameter is the :class:`ToolContext` (workdir, sandbox), the others
+are the model-facing arguments. The schema of each argument comes from its type
+annotation (str, int, float, bool, list[...], dict, ``X | None``, Literal) and
+its line under ``Args:`` in the docstring; the tool's description is the
+docstring's first paragraph. A tool raises :class:`ToolError` for a mistake the
+model can fix (the message goes back as the tool result, with its hint).
+
+Built in: ``bash``, ``python``, ``read_file``, ``write_file``, ``edit_file``,
+``search``, ``plan`` and ``finish``. ``read_file`` and ``search`` are idempotent:
+a resumed run re-runs them if they were cut off; the others are never re-run.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import re
+import types
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+from longkv.errors import LongKVError
+
+
+class ToolError(Exception):
+    """A tool call the model can correct: ``str(err)`` goes back to it as the result (what went wrong + the fix)."""
+
+
+@dataclass
+class ToolContext:
+    """What a tool call may touch: the workdir (every path argument resolves inside it) and the sandbox."""
+
+    workdir: Path
+    sandbox: Any  # longkv.agent.sandbox.Sandbox
+
+    def path(self, rel: str) -> Path:
+        """``rel`` resolved inside the workdir.
+
+        Raises:
+            ToolError: the path leaves the workdir.
+        """
+        p = (self.workdir / rel).resolve()
+        root = self.workdir.resolve()
+        if p != root and root not in p.parents:
+            raise ToolError(f"{rel!r} is outside the workdir {root}: use a path relative to it")
+        return p
+
+
+@dataclass(frozen=True)
+class Tool:
+    """A registered tool: ``fn(ctx, **arguments) -> str`` and its OpenAI function schema."""
+
+    name: str
+    description: str
+    parameters: dict[str, Any]
+    fn: Callable[..., str]
+    idempotent: bool = False
+
+    def schema(self) -> dict[str, Any]:
+        """The OpenAI ``tools`` entry: ``{"type": "function", "function": {name, description, parameters}}``."""
+        return {"type": "function", "function": {"name": self.name, "description": self.description, "parameters": self.parameters}}
+
+    def call(self, ctx: ToolContext, arguments: dict[str, Any]) -> str:
+        """Run the tool on checked arguments.
+
+        Raises:
+            ToolError: missing, unknown or mistyped arguments, or the tool's own error.
+        """
+        props = self.parameters["properties"]
+        unknown = sorted(set(arguments) - set(props))
+        if unknown:
+            raise ToolError(f"{self.name} has no argument {', '.join(map(repr, unknown))}: its arguments are {', '.join(props)}")
+        missing = [k for k in self.parameters.get("required", []) if k not in arguments]
+        if missing:
+            raise ToolError(f"{self.name} needs {', '.join(map(repr, missing))}")
+        for k, v in arguments.items():
+            _check_type(self.name, k, v, props[k])
+        return self.fn(ctx, **arguments)
+
+
+_JSON_TYPES = {str: "string", int: "integer", float: "number", bool: "boolean", dict: "object", list: "array"}
+
+
+def _json_schema(ann: Any) -> dict[str, Any]:
+    """JSON schema of a Python annotation (the subset tools use)."""
+    origin = get_origin(ann)
+    if origin in (types.UnionType, typing.Union):
+        inner = [a for a in get_args(ann) if a is not type(None)]
+        if len(inner) == 1:
+            return _json_schema(inner[0])
+        return {"anyOf": [_json_schema(a) for a in inner]}
+    if origin is Literal:
+        return {"enum": list(get_args(ann))}
+    if origin in (list, tuple) or ann in (list, tuple):
+        args = get_args(ann)
+        return {"type": "array", **({"items": _json_schema(args[0])} if args else {})}
+    if origin is dict or ann is dict:
+        return {"type": "object"}
+    if ann in _JSON_TYPES:
+        return {"type": _JSON_TYPES[ann]}
+    raise LongKVError(f"a tool argument of type {ann!r} has no JSON schema: use str, int, float, bool, list, dict, Literal or X | None")
+
+
+def _check_type(tool: str, name: str, value: Any, schema: dict[str, Any]) -> None:
+    want = schema.get("type")
+    ok = {
+        "string": lambda v: isinstance(v, str),
+        "integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
+        "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+        "boolean": lambda v: isinstance(v, bool),
+        "array": lambda v: isinstance(v, list),
+        "object": lambda v: isinstance(v, dict),
+    }
+    if value is None:  # an optional argument left null
+        return
+    if want in ok and not ok[want](value):
+        raise ToolError(f"{tool}: argument {name!r} must be a {want}, got {json.dumps(value)[:60]}")
+    if "enum" in schema and value not in schema["enum"]:
+        raise ToolError(f"{tool}: argument {name!r} must be one of {schema['enum']}, got {value!r}")
+
+
+def _doc_args(doc: str) -> tuple[str, dict[str, str]]:
+    """The first paragraph of a docstring and its ``Args:`` lines (``name: text``, continuation lines joined)."""
+    doc = inspect.cleandoc(doc or "")
+    head = doc.split("\n\n", 1)[0].replace("\n", " ").strip()
+    args: dict[str, str] = {}
+    m = re.search(r"^Args:\n((?:[ \t]+.*\n?)+)", doc, re.M)
+    if m:
+        current = None
+        for line in m.group(1).splitlines():
+            am = re.match(r"\s+(\w+)(?:\s*\([^)]*\))?:\s*(.*)", line)
+            if am and (current is None or len(line) - len(line.lstrip()) <= 4):
+                current = am.group(1)
+                args[current] = am.group(2).strip()
+            elif current:
+                args[current] += " " + line.strip()
+    return head, args
+
+
+def tool(fn: Callable[..., str] | None = None, *, name: str | None = None, idempotent: bool = False) -> Any:
+    """Make a :class:`Tool` of ``fn(ctx, **arguments) -> str`` (usable as ``@tool`` or ``@tool(idempotent=True)``).
+
+    The first parameter receives the :class:`ToolContext`; a function without one
+    (``fn(**arguments)``) is wrapped. Raises :class:`~longkv.errors.LongKVError` for an
+    argument type with no JSON schema or a function without a docstring.
+    """
+
+    def make(f: Callable[..., str]) -> Tool:
+        if not f.__doc__:
+            raise LongKVError(f"tool {f.__name__} has no docstring: its first paragraph is what the model reads")
+        head, arg_docs = _doc_args(f.__doc__)
+        hints = typing.get_type_hints(f)
+        params = list(inspect.signature(f).parameters.values())
+        takes_ctx = bool(params) and (params[0].name == "ctx" or hints.get(params[0].name) is ToolContext)
+        props: dict[str, Any] = {}
+        required = []
+        for p in params[1:] if takes_ctx else params:
+            s = _json_schema(hints.get(p.name, str))
+            if p.name in arg_docs:
+                s["description"] = arg_docs[p.name]
+            props[p.name] = s
+            if p.default is inspect.Parameter.empty:
+                required.append(p.name)
+        schema = {"type": "object", "properties": props, "required": required, "additionalProperties": False}
+        call = f if takes_ctx else (lambda ctx, **kw: f(**kw))
+        return Tool(name or f.__name__, head, schema, call, idempotent)
+
+    return make(fn) if fn is not None else make
+
+
+# --------------------------------------------------------------------------- built-in tools
+
+
+def _exec_report(res: Any) -> str:
+    """A sandbox result as the model reads it: the output, then the exit status (or why it was killed)."""
+    out = res.output.rstrip("\n")
+    if res.killed:
+        tail = f"[killed: {res.killed} limit reached after {res.seconds:.1f} s]"
+    else:
+        tail = f"[exit code {res.exit_code}]"
+    if res.truncated:
+        tail = "[output cut at the sandbox's output limit] " + tail
+    return f"{out}\n{tail}" if out else tail
+
+
+@tool
+def bash(ctx: ToolContext, command: str) -> str:
+    """Run a bash command in the workdir (sandboxed: no network, files outside the workdir read-only) and return its output and exit code.
+
+    Args:
+        command: the command line, e.g. "ls -la" or "python -m pytest -q".
+    """
+    if not command.strip():
+        raise ToolError("bash: the command is empty: pass a command line such as 'ls'")
+    return _exec_report(ctx.sandbox.bash(command))
+
+
+@tool
+def python(ctx: ToolContext, code: str) -> str:
+    """Run a Python program in the workdir (sandboxed) and return what it prints and its exit code.
+
+    Args:
+        code: the program's source; print what you want to see.
+    """
+    if not code.strip():
+        raise ToolError("python: the code is empty: pass a program, e.g. print(1 + 1)")
+    return _exec_report(ctx.sandbox.python(code))
+
+
+@tool(idempotent=True)
+def read_file(ctx: ToolContext, path: str, start: int = 1, end: int | None = None) -> str:
+    """Read a text file of the workdir, with line numbers; a range of lines for long files.
+
+    Args:
+        path: file path relative to the workdir.
+        start: first line to show (1-based).
+        end: last line to show (default: the end of the file).
+    """
+    p = ctx.path(path)
+    if not p.is_file():
+        near = sorted(q.name for q in p.parent.iterdir())[:20] if p.parent.is_dir() else []
+        raise ToolError(f"read_file: no file {path!r}" + (f"; {p.parent.name or '.'}/ holds: {', '.join(near)}" if near else ""))
+    lines = p.read_text(errors="replace").splitlines()
+    if start < 1 or (end is not None and end < start):
+        raise ToolError(f"read_file: bad range {start}-{end}: lines are numbered from 1 and end must be >= start")
+    stop = len(lines) if end is None else min(end, len(lines))
+    body = "\n".join(f"{i:>5}  {lines[i - 1]}" for i in range(start, stop + 1))
+    more = f"\n[{len(lines) - stop} more lines: read_file with start={stop + 1}]" if stop < len(lines) else ""
+    return (body or f"[{path} has {len(lines)} lines]") + more
+
+
+@tool
+def write_file(ctx: ToolContext, path: str, content: str) -> str:
+    """Create or overwrite a file of the workdir with the given content (parent folders are created).
+
+    Args:
+        path: file path relative to the workdir.
+        content: the whole new content of the file.
+    """
+    p = ctx.path(path)
+    if p.is_dir():
+        raise ToolError(f"write_file: {path!r} is a folder: give a file path")
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(p.name + ".longkv-tmp")
+    tmp.write_text(content)
+    tmp.replace(p)  # all or nothing
+    return f"wrote {path} ({len(content.splitlines())} lines, {len(content.encode())} bytes)"
+
+
+@tool
+def edit_file(ctx: ToolContext, path: str, old: str, new: str) -> str:
+    """Replace one exact occurrence of a text in a file of the workdir.
+
+    Args:
+        path: file path relative to the workdir.
+        old: the exact text to replace, including indentation; it must occur exactly once.
+        new: the replacement text.
+    """
+    p = ctx.path(path)
+    if not p.is_file():
+        raise ToolError(f"edit_file: no file {path!r}: create it with write_file")
+    text = p.read_text()
+    n = text.count(old) if old else 0
+    if n == 0:
+        raise ToolError(f"edit_file: the text to replace is not in {path}: read_file it and copy the lines exactly, with their indentation")
+    if n > 1:
+        raise ToolError(f"edit_file: the text to replace occurs {n} times in {path}: include more surrounding lines so it occurs once")
+    tmp = p.with_name(p.name + ".longkv-tmp")
+    tmp.write_text(text.replace(old, new, 1))
+    tmp.replace(p)
+    line = text[: text.index(old)].count("\n") + 1
+    return f"edited {path} at line {line} ({len(old.splitlines())} lines -> {len(new.splitlines())} lines)"
+
+
+_SKIP_DIRS = {".git", "__pycache__", ".venv", "node_modules", ".mypy_cache", ".pytest_cache"}
+
+
+@tool(idempotent=True)
+def search(ctx: ToolContext, pattern: str, path: str = ".", glob: str | None = None) -> str:
+    """Search the workdir's text files for a regular expression; returns file:line: text for each match (at most 100).
+
+    Args:
+        pattern: a Python regular expression, e.g. "def parse_\\w+".
+        path: folder or file to search, relative to the workdir.
+        glob: only files whose name matches this pattern, e.g. "*.py".
+    """
+    try:
+        rx = re.compile(pattern)
+    except re.error as exc:
+        raise ToolError(f"search: bad regular expression {pattern!r} ({exc}): escape special characters with \\") from None
+    root = ctx.path(path)
+    if not root.exists():
+        raise ToolError(f"search: no file or folder {path!r} in the workdir")
+    files = [root] if root.is_file() else sorted(f for f in root.rglob(glob or "*") if f.is_file() and not _SKIP_DIRS & set(f.relative_to(root).parts))
+    hits: list[str] = []
+    base = ctx.workdir.resolve()
+    for f in files:
+        try:
+            data = f.read_bytes()
+        except OSError:
+            continue
+        if b"\0" in data[:4096]:
+            continue  # binary
+        for i, line in enumerate(data.decode(errors="replace").splitlines(), 1):
+            if rx.search(line):
+                hits.append(f"{f.relative_to(base)}:{i}: {line.strip()[:200]}")
+                if len(hits) == 100:
+                    return "\n".join(hits) + "\n[stopped at 100 matches: narrow the pattern, path or glob]"
+    return "\n".join(hits) if hits else f"no match for {pattern!r} in {len(files)} files"
+
+
+@tool
+def plan(ctx: ToolContext, plan: str) -> str:
+    """Write or update your plan: a short numbered list of steps, marking the ones done. It stays at the top of your context.
+
+    Args:
+        plan: the whole plan, e.g. "1. [done] find the parser\\n2. add a test\\n3. run the tests".
+    """
+    if not plan.strip():
+        raise ToolError("plan: the plan is empty: write a numbered list of steps")
+    return "plan updated"
+
+
+@tool
+def finish(ctx: ToolContext, answer: str) -> str:
+    """Finish the task and give the final answer (what was done, or the value asked for).
+
+    Args:
+        answer: the final answer for the user.
+    """
+    return answer
+
+
+BUILTIN: tuple[Tool, ...] = (bash, python, read_file, write_file, edit_file, search, plan, finish)
+
+
+@dataclass
+class Toolbox:
+    """The tools of a run by name (built-ins first, then the user's; a user tool may replace a built-in)."""
+
+    tools: dict[str, Tool] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, extra: list[Tool] | tuple[Tool, ...] = ()) -> Toolbox:
+        box = cls({t.name: t for t in BUILTIN})
+        for t in extra:
+            if not isinstance(t, Tool):
+                raise LongKVError(f"{t!r} is not a tool: decorate the function with @longkv.agent.tool")
+            box.tools[t.name] = t
+        return box
+
+    def schemas(self) -> list[dict[str, Any]]:
+        return [t.schema() for t in self.tools.values()]
+
+    def __getitem__(self, name: str) -> Tool:
+        return self.tools[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.tools

@@ -1,0 +1,372 @@
+"""The agent runtime against a scripted model server: tools, the loop's stop and recovery rules, the context
+window, the run log, resume after kill -9, and the CLI."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from agent_fake import FakeServer, scripted, tokens, tool_results
+
+from longkv.agent import Agent, ToolContext, ToolError, tool
+from longkv.agent.runlog import RunLog
+from longkv.agent.sandbox import sandbox_problem
+from longkv.agent.show import summary
+from longkv.agent.state import RunState
+from longkv.agent.tools import Toolbox, edit_file, read_file, search, write_file
+from longkv.errors import LongKVError
+
+SANDBOX = sandbox_problem() is None
+needs_sandbox = pytest.mark.skipif(not SANDBOX, reason=f"no sandbox here: {sandbox_problem()}")
+
+
+@pytest.fixture
+def work(tmp_path: Path) -> Path:
+    d = tmp_path / "work"
+    d.mkdir()
+    return d
+
+
+def _agent(server: FakeServer, work: Path, tmp_path: Path, **kw: Any) -> Agent:
+    return Agent(server=server.url, workdir=work, runs_dir=tmp_path / "runs", sandbox=kw.pop("sandbox", SANDBOX), **kw)
+
+
+# --------------------------------------------------------------------------- tools
+
+
+def test_a_tool_schema_comes_from_the_signature_and_docstring() -> None:
+    @tool(idempotent=True)
+    def lookup(ctx: ToolContext, key: str, limit: int = 5, exact: bool | None = None, tags: list[str] | None = None) -> str:
+        """Look a key up in the index.
+
+        Args:
+            key: what to look up.
+            limit: most results
+                (continued on a second line).
+            exact: whole words only.
+            tags: only entries with these tags.
+        """
+        return f"{key}:{limit}"
+
+    s = lookup.schema()["function"]
+    assert s["name"] == "lookup" and s["description"] == "Look a key up in the index."
+    assert s["parameters"] == {
+        "type": "object",
+        "properties": {
+            "key": {"type": "string", "description": "what to look up."},
+            "limit": {"type": "integer", "description": "most results (continued on a second line)."},
+            "exact": {"type": "boolean", "description": "whole words only."},
+            "tags": {"type": "array", "items": {"type": "string"}, "description": "only entries with these tags."},
+        },
+        "required": ["key"],
+        "additionalProperties": False,
+    }
+    ctx = ToolContext(Path("."), None)
+    assert lookup.idempotent and lookup.call(ctx, {"key": "a", "limit": 2}) == "a:2"
+    for bad, msg in (({}, "needs 'key'"), ({"key": 1}, "must be a string"), ({"key": "a", "x": 1}, "has no argument 'x'")):
+        with pytest.raises(ToolError, match=msg):
+            lookup.call(ctx, bad)
+    with pytest.raises(LongKVError, match="no docstring"):
+        tool(lambda ctx, a: a)
+    with pytest.raises(LongKVError, match="no JSON schema"):
+
+        @tool
+        def bad(ctx: ToolContext, a: set) -> str:  # type: ignore[type-arg]
+            """Bad."""
+            return ""
+
+    assert [t for t in Toolbox.of([lookup]).tools][-1] == "lookup"
+
+
+def test_file_tools(work: Path) -> None:
+    ctx = ToolContext(work, None)
+    assert write_file.call(ctx, {"path": "src/a.py", "content": "x = 1\ny = 2\nx = 1\n"}).startswith("wrote src/a.py (3 lines")
+    assert read_file.call(ctx, {"path": "src/a.py", "start": 2, "end": 2}) == "    2  y = 2\n[1 more lines: read_file with start=3]"
+    with pytest.raises(ToolError, match="occurs 2 times in src/a.py: include more surrounding lines"):
+        edit_file.call(ctx, {"path": "src/a.py", "old": "x = 1", "new": "x = 3"})
+    with pytest.raises(ToolError, match="not in src/a.py: read_file it and copy the lines exactly"):
+        edit_file.call(ctx, {"path": "src/a.py", "old": "z = 1", "new": "x = 3"})
+    assert edit_file.call(ctx, {"path": "src/a.py", "old": "y = 2", "new": "y = 20\ny = 21"}) == "edited src/a.py at line 2 (1 lines -> 2 lines)"
+    assert (work / "src/a.py").read_text() == "x = 1\ny = 20\ny = 21\nx = 1\n"
+    assert search.call(ctx, {"pattern": r"y = 2\d"}) == "src/a.py:2: y = 20\nsrc/a.py:3: y = 21"
+    assert search.call(ctx, {"pattern": "nothing", "glob": "*.md"}) == "no match for 'nothing' in 0 files"
+    for t, args in ((read_file, {"path": "../outside.txt"}), (write_file, {"path": "/etc/x", "content": ""})):
+        with pytest.raises(ToolError, match="outside the workdir"):
+            t.call(ctx, args)
+    with pytest.raises(ToolError, match="no file 'src/nope.py'; src/ holds: a.py"):
+        read_file.call(ctx, {"path": "src/nope.py"})
+    (work / "link").symlink_to("/etc/passwd")  # as sandboxed code could leave it: the host-side tools follow no link out
+    for t, args in ((read_file, {"path": "link"}), (write_file, {"path": "link", "content": "x"}), (search, {"pattern": "root", "path": "link"})):
+        with pytest.raises(ToolError, match="outside the workdir"):
+            t.call(ctx, args)
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def test_a_run_plans_acts_finishes_and_is_logged(work: Path, tmp_path: Path) -> None:
+    server = FakeServer(scripted([("plan", {"plan": "1. write\n2. finish"}), ("write_file", {"path": "out.txt", "content": "42\n"}),
+                                  ("finish", {"answer": "wrote 42"})]))  # fmt: skip
+    with _agent(server, work, tmp_path) as agent:
+        res = agent.run("Write 42 to out.txt")
+    server.close()
+    assert (res.status, res.answer, res.steps, res.stop_reason) == ("finished", "wrote 42", 3, "finish")
+    assert (work / "out.txt").read_text() == "42\n" and not server.errors
+    assert [r["tool_choice"] for r in server.requests] == ["required"] * 3
+    # the plan sits right after the task; the system prompt and task never change (a stable, cached prefix)
+    last = server.requests[-1]["messages"]
+    assert [m["role"] for m in last[:3]] == ["system", "user", "user"] and last[2]["content"].startswith("Your current plan:\n1. write")
+    assert res.prompt_tokens == sum(tokens(r["messages"]) for r in server.requests) and res.cached_tokens > 0
+    log = RunLog(tmp_path / "runs")
+    events = log.events(res.run)
+    assert [e.kind for e in events] == ["start", "request", "reply", "tool_start", "tool_result", "request", "reply", "tool_start",
+                                        "tool_result", "request", "reply", "tool_start", "tool_result", "end"]  # fmt: skip
+    s = summary(log.info(res.run), events)
+    assert (s["status"], s["steps"], s["prompt_tokens"], s["cached_tokens"]) == ("finished", 3, res.prompt_tokens, res.cached_tokens)
+    assert RunState.replay(events).plan == "1. write\n2. finish"
+
+
+def test_invalid_replies_get_specific_corrections(work: Path, tmp_path: Path) -> None:
+    replies = iter([
+        {"calls": [("no_such_tool", {})]},
+        {"calls": [("read_file", "{not json")]},
+        {"content": '{"name": "read_file", "arguments": {"path": "a"}}'},
+        {"content": "The answer is 7."},
+    ])  # fmt: skip
+    server = FakeServer(lambda msgs: next(replies))
+    with _agent(server, work, tmp_path) as agent:
+        res = agent.run("What is 3 + 4?")
+    server.close()
+    assert (res.status, res.answer, res.stop_reason) == ("finished", "The answer is 7.", "answered")
+    msgs = server.requests[-1]["messages"]
+    results = tool_results(msgs)
+    assert results[0].startswith("error: there is no tool 'no_such_tool': the tools are bash, python, read_file")
+    assert results[1].startswith("error: the arguments are not valid JSON (Expecting property name")
+    assert msgs[-1] == {"role": "user", "content": "Your reply was not a valid tool call: it was sent as text. Call a tool through "
+                                                   "the tools interface, with JSON arguments that match its parameters."}  # fmt: skip
+
+
+def test_a_loop_is_dropped_hinted_and_replanned(work: Path, tmp_path: Path) -> None:
+    (work / "a.txt").write_text("same\n")
+
+    def script(msgs: list[dict]) -> dict:
+        if any("Repeating it will not help" in (m.get("content") or "") for m in msgs):
+            return {"calls": [("finish", {"answer": "gave up looping"})]}
+        return {"calls": [("read_file", {"path": "a.txt"})]}
+
+    server = FakeServer(script)
+    with _agent(server, work, tmp_path) as agent:
+        res = agent.run("Read a.txt")
+    server.close()
+    assert (res.status, res.answer) == ("finished", "gave up looping")
+    after = server.requests[3]  # the request after the third identical call
+    assert after["tool_choice"] == {"type": "function", "function": {"name": "plan"}} and after["temperature"] == 0.7
+    # two of the three repeats left the context; the hint is the last message
+    assert len(tool_results(after["messages"])) == 1
+    assert after["messages"][-1]["content"].startswith('You called read_file({"path": "a.txt"}) three times with the same result.')
+    assert server.requests[-1]["temperature"] == 0.7 and not server.errors
+
+
+def test_the_step_cap_ends_with_a_best_effort_answer(work: Path, tmp_path: Path) -> None:
+    def script(msgs: list[dict]) -> dict:
+        if "Call finish now" in (msgs[-1].get("content") or ""):
+            return {"calls": [("finish", {"answer": "partial: 2 of 3 files checked"})]}
+        return {"calls": [("bash" if SANDBOX else "search", {"command": f"echo {len(msgs)}"} if SANDBOX else {"pattern": str(len(msgs))})]}
+
+    server = FakeServer(script)
+    with _agent(server, work, tmp_path, max_steps=3) as agent:
+        res = agent.run("Check the files")
+    server.close()
+    assert (res.status, res.answer, res.steps) == ("stopped", "partial: 2 of 3 files checked", 4)
+    assert res.stop_reason == "The step limit (3 model calls) is reached"
+    assert server.requests[-1]["tool_choice"] == {"type": "function", "function": {"name": "finish"}}
+
+
+def test_three_empty_replies_stop_the_run(work: Path, tmp_path: Path) -> None:
+    server = FakeServer(lambda msgs: {"content": "  "})
+    with _agent(server, work, tmp_path) as agent:
+        res = agent.run("Do something")
+    server.close()
+    assert (res.status, res.steps, res.stop_reason) == ("stopped", 4, "Three replies in a row were empty")
+    assert tool_results(server.requests[-1]["messages"]) == []
+
+
+def test_huge_tool_outputs_never_overflow_the_window(work: Path, tmp_path: Path) -> None:
+    """Tool results of 50-200 K characters on a 2 K-token window: each goes back cut (head + tail), old steps leave
+    the context whole (calls with their results), no request overflows, and the run finishes."""
+    sizes = [50_000, 120_000, 200_000, 80_000, 150_000, 60_000, 90_000, 200_000, 70_000, 100_000, 130_000, 55_000]
+    for i, n in enumerate(sizes):
+        (work / f"big{i}.txt").write_text("".join(f"line {j} " + "x" * 40 + "\n" for j in range(n // 48)))
+    calls = [("read_file", {"path": f"big{i}.txt"}) for i in range(len(sizes))] + [("finish", {"answer": "read them all"})]
+    made = iter(calls)  # one call per request, whatever the context still shows
+    server = FakeServer(lambda msgs: {"calls": [next(made)]}, window=2048)
+    with _agent(server, work, tmp_path, reply_tokens=256) as agent:
+        res = agent.run("Read the big files")
+    server.close()
+    assert (res.status, res.answer, server.errors) == ("finished", "read them all", [])
+    assert all(tokens(r["messages"]) + 256 <= 2048 for r in server.requests)
+    results = tool_results(server.requests[-1]["messages"])
+    assert "characters cut: the whole output is in the run log" in results[-1]
+    assert any("Earlier steps are not shown here" in (m.get("content") or "") for m in server.requests[-1]["messages"])
+    log = RunLog(tmp_path / "runs")
+    whole = [e.data["output"] for e in log.events(res.run) if e.kind == "tool_result" and e.data["name"] == "read_file"]
+    assert [len(w.splitlines()) for w in whole] == [n // 48 for n in sizes]  # the log keeps every line
+
+
+def test_the_window_comes_from_the_server(work: Path, tmp_path: Path) -> None:
+    server = FakeServer(lambda m: {"content": "ok"}, window=1234)
+    with _agent(server, work, tmp_path) as agent:
+        assert agent.window == 1234
+    blind = FakeServer(lambda m: {"content": "ok"}, report_window=False)
+    with pytest.raises(LongKVError, match="reports no context window for 'fake': pass --context-window TOKENS"):
+        _agent(blind, work, tmp_path)
+    with _agent(blind, work, tmp_path, context_window=999) as agent:
+        assert agent.window == 999
+    server.close()
+    blind.close()
+    with pytest.raises(LongKVError, match="cannot reach .*: start the server"):
+        Agent(server="http://127.0.0.1:9/v1", workdir=work, runs_dir=tmp_path / "runs", sandbox=False)
+    with pytest.raises(LongKVError, match="is not a folder"):
+        Agent(server=server.url, workdir=work / "missing", runs_dir=tmp_path / "runs", sandbox=False)
+
+
+# --------------------------------------------------------------------------- durability
+
+
+KILL_SCRIPT = [
+    ("plan", {"plan": "1. log one\n2. write a\n3. log two\n4. edit a\n5. log three"}),
+    ("bash", {"command": "echo one >> log.txt; sleep 0.2"}),
+    ("write_file", {"path": "a.txt", "content": "alpha\n"}),
+    ("bash", {"command": "sleep 0.1; echo two >> log.txt; sleep 0.1"}),
+    ("edit_file", {"path": "a.txt", "old": "alpha", "new": "beta"}),
+    ("read_file", {"path": "a.txt"}),
+    ("python", {"code": "open('log.txt', 'a').write('three\\n')"}),
+    ("finish", {"answer": "done: log has three lines, a.txt says beta"}),
+]
+
+
+def _drive(url: str, work: str, runs: str, run_id: str | None) -> None:
+    agent = Agent(server=url, workdir=work, runs_dir=runs, sandbox=SANDBOX)
+    if run_id is None:
+        agent.run("Follow the plan")
+    else:
+        agent.resume(run_id)
+    os._exit(0)
+
+
+@needs_sandbox
+def test_kill_9_at_random_points_then_resume_ends_as_an_uninterrupted_run(tmp_path: Path) -> None:
+    """20 trials: the run is killed with SIGKILL at a random moment (during generation, a tool, or a log write),
+    then resumed (in a third of the trials killed once more and resumed again). Every trial ends with the same
+    files and answer as an uninterrupted run, and no side effect ran twice."""
+    server = FakeServer(scripted(KILL_SCRIPT), delay_s=0.05)
+    ref_dir = tmp_path / "ref"
+    ref_dir.mkdir()
+    with Agent(server=server.url, workdir=ref_dir, runs_dir=tmp_path / "ref-runs", sandbox=True) as agent:
+        t0 = time.perf_counter()
+        ref = agent.run("Follow the plan")
+        duration = time.perf_counter() - t0
+    want = {p.name: p.read_text() for p in ref_dir.iterdir()}
+    assert ref.status == "finished" and want == {"log.txt": "one\ntwo\nthree\n", "a.txt": "beta\n"}
+    ctx = multiprocessing.get_context("fork")
+    rng = random.Random(7)
+    phases = []
+    for trial in range(20):
+        work, runs = tmp_path / f"w{trial}", tmp_path / f"r{trial}"
+        work.mkdir()
+        run_id = None
+        for _attempt in range(2 if trial % 3 == 0 else 1):
+            p = ctx.Process(target=_drive, args=(server.url, str(work), str(runs), run_id))
+            p.start()
+            time.sleep(rng.uniform(0.02, duration * 0.9))
+            os.kill(p.pid, signal.SIGKILL)
+            p.join()
+            log = RunLog(runs)
+            runs_now = log.runs()
+            if runs_now:
+                run_id = runs_now[0].id
+                events = log.events(run_id)
+                phases.append(events[-1].kind if events else "none")
+                assert log.info(run_id).status in ("interrupted", "finished")  # never stuck "running"
+            log.close()
+        if run_id is None:  # killed before the run was created: start again
+            p = ctx.Process(target=_drive, args=(server.url, str(work), str(runs), None))
+        else:
+            p = ctx.Process(target=_drive, args=(server.url, str(work), str(runs), run_id))
+        p.start()
+        p.join(60)
+        assert p.exitcode == 0
+        log = RunLog(runs)
+        info = log.runs()[0]
+        assert (info.status, info.answer) == ("finished", ref.answer), trial
+        got = {q.name: q.read_text() for q in work.iterdir()}
+        assert got == want, (trial, got)
+        log.close()
+    server.close()
+    assert {"request", "tool_start"} <= set(phases), phases  # killed mid-generation and mid-tool at least once each
+
+
+def test_a_second_driver_is_refused_and_a_dead_owner_is_not_running(work: Path, tmp_path: Path) -> None:
+    log = RunLog(tmp_path / "runs")
+    run_id = log.create("task", work)
+    with log.drive(run_id):
+        assert log.info(run_id).status == "running" and log.owner(run_id) == os.getpid()
+        other = RunLog(tmp_path / "runs")
+        with pytest.raises(LongKVError, match=f"run {run_id} is being driven by pid {os.getpid()}"), other.drive(run_id):
+            pass
+    assert log.info(run_id).status == "interrupted" and log.owner(run_id) is None
+    with pytest.raises(LongKVError, match="no run 'nope'"):
+        log.info("nope")
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def _cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "LONGKV_HOME": str(cwd / "home")}
+    return subprocess.run([sys.executable, "-m", "longkv", "agent", *args], cwd=cwd, capture_output=True, text=True, env=env, timeout=120)
+
+
+def test_cli_run_show_and_resume(work: Path, tmp_path: Path) -> None:
+    server = FakeServer(scripted([("write_file", {"path": "n.txt", "content": "7"}), ("finish", {"answer": "7"})]))
+    sandbox = [] if SANDBOX else ["--no-sandbox"]
+    proc = _cli(["run", "Write 7 to n.txt", "--server", server.url, "--workdir", str(work), "--json", *sandbox], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert (out["status"], out["answer"], out["steps"]) == ("finished", "7", 2) and (work / "n.txt").read_text() == "7"
+    assert "write_file" in proc.stderr  # progress
+    shown = _cli(["show", out["run"], "--json"], tmp_path)
+    s = json.loads(shown.stdout)
+    assert (s["status"], s["steps"], [c["name"] for r in s["trajectory"] for c in r.get("calls", [])]) == ("finished", 2, ["write_file", "finish"])
+    table = _cli(["show", out["run"][:12]], tmp_path)
+    assert table.returncode == 0 and "write_file (ok)" in table.stdout and "2 steps" in table.stdout
+    again = _cli(["resume", out["run"], "--json"], tmp_path)  # ended, no message: nothing to do
+    assert json.loads(again.stdout)["answer"] == "7" and len(server.requests) == 2
+    server.close()
+
+
+@pytest.mark.parametrize(
+    ("args", "msg"),
+    [
+        (["run", " ", "--server", "URL"], "the task is empty"),
+        (["run", "x", "--server", "URL", "--workdir", "missing"], "is not a folder: create it"),
+        (["run", "x", "--server", "URL", "--model", "m.gguf"], "--model and --server both given"),
+        (["run", "@nofile.md", "--server", "URL"], "cannot read the task file 'nofile.md'"),
+        (["resume", "nope"], "no run 'nope'"),
+        (["show", "nope"], "no run 'nope'"),
+    ],
+)
+def test_cli_user_errors_are_one_line(args: list[str], msg: str, tmp_path: Path) -> None:
+    server = FakeServer(lambda m: {"content": "ok"})
+    proc = _cli([a.replace("URL", server.url) for a in args] + ([] if SANDBOX or args[0] != "run" else ["--no-sandbox"]), tmp_path)
+    server.close()
+    assert proc.returncode == 2 and msg in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
