@@ -121,7 +121,9 @@ def test_a_run_plans_acts_finishes_and_is_logged(work: Path, tmp_path: Path) -> 
     server.close()
     assert (res.status, res.answer, res.steps, res.stop_reason) == ("finished", "wrote 42", 3, "finish")
     assert (work / "out.txt").read_text() == "42\n" and not server.errors
-    assert [r["tool_choice"] for r in server.requests] == ["required"] * 3
+    plan = {"type": "function", "function": {"name": "plan"}}
+    assert [r["tool_choice"] for r in server.requests] == [plan, "required", "required"]  # the plan step first
+    assert all(r["parallel_tool_calls"] is False for r in server.requests)
     # the plan sits right after the task; the system prompt and task never change (a stable, cached prefix)
     last = server.requests[-1]["messages"]
     assert [m["role"] for m in last[:3]] == ["system", "user", "user"] and last[2]["content"].startswith("Your current plan:\n1. write")

@@ -31,10 +31,11 @@ from longkv.agent.tools import Tool, Toolbox, ToolContext, ToolError
 from longkv.errors import LongKVError
 
 SYSTEM = """You are an agent that completes a task in the folder {workdir} by calling tools.
-Work step by step: first call plan with a short numbered plan, then use the tools (bash, python, read_file, write_file, edit_file, search) to inspect and change files, and update the plan as steps are done.
+Work step by step. First you write a short numbered plan with plan. Then carry it out with the other tools (bash, python, read_file, write_file, edit_file, search), one call at a time.
 Tool results are real: read them before the next step. Paths are relative to the folder.
 When the task is done, call finish with the answer (the value asked for, or what you changed)."""
 
+PLAN_CHOICE = {"type": "function", "function": {"name": "plan"}}
 HOT_TEMPERATURE = 0.7  # sampling temperature for a few requests after a loop was detected
 SNAPSHOT_FILES = 5000  # most files a non-idempotent call's before-snapshot lists
 
@@ -137,7 +138,7 @@ class Agent:
         limits: Any = None,
         runs_dir: str | os.PathLike[str] | None = None,
         context_window: int | None = None,
-        reply_tokens: int = 1024,
+        reply_tokens: int = 512,
         observation_chars: int = 8000,
         temperature: float = 0.0,
         threads: int | None = None,
@@ -310,8 +311,8 @@ class Agent:
         temperature = HOT_TEMPERATURE if st.hot else st.options["temperature"]
         if st.final_request:
             choice: Any = {"type": "function", "function": {"name": "finish"}}
-        elif st.replan:
-            choice = {"type": "function", "function": {"name": "plan"}}
+        elif "plan" in self.toolbox and (st.replan or not st.plan):  # the plan step comes first, and after a loop
+            choice = PLAN_CHOICE
         else:
             choice = "required"
         self._emit(run_id, st, "request", {"step": st.steps + 1, "bytes": nbytes, "estimate": st.estimate(nbytes), "drop": len(drop),
@@ -328,10 +329,10 @@ class Agent:
         if calls:
             return
         text = reply.content.strip()
-        if not text:
-            self._emit(run_id, st, "note", {"content": "Your reply was empty. Call one of the tools, or finish with your answer."}, on_event)
-        elif reply.finish_reason == "length":
+        if reply.finish_reason == "length":
             self._emit(run_id, st, "note", {"content": "Your reply was cut off at the token limit. Make shorter tool calls: write big files in parts."}, on_event)
+        elif not text:
+            self._emit(run_id, st, "note", {"content": "Your reply was empty. Call one of the tools, or finish with your answer."}, on_event)
         elif any(s in text for s in ('"name"', "<tool_call>", '"arguments"')):
             self._emit(run_id, st, "note", {"content": "Your reply was not a valid tool call: it was sent as text. Call a tool through the "
                                                        "tools interface, with JSON arguments that match its parameters."}, on_event)  # fmt: skip
@@ -364,6 +365,9 @@ class Agent:
             err = None
         if err is None and tool is None:
             err = f"there is no tool {call.name!r}: the tools are {', '.join(self.toolbox.tools)}"
+        if err is None and call.name == "plan" and st.plan and st.last_choice != PLAN_CHOICE:
+            err = ("the plan is set (it is at the top of your context): carry out its next step with another tool. "
+                   "You will be asked to rewrite the plan if the work gets stuck")  # fmt: skip
         if err is not None:
             self._emit(run_id, st, "tool_result", {**base, "arguments": args, "output": f"error: {err}", "context": f"error: {err}",
                                                    "error": True, "seconds": 0.0}, on_event)  # fmt: skip
@@ -399,7 +403,12 @@ class Agent:
             return
         steps = sorted({t.step for t in st.turns if t.live and any(m["role"] == "tool" for m in t.messages)})[-2:]
         what = f"called {c[0][:200]} three times with the same result" if same_call else "got the same error three times"
-        hint = (f"You {what}. Repeating it will not help. Step back: update the plan with plan, "
-                f"then try a different approach (another tool, other arguments, or check your assumptions).")  # fmt: skip
-        self._emit(run_id, st, "loop", {"kind": "call" if same_call else "error", "signature": c[0], "drop_steps": steps, "hot": 3}, on_event)
+        planning = c[0].startswith("plan(")
+        if planning:  # re-planning is the loop: push to act instead
+            hint = f"You {what}. The plan is set: now carry out its first step that is not done, with bash, read_file or another tool."
+        else:
+            hint = (f"You {what}. Repeating it will not help. Step back: update the plan with plan, "
+                    f"then try a different approach (another tool, other arguments, or check your assumptions).")  # fmt: skip
+        self._emit(run_id, st, "loop", {"kind": "call" if same_call else "error", "signature": c[0], "drop_steps": steps, "hot": 3,
+                                        "replan": not planning}, on_event)  # fmt: skip
         self._emit(run_id, st, "note", {"content": hint, "source": "loop"}, on_event)

@@ -71,7 +71,7 @@ def run(
     max_seconds: Annotated[float, typer.Option(help="Most seconds of model and tool time over the run.")] = 3600.0,
     no_sandbox: Annotated[bool, typer.Option("--no-sandbox", metavar="", help="Run bash/python without bubblewrap: no isolation at all (only the time and size limits).")] = False,
     context_window: Annotated[int | None, typer.Option(help="Window in tokens, for servers whose /v1/models reports none.")] = None,
-    reply_tokens: Annotated[int, typer.Option(help="max_tokens of each model call.")] = 1024,
+    reply_tokens: Annotated[int, typer.Option(help="max_tokens of each model call (a call longer than that is cut and the model is told).")] = 512,
     observation_chars: Annotated[int, typer.Option(help="Most characters of one tool result put back in the context (head + tail; the run log keeps all).")] = 8000,
     temperature: Annotated[float, typer.Option(help="Sampling temperature (0: greedy).")] = 0.0,
     threads: Annotated[int | None, typer.Option(help="CPU threads of the in-process model.")] = None,

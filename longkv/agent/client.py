@@ -121,14 +121,15 @@ class ChatClient:
 
     def complete(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]], tool_choice: Any = "auto",
                  temperature: float = 0.0, max_tokens: int = 512, seed: int | None = None) -> Reply:  # fmt: skip
-        """One chat completion (not streamed).
+        """One chat completion (not streamed), one tool call at most (``parallel_tool_calls: false``: a small model
+        otherwise strings many guesses together before it sees a single result).
 
         Raises:
             ModelError: HTTP failure or a body that is not a chat completion.
         """
         body: dict[str, Any] = {
             "model": self.model, "messages": messages, "tools": tools, "tool_choice": tool_choice,
-            "temperature": temperature, "max_tokens": max_tokens,
+            "parallel_tool_calls": False, "temperature": temperature, "max_tokens": max_tokens,
         }  # fmt: skip
         if seed is not None:
             body["seed"] = seed

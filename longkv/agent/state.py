@@ -73,6 +73,7 @@ class RunState:
     answer: str | None = None
     reason: str | None = None
     last_request_bytes: int = 0
+    last_choice: Any = None  # tool_choice of the last request
 
     @classmethod
     def replay(cls, events: list[Event]) -> RunState:
@@ -94,6 +95,7 @@ class RunState:
             self.inbox = d.get("message") or None
         elif k == "request":
             self.last_request_bytes = int(d.get("bytes", 0))
+            self.last_choice = d.get("tool_choice")
             self.dropped += int(d.get("drop", 0))
             for t in self.turns:
                 if t.live and t.step in d.get("drop_steps", []):
@@ -142,7 +144,7 @@ class RunState:
                     t.live = False
             self.history.clear()
             self.hot = int(d.get("hot", 3))
-            self.replan = True
+            self.replan = bool(d.get("replan", True))
         elif k == "end":
             self.status, self.answer, self.reason = d["status"], d.get("answer"), d.get("reason")
             self.pending = []

@@ -286,7 +286,7 @@ def search(ctx: ToolContext, pattern: str, path: str = ".", glob: str | None = N
     """Search the workdir's text files for a regular expression; returns file:line: text for each match (at most 100).
 
     Args:
-        pattern: a Python regular expression, e.g. "def parse_\\w+".
+        pattern: a Python regular expression.
         path: folder or file to search, relative to the workdir.
         glob: only files whose name matches this pattern, e.g. "*.py".
     """
@@ -317,10 +317,10 @@ def search(ctx: ToolContext, pattern: str, path: str = ".", glob: str | None = N
 
 @tool
 def plan(ctx: ToolContext, plan: str) -> str:
-    """Write or update your plan: a short numbered list of steps, marking the ones done. It stays at the top of your context.
+    """Write the plan: a short numbered list of the steps to take. It stays at the top of your context.
 
     Args:
-        plan: the whole plan, e.g. "1. [done] find the parser\\n2. add a test\\n3. run the tests".
+        plan: the steps, one per numbered line.
     """
     if not plan.strip():
         raise ToolError("plan: the plan is empty: write a numbered list of steps")
