@@ -178,6 +178,21 @@ def test_a_loop_is_dropped_hinted_and_replanned(work: Path, tmp_path: Path) -> N
     assert server.requests[-1]["temperature"] == 0.7 and not server.errors
 
 
+def test_the_plan_comes_first_and_an_unasked_plan_call_is_answered_with_act(work: Path, tmp_path: Path) -> None:
+    replies = iter([{"calls": [("plan", {"plan": "1. look"})]}, {"calls": [("plan", {"plan": "1. look again"})]},
+                    {"calls": [("finish", {"answer": "ok"})]}])  # fmt: skip
+    server = FakeServer(lambda msgs: next(replies))
+    with _agent(server, work, tmp_path) as agent:
+        res = agent.run("Look around")
+    server.close()
+    assert res.status == "finished" and tool_results(server.requests[-1]["messages"]) == [
+        "plan updated",
+        "error: the plan is set (it is at the top of your context): carry out its next step with another tool. "
+        "You will be asked to rewrite the plan if the work gets stuck",
+    ]
+    assert server.requests[-1]["messages"][2]["content"] == "Your current plan:\n1. look"  # unchanged
+
+
 def test_the_step_cap_ends_with_a_best_effort_answer(work: Path, tmp_path: Path) -> None:
     def script(msgs: list[dict]) -> dict:
         if "Call finish now" in (msgs[-1].get("content") or ""):
