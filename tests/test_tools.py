@@ -500,3 +500,53 @@ def test_smolagents_tool_calling_agent_completes_a_two_tool_task(qwen_server: An
     answer = agent.run("Find the user id of Alice, then get the balance of that user id.")
     assert "1234.5" in str(answer)
     assert ("find_user_id", "Alice") in calls and ("get_balance", "u-4821") in calls
+
+
+def test_the_matcher_is_never_read_while_its_next_mask_is_computed() -> None:
+    """The next mask is computed in a background thread while the engine runs; llguidance's matcher takes no
+    two threads at once ("Already mutably borrowed"): ``done`` and ``accepting`` must not touch it then."""
+    import threading
+    import time
+
+    from longkv.engine.grammar import GrammarConstraint
+
+    class Matcher:  # a matcher that fails as llguidance's does on a read during a computation
+        def __init__(self) -> None:
+            self.busy = threading.Lock()
+            self.computing = threading.Event()
+            self.stopped = False
+
+        def _enter(self) -> None:
+            if not self.busy.acquire(blocking=False):
+                raise RuntimeError("Already mutably borrowed")
+            self.busy.release()
+
+        def is_error(self) -> bool:
+            return False
+
+        def unsafe_compute_mask_ptr(self, ptr: int, nbytes: int) -> None:
+            with self.busy:
+                self.computing.set()
+                time.sleep(0.05)
+                self.computing.clear()
+
+        def consume_token(self, token: int) -> bool:
+            self._enter()
+            self.stopped = token == 1
+            return True
+
+        def is_stopped(self) -> bool:
+            self._enter()
+            return self.stopped
+
+        def is_accepting(self) -> bool:
+            self._enter()
+            return self.stopped
+
+    m = Matcher()
+    g = GrammarConstraint(m, 64)
+    for token in (5, 7, 1):
+        g.mask(torch.zeros(64))
+        g.accept(token)
+        assert m.computing.wait(5)
+        assert g.done == (token == 1) and g.accepting == (token == 1)  # read while the next mask is computing

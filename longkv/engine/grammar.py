@@ -106,6 +106,7 @@ class GrammarConstraint:
         self._bits = np.zeros((vocab_size + 31) // 32, dtype=np.int32)
         self.mask_s = self.compute_s = 0.0
         self.masks = 0
+        self._done, self._accepting = bool(matcher.is_stopped()), bool(matcher.is_accepting())
         self._next: Future[_Mask] = _POOL.submit(self._compute)
 
     def _compute(self) -> _Mask:
@@ -139,17 +140,19 @@ class GrammarConstraint:
         self._next.result()  # the matcher is not shared with a running computation
         if not self._m.consume_token(token):
             raise LongKVError(f"grammar error: token {token} is not allowed here ({self._m.get_error()})")
-        self._next = _POOL.submit(self._compute)
+        self._done, self._accepting = bool(self._m.is_stopped()), bool(self._m.is_accepting())
+        self._next = _POOL.submit(self._compute)  # from here on the matcher belongs to the computation
 
     @property
     def done(self) -> bool:
-        """The grammar allows nothing more (its output is complete)."""
-        return bool(self._m.is_stopped())
+        """The grammar allows nothing more (its output is complete); read when the last token was accepted,
+        since the matcher must not be touched while the next mask is computed in the background."""
+        return self._done
 
     @property
     def accepting(self) -> bool:
-        """What was generated so far is a complete sentence of the grammar."""
-        return bool(self._m.is_accepting())
+        """What was generated so far is a complete sentence of the grammar (read as :attr:`done` is)."""
+        return self._accepting
 
 
 _SPARSE_WORDS = 256  # masks with fewer 32-token words holding an allowed (or a forbidden) token go by index
