@@ -1,0 +1,3 @@
+"""JSON backup."""
+
+FORMAT_VERSION = 3

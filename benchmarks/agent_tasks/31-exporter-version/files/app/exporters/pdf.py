@@ -1,0 +1,3 @@
+"""PDF report."""
+
+FORMAT_VERSION = 12

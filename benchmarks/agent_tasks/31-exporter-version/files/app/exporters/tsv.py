@@ -1,0 +1,4 @@
+"""Tab-separated export."""
+
+FORMAT_VERSION = 7
+DELIMITER = "\t"

@@ -1,0 +1,3 @@
+"""CSV import."""
+
+FORMAT_VERSION = 2
