@@ -127,7 +127,8 @@ def scripted(calls: list[tuple[str, Any]]) -> Script:
     interrupted with no file changed (so that a resumed run ends as an uninterrupted one would)."""
 
     def script(messages: list[dict[str, Any]]) -> dict[str, Any]:
-        done = 0
+        # a plan call leaves no result in the context: its plan is shown after the task instead
+        done = int(calls[0][0] == "plan" and any(str(m.get("content") or "").startswith("Your current plan:") for m in messages))
         for r in tool_results(messages):
             if r.startswith("interrupted") and "Files changed since it started: none" in r:
                 continue

@@ -186,11 +186,12 @@ def test_the_plan_comes_first_and_an_unasked_plan_call_is_answered_with_act(work
         res = agent.run("Look around")
     server.close()
     assert res.status == "finished" and tool_results(server.requests[-1]["messages"]) == [
-        "plan updated",
         "error: the plan is set (it is at the top of your context): carry out its next step with another tool. "
         "You will be asked to rewrite the plan if the work gets stuck",
     ]
     assert server.requests[-1]["messages"][2]["content"] == "Your current plan:\n1. look"  # unchanged
+    # the accepted plan call is folded into the front; the refused one stays, with its correction
+    assert [m.get("tool_calls", [{}])[0].get("function", {}).get("name") for m in server.requests[-1]["messages"] if m["role"] == "assistant"] == ["plan"]
 
 
 def test_the_step_cap_ends_with_a_best_effort_answer(work: Path, tmp_path: Path) -> None:

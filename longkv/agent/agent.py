@@ -291,7 +291,7 @@ class Agent:
         msgs = st.messages()
         if st.estimate(message_bytes(msgs)) <= room:
             return msgs, [], message_bytes(msgs)
-        live = [t for t in st.turns if t.live]
+        live = [t for t in st.turns if t.live and not t.folded]
         drop: list[int] = []
         for t in live:
             t.live = False
@@ -401,7 +401,7 @@ class Agent:
         same_error = a[2] and b[2] and c[2] and a[1] == b[1] == c[1]
         if not (same_call or same_error):
             return
-        steps = sorted({t.step for t in st.turns if t.live and any(m["role"] == "tool" for m in t.messages)})[-2:]
+        steps = sorted({t.step for t in st.turns if t.live and not t.folded and any(m["role"] == "tool" for m in t.messages)})[-2:]
         what = f"called {c[0][:200]} three times with the same result" if same_call else "got the same error three times"
         planning = c[0].startswith("plan(")
         if planning:  # re-planning is the loop: push to act instead

@@ -32,6 +32,7 @@ class Turn:
     step: int
     messages: list[dict[str, Any]]
     live: bool = True  # still in the context
+    folded: bool = False  # a plan call whose plan now sits in the front: left out, with no marker
     calls: list[dict[str, Any]] = field(default_factory=list)  # the reply's calls: {id, name, arguments}
 
 
@@ -131,6 +132,8 @@ class RunState:
             turn.messages.append({"role": "tool", "tool_call_id": d["id"], "content": d["context"]})
             if d["name"] == "plan" and not d["error"]:
                 self.plan = d["arguments"].get("plan", self.plan)
+                if len(turn.calls) == 1:  # the plan is shown in the front: the call itself would only be copied
+                    turn.folded = True
             self.history.append((d["signature"], hashlib.sha1(d["output"].encode()).hexdigest(), d["error"]))
         elif k == "note":
             self.turns.append(Turn(self.steps, [{"role": "user", "content": d["content"]}]))
@@ -163,6 +166,8 @@ class RunState:
         msgs = self.front()
         gap = False
         for t in self.turns:
+            if t.folded:
+                continue
             if not t.live:
                 gap = True
                 continue

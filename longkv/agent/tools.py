@@ -332,7 +332,7 @@ def finish(ctx: ToolContext, answer: str) -> str:
     """Finish the task and give the final answer (what was done, or the value asked for).
 
     Args:
-        answer: the final answer for the user.
+        answer: the value the task asked for, or a one-line summary of the change made.
     """
     return answer
 
