@@ -124,6 +124,8 @@ def test_a_run_plans_acts_finishes_and_is_logged(work: Path, tmp_path: Path) -> 
     plan = {"type": "function", "function": {"name": "plan"}}
     assert [r["tool_choice"] for r in server.requests] == [plan, "required", "required"]  # the plan step first
     assert all(r["parallel_tool_calls"] is False for r in server.requests)
+    offered = [[t["function"]["name"] for t in r["tools"]] for r in server.requests]
+    assert offered[0][-2:] == ["plan", "finish"] and "plan" not in offered[1] and offered[1] == offered[2]  # plan only when asked
     # the plan sits right after the task; the system prompt and task never change (a stable, cached prefix)
     last = server.requests[-1]["messages"]
     assert [m["role"] for m in last[:3]] == ["system", "user", "user"] and last[2]["content"].startswith("Your current plan:\n1. write")

@@ -31,7 +31,7 @@ from longkv.agent.tools import Tool, Toolbox, ToolContext, ToolError
 from longkv.errors import LongKVError
 
 SYSTEM = """You are an agent that completes a task in the folder {workdir} by calling tools.
-Work step by step. First you write a short numbered plan with plan. Then carry it out with the other tools (bash, python, read_file, write_file, edit_file, search), one call at a time.
+Work step by step: a short numbered plan first, then carry it out with the tools (bash, python, read_file, write_file, edit_file, search), one call at a time.
 Tool results are real: read them before the next step. Paths are relative to the folder.
 When the task is done, call finish with the answer (the value asked for, or what you changed)."""
 
@@ -318,7 +318,9 @@ class Agent:
         self._emit(run_id, st, "request", {"step": st.steps + 1, "bytes": nbytes, "estimate": st.estimate(nbytes), "drop": len(drop),
                                            "drop_steps": drop, "tool_choice": choice, "temperature": temperature}, on_event)  # fmt: skip
         msgs = st.messages()  # the same as _fit's, now that the drop is applied
-        return self.client.complete(msgs, self.toolbox.schemas(), choice, temperature, st.options["reply_tokens"], seed=st.steps)
+        # plan is offered only when it is asked for: a small model offered it at every step calls nothing else
+        tools = [t for t in self.toolbox.schemas() if choice == PLAN_CHOICE or t["function"]["name"] != "plan"]
+        return self.client.complete(msgs, tools, choice, temperature, st.options["reply_tokens"], seed=st.steps)
 
     def _after_reply(self, run_id: str, st: RunState, reply: Reply, on_event: Callable[[Event], None] | None) -> None:
         calls = [{"id": c.id, "name": c.name, "arguments": c.arguments} for c in reply.tool_calls]
