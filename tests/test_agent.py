@@ -367,6 +367,7 @@ def test_cli_run_show_and_resume(work: Path, tmp_path: Path) -> None:
     shown = _cli(["show", out["run"], "--json"], tmp_path)
     s = json.loads(shown.stdout)
     assert (s["status"], s["steps"], [c["name"] for r in s["trajectory"] for c in r.get("calls", [])]) == ("finished", 2, ["write_file", "finish"])
+    assert "no runs yet" in _cli(["show", "--runs-dir", str(tmp_path / "empty")], tmp_path).stdout
     table = _cli(["show", out["run"][:12]], tmp_path)
     assert table.returncode == 0 and "write_file (ok)" in table.stdout and "2 steps" in table.stdout
     again = _cli(["resume", out["run"], "--json"], tmp_path)  # ended, no message: nothing to do
@@ -378,6 +379,7 @@ def test_cli_run_show_and_resume(work: Path, tmp_path: Path) -> None:
     ("args", "msg"),
     [
         (["run", " ", "--server", "URL"], "the task is empty"),
+        (["run", " ", "--model", "missing.gguf"], "the task is empty"),  # before any model loads
         (["run", "x", "--server", "URL", "--workdir", "missing"], "is not a folder: create it"),
         (["run", "x", "--server", "URL", "--model", "m.gguf"], "--model and --server both given"),
         (["run", "@nofile.md", "--server", "URL"], "cannot read the task file 'nofile.md'"),

@@ -100,6 +100,10 @@ def run(
             raise LongKVError(f"cannot read the task file {task[1:]!r} ({exc.strerror}): check the path after @") from None
     if model is not None and server is not None:
         raise LongKVError("--model and --server both given: --model runs a model in this process, --server uses a running one; pick one")
+    if not task.strip():
+        raise LongKVError("the task is empty: say what the agent should do")
+    if server is None and not quiet:
+        err.print(f"[dim]loading {model or 'the default model'} and serving it in this process (--server URL uses a running server) ...[/]")
     agent = Agent(model=model, server=server, model_id=model_id, workdir=workdir, max_steps=max_steps, max_tokens=max_tokens,
                   max_seconds=max_seconds, sandbox=not no_sandbox, runs_dir=runs_dir, context_window=context_window,
                   reply_tokens=reply_tokens, observation_chars=observation_chars, temperature=temperature, threads=threads,
@@ -144,6 +148,8 @@ def resume(
                   max_steps=o["max_steps"], max_tokens=o["max_tokens"], max_seconds=o["max_seconds"], sandbox=o["sandbox"],
                   runs_dir=runs_dir, context_window=src.get("context_window"), reply_tokens=o["reply_tokens"],
                   observation_chars=o["observation_chars"], temperature=o["temperature"])  # fmt: skip
+    if not quiet:
+        err.print(f"[dim]resuming run {info.id} ({info.status}) in {info.workdir}[/]")
     with agent:
         result = agent.resume(info.id, message=message, on_event=_progress(quiet))
     _finish(result, as_json)

@@ -79,9 +79,13 @@ def render(log: RunLog, run_id: str | None, as_json: bool, step: int | None, con
         if as_json:
             print(json.dumps([r.__dict__ for r in runs], indent=1))
             return
+        if not runs:
+            console.print(f"no runs yet in {log.dir}: start one with longkv agent run")
+            return
         t = Table("run", "status", "task", title=f"runs in {log.dir}")
         for run in runs:
-            t.add_row(run.id, run.status, escape(run.task.replace("\n", " ")[:70]))
+            task = run.task.replace("\n", " ")
+            t.add_row(run.id, run.status, escape(task if len(task) <= 70 else task[:69] + "…"))
         console.print(t)
         return
     info = log.info(run_id)
