@@ -119,6 +119,7 @@ def resume(
     message: Annotated[str | None, typer.Option(help="A message from you, added before it goes on (also to a run that has ended).")] = None,
     model: Annotated[str | None, typer.Option("--model", "-m", help="Serve this model here instead of the run's own source.")] = None,
     server: Annotated[str | None, typer.Option(help="Use this server instead of the run's own source.")] = None,
+    threads: Annotated[int | None, typer.Option(help="CPU threads of the in-process model (default: all cores).")] = None,
     runs_dir: RunsDirOpt = None,
     as_json: JsonOpt = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", metavar="", help="No progress on stderr.")] = False,
@@ -147,7 +148,7 @@ def resume(
     agent = Agent(model=model, server=server, model_id=src.get("model_id") if server else None, workdir=info.workdir,
                   max_steps=o["max_steps"], max_tokens=o["max_tokens"], max_seconds=o["max_seconds"], sandbox=o["sandbox"],
                   runs_dir=runs_dir, context_window=src.get("context_window"), reply_tokens=o["reply_tokens"],
-                  observation_chars=o["observation_chars"], temperature=o["temperature"])  # fmt: skip
+                  observation_chars=o["observation_chars"], temperature=o["temperature"], threads=threads)  # fmt: skip
     if not quiet:
         err.print(f"[dim]resuming run {info.id} ({info.status}) in {info.workdir}[/]")
     with agent:
