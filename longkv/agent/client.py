@@ -15,7 +15,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from longkv.errors import LongKVError
@@ -48,7 +48,6 @@ class Reply:
     finish_reason: str
     usage: Usage
     seconds: float
-    raw: dict[str, Any] = field(default_factory=dict, compare=False)
 
 
 class ModelError(Exception):
@@ -146,7 +145,7 @@ class ChatClient:
             u = data.get("usage") or {}
             cached = int(((u.get("prompt_tokens_details") or {}).get("cached_tokens")) or 0)
             usage = Usage(int(u.get("prompt_tokens") or 0), cached, int(u.get("completion_tokens") or 0))
-            return Reply(str(msg.get("content") or ""), calls, str(choice.get("finish_reason") or ""), usage, seconds, data)
+            return Reply(str(msg.get("content") or ""), calls, str(choice.get("finish_reason") or ""), usage, seconds)
         except (KeyError, IndexError, TypeError) as exc:
             raise ModelError(f"{self.base_url} answered with no chat completion ({type(exc).__name__}: {exc}): {str(data)[:300]}") from None
 

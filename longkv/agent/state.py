@@ -69,7 +69,6 @@ class RunState:
     final_asked: bool = False  # that request was made
     inbox: str | None = None  # a user message given to resume, added once the pending calls have results
     observed: list[tuple[int, int]] = field(default_factory=list)  # (request bytes, prompt tokens the server counted)
-    dropped: int = 0  # turns dropped for the window
     status: str = "running"
     answer: str | None = None
     reason: str | None = None
@@ -97,7 +96,6 @@ class RunState:
         elif k == "request":
             self.last_request_bytes = int(d.get("bytes", 0))
             self.last_choice = d.get("tool_choice")
-            self.dropped += int(d.get("drop", 0))
             for t in self.turns:
                 if t.live and t.step in d.get("drop_steps", []):
                     t.live = False

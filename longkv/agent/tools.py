@@ -358,8 +358,5 @@ class Toolbox:
     def schemas(self) -> list[dict[str, Any]]:
         return [t.schema() for t in self.tools.values()]
 
-    def __getitem__(self, name: str) -> Tool:
-        return self.tools[name]
-
     def __contains__(self, name: object) -> bool:
         return name in self.tools
