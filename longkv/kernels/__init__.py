@@ -1,0 +1,150 @@
+"""CPU kernels of longkv's own, in C, built at first use with the machine's compiler.
+
+PyTorch's operators are general; a decode step is a long row of tiny ones (one query per head, a few
+thousand cached keys) where each costs more in dispatch and temporary buffers than in arithmetic.
+The kernels here do one such job in one call, reading the KV pages in place:
+
+* :func:`decode_attention`: one query per head over a cache's parts (bfloat16 or float32 pages).
+
+The library is compiled once per machine (``cc -O3 -march=native``, about a second) into
+``$LONGKV_HOME/kernels/`` under a name that hashes the source, the compiler and the CPU's flags, and
+loaded with ctypes (the call releases the GIL). Without a C compiler, or with ``LONGKV_KERNELS=0``,
+:func:`available` is false and callers use their PyTorch path; the results agree to float32 rounding
+(``tests/test_kernels.py``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+from longkv.config import longkv_home
+
+log = logging.getLogger(__name__)
+
+_SOURCE = Path(__file__).with_name("decode_attention.c")
+_FLAGS = ["-O3", "-march=native", "-std=c11", "-fPIC", "-shared", "-fno-math-errno", "-fno-trapping-math",
+          "-fassociative-math", "-fno-signed-zeros", "-fopenmp"]
+MAX_GROUP, MAX_HEAD_DIM = 32, 512  # the C kernel's limits (query heads per KV head, head_dim)
+
+_lib: ctypes.CDLL | None = None
+_tried = False
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return ""
+
+
+def _compiler() -> str | None:
+    for cc in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if cc and shutil.which(cc):
+            return cc
+    return None
+
+
+def _build() -> ctypes.CDLL | None:
+    cc = _compiler()
+    if cc is None:
+        log.info("no C compiler found: longkv's CPU kernels are off (install gcc for faster decode)")
+        return None
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=False).stdout
+    src = _SOURCE.read_bytes()
+    key = hashlib.sha256(src + version.encode() + _cpu_flags().encode() + " ".join(_FLAGS).encode()).hexdigest()[:16]
+    out = longkv_home() / "kernels" / f"longkv_kernels-{key}.so"
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)  # built aside, renamed into place: no half-written library
+        os.close(fd)
+        r = subprocess.run([cc, *_FLAGS, "-o", tmp, str(_SOURCE), "-lm"], capture_output=True, text=True, check=False)
+        if r.returncode != 0:
+            os.unlink(tmp)
+            log.warning("building longkv's CPU kernels failed, using PyTorch ops instead:\n%s", r.stderr[-2000:])
+            return None
+        os.replace(tmp, out)
+    lib = ctypes.CDLL(str(out))
+    f = lib.longkv_decode_attention
+    p = ctypes.c_void_p
+    f.argtypes = [p, ctypes.c_int, p, p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_float, ctypes.c_int]
+    f.restype = ctypes.c_int
+    return lib
+
+
+def available() -> bool:
+    """Whether the C kernels are built and on (not with ``LONGKV_KERNELS=0``)."""
+    global _lib, _tried
+    if os.environ.get("LONGKV_KERNELS", "1") == "0":
+        return False
+    if not _tried:
+        _tried = True
+        try:
+            _lib = _build()
+        except OSError as e:  # an unwritable cache folder, a library that will not load
+            log.warning("longkv's CPU kernels are off: %s", e)
+            _lib = None
+    return _lib is not None
+
+
+def supports(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """Whether :func:`decode_attention` takes queries like ``q`` (H, 1, D) over keys like ``k`` (Hkv, N, D)."""
+    h, t, d = q.shape
+    hkv = k.shape[0]
+    return (
+        t == 1 and k.device.type == "cpu" and k.dtype in (torch.bfloat16, torch.float32)
+        and d <= MAX_HEAD_DIM and hkv > 0 and h % hkv == 0 and h // hkv <= MAX_GROUP and available()
+    )
+
+
+def decode_attention(q: torch.Tensor, parts: list[tuple[torch.Tensor, torch.Tensor]], scale: float) -> torch.Tensor:
+    """Attention of one query per head over keys and values stored in parts, read in place.
+
+    Args:
+        q: (H, 1, D) rotated queries (any float dtype; the kernel computes in float32).
+        parts: [(k, v)], each (Hkv, N_i, D) bfloat16 or float32 on the CPU, rows contiguous (views of
+            pool planes are fine), all of one dtype; empty parts are skipped.
+        scale: the softmax scale (``D ** -0.5``).
+
+    Returns:
+        (H, 1, D) in q's dtype.
+
+    Raises:
+        ValueError: shapes or dtypes the kernel does not take (check :func:`supports` first), or the
+            kernels are off.
+    """
+    if not available() or _lib is None:
+        raise ValueError("longkv's CPU kernels are off (no C compiler, or LONGKV_KERNELS=0)")
+    h, _, d = q.shape
+    meta: list[int] = []
+    dt = None
+    for k, v in parts:
+        if k.shape[1] == 0:
+            continue
+        dt = dt or k.dtype
+        if k.dtype != dt or v.dtype != dt or k.stride(-1) != 1 or v.stride(-1) != 1:
+            raise ValueError("decode_attention: parts of one dtype (bfloat16 or float32) with contiguous rows")
+        meta += (k.data_ptr(), v.data_ptr(), k.shape[1], k.stride(0), k.stride(1), v.stride(0), v.stride(1))
+    if dt is None:
+        return torch.zeros_like(q)
+    if q.dtype not in (torch.bfloat16, torch.float32) or not q.is_contiguous():
+        q = q.float().contiguous()
+    out = torch.empty(q.shape, dtype=q.dtype)
+    flags = int(dt == torch.bfloat16) | (int(q.dtype == torch.bfloat16) << 1)
+    nseg = len(meta) // 7
+    rc = _lib.longkv_decode_attention((ctypes.c_int64 * len(meta))(*meta), nseg, q.data_ptr(), out.data_ptr(), h,
+                                      parts[0][0].shape[0], d, scale, flags)
+    if rc != 0:
+        raise ValueError(f"decode_attention: {h} query heads over {parts[0][0].shape[0]} KV heads of size {d} are beyond the kernel's limits")
+    return out

@@ -1,0 +1,293 @@
+/* Decode attention on the CPU: one query per head over cached keys and values read in place.
+ *
+ * The keys and values of a layer live in a page pool as (Hkv, slots, D) planes of bfloat16 or float32;
+ * a sequence's cache is one or more runs of slots (a shared prefix, then its own pages). For each KV
+ * head this reads every key row once, converts it to float32 in registers, and scores it against the
+ * G query heads that share it (GQA); the softmax is computed online over blocks of keys (running max
+ * and sum, rescaled as the max grows), and every value row is read once for the G queries too.
+ * Nothing is copied or up-cast into a buffer, so the bytes moved are the cache's own.
+ *
+ * Built at first use by longkv/kernels/__init__.py with the machine's C compiler (-O3 -march=native);
+ * the inner loops are plain C written for the compiler's auto-vectoriser.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define LONGKV_AVX2 1
+#endif
+
+#define BLK 64      /* keys scored before each softmax update */
+#define MAX_G 32    /* query heads per KV head */
+#define MAX_D 512   /* head_dim */
+
+static inline void load_row(const void *base, int64_t off, int bf16, int d, float *restrict dst) {
+    if (bf16) {
+        const uint16_t *src = (const uint16_t *)base + off;
+        for (int j = 0; j < d; j++) {
+            uint32_t u = (uint32_t)src[j] << 16; /* bfloat16 is the top half of a float32 */
+            float f;
+            memcpy(&f, &u, sizeof f);
+            dst[j] = f;
+        }
+    } else {
+        memcpy(dst, (const float *)base + off, (size_t)d * sizeof(float));
+    }
+}
+
+/* exp(x) for x <= 0 to float32 precision (relative error ~2e-7): 2^n times a degree-6 polynomial of the
+ * remainder (the classic Cephes expf coefficients); inputs below -87 give 0. Branch-free, vectorisable. */
+static inline float exp_neg(float x) {
+    x = x < -87.0f ? -87.0f : x;
+    float n = floorf(x * 1.44269504088896341f + 0.5f);
+    float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    int32_t bits = ((int32_t)n + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return x <= -87.0f ? 0.0f : p * scale;
+}
+
+#ifdef LONGKV_AVX2
+/* 8 elements of a row (bfloat16 or float32) as float32 lanes. */
+static inline __m256 load8(const void *base, int64_t off, int bf16) {
+    if (bf16) {
+        __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)base + off));
+        return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    }
+    return _mm256_loadu_ps((const float *)base + off);
+}
+
+static inline float hsum8(__m256 a) {
+    __m128 x = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+    x = _mm_add_ss(x, _mm_movehdup_ps(x));
+    return _mm_cvtss_f32(x);
+}
+
+static inline __m256 exp_neg8(__m256 x) { /* exp_neg, 8 lanes */
+    const __m256 lo = _mm256_set1_ps(-87.0f);
+    const __m256 dead = _mm256_cmp_ps(x, lo, _CMP_LE_OQ);
+    x = _mm256_max_ps(x, lo);
+    __m256 n = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_add_ps(_mm256_fmadd_ps(_mm256_mul_ps(p, r), r, r), _mm256_set1_ps(1.0f));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_andnot_ps(dead, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
+}
+#endif
+
+/* s[i][t] = scale * q[i] . K row t, for the nb rows of a block (row t at element off + t * ts). */
+static void score_block(const float *q, int G, int D, const void *k, int64_t off, int64_t ts, int nb, int bf16,
+                        float scale, float s[][BLK]) {
+#ifdef LONGKV_AVX2
+    if (D % 8 == 0) {
+        for (int t = 0; t < nb; t++) {
+            const int64_t o = off + t * ts;
+            for (int i0 = 0; i0 < G; i0 += 4) { /* four queries per pass over the row */
+                const int w = G - i0 < 4 ? G - i0 : 4;
+                const float *q0 = q + (int64_t)i0 * D;
+                __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+                for (int c = 0; c < D; c += 8) {
+                    const __m256 kv = load8(k, o + c, bf16);
+                    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q0 + c), kv, a0);
+                    if (w > 1) a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q0 + D + c), kv, a1);
+                    if (w > 2) a2 = _mm256_fmadd_ps(_mm256_loadu_ps(q0 + 2 * D + c), kv, a2);
+                    if (w > 3) a3 = _mm256_fmadd_ps(_mm256_loadu_ps(q0 + 3 * D + c), kv, a3);
+                }
+                s[i0][t] = hsum8(a0) * scale;
+                if (w > 1) s[i0 + 1][t] = hsum8(a1) * scale;
+                if (w > 2) s[i0 + 2][t] = hsum8(a2) * scale;
+                if (w > 3) s[i0 + 3][t] = hsum8(a3) * scale;
+            }
+        }
+        return;
+    }
+#endif
+    float row[MAX_D];
+    for (int t = 0; t < nb; t++) {
+        load_row(k, off + t * ts, bf16, D, row);
+        for (int i = 0; i < G; i++) {
+            const float *qi = q + (int64_t)i * D;
+            float dot = 0.0f;
+            for (int j = 0; j < D; j++) dot += qi[j] * row[j];
+            s[i][t] = dot * scale;
+        }
+    }
+}
+
+/* s[i][:nb] = exp(s[i][:nb] - mx) */
+static void exp_block(float *s, int nb, float mx) {
+    int t = 0;
+#ifdef LONGKV_AVX2
+    const __m256 m8 = _mm256_set1_ps(mx);
+    for (; t + 8 <= nb; t += 8) _mm256_storeu_ps(s + t, exp_neg8(_mm256_sub_ps(_mm256_loadu_ps(s + t), m8)));
+#endif
+    for (; t < nb; t++) s[t] = exp_neg(s[t] - mx);
+}
+
+/* acc[i] += sum_t s[i][t] * V row t, for the nb rows of a block. */
+static void value_block(float acc[][MAX_D], int G, int D, const void *v, int64_t off, int64_t ts, int nb, int bf16,
+                        float s[][BLK]) {
+#ifdef LONGKV_AVX2
+    if (D % 8 == 0) {
+        for (int c = 0; c < D; c += 8) {
+            for (int i0 = 0; i0 < G; i0 += 4) {
+                const int w = G - i0 < 4 ? G - i0 : 4;
+                __m256 a0 = _mm256_loadu_ps(acc[i0] + c);
+                __m256 a1 = w > 1 ? _mm256_loadu_ps(acc[i0 + 1] + c) : a0;
+                __m256 a2 = w > 2 ? _mm256_loadu_ps(acc[i0 + 2] + c) : a0;
+                __m256 a3 = w > 3 ? _mm256_loadu_ps(acc[i0 + 3] + c) : a0;
+                for (int t = 0; t < nb; t++) {
+                    const __m256 vv = load8(v, off + t * ts + c, bf16);
+                    a0 = _mm256_fmadd_ps(_mm256_set1_ps(s[i0][t]), vv, a0);
+                    if (w > 1) a1 = _mm256_fmadd_ps(_mm256_set1_ps(s[i0 + 1][t]), vv, a1);
+                    if (w > 2) a2 = _mm256_fmadd_ps(_mm256_set1_ps(s[i0 + 2][t]), vv, a2);
+                    if (w > 3) a3 = _mm256_fmadd_ps(_mm256_set1_ps(s[i0 + 3][t]), vv, a3);
+                }
+                _mm256_storeu_ps(acc[i0] + c, a0);
+                if (w > 1) _mm256_storeu_ps(acc[i0 + 1] + c, a1);
+                if (w > 2) _mm256_storeu_ps(acc[i0 + 2] + c, a2);
+                if (w > 3) _mm256_storeu_ps(acc[i0 + 3] + c, a3);
+            }
+        }
+        return;
+    }
+#endif
+    float row[MAX_D];
+    for (int t = 0; t < nb; t++) {
+        load_row(v, off + t * ts, bf16, D, row);
+        for (int i = 0; i < G; i++) {
+            const float p = s[i][t];
+            for (int j = 0; j < D; j++) acc[i][j] += p * row[j];
+        }
+    }
+}
+
+/* Attention state of every query head over the tokens [lo, hi) of the concatenated segments:
+ * running max m (H), sum l (H) and the unnormalised output acc (H x D). q: (H, D) float32. */
+static void attend_range(const int64_t *meta, int nseg, const float *q, int H, int Hkv, int D, float scale, int bf16,
+                         int64_t lo, int64_t hi, float *m_out, float *l_out, float *acc_out) {
+    const int G = H / Hkv;
+    float acc[MAX_G][MAX_D];
+    float s[MAX_G][BLK];
+    for (int g = 0; g < Hkv; g++) {
+        const float *qg = q + (int64_t)g * G * D;
+        float *m = m_out + g * G, *l = l_out + g * G;
+        for (int i = 0; i < G; i++) {
+            m[i] = -1e30f;
+            l[i] = 0.0f;
+            memset(acc[i], 0, (size_t)D * sizeof(float));
+        }
+        int64_t at = 0; /* first token of this segment in the concatenation */
+        for (int sg = 0; sg < nseg; at += meta[7 * sg + 2], sg++) {
+            const int64_t *md = meta + 7 * sg;
+            const void *kp = (const void *)(intptr_t)md[0], *vp = (const void *)(intptr_t)md[1];
+            const int64_t n = md[2], k_hs = md[3], k_ts = md[4], v_hs = md[5], v_ts = md[6];
+            const int64_t a = lo > at ? lo - at : 0, e = hi - at < n ? hi - at : n;
+            for (int64_t b = a; b < e; b += BLK) {
+                const int nb = (int)(e - b < BLK ? e - b : BLK);
+                score_block(qg, G, D, kp, g * k_hs + b * k_ts, k_ts, nb, bf16, scale, s);
+                for (int i = 0; i < G; i++) {
+                    float mx = m[i];
+                    for (int t = 0; t < nb; t++) mx = s[i][t] > mx ? s[i][t] : mx;
+                    const float corr = exp_neg(m[i] - mx);
+                    exp_block(s[i], nb, mx);
+                    float sum = 0.0f;
+                    for (int t = 0; t < nb; t++) sum += s[i][t];
+                    l[i] = l[i] * corr + sum;
+                    m[i] = mx;
+                    if (corr != 1.0f)
+                        for (int j = 0; j < D; j++) acc[i][j] *= corr;
+                }
+                value_block(acc, G, D, vp, g * v_hs + b * v_ts, v_ts, nb, bf16, s);
+            }
+        }
+        for (int i = 0; i < G; i++) memcpy(acc_out + ((int64_t)g * G + i) * D, acc[i], (size_t)D * sizeof(float));
+    }
+}
+
+static void store_row(void *out, int64_t at, int q_bf16, int D, const float *x, float mul) {
+    if (q_bf16) {
+        uint16_t *o = (uint16_t *)out + at;
+        for (int j = 0; j < D; j++) {
+            float f = x[j] * mul;
+            uint32_t u;
+            memcpy(&u, &f, sizeof u);
+            o[j] = (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16); /* round to nearest even */
+        }
+    } else {
+        float *o = (float *)out + at;
+        for (int j = 0; j < D; j++) o[j] = x[j] * mul;
+    }
+}
+
+#define MIN_SPLIT 256 /* tokens per thread below which one thread does the whole cache */
+
+/* out[h] = softmax(scale * q[h] . K[g]) V[g] for every query head h of KV head g = h / G.
+ *
+ * q, out: (H, D), contiguous, float32 or bfloat16 (flags bit 1 set: bfloat16).
+ * meta: 7 int64 per segment: key pointer, value pointer, tokens, then the element strides of a key
+ * row's head and token, and of a value row's; rows are contiguous. K and V are bfloat16 when flags
+ * bit 0 is set, else float32. With OpenMP (the team of the calling thread: PyTorch's, when loaded
+ * beside it) the tokens are split among the threads and the partial softmaxes merged.
+ * Returns 0, -1 when H is not a multiple of Hkv or G or D exceed the limits above, -2 out of memory. */
+int longkv_decode_attention(const int64_t *meta, int nseg, const void *q_in, void *out, int H, int Hkv, int D,
+                            float scale, int flags) {
+    const int bf16 = flags & 1, q_bf16 = (flags >> 1) & 1;
+    if (Hkv <= 0 || H % Hkv != 0 || D > MAX_D || H / Hkv > MAX_G) return -1;
+    int64_t n = 0;
+    for (int sg = 0; sg < nseg; sg++) n += meta[7 * sg + 2];
+    int parts = 1;
+#ifdef _OPENMP
+    parts = omp_get_max_threads();
+    if (parts > n / MIN_SPLIT) parts = (int)(n / MIN_SPLIT);
+    if (parts < 1) parts = 1;
+#endif
+    float *buf = malloc(sizeof(float) * ((size_t)H * D * (1 + parts) + 2 * (size_t)H * parts));
+    if (!buf) return -2;
+    float *q = buf, *acc = q + (size_t)H * D, *m = acc + (size_t)H * D * parts, *l = m + (size_t)H * parts;
+    for (int h = 0; h < H; h++) load_row(q_in, (int64_t)h * D, q_bf16, D, q + (int64_t)h * D);
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(parts) schedule(static, 1) if (parts > 1)
+#endif
+    for (int p = 0; p < parts; p++)
+        attend_range(meta, nseg, q, H, Hkv, D, scale, bf16, n * p / parts, n * (p + 1) / parts, m + (size_t)H * p,
+                     l + (size_t)H * p, acc + (size_t)H * D * p);
+    for (int h = 0; h < H; h++) { /* merge the parts' softmaxes: rescale each to the largest max */
+        float mx = -1e30f, sum = 0.0f;
+        for (int p = 0; p < parts; p++) mx = m[H * p + h] > mx ? m[H * p + h] : mx;
+        float *o = acc + (int64_t)h * D;
+        for (int p = 0; p < parts; p++) {
+            const float w = exp_neg(m[H * p + h] - mx);
+            sum += w * l[H * p + h];
+            if (p == 0) {
+                for (int j = 0; j < D; j++) o[j] *= w;
+            } else {
+                const float *x = acc + ((int64_t)H * p + h) * D;
+                for (int j = 0; j < D; j++) o[j] += w * x[j];
+            }
+        }
+        store_row(out, (int64_t)h * D, q_bf16, D, o, sum > 0.0f ? 1.0f / sum : 0.0f);
+    }
+    free(buf);
+    return 0;
+}
