@@ -30,7 +30,8 @@ from longkv.config import longkv_home
 
 log = logging.getLogger(__name__)
 
-_SOURCE = Path(__file__).with_name("decode_attention.c")
+_DIR = Path(__file__).parent
+_SOURCES = [_DIR / "decode_attention.c"]
 _FLAGS = ["-O3", "-march=native", "-std=c11", "-fPIC", "-shared", "-fno-math-errno", "-fno-trapping-math",
           "-fassociative-math", "-fno-signed-zeros", "-fopenmp"]
 MAX_GROUP, MAX_HEAD_DIM = 32, 512  # the C kernel's limits (query heads per KV head, head_dim)
@@ -62,14 +63,14 @@ def _build() -> ctypes.CDLL | None:
         log.info("no C compiler found: longkv's CPU kernels are off (install gcc for faster decode)")
         return None
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=False).stdout
-    src = _SOURCE.read_bytes()
+    src = b"".join(p.read_bytes() for p in _SOURCES)
     key = hashlib.sha256(src + version.encode() + _cpu_flags().encode() + " ".join(_FLAGS).encode()).hexdigest()[:16]
     out = longkv_home() / "kernels" / f"longkv_kernels-{key}.so"
     if not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)  # built aside, renamed into place: no half-written library
         os.close(fd)
-        r = subprocess.run([cc, *_FLAGS, "-o", tmp, str(_SOURCE), "-lm"], capture_output=True, text=True, check=False)
+        r = subprocess.run([cc, *_FLAGS, "-o", tmp, *map(str, _SOURCES), "-lm"], capture_output=True, text=True, check=False)
         if r.returncode != 0:
             os.unlink(tmp)
             log.warning("building longkv's CPU kernels failed, using PyTorch ops instead:\n%s", r.stderr[-2000:])
@@ -148,3 +149,4 @@ def decode_attention(q: torch.Tensor, parts: list[tuple[torch.Tensor, torch.Tens
     if rc != 0:
         raise ValueError(f"decode_attention: {h} query heads over {parts[0][0].shape[0]} KV heads of size {d} are beyond the kernel's limits")
     return out
+

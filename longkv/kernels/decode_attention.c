@@ -8,7 +8,7 @@
  * Nothing is copied or up-cast into a buffer, so the bytes moved are the cache's own.
  *
  * Built at first use by longkv/kernels/__init__.py with the machine's C compiler (-O3 -march=native);
- * the inner loops are plain C written for the compiler's auto-vectoriser.
+ * AVX2 intrinsics where the CPU has them, plain C elsewhere.
  */
 #include <math.h>
 #include <stdint.h>
@@ -17,15 +17,12 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
-#if defined(__AVX2__) && defined(__FMA__)
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
 #define LONGKV_AVX2 1
 #endif
 
-#define BLK 64      /* keys scored before each softmax update */
-#define MAX_G 32    /* query heads per KV head */
-#define MAX_D 512   /* head_dim */
-
+/* d elements at base + off (bfloat16 when bf16, else float32) as float32 in dst. */
 static inline void load_row(const void *base, int64_t off, int bf16, int d, float *restrict dst) {
     if (bf16) {
         const uint16_t *src = (const uint16_t *)base + off;
@@ -39,6 +36,46 @@ static inline void load_row(const void *base, int64_t off, int bf16, int d, floa
         memcpy(dst, (const float *)base + off, (size_t)d * sizeof(float));
     }
 }
+
+/* d float32 values times mul, stored at out + off as bfloat16 (round to nearest even) or float32. */
+static inline void store_row(void *out, int64_t at, int q_bf16, int D, const float *x, float mul) {
+    if (q_bf16) {
+        uint16_t *o = (uint16_t *)out + at;
+        for (int j = 0; j < D; j++) {
+            float f = x[j] * mul;
+            uint32_t u;
+            memcpy(&u, &f, sizeof u);
+            o[j] = (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16); /* round to nearest even */
+        }
+    } else {
+        float *o = (float *)out + at;
+        for (int j = 0; j < D; j++) o[j] = x[j] * mul;
+    }
+}
+
+
+#ifdef LONGKV_AVX2
+/* 8 elements of a row (bfloat16 or float32) as float32 lanes. */
+static inline __m256 load8(const void *base, int64_t off, int bf16) {
+    if (bf16) {
+        __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)base + off));
+        return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    }
+    return _mm256_loadu_ps((const float *)base + off);
+}
+
+static inline float hsum8(__m256 a) {
+    __m128 x = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+    x = _mm_add_ss(x, _mm_movehdup_ps(x));
+    return _mm_cvtss_f32(x);
+}
+
+#endif
+
+#define BLK 64      /* keys scored before each softmax update */
+#define MAX_G 32    /* query heads per KV head */
+#define MAX_D 512   /* head_dim */
 
 /* exp(x) for x <= 0 to float32 precision (relative error ~2e-7): 2^n times a degree-6 polynomial of the
  * remainder (the classic Cephes expf coefficients); inputs below -87 give 0. Branch-free, vectorisable. */
@@ -60,22 +97,6 @@ static inline float exp_neg(float x) {
 }
 
 #ifdef LONGKV_AVX2
-/* 8 elements of a row (bfloat16 or float32) as float32 lanes. */
-static inline __m256 load8(const void *base, int64_t off, int bf16) {
-    if (bf16) {
-        __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)base + off));
-        return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-    }
-    return _mm256_loadu_ps((const float *)base + off);
-}
-
-static inline float hsum8(__m256 a) {
-    __m128 x = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-    x = _mm_add_ps(x, _mm_movehl_ps(x, x));
-    x = _mm_add_ss(x, _mm_movehdup_ps(x));
-    return _mm_cvtss_f32(x);
-}
-
 static inline __m256 exp_neg8(__m256 x) { /* exp_neg, 8 lanes */
     const __m256 lo = _mm256_set1_ps(-87.0f);
     const __m256 dead = _mm256_cmp_ps(x, lo, _CMP_LE_OQ);
@@ -222,21 +243,6 @@ static void attend_range(const int64_t *meta, int nseg, const float *q, int H, i
             }
         }
         for (int i = 0; i < G; i++) memcpy(acc_out + ((int64_t)g * G + i) * D, acc[i], (size_t)D * sizeof(float));
-    }
-}
-
-static void store_row(void *out, int64_t at, int q_bf16, int D, const float *x, float mul) {
-    if (q_bf16) {
-        uint16_t *o = (uint16_t *)out + at;
-        for (int j = 0; j < D; j++) {
-            float f = x[j] * mul;
-            uint32_t u;
-            memcpy(&u, &f, sizeof u);
-            o[j] = (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16); /* round to nearest even */
-        }
-    } else {
-        float *o = (float *)out + at;
-        for (int j = 0; j < D; j++) o[j] = x[j] * mul;
     }
 }
 
