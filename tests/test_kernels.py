@@ -6,9 +6,14 @@ import shutil
 
 import pytest
 import torch
+import torch.nn.functional as F
+from conftest import random_llama_weights
 
 from longkv import kernels
 from longkv.attention import dense
+from longkv.config import ModelConfig
+from longkv.models import build
+from longkv.models.layers import Rotary
 
 needs_cc = pytest.mark.skipif(not kernels.available(), reason="no C compiler: longkv's CPU kernels are off")
 
@@ -95,3 +100,75 @@ def test_a_failing_compiler_turns_the_kernels_off(monkeypatch: pytest.MonkeyPatc
     assert not kernels.supports(torch.randn(4, 1, 64), torch.randn(2, 5, 64))
     with pytest.raises(ValueError, match="kernels are off"):
         kernels.decode_attention(torch.randn(4, 1, 64), [(torch.randn(2, 5, 64),) * 2], 0.125)
+
+
+@needs_cc
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("t", [1, 40])
+def test_add_rms_norm_matches_torch(dtype: torch.dtype, t: int) -> None:
+    torch.manual_seed(t)
+    x = torch.randn(t, 96).to(dtype)
+    delta = torch.randn(t, 96).to(dtype)
+    w = (torch.rand(96) + 0.5).to(dtype)
+    want_x = x + delta
+    want = F.rms_norm(want_x, (96,), w, 1e-6)
+    got = kernels.add_rms_norm(x, delta, w, 1e-6)
+    assert torch.equal(x, want_x), "the residual add is done in place, rounded like PyTorch's"
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+    torch.testing.assert_close(kernels.add_rms_norm(x, None, w, 1e-6), want, atol=tol, rtol=tol)
+
+
+@needs_cc
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize(("t", "rotary"), [(1, 64), (40, 64), (5, 32)])
+def test_rope_matches_rotary_apply(dtype: torch.dtype, t: int, rotary: int) -> None:
+    torch.manual_seed(t)
+    heads, d = 6, 64
+    qkv = torch.randn(t, heads * d + 2 * d).to(dtype)  # rows of a projection: 6 rotated heads, then values
+    angles = torch.arange(t)[:, None] * (1e4 ** (-torch.arange(0, rotary, 2) / rotary))[None, :]
+    cos, sin = angles.cos(), angles.sin()
+    got = kernels.rope(qkv[:, : heads * d], heads, d, cos, sin)
+    want = Rotary.apply(qkv[:, : heads * d].view(t, heads, d).transpose(0, 1).float(), cos, sin)
+    assert got.shape == (heads, t, d) and got.is_contiguous()
+    tol = 2e-6 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.float(), want, atol=tol, rtol=tol)
+
+
+@needs_cc
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_forward_equals_the_op_by_op_forward(arch: str, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    """LlamaModel's fused CPU forward (add+norm and RoPE kernels) against its PyTorch-ops forward."""
+    cfg = ModelConfig(
+        arch=arch, vocab_size=97, hidden_size=64, intermediate_size=96, n_layers=3, n_heads=4, n_kv_heads=2,
+        head_dim=16, max_position=2048, eos_token_ids=(0,), qk_norm=arch == "qwen3",
+    )  # fmt: skip
+    w = random_llama_weights(cfg, 3, 0.3)
+    g = torch.Generator().manual_seed(4)
+    for name in list(w):
+        if name.endswith("norm.weight"):
+            w[name] = torch.rand(cfg.hidden_size, generator=g) + 0.5
+    for i in range(cfg.n_layers if arch == "qwen3" else 0):
+        for n in ("q_norm", "k_norm"):
+            w[f"model.layers.{i}.self_attn.{n}.weight"] = torch.rand(cfg.head_dim, generator=g) + 0.5
+    model = build(cfg, {k: v.to(dtype) for k, v in w.items()})
+    ids = torch.randint(1, 97, (50,), generator=g)
+    pos = torch.arange(50)
+
+    def attention(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        return dense.attend(q, k, v, p, p)
+
+    fused = model.forward(ids, pos, attention, "all")
+    monkeypatch.setenv("LONGKV_KERNELS", "0")
+    plain = model.forward(ids, pos, attention, "all")
+    assert fused is not None and plain is not None
+    if dtype == torch.float32:
+        torch.testing.assert_close(fused, plain, atol=1e-4, rtol=1e-4)
+        return
+    # bfloat16: rounding differs (RoPE rounds once, not after every product), so both are held to the
+    # float32 forward of the same (bfloat16-valued) weights: the fused one must be no less accurate
+    exact = build(cfg, {k: v.to(dtype).float() for k, v in w.items()}).forward(ids, pos, attention, "all")
+    assert exact is not None
+    err_fused, err_plain = (fused - exact).abs().mean(), (plain - exact).abs().mean()
+    assert err_fused <= 1.1 * err_plain, (err_fused, err_plain)

@@ -4,7 +4,9 @@ PyTorch's operators are general; a decode step is a long row of tiny ones (one q
 thousand cached keys) where each costs more in dispatch and temporary buffers than in arithmetic.
 The kernels here do one such job in one call, reading the KV pages in place:
 
-* :func:`decode_attention`: one query per head over a cache's parts (bfloat16 or float32 pages).
+* :func:`decode_attention`: one query per head over a cache's parts (bfloat16 or float32 pages);
+* :func:`add_rms_norm`: the residual add and the next RMSNorm in one pass;
+* :func:`rope`: the rotary embedding of the query and key heads, out of the projection's rows.
 
 The library is compiled once per machine (``cc -O3 -march=native``, about a second) into
 ``$LONGKV_HOME/kernels/`` under a name that hashes the source, the compiler and the CPU's flags, and
@@ -31,7 +33,7 @@ from longkv.config import longkv_home
 log = logging.getLogger(__name__)
 
 _DIR = Path(__file__).parent
-_SOURCES = [_DIR / "decode_attention.c"]
+_SOURCES = [_DIR / "cpu.c"]
 _FLAGS = ["-O3", "-march=native", "-std=c11", "-fPIC", "-shared", "-fno-math-errno", "-fno-trapping-math",
           "-fassociative-math", "-fno-signed-zeros", "-fopenmp"]
 MAX_GROUP, MAX_HEAD_DIM = 32, 512  # the C kernel's limits (query heads per KV head, head_dim)
@@ -81,6 +83,12 @@ def _build() -> ctypes.CDLL | None:
     p = ctypes.c_void_p
     f.argtypes = [p, ctypes.c_int, p, p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_float, ctypes.c_int]
     f.restype = ctypes.c_int
+    f = lib.longkv_add_rms_norm
+    f.argtypes = [p, p, p, p, ctypes.c_int, ctypes.c_int, ctypes.c_float, ctypes.c_int]
+    f.restype = None
+    f = lib.longkv_rope
+    f.argtypes = [p, ctypes.c_int64, p, ctypes.c_int, ctypes.c_int, ctypes.c_int, p, p, ctypes.c_int, ctypes.c_int]
+    f.restype = None
     return lib
 
 
@@ -141,7 +149,7 @@ def decode_attention(q: torch.Tensor, parts: list[tuple[torch.Tensor, torch.Tens
         return torch.zeros_like(q)
     if q.dtype not in (torch.bfloat16, torch.float32) or not q.is_contiguous():
         q = q.float().contiguous()
-    out = torch.empty(q.shape, dtype=q.dtype)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     flags = int(dt == torch.bfloat16) | (int(q.dtype == torch.bfloat16) << 1)
     nseg = len(meta) // 7
     rc = _lib.longkv_decode_attention((ctypes.c_int64 * len(meta))(*meta), nseg, q.data_ptr(), out.data_ptr(), h,
@@ -150,3 +158,49 @@ def decode_attention(q: torch.Tensor, parts: list[tuple[torch.Tensor, torch.Tens
         raise ValueError(f"decode_attention: {h} query heads over {parts[0][0].shape[0]} KV heads of size {d} are beyond the kernel's limits")
     return out
 
+
+
+def fused_ok(x: torch.Tensor) -> bool:
+    """Whether :func:`add_rms_norm` and :func:`rope` take activations like ``x`` (CPU, bfloat16 or float32)."""
+    return x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float32) and available()
+
+
+def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``x += delta`` in place (skipped for None), then RMSNorm of x times ``weight``, in one pass.
+
+    Args:
+        x: (T, C) contiguous, bfloat16 or float32 (see :func:`fused_ok`); delta: the same shape and dtype.
+        weight: (C,) of x's dtype.
+
+    Returns:
+        (T, C) new tensor: ``x / sqrt(mean(x^2) + eps) * weight`` computed in float32 and rounded once
+        to x's dtype, as ``F.rms_norm`` does.
+    """
+    assert _lib is not None and x.is_contiguous() and weight.dtype == x.dtype and weight.is_contiguous()
+    if delta is not None:
+        assert delta.shape == x.shape and delta.dtype == x.dtype
+        delta = delta.contiguous()
+    out = torch.empty_like(x)
+    t, c = x.shape
+    _lib.longkv_add_rms_norm(x.data_ptr(), None if delta is None else delta.data_ptr(), weight.data_ptr(), out.data_ptr(),
+                             t, c, eps, int(x.dtype == torch.bfloat16))
+    return out
+
+
+def rope(rows: torch.Tensor, heads: int, head_dim: int, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE ("rotate halves") of the first ``heads`` heads of each row, written out head-major.
+
+    Args:
+        rows: (T, >= heads * head_dim) with contiguous rows (a slice of the q/k/v projection is fine),
+            bfloat16 or float32; row t holds head h at columns ``[h * head_dim, (h + 1) * head_dim)``.
+        cos, sin: (T, R/2) float32, R <= head_dim rotated channels (partial rotary passes the rest).
+
+    Returns:
+        (heads, T, head_dim) in rows' dtype, contiguous: what ``Rotary.apply`` gives for the heads.
+    """
+    assert _lib is not None and rows.stride(-1) == 1 and cos.dtype == torch.float32 and cos.is_contiguous() and sin.is_contiguous()
+    t = rows.shape[0]
+    out = torch.empty(heads, t, head_dim, dtype=rows.dtype, device=rows.device)
+    _lib.longkv_rope(rows.data_ptr(), rows.stride(0), out.data_ptr(), t, heads, head_dim, cos.data_ptr(), sin.data_ptr(),
+                     2 * cos.shape[-1], int(rows.dtype == torch.bfloat16))
+    return out

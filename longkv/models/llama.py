@@ -17,6 +17,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from longkv import kernels
 from longkv.config import ModelConfig
 from longkv.errors import LongKVError
 from longkv.models.layers import Linear, Rotary, gated_mlp, layer_ropes, rms_norm
@@ -112,6 +113,8 @@ class LlamaModel:
         c = self.config
         T = input_ids.shape[0]
         x = F.embedding(input_ids, self.embed)  # (T, hidden)
+        if kernels.fused_ok(x) and c.head_dim <= kernels.MAX_HEAD_DIM:
+            return self._forward_fused(x, positions, attention, logits_at)
         tables: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(rope) -> cos, sin (T, D/2): once per distinct RoPE
         nq, nk, _ = self._split
         for i, L in enumerate(self.layers):
@@ -131,6 +134,47 @@ class LlamaModel:
             o = attention(i, q, k, v, positions)  # (H, T, D)
             x = x + L.o(o.transpose(0, 1).reshape(T, nq))
             x = x + gated_mlp(rms_norm(x, L.mlp_norm, c.rms_eps), L.gate_up, L.down)
+        return self._logits(x, logits_at)
+
+    def _forward_fused(
+        self, x: torch.Tensor, positions: torch.Tensor, attention: AttentionFn, logits_at: Literal["last", "all", "none"] | torch.Tensor
+    ) -> torch.Tensor | None:
+        """:meth:`forward` on the CPU with :mod:`longkv.kernels`: each residual add fused with the next
+        RMSNorm, RoPE read straight from the projection's rows (the same arithmetic, fewer ops)."""
+        c = self.config
+        T = x.shape[0]
+        tables: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # float32 cos, sin per distinct RoPE
+        nq, nk, _ = self._split
+        heads = c.n_heads + c.n_kv_heads
+        pending: torch.Tensor | None = None  # the last block's output, added to x by the next norm
+        for i, L in enumerate(self.layers):
+            rope = self.ropes[i]
+            if id(rope) not in tables:
+                tables[id(rope)] = rope.cos_sin(positions, torch.float32)
+            cos, sin = tables[id(rope)]
+            h = kernels.add_rms_norm(x, pending, L.attn_norm, c.rms_eps)
+            qkv = L.qkv(h)  # (T, (H + 2 Hkv) D)
+            rows = qkv[:, : nq + nk]
+            if L.q_norm is not None and L.k_norm is not None:
+                qk = rows.view(T, heads, c.head_dim)
+                rows = torch.cat((rms_norm(qk[:, : c.n_heads], L.q_norm, c.rms_eps), rms_norm(qk[:, c.n_heads :], L.k_norm, c.rms_eps)), dim=1).view(T, -1)
+            qk = kernels.rope(rows, heads, c.head_dim, cos, sin)  # (H + Hkv, T, D)
+            q, k = qk[: c.n_heads], qk[c.n_heads :]
+            v = qkv[:, nq + nk :].view(T, c.n_kv_heads, c.head_dim).transpose(0, 1)
+            o = attention(i, q, k, v, positions)  # (H, T, D)
+            h = kernels.add_rms_norm(x, L.o(o.transpose(0, 1).reshape(T, nq)), L.mlp_norm, c.rms_eps)
+            pending = gated_mlp(h, L.gate_up, L.down)
+        if isinstance(logits_at, str) and logits_at == "none":
+            return None
+        h = kernels.add_rms_norm(x, pending, self.norm, c.rms_eps)
+        if isinstance(logits_at, torch.Tensor):
+            h = h[logits_at]
+        elif logits_at == "last":
+            h = h[-1:]
+        return self.lm_head(h).float()
+
+    def _logits(self, x: torch.Tensor, logits_at: Literal["last", "all", "none"] | torch.Tensor) -> torch.Tensor | None:
+        c = self.config
         if isinstance(logits_at, torch.Tensor):
             x = x[logits_at]
         elif logits_at == "none":

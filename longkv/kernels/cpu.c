@@ -7,6 +7,9 @@
  * and sum, rescaled as the max grows), and every value row is read once for the G queries too.
  * Nothing is copied or up-cast into a buffer, so the bytes moved are the cache's own.
  *
+ * Also here: the residual add fused with RMSNorm, and RoPE writing the rotated heads out (decode
+ * steps are a row of tiny ops; each of these is one call instead of five to ten).
+ *
  * Built at first use by longkv/kernels/__init__.py with the machine's C compiler (-O3 -march=native);
  * AVX2 intrinsics where the CPU has them, plain C elsewhere.
  */
@@ -296,4 +299,64 @@ int longkv_decode_attention(const int64_t *meta, int nseg, const void *q_in, voi
     }
     free(buf);
     return 0;
+}
+
+/* x += delta (when delta is not NULL, rounded to x's dtype as PyTorch's add would), then
+ * out = rms_norm(x) * w: x / sqrt(mean(x^2) + eps) * w in float32, rounded once (as F.rms_norm does).
+ * x, delta, out: (T, C) contiguous; w: (C,); all bfloat16 (bf16 = 1) or float32. */
+void longkv_add_rms_norm(void *x, const void *delta, const void *w, void *out, int T, int C, float eps, int bf16) {
+#ifdef _OPENMP
+#pragma omp parallel if (T >= 32)
+#endif
+    {
+        float *row = malloc(sizeof(float) * 3 * (size_t)C);
+        if (row) {
+            float *d = row + C, *wf = d + C;
+            load_row(w, 0, bf16, C, wf);
+#ifdef _OPENMP
+#pragma omp for schedule(static)
+#endif
+            for (int t = 0; t < T; t++) {
+                const int64_t at = (int64_t)t * C;
+                load_row(x, at, bf16, C, row);
+                if (delta) {
+                    load_row(delta, at, bf16, C, d);
+                    for (int j = 0; j < C; j++) row[j] += d[j];
+                    store_row(x, at, bf16, C, row, 1.0f);
+                    if (bf16) load_row(x, at, bf16, C, row); /* the rounded sum, as the next layer reads it */
+                }
+                float ss = 0.0f;
+                for (int j = 0; j < C; j++) ss += row[j] * row[j];
+                const float rstd = 1.0f / sqrtf(ss / (float)C + eps);
+                for (int j = 0; j < C; j++) row[j] *= rstd * wf[j];
+                store_row(out, at, bf16, C, row, 1.0f);
+            }
+            free(row);
+        }
+    }
+}
+
+/* RoPE ("rotate halves") of the first nh heads of each of T rows: row t's head h is the D values at
+ * src + t * row_stride + h * D; out[h][t] (nh, T, D) contiguous gets it rotated by cos[t], sin[t]
+ * ((T, R/2) float32): channels j < R/2 become x_j cos - x_{j+R/2} sin, channels R/2 <= j < R become
+ * x_j cos + x_{j-R/2} sin, channels from R on pass. src and out bfloat16 (bf16 = 1) or float32. */
+void longkv_rope(const void *src, int64_t row_stride, void *out, int T, int nh, int D, const float *cos,
+                 const float *sin, int R, int bf16) {
+    const int half = R / 2;
+#ifdef _OPENMP
+#pragma omp parallel for collapse(2) schedule(static) if (T >= 32)
+#endif
+    for (int h = 0; h < nh; h++) {
+        for (int t = 0; t < T; t++) {
+            float x[MAX_D], y[MAX_D];
+            load_row(src, t * row_stride + (int64_t)h * D, bf16, D, x);
+            const float *c = cos + (int64_t)t * half, *s = sin + (int64_t)t * half;
+            for (int j = 0; j < half; j++) {
+                y[j] = x[j] * c[j] - x[j + half] * s[j];
+                y[j + half] = x[j + half] * c[j] + x[j] * s[j];
+            }
+            for (int j = R; j < D; j++) y[j] = x[j];
+            store_row(out, ((int64_t)h * T + t) * D, bf16, D, y, 1.0f);
+        }
+    }
 }
