@@ -13,7 +13,7 @@ from longkv import kernels
 from longkv.attention import dense
 from longkv.config import ModelConfig
 from longkv.models import build
-from longkv.models.layers import Rotary
+from longkv.models.layers import Rotary, dequantize_int4, quantize_int4
 
 needs_cc = pytest.mark.skipif(not kernels.available(), reason="no C compiler: longkv's CPU kernels are off")
 
@@ -172,3 +172,47 @@ def test_fused_forward_equals_the_op_by_op_forward(arch: str, dtype: torch.dtype
     assert exact is not None
     err_fused, err_plain = (fused - exact).abs().mean(), (plain - exact).abs().mean()
     assert err_fused <= 1.1 * err_plain, (err_fused, err_plain)
+
+
+def _coded_x(x: torch.Tensor) -> torch.Tensor:
+    """x as block_linear codes it: per block of 32, round(x / s) * s with s = max |x| / 127 (float64)."""
+    xb = x.double().reshape(x.shape[0], -1, 32)
+    s = (xb.abs().amax(-1, keepdim=True).float() / 127).double()  # the kernel's float32 scale
+    return (torch.round(xb / s.clamp_min(1e-30)) * s).reshape(x.shape)
+
+
+@needs_cc
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("rows", [1, 3, 8, 11])  # 11: a second pass over W for rows 9-11
+def test_block_linear_is_the_exact_product_of_the_coded_x(dtype: torch.dtype, rows: int) -> None:
+    g = torch.Generator().manual_seed(rows)
+    n, k = 130, 192
+    w = torch.randn(n, k, generator=g) * 0.05
+    x = torch.randn(rows, k, generator=g).to(dtype)
+    codes, step, lo = quantize_int4(w, 32)
+    w4 = dequantize_int4(codes, step.half().float(), lo.half().float(), 32)  # step and minimum stored as float16
+    p8 = kernels.pack_q8(w)
+    scale8 = p8.reshape(n, k // 32, 34)[..., 32:].contiguous().view(torch.float16).float()  # (N, K/32, 1)
+    w8 = (p8.reshape(n, k // 32, 34)[..., :32].contiguous().view(torch.int8).float() * scale8).reshape(n, k)
+    assert (w8 - w).abs().max() <= scale8.max() / 2 * 1.01  # Q8_0 codes: within half a step of w
+    for bits, ref_w, packed in ((4, w4, kernels.pack_q4(codes, step, lo)), (8, w8, p8)):
+        got = kernels.block_linear(x, packed, n, k, bits)
+        assert got.shape == (rows, n) and got.dtype == dtype
+        want = _coded_x(x) @ ref_w.double().T
+        tol = 1e-5 if dtype == torch.float32 else 8e-3  # float32 sums; bfloat16: the output's rounding
+        torch.testing.assert_close(got.double(), want, atol=tol * float(want.abs().max()), rtol=tol)
+
+
+@needs_cc
+def test_pack_q4_layout_holds_every_code() -> None:
+    codes = torch.randint(0, 16, (3, 64), generator=torch.Generator().manual_seed(0))
+    step, lo = torch.rand(3, 2) + 0.1, -torch.rand(3, 2)
+    p = kernels.pack_q4(codes, step, lo).reshape(3, 2, 20)
+    assert p.dtype == torch.uint8
+    lo_nib, hi_nib = (p[..., :16] & 15).long(), (p[..., :16] >> 4).long()
+    assert torch.equal(torch.cat((lo_nib, hi_nib), -1).reshape(3, 64), codes)
+    halves = p[..., 16:].contiguous().view(torch.float16).float()  # (3, 2, 2): step, minimum
+    torch.testing.assert_close(halves[..., 0], step.half().float())
+    torch.testing.assert_close(halves[..., 1], lo.half().float())
+    with pytest.raises(ValueError, match="not a multiple of 32"):
+        kernels.block_linear(torch.randn(1, 40), torch.zeros(1, 100, dtype=torch.uint8), 1, 40, 4)

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from longkv import kernels
 from longkv.models.layers import Linear, dequantize_int4, int4_group, quantize_int4
 
 
@@ -24,13 +25,24 @@ def test_int4_codes_round_trip_within_half_a_step() -> None:
     assert float((again - back).abs().max()) < 1e-6
 
 
-@pytest.mark.parametrize("k", [576, 96])  # groups of 64, and of 32 where 64 does not divide k
-def test_int4_linear_equals_dequantized_matmul(k: int) -> None:
+@pytest.fixture(params=["kernels", "torch"])
+def layout(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Both layouts of the coded copy: longkv.kernels blocks (where a C compiler is), PyTorch's own kernels."""
+    if request.param == "kernels" and not kernels.available():
+        pytest.skip("no C compiler: longkv's CPU kernels are off")
+    if request.param == "torch":
+        monkeypatch.setenv("LONGKV_KERNELS", "0")
+    return str(request.param)
+
+
+@pytest.mark.parametrize("k", [576, 96])
+def test_int4_linear_equals_dequantized_matmul(k: int, layout: str) -> None:
     w = _w(160, k, 1).to(torch.bfloat16)
     b = torch.randn(160).to(torch.bfloat16)
     lin = Linear(w, b, "int4")
     g = int4_group(k)
-    assert lin.group == g and lin.decode_bytes() < w.nbytes // 3
+    assert lin.group == g and lin.bits == (4 if layout == "kernels" else 0)
+    assert lin.decode_bytes() == (160 * k // 32 * 20 if layout == "kernels" else 160 * k // 2 + 160 * k // g * 2 * 2)
     ref_w = dequantize_int4(*quantize_int4(w, g), g)
     for rows in (1, 3, 4, 8, Linear.decode_max_rows):  # a batched decode step of up to 32 sequences
         x = torch.randn(rows, k).to(torch.bfloat16)
@@ -64,12 +76,13 @@ def test_bf16_products_run_in_float32_where_bf16_is_slow() -> None:
     torch.testing.assert_close(got, want, rtol=0.01, atol=0.01)
 
 
-def test_int8_linear_and_bad_formats() -> None:
+def test_int8_linear_and_bad_formats(layout: str) -> None:
     w = _w(64, 128, 2).to(torch.bfloat16)
     lin = Linear(w, None, "int8")
     x = torch.randn(2, 128).to(torch.bfloat16)
     torch.testing.assert_close(lin(x).float(), x.float() @ w.float().T, rtol=0.03, atol=0.03)
-    assert lin.decode_bytes() == 64 * 128 + 64 * 2
+    # kernels: a float16 scale per block of 32 (Q8_0); PyTorch's kernel: one bfloat16 scale per output channel
+    assert lin.decode_bytes() == (64 * 128 // 32 * 34 if layout == "kernels" else 64 * 128 + 64 * 2)
     with pytest.raises(ValueError, match="unknown decode weight format"):
         Linear(w, None, "int2")
     with pytest.raises(ValueError, match="multiples of 32"):

@@ -6,7 +6,9 @@ The kernels here do one such job in one call, reading the KV pages in place:
 
 * :func:`decode_attention`: one query per head over a cache's parts (bfloat16 or float32 pages);
 * :func:`add_rms_norm`: the residual add and the next RMSNorm in one pass;
-* :func:`rope`: the rotary embedding of the query and key heads, out of the projection's rows.
+* :func:`rope`: the rotary embedding of the query and key heads, out of the projection's rows;
+* :func:`block_linear`: a few rows times a matrix in 4-bit or 8-bit blocks (:func:`pack_q4`,
+  :func:`pack_q8`), the decode steps' projections.
 
 The library is compiled once per machine (``cc -O3 -march=native``, about a second) into
 ``$LONGKV_HOME/kernels/`` under a name that hashes the source, the compiler and the CPU's flags, and
@@ -89,6 +91,9 @@ def _build() -> ctypes.CDLL | None:
     f = lib.longkv_rope
     f.argtypes = [p, ctypes.c_int64, p, ctypes.c_int, ctypes.c_int, ctypes.c_int, p, p, ctypes.c_int, ctypes.c_int]
     f.restype = None
+    f = lib.longkv_block_linear
+    f.argtypes = [ctypes.c_int, p, ctypes.c_int64, ctypes.c_int, p, ctypes.c_int, p, ctypes.c_int]
+    f.restype = ctypes.c_int
     return lib
 
 
@@ -204,3 +209,68 @@ def rope(rows: torch.Tensor, heads: int, head_dim: int, cos: torch.Tensor, sin: 
     _lib.longkv_rope(rows.data_ptr(), rows.stride(0), out.data_ptr(), t, heads, head_dim, cos.data_ptr(), sin.data_ptr(),
                      2 * cos.shape[-1], int(rows.dtype == torch.bfloat16))
     return out
+
+
+BLOCK = 32  # input channels per block of :func:`pack_q4` and :func:`pack_q8`
+
+
+def pack_q4(codes: torch.Tensor, step: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
+    """4-bit blocks for :func:`block_linear` from codes: weight = code * step + lo per block of 32 inputs.
+
+    Args:
+        codes: (N, K) integer codes in [0, 15]; K a multiple of 32.
+        step, lo: (N, K / 32) float, the blocks' step and minimum (stored as float16).
+
+    Returns:
+        (N, K / 32 * 20) uint8: per block 16 bytes of codes (channel j in the low nibble of byte j,
+        channel j + 16 in its high nibble), then step and minimum as float16 (GGUF's Q4_1 layout).
+    """
+    n, k = codes.shape
+    c = codes.to(torch.uint8).reshape(n, k // BLOCK, BLOCK)
+    nibbles = c[..., :16] | (c[..., 16:] << 4)
+    halves = torch.stack((step, lo), dim=-1).to(torch.float16).contiguous().view(torch.uint8)  # (N, K/32, 4)
+    return torch.cat((nibbles, halves), dim=-1).reshape(n, -1).contiguous()
+
+
+def pack_q8(w: torch.Tensor) -> torch.Tensor:
+    """8-bit blocks for :func:`block_linear`: per block of 32 inputs, codes round(w / scale) with
+    scale = max |w| / 127 (GGUF's Q8_0).
+
+    Args:
+        w: (N, K) float, K a multiple of 32.
+
+    Returns:
+        (N, K / 32 * 34) uint8: per block 32 signed codes, then the scale as float16.
+    """
+    n, k = w.shape
+    wb = w.float().reshape(n, k // BLOCK, BLOCK)
+    scale = (wb.abs().amax(-1) / 127).to(torch.float16)  # stored as float16: codes against that value
+    codes = (wb / scale.float().clamp_min(1e-30)[..., None]).round_().clamp_(-127, 127).to(torch.int8)
+    return torch.cat((codes.view(torch.uint8), scale[..., None].view(torch.uint8)), dim=-1).reshape(n, -1).contiguous()
+
+
+def block_linear(x: torch.Tensor, w: torch.Tensor, n: int, k: int, bits: int) -> torch.Tensor:
+    """``x @ W.T`` for W (n, k) in the blocks of :func:`pack_q4` (``bits=4``) or :func:`pack_q8` (``bits=8``).
+
+    x is coded to 8 bits per block of 32 inputs (scale max |x| / 127) and each block's dot product
+    computed in integers, as llama.cpp does; the result is the exact product of the coded x with W.
+
+    Args:
+        x: (M, K) bfloat16 or float32 (each 8 rows are one pass over W).
+        w: the packed blocks (uint8).
+
+    Returns:
+        (M, N) in x's dtype.
+
+    Raises:
+        ValueError: the library is not built, or K is not a multiple of 32.
+    """
+    if _lib is None:
+        raise ValueError("longkv's CPU kernels are off (no C compiler, or LONGKV_KERNELS=0)")
+    if x.dtype not in (torch.bfloat16, torch.float32) or not x.is_contiguous():
+        x = x.float().contiguous()
+    m = x.shape[0]
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if _lib.longkv_block_linear(bits, w.data_ptr(), n, k, x.data_ptr(), m, y.data_ptr(), 3 * int(x.dtype == torch.bfloat16)) != 0:
+        raise ValueError(f"block_linear: {k} input channels is not a multiple of {BLOCK} (or bits {bits} is not 4 or 8)")
+    return y

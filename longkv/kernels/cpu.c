@@ -8,7 +8,8 @@
  * Nothing is copied or up-cast into a buffer, so the bytes moved are the cache's own.
  *
  * Also here: the residual add fused with RMSNorm, and RoPE writing the rotated heads out (decode
- * steps are a row of tiny ops; each of these is one call instead of five to ten).
+ * steps are a row of tiny ops; each of these is one call instead of five to ten), and the 4-bit
+ * weight-only linear layer of decode steps.
  *
  * Built at first use by longkv/kernels/__init__.py with the machine's C compiler (-O3 -march=native);
  * AVX2 intrinsics where the CPU has them, plain C elsewhere.
@@ -359,4 +360,188 @@ void longkv_rope(const void *src, int64_t row_stride, void *out, int T, int nh, 
             store_row(out, ((int64_t)h * T + t) * D, bf16, D, y, 1.0f);
         }
     }
+}
+
+/* Weight-only linear layers for a few rows (decode): y = x W^T, W read once, in 4-bit or 8-bit blocks.
+ *
+ * A decode step multiplies one row per sequence by every weight matrix, so it is bound by the bytes of
+ * W it reads. W is stored as blocks of 32 input channels of one output row: 16 bytes of 4-bit codes
+ * (byte j holds the code of channel j in its low nibble and of channel j + 16 in its high one), then
+ * the block's step and minimum as float16, 20 bytes in all (the layout of GGUF's Q4_1): a weight is
+ * code * step + min. Each block's dot product with x is computed in integers: x is coded to 8 bits per
+ * block of 32 (scale = max |x| / 127, as llama.cpp does for its 4-bit matrix products) and multiplied
+ * by the centred weight codes (code - 8, as signed bytes: AVX2 maddubs); the rest of each weight,
+ * zero = min + 8 * step, multiplies the sum of the coded x. The result is exactly the product of the
+ * coded x with the weights. Rows of W are split among the OpenMP threads.
+ */
+#define Q4_BLOCK 32
+#define Q4_BYTES 20
+#define MAX_ROWS 8 /* rows of x per pass over W (more rows: further passes) */
+
+static inline float half_to_float(const uint8_t *p) {
+    uint16_t h;
+    memcpy(&h, p, sizeof h);
+#ifdef LONGKV_AVX2
+    return _cvtsh_ss(h);
+#else
+    const uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1Fu, man = h & 0x3FFu;
+    uint32_t u;
+    if (exp == 0) { /* zero or subnormal */
+        float f = (float)man * (1.0f / 16777216.0f);
+        memcpy(&u, &f, sizeof u);
+        u |= sign;
+    } else if (exp == 31) {
+        u = sign | 0x7F800000u | (man << 13);
+    } else {
+        u = sign | ((exp + 112) << 23) | (man << 13);
+    }
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+#endif
+}
+
+/* One pass: rows [m0, m0 + mr) of x (coded: xq, xs scales, xsum sums per block) against W rows [n0, n1). */
+static void q4_rows(const uint8_t *w, int K, const int8_t *xq, const float *xs, const float *xsum, int m0, int mr,
+                    int64_t n0, int64_t n1, int64_t N, int y_bf16, void *y) {
+    const int nblk = K / Q4_BLOCK;
+    for (int64_t n = n0; n < n1; n++) {
+        const uint8_t *row = w + n * (int64_t)nblk * Q4_BYTES;
+        float tot[MAX_ROWS];
+#ifdef LONGKV_AVX2
+        /* two accumulators per row (even and odd blocks): independent FMA chains */
+        __m256 acc[MAX_ROWS][2];
+        for (int r = 0; r < mr; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+        float zsum[MAX_ROWS] = {0};
+        const __m128i m4 = _mm_set1_epi8(0x0F), eight = _mm_set1_epi8(8);
+        const __m256i ones = _mm256_set1_epi16(1);
+        for (int b = 0; b < nblk; b++) {
+            const uint8_t *blk = row + (int64_t)b * Q4_BYTES;
+            const __m128i raw = _mm_loadu_si128((const __m128i *)blk);
+            const __m256i codes = _mm256_set_m128i(_mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(raw, 4), m4), eight),
+                                                   _mm_sub_epi8(_mm_and_si128(raw, m4), eight));
+            const float step = half_to_float(blk + 16), mn = half_to_float(blk + 18);
+            for (int r = 0; r < mr; r++) {
+                const int64_t xb = (int64_t)(m0 + r) * nblk + b;
+                const __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + xb * Q4_BLOCK));
+                /* signed by signed bytes as maddubs takes them: |x| times the code with x's sign */
+                const __m256i prod = _mm256_maddubs_epi16(_mm256_sign_epi8(xv, xv), _mm256_sign_epi8(codes, xv));
+                const __m256i dot = _mm256_madd_epi16(prod, ones);
+                acc[r][b & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(step * xs[xb]), acc[r][b & 1]);
+                zsum[r] += (mn + 8.0f * step) * xsum[xb];
+            }
+        }
+        for (int r = 0; r < mr; r++) tot[r] = hsum8(_mm256_add_ps(acc[r][0], acc[r][1])) + zsum[r];
+#else
+        for (int r = 0; r < mr; r++) tot[r] = 0.0f;
+        for (int b = 0; b < nblk; b++) {
+            const uint8_t *blk = row + (int64_t)b * Q4_BYTES;
+            const float step = half_to_float(blk + 16), mn = half_to_float(blk + 18);
+            for (int r = 0; r < mr; r++) {
+                const int64_t xb = (int64_t)(m0 + r) * nblk + b;
+                const int8_t *xv = xq + xb * Q4_BLOCK;
+                int32_t dot = 0;
+                for (int j = 0; j < 16; j++) dot += (blk[j] & 0x0F) * xv[j] + (blk[j] >> 4) * xv[j + 16];
+                tot[r] += (float)dot * step * xs[xb] + mn * xsum[xb];
+            }
+        }
+#endif
+        for (int r = 0; r < mr; r++) store_row(y, (int64_t)(m0 + r) * N + n, y_bf16, 1, &tot[r], 1.0f);
+    }
+}
+
+#define Q8_BYTES 34 /* 32 signed 8-bit codes, then the block's scale as float16 (GGUF's Q8_0) */
+
+/* As q4_rows, for W in 8-bit blocks: a weight is code * scale. */
+static void q8_rows(const uint8_t *w, int K, const int8_t *xq, const float *xs, int m0, int mr, int64_t n0, int64_t n1,
+                    int64_t N, int y_bf16, void *y) {
+    const int nblk = K / Q4_BLOCK;
+    for (int64_t n = n0; n < n1; n++) {
+        const uint8_t *row = w + n * (int64_t)nblk * Q8_BYTES;
+        float tot[MAX_ROWS];
+#ifdef LONGKV_AVX2
+        __m256 acc[MAX_ROWS][2];
+        for (int r = 0; r < mr; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+        const __m256i ones = _mm256_set1_epi16(1);
+        for (int b = 0; b < nblk; b++) {
+            const uint8_t *blk = row + (int64_t)b * Q8_BYTES;
+            const __m256i codes = _mm256_loadu_si256((const __m256i *)blk);
+            const float scale = half_to_float(blk + 32);
+            for (int r = 0; r < mr; r++) {
+                const int64_t xb = (int64_t)(m0 + r) * nblk + b;
+                const __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + xb * Q4_BLOCK));
+                const __m256i prod = _mm256_maddubs_epi16(_mm256_sign_epi8(xv, xv), _mm256_sign_epi8(codes, xv));
+                const __m256i dot = _mm256_madd_epi16(prod, ones);
+                acc[r][b & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(scale * xs[xb]), acc[r][b & 1]);
+            }
+        }
+        for (int r = 0; r < mr; r++) tot[r] = hsum8(_mm256_add_ps(acc[r][0], acc[r][1]));
+#else
+        for (int r = 0; r < mr; r++) tot[r] = 0.0f;
+        for (int b = 0; b < nblk; b++) {
+            const uint8_t *blk = row + (int64_t)b * Q8_BYTES;
+            const float scale = half_to_float(blk + 32);
+            for (int r = 0; r < mr; r++) {
+                const int64_t xb = (int64_t)(m0 + r) * nblk + b;
+                const int8_t *xv = xq + xb * Q4_BLOCK;
+                int32_t dot = 0;
+                for (int j = 0; j < 32; j++) dot += (int8_t)blk[j] * xv[j];
+                tot[r] += (float)dot * scale * xs[xb];
+            }
+        }
+#endif
+        for (int r = 0; r < mr; r++) store_row(y, (int64_t)(m0 + r) * N + n, y_bf16, 1, &tot[r], 1.0f);
+    }
+}
+
+/* y (M, N) = x (M, K) W^T for W (N, K) in 4-bit (bits = 4) or 8-bit (bits = 8) blocks (see above); x and
+ * y bfloat16 when flags bit 0 / bit 1 is set, else float32. K must be a multiple of 32.
+ * Returns 0, -1 for a bad K or bits, -2 out of memory. */
+int longkv_block_linear(int bits, const uint8_t *w, int64_t N, int K, const void *x, int M, void *y, int flags) {
+    if (K <= 0 || K % Q4_BLOCK != 0 || M <= 0 || (bits != 4 && bits != 8)) return -1;
+    const int x_bf16 = flags & 1, y_bf16 = (flags >> 1) & 1, nblk = K / Q4_BLOCK;
+    int8_t *xq = malloc((size_t)M * K);
+    float *xs = malloc(sizeof(float) * 2 * (size_t)M * nblk), *row = malloc(sizeof(float) * (size_t)K);
+    if (!xq || !xs || !row) {
+        free(xq);
+        free(xs);
+        free(row);
+        return -2;
+    }
+    float *xsum = xs + (size_t)M * nblk;
+    for (int m = 0; m < M; m++) { /* code x: 8 bits per block of 32, scale max |x| / 127 */
+        load_row(x, (int64_t)m * K, x_bf16, K, row);
+        for (int b = 0; b < nblk; b++) {
+            const float *v = row + b * Q4_BLOCK;
+            float amax = 0.0f, sum = 0.0f;
+            for (int j = 0; j < Q4_BLOCK; j++) amax = fabsf(v[j]) > amax ? fabsf(v[j]) : amax;
+            const float scale = amax / 127.0f, inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+            int8_t *q = xq + ((int64_t)m * nblk + b) * Q4_BLOCK;
+            int32_t isum = 0;
+            for (int j = 0; j < Q4_BLOCK; j++) {
+                q[j] = (int8_t)lrintf(v[j] * inv);
+                isum += q[j];
+            }
+            sum = scale * (float)isum; /* the coded x's sum: the error is then sum_j w_j (x_j - coded x_j) */
+            xs[(int64_t)m * nblk + b] = scale;
+            xsum[(int64_t)m * nblk + b] = sum;
+        }
+    }
+    free(row);
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static)
+#endif
+    for (int64_t t = 0; t < 64; t++) { /* 64 slices of W's rows, static: each thread streams its own */
+        const int64_t n0 = N * t / 64, n1 = N * (t + 1) / 64;
+        for (int m0 = 0; m0 < M; m0 += MAX_ROWS) {
+            const int mr = M - m0 < MAX_ROWS ? M - m0 : MAX_ROWS;
+            if (bits == 4)
+                q4_rows(w, K, xq, xs, xsum, m0, mr, n0, n1, N, y_bf16, y);
+            else
+                q8_rows(w, K, xq, xs, m0, mr, n0, n1, N, y_bf16, y);
+        }
+    }
+    free(xq);
+    free(xs);
+    return 0;
 }

@@ -12,6 +12,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from longkv import kernels
 from longkv.config import AttnSpec, ModelConfig, RopeScaling, fast_bf16_matmul
 
 
@@ -28,7 +29,7 @@ DECODE_WEIGHTS = ("int4", "int8", "none")  # formats of the decode copy of a wei
 
 
 def int4_group(k: int) -> int:
-    """Group size of int4 weights with ``k`` input channels: 64 where it divides k, else 32.
+    """Group size of int4 weights with ``k`` input channels: 32 (GGUF's 4-bit blocks; it matched their accuracy).
 
     Raises:
         ValueError: k is not a multiple of 32 (the CPU int4 kernel needs whole groups).
@@ -62,10 +63,13 @@ class Linear:
     """``y = x @ W.T + b``, with an optional int8 or int4 copy of W for few-row inputs (decode).
 
     A decode step multiplies a few rows by every weight matrix, so it is bound by
-    memory bandwidth: reading a coded copy of W moves a half (int8: per-output-
-    channel scales, symmetric, ``aten._weight_int8pack_mm``) or a quarter (int4:
-    per-group step and minimum, ``aten._weight_int4pack_mm_for_cpu``) of the bytes
-    of bfloat16; up to :attr:`decode_max_rows` rows read it. Many-row
+    memory bandwidth: reading a coded copy of W moves about a half (int8) or a
+    quarter (int4) of the bytes of bfloat16; up to :attr:`decode_max_rows` rows read
+    it. Where :mod:`longkv.kernels` is built, the copy is in blocks of 32 inputs
+    (int8: a scale per block, GGUF's Q8_0; int4: a step and minimum per block, Q4_1)
+    and multiplied by :func:`~longkv.kernels.block_linear`; otherwise by PyTorch's CPU
+    kernels (int8: one scale per output channel, ``aten._weight_int8pack_mm``; int4:
+    ``aten._weight_int4pack_mm_for_cpu``). Many-row
     inputs (prefill chunks) are compute-bound and use W itself; on a CPU without
     native bfloat16 products (:func:`~longkv.config.fast_bf16_matmul`) a bfloat16 W
     is up-cast for them and multiplied in float32 (8-10x faster there from 16 rows
@@ -81,7 +85,7 @@ class Linear:
             (both kernels are CPU kernels).
     """
 
-    __slots__ = ("b", "decode", "group", "q", "scale", "upcast", "w")
+    __slots__ = ("b", "bits", "decode", "group", "q", "scale", "upcast", "w")
     # Up to this many rows (the tokens of a batched decode step) read the coded copy: on an
     # AVX2 CPU the int8/int4 kernels stayed 1.5-10x faster than W's own product up to 32 rows
     # (a 3072 x 576 matrix: int8 77 / 343 / 1343 us at 1 / 8 / 32 rows, float32 up-cast 1.1-2.1 ms).
@@ -97,10 +101,14 @@ class Linear:
         self.b = b
         self.decode = decode
         self.upcast = w.dtype == torch.bfloat16 and not fast_bf16_matmul(w.device)
-        self.q: torch.Tensor | None = None  # int8: (out, in) int8; int4: packed by the CPU kernel's own layout
-        self.scale: torch.Tensor | None = None  # int8: (out,); int4: (in / group, out, 2) step and zero point
+        self.q: torch.Tensor | None = None  # the coded copy (layouts below)
+        self.scale: torch.Tensor | None = None  # PyTorch's kernels: int8 (out,); int4 (in / group, out, 2) step and zero point
         self.group = 0
-        if decode == "int8":
+        self.bits = 0  # 4 or 8: q holds longkv.kernels blocks
+        if decode != "none" and w.shape[1] % kernels.BLOCK == 0 and kernels.available():
+            self.bits, self.group = (4 if decode == "int4" else 8), kernels.BLOCK
+            self.q = kernels.pack_q4(*quantize_int4(w, kernels.BLOCK)) if decode == "int4" else kernels.pack_q8(w)
+        elif decode == "int8":
             wf = w.float()
             scale = (wf.abs().amax(dim=1) / 127.0).clamp_min(1e-12)  # (out,)
             self.q = torch.round(wf / scale[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
@@ -114,13 +122,15 @@ class Linear:
 
     def decode_bytes(self) -> int:
         """Bytes a decode step reads from this matrix (the coded copy, else W)."""
-        if self.q is None or self.scale is None:
+        if self.q is None:
             return self.w.nbytes
-        return self.q.nbytes + self.scale.nbytes
+        return self.q.nbytes + (0 if self.scale is None else self.scale.nbytes)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.q is not None and x.shape[0] <= self.decode_max_rows:
-            if self.decode == "int4":
+            if self.bits:
+                y = kernels.block_linear(x, self.q, self.w.shape[0], self.w.shape[1], self.bits)
+            elif self.decode == "int4":
                 y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.q, self.group, self.scale)
             else:
                 y = torch.ops.aten._weight_int8pack_mm(x, self.q, self.scale)
