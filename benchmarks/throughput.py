@@ -4,8 +4,10 @@ Same machine, same GGUF file, same thread count, one run. For each context lengt
 
 * prefill tokens/s: time to process an L-token prompt (book text) from an empty cache;
 * decode tokens/s: single-token steps right after that prefill (context L .. L + steps);
-* for longkv, the memory each decode token touches (weights read + KV read) and the
-  implied bandwidth, so the distance to the hardware limit is visible.
+* for longkv and llama.cpp, the bytes each decode token reads (weights as each engine
+  stores them + the KV cache) and the implied GB/s, against a streaming-read probe of
+  this machine (the sum of a 512 MiB tensor, median of 7), so the distance to the
+  hardware limit is visible.
 
 Seeded, one warm-up per engine, median of ``--repeats`` runs. Prints a table with
 ratios and writes JSON.
@@ -130,6 +132,30 @@ def decode_bytes_per_token(llm: LLM, context: int) -> int:
     return weights + kv
 
 
+def gguf_bytes_per_token(gguf: Path, llm: LLM, context: int) -> int:
+    """Bytes a llama.cpp decode step reads: the file's matrices as stored (the embedding only where it is
+    also the LM head) + an f16 KV cache."""
+    from gguf import GGUFReader
+
+    tensors = {t.name: int(t.n_bytes) for t in GGUFReader(gguf).tensors}
+    head = tensors.get("output.weight", tensors.get("token_embd.weight", 0))
+    weights = sum(n for name, n in tensors.items() if name.startswith("blk.")) + head
+    c = llm.config
+    return weights + context * 2 * c.n_layers * c.n_kv_heads * c.head_dim * 2
+
+
+def bandwidth_probe(threads: int, repeats: int = 7) -> float:
+    """GB/s of a streaming read on this machine: the sum of a 512 MiB float32 tensor, median of ``repeats``."""
+    torch.set_num_threads(threads)
+    big = torch.ones(128 * 1024 * 1024)
+    times = []
+    for _ in range(repeats + 1):
+        t0 = time.perf_counter()
+        big.sum()
+        times.append(time.perf_counter() - t0)
+    return big.nbytes / statistics.median(times[1:]) / 1e9
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="GGUF file (default: the SmolLM2-135M-Instruct test model)")
@@ -162,6 +188,8 @@ def main() -> None:
         runners["llama.cpp"] = make_llama_cpp(gguf, args.threads, max(lengths) + args.steps + 16)
     runners = {k: v for k, v in runners.items() if k in engines}
 
+    bw = bandwidth_probe(args.threads)
+    print(f"streaming read: {bw:.1f} GB/s ({args.threads} threads)", file=sys.stderr)
     for name, fn in runners.items():  # warm-up: allocator, kernels, caches
         print(f"warm-up {name} ...", file=sys.stderr)
         fn(ids_all[:256], 4)
@@ -174,10 +202,11 @@ def main() -> None:
             print(f"{name} @ {length} tokens ...", file=sys.stderr)
             pre, dec = median_of(lambda fn=fn, ids=ids: fn(ids, args.steps), reps)
             row: dict[str, object] = {"engine": name, "context": length, "prefill_tok_s": round(pre, 1), "decode_tok_s": round(dec, 1)}
-            if name == "longkv":
-                b = decode_bytes_per_token(llm, length)
+            b = decode_bytes_per_token(llm, length) if name == "longkv" else gguf_bytes_per_token(gguf, llm, length) if name == "llama.cpp" else 0
+            if b:
                 row["decode_bytes_per_token"] = b
                 row["decode_GB_s"] = round(b * dec / 1e9, 2)
+                row["bandwidth_fraction"] = round(b * dec / 1e9 / bw, 3)
             results.append(row)
             print(json.dumps(row), file=sys.stderr)
 
@@ -189,11 +218,17 @@ def main() -> None:
         "steps": args.steps,
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus",
         "torch": torch.__version__,
+        "streaming_read_GB_s": round(bw, 2),
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"meta": meta, "results": results}, indent=2))
     print_table(results)
+    print(f"\nbytes read per decode token, GB/s achieved and the fraction of the streaming read ({bw:.1f} GB/s):\n")
+    print("| context | engine | MB per token | GB/s | of bandwidth |\n|---|---|---|---|---|")
+    for r in results:
+        if "decode_GB_s" in r:
+            print(f"| {r['context']} | {r['engine']} | {int(r['decode_bytes_per_token']) / 1e6:.0f} | {r['decode_GB_s']} | {100 * float(r['bandwidth_fraction']):.0f} % |")  # type: ignore[call-overload, arg-type]
     print(f"\nwrote {out}")
 
 
