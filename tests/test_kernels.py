@@ -216,3 +216,16 @@ def test_pack_q4_layout_holds_every_code() -> None:
     torch.testing.assert_close(halves[..., 1], lo.half().float())
     with pytest.raises(ValueError, match="not a multiple of 32"):
         kernels.block_linear(torch.randn(1, 40), torch.zeros(1, 100, dtype=torch.uint8), 1, 40, 4)
+
+
+@needs_cc
+def test_kernels_keep_the_dtype_of_strided_inputs() -> None:
+    """A decode row of a batched step is a column slice: not contiguous, still bfloat16 in and out."""
+    q = torch.randn(9, 5, 64).bfloat16()[:, 2:3]
+    k = torch.randn(3, 40, 64).bfloat16()
+    assert not q.is_contiguous()
+    assert kernels.decode_attention(q, [(k, k)], 0.125).dtype == torch.bfloat16
+    x = torch.randn(4, 96).bfloat16()[:, :64]
+    assert not x.is_contiguous()
+    y = kernels.block_linear(x, kernels.pack_q8(torch.randn(16, 64)), 16, 64, 8)
+    assert y.dtype == torch.bfloat16 and y.shape == (4, 16)

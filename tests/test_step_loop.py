@@ -348,3 +348,18 @@ def test_a_request_larger_than_the_kv_budget_ends_with_the_numbers() -> None:
     assert outs[small].finish_reason == "length" and engine.kv_bytes() == 0  # the next one is served
     with pytest.raises(ValueError, match="kv_budget_bytes"):
         Engine(MODEL, _Tok(), frozenset({0}), ENGINE, kv_budget_bytes=-1)
+
+
+def test_bfloat16_batches_of_prompt_chunks_and_decode_rows_run_to_the_end() -> None:
+    """In bfloat16 a step's rows are slices of one forward (not contiguous): every kernel keeps the dtype, so a
+    prompt chunk sharing a step with decode rows ends as it would alone, not with an error."""
+    engine_cfg = EngineConfig(chunk_size=16, page_size=8, dtype="bfloat16")
+    model = build(CFG, {k: v.to(torch.bfloat16) for k, v in _weights().items()})
+    engine = Engine(model, _Tok(), frozenset({0}), engine_cfg, max_num_seqs=3)
+    params = SamplingParams(max_new_tokens=5, ignore_eos=True)
+    for i, n in enumerate((20, 33, 90)):  # the 90-token prompt is still prefilling while the others decode
+        engine.add_request(Request(_ids(n, seed=i), params, make_policy("dense").resolve(CFG, engine_cfg)))
+    outs = _drain(engine)
+    assert sorted((o.finish_reason, len(o.token_ids)) for o, _ in outs.values()) == [("length", 5)] * 3, [
+        repr(o.error) for o, _ in outs.values()
+    ]

@@ -152,8 +152,8 @@ def decode_attention(q: torch.Tensor, parts: list[tuple[torch.Tensor, torch.Tens
         meta += (k.data_ptr(), v.data_ptr(), k.shape[1], k.stride(0), k.stride(1), v.stride(0), v.stride(1))
     if dt is None:
         return torch.zeros_like(q)
-    if q.dtype not in (torch.bfloat16, torch.float32) or not q.is_contiguous():
-        q = q.float().contiguous()
+    want = q.dtype
+    q = (q if q.dtype in (torch.bfloat16, torch.float32) else q.float()).contiguous()
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     flags = int(dt == torch.bfloat16) | (int(q.dtype == torch.bfloat16) << 1)
     nseg = len(meta) // 7
@@ -161,7 +161,7 @@ def decode_attention(q: torch.Tensor, parts: list[tuple[torch.Tensor, torch.Tens
                                       parts[0][0].shape[0], d, scale, flags)
     if rc != 0:
         raise ValueError(f"decode_attention: {h} query heads over {parts[0][0].shape[0]} KV heads of size {d} are beyond the kernel's limits")
-    return out
+    return out if out.dtype == want else out.to(want)
 
 
 
@@ -267,10 +267,10 @@ def block_linear(x: torch.Tensor, w: torch.Tensor, n: int, k: int, bits: int) ->
     """
     if _lib is None:
         raise ValueError("longkv's CPU kernels are off (no C compiler, or LONGKV_KERNELS=0)")
-    if x.dtype not in (torch.bfloat16, torch.float32) or not x.is_contiguous():
-        x = x.float().contiguous()
+    want = x.dtype
+    x = (x if x.dtype in (torch.bfloat16, torch.float32) else x.float()).contiguous()
     m = x.shape[0]
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if _lib.longkv_block_linear(bits, w.data_ptr(), n, k, x.data_ptr(), m, y.data_ptr(), 3 * int(x.dtype == torch.bfloat16)) != 0:
         raise ValueError(f"block_linear: {k} input channels is not a multiple of {BLOCK} (or bits {bits} is not 4 or 8)")
-    return y
+    return y if y.dtype == want else y.to(want)
