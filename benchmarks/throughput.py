@@ -157,16 +157,19 @@ def bandwidth_probe(threads: int, repeats: int = 7) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+        pass
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=Formatter)
     ap.add_argument("--model", default=None, help="GGUF file (default: the SmolLM2-135M-Instruct test model)")
     ap.add_argument("--lengths", default="512,2048,8192", help="context lengths in tokens, comma-separated")
     ap.add_argument("--steps", type=int, default=32, help="decode steps per measurement")
     ap.add_argument("--repeats", type=int, default=3, help="runs per cell (median); 1 for lengths >= 8192")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2, help="threads for every engine")
     ap.add_argument("--engines", default="longkv,transformers,llama.cpp", help="which engines to run")
     ap.add_argument("--dtype", default="bfloat16", help="longkv compute dtype")
     ap.add_argument("--weights", default="auto", help="longkv decode weights: auto, int4, int8, none")
-    ap.add_argument("--out", default="runs/throughput.json")
+    ap.add_argument("--out", default="runs/throughput.json", help="JSON results (relative to the current folder)")
     args = ap.parse_args()
 
     torch.manual_seed(0)

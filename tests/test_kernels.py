@@ -95,8 +95,13 @@ def test_a_failing_compiler_turns_the_kernels_off(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setenv("LONGKV_HOME", str(tmp_path))
     monkeypatch.setenv("CC", shutil.which("false") or "/bin/false")
     assert not kernels.available()
-    assert "building longkv's CPU kernels failed" in caplog.text
-    assert not any((tmp_path / "kernels").glob("*")), "a failed build leaves nothing behind"
+    assert "building longkv's CPU kernels with" in caplog.text and "exit code 1" in caplog.text
+    assert not any((tmp_path / "kernels").glob("*.so")), "a failed build leaves no library behind"
+    [failed] = (tmp_path / "kernels").glob("*.failed")  # remembered: the next process does not retry
+    caplog.clear()
+    monkeypatch.setattr(kernels, "_tried", False)
+    assert not kernels.available()
+    assert "failed before" in caplog.text and str(failed) in caplog.text
     assert not kernels.supports(torch.randn(4, 1, 64), torch.randn(2, 5, 64))
     with pytest.raises(ValueError, match="kernels are off"):
         kernels.decode_attention(torch.randn(4, 1, 64), [(torch.randn(2, 5, 64),) * 2], 0.125)

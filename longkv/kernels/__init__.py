@@ -23,6 +23,7 @@ import ctypes
 import hashlib
 import logging
 import os
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -54,31 +55,48 @@ def _cpu_flags() -> str:
     return ""
 
 
-def _compiler() -> str | None:
-    for cc in (os.environ.get("CC"), "cc", "gcc", "clang"):
-        if cc and shutil.which(cc):
-            return cc
+def _compiler() -> list[str] | None:
+    """The C compiler command: ``$CC`` (split like a shell word list, e.g. ``ccache gcc``), else cc, gcc or clang."""
+    env = os.environ.get("CC")
+    if env:
+        cmd = shlex.split(env)
+        if cmd and shutil.which(cmd[0]):
+            return cmd
+        log.warning("CC=%s is not a command here: trying cc, gcc, clang", env)
+    for cc in ("cc", "gcc", "clang"):
+        if shutil.which(cc):
+            return [cc]
     return None
 
 
 def _build() -> ctypes.CDLL | None:
     cc = _compiler()
     if cc is None:
-        log.info("no C compiler found: longkv's CPU kernels are off (install gcc for faster decode)")
+        log.warning("no C compiler (cc, gcc, clang) found: longkv's CPU kernels are off and decode runs on slower PyTorch ops "
+                    "(install gcc; LONGKV_KERNELS=0 skips this check)")
         return None
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=False).stdout
+    version = subprocess.run([*cc, "--version"], capture_output=True, text=True, check=False).stdout
     src = b"".join(p.read_bytes() for p in _SOURCES)
-    key = hashlib.sha256(src + version.encode() + _cpu_flags().encode() + " ".join(_FLAGS).encode()).hexdigest()[:16]
+    key = hashlib.sha256(src + version.encode() + _cpu_flags().encode() + " ".join(_FLAGS).encode() + " ".join(cc).encode()).hexdigest()[:16]
     out = longkv_home() / "kernels" / f"longkv_kernels-{key}.so"
+    failed = out.with_suffix(".failed")  # a build that failed once is not retried on every run
+    if failed.exists():
+        log.warning("longkv's CPU kernels are off: building them failed before (%s); decode runs on slower PyTorch ops. "
+                    "Delete that file to retry, or set LONGKV_KERNELS=0", failed)
+        return None
     if not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)  # built aside, renamed into place: no half-written library
         os.close(fd)
-        r = subprocess.run([cc, *_FLAGS, "-o", tmp, *map(str, _SOURCES), "-lm"], capture_output=True, text=True, check=False)
+        r = subprocess.run([*cc, *_FLAGS, "-o", tmp, *map(str, _SOURCES), "-lm"], capture_output=True, text=True, check=False)
         if r.returncode != 0:
             os.unlink(tmp)
-            log.warning("building longkv's CPU kernels failed, using PyTorch ops instead:\n%s", r.stderr[-2000:])
+            why = (r.stderr or r.stdout).strip()[-2000:] or "(no output)"
+            failed.write_text(f"{' '.join(cc)} exited with {r.returncode}:\n{why}\n")
+            log.warning("building longkv's CPU kernels with %s failed (exit code %d), decode runs on slower PyTorch ops "
+                        "(LONGKV_KERNELS=0 skips the build; details in %s): %s", " ".join(cc), r.returncode, failed, why.splitlines()[-1])
             return None
+        os.chmod(tmp, 0o755)  # mkstemp made it private; the library is no secret
         os.replace(tmp, out)
     lib = ctypes.CDLL(str(out))
     f = lib.longkv_decode_attention
