@@ -164,14 +164,14 @@ class LlamaModel:
             o = attention(i, q, k, v, positions)  # (H, T, D)
             h = kernels.add_rms_norm(x, L.o(o.transpose(0, 1).reshape(T, nq)), L.mlp_norm, c.rms_eps)
             pending = gated_mlp(h, L.gate_up, L.down)
-        if isinstance(logits_at, str) and logits_at == "none":
+        assert pending is not None
+        if isinstance(logits_at, torch.Tensor):  # the final add and norm only for the rows that get logits
+            x, pending = x[logits_at], pending[logits_at]
+        elif logits_at == "none":
             return None
-        h = kernels.add_rms_norm(x, pending, self.norm, c.rms_eps)
-        if isinstance(logits_at, torch.Tensor):
-            h = h[logits_at]
         elif logits_at == "last":
-            h = h[-1:]
-        return self.lm_head(h).float()
+            x, pending = x[-1:], pending[-1:]
+        return self.lm_head(kernels.add_rms_norm(x, pending, self.norm, c.rms_eps)).float()
 
     def _logits(self, x: torch.Tensor, logits_at: Literal["last", "all", "none"] | torch.Tensor) -> torch.Tensor | None:
         c = self.config
