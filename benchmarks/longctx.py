@@ -45,6 +45,17 @@ QUESTION = "What is the secret number mentioned in the text above? Answer with t
 _BOOK_IDS: dict[str, list[int]] = {}
 
 
+def frame(llm: LLM, content: str, question: str | None = None, lead: str = "") -> str:
+    """The prompt text of ``content`` followed by ``question``: in the model's chat template, or, for a base
+    model (no template, e.g. Gemma 3 270M), as a completion that ends with ``lead`` for the model to go on
+    from ("The secret number is")."""
+    if getattr(llm.tokenizer, "chat_template", None):
+        return llm.apply_chat_template([{"role": "user", "content": content + (f"\n\n{question}" if question else "")}])
+    if question is None:
+        return content
+    return f"{content}\n\nQuestion: {question.replace(' Answer with the number only.', '')}\nAnswer: {lead}".rstrip()
+
+
 def haystack(llm: LLM, books: list[Path], first: int, n: int, rng: random.Random) -> list[int]:
     """``n`` tokens of book text: a random stretch of ``books[first]``, continued by the next books
     (cycling, tokenized once per run) when one book is too short (128 K tokens and beyond)."""
@@ -61,20 +72,21 @@ def haystack(llm: LLM, books: list[Path], first: int, n: int, rng: random.Random
 
 
 def make_sample(llm: LLM, hay_ids: list[int], n_tokens: int, depth: float, rng: random.Random) -> dict:
-    """A chat prompt of about ``n_tokens`` with the needle at ``depth`` of ``hay_ids``; token range of the needle."""
+    """A prompt (chat template, or a completion for a base model) of about ``n_tokens`` with the needle at ``depth`` of ``hay_ids``; token range of the needle."""
     number = str(rng.randint(100000, 999999))
     needle = f" The secret number is {number}. "
-    overhead = len(llm.encode(llm.apply_chat_template([{"role": "user", "content": needle + "\n\n" + QUESTION}])))
+    lead = "The secret number is"
+    overhead = len(llm.prompt_ids(frame(llm, needle, QUESTION, lead)))
     hay_ids = hay_ids[: n_tokens - overhead]
     hay = len(hay_ids)
     cut = int(depth * hay)
     before = llm.tokenizer.decode(hay_ids[:cut])
     after = llm.tokenizer.decode(hay_ids[cut:])
-    prompt = llm.apply_chat_template([{"role": "user", "content": before + needle + after + "\n\n" + QUESTION}])
-    ids = llm.encode(prompt)
+    prompt = frame(llm, before + needle + after, QUESTION, lead)
+    ids = llm.prompt_ids(prompt)
     head = prompt[: prompt.index(needle)]
-    lo = len(llm.encode(head))
-    hi = len(llm.encode(head + needle))
+    lo = len(llm.prompt_ids(head))
+    hi = len(llm.prompt_ids(head + needle))
     return {"ids": ids, "number": number, "depth": depth, "needle_tokens": (lo, hi), "tokens": len(ids)}
 
 
@@ -105,15 +117,15 @@ def make_multi(llm: LLM, hay_ids: list[int], n_tokens: int, depths: list[float],
         pieces += [llm.tokenizer.decode(hay_ids[prev:cut]), needle]
         prev = cut
     text = "".join(pieces) + llm.tokenizer.decode(hay_ids[prev:])
-    prompts = [llm.encode(llm.apply_chat_template([{"role": "user", "content": text + "\n\n" + q}])) for q in questions]
+    prompts = [llm.prompt_ids(frame(llm, text, q)) for q in questions]
     common = 0
     while all(len(p) > common and p[common] == prompts[0][common] for p in prompts):
         common += 1
-    head = llm.apply_chat_template([{"role": "user", "content": text}])
+    head = frame(llm, text)
     ranges = []
     for needle in needles:
         before = head[: head.index(needle)]
-        ranges.append((len(llm.encode(before)), len(llm.encode(before + needle))))
+        ranges.append((len(llm.prompt_ids(before)), len(llm.prompt_ids(before + needle))))
     return {"context": prompts[0][:common], "tails": [p[common:] for p in prompts], "numbers": numbers,
             "depths": depths, "needle_tokens": ranges, "tokens": len(prompts[0])}
 

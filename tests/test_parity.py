@@ -197,7 +197,7 @@ def test_gemma3_config_of_the_real_gguf(gemma3_f32: LLM) -> None:
     from longkv.config import AttnSpec
 
     c = gemma3_f32.config
-    assert (c.arch, c.n_layers, c.n_heads, c.n_kv_heads, c.hidden_size, c.head_dim, c.vocab_size) == ("gemma3", 18, 4, 1, 640, 256, 262144)
+    assert (c.arch, c.n_layers, c.n_heads, c.n_kv_heads, c.hidden_size, c.head_dim, c.vocab_size) == ("gemma3_text", 18, 4, 1, 640, 256, 262144)
     local, full = AttnSpec(10000.0, None, 512), AttnSpec(1e6, None, None)
     assert c.layers == ((local,) * 5 + (full,)) * 3
     assert c.attn_scale == 256**-0.5 and c.final_softcap is None and c.tie_embeddings and c.qk_norm
@@ -286,15 +286,58 @@ def test_tiny_phi3_matches_transformers(tiny_phi3: Path) -> None:
     assert [o.token_ids for o in llm.generate_batch(prompts, max_new_tokens=20, policy="dense", ignore_eos=True)] == refs
 
 
-def test_phi3_longrope_is_refused_with_a_hint(tmp_path: Path) -> None:
-    from longkv.config import ModelConfig
+@pytest.fixture(scope="session")
+def tiny_phi35(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Phi-3.5-shaped model: LongRoPE over 4x an original context of 32 tokens (its own factor
+    per rotated channel pair, short and long), partial rotary 0.5, no sliding window."""
+    from conftest import make_tiny_hf_model
 
-    cfg = {"model_type": "phi3", "num_attention_heads": 4, "hidden_size": 64, "num_hidden_layers": 2, "vocab_size": 300,
-           "intermediate_size": 128, "rope_scaling": {"type": "longrope", "short_factor": [1.0] * 8, "long_factor": [2.0] * 8}}
+    return make_tiny_hf_model(
+        tmp_path_factory.mktemp("tiny-phi35"), "phi3", seed=14, max_position=128, partial_rotary_factor=0.5, pad_token_id=0,
+        original_max_position_embeddings=32,
+        rope_scaling={"rope_type": "longrope", "short_factor": [1.0, 1.1, 1.3, 1.6], "long_factor": [1.2, 2.0, 3.5, 6.0]},
+    )  # fmt: skip
+
+
+def test_phi3_longrope_matches_transformers(tiny_phi35: Path) -> None:
+    """LongRoPE (Phi-3.5, Phi-4-mini): over 100 tokens (past the original 32, where transformers rotates with
+    the long factors) logits == transformers', and greedy tokens after chunked prefills of 40-70 tokens ==
+    transformers' generate, alone and batched. The attention factor (sqrt(1 + ln 4 / ln 32)) scales the
+    rotated channels only (half of each head here), as transformers' cos and sin do."""
+    import math
+
+    from transformers import AutoModelForCausalLM
+
+    llm = LLM(model=tiny_phi35, dtype="float32", chunk_size=16)
+    s = llm.config.rope_scaling
+    assert s is not None and s.kind == "longrope" and s.long_factor == (1.2, 2.0, 3.5, 6.0) and s.original_max_position == 32
+    af = math.sqrt(1 + math.log(4) / math.log(32))
+    assert s.attention_factor == pytest.approx(af) and llm.config.attn_scale is None
+    ids = torch.randint(3, 300, (100,), generator=torch.Generator().manual_seed(15)).tolist()
+    ours, ref = _ours_all(llm, ids), _hf_logits(tiny_phi35, ids)
+    assert (ours - ref).abs().max().item() < 1e-3
+    assert torch.equal(ours.argmax(-1), ref.argmax(-1))
+    g = torch.Generator().manual_seed(17)  # prompts whose greedy continuations never hit EOS (generate's min_new_tokens masks it)
+    prompts = [torch.randint(3, 300, (n,), generator=g).tolist() for n in (70, 45, 40)]
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_phi35), dtype=torch.float32).eval()
+    with torch.no_grad():
+        refs = [model.generate(torch.tensor([p]), max_new_tokens=20, min_new_tokens=20, do_sample=False)[0, len(p) :].tolist() for p in prompts]
+    assert [o.token_ids for o in llm.generate_batch(prompts, max_new_tokens=20, policy="dense", ignore_eos=True)] == refs
+
+
+def test_longrope_config_errors() -> None:
+    """LongRoPE without its factors, or with factors that do not match the rotated channels: one clear error each."""
+    from longkv.config import ModelConfig
     from longkv.errors import LongKVError
 
-    with pytest.raises(LongKVError, match="longrope RoPE scaling"):
-        ModelConfig.from_hf_config(cfg)
+    cfg = {"model_type": "phi3", "num_attention_heads": 4, "hidden_size": 64, "num_hidden_layers": 2, "vocab_size": 300,
+           "intermediate_size": 128, "max_position_embeddings": 128, "original_max_position_embeddings": 32,
+           "rope_scaling": {"type": "longrope", "short_factor": [1.0] * 8, "long_factor": [2.0] * 8}}  # fmt: skip
+    assert ModelConfig.from_hf_config(cfg).rope_scaling.long_factor == (2.0,) * 8  # type: ignore[union-attr]
+    with pytest.raises(LongKVError, match="one per rotated channel pair"):
+        ModelConfig.from_hf_config({**cfg, "partial_rotary_factor": 0.5})
+    with pytest.raises(LongKVError, match="lacks long_factor"):
+        ModelConfig.from_hf_config({**cfg, "rope_scaling": {"type": "longrope", "short_factor": [1.0] * 8}})
 
 
 def test_phi3_gguf_names_and_partial_rotary_metadata() -> None:
@@ -312,5 +355,29 @@ def test_phi3_gguf_names_and_partial_rotary_metadata() -> None:
     assert (cfg.head_dim, cfg.rotary_dim, cfg.n_kv_heads) == (128, 96, 8)
     from longkv.errors import LongKVError
 
-    with pytest.raises(LongKVError, match="LongRoPE"):
+    with pytest.raises(LongKVError, match="short factors"):
         ModelConfig.from_gguf(meta, {"output.weight", "rope_factors_long.weight"})
+
+
+def test_phi3_gguf_longrope_metadata() -> None:
+    """A Phi-3.5 GGUF as llama.cpp writes it: the factors as rope_factors_long/short tensors, the original context
+    and the attention factor as metadata; they give the same RopeScaling and q.k scale as the HF config."""
+    import numpy as np
+
+    from longkv.config import ModelConfig
+
+    long_f, short_f = np.linspace(1.0, 30.0, 48, dtype=np.float32), np.linspace(1.0, 1.2, 48, dtype=np.float32)
+    meta = {"general.architecture": "phi3", "phi3.embedding_length": 3072, "phi3.attention.head_count": 24,
+            "phi3.attention.head_count_kv": 8, "phi3.block_count": 32, "phi3.feed_forward_length": 8192,
+            "phi3.rope.dimension_count": 96, "phi3.context_length": 131072, "phi3.vocab_size": 200064,
+            "phi3.rope.scaling.original_context_length": 4096, "phi3.rope.scaling.attn_factor": 1.1902380714238083}  # fmt: skip
+    cfg = ModelConfig.from_gguf(meta, {"output.weight": None, "rope_factors_long.weight": long_f, "rope_factors_short.weight": short_f})
+    s = cfg.rope_scaling
+    assert s is not None and s.kind == "longrope" and s.original_max_position == 4096 and s.factor == 32.0
+    assert s.long_factor == tuple(float(x) for x in long_f) and s.short_factor == tuple(float(x) for x in short_f)
+    hf = ModelConfig.from_hf_config({
+        "model_type": "phi3", "num_attention_heads": 24, "num_key_value_heads": 8, "hidden_size": 3072, "num_hidden_layers": 32,
+        "vocab_size": 200064, "intermediate_size": 8192, "max_position_embeddings": 131072, "original_max_position_embeddings": 4096,
+        "partial_rotary_factor": 0.75, "rope_scaling": {"type": "longrope", "long_factor": long_f.tolist(), "short_factor": short_f.tolist()},
+    })  # fmt: skip
+    assert hf.rope_scaling == s and s.attention_factor == pytest.approx(1.1902380714238083)  # sqrt(1 + ln 32 / ln 4096)

@@ -104,7 +104,7 @@ def _build() -> ctypes.CDLL | None:
     f.argtypes = [p, ctypes.c_int, p, p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_float, ctypes.c_int]
     f.restype = ctypes.c_int
     f = lib.longkv_add_rms_norm
-    f.argtypes = [p, p, p, p, ctypes.c_int, ctypes.c_int, ctypes.c_float, ctypes.c_int]
+    f.argtypes = [p, p, p, p, ctypes.c_int, ctypes.c_int, ctypes.c_float, ctypes.c_int, ctypes.c_int]
     f.restype = None
     f = lib.longkv_rope
     f.argtypes = [p, ctypes.c_int64, p, ctypes.c_int, ctypes.c_int, ctypes.c_int, p, p, ctypes.c_int, ctypes.c_int]
@@ -193,20 +193,20 @@ def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tens
 
     Args:
         x: (T, C) contiguous, bfloat16 or float32 (see :func:`fused_ok`); delta: the same shape and dtype.
-        weight: (C,) of x's dtype.
+        weight: (C,) of x's dtype, or float32 (kept exact under bfloat16 activations: Gemma's ``1 + w``).
 
     Returns:
         (T, C) new tensor: ``x / sqrt(mean(x^2) + eps) * weight`` computed in float32 and rounded once
         to x's dtype, as ``F.rms_norm`` does.
     """
-    assert _lib is not None and x.is_contiguous() and weight.dtype == x.dtype and weight.is_contiguous()
+    assert _lib is not None and x.is_contiguous() and weight.dtype in (x.dtype, torch.float32) and weight.is_contiguous()
     if delta is not None:
         assert delta.shape == x.shape and delta.dtype == x.dtype
         delta = delta.contiguous()
     out = torch.empty_like(x)
     t, c = x.shape
     _lib.longkv_add_rms_norm(x.data_ptr(), None if delta is None else delta.data_ptr(), weight.data_ptr(), out.data_ptr(),
-                             t, c, eps, int(x.dtype == torch.bfloat16))
+                             t, c, eps, int(x.dtype == torch.bfloat16), int(weight.dtype == torch.bfloat16))
     return out
 
 

@@ -304,8 +304,10 @@ int longkv_decode_attention(const int64_t *meta, int nseg, const void *q_in, voi
 
 /* x += delta (when delta is not NULL, rounded to x's dtype as PyTorch's add would), then
  * out = rms_norm(x) * w: x / sqrt(mean(x^2) + eps) * w in float32, rounded once (as F.rms_norm does).
- * x, delta, out: (T, C) contiguous; w: (C,); all bfloat16 (bf16 = 1) or float32. */
-void longkv_add_rms_norm(void *x, const void *delta, const void *w, void *out, int T, int C, float eps, int bf16) {
+ * x, delta, out: (T, C) contiguous, bfloat16 (bf16 = 1) or float32; w: (C,), bfloat16 (w_bf16 = 1) or float32
+ * (Gemma keeps its norm weights in float32 under bfloat16 activations). */
+void longkv_add_rms_norm(void *x, const void *delta, const void *w, void *out, int T, int C, float eps, int bf16,
+                         int w_bf16) {
 #ifdef _OPENMP
 #pragma omp parallel if (T >= 32)
 #endif
@@ -313,7 +315,7 @@ void longkv_add_rms_norm(void *x, const void *delta, const void *w, void *out, i
         float *row = malloc(sizeof(float) * 3 * (size_t)C);
         if (row) {
             float *d = row + C, *wf = d + C;
-            load_row(w, 0, bf16, C, wf);
+            load_row(w, 0, w_bf16, C, wf);
 #ifdef _OPENMP
 #pragma omp for schedule(static)
 #endif

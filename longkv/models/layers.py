@@ -183,8 +183,12 @@ class Rotary:
         d = rotary_dim or head_dim  # partial rotary: only the first rotary_dim channels turn
         inv = 1.0 / (spec.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64, device=device) / d))
         s = spec.rope_scaling
-        if s is not None:  # linear: position interpolation, every frequency divided by the factor
-            inv = inv / s.factor if s.kind == "linear" else _llama3_inv_freq(inv, s)
+        if s is not None and s.kind == "linear":  # position interpolation: every frequency divided by the factor
+            inv = inv / s.factor
+        elif s is not None and s.kind in ("longrope", "freq_factors"):  # one divisor per channel pair
+            inv = inv / torch.tensor(s.long_factor if s.kind == "longrope" else s.freq_factors, dtype=torch.float64, device=device)
+        elif s is not None:
+            inv = _llama3_inv_freq(inv, s)
         self.inv_freq = inv  # (D/2,) float64 on the model's device: angles of far positions (1 M tokens) stay exact
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

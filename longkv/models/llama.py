@@ -11,15 +11,18 @@ Contract shared by every architecture module (see ``longkv.models.build``):
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Literal
+import math
+from collections.abc import Callable, Collection, Mapping, Sequence
+from typing import Any, Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from longkv import kernels
-from longkv.config import ModelConfig
+from longkv.config import ModelConfig, RopeScaling
 from longkv.errors import LongKVError
+from longkv.models.family import Family, Source
 from longkv.models.layers import Linear, Rotary, gated_mlp, layer_ropes, rms_norm
 
 # attention(layer, q (H, T, D), k (Hkv, T, D), v (Hkv, T, D), positions (T,)) -> (H, T, D)
@@ -74,8 +77,11 @@ class LlamaModel:
         self.config = config
         if "model.embed_tokens.weight" not in weights:
             raise LongKVError("weight model.embed_tokens.weight missing from the model file: the file is incomplete")
+        if "model.norm.weight" not in weights:
+            raise LongKVError("weight model.norm.weight (GGUF output_norm) missing from the model file: the file is incomplete")
         self.device = weights["model.embed_tokens.weight"].device
         bias = config.attention_bias
+        weights = fold_attn_scale(config, weights)
         self.layers = [_Layer(weights, f"model.layers.{i}.", bias, decode_weights, config.qk_norm) for i in range(config.n_layers)]
         self.embed = weights["model.embed_tokens.weight"]
         self.norm = weights["model.norm.weight"]
@@ -182,3 +188,74 @@ class LlamaModel:
         elif logits_at == "last":
             x = x[-1:]
         return self.lm_head(rms_norm(x, self.norm, c.rms_eps)).float()
+
+
+def fold_attn_scale(config: ModelConfig, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``weights`` with the queries scaled so that the engine's plain ``head_dim ** -0.5`` attention gives
+    the model's: ``config.attn_scale`` on every channel, and LongRoPE's ``attention_factor ** 2`` on the
+    rotated ones (HF multiplies cos and sin, so q.k of the rotated channels, by it; pass-through channels
+    of a partial rotary are not scaled). Each layer's q projection (weight and bias) is scaled per channel,
+    or, under QK-norm, its q-norm weight. New tensors; ``weights`` is not changed; returned as is when
+    nothing scales."""
+    c = config
+    ratio = (c.attn_scale if c.attn_scale is not None else c.head_dim**-0.5) * math.sqrt(c.head_dim)
+    scale = torch.full((c.head_dim,), ratio, dtype=torch.float64)
+    s = c.rope_scaling
+    if s is not None and s.kind == "longrope":
+        scale[: c.rotary_dim or c.head_dim] *= s.attention_factor**2
+    if torch.allclose(scale, torch.ones_like(scale), rtol=1e-12, atol=0):
+        return weights
+    out = dict(weights)
+    names = ("self_attn.q_norm.weight",) if c.qk_norm else ("self_attn.q_proj.weight", "self_attn.q_proj.bias")
+    for i in range(c.n_layers):
+        for n in names:
+            key = f"model.layers.{i}.{n}"
+            if key in out:
+                w = out[key]
+                per_row = scale.to(torch.float32).repeat(w.shape[0] // c.head_dim)  # q rows: head after head
+                out[key] = (w.float() * per_row.view(-1, *([1] * (w.dim() - 1)))).to(w.dtype)
+    return out
+
+
+def unpermute_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Undo llama.cpp's reordering of q/k rows for its interleaved RoPE.
+
+    llama.cpp's converter stores each llama-family head's rows as interleaved pairs
+    (x0, x_half, x1, x_half+1, ...); this forward (like HF) rotates the two halves of
+    each head, so the rows go back in halves order.
+    ``w``: (n_heads * head_dim, ...) for weights or (n_heads * head_dim,) for biases.
+    """
+    half = w.shape[0] // n_heads // 2
+    return w.reshape(n_heads, half, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def load_llama_weight(config: ModelConfig, name: str, w: torch.Tensor, dtype: torch.dtype, source: Source) -> torch.Tensor:
+    """A llama-family weight as the forward reads it: GGUF q/k rows back in halves order."""
+    if source == "gguf" and ".self_attn.q_proj." in name:
+        w = unpermute_rope_rows(w, config.n_heads)
+    elif source == "gguf" and ".self_attn.k_proj." in name:
+        w = unpermute_rope_rows(w, config.n_kv_heads)
+    return w.to(dtype)
+
+
+def llama_gguf_config(get: Callable[..., Any], tensors: Mapping[str, Any] | Collection[str], fields: dict[str, Any]) -> dict[str, Any]:
+    """Llama 3.x RoPE scaling from a GGUF file: llama.cpp writes it as the ``rope_freqs`` tensor (one
+    frequency divisor per rotated channel pair), not as metadata."""
+    if "rope_freqs.weight" not in tensors:
+        return fields
+    if not isinstance(tensors, Mapping):
+        raise LongKVError("this GGUF has a rope_freqs tensor but its values were not passed: load the file with longkv.loading.load")
+    factors = tuple(float(x) for x in np.asarray(tensors["rope_freqs.weight"], dtype=np.float64).reshape(-1))
+    return {**fields, "rope_scaling": RopeScaling(factor=max(factors), kind="freq_factors", freq_factors=factors)}
+
+
+FAMILY = Family(
+    model_type="llama",
+    gguf_arch="llama",
+    models="Llama 2/3.x, SmolLM/SmolLM2, TinyLlama",
+    features="RMSNorm, RoPE (Llama 3 scaling), GQA, SwiGLU",
+    forward=LlamaModel,
+    gguf_config=llama_gguf_config,
+    gguf_config_tensors=("rope_freqs.weight",),
+    load_weight=load_llama_weight,
+)
