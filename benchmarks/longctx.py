@@ -28,12 +28,14 @@ import json
 import random
 import resource
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from longkv import LLM
 from longkv.engine.runner import Runner, Sequence
+from longkv.kv.cache import KVCache
 from longkv.policies import BlockTopKPolicy, make_policy
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -155,20 +157,21 @@ def run_multi(llm: LLM, sample: dict, base: BlockTopKPolicy, variants: dict[str,
         res = {"tokens": len(ctx) + len(tail), "depth": depth, "number": number, "prefill_s": round(prefill_s, 2),
                "shared_prefill": len(sample["tails"]), "kv_ram_peak_mib": kv_ram, "kv_disk_mib": kv_disk, "answers": {}}
         for j, (name, pol) in enumerate(variants.items()):
-            cut_back(seq, len(ctx))
+            work, restore = branch(llm, seq)
             rows: list[torch.Tensor] = []
             if dump is not None and j == 0:
                 pol, rows = capture_rows(pol)
             r = Runner(llm.model, pol, llm.engine_config)
             t1 = time.perf_counter()
-            text = greedy(llm, r, seq, r.ask(seq, tail), 32)
+            text = greedy(llm, r, work, r.ask(work, tail), 32)
             needle_pages = set(range(lo // ps, (hi - 1) // ps + 1))
             if rows and dump is not None:
-                dump_rows(dump / f"{len(ctx)}-{number}.pt", rows, seq, needle_pages, number)
+                dump_rows(dump / f"{len(ctx)}-{number}.pt", rows, work, needle_pages, number)
             entry = {"text": text, "correct": number in text, "answer_s": round(time.perf_counter() - t1, 2)}
             if pol.k():
-                entry |= recall(pol, seq, needle_pages)
+                entry |= recall(pol, work, needle_pages)
             res["answers"][name] = entry
+            restore()
         res["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
         out.append(res)
         print(f"  depth={depth:.2f} {number} " + " ".join(f"{k}: {v['text'][:40]!r}" for k, v in res["answers"].items()), flush=True)
@@ -210,10 +213,27 @@ def greedy(llm: LLM, runner: Runner, seq: Sequence, logits: torch.Tensor, n: int
     return llm.tokenizer.decode(out, skip_special_tokens=True)
 
 
-def cut_back(seq: Sequence, n: int) -> None:
-    for lkv in seq.cache.layers:
-        lkv.truncate(n)
-    del seq.tokens[n:]
+def branch(llm: LLM, seq: Sequence) -> tuple[Sequence, Callable[[], None]]:
+    """A twin of ``seq`` to answer on, and the call that puts ``seq`` back as it was after the answer.
+
+    Sliding layers (Gemma 3) are forked copy-on-write: their ring drops tokens as the answer goes on, so they
+    cannot be cut back. Global layers (their pages possibly in the disk tier) are shared and cut back to the
+    context's length afterwards.
+    """
+    n = len(seq.tokens)
+    sliding = [spec.window is not None for spec in llm.config.layers]
+    twin = object.__new__(KVCache)
+    twin.layers = [lkv.fork() if s else lkv for lkv, s in zip(seq.cache.layers, sliding, strict=True)]
+    work = dataclasses.replace(seq, cache=twin, tokens=list(seq.tokens), queries=dict(seq.queries))
+
+    def restore() -> None:
+        for lkv, s in zip(twin.layers, sliding, strict=True):
+            if s:
+                lkv.clear()
+            else:
+                lkv.truncate(n)
+
+    return work, restore
 
 
 def recall(pol: BlockTopKPolicy, seq: Sequence, needle_pages: set[int]) -> dict:
@@ -256,20 +276,21 @@ def run_sample(llm: LLM, sample: dict, base: BlockTopKPolicy, variants: dict[str
     res["kv_ram_peak_mib"] = round(seq.peak_kv_bytes / 2**20, 1)
     res["kv_disk_mib"] = round(sum(getattr(lkv, "disk_bytes", lambda: 0)() for lkv in seq.cache.layers) / 2**20, 1)
     for j, (name, pol) in enumerate(variants.items()):
-        cut_back(seq, split)
+        work, restore = branch(llm, seq)
         rows: list[torch.Tensor] = []
         if dump is not None and j == 0:
             pol, rows = capture_rows(pol)
         r = Runner(llm.model, pol, llm.engine_config)
         t1 = time.perf_counter()
-        logits = r.ask(seq, ids[split:])
-        text = greedy(llm, r, seq, logits)
+        logits = r.ask(work, ids[split:])
+        text = greedy(llm, r, work, logits)
         if rows and dump is not None:
-            dump_rows(dump / f"{len(ids)}-{sample['number']}.pt", rows, seq, needle_pages, sample["number"])
+            dump_rows(dump / f"{len(ids)}-{sample['number']}.pt", rows, work, needle_pages, sample["number"])
         entry = {"text": text, "correct": sample["number"] in text, "answer_s": round(time.perf_counter() - t1, 2)}
         if pol.k():
-            entry |= recall(pol, seq, needle_pages)
+            entry |= recall(pol, work, needle_pages)
         res["answers"][name] = entry
+        restore()
     res["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # whole run so far
     return res
 
@@ -324,7 +345,7 @@ def main() -> None:
     variants |= {f"block_topk k=8 {s}": dataclasses.replace(base, topk=8, score=s) for s in args.scores if s != base.score}
     for extra in args.extra:
         label, _, knobs = extra.partition("::")
-        pol = make_policy(f"block_topk:{knobs}", window=args.window)
+        pol = make_policy("block_topk" + (f":{knobs}" if knobs else ""), window=args.window)
         assert isinstance(pol, BlockTopKPolicy)
         variants[label] = dataclasses.replace(pol, resident=base.resident, cold=base.cold, cold_codec=base.cold_codec)
     if args.ablate:

@@ -128,8 +128,13 @@ def decode_bytes_per_token(llm: LLM, context: int) -> int:
     mats = [lin for layer in m.layers for lin in (layer.qkv, layer.o, layer.gate_up, layer.down)] + [m.lm_head]
     weights = sum(lin.decode_bytes() for lin in mats)
     c = llm.config
-    kv = context * 2 * c.n_layers * c.n_kv_heads * c.head_dim * m.dtype.itemsize
+    kv = kv_tokens(llm, context) * 2 * c.n_kv_heads * c.head_dim * m.dtype.itemsize
     return weights + kv
+
+
+def kv_tokens(llm: LLM, context: int) -> int:
+    """Cached tokens a step reads, summed over layers: a sliding layer (Gemma 3) holds only its window."""
+    return sum(min(context, spec.window) if spec.window is not None else context for spec in llm.config.layers)
 
 
 def gguf_bytes_per_token(gguf: Path, llm: LLM, context: int) -> int:
@@ -141,7 +146,7 @@ def gguf_bytes_per_token(gguf: Path, llm: LLM, context: int) -> int:
     head = tensors.get("output.weight", tensors.get("token_embd.weight", 0))
     weights = sum(n for name, n in tensors.items() if name.startswith("blk.")) + head
     c = llm.config
-    return weights + context * 2 * c.n_layers * c.n_kv_heads * c.head_dim * 2
+    return weights + kv_tokens(llm, context) * 2 * c.n_kv_heads * c.head_dim * 2
 
 
 def bandwidth_probe(threads: int, repeats: int = 7) -> float:

@@ -125,6 +125,25 @@ def test_add_rms_norm_matches_torch(dtype: torch.dtype, t: int) -> None:
 
 
 @needs_cc
+@pytest.mark.parametrize("t", [1, 40])
+def test_add_rms_norm_with_float32_weights_under_bfloat16_is_gemmas_norm(t: int) -> None:
+    """Gemma keeps 1 + w in float32 under bfloat16 activations: the kernel gives norm32's result (float32
+    arithmetic, one rounding) exactly where a bfloat16 weight would lose w's low bits."""
+    from longkv.models.gemma3 import norm32
+
+    torch.manual_seed(t)
+    x = torch.randn(t, 640).to(torch.bfloat16)
+    delta = torch.randn(t, 640).to(torch.bfloat16)
+    w = 1.0 + torch.randn(640) * 1e-3  # float32; rounded to bfloat16 most of w would be lost
+    want_x = x + delta
+    got = kernels.add_rms_norm(x, delta, w, 1e-6)
+    assert torch.equal(x, want_x) and got.dtype == torch.bfloat16
+    want = norm32(want_x, w, 1e-6)
+    assert (got.float() - want.float()).abs().max().item() <= 2 ** -7 * want.float().abs().max().item()
+    assert (got == want).float().mean().item() > 0.99, "one rounding, like norm32: nearly every value identical"
+
+
+@needs_cc
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize(("t", "rotary"), [(1, 64), (40, 64), (5, 32)])
 def test_rope_matches_rotary_apply(dtype: torch.dtype, t: int, rotary: int) -> None:
