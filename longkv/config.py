@@ -91,7 +91,8 @@ class RopeScaling:
                                   "original_max_position_embeddings: the config.json is incomplete")
             scale = float(params.get("factor") or (max_position / orig if max_position else 1.0))
             return cls.longrope(tuple(map(float, long_f)), tuple(map(float, short_f)), scale, orig, params.get("attention_factor"))
-        raise LongKVError(f"RoPE scaling {kind!r} in the model config is not supported: longkv implements llama3, linear and longrope")
+        raise LongKVError(f"RoPE scaling {kind!r} in the model config is not supported: longkv implements llama3, linear and "
+                          "longrope; remove rope_scaling from config.json to run with the base RoPE (exact within the original context)")
 
     @classmethod
     def longrope(cls, long_factor: tuple[float, ...], short_factor: tuple[float, ...], scale: float,
@@ -240,9 +241,9 @@ class ModelConfig:
         eos = cfg.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else ((int(eos),) if eos is not None else ())
         rs = cfg.get("rope_scaling") or cfg.get("rope_parameters") or None
-        scaling = None
-        if isinstance(rs, Mapping) and rs.get("rope_type", rs.get("type")) in ("llama3", "linear", "longrope", "su"):
-            scaling = RopeScaling.from_params(rs, max_position, cfg.get("original_max_position_embeddings"))
+        # raises for a scaling longkv does not implement (yarn, dynamic): running with the base RoPE would
+        # silently differ from the model past its original context
+        scaling = RopeScaling.from_params(rs, max_position, cfg.get("original_max_position_embeddings"))
         theta = cfg.get("rope_theta")
         if theta is None and isinstance(rs, Mapping):
             theta = rs.get("rope_theta")
@@ -313,6 +314,10 @@ class ModelConfig:
         head_dim = int(get("attention.key_length") or hidden // n_heads)
         window = get("attention.sliding_window")
         rot = get("rope.dimension_count")
+        kind, factor = get("rope.scaling.type"), float(get("rope.scaling.factor", 1.0) or 1.0)
+        if kind not in (None, "none", "linear"):
+            raise LongKVError(f"RoPE scaling {kind!r} in the GGUF file is not supported: longkv implements linear (and Llama 3.x's "
+                              "rope_freqs, Phi-3's LongRoPE); use a file converted without it")
         fields: dict[str, Any] = dict(
             arch=fam.model_type,
             vocab_size=int(vocab),
@@ -332,6 +337,7 @@ class ModelConfig:
             eos_token_ids=tuple(eos_ids),
             rotary_dim=int(rot) if rot is not None and int(rot) < head_dim else None,  # partial rotary
             sliding_window=int(window) if window else None,
+            rope_scaling=RopeScaling(factor=factor, kind="linear") if kind == "linear" and factor != 1.0 else None,
             name=name,
         )
         return cls(**fam.gguf_config(get, tensors, fields))

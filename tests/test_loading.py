@@ -165,3 +165,49 @@ def test_gemma3_hub_config_json() -> None:
         ModelConfig.from_hf_config({**base, "model_type": "gemma3"})
     with pytest.raises(LongKVError, match="softcapping"):
         ModelConfig.from_hf_config({**old, "attn_logit_softcapping": 50.0})
+
+
+def test_unsupported_names_list_only_names_of_that_kind() -> None:
+    """A GGUF architecture error lists GGUF names (gemma3, not gemma3_text); a config.json error lists model_types."""
+    from longkv.models.family import family_of
+
+    with pytest.raises(LongKVError, match="unsupported GGUF architecture 'mamba'") as gguf_err:
+        family_of("mamba", "gguf")
+    assert "gemma3," in str(gguf_err.value) and "gemma3_text" not in str(gguf_err.value)
+    with pytest.raises(LongKVError, match="unsupported model_type 'mamba' in config.json") as hf_err:
+        family_of("mamba", "hf")
+    assert "gemma3_text" in str(hf_err.value) and "gemma3," not in str(hf_err.value)
+
+
+def test_rope_scaling_longkv_does_not_implement_is_refused() -> None:
+    """YaRN or dynamic RoPE scaling (config.json or GGUF) is refused with a fix hint, never silently run as the base RoPE;
+    linear scaling in a llama GGUF is read."""
+    base = {"model_type": "qwen2", "num_attention_heads": 4, "hidden_size": 64, "num_hidden_layers": 2, "vocab_size": 300,
+            "intermediate_size": 128, "max_position_embeddings": 32768}  # fmt: skip
+    for kind in ("yarn", "dynamic"):
+        with pytest.raises(LongKVError, match=f"RoPE scaling '{kind}'.*remove rope_scaling"):
+            ModelConfig.from_hf_config({**base, "rope_scaling": {"type": kind, "factor": 4.0, "original_max_position_embeddings": 32768}})
+    meta = {"general.architecture": "llama", "llama.embedding_length": 64, "llama.attention.head_count": 4, "llama.block_count": 2,
+            "llama.feed_forward_length": 128, "llama.vocab_size": 300}  # fmt: skip
+    with pytest.raises(LongKVError, match="RoPE scaling 'yarn' in the GGUF file"):
+        ModelConfig.from_gguf({**meta, "llama.rope.scaling.type": "yarn", "llama.rope.scaling.factor": 4.0}, {"output.weight"})
+    lin = ModelConfig.from_gguf({**meta, "llama.rope.scaling.type": "linear", "llama.rope.scaling.factor": 2.0}, {"output.weight"})
+    assert lin.rope_scaling is not None and (lin.rope_scaling.kind, lin.rope_scaling.factor) == ("linear", 2.0)
+
+
+def test_server_prompts_start_with_bos_where_the_tokenizer_puts_one(tiny_llama: Path) -> None:
+    """The server's prompt ids get the model's BOS in front (Gemma 3 without it answered garbage), once: not when the
+    text (a chat template's rendering) starts with it already, and not for a model without one."""
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer
+
+    from longkv.server.app import _Tokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_llama))
+    bos = tok.convert_tokens_to_ids("<|im_start|>")
+    with_bos = _Tokenizer(SimpleNamespace(tokenizer=tok, bos_id=bos))  # type: ignore[arg-type]
+    plain = tok.encode("The quick brown fox", add_special_tokens=False)
+    assert with_bos.prompt_ids("The quick brown fox") == [bos, *plain]
+    assert with_bos.prompt_ids("<|im_start|>The quick brown fox") == [bos, *plain]
+    assert _Tokenizer(SimpleNamespace(tokenizer=tok, bos_id=None)).prompt_ids("The quick brown fox") == plain  # type: ignore[arg-type]

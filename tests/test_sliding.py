@@ -135,7 +135,7 @@ def test_gemma3_prompts_start_with_bos_and_keep_their_sliding_layers_in_a_ring(g
     # where the model opens the next section
     text = "It was a quiet harbour town. " * 20 + "The lighthouse keeper's cat was named Pemberton. " + "Boats came and went. " * 20
     out = llm.ask(text, "What was the name of the lighthouse keeper's cat?", max_new_tokens=24)
-    assert llm.ask_stop == ("\n### ",) and "Pemberton" in out.text and "###" not in out.text and out.finish_reason == "stop"
+    assert llm.ask_stop == ("\n### ", "\n\n") and "Pemberton" in out.text and "###" not in out.text and out.finish_reason == "stop"
     runner = Runner(llm.model, make_policy("dense"), llm.engine_config)
     seq = runner.new_sequence()
     runner.prefill(seq, llm.prompt_ids("word " * 1300))

@@ -370,8 +370,9 @@ class LLM:
     @property
     def ask_stop(self) -> tuple[str, ...]:
         """Stop strings of an answer to :meth:`ask_ids`: a base model (no chat template) that has answered
-        tends to go on with a new ``### Question``; a chat model ends its turn itself."""
-        return () if getattr(self.tokenizer, "chat_template", None) else ("\n### ",)
+        tends to go on with a new ``### Question`` or a paragraph of made-up facts after a blank line; a chat
+        model ends its turn itself."""
+        return () if getattr(self.tokenizer, "chat_template", None) else ("\n### ", "\n\n")
 
     def ask_ids(self, docs: list[Document], question: str, question_aware: bool = True) -> tuple[list[int], list[int] | None]:
         """Token ids of a question about ``docs``, framed as ``longkv ask`` frames it.

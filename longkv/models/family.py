@@ -104,7 +104,7 @@ def family_of(arch: str, source: Source | None = None) -> Family:
         if source != "gguf" and arch in fam.refused_model_types:
             raise LongKVError(fam.refused_model_types[arch])
     what = {"hf": f"model_type {arch!r} in config.json", "gguf": f"GGUF architecture {arch!r}"}.get(source or "", f"architecture {arch!r}")
-    names = sorted({f.model_type for f in FAMILIES} | ({f.gguf_arch for f in FAMILIES} if source != "hf" else set()))
+    names = sorted(({f.model_type for f in FAMILIES} if source != "gguf" else set()) | ({f.gguf_arch for f in FAMILIES} if source != "hf" else set()))
     raise LongKVError(f"unsupported {what}: longkv runs {', '.join(names)} (see `longkv models`)")
 
 

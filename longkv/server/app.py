@@ -77,6 +77,7 @@ class _Tokenizer:
 
     def __init__(self, llm: LLM) -> None:
         self._tok = copy.deepcopy(llm.tokenizer)
+        self._bos = llm.bos_id
         self._lock = threading.Lock()
         self._grammars: dict[str, Grammar] = {}  # compiled grammars by their text, least recently used first
 
@@ -86,6 +87,14 @@ class _Tokenizer:
                 return list(self._tok.encode(text, add_special_tokens=False))
             except Exception as exc:  # e.g. lone surrogates, which JSON allows and the tokenizer refuses
                 raise ApiError(400, f"the text could not be tokenized ({type(exc).__name__}): send valid UTF-8 text") from None
+
+    def prompt_ids(self, text: str) -> list[int]:
+        """A whole prompt's ids: :meth:`encode` behind the BOS token where the model's tokenizer puts one (Gemma,
+        Llama 3), unless the text (a chat template's rendering) starts with it already; as :meth:`LLM.prompt_ids`."""
+        ids = self.encode(text)
+        if self._bos is not None and (not ids or ids[0] != self._bos):
+            ids.insert(0, self._bos)
+        return ids
 
     def grammar(self, lark: str, eos_ids: frozenset[int], vocab_size: int, param: str) -> GrammarConstraint:
         """Compile ``lark`` for this tokenizer (the last few are kept: an agent sends the same tools every turn)
@@ -413,7 +422,7 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
         if not any(m["content"] or m.get("tool_calls") for m in messages):
             raise ApiError(400, "every message is empty: send some content", param="messages")
         rendered, template_tools = render_messages(messages, reply.tools, tool_fmt)
-        ids = await run_in_threadpool(lambda: tokenizer.encode(tokenizer.render(rendered, template_tools)))
+        ids = await run_in_threadpool(lambda: tokenizer.prompt_ids(tokenizer.render(rendered, template_tools)))
         constraint = None
         if reply.grammar is not None:
             param = "tools" if reply.calls else "response_format"
@@ -436,7 +445,7 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
         if isinstance(prompt, str):
             if not prompt:
                 raise ApiError(400, "the prompt is empty: send some text", param="prompt")
-            ids = await run_in_threadpool(tokenizer.encode, prompt)
+            ids = await run_in_threadpool(tokenizer.prompt_ids, prompt)
         else:
             ids = [int(t) for t in prompt]
         job, events = await submit(body, ids, body.max_tokens)
