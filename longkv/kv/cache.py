@@ -28,6 +28,7 @@ from collections.abc import Callable
 
 import torch
 
+from longkv.errors import LongKVError
 from longkv.kv.pool import PageFormat, PagePool
 
 
@@ -451,6 +452,72 @@ class LayerKV:
         self.shared, self.shared_n, self.n_own = [], 0, 0
         self.acc = None
         self._set_run(0)
+
+    def remap(self, kept: torch.Tensor, rotate: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
+        """Keep the tokens whose position is in ``kept`` and move each to its rank there (a span cut out).
+
+        kept: (M,) int64, sorted, unique original positions. A token at position
+        ``kept[j]`` ends at position ``j``: its key is rotated by ``j - kept[j]``
+        (``rotate(keys (Hkv, T, D), deltas (T,))``; rotations compose, so the key is
+        the one computed at ``j``, up to rounding), its value is unchanged. Tokens
+        whose position is not in ``kept`` are freed. Works for any page format
+        (coded keys are decoded, rotated and coded again).
+        """
+        pos = self.positions()
+        new = torch.searchsorted(kept, pos)
+        hit = new < kept.numel()
+        stay = hit & (kept[new.clamp_max(max(kept.numel() - 1, 0))] == pos) if kept.numel() else torch.zeros_like(hit)
+        changed = (~stay | (new != pos)).nonzero()
+        if not changed.numel():
+            return
+        f = int(changed[0, 0])  # tokens before it neither go nor move: left as they are
+        tail = stay[f:].nonzero().squeeze(1) + f
+        if tail.numel():
+            k, v, _ = self.read(f, self.n)
+            sel = tail - f
+            k, v = k[:, sel], v[:, sel]  # copies: the slots are written over next
+            moved = rotate(k.float(), new[tail] - pos[tail]).to(k.dtype)
+        self.truncate(f)
+        if tail.numel():
+            self.append(moved, v, new[tail])
+
+    def shrink(self) -> None:
+        """Give back the own run's pages past the last cached token (after cutting tokens out)."""
+        if self.capacity - self.n >= self.page_size:
+            self._resize(self.n)
+
+    def export(self) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Every cached token as stored: each plane (Hkv, n, ...) and the positions (n,), contiguous copies.
+
+        What :meth:`load` takes back bit for bit (a session snapshot).
+        """
+        idx = self._slots(0, self.n)
+        return {name: t[:, idx].contiguous() for name, t in self.pool.planes.items()}, self.pool.pos[idx].clone()
+
+    def load(self, planes: dict[str, torch.Tensor], positions: torch.Tensor) -> None:
+        """Append tokens given as stored (see :meth:`export`): planes of this layer's format, (Hkv, T, ...) each.
+
+        Raises:
+            LongKVError: the planes' names, shapes or dtypes are not this layer's format.
+        """
+        want = self.pool.fmt.planes()
+        t = positions.shape[0]
+        if set(planes) != set(want) or any(
+            tuple(planes[n].shape) != (self.n_kv_heads, t, *shape) or planes[n].dtype != dt for n, (shape, dt) in want.items()
+        ):
+            got = {n: (tuple(x.shape), str(x.dtype)) for n, x in planes.items()}
+            raise LongKVError(f"saved KV does not fit this layer ({self.n_kv_heads} KV heads, {self.codec} pages): got {got}")
+        if t:
+            if self.pool.multi_ref_pages and self._writes_shared(t):
+                self._cow()
+            if self.n + t > self.capacity:
+                self._resize(self.n + t)
+            dst = slice(self._own0() + self.n_own, self._own0() + self.n_own + t)
+            dev = self.pool.device
+            for name, x in planes.items():
+                self.pool.planes[name][:, dst] = x.to(dev)
+            self.pool.pos[dst] = positions.to(dev)
+            self.n_own += t
 
     def mark(self) -> object:
         """A point to :meth:`rollback` to: tokens appended after it can be forgotten."""
