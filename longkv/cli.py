@@ -10,6 +10,7 @@ import json
 import os
 import sys
 from enum import StrEnum
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -189,6 +190,8 @@ def serve(
     max_num_seqs: Annotated[int, typer.Option(help="Requests decoded together in one batched step (the rest wait).")] = 8,
     max_queue: Annotated[int, typer.Option(help="Requests that may wait while --max-num-seqs run; beyond it, HTTP 429.")] = 16,
     kv_budget_mib: Annotated[int | None, typer.Option(help="Most KV the running requests reserve together, in MiB (default: no limit). A request reserves its prompt + max_tokens (an eviction policy: its budget + a chunk per layer) and waits until that fits; one that never fits gets HTTP 400.")] = None,
+    memory_mib: Annotated[int, typer.Option(help="KV that idle KV memory sessions keep in RAM, in MiB; beyond it the least recently used leave RAM (saved to --memory-dir first, when given).")] = 4096,
+    memory_dir: Annotated[Path | None, typer.Option(help="Folder where KV memory sessions are saved (on request, and when they leave RAM) and read back from, so a session outlives the server.")] = None,
     max_tokens_default: Annotated[int, typer.Option(help="max_tokens of requests that give none.")] = 1024,
     max_tokens_limit: Annotated[int | None, typer.Option(help="Most tokens one request may ask for (default: the window).")] = None,
     served_model_name: Annotated[str | None, typer.Option(help="Model id clients send (default: the file name).")] = None,
@@ -209,7 +212,9 @@ def serve(
     "budget", "session" (a session id whose cached prefix eviction skips),
     "cache" (false: compute everything, store nothing), "cache_salt", "top_k",
     "ignore_eos", "dry_multiplier" (the loop guard), "grammar" (false: tool calls
-    and response_format unconstrained, parsed leniently). See docs/serving.md.
+    and response_format unconstrained, parsed leniently), "memory" (with "session":
+    the conversation lives on as KV spans that later turns reuse, compress and
+    edit without a new prefill; docs/memory.md). See docs/serving.md.
 
     Chat requests take OpenAI "tools", "tool_choice", "parallel_tool_calls" and
     "response_format"; calls and JSON replies are grammar-constrained, so they parse.
@@ -223,6 +228,10 @@ def serve(
     """
     if kv_budget_mib is not None and kv_budget_mib < 1:
         raise LongKVError(f"--kv-budget-mib must be at least 1, got {kv_budget_mib}: leave it unset for no limit")
+    if memory_mib < 0:
+        raise LongKVError(f"--memory-mib must be at least 0, got {memory_mib}")
+    if memory_dir is not None and memory_dir.exists() and not memory_dir.is_dir():
+        raise LongKVError(f"--memory-dir {memory_dir} is a file: pass a folder (it is made if missing)")
     try:
         from longkv.server.app import serve as run_server
     except ImportError as exc:
@@ -232,7 +241,7 @@ def serve(
         chunk_size=chunk_size, threads=threads, device=device, default_policy=policy, cache_bytes=cache_mib << 20,
         max_queue=max_queue, max_num_seqs=max_num_seqs, default_max_tokens=max_tokens_default,
         kv_budget_bytes=None if kv_budget_mib is None else kv_budget_mib << 20,
-        max_tokens_limit=max_tokens_limit,
+        max_tokens_limit=max_tokens_limit, memory_bytes=memory_mib << 20, memory_dir=memory_dir,
     )  # fmt: skip
 
 

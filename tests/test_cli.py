@@ -236,6 +236,7 @@ def test_serve_help_teaches_the_request_extension(work: Path) -> None:
     assert proc.returncode == 0 and "--policy" in proc.stdout
     text = " ".join(proc.stdout.split())  # Rich wraps the help text
     assert '"longkv"' in text and '"policy"' in text and "docs/serving.md" in text
+    assert '"memory"' in text and "docs/memory.md" in text and "--memory-dir" in text
 
 
 def test_policies_lists_every_policy_with_its_knobs(work: Path) -> None:
@@ -278,3 +279,10 @@ def test_device_errors_come_before_the_model_loads(work: Path) -> None:
 
 def test_serve_kv_budget_must_be_positive(work: Path) -> None:
     assert_user_error(run(["serve", "--model", "./missing.gguf", "--kv-budget-mib", "0"], work), "--kv-budget-mib must be at least 1, got 0")
+
+
+def test_serve_memory_options_are_checked_before_the_model_loads(work: Path) -> None:
+    (work / "afile").write_text("x")
+    proc = run(["serve", "--model", "./missing.gguf", "--memory-dir", "afile"], work)
+    assert_user_error(proc, "--memory-dir afile is a file: pass a folder")
+    assert_user_error(run(["serve", "--model", "./missing.gguf", "--memory-mib", "-1"], work), "--memory-mib must be at least 0, got -1")

@@ -69,7 +69,7 @@ def _assert_compact(mem: KVMemory) -> None:
 def test_drop_equals_cold_prefill_of_the_edited_text_with_one_layer() -> None:
     mem = _session(MODEL1, [20, 37, 45, 30])
     spans = list(mem.spans)
-    freed = mem.drop([spans[2].id])
+    freed = mem.drop([spans[2].id], forget=True)
     assert freed == 45 and mem.tokens == 87 and [s.id for s in mem.spans] == [spans[0].id, spans[1].id, spans[3].id]
     _assert_compact(mem)
     edited = spans[0].ids + spans[1].ids + spans[3].ids
@@ -88,7 +88,7 @@ def test_drop_of_the_last_spans_is_exact_with_any_depth_and_frees_pages() -> Non
     pool = mem.seq.cache[0].pool
     used = pool.used_pages
     last = mem.spans[-1]
-    mem.drop([last.id])
+    mem.drop([last.id], forget=True)
     assert mem.tokens == 64 and pool.used_pages <= used - 40 // 8 + 1
     _assert_compact(mem)
     question = _ids(5, 7)
@@ -101,13 +101,15 @@ def test_a_middle_drop_with_more_layers_keeps_exact_bookkeeping() -> None:
     mem = _session(MODEL2, [16, 30, 50, 20, 11])
     before = mem.bytes()
     s = mem.spans
-    mem.drop([s[1].id, s[3].id])
+    mem.drop([s[1].id, s[3].id])  # their text stays in the session: a prompt repeating it reuses the rest
+    assert [x.kept for x in mem.spans] == [16, 0, 50, 0, 11] and mem.logical_tokens == 127
     _assert_compact(mem)
     assert mem.tokens == 16 + 50 + 11 and mem.dropped_tokens == 50
     assert mem.seq.tokens == s[0].ids + s[2].ids + s[4].ids
     assert mem.bytes() < before
-    logits = mem.runner.prefill(mem.seq, _ids(4, 3))  # the edited cache still runs
-    assert torch.isfinite(logits).all()
+    assert mem.align([*mem.logical_ids(), 7]) == 127 and mem.tokens == 77  # nothing cut
+    _, logits = mem.append("user", [7, 8])  # the edited cache still runs
+    assert torch.isfinite(logits).all() and mem.tokens == 79
 
 
 def test_edits_are_refused_on_pinned_and_unknown_spans() -> None:
@@ -193,7 +195,7 @@ def test_fit_compresses_then_drops_the_oldest_unpinned_spans_only() -> None:
     assert ids[-1] == 5 and mem.spans[-1].kept == 10  # the newest untouched
     _assert_compact(mem)
     mem.fit(40)
-    assert mem.tokens <= 40 and [s.id for s in mem.spans][0] == 1
+    assert mem.tokens <= 40 and mem.spans[0].id == 1 and len(mem.spans) == 5 and mem.logical_tokens == 210
     with pytest.raises(LongKVError, match="cannot fit 10 tokens: its pinned spans hold 20"):
         mem.fit(10)
 
@@ -214,7 +216,7 @@ def test_snapshot_round_trip_is_bit_exact(tmp_path: Path, codec: str) -> None:
         assert torch.equal(qa, qb) and all(torch.equal(pa[n], pb[n]) for n in pa)
     q = _ids(5, 4)
     assert torch.equal(mem.append("user", q)[1], back.append("user", q)[1])
-    back.drop([back.spans[-1].id])  # a loaded session edits like any other
+    back.drop([back.spans[-1].id], forget=True)  # a loaded session edits like any other
     _assert_compact(back)
 
 

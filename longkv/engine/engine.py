@@ -74,6 +74,9 @@ class Request:
             thread; e.g. to store the sequence in a prefix cache. Cache and ``tokens`` agree
             unless ``finish_reason == "error"``. Right after it the engine frees the
             sequence's pages (what a prefix index retained stays).
+        keep_sequence: the engine does not free the sequence's pages when it lets go of it:
+            its owner (a KV memory session) keeps building on it. A cancelled or failed
+            request leaves it holding what was fed (``on_release`` cuts it back).
         progress: called with (prompt tokens fed, prompt tokens) after every prefill chunk.
         request_id: unique id (default: a counter).
         arrival: ``time.perf_counter()`` when the request arrived (TTFT origin).
@@ -90,6 +93,7 @@ class Request:
     prompt_logits: torch.Tensor | None = None
     feed_last: bool = False
     on_release: Callable[[Sequence, RequestOutput], None] | None = None
+    keep_sequence: bool = False
     progress: ProgressFn | None = None
     request_id: str = field(default_factory=lambda: f"req-{next(_ids)}")
     arrival: float = field(default_factory=time.perf_counter)
@@ -357,7 +361,8 @@ class Engine:
                     if req.on_release is not None:
                         req.on_release(req.sequence, out)
                 finally:
-                    req.sequence.cache.clear()
+                    if not req.keep_sequence:
+                        req.sequence.cache.clear()
         for o in [o for o in self.running if o.req.request_id in gone]:
             if o.feeding:
                 self._release(o)
@@ -417,7 +422,8 @@ class Engine:
                 if req.on_release is not None:
                     req.on_release(req.sequence, out)
             finally:
-                req.sequence.cache.clear()
+                if not req.keep_sequence:
+                    req.sequence.cache.clear()
 
     def _schedule(self, events: list[TokenEvent]) -> tuple[list[Work], list[_Running]]:
         works: list[Work] = []
@@ -509,7 +515,8 @@ class Engine:
             if o.req.on_release is not None:
                 o.req.on_release(o.seq, o.out)
         finally:
-            o.seq.cache.clear()  # its pages go back to the pool (a prefix index keeps what it retained)
+            if not o.req.keep_sequence:
+                o.seq.cache.clear()  # its pages go back to the pool (a prefix index keeps what it retained)
 
 
 def _mib(n: int) -> str:

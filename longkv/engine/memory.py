@@ -157,14 +157,14 @@ class KVMemory:
 
     # ------------------------------------------------------------------ growth
     def record(self, kind: str, ids: list[int], pinned: bool = False) -> Span:
-        """Name the last ``len(ids)`` tokens of the sequence (already fed) as a new span.
+        """Name the sequence's next ``len(ids)`` tokens after the last span (already fed) as a new span.
 
-        Raises LongKVError for an unknown kind; asserts the sequence ends with ``ids``.
+        Raises LongKVError for an unknown kind; asserts the sequence holds ``ids`` there.
         """
         if kind not in SPAN_KINDS:
             raise LongKVError(f"unknown span kind {kind!r}: use one of {', '.join(SPAN_KINDS)}")
         held = sum(s.kept for s in self.spans)
-        assert len(self.seq.tokens) == held + len(ids) and self.seq.tokens[held:] == list(ids), "record the tokens just fed"
+        assert self.seq.tokens[held : held + len(ids)] == list(ids), "record tokens the sequence holds after the last span"
         span = Span(self._next_id, kind, list(ids), len(ids), pinned)
         self._next_id += 1
         self.spans.append(span)
@@ -179,9 +179,9 @@ class KVMemory:
         return self.record(kind, ids, pinned), logits
 
     # ------------------------------------------------------------------ edits
-    def _compact(self, keep: torch.Tensor, kept_spans: dict[int, int]) -> None:
+    def _compact(self, keep: torch.Tensor, kept_spans: dict[int, int], forget: frozenset[int] = frozenset()) -> None:
         """Keep the KV tokens where ``keep`` ((tokens,) bool) is set, positions made contiguous again;
-        ``kept_spans``: span id -> tokens it keeps (0: the span goes)."""
+        ``kept_spans``: span id -> tokens it keeps; ``forget``: spans that leave the session."""
         seq, runner = self.seq, self.runner
         kept = keep.nonzero().squeeze(1).to(seq.cache[0].device)
         for i, lkv in enumerate(seq.cache.layers):
@@ -189,17 +189,18 @@ class KVMemory:
             lkv.shrink()
         seq.tokens = [seq.tokens[j] for j in kept.tolist()]
         seq.queries.clear()
-        spans = []
         for s in self.spans:
             s.kept = kept_spans.get(s.id, s.kept)
-            if s.kept:
-                spans.append(s)
-        self.spans = spans
+        self.spans = [s for s in self.spans if s.id not in forget]
         assert sum(s.kept for s in self.spans) == len(seq.tokens)
 
     @torch.inference_mode()
-    def drop(self, span_ids: list[int]) -> int:
-        """Cut these spans out of the session (their KV freed, later keys moved back); returns KV tokens freed.
+    def drop(self, span_ids: list[int], forget: bool = False) -> int:
+        """Free these spans' KV (later keys moved back, nothing prefilled); returns the KV tokens freed.
+
+        A dropped span stays in the session with no KV (``kept == 0``): a prompt that
+        still repeats its text reuses everything around it. ``forget``: the span leaves
+        the session too (the client left its text out).
 
         Raises LongKVError for an unknown id or a pinned span (nothing is changed then).
         """
@@ -213,7 +214,7 @@ class KVMemory:
             a = self.kv_start(s)
             keep[a : a + s.kept] = False
             freed += s.kept
-        self._compact(keep, {s.id: 0 for s in spans})
+        self._compact(keep, {s.id: 0 for s in spans}, frozenset(s.id for s in spans) if forget else frozenset())
         self.dropped_tokens += freed
         return freed
 
@@ -321,7 +322,7 @@ class KVMemory:
             drop.extend(spans[i:j])
             i = j
         if drop:
-            self.drop([s.id for s in drop])
+            self.drop([s.id for s in drop], forget=True)
         kept = i - len(drop)  # spans[:i] that were kept are now self.spans[:kept]
         matched = sum(len(s.ids) for s in self.spans[:kept])
         if kept < len(self.spans):
@@ -339,17 +340,17 @@ class KVMemory:
     def fit(self, limit: int, recent: int = 2, keep: float = 0.25) -> list[tuple[str, int]]:
         """Make the session hold at most ``limit`` KV tokens: compress, then drop, the oldest unpinned spans.
 
-        The newest ``recent`` spans are left alone while anything older can go. A span is
-        compressed to ``keep`` once (if it has over 32 KV tokens), else dropped, so every
-        action frees tokens and the loop ends. Returns the actions taken, as
+        The newest ``recent`` spans are left alone while anything older can go. Every old
+        span with over 32 KV tokens is compressed to ``keep`` once before any span is
+        dropped (its text stays, see :meth:`drop`); every action frees tokens, so the loop ends. Returns the actions taken, as
         (``"compress"`` or ``"drop"``, span id).
 
         Raises LongKVError when the pinned spans and the newest span alone exceed ``limit``.
         """
         actions: list[tuple[str, int]] = []
         while self.tokens > limit:
-            movable = [s for s in self.spans if not s.pinned]
-            old = movable[: max(len(movable) - recent, 0)] or movable[:-1]
+            live = [s for s in self.spans if not s.pinned and s.kept]
+            old = live[: max(len(live) - recent, 0)] or live[:-1]
             if not old:
                 pinned = sum(s.kept for s in self.spans if s.pinned)
                 raise LongKVError(

@@ -472,14 +472,16 @@ class LayerKV:
             return
         f = int(changed[0, 0])  # tokens before it neither go nor move: left as they are
         tail = stay[f:].nonzero().squeeze(1) + f
-        if tail.numel():
-            k, v, _ = self.read(f, self.n)
-            sel = tail - f
-            k, v = k[:, sel], v[:, sel]  # copies: the slots are written over next
-            moved = rotate(k.float(), new[tail] - pos[tail]).to(k.dtype)
+        if not tail.numel():
+            self.truncate(f)
+            return
+        k, v, _ = self.read(f, self.n)
+        assert v is not None
+        sel = tail - f
+        keys, values = k[:, sel], v[:, sel]  # copies: the slots are written over next
+        moved = rotate(keys.float(), new[tail] - pos[tail]).to(keys.dtype)
         self.truncate(f)
-        if tail.numel():
-            self.append(moved, v, new[tail])
+        self.append(moved, values, new[tail])
 
     def shrink(self) -> None:
         """Give back the own run's pages past the last cached token (after cutting tokens out)."""

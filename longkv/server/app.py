@@ -57,7 +57,7 @@ from longkv.server.schemas import (
     Usage,
 )
 from longkv.server.tools import CallParser, Delta, ParseResult, ReplyPlan, plan_reply, render_messages, tool_format
-from longkv.server.worker import EngineWorker, Event, Job, ServerConfig, plan
+from longkv.server.worker import EngineWorker, Event, Job, MemoryRequest, Pieces, ServerConfig, plan
 
 log = logging.getLogger("longkv.server")
 
@@ -111,14 +111,45 @@ class _Tokenizer:
                 self._grammars.pop(next(iter(self._grammars)))
             return grammar.constraint()
 
-    def render(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> str:
+    def render(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None, generation: bool = True) -> str:
         if not getattr(self._tok, "chat_template", None):
             raise ApiError(400, "this model has no chat template: use /v1/completions with a plain prompt", param="messages")
         with self._lock:
             try:
-                return str(self._tok.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=False))
+                return str(self._tok.apply_chat_template(messages, tools=tools, add_generation_prompt=generation, tokenize=False))
             except Exception as exc:  # jinja's raise_exception (e.g. roles must alternate) and friends
                 raise ApiError(400, f"the chat template rejected these messages: {exc}", param="messages") from None
+
+
+SPAN_ROLES = {"system": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
+
+
+def message_pieces(
+    tokenizer: _Tokenizer, messages: list[dict[str, Any]], roles: list[str], tools: list[dict[str, Any]] | None, ids: list[int]
+) -> Pieces:
+    """Where each message of a chat prompt ends in its ids, for a KV memory session's span kinds.
+
+    The end of message ``i`` is how far the rendering of ``messages[:i + 1]`` (without a
+    generation prompt) agrees with ``ids``. Rendered from the last message back, only
+    as far as the tokens after ``after`` need (the session holds the rest). Messages
+    before the first assistant message (system prompt, task) are pinned.
+    """
+
+    def pieces(after: int) -> list[tuple[str, int, bool]]:
+        first_reply = next((i for i, r in enumerate(roles) if r == "assistant"), len(roles))
+        out: list[tuple[str, int, bool]] = []
+        for i in range(len(messages), 0, -1):
+            rendered = tokenizer.prompt_ids(tokenizer.render(messages[:i], tools, generation=False))
+            end = 0
+            limit = min(len(rendered), len(ids))
+            while end < limit and rendered[end] == ids[end]:
+                end += 1
+            out.append((SPAN_ROLES.get(roles[i - 1], "text"), end, i - 1 < first_reply))
+            if end <= after:
+                break
+        return out[::-1]
+
+    return pieces
 
 
 def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
@@ -210,15 +241,27 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
             "dry_multiplier": ext.dry_multiplier if ext else 0.0,
         }
 
+    def memory_request(body: ChatCompletionRequest | CompletionRequest, pieces: Pieces | None = None) -> MemoryRequest | None:
+        ext = body.longkv
+        if ext is None or ext.memory is None:
+            return None
+        if ext.session is None:
+            raise ApiError(400, 'longkv.memory needs a session: send "longkv": {"session": "ID", "memory": {}}', param="longkv.session")
+        if ext.memory.save and config.memory_dir is None:
+            raise ApiError(400, "this server has no memory folder: start it with --memory-dir DIR to save sessions", param="longkv.memory.save")
+        m = ext.memory
+        return MemoryRequest(ext.session, m.tool_keep, list(m.drop), m.save, pieces)
+
     async def submit(
-        body: ChatCompletionRequest | CompletionRequest, ids: list[int], max_tokens: int | None, constraint: GrammarConstraint | None = None
+        body: ChatCompletionRequest | CompletionRequest, ids: list[int], max_tokens: int | None, constraint: GrammarConstraint | None = None,
+        memory: MemoryRequest | None = None,
     ) -> tuple[Job, asyncio.Queue[Event]]:
         ext = body.longkv
         req = plan(
             llm, config, ids, max_tokens, sampling(body),
             policy=ext.policy if ext else None, budget=ext.budget if ext else None,
             session=ext.session if ext else None, share_cache=ext.cache if ext else True,
-            salt=ext.cache_salt if ext else None, constraint=constraint,
+            salt=ext.cache_salt if ext else None, constraint=constraint, memory=memory,
         )  # fmt: skip
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[Event] = asyncio.Queue()
@@ -315,6 +358,8 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
                 parser.finish(truncated=turn.finish_reason == "length")
                 result = parser.result
             chat_reason, report = tool_report(reply, turn, result)
+            if job.memory_report is not None:
+                report = {**(report or {}), "memory": job.memory_report}
             message = AssistantMessage(content=text)
             if result is not None:
                 calls = [ToolCall(id=c.id, function=FunctionCall(name=c.name, arguments=c.arguments)) for c in result.calls]
@@ -326,6 +371,7 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
         return Completion(
             id=rid, created=created, model=config.model_id, system_fingerprint=fingerprint,
             choices=[CompletionChoice(text=text, finish_reason=reason)], usage=usage(turn, cached),
+            longkv={"memory": job.memory_report} if job.memory_report is not None else None,
         )  # fmt: skip
 
     def delta_of(d: Delta) -> dict[str, Any]:
@@ -382,13 +428,16 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
                         metrics.requests.labels(endpoint, "499").inc()
                         return
                     metrics.requests.labels(endpoint, "200").inc()
+                    memory = {"memory": job.memory_report} if job.memory_report is not None else {}
                     if not chat:
-                        yield chunk({}, "", turn.finish_reason)
+                        yield chunk({}, "", turn.finish_reason, **({"longkv": memory} if memory else {}))
                     else:
                         if parser is not None:
                             for d in parser.finish(truncated=turn.finish_reason == "length"):
                                 yield chunk(delta_of(d))
                         reason, report = tool_report(reply, turn, parser.result if parser is not None else None)
+                        if memory:
+                            report = {**(report or {}), **memory}
                         extra: dict[str, Any] = {"longkv": report} if report is not None else {}
                         yield chunk({}, None, reason, **extra)
                     if include_usage:
@@ -423,13 +472,15 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
             raise ApiError(400, "every message is empty: send some content", param="messages")
         rendered, template_tools = render_messages(messages, reply.tools, tool_fmt)
         ids = await run_in_threadpool(lambda: tokenizer.prompt_ids(tokenizer.render(rendered, template_tools)))
+        roles = [m["role"] for m in (messages if len(messages) == len(rendered) else rendered)]
+        memory = memory_request(body, message_pieces(tokenizer, rendered, roles, template_tools, ids))
         constraint = None
         if reply.grammar is not None:
             param = "tools" if reply.calls else "response_format"
             lark = reply.grammar
             constraint = await run_in_threadpool(lambda: tokenizer.grammar(lark, llm.eos_ids, llm.config.vocab_size, param))
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        job, events = await submit(body, ids, max_tokens, constraint)
+        job, events = await submit(body, ids, max_tokens, constraint, memory)
         return await respond(request, body, job, events, chat=True, reply=reply)
 
     @app.post("/v1/completions", response_model=Completion, responses={**ERRORS, 200: {"content": {"text/event-stream": {}}}})
@@ -448,7 +499,7 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
             ids = await run_in_threadpool(tokenizer.prompt_ids, prompt)
         else:
             ids = [int(t) for t in prompt]
-        job, events = await submit(body, ids, body.max_tokens)
+        job, events = await submit(body, ids, body.max_tokens, memory=memory_request(body))
         return await respond(request, body, job, events, chat=False)
 
     default_openapi = app.openapi

@@ -19,6 +19,23 @@ from pydantic import BaseModel, ConfigDict, Field
 INT_MAX = 2**31 - 1
 
 
+class MemoryOptions(BaseModel):
+    """``longkv.memory``: keep the session's context as KV spans across requests (see docs/memory.md)."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    tool_keep: float | None = Field(
+        0.5, gt=0.0, lt=1.0,
+        description="Share of a tool result's KV kept once the step after it has read it whole "
+        "(question-agnostic compression; the text stays with the client). null: keep tool results whole.",
+    )  # fmt: skip
+    drop: list[int] = Field(
+        default_factory=list, max_length=4096,
+        description="Span ids to cut out of the session before this request (their KV freed, no prefill).",
+    )  # fmt: skip
+    save: bool = Field(False, description="Write the session to the server's --memory-dir after this request (fsynced).")
+
+
 class LongKVOptions(BaseModel):
     """The ``"longkv"`` extension object of a request."""
 
@@ -37,8 +54,14 @@ class LongKVOptions(BaseModel):
         "dry_multiplier * 1.75 ** (run - 2) from its logit; 0 (default): off, 0.8: what longkv ask uses.",
     )
     session: str | None = Field(
-        None, min_length=1, max_length=256, description="Session id: pins this session's latest path in the prefix cache."
-    )
+        None, min_length=1, max_length=256,
+        description="Session id: pins this session's latest path in the prefix cache; "
+        "with memory, names the session's KV spans.",
+    )  # fmt: skip
+    memory: MemoryOptions | None = Field(
+        None, description="KV memory for the session (needs session): the context lives on as spans of KV that "
+        "later requests reuse, compress and edit without a new prefill.",
+    )  # fmt: skip
     cache: bool = Field(True, description="Read and write the prefix cache (false: compute everything, store nothing).")
     cache_salt: str | None = Field(
         None, max_length=256, description="Requests share cached prefixes only with requests of the same salt."
@@ -217,7 +240,8 @@ class ChatCompletion(BaseModel):
     longkv: dict[str, Any] | None = Field(
         None,
         description="With tools or response_format: grammar (on/off), mask_ms_per_token, tool_call_errors, "
-        "truncated_tool_call (a call cut off by max_tokens, never returned as a call), recovered_tool_calls.",
+        "truncated_tool_call (a call cut off by max_tokens, never returned as a call), recovered_tool_calls. "
+        "With memory: memory (session, spans, kv_tokens, logical_tokens, kv_bytes, edits).",
     )
 
 
@@ -236,6 +260,7 @@ class Completion(BaseModel):
     choices: list[CompletionChoice]
     usage: Usage
     system_fingerprint: str | None = None
+    longkv: dict[str, Any] | None = Field(None, description="With memory: memory (session, spans, kv_tokens, logical_tokens, kv_bytes, edits).")
 
 
 class ModelCard(BaseModel):

@@ -25,6 +25,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -37,6 +38,7 @@ from longkv.engine.sampling import SamplingParams
 from longkv.errors import LongKVError
 from longkv.kv.radix import PrefixCache, namespace, shares_dense_kv
 from longkv.policies import KVPolicy
+from longkv.server.sessions import SessionStore
 
 if TYPE_CHECKING:
     from longkv.server.metrics import Metrics
@@ -85,6 +87,10 @@ class ServerConfig:
         kv_budget_bytes: most KV bytes the running requests reserve together (``None``: no
             limit; see :class:`~longkv.engine.engine.Engine`): a request waits until its
             pages fit, one that never fits gets HTTP 400 with its numbers.
+        memory_bytes: most KV bytes idle KV memory sessions hold in RAM (least recently
+            used first out).
+        memory_dir: where sessions are saved (on request, and when pushed out of RAM);
+            ``None``: nowhere.
     """
 
     model_id: str
@@ -96,6 +102,32 @@ class ServerConfig:
     cache_bytes: int = 2 << 30
     max_sessions: int = 256
     kv_budget_bytes: int | None = None
+    memory_bytes: int = 4 << 30
+    memory_dir: Path | None = None
+
+
+# Boundaries of the messages of a prompt that lie after a token index: [(span kind, end, pinned)]
+# in order; the last message's end may be before the prompt's end (the generation prompt follows).
+Pieces = Callable[[int], list[tuple[str, int, bool]]]
+
+
+@dataclass
+class MemoryRequest:
+    """A request on a KV memory session (``longkv.memory``; see :mod:`longkv.engine.memory`).
+
+    Attributes:
+        session: the session id.
+        tool_keep: share of each tool result's KV kept once a step has read it whole (``None``: all).
+        drop: span ids to cut out first.
+        save: write the session to the memory folder after the request.
+        pieces: where the prompt's messages end (chat), for their span kinds; ``None``: one ``text`` span.
+    """
+
+    session: str
+    tool_keep: float | None = 0.5
+    drop: list[int] = field(default_factory=list)
+    save: bool = False
+    pieces: Pieces | None = None
 
 
 @dataclass
@@ -110,6 +142,7 @@ class EngineRequest:
     salt: str = ""
     request_id: str = field(default_factory=lambda: f"req-{uuid.uuid4().hex}")
     constraint: GrammarConstraint | None = None
+    memory: MemoryRequest | None = None
 
     @property
     def kv_key(self) -> str:
@@ -140,6 +173,7 @@ class Job:
     output: RequestOutput = field(default_factory=RequestOutput)
     request_id: str | None = None  # set when the job enters the engine
     last_token_at: float = 0.0
+    memory_report: dict[str, Any] | None = None  # a KV memory request's session after it (engine thread, before "done")
 
 
 def plan(
@@ -154,6 +188,7 @@ def plan(
     share_cache: bool = True,
     salt: str | None = None,
     constraint: GrammarConstraint | None = None,
+    memory: MemoryRequest | None = None,
 ) -> EngineRequest:
     """Check a request against the model and the server's limits; build its :class:`EngineRequest`.
 
@@ -162,6 +197,8 @@ def plan(
         max_tokens: requested, or ``None`` for the server's default.
         params: other :class:`SamplingParams` fields (temperature, top_p, top_k, seed, stop, ignore_eos).
         constraint: a started grammar the reply must follow (tool calls, JSON).
+        memory: run on a KV memory session: the prompt may exceed the window (the session
+            holds its spans compressed; the fit is checked at admission).
 
     Raises:
         ContextOverflow: a window-bound policy (dense) and prompt + max_tokens beyond the window.
@@ -174,6 +211,17 @@ def plan(
         raise LongKVError(f"token id {bad[0]} is outside the vocabulary [0, {llm.config.vocab_size}): send valid ids")
     if max_tokens is not None and config.max_tokens_limit is not None and max_tokens > config.max_tokens_limit:
         raise LongKVError(f"max_tokens {max_tokens} exceeds this server's limit of {config.max_tokens_limit}: ask for fewer")
+    if memory is not None:
+        if policy not in (None, "dense") or budget is not None:
+            raise LongKVError("KV memory runs under the dense policy: leave policy and budget out of a memory request")
+        window = llm.config.max_position
+        wanted = max_tokens if max_tokens is not None else min(config.default_max_tokens, window // 4)
+        if config.max_tokens_limit is not None:
+            wanted = min(wanted, config.max_tokens_limit)
+        if wanted >= window:
+            raise ContextOverflow(len(ids), window, wanted, "dense (KV memory)")
+        pol = llm.resolve_policy(0, "dense", None)
+        return EngineRequest(ids, SamplingParams(max_new_tokens=wanted, **params), pol, False, session, salt or "", constraint=constraint, memory=memory)
     spec = policy if policy is not None else config.default_policy
     wanted = max_tokens if max_tokens is not None else config.default_max_tokens
     # "auto" picks dense or streaming from the total length; any other spec does not depend on it.
@@ -219,6 +267,7 @@ class EngineWorker:
         self._stop = False
         self._thread = threading.Thread(target=self._loop, name="longkv-engine", daemon=True)
         self._fingerprint = namespace(llm.source, llm.engine_config.dtype, f"weights={llm.decode_weights}")
+        self.sessions = SessionStore(config.memory_bytes, config.memory_dir, self._fingerprint)
 
     # ----------------------------------------------------------------- control
     def start(self) -> None:
@@ -310,8 +359,11 @@ class EngineWorker:
             self._gauges()
 
     def _admit(self, job: Job) -> None:
-        """Look the job's prompt up in the prefix cache and hand it to the engine."""
+        """Look the job's prompt up in the prefix cache (or open its KV memory session) and hand it to the engine."""
         req, llm = job.request, self.llm
+        if req.memory is not None:
+            self._admit_memory(job, req.memory)
+            return
         ns = namespace(self._fingerprint, req.kv_key, req.salt)
         reuse, logits, seq = 0, None, None
         if req.share_cache:
@@ -354,6 +406,94 @@ class EngineWorker:
         self.engine.add_request(engine_req)
         if job.cancel.is_set():
             self.engine.abort(req.request_id)
+
+    def _admit_memory(self, job: Job, m: MemoryRequest) -> None:
+        """Open the job's session, turn its prompt into edits (drops, cuts, compressions, the fit to the
+        window) and hand the new tokens to the engine on the session's own sequence."""
+        req, llm = job.request, self.llm
+        runner = Runner(llm.model, req.policy, llm.engine_config, self.engine.pools)
+        try:
+            mem, source = self.sessions.open(m.session, runner)
+        except LongKVError as exc:
+            self._drop_job(job, exc)
+            return
+        edits: list[dict[str, Any]] = []
+        try:
+            with torch.inference_mode():
+                if m.drop:
+                    freed = mem.drop(m.drop)
+                    edits.append({"drop": list(m.drop), "tokens": freed})
+                before = [s.id for s in mem.spans]
+                matched = mem.align(req.ids)
+                gone = [i for i in before if i not in {s.id for s in mem.spans}]
+                if gone:
+                    edits.append({"align": gone})
+                if m.tool_keep is not None:  # tool results a step has read whole: compress them
+                    for s in list(mem.spans):
+                        if s.kind == "tool" and not s.pinned and not s.compressed and s.kept >= 64:
+                            freed = mem.compress(s.id, m.tool_keep)
+                            edits.append({"compress": s.id, "tokens": freed})
+                new = req.ids[matched:]
+                room = llm.config.max_position - len(new) - req.params.max_new_tokens - 1
+                if room < 0:
+                    raise ContextOverflow(len(new), llm.config.max_position, req.params.max_new_tokens, "dense (KV memory: the new messages alone)")
+                for kind, span_id in mem.fit(room):
+                    edits.append({kind: span_id})
+                mem.seq.cache.reserve(mem.tokens + len(new) + req.params.max_new_tokens + 1)
+            pieces = m.pieces(matched) if m.pieces is not None else []
+        except LongKVError as exc:
+            self.sessions.close(m.session)  # every edit left the session consistent
+            self._drop_job(job, exc)
+            return
+        except Exception as exc:  # a bug mid-edit: the session cannot be trusted
+            log.exception("KV memory edit failed")
+            self.sessions.forget(m.session)
+            self._drop_job(job, exc)
+            return
+        base, reused = mem.tokens, len(mem.seq.tokens)
+        prompt = mem.seq.tokens + new
+
+        def release(seq: Sequence, out: RequestOutput) -> None:  # engine thread, before "done" is dispatched
+            try:
+                if out.finish_reason in ("stop", "length"):
+                    at = matched
+                    for kind, end, pinned in pieces:
+                        if end > at:
+                            mem.record(kind, req.ids[at:end], pinned)
+                            at = end
+                    mem.record("assistant", req.ids[at:] + seq.tokens[base + len(new) :])
+                else:  # cancelled or failed: back to the session before this request
+                    seq.cache.truncate(base)
+                    del seq.tokens[base:]
+                    for lkv in seq.cache.layers:
+                        lkv.shrink()
+                saved = self.sessions.close(m.session, save=m.save and out.finish_reason in ("stop", "length"))
+            except Exception:
+                log.exception("KV memory session %s could not be kept", m.session)
+                self.sessions.forget(m.session)
+                return
+            job.memory_report = {
+                "session": m.session, "source": source, "spans": mem.report(), "kv_tokens": mem.tokens,
+                "logical_tokens": mem.logical_tokens, "kv_bytes": mem.bytes(), "edits": edits,
+                **({"saved_bytes": saved} if saved is not None else {}),
+            }  # fmt: skip
+
+        engine_req = Request(
+            prompt, req.params, req.policy, sequence=mem.seq, prompt_logits=None, on_release=release, keep_sequence=True,
+            request_id=req.request_id, arrival=job.created, constraint=req.constraint,
+        )  # fmt: skip
+        job.request_id = req.request_id
+        job.output = RequestOutput(prompt_tokens=len(req.ids), reused_tokens=reused, arrival=job.created)
+        job.sink(Event("start", cached_tokens=reused))
+        self.engine.add_request(engine_req)
+        if job.cancel.is_set():
+            self.engine.abort(req.request_id)
+
+    def _drop_job(self, job: Job, exc: BaseException) -> None:
+        """End a job that never reached the engine with an error."""
+        with self._cv:
+            self._jobs.pop(job.request.request_id, None)
+        self._finish(job, Event("error", error=exc))
 
     def _dispatch(self, ev: TokenEvent) -> None:
         job = self._jobs.get(ev.request_id)

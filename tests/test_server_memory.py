@@ -1,0 +1,150 @@
+"""KV memory through the server: ``"longkv": {"session": ..., "memory": {...}}`` on chat requests.
+
+In process (FastAPI's TestClient), a tiny random Llama (512-token window) in float32:
+spans reported per message, the next turn reusing the session's KV, tool results
+compressed once read, spans dropped on request or when the client leaves them out,
+a run far past the window that never overflows, snapshots that come back from disk
+with the same answers, and every bad input a 400 with its reason.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("fastapi")
+from fastapi.testclient import TestClient
+
+from longkv import LLM
+from longkv.server.app import create_app
+from longkv.server.worker import ServerConfig
+
+TOOL = "The quick brown fox jumps over the lazy dog. " * 12  # ~150 tokens of the tiny tokenizer
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_llama: Path) -> LLM:
+    return LLM(model=tiny_llama, dtype="float32", chunk_size=32)
+
+
+@pytest.fixture()
+def client(llm: LLM, tmp_path: Path) -> Iterator[TestClient]:
+    cfg = ServerConfig(model_id="tiny", cache_bytes=1 << 20, memory_dir=tmp_path / "sessions")
+    with TestClient(create_app(llm, cfg)) as c:
+        yield c
+
+
+def chat(client: TestClient, messages: list[dict[str, Any]], memory: dict[str, Any] | None = None, session: str = "run-1", **kw: Any) -> dict:
+    body = {
+        "model": "tiny", "messages": messages, "max_tokens": 6, "temperature": 0,
+        "longkv": {"ignore_eos": True, "session": session, "memory": {} if memory is None else memory}, **kw,
+    }  # fmt: skip
+    r = client.post("/v1/chat/completions", json=body)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def reply(out: dict) -> dict:
+    return {"role": "assistant", "content": out["choices"][0]["message"]["content"]}
+
+
+def start() -> list[dict[str, Any]]:
+    return [{"role": "system", "content": "You are a careful agent."}, {"role": "user", "content": "Alice was beginning to get very tired."}]
+
+
+def test_spans_reuse_compression_and_drops_over_turns(client: TestClient, llm: LLM) -> None:
+    msgs = start()
+    one = chat(client, msgs)
+    m1 = one["longkv"]["memory"]
+    assert m1["source"] == "new" and one["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    assert [(s["kind"], s["pinned"]) for s in m1["spans"]] == [("system", True), ("user", True), ("assistant", False)]
+    prompt = llm.prompt_ids(llm.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False))
+    assert sum(s["tokens"] for s in m1["spans"]) == m1["logical_tokens"] == len(prompt) + 5  # the 6th token is not fed
+    plain = client.post("/v1/chat/completions", json={"model": "tiny", "messages": msgs, "max_tokens": 6, "temperature": 0, "longkv": {"ignore_eos": True}}).json()
+    assert one["choices"][0]["message"]["content"] == plain["choices"][0]["message"]["content"]  # turn 1 is dense
+
+    msgs += [reply(one), {"role": "tool", "content": TOOL, "tool_call_id": "c1"}]
+    two = chat(client, msgs)
+    m2 = two["longkv"]["memory"]
+    assert two["usage"]["prompt_tokens_details"]["cached_tokens"] >= len(prompt)
+    tool = next(s for s in m2["spans"] if s["kind"] == "tool")
+    assert tool["kept"] == tool["tokens"] > 64 and m2["edits"] == []  # read whole by this step
+
+    msgs += [reply(two), {"role": "user", "content": "def main(): pass"}]
+    three = chat(client, msgs)
+    m3 = three["longkv"]["memory"]
+    squeezed = next(s for s in m3["spans"] if s["id"] == tool["id"])
+    assert squeezed["kept"] == -(-tool["tokens"] // 2) and {"compress": tool["id"], "tokens": tool["tokens"] - squeezed["kept"]} in m3["edits"]
+    assert m3["kv_tokens"] == m3["logical_tokens"] - (tool["tokens"] - squeezed["kept"])
+    assert three["usage"]["prompt_tokens_details"]["cached_tokens"] >= sum(s["kept"] for s in m3["spans"] if s["id"] <= tool["id"])
+
+    # the client leaves the tool result out: its span is cut from the KV, nothing prefilled again
+    kept = [m for m in msgs if m["role"] != "tool"] + [reply(three), {"role": "user", "content": "The lazy dog."}]
+    four = chat(client, kept)
+    m4 = four["longkv"]["memory"]
+    assert {"align": [tool["id"]]} in m4["edits"] and all(s["kind"] != "tool" for s in m4["spans"])
+
+    # an explicit drop of the last reply, by id
+    last = m4["spans"][-1]["id"]
+    five = chat(client, [*kept, reply(four), {"role": "user", "content": "Again."}], memory={"drop": [last]})
+    assert {"drop": [last], "tokens": m4["spans"][-1]["kept"]} in five["longkv"]["memory"]["edits"]
+
+
+def test_a_run_far_past_the_window_never_overflows(client: TestClient) -> None:
+    msgs = start()
+    logical, edits = [], []
+    for step in range(8):  # 8 tool results of ~150 tokens: ~1.5 K tokens of text on a 512-token window
+        out = chat(client, msgs, session="long")
+        m = out["longkv"]["memory"]
+        assert m["kv_tokens"] + 6 <= 512 and [s["pinned"] for s in m["spans"][:2]] == [True, True]
+        logical.append(m["logical_tokens"])
+        edits += m["edits"]
+        msgs += [reply(out), {"role": "tool", "content": f"step {step}: " + TOOL, "tool_call_id": f"c{step}"}]
+    assert logical[-1] > 1200 and any("compress" in e for e in edits) and any("drop" in e for e in edits)
+
+
+def test_a_saved_session_comes_back_from_disk_with_the_same_answers(llm: LLM, tmp_path: Path) -> None:
+    folder = tmp_path / "kv"
+    msgs = [*start(), {"role": "assistant", "content": "The quick brown fox."}, {"role": "tool", "content": TOOL, "tool_call_id": "c"}]
+    follow = [{"role": "assistant", "content": "The lazy dog."}, {"role": "user", "content": "def main(): pass"}]
+    with TestClient(create_app(llm, ServerConfig(model_id="tiny", memory_dir=folder))) as c:
+        first = chat(c, msgs, memory={"save": True}, session="s/1")
+        saved = first["longkv"]["memory"]["saved_bytes"]
+        assert saved > 0 and [p.stat().st_size for p in folder.iterdir()] == [saved]
+        warm = chat(c, [*msgs, reply(first), *follow], session="s/1")
+    with TestClient(create_app(llm, ServerConfig(model_id="tiny", memory_dir=folder))) as c:  # a new server process
+        back = chat(c, [*msgs, reply(first), *follow], session="s/1")
+    assert back["longkv"]["memory"]["source"] == "disk" and warm["longkv"]["memory"]["source"] == "ram"
+    assert back["choices"] == warm["choices"] and back["usage"] == warm["usage"]
+    assert back["longkv"]["memory"]["spans"] == warm["longkv"]["memory"]["spans"]
+
+
+@pytest.mark.parametrize(
+    ("longkv", "message"),
+    [
+        ({"memory": {}}, "longkv.memory needs a session"),
+        ({"session": "x", "memory": {"drop": [99]}}, "no span 99 in this session"),
+        ({"session": "x", "memory": {}, "policy": "snapkv:budget=64"}, "KV memory runs under the dense policy"),
+        ({"session": "x", "memory": {"tool_keep": 1.5}}, "tool_keep"),
+        ({"session": "x", "memory": {"bogus": 1}}, "bogus"),
+    ],
+)
+def test_bad_memory_requests_are_400s_with_the_reason(client: TestClient, longkv: dict, message: str) -> None:
+    body = {"model": "tiny", "messages": start(), "max_tokens": 4, "longkv": longkv}
+    r = client.post("/v1/chat/completions", json=body)
+    assert r.status_code == 400 and message in r.text, r.text
+
+
+def test_pinned_spans_cannot_be_dropped_and_saving_needs_a_folder(llm: LLM, client: TestClient) -> None:
+    out = chat(client, start(), session="p")
+    pinned = out["longkv"]["memory"]["spans"][0]["id"]
+    r = client.post("/v1/chat/completions", json={"model": "tiny", "messages": start(), "max_tokens": 4, "longkv": {"session": "p", "memory": {"drop": [pinned]}}})
+    assert r.status_code == 400 and "is pinned" in r.text
+    again = chat(client, start(), session="p")  # the refused edit changed nothing
+    assert again["longkv"]["memory"]["spans"][:2] == out["longkv"]["memory"]["spans"][:2]
+    with TestClient(create_app(llm, ServerConfig(model_id="tiny"))) as c:
+        r = c.post("/v1/chat/completions", json={"model": "tiny", "messages": start(), "max_tokens": 4, "longkv": {"session": "q", "memory": {"save": True}}})
+    assert r.status_code == 400 and "--memory-dir" in r.text
