@@ -46,7 +46,7 @@ def check_pairs(messages: list[dict[str, Any]]) -> str | None:
 class FakeServer:
     """Serve ``script`` on a free local port until :meth:`close` (``url`` ends in /v1)."""
 
-    def __init__(self, script: Script, window: int = 32768, delay_s: float = 0.0, report_window: bool = True) -> None:
+    def __init__(self, script: Script, window: int = 32768, delay_s: float = 0.0, report_window: bool = True, longkv: bool = False) -> None:
         self.script = script
         self.window = window
         self.delay_s = delay_s
@@ -71,6 +71,8 @@ class FakeServer:
                 card: dict[str, Any] = {"id": "fake", "object": "model"}
                 if report_window:
                     card["max_model_len"] = fake.window
+                if longkv:  # says it is longkv serve: the agent then sends its KV memory session
+                    card["owned_by"] = "longkv"
                 self._send(200, {"object": "list", "data": [card]})
 
             def do_POST(self) -> None:

@@ -3,6 +3,7 @@ window, the run log, resume after kill -9, and the CLI."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import multiprocessing
 import os
@@ -240,6 +241,34 @@ def test_huge_tool_outputs_never_overflow_the_window(work: Path, tmp_path: Path)
     log = RunLog(tmp_path / "runs")
     whole = [e.data["output"] for e in log.events(res.run) if e.kind == "tool_result" and e.data["name"] == "read_file"]
     assert [len(w.splitlines()) for w in whole] == [n // 48 for n in sizes]  # the log keeps every line
+
+
+def test_a_longkv_server_gets_the_run_as_a_kv_memory_session(work: Path, tmp_path: Path) -> None:
+    """Against longkv serve the run's requests name its KV memory session; dropped turns leave no marker message
+    behind (the session cuts them out of its KV only when nothing takes their place). Other servers get neither."""
+    sizes = [60_000, 90_000, 70_000, 80_000, 65_000] * 2
+    for i, n in enumerate(sizes):
+        (work / f"big{i}.txt").write_text("".join(f"line {j} " + "x" * 40 + "\n" for j in range(n // 48)))
+    calls = [("read_file", {"path": f"big{i}.txt"}) for i in range(len(sizes))] + [("finish", {"answer": "done"})]
+    made = iter(calls)
+    server = FakeServer(lambda msgs: {"calls": [next(made)]}, window=2048, longkv=True)
+    with _agent(server, work, tmp_path, reply_tokens=256) as agent:
+        assert agent.kv_memory
+        res = agent.run("Read the big files")
+    server.close()
+    assert (res.status, server.errors) == ("finished", [])
+    assert {json.dumps(r["longkv"]) for r in server.requests} == {json.dumps({"session": res.run, "memory": {"save": False}})}
+    reqs = server.requests
+    assert any(len(b["messages"]) < len(a["messages"]) for a, b in itertools.pairwise(reqs))  # turns were dropped ...
+    assert not any("Earlier steps are not shown here" in (m.get("content") or "") for r in server.requests for m in r["messages"])
+    plain = FakeServer(lambda msgs: {"content": "ok"})
+    with _agent(plain, work, tmp_path) as agent:
+        assert not agent.kv_memory
+        agent.run("Say ok")
+    with pytest.raises(LongKVError, match="is not longkv serve: KV memory needs it"):
+        _agent(plain, work, tmp_path, kv_memory=True)
+    plain.close()
+    assert all("longkv" not in r for r in plain.requests)
 
 
 def test_the_window_comes_from_the_server(work: Path, tmp_path: Path) -> None:

@@ -196,8 +196,10 @@ def test_fit_compresses_then_drops_the_oldest_unpinned_spans_only() -> None:
     _assert_compact(mem)
     mem.fit(40)
     assert mem.tokens <= 40 and mem.spans[0].id == 1 and len(mem.spans) == 5 and mem.logical_tokens == 210
-    with pytest.raises(LongKVError, match="cannot fit 10 tokens: its pinned spans hold 20"):
+    with pytest.raises(LongKVError, match=r"cannot fit 10 tokens: its pinned spans \(system prompt, task\) hold 20"):
         mem.fit(10)
+    mem.fit(21)  # every unpinned span can go, the newest last
+    assert mem.tokens == 20 and [s.kept for s in mem.spans] == [20, 0, 0, 0, 0]
 
 
 @pytest.mark.parametrize("codec", ["none", "int8"])

@@ -104,6 +104,10 @@ def test_a_run_far_past_the_window_never_overflows(client: TestClient) -> None:
         edits += m["edits"]
         msgs += [reply(out), {"role": "tool", "content": f"step {step}: " + TOOL, "tool_call_id": f"c{step}"}]
     assert logical[-1] > 1200 and any("compress" in e for e in edits) and any("drop" in e for e in edits)
+    # the whole history sent to a new session: fed message by message, compressed and cut as it goes
+    fresh = chat(client, msgs, session="fresh")["longkv"]["memory"]
+    assert fresh["source"] == "new" and fresh["kv_tokens"] + 6 <= 512 and fresh["logical_tokens"] > 1200
+    assert sum("prefill" in e for e in fresh["edits"]) >= 8 and any("drop" in e for e in fresh["edits"])
 
 
 def test_a_saved_session_comes_back_from_disk_with_the_same_answers(llm: LLM, tmp_path: Path) -> None:

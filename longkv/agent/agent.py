@@ -37,6 +37,7 @@ When the task is done, call finish with the answer (the value asked for, or what
 
 PLAN_CHOICE = {"type": "function", "function": {"name": "plan"}}
 HOT_TEMPERATURE = 0.7  # sampling temperature for a few requests after a loop was detected
+SAVE_EVERY = 5  # with KV memory in process: the session is saved to disk every this many steps (for resume)
 SNAPSHOT_FILES = 5000  # most files a non-idempotent call's before-snapshot lists
 
 
@@ -118,6 +119,9 @@ class Agent:
         reply_tokens: ``max_tokens`` of each model call (kept free in the window).
         observation_chars: most characters of one tool result put back in the context (the run log keeps all).
         temperature: sampling temperature (0: greedy).
+        kv_memory: keep the run's context on the server as KV memory spans (``longkv serve`` only): tool
+            results are compressed once read and dropped turns are cut out of the KV, without a new prefill
+            (docs/memory.md). Default: on with a model served in this process or a longkv server.
 
     Raises:
         LongKVError: no workdir, no sandbox (without ``sandbox=False``), an unreachable server or one without a
@@ -143,6 +147,7 @@ class Agent:
         temperature: float = 0.0,
         threads: int | None = None,
         device: str = "cpu",
+        kv_memory: bool | None = None,
     ) -> None:
         from longkv.agent.sandbox import Limits, Sandbox
 
@@ -162,10 +167,15 @@ class Agent:
                                   "context_window": context_window}  # what resume reconnects to
         self._local: LocalServer | None = None
         if server is None:
-            self._local = local_server(model, threads=threads, device=device)
+            self._local = local_server(model, threads=threads, device=device, memory_dir=self.log.dir / "kv")
             server, model_id = self._local.url, model_id or self._local.model_id
         self.client = ChatClient(server, model_id, window=context_window)
         self.window = self.client.window()
+        served_here = self._local is not None
+        if kv_memory and not served_here and not self.client.is_longkv():
+            raise LongKVError(f"{server} is not longkv serve: KV memory needs it (drop --kv-memory, or serve the model with longkv)")
+        self.kv_memory = kv_memory if kv_memory is not None else (served_here or self.client.is_longkv())
+        self.options["kv_memory"] = self.kv_memory
 
     def close(self) -> None:
         """Stop the in-process server (if any) and close the run log."""
@@ -288,7 +298,7 @@ class Agent:
             LongKVError: the system prompt, tools, task and plan alone do not fit.
         """
         room = self.window - st.options["reply_tokens"]
-        msgs = st.messages()
+        msgs = st.messages(marker=not self.kv_memory)
         if st.estimate(message_bytes(msgs)) <= room:
             return msgs, [], message_bytes(msgs)
         live = [t for t in st.turns if t.live and not t.folded]
@@ -296,7 +306,7 @@ class Agent:
         for t in live:
             t.live = False
             drop.append(t.step)
-            msgs = st.messages()
+            msgs = st.messages(marker=not self.kv_memory)
             if st.estimate(message_bytes(msgs)) <= room * 3 // 4:
                 break
         for t in live:  # the state changes only through the logged request event
@@ -317,10 +327,13 @@ class Agent:
             choice = "required"
         self._emit(run_id, st, "request", {"step": st.steps + 1, "bytes": nbytes, "estimate": st.estimate(nbytes), "drop": len(drop),
                                            "drop_steps": drop, "tool_choice": choice, "temperature": temperature}, on_event)  # fmt: skip
-        msgs = st.messages()  # the same as _fit's, now that the drop is applied
+        msgs = st.messages(marker=not self.kv_memory)  # the same as _fit's, now that the drop is applied
         # plan is offered only when it is asked for: a small model offered it at every step calls nothing else
         tools = [t for t in self.toolbox.schemas() if choice == PLAN_CHOICE or t["function"]["name"] != "plan"]
-        return self.client.complete(msgs, tools, choice, temperature, st.options["reply_tokens"], seed=st.steps)
+        ext = None
+        if self.kv_memory:  # the server keeps this run's context as KV spans; in-process, saved every few steps for resume
+            ext = {"session": run_id, "memory": {"save": self._local is not None and st.steps % SAVE_EVERY == 0}}
+        return self.client.complete(msgs, tools, choice, temperature, st.options["reply_tokens"], seed=st.steps, longkv=ext)
 
     def _after_reply(self, run_id: str, st: RunState, reply: Reply, on_event: Callable[[Event], None] | None) -> None:
         calls = [{"id": c.id, "name": c.name, "arguments": c.arguments} for c in reply.tool_calls]

@@ -76,6 +76,7 @@ def run(
     temperature: Annotated[float, typer.Option(help="Sampling temperature (0: greedy).")] = 0.0,
     threads: Annotated[int | None, typer.Option(help="CPU threads of the in-process model.")] = None,
     device: Annotated[str, typer.Option(help="Device of the in-process model: cpu, cuda or cuda:N.")] = "cpu",
+    kv_memory: Annotated[bool | None, typer.Option("--kv-memory/--no-kv-memory", help="Keep the run's context as KV memory on the server: tool results compressed once read, dropped turns cut out of the KV without a new prefill (docs/memory.md). Default: on in process and with a longkv server.")] = None,
     runs_dir: RunsDirOpt = None,
     as_json: JsonOpt = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", metavar="", help="No progress on stderr.")] = False,
@@ -107,7 +108,7 @@ def run(
     agent = Agent(model=model, server=server, model_id=model_id, workdir=workdir, max_steps=max_steps, max_tokens=max_tokens,
                   max_seconds=max_seconds, sandbox=not no_sandbox, runs_dir=runs_dir, context_window=context_window,
                   reply_tokens=reply_tokens, observation_chars=observation_chars, temperature=temperature, threads=threads,
-                  device=device)  # fmt: skip
+                  device=device, kv_memory=kv_memory)  # fmt: skip
     with agent:
         result = agent.run(task, on_event=_progress(quiet))
     _finish(result, as_json)
@@ -148,7 +149,8 @@ def resume(
     agent = Agent(model=model, server=server, model_id=src.get("model_id") if server else None, workdir=info.workdir,
                   max_steps=o["max_steps"], max_tokens=o["max_tokens"], max_seconds=o["max_seconds"], sandbox=o["sandbox"],
                   runs_dir=runs_dir, context_window=src.get("context_window"), reply_tokens=o["reply_tokens"],
-                  observation_chars=o["observation_chars"], temperature=o["temperature"], threads=threads)  # fmt: skip
+                  observation_chars=o["observation_chars"], temperature=o["temperature"], threads=threads,
+                  kv_memory=o.get("kv_memory") if model is None and server is None else None)  # fmt: skip
     if not quiet:
         err.print(f"[dim]resuming run {info.id} ({info.status}) in {info.workdir}[/]")
     with agent:

@@ -16,6 +16,7 @@ import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from longkv.errors import LongKVError
@@ -118,10 +119,17 @@ class ChatClient:
                 raise LongKVError(f"{self.base_url}/models reports no context window for {self.model!r}: pass --context-window TOKENS")
         return self._window
 
+    def is_longkv(self) -> bool:
+        """Whether the server is ``longkv serve`` (its ``/v1/models`` says ``owned_by: longkv``): it takes the
+        ``longkv`` request extension (KV memory sessions)."""
+        return any(m.get("owned_by") == "longkv" for m in self._models())
+
     def complete(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]], tool_choice: Any = "auto",
-                 temperature: float = 0.0, max_tokens: int = 512, seed: int | None = None) -> Reply:  # fmt: skip
+                 temperature: float = 0.0, max_tokens: int = 512, seed: int | None = None,
+                 longkv: dict[str, Any] | None = None) -> Reply:  # fmt: skip
         """One chat completion (not streamed), one tool call at most (``parallel_tool_calls: false``: a small model
-        otherwise strings many guesses together before it sees a single result).
+        otherwise strings many guesses together before it sees a single result). ``longkv``: the request
+        extension of ``longkv serve`` (e.g. a KV memory session).
 
         Raises:
             ModelError: HTTP failure or a body that is not a chat completion.
@@ -132,6 +140,8 @@ class ChatClient:
         }  # fmt: skip
         if seed is not None:
             body["seed"] = seed
+        if longkv:
+            body["longkv"] = longkv
         t0 = time.perf_counter()
         data = self._request("POST", "/chat/completions", body)
         seconds = time.perf_counter() - t0
@@ -164,8 +174,12 @@ class LocalServer:
         self._thread.join(timeout=30)
 
 
-def local_server(model: str | None, threads: int | None = None, device: str = "cpu", quiet: bool = True) -> LocalServer:
+def local_server(
+    model: str | None, threads: int | None = None, device: str = "cpu", quiet: bool = True, memory_dir: Path | None = None
+) -> LocalServer:
     """Load ``model`` (a .gguf, an HF folder or a hub id; None: the default) and serve it on a free local port.
+
+    ``memory_dir``: where the server saves KV memory sessions (so a resumed run reads its KV back).
 
     Raises:
         LongKVError: the model cannot be loaded, or the server extra is missing.
@@ -179,7 +193,7 @@ def local_server(model: str | None, threads: int | None = None, device: str = "c
     except ImportError as exc:
         raise LongKVError(f"running a model in process needs the server extra ({exc.name} is missing): pip install 'longkv[serve]'") from None
     llm = LLM(model, threads=threads, device=device)
-    cfg = ServerConfig(model_id=default_model_id(llm))
+    cfg = ServerConfig(model_id=default_model_id(llm), memory_dir=memory_dir)
     config = uvicorn.Config(create_app(llm, cfg), host="127.0.0.1", port=0, log_level="warning" if quiet else "info")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name="longkv-agent-server", daemon=True)

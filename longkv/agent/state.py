@@ -159,8 +159,10 @@ class RunState:
             msgs.append({"role": "user", "content": f"Your current plan:\n{self.plan}"})
         return msgs
 
-    def messages(self) -> list[dict[str, Any]]:
-        """The request's messages: the front, a marker where turns were dropped, then the live turns in order."""
+    def messages(self, marker: bool = True) -> list[dict[str, Any]]:
+        """The request's messages: the front, a marker where turns were dropped (unless ``marker`` is False: a
+        KV memory session cuts the dropped turns out of its KV only when nothing takes their place), then the
+        live turns in order."""
         msgs = self.front()
         gap = False
         for t in self.turns:
@@ -169,7 +171,7 @@ class RunState:
             if not t.live:
                 gap = True
                 continue
-            if gap:
+            if gap and marker:
                 msgs.append({"role": "user", "content": "[Earlier steps are not shown here; their results are in the run log.]"})
                 gap = False
             msgs.extend(t.messages)

@@ -345,17 +345,17 @@ class KVMemory:
         dropped (its text stays, see :meth:`drop`); every action frees tokens, so the loop ends. Returns the actions taken, as
         (``"compress"`` or ``"drop"``, span id).
 
-        Raises LongKVError when the pinned spans and the newest span alone exceed ``limit``.
+        Raises LongKVError when the pinned spans alone exceed ``limit``.
         """
         actions: list[tuple[str, int]] = []
         while self.tokens > limit:
             live = [s for s in self.spans if not s.pinned and s.kept]
-            old = live[: max(len(live) - recent, 0)] or live[:-1]
+            old = live[: max(len(live) - recent, 0)] or live  # the newest go last, when nothing older is left
             if not old:
                 pinned = sum(s.kept for s in self.spans if s.pinned)
                 raise LongKVError(
-                    f"the session cannot fit {limit} tokens: its pinned spans hold {pinned} and its newest "
-                    f"{self.tokens - pinned}: shorten the system prompt or task, or give the session more room"
+                    f"the session cannot fit {limit} tokens: its pinned spans (system prompt, task) hold {pinned}: "
+                    "shorten them, or give the session more room (a lower max_tokens, a model with a larger window)"
                 )
             dense = [s for s in old if not s.compressed and s.kept > 32]
             if dense:  # every old span is compressed once before any is dropped

@@ -472,7 +472,8 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
             raise ApiError(400, "every message is empty: send some content", param="messages")
         rendered, template_tools = render_messages(messages, reply.tools, tool_fmt)
         ids = await run_in_threadpool(lambda: tokenizer.prompt_ids(tokenizer.render(rendered, template_tools)))
-        roles = [m["role"] for m in (messages if len(messages) == len(rendered) else rendered)]
+        # a template without tool support gets tool results as user messages (server.tools): still tool spans
+        roles = ["tool" if m["role"] == "user" and m["content"].startswith("<tool_response>") else m["role"] for m in rendered]
         memory = memory_request(body, message_pieces(tokenizer, rendered, roles, template_tools, ids))
         constraint = None
         if reply.grammar is not None:

@@ -433,14 +433,26 @@ class EngineWorker:
                         if s.kind == "tool" and not s.pinned and not s.compressed and s.kept >= 64:
                             freed = mem.compress(s.id, m.tool_keep)
                             edits.append({"compress": s.id, "tokens": freed})
+                pieces = m.pieces(matched) if m.pieces is not None else []
+                limit = llm.config.max_position - req.params.max_new_tokens - 1  # KV tokens the prompt may end with
+                pinned = sum(s.kept for s in mem.spans if s.pinned)
+                for kind, end, pin in pieces[:-1]:
+                    # new messages that do not fit beside the session's pinned spans: fed now, one at a time,
+                    # the session compressed and cut as it goes (a long history sent to a new session)
+                    if pinned + len(req.ids) - matched <= limit or end <= matched:
+                        continue
+                    for action, span_id in mem.fit(max(limit - (end - matched), pinned), recent=0):
+                        edits.append({action: span_id})
+                    mem.append(kind, req.ids[matched:end], pin)
+                    edits.append({"prefill": mem.spans[-1].id})
+                    pinned += (end - matched) if pin else 0
+                    matched = end
                 new = req.ids[matched:]
-                room = llm.config.max_position - len(new) - req.params.max_new_tokens - 1
-                if room < 0:
-                    raise ContextOverflow(len(new), llm.config.max_position, req.params.max_new_tokens, "dense (KV memory: the new messages alone)")
-                for kind, span_id in mem.fit(room):
-                    edits.append({kind: span_id})
+                if len(new) > limit - pinned:
+                    raise ContextOverflow(len(new), llm.config.max_position, req.params.max_new_tokens, "dense (KV memory: its last message)")
+                for action, span_id in mem.fit(limit - len(new)):
+                    edits.append({action: span_id})
                 mem.seq.cache.reserve(mem.tokens + len(new) + req.params.max_new_tokens + 1)
-            pieces = m.pieces(matched) if m.pieces is not None else []
         except LongKVError as exc:
             self.sessions.close(m.session)  # every edit left the session consistent
             self._drop_job(job, exc)
