@@ -152,3 +152,30 @@ def test_pinned_spans_cannot_be_dropped_and_saving_needs_a_folder(llm: LLM, clie
     with TestClient(create_app(llm, ServerConfig(model_id="tiny"))) as c:
         r = c.post("/v1/chat/completions", json={"model": "tiny", "messages": start(), "max_tokens": 4, "longkv": {"session": "q", "memory": {"save": True}}})
     assert r.status_code == 400 and "--memory-dir" in r.text
+
+
+def test_idle_sessions_past_the_ram_budget_go_to_disk_and_come_back(llm: LLM, tmp_path: Path) -> None:
+    folder = tmp_path / "kv"
+    with TestClient(create_app(llm, ServerConfig(model_id="tiny", memory_dir=folder, memory_bytes=1))) as c:
+        a = chat(c, start(), session="a")
+        chat(c, start(), session="b")  # pushes "a" (and then "b") out of RAM, to the folder
+        assert len(list(folder.iterdir())) == 2
+        again = chat(c, [*start(), reply(a), {"role": "user", "content": "Again."}], session="a")
+        metrics = c.get("/metrics").text
+    assert again["longkv"]["memory"]["source"] == "disk"
+    assert again["usage"]["prompt_tokens_details"]["cached_tokens"] >= a["longkv"]["memory"]["kv_tokens"] - 6
+    assert "longkv_memory_loaded 1.0" in metrics and "longkv_memory_sessions" in metrics
+
+
+def test_a_failed_save_is_reported_and_the_session_kept(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    from longkv.engine.memory import KVMemory
+
+    def full(self: KVMemory, path: object, fingerprint: str = "") -> int:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(KVMemory, "save", full)
+    out = chat(client, start(), memory={"save": True}, session="f")
+    assert "No space left on device" in out["longkv"]["memory"]["save_error"]
+    monkeypatch.undo()
+    again = chat(client, [*start(), reply(out), {"role": "user", "content": "Again."}], session="f")
+    assert again["longkv"]["memory"]["source"] == "ram" and again["usage"]["prompt_tokens_details"]["cached_tokens"] > 0

@@ -49,6 +49,9 @@ class Metrics:
             "longkv_kv_pages_used", "KV pages held (running sequences and the prefix cache; a shared page once), over all layers.", registry=r
         )
         self.kv_pages_free = Gauge("longkv_kv_pages_free", "KV pages allocated but held by nobody, over all layers.", registry=r)
+        self.memory_sessions = Gauge("longkv_memory_sessions", "KV memory sessions in RAM.", registry=r)
+        self.memory_bytes = Gauge("longkv_memory_bytes", "Bytes of KV the KV memory sessions in RAM hold.", registry=r)
+        self.memory_loaded = Gauge("longkv_memory_loaded", "KV memory sessions read back from --memory-dir since start.", registry=r)
         self.queue_length = Gauge("longkv_queue_length", "Requests waiting for the engine.", registry=r)
         self.running = Gauge("longkv_requests_running", "Generations running now (in the batch).", registry=r)
         self.batch_size = Gauge("longkv_batch_size", "Sequences in the last batched step's forward.", registry=r)

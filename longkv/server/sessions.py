@@ -13,6 +13,7 @@ Not thread-safe: the engine thread alone opens and closes sessions.
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 from collections import OrderedDict
 from pathlib import Path
@@ -20,6 +21,8 @@ from pathlib import Path
 from longkv.engine.memory import KVMemory
 from longkv.engine.runner import Runner
 from longkv.errors import LongKVError
+
+log = logging.getLogger("longkv.server")
 
 
 class SessionStore:
@@ -66,16 +69,18 @@ class SessionStore:
 
     def close(self, session: str, save: bool = False) -> int | None:
         """The request on ``session`` is over: it goes back to RAM (most recently used); returns the bytes
-        written when ``save`` (a server without a memory folder raises LongKVError then)."""
+        written when ``save``. Raises OSError when the file cannot be written (the session stays in RAM),
+        LongKVError without a memory folder."""
         mem = self._open.pop(session)
         self._idle[session] = mem
-        written = None
-        if save:
-            if self.directory is None:
-                raise LongKVError("this server has no memory folder: start it with --memory-dir DIR to save sessions")
-            written = mem.save(self.path(session), self.fingerprint)
-        self._push_out()
-        return written
+        try:
+            if save:
+                if self.directory is None:
+                    raise LongKVError("this server has no memory folder: start it with --memory-dir DIR to save sessions")
+                return mem.save(self.path(session), self.fingerprint)
+            return None
+        finally:
+            self._push_out()
 
     def forget(self, session: str) -> None:
         """Drop an open session whose state cannot be trusted (its request failed mid-edit)."""
@@ -94,6 +99,9 @@ class SessionStore:
         while self._idle and sum(m.bytes() for m in self._idle.values()) > self.capacity:
             session, mem = self._idle.popitem(last=False)
             if self.directory is not None:
-                mem.save(self.path(session), self.fingerprint)
+                try:
+                    mem.save(self.path(session), self.fingerprint)
+                except OSError as exc:  # lost from RAM all the same: a later request prefills it again
+                    log.error("KV memory session %s could not be saved on its way out of RAM: %s", session, exc)
             mem.seq.cache.clear()
             self.pushed_out += 1

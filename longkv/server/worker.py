@@ -462,16 +462,17 @@ class EngineWorker:
             self.sessions.forget(m.session)
             self._drop_job(job, exc)
             return
-        base, reused = mem.tokens, len(mem.seq.tokens)
+        base = mem.tokens  # KV tokens reused from the session
         prompt = mem.seq.tokens + new
 
         def release(seq: Sequence, out: RequestOutput) -> None:  # engine thread, before "done" is dispatched
+            saved: int | str | None = None
             try:
                 if out.finish_reason in ("stop", "length"):
                     at = matched
-                    for kind, end, pinned in pieces:
+                    for kind, end, pin in pieces:
                         if end > at:
-                            mem.record(kind, req.ids[at:end], pinned)
+                            mem.record(kind, req.ids[at:end], pin)
                             at = end
                     mem.record("assistant", req.ids[at:] + seq.tokens[base + len(new) :])
                 else:  # cancelled or failed: back to the session before this request
@@ -480,6 +481,9 @@ class EngineWorker:
                     for lkv in seq.cache.layers:
                         lkv.shrink()
                 saved = self.sessions.close(m.session, save=m.save and out.finish_reason in ("stop", "length"))
+            except OSError as exc:  # the session is kept in RAM; the reply says the save failed
+                log.error("KV memory session %s could not be saved: %s", m.session, exc)
+                saved = f"{type(exc).__name__}: {exc}"
             except Exception:
                 log.exception("KV memory session %s could not be kept", m.session)
                 self.sessions.forget(m.session)
@@ -487,7 +491,7 @@ class EngineWorker:
             job.memory_report = {
                 "session": m.session, "source": source, "spans": mem.report(), "kv_tokens": mem.tokens,
                 "logical_tokens": mem.logical_tokens, "kv_bytes": mem.bytes(), "edits": edits,
-                **({"saved_bytes": saved} if saved is not None else {}),
+                **({"saved_bytes": saved} if isinstance(saved, int) else {"save_error": saved} if saved else {}),
             }  # fmt: skip
 
         engine_req = Request(
@@ -495,8 +499,8 @@ class EngineWorker:
             request_id=req.request_id, arrival=job.created, constraint=req.constraint,
         )  # fmt: skip
         job.request_id = req.request_id
-        job.output = RequestOutput(prompt_tokens=len(req.ids), reused_tokens=reused, arrival=job.created)
-        job.sink(Event("start", cached_tokens=reused))
+        job.output = RequestOutput(prompt_tokens=len(prompt), reused_tokens=base, arrival=job.created)
+        job.sink(Event("start", cached_tokens=base))
         self.engine.add_request(engine_req)
         if job.cancel.is_set():
             self.engine.abort(req.request_id)
@@ -544,3 +548,6 @@ class EngineWorker:
             self.metrics.active_kv_bytes.set(self.engine.kv_bytes())
             self.metrics.kv_pages_used.set(self.engine.pools.used_pages())
             self.metrics.kv_pages_free.set(self.engine.pools.free_pages())
+            self.metrics.memory_sessions.set(len(self.sessions))
+            self.metrics.memory_bytes.set(self.sessions.bytes())
+            self.metrics.memory_loaded.set(self.sessions.loaded)
