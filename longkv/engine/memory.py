@@ -204,7 +204,7 @@ class KVMemory:
 
         Raises LongKVError for an unknown id or a pinned span (nothing is changed then).
         """
-        spans = [self.span(i) for i in span_ids]
+        spans = [self.span(i) for i in dict.fromkeys(span_ids)]
         for s in spans:
             if s.pinned:
                 raise LongKVError(f"span {s.id} ({s.kind}) is pinned: pinned spans are never dropped")
