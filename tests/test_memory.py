@@ -107,7 +107,7 @@ def test_a_middle_drop_with_more_layers_keeps_exact_bookkeeping() -> None:
     assert mem.tokens == 16 + 50 + 11 and mem.dropped_tokens == 50
     assert mem.seq.tokens == s[0].ids + s[2].ids + s[4].ids
     assert mem.bytes() < before
-    assert mem.align([*mem.logical_ids(), 7]) == 127 and mem.tokens == 77  # nothing cut
+    assert mem.align([*mem.logical_ids(), 7]).matched == 127 and mem.tokens == 77  # nothing cut
     _, logits = mem.append("user", [7, 8])  # the edited cache still runs
     assert torch.isfinite(logits).all() and mem.tokens == 79
 
@@ -161,27 +161,27 @@ def test_align_keeps_repeated_spans_drops_left_out_ones_and_cuts_at_a_change() -
     s = [list(x.ids) for x in mem.spans]
     ids = [x.id for x in mem.spans]
     new = _ids(6, 50)
-    assert mem.align(s[0] + s[1] + s[2] + s[3] + new) == 106 and mem.tokens == 106
+    assert mem.align(s[0] + s[1] + s[2] + s[3] + new).matched == 106 and mem.tokens == 106
     # the client left span 2 out (a failed call): dropped, no prefill
-    assert mem.align(s[0] + s[1] + s[3] + new) == 66
+    assert mem.align(s[0] + s[1] + s[3] + new).matched == 66
     assert [x.id for x in mem.spans] == [ids[0], ids[1], ids[3]]
     _assert_compact(mem)
     # a prompt that changes inside span 3: the part it repeats stays
-    assert mem.align(s[0] + s[1] + s[3][:7] + new) == 53 and mem.tokens == 53
+    assert mem.align(s[0] + s[1] + s[3][:7] + new).matched == 53 and mem.tokens == 53
     # the prompt is the whole session: its last token is fed again for the logits
-    assert mem.align(s[0] + s[1] + s[3][:7]) == 52
+    assert mem.align(s[0] + s[1] + s[3][:7]).matched == 52
     # a pinned span the prompt changes: everything from it is cut
-    assert mem.align(new + s[1]) == 0 and mem.tokens == 0 and mem.spans == []
+    assert mem.align(new + s[1]).matched == 0 and mem.tokens == 0 and mem.spans == []
 
 
 def test_align_never_reuses_a_compressed_span_in_part() -> None:
     mem = _session(MODEL2, [16, 60, 20])
     s = [list(x.ids) for x in mem.spans]
     mem.compress(mem.spans[1].id, 0.5)
-    assert mem.align(s[0] + s[1][:50] + _ids(3, 1)) == 16 and mem.tokens == 16
+    assert mem.align(s[0] + s[1][:50] + _ids(3, 1)).matched == 16 and mem.tokens == 16
     mem2 = _session(MODEL2, [16, 60, 20])
     mem2.compress(mem2.spans[1].id, 0.5)
-    assert mem2.align(s[0] + s[1] + s[2] + [5]) == 96 and mem2.tokens == 16 + 30 + 20
+    assert mem2.align(s[0] + s[1] + s[2] + [5]).matched == 96 and mem2.tokens == 16 + 30 + 20
 
 
 def test_fit_compresses_then_drops_the_oldest_unpinned_spans_only() -> None:
@@ -190,7 +190,7 @@ def test_fit_compresses_then_drops_the_oldest_unpinned_spans_only() -> None:
     actions = mem.fit(120)
     assert mem.tokens <= 120
     ids = [s.id for s in mem.spans]
-    assert actions[:2] == [("compress", 2), ("compress", 3)]
+    assert actions[:2] == [{"compress": 2, "tokens": 45}, {"compress": 3, "tokens": 45}]
     assert mem.seq.tokens[:20] == pinned_kv and mem.spans[0].kept == 20
     assert ids[-1] == 5 and mem.spans[-1].kept == 10  # the newest untouched
     _assert_compact(mem)

@@ -70,8 +70,9 @@ def test_spans_reuse_compression_and_drops_over_turns(client: TestClient, llm: L
     two = chat(client, msgs)
     m2 = two["longkv"]["memory"]
     assert two["usage"]["prompt_tokens_details"]["cached_tokens"] >= len(prompt)
+    assert [s["kind"] for s in m2["spans"]] == ["system", "user", "assistant", "tool", "assistant"]  # a reply rendered anew stays one span
     tool = next(s for s in m2["spans"] if s["kind"] == "tool")
-    assert tool["kept"] == tool["tokens"] > 64 and m2["edits"] == []  # read whole by this step
+    assert tool["kept"] == tool["tokens"] > 64 and not any("compress" in e for e in m2["edits"])  # read whole by this step
 
     msgs += [reply(two), {"role": "user", "content": "def main(): pass"}]
     three = chat(client, msgs)
@@ -111,19 +112,29 @@ def test_a_run_far_past_the_window_never_overflows(client: TestClient) -> None:
 
 
 def test_a_saved_session_comes_back_from_disk_with_the_same_answers(llm: LLM, tmp_path: Path) -> None:
-    folder = tmp_path / "kv"
+    import shutil
+
+    folder, copy = tmp_path / "kv", tmp_path / "kv-after-first"
     msgs = [*start(), {"role": "assistant", "content": "The quick brown fox."}, {"role": "tool", "content": TOOL, "tool_call_id": "c"}]
     follow = [{"role": "assistant", "content": "The lazy dog."}, {"role": "user", "content": "def main(): pass"}]
     with TestClient(create_app(llm, ServerConfig(model_id="tiny", memory_dir=folder))) as c:
         first = chat(c, msgs, memory={"save": True}, session="s/1")
         saved = first["longkv"]["memory"]["saved_bytes"]
         assert saved > 0 and [p.stat().st_size for p in folder.iterdir()] == [saved]
+        shutil.copytree(folder, copy)
         warm = chat(c, [*msgs, reply(first), *follow], session="s/1")
-    with TestClient(create_app(llm, ServerConfig(model_id="tiny", memory_dir=folder))) as c:  # a new server process
+    with TestClient(create_app(llm, ServerConfig(model_id="tiny", memory_dir=copy))) as c:  # a new server process
         back = chat(c, [*msgs, reply(first), *follow], session="s/1")
     assert back["longkv"]["memory"]["source"] == "disk" and warm["longkv"]["memory"]["source"] == "ram"
     assert back["choices"] == warm["choices"] and back["usage"] == warm["usage"]
     assert back["longkv"]["memory"]["spans"] == warm["longkv"]["memory"]["spans"]
+    # the first server saved its idle sessions when it stopped: the session as the warm request left it
+    with TestClient(create_app(llm, ServerConfig(model_id="tiny", memory_dir=folder))) as c:
+        nxt = chat(c, [*msgs, reply(first), *follow, reply(warm), {"role": "user", "content": "Again."}], session="s/1")
+    m = nxt["longkv"]["memory"]
+    assert m["source"] == "disk" and [s["id"] for s in m["spans"]][: len(warm["longkv"]["memory"]["spans"])] == [
+        s["id"] for s in warm["longkv"]["memory"]["spans"]
+    ]
 
 
 @pytest.mark.parametrize(
@@ -179,3 +190,30 @@ def test_a_failed_save_is_reported_and_the_session_kept(client: TestClient, monk
     monkeypatch.undo()
     again = chat(client, [*start(), reply(out), {"role": "user", "content": "Again."}], session="f")
     assert again["longkv"]["memory"]["source"] == "ram" and again["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
+
+
+def test_pinned_messages_past_the_window_are_refused_at_once_and_make_no_session(client: TestClient) -> None:
+    huge = [{"role": "system", "content": TOOL * 4}, {"role": "user", "content": "hi"}]
+    r = client.post("/v1/chat/completions", json={"model": "tiny", "messages": huge, "max_tokens": 4, "longkv": {"session": "h", "memory": {}}})
+    assert r.status_code == 400 and "the system prompt and task (" in r.text and "never dropped" in r.text, r.text
+    assert chat(client, start(), session="h")["longkv"]["memory"]["source"] == "new"
+    r = client.post("/v1/chat/completions", json={"model": "tiny", "messages": start(), "max_tokens": 4,
+                                                  "longkv": {"session": "u", "memory": {"drop": [3]}}})  # fmt: skip
+    assert r.status_code == 400 and "no span 3" in r.text
+    assert chat(client, start(), session="u")["longkv"]["memory"]["source"] == "new"
+
+
+def test_a_second_request_on_a_busy_session_is_a_409(client: TestClient) -> None:
+    import threading
+    import time
+
+    long = {"model": "tiny", "messages": start(), "max_tokens": 300, "longkv": {"ignore_eos": True, "session": "busy", "memory": {}}}
+    done: list[int] = []
+    t = threading.Thread(target=lambda: done.append(client.post("/v1/chat/completions", json=long).status_code))
+    t.start()
+    deadline = time.monotonic() + 30
+    while client.get("/health").json()["running"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    r = client.post("/v1/chat/completions", json={**long, "max_tokens": 2})
+    t.join()
+    assert done == [200] and r.status_code == 409 and "is answering another request" in r.text and "session_busy" in r.text

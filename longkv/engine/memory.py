@@ -46,7 +46,7 @@ import json
 import math
 import os
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +87,25 @@ class Span:
     def report(self) -> dict[str, Any]:
         """What a client sees of the span: id, kind, tokens, kept, pinned."""
         return {"id": self.id, "kind": self.kind, "tokens": len(self.ids), "kept": self.kept, "pinned": self.pinned}
+
+
+@dataclass
+class Alignment:
+    """What :meth:`KVMemory.align` did.
+
+    Attributes:
+        matched: logical tokens of the prompt the session now holds.
+        left_out: ids of the spans the prompt left out (gone from the session).
+        cut: ids of the spans after the point where the prompt differs (gone).
+        partial: id of the span cut inside (its first tokens kept), or None.
+        freed: KV tokens freed.
+    """
+
+    matched: int
+    left_out: list[int]
+    cut: list[int] = field(default_factory=list)
+    partial: int | None = None
+    freed: int = 0
 
 
 class KVMemory:
@@ -156,8 +175,9 @@ class KVMemory:
         return [s.report() for s in self.spans]
 
     # ------------------------------------------------------------------ growth
-    def record(self, kind: str, ids: list[int], pinned: bool = False) -> Span:
-        """Name the sequence's next ``len(ids)`` tokens after the last span (already fed) as a new span.
+    def record(self, kind: str, ids: list[int], pinned: bool = False, extend: bool = False) -> Span:
+        """Name the sequence's next ``len(ids)`` tokens after the last span (already fed) as a new span,
+        or with ``extend`` as more of the last span (a message whose start the session held).
 
         Raises LongKVError for an unknown kind; asserts the sequence holds ``ids`` there.
         """
@@ -165,6 +185,12 @@ class KVMemory:
             raise LongKVError(f"unknown span kind {kind!r}: use one of {', '.join(SPAN_KINDS)}")
         held = sum(s.kept for s in self.spans)
         assert self.seq.tokens[held : held + len(ids)] == list(ids), "record tokens the sequence holds after the last span"
+        if extend:
+            last = self.spans[-1]
+            assert last.kind == kind and not last.compressed
+            last.ids += list(ids)
+            last.kept += len(ids)
+            return last
         span = Span(self._next_id, kind, list(ids), len(ids), pinned)
         self._next_id += 1
         self.spans.append(span)
@@ -291,14 +317,15 @@ class KVMemory:
 
     # ------------------------------------------------------------------ requests
     @torch.inference_mode()
-    def align(self, ids: list[int]) -> int:
-        """Edit the session so that its logical ids are a prefix of ``ids`` (the next prompt); return their length.
+    def align(self, ids: list[int]) -> Alignment:
+        """Edit the session so that its logical ids are a prefix of ``ids`` (the next prompt).
 
         Spans the prompt repeats in order are kept; an unpinned span the prompt
-        leaves out (the next kept span follows at once) is dropped; from the first
-        span that matches neither way on, the session is cut, keeping the part of
-        that span the prompt repeats when it was not compressed. At least one
-        token of ``ids`` is always left to feed (its logits are needed).
+        leaves out (the next kept span follows at once) leaves the session
+        (``left_out``); from the first span that matches neither way on, the
+        session is cut (``cut``), keeping the part of that span the prompt repeats
+        when it was not compressed (``partial``). At least one token of ``ids`` is
+        always left to feed (its logits are needed).
         """
         pos, i = 0, 0
         drop: list[Span] = []
@@ -321,8 +348,9 @@ class KVMemory:
                 break
             drop.extend(spans[i:j])
             i = j
+        out = Alignment(0, [s.id for s in drop])
         if drop:
-            self.drop([s.id for s in drop], forget=True)
+            out.freed += self.drop(out.left_out, forget=True)
         kept = i - len(drop)  # spans[:i] that were kept are now self.spans[:kept]
         matched = sum(len(s.ids) for s in self.spans[:kept])
         if kept < len(self.spans):
@@ -332,22 +360,28 @@ class KVMemory:
                 limit = min(len(first.ids), len(ids) - 1 - matched)
                 while lcp < limit and first.ids[lcp] == ids[matched + lcp]:
                     lcp += 1
+            out.cut = [s.id for s in self.spans[kept + (1 if lcp else 0) :]]
+            out.partial = first.id if lcp else None
+            before = self.tokens
             self.truncate(matched + lcp)
+            out.freed += before - self.tokens
             matched += lcp
-        return matched
+        out.matched = matched
+        return out
 
     @torch.inference_mode()
-    def fit(self, limit: int, recent: int = 2, keep: float = 0.25) -> list[tuple[str, int]]:
+    def fit(self, limit: int, recent: int = 2, keep: float | None = 0.25) -> list[dict[str, Any]]:
         """Make the session hold at most ``limit`` KV tokens: compress, then drop, the oldest unpinned spans.
 
         The newest ``recent`` spans are left alone while anything older can go. Every old
         span with over 32 KV tokens is compressed to ``keep`` once before any span is
-        dropped (its text stays, see :meth:`drop`); every action frees tokens, so the loop ends. Returns the actions taken, as
-        (``"compress"`` or ``"drop"``, span id).
+        dropped (its text stays, see :meth:`drop`; ``keep=None``: drop only); every action
+        frees tokens, so the loop ends. Returns the edits, in order:
+        ``{"compress": span id, "tokens": freed}`` or ``{"drop": [span id], "tokens": freed}``.
 
         Raises LongKVError when the pinned spans alone exceed ``limit``.
         """
-        actions: list[tuple[str, int]] = []
+        actions: list[dict[str, Any]] = []
         while self.tokens > limit:
             live = [s for s in self.spans if not s.pinned and s.kept]
             old = live[: max(len(live) - recent, 0)] or live  # the newest go last, when nothing older is left
@@ -357,13 +391,11 @@ class KVMemory:
                     f"the session cannot fit {limit} tokens: its pinned spans (system prompt, task) hold {pinned}: "
                     "shorten them, or give the session more room (a lower max_tokens, a model with a larger window)"
                 )
-            dense = [s for s in old if not s.compressed and s.kept > 32]
-            if dense:  # every old span is compressed once before any is dropped
-                self.compress(dense[0].id, keep)
-                actions.append(("compress", dense[0].id))
+            dense = [s for s in old if not s.compressed and s.kept > 32] if keep is not None else []
+            if keep is not None and dense:  # every old span is compressed once before any is dropped
+                actions.append({"compress": dense[0].id, "tokens": self.compress(dense[0].id, keep)})
             else:
-                self.drop([old[0].id])
-                actions.append(("drop", old[0].id))
+                actions.append({"drop": [old[0].id], "tokens": self.drop([old[0].id])})
         return actions
 
     # ------------------------------------------------------------------ snapshots

@@ -20,6 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from longkv.errors import LongKVError
 from longkv.server.metrics import Metrics
+from longkv.server.sessions import SessionBusy
 from longkv.server.worker import ContextOverflow, QueueFull
 
 log = logging.getLogger("longkv.server")
@@ -93,6 +94,10 @@ def install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
             400, str(exc), "invalid_request_error", "messages", "context_length_exceeded",
             n_prompt_tokens=exc.n_prompt_tokens, n_ctx=exc.n_ctx, max_tokens=exc.max_tokens,
         ))  # fmt: skip
+
+    @app.exception_handler(SessionBusy)
+    async def _session_busy(request: Request, exc: SessionBusy) -> Response:
+        return counted(request, error_response(409, str(exc), "invalid_request_error", "longkv.session", "session_busy"))
 
     @app.exception_handler(LongKVError)
     async def _user(request: Request, exc: LongKVError) -> Response:

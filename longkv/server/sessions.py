@@ -25,6 +25,10 @@ from longkv.errors import LongKVError
 log = logging.getLogger("longkv.server")
 
 
+class SessionBusy(LongKVError):
+    """A request names a session that is answering another request (HTTP 409)."""
+
+
 class SessionStore:
     """KV memory sessions by id.
 
@@ -47,16 +51,16 @@ class SessionStore:
     def path(self, session: str) -> Path:
         """The file of ``session`` in the memory folder. Asserts the server has one."""
         assert self.directory is not None
-        safe = re.sub(r"[^A-Za-z0-9._-]", "_", session)[:64]
+        safe = re.sub(r"[^A-Za-z0-9._-]", "_", session)[:64].lstrip(".")
         return self.directory / f"{safe}-{hashlib.sha256(session.encode()).hexdigest()[:12]}.kv"
 
     def open(self, session: str, runner: Runner) -> tuple[KVMemory, str]:
         """The session for one request, and where it came from: ``"ram"``, ``"disk"`` or ``"new"``.
 
-        Raises LongKVError: the session is answering another request, or its file cannot be read.
+        Raises SessionBusy when the session is answering another request; LongKVError when its file cannot be read.
         """
         if session in self._open:
-            raise LongKVError(f"session {session!r} is answering another request: send a session's requests one at a time")
+            raise SessionBusy(f"session {session!r} is answering another request: send a session's requests one at a time")
         mem = self._idle.pop(session, None)
         source = "ram"
         if mem is None and self.directory is not None and self.path(session).is_file():
@@ -81,6 +85,19 @@ class SessionStore:
             return None
         finally:
             self._push_out()
+
+    def save_all(self) -> int:
+        """Save every idle session to the memory folder (the server is stopping); returns how many. No folder: 0."""
+        if self.directory is None:
+            return 0
+        n = 0
+        for session, mem in self._idle.items():
+            try:
+                mem.save(self.path(session), self.fingerprint)
+                n += 1
+            except OSError as exc:
+                log.error("KV memory session %s could not be saved at shutdown: %s", session, exc)
+        return n
 
     def forget(self, session: str) -> None:
         """Drop an open session whose state cannot be trusted (its request failed mid-edit)."""

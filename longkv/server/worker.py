@@ -286,6 +286,8 @@ class EngineWorker:
             self._finish(job, Event("done", output=job.output))
         if self._thread.is_alive():
             self._thread.join(timeout)
+        if not self._thread.is_alive():  # the engine thread is done with them: idle sessions go to --memory-dir
+            self.sessions.save_all()
 
     @property
     def running(self) -> int:
@@ -418,43 +420,60 @@ class EngineWorker:
             self._drop_job(job, exc)
             return
         edits: list[dict[str, Any]] = []
+        old = max((s.id for s in mem.spans), default=0)  # spans older than this request
+        window, reply = llm.config.max_position, req.params.max_new_tokens
+        limit = window - reply - 1  # KV tokens the prompt may end with
         try:
             with torch.inference_mode():
                 if m.drop:
-                    freed = mem.drop(m.drop)
-                    edits.append({"drop": list(m.drop), "tokens": freed})
-                before = [s.id for s in mem.spans]
-                matched = mem.align(req.ids)
-                gone = [i for i in before if i not in {s.id for s in mem.spans}]
-                if gone:
-                    edits.append({"align": gone})
+                    ids = list(dict.fromkeys(m.drop))
+                    edits.append({"drop": ids, "tokens": mem.drop(ids)})
+                al = mem.align(req.ids)
+                matched = al.matched
+                if al.left_out:
+                    edits.append({"align": al.left_out})
+                if al.cut or al.partial is not None:
+                    edits.append({"cut": al.cut + ([al.partial] if al.partial is not None else []), "tokens": al.freed})
                 if m.tool_keep is not None:  # tool results a step has read whole: compress them
                     for s in list(mem.spans):
                         if s.kind == "tool" and not s.pinned and not s.compressed and s.kept >= 64:
-                            freed = mem.compress(s.id, m.tool_keep)
-                            edits.append({"compress": s.id, "tokens": freed})
+                            edits.append({"compress": s.id, "tokens": mem.compress(s.id, m.tool_keep)})
                 pieces = m.pieces(matched) if m.pieces is not None else []
-                limit = llm.config.max_position - req.params.max_new_tokens - 1  # KV tokens the prompt may end with
+                # what must fit whatever is dropped: the pinned spans, and the last message with the reply's start
                 pinned = sum(s.kept for s in mem.spans if s.pinned)
+                tail = len(req.ids)
+                at, need_pinned, need = matched, pinned, 0
+                for i, (_, end, pin) in enumerate(pieces):
+                    if pin:
+                        need_pinned += max(end - at, 0)
+                    elif i == len(pieces) - 1:
+                        need += max(end - at, 0)
+                    at = max(at, end)
+                need += tail - at
+                if need_pinned + need > limit:
+                    raise LongKVError(
+                        f"the system prompt and task ({need_pinned} tokens, never dropped) and the last message ({need} "
+                        f"tokens) leave no room for max_tokens {reply} in the model's window of {window}: shorten them "
+                        "or lower max_tokens"
+                    )
                 for kind, end, pin in pieces[:-1]:
                     # new messages that do not fit beside the session's pinned spans: fed now, one at a time,
-                    # the session compressed and cut as it goes (a long history sent to a new session)
-                    if pinned + len(req.ids) - matched <= limit or end <= matched:
+                    # the oldest unpinned spans dropped as it goes (a long history sent to a new session)
+                    if pinned + tail - matched <= limit or end <= matched:
                         continue
-                    for action, span_id in mem.fit(max(limit - (end - matched), pinned), recent=0):
-                        edits.append({action: span_id})
-                    mem.append(kind, req.ids[matched:end], pin)
-                    edits.append({"prefill": mem.spans[-1].id})
+                    edits += mem.fit(max(limit - (end - matched), pinned), recent=0, keep=None)
+                    span, _ = mem.append(kind, req.ids[matched:end], pin)
+                    edits.append({"prefill": span.id, "tokens": end - matched})
                     pinned += (end - matched) if pin else 0
                     matched = end
                 new = req.ids[matched:]
-                if len(new) > limit - pinned:
-                    raise ContextOverflow(len(new), llm.config.max_position, req.params.max_new_tokens, "dense (KV memory: its last message)")
-                for action, span_id in mem.fit(limit - len(new)):
-                    edits.append({action: span_id})
-                mem.seq.cache.reserve(mem.tokens + len(new) + req.params.max_new_tokens + 1)
+                edits += mem.fit(limit - len(new))
+                mem.seq.cache.reserve(mem.tokens + len(new) + reply + 1)
         except LongKVError as exc:
-            self.sessions.close(m.session)  # every edit left the session consistent
+            if source == "new":
+                self.sessions.forget(m.session)  # a session is made only by a request that ran
+            else:
+                self.sessions.close(m.session)  # every edit left the session consistent
             self._drop_job(job, exc)
             return
         except Exception as exc:  # a bug mid-edit: the session cannot be trusted
@@ -462,19 +481,22 @@ class EngineWorker:
             self.sessions.forget(m.session)
             self._drop_job(job, exc)
             return
-        base = mem.tokens  # KV tokens reused from the session
+        base = mem.tokens
+        cached = sum(s.kept for s in mem.spans if s.id <= old)  # KV the session held before this request
         prompt = mem.seq.tokens + new
+        merge = al.partial is not None and bool(mem.spans) and mem.spans[-1].id == al.partial
 
         def release(seq: Sequence, out: RequestOutput) -> None:  # engine thread, before "done" is dispatched
             saved: int | str | None = None
             try:
                 if out.finish_reason in ("stop", "length"):
-                    at = matched
+                    at, extend = matched, merge
                     for kind, end, pin in pieces:
-                        if end > at:
-                            mem.record(kind, req.ids[at:end], pin)
-                            at = end
-                    mem.record("assistant", req.ids[at:] + seq.tokens[base + len(new) :])
+                        if end > at:  # a message whose start the session held (a reply rendered anew) stays one span
+                            mem.record(kind, req.ids[at:end], pin, extend=extend and mem.spans[-1].kind == kind)
+                            at, extend = end, False
+                    generated = req.ids[at:] + seq.tokens[base + len(new) :]
+                    mem.record("assistant", generated, extend=extend and mem.spans[-1].kind == "assistant")
                 else:  # cancelled or failed: back to the session before this request
                     seq.cache.truncate(base)
                     del seq.tokens[base:]
@@ -499,8 +521,8 @@ class EngineWorker:
             request_id=req.request_id, arrival=job.created, constraint=req.constraint,
         )  # fmt: skip
         job.request_id = req.request_id
-        job.output = RequestOutput(prompt_tokens=len(prompt), reused_tokens=base, arrival=job.created)
-        job.sink(Event("start", cached_tokens=base))
+        job.output = RequestOutput(prompt_tokens=len(prompt), reused_tokens=cached, arrival=job.created)
+        job.sink(Event("start", cached_tokens=cached))
         self.engine.add_request(engine_req)
         if job.cancel.is_set():
             self.engine.abort(req.request_id)
