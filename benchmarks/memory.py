@@ -5,11 +5,13 @@ public-domain book, 80-600 tokens each, a 16-token reply per step, greedy)
 sent to ``longkv serve``'s app in this process, in three arms that keep the
 history within the model's window:
 
-* ``text-window``: what agent frameworks do by default: the oldest whole turns
-  leave the text once the prompt passes 3/4 of the window (prefix cache on);
-* ``text-summary``: once the prompt passes 3/4 of the window, the model writes
-  a summary of the oldest half of the turns (a request of its own) that
-  replaces them;
+* ``text-window``: what agent frameworks do by default: once the prompt passes
+  the window (less the reply), the oldest whole turns leave the text until it
+  is under 3/4 of it (prefix cache on; everything after the cut is prefilled
+  again);
+* ``text-summary``: once the prompt passes the window, the model writes a
+  summary of the oldest half of the turns (a request of its own) that replaces
+  them, until the prompt is under 3/4 of it;
 * ``kv-memory``: the whole history is sent every step with
   ``"longkv": {"session": ..., "memory": {}}``; the server keeps it as KV spans,
   compresses each tool result to half once a step has read it, and compresses
@@ -100,8 +102,9 @@ def horizon(args: argparse.Namespace) -> dict[str, Any]:
             for step in range(args.steps):
                 history = [m for t in turns for m in t]
                 extra = 0
-                if arm != "kv-memory":
-                    while prompt_tokens(llm, front + history) > 3 * (window - REPLY_TOKENS) // 4 and len(turns) > 1:
+                room = window - REPLY_TOKENS
+                if arm != "kv-memory" and prompt_tokens(llm, front + history) > room:  # full: make room down to 3/4
+                    while prompt_tokens(llm, front + history) > 3 * room // 4 and len(turns) > 1:
                         if arm == "text-window":
                             turns.pop(0)
                         else:  # text-summary: the oldest half becomes one summary written by the model
@@ -144,6 +147,8 @@ def horizon(args: argparse.Namespace) -> dict[str, Any]:
             "max_kv_tokens": max(r["kv_tokens"] for r in rows),
             "final_logical_tokens": rows[-1]["logical_tokens"], "rows": rows,
         }  # fmt: skip
+        if args.out is not None:  # after every arm: a long run stopped half-way keeps what it measured
+            args.out.write_text(json.dumps(results, indent=1) + "\n")
     print(f"\n{'arm':14} {'steps':>5} {'refused':>7} {'KV hit':>7} {'prefill/step':>12} {'prefill total':>13} {'max KV':>7} {'s':>6}")
     for arm, r in results["arms"].items():
         print(f"{arm:14} {r['steps']:>5} {r['refused']:>7} {r['cache_hit']:>7.1%} {r['prefilled_per_step_median']:>12} "
@@ -199,7 +204,7 @@ def main() -> None:
     sub = ap.add_subparsers(dest="cmd", required=True)
     h = sub.add_parser("horizon", help="a long scripted run: text-window vs text-summary vs kv-memory")
     h.add_argument("--steps", type=int, default=200)
-    h.add_argument("--arms", nargs="+", default=["text-window", "text-summary", "kv-memory"])
+    h.add_argument("--arms", nargs="+", default=["kv-memory", "text-window", "text-summary"])
     r = sub.add_parser("resume", help="a session saved and read back vs prefilled again")
     r.add_argument("--tokens", type=int, default=16384)
     for p in (h, r):
