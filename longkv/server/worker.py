@@ -570,6 +570,7 @@ class EngineWorker:
             self.metrics.active_kv_bytes.set(self.engine.kv_bytes())
             self.metrics.kv_pages_used.set(self.engine.pools.used_pages())
             self.metrics.kv_pages_free.set(self.engine.pools.free_pages())
-            self.metrics.memory_sessions.set(len(self.sessions))
-            self.metrics.memory_bytes.set(self.sessions.bytes())
-            self.metrics.memory_loaded.set(self.sessions.loaded)
+            if threading.current_thread() is self._thread:  # the sessions belong to the engine thread
+                self.metrics.memory_sessions.set(len(self.sessions))
+                self.metrics.memory_bytes.set(self.sessions.bytes())
+                self.metrics.memory_loaded.set(self.sessions.loaded)
