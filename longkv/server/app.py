@@ -56,8 +56,9 @@ from longkv.server.schemas import (
     ToolCall,
     Usage,
 )
+from longkv.server.sessions import Pieces
 from longkv.server.tools import CallParser, Delta, ParseResult, ReplyPlan, plan_reply, render_messages, tool_format
-from longkv.server.worker import EngineWorker, Event, Job, MemoryRequest, Pieces, ServerConfig, plan
+from longkv.server.worker import EngineWorker, Event, Job, MemoryRequest, ServerConfig, plan
 
 log = logging.getLogger("longkv.server")
 

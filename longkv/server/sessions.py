@@ -16,13 +16,98 @@ import hashlib
 import logging
 import re
 from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from longkv.engine.memory import KVMemory
 from longkv.engine.runner import Runner
 from longkv.errors import LongKVError
 
 log = logging.getLogger("longkv.server")
+
+# Boundaries of the messages of a prompt that lie after a token index: [(span kind, end, pinned)]
+# in order; the last message's end may be before the prompt's end (the generation prompt follows).
+Pieces = Callable[[int], list[tuple[str, int, bool]]]
+
+
+@dataclass
+class Prepared:
+    """A session made ready for a prompt by :func:`prepare`.
+
+    Attributes:
+        matched: prompt tokens the session holds (as spans); ``new`` follows them.
+        new: the prompt's tokens left to feed.
+        pieces: the message ends after the session's last span at the time they were asked for.
+        edits: what was done, in order (see docs/memory.md).
+        partial: id of a span the prompt repeats only in part (its rest comes in ``new``), or None.
+    """
+
+    matched: int
+    new: list[int]
+    pieces: list[tuple[str, int, bool]]
+    edits: list[dict[str, Any]]
+    partial: int | None
+
+
+def prepare(
+    mem: KVMemory, ids: list[int], drop: list[int], tool_keep: float | None, pieces_of: Pieces | None, window: int, reply: int
+) -> Prepared:
+    """Turn the next prompt ``ids`` into edits of the session so that it and ``reply`` new tokens fit ``window``.
+
+    In order: the spans named in ``drop`` lose their KV; the prompt is aligned with the
+    spans (:meth:`KVMemory.align`); tool results a step has read whole are compressed to
+    ``tool_keep``; messages that do not fit beside the pinned spans are fed one at a time,
+    the oldest unpinned spans dropped as it goes (a long history sent to a new session);
+    then the manager makes room for the rest (:meth:`KVMemory.fit`).
+
+    Raises LongKVError: a bad span id, or pinned messages and the last message that alone pass the window.
+    """
+    limit = window - reply - 1  # KV tokens the prompt may end with
+    edits: list[dict[str, Any]] = []
+    if drop:
+        named = list(dict.fromkeys(drop))
+        edits.append({"drop": named, "tokens": mem.drop(named)})
+    al = mem.align(ids)
+    matched = al.matched
+    if al.left_out:
+        edits.append({"align": al.left_out})
+    if al.cut or al.partial is not None:
+        edits.append({"cut": al.cut + ([al.partial] if al.partial is not None else []), "tokens": al.freed})
+    if tool_keep is not None:
+        for s in list(mem.spans):
+            if s.kind == "tool" and not s.pinned and not s.compressed and s.kept >= 64:
+                edits.append({"compress": s.id, "tokens": mem.compress(s.id, tool_keep)})
+    pieces = pieces_of(matched) if pieces_of is not None else []
+    # what must fit whatever is dropped: the pinned spans, and the last message with the reply's start
+    pinned = sum(s.kept for s in mem.spans if s.pinned)
+    at, need_pinned, need = matched, pinned, 0
+    for i, (_, end, pin) in enumerate(pieces):
+        if pin:
+            need_pinned += max(end - at, 0)
+        elif i == len(pieces) - 1:
+            need += max(end - at, 0)
+        at = max(at, end)
+    need += len(ids) - at
+    if need_pinned + need > limit:
+        raise LongKVError(
+            f"the system prompt and task ({need_pinned} tokens, never dropped) and the last message ({need} "
+            f"tokens) leave no room for max_tokens {reply} in the model's window of {window}: shorten them "
+            "or lower max_tokens"
+        )
+    for kind, end, pin in pieces[:-1]:
+        if pinned + len(ids) - matched <= limit or end <= matched:
+            continue
+        edits += mem.fit(max(limit - (end - matched), pinned), recent=0, keep=None)
+        span, _ = mem.append(kind, ids[matched:end], pin)
+        edits.append({"prefill": span.id, "tokens": end - matched})
+        pinned += (end - matched) if pin else 0
+        matched = end
+    new = ids[matched:]
+    edits += mem.fit(limit - len(new))
+    mem.seq.cache.reserve(mem.tokens + len(new) + reply + 1)
+    return Prepared(matched, new, pieces, edits, al.partial)
 
 
 class SessionBusy(LongKVError):

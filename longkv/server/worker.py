@@ -38,7 +38,7 @@ from longkv.engine.sampling import SamplingParams
 from longkv.errors import LongKVError
 from longkv.kv.radix import PrefixCache, namespace, shares_dense_kv
 from longkv.policies import KVPolicy
-from longkv.server.sessions import SessionStore
+from longkv.server.sessions import Pieces, SessionStore, prepare
 
 if TYPE_CHECKING:
     from longkv.server.metrics import Metrics
@@ -104,11 +104,6 @@ class ServerConfig:
     kv_budget_bytes: int | None = None
     memory_bytes: int = 4 << 30
     memory_dir: Path | None = None
-
-
-# Boundaries of the messages of a prompt that lie after a token index: [(span kind, end, pinned)]
-# in order; the last message's end may be before the prompt's end (the generation prompt follows).
-Pieces = Callable[[int], list[tuple[str, int, bool]]]
 
 
 @dataclass
@@ -419,56 +414,10 @@ class EngineWorker:
         except LongKVError as exc:
             self._drop_job(job, exc)
             return
-        edits: list[dict[str, Any]] = []
         old = max((s.id for s in mem.spans), default=0)  # spans older than this request
-        window, reply = llm.config.max_position, req.params.max_new_tokens
-        limit = window - reply - 1  # KV tokens the prompt may end with
         try:
             with torch.inference_mode():
-                if m.drop:
-                    ids = list(dict.fromkeys(m.drop))
-                    edits.append({"drop": ids, "tokens": mem.drop(ids)})
-                al = mem.align(req.ids)
-                matched = al.matched
-                if al.left_out:
-                    edits.append({"align": al.left_out})
-                if al.cut or al.partial is not None:
-                    edits.append({"cut": al.cut + ([al.partial] if al.partial is not None else []), "tokens": al.freed})
-                if m.tool_keep is not None:  # tool results a step has read whole: compress them
-                    for s in list(mem.spans):
-                        if s.kind == "tool" and not s.pinned and not s.compressed and s.kept >= 64:
-                            edits.append({"compress": s.id, "tokens": mem.compress(s.id, m.tool_keep)})
-                pieces = m.pieces(matched) if m.pieces is not None else []
-                # what must fit whatever is dropped: the pinned spans, and the last message with the reply's start
-                pinned = sum(s.kept for s in mem.spans if s.pinned)
-                tail = len(req.ids)
-                at, need_pinned, need = matched, pinned, 0
-                for i, (_, end, pin) in enumerate(pieces):
-                    if pin:
-                        need_pinned += max(end - at, 0)
-                    elif i == len(pieces) - 1:
-                        need += max(end - at, 0)
-                    at = max(at, end)
-                need += tail - at
-                if need_pinned + need > limit:
-                    raise LongKVError(
-                        f"the system prompt and task ({need_pinned} tokens, never dropped) and the last message ({need} "
-                        f"tokens) leave no room for max_tokens {reply} in the model's window of {window}: shorten them "
-                        "or lower max_tokens"
-                    )
-                for kind, end, pin in pieces[:-1]:
-                    # new messages that do not fit beside the session's pinned spans: fed now, one at a time,
-                    # the oldest unpinned spans dropped as it goes (a long history sent to a new session)
-                    if pinned + tail - matched <= limit or end <= matched:
-                        continue
-                    edits += mem.fit(max(limit - (end - matched), pinned), recent=0, keep=None)
-                    span, _ = mem.append(kind, req.ids[matched:end], pin)
-                    edits.append({"prefill": span.id, "tokens": end - matched})
-                    pinned += (end - matched) if pin else 0
-                    matched = end
-                new = req.ids[matched:]
-                edits += mem.fit(limit - len(new))
-                mem.seq.cache.reserve(mem.tokens + len(new) + reply + 1)
+                prep = prepare(mem, req.ids, m.drop, m.tool_keep, m.pieces, llm.config.max_position, req.params.max_new_tokens)
         except LongKVError as exc:
             if source == "new":
                 self.sessions.forget(m.session)  # a session is made only by a request that ran
@@ -481,10 +430,11 @@ class EngineWorker:
             self.sessions.forget(m.session)
             self._drop_job(job, exc)
             return
+        matched, pieces, edits, new = prep.matched, prep.pieces, prep.edits, prep.new
         base = mem.tokens
         cached = sum(s.kept for s in mem.spans if s.id <= old)  # KV the session held before this request
         prompt = mem.seq.tokens + new
-        merge = al.partial is not None and bool(mem.spans) and mem.spans[-1].id == al.partial
+        merge = prep.partial is not None and bool(mem.spans) and mem.spans[-1].id == prep.partial
 
         def release(seq: Sequence, out: RequestOutput) -> None:  # engine thread, before "done" is dispatched
             saved: int | str | None = None
