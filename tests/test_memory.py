@@ -137,23 +137,26 @@ def test_compress_keeps_the_share_asked_for_and_the_span_edges() -> None:
     kv = mem.seq.tokens
     assert kv[:16] == mem.spans[0].ids and kv[-12:] == after
     span_kv = kv[16:46]
-    assert span_kv[:4] == tool.ids[:4] and span_kv[-4:] == tool.ids[-4:]  # edges kept
+    assert span_kv[:24] == tool.ids[:24] and span_kv[-4:] == tool.ids[-4:]  # head and tail kept
     it = iter(tool.ids)
     assert all(t in it for t in span_kv)  # a subsequence of the span, in order
     assert mem.logical_tokens == 128 and mem.compressed_tokens == 70
-    assert mem.compress(tool.id, 0.5) == 15 and tool.kept == 15  # further, from what it keeps
+    assert mem.compress(tool.id, 0.5) == 2 and tool.kept == 28  # further, from what it keeps, never below head + tail
+    big = _session(MODEL2, [16, 400])
+    assert big.compress(big.spans[1].id, 0.5) == 200 and big.seq.tokens[16:40] == big.spans[1].ids[:24]
 
 
 def test_compress_is_scored_by_the_probe() -> None:
     # Same span, two sessions: the kept set is a function of the KV (deterministic), not of luck.
     a, b = _session(MODEL2, [16, 80]), _session(MODEL2, [16, 80])
-    a.compress(a.spans[1].id, 0.25)
-    b.compress(b.spans[1].id, 0.25)
+    a.compress(a.spans[1].id, 0.4)
+    b.compress(b.spans[1].id, 0.4)
     assert a.seq.tokens == b.seq.tokens
     # another model may keep other tokens, never another count
     d = _session(MODEL1, [16, 80])
-    d.compress(d.spans[1].id, 0.25)
-    assert d.spans[1].kept == a.spans[1].kept == 20
+    d.compress(d.spans[1].id, 0.4)
+    assert d.spans[1].kept == a.spans[1].kept == 32
+    assert a.seq.tokens[16:48] != d.seq.tokens[16:48]  # 4 of the 32 are chosen by the scores
 
 
 def test_align_keeps_repeated_spans_drops_left_out_ones_and_cuts_at_a_change() -> None:
@@ -190,7 +193,7 @@ def test_fit_compresses_then_drops_the_oldest_unpinned_spans_only() -> None:
     actions = mem.fit(120)
     assert mem.tokens <= 120
     ids = [s.id for s in mem.spans]
-    assert actions[:2] == [{"compress": 2, "tokens": 45}, {"compress": 3, "tokens": 45}]
+    assert actions[:2] == [{"compress": 2, "tokens": 32}, {"compress": 3, "tokens": 32}]  # to 28: head + tail
     assert mem.seq.tokens[:20] == pinned_kv and mem.spans[0].kept == 20
     assert ids[-1] == 5 and mem.spans[-1].kept == 10  # the newest untouched
     _assert_compact(mem)
@@ -200,6 +203,23 @@ def test_fit_compresses_then_drops_the_oldest_unpinned_spans_only() -> None:
         mem.fit(10)
     mem.fit(21)  # every unpinned span can go, the newest last
     assert mem.tokens == 20 and [s.kept for s in mem.spans] == [20, 0, 0, 0, 0]
+
+
+def test_fit_stubs_old_spans_to_their_head_before_dropping_any() -> None:
+    mem = _session(MODEL2, [20, 200, 200, 10])
+    s = [list(x.ids) for x in mem.spans]
+    actions = mem.fit(100, recent=1)
+    assert actions == [{"compress": 2, "tokens": 150}, {"compress": 3, "tokens": 150}, {"stub": 2, "tokens": 22}, {"stub": 3, "tokens": 22}]
+    assert mem.tokens == 86 and [x.kept for x in mem.spans] == [20, 28, 28, 10]
+    # a stub is the span's first 24 and last 4 tokens as sent (compression always kept that head)
+    assert mem.seq.tokens[20:48] == s[1][:24] + s[1][-4:] and mem.seq.tokens[48:76] == s[2][:24] + s[2][-4:]
+    _assert_compact(mem)
+    mem.fit(60, recent=1)  # then the oldest go
+    assert [x.kept for x in mem.spans] == [20, 0, 28, 10] and mem.logical_tokens == 430
+    with pytest.raises(LongKVError, match="span 3 keeps 28 tokens: only spans of over 28 are stubbed"):
+        mem.stub(3)
+    with pytest.raises(LongKVError, match="pinned spans are never compressed"):
+        mem.stub(1)
 
 
 @pytest.mark.parametrize("codec", ["none", "int8"])

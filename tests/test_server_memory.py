@@ -100,14 +100,14 @@ def test_a_run_far_past_the_window_never_overflows(client: TestClient) -> None:
     for step in range(8):  # 8 tool results of ~150 tokens: ~1.5 K tokens of text on a 512-token window
         out = chat(client, msgs, session="long")
         m = out["longkv"]["memory"]
-        assert m["kv_tokens"] + 6 <= 512 and [s["pinned"] for s in m["spans"][:2]] == [True, True]
+        assert m["kv_tokens"] < 512 and [s["pinned"] for s in m["spans"][:2]] == [True, True]  # the prompt, the reply fed
         logical.append(m["logical_tokens"])
         edits += m["edits"]
         msgs += [reply(out), {"role": "tool", "content": f"step {step}: " + TOOL, "tool_call_id": f"c{step}"}]
-    assert logical[-1] > 1200 and any("compress" in e for e in edits) and any("drop" in e for e in edits)
+    assert logical[-1] > 1200 and all(any(k in e for e in edits) for k in ("compress", "stub", "drop"))
     # the whole history sent to a new session: fed message by message, compressed and cut as it goes
     fresh = chat(client, msgs, session="fresh")["longkv"]["memory"]
-    assert fresh["source"] == "new" and fresh["kv_tokens"] + 6 <= 512 and fresh["logical_tokens"] > 1200
+    assert fresh["source"] == "new" and fresh["kv_tokens"] < 512 and fresh["logical_tokens"] > 1200
     assert sum("prefill" in e for e in fresh["edits"]) >= 8 and any("drop" in e for e in fresh["edits"])
 
 

@@ -13,7 +13,13 @@ new prefill:
   the span's tokens are fed once more as a probe after the cache, and each
   token is rated by the largest attention any probe query gives it (max over
   KV heads, as a share of each layer's total, max over layers, max-pooled over
-  15 neighbours so a number or a name stays whole);
+  15 neighbours so a number or a name stays whole); the span's first
+  :data:`HEAD` tokens and last :data:`EDGE` always stay (a span keeps at
+  least that many);
+* :meth:`KVMemory.stub` keeps only a span's first :data:`HEAD` and last
+  :data:`EDGE` tokens: the role marker and first line, which for a numbered
+  tool result is its number and command, so the model still sees what was
+  there and can ask for it again (the agent's ``recall`` tool);
 * :meth:`KVMemory.drop` cuts whole spans out (a failed call and its error, a
   loop, the oldest turns of a long run);
 * :meth:`KVMemory.truncate` forgets everything after a logical length.
@@ -31,8 +37,9 @@ layer, or when nothing follows the edit, it is equal.
 :meth:`KVMemory.align` turns the next request's prompt into edits: spans the
 prompt repeats are kept, unpinned spans it leaves out are dropped, and the
 prompt's tokens after the last kept span are new. :meth:`KVMemory.fit` is the
-memory manager: it compresses, then drops, the oldest unpinned spans until
-the session fits the room it is given, and never touches a pinned span.
+memory manager: it compresses, then stubs, then drops, the oldest unpinned
+spans until the session fits the room it is given, and never touches a pinned
+span.
 :meth:`KVMemory.save` / :meth:`KVMemory.load` write a session to one
 safetensors file (atomically: a temporary file, fsynced, renamed) and read it
 back bit for bit, without a prefill.
@@ -59,7 +66,8 @@ from longkv.policies.base import Observation, window_attention
 SPAN_KINDS = ("system", "user", "assistant", "tool", "text")
 SNAPSHOT_VERSION = 1
 POOL_KERNEL = 15  # tokens: a kept token keeps its neighbours (whole numbers and names)
-EDGE = 4  # tokens at each end of a compressed span that are always kept (the role markers around it)
+EDGE = 4  # tokens at the end of a compressed span that are always kept (the role marker after it)
+HEAD = 24  # tokens at the start of a span a stub keeps: its role marker and first line (a tool result's number and command)
 
 
 @dataclass
@@ -271,7 +279,8 @@ class KVMemory:
 
     @torch.inference_mode()
     def compress(self, span_id: int, keep: float) -> int:
-        """Keep about ``keep`` (0 < keep < 1) of a span's KV tokens, chosen by a question-agnostic probe.
+        """Keep about ``keep`` (0 < keep < 1) of a span's KV tokens, chosen by a question-agnostic probe; the
+        first :data:`HEAD` and last :data:`EDGE` always stay, so a span keeps at least ``HEAD + EDGE`` tokens.
 
         Cost: one forward of the span's kept tokens after the cache (the probe's KV
         is not stored). Returns the KV tokens freed.
@@ -284,11 +293,11 @@ class KVMemory:
         if span.pinned:
             raise LongKVError(f"span {span.id} ({span.kind}) is pinned: pinned spans are never compressed")
         n = span.kept
-        target = max(min(2 * EDGE + 1, n), math.ceil(keep * n))
+        target = max(min(HEAD + EDGE, n), math.ceil(keep * n))
         if target >= n:
             return 0
         lo = self.kv_start(span)
-        chosen = self._choose(lo, lo + n, target)
+        chosen = self._choose(lo, lo + n, target, min(HEAD, target - EDGE))
         mask = torch.ones(self.tokens, dtype=torch.bool)
         mask[lo : lo + n] = False
         mask[lo + chosen] = True
@@ -296,8 +305,30 @@ class KVMemory:
         self.compressed_tokens += n - target
         return n - target
 
-    def _choose(self, lo: int, hi: int, target: int) -> torch.Tensor:
-        """Sorted (target,) indices within KV tokens [lo, hi) to keep (see the module docstring)."""
+    @torch.inference_mode()
+    def stub(self, span_id: int) -> int:
+        """Keep only the span's first :data:`HEAD` and last :data:`EDGE` KV tokens; returns the KV tokens freed.
+
+        Only a span that keeps more than ``HEAD + EDGE`` tokens is stubbed; its first ``HEAD`` KV tokens are its
+        first tokens as sent (:meth:`compress` always keeps them).
+
+        Raises LongKVError: unknown id, pinned span, or a span too short to stub.
+        """
+        span = self.span(span_id)
+        if span.pinned:
+            raise LongKVError(f"span {span.id} ({span.kind}) is pinned: pinned spans are never compressed")
+        if span.kept <= HEAD + EDGE:
+            raise LongKVError(f"span {span.id} keeps {span.kept} tokens: only spans of over {HEAD + EDGE} are stubbed")
+        lo, n = self.kv_start(span), span.kept
+        mask = torch.ones(self.tokens, dtype=torch.bool)
+        mask[lo + HEAD : lo + n - EDGE] = False
+        self._compact(mask, {span.id: HEAD + EDGE})
+        self.compressed_tokens += n - HEAD - EDGE
+        return n - HEAD - EDGE
+
+    def _choose(self, lo: int, hi: int, target: int, head: int) -> torch.Tensor:
+        """Sorted (target,) indices within KV tokens [lo, hi) to keep: the first ``head`` and last :data:`EDGE`,
+        the rest by score (see the module docstring)."""
         runner, seq = self.runner, self.seq
         ids = seq.tokens[lo:hi]
         queries: dict[int, torch.Tensor] = {}
@@ -311,7 +342,7 @@ class KVMemory:
             shares.append(att / att.sum().clamp_min(1e-30))
         score = torch.stack(shares).amax(0)
         score = torch.nn.functional.max_pool1d(score[None, None], POOL_KERNEL, stride=1, padding=POOL_KERNEL // 2)[0, 0]
-        score[:EDGE] = math.inf
+        score[:head] = math.inf
         score[-EDGE:] = math.inf
         return score.topk(target).indices.sort().values.cpu()
 
@@ -371,13 +402,15 @@ class KVMemory:
 
     @torch.inference_mode()
     def fit(self, limit: int, recent: int = 2, keep: float | None = 0.25) -> list[dict[str, Any]]:
-        """Make the session hold at most ``limit`` KV tokens: compress, then drop, the oldest unpinned spans.
+        """Make the session hold at most ``limit`` KV tokens: compress, then stub, then drop, the oldest unpinned spans.
 
         The newest ``recent`` spans are left alone while anything older can go. Every old
-        span with over 32 KV tokens is compressed to ``keep`` once before any span is
+        span with over 32 KV tokens is compressed to ``keep`` once, then every old span that
+        still keeps over ``HEAD + EDGE`` is stubbed (:meth:`stub`), before any span is
         dropped (its text stays, see :meth:`drop`; ``keep=None``: drop only); every action
         frees tokens, so the loop ends. Returns the edits, in order:
-        ``{"compress": span id, "tokens": freed}`` or ``{"drop": [span id], "tokens": freed}``.
+        ``{"compress": span id, "tokens": freed}``, ``{"stub": span id, "tokens": freed}`` or
+        ``{"drop": [span id], "tokens": freed}``.
 
         Raises LongKVError when the pinned spans alone exceed ``limit``.
         """
@@ -392,8 +425,11 @@ class KVMemory:
                     "shorten them, or give the session more room (a lower max_tokens, a model with a larger window)"
                 )
             dense = [s for s in old if not s.compressed and s.kept > 32] if keep is not None else []
-            if keep is not None and dense:  # every old span is compressed once before any is dropped
-                actions.append({"compress": dense[0].id, "tokens": self.compress(dense[0].id, keep)})
+            long = [s for s in old if s.kept > HEAD + EDGE] if keep is not None else []
+            if dense:  # every old span is compressed once, then stubbed, before any is dropped
+                actions.append({"compress": dense[0].id, "tokens": self.compress(dense[0].id, keep)})  # type: ignore[arg-type]
+            elif long:
+                actions.append({"stub": long[0].id, "tokens": self.stub(long[0].id)})
             else:
                 actions.append({"drop": [old[0].id], "tokens": self.drop([old[0].id])})
         return actions
