@@ -8,6 +8,7 @@ import json
 import multiprocessing
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -23,7 +24,7 @@ from longkv.agent.runlog import RunLog
 from longkv.agent.sandbox import sandbox_problem
 from longkv.agent.show import summary
 from longkv.agent.state import RunState
-from longkv.agent.tools import Toolbox, edit_file, read_file, search, write_file
+from longkv.agent.tools import Toolbox, edit_file, find_result, read_file, search, write_file
 from longkv.errors import LongKVError
 
 SANDBOX = sandbox_problem() is None
@@ -244,22 +245,24 @@ def test_huge_tool_outputs_never_overflow_the_window(work: Path, tmp_path: Path)
 
 
 def test_a_longkv_server_gets_the_run_as_a_kv_memory_session(work: Path, tmp_path: Path) -> None:
-    """Against longkv serve the run's requests name its KV memory session; dropped turns leave no marker message
-    behind (the session cuts them out of its KV only when nothing takes their place). Other servers get neither."""
-    sizes = [60_000, 90_000, 70_000, 80_000, 65_000] * 2
+    """Against longkv serve the run's requests name its KV memory session; the history sent may pass the window
+    (the server fits its KV) up to 4 windows, then turns are dropped, leaving no marker message behind (the session
+    cuts them out of its KV only when nothing takes their place). Other servers get neither."""
+    sizes = [60_000, 90_000, 70_000, 80_000, 65_000] * 10
     for i, n in enumerate(sizes):
         (work / f"big{i}.txt").write_text("".join(f"line {j} " + "x" * 40 + "\n" for j in range(n // 48)))
     calls = [("read_file", {"path": f"big{i}.txt"}) for i in range(len(sizes))] + [("finish", {"answer": "done"})]
     made = iter(calls)
     server = FakeServer(lambda msgs: {"calls": [next(made)]}, window=2048, longkv=True)
-    with _agent(server, work, tmp_path, reply_tokens=256) as agent:
+    with _agent(server, work, tmp_path, reply_tokens=256, max_steps=60) as agent:
         assert agent.kv_memory
         res = agent.run("Read the big files")
     server.close()
-    assert (res.status, server.errors) == ("finished", [])
+    assert (res.status, server.errors) == ("finished", []), res.stop_reason
     assert {json.dumps(r["longkv"]) for r in server.requests} == {json.dumps({"session": res.run, "memory": {"save": False}})}
     reqs = server.requests
     assert any(len(b["messages"]) < len(a["messages"]) for a, b in itertools.pairwise(reqs))  # turns were dropped ...
+    assert 2048 < max(tokens(r["messages"]) for r in reqs) <= 4 * 2048  # ... once the text held 4 windows
     assert not any("Earlier steps are not shown here" in (m.get("content") or "") for r in server.requests for m in r["messages"])
     plain = FakeServer(lambda msgs: {"content": "ok"})
     with _agent(plain, work, tmp_path) as agent:
@@ -269,6 +272,78 @@ def test_a_longkv_server_gets_the_run_as_a_kv_memory_session(work: Path, tmp_pat
         _agent(plain, work, tmp_path, kv_memory=True)
     plain.close()
     assert all("longkv" not in r for r in plain.requests)
+
+
+def test_recall_puts_an_earlier_result_back_whole_after_its_turn_left_the_context(work: Path, tmp_path: Path) -> None:
+    """With KV memory every tool result is numbered ([result N]); recall answers with a result's exact context
+    text, found by its call or words or by its number, also once its turn has left a small window; a bad number
+    or words no result holds are tool errors that say what to send.
+    Without KV memory there is no numbering and no recall tool (unless asked for)."""
+    (work / "fact.txt").write_text("The build token is 7315-QX.\n")
+    for i in range(30):
+        (work / f"big{i}.txt").write_text("".join(f"row {j} " + "y" * 40 + "\n" for j in range(60)))
+    calls = [("read_file", {"path": "fact.txt"})] + [("read_file", {"path": f"big{i}.txt"}) for i in range(30)]
+    calls += [("recall", {"query": "fact.txt"}), ("recall", {"query": "[result 1]"}), ("recall", {"query": "99"}),
+              ("recall", {"query": "zebra"}), ("finish", {"answer": "7315-QX"})]
+    made = iter(calls)
+    server = FakeServer(lambda msgs: {"calls": [next(made)]}, window=1024, longkv=True)
+    with _agent(server, work, tmp_path, reply_tokens=128, max_steps=50) as agent:
+        assert agent.options["recall"] and "recall" in agent.toolbox
+        res = agent.run("What is the build token?")
+    server.close()
+    assert (res.status, res.answer, server.errors) == ("finished", "7315-QX", [])
+    assert "recall" in [t["function"]["name"] for t in server.requests[-1]["tools"]]
+    last = tool_results(server.requests[-1]["messages"])
+    assert not any("7315-QX" in r for r in last[:-4])  # the read of fact.txt has left the window ...
+    assert last[-4:-2] == ["[result 32]\n    1  The build token is 7315-QX.", "[result 33]\n    1  The build token is 7315-QX."]
+    assert last[-2] == "[result 34]\nerror: recall: there is no result 99: the results so far are numbered 1 to 33"
+    assert last[-1] == "[result 35]\nerror: recall: no earlier result holds 'zebra': try other words (a file name, a command) or a result's number"
+    log = RunLog(tmp_path / "runs")
+    first = next(e.data for e in log.events(res.run) if e.kind == "tool_result")
+    assert first["context"] == "    1  The build token is 7315-QX."  # the log keeps the text without its number
+    log.close()
+    plain = FakeServer(scripted([("read_file", {"path": "fact.txt"}), ("finish", {"answer": "x"})]))
+    with _agent(plain, work, tmp_path) as agent:
+        assert not agent.options["recall"] and "recall" not in agent.toolbox
+        agent.run("Read it")
+    with _agent(plain, work, tmp_path, recall=True) as agent:
+        assert "recall" in agent.toolbox
+    plain.close()
+    assert tool_results(plain.requests[-1]["messages"]) == ["    1  The build token is 7315-QX."]
+
+
+def test_recall_finds_a_result_by_number_call_or_words() -> None:
+    results = [('read_file({"path": "a.env"})', "TOKEN=1"), ("bash({\"command\": \"ls\"})", "a.env b.env"),
+               ('read_file({"path": "b.env"})', "TOKEN=2\nPORT=80"), ("search({})", "nothing")]  # fmt: skip
+    assert [find_result(results, q) for q in ("2", "result 3", "[result 1]", " #4 ")] == [2, 3, 1, 4]
+    assert find_result(results, "a.env") == 2  # the latest that holds it (the ls output names it too)
+    assert find_result(results, "read_file a.env") == 1  # more of the words
+    assert find_result(results, "TOKEN") == 3 and find_result(results, "token=1") == 1  # any case; the whole query counts double
+    for q, msg in [("0", "there is no result 0: the results so far are numbered 1 to 4"), ("?!", "has no words"), ("zebra", "no earlier result holds")]:
+        with pytest.raises(ToolError, match=re.escape(msg)):
+            find_result(results, q)
+    with pytest.raises(ToolError, match="there is no tool result yet"):
+        find_result([], "1")
+
+
+def test_resume_with_a_higher_step_cap_goes_on_after_the_cap(work: Path, tmp_path: Path) -> None:
+    def script(msgs: list[dict]) -> dict:
+        if "Call finish now" in (msgs[-1].get("content") or ""):
+            return {"calls": [("finish", {"answer": "partial"})]}
+        if len(tool_results(msgs)) >= 4:
+            return {"calls": [("finish", {"answer": "all 4 read"})]}
+        return {"calls": [("search", {"pattern": f"n{len(msgs)}"})]}
+
+    server = FakeServer(script)
+    with _agent(server, work, tmp_path, max_steps=2) as agent:
+        res = agent.run("Search four times")
+        assert (res.status, res.answer, res.steps) == ("stopped", "partial", 3)
+        assert agent.resume(res.run).answer == "partial"  # no message, no new cap: nothing to do
+        with pytest.raises(LongKVError, match="has taken 3 steps: give --max-steps above that"):
+            agent.resume(res.run, max_steps=3)
+        more = agent.resume(res.run, max_steps=10)
+    server.close()
+    assert (more.status, more.answer, more.steps) == ("finished", "all 4 read", 5)
 
 
 def test_the_window_comes_from_the_server(work: Path, tmp_path: Path) -> None:

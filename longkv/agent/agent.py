@@ -38,6 +38,7 @@ When the task is done, call finish with the answer (the value asked for, or what
 PLAN_CHOICE = {"type": "function", "function": {"name": "plan"}}
 HOT_TEMPERATURE = 0.7  # sampling temperature for a few requests after a loop was detected
 SAVE_EVERY = 5  # with KV memory in process: the session is saved to disk every this many steps (for resume)
+MEMORY_ROOM = 4  # with KV memory the history sent may reach this many windows: the server compresses, stubs and drops its KV to fit
 SNAPSHOT_FILES = 5000  # most files a non-idempotent call's before-snapshot lists
 
 
@@ -122,6 +123,9 @@ class Agent:
         kv_memory: keep the run's context on the server as KV memory spans (``longkv serve`` only): tool
             results are compressed once read and dropped turns are cut out of the KV, without a new prefill
             (docs/memory.md). Default: on with a model served in this process or a longkv server.
+        recall: number the tool results (``[result N]`` in their first line) and offer the ``recall`` tool, which
+            puts one back whole at the end of the context (after its KV was compressed or its turn dropped).
+            Default: on with KV memory.
 
     Raises:
         LongKVError: no workdir, no sandbox (without ``sandbox=False``), an unreachable server or one without a
@@ -148,6 +152,7 @@ class Agent:
         threads: int | None = None,
         device: str = "cpu",
         kv_memory: bool | None = None,
+        recall: bool | None = None,
     ) -> None:
         from longkv.agent.sandbox import Limits, Sandbox
 
@@ -157,7 +162,8 @@ class Agent:
         for name, value in (("max_steps", max_steps), ("max_tokens", max_tokens), ("reply_tokens", reply_tokens), ("observation_chars", observation_chars)):
             if value < 1:
                 raise LongKVError(f"{name} must be at least 1, got {value}")
-        self.toolbox = Toolbox.of(tools)
+        self._extra = tuple(tools)
+        self.toolbox = Toolbox.of(self._extra)
         self.sandbox = Sandbox(self.workdir, limits or Limits(), enabled=sandbox)
         self.ctx = ToolContext(self.workdir, self.sandbox)
         self.log = RunLog(Path(runs_dir) if runs_dir else default_runs_dir())
@@ -176,6 +182,8 @@ class Agent:
             raise LongKVError(f"{server} is not longkv serve: KV memory needs it (drop --kv-memory, or serve the model with longkv)")
         self.kv_memory = kv_memory if kv_memory is not None else (served_here or self.client.is_longkv())
         self.options["kv_memory"] = self.kv_memory
+        self.options["recall"] = self.kv_memory if recall is None else recall
+        self.toolbox = Toolbox.of(self._extra, with_recall=self.options["recall"])
 
     def close(self) -> None:
         """Stop the in-process server (if any) and close the run log."""
@@ -203,13 +211,15 @@ class Agent:
                                              "tools": list(self.toolbox.tools), "window": self.window}, on_event)  # fmt: skip
             return self._loop(run_id, st, on_event)
 
-    def resume(self, run_id: str, message: str | None = None, on_event: Callable[[Event], None] | None = None) -> RunResult:
+    def resume(self, run_id: str, message: str | None = None, on_event: Callable[[Event], None] | None = None,
+               max_steps: int | None = None) -> RunResult:
         """Go on with a run from its log: a tool call cut off mid-way is re-run only if idempotent (read_file,
-        search); any other is reported to the model as interrupted, with the files changed since it started.
-        ``message``: a user message added before going on (also to a run that has ended).
+        search, recall); any other is reported to the model as interrupted, with the files changed since it started.
+        ``message``: a user message added before going on (also to a run that has ended). ``max_steps``: a new step
+        cap for the run (counted from its start), e.g. to go on after it stopped at its cap.
 
         Raises:
-            LongKVError: no such run, or another live process drives it.
+            LongKVError: no such run, another live process drives it, or ``max_steps`` is not above the steps taken.
         """
         from longkv.agent.sandbox import reap_stale
 
@@ -219,9 +229,13 @@ class Agent:
             st = RunState.replay(self.log.events(info.id))
             if Path(info.workdir).resolve() != self.workdir:
                 raise LongKVError(f"run {info.id} works in {info.workdir}, not {self.workdir}: pass --workdir {info.workdir}")
-            if st.status != "running" and not message:
-                return self._result(info.id, st)  # it has ended: nothing to do without a new message
-            self._emit(info.id, st, "resume", {"message": message}, on_event)
+            if max_steps is not None and max_steps <= st.steps:
+                raise LongKVError(f"run {info.id} has taken {st.steps} steps: give --max-steps above that to let it go on")
+            more_steps = max_steps is not None and st.reason is not None and st.reason.startswith("The step limit")
+            if st.status != "running" and not message and not more_steps:
+                return self._result(info.id, st)  # it has ended: nothing to do without a new message or more steps
+            self.toolbox = Toolbox.of(self._extra, with_recall=bool(st.options.get("recall")))
+            self._emit(info.id, st, "resume", {"message": message, "max_steps": max_steps}, on_event)
             return self._loop(info.id, st, on_event)
 
     # ------------------------------------------------------------------ the loop
@@ -292,12 +306,14 @@ class Agent:
         """The request's messages within the window: (messages, steps of the turns dropped now, their bytes).
 
         When the estimate passes the window less the reply's tokens, whole turns leave oldest first, down to 3/4
-        of that room, so that the cached prefix breaks rarely.
+        of that room, so that the cached prefix breaks rarely. With KV memory the room is :data:`MEMORY_ROOM`
+        windows: the server keeps the history's KV within the window (tool results compressed, old ones stubbed
+        to their first line, the oldest dropped) and the text stays whole for ``recall``.
 
         Raises:
             LongKVError: the system prompt, tools, task and plan alone do not fit.
         """
-        room = self.window - st.options["reply_tokens"]
+        room = self.window * (MEMORY_ROOM if self.kv_memory else 1) - st.options["reply_tokens"]
         msgs = st.messages(marker=not self.kv_memory)
         if st.estimate(message_bytes(msgs)) <= room:
             return msgs, [], message_bytes(msgs)
@@ -393,6 +409,7 @@ class Agent:
             start["snapshot"] = _snapshot(self.workdir)
         self._emit(run_id, st, "tool_start", start, on_event)
         t0 = time.perf_counter()
+        self.ctx.results = st.results
         try:
             output, error = tool.call(self.ctx, args), False
         except ToolError as exc:

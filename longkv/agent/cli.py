@@ -77,6 +77,7 @@ def run(
     threads: Annotated[int | None, typer.Option(help="CPU threads of the in-process model.")] = None,
     device: Annotated[str, typer.Option(help="Device of the in-process model: cpu, cuda or cuda:N.")] = "cpu",
     kv_memory: Annotated[bool | None, typer.Option("--kv-memory/--no-kv-memory", help="Keep the run's context as KV memory on the server: tool results compressed once read, dropped turns cut out of the KV without a new prefill (docs/memory.md). Default: on in process and with a longkv server.")] = None,
+    recall: Annotated[bool | None, typer.Option("--recall/--no-recall", help="Number the tool results ([result N]) and offer the recall tool, which shows one again word for word after its KV was compressed or its turn left the context. Default: on with KV memory.")] = None,
     runs_dir: RunsDirOpt = None,
     as_json: JsonOpt = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", metavar="", help="No progress on stderr.")] = False,
@@ -108,7 +109,7 @@ def run(
     agent = Agent(model=model, server=server, model_id=model_id, workdir=workdir, max_steps=max_steps, max_tokens=max_tokens,
                   max_seconds=max_seconds, sandbox=not no_sandbox, runs_dir=runs_dir, context_window=context_window,
                   reply_tokens=reply_tokens, observation_chars=observation_chars, temperature=temperature, threads=threads,
-                  device=device, kv_memory=kv_memory)  # fmt: skip
+                  device=device, kv_memory=kv_memory, recall=recall)  # fmt: skip
     with agent:
         result = agent.run(task, on_event=_progress(quiet))
     _finish(result, as_json)
@@ -121,6 +122,7 @@ def resume(
     model: Annotated[str | None, typer.Option("--model", "-m", help="Serve this model here instead of the run's own source.")] = None,
     server: Annotated[str | None, typer.Option(help="Use this server instead of the run's own source.")] = None,
     threads: Annotated[int | None, typer.Option(help="CPU threads of the in-process model (default: all cores).")] = None,
+    max_steps: Annotated[int | None, typer.Option(help="A new step cap, counted from the run's start: lets a run that stopped at its cap go on.")] = None,
     runs_dir: RunsDirOpt = None,
     as_json: JsonOpt = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", metavar="", help="No progress on stderr.")] = False,
@@ -129,7 +131,11 @@ def resume(
 
     A tool call cut off mid-way is run again only if it cannot change anything
     (read_file, search); any other is reported to the model as interrupted, with the
-    files changed since it started. Example: longkv agent resume 20261204-153000-ab12
+    files changed since it started. Examples:
+
+      longkv agent resume 20261204-153000-ab12
+
+      longkv agent resume 20261204-153000-ab12 --max-steps 80     # it stopped at its 40-step cap: go on
     """
     from longkv.agent.agent import Agent, default_runs_dir
     from longkv.agent.runlog import RunLog
@@ -154,7 +160,7 @@ def resume(
     if not quiet:
         err.print(f"[dim]resuming run {info.id} ({info.status}) in {info.workdir}[/]")
     with agent:
-        result = agent.resume(info.id, message=message, on_event=_progress(quiet))
+        result = agent.resume(info.id, message=message, on_event=_progress(quiet), max_steps=max_steps)
     _finish(result, as_json)
 
 

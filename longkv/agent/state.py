@@ -9,7 +9,10 @@ interrupted one had. The context is laid out for the prefix cache:
 
 The system prompt and the task never change; the plan sits right after them and
 changes only when the model calls ``plan``; each turn (an assistant message with
-its tool results, or a note) is appended and never edited. Turns leave the
+its tool results, or a note) is appended and never edited. In a run with
+``recall`` on, every tool result starts with ``[result N]`` (its number in the
+run) so that the ``recall`` tool can put it back whole once its KV was
+compressed or its turn left the context. Turns leave the
 context in two ways only: oldest first when the window fills (a whole turn at a
 time, so a tool call is never separated from its result), or a detected loop's
 repeats. Either way the run log keeps them whole.
@@ -74,6 +77,7 @@ class RunState:
     reason: str | None = None
     last_request_bytes: int = 0
     last_choice: Any = None  # tool_choice of the last request
+    results: list[tuple[str, str]] = field(default_factory=list)  # (call signature, text in the context) per tool result ([result n] is n - 1)
 
     @classmethod
     def replay(cls, events: list[Event]) -> RunState:
@@ -93,6 +97,8 @@ class RunState:
             self.status, self.answer, self.reason = "running", None, None
             self.final_request, self.final_asked = None, False
             self.inbox = d.get("message") or None
+            if d.get("max_steps"):
+                self.options = {**self.options, "max_steps": int(d["max_steps"])}
         elif k == "request":
             self.last_request_bytes = int(d.get("bytes", 0))
             self.last_choice = d.get("tool_choice")
@@ -127,7 +133,9 @@ class RunState:
             self.pending = [p for p in self.pending if p.id != d["id"]]
             self.seconds += d.get("seconds", 0.0)
             turn = next((t for t in reversed(self.turns) if any(c["id"] == d["id"] for c in t.calls)), self.turns[-1])
-            turn.messages.append({"role": "tool", "tool_call_id": d["id"], "content": d["context"]})
+            self.results.append((d["signature"], d["context"]))
+            content = f"{result_header(len(self.results))}{d['context']}" if self.options.get("recall") else d["context"]
+            turn.messages.append({"role": "tool", "tool_call_id": d["id"], "content": content})
             if d["name"] == "plan" and not d["error"]:
                 self.plan = d["arguments"].get("plan", self.plan)
                 if len(turn.calls) == 1:  # the plan is shown in the front: the call itself would only be copied
@@ -193,6 +201,11 @@ class RunState:
         b, p = self.observed[-1]
         delta = nbytes - b
         return int(p + (high * delta if delta > 0 else low * delta)) + 16
+
+
+def result_header(n: int) -> str:
+    """The first line of the ``n``-th tool result of a run with recall on (what ``recall(n)`` refers to)."""
+    return f"[result {n}]\n"
 
 
 def signature(name: str, arguments: str) -> str:

@@ -9,8 +9,10 @@ docstring's first paragraph. A tool raises :class:`ToolError` for a mistake the
 model can fix (the message goes back as the tool result, with its hint).
 
 Built in: ``bash``, ``python``, ``read_file``, ``write_file``, ``edit_file``,
-``search``, ``plan`` and ``finish``. ``read_file`` and ``search`` are idempotent:
-a resumed run re-runs them if they were cut off; the others are never re-run.
+``search``, ``plan`` and ``finish``, and ``recall`` where the run numbers its
+tool results (KV memory). ``read_file``, ``search`` and ``recall`` are
+idempotent: a resumed run re-runs them if they were cut off; the others are
+never re-run.
 """
 
 from __future__ import annotations
@@ -34,10 +36,12 @@ class ToolError(Exception):
 
 @dataclass
 class ToolContext:
-    """What a tool call may touch: the workdir (every path argument resolves inside it) and the sandbox."""
+    """What a tool call may touch: the workdir (every path argument resolves inside it), the sandbox, and the
+    run's tool results so far, ``(call signature, text as put in the context)``; ``results[n - 1]`` is ``[result n]``."""
 
     workdir: Path
     sandbox: Any  # longkv.agent.sandbox.Sandbox
+    results: list[tuple[str, str]] = field(default_factory=list)
 
     def path(self, rel: str) -> Path:
         """``rel`` resolved inside the workdir.
@@ -337,6 +341,48 @@ def finish(ctx: ToolContext, answer: str) -> str:
     return answer
 
 
+def find_result(results: list[tuple[str, str]], query: str) -> int:
+    """The number (1-based) of the result ``query`` names: ``N``, ``result N`` or ``[result N]``; else the result
+    whose call and text hold the most of the query's words (case-insensitive; the whole query as written counts
+    double), the latest on a tie.
+
+    Raises:
+        ToolError: no result yet, a number out of range, or no result with any of the words.
+    """
+    n = len(results)
+    if not n:
+        raise ToolError("recall: there is no tool result yet")
+    m = re.fullmatch(r"\s*\[?\s*(?:result\s*)?#?(\d+)\s*\]?\s*", query, re.I)
+    if m:
+        k = int(m.group(1))
+        if not 1 <= k <= n:
+            raise ToolError(f"recall: there is no result {k}: the results so far are numbered 1 to {n}")
+        return k
+    words = {w for w in re.findall(r"[\w./-]+", query.lower()) if len(w) > 1}
+    if not words:
+        raise ToolError(f"recall: the query {query!r} has no words: give a result's number or words it contained, e.g. a file name")
+    whole = query.strip().lower()
+    best, at = 0, 0
+    for i, (call, text) in enumerate(results, 1):
+        hay = f"{call}\n{text}".lower()
+        score = sum(w in hay for w in words) + (len(words) if whole in hay else 0)
+        if score and score >= best:
+            best, at = score, i
+    if not at:
+        raise ToolError(f"recall: no earlier result holds {query!r}: try other words (a file name, a command) or a result's number")
+    return at
+
+
+@tool(idempotent=True)
+def recall(ctx: ToolContext, query: str) -> str:
+    """Show again, word for word, the earlier tool result that best matches a query. Your memory of old tool results is compressed: recall one when you need its exact text.
+
+    Args:
+        query: a file name, command or words the result contained, e.g. config/app.yaml; or its number N from [result N].
+    """
+    return ctx.results[find_result(ctx.results, query) - 1][1]
+
+
 BUILTIN: tuple[Tool, ...] = (bash, python, read_file, write_file, edit_file, search, plan, finish)
 
 
@@ -347,8 +393,9 @@ class Toolbox:
     tools: dict[str, Tool] = field(default_factory=dict)
 
     @classmethod
-    def of(cls, extra: list[Tool] | tuple[Tool, ...] = ()) -> Toolbox:
-        box = cls({t.name: t for t in BUILTIN})
+    def of(cls, extra: list[Tool] | tuple[Tool, ...] = (), with_recall: bool = False) -> Toolbox:
+        """The built-ins (plus :func:`recall` when ``with_recall``), then ``extra``."""
+        box = cls({t.name: t for t in (*BUILTIN, *((recall,) if with_recall else ()))})
         for t in extra:
             if not isinstance(t, Tool):
                 raise LongKVError(f"{t!r} is not a tool: decorate the function with @longkv.agent.tool")
