@@ -132,6 +132,15 @@ def test_a_run_plans_acts_finishes_and_is_logged(work: Path, tmp_path: Path) -> 
     last = server.requests[-1]["messages"]
     assert [m["role"] for m in last[:3]] == ["system", "user", "user"] and last[2]["content"].startswith("Your current plan:\n1. write")
     assert res.prompt_tokens == sum(tokens(r["messages"]) for r in server.requests) and res.cached_tokens > 0
+    # a longkv server keeps every tool in the prompt (a stable prefix) and narrows the calls with allowed_tools
+    kv = FakeServer(scripted([("plan", {"plan": "1. write"}), ("write_file", {"path": "o2.txt", "content": "1"}), ("finish", {"answer": "ok"})]), longkv=True)
+    with _agent(kv, work, tmp_path) as agent:
+        assert agent.run("Write 1 to o2.txt").status == "finished"
+    kv.close()
+    assert all(r["tools"] == kv.requests[0]["tools"] for r in kv.requests) and "plan" in [t["function"]["name"] for t in kv.requests[0]["tools"]]
+    acts = [t["function"]["name"] for t in kv.requests[0]["tools"] if t["function"]["name"] != "plan"]
+    assert [r["tool_choice"] for r in kv.requests] == [plan] + [{"type": "allowed_tools", "allowed_tools": {
+        "mode": "required", "tools": [{"type": "function", "function": {"name": n}} for n in acts]}}] * 2  # fmt: skip
     log = RunLog(tmp_path / "runs")
     events = log.events(res.run)
     assert [e.kind for e in events] == ["start", "request", "reply", "tool_start", "tool_result", "request", "reply", "tool_start",

@@ -214,6 +214,10 @@ def test_native_rendering_passes_arguments_as_objects() -> None:
          "tools[0].function.parameters"),  # valid JSON Schema the grammar cannot enforce
         ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"$ref": "#/$defs/nope"}}}}, "response_format.json_schema.schema"),
         ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "fly"}}}, "tool_choice"),
+        ({"tools": TOOLS, "tool_choice": {"type": "allowed_tools", "allowed_tools": {"mode": "auto", "tools": [
+            {"type": "function", "function": {"name": "get_weather"}}, {"type": "function", "function": {"name": "fly"}}]}}},
+         "tool_choice.allowed_tools.tools[1]"),
+        ({"tool_choice": {"type": "allowed_tools", "allowed_tools": {"mode": "auto", "tools": []}}}, "tool_choice"),
         ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format.json_schema.schema"),
         ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nope"}}}}, "response_format.json_schema.schema"),
     ],
@@ -223,6 +227,14 @@ def test_bad_tool_fields_name_the_field(kwargs: dict[str, Any], param: str) -> N
     with pytest.raises(ApiError) as info:
         plan_reply(args["tools"], args["tool_choice"], args["parallel_tool_calls"], args["response_format"], True, ToolFormat(True, 1, 2))
     assert info.value.status == 400 and info.value.param == param
+
+
+def test_allowed_tools_keep_every_tool_in_the_prompt_and_narrow_the_calls() -> None:
+    allowed = [{"type": "function", "function": {"name": TOOLS[1]["function"]["name"]}}]
+    for mode in ("auto", "required"):
+        plan = plan_reply(TOOLS, {"type": "allowed_tools", "allowed_tools": {"mode": mode, "tools": allowed}}, None, None, True, ToolFormat(True, 1, 2))
+        assert plan.tools == TOOLS and list(plan.schemas) == [TOOLS[1]["function"]["name"]] and plan.choice == mode
+        assert plan.grammar is not None and TOOLS[0]["function"]["name"] not in plan.grammar
 
 
 def test_auto_or_none_without_tools_is_plain_chat() -> None:
@@ -385,6 +397,10 @@ def test_each_tool_choice(client: Any) -> None:
     named, _ = create(client, ASK, tool_choice={"type": "function", "function": {"name": "create_event"}})
     assert [n for n, _ in named["calls"]] == ["create_event"]
     validate(json.loads(named["calls"][0][1]), EVENT)
+    only = {"type": "allowed_tools", "allowed_tools": {"mode": "required", "tools": [{"type": "function", "function": {"name": "create_event"}}]}}
+    narrowed, next_ext = create(client, ASK, tool_choice=only)
+    assert {n for n, _ in narrowed["calls"]} == {"create_event"}  # asked the weather, allowed only create_event
+    assert next_ext["usage"].prompt_tokens == ext["usage"].prompt_tokens  # every tool still in the prompt
     none, _ = create(client, ASK, tool_choice="none", max_tokens=24)
     assert none["calls"] == [] and none["content"] and none["finish"] in ("stop", "length")
 

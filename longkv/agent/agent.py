@@ -180,7 +180,8 @@ class Agent:
         served_here = self._local is not None
         if kv_memory and not served_here and not self.client.is_longkv():
             raise LongKVError(f"{server} is not longkv serve: KV memory needs it (drop --kv-memory, or serve the model with longkv)")
-        self.kv_memory = kv_memory if kv_memory is not None else (served_here or self.client.is_longkv())
+        self.longkv = served_here or self.client.is_longkv()  # speaks longkv's extensions (allowed_tools, KV memory)
+        self.kv_memory = kv_memory if kv_memory is not None else self.longkv
         self.options["kv_memory"] = self.kv_memory
         self.options["recall"] = self.kv_memory if recall is None else recall
         self.toolbox = Toolbox.of(self._extra, with_recall=self.options["recall"])
@@ -344,12 +345,21 @@ class Agent:
         self._emit(run_id, st, "request", {"step": st.steps + 1, "bytes": nbytes, "estimate": st.estimate(nbytes), "drop": len(drop),
                                            "drop_steps": drop, "tool_choice": choice, "temperature": temperature}, on_event)  # fmt: skip
         msgs = st.messages(marker=not self.kv_memory)  # the same as _fit's, now that the drop is applied
-        # plan is offered only when it is asked for: a small model offered it at every step calls nothing else
-        tools = [t for t in self.toolbox.schemas() if choice == PLAN_CHOICE or t["function"]["name"] != "plan"]
+        # plan may be called only when it is asked for: a small model offered it at every step calls nothing else.
+        # A longkv server keeps every tool in the prompt (its prefix and cached KV stay the same) and narrows what
+        # the reply may call with allowed_tools; other servers get the tools without plan.
+        tools = self.toolbox.schemas()
+        wire: Any = choice
+        if "plan" in self.toolbox and choice != PLAN_CHOICE:
+            if not self.longkv:
+                tools = [t for t in tools if t["function"]["name"] != "plan"]
+            elif choice == "required":
+                wire = {"type": "allowed_tools", "allowed_tools": {"mode": "required", "tools": [
+                    {"type": "function", "function": {"name": n}} for n in self.toolbox.tools if n != "plan"]}}  # fmt: skip
         ext = None
         if self.kv_memory:  # the server keeps this run's context as KV spans; in-process, saved every few steps for resume
             ext = {"session": run_id, "memory": {"save": self._local is not None and st.steps % SAVE_EVERY == 0}}
-        return self.client.complete(msgs, tools, choice, temperature, st.options["reply_tokens"], seed=st.steps, longkv=ext)
+        return self.client.complete(msgs, tools, wire, temperature, st.options["reply_tokens"], seed=st.steps, longkv=ext)
 
     def _after_reply(self, run_id: str, st: RunState, reply: Reply, on_event: Callable[[Event], None] | None) -> None:
         calls = [{"id": c.id, "name": c.name, "arguments": c.arguments} for c in reply.tool_calls]

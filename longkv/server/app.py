@@ -39,6 +39,7 @@ from longkv.errors import LongKVError
 from longkv.server.errors import ApiError, error_response, install_error_handlers
 from longkv.server.metrics import Metrics
 from longkv.server.schemas import (
+    AllowedToolsChoice,
     AssistantMessage,
     ChatChoice,
     ChatCompletion,
@@ -455,7 +456,7 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
         check(body)
         ext = body.longkv
-        choice = body.tool_choice.model_dump() if isinstance(body.tool_choice, NamedToolChoice) else body.tool_choice
+        choice = body.tool_choice.model_dump() if isinstance(body.tool_choice, (NamedToolChoice, AllowedToolsChoice)) else body.tool_choice
         reply = plan_reply(
             [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None, choice, body.parallel_tool_calls,
             body.response_format.model_dump(by_alias=True) if body.response_format else None, ext.grammar if ext else True, tool_fmt,

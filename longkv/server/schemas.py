@@ -165,6 +165,23 @@ class NamedToolChoice(BaseModel):
     function: NamedFunction
 
 
+class AllowedTools(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    mode: Literal["auto", "required"] = Field(description="auto: a call or words; required: at least one call.")
+    tools: list[NamedToolChoice] = Field(min_length=1, description="The tools the reply may call, by name (all are still shown).")
+
+
+class AllowedToolsChoice(BaseModel):
+    """``{"type": "allowed_tools", "allowed_tools": {"mode": ..., "tools": [...]}}``: every tool stays in the prompt
+    (so its prefix, and the KV cached for it, do not change) while the reply may call only these."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    type: Literal["allowed_tools"]
+    allowed_tools: AllowedTools
+
+
 class JsonSchemaFormat(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore", populate_by_name=True)
 
@@ -187,8 +204,11 @@ class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1, description="The conversation so far (at least one message).")
     max_completion_tokens: int | None = Field(None, ge=1, le=INT_MAX, description="Same as max_tokens.")
     tools: list[ToolDef] | None = Field(None, max_length=128, description="Functions the model may call.")
-    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
-        None, description="none, auto (default with tools), required, or {'type': 'function', 'function': {'name': ...}}."
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | AllowedToolsChoice | None = Field(
+        None,
+        description="none, auto (default with tools), required, {'type': 'function', 'function': {'name': ...}}, or "
+        "{'type': 'allowed_tools', 'allowed_tools': {'mode': 'auto'|'required', 'tools': [{'type': 'function', 'function': "
+        "{'name': ...}}, ...]}} (only those may be called; all stay in the prompt).",
     )
     parallel_tool_calls: bool | None = Field(None, description="More than one call per reply (default true).")
     response_format: ResponseFormat | None = Field(None, description="text, json_object, or json_schema (grammar-constrained).")

@@ -287,7 +287,8 @@ class ReplyPlan:
         tools: the request's tools (OpenAI dicts), handed to the template; ``None``: no tools.
         schemas: tool name -> parameters schema of the tools the reply may call.
         choice: ``"none"``, ``"auto"`` or ``"required"`` (a named function is ``required``
-            with only that tool in ``schemas``).
+            with only that tool in ``schemas``; ``allowed_tools`` is its mode with only those tools in
+            ``schemas``, all of them still in ``tools``).
         parallel: more than one call per reply.
         grammar: the Lark grammar constraining the reply (``None``: unconstrained).
         answer_schema: the JSON schema a text answer follows (``response_format``).
@@ -328,10 +329,18 @@ def plan_reply(
     """
     schemas = check_tools(tools) if tools else {}
     if tool_choice not in (None, "none", "auto") and not tools:
-        raise ApiError(400, "tool_choice required or a named function needs tools: send the tools the model may call", param="tool_choice")
+        raise ApiError(400, "tool_choice required, a named function or allowed_tools needs tools: send the tools the model may call", param="tool_choice")
     choice = "auto" if tool_choice is None else tool_choice
     parallel = parallel_tool_calls is not False
-    if isinstance(choice, dict):
+    if isinstance(choice, dict) and choice.get("type") == "allowed_tools":
+        allowed = choice["allowed_tools"]
+        names = [t["function"]["name"] for t in allowed["tools"]]
+        for i, name in enumerate(names):
+            if name not in schemas:
+                raise ApiError(400, f"tool_choice.allowed_tools names {name!r}, which is not among the tools ({', '.join(schemas)})",
+                               param=f"tool_choice.allowed_tools.tools[{i}]")  # fmt: skip
+        schemas, choice = {name: schemas[name] for name in names}, allowed["mode"]
+    elif isinstance(choice, dict):
         name = choice["function"]["name"]
         if name not in schemas:
             raise ApiError(400, f"tool_choice names {name!r}, which is not among the tools ({', '.join(schemas)})", param="tool_choice")
