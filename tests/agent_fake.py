@@ -106,12 +106,16 @@ class FakeServer:
                 msg: dict[str, Any] = {"role": "assistant", "content": reply.get("content") or None}
                 if calls:
                     msg["tool_calls"] = calls
-                self._send(200, {
+                out: dict[str, Any] = {
                     "id": "x", "object": "chat.completion", "model": "fake",
                     "choices": [{"index": 0, "message": msg, "finish_reason": "tool_calls" if calls else "stop"}],
                     "usage": {"prompt_tokens": n, "completion_tokens": 10, "total_tokens": n + 10,
                               "prompt_tokens_details": {"cached_tokens": cached}},
-                })  # fmt: skip
+                }  # fmt: skip
+                if (body.get("longkv") or {}).get("session"):  # a memory report: half the text's tokens as KV, one edit
+                    out["longkv"] = {"memory": {"kv_tokens": min(n // 2, fake.window - 1), "logical_tokens": n,
+                                                "edits": [{"compress": len(fake.requests), "tokens": 7}]}}  # fmt: skip
+                self._send(200, out)
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"

@@ -3,6 +3,7 @@ window, the run log, resume after kill -9, and the CLI."""
 
 from __future__ import annotations
 
+import io
 import itertools
 import json
 import multiprocessing
@@ -18,11 +19,12 @@ from typing import Any
 
 import pytest
 from agent_fake import FakeServer, scripted, tokens, tool_results
+from rich.console import Console
 
 from longkv.agent import Agent, ToolContext, ToolError, tool
 from longkv.agent.runlog import RunLog
 from longkv.agent.sandbox import sandbox_problem
-from longkv.agent.show import summary
+from longkv.agent.show import render, steps, summary
 from longkv.agent.state import RunState
 from longkv.agent.tools import Toolbox, edit_file, find_result, read_file, search, write_file
 from longkv.errors import LongKVError
@@ -272,6 +274,13 @@ def test_a_longkv_server_gets_the_run_as_a_kv_memory_session(work: Path, tmp_pat
     reqs = server.requests
     assert any(len(b["messages"]) < len(a["messages"]) for a, b in itertools.pairwise(reqs))  # turns were dropped ...
     assert 2048 < max(tokens(r["messages"]) for r in reqs) <= 4 * 2048  # ... once the text held 4 windows
+    log = RunLog(tmp_path / "runs")
+    rows = [r for r in steps(log.events(res.run)) if "step" in r]
+    assert [r["kv"] for r in rows] == [min(tokens(q["messages"]) // 2, 2047) for q in reqs] and rows[0]["edits"] == {"compress": 1}
+    out = io.StringIO()
+    render(log, res.run, False, None, Console(file=out, width=200))
+    assert "KV edits" in out.getvalue() and f"{rows[5]['kv']} " in out.getvalue() and "compress 1" in out.getvalue()
+    log.close()
     assert not any("Earlier steps are not shown here" in (m.get("content") or "") for r in server.requests for m in r["messages"])
     plain = FakeServer(lambda msgs: {"content": "ok"})
     with _agent(plain, work, tmp_path) as agent:

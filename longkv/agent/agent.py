@@ -78,6 +78,20 @@ def bound(text: str, limit: int) -> str:
     return f"{text[:head]}\n[... {cut} characters cut: the whole output is in the run log (longkv agent show) ...]\n{text[-tail:]}"
 
 
+def _memory_summary(memory: dict[str, Any] | None) -> dict[str, Any]:
+    """What the run log keeps of a KV memory report: the KV and logical tokens, and the edits by kind
+    (``{"compress": 2, "stub": 1}``) with the KV tokens they freed."""
+    if not memory:
+        return {}
+    kinds: dict[str, int] = {}
+    freed = 0
+    for e in memory.get("edits") or []:
+        kind = next((k for k in ("drop", "align", "cut", "compress", "stub", "prefill") if k in e), "other")
+        kinds[kind] = kinds.get(kind, 0) + 1
+        freed += int(e.get("tokens") or 0) if kind != "prefill" else 0
+    return {"memory": {"kv_tokens": memory.get("kv_tokens"), "logical_tokens": memory.get("logical_tokens"), "edits": kinds, "freed": freed}}
+
+
 def _snapshot(workdir: Path) -> dict[str, list[int]]:
     """Size and mtime (ns) of every file under ``workdir`` (at most SNAPSHOT_FILES), by relative path."""
     out: dict[str, list[int]] = {}
@@ -366,7 +380,7 @@ class Agent:
         self._emit(run_id, st, "reply", {"content": reply.content, "tool_calls": calls, "finish_reason": reply.finish_reason,
                                          "usage": {"prompt": reply.usage.prompt, "cached": reply.usage.cached,
                                                    "completion": reply.usage.completion},
-                                         "seconds": round(reply.seconds, 4)}, on_event)  # fmt: skip
+                                         "seconds": round(reply.seconds, 4), **_memory_summary(reply.memory)}, on_event)  # fmt: skip
         if calls:
             return
         text = reply.content.strip()

@@ -42,13 +42,15 @@ class Usage:
 
 @dataclass(frozen=True)
 class Reply:
-    """The model's answer to one request."""
+    """The model's answer to one request; ``memory``: what a longkv KV memory session reported (``kv_tokens``,
+    ``logical_tokens``, ``edits``, ...; docs/memory.md), else None."""
 
     content: str
     tool_calls: tuple[ToolCall, ...]
     finish_reason: str
     usage: Usage
     seconds: float
+    memory: dict[str, Any] | None = None
 
 
 class ModelError(Exception):
@@ -155,7 +157,9 @@ class ChatClient:
             u = data.get("usage") or {}
             cached = int(((u.get("prompt_tokens_details") or {}).get("cached_tokens")) or 0)
             usage = Usage(int(u.get("prompt_tokens") or 0), cached, int(u.get("completion_tokens") or 0))
-            return Reply(str(msg.get("content") or ""), calls, str(choice.get("finish_reason") or ""), usage, seconds)
+            memory = (data.get("longkv") or {}).get("memory")
+            return Reply(str(msg.get("content") or ""), calls, str(choice.get("finish_reason") or ""), usage, seconds,
+                         memory if isinstance(memory, dict) else None)  # fmt: skip
         except (KeyError, IndexError, TypeError) as exc:
             raise ModelError(f"{self.base_url} answered with no chat completion ({type(exc).__name__}: {exc}): {str(data)[:300]}") from None
 

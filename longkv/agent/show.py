@@ -9,8 +9,9 @@ from longkv.agent.runlog import Event, RunInfo, RunLog
 
 
 def steps(events: list[Event]) -> list[dict[str, Any]]:
-    """One row per model call: prompt / cached / new tokens, decode tokens, seconds, the calls and their outcome,
-    and the notes (corrections, loop hints, caps) that followed it."""
+    """One row per model call: prompt / cached / new tokens, decode tokens, seconds, the calls and their outcome
+    (with KV memory: the session's KV tokens and the edits of the call, by kind), and the notes (corrections,
+    loop hints, caps) that followed it."""
     rows: list[dict[str, Any]] = []
     by_call: dict[str, dict[str, Any]] = {}
     for e in events:
@@ -22,6 +23,8 @@ def steps(events: list[Event]) -> list[dict[str, Any]]:
             row = {"step": len([r for r in rows if "step" in r]) + 1, "prompt": u["prompt"], "cached": u["cached"],
                    "new": u["prompt"] - u["cached"], "decode": u["completion"], "model_s": d["seconds"], "tool_s": 0.0,
                    "calls": [], "text": d["content"]}  # fmt: skip
+            if d.get("memory"):  # a KV memory session: its KV after the call and what the server did to it
+                row["kv"], row["edits"] = d["memory"]["kv_tokens"], d["memory"]["edits"]
             for c in d["tool_calls"]:
                 call = {"id": c["id"], "name": c["name"], "arguments": c["arguments"], "status": "not run"}
                 row["calls"].append(call)
@@ -111,14 +114,17 @@ def render(log: RunLog, run_id: str | None, as_json: bool, step: int | None, con
     if as_json:
         print(json.dumps({**summ, "trajectory": rows}, indent=1, ensure_ascii=False))
         return
-    t = Table("step", "prompt", "cached", "new", "decode", "model s", "tool s", "calls", title=f"run {info.id}: {info.status}")
+    memory = any("kv" in r for r in rows)
+    cols = ["step", "prompt", "cached", "new", "decode", "model s", "tool s", *(["KV", "KV edits"] if memory else []), "calls"]
+    t = Table(*cols, title=f"run {info.id}: {info.status}")
     for r in rows:
         if "note" in r:
-            t.add_row("", "", "", "", "", "", "", f"[dim]{escape(r['note'][:100])}[/]")
+            t.add_row(*[""] * (len(cols) - 1), f"[dim]{escape(r['note'][:100])}[/]")
             continue
         calls = ", ".join(f"{c['name']} ({c['status']})" for c in r["calls"]) or escape(r["text"][:60].replace("\n", " "))
+        kv = [str(r.get("kv", "")), ", ".join(f"{k} {n}" for k, n in (r.get("edits") or {}).items())] if memory else []
         t.add_row(str(r["step"]), str(r["prompt"]), str(r["cached"]), str(r["new"]), str(r["decode"]), f"{r['model_s']:.2f}",
-                  f"{r['tool_s']:.2f}", calls)  # fmt: skip
+                  f"{r['tool_s']:.2f}", *kv, calls)  # fmt: skip
     console.print(t)
     console.print(f"task: {escape(info.task[:300])}")
     console.print(f"answer: {escape(str(info.answer or ''))[:500]}" + (f"  [dim]({escape(info.reason or '')})[/]" if info.reason else ""))
