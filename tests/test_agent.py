@@ -26,7 +26,7 @@ from longkv.agent.runlog import RunLog
 from longkv.agent.sandbox import sandbox_problem
 from longkv.agent.show import render, steps, summary
 from longkv.agent.state import RunState
-from longkv.agent.tools import Toolbox, edit_file, find_result, read_file, search, write_file
+from longkv.agent.tools import Toolbox, edit_file, rank_results, read_file, recall, search, write_file
 from longkv.errors import LongKVError
 
 SANDBOX = sandbox_problem() is None
@@ -330,18 +330,26 @@ def test_recall_puts_an_earlier_result_back_whole_after_its_turn_left_the_contex
     assert tool_results(plain.requests[-1]["messages"]) == ["    1  The build token is 7315-QX."]
 
 
-def test_recall_finds_a_result_by_number_call_or_words() -> None:
+def test_recall_ranks_results_by_number_call_or_words(work: Path) -> None:
     results = [('read_file({"path": "a.env"})', "TOKEN=1"), ("bash({\"command\": \"ls\"})", "a.env b.env"),
                ('read_file({"path": "b.env"})', "TOKEN=2\nPORT=80"), ("search({})", "nothing")]  # fmt: skip
-    assert [find_result(results, q) for q in ("2", "result 3", "[result 1]", " #4 ")] == [2, 3, 1, 4]
-    assert find_result(results, "a.env") == 2  # the latest that holds it (the ls output names it too)
-    assert find_result(results, "read_file a.env") == 1  # more of the words
-    assert find_result(results, "TOKEN") == 3 and find_result(results, "token=1") == 1  # any case; the whole query counts double
+    assert [rank_results(results, q) for q in ("2", "result 3", "[result 1]", " #4 ")] == [[2], [3], [1], [4]]
+    assert rank_results(results, "a.env") == [2, 1]  # a tie: the later first (the ls output names it too)
+    assert rank_results(results, "read_file a.env") == [1, 3, 2]  # more of the words first
+    assert rank_results(results, "TOKEN") == [3, 1] and rank_results(results, "token=1")[0] == 1  # any case; the whole query counts double
+    many = [("bash({})", "the billing service settings"), ("bash({})", "settings of the search"), ("bash({})", "settings of the mailer")]
+    assert rank_results(many, "settings of the billing")[0] == 1  # a rare word outweighs common ones
     for q, msg in [("0", "there is no result 0: the results so far are numbered 1 to 4"), ("?!", "has no words"), ("zebra", "no earlier result holds")]:
         with pytest.raises(ToolError, match=re.escape(msg)):
-            find_result(results, q)
+            rank_results(results, q)
     with pytest.raises(ToolError, match="there is no tool result yet"):
-        find_result([], "1")
+        rank_results([], "1")
+    # the tool: one result word for word; several matches, as many as fit the room of one result, each numbered
+    ctx = ToolContext(work, None, results, limit=60)
+    assert recall.call(ctx, {"query": "1"}) == "TOKEN=1"
+    assert recall.call(ctx, {"query": "TOKEN"}) == "[result 3]\nTOKEN=2\nPORT=80\n\n[result 1]\nTOKEN=1"
+    ctx.limit = 30
+    assert recall.call(ctx, {"query": "TOKEN"}) == "[result 3]\nTOKEN=2\nPORT=80"
 
 
 def test_resume_with_a_higher_step_cap_goes_on_after_the_cap(work: Path, tmp_path: Path) -> None:

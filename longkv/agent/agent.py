@@ -433,7 +433,8 @@ class Agent:
             start["snapshot"] = _snapshot(self.workdir)
         self._emit(run_id, st, "tool_start", start, on_event)
         t0 = time.perf_counter()
-        self.ctx.results = st.results
+        limit = max(500, min(st.options["observation_chars"], (self.window - st.options["reply_tokens"]) // 4))
+        self.ctx.results, self.ctx.limit = st.results, limit
         try:
             output, error = tool.call(self.ctx, args), False
         except ToolError as exc:
@@ -441,7 +442,6 @@ class Agent:
         except Exception as exc:  # a tool's own bug: the model hears of it, the run goes on
             output, error = f"error: {call.name} failed ({type(exc).__name__}: {exc})", True
         seconds = time.perf_counter() - t0
-        limit = max(500, min(st.options["observation_chars"], (self.window - st.options["reply_tokens"]) // 4))
         self._emit(run_id, st, "tool_result", {**base, "arguments": args, "output": output, "context": bound(output, limit),
                                                "error": error, "seconds": round(seconds, 4)}, on_event)  # fmt: skip
         if call.name == "finish" and not error:

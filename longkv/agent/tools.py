@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
 import re
 import types
 import typing
@@ -36,12 +37,14 @@ class ToolError(Exception):
 
 @dataclass
 class ToolContext:
-    """What a tool call may touch: the workdir (every path argument resolves inside it), the sandbox, and the
-    run's tool results so far, ``(call signature, text as put in the context)``; ``results[n - 1]`` is ``[result n]``."""
+    """What a tool call may touch: the workdir (every path argument resolves inside it), the sandbox, the run's
+    tool results so far, ``(call signature, text as put in the context)`` (``results[n - 1]`` is ``[result n]``),
+    and how many characters of a result the context takes back."""
 
     workdir: Path
     sandbox: Any  # longkv.agent.sandbox.Sandbox
     results: list[tuple[str, str]] = field(default_factory=list)
+    limit: int = 8000  # characters of one tool result the context takes back (longer ones are cut, head + tail)
 
     def path(self, rel: str) -> Path:
         """``rel`` resolved inside the workdir.
@@ -341,10 +344,16 @@ def finish(ctx: ToolContext, answer: str) -> str:
     return answer
 
 
-def find_result(results: list[tuple[str, str]], query: str) -> int:
-    """The number (1-based) of the result ``query`` names: ``N``, ``result N`` or ``[result N]``; else the result
-    whose call and text hold the most of the query's words (case-insensitive; the whole query as written counts
-    double), the latest on a tie.
+RECALL_MOST = 8  # most results one recall puts back
+
+
+def rank_results(results: list[tuple[str, str]], query: str) -> list[int]:
+    """The numbers (1-based) of the results ``query`` matches, best first.
+
+    ``N``, ``result N`` or ``[result N]`` names one result. Otherwise every result whose call or text holds one
+    of the query's words (case-insensitive) is ranked by those words, each weighted by how few results hold it
+    (inverse document frequency), the score doubled where the whole query appears as written; on a tie the
+    later result first.
 
     Raises:
         ToolError: no result yet, a number out of range, or no result with any of the words.
@@ -357,30 +366,42 @@ def find_result(results: list[tuple[str, str]], query: str) -> int:
         k = int(m.group(1))
         if not 1 <= k <= n:
             raise ToolError(f"recall: there is no result {k}: the results so far are numbered 1 to {n}")
-        return k
+        return [k]
     words = {w for w in re.findall(r"[\w./-]+", query.lower()) if len(w) > 1}
     if not words:
         raise ToolError(f"recall: the query {query!r} has no words: give a result's number or words it contained, e.g. a file name")
     whole = query.strip().lower()
-    best, at = 0, 0
-    for i, (call, text) in enumerate(results, 1):
-        hay = f"{call}\n{text}".lower()
-        score = sum(w in hay for w in words) + (len(words) if whole in hay else 0)
-        if score and score >= best:
-            best, at = score, i
-    if not at:
+    hays = [f"{call}\n{text}".lower() for call, text in results]
+    weight = {w: math.log((n + 1) / (sum(w in h for h in hays) + 0.5)) for w in words}
+    scored = []
+    for i, hay in enumerate(hays, 1):
+        score = sum(weight[w] for w in words if w in hay) * (2 if whole in hay else 1)
+        if score > 0:
+            scored.append((score, i))
+    if not scored:
         raise ToolError(f"recall: no earlier result holds {query!r}: try other words (a file name, a command) or a result's number")
-    return at
+    return [i for _, i in sorted(scored, reverse=True)]
 
 
 @tool(idempotent=True)
 def recall(ctx: ToolContext, query: str) -> str:
-    """Show again, word for word, the earlier tool result that best matches a query. Your memory of old tool results is compressed: recall one when you need its exact text.
+    """Show again, word for word, the earlier tool results that best match a query. Your memory of old tool results is compressed: recall them when you need their exact text.
 
     Args:
-        query: a file name, command or words the result contained, e.g. config/app.yaml; or its number N from [result N].
+        query: the file name or command that gave the result, or words it contained, or its number.
     """
-    return ctx.results[find_result(ctx.results, query) - 1][1]
+    ranked = rank_results(ctx.results, query)
+    if len(ranked) == 1:
+        return ctx.results[ranked[0] - 1][1]
+    picked: list[int] = []
+    used = 0
+    for i in ranked:  # the best first, then as many more as fit the room one result has in the context
+        size = len(ctx.results[i - 1][1]) + 16
+        if picked and (used + size > ctx.limit or len(picked) == RECALL_MOST):
+            continue
+        picked.append(i)
+        used += size
+    return "\n\n".join(f"[result {i}]\n{ctx.results[i - 1][1]}" for i in picked)
 
 
 BUILTIN: tuple[Tool, ...] = (bash, python, read_file, write_file, edit_file, search, plan, finish)
