@@ -200,7 +200,7 @@ def serve(
     weights: Annotated[str, typer.Option(help="Weights decode steps read: auto (with bfloat16: int4 when the file stores its matrices in 4 bits, e.g. Q4_1, else int8; with float32: none), int4, int8 or none (the compute dtype).")] = "auto",
     threads: Annotated[int | None, typer.Option(help="CPU threads (default: all cores).")] = None,
     device: DeviceOpt = "cpu",
-    log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
+    log_level: Annotated[str, typer.Option(help="uvicorn log level: critical, error, warning, info, debug or trace.")] = "info",
 ) -> None:
     """Serve a model over the OpenAI HTTP API, reusing cached prefixes across requests.
 
@@ -226,12 +226,11 @@ def serve(
     The default --policy dense computes exact KV that requests share by prefix;
     a request past the model's window then gets HTTP 400 with the fix.
     """
-    if kv_budget_mib is not None and kv_budget_mib < 1:
-        raise LongKVError(f"--kv-budget-mib must be at least 1, got {kv_budget_mib}: leave it unset for no limit")
-    if memory_mib < 0:
-        raise LongKVError(f"--memory-mib must be at least 0, got {memory_mib}")
-    if memory_dir is not None and memory_dir.exists() and not memory_dir.is_dir():
-        raise LongKVError(f"--memory-dir {memory_dir} is a file: pass a folder (it is made if missing)")
+    _check_serve_options(
+        port=port, cache_mib=cache_mib, max_num_seqs=max_num_seqs, max_queue=max_queue, kv_budget_mib=kv_budget_mib,
+        memory_mib=memory_mib, memory_dir=memory_dir, max_tokens_default=max_tokens_default,
+        max_tokens_limit=max_tokens_limit, chunk_size=chunk_size, log_level=log_level,
+    )  # fmt: skip
     try:
         from longkv.server.app import serve as run_server
     except ImportError as exc:
@@ -243,6 +242,42 @@ def serve(
         kv_budget_bytes=None if kv_budget_mib is None else kv_budget_mib << 20,
         max_tokens_limit=max_tokens_limit, memory_bytes=memory_mib << 20, memory_dir=memory_dir,
     )  # fmt: skip
+
+
+UVICORN_LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
+
+
+def _check_serve_options(
+    *, port: int, cache_mib: int, max_num_seqs: int, max_queue: int, kv_budget_mib: int | None, memory_mib: int,
+    memory_dir: Path | None, max_tokens_default: int, max_tokens_limit: int | None, chunk_size: int, log_level: str,
+) -> None:
+    """Every ``serve`` option a model is not needed to judge, checked before the model loads.
+
+    Raises:
+        LongKVError: the first option out of its range (naming it, the value and what to pass), or a
+            ``--memory-dir`` that is a file or cannot be made or written.
+    """
+    if not 1 <= port <= 65535:
+        raise LongKVError(f"--port must be 1 to 65535, got {port}: pass e.g. --port 8000")
+    least = {"--cache-mib": (cache_mib, 0, "0 turns the prefix cache off"), "--max-num-seqs": (max_num_seqs, 1, "e.g. 8"),
+             "--max-queue": (max_queue, 0, "0: no request waits"), "--memory-mib": (memory_mib, 0, "0: idle sessions leave RAM at once"),
+             "--max-tokens-default": (max_tokens_default, 1, "e.g. 1024"), "--chunk-size": (chunk_size, 1, "e.g. 512"),
+             "--kv-budget-mib": (kv_budget_mib, 1, "leave it unset for no limit"),
+             "--max-tokens-limit": (max_tokens_limit, 1, "leave it unset for the window")}  # fmt: skip
+    for name, (value, low, hint) in least.items():
+        if value is not None and value < low:
+            raise LongKVError(f"{name} must be at least {low}, got {value}: {hint}")
+    if log_level.lower() not in UVICORN_LOG_LEVELS:
+        raise LongKVError(f"--log-level {log_level!r} is not a log level: pass one of {', '.join(UVICORN_LOG_LEVELS)}")
+    if memory_dir is not None:
+        if memory_dir.exists() and not memory_dir.is_dir():
+            raise LongKVError(f"--memory-dir {memory_dir} is a file: pass a folder (it is made if missing)")
+        try:
+            memory_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise LongKVError(f"--memory-dir {memory_dir} cannot be made ({exc.strerror}): pass a folder you can write") from None
+        if not os.access(memory_dir, os.W_OK | os.X_OK):
+            raise LongKVError(f"--memory-dir {memory_dir} is not writable: pass a folder you can write")
 
 
 @app.command()

@@ -1,7 +1,8 @@
 """A scripted OpenAI-compatible chat server for the agent tests: deterministic replies, checked requests.
 
 The script is a function of the request's messages that returns the reply:
-``{"content": str, "calls": [(name, arguments_dict_or_raw_str), ...]}``. Every
+``{"content": str, "calls": [(name, arguments_dict_or_raw_str), ...], "cut": (name, raw_text)}`` ("cut": a
+call cut off at ``max_tokens``, reported as longkv serve reports it). Every
 request is checked as a strict server would: its prompt (counted as 1 token per
 4 bytes of the messages' JSON + 200 for the tools) must fit ``window`` less
 ``max_tokens`` (else HTTP 400, as longkv serve answers an overflow), and every
@@ -108,10 +109,14 @@ class FakeServer:
                     msg["tool_calls"] = calls
                 out: dict[str, Any] = {
                     "id": "x", "object": "chat.completion", "model": "fake",
-                    "choices": [{"index": 0, "message": msg, "finish_reason": "tool_calls" if calls else "stop"}],
+                    "choices": [{"index": 0, "message": msg,
+                                 "finish_reason": "length" if reply.get("cut") else "tool_calls" if calls else "stop"}],
                     "usage": {"prompt_tokens": n, "completion_tokens": 10, "total_tokens": n + 10,
                               "prompt_tokens_details": {"cached_tokens": cached}},
                 }  # fmt: skip
+                if reply.get("cut"):  # a call cut off at max_tokens, reported as longkv serve does
+                    name, raw = reply["cut"]
+                    out["longkv"] = {"truncated_tool_call": {"index": 0, "name": name, "arguments": None, "text": raw}}
                 if (body.get("longkv") or {}).get("session"):  # a memory report: half the text's tokens as KV, one edit
                     out["longkv"] = {"memory": {"kv_tokens": min(n // 2, fake.window - 1), "logical_tokens": n,
                                                 "edits": [{"compress": len(fake.requests), "tokens": 7}]}}  # fmt: skip

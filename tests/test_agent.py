@@ -229,8 +229,27 @@ def test_three_empty_replies_stop_the_run(work: Path, tmp_path: Path) -> None:
     with _agent(server, work, tmp_path) as agent:
         res = agent.run("Do something")
     server.close()
-    assert (res.status, res.steps, res.stop_reason) == ("stopped", 4, "Three replies in a row were empty")
+    assert (res.status, res.steps, res.stop_reason) == ("stopped", 4, "Three replies in a row held no tool call (empty, or cut off at the token limit)")
     assert tool_results(server.requests[-1]["messages"]) == []
+
+
+def test_a_plan_cut_off_at_the_token_limit_is_named_kept_and_counted(work: Path, tmp_path: Path) -> None:
+    """A plan call cut off three times: the model hears that its plan was too long, the run log keeps what it
+    wrote, agent show prints it, and the run stops for replies with no call, not for empty ones."""
+    raw = '{"name": "plan", "arguments": {"plan": "1. read the file 2. read it again 3.'
+    server = FakeServer(lambda msgs: {"cut": ("plan", raw)})
+    with _agent(server, work, tmp_path) as agent:
+        res = agent.run("Do something")
+    server.close()
+    assert (res.status, res.steps, res.stop_reason) == ("stopped", 4, "Three replies in a row held no tool call (empty, or cut off at the token limit)")
+    notes = [m["content"] for m in server.requests[-1]["messages"] if m["role"] == "user" and "cut off" in (m["content"] or "")]
+    assert notes and notes[0].startswith("Your plan was cut off at the token limit (") and "write a shorter plan" in notes[0]
+    log = RunLog(tmp_path / "runs")
+    rows = steps(log.events(res.run))
+    assert rows[0]["truncated"] == {"name": "plan", "text": raw}
+    buf = io.StringIO()
+    render(log, res.run, False, 1, Console(file=buf, width=200))
+    assert "plan, cut off at the token limit" in buf.getvalue() and "read it again" in buf.getvalue()
 
 
 def test_huge_tool_outputs_never_overflow_the_window(work: Path, tmp_path: Path) -> None:
@@ -476,6 +495,18 @@ def test_a_second_driver_is_refused_and_a_dead_owner_is_not_running(work: Path, 
     assert log.info(run_id).status == "interrupted" and log.owner(run_id) is None
     with pytest.raises(LongKVError, match="no run 'nope'"):
         log.info("nope")
+
+
+def test_a_run_is_named_by_its_id_or_a_unique_start_or_end_of_it(work: Path, tmp_path: Path) -> None:
+    log = RunLog(tmp_path / "runs")
+    a, b = "20261205-051500-ab12", "20261205-051500-cd34"  # two runs started in the same second
+    for run_id in (a, b):
+        log.db.execute("INSERT INTO runs VALUES (?, 'task', ?, 0, 'finished', NULL, NULL)", (run_id, str(work)))
+    assert [log.info(x).id for x in (a, a[:-3], a[-4:], b[-4:], "d34")] == [a, a, a, b, b]
+    with pytest.raises(LongKVError, match=r"matches \d+ runs .*: give more of the id"):
+        log.info(a[:8])  # the date they share
+    with pytest.raises(LongKVError, match="no run '%'"):
+        log.info("%")  # not a wildcard
 
 
 # --------------------------------------------------------------------------- CLI

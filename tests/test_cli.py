@@ -286,3 +286,16 @@ def test_serve_memory_options_are_checked_before_the_model_loads(work: Path) -> 
     proc = run(["serve", "--model", "./missing.gguf", "--memory-dir", "afile"], work)
     assert_user_error(proc, "--memory-dir afile is a file: pass a folder")
     assert_user_error(run(["serve", "--model", "./missing.gguf", "--memory-mib", "-1"], work), "--memory-mib must be at least 0, got -1")
+    proc = run(["serve", "--model", "./missing.gguf", "--memory-dir", "afile/sessions"], work)
+    assert_user_error(proc, "--memory-dir afile/sessions cannot be made (Not a directory): pass a folder you can write")
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--port", "99999", "--port must be 1 to 65535, got 99999"), ("--max-num-seqs", "0", "--max-num-seqs must be at least 1, got 0"),
+    ("--max-queue", "-1", "--max-queue must be at least 0, got -1"), ("--cache-mib", "-5", "--cache-mib must be at least 0, got -5"),
+    ("--max-tokens-default", "0", "--max-tokens-default must be at least 1, got 0"),
+    ("--max-tokens-limit", "0", "--max-tokens-limit must be at least 1, got 0"), ("--chunk-size", "0", "--chunk-size must be at least 1, got 0"),
+    ("--log-level", "loud", "--log-level 'loud' is not a log level: pass one of critical, error, warning, info, debug, trace"),
+])  # fmt: skip
+def test_serve_options_out_of_range_are_one_line_errors_before_the_model_loads(work: Path, flag: str, value: str, message: str) -> None:
+    assert_user_error(run(["serve", "--model", "./missing.gguf", flag, value], work), message)

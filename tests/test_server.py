@@ -325,6 +325,25 @@ def test_bad_chat_requests_get_openai_errors(server: ServerProcess, what: str, b
     assert err["message"] and err["type"] in ("invalid_request_error", "not_found_error")
 
 
+@pytest.mark.parametrize(("choice", "param", "message"), [
+    ("sometimes", "tool_choice", "tool_choice: Input should be 'none', 'auto' or 'required'"),
+    ({"type": "allowed_tools", "allowed_tools": {"mode": "sometimes", "tools": [{"type": "function", "function": {"name": "f"}}]}},
+     "tool_choice.allowed_tools.mode", "tool_choice.allowed_tools.mode: Input should be 'auto' or 'required'"),
+    ({"type": "allowed_tools", "allowed_tools": {"mode": "auto", "tools": []}}, "tool_choice.allowed_tools.tools",
+     "tool_choice.allowed_tools.tools: List should have at least 1 item"),
+    ({"type": "allowed_tools"}, "tool_choice.allowed_tools", "tool_choice.allowed_tools: Field required"),
+    ({"type": "function"}, "tool_choice.function", "tool_choice.function: Field required"),
+    (5, "tool_choice", "tool_choice: Input should be 'none', 'auto', 'required', a function object or an allowed_tools object"),
+])  # fmt: skip
+def test_a_bad_tool_choice_is_judged_as_the_form_it_was_meant_as(server: ServerProcess, choice: object, param: str, message: str) -> None:
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}]
+    body = {"model": MODEL_ID, "messages": [{"role": "user", "content": "hi"}], "tools": tools, "tool_choice": choice}
+    r = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=30)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == param and err["message"].startswith(message) and "more)" not in err["message"], err
+
+
 def test_malformed_json_says_so(server: ServerProcess) -> None:
     r = httpx.post(server.url + "/v1/chat/completions", content=b'{"model": "x", "messages": [',
                    headers={"content-type": "application/json"}, timeout=30)

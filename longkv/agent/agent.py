@@ -8,7 +8,7 @@ makes :meth:`Agent.resume` exact after a crash, a kill -9 or a reboot.
 
 Stop rules, each ending with a best-effort final answer (one last request that
 must call ``finish``), never a bare exception: the step cap (default 40), the
-token cap, the time cap, and three empty replies in a row. Loops (the same call
+token cap, the time cap, and three replies in a row with no tool call (empty, or cut off). Loops (the same call
 with the same result three times, or the same error three times) are recovered:
 the repeats leave the context, a hint is added, the temperature goes up for a
 few requests and the next request must update the plan.
@@ -52,7 +52,7 @@ def default_runs_dir() -> Path:
 @dataclass(frozen=True)
 class RunResult:
     """How a run ended. ``status``: finished (the model called finish or answered), stopped (a cap or the
-    empty-reply rule; ``answer`` is the best effort), failed (the model server failed; ``reason`` says how)."""
+    no-call rule; ``answer`` is the best effort), failed (the model server failed; ``reason`` says how)."""
 
     run: str
     status: str
@@ -76,6 +76,19 @@ def bound(text: str, limit: int) -> str:
     tail = limit - head
     cut = len(text) - head - tail
     return f"{text[:head]}\n[... {cut} characters cut: the whole output is in the run log (longkv agent show) ...]\n{text[-tail:]}"
+
+
+def cut_note(reply: Reply, limit: int) -> str:
+    """What the model hears after a reply cut off at the token limit (``limit`` tokens): what was cut and how
+    to make it fit."""
+    name = (reply.truncated or {}).get("name")
+    if name == "plan":
+        return f"Your plan was cut off at the token limit ({limit} tokens): write a shorter plan, a few numbered lines."
+    if name in ("write_file", "edit_file"):
+        return f"Your {name} call was cut off at the token limit ({limit} tokens): write big files in parts."
+    if name:
+        return f"Your {name} call was cut off at the token limit ({limit} tokens): make its arguments shorter."
+    return f"Your reply was cut off at the token limit ({limit} tokens): make it shorter, or call a tool."
 
 
 def _memory_summary(memory: dict[str, Any] | None) -> dict[str, Any]:
@@ -140,10 +153,13 @@ class Agent:
         recall: number the tool results (``[result N]`` in their first line) and offer the ``recall`` tool, which
             puts one back whole at the end of the context (after its KV was compressed or its turn dropped).
             Default: on with KV memory.
+        on_loading: called with the model's name just before a model is loaded in this process (the options
+            are checked by then), e.g. to say that loading may take a while.
 
     Raises:
-        LongKVError: no workdir, no sandbox (without ``sandbox=False``), an unreachable server or one without a
-            reported window, a model that cannot be loaded.
+        LongKVError: no workdir, an option out of range (a count below 1, a temperature outside 0-2), no sandbox
+            (without ``sandbox=False``), an unreachable server or one without a reported window, a model that
+            cannot be loaded.
     """
 
     def __init__(
@@ -167,6 +183,7 @@ class Agent:
         device: str = "cpu",
         kv_memory: bool | None = None,
         recall: bool | None = None,
+        on_loading: Callable[[str], None] | None = None,
     ) -> None:
         from longkv.agent.sandbox import Limits, Sandbox
 
@@ -176,6 +193,10 @@ class Agent:
         for name, value in (("max_steps", max_steps), ("max_tokens", max_tokens), ("reply_tokens", reply_tokens), ("observation_chars", observation_chars)):
             if value < 1:
                 raise LongKVError(f"{name} must be at least 1, got {value}")
+        if not 0.0 <= temperature <= 2.0:
+            raise LongKVError(f"temperature must be 0 to 2, got {temperature}: 0 is greedy, 0.7 a usual sampling value")
+        if max_seconds <= 0:
+            raise LongKVError(f"max_seconds must be above 0, got {max_seconds}")
         self._extra = tuple(tools)
         self.toolbox = Toolbox.of(self._extra)
         self.sandbox = Sandbox(self.workdir, limits or Limits(), enabled=sandbox)
@@ -187,6 +208,8 @@ class Agent:
                                   "context_window": context_window}  # what resume reconnects to
         self._local: LocalServer | None = None
         if server is None:
+            if on_loading is not None:
+                on_loading(model or "the default model")
             self._local = local_server(model, threads=threads, device=device, memory_dir=self.log.dir / "kv")
             server, model_id = self._local.url, model_id or self._local.model_id
         self.client = ChatClient(server, model_id, window=context_window)
@@ -300,8 +323,8 @@ class Agent:
             return f"The token limit ({o['max_tokens']} tokens) is reached"
         if st.seconds >= o["max_seconds"]:
             return f"The time limit ({o['max_seconds']:.0f} s) is reached"
-        if st.empty_streak >= 3:
-            return "Three replies in a row were empty"
+        if st.idle_streak >= 3:
+            return "Three replies in a row held no tool call (empty, or cut off at the token limit)"
         return None
 
     @staticmethod
@@ -380,12 +403,13 @@ class Agent:
         self._emit(run_id, st, "reply", {"content": reply.content, "tool_calls": calls, "finish_reason": reply.finish_reason,
                                          "usage": {"prompt": reply.usage.prompt, "cached": reply.usage.cached,
                                                    "completion": reply.usage.completion},
-                                         "seconds": round(reply.seconds, 4), **_memory_summary(reply.memory)}, on_event)  # fmt: skip
+                                         "seconds": round(reply.seconds, 4), **_memory_summary(reply.memory),
+                                         **({"truncated": reply.truncated} if reply.truncated else {})}, on_event)  # fmt: skip
         if calls:
             return
         text = reply.content.strip()
         if reply.finish_reason == "length":
-            self._emit(run_id, st, "note", {"content": "Your reply was cut off at the token limit. Make shorter tool calls: write big files in parts."}, on_event)
+            self._emit(run_id, st, "note", {"content": cut_note(reply, st.options["reply_tokens"])}, on_event)
         elif not text:
             self._emit(run_id, st, "note", {"content": "Your reply was empty. Call one of the tools, or finish with your answer."}, on_event)
         elif any(s in text for s in ('"name"', "<tool_call>", '"arguments"')):

@@ -18,7 +18,7 @@ agent_app = typer.Typer(
     no_args_is_help=True,
     help="An agent that plans, runs tools in a sandbox (bash, python, files, search) and keeps a durable run log.",
 )
-err = Console(stderr=True, highlight=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True)  # a progress line stays one line in a log file
 
 RunsDirOpt = Annotated[Path | None, typer.Option(help="Where the run log lives (default: ~/.cache/longkv/agent-runs).")]
 JsonOpt = Annotated[bool, typer.Option("--json", metavar="", help="Print one JSON object instead of text.")]
@@ -33,7 +33,9 @@ def _progress(quiet: bool) -> Any:
         d = ev.data
         if ev.kind == "reply":
             u = d["usage"]
-            calls = ", ".join(f"{c['name']}({c['arguments'][:60]})" for c in d["tool_calls"]) or repr(d["content"][:80])
+            cut = d.get("truncated")
+            calls = ", ".join(f"{c['name']}({c['arguments'][:60]})" for c in d["tool_calls"]) or (
+                f"{cut.get('name') or 'a tool call'} (cut off at the token limit)" if cut else repr(d["content"][:80]))
             err.print(f"[bold]step[/] {escape(calls)}  [dim]{u['prompt']} prompt ({u['cached']} cached), {u['completion']} decoded, {d['seconds']:.1f} s[/]")
         elif ev.kind == "tool_result":
             first = d["output"].strip().splitlines()[-1:] or [""]
@@ -59,9 +61,13 @@ def _finish(result: Any, as_json: bool) -> None:
         raise typer.Exit(1)
 
 
+def _loading(model: str) -> None:
+    err.print(f"[dim]loading {escape(model)} and serving it in this process (--server URL uses a running server) ...[/]")
+
+
 @agent_app.command()
 def run(
-    task: Annotated[str, typer.Argument(help="What to do, in words (or @FILE to read it from a file).")],
+    task: Annotated[str, typer.Argument(metavar="TASK", help="What to do, in words (or @FILE to read it from a file).")],
     workdir: Annotated[Path, typer.Option(help="The folder the tools work in.")] = Path("."),
     model: Annotated[str | None, typer.Option("--model", "-m", help="A .gguf file, HF folder or hub id, served in this process (default: SmolLM2-135M-Instruct; a coder model such as Qwen2.5-Coder-1.5B does far better).")] = None,
     server: Annotated[str | None, typer.Option(help="Use an OpenAI-compatible server instead, e.g. http://127.0.0.1:8000/v1 (longkv serve, vLLM, llama.cpp).")] = None,
@@ -77,7 +83,7 @@ def run(
     threads: Annotated[int | None, typer.Option(help="CPU threads of the in-process model.")] = None,
     device: Annotated[str, typer.Option(help="Device of the in-process model: cpu, cuda or cuda:N.")] = "cpu",
     kv_memory: Annotated[bool | None, typer.Option("--kv-memory/--no-kv-memory", help="Keep the run's context as KV memory on the server: tool results compressed once read, dropped turns cut out of the KV without a new prefill (docs/memory.md). Default: on in process and with a longkv server.")] = None,
-    recall: Annotated[bool | None, typer.Option("--recall/--no-recall", help="Number the tool results ([result N]) and offer the recall tool, which shows one again word for word after its KV was compressed or its turn left the context. Default: on with KV memory.")] = None,
+    recall: Annotated[bool | None, typer.Option("--recall/--no-recall", help="Number the tool results (\\[result N]) and offer the recall tool, which shows old ones again word for word after its KV was compressed or its turn left the context. Default: on with KV memory.")] = None,
     runs_dir: RunsDirOpt = None,
     as_json: JsonOpt = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", metavar="", help="No progress on stderr.")] = False,
@@ -104,12 +110,10 @@ def run(
         raise LongKVError("--model and --server both given: --model runs a model in this process, --server uses a running one; pick one")
     if not task.strip():
         raise LongKVError("the task is empty: say what the agent should do")
-    if server is None and not quiet:
-        err.print(f"[dim]loading {model or 'the default model'} and serving it in this process (--server URL uses a running server) ...[/]")
     agent = Agent(model=model, server=server, model_id=model_id, workdir=workdir, max_steps=max_steps, max_tokens=max_tokens,
                   max_seconds=max_seconds, sandbox=not no_sandbox, runs_dir=runs_dir, context_window=context_window,
                   reply_tokens=reply_tokens, observation_chars=observation_chars, temperature=temperature, threads=threads,
-                  device=device, kv_memory=kv_memory, recall=recall)  # fmt: skip
+                  device=device, kv_memory=kv_memory, recall=recall, on_loading=None if quiet else _loading)  # fmt: skip
     with agent:
         result = agent.run(task, on_event=_progress(quiet))
     _finish(result, as_json)
@@ -117,7 +121,7 @@ def run(
 
 @agent_app.command()
 def resume(
-    run_id: Annotated[str, typer.Argument(metavar="RUN", help="The run's id (or a unique prefix of it).")],
+    run_id: Annotated[str, typer.Argument(metavar="RUN", help="The run's id (or a unique start or end of it, e.g. its last 4 characters).")],
     message: Annotated[str | None, typer.Option(help="A message from you, added before it goes on (also to a run that has ended).")] = None,
     model: Annotated[str | None, typer.Option("--model", "-m", help="Serve this model here instead of the run's own source.")] = None,
     server: Annotated[str | None, typer.Option(help="Use this server instead of the run's own source.")] = None,
@@ -156,7 +160,8 @@ def resume(
                   max_steps=o["max_steps"], max_tokens=o["max_tokens"], max_seconds=o["max_seconds"], sandbox=o["sandbox"],
                   runs_dir=runs_dir, context_window=src.get("context_window"), reply_tokens=o["reply_tokens"],
                   observation_chars=o["observation_chars"], temperature=o["temperature"], threads=threads,
-                  kv_memory=o.get("kv_memory") if model is None and server is None else None)  # fmt: skip
+                  kv_memory=o.get("kv_memory") if model is None and server is None else None,
+                  on_loading=None if quiet else _loading)  # fmt: skip
     if not quiet:
         err.print(f"[dim]resuming run {info.id} ({info.status}) in {info.workdir}[/]")
     with agent:
@@ -166,7 +171,7 @@ def resume(
 
 @agent_app.command()
 def show(
-    run_id: Annotated[str | None, typer.Argument(metavar="[RUN]", help="The run (default: list the latest runs).")] = None,
+    run_id: Annotated[str | None, typer.Argument(metavar="RUN", help="The run (default: list the latest runs).")] = None,
     step: Annotated[int | None, typer.Option(help="Print one step whole: the model's text, each call and its full output.")] = None,
     runs_dir: RunsDirOpt = None,
     as_json: JsonOpt = False,

@@ -43,7 +43,8 @@ class Usage:
 @dataclass(frozen=True)
 class Reply:
     """The model's answer to one request; ``memory``: what a longkv KV memory session reported (``kv_tokens``,
-    ``logical_tokens``, ``edits``, ...; docs/memory.md), else None."""
+    ``logical_tokens``, ``edits``, ...; docs/memory.md), else None; ``truncated``: the tool call a longkv server
+    saw cut off by ``max_tokens`` (its ``name``, None when the cut came before it, and its raw ``text``)."""
 
     content: str
     tool_calls: tuple[ToolCall, ...]
@@ -51,6 +52,7 @@ class Reply:
     usage: Usage
     seconds: float
     memory: dict[str, Any] | None = None
+    truncated: dict[str, Any] | None = None  # a longkv server's call cut off at max_tokens: {"name", "text"}
 
 
 class ModelError(Exception):
@@ -157,9 +159,11 @@ class ChatClient:
             u = data.get("usage") or {}
             cached = int(((u.get("prompt_tokens_details") or {}).get("cached_tokens")) or 0)
             usage = Usage(int(u.get("prompt_tokens") or 0), cached, int(u.get("completion_tokens") or 0))
-            memory = (data.get("longkv") or {}).get("memory")
+            ext = data.get("longkv") or {}
+            memory, cut = ext.get("memory"), ext.get("truncated_tool_call")
+            truncated = {"name": cut.get("name"), "text": str(cut.get("text") or "")} if isinstance(cut, dict) else None
             return Reply(str(msg.get("content") or ""), calls, str(choice.get("finish_reason") or ""), usage, seconds,
-                         memory if isinstance(memory, dict) else None)  # fmt: skip
+                         memory if isinstance(memory, dict) else None, truncated)  # fmt: skip
         except (KeyError, IndexError, TypeError) as exc:
             raise ModelError(f"{self.base_url} answered with no chat completion ({type(exc).__name__}: {exc}): {str(data)[:300]}") from None
 

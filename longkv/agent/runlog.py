@@ -123,9 +123,12 @@ class RunLog:
         """The run's row; a ``running`` run whose lock is free shows as ``interrupted``.
 
         Raises:
-            LongKVError: no run with that id (or prefix) in this folder.
+            LongKVError: no run with that id, or with that start or end of an id (e.g. its last 4 characters),
+                in this folder; or more than one.
         """
-        rows = self.db.execute("SELECT * FROM runs WHERE id = ? OR id LIKE ? ORDER BY created", (run_id, run_id + "%")).fetchall()
+        like = run_id.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        rows = self.db.execute("SELECT * FROM runs WHERE id = ? OR id LIKE ? ESCAPE '\\' OR id LIKE ? ESCAPE '\\' ORDER BY created",
+                               (run_id, like + "%", "%" + like)).fetchall()  # fmt: skip
         exact = [r for r in rows if r[0] == run_id]
         rows = exact or rows
         if not rows:

@@ -23,6 +23,8 @@ def steps(events: list[Event]) -> list[dict[str, Any]]:
             row = {"step": len([r for r in rows if "step" in r]) + 1, "prompt": u["prompt"], "cached": u["cached"],
                    "new": u["prompt"] - u["cached"], "decode": u["completion"], "model_s": d["seconds"], "tool_s": 0.0,
                    "calls": [], "text": d["content"]}  # fmt: skip
+            if d.get("truncated"):  # a call cut off at the token limit: what the model wrote of it
+                row["truncated"] = d["truncated"]
             if d.get("memory"):  # a KV memory session: its KV after the call and what the server did to it
                 row["kv"], row["edits"] = d["memory"]["kv_tokens"], d["memory"]["edits"]
             for c in d["tool_calls"]:
@@ -106,6 +108,11 @@ def render(log: RunLog, run_id: str | None, as_json: bool, step: int | None, con
             return
         if r["text"]:
             console.print(f"[bold]model text[/]\n{escape(r['text'])}")
+        if r.get("truncated"):
+            cut = r["truncated"]
+            console.print(f"[bold]{escape(cut.get('name') or 'a tool call')}, cut off at the token limit[/]\n{escape(cut['text'])}", soft_wrap=True)
+        if not r["text"] and not r["calls"] and not r.get("truncated"):
+            console.print(f"[dim]no text and no tool call ({r['decode']} tokens decoded)[/]")
         for c in r["calls"]:
             console.print(f"[bold]{escape(c['name'])}[/] {escape(c['arguments'])} -> {c['status']}")
             console.print(escape(c.get("output", "")), soft_wrap=True)
@@ -121,7 +128,8 @@ def render(log: RunLog, run_id: str | None, as_json: bool, step: int | None, con
         if "note" in r:
             t.add_row(*[""] * (len(cols) - 1), f"[dim]{escape(r['note'][:100])}[/]")
             continue
-        calls = ", ".join(f"{c['name']} ({c['status']})" for c in r["calls"]) or escape(r["text"][:60].replace("\n", " "))
+        cut = f"{(r['truncated'].get('name') or 'call')} (cut off)" if r.get("truncated") else ""
+        calls = ", ".join(f"{c['name']} ({c['status']})" for c in r["calls"]) or escape(r["text"][:60].replace("\n", " ") or cut)
         kv = [str(r.get("kv", "")), ", ".join(f"{k} {n}" for k, n in (r.get("edits") or {}).items())] if memory else []
         t.add_row(str(r["step"]), str(r["prompt"]), str(r["cached"]), str(r["new"]), str(r["decode"]), f"{r['model_s']:.2f}",
                   f"{r['tool_s']:.2f}", *kv, calls)  # fmt: skip

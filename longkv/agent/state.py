@@ -64,7 +64,7 @@ class RunState:
     cached_tokens: int = 0
     completion_tokens: int = 0
     seconds: float = 0.0
-    empty_streak: int = 0
+    idle_streak: int = 0  # replies in a row with no call and no answer (empty, or cut off at the token limit)
     history: list[tuple[str, str, bool]] = field(default_factory=list)  # (call signature, result hash, is error)
     hot: int = 0  # requests left at the raised temperature after a loop
     replan: bool = False  # the next request must call plan
@@ -124,7 +124,8 @@ class RunState:
                 msg["tool_calls"] = [{"id": c["id"], "type": "function", "function": {"name": c["name"], "arguments": c["arguments"]}} for c in calls]
             self.turns.append(Turn(self.steps, [msg], calls=list(calls)))
             self.pending = [Pending(c["id"], c["name"], c["arguments"]) for c in calls]
-            self.empty_streak = self.empty_streak + 1 if not calls and not d["content"].strip() else 0
+            idle = not calls and (not d["content"].strip() or d.get("finish_reason") == "length")
+            self.idle_streak = self.idle_streak + 1 if idle else 0
         elif k == "tool_start":
             for p in self.pending:
                 if p.id == d["id"]:

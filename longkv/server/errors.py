@@ -66,8 +66,8 @@ def install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
             text = f"the request body must be one JSON object (got {kind}): send it with Content-Type: application/json"
             return counted(request, error_response(400, text, "invalid_request_error", None, "invalid_json"))
 
-        def field(e: Any) -> str:
-            return ".".join(str(p) for p in e.get("loc", ()) if p != "body")
+        def field(e: Any) -> str:  # a tagged union's tag (in <>) is not a field
+            return ".".join(str(p) for p in e.get("loc", ()) if p != "body" and not str(p).startswith("<"))
 
         def line(e: Any) -> str:
             msg = str(e.get("msg", "invalid request"))

@@ -12,9 +12,9 @@ with ``extra_body={"longkv": {...}}``.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 
 INT_MAX = 2**31 - 1
 
@@ -182,6 +182,27 @@ class AllowedToolsChoice(BaseModel):
     allowed_tools: AllowedTools
 
 
+def _tool_choice_kind(value: Any) -> str | None:
+    """Which form of ``tool_choice`` a value is meant to be, so that a bad one is judged against that form alone."""
+    if isinstance(value, str):
+        return "<mode>"
+    if isinstance(value, AllowedToolsChoice) or (isinstance(value, dict) and value.get("type") == "allowed_tools"):
+        return "<allowed_tools>"
+    if isinstance(value, (dict, NamedToolChoice)):
+        return "<function>"
+    return None
+
+
+# a tagged union: an error names the one form the value was meant as (its tag, in <>, is left out of the field name)
+ToolChoice = Annotated[
+    Annotated[Literal["none", "auto", "required"], Tag("<mode>")]
+    | Annotated[NamedToolChoice, Tag("<function>")]
+    | Annotated[AllowedToolsChoice, Tag("<allowed_tools>")],
+    Discriminator(_tool_choice_kind, custom_error_type="tool_choice",
+                  custom_error_message="Input should be 'none', 'auto', 'required', a function object or an allowed_tools object"),
+]  # fmt: skip
+
+
 class JsonSchemaFormat(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore", populate_by_name=True)
 
@@ -204,7 +225,7 @@ class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1, description="The conversation so far (at least one message).")
     max_completion_tokens: int | None = Field(None, ge=1, le=INT_MAX, description="Same as max_tokens.")
     tools: list[ToolDef] | None = Field(None, max_length=128, description="Functions the model may call.")
-    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | AllowedToolsChoice | None = Field(
+    tool_choice: ToolChoice | None = Field(
         None,
         description="none, auto (default with tools), required, {'type': 'function', 'function': {'name': ...}}, or "
         "{'type': 'allowed_tools', 'allowed_tools': {'mode': 'auto'|'required', 'tools': [{'type': 'function', 'function': "
