@@ -531,9 +531,10 @@ def test_cli_run_show_and_resume(work: Path, tmp_path: Path) -> None:
     assert "no runs yet" in _cli(["show", "--runs-dir", str(tmp_path / "empty")], tmp_path).stdout
     table = _cli(["show", out["run"][:12]], tmp_path)
     assert table.returncode == 0 and "write_file (ok)" in table.stdout and "2 steps" in table.stdout
-    again = _cli(["resume", out["run"], "--json"], tmp_path)  # ended, no message: nothing to do
-    assert json.loads(again.stdout)["answer"] == "7" and len(server.requests) == 2
     server.close()
+    again = _cli(["resume", out["run"][-4:], "--json"], tmp_path)  # ended, no message: no server or model needed
+    assert again.returncode == 0 and json.loads(again.stdout)["answer"] == "7" and len(server.requests) == 2
+    assert f"run {out['run']} has ended (finished): pass --message to go on with it" in again.stderr
 
 
 @pytest.mark.parametrize(
@@ -544,6 +545,7 @@ def test_cli_run_show_and_resume(work: Path, tmp_path: Path) -> None:
         (["run", "x", "--server", "URL", "--workdir", "missing"], "is not a folder: create it"),
         (["run", "x", "--server", "URL", "--model", "m.gguf"], "--model and --server both given"),
         (["run", "@nofile.md", "--server", "URL"], "cannot read the task file 'nofile.md'"),
+        (["run", "x", "--model", "missing.gguf", "--temperature", "-1"], "temperature must be 0 to 2, got -1.0"),  # before loading
         (["resume", "nope"], "no run 'nope'"),
         (["show", "nope"], "no run 'nope'"),
     ],

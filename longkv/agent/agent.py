@@ -64,6 +64,12 @@ class RunResult:
     seconds: float
     stop_reason: str
 
+    @classmethod
+    def of(cls, run_id: str, st: RunState) -> RunResult:
+        """Where the run ``run_id`` stands, from its replayed state."""
+        return cls(run_id, st.status, st.answer or "", st.steps, st.prompt_tokens, st.cached_tokens, st.completion_tokens,
+                   round(st.seconds, 3), st.reason or "")  # fmt: skip
+
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -271,7 +277,7 @@ class Agent:
                 raise LongKVError(f"run {info.id} has taken {st.steps} steps: give --max-steps above that to let it go on")
             more_steps = max_steps is not None and st.reason is not None and st.reason.startswith("The step limit")
             if st.status != "running" and not message and not more_steps:
-                return self._result(info.id, st)  # it has ended: nothing to do without a new message or more steps
+                return RunResult.of(info.id, st)  # it has ended: nothing to do without a new message or more steps
             self.toolbox = Toolbox.of(self._extra, with_recall=bool(st.options.get("recall")))
             self._emit(info.id, st, "resume", {"message": message, "max_steps": max_steps}, on_event)
             return self._loop(info.id, st, on_event)
@@ -283,10 +289,6 @@ class Agent:
         st.apply(ev)
         if on_event is not None:
             on_event(ev)
-
-    def _result(self, run_id: str, st: RunState) -> RunResult:
-        return RunResult(run_id, st.status, st.answer or "", st.steps, st.prompt_tokens, st.cached_tokens, st.completion_tokens,
-                         round(st.seconds, 3), st.reason or "")  # fmt: skip
 
     def _loop(self, run_id: str, st: RunState, on_event: Callable[[Event], None] | None) -> RunResult:
         while st.status == "running":
@@ -313,7 +315,7 @@ class Agent:
                 self._emit(run_id, st, "end", {"status": "failed", "answer": "", "reason": str(exc)}, on_event)
                 break
             self._after_reply(run_id, st, reply, on_event)
-        return self._result(run_id, st)
+        return RunResult.of(run_id, st)
 
     def _cap(self, st: RunState) -> str | None:
         o = st.options

@@ -141,17 +141,27 @@ def resume(
 
       longkv agent resume 20261204-153000-ab12 --max-steps 80     # it stopped at its 40-step cap: go on
     """
-    from longkv.agent.agent import Agent, default_runs_dir
+    from longkv.agent.agent import Agent, RunResult, default_runs_dir
     from longkv.agent.runlog import RunLog
+    from longkv.agent.state import RunState
 
     log = RunLog(runs_dir or default_runs_dir())
     try:
         info = log.info(run_id)
-        start = next((e.data for e in log.events(info.id) if e.kind == "start"), None)
+        events = log.events(info.id)
     finally:
         log.close()
+    start = next((e.data for e in events if e.kind == "start"), None)
     if start is None:
         raise LongKVError(f"run {info.id} has no start event: it cannot be resumed")
+    st = RunState.replay(events)
+    capped = st.reason is not None and st.reason.startswith("The step limit")
+    if st.status != "running" and not message and not (max_steps is not None and capped):  # ended: nothing to load a model for
+        if not quiet:
+            more = f", or --max-steps above {st.steps}" if capped else ""
+            err.print(f"[dim]run {info.id} has ended ({st.status}): pass --message to go on with it{more}[/]")
+        _finish(RunResult.of(info.id, st), as_json)
+        return
     o = start["options"]
     src = o.get("source", {})
     if model is None and server is None:
