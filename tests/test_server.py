@@ -536,7 +536,7 @@ def test_serve_without_its_extra_is_a_one_line_error(monkeypatch: pytest.MonkeyP
     from longkv.errors import LongKVError
 
     monkeypatch.setitem(sys.modules, "longkv.server.app", None)  # as if fastapi were not installed
-    result = CliRunner().invoke(app, ["serve", "--port", "0"])
+    result = CliRunner().invoke(app, ["serve", "--port", "8123"])
     assert isinstance(result.exception, LongKVError)
     assert "pip install 'longkv[serve]'" in str(result.exception)
 
