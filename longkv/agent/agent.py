@@ -204,7 +204,7 @@ class Agent:
         if max_seconds <= 0:
             raise LongKVError(f"max_seconds must be above 0, got {max_seconds}")
         self._extra = tuple(tools)
-        self.toolbox = Toolbox.of(self._extra)
+        self.toolbox = Toolbox.of(self._extra)  # a bad tool fails here, before a model loads (recall is added below)
         self.sandbox = Sandbox(self.workdir, limits or Limits(), enabled=sandbox)
         self.ctx = ToolContext(self.workdir, self.sandbox)
         self.log = RunLog(Path(runs_dir) if runs_dir else default_runs_dir())
@@ -275,8 +275,7 @@ class Agent:
                 raise LongKVError(f"run {info.id} works in {info.workdir}, not {self.workdir}: pass --workdir {info.workdir}")
             if max_steps is not None and max_steps <= st.steps:
                 raise LongKVError(f"run {info.id} has taken {st.steps} steps: give --max-steps above that to let it go on")
-            more_steps = max_steps is not None and st.reason is not None and st.reason.startswith("The step limit")
-            if st.status != "running" and not message and not more_steps:
+            if not st.goes_on(message, max_steps):
                 return RunResult.of(info.id, st)  # it has ended: nothing to do without a new message or more steps
             self.toolbox = Toolbox.of(self._extra, with_recall=bool(st.options.get("recall")))
             self._emit(info.id, st, "resume", {"message": message, "max_steps": max_steps}, on_event)

@@ -155,10 +155,9 @@ def resume(
     if start is None:
         raise LongKVError(f"run {info.id} has no start event: it cannot be resumed")
     st = RunState.replay(events)
-    capped = st.reason is not None and st.reason.startswith("The step limit")
-    if st.status != "running" and not message and not (max_steps is not None and capped):  # ended: nothing to load a model for
+    if not st.goes_on(message, max_steps):  # ended: nothing to load a model for
         if not quiet:
-            more = f", or --max-steps above {st.steps}" if capped else ""
+            more = f", or --max-steps above {st.steps}" if st.goes_on(None, st.steps + 1) else ""
             err.print(f"[dim]run {info.id} has ended ({st.status}): pass --message to go on with it{more}[/]")
         _finish(RunResult.of(info.id, st), as_json)
         return

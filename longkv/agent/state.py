@@ -79,6 +79,12 @@ class RunState:
     last_choice: Any = None  # tool_choice of the last request
     results: list[tuple[str, str]] = field(default_factory=list)  # (call signature, text in the context) per tool result ([result n] is n - 1)
 
+    def goes_on(self, message: str | None, max_steps: int | None) -> bool:
+        """Whether a resume has anything to do: the run has not ended, or a message is given, or a new step cap
+        after the run stopped at its cap."""
+        capped = self.reason is not None and self.reason.startswith("The step limit")
+        return self.status == "running" or bool(message) or (max_steps is not None and capped)
+
     @classmethod
     def replay(cls, events: list[Event]) -> RunState:
         st = cls()

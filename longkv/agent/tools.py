@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
+from longkv.agent.state import result_header
 from longkv.errors import LongKVError
 
 
@@ -397,11 +398,13 @@ def recall(ctx: ToolContext, query: str) -> str:
     used = 0
     for i in ranked:  # the best first, then as many more as fit the room one result has in the context
         size = len(ctx.results[i - 1][1]) + 16
-        if picked and (used + size > ctx.limit or len(picked) == RECALL_MOST):
+        if picked and used + size > ctx.limit:
             continue
         picked.append(i)
         used += size
-    return "\n\n".join(f"[result {i}]\n{ctx.results[i - 1][1]}" for i in picked)
+        if len(picked) == RECALL_MOST:
+            break
+    return "\n\n".join(f"{result_header(i)}{ctx.results[i - 1][1]}" for i in picked)
 
 
 BUILTIN: tuple[Tool, ...] = (bash, python, read_file, write_file, edit_file, search, plan, finish)

@@ -424,11 +424,11 @@ class KVMemory:
                     f"the session cannot fit {limit} tokens: its pinned spans (system prompt, task) hold {pinned}: "
                     "shorten them, or give the session more room (a lower max_tokens, a model with a larger window)"
                 )
-            dense = [s for s in old if not s.compressed and s.kept > 32] if keep is not None else []
-            long = [s for s in old if s.kept > HEAD + EDGE] if keep is not None else []
-            if dense:  # every old span is compressed once, then stubbed, before any is dropped
-                actions.append({"compress": dense[0].id, "tokens": self.compress(dense[0].id, keep)})  # type: ignore[arg-type]
-            elif long:
+            dense = [s for s in old if not s.compressed and s.kept > 32]
+            long = [s for s in old if s.kept > HEAD + EDGE]
+            if keep is not None and dense:  # every old span is compressed once, then stubbed, before any is dropped
+                actions.append({"compress": dense[0].id, "tokens": self.compress(dense[0].id, keep)})
+            elif keep is not None and long:
                 actions.append({"stub": long[0].id, "tokens": self.stub(long[0].id)})
             else:
                 actions.append({"drop": [old[0].id], "tokens": self.drop([old[0].id])})
