@@ -372,9 +372,9 @@ void longkv_rope(const void *src, int64_t row_stride, void *out, int T, int nh, 
  * the block's step and minimum as float16, 20 bytes in all (the layout of GGUF's Q4_1): a weight is
  * code * step + min. Each block's dot product with x is computed in integers: x is coded to 8 bits per
  * block of 32 (scale = max |x| / 127, as llama.cpp does for its 4-bit matrix products) and multiplied
- * by the centred weight codes (code - 8, as signed bytes: AVX2 maddubs); the rest of each weight,
- * zero = min + 8 * step, multiplies the sum of the coded x. The result is exactly the product of the
- * coded x with the weights. Rows of W are split among the OpenMP threads.
+ * by the weight codes (unsigned bytes against signed ones: AVX2 maddubs); the minimum multiplies the
+ * sum of the coded x. The result is exactly the product of the coded x with the weights. Rows of W
+ * are split among the OpenMP threads.
  */
 #define Q4_BLOCK 32
 #define Q4_BYTES 20
@@ -403,37 +403,70 @@ static inline float half_to_float(const uint8_t *p) {
 #endif
 }
 
-/* One pass: rows [m0, m0 + mr) of x (coded: xq, xs scales, xsum sums per block) against W rows [n0, n1). */
-static void q4_rows(const uint8_t *w, int K, const int8_t *xq, const float *xs, const float *xsum, int m0, int mr,
-                    int64_t n0, int64_t n1, int64_t N, int y_bf16, void *y) {
+/* The passes below take the row count mr as a constant: each is inlined into a switch over mr = 1..MAX_ROWS
+ * (ROWS_SWITCH), so the per-row accumulators are unrolled into registers. A pass reads each block of W
+ * once and uses it for all mr rows; two blocks per iteration, into separate accumulators while mr is
+ * small, so the floating-point chains do not wait on each other. */
+#define ALWAYS_INLINE static inline __attribute__((always_inline))
+#define Q8_BYTES 34 /* 32 signed 8-bit codes, then the block's scale as float16 (GGUF's Q8_0) */
+
+#ifdef LONGKV_AVX2
+/* One 4-bit block of W against mr rows of coded x (x block xb0 + r * nblk for row r): acc[r] += the block's
+ * integer dot product times step * xs; zs[r] += min * xsum. */
+ALWAYS_INLINE void q4_block(const uint8_t *blk, const int8_t *xq, const float *xs, const float *xsum, int64_t xb0,
+                            int nblk, const int mr, __m256 *acc, float *zs) {
+    const __m128i raw = _mm_loadu_si128((const __m128i *)blk);
+    const __m128i m4 = _mm_set1_epi8(0x0F);
+    const __m256i codes = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(raw, 4), m4), _mm_and_si128(raw, m4));
+    const float step = half_to_float(blk + 16), mn = half_to_float(blk + 18);
+    for (int r = 0; r < mr; r++) {
+        const int64_t xb = xb0 + (int64_t)r * nblk;
+        const __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + xb * Q4_BLOCK));
+        const __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(codes, xv), _mm256_set1_epi16(1));
+        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(step * xs[xb]), acc[r]);
+        zs[r] += mn * xsum[xb];
+    }
+}
+
+/* One 8-bit block of W against mr rows: both operands signed, so maddubs gets |x| and the code with x's sign. */
+ALWAYS_INLINE void q8_block(const uint8_t *blk, const int8_t *xq, const float *xs, int64_t xb0, int nblk, const int mr,
+                            __m256 *acc) {
+    const __m256i codes = _mm256_loadu_si256((const __m256i *)blk);
+    const float scale = half_to_float(blk + 32);
+    for (int r = 0; r < mr; r++) {
+        const int64_t xb = xb0 + (int64_t)r * nblk;
+        const __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + xb * Q4_BLOCK));
+        const __m256i prod = _mm256_maddubs_epi16(_mm256_sign_epi8(xv, xv), _mm256_sign_epi8(codes, xv));
+        const __m256i dot = _mm256_madd_epi16(prod, _mm256_set1_epi16(1));
+        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(scale * xs[xb]), acc[r]);
+    }
+}
+#endif
+
+/* One pass of 4-bit W: rows [m0, m0 + mr) of x (coded: xq, xs scales, xsum coded sums per block) against W
+ * rows [n0, n1). A weight is code * step + min with code in [0, 15], so a block's product is
+ * step * xs * sum(code * xq) + min * xsum: maddubs takes the codes as its unsigned operand. */
+ALWAYS_INLINE void q4_rows(const uint8_t *w, int K, const int8_t *xq, const float *xs, const float *xsum, int m0,
+                           const int mr, int64_t n0, int64_t n1, int64_t N, int y_bf16, void *y) {
     const int nblk = K / Q4_BLOCK;
     for (int64_t n = n0; n < n1; n++) {
         const uint8_t *row = w + n * (int64_t)nblk * Q4_BYTES;
         float tot[MAX_ROWS];
 #ifdef LONGKV_AVX2
-        /* two accumulators per row (even and odd blocks): independent FMA chains */
-        __m256 acc[MAX_ROWS][2];
-        for (int r = 0; r < mr; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
-        float zsum[MAX_ROWS] = {0};
-        const __m128i m4 = _mm_set1_epi8(0x0F), eight = _mm_set1_epi8(8);
-        const __m256i ones = _mm256_set1_epi16(1);
-        for (int b = 0; b < nblk; b++) {
-            const uint8_t *blk = row + (int64_t)b * Q4_BYTES;
-            const __m128i raw = _mm_loadu_si128((const __m128i *)blk);
-            const __m256i codes = _mm256_set_m128i(_mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(raw, 4), m4), eight),
-                                                   _mm_sub_epi8(_mm_and_si128(raw, m4), eight));
-            const float step = half_to_float(blk + 16), mn = half_to_float(blk + 18);
-            for (int r = 0; r < mr; r++) {
-                const int64_t xb = (int64_t)(m0 + r) * nblk + b;
-                const __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + xb * Q4_BLOCK));
-                /* signed by signed bytes as maddubs takes them: |x| times the code with x's sign */
-                const __m256i prod = _mm256_maddubs_epi16(_mm256_sign_epi8(xv, xv), _mm256_sign_epi8(codes, xv));
-                const __m256i dot = _mm256_madd_epi16(prod, ones);
-                acc[r][b & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(step * xs[xb]), acc[r][b & 1]);
-                zsum[r] += (mn + 8.0f * step) * xsum[xb];
-            }
+        __m256 acc0[MAX_ROWS], acc1[MAX_ROWS];
+        float zs0[MAX_ROWS], zs1[MAX_ROWS];
+        for (int r = 0; r < mr; r++) {
+            acc0[r] = acc1[r] = _mm256_setzero_ps();
+            zs0[r] = zs1[r] = 0.0f;
         }
-        for (int r = 0; r < mr; r++) tot[r] = hsum8(_mm256_add_ps(acc[r][0], acc[r][1])) + zsum[r];
+        int b = 0;
+        for (; b + 1 < nblk; b += 2) { /* two blocks: with few rows, into separate accumulators */
+            q4_block(row + (int64_t)b * Q4_BYTES, xq, xs, xsum, (int64_t)m0 * nblk + b, nblk, mr, acc0, zs0);
+            q4_block(row + (int64_t)(b + 1) * Q4_BYTES, xq, xs, xsum, (int64_t)m0 * nblk + b + 1, nblk, mr,
+                     mr < 4 ? acc1 : acc0, mr < 4 ? zs1 : zs0);
+        }
+        if (b < nblk) q4_block(row + (int64_t)b * Q4_BYTES, xq, xs, xsum, (int64_t)m0 * nblk + b, nblk, mr, acc0, zs0);
+        for (int r = 0; r < mr; r++) tot[r] = hsum8(_mm256_add_ps(acc0[r], acc1[r])) + zs0[r] + zs1[r];
 #else
         for (int r = 0; r < mr; r++) tot[r] = 0.0f;
         for (int b = 0; b < nblk; b++) {
@@ -452,32 +485,24 @@ static void q4_rows(const uint8_t *w, int K, const int8_t *xq, const float *xs, 
     }
 }
 
-#define Q8_BYTES 34 /* 32 signed 8-bit codes, then the block's scale as float16 (GGUF's Q8_0) */
-
 /* As q4_rows, for W in 8-bit blocks: a weight is code * scale. */
-static void q8_rows(const uint8_t *w, int K, const int8_t *xq, const float *xs, int m0, int mr, int64_t n0, int64_t n1,
-                    int64_t N, int y_bf16, void *y) {
+ALWAYS_INLINE void q8_rows(const uint8_t *w, int K, const int8_t *xq, const float *xs, const float *xsum, int m0,
+                           const int mr, int64_t n0, int64_t n1, int64_t N, int y_bf16, void *y) {
+    (void)xsum;
     const int nblk = K / Q4_BLOCK;
     for (int64_t n = n0; n < n1; n++) {
         const uint8_t *row = w + n * (int64_t)nblk * Q8_BYTES;
         float tot[MAX_ROWS];
 #ifdef LONGKV_AVX2
-        __m256 acc[MAX_ROWS][2];
-        for (int r = 0; r < mr; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
-        const __m256i ones = _mm256_set1_epi16(1);
-        for (int b = 0; b < nblk; b++) {
-            const uint8_t *blk = row + (int64_t)b * Q8_BYTES;
-            const __m256i codes = _mm256_loadu_si256((const __m256i *)blk);
-            const float scale = half_to_float(blk + 32);
-            for (int r = 0; r < mr; r++) {
-                const int64_t xb = (int64_t)(m0 + r) * nblk + b;
-                const __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + xb * Q4_BLOCK));
-                const __m256i prod = _mm256_maddubs_epi16(_mm256_sign_epi8(xv, xv), _mm256_sign_epi8(codes, xv));
-                const __m256i dot = _mm256_madd_epi16(prod, ones);
-                acc[r][b & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(scale * xs[xb]), acc[r][b & 1]);
-            }
+        __m256 acc0[MAX_ROWS], acc1[MAX_ROWS];
+        for (int r = 0; r < mr; r++) acc0[r] = acc1[r] = _mm256_setzero_ps();
+        int b = 0;
+        for (; b + 1 < nblk; b += 2) {
+            q8_block(row + (int64_t)b * Q8_BYTES, xq, xs, (int64_t)m0 * nblk + b, nblk, mr, acc0);
+            q8_block(row + (int64_t)(b + 1) * Q8_BYTES, xq, xs, (int64_t)m0 * nblk + b + 1, nblk, mr, mr < 4 ? acc1 : acc0);
         }
-        for (int r = 0; r < mr; r++) tot[r] = hsum8(_mm256_add_ps(acc[r][0], acc[r][1]));
+        if (b < nblk) q8_block(row + (int64_t)b * Q8_BYTES, xq, xs, (int64_t)m0 * nblk + b, nblk, mr, acc0);
+        for (int r = 0; r < mr; r++) tot[r] = hsum8(_mm256_add_ps(acc0[r], acc1[r]));
 #else
         for (int r = 0; r < mr; r++) tot[r] = 0.0f;
         for (int b = 0; b < nblk; b++) {
@@ -494,6 +519,26 @@ static void q8_rows(const uint8_t *w, int K, const int8_t *xq, const float *xs, 
 #endif
         for (int r = 0; r < mr; r++) store_row(y, (int64_t)(m0 + r) * N + n, y_bf16, 1, &tot[r], 1.0f);
     }
+}
+
+/* fn(..., mr, ...) with mr a constant 1..MAX_ROWS (MAX_ROWS is 8). */
+#define ROWS_CASE(fn, R) \
+    case R: fn(w, K, xq, xs, xsum, m0, R, n0, n1, N, y_bf16, y); break;
+#define ROWS_SWITCH(fn)                                                                                              \
+    switch (mr) {                                                                                                    \
+        ROWS_CASE(fn, 1) ROWS_CASE(fn, 2) ROWS_CASE(fn, 3) ROWS_CASE(fn, 4) ROWS_CASE(fn, 5) ROWS_CASE(fn, 6)       \
+        ROWS_CASE(fn, 7) ROWS_CASE(fn, 8)                                                                            \
+        default: break;                                                                                              \
+    }
+
+static void q4_pass(const uint8_t *w, int K, const int8_t *xq, const float *xs, const float *xsum, int m0, int mr,
+                    int64_t n0, int64_t n1, int64_t N, int y_bf16, void *y) {
+    ROWS_SWITCH(q4_rows)
+}
+
+static void q8_pass(const uint8_t *w, int K, const int8_t *xq, const float *xs, const float *xsum, int m0, int mr,
+                    int64_t n0, int64_t n1, int64_t N, int y_bf16, void *y) {
+    ROWS_SWITCH(q8_rows)
 }
 
 /* y (M, N) = x (M, K) W^T for W (N, K) in 4-bit (bits = 4) or 8-bit (bits = 8) blocks (see above); x and
@@ -538,9 +583,9 @@ int longkv_block_linear(int bits, const uint8_t *w, int64_t N, int K, const void
         for (int m0 = 0; m0 < M; m0 += MAX_ROWS) {
             const int mr = M - m0 < MAX_ROWS ? M - m0 : MAX_ROWS;
             if (bits == 4)
-                q4_rows(w, K, xq, xs, xsum, m0, mr, n0, n1, N, y_bf16, y);
+                q4_pass(w, K, xq, xs, xsum, m0, mr, n0, n1, N, y_bf16, y);
             else
-                q8_rows(w, K, xq, xs, m0, mr, n0, n1, N, y_bf16, y);
+                q8_pass(w, K, xq, xs, xsum, m0, mr, n0, n1, N, y_bf16, y);
         }
     }
     free(xq);
