@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
 import shutil
+import subprocess
 
 import pytest
 import torch
@@ -216,8 +218,8 @@ def test_block_linear_is_the_exact_product_of_the_coded_x(dtype: torch.dtype, ro
     codes, step, lo = quantize_int4(w, 32)
     w4 = dequantize_int4(codes, step.half().float(), lo.half().float(), 32)  # step and minimum stored as float16
     p8 = kernels.pack_q8(w)
-    scale8 = p8.reshape(n, k // 32, 34)[..., 32:].contiguous().view(torch.float16).float()  # (N, K/32, 1)
-    w8 = (p8.reshape(n, k // 32, 34)[..., :32].contiguous().view(torch.int8).float() * scale8).reshape(n, k)
+    codes8, scale8 = _untile_q8(p8, n, k)
+    w8 = (codes8.float().reshape(n, k // 32, 32) * scale8[..., None]).reshape(n, k)
     assert (w8 - w).abs().max() <= scale8.max() / 2 * 1.01  # Q8_0 codes: within half a step of w
     for bits, ref_w, packed in ((4, w4, kernels.pack_q4(codes, step, lo)), (8, w8, p8)):
         got = kernels.block_linear(x, packed, n, k, bits)
@@ -227,19 +229,70 @@ def test_block_linear_is_the_exact_product_of_the_coded_x(dtype: torch.dtype, ro
         torch.testing.assert_close(got.double(), want, atol=tol * float(want.abs().max()), rtol=tol)
 
 
+def _untile(tiles: torch.Tensor, n: int, k: int, tile: int, code_bytes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tiles of pack_q4 / pack_q8 read back, as the kernel's docs describe them: code bytes
+    (N, K/32, 8 chunks, 4) and the float16 values after them (N, K/32, per-row values)."""
+    g = -(-n // 8)
+    t = tiles.reshape(g, k // 32, tile)
+    code = t[..., :code_bytes].reshape(g, k // 32, code_bytes // 32, 8, 4).permute(0, 3, 1, 2, 4)  # (G, 8 rows, K/32, c, 4)
+    halves = t[..., code_bytes:].contiguous().view(torch.float16).float().reshape(g, k // 32, -1, 8).permute(0, 3, 1, 2)
+    return code.reshape(g * 8, k // 32, code_bytes // 32, 4)[:n], halves.reshape(g * 8, k // 32, -1)[:n]
+
+
+def _untile_q8(tiles: torch.Tensor, n: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    code, scale = _untile(tiles, n, k, kernels.Q8_TILE, 256)
+    return code.contiguous().view(torch.int8).reshape(n, k), scale[..., 0]
+
+
 @needs_cc
-def test_pack_q4_layout_holds_every_code() -> None:
-    codes = torch.randint(0, 16, (3, 64), generator=torch.Generator().manual_seed(0))
-    step, lo = torch.rand(3, 2) + 0.1, -torch.rand(3, 2)
-    p = kernels.pack_q4(codes, step, lo).reshape(3, 2, 20)
-    assert p.dtype == torch.uint8
-    lo_nib, hi_nib = (p[..., :16] & 15).long(), (p[..., :16] >> 4).long()
-    assert torch.equal(torch.cat((lo_nib, hi_nib), -1).reshape(3, 64), codes)
-    halves = p[..., 16:].contiguous().view(torch.float16).float()  # (3, 2, 2): step, minimum
+@pytest.mark.parametrize("n", [3, 8, 21])  # 3 and 21: the last tile padded with zero rows
+def test_pack_layouts_hold_every_code(n: int) -> None:
+    g = torch.Generator().manual_seed(n)
+    codes = torch.randint(0, 16, (n, 64), generator=g)
+    step, lo = torch.rand(n, 2, generator=g) + 0.1, -torch.rand(n, 2, generator=g)
+    p = kernels.pack_q4(codes, step, lo)
+    assert p.dtype == torch.uint8 and p.shape == (-(-n // 8), 2 * 160)
+    nib, halves = _untile(p, n, 64, kernels.Q4_TILE, 128)  # (n, 2, 4 chunks, 4), (n, 2, 2)
+    got = torch.cat(((nib & 15).long(), (nib >> 4).long()), dim=2).reshape(n, 64)  # chunks 0-3 low, 4-7 high
+    assert torch.equal(got, codes)
     torch.testing.assert_close(halves[..., 0], step.half().float())
     torch.testing.assert_close(halves[..., 1], lo.half().float())
+    w = torch.randn(n, 64, generator=g)
+    q8 = kernels.pack_q8(w)
+    assert q8.shape == (-(-n // 8), 2 * 272)
+    code8, scale8 = _untile_q8(q8, n, 64)
+    torch.testing.assert_close(scale8, (w.reshape(n, 2, 32).abs().amax(-1) / 127).half().float())
+    assert torch.equal(code8, (w.reshape(n, 2, 32) / scale8[..., None]).round().clamp(-127, 127).to(torch.int8).reshape(n, 64))
+
+
+@needs_cc
+def test_plain_c_block_linear_equals_the_avx2_one(tmp_path, monkeypatch) -> None:
+    """The plain C loops (CPUs without AVX2) read the same tiles: built without AVX2, same products."""
+    cc = kernels._compiler()
+    assert cc is not None
+    out = tmp_path / "plain.so"
+    subprocess.run([*cc, "-O1", "-std=c11", "-fPIC", "-shared", "-mno-avx2", "-mno-fma", "-mno-f16c", "-o", str(out),
+                    *map(str, kernels._SOURCES), "-lm"], check=True, capture_output=True)
+    plain = kernels._bind(ctypes.CDLL(str(out)))
+    g = torch.Generator().manual_seed(5)
+    n, k = 21, 96  # a padded last tile
+    w = torch.randn(n, k, generator=g) * 0.05
+    x = torch.randn(11, k, generator=g)  # a second pass over W for rows 9-11
+    for bits, packed in ((4, kernels.pack_q4(*quantize_int4(w, 32))), (8, kernels.pack_q8(w))):
+        fast = kernels.block_linear(x, packed, n, k, bits)
+        monkeypatch.setattr(kernels, "_lib", plain)
+        slow = kernels.block_linear(x, packed, n, k, bits)
+        monkeypatch.undo()
+        torch.testing.assert_close(slow, fast, atol=1e-5, rtol=1e-5)
+
+
+@needs_cc
+def test_block_linear_refuses_bad_shapes() -> None:
     with pytest.raises(ValueError, match="not a multiple of 32"):
         kernels.block_linear(torch.randn(1, 40), torch.zeros(1, 100, dtype=torch.uint8), 1, 40, 4)
+    packed = kernels.pack_q8(torch.randn(16, 64))
+    with pytest.raises(ValueError, match="do not hold a \\(24, 64\\) 8-bit matrix"):
+        kernels.block_linear(torch.randn(1, 64), packed, 24, 64, 8)
 
 
 @needs_cc

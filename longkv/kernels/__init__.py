@@ -98,7 +98,11 @@ def _build() -> ctypes.CDLL | None:
             return None
         os.chmod(tmp, 0o755)  # mkstemp made it private; the library is no secret
         os.replace(tmp, out)
-    lib = ctypes.CDLL(str(out))
+    return _bind(ctypes.CDLL(str(out)))
+
+
+def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
+    """``lib`` with the argument and result types of the kernels set."""
     f = lib.longkv_decode_attention
     p = ctypes.c_void_p
     f.argtypes = [p, ctypes.c_int, p, p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_float, ctypes.c_int]
@@ -230,41 +234,63 @@ def rope(rows: torch.Tensor, heads: int, head_dim: int, cos: torch.Tensor, sin: 
 
 
 BLOCK = 32  # input channels per block of :func:`pack_q4` and :func:`pack_q8`
+TILE_ROWS = 8  # output rows per tile
+Q4_TILE, Q8_TILE = 160, 272  # bytes per tile of 8 rows x 32 inputs
+
+
+def _tiles(codes: torch.Tensor) -> torch.Tensor:
+    """(N, K) codes as (ceil(N / 8), K / 32, 8 chunks, 8 rows, 4 inputs): tile order, rows padded with zeros."""
+    n, k = codes.shape
+    pad = -n % TILE_ROWS
+    if pad:
+        codes = torch.cat((codes, codes.new_zeros(pad, k)))
+    return codes.reshape(-1, TILE_ROWS, k // BLOCK, 8, 4).permute(0, 2, 3, 1, 4)
+
+
+def _tile_halves(v: torch.Tensor) -> torch.Tensor:
+    """(N, K / 32) per-block values as float16 bytes in tile order: (ceil(N / 8), K / 32, 16) uint8."""
+    n, nb = v.shape
+    pad = -n % TILE_ROWS
+    h = torch.cat((v.float(), v.new_zeros(pad, nb).float())) if pad else v.float()
+    return h.to(torch.float16).reshape(-1, TILE_ROWS, nb).transpose(1, 2).contiguous().view(torch.uint8)
 
 
 def pack_q4(codes: torch.Tensor, step: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
-    """4-bit blocks for :func:`block_linear` from codes: weight = code * step + lo per block of 32 inputs.
+    """4-bit tiles for :func:`block_linear` from codes: weight = code * step + lo per block of 32 inputs.
 
     Args:
         codes: (N, K) integer codes in [0, 15]; K a multiple of 32.
         step, lo: (N, K / 32) float, the blocks' step and minimum (stored as float16).
 
     Returns:
-        (N, K / 32 * 20) uint8: per block 16 bytes of codes (channel j in the low nibble of byte j,
-        channel j + 16 in its high nibble), then step and minimum as float16 (GGUF's Q4_1 layout).
+        (ceil(N / 8), K / 32 * 160) uint8: per tile of 8 output rows by 32 inputs, 128 bytes of codes
+        (byte 32 c + 4 i + t: input 4 c + t of row i in the low nibble, input 4 (c + 4) + t in the high
+        one, c < 4), then the 8 rows' steps and minimums as float16 (zero rows pad N to a multiple of 8).
     """
-    n, k = codes.shape
-    c = codes.to(torch.uint8).reshape(n, k // BLOCK, BLOCK)
-    nibbles = c[..., :16] | (c[..., 16:] << 4)
-    halves = torch.stack((step, lo), dim=-1).to(torch.float16).contiguous().view(torch.uint8)  # (N, K/32, 4)
-    return torch.cat((nibbles, halves), dim=-1).reshape(n, -1).contiguous()
+    t = _tiles(codes.to(torch.uint8))  # (G, K/32, 8 chunks, 8 rows, 4)
+    nibbles = (t[:, :, :4] | (t[:, :, 4:] << 4)).reshape(t.shape[0], t.shape[1], 128)
+    tiles = torch.cat((nibbles, _tile_halves(step), _tile_halves(lo)), dim=-1)  # (G, K/32, 160)
+    return tiles.reshape(t.shape[0], -1).contiguous()
 
 
 def pack_q8(w: torch.Tensor) -> torch.Tensor:
-    """8-bit blocks for :func:`block_linear`: per block of 32 inputs, codes round(w / scale) with
-    scale = max |w| / 127 (GGUF's Q8_0).
+    """8-bit tiles for :func:`block_linear`: per block of 32 inputs, codes round(w / scale) with
+    scale = max |w| / 127 (GGUF's Q8_0 arithmetic).
 
     Args:
         w: (N, K) float, K a multiple of 32.
 
     Returns:
-        (N, K / 32 * 34) uint8: per block 32 signed codes, then the scale as float16.
+        (ceil(N / 8), K / 32 * 272) uint8: per tile of 8 output rows by 32 inputs, 256 bytes of signed
+        codes (byte 32 c + 4 i + t: input 4 c + t of row i), then the 8 rows' scales as float16.
     """
     n, k = w.shape
     wb = w.float().reshape(n, k // BLOCK, BLOCK)
     scale = (wb.abs().amax(-1) / 127).to(torch.float16)  # stored as float16: codes against that value
-    codes = (wb / scale.float().clamp_min(1e-30)[..., None]).round_().clamp_(-127, 127).to(torch.int8)
-    return torch.cat((codes.view(torch.uint8), scale[..., None].view(torch.uint8)), dim=-1).reshape(n, -1).contiguous()
+    codes = (wb / scale.float().clamp_min(1e-30)[..., None]).round_().clamp_(-127, 127).to(torch.int8).reshape(n, k)
+    t = _tiles(codes.view(torch.uint8))
+    tiles = torch.cat((t.reshape(t.shape[0], t.shape[1], 256), _tile_halves(scale)), dim=-1)  # (G, K/32, 272)
+    return tiles.reshape(t.shape[0], -1).contiguous()
 
 
 def block_linear(x: torch.Tensor, w: torch.Tensor, n: int, k: int, bits: int) -> torch.Tensor:
@@ -275,16 +301,19 @@ def block_linear(x: torch.Tensor, w: torch.Tensor, n: int, k: int, bits: int) ->
 
     Args:
         x: (M, K) bfloat16 or float32 (each 8 rows are one pass over W).
-        w: the packed blocks (uint8).
+        w: the packed tiles (uint8).
 
     Returns:
         (M, N) in x's dtype.
 
     Raises:
-        ValueError: the library is not built, or K is not a multiple of 32.
+        ValueError: the library is not built, K is not a multiple of 32, or w's size is not that of
+            a packed (n, k) matrix.
     """
     if _lib is None:
         raise ValueError("longkv's CPU kernels are off (no C compiler, or LONGKV_KERNELS=0)")
+    if bits in (4, 8) and k % BLOCK == 0 and w.numel() != -(-n // TILE_ROWS) * (k // BLOCK) * (Q4_TILE if bits == 4 else Q8_TILE):
+        raise ValueError(f"block_linear: {w.numel()} bytes of tiles do not hold a ({n}, {k}) {bits}-bit matrix: pack it with pack_q{bits}")
     want = x.dtype
     x = (x if x.dtype in (torch.bfloat16, torch.float32) else x.float()).contiguous()
     m = x.shape[0]

@@ -367,17 +367,31 @@ void longkv_rope(const void *src, int64_t row_stride, void *out, int T, int nh, 
 /* Weight-only linear layers for a few rows (decode): y = x W^T, W read once, in 4-bit or 8-bit blocks.
  *
  * A decode step multiplies one row per sequence by every weight matrix, so it is bound by the bytes of
- * W it reads. W is stored as blocks of 32 input channels of one output row: 16 bytes of 4-bit codes
- * (byte j holds the code of channel j in its low nibble and of channel j + 16 in its high one), then
- * the block's step and minimum as float16, 20 bytes in all (the layout of GGUF's Q4_1): a weight is
- * code * step + min. Each block's dot product with x is computed in integers: x is coded to 8 bits per
- * block of 32 (scale = max |x| / 127, as llama.cpp does for its 4-bit matrix products) and multiplied
- * by the weight codes (unsigned bytes against signed ones: AVX2 maddubs); the minimum multiplies the
- * sum of the coded x. The result is exactly the product of the coded x with the weights. Rows of W
- * are split among the OpenMP threads.
+ * W it reads, and by the instructions spent per byte. x is coded to 8 bits per block of 32 inputs
+ * (scale = max |x| / 127, as llama.cpp does for its 4-bit matrix products) and each block's dot product
+ * is computed in integers; the result is exactly the product of the coded x with the weights.
+ *
+ * W is stored in tiles of 8 output rows by 32 inputs (N is padded to a multiple of 8 with zero rows).
+ * Within a tile the inputs come in 8 chunks of 4, and a chunk's 32 bytes hold 4 codes of each of the 8
+ * rows: one 256-bit register, multiplied (AVX2 maddubs) by x's 4 bytes of that chunk broadcast to every
+ * lane, yields partial dot products of all 8 rows at once, so no horizontal sums are needed, and the
+ * tile's per-row scales multiply 8 lanes in one instruction.
+ *
+ * - 4-bit tiles (160 bytes; weight = code * step + min, code in [0, 15], GGUF's Q4_1 arithmetic):
+ *   4 x 32 bytes of codes, byte 32 c + 4 i + t holding input 4 c + t of row i in its low nibble and
+ *   input 4 (c + 4) + t in its high one; then the 8 rows' steps, then their minimums, as float16.
+ *   The codes are maddubs's unsigned operand; 8 chunks sum in 16 bits without overflow
+ *   (8 * 2 * 15 * 127 < 2^15); the minimum multiplies the sum of the coded x.
+ * - 8-bit tiles (272 bytes; weight = code * scale, GGUF's Q8_0 arithmetic): 8 x 32 bytes of signed
+ *   codes, byte 32 c + 4 i + t holding input 4 c + t of row i; then the 8 rows' scales as float16.
+ *   maddubs gets |x| and the code with x's sign.
+ *
+ * Tiles of one group of 8 rows follow each other along K; groups are split among the OpenMP threads.
  */
 #define Q4_BLOCK 32
-#define Q4_BYTES 20
+#define TILE_ROWS 8
+#define Q4_TILE 160
+#define Q8_TILE 272
 #define MAX_ROWS 8 /* rows of x per pass over W (more rows: further passes) */
 
 static inline float half_to_float(const uint8_t *p) {
@@ -404,126 +418,139 @@ static inline float half_to_float(const uint8_t *p) {
 }
 
 /* The passes below take the row count mr as a constant: each is inlined into a switch over mr = 1..MAX_ROWS
- * (ROWS_SWITCH), so the per-row accumulators are unrolled into registers. A pass reads each block of W
- * once and uses it for all mr rows; two blocks per iteration, into separate accumulators while mr is
- * small, so the floating-point chains do not wait on each other. */
+ * (ROWS_SWITCH), so the per-row accumulators are unrolled into registers. A pass reads each tile of W
+ * once and uses it for all mr rows of x. */
 #define ALWAYS_INLINE static inline __attribute__((always_inline))
-#define Q8_BYTES 34 /* 32 signed 8-bit codes, then the block's scale as float16 (GGUF's Q8_0) */
 
-#ifdef LONGKV_AVX2
-/* One 4-bit block of W against mr rows of coded x (x block xb0 + r * nblk for row r): acc[r] += the block's
- * integer dot product times step * xs; zs[r] += min * xsum. */
-ALWAYS_INLINE void q4_block(const uint8_t *blk, const int8_t *xq, const float *xs, const float *xsum, int64_t xb0,
-                            int nblk, const int mr, __m256 *acc, float *zs) {
-    const __m128i raw = _mm_loadu_si128((const __m128i *)blk);
-    const __m128i m4 = _mm_set1_epi8(0x0F);
-    const __m256i codes = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(raw, 4), m4), _mm_and_si128(raw, m4));
-    const float step = half_to_float(blk + 16), mn = half_to_float(blk + 18);
-    for (int r = 0; r < mr; r++) {
-        const int64_t xb = xb0 + (int64_t)r * nblk;
-        const __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + xb * Q4_BLOCK));
-        const __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(codes, xv), _mm256_set1_epi16(1));
-        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(step * xs[xb]), acc[r]);
-        zs[r] += mn * xsum[xb];
-    }
+/* The 8 outputs of row r of x for tile group g: y[r, 8 g + i] for the i that are real rows (< N). */
+static inline void store_group(void *y, int y_bf16, int64_t r, int64_t N, int64_t g, const float *tot) {
+    const int64_t n0 = g * TILE_ROWS;
+    store_row(y, r * N + n0, y_bf16, (int)(N - n0 < TILE_ROWS ? N - n0 : TILE_ROWS), tot, 1.0f);
 }
 
-/* One 8-bit block of W against mr rows: both operands signed, so maddubs gets |x| and the code with x's sign. */
-ALWAYS_INLINE void q8_block(const uint8_t *blk, const int8_t *xq, const float *xs, int64_t xb0, int nblk, const int mr,
-                            __m256 *acc) {
-    const __m256i codes = _mm256_loadu_si256((const __m256i *)blk);
-    const float scale = half_to_float(blk + 32);
-    for (int r = 0; r < mr; r++) {
-        const int64_t xb = xb0 + (int64_t)r * nblk;
-        const __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + xb * Q4_BLOCK));
-        const __m256i prod = _mm256_maddubs_epi16(_mm256_sign_epi8(xv, xv), _mm256_sign_epi8(codes, xv));
-        const __m256i dot = _mm256_madd_epi16(prod, _mm256_set1_epi16(1));
-        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(scale * xs[xb]), acc[r]);
-    }
+#ifdef LONGKV_AVX2
+static inline __m256i bcast4(const int8_t *p) { /* 4 bytes at p in every 32-bit lane */
+    int32_t v;
+    memcpy(&v, p, sizeof v);
+    return _mm256_set1_epi32(v);
 }
 #endif
 
-/* One pass of 4-bit W: rows [m0, m0 + mr) of x (coded: xq, xs scales, xsum coded sums per block) against W
- * rows [n0, n1). A weight is code * step + min with code in [0, 15], so a block's product is
- * step * xs * sum(code * xq) + min * xsum: maddubs takes the codes as its unsigned operand. */
-ALWAYS_INLINE void q4_rows(const uint8_t *w, int K, const int8_t *xq, const float *xs, const float *xsum, int m0,
-                           const int mr, int64_t n0, int64_t n1, int64_t N, int y_bf16, void *y) {
+/* One pass of 4-bit W: rows [m0, m0 + mr) of x (coded: xq, xs scales, xsum coded sums per block) against
+ * tile groups [g0, g1). */
+ALWAYS_INLINE void q4_rows(const uint8_t *w, int K, const int8_t *xq, const int8_t *xa, const float *xs,
+                           const float *xsum, int m0, const int mr, int64_t g0, int64_t g1, int64_t N, int y_bf16,
+                           void *y) {
+    (void)xa;
     const int nblk = K / Q4_BLOCK;
-    for (int64_t n = n0; n < n1; n++) {
-        const uint8_t *row = w + n * (int64_t)nblk * Q4_BYTES;
-        float tot[MAX_ROWS];
+    for (int64_t g = g0; g < g1; g++) {
+        const uint8_t *grp = w + g * (int64_t)nblk * Q4_TILE;
+        float tot[MAX_ROWS][TILE_ROWS];
 #ifdef LONGKV_AVX2
-        __m256 acc0[MAX_ROWS], acc1[MAX_ROWS];
-        float zs0[MAX_ROWS], zs1[MAX_ROWS];
-        for (int r = 0; r < mr; r++) {
-            acc0[r] = acc1[r] = _mm256_setzero_ps();
-            zs0[r] = zs1[r] = 0.0f;
-        }
-        int b = 0;
-        for (; b + 1 < nblk; b += 2) { /* two blocks: with few rows, into separate accumulators */
-            q4_block(row + (int64_t)b * Q4_BYTES, xq, xs, xsum, (int64_t)m0 * nblk + b, nblk, mr, acc0, zs0);
-            q4_block(row + (int64_t)(b + 1) * Q4_BYTES, xq, xs, xsum, (int64_t)m0 * nblk + b + 1, nblk, mr,
-                     mr < 4 ? acc1 : acc0, mr < 4 ? zs1 : zs0);
-        }
-        if (b < nblk) q4_block(row + (int64_t)b * Q4_BYTES, xq, xs, xsum, (int64_t)m0 * nblk + b, nblk, mr, acc0, zs0);
-        for (int r = 0; r < mr; r++) tot[r] = hsum8(_mm256_add_ps(acc0[r], acc1[r])) + zs0[r] + zs1[r];
-#else
-        for (int r = 0; r < mr; r++) tot[r] = 0.0f;
+        __m256 acc[MAX_ROWS];
+        for (int r = 0; r < mr; r++) acc[r] = _mm256_setzero_ps();
+        const __m256i m4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
         for (int b = 0; b < nblk; b++) {
-            const uint8_t *blk = row + (int64_t)b * Q4_BYTES;
-            const float step = half_to_float(blk + 16), mn = half_to_float(blk + 18);
+            const uint8_t *t = grp + (int64_t)b * Q4_TILE;
+            __m256i c[8];
+            for (int j = 0; j < 4; j++) {
+                const __m256i v = _mm256_loadu_si256((const __m256i *)(t + 32 * j));
+                c[j] = _mm256_and_si256(v, m4);
+                c[j + 4] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+            }
+            const __m256 step = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(t + 128)));
+            const __m256 mn = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(t + 144)));
             for (int r = 0; r < mr; r++) {
                 const int64_t xb = (int64_t)(m0 + r) * nblk + b;
                 const int8_t *xv = xq + xb * Q4_BLOCK;
-                int32_t dot = 0;
-                for (int j = 0; j < 16; j++) dot += (blk[j] & 0x0F) * xv[j] + (blk[j] >> 4) * xv[j + 16];
-                tot[r] += (float)dot * step * xs[xb] + mn * xsum[xb];
+                __m256i s = _mm256_maddubs_epi16(c[0], bcast4(xv));
+                for (int j = 1; j < 8; j++) s = _mm256_add_epi16(s, _mm256_maddubs_epi16(c[j], bcast4(xv + 4 * j)));
+                const __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(s, ones));
+                acc[r] = _mm256_fmadd_ps(dot, _mm256_mul_ps(step, _mm256_set1_ps(xs[xb])), acc[r]);
+                acc[r] = _mm256_fmadd_ps(mn, _mm256_set1_ps(xsum[xb]), acc[r]);
+            }
+        }
+        for (int r = 0; r < mr; r++) _mm256_storeu_ps(tot[r], acc[r]);
+#else
+        for (int r = 0; r < mr; r++)
+            for (int i = 0; i < TILE_ROWS; i++) tot[r][i] = 0.0f;
+        for (int b = 0; b < nblk; b++) {
+            const uint8_t *t = grp + (int64_t)b * Q4_TILE;
+            for (int i = 0; i < TILE_ROWS; i++) {
+                const float step = half_to_float(t + 128 + 2 * i), mn = half_to_float(t + 144 + 2 * i);
+                for (int r = 0; r < mr; r++) {
+                    const int64_t xb = (int64_t)(m0 + r) * nblk + b;
+                    const int8_t *xv = xq + xb * Q4_BLOCK;
+                    int32_t dot = 0;
+                    for (int c = 0; c < 4; c++)
+                        for (int u = 0; u < 4; u++) {
+                            const uint8_t code = t[32 * c + 4 * i + u];
+                            dot += (code & 0x0F) * xv[4 * c + u] + (code >> 4) * xv[4 * (c + 4) + u];
+                        }
+                    tot[r][i] += (float)dot * step * xs[xb] + mn * xsum[xb];
+                }
             }
         }
 #endif
-        for (int r = 0; r < mr; r++) store_row(y, (int64_t)(m0 + r) * N + n, y_bf16, 1, &tot[r], 1.0f);
+        for (int r = 0; r < mr; r++) store_group(y, y_bf16, m0 + r, N, g, tot[r]);
     }
 }
 
-/* As q4_rows, for W in 8-bit blocks: a weight is code * scale. */
-ALWAYS_INLINE void q8_rows(const uint8_t *w, int K, const int8_t *xq, const float *xs, const float *xsum, int m0,
-                           const int mr, int64_t n0, int64_t n1, int64_t N, int y_bf16, void *y) {
+/* As q4_rows, for 8-bit W; xa holds |xq|. */
+ALWAYS_INLINE void q8_rows(const uint8_t *w, int K, const int8_t *xq, const int8_t *xa, const float *xs,
+                           const float *xsum, int m0, const int mr, int64_t g0, int64_t g1, int64_t N, int y_bf16,
+                           void *y) {
     (void)xsum;
+    (void)xa;
     const int nblk = K / Q4_BLOCK;
-    for (int64_t n = n0; n < n1; n++) {
-        const uint8_t *row = w + n * (int64_t)nblk * Q8_BYTES;
-        float tot[MAX_ROWS];
+    for (int64_t g = g0; g < g1; g++) {
+        const uint8_t *grp = w + g * (int64_t)nblk * Q8_TILE;
+        float tot[MAX_ROWS][TILE_ROWS];
 #ifdef LONGKV_AVX2
-        __m256 acc0[MAX_ROWS], acc1[MAX_ROWS];
-        for (int r = 0; r < mr; r++) acc0[r] = acc1[r] = _mm256_setzero_ps();
-        int b = 0;
-        for (; b + 1 < nblk; b += 2) {
-            q8_block(row + (int64_t)b * Q8_BYTES, xq, xs, (int64_t)m0 * nblk + b, nblk, mr, acc0);
-            q8_block(row + (int64_t)(b + 1) * Q8_BYTES, xq, xs, (int64_t)m0 * nblk + b + 1, nblk, mr, mr < 4 ? acc1 : acc0);
-        }
-        if (b < nblk) q8_block(row + (int64_t)b * Q8_BYTES, xq, xs, (int64_t)m0 * nblk + b, nblk, mr, acc0);
-        for (int r = 0; r < mr; r++) tot[r] = hsum8(_mm256_add_ps(acc0[r], acc1[r]));
-#else
-        for (int r = 0; r < mr; r++) tot[r] = 0.0f;
+        __m256 acc[MAX_ROWS];
+        for (int r = 0; r < mr; r++) acc[r] = _mm256_setzero_ps();
+        const __m256i ones = _mm256_set1_epi16(1);
         for (int b = 0; b < nblk; b++) {
-            const uint8_t *blk = row + (int64_t)b * Q8_BYTES;
-            const float scale = half_to_float(blk + 32);
+            const uint8_t *t = grp + (int64_t)b * Q8_TILE;
+            const __m256 scale = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(t + 256)));
             for (int r = 0; r < mr; r++) {
                 const int64_t xb = (int64_t)(m0 + r) * nblk + b;
-                const int8_t *xv = xq + xb * Q4_BLOCK;
-                int32_t dot = 0;
-                for (int j = 0; j < 32; j++) dot += (int8_t)blk[j] * xv[j];
-                tot[r] += (float)dot * scale * xs[xb];
+                const int8_t *xv = xq + xb * Q4_BLOCK, *av = xa + xb * Q4_BLOCK;
+                __m256i s = _mm256_setzero_si256();
+                for (int j = 0; j < 8; j++) {
+                    const __m256i codes = _mm256_loadu_si256((const __m256i *)(t + 32 * j));
+                    const __m256i p = _mm256_maddubs_epi16(bcast4(av + 4 * j), _mm256_sign_epi8(codes, bcast4(xv + 4 * j)));
+                    s = _mm256_add_epi32(s, _mm256_madd_epi16(p, ones));
+                }
+                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(scale, _mm256_set1_ps(xs[xb])), acc[r]);
+            }
+        }
+        for (int r = 0; r < mr; r++) _mm256_storeu_ps(tot[r], acc[r]);
+#else
+        for (int r = 0; r < mr; r++)
+            for (int i = 0; i < TILE_ROWS; i++) tot[r][i] = 0.0f;
+        for (int b = 0; b < nblk; b++) {
+            const uint8_t *t = grp + (int64_t)b * Q8_TILE;
+            for (int i = 0; i < TILE_ROWS; i++) {
+                const float scale = half_to_float(t + 256 + 2 * i);
+                for (int r = 0; r < mr; r++) {
+                    const int64_t xb = (int64_t)(m0 + r) * nblk + b;
+                    const int8_t *xv = xq + xb * Q4_BLOCK;
+                    int32_t dot = 0;
+                    for (int c = 0; c < 8; c++)
+                        for (int u = 0; u < 4; u++) dot += (int8_t)t[32 * c + 4 * i + u] * xv[4 * c + u];
+                    tot[r][i] += (float)dot * scale * xs[xb];
+                }
             }
         }
 #endif
-        for (int r = 0; r < mr; r++) store_row(y, (int64_t)(m0 + r) * N + n, y_bf16, 1, &tot[r], 1.0f);
+        for (int r = 0; r < mr; r++) store_group(y, y_bf16, m0 + r, N, g, tot[r]);
     }
 }
 
 /* fn(..., mr, ...) with mr a constant 1..MAX_ROWS (MAX_ROWS is 8). */
 #define ROWS_CASE(fn, R) \
-    case R: fn(w, K, xq, xs, xsum, m0, R, n0, n1, N, y_bf16, y); break;
+    case R: fn(w, K, xq, xa, xs, xsum, m0, R, g0, g1, N, y_bf16, y); break;
 #define ROWS_SWITCH(fn)                                                                                              \
     switch (mr) {                                                                                                    \
         ROWS_CASE(fn, 1) ROWS_CASE(fn, 2) ROWS_CASE(fn, 3) ROWS_CASE(fn, 4) ROWS_CASE(fn, 5) ROWS_CASE(fn, 6)       \
@@ -531,23 +558,23 @@ ALWAYS_INLINE void q8_rows(const uint8_t *w, int K, const int8_t *xq, const floa
         default: break;                                                                                              \
     }
 
-static void q4_pass(const uint8_t *w, int K, const int8_t *xq, const float *xs, const float *xsum, int m0, int mr,
-                    int64_t n0, int64_t n1, int64_t N, int y_bf16, void *y) {
+static void q4_pass(const uint8_t *w, int K, const int8_t *xq, const int8_t *xa, const float *xs, const float *xsum,
+                    int m0, int mr, int64_t g0, int64_t g1, int64_t N, int y_bf16, void *y) {
     ROWS_SWITCH(q4_rows)
 }
 
-static void q8_pass(const uint8_t *w, int K, const int8_t *xq, const float *xs, const float *xsum, int m0, int mr,
-                    int64_t n0, int64_t n1, int64_t N, int y_bf16, void *y) {
+static void q8_pass(const uint8_t *w, int K, const int8_t *xq, const int8_t *xa, const float *xs, const float *xsum,
+                    int m0, int mr, int64_t g0, int64_t g1, int64_t N, int y_bf16, void *y) {
     ROWS_SWITCH(q8_rows)
 }
 
-/* y (M, N) = x (M, K) W^T for W (N, K) in 4-bit (bits = 4) or 8-bit (bits = 8) blocks (see above); x and
+/* y (M, N) = x (M, K) W^T for W (N, K) in 4-bit (bits = 4) or 8-bit (bits = 8) tiles (see above); x and
  * y bfloat16 when flags bit 0 / bit 1 is set, else float32. K must be a multiple of 32.
  * Returns 0, -1 for a bad K or bits, -2 out of memory. */
 int longkv_block_linear(int bits, const uint8_t *w, int64_t N, int K, const void *x, int M, void *y, int flags) {
-    if (K <= 0 || K % Q4_BLOCK != 0 || M <= 0 || (bits != 4 && bits != 8)) return -1;
+    if (K <= 0 || K % Q4_BLOCK != 0 || M <= 0 || N <= 0 || (bits != 4 && bits != 8)) return -1;
     const int x_bf16 = flags & 1, y_bf16 = (flags >> 1) & 1, nblk = K / Q4_BLOCK;
-    int8_t *xq = malloc((size_t)M * K);
+    int8_t *xq = malloc(2 * (size_t)M * K);
     float *xs = malloc(sizeof(float) * 2 * (size_t)M * nblk), *row = malloc(sizeof(float) * (size_t)K);
     if (!xq || !xs || !row) {
         free(xq);
@@ -555,37 +582,40 @@ int longkv_block_linear(int bits, const uint8_t *w, int64_t N, int K, const void
         free(row);
         return -2;
     }
+    int8_t *xa = xq + (size_t)M * K; /* |xq|, for the 8-bit tiles */
     float *xsum = xs + (size_t)M * nblk;
     for (int m = 0; m < M; m++) { /* code x: 8 bits per block of 32, scale max |x| / 127 */
         load_row(x, (int64_t)m * K, x_bf16, K, row);
         for (int b = 0; b < nblk; b++) {
             const float *v = row + b * Q4_BLOCK;
-            float amax = 0.0f, sum = 0.0f;
+            float amax = 0.0f;
             for (int j = 0; j < Q4_BLOCK; j++) amax = fabsf(v[j]) > amax ? fabsf(v[j]) : amax;
             const float scale = amax / 127.0f, inv = amax > 0.0f ? 127.0f / amax : 0.0f;
-            int8_t *q = xq + ((int64_t)m * nblk + b) * Q4_BLOCK;
+            const int64_t at = ((int64_t)m * nblk + b) * Q4_BLOCK;
             int32_t isum = 0;
             for (int j = 0; j < Q4_BLOCK; j++) {
-                q[j] = (int8_t)lrintf(v[j] * inv);
-                isum += q[j];
+                const int8_t q = (int8_t)lrintf(v[j] * inv);
+                xq[at + j] = q;
+                xa[at + j] = (int8_t)(q < 0 ? -q : q);
+                isum += q;
             }
-            sum = scale * (float)isum; /* the coded x's sum: the error is then sum_j w_j (x_j - coded x_j) */
             xs[(int64_t)m * nblk + b] = scale;
-            xsum[(int64_t)m * nblk + b] = sum;
+            xsum[(int64_t)m * nblk + b] = scale * (float)isum; /* the coded x's sum, for the 4-bit minimums */
         }
     }
     free(row);
+    const int64_t G = (N + TILE_ROWS - 1) / TILE_ROWS;
 #ifdef _OPENMP
 #pragma omp parallel for schedule(static)
 #endif
-    for (int64_t t = 0; t < 64; t++) { /* 64 slices of W's rows, static: each thread streams its own */
-        const int64_t n0 = N * t / 64, n1 = N * (t + 1) / 64;
+    for (int64_t t = 0; t < 64; t++) { /* 64 slices of W's tile groups, static: each thread streams its own */
+        const int64_t g0 = G * t / 64, g1 = G * (t + 1) / 64;
         for (int m0 = 0; m0 < M; m0 += MAX_ROWS) {
             const int mr = M - m0 < MAX_ROWS ? M - m0 : MAX_ROWS;
             if (bits == 4)
-                q4_pass(w, K, xq, xs, xsum, m0, mr, n0, n1, N, y_bf16, y);
+                q4_pass(w, K, xq, xa, xs, xsum, m0, mr, g0, g1, N, y_bf16, y);
             else
-                q8_pass(w, K, xq, xs, xsum, m0, mr, n0, n1, N, y_bf16, y);
+                q8_pass(w, K, xq, xa, xs, xsum, m0, mr, g0, g1, N, y_bf16, y);
         }
     }
     free(xq);

@@ -66,8 +66,9 @@ class Linear:
     memory bandwidth: reading a coded copy of W moves about a half (int8) or a
     quarter (int4) of the bytes of bfloat16; up to :attr:`decode_max_rows` rows read
     it. Where :mod:`longkv.kernels` is built, the copy is in blocks of 32 inputs
-    (int8: a scale per block, GGUF's Q8_0; int4: a step and minimum per block, Q4_1)
-    and multiplied by :func:`~longkv.kernels.block_linear`; otherwise by PyTorch's CPU
+    (int8: a scale per block, GGUF's Q8_0; int4: a step and minimum per block, Q4_1),
+    laid out in tiles of 8 output rows, and multiplied by
+    :func:`~longkv.kernels.block_linear`; otherwise by PyTorch's CPU
     kernels (int8: one scale per output channel, ``aten._weight_int8pack_mm``; int4:
     ``aten._weight_int4pack_mm_for_cpu``). Many-row
     inputs (prefill chunks) are compute-bound and use W itself; on a CPU without
