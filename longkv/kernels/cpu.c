@@ -207,11 +207,133 @@ static void value_block(float acc[][MAX_D], int G, int D, const void *v, int64_t
     }
 }
 
+#ifdef LONGKV_AVX2
+/* bfloat16 rows of D % 16 == 0 elements, read 16 at a time: one 256-bit load gives the even elements
+ * (shifted up into float32) and the odd ones (the high halves masked), two instructions for 16 values.
+ * The queries and the value accumulators are kept in that order ("paired": per 16 elements, the 8 even
+ * ones then the 8 odd ones), so every product pairs the right elements; see pair_order. */
+static inline void split_pairs(const uint16_t *row, __m256 *even, __m256 *odd) {
+    const __m256i v = _mm256_loadu_si256((const __m256i *)row);
+    *even = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+    *odd = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32((int)0xFFFF0000u)));
+}
+
+/* The 8 horizontal sums of a[0..7] as one vector (lane t: the sum of a[t]'s lanes). */
+static inline __m256 sum8x8(const __m256 *a) {
+    const __m256 s0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+    const __m256 s1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+    return _mm256_add_ps(_mm256_permute2f128_ps(s0, s1, 0x20), _mm256_permute2f128_ps(s0, s1, 0x31));
+}
+
+/* score_block for bfloat16 keys and paired queries; 8 keys' dot products are summed across lanes at once. */
+static void score_pairs(const float *q, int G, int D, const uint16_t *k, int64_t off, int64_t ts, int nb, float scale,
+                        float s[][BLK], const uint16_t *v, int64_t v_off, int64_t v_ts) {
+    const __m256 sc = _mm256_set1_ps(scale);
+    for (int i0 = 0; i0 < G; i0 += 4) {
+        const int w = G - i0 < 4 ? G - i0 : 4;
+        const float *q0 = q + (int64_t)i0 * D;
+        __m256 part[4][8];
+        for (int t = 0; t < nb; t++) {
+            const uint16_t *row = k + off + t * ts;
+            if (i0 == 0) /* fetch ahead: keys a block on (reads past the cache never fault), this block's values */
+                for (int c = 0; c < D; c += 32) {
+                    _mm_prefetch((const char *)(row + BLK * ts + c), _MM_HINT_T0);
+                    _mm_prefetch((const char *)(v + v_off + t * v_ts + c), _MM_HINT_T0);
+                }
+            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+            for (int c = 0; c < D; c += 16) {
+                __m256 ke, ko;
+                split_pairs(row + c, &ke, &ko);
+                a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q0 + c + 8), ko, _mm256_fmadd_ps(_mm256_loadu_ps(q0 + c), ke, a0));
+                if (w > 1) a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q0 + D + c + 8), ko, _mm256_fmadd_ps(_mm256_loadu_ps(q0 + D + c), ke, a1));
+                if (w > 2) a2 = _mm256_fmadd_ps(_mm256_loadu_ps(q0 + 2 * D + c + 8), ko, _mm256_fmadd_ps(_mm256_loadu_ps(q0 + 2 * D + c), ke, a2));
+                if (w > 3) a3 = _mm256_fmadd_ps(_mm256_loadu_ps(q0 + 3 * D + c + 8), ko, _mm256_fmadd_ps(_mm256_loadu_ps(q0 + 3 * D + c), ke, a3));
+            }
+            part[0][t & 7] = a0;
+            part[1][t & 7] = a1;
+            part[2][t & 7] = a2;
+            part[3][t & 7] = a3;
+            if ((t & 7) == 7)
+                for (int i = 0; i < w; i++) _mm256_storeu_ps(&s[i0 + i][t - 7], _mm256_mul_ps(sum8x8(part[i]), sc));
+        }
+        for (int t = nb & ~7; t < nb; t++)
+            for (int i = 0; i < w; i++) s[i0 + i][t] = hsum8(part[i][t & 7]) * scale;
+    }
+}
+
+/* value_block for bfloat16 values into paired accumulators. */
+static void value_pairs(float acc[][MAX_D], int G, int D, const uint16_t *v, int64_t off, int64_t ts, int nb,
+                        float s[][BLK]) {
+    for (int c = 0; c < D; c += 16) {
+        for (int i0 = 0; i0 < G; i0 += 4) {
+            const int w = G - i0 < 4 ? G - i0 : 4;
+            __m256 e0 = _mm256_loadu_ps(acc[i0] + c), o0 = _mm256_loadu_ps(acc[i0] + c + 8);
+            __m256 e1 = e0, o1 = o0, e2 = e0, o2 = o0, e3 = e0, o3 = o0;
+            if (w > 1) e1 = _mm256_loadu_ps(acc[i0 + 1] + c), o1 = _mm256_loadu_ps(acc[i0 + 1] + c + 8);
+            if (w > 2) e2 = _mm256_loadu_ps(acc[i0 + 2] + c), o2 = _mm256_loadu_ps(acc[i0 + 2] + c + 8);
+            if (w > 3) e3 = _mm256_loadu_ps(acc[i0 + 3] + c), o3 = _mm256_loadu_ps(acc[i0 + 3] + c + 8);
+            for (int t = 0; t < nb; t++) {
+                __m256 ve, vo;
+                split_pairs(v + off + t * ts + c, &ve, &vo);
+                __m256 p = _mm256_broadcast_ss(&s[i0][t]);
+                e0 = _mm256_fmadd_ps(p, ve, e0);
+                o0 = _mm256_fmadd_ps(p, vo, o0);
+                if (w > 1) {
+                    p = _mm256_broadcast_ss(&s[i0 + 1][t]);
+                    e1 = _mm256_fmadd_ps(p, ve, e1);
+                    o1 = _mm256_fmadd_ps(p, vo, o1);
+                }
+                if (w > 2) {
+                    p = _mm256_broadcast_ss(&s[i0 + 2][t]);
+                    e2 = _mm256_fmadd_ps(p, ve, e2);
+                    o2 = _mm256_fmadd_ps(p, vo, o2);
+                }
+                if (w > 3) {
+                    p = _mm256_broadcast_ss(&s[i0 + 3][t]);
+                    e3 = _mm256_fmadd_ps(p, ve, e3);
+                    o3 = _mm256_fmadd_ps(p, vo, o3);
+                }
+            }
+            _mm256_storeu_ps(acc[i0] + c, e0);
+            _mm256_storeu_ps(acc[i0] + c + 8, o0);
+            if (w > 1) _mm256_storeu_ps(acc[i0 + 1] + c, e1), _mm256_storeu_ps(acc[i0 + 1] + c + 8, o1);
+            if (w > 2) _mm256_storeu_ps(acc[i0 + 2] + c, e2), _mm256_storeu_ps(acc[i0 + 2] + c + 8, o2);
+            if (w > 3) _mm256_storeu_ps(acc[i0 + 3] + c, e3), _mm256_storeu_ps(acc[i0 + 3] + c + 8, o3);
+        }
+    }
+}
+#endif
+
+/* Whether decode attention reads these rows in pairs (score_pairs, value_pairs). */
+static inline int paired_rows(int bf16, int D) {
+#ifdef LONGKV_AVX2
+    return bf16 && D % 16 == 0;
+#else
+    (void)bf16;
+    (void)D;
+    return 0;
+#endif
+}
+
+/* x (D) to (to_pairs) or from the paired order: per 16 elements, the even ones then the odd ones. */
+static void pair_order(const float *x, float *out, int D, int to_pairs) {
+    for (int c = 0; c < D; c += 16)
+        for (int j = 0; j < 8; j++) {
+            if (to_pairs) {
+                out[c + j] = x[c + 2 * j];
+                out[c + 8 + j] = x[c + 2 * j + 1];
+            } else {
+                out[c + 2 * j] = x[c + j];
+                out[c + 2 * j + 1] = x[c + 8 + j];
+            }
+        }
+}
+
 /* Attention state of every query head over the tokens [lo, hi) of the concatenated segments:
  * running max m (H), sum l (H) and the unnormalised output acc (H x D). q: (H, D) float32. */
 static void attend_range(const int64_t *meta, int nseg, const float *q, int H, int Hkv, int D, float scale, int bf16,
                          int64_t lo, int64_t hi, float *m_out, float *l_out, float *acc_out) {
-    const int G = H / Hkv;
+    const int G = H / Hkv, paired = paired_rows(bf16, D); /* paired: q and acc in the paired order */
     float acc[MAX_G][MAX_D];
     float s[MAX_G][BLK];
     for (int g = 0; g < Hkv; g++) {
@@ -230,7 +352,13 @@ static void attend_range(const int64_t *meta, int nseg, const float *q, int H, i
             const int64_t a = lo > at ? lo - at : 0, e = hi - at < n ? hi - at : n;
             for (int64_t b = a; b < e; b += BLK) {
                 const int nb = (int)(e - b < BLK ? e - b : BLK);
-                score_block(qg, G, D, kp, g * k_hs + b * k_ts, k_ts, nb, bf16, scale, s);
+#ifdef LONGKV_AVX2
+                if (paired)
+                    score_pairs(qg, G, D, (const uint16_t *)kp, g * k_hs + b * k_ts, k_ts, nb, scale, s,
+                                (const uint16_t *)vp, g * v_hs + b * v_ts, v_ts);
+                else
+#endif
+                    score_block(qg, G, D, kp, g * k_hs + b * k_ts, k_ts, nb, bf16, scale, s);
                 for (int i = 0; i < G; i++) {
                     float mx = m[i];
                     for (int t = 0; t < nb; t++) mx = s[i][t] > mx ? s[i][t] : mx;
@@ -243,7 +371,12 @@ static void attend_range(const int64_t *meta, int nseg, const float *q, int H, i
                     if (corr != 1.0f)
                         for (int j = 0; j < D; j++) acc[i][j] *= corr;
                 }
-                value_block(acc, G, D, vp, g * v_hs + b * v_ts, v_ts, nb, bf16, s);
+#ifdef LONGKV_AVX2
+                if (paired)
+                    value_pairs(acc, G, D, (const uint16_t *)vp, g * v_hs + b * v_ts, v_ts, nb, s);
+                else
+#endif
+                    value_block(acc, G, D, vp, g * v_hs + b * v_ts, v_ts, nb, bf16, s);
             }
         }
         for (int i = 0; i < G; i++) memcpy(acc_out + ((int64_t)g * G + i) * D, acc[i], (size_t)D * sizeof(float));
@@ -275,7 +408,12 @@ int longkv_decode_attention(const int64_t *meta, int nseg, const void *q_in, voi
     float *buf = malloc(sizeof(float) * ((size_t)H * D * (1 + parts) + 2 * (size_t)H * parts));
     if (!buf) return -2;
     float *q = buf, *acc = q + (size_t)H * D, *m = acc + (size_t)H * D * parts, *l = m + (size_t)H * parts;
-    for (int h = 0; h < H; h++) load_row(q_in, (int64_t)h * D, q_bf16, D, q + (int64_t)h * D);
+    const int paired = paired_rows(bf16, D);
+    float tmp[MAX_D];
+    for (int h = 0; h < H; h++) {
+        load_row(q_in, (int64_t)h * D, q_bf16, D, paired ? tmp : q + (int64_t)h * D);
+        if (paired) pair_order(tmp, q + (int64_t)h * D, D, 1);
+    }
 #ifdef _OPENMP
 #pragma omp parallel for num_threads(parts) schedule(static, 1) if (parts > 1)
 #endif
@@ -295,6 +433,10 @@ int longkv_decode_attention(const int64_t *meta, int nseg, const void *q_in, voi
                 const float *x = acc + ((int64_t)H * p + h) * D;
                 for (int j = 0; j < D; j++) o[j] += w * x[j];
             }
+        }
+        if (paired) {
+            pair_order(o, tmp, D, 0);
+            o = tmp;
         }
         store_row(out, (int64_t)h * D, q_bf16, D, o, sum > 0.0f ? 1.0f / sum : 0.0f);
     }
