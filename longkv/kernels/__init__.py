@@ -116,6 +116,9 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     f = lib.longkv_block_linear
     f.argtypes = [ctypes.c_int, p, ctypes.c_int64, ctypes.c_int, p, ctypes.c_int, p, ctypes.c_int]
     f.restype = ctypes.c_int
+    f = lib.longkv_gated_mlp
+    f.argtypes = [ctypes.c_int, p, ctypes.c_int, p, ctypes.c_int, ctypes.c_int, p, ctypes.c_int, p, ctypes.c_int]
+    f.restype = ctypes.c_int
     return lib
 
 
@@ -320,4 +323,37 @@ def block_linear(x: torch.Tensor, w: torch.Tensor, n: int, k: int, bits: int) ->
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if _lib.longkv_block_linear(bits, w.data_ptr(), n, k, x.data_ptr(), m, y.data_ptr(), 3 * int(x.dtype == torch.bfloat16)) != 0:
         raise ValueError(f"block_linear: {k} input channels is not a multiple of {BLOCK} (or bits {bits} is not 4 or 8)")
+    return y if y.dtype == want else y.to(want)
+
+
+def gated_mlp(x: torch.Tensor, gate_up: torch.Tensor, bits_gu: int, down: torch.Tensor, bits_dn: int, inter: int) -> torch.Tensor:
+    """SwiGLU of a few rows in one call: ``down(silu(gate(x)) * up(x))`` with both matrices in the tiles of
+    :func:`pack_q4` / :func:`pack_q8` (x coded as :func:`block_linear` does, the gate, up and product rows
+    kept in float32 in between).
+
+    Args:
+        x: (M, C) bfloat16 or float32.
+        gate_up: tiles of the (2 * inter, C) gate and up rows (gate first), ``bits_gu`` 4 or 8.
+        down: tiles of the (C, inter) down projection, ``bits_dn`` 4 or 8.
+        inter: the intermediate size, a multiple of 32.
+
+    Returns:
+        (M, C) in x's dtype.
+
+    Raises:
+        ValueError: the library is not built, sizes that are not multiples of 32, or tiles that do not hold
+            the matrices.
+    """
+    if _lib is None:
+        raise ValueError("longkv's CPU kernels are off (no C compiler, or LONGKV_KERNELS=0)")
+    want = x.dtype
+    x = (x if x.dtype in (torch.bfloat16, torch.float32) else x.float()).contiguous()
+    m, c = x.shape
+    for name, w, bits, n, k in (("gate_up", gate_up, bits_gu, 2 * inter, c), ("down", down, bits_dn, c, inter)):
+        if bits in (4, 8) and k % BLOCK == 0 and w.numel() != -(-n // TILE_ROWS) * (k // BLOCK) * (Q4_TILE if bits == 4 else Q8_TILE):
+            raise ValueError(f"gated_mlp: {name}'s {w.numel()} bytes of tiles do not hold a ({n}, {k}) {bits}-bit matrix")
+    y = torch.empty(m, c, dtype=x.dtype, device=x.device)
+    flags = 3 * int(x.dtype == torch.bfloat16)
+    if _lib.longkv_gated_mlp(bits_gu, gate_up.data_ptr(), bits_dn, down.data_ptr(), inter, c, x.data_ptr(), m, y.data_ptr(), flags) != 0:
+        raise ValueError(f"gated_mlp: hidden {c} and intermediate {inter} must be multiples of {BLOCK} (bits 4 or 8)")
     return y if y.dtype == want else y.to(want)

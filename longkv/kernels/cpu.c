@@ -710,12 +710,12 @@ static void q8_pass(const uint8_t *w, int K, const int8_t *xq, const int8_t *xa,
     ROWS_SWITCH(q8_rows)
 }
 
-/* y (M, N) = x (M, K) W^T for W (N, K) in 4-bit (bits = 4) or 8-bit (bits = 8) tiles (see above); x and
- * y bfloat16 when flags bit 0 / bit 1 is set, else float32. K must be a multiple of 32.
- * Returns 0, -1 for a bad K or bits, -2 out of memory. */
-int longkv_block_linear(int bits, const uint8_t *w, int64_t N, int K, const void *x, int M, void *y, int flags) {
-    if (K <= 0 || K % Q4_BLOCK != 0 || M <= 0 || N <= 0 || (bits != 4 && bits != 8)) return -1;
-    const int x_bf16 = flags & 1, y_bf16 = (flags >> 1) & 1, nblk = K / Q4_BLOCK;
+/* y (M, N) = x (M, K) W^T for W (N, K) in 4-bit (bits = 4) or 8-bit (bits = 8) tiles (see above); x and y
+ * bfloat16 when x_bf16 / y_bf16, else float32. K a multiple of 32, checked by the callers.
+ * Returns 0, -2 out of memory. */
+static int tiled_linear(int bits, const uint8_t *w, int64_t N, int K, const void *x, int x_bf16, int M, void *y,
+                        int y_bf16) {
+    const int nblk = K / Q4_BLOCK;
     int8_t *xq = malloc(2 * (size_t)M * K);
     float *xs = malloc(sizeof(float) * 2 * (size_t)M * nblk), *row = malloc(sizeof(float) * (size_t)K);
     if (!xq || !xs || !row) {
@@ -763,4 +763,48 @@ int longkv_block_linear(int bits, const uint8_t *w, int64_t N, int K, const void
     free(xq);
     free(xs);
     return 0;
+}
+
+/* y (M, N) = x (M, K) W^T (tiled_linear); x and y bfloat16 when flags bit 0 / bit 1 is set, else float32.
+ * Returns 0, -1 for a bad K, N, M or bits, -2 out of memory. */
+int longkv_block_linear(int bits, const uint8_t *w, int64_t N, int K, const void *x, int M, void *y, int flags) {
+    if (K <= 0 || K % Q4_BLOCK != 0 || M <= 0 || N <= 0 || (bits != 4 && bits != 8)) return -1;
+    return tiled_linear(bits, w, N, K, x, flags & 1, M, y, (flags >> 1) & 1);
+}
+
+/* The gated MLP of a decode step, SwiGLU: y (M, C) = down(silu(gate(x)) * up(x)) for x (M, C), with
+ * gate_up (2 I, C) (gate rows first) and down (C, I) in tiles of bits_gu / bits_dn bits. The gate, up and
+ * product rows stay float32 in between. x and y bfloat16 when flags bit 0 / bit 1 is set, else float32.
+ * Returns 0, -1 for bad sizes or bits, -2 out of memory. */
+int longkv_gated_mlp(int bits_gu, const uint8_t *w_gu, int bits_dn, const uint8_t *w_dn, int I, int C, const void *x,
+                     int M, void *y, int flags) {
+    if (C <= 0 || I <= 0 || C % Q4_BLOCK != 0 || I % Q4_BLOCK != 0 || M <= 0 || (bits_gu != 4 && bits_gu != 8) ||
+        (bits_dn != 4 && bits_dn != 8))
+        return -1;
+    float *gu = malloc(sizeof(float) * (size_t)M * 2 * I), *h = malloc(sizeof(float) * (size_t)M * I);
+    int rc = (gu && h) ? tiled_linear(bits_gu, w_gu, 2 * (int64_t)I, C, x, flags & 1, M, gu, 0) : -2;
+    if (rc == 0) {
+        for (int m = 0; m < M; m++) {
+            const float *g = gu + (int64_t)m * 2 * I, *u = g + I;
+            float *o = h + (int64_t)m * I;
+            int j = 0;
+#ifdef LONGKV_AVX2
+            const __m256 one = _mm256_set1_ps(1.0f), sign = _mm256_set1_ps(-0.0f);
+            for (; j + 8 <= I; j += 8) { /* sigmoid(g) from e = exp(-|g|): 1 / (1 + e), or e / (1 + e) for g < 0 */
+                const __m256 gv = _mm256_loadu_ps(g + j);
+                const __m256 e = exp_neg8(_mm256_or_ps(gv, sign));
+                const __m256 sig = _mm256_div_ps(_mm256_blendv_ps(one, e, gv), _mm256_add_ps(one, e));
+                _mm256_storeu_ps(o + j, _mm256_mul_ps(_mm256_mul_ps(gv, sig), _mm256_loadu_ps(u + j)));
+            }
+#endif
+            for (; j < I; j++) {
+                const float e = exp_neg(-fabsf(g[j]));
+                o[j] = g[j] * ((g[j] < 0.0f ? e : 1.0f) / (1.0f + e)) * u[j];
+            }
+        }
+        rc = tiled_linear(bits_dn, w_dn, C, I, h, 0, M, y, (flags >> 1) & 1);
+    }
+    free(gu);
+    free(h);
+    return rc;
 }
