@@ -200,6 +200,45 @@ def test_fused_forward_equals_the_op_by_op_forward(arch: str, dtype: torch.dtype
     assert err_fused <= 1.1 * err_plain, (err_fused, err_plain)
 
 
+@needs_cc
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("decode", "bias"), [("int4", False), ("int8", True)])
+def test_layer_halves_in_one_call_equal_the_kernel_by_kernel_forward(dtype: torch.dtype, decode: str, bias: bool) -> None:
+    """Decode rows through attn_in / attn_out_mlp (one call per half layer) against the same layers op by op."""
+    cfg = ModelConfig(
+        arch="qwen2" if bias else "llama", vocab_size=97, hidden_size=64, intermediate_size=96, n_layers=3, n_heads=4,
+        n_kv_heads=2, head_dim=16, max_position=2048, eos_token_ids=(0,), attention_bias=bias,
+    )  # fmt: skip
+    w = random_llama_weights(cfg, 5, 0.3)
+    g = torch.Generator().manual_seed(6)
+    for i in range(cfg.n_layers if bias else 0):
+        for n, size in (("q", 64), ("k", 32), ("v", 32)):
+            w[f"model.layers.{i}.self_attn.{n}_proj.bias"] = torch.randn(size, generator=g) * 0.3
+    ids = torch.randint(1, 97, (6,), generator=g)  # 6 rows: a decode step's few rows
+    pos = torch.arange(6)
+
+    def attention(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        return dense.attend(q, k, v, p, p)
+
+    def run(weights_dtype: torch.dtype, one_call: bool) -> torch.Tensor:
+        model = build(cfg, {k: v.to(dtype).to(weights_dtype) for k, v in w.items()}, decode_weights=decode)
+        for L in model.layers:
+            assert L.tiled_in and L.tiled_out
+            L.tiled_in = L.tiled_out = one_call
+        out = model.forward(ids, pos, attention, "all")
+        assert out is not None
+        return out
+
+    fused, split = run(dtype, True), run(dtype, False)
+    if dtype == torch.float32:
+        torch.testing.assert_close(fused, split, atol=2e-4, rtol=2e-4)
+        return
+    # bfloat16: the one-call halves keep float32 rows between their steps, so they must be no less accurate
+    exact = run(torch.float32, True)  # the same bfloat16-valued weights, float32 activations
+    err_fused, err_split = (fused - exact).abs().mean(), (split - exact).abs().mean()
+    assert err_fused <= 1.1 * err_split, (err_fused, err_split)
+
+
 def _coded_x(x: torch.Tensor) -> torch.Tensor:
     """x as block_linear codes it: per block of 32, round(x / s) * s with s = max |x| / 127 (float64)."""
     xb = x.double().reshape(x.shape[0], -1, 32)

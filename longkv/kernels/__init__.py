@@ -119,6 +119,13 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     f = lib.longkv_gated_mlp
     f.argtypes = [ctypes.c_int, p, ctypes.c_int, p, ctypes.c_int, ctypes.c_int, p, ctypes.c_int, p, ctypes.c_int]
     f.restype = ctypes.c_int
+    i, fl = ctypes.c_int, ctypes.c_float
+    f = lib.longkv_attn_in
+    f.argtypes = [p, p, p, i, fl, i, i, i, p, p, i, i, i, p, p, i, p, p, i]
+    f.restype = ctypes.c_int
+    f = lib.longkv_attn_out_mlp
+    f.argtypes = [p, p, i, i, p, p, i, fl, i, p, i, p, i, i, i, p, i]
+    f.restype = ctypes.c_int
     return lib
 
 
@@ -350,10 +357,96 @@ def gated_mlp(x: torch.Tensor, gate_up: torch.Tensor, bits_gu: int, down: torch.
     x = (x if x.dtype in (torch.bfloat16, torch.float32) else x.float()).contiguous()
     m, c = x.shape
     for name, w, bits, n, k in (("gate_up", gate_up, bits_gu, 2 * inter, c), ("down", down, bits_dn, c, inter)):
-        if bits in (4, 8) and k % BLOCK == 0 and w.numel() != -(-n // TILE_ROWS) * (k // BLOCK) * (Q4_TILE if bits == 4 else Q8_TILE):
-            raise ValueError(f"gated_mlp: {name}'s {w.numel()} bytes of tiles do not hold a ({n}, {k}) {bits}-bit matrix")
+        _check_tiles("gated_mlp", name, w, bits, n, k)
     y = torch.empty(m, c, dtype=x.dtype, device=x.device)
     flags = 3 * int(x.dtype == torch.bfloat16)
     if _lib.longkv_gated_mlp(bits_gu, gate_up.data_ptr(), bits_dn, down.data_ptr(), inter, c, x.data_ptr(), m, y.data_ptr(), flags) != 0:
         raise ValueError(f"gated_mlp: hidden {c} and intermediate {inter} must be multiples of {BLOCK} (bits 4 or 8)")
     return y if y.dtype == want else y.to(want)
+
+
+def _check_tiles(who: str, name: str, w: torch.Tensor, bits: int, n: int, k: int) -> None:
+    if bits not in (4, 8) or k % BLOCK:
+        raise ValueError(f"{who}: {name} needs 4 or 8 bits and inputs in multiples of {BLOCK} (got {bits} bits, {k} inputs)")
+    if w.numel() != -(-n // TILE_ROWS) * (k // BLOCK) * (Q4_TILE if bits == 4 else Q8_TILE):
+        raise ValueError(f"{who}: {name}'s {w.numel()} bytes of tiles do not hold a ({n}, {k}) {bits}-bit matrix")
+
+
+def attn_in(
+    x: torch.Tensor, delta: torch.Tensor | None, norm_w: torch.Tensor, eps: float, qkv: torch.Tensor, bits: int,
+    bias: torch.Tensor | None, heads: int, kv_heads: int, head_dim: int, cos: torch.Tensor, sin: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first half of a decoder layer for a few decode rows, in one call: ``x += delta`` in place (skipped
+    for None), RMSNorm, the fused q/k/v projection (:func:`block_linear`'s tiles, plus ``bias``) and RoPE
+    of the query and key heads, with the rows kept in float32 in between.
+
+    Args:
+        x: (T, C) contiguous, bfloat16 or float32; delta: the same, or None.
+        norm_w: (C,) of x's dtype or float32; qkv: tiles of the ((H + 2 Hkv) * D, C) matrix, ``bits`` 4 or 8;
+        bias: ((H + 2 Hkv) * D,) of norm_w's dtype, or None.
+        cos, sin: (T, R/2) float32 (R rotated channels, as :func:`rope`).
+
+    Returns:
+        qk (H + Hkv, T, D): the rotated query heads, then key heads; v (Hkv, T, D); in x's dtype.
+
+    Raises:
+        ValueError: the library is not built, or sizes or tiles the kernel does not take.
+    """
+    if _lib is None:
+        raise ValueError("longkv's CPU kernels are off (no C compiler, or LONGKV_KERNELS=0)")
+    t, c = x.shape
+    n = (heads + 2 * kv_heads) * head_dim
+    _check_tiles("attn_in", "qkv", qkv, bits, n, c)
+    assert x.is_contiguous() and x.dtype in (torch.bfloat16, torch.float32) and norm_w.is_contiguous() and cos.dtype == torch.float32
+    w_bf16 = norm_w.dtype == torch.bfloat16
+    if bias is not None:
+        bias = bias.to(norm_w.dtype).contiguous()
+    if delta is not None:
+        assert delta.shape == x.shape and delta.dtype == x.dtype
+        delta = delta.contiguous()
+    qk = torch.empty(heads + kv_heads, t, head_dim, dtype=x.dtype)
+    v = torch.empty(kv_heads, t, head_dim, dtype=x.dtype)
+    rc = _lib.longkv_attn_in(
+        x.data_ptr(), None if delta is None else delta.data_ptr(), norm_w.data_ptr(), int(w_bf16), eps, t, c, bits, qkv.data_ptr(),
+        None if bias is None else bias.data_ptr(), heads, kv_heads, head_dim, cos.contiguous().data_ptr(), sin.contiguous().data_ptr(),
+        2 * cos.shape[-1], qk.data_ptr(), v.data_ptr(), int(x.dtype == torch.bfloat16),
+    )  # fmt: skip
+    if rc != 0:
+        raise ValueError(f"attn_in: head_dim {head_dim} above {MAX_HEAD_DIM} or more rotated channels than it")
+    return qk, v
+
+
+def attn_out_mlp(
+    x: torch.Tensor, o: torch.Tensor, o_w: torch.Tensor, o_bits: int, norm_w: torch.Tensor, eps: float,
+    gate_up: torch.Tensor, bits_gu: int, down: torch.Tensor, bits_dn: int, inter: int,
+) -> torch.Tensor:
+    """The second half of a decoder layer for a few decode rows, in one call: ``x += o @ Wo.T`` in place,
+    RMSNorm, then SwiGLU (:func:`gated_mlp`), with the rows kept in float32 in between.
+
+    Args:
+        x: (T, C) contiguous, bfloat16 or float32; o: (T, Ho) attention output rows, x's dtype.
+        o_w: tiles of the (C, Ho) output projection, ``o_bits`` 4 or 8; norm_w: (C,) of x's dtype or float32.
+        gate_up, down: tiles as for :func:`gated_mlp`; inter: the intermediate size.
+
+    Returns:
+        (T, C) in x's dtype: the MLP's output (the residual add is the next layer's).
+
+    Raises:
+        ValueError: the library is not built, or sizes or tiles the kernel does not take.
+    """
+    if _lib is None:
+        raise ValueError("longkv's CPU kernels are off (no C compiler, or LONGKV_KERNELS=0)")
+    t, c = x.shape
+    ho = o.shape[1]
+    for name, w, bits, n, k in (("o", o_w, o_bits, c, ho), ("gate_up", gate_up, bits_gu, 2 * inter, c), ("down", down, bits_dn, c, inter)):
+        _check_tiles("attn_out_mlp", name, w, bits, n, k)
+    assert x.is_contiguous() and x.dtype in (torch.bfloat16, torch.float32) and o.dtype == x.dtype and norm_w.is_contiguous()
+    o = o.contiguous()
+    out = torch.empty_like(x)
+    rc = _lib.longkv_attn_out_mlp(
+        x.data_ptr(), o.data_ptr(), ho, o_bits, o_w.data_ptr(), norm_w.data_ptr(), int(norm_w.dtype == torch.bfloat16), eps,
+        bits_gu, gate_up.data_ptr(), bits_dn, down.data_ptr(), inter, t, c, out.data_ptr(), int(x.dtype == torch.bfloat16),
+    )  # fmt: skip
+    if rc != 0:
+        raise ValueError("attn_out_mlp: the kernel refused these sizes")
+    return out

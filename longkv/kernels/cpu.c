@@ -448,8 +448,8 @@ int longkv_decode_attention(const int64_t *meta, int nseg, const void *q_in, voi
  * out = rms_norm(x) * w: x / sqrt(mean(x^2) + eps) * w in float32, rounded once (as F.rms_norm does).
  * x, delta, out: (T, C) contiguous, bfloat16 (bf16 = 1) or float32; w: (C,), bfloat16 (w_bf16 = 1) or float32
  * (Gemma keeps its norm weights in float32 under bfloat16 activations). */
-void longkv_add_rms_norm(void *x, const void *delta, const void *w, void *out, int T, int C, float eps, int bf16,
-                         int w_bf16) {
+static void add_rms_norm_impl(void *x, int x_bf16, const void *delta, int d_bf16, const void *w, int w_bf16, void *out,
+                              int out_bf16, int T, int C, float eps) {
 #ifdef _OPENMP
 #pragma omp parallel if (T >= 32)
 #endif
@@ -463,30 +463,35 @@ void longkv_add_rms_norm(void *x, const void *delta, const void *w, void *out, i
 #endif
             for (int t = 0; t < T; t++) {
                 const int64_t at = (int64_t)t * C;
-                load_row(x, at, bf16, C, row);
+                load_row(x, at, x_bf16, C, row);
                 if (delta) {
-                    load_row(delta, at, bf16, C, d);
+                    load_row(delta, at, d_bf16, C, d);
                     for (int j = 0; j < C; j++) row[j] += d[j];
-                    store_row(x, at, bf16, C, row, 1.0f);
-                    if (bf16) load_row(x, at, bf16, C, row); /* the rounded sum, as the next layer reads it */
+                    store_row(x, at, x_bf16, C, row, 1.0f);
+                    if (x_bf16) load_row(x, at, x_bf16, C, row); /* the rounded sum, as the next layer reads it */
                 }
                 float ss = 0.0f;
                 for (int j = 0; j < C; j++) ss += row[j] * row[j];
                 const float rstd = 1.0f / sqrtf(ss / (float)C + eps);
                 for (int j = 0; j < C; j++) row[j] *= rstd * wf[j];
-                store_row(out, at, bf16, C, row, 1.0f);
+                store_row(out, at, out_bf16, C, row, 1.0f);
             }
             free(row);
         }
     }
 }
 
+void longkv_add_rms_norm(void *x, const void *delta, const void *w, void *out, int T, int C, float eps, int bf16,
+                         int w_bf16) {
+    add_rms_norm_impl(x, bf16, delta, bf16, w, w_bf16, out, bf16, T, C, eps);
+}
+
 /* RoPE ("rotate halves") of the first nh heads of each of T rows: row t's head h is the D values at
  * src + t * row_stride + h * D; out[h][t] (nh, T, D) contiguous gets it rotated by cos[t], sin[t]
  * ((T, R/2) float32): channels j < R/2 become x_j cos - x_{j+R/2} sin, channels R/2 <= j < R become
  * x_j cos + x_{j-R/2} sin, channels from R on pass. src and out bfloat16 (bf16 = 1) or float32. */
-void longkv_rope(const void *src, int64_t row_stride, void *out, int T, int nh, int D, const float *cos,
-                 const float *sin, int R, int bf16) {
+static void rope_impl(const void *src, int src_bf16, int64_t row_stride, void *out, int out_bf16, int T, int nh, int D,
+                      const float *cos, const float *sin, int R) {
     const int half = R / 2;
 #ifdef _OPENMP
 #pragma omp parallel for collapse(2) schedule(static) if (T >= 32)
@@ -494,16 +499,21 @@ void longkv_rope(const void *src, int64_t row_stride, void *out, int T, int nh, 
     for (int h = 0; h < nh; h++) {
         for (int t = 0; t < T; t++) {
             float x[MAX_D], y[MAX_D];
-            load_row(src, t * row_stride + (int64_t)h * D, bf16, D, x);
+            load_row(src, t * row_stride + (int64_t)h * D, src_bf16, D, x);
             const float *c = cos + (int64_t)t * half, *s = sin + (int64_t)t * half;
             for (int j = 0; j < half; j++) {
                 y[j] = x[j] * c[j] - x[j + half] * s[j];
                 y[j + half] = x[j + half] * c[j] + x[j] * s[j];
             }
             for (int j = R; j < D; j++) y[j] = x[j];
-            store_row(out, ((int64_t)h * T + t) * D, bf16, D, y, 1.0f);
+            store_row(out, ((int64_t)h * T + t) * D, out_bf16, D, y, 1.0f);
         }
     }
+}
+
+void longkv_rope(const void *src, int64_t row_stride, void *out, int T, int nh, int D, const float *cos,
+                 const float *sin, int R, int bf16) {
+    rope_impl(src, bf16, row_stride, out, bf16, T, nh, D, cos, sin, R);
 }
 
 /* Weight-only linear layers for a few rows (decode): y = x W^T, W read once, in 4-bit or 8-bit blocks.
@@ -535,6 +545,7 @@ void longkv_rope(const void *src, int64_t row_stride, void *out, int T, int nh, 
 #define Q4_TILE 160
 #define Q8_TILE 272
 #define MAX_ROWS 8 /* rows of x per pass over W (more rows: further passes) */
+#define PREFETCH_TILES 8 /* tiles fetched ahead of the one read (reads past W's end never fault) */
 
 static inline float half_to_float(const uint8_t *p) {
     uint16_t h;
@@ -594,6 +605,7 @@ ALWAYS_INLINE void q4_rows(const uint8_t *w, int K, const int8_t *xq, const int8
         const __m256i m4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
         for (int b = 0; b < nblk; b++) {
             const uint8_t *t = grp + (int64_t)b * Q4_TILE;
+            for (int l = 0; l < Q4_TILE; l += 64) _mm_prefetch((const char *)(t + PREFETCH_TILES * Q4_TILE + l), _MM_HINT_T0);
             __m256i c[8];
             for (int j = 0; j < 4; j++) {
                 const __m256i v = _mm256_loadu_si256((const __m256i *)(t + 32 * j));
@@ -654,6 +666,7 @@ ALWAYS_INLINE void q8_rows(const uint8_t *w, int K, const int8_t *xq, const int8
         const __m256i ones = _mm256_set1_epi16(1);
         for (int b = 0; b < nblk; b++) {
             const uint8_t *t = grp + (int64_t)b * Q8_TILE;
+            for (int l = 0; l < Q8_TILE; l += 64) _mm_prefetch((const char *)(t + PREFETCH_TILES * Q8_TILE + l), _MM_HINT_T0);
             const __m256 scale = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(t + 256)));
             for (int r = 0; r < mr; r++) {
                 const int64_t xb = (int64_t)(m0 + r) * nblk + b;
@@ -772,17 +785,13 @@ int longkv_block_linear(int bits, const uint8_t *w, int64_t N, int K, const void
     return tiled_linear(bits, w, N, K, x, flags & 1, M, y, (flags >> 1) & 1);
 }
 
-/* The gated MLP of a decode step, SwiGLU: y (M, C) = down(silu(gate(x)) * up(x)) for x (M, C), with
- * gate_up (2 I, C) (gate rows first) and down (C, I) in tiles of bits_gu / bits_dn bits. The gate, up and
- * product rows stay float32 in between. x and y bfloat16 when flags bit 0 / bit 1 is set, else float32.
- * Returns 0, -1 for bad sizes or bits, -2 out of memory. */
-int longkv_gated_mlp(int bits_gu, const uint8_t *w_gu, int bits_dn, const uint8_t *w_dn, int I, int C, const void *x,
-                     int M, void *y, int flags) {
-    if (C <= 0 || I <= 0 || C % Q4_BLOCK != 0 || I % Q4_BLOCK != 0 || M <= 0 || (bits_gu != 4 && bits_gu != 8) ||
-        (bits_dn != 4 && bits_dn != 8))
-        return -1;
+/* SwiGLU of M rows: y (M, C) = down(silu(gate(x)) * up(x)) for x (M, C), with gate_up (2 I, C) (gate rows
+ * first) and down (C, I) in tiles of bits_gu / bits_dn bits; the gate, up and product rows stay float32.
+ * Returns 0, -2 out of memory. */
+static int gated_mlp_impl(int bits_gu, const uint8_t *w_gu, int bits_dn, const uint8_t *w_dn, int I, int C,
+                          const void *x, int x_bf16, int M, void *y, int y_bf16) {
     float *gu = malloc(sizeof(float) * (size_t)M * 2 * I), *h = malloc(sizeof(float) * (size_t)M * I);
-    int rc = (gu && h) ? tiled_linear(bits_gu, w_gu, 2 * (int64_t)I, C, x, flags & 1, M, gu, 0) : -2;
+    int rc = (gu && h) ? tiled_linear(bits_gu, w_gu, 2 * (int64_t)I, C, x, x_bf16, M, gu, 0) : -2;
     if (rc == 0) {
         for (int m = 0; m < M; m++) {
             const float *g = gu + (int64_t)m * 2 * I, *u = g + I;
@@ -802,9 +811,76 @@ int longkv_gated_mlp(int bits_gu, const uint8_t *w_gu, int bits_dn, const uint8_
                 o[j] = g[j] * ((g[j] < 0.0f ? e : 1.0f) / (1.0f + e)) * u[j];
             }
         }
-        rc = tiled_linear(bits_dn, w_dn, C, I, h, 0, M, y, (flags >> 1) & 1);
+        rc = tiled_linear(bits_dn, w_dn, C, I, h, 0, M, y, y_bf16);
     }
     free(gu);
+    free(h);
+    return rc;
+}
+
+static int bad_bits(int bits) { return bits != 4 && bits != 8; }
+
+/* gated_mlp_impl for x and y bfloat16 when flags bit 0 / bit 1 is set, else float32.
+ * Returns 0, -1 for bad sizes or bits, -2 out of memory. */
+int longkv_gated_mlp(int bits_gu, const uint8_t *w_gu, int bits_dn, const uint8_t *w_dn, int I, int C, const void *x,
+                     int M, void *y, int flags) {
+    if (C <= 0 || I <= 0 || C % Q4_BLOCK != 0 || I % Q4_BLOCK != 0 || M <= 0 || bad_bits(bits_gu) || bad_bits(bits_dn))
+        return -1;
+    return gated_mlp_impl(bits_gu, w_gu, bits_dn, w_dn, I, C, x, flags & 1, M, y, (flags >> 1) & 1);
+}
+
+/* The first half of a decoder layer for T decode rows, in one call: x += delta (skipped when NULL; x and
+ * delta (T, C) in the activations' dtype), h = RMSNorm(x) * norm_w (float32), qkv = h Wqkv^T + bias
+ * (Wqkv in tiles of `bits` bits, nqkv = (H + 2 Hkv) D rows; bias (nqkv,) or NULL), then the query and key
+ * heads rotated (longkv_rope's arithmetic, R channels, cos/sin (T, R/2) float32) into qk (H + Hkv, T, D)
+ * and the value heads into v (Hkv, T, D). The activations, qk and v are bfloat16 when bf16, else
+ * float32; norm_w and bias when w_bf16. Returns 0, -1 for bad sizes or bits, -2 out of memory. */
+int longkv_attn_in(void *x, const void *delta, const void *norm_w, int w_bf16, float eps, int T, int C, int bits,
+                   const uint8_t *w, const void *bias, int H, int Hkv, int D, const float *cos, const float *sin, int R,
+                   void *qk, void *v, int bf16) {
+    const int64_t nqkv = (int64_t)(H + 2 * Hkv) * D;
+    if (C <= 0 || C % Q4_BLOCK != 0 || T <= 0 || bad_bits(bits) || D > MAX_D || R > D) return -1;
+    float *h = malloc(sizeof(float) * (size_t)T * C), *rows = malloc(sizeof(float) * (size_t)T * nqkv);
+    float *b = bias ? malloc(sizeof(float) * (size_t)nqkv) : NULL;
+    int rc = (h && rows && (b || !bias)) ? 0 : -2;
+    if (rc == 0) {
+        add_rms_norm_impl(x, bf16, delta, bf16, norm_w, w_bf16, h, 0, T, C, eps);
+        rc = tiled_linear(bits, w, nqkv, C, h, 0, T, rows, 0);
+    }
+    if (rc == 0) {
+        if (b) {
+            load_row(bias, 0, w_bf16, (int)nqkv, b);
+            for (int t = 0; t < T; t++)
+                for (int64_t j = 0; j < nqkv; j++) rows[t * nqkv + j] += b[j];
+        }
+        rope_impl(rows, 0, nqkv, qk, bf16, T, H + Hkv, D, cos, sin, R);
+        for (int g = 0; g < Hkv; g++)
+            for (int t = 0; t < T; t++)
+                store_row(v, ((int64_t)g * T + t) * D, bf16, D, rows + t * nqkv + (int64_t)(H + Hkv + g) * D, 1.0f);
+    }
+    free(h);
+    free(rows);
+    free(b);
+    return rc;
+}
+
+/* The second half of a decoder layer for T decode rows, in one call: x += o Wo^T (o (T, Ho) in the
+ * activations' dtype, Wo (C, Ho) in tiles of bits_o bits), h = RMSNorm(x) * norm_w, then out (T, C) =
+ * SwiGLU(h) (gated_mlp_impl). The activations are bfloat16 when bf16, else float32; norm_w when w_bf16.
+ * Returns 0, -1 for bad sizes or bits, -2 out of memory. */
+int longkv_attn_out_mlp(void *x, const void *o, int Ho, int bits_o, const uint8_t *w_o, const void *norm_w, int w_bf16,
+                        float eps, int bits_gu, const uint8_t *w_gu, int bits_dn, const uint8_t *w_dn, int I, int T,
+                        int C, void *out, int bf16) {
+    if (C <= 0 || I <= 0 || Ho <= 0 || C % Q4_BLOCK != 0 || I % Q4_BLOCK != 0 || Ho % Q4_BLOCK != 0 || T <= 0 ||
+        bad_bits(bits_o) || bad_bits(bits_gu) || bad_bits(bits_dn))
+        return -1;
+    float *d = malloc(sizeof(float) * (size_t)T * C), *h = malloc(sizeof(float) * (size_t)T * C);
+    int rc = (d && h) ? tiled_linear(bits_o, w_o, C, Ho, o, bf16, T, d, 0) : -2;
+    if (rc == 0) {
+        add_rms_norm_impl(x, bf16, d, 0, norm_w, w_bf16, h, 0, T, C, eps);
+        rc = gated_mlp_impl(bits_gu, w_gu, bits_dn, w_dn, I, C, h, 0, T, out, bf16);
+    }
+    free(d);
     free(h);
     return rc;
 }

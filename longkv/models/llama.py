@@ -30,7 +30,7 @@ AttentionFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Ten
 
 
 class _Layer:
-    __slots__ = ("attn_norm", "down", "gate_up", "k_norm", "mlp_norm", "o", "q_norm", "qkv")
+    __slots__ = ("attn_norm", "down", "gate_up", "k_norm", "mlp_norm", "o", "q_norm", "qkv", "tiled_in", "tiled_out")
 
     def __init__(self, w: dict[str, torch.Tensor], prefix: str, bias: bool, decode: str, qk_norm: bool = False) -> None:
         def get(name: str) -> torch.Tensor:
@@ -51,6 +51,9 @@ class _Layer:
         # QK-norm (Qwen3): one (head_dim,) weight shared by the query heads, one by the key heads
         self.q_norm = get("self_attn.q_norm.weight") if qk_norm else None
         self.k_norm = get("self_attn.k_norm.weight") if qk_norm else None
+        # decode rows take each half of the layer in one kernel call where every matrix has kernel tiles
+        self.tiled_in = bool(self.qkv.bits) and not qk_norm
+        self.tiled_out = bool(self.o.bits and self.gate_up.bits and self.down.bits)
 
 
 class LlamaModel:
@@ -152,24 +155,35 @@ class LlamaModel:
         tables: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # float32 cos, sin per distinct RoPE
         nq, nk, _ = self._split
         heads = c.n_heads + c.n_kv_heads
+        decode = Linear.decode_max_rows >= T  # few rows: the coded weights' tiles, where the layer has them
         pending: torch.Tensor | None = None  # the last block's output, added to x by the next norm
         for i, L in enumerate(self.layers):
             rope = self.ropes[i]
             if id(rope) not in tables:
                 tables[id(rope)] = rope.cos_sin(positions, torch.float32)
             cos, sin = tables[id(rope)]
-            h = kernels.add_rms_norm(x, pending, L.attn_norm, c.rms_eps)
-            qkv = L.qkv(h)  # (T, (H + 2 Hkv) D)
-            rows = qkv[:, : nq + nk]
-            if L.q_norm is not None and L.k_norm is not None:
-                qk = rows.view(T, heads, c.head_dim)
-                rows = torch.cat((rms_norm(qk[:, : c.n_heads], L.q_norm, c.rms_eps), rms_norm(qk[:, c.n_heads :], L.k_norm, c.rms_eps)), dim=1).view(T, -1)
-            qk = kernels.rope(rows, heads, c.head_dim, cos, sin)  # (H + Hkv, T, D)
+            if decode and L.tiled_in:  # a decode step's rows: norm, projection and RoPE in one call
+                assert L.qkv.q is not None
+                qk, v = kernels.attn_in(x, pending, L.attn_norm, c.rms_eps, L.qkv.q, L.qkv.bits, L.qkv.b, c.n_heads,
+                                        c.n_kv_heads, c.head_dim, cos, sin)
+            else:
+                h = kernels.add_rms_norm(x, pending, L.attn_norm, c.rms_eps)
+                qkv = L.qkv(h)  # (T, (H + 2 Hkv) D)
+                rows = qkv[:, : nq + nk]
+                if L.q_norm is not None and L.k_norm is not None:
+                    qk = rows.view(T, heads, c.head_dim)
+                    rows = torch.cat((rms_norm(qk[:, : c.n_heads], L.q_norm, c.rms_eps), rms_norm(qk[:, c.n_heads :], L.k_norm, c.rms_eps)), dim=1).view(T, -1)
+                qk = kernels.rope(rows, heads, c.head_dim, cos, sin)  # (H + Hkv, T, D)
+                v = qkv[:, nq + nk :].view(T, c.n_kv_heads, c.head_dim).transpose(0, 1)
             q, k = qk[: c.n_heads], qk[c.n_heads :]
-            v = qkv[:, nq + nk :].view(T, c.n_kv_heads, c.head_dim).transpose(0, 1)
-            o = attention(i, q, k, v, positions)  # (H, T, D)
-            h = kernels.add_rms_norm(x, L.o(o.transpose(0, 1).reshape(T, nq)), L.mlp_norm, c.rms_eps)
-            pending = gated_mlp(h, L.gate_up, L.down)
+            o = attention(i, q, k, v, positions).transpose(0, 1).reshape(T, nq)  # (H, T, D) -> (T, H D)
+            if decode and L.tiled_out:  # output projection, norm and MLP in one call
+                assert L.o.q is not None and L.gate_up.q is not None and L.down.q is not None
+                pending = kernels.attn_out_mlp(x, o, L.o.q, L.o.bits, L.mlp_norm, c.rms_eps, L.gate_up.q, L.gate_up.bits,
+                                               L.down.q, L.down.bits, L.down.w.shape[1])
+            else:
+                h = kernels.add_rms_norm(x, L.o(o), L.mlp_norm, c.rms_eps)
+                pending = gated_mlp(h, L.gate_up, L.down)
         assert pending is not None
         if isinstance(logits_at, torch.Tensor):  # the final add and norm only for the rows that get logits
             x, pending = x[logits_at], pending[logits_at]
