@@ -41,7 +41,7 @@ def test_decode_attention_matches_float64(dtype: torch.dtype, h: int, hkv: int, 
     plane_v = torch.randn(hkv, n + 50, d).to(dtype)
     k, v = plane_k[:, 7 : 7 + n], plane_v[:, 11 : 11 + n]
     q = (torch.randn(h, 1, d) * 3).to(dtype)  # large scores: the online softmax must rescale
-    out = kernels.decode_attention(q, [(k, v)], d**-0.5)
+    out = kernels.decode_attention(q, [[(k, v)]], d**-0.5)
     assert out.shape == (h, 1, d) and out.dtype == dtype
     tol = 2e-6 if dtype == torch.float32 else 8e-3  # bfloat16: the output's own rounding
     torch.testing.assert_close(out.double(), reference(q, [(k, v)]), atol=tol, rtol=tol)
@@ -54,12 +54,42 @@ def test_decode_attention_over_parts_equals_one_part(dtype: torch.dtype) -> None
     k = torch.randn(3, 1500, 64).to(dtype)
     v = torch.randn(3, 1500, 64).to(dtype)
     q = torch.randn(9, 1, 64).to(dtype)
-    whole = kernels.decode_attention(q, [(k, v)], 0.125)
+    whole = kernels.decode_attention(q, [[(k, v)]], 0.125)
     cuts = [(k[:, :300], v[:, :300]), (k[:, 300:300], v[:, 300:300]), (k[:, 300:1111], v[:, 300:1111]), (k[:, 1111:], v[:, 1111:])]
-    parts = kernels.decode_attention(q, cuts, 0.125)
+    parts = kernels.decode_attention(q, [cuts], 0.125)
     tol = 1e-6 if dtype == torch.float32 else 8e-3
     torch.testing.assert_close(parts.float(), whole.float(), atol=tol, rtol=tol)
     torch.testing.assert_close(parts.double(), reference(q, cuts), atol=tol * 2, rtol=tol * 2)
+
+
+@needs_cc
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_decode_attention_of_a_batch_equals_each_sequence_alone(dtype: torch.dtype) -> None:
+    """One call for B ragged sequences (one split over the threads, one in two parts, one empty) gives each
+    sequence's own attention."""
+    g = torch.Generator().manual_seed(3)
+    lens = [1200, 5, 0, 700]
+
+    def kv(n: int) -> torch.Tensor:
+        return torch.randn(2, n, 64, generator=g).to(dtype)
+
+    plans = []
+    for n in lens:
+        k, v = kv(n), kv(n)
+        plans.append([(k[:, : n // 3], v[:, : n // 3]), (k[:, n // 3 :], v[:, n // 3 :])] if n == 700 else [(k, v)])
+    q = torch.randn(8, len(lens), 64, generator=g).to(dtype)
+    out = kernels.decode_attention(q, plans, 0.125)
+    assert out.shape == q.shape and out.dtype == dtype
+    for b, parts in enumerate(plans):
+        alone = kernels.decode_attention(q[:, b : b + 1].contiguous(), [parts], 0.125)
+        tol = 1e-6 if dtype == torch.float32 else 8e-3
+        torch.testing.assert_close(out[:, b : b + 1], alone, atol=tol, rtol=tol)
+        if lens[b]:
+            torch.testing.assert_close(out[:, b : b + 1].double(), reference(q[:, b : b + 1], parts), atol=2 * tol, rtol=2 * tol)
+        else:
+            assert not out[:, b].any()
+    with pytest.raises(ValueError, match="3 query columns for 2 sequences"):
+        kernels.decode_attention(torch.randn(8, 3, 64), plans[:2], 0.125)
 
 
 @needs_cc
@@ -84,11 +114,11 @@ def test_limits_are_refused_not_miscomputed() -> None:
     k = torch.randn(2, 10, 64)
     assert not kernels.supports(q, k)
     with pytest.raises(ValueError, match="beyond the kernel's limits"):
-        kernels.decode_attention(q, [(k, k)], 0.125)
+        kernels.decode_attention(q, [[(k, k)]], 0.125)
     assert not kernels.supports(torch.randn(4, 2, 64), k)  # two queries per head: not a decode step
     assert not kernels.supports(torch.randn(4, 1, 64), k.half())  # float16 pages: PyTorch's path
     with pytest.raises(ValueError, match="one dtype"):
-        kernels.decode_attention(torch.randn(4, 1, 64), [(k, k), (k.bfloat16(), k.bfloat16())], 0.125)
+        kernels.decode_attention(torch.randn(4, 1, 64), [[(k, k), (k.bfloat16(), k.bfloat16())]], 0.125)
 
 
 def test_a_failing_compiler_turns_the_kernels_off(monkeypatch: pytest.MonkeyPatch, tmp_path, caplog) -> None:
@@ -106,7 +136,7 @@ def test_a_failing_compiler_turns_the_kernels_off(monkeypatch: pytest.MonkeyPatc
     assert "failed before" in caplog.text and str(failed) in caplog.text
     assert not kernels.supports(torch.randn(4, 1, 64), torch.randn(2, 5, 64))
     with pytest.raises(ValueError, match="kernels are off"):
-        kernels.decode_attention(torch.randn(4, 1, 64), [(torch.randn(2, 5, 64),) * 2], 0.125)
+        kernels.decode_attention(torch.randn(4, 1, 64), [[(torch.randn(2, 5, 64),) * 2]], 0.125)
 
 
 @needs_cc
@@ -366,7 +396,7 @@ def test_kernels_keep_the_dtype_of_strided_inputs() -> None:
     q = torch.randn(9, 5, 64).bfloat16()[:, 2:3]
     k = torch.randn(3, 40, 64).bfloat16()
     assert not q.is_contiguous()
-    assert kernels.decode_attention(q, [(k, k)], 0.125).dtype == torch.bfloat16
+    assert kernels.decode_attention(q, [[(k, k)]], 0.125).dtype == torch.bfloat16
     x = torch.randn(4, 96).bfloat16()[:, :64]
     assert not x.is_contiguous()
     y = kernels.block_linear(x, kernels.pack_q8(torch.randn(16, 64)), 16, 64, 8)

@@ -72,7 +72,7 @@ def _decode_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.T
     h, _, d = q.shape
     hkv = k.shape[0]
     if kernels.supports(q, k):  # on the CPU: one C call reading the pages in place
-        return kernels.decode_attention(q, [(k, v)], d**-0.5)
+        return kernels.decode_attention(q, [[(k, v)]], d**-0.5)
     if k.dtype == torch.bfloat16 and not fast_bf16_matmul(k.device):
         return _decode_attend(q.float(), k.float(), v.float()).to(q.dtype)
     qg = q.reshape(hkv, h // hkv, d)  # (Hkv, G, D): heads of a group share K/V
@@ -127,7 +127,7 @@ def attend_segments(
     h, _, d = q.shape
     hkv = segments[0][0].shape[0]
     if kernels.supports(q, segments[0][0]):
-        return kernels.decode_attention(q, [(k, v) for k, v, _ in segments], d**-0.5)
+        return kernels.decode_attention(q, [[(k, v) for k, v, _ in segments]], d**-0.5)
     if q.dtype == torch.bfloat16 and not fast_bf16_matmul(q.device):  # see _decode_attend
         up = [(k.float(), v.float(), kpos) for k, v, kpos in segments]
         return attend_segments(q.float(), up, q_pos).to(q.dtype)
@@ -153,8 +153,8 @@ def attend_decode_batch(q: torch.Tensor, plans: list[list[tuple[torch.Tensor, to
         plans: per sequence, its cache's parts in order as attention reads them:
             [(k, v (Hkv, N_i, D), k_pos (N_i,))] (``Runner.reader``); lengths differ.
 
-    On the CPU with :mod:`longkv.kernels` built, each sequence is one C call reading its
-    parts in place (no packing). Otherwise the ragged caches are packed into one (B, Hkv, N_max, D) buffer each for keys
+    On the CPU with :mod:`longkv.kernels` built, the whole batch is one C call reading
+    every sequence's parts in place (no packing). Otherwise the ragged caches are packed into one (B, Hkv, N_max, D) buffer each for keys
     and values (one copy per part, which is also the up-cast to float32 where
     bfloat16 products are slow, see :func:`~longkv.config.fast_bf16_matmul`); the
     scores, the padding mask, the softmax (float32) and the product with the values
@@ -165,11 +165,8 @@ def attend_decode_batch(q: torch.Tensor, plans: list[list[tuple[torch.Tensor, to
     h, b, d = q.shape
     k0 = plans[0][0][0]
     hkv = k0.shape[0]
-    if kernels.supports(q[:, :1], k0):  # each sequence's parts read in place, one C call per sequence
-        out = torch.empty_like(q)
-        for i, parts in enumerate(plans):
-            out[:, i : i + 1] = kernels.decode_attention(q[:, i : i + 1].contiguous(), [(k, v) for k, v, _ in parts], d**-0.5)
-        return out
+    if kernels.supports(q[:, :1], k0):  # every sequence's parts read in place, one C call for the batch
+        return kernels.decode_attention(q, [[(k, v) for k, v, _ in parts] for parts in plans], d**-0.5)
     lens = [sum(k.shape[1] for k, _, _ in parts) for parts in plans]
     nmax = max(lens)
     dt = torch.float32 if k0.dtype == torch.bfloat16 and not fast_bf16_matmul(k0.device) else k0.dtype

@@ -105,7 +105,7 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     """``lib`` with the argument and result types of the kernels set."""
     f = lib.longkv_decode_attention
     p = ctypes.c_void_p
-    f.argtypes = [p, ctypes.c_int, p, p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_float, ctypes.c_int]
+    f.argtypes = [p, p, ctypes.c_int, p, p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_float, ctypes.c_int]
     f.restype = ctypes.c_int
     f = lib.longkv_add_rms_norm
     f.argtypes = [p, p, p, p, ctypes.c_int, ctypes.c_int, ctypes.c_float, ctypes.c_int, ctypes.c_int]
@@ -154,47 +154,55 @@ def supports(q: torch.Tensor, k: torch.Tensor) -> bool:
     )
 
 
-def decode_attention(q: torch.Tensor, parts: list[tuple[torch.Tensor, torch.Tensor]], scale: float) -> torch.Tensor:
-    """Attention of one query per head over keys and values stored in parts, read in place.
+def decode_attention(q: torch.Tensor, plans: list[list[tuple[torch.Tensor, torch.Tensor]]], scale: float) -> torch.Tensor:
+    """Attention of one query per head for each of B sequences, each over keys and values stored in its own
+    parts, read in place; one call for the whole batch.
 
     Args:
-        q: (H, 1, D) rotated queries (any float dtype; the kernel computes in float32).
-        parts: [(k, v)], each (Hkv, N_i, D) bfloat16 or float32 on the CPU, rows contiguous (views of
-            pool planes are fine), all of one dtype; empty parts are skipped.
+        q: (H, B, D) rotated queries, column b for sequence b (any float dtype; the kernel computes in float32).
+        plans: per sequence, its parts [(k, v)], each (Hkv, N_i, D) bfloat16 or float32 on the CPU, rows
+            contiguous (views of pool planes are fine), all of one dtype; empty parts are skipped.
         scale: the softmax scale (``D ** -0.5``).
 
     Returns:
-        (H, 1, D) in q's dtype.
+        (H, B, D) in q's dtype (zeros for a sequence with no keys).
 
     Raises:
         ValueError: shapes or dtypes the kernel does not take (check :func:`supports` first), or the
             kernels are off.
     """
-    if not available() or _lib is None:
+    if _lib is None or not available():
         raise ValueError("longkv's CPU kernels are off (no C compiler, or LONGKV_KERNELS=0)")
-    h, _, d = q.shape
+    h, b, d = q.shape
+    if len(plans) != b:
+        raise ValueError(f"decode_attention: {b} query columns for {len(plans)} sequences")
     meta: list[int] = []
+    nseg: list[int] = []
     dt = None
-    for k, v in parts:
-        if k.shape[1] == 0:
-            continue
-        dt = dt or k.dtype
-        if k.dtype != dt or v.dtype != dt or k.stride(-1) != 1 or v.stride(-1) != 1:
-            raise ValueError("decode_attention: parts of one dtype (bfloat16 or float32) with contiguous rows")
-        meta += (k.data_ptr(), v.data_ptr(), k.shape[1], k.stride(0), k.stride(1), v.stride(0), v.stride(1))
+    hkv = 0
+    for parts in plans:
+        count = 0
+        for k, v in parts:
+            if k.shape[1] == 0:
+                continue
+            dt = dt or k.dtype
+            hkv = k.shape[0]
+            if k.dtype != dt or v.dtype != dt or k.stride(-1) != 1 or v.stride(-1) != 1:
+                raise ValueError("decode_attention: parts of one dtype (bfloat16 or float32) with contiguous rows")
+            meta += (k.data_ptr(), v.data_ptr(), k.shape[1], k.stride(0), k.stride(1), v.stride(0), v.stride(1))
+            count += 1
+        nseg.append(count)
     if dt is None:
         return torch.zeros_like(q)
     want = q.dtype
     q = (q if q.dtype in (torch.bfloat16, torch.float32) else q.float()).contiguous()
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     flags = int(dt == torch.bfloat16) | (int(q.dtype == torch.bfloat16) << 1)
-    nseg = len(meta) // 7
-    rc = _lib.longkv_decode_attention((ctypes.c_int64 * len(meta))(*meta), nseg, q.data_ptr(), out.data_ptr(), h,
-                                      parts[0][0].shape[0], d, scale, flags)
+    rc = _lib.longkv_decode_attention((ctypes.c_int64 * len(meta))(*meta), (ctypes.c_int32 * b)(*nseg), b, q.data_ptr(),
+                                      out.data_ptr(), h, hkv, d, scale, flags)
     if rc != 0:
-        raise ValueError(f"decode_attention: {h} query heads over {parts[0][0].shape[0]} KV heads of size {d} are beyond the kernel's limits")
+        raise ValueError(f"decode_attention: {h} query heads over {hkv} KV heads of size {d} are beyond the kernel's limits")
     return out if out.dtype == want else out.to(want)
-
 
 
 def fused_ok(x: torch.Tensor) -> bool:

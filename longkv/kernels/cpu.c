@@ -385,61 +385,93 @@ static void attend_range(const int64_t *meta, int nseg, const float *q, int H, i
 
 #define MIN_SPLIT 256 /* tokens per thread below which one thread does the whole cache */
 
-/* out[h] = softmax(scale * q[h] . K[g]) V[g] for every query head h of KV head g = h / G.
+/* Decode attention of B sequences in one call: out[h, b] = softmax(scale * q[h, b] . K_b[g]) V_b[g] for every
+ * query head h of KV head g = h / G, each sequence over its own cache.
  *
- * q, out: (H, D), contiguous, float32 or bfloat16 (flags bit 1 set: bfloat16).
- * meta: 7 int64 per segment: key pointer, value pointer, tokens, then the element strides of a key
- * row's head and token, and of a value row's; rows are contiguous. K and V are bfloat16 when flags
- * bit 0 is set, else float32. With OpenMP (the team of the calling thread: PyTorch's, when loaded
- * beside it) the tokens are split among the threads and the partial softmaxes merged.
+ * q, out: (H, B, D), contiguous, float32 or bfloat16 (flags bit 1 set: bfloat16).
+ * nseg: (B,) segments per sequence; meta: 7 int64 per segment, the sequences' in order: key pointer, value
+ * pointer, tokens, then the element strides of a key row's head and token, and of a value row's; rows are
+ * contiguous. K and V are bfloat16 when flags bit 0 is set, else float32. The work is cut into tasks, a
+ * range of one sequence's tokens each (a sequence is split when there are fewer sequences than threads and
+ * it has tokens enough), run by the OpenMP team of the calling thread (PyTorch's, when loaded beside it);
+ * the partial softmaxes of a sequence are then merged.
  * Returns 0, -1 when H is not a multiple of Hkv or G or D exceed the limits above, -2 out of memory. */
-int longkv_decode_attention(const int64_t *meta, int nseg, const void *q_in, void *out, int H, int Hkv, int D,
-                            float scale, int flags) {
+int longkv_decode_attention(const int64_t *meta, const int32_t *nseg, int B, const void *q_in, void *out, int H, int Hkv,
+                            int D, float scale, int flags) {
     const int bf16 = flags & 1, q_bf16 = (flags >> 1) & 1;
-    if (Hkv <= 0 || H % Hkv != 0 || D > MAX_D || H / Hkv > MAX_G) return -1;
-    int64_t n = 0;
-    for (int sg = 0; sg < nseg; sg++) n += meta[7 * sg + 2];
-    int parts = 1;
+    if (Hkv <= 0 || H % Hkv != 0 || D > MAX_D || H / Hkv > MAX_G || B <= 0) return -1;
+    int threads = 1;
 #ifdef _OPENMP
-    parts = omp_get_max_threads();
-    if (parts > n / MIN_SPLIT) parts = (int)(n / MIN_SPLIT);
-    if (parts < 1) parts = 1;
+    threads = omp_get_max_threads();
 #endif
-    float *buf = malloc(sizeof(float) * ((size_t)H * D * (1 + parts) + 2 * (size_t)H * parts));
-    if (!buf) return -2;
-    float *q = buf, *acc = q + (size_t)H * D, *m = acc + (size_t)H * D * parts, *l = m + (size_t)H * parts;
+    int64_t *first = malloc(sizeof(int64_t) * 3 * (size_t)B); /* per sequence: first segment, tokens, tasks */
+    if (!first) return -2;
+    int64_t *tokens = first + B, *tasks = tokens + B, ntask = 0, seg = 0;
+    for (int b = 0; b < B; b++) {
+        first[b] = seg;
+        tokens[b] = 0;
+        for (int j = 0; j < nseg[b]; j++) tokens[b] += meta[7 * (seg + j) + 2];
+        seg += nseg[b];
+        int64_t parts = (threads + B - 1) / B; /* threads per sequence, while there are fewer sequences */
+        if (parts > tokens[b] / MIN_SPLIT) parts = tokens[b] / MIN_SPLIT;
+        tasks[b] = parts < 1 ? 1 : parts;
+        ntask += tasks[b];
+    }
+    /* per task: its sequence and part; the partial state: max m (H), sum l (H), acc (H x D) */
+    int64_t *task = malloc(sizeof(int64_t) * 2 * (size_t)ntask);
+    float *buf = malloc(sizeof(float) * ((size_t)H * D * (B + (size_t)ntask) + 2 * (size_t)H * ntask));
+    if (!task || !buf) {
+        free(first);
+        free(task);
+        free(buf);
+        return -2;
+    }
+    for (int64_t b = 0, at = 0; b < B; b++)
+        for (int64_t p = 0; p < tasks[b]; p++, at++) {
+            task[2 * at] = b;
+            task[2 * at + 1] = p;
+        }
+    float *q = buf, *acc = q + (size_t)H * D * B, *m = acc + (size_t)H * D * ntask, *l = m + (size_t)H * ntask;
     const int paired = paired_rows(bf16, D);
     float tmp[MAX_D];
-    for (int h = 0; h < H; h++) {
-        load_row(q_in, (int64_t)h * D, q_bf16, D, paired ? tmp : q + (int64_t)h * D);
-        if (paired) pair_order(tmp, q + (int64_t)h * D, D, 1);
-    }
+    for (int b = 0; b < B; b++)
+        for (int h = 0; h < H; h++) {
+            float *qh = q + ((int64_t)b * H + h) * D;
+            load_row(q_in, ((int64_t)h * B + b) * D, q_bf16, D, paired ? tmp : qh);
+            if (paired) pair_order(tmp, qh, D, 1);
+        }
 #ifdef _OPENMP
-#pragma omp parallel for num_threads(parts) schedule(static, 1) if (parts > 1)
+#pragma omp parallel for schedule(dynamic, 1) if (ntask > 1)
 #endif
-    for (int p = 0; p < parts; p++)
-        attend_range(meta, nseg, q, H, Hkv, D, scale, bf16, n * p / parts, n * (p + 1) / parts, m + (size_t)H * p,
-                     l + (size_t)H * p, acc + (size_t)H * D * p);
-    for (int h = 0; h < H; h++) { /* merge the parts' softmaxes: rescale each to the largest max */
-        float mx = -1e30f, sum = 0.0f;
-        for (int p = 0; p < parts; p++) mx = m[H * p + h] > mx ? m[H * p + h] : mx;
-        float *o = acc + (int64_t)h * D;
-        for (int p = 0; p < parts; p++) {
-            const float w = exp_neg(m[H * p + h] - mx);
-            sum += w * l[H * p + h];
-            if (p == 0) {
-                for (int j = 0; j < D; j++) o[j] *= w;
-            } else {
-                const float *x = acc + ((int64_t)H * p + h) * D;
-                for (int j = 0; j < D; j++) o[j] += w * x[j];
-            }
-        }
-        if (paired) {
-            pair_order(o, tmp, D, 0);
-            o = tmp;
-        }
-        store_row(out, (int64_t)h * D, q_bf16, D, o, sum > 0.0f ? 1.0f / sum : 0.0f);
+    for (int64_t t = 0; t < ntask; t++) {
+        const int64_t b = task[2 * t], p = task[2 * t + 1], n = tokens[b], parts = tasks[b];
+        attend_range(meta + 7 * first[b], nseg[b], q + (int64_t)b * H * D, H, Hkv, D, scale, bf16, n * p / parts,
+                     n * (p + 1) / parts, m + (size_t)H * t, l + (size_t)H * t, acc + (size_t)H * D * t);
     }
+    for (int64_t b = 0, t0 = 0; b < B; t0 += tasks[b], b++) {
+        for (int h = 0; h < H; h++) { /* merge the tasks' softmaxes: rescale each to the largest max */
+            float mx = -1e30f, sum = 0.0f;
+            for (int64_t t = t0; t < t0 + tasks[b]; t++) mx = m[H * t + h] > mx ? m[H * t + h] : mx;
+            float *o = acc + ((int64_t)H * t0 + h) * D;
+            for (int64_t t = t0; t < t0 + tasks[b]; t++) {
+                const float w = exp_neg(m[H * t + h] - mx);
+                sum += w * l[H * t + h];
+                if (t == t0) {
+                    for (int j = 0; j < D; j++) o[j] *= w;
+                } else {
+                    const float *x = acc + ((int64_t)H * t + h) * D;
+                    for (int j = 0; j < D; j++) o[j] += w * x[j];
+                }
+            }
+            if (paired) {
+                pair_order(o, tmp, D, 0);
+                o = tmp;
+            }
+            store_row(out, ((int64_t)h * B + b) * D, q_bf16, D, o, sum > 0.0f ? 1.0f / sum : 0.0f);
+        }
+    }
+    free(first);
+    free(task);
     free(buf);
     return 0;
 }
