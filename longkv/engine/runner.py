@@ -561,6 +561,8 @@ def run_batch(
     sizes = [len(w.ids) for w in works]
     offsets = list(accumulate(sizes, initial=0))
     batched = [i for i, r in enumerate(readers) if r is not None]
+    only_decode = len(batched) == len(works)  # every row a decoding sequence's: the batch's output is the whole output
+    batch_rows = torch.tensor([offsets[i] for i in batched], dtype=torch.int64, device=model.device) if batched else None
 
     def attention(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         if should_stop is not None and should_stop():
@@ -574,9 +576,11 @@ def run_batch(
             read = readers[i]
             assert read is not None
             plans.append(read(layer, q[:, o : o + 1], k[:, o : o + 1], v[:, o : o + 1], pos[o : o + 1]))
+        if only_decode:
+            return attend_decode_batch(q, plans)  # (H, B, D): row i is sequence i's
         if plans:
-            rows = torch.tensor([offsets[i] for i in batched], dtype=torch.int64, device=q.device)
-            out = attend_decode_batch(q.index_select(1, rows), plans)  # (H, B, D)
+            assert batch_rows is not None
+            out = attend_decode_batch(q.index_select(1, batch_rows), plans)  # (H, B, D)
             for j, i in enumerate(batched):
                 outs[i] = out[:, j : j + 1]
         for i, fn in enumerate(fns):
