@@ -4,11 +4,14 @@ PyTorch's operators are general; a decode step is a long row of tiny ones (one q
 thousand cached keys) where each costs more in dispatch and temporary buffers than in arithmetic.
 The kernels here do one such job in one call, reading the KV pages in place:
 
-* :func:`decode_attention`: one query per head over a cache's parts (bfloat16 or float32 pages);
+* :func:`decode_attention`: one query per head for each sequence of a batch, over its cache's parts
+  (bfloat16 or float32 pages), one call for the batch;
 * :func:`add_rms_norm`: the residual add and the next RMSNorm in one pass;
 * :func:`rope`: the rotary embedding of the query and key heads, out of the projection's rows;
-* :func:`block_linear`: a few rows times a matrix in 4-bit or 8-bit blocks (:func:`pack_q4`,
-  :func:`pack_q8`), the decode steps' projections.
+* :func:`block_linear`: a few rows times a matrix in 4-bit or 8-bit blocks laid out in tiles of 8
+  output rows (:func:`pack_q4`, :func:`pack_q8`), the decode steps' projections;
+* :func:`gated_mlp`, :func:`attn_in`, :func:`attn_out_mlp`: SwiGLU, and each half of a decoder layer
+  (norm, projections, RoPE; output projection, norm, SwiGLU) for decode rows in one call.
 
 The library is compiled once per machine (``cc -O3 -march=native``, about a second) into
 ``$LONGKV_HOME/kernels/`` under a name that hashes the source, the compiler and the CPU's flags, and
