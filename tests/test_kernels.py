@@ -356,32 +356,6 @@ def test_plain_c_block_linear_equals_the_avx2_one(tmp_path, monkeypatch) -> None
 
 
 @needs_cc
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("rows", [1, 11])
-@pytest.mark.parametrize(("bits_gu", "bits_dn"), [(4, 4), (8, 4), (4, 8)])
-def test_gated_mlp_is_swiglu_of_the_coded_products(dtype: torch.dtype, rows: int, bits_gu: int, bits_dn: int) -> None:
-    g = torch.Generator().manual_seed(rows * 10 + bits_gu + bits_dn)
-    c, inter = 96, 160  # 2 * 160 gate and up rows; 96 down rows
-    w_gu = torch.randn(2 * inter, c, generator=g) * 0.1
-    w_dn = torch.randn(c, inter, generator=g) * 0.1
-    x = torch.randn(rows, c, generator=g).to(dtype)
-
-    def pack(w: torch.Tensor, bits: int) -> torch.Tensor:
-        return kernels.pack_q4(*quantize_int4(w, 32)) if bits == 4 else kernels.pack_q8(w)
-
-    p_gu, p_dn = pack(w_gu, bits_gu), pack(w_dn, bits_dn)
-    got = kernels.gated_mlp(x, p_gu, bits_gu, p_dn, bits_dn, inter)
-    assert got.shape == (rows, c) and got.dtype == dtype
-    gu = kernels.block_linear(x.float(), p_gu, 2 * inter, c, bits_gu).double()  # float32 in, float32 out
-    h = F.silu(gu[:, :inter]) * gu[:, inter:]
-    want = kernels.block_linear(h.float(), p_dn, c, inter, bits_dn).double()
-    tol = 1e-4 if dtype == torch.float32 else 8e-3
-    torch.testing.assert_close(got.double(), want, atol=tol * float(want.abs().max()), rtol=tol)
-    with pytest.raises(ValueError, match="down's .* do not hold a \\(96, 160\\)"):
-        kernels.gated_mlp(x, p_gu, bits_gu, p_gu, bits_dn, inter)
-
-
-@needs_cc
 def test_block_linear_refuses_bad_shapes() -> None:
     with pytest.raises(ValueError, match="not a multiple of 32"):
         kernels.block_linear(torch.randn(1, 40), torch.zeros(1, 100, dtype=torch.uint8), 1, 40, 4)

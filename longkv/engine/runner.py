@@ -562,7 +562,7 @@ def run_batch(
     offsets = list(accumulate(sizes, initial=0))
     batched = [i for i, r in enumerate(readers) if r is not None]
     only_decode = len(batched) == len(works)  # every row a decoding sequence's: the batch's output is the whole output
-    batch_rows = torch.tensor([offsets[i] for i in batched], dtype=torch.int64, device=model.device) if batched else None
+    batch_rows = torch.tensor([offsets[i] for i in batched], dtype=torch.int64, device=model.device) if batched and not only_decode else None
 
     def attention(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         if should_stop is not None and should_stop():

@@ -10,8 +10,8 @@ The kernels here do one such job in one call, reading the KV pages in place:
 * :func:`rope`: the rotary embedding of the query and key heads, out of the projection's rows;
 * :func:`block_linear`: a few rows times a matrix in 4-bit or 8-bit blocks laid out in tiles of 8
   output rows (:func:`pack_q4`, :func:`pack_q8`), the decode steps' projections;
-* :func:`gated_mlp`, :func:`attn_in`, :func:`attn_out_mlp`: SwiGLU, and each half of a decoder layer
-  (norm, projections, RoPE; output projection, norm, SwiGLU) for decode rows in one call.
+* :func:`attn_in`, :func:`attn_out_mlp`: each half of a decoder layer (norm, projections, RoPE; output
+  projection, norm, SwiGLU) for decode rows in one call.
 
 The library is compiled once per machine (``cc -O3 -march=native``, about a second) into
 ``$LONGKV_HOME/kernels/`` under a name that hashes the source, the compiler and the CPU's flags, and
@@ -118,9 +118,6 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     f.restype = None
     f = lib.longkv_block_linear
     f.argtypes = [ctypes.c_int, p, ctypes.c_int64, ctypes.c_int, p, ctypes.c_int, p, ctypes.c_int]
-    f.restype = ctypes.c_int
-    f = lib.longkv_gated_mlp
-    f.argtypes = [ctypes.c_int, p, ctypes.c_int, p, ctypes.c_int, ctypes.c_int, p, ctypes.c_int, p, ctypes.c_int]
     f.restype = ctypes.c_int
     i, fl = ctypes.c_int, ctypes.c_float
     f = lib.longkv_attn_in
@@ -344,38 +341,6 @@ def block_linear(x: torch.Tensor, w: torch.Tensor, n: int, k: int, bits: int) ->
     return y if y.dtype == want else y.to(want)
 
 
-def gated_mlp(x: torch.Tensor, gate_up: torch.Tensor, bits_gu: int, down: torch.Tensor, bits_dn: int, inter: int) -> torch.Tensor:
-    """SwiGLU of a few rows in one call: ``down(silu(gate(x)) * up(x))`` with both matrices in the tiles of
-    :func:`pack_q4` / :func:`pack_q8` (x coded as :func:`block_linear` does, the gate, up and product rows
-    kept in float32 in between).
-
-    Args:
-        x: (M, C) bfloat16 or float32.
-        gate_up: tiles of the (2 * inter, C) gate and up rows (gate first), ``bits_gu`` 4 or 8.
-        down: tiles of the (C, inter) down projection, ``bits_dn`` 4 or 8.
-        inter: the intermediate size, a multiple of 32.
-
-    Returns:
-        (M, C) in x's dtype.
-
-    Raises:
-        ValueError: the library is not built, sizes that are not multiples of 32, or tiles that do not hold
-            the matrices.
-    """
-    if _lib is None:
-        raise ValueError("longkv's CPU kernels are off (no C compiler, or LONGKV_KERNELS=0)")
-    want = x.dtype
-    x = (x if x.dtype in (torch.bfloat16, torch.float32) else x.float()).contiguous()
-    m, c = x.shape
-    for name, w, bits, n, k in (("gate_up", gate_up, bits_gu, 2 * inter, c), ("down", down, bits_dn, c, inter)):
-        _check_tiles("gated_mlp", name, w, bits, n, k)
-    y = torch.empty(m, c, dtype=x.dtype, device=x.device)
-    flags = 3 * int(x.dtype == torch.bfloat16)
-    if _lib.longkv_gated_mlp(bits_gu, gate_up.data_ptr(), bits_dn, down.data_ptr(), inter, c, x.data_ptr(), m, y.data_ptr(), flags) != 0:
-        raise ValueError(f"gated_mlp: hidden {c} and intermediate {inter} must be multiples of {BLOCK} (bits 4 or 8)")
-    return y if y.dtype == want else y.to(want)
-
-
 def _check_tiles(who: str, name: str, w: torch.Tensor, bits: int, n: int, k: int) -> None:
     if bits not in (4, 8) or k % BLOCK:
         raise ValueError(f"{who}: {name} needs 4 or 8 bits and inputs in multiples of {BLOCK} (got {bits} bits, {k} inputs)")
@@ -432,12 +397,13 @@ def attn_out_mlp(
     gate_up: torch.Tensor, bits_gu: int, down: torch.Tensor, bits_dn: int, inter: int,
 ) -> torch.Tensor:
     """The second half of a decoder layer for a few decode rows, in one call: ``x += o @ Wo.T`` in place,
-    RMSNorm, then SwiGLU (:func:`gated_mlp`), with the rows kept in float32 in between.
+    RMSNorm, then SwiGLU (``down(silu(gate(h)) * up(h))``), with the rows kept in float32 in between.
 
     Args:
         x: (T, C) contiguous, bfloat16 or float32; o: (T, Ho) attention output rows, x's dtype.
         o_w: tiles of the (C, Ho) output projection, ``o_bits`` 4 or 8; norm_w: (C,) of x's dtype or float32.
-        gate_up, down: tiles as for :func:`gated_mlp`; inter: the intermediate size.
+        gate_up: tiles of the (2 * inter, C) gate and up rows (gate first), ``bits_gu`` 4 or 8; down: tiles
+            of the (C, inter) down projection, ``bits_dn`` 4 or 8; inter: the intermediate size.
 
     Returns:
         (T, C) in x's dtype: the MLP's output (the residual add is the next layer's).

@@ -852,15 +852,6 @@ static int gated_mlp_impl(int bits_gu, const uint8_t *w_gu, int bits_dn, const u
 
 static int bad_bits(int bits) { return bits != 4 && bits != 8; }
 
-/* gated_mlp_impl for x and y bfloat16 when flags bit 0 / bit 1 is set, else float32.
- * Returns 0, -1 for bad sizes or bits, -2 out of memory. */
-int longkv_gated_mlp(int bits_gu, const uint8_t *w_gu, int bits_dn, const uint8_t *w_dn, int I, int C, const void *x,
-                     int M, void *y, int flags) {
-    if (C <= 0 || I <= 0 || C % Q4_BLOCK != 0 || I % Q4_BLOCK != 0 || M <= 0 || bad_bits(bits_gu) || bad_bits(bits_dn))
-        return -1;
-    return gated_mlp_impl(bits_gu, w_gu, bits_dn, w_dn, I, C, x, flags & 1, M, y, (flags >> 1) & 1);
-}
-
 /* The first half of a decoder layer for T decode rows, in one call: x += delta (skipped when NULL; x and
  * delta (T, C) in the activations' dtype), h = RMSNorm(x) * norm_w (float32), qkv = h Wqkv^T + bias
  * (Wqkv in tiles of `bits` bits, nqkv = (H + 2 Hkv) D rows; bias (nqkv,) or NULL), then the query and key

@@ -148,12 +148,9 @@ def gated_mlp(
     the default ``act`` (SiLU), GeGLU with :func:`gelu_tanh` (Gemma).
 
     x: (T, hidden); gate_up: (2 * intermediate, hidden); down: (hidden, intermediate).
-    A decode step's few rows of SwiGLU go through :func:`longkv.kernels.gated_mlp` (one call) where both
-    matrices have kernel tiles.
+    (The llama block's decode rows take the whole second half of the layer in one kernel call instead:
+    :func:`longkv.kernels.attn_out_mlp`.)
     """
-    if act is F.silu and gate_up.bits and down.bits and x.shape[0] <= Linear.decode_max_rows and gate_up.b is None and down.b is None:
-        assert gate_up.q is not None and down.q is not None
-        return kernels.gated_mlp(x, gate_up.q, gate_up.bits, down.q, down.bits, down.w.shape[1])
     gate, up = gate_up(x).chunk(2, dim=-1)
     return down(act(gate) * up)
 
