@@ -173,7 +173,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2, help="threads for every engine")
     ap.add_argument("--engines", default="longkv,transformers,llama.cpp", help="which engines to run")
     ap.add_argument("--dtype", default="bfloat16", help="longkv compute dtype")
-    ap.add_argument("--weights", default="auto", help="longkv decode weights: auto, int4, int8, none")
+    ap.add_argument("--weights", default="auto", help="longkv decode weights: auto, int4, int8, mixed, none")
     ap.add_argument("--out", default="runs/throughput.json", help="JSON results (relative to the current folder)")
     args = ap.parse_args()
 

@@ -1,4 +1,4 @@
-"""Decode weight formats (int4 / int8 / none) side by side: decode perplexity, greedy agreement, speed.
+"""Decode weight formats (int4 / int8 / mixed / none) side by side: decode perplexity, greedy agreement, speed.
 
 Prefill always uses the compute dtype; the formats differ only in the weights a
 decode step (a few rows) reads. So each format is scored where it acts:
@@ -49,7 +49,7 @@ def greedy(llm: LLM, n: int) -> tuple[list[int], float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True)
-    ap.add_argument("--formats", default="none,int8,int4")
+    ap.add_argument("--formats", default="none,int8,mixed,int4", help="comma-separated; the first is the reference")
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--tokens", type=int, default=256)
     ap.add_argument("--gen", type=int, default=64)

@@ -101,7 +101,7 @@ def test_budget_below_sinks_and_window(work: Path, tiny_llama: Path) -> None:
 
 def test_unknown_weight_format(work: Path) -> None:
     proc = run(["ask", "notes.txt", "-q", "x", "--model", "/nonexistent.gguf", "--weights", "int2"], work)
-    assert_user_error(proc, "unknown weights 'int2'", "int4, int8, none")
+    assert_user_error(proc, "unknown weights 'int2'", "int4, int8, mixed, none")
 
 
 def test_budget_errors_come_before_the_model_loads(work: Path) -> None:

@@ -96,7 +96,9 @@ def test_bits_per_weight_of_ggml_types_and_the_auto_choice() -> None:
     assert [_ggml_bits(t) for t in ("Q4_1", "Q4_K", "IQ3_S", "Q5_0", "Q6_K", "Q8_0", "F16", "BF16", "F32")] == [4, 4, 3, 5, 6, 8, 16, 16, 32]
     four = {"model.layers.0.mlp.down_proj.weight": 4, "model.layers.0.self_attn.q_proj.weight": 4, "model.embed_tokens.weight": 8}
     assert auto_weights("bfloat16", four) == "int4"  # the 8-bit embedding is the LM head, which stays int8
-    assert auto_weights("bfloat16", {**four, "model.layers.0.self_attn.v_proj.weight": 5}) == "int8"
+    # a Q4_K_M-like file (some matrices at 6 bits): int4 for the 4-bit ones, int8 for the rest
+    assert auto_weights("bfloat16", {**four, "model.layers.0.self_attn.v_proj.weight": 6}) == "mixed"
+    assert auto_weights("bfloat16", {k: 5 for k in four}) == "int8"  # Q5_0 (Qwen 0.5B's file): nothing to keep at 4 bits
     assert auto_weights("bfloat16", {}) == "int8"  # an HF folder (bf16/f32 weights)
     assert auto_weights("float32", four) == "none"
 
@@ -113,3 +115,40 @@ def test_real_smollm2_decodes_int4_by_default_at_the_bf16_perplexity(smollm2_bf1
     ids = smollm2_bf16.encode(book_text[20_000:])[:352]
     ratio = streaming_nll(smollm2_bf16, ids, 256, "dense").ppl / streaming_nll(plain, ids, 256, "dense").ppl
     assert abs(ratio - 1) < 0.03, ratio  # decode perplexity of 96 book tokens within 3 % of the bf16 weights
+
+
+@pytest.mark.parametrize("arch", ["llama", "phi3"])
+def test_mixed_weights_code_each_matrix_by_the_bits_the_file_gave_it(arch: str, layout: str) -> None:
+    """``mixed``: a matrix is int4 when every tensor in it was stored in 4 bits or fewer, else int8 (a Q4_K_M
+    file's Q6_K ones); a fused matrix (q/k/v, gate/up) follows its widest part; Phi-3's fused tensors give their
+    bits to the parts. The LM head stays int8, and the coded copies are those of the uniform formats."""
+    from longkv.config import ModelConfig
+    from longkv.models import build
+    from longkv.models.layers import matrix_decode
+    from tests.conftest import random_llama_weights
+
+    cfg = ModelConfig(
+        arch=arch, vocab_size=97, hidden_size=64, intermediate_size=96, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
+        max_position=2048, eos_token_ids=(0,),
+    )  # fmt: skip
+    w = {k: v.to(torch.bfloat16) for k, v in random_llama_weights(cfg, 7, 0.3).items()}
+    proj = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+    bits = {f"model.layers.{i}.{p}.weight": 4 for i in range(2) for p in proj} | {"model.embed_tokens.weight": 6}
+    bits["model.layers.0.self_attn.v_proj.weight"] = bits["model.layers.0.mlp.down_proj.weight"] = 6
+    if arch == "phi3":  # the file stores q/k/v and gate/up fused; their bits come under the fused names
+        for i in range(2):
+            p = f"model.layers.{i}."
+            w[p + "self_attn.qkv_proj.weight"] = torch.cat([w.pop(p + f"self_attn.{n}_proj.weight") for n in "qkv"])
+            w[p + "mlp.gate_up_proj.weight"] = torch.cat([w.pop(p + "mlp.gate_proj.weight"), w.pop(p + "mlp.up_proj.weight")])
+            qkv = [bits.pop(p + f"self_attn.{n}_proj.weight") for n in "qkv"]
+            gate_up = [bits.pop(p + f"mlp.{n}_proj.weight") for n in ("gate", "up")]
+            bits[p + "self_attn.qkv_proj.weight"], bits[p + "mlp.gate_up_proj.weight"] = max(qkv), max(gate_up)
+    model = build(cfg, w, "mixed", weight_bits=bits)
+    got = [[L.qkv.decode, L.o.decode, L.gate_up.decode, L.down.decode] for L in model.layers]
+    assert got == [["int8", "int4", "int4", "int8"], ["int4", "int4", "int4", "int4"]]
+    assert model.lm_head.decode == "int8" and model.decode_weights == "mixed"
+    int4 = build(cfg, w, "int4")
+    assert torch.equal(model.layers[1].qkv.q, int4.layers[1].qkv.q) and torch.equal(model.layers[0].o.q, int4.layers[0].o.q)
+    assert torch.equal(model.layers[0].qkv.q, build(cfg, w, "int8").layers[0].qkv.q)
+    assert matrix_decode("mixed", {}, ["model.layers.0.mlp.down_proj.weight"]) == "int8"  # no bits known: 16
+    assert matrix_decode("int4", {"x": 8}, ["x"]) == "int4"  # the uniform formats ignore the file's bits

@@ -49,13 +49,15 @@ class LLM:
         chunk_size: prefill chunk in tokens.
         dtype: ``"bfloat16"`` (fast, default) or ``"float32"`` (matches transformers
             to ~1e-4) compute and KV dtype.
-        weights: the weights decode steps read: ``"int8"`` copies (per-channel scales),
-            ``"int4"`` copies (per-group of 64 or 32 input channels), or ``"none"`` (the
-            compute dtype itself); ``"auto"``: with bfloat16, int4 when the file stores
-            every projection matrix in 4 bits or fewer (re-coding them in groups of 32
-            loses next to nothing: SmolLM2's Q4_1 decode perplexity 0.998x), else int8;
-            with float32, none (the exact path); on CUDA, none (both coded formats are CPU
-            kernels). Prefill always uses the compute dtype.
+        weights: the weights decode steps read: ``"int8"`` copies, ``"int4"`` copies
+            (both in blocks of 32 input channels), ``"mixed"`` (each matrix int4 where the
+            file stores it in 4 bits or fewer, else int8: a Q4_K_M file's Q6_K matrices), or
+            ``"none"`` (the compute dtype itself); ``"auto"``: with bfloat16, int4 when the
+            file stores every projection matrix in 4 bits or fewer (re-coding them in groups
+            of 32 loses next to nothing: SmolLM2's Q4_1 decode perplexity 0.998x), mixed when
+            it stores some of them so, else int8; with float32, none (the exact path); on
+            CUDA, none (the coded formats are CPU kernels). Prefill always uses the compute
+            dtype.
         threads: torch threads (``None``: torch's default, all physical cores).
         max_num_seqs: most sequences :meth:`generate_batch` runs in one batch (the others
             join as sequences finish).
@@ -87,7 +89,7 @@ class LLM:
         if weights not in ("auto", *DECODE_WEIGHTS):
             raise LongKVError(f"unknown weights {weights!r}: use auto, {', '.join(DECODE_WEIGHTS)}")
         on_cpu = self.engine_config.device == "cpu"
-        if weights in ("int8", "int4") and not on_cpu:
+        if weights in ("int8", "int4", "mixed") and not on_cpu:
             raise LongKVError(f"{weights} decode weights are a CPU format: on {device} use --weights none (or auto)")
         self.decode_weights = weights
         if max_num_seqs < 1:
@@ -113,7 +115,7 @@ class LLM:
         if weights == "auto":
             self.decode_weights = auto_weights(dtype, loaded.weight_bits) if on_cpu else "none"
         try:
-            self.model = build(loaded.config, loaded.weights, self.decode_weights, self.engine_config.device)
+            self.model = build(loaded.config, loaded.weights, self.decode_weights, self.engine_config.device, loaded.weight_bits)
         except ValueError as exc:  # a matrix the chosen format cannot code
             raise LongKVError(str(exc)) from None
         eos = set(self.config.eos_token_ids)
@@ -462,7 +464,9 @@ def auto_weights(dtype: str, weight_bits: dict[str, int]) -> str:
     if dtype != "bfloat16":
         return "none"
     proj = [b for name, b in weight_bits.items() if name.endswith("proj.weight")]
-    return "int4" if proj and max(proj) <= 4 else "int8"
+    if proj and max(proj) <= 4:
+        return "int4"
+    return "mixed" if proj and min(proj) <= 4 else "int8"
 
 
 def _compression_label(pol: KVPolicy, aware: bool) -> str:

@@ -2,11 +2,13 @@
 registry of them (:data:`FAMILIES`; the contract: :mod:`longkv.models.family`).
 
 Every family's forward has the same contract:
-``Model(config, weights, decode_weights)`` and
+``Model(config, weights, decode_weights, weight_bits)`` and
 ``Model.forward(input_ids, positions, attention, logits_at)``.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 import torch
 
@@ -31,9 +33,10 @@ FAMILIES: tuple[Family, ...] = (
 
 
 def build(
-    config: ModelConfig, weights: dict[str, torch.Tensor], decode_weights: str = "none", device: torch.device | str | None = None
+    config: ModelConfig, weights: dict[str, torch.Tensor], decode_weights: str = "none", device: torch.device | str | None = None,
+    weight_bits: Mapping[str, int] | None = None,
 ) -> LlamaModel:
-    """Instantiate the forward of ``config.arch``'s family (``decode_weights``: see LlamaModel).
+    """Instantiate the forward of ``config.arch``'s family (``decode_weights``, ``weight_bits``: see LlamaModel).
 
     ``device``: move the weights there first (``None``: leave them where they are).
 
@@ -44,7 +47,7 @@ def build(
     cls = family_of(config.arch).forward
     if device is not None:
         weights = {name: w.to(device) for name, w in weights.items()}
-    return cls(config, weights, decode_weights)
+    return cls(config, weights, decode_weights, weight_bits)
 
 
 __all__ = ["FAMILIES", "AttentionFn", "Family", "Gemma3Model", "LlamaModel", "Phi3Model", "Qwen2Model", "Qwen3Model", "build", "family_of"]

@@ -42,7 +42,7 @@ from longkv.config import AttnSpec, ModelConfig, RopeScaling
 from longkv.errors import LongKVError
 from longkv.models.family import Family, Source
 from longkv.models.layers import Linear, Rotary, gated_mlp, gelu_tanh, layer_ropes
-from longkv.models.llama import AttentionFn, LlamaModel, _Layer
+from longkv.models.llama import AttentionFn, LlamaModel, _Layer, head_decode
 
 
 def norm32(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -60,7 +60,7 @@ class _GemmaLayer(_Layer):
     q_norm: torch.Tensor  # always present (the llama block's are optional)
     k_norm: torch.Tensor
 
-    def __init__(self, w: dict[str, torch.Tensor], prefix: str, decode: str) -> None:
+    def __init__(self, w: dict[str, torch.Tensor], prefix: str, decode: str, weight_bits: Mapping[str, int] | None = None) -> None:
         def get(name: str) -> torch.Tensor:
             key = prefix + name
             if key not in w:
@@ -73,10 +73,7 @@ class _GemmaLayer(_Layer):
         self.post_mlp_norm = get("post_feedforward_layernorm.weight").float()
         self.q_norm = get("self_attn.q_norm.weight").float()
         self.k_norm = get("self_attn.k_norm.weight").float()
-        self.qkv = Linear(torch.cat([get(f"self_attn.{p}_proj.weight") for p in "qkv"], dim=0), None, decode)
-        self.o = Linear(get("self_attn.o_proj.weight"), None, decode)
-        self.gate_up = Linear(torch.cat([get("mlp.gate_proj.weight"), get("mlp.up_proj.weight")], dim=0), None, decode)
-        self.down = Linear(get("mlp.down_proj.weight"), None, decode)
+        self._matrices(get, prefix, False, decode, weight_bits or {})
 
 
 class Gemma3Model(LlamaModel):
@@ -96,7 +93,10 @@ class Gemma3Model(LlamaModel):
 
     layers: Sequence[_GemmaLayer]
 
-    def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], decode_weights: str = "none") -> None:
+    def __init__(
+        self, config: ModelConfig, weights: dict[str, torch.Tensor], decode_weights: str = "none",
+        weight_bits: Mapping[str, int] | None = None,
+    ) -> None:
         self.config = config
         for key in ("model.embed_tokens.weight", "model.norm.weight"):
             if key not in weights:
@@ -104,10 +104,10 @@ class Gemma3Model(LlamaModel):
         self.embed = weights["model.embed_tokens.weight"]
         self.device = self.embed.device
         self.dtype = self.embed.dtype
-        self.layers = [_GemmaLayer(weights, f"model.layers.{i}.", decode_weights) for i in range(config.n_layers)]
+        self.layers = [_GemmaLayer(weights, f"model.layers.{i}.", decode_weights, weight_bits) for i in range(config.n_layers)]
         self.norm = weights["model.norm.weight"].float()
         head = self.embed if config.tie_embeddings else weights.get("lm_head.weight", self.embed)
-        self.lm_head = Linear(head, None, "int8" if decode_weights == "int4" else decode_weights)  # see LlamaModel
+        self.lm_head = Linear(head, None, head_decode(decode_weights))
         self.decode_weights = decode_weights
         self.ropes = layer_ropes(config, self.device)  # sliding layers: base 10 K; global: 1 M (+ linear scaling)
         c = config

@@ -7,7 +7,7 @@ key/value heads and D for head_dim. All functions are pure.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +25,21 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return F.rms_norm(x, (x.shape[-1],), weight, eps)
 
 
-DECODE_WEIGHTS = ("int4", "int8", "none")  # formats of the decode copy of a weight matrix
+DECODE_WEIGHTS = ("int4", "int8", "mixed", "none")  # formats of a model's decode weight copies ("mixed": per matrix)
+MATRIX_FORMATS = ("int4", "int8", "none")  # the format of one matrix's copy
+
+
+def matrix_decode(decode: str, weight_bits: Mapping[str, int], names: Sequence[str]) -> str:
+    """Decode format of one matrix made of the file tensors ``names`` (several for a fused matrix).
+
+    ``decode`` is a model's format (:data:`DECODE_WEIGHTS`); ``"mixed"`` codes the matrix in
+    int4 when the file stores every one of its tensors in 4 bits or fewer (``weight_bits``,
+    by HF name; an absent name counts as 16 bits), else in int8: a Q4_K_M file keeps its
+    Q6_K matrices at 8 bits. Other formats apply to every matrix.
+    """
+    if decode != "mixed":
+        return decode
+    return "int4" if names and all(weight_bits.get(n, 16) <= 4 for n in names) else "int8"
 
 
 def int4_group(k: int) -> int:
@@ -94,8 +108,8 @@ class Linear:
     upcast_min_rows = 16  # below, a slow bfloat16 product still costs less than up-casting W
 
     def __init__(self, w: torch.Tensor, b: torch.Tensor | None = None, decode: str = "none") -> None:
-        if decode not in DECODE_WEIGHTS:
-            raise ValueError(f"unknown decode weight format {decode!r}: use one of {', '.join(DECODE_WEIGHTS)}")
+        if decode not in MATRIX_FORMATS:
+            raise ValueError(f"unknown decode weight format {decode!r}: use one of {', '.join(MATRIX_FORMATS)}")
         if decode != "none" and w.device.type != "cpu":
             raise ValueError(f"{decode} decode weights are a CPU format, the model is on {w.device}: use weights none (or auto)")
         self.w = w.contiguous()

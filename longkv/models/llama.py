@@ -23,7 +23,7 @@ from longkv import kernels
 from longkv.config import ModelConfig, RopeScaling
 from longkv.errors import LongKVError
 from longkv.models.family import Family, Source
-from longkv.models.layers import Linear, Rotary, gated_mlp, layer_ropes, rms_norm
+from longkv.models.layers import Linear, Rotary, gated_mlp, layer_ropes, matrix_decode, rms_norm
 
 # attention(layer, q (H, T, D), k (Hkv, T, D), v (Hkv, T, D), positions (T,)) -> (H, T, D)
 AttentionFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -32,7 +32,10 @@ AttentionFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Ten
 class _Layer:
     __slots__ = ("attn_norm", "down", "gate_up", "k_norm", "mlp_norm", "o", "q_norm", "qkv", "tiled_in", "tiled_out")
 
-    def __init__(self, w: dict[str, torch.Tensor], prefix: str, bias: bool, decode: str, qk_norm: bool = False) -> None:
+    def __init__(
+        self, w: dict[str, torch.Tensor], prefix: str, bias: bool, decode: str, qk_norm: bool = False,
+        weight_bits: Mapping[str, int] | None = None,
+    ) -> None:
         def get(name: str) -> torch.Tensor:
             key = prefix + name
             if key not in w:
@@ -41,19 +44,34 @@ class _Layer:
 
         self.attn_norm = get("input_layernorm.weight")
         self.mlp_norm = get("post_attention_layernorm.weight")
-        # One matmul for q, k and v (and one for gate and up): fewer kernel launches per token.
-        w_qkv = torch.cat([get(f"self_attn.{p}_proj.weight") for p in "qkv"], dim=0)
-        b_qkv = torch.cat([get(f"self_attn.{p}_proj.bias") for p in "qkv"]) if bias else None
-        self.qkv = Linear(w_qkv, b_qkv, decode)
-        self.o = Linear(get("self_attn.o_proj.weight"), None, decode)
-        self.gate_up = Linear(torch.cat([get("mlp.gate_proj.weight"), get("mlp.up_proj.weight")], dim=0), None, decode)
-        self.down = Linear(get("mlp.down_proj.weight"), None, decode)
+        self._matrices(get, prefix, bias, decode, weight_bits or {})
         # QK-norm (Qwen3): one (head_dim,) weight shared by the query heads, one by the key heads
         self.q_norm = get("self_attn.q_norm.weight") if qk_norm else None
         self.k_norm = get("self_attn.k_norm.weight") if qk_norm else None
         # decode rows take each half of the layer in one kernel call where every matrix has kernel tiles
         self.tiled_in = bool(self.qkv.bits) and not qk_norm
         self.tiled_out = bool(self.o.bits and self.gate_up.bits and self.down.bits)
+
+    def _matrices(
+        self, get: Callable[[str], torch.Tensor], prefix: str, bias: bool, decode: str, weight_bits: Mapping[str, int]
+    ) -> None:
+        """The four projections; each one's decode format from :func:`matrix_decode`."""
+
+        def linear(names: Sequence[str], b: torch.Tensor | None = None) -> Linear:
+            # one matmul for q, k and v (and one for gate and up): fewer kernel calls per token
+            w = torch.cat([get(n) for n in names], dim=0) if len(names) > 1 else get(names[0])
+            return Linear(w, b, matrix_decode(decode, weight_bits, [prefix + n for n in names]))
+
+        qkv = [f"self_attn.{p}_proj.weight" for p in "qkv"]
+        self.qkv = linear(qkv, torch.cat([get(f"self_attn.{p}_proj.bias") for p in "qkv"]) if bias else None)
+        self.o = linear(["self_attn.o_proj.weight"])
+        self.gate_up = linear(["mlp.gate_proj.weight", "mlp.up_proj.weight"])
+        self.down = linear(["mlp.down_proj.weight"])
+
+
+def head_decode(decode_weights: str) -> str:
+    """Decode format of the LM head under a model's ``decode_weights``: int8 for int4 and mixed."""
+    return "int8" if decode_weights in ("int4", "mixed") else decode_weights
 
 
 class LlamaModel:
@@ -63,8 +81,11 @@ class LlamaModel:
         config: model shape.
         weights: HF-named tensors already in the compute dtype.
         decode_weights: also keep ``"int8"`` or ``"int4"`` copies of the matrices for
-            decode steps (``"none"``: none; see :class:`~longkv.models.layers.Linear`);
-            prefill is unchanged. CPU only.
+            decode steps, or ``"mixed"`` (per matrix, by ``weight_bits``: see
+            :func:`~longkv.models.layers.matrix_decode`); ``"none"``: none (see
+            :class:`~longkv.models.layers.Linear`). Prefill is unchanged. CPU only.
+        weight_bits: bits per weight each tensor had in the file, by HF name
+            (:attr:`~longkv.loading.LoadedModel.weight_bits`); only ``"mixed"`` reads it.
 
     Every weight is on one device (:attr:`device`, that of the embedding); callers pass
     ids and positions on it.
@@ -76,7 +97,10 @@ class LlamaModel:
 
     layers: Sequence[_Layer]  # a family's block may extend _Layer (Gemma 3's four norms)
 
-    def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], decode_weights: str = "none") -> None:
+    def __init__(
+        self, config: ModelConfig, weights: dict[str, torch.Tensor], decode_weights: str = "none",
+        weight_bits: Mapping[str, int] | None = None,
+    ) -> None:
         self.config = config
         if "model.embed_tokens.weight" not in weights:
             raise LongKVError("weight model.embed_tokens.weight missing from the model file: the file is incomplete")
@@ -85,13 +109,13 @@ class LlamaModel:
         self.device = weights["model.embed_tokens.weight"].device
         bias = config.attention_bias
         weights = fold_attn_scale(config, weights)
-        self.layers = [_Layer(weights, f"model.layers.{i}.", bias, decode_weights, config.qk_norm) for i in range(config.n_layers)]
+        self.layers = [_Layer(weights, f"model.layers.{i}.", bias, decode_weights, config.qk_norm, weight_bits) for i in range(config.n_layers)]
         self.embed = weights["model.embed_tokens.weight"]
         self.norm = weights["model.norm.weight"]
         head = self.embed if config.tie_embeddings else weights.get("lm_head.weight", self.embed)
-        # The LM head stays int8 under int4: it is often the embedding kept at 8 bits in the file
-        # (SmolLM2's Q8_0), and 4-bit logits moved decode perplexity by +5 % there.
-        self.lm_head = Linear(head, None, "int8" if decode_weights == "int4" else decode_weights)
+        # The LM head stays int8 under int4 (and mixed): it is often the embedding kept at 8 bits in
+        # the file (SmolLM2's Q8_0), and 4-bit logits moved decode perplexity by +5 % there.
+        self.lm_head = Linear(head, None, head_decode(decode_weights))
         self.decode_weights = decode_weights
         self.ropes = layer_ropes(config, self.device)  # per layer, from its AttnSpec
         self.dtype = self.embed.dtype

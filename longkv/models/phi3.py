@@ -38,8 +38,22 @@ from longkv.models.llama import LlamaModel
 class Phi3Model(LlamaModel):
     """Phi-3 decoder: :class:`LlamaModel` over the fused projections (same arguments and errors)."""
 
-    def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], decode_weights: str = "none") -> None:
-        super().__init__(config, split_fused(config, weights), decode_weights)
+    def __init__(
+        self, config: ModelConfig, weights: dict[str, torch.Tensor], decode_weights: str = "none",
+        weight_bits: Mapping[str, int] | None = None,
+    ) -> None:
+        bits = dict(weight_bits or {})
+        for name, b in (weight_bits or {}).items():  # the split tensors keep their fused tensor's bits
+            for fused, parts in _FUSED.items():
+                if name.endswith(fused):
+                    bits.update({name[: -len(fused)] + part: b for part in parts})
+        super().__init__(config, split_fused(config, weights), decode_weights, bits)
+
+
+_FUSED = {
+    "self_attn.qkv_proj.weight": ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
+    "mlp.gate_up_proj.weight": ("mlp.gate_proj.weight", "mlp.up_proj.weight"),
+}
 
 
 def split_fused(config: ModelConfig, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -54,10 +68,7 @@ def split_fused(config: ModelConfig, weights: dict[str, torch.Tensor]) -> dict[s
     sizes = (c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim, c.n_kv_heads * c.head_dim)
     for i in range(c.n_layers):
         p = f"model.layers.{i}."
-        for fused, parts, rows in (
-            ("self_attn.qkv_proj.weight", ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"), sizes),
-            ("mlp.gate_up_proj.weight", ("mlp.gate_proj.weight", "mlp.up_proj.weight"), (c.intermediate_size,) * 2),
-        ):
+        for (fused, parts), rows in zip(_FUSED.items(), (sizes, (c.intermediate_size,) * 2), strict=True):
             w = out.pop(p + fused, None)
             if w is None:
                 raise LongKVError(f"weight {p + fused} missing from the model file: the file is incomplete or not a Phi-3 model")
