@@ -109,6 +109,37 @@ def test_dense_decode_paths_agree_with_and_without_kernels(monkeypatch: pytest.M
 
 
 @needs_cc
+def test_cache_appends_in_one_call_write_what_the_pytorch_copy_writes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """LayerKV.append through kernels.kv_write (one C call) against the PyTorch slice copies: the same keys,
+    values and positions in the pool's slots, for a prefill chunk, strided decode rows and a page boundary;
+    rows of another dtype than the pages are left to PyTorch's copy (which casts)."""
+    from longkv.kv.cache import LayerKV
+
+    g = torch.Generator().manual_seed(4)
+    qkv = torch.randn(5, 5, 32, generator=g).bfloat16()  # (heads, T, D): k and v as strided views of one tensor
+    steps = [(torch.randn(2, 60, 32, generator=g).bfloat16(), torch.randn(2, 60, 32, generator=g).bfloat16())]
+    steps += [(qkv[1:3, t : t + 1], qkv[3:5, t : t + 1]) for t in range(5)]  # crosses the 64-slot page
+    steps += [(torch.randn(2, 1, 32, generator=g), torch.randn(2, 1, 32, generator=g))]  # float32 rows
+
+    def fill(c_write: bool) -> LayerKV:
+        lkv = LayerKV(2, 32, 64, torch.bfloat16)
+        assert lkv._c_write
+        lkv._c_write = c_write
+        at = 100
+        for k, v in steps:
+            lkv.append(k, v, torch.arange(at, at + k.shape[1]))
+            at += k.shape[1] + 3
+        return lkv
+
+    fast, slow = fill(True), fill(False)
+    assert fast.n == slow.n == 66
+    for a, b in zip(fast.view(), slow.view(), strict=True):
+        assert torch.equal(a, b)
+    assert int(fast.positions()[-1]) == 100 + 66 + 3 * 6 - 1
+    assert not kernels.kv_write(*fast.pool.planes.values(), fast.pool.pos, 0, *steps[-1], torch.arange(1))  # float32 rows
+
+
+@needs_cc
 def test_limits_are_refused_not_miscomputed() -> None:
     q = torch.randn(66, 1, 64)  # 33 query heads per KV head: past the kernel's group limit
     k = torch.randn(2, 10, 64)
@@ -253,8 +284,9 @@ def test_layer_halves_in_one_call_equal_the_kernel_by_kernel_forward(dtype: torc
     def run(weights_dtype: torch.dtype, one_call: bool) -> torch.Tensor:
         model = build(cfg, {k: v.to(dtype).to(weights_dtype) for k, v in w.items()}, decode_weights=decode)
         for L in model.layers:
-            assert L.tiled_in and L.tiled_out
-            L.tiled_in = L.tiled_out = one_call
+            assert L.fused_in is not None and L.fused_out is not None
+            if not one_call:
+                L.fused_in = L.fused_out = None
         out = model.forward(ids, pos, attention, "all")
         assert out is not None
         return out

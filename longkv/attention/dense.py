@@ -118,6 +118,8 @@ def attend_segments(
     """
     if window is not None and q.shape[1] == 1:
         segments, window = in_window(segments, q_pos, window), None
+    if q.shape[1] == 1 and segments and kernels.supports(q, segments[0][0]):  # a decode step: one C call over the parts
+        return kernels.decode_attention(q, [[(k, v) for k, v, _ in segments]], q.shape[-1] ** -0.5)
     if len(segments) == 1:
         k, v, kpos = segments[0]
         return attend(q, k, v, q_pos, kpos, window)
@@ -126,8 +128,6 @@ def attend_segments(
         return attend(q, k, v, q_pos, kpos, window)
     h, _, d = q.shape
     hkv = segments[0][0].shape[0]
-    if kernels.supports(q, segments[0][0]):
-        return kernels.decode_attention(q, [[(k, v) for k, v, _ in segments]], d**-0.5)
     if q.dtype == torch.bfloat16 and not fast_bf16_matmul(q.device):  # see _decode_attend
         up = [(k.float(), v.float(), kpos) for k, v, kpos in segments]
         return attend_segments(q.float(), up, q_pos).to(q.dtype)

@@ -43,6 +43,7 @@ _SOURCES = [_DIR / "cpu.c"]
 _FLAGS = ["-O3", "-march=native", "-std=c11", "-fPIC", "-shared", "-fno-math-errno", "-fno-trapping-math",
           "-fassociative-math", "-fno-signed-zeros", "-fopenmp"]
 MAX_GROUP, MAX_HEAD_DIM = 32, 512  # the C kernel's limits (query heads per KV head, head_dim)
+_ACT_DTYPES = (torch.bfloat16, torch.float32)  # activations the kernels take
 
 _lib: ctypes.CDLL | None = None
 _tried = False
@@ -126,6 +127,10 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     f = lib.longkv_attn_out_mlp
     f.argtypes = [p, p, i, i, p, p, i, fl, i, p, i, p, i, i, i, p, i]
     f.restype = ctypes.c_int
+    f = lib.longkv_kv_write
+    i64 = ctypes.c_int64
+    f.argtypes = [p, p, i64, i64, p, p, i64, i64, p, i64, i64, p, i, i, i, i]
+    f.restype = None
     return lib
 
 
@@ -171,7 +176,7 @@ def decode_attention(q: torch.Tensor, plans: list[list[tuple[torch.Tensor, torch
         ValueError: shapes or dtypes the kernel does not take (check :func:`supports` first), or the
             kernels are off.
     """
-    if _lib is None or not available():
+    if _lib is None:  # (the caller asked supports(), which honours LONGKV_KERNELS=0)
         raise ValueError("longkv's CPU kernels are off (no C compiler, or LONGKV_KERNELS=0)")
     h, b, d = q.shape
     if len(plans) != b:
@@ -183,20 +188,24 @@ def decode_attention(q: torch.Tensor, plans: list[list[tuple[torch.Tensor, torch
     for parts in plans:
         count = 0
         for k, v in parts:
-            if k.shape[1] == 0:
+            n = k.shape[1]
+            if n == 0:
                 continue
-            dt = dt or k.dtype
-            hkv = k.shape[0]
-            if k.dtype != dt or v.dtype != dt or k.stride(-1) != 1 or v.stride(-1) != 1:
+            ks, vs = k.stride(), v.stride()
+            if dt is None:
+                dt, hkv = k.dtype, k.shape[0]
+            if k.dtype != dt or v.dtype != dt or ks[2] != 1 or vs[2] != 1:
                 raise ValueError("decode_attention: parts of one dtype (bfloat16 or float32) with contiguous rows")
-            meta += (k.data_ptr(), v.data_ptr(), k.shape[1], k.stride(0), k.stride(1), v.stride(0), v.stride(1))
+            meta += (k.data_ptr(), v.data_ptr(), n, ks[0], ks[1], vs[0], vs[1])
             count += 1
         nseg.append(count)
     if dt is None:
         return torch.zeros_like(q)
     want = q.dtype
-    q = (q if q.dtype in (torch.bfloat16, torch.float32) else q.float()).contiguous()
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if want not in _ACT_DTYPES:
+        q = q.float()
+    q = q.contiguous()
+    out = torch.empty_like(q)
     flags = int(dt == torch.bfloat16) | (int(q.dtype == torch.bfloat16) << 1)
     rc = _lib.longkv_decode_attention((ctypes.c_int64 * len(meta))(*meta), (ctypes.c_int32 * b)(*nseg), b, q.data_ptr(),
                                       out.data_ptr(), h, hkv, d, scale, flags)
@@ -230,6 +239,34 @@ def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tens
     _lib.longkv_add_rms_norm(x.data_ptr(), None if delta is None else delta.data_ptr(), weight.data_ptr(), out.data_ptr(),
                              t, c, eps, int(x.dtype == torch.bfloat16), int(weight.dtype == torch.bfloat16))
     return out
+
+
+def kv_write(
+    k_plane: torch.Tensor, v_plane: torch.Tensor, pos_plane: torch.Tensor, slot: int, k: torch.Tensor, v: torch.Tensor,
+    positions: torch.Tensor,
+) -> bool:
+    """Write T tokens' keys, values and positions into a layer's page planes at ``slot`` in one call.
+
+    Args:
+        k_plane, v_plane: (Hkv, S, D) contiguous planes of a page pool (CPU); pos_plane: (S,) int64.
+        k, v: (Hkv, T, D) of the planes' dtype with contiguous rows; positions: (T,) int64 contiguous.
+        slot: the first slot written; slots ``[slot, slot + T)`` must be inside the planes.
+
+    Returns:
+        False (nothing written) where the kernel does not take these tensors (the caller copies
+        with PyTorch), True once written.
+    """
+    if (
+        _lib is None or k.dtype != k_plane.dtype or v.dtype != k_plane.dtype or k.stride(-1) != 1 or v.stride(-1) != 1
+        or positions.dtype != torch.int64 or not positions.is_contiguous() or k.device.type != "cpu"
+    ):  # fmt: skip
+        return False
+    hkv, t, d = k.shape
+    assert slot + t <= k_plane.shape[1] and v_plane.stride() == k_plane.stride() and k_plane.is_contiguous()
+    _lib.longkv_kv_write(k_plane.data_ptr(), v_plane.data_ptr(), k_plane.stride(0), slot, pos_plane.data_ptr(), k.data_ptr(),
+                         k.stride(0), k.stride(1), v.data_ptr(), v.stride(0), v.stride(1), positions.data_ptr(), hkv, t, d,
+                         k.element_size())
+    return True
 
 
 def rope(rows: torch.Tensor, heads: int, head_dim: int, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -348,82 +385,104 @@ def _check_tiles(who: str, name: str, w: torch.Tensor, bits: int, n: int, k: int
         raise ValueError(f"{who}: {name}'s {w.numel()} bytes of tiles do not hold a ({n}, {k}) {bits}-bit matrix")
 
 
-def attn_in(
-    x: torch.Tensor, delta: torch.Tensor | None, norm_w: torch.Tensor, eps: float, qkv: torch.Tensor, bits: int,
-    bias: torch.Tensor | None, heads: int, kv_heads: int, head_dim: int, cos: torch.Tensor, sin: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first half of a decoder layer for a few decode rows, in one call: ``x += delta`` in place (skipped
-    for None), RMSNorm, the fused q/k/v projection (:func:`block_linear`'s tiles, plus ``bias``) and RoPE
-    of the query and key heads, with the rows kept in float32 in between.
+class AttnIn:
+    """The first half of a decoder layer for a few decode rows, bound to one layer's weights (checked once):
+    a call adds ``delta`` to x in place (skipped for None), then RMSNorm, the fused q/k/v projection
+    (:func:`block_linear`'s tiles, plus ``bias``) and RoPE of the query and key heads, in one kernel call
+    with the rows kept in float32 in between.
 
     Args:
-        x: (T, C) contiguous, bfloat16 or float32; delta: the same, or None.
-        norm_w: (C,) of x's dtype or float32; qkv: tiles of the ((H + 2 Hkv) * D, C) matrix, ``bits`` 4 or 8;
-        bias: ((H + 2 Hkv) * D,) of norm_w's dtype, or None.
-        cos, sin: (T, R/2) float32 (R rotated channels, as :func:`rope`).
+        norm_w: (C,) bfloat16 or float32; eps: the RMSNorm epsilon.
+        qkv: tiles of the ((H + 2 Hkv) * D, C) matrix, ``bits`` 4 or 8; bias: ((H + 2 Hkv) * D,) or None.
+        heads, kv_heads, head_dim: H, Hkv, D.
 
-    Returns:
-        qk (H + Hkv, T, D): the rotated query heads, then key heads; v (Hkv, T, D); in x's dtype.
+    Call with x (T, C) contiguous, bfloat16 or float32; delta of x's shape and dtype, or None; cos, sin
+    (T, R/2) float32 contiguous (R rotated channels, as :func:`rope`). Returns qk (H + Hkv, T, D): the
+    rotated query heads, then key heads; v (Hkv, T, D); in x's dtype.
 
     Raises:
         ValueError: the library is not built, or sizes or tiles the kernel does not take.
     """
-    if _lib is None:
-        raise ValueError("longkv's CPU kernels are off (no C compiler, or LONGKV_KERNELS=0)")
-    t, c = x.shape
-    n = (heads + 2 * kv_heads) * head_dim
-    _check_tiles("attn_in", "qkv", qkv, bits, n, c)
-    assert x.is_contiguous() and x.dtype in (torch.bfloat16, torch.float32) and norm_w.is_contiguous() and cos.dtype == torch.float32
-    w_bf16 = norm_w.dtype == torch.bfloat16
-    if bias is not None:
-        bias = bias.to(norm_w.dtype).contiguous()
-    if delta is not None:
-        assert delta.shape == x.shape and delta.dtype == x.dtype
-        delta = delta.contiguous()
-    qk = torch.empty(heads + kv_heads, t, head_dim, dtype=x.dtype)
-    v = torch.empty(kv_heads, t, head_dim, dtype=x.dtype)
-    rc = _lib.longkv_attn_in(
-        x.data_ptr(), None if delta is None else delta.data_ptr(), norm_w.data_ptr(), int(w_bf16), eps, t, c, bits, qkv.data_ptr(),
-        None if bias is None else bias.data_ptr(), heads, kv_heads, head_dim, cos.contiguous().data_ptr(), sin.contiguous().data_ptr(),
-        2 * cos.shape[-1], qk.data_ptr(), v.data_ptr(), int(x.dtype == torch.bfloat16),
-    )  # fmt: skip
-    if rc != 0:
-        raise ValueError(f"attn_in: head_dim {head_dim} above {MAX_HEAD_DIM} or more rotated channels than it")
-    return qk, v
+
+    __slots__ = ("_args", "_keep", "head_dim", "heads", "kv_heads", "size")
+
+    def __init__(
+        self, norm_w: torch.Tensor, eps: float, qkv: torch.Tensor, bits: int, bias: torch.Tensor | None, heads: int,
+        kv_heads: int, head_dim: int,
+    ) -> None:
+        if _lib is None:
+            raise ValueError("longkv's CPU kernels are off (no C compiler, or LONGKV_KERNELS=0)")
+        c = norm_w.shape[0]
+        _check_tiles("attn_in", "qkv", qkv, bits, (heads + 2 * kv_heads) * head_dim, c)
+        if head_dim > MAX_HEAD_DIM:
+            raise ValueError(f"attn_in: head_dim {head_dim} above {MAX_HEAD_DIM}")
+        norm_w = norm_w.contiguous()
+        bias = None if bias is None else bias.to(norm_w.dtype).contiguous()
+        self._keep = (norm_w, qkv, bias)  # the kernel reads them through the pointers below
+        self._args = (norm_w.data_ptr(), int(norm_w.dtype == torch.bfloat16), eps, c, bits, qkv.data_ptr(),
+                      None if bias is None else bias.data_ptr(), heads, kv_heads, head_dim)  # fmt: skip
+        self.heads, self.kv_heads, self.head_dim, self.size = heads, kv_heads, head_dim, c
+
+    def __call__(
+        self, x: torch.Tensor, delta: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        t = x.shape[0]
+        assert x.shape[1] == self.size and x.is_contiguous() and x.dtype in _ACT_DTYPES
+        assert delta is None or (delta.dtype == x.dtype and delta.is_contiguous())
+        qk = torch.empty(self.heads + self.kv_heads, t, self.head_dim, dtype=x.dtype)
+        v = torch.empty(self.kv_heads, t, self.head_dim, dtype=x.dtype)
+        norm, w_bf16, eps, c, bits, w, bias, h, hkv, d = self._args
+        rc = _lib.longkv_attn_in(  # type: ignore[union-attr]
+            x.data_ptr(), None if delta is None else delta.data_ptr(), norm, w_bf16, eps, t, c, bits, w, bias, h, hkv, d,
+            cos.data_ptr(), sin.data_ptr(), 2 * cos.shape[-1], qk.data_ptr(), v.data_ptr(), int(x.dtype == torch.bfloat16),
+        )  # fmt: skip
+        if rc != 0:
+            raise ValueError(f"attn_in: the kernel refused {2 * cos.shape[-1]} rotated channels of {d} (code {rc})")
+        return qk, v
 
 
-def attn_out_mlp(
-    x: torch.Tensor, o: torch.Tensor, o_w: torch.Tensor, o_bits: int, norm_w: torch.Tensor, eps: float,
-    gate_up: torch.Tensor, bits_gu: int, down: torch.Tensor, bits_dn: int, inter: int,
-) -> torch.Tensor:
-    """The second half of a decoder layer for a few decode rows, in one call: ``x += o @ Wo.T`` in place,
-    RMSNorm, then SwiGLU (``down(silu(gate(h)) * up(h))``), with the rows kept in float32 in between.
+class AttnOutMlp:
+    """The second half of a decoder layer for a few decode rows, bound to one layer's weights (checked once):
+    a call adds ``o @ Wo.T`` to x in place, then RMSNorm, then SwiGLU (``down(silu(gate(h)) * up(h))``),
+    in one kernel call with the rows kept in float32 in between.
 
     Args:
-        x: (T, C) contiguous, bfloat16 or float32; o: (T, Ho) attention output rows, x's dtype.
-        o_w: tiles of the (C, Ho) output projection, ``o_bits`` 4 or 8; norm_w: (C,) of x's dtype or float32.
+        o_w: tiles of the (C, Ho) output projection, ``o_bits`` 4 or 8; norm_w: (C,) bfloat16 or float32.
         gate_up: tiles of the (2 * inter, C) gate and up rows (gate first), ``bits_gu`` 4 or 8; down: tiles
-            of the (C, inter) down projection, ``bits_dn`` 4 or 8; inter: the intermediate size.
+            of the (C, inter) down projection, ``bits_dn`` 4 or 8; inter: the intermediate size; ho: Ho.
 
-    Returns:
-        (T, C) in x's dtype: the MLP's output (the residual add is the next layer's).
+    Call with x (T, C) contiguous, bfloat16 or float32, and o (T, Ho) the attention output rows in x's
+    dtype. Returns (T, C) in x's dtype: the MLP's output (the residual add is the next layer's).
 
     Raises:
         ValueError: the library is not built, or sizes or tiles the kernel does not take.
     """
-    if _lib is None:
-        raise ValueError("longkv's CPU kernels are off (no C compiler, or LONGKV_KERNELS=0)")
-    t, c = x.shape
-    ho = o.shape[1]
-    for name, w, bits, n, k in (("o", o_w, o_bits, c, ho), ("gate_up", gate_up, bits_gu, 2 * inter, c), ("down", down, bits_dn, c, inter)):
-        _check_tiles("attn_out_mlp", name, w, bits, n, k)
-    assert x.is_contiguous() and x.dtype in (torch.bfloat16, torch.float32) and o.dtype == x.dtype and norm_w.is_contiguous()
-    o = o.contiguous()
-    out = torch.empty_like(x)
-    rc = _lib.longkv_attn_out_mlp(
-        x.data_ptr(), o.data_ptr(), ho, o_bits, o_w.data_ptr(), norm_w.data_ptr(), int(norm_w.dtype == torch.bfloat16), eps,
-        bits_gu, gate_up.data_ptr(), bits_dn, down.data_ptr(), inter, t, c, out.data_ptr(), int(x.dtype == torch.bfloat16),
-    )  # fmt: skip
-    if rc != 0:
-        raise ValueError("attn_out_mlp: the kernel refused these sizes")
-    return out
+
+    __slots__ = ("_args", "_keep", "size")
+
+    def __init__(
+        self, o_w: torch.Tensor, o_bits: int, ho: int, norm_w: torch.Tensor, eps: float, gate_up: torch.Tensor, bits_gu: int,
+        down: torch.Tensor, bits_dn: int, inter: int,
+    ) -> None:
+        if _lib is None:
+            raise ValueError("longkv's CPU kernels are off (no C compiler, or LONGKV_KERNELS=0)")
+        c = norm_w.shape[0]
+        for name, w, bits, n, k in (("o", o_w, o_bits, c, ho), ("gate_up", gate_up, bits_gu, 2 * inter, c), ("down", down, bits_dn, c, inter)):
+            _check_tiles("attn_out_mlp", name, w, bits, n, k)
+        norm_w = norm_w.contiguous()
+        self._keep = (o_w, norm_w, gate_up, down)  # the kernel reads them through the pointers below
+        self._args = (ho, o_bits, o_w.data_ptr(), norm_w.data_ptr(), int(norm_w.dtype == torch.bfloat16), eps, bits_gu,
+                      gate_up.data_ptr(), bits_dn, down.data_ptr(), inter)  # fmt: skip
+        self.size = c
+
+    def __call__(self, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+        t = x.shape[0]
+        assert x.shape[1] == self.size and x.is_contiguous() and x.dtype in _ACT_DTYPES and o.dtype == x.dtype and o.shape[1] == self._args[0]
+        o = o.contiguous()
+        out = torch.empty_like(x)
+        rc = _lib.longkv_attn_out_mlp(  # type: ignore[union-attr]
+            x.data_ptr(), o.data_ptr(), *self._args, t, self.size, out.data_ptr(), int(x.dtype == torch.bfloat16)
+        )
+        if rc != 0:
+            raise ValueError(f"attn_out_mlp: the kernel refused these sizes (code {rc})")
+        return out

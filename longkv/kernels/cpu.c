@@ -907,3 +907,18 @@ int longkv_attn_out_mlp(void *x, const void *o, int Ho, int bits_o, const uint8_
     free(h);
     return rc;
 }
+
+/* Write T tokens into a layer's page planes in place: kd[g, slot + t] = k[g, t] and vd[g, slot + t] = v[g, t]
+ * (D elements of es bytes each) for every KV head g < Hkv, and pos_d[slot + t] = pos[t]. The planes' head
+ * stride is hs elements; k and v have head strides ks / vs and token strides kt / vt elements, rows
+ * contiguous. */
+void longkv_kv_write(void *kd, void *vd, int64_t hs, int64_t slot, int64_t *pos_d, const void *k, int64_t ks, int64_t kt,
+                     const void *v, int64_t vs, int64_t vt, const int64_t *pos, int Hkv, int T, int D, int es) {
+    for (int g = 0; g < Hkv; g++)
+        for (int t = 0; t < T; t++) {
+            const int64_t at = ((int64_t)g * hs + (slot + t) * D) * es;
+            memcpy((char *)kd + at, (const char *)k + ((int64_t)g * ks + (int64_t)t * kt) * es, (size_t)D * es);
+            memcpy((char *)vd + at, (const char *)v + ((int64_t)g * vs + (int64_t)t * vt) * es, (size_t)D * es);
+        }
+    memcpy(pos_d + slot, pos, sizeof(int64_t) * (size_t)T);
+}

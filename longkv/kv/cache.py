@@ -28,6 +28,7 @@ from collections.abc import Callable
 
 import torch
 
+from longkv import kernels
 from longkv.errors import LongKVError
 from longkv.kv.pool import PageFormat, PagePool
 
@@ -73,6 +74,7 @@ class LayerKV:
         assert pool.fmt == fmt and pool.n_kv_heads == n_kv_heads and pool.page_size == page_size, "pool of another shape"
         self.pool, self.page_size, self.dtype = pool, page_size, dtype
         self._plain = fmt.codec == "none"
+        self._c_write = self._plain and pool.device.type == "cpu" and kernels.available()  # appends in one C call
         self.shared: list[tuple[int, int]] = []  # (first slot, tokens): read-only spans, pages retained
         self.shared_n = 0
         self.run_start, self.run_pages = 0, 0  # own run of pages
@@ -225,12 +227,14 @@ class LayerKV:
         dst = slice(a, a + t)
         planes = pool.planes
         if self._plain:
-            planes["k"][:, dst] = k
-            planes["v"][:, dst] = v
+            if not (self._c_write and kernels.kv_write(planes["k"], planes["v"], pool.pos, a, k, v, positions)):
+                planes["k"][:, dst] = k
+                planes["v"][:, dst] = v
+                pool.pos[dst] = positions
         else:
             for name, x in pool.fmt.encode(k, v).items():
                 planes[name][:, dst] = x
-        pool.pos[dst] = positions
+            pool.pos[dst] = positions
         self.n_own += t
 
     # ---------------------------------------------------------------- reads

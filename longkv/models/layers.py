@@ -163,7 +163,7 @@ def gated_mlp(
 
     x: (T, hidden); gate_up: (2 * intermediate, hidden); down: (hidden, intermediate).
     (The llama block's decode rows take the whole second half of the layer in one kernel call instead:
-    :func:`longkv.kernels.attn_out_mlp`.)
+    :class:`longkv.kernels.AttnOutMlp`.)
     """
     gate, up = gate_up(x).chunk(2, dim=-1)
     return down(act(gate) * up)

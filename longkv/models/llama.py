@@ -30,7 +30,7 @@ AttentionFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Ten
 
 
 class _Layer:
-    __slots__ = ("attn_norm", "down", "gate_up", "k_norm", "mlp_norm", "o", "q_norm", "qkv", "tiled_in", "tiled_out")
+    __slots__ = ("attn_norm", "down", "fused_in", "fused_out", "gate_up", "k_norm", "mlp_norm", "o", "q_norm", "qkv")
 
     def __init__(
         self, w: dict[str, torch.Tensor], prefix: str, bias: bool, decode: str, qk_norm: bool = False,
@@ -49,8 +49,9 @@ class _Layer:
         self.q_norm = get("self_attn.q_norm.weight") if qk_norm else None
         self.k_norm = get("self_attn.k_norm.weight") if qk_norm else None
         # decode rows take each half of the layer in one kernel call where every matrix has kernel tiles
-        self.tiled_in = bool(self.qkv.bits) and not qk_norm
-        self.tiled_out = bool(self.o.bits and self.gate_up.bits and self.down.bits)
+        # (bound by the model, which knows the shapes: LlamaModel.__init__)
+        self.fused_in: kernels.AttnIn | None = None
+        self.fused_out: kernels.AttnOutMlp | None = None
 
     def _matrices(
         self, get: Callable[[str], torch.Tensor], prefix: str, bias: bool, decode: str, weight_bits: Mapping[str, int]
@@ -110,6 +111,15 @@ class LlamaModel:
         bias = config.attention_bias
         weights = fold_attn_scale(config, weights)
         self.layers = [_Layer(weights, f"model.layers.{i}.", bias, decode_weights, config.qk_norm, weight_bits) for i in range(config.n_layers)]
+        c = config
+        for L in self.layers:
+            if L.qkv.bits and L.q_norm is None:
+                assert L.qkv.q is not None
+                L.fused_in = kernels.AttnIn(L.attn_norm, c.rms_eps, L.qkv.q, L.qkv.bits, L.qkv.b, c.n_heads, c.n_kv_heads, c.head_dim)
+            if L.o.bits and L.gate_up.bits and L.down.bits:
+                assert L.o.q is not None and L.gate_up.q is not None and L.down.q is not None
+                L.fused_out = kernels.AttnOutMlp(L.o.q, L.o.bits, L.o.w.shape[1], L.mlp_norm, c.rms_eps, L.gate_up.q, L.gate_up.bits,
+                                                 L.down.q, L.down.bits, L.down.w.shape[1])  # fmt: skip
         self.embed = weights["model.embed_tokens.weight"]
         self.norm = weights["model.norm.weight"]
         head = self.embed if config.tie_embeddings else weights.get("lm_head.weight", self.embed)
@@ -186,10 +196,8 @@ class LlamaModel:
             if id(rope) not in tables:
                 tables[id(rope)] = rope.cos_sin(positions, torch.float32)
             cos, sin = tables[id(rope)]
-            if decode and L.tiled_in:  # a decode step's rows: norm, projection and RoPE in one call
-                assert L.qkv.q is not None
-                qk, v = kernels.attn_in(x, pending, L.attn_norm, c.rms_eps, L.qkv.q, L.qkv.bits, L.qkv.b, c.n_heads,
-                                        c.n_kv_heads, c.head_dim, cos, sin)
+            if decode and L.fused_in is not None:  # a decode step's rows: norm, projection and RoPE in one call
+                qk, v = L.fused_in(x, pending, cos, sin)
             else:
                 h = kernels.add_rms_norm(x, pending, L.attn_norm, c.rms_eps)
                 qkv = L.qkv(h)  # (T, (H + 2 Hkv) D)
@@ -201,10 +209,8 @@ class LlamaModel:
                 v = qkv[:, nq + nk :].view(T, c.n_kv_heads, c.head_dim).transpose(0, 1)
             q, k = qk[: c.n_heads], qk[c.n_heads :]
             o = attention(i, q, k, v, positions).transpose(0, 1).reshape(T, nq)  # (H, T, D) -> (T, H D)
-            if decode and L.tiled_out:  # output projection, norm and MLP in one call
-                assert L.o.q is not None and L.gate_up.q is not None and L.down.q is not None
-                pending = kernels.attn_out_mlp(x, o, L.o.q, L.o.bits, L.mlp_norm, c.rms_eps, L.gate_up.q, L.gate_up.bits,
-                                               L.down.q, L.down.bits, L.down.w.shape[1])
+            if decode and L.fused_out is not None:  # output projection, norm and MLP in one call
+                pending = L.fused_out(x, o)
             else:
                 h = kernels.add_rms_norm(x, L.o(o), L.mlp_norm, c.rms_eps)
                 pending = gated_mlp(h, L.gate_up, L.down)
