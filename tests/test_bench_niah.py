@@ -170,6 +170,9 @@ def test_run_folder_rejects_changed_fixed_settings(tmp_path: Path) -> None:
     RunFolder(tmp_path, "r").open({"kind": "niah", "model": "a", "seed": 0, "lengths": [5]})  # grid may grow
     with pytest.raises(LongKVError, match="another --name"):
         RunFolder(tmp_path, "r").open({"kind": "niah", "model": "a", "seed": 1})
+    RunFolder(tmp_path, "r").open({"kind": "niah", "model": "a", "seed": 0, "weights": "auto"})  # a folder from before the key
+    with pytest.raises(LongKVError, match="weights='auto', not 'int8'"):
+        RunFolder(tmp_path, "r").open({"kind": "niah", "model": "a", "seed": 0, "weights": "int8"})
     with pytest.raises(LongKVError, match="bad run name"):
         RunFolder(tmp_path, "../x")
 
@@ -194,6 +197,9 @@ def test_cli_user_errors_are_one_line(tmp_path: Path) -> None:
         (["niah", "--lengths", "abc", "--haystack", str(hay)], "bad length"),
         (["niah", "--policy", "nosuch", "--haystack", str(hay), "--runs-dir", str(tmp_path)], "unknown policy"),
         (["niah", "--backend", "transformers", "-p", "streaming", "--haystack", str(hay)], "dense attention only"),
+        (["niah", "--weights", "int2", "--haystack", str(hay), "--runs-dir", str(tmp_path)], "unknown weights 'int2'"),
+        (["niah", "--backend", "transformers", "--weights", "int8", "--haystack", str(hay), "--runs-dir", str(tmp_path)], "--weights is longkv's"),
+        (["ppl", "--weights", "int2", "--runs-dir", str(tmp_path)], "unknown weights 'int2'"),
         (["report", str(tmp_path)], "not a run folder"),
     ):
         res = _cli(args)
@@ -204,7 +210,7 @@ def test_cli_user_errors_are_one_line(tmp_path: Path) -> None:
 @needs_shared
 def test_niah_end_to_end_smollm2_writes_all_outputs_and_resumes(tmp_path: Path) -> None:
     args = ["niah", "-m", model_path("smollm2-135m"), "--lengths", "1k", "--depths", "0.5", "--samples", "1", "--threads", "1",
-            "--max-new-tokens", "10", "--runs-dir", str(tmp_path), "--name", "e2e", "-q"]  # fmt: skip
+            "--max-new-tokens", "10", "--runs-dir", str(tmp_path), "--name", "e2e", "--weights", "int8", "-q"]  # fmt: skip
     res = _cli(args)
     assert res.returncode == 0, res.stderr
     run = tmp_path / "e2e"
@@ -212,8 +218,9 @@ def test_niah_end_to_end_smollm2_writes_all_outputs_and_resumes(tmp_path: Path) 
     (row,) = [json.loads(line) for line in (run / "results.jsonl").read_text().splitlines()]
     assert row["tokens"] == 1000 and row["prompt_tokens"] == 1000 and row["status"] == "ok"
     assert row["score"] == (1.0 if row["expected"][0] in row["answer"] else 0.0)
-    assert row["peak_kv_bytes"] > 0 and row["prefill_s"] > 0
-    assert json.loads((run / "config.json").read_text())["lengths"] == [1000]
+    assert row["peak_kv_bytes"] > 0 and row["prefill_s"] > 0 and row["weights"] == "int8"
+    config = json.loads((run / "config.json").read_text())
+    assert config["lengths"] == [1000] and config["weights"] == "int8"
     assert "| dense |" in (run / "summary.md").read_text()
     again = _cli(args)
     assert again.returncode == 0 and "0 new rows" in again.stderr

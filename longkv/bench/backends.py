@@ -42,11 +42,12 @@ class LongKVBackend:
     name = "longkv"
 
     def __init__(
-        self, model: str | None, dtype: str = "bfloat16", chunk_size: int = 512, threads: int | None = None, device: str = "cpu"
+        self, model: str | None, dtype: str = "bfloat16", chunk_size: int = 512, threads: int | None = None, device: str = "cpu",
+        weights: str = "auto",
     ) -> None:
         from longkv.engine.llm import LLM
 
-        self.llm = LLM(model, dtype=dtype, chunk_size=chunk_size, threads=threads, device=device)
+        self.llm = LLM(model, dtype=dtype, chunk_size=chunk_size, threads=threads, device=device, weights=weights)
         self.tokenizer = self.llm.tokenizer
 
     def window(self) -> int:
@@ -67,6 +68,7 @@ class LongKVBackend:
             "decode_tok_s": round(s.decode_tok_s, 1),
             "peak_kv_bytes": s.peak_kv_bytes,
             "policy_resolved": s.policy,
+            "weights": self.llm.decode_weights,
         }
 
 
@@ -139,15 +141,16 @@ class TransformersBackend:
 
 
 def make_backend(
-    name: str, model: str | None, dtype: str | None = None, chunk_size: int = 512, threads: int | None = None, device: str = "cpu"
+    name: str, model: str | None, dtype: str | None = None, chunk_size: int = 512, threads: int | None = None, device: str = "cpu",
+    weights: str = "auto",
 ) -> Any:
-    """Build a backend by name (``device``: longkv's; the transformers reference runs on the CPU).
+    """Build a backend by name (``device``, ``weights``: longkv's; the transformers reference runs on the CPU).
 
     Raises:
         LongKVError: unknown backend name, or the transformers backend off the CPU.
     """
     if name == "longkv":
-        return LongKVBackend(model, dtype or "bfloat16", chunk_size, threads, device)
+        return LongKVBackend(model, dtype or "bfloat16", chunk_size, threads, device, weights)
     if device != "cpu":
         raise LongKVError(f"the transformers backend runs on the CPU: drop --device {device} or use --backend longkv")
     if name == "transformers":

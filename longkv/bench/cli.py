@@ -32,6 +32,7 @@ Dtype = Annotated[str | None, typer.Option(help="bfloat16 or float32 (default: b
 Threads = Annotated[int | None, typer.Option(help="CPU threads (default: all cores).")]
 Device = Annotated[str, typer.Option(help="Where longkv runs: cpu, cuda or cuda:N.")]
 ChunkSize = Annotated[int, typer.Option(help="Prefill chunk in tokens.")]
+Weights = Annotated[str, typer.Option(help="Weights longkv's decode steps read: auto, int4, int8, mixed or none (see longkv ask --help).")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", metavar="", help="No progress bar.")]
 Haystack = Annotated[list[Path] | None, typer.Option("--haystack", help="Haystack text file, repeatable (default: ../shared/data/books).")]
 
@@ -47,7 +48,17 @@ def _policies(policies: list[str] | None, backend: str) -> list[str]:
     return specs
 
 
-def _settings(backend: str, model: str | None, dtype: str | None, chunk_size: int, threads: int | None, device: str) -> dict[str, Any]:
+def _check_weights(weights: str) -> str:
+    from longkv.models.layers import DECODE_WEIGHTS
+
+    if weights not in ("auto", *DECODE_WEIGHTS):
+        raise LongKVError(f"unknown weights {weights!r}: use auto, {', '.join(DECODE_WEIGHTS)}")
+    return weights
+
+
+def _settings(
+    backend: str, model: str | None, dtype: str | None, chunk_size: int, threads: int | None, device: str, weights: str = "auto"
+) -> dict[str, Any]:
     from longkv.bench.backends import BACKENDS
     from longkv.config import check_device
 
@@ -58,7 +69,10 @@ def _settings(backend: str, model: str | None, dtype: str | None, chunk_size: in
     device = check_device(device)
     if backend != "longkv" and device != "cpu":
         raise LongKVError(f"the {backend} backend runs on the CPU: drop --device {device} or use --backend longkv")
-    return {"name": backend, "model": model, "dtype": dtype, "chunk_size": chunk_size, "threads": threads, "device": device}
+    if backend != "longkv" and _check_weights(weights) != "auto":
+        raise LongKVError(f"--weights is longkv's: drop --weights {weights} or use --backend longkv")
+    settings = {"name": backend, "model": model, "dtype": dtype, "chunk_size": chunk_size, "threads": threads, "device": device}
+    return settings | ({"weights": _check_weights(weights)} if backend == "longkv" else {})
 
 
 def _command() -> str:
@@ -93,6 +107,7 @@ def run_sample_task(
     quiet: bool,
     haystack: list[str],
     device: str = "cpu",
+    weights: str = "auto",
 ) -> Any:
     """Shared body of ``niah`` and ``ruler``: open the run, generate pending samples, answer them, summarise."""
     from longkv.bench.backends import load_tokenizer, make_backend
@@ -103,10 +118,11 @@ def run_sample_task(
         raise LongKVError(f"--samples must be at least 1, got {samples}")
     specs = _policies(policies, backend)
     lens = parse_lengths(lengths)
-    settings = _settings(backend, model, dtype, chunk_size, threads, device)
+    settings = _settings(backend, model, dtype, chunk_size, threads, device, weights)
     folder = RunFolder(runs_dir, name)
     config = {
         "kind": kind, "model": model, "seed": seed, "backend": backend, "dtype": dtype, "chunk_size": chunk_size, "device": settings["device"],
+        "weights": weights,
         "haystack": haystack, "options": options, "policies": specs, "lengths": lens, "depths": depths,
         "samples": samples, "command": _command(),
     }  # fmt: skip
@@ -145,6 +161,7 @@ def niah(
     threads: Threads = None,
     device: Device = "cpu",
     chunk_size: ChunkSize = 512,
+    weights: Weights = "auto",
     quiet: Quiet = False,
 ) -> None:
     """Needle-in-a-haystack: a 7-digit number hidden at each depth of real text, at each length.
@@ -159,7 +176,7 @@ def niah(
     depth_list = parse_depths(depths)
     run_sample_task(
         "niah", lambda: NiahTask(texts, max_new_tokens), {"max_new_tokens": max_new_tokens}, model, policy, lengths, depth_list,
-        samples, seed, name or "niah", runs_dir, ray, backend, dtype, threads, chunk_size, quiet, hay_paths or ["<books>"], device,
+        samples, seed, name or "niah", runs_dir, ray, backend, dtype, threads, chunk_size, quiet, hay_paths or ["<books>"], device, weights,
     )  # fmt: skip
 
 
@@ -180,6 +197,7 @@ def ruler(
     threads: Threads = None,
     device: Device = "cpu",
     chunk_size: ChunkSize = 512,
+    weights: Weights = "auto",
     quiet: Quiet = False,
 ) -> None:
     """RULER-style tasks (Hsieh et al. 2024): needle variants, variable tracking, common/frequent words.
@@ -194,7 +212,7 @@ def ruler(
     texts = load_haystack(hay_paths)
     run_sample_task(
         "ruler", lambda: RulerSuite(names, texts), {"tasks": names}, model, policy, lengths, None,
-        samples, seed, name or "ruler", runs_dir, ray, backend, dtype, threads, chunk_size, quiet, hay_paths or ["<books>"], device,
+        samples, seed, name or "ruler", runs_dir, ray, backend, dtype, threads, chunk_size, quiet, hay_paths or ["<books>"], device, weights,
     )  # fmt: skip
 
 
@@ -221,6 +239,7 @@ def ppl(
     threads: Threads = None,
     device: Device = "cpu",
     chunk_size: ChunkSize = 512,
+    weights: Weights = "auto",
     quiet: Quiet = False,
 ) -> None:
     """Perplexity under each policy, token by token after a chunked prefix (streaming evaluation, as in StreamingLLM).
@@ -239,11 +258,13 @@ def ppl(
     device = check_device(device)  # before the run folder is written
     hay_paths = [str(p) for p in haystack] if haystack else None
     texts = load_haystack(hay_paths)
+    _check_weights(weights)
     folder = _open_simple("ppl", name or "ppl", runs_dir, {
         "model": model, "seed": seed, "dtype": dtype, "chunk_size": chunk_size, "device": device, "haystack": hay_paths or ["<books>"],
+        "weights": weights,
         "options": {"eval_tokens": eval_tokens}, "policies": specs, "lengths": lens, "samples": samples,
     })  # fmt: skip
-    llm = LLM(model, dtype=dtype or "bfloat16", chunk_size=chunk_size, threads=threads, device=device)
+    llm = LLM(model, dtype=dtype or "bfloat16", chunk_size=chunk_size, threads=threads, device=device, weights=weights)
     _finish(folder, run_ppl(folder, llm, texts, specs, lens, eval_tokens, samples, seed, quiet))
 
 
@@ -263,6 +284,7 @@ def speed(
     threads: Threads = None,
     device: Device = "cpu",
     chunk_size: ChunkSize = 512,
+    weights: Weights = "auto",
     quiet: Quiet = False,
 ) -> None:
     """Prefill/decode tokens per second, TTFT and KV memory vs context length; --vs runs competitors on the same file.
@@ -290,11 +312,13 @@ def speed(
     hay_paths = [str(p) for p in haystack] if haystack else None
     texts = load_haystack(hay_paths)
     n_threads = threads or torch.get_num_threads()
+    _check_weights(weights)
     folder = _open_simple("speed", name or "speed", runs_dir, {
         "model": model, "seed": seed, "dtype": dtype, "chunk_size": chunk_size, "device": device, "haystack": hay_paths or ["<books>"],
+        "weights": weights,
         "options": {"decode_tokens": decode_tokens, "threads": n_threads}, "policies": specs, "lengths": lens, "vs": competitors,
     })  # fmt: skip
-    llm = LLM(model, dtype=dtype or "bfloat16", chunk_size=chunk_size, threads=n_threads, device=device)
+    llm = LLM(model, dtype=dtype or "bfloat16", chunk_size=chunk_size, threads=n_threads, device=device, weights=weights)
     written = run_speed(folder, llm, resolve(model), texts, specs, lens, competitors, repeats, decode_tokens, n_threads, seed, quiet)
     _finish(folder, written)
 

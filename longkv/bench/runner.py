@@ -26,7 +26,8 @@ from longkv.errors import LongKVError
 from longkv.policies import make_policy
 
 # config.json entries a resumed run must share with the old one: they change what a sample is.
-FIXED_KEYS = ("kind", "model", "seed", "backend", "dtype", "chunk_size", "haystack", "options")
+FIXED_KEYS = ("kind", "model", "seed", "backend", "dtype", "chunk_size", "haystack", "options", "weights")
+_KEY_DEFAULTS = {"weights": "auto"}  # a run folder written before the key existed ran with this
 
 
 class RunFolder:
@@ -48,9 +49,10 @@ class RunFolder:
         if self.config_file.exists():
             old = json.loads(self.config_file.read_text())
             for k in FIXED_KEYS:
-                if old.get(k) != config.get(k):
+                was, now = old.get(k, _KEY_DEFAULTS.get(k)), config.get(k, _KEY_DEFAULTS.get(k))
+                if was != now:
                     raise LongKVError(
-                        f"run folder {self.path} was made with {k}={old.get(k)!r}, not {config.get(k)!r}: "
+                        f"run folder {self.path} was made with {k}={was!r}, not {now!r}: "
                         "pass another --name (or delete the folder) to start a new run"
                     )
         self.path.mkdir(parents=True, exist_ok=True)
