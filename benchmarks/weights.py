@@ -35,7 +35,11 @@ QUESTION = "Explain in a few sentences why whales were hunted in the nineteenth 
 
 def greedy(llm: LLM, n: int) -> tuple[list[int], float]:
     runner = Runner(llm.model, DensePolicy(), llm.engine_config)
-    prompt = llm.encode(llm.tokenizer.apply_chat_template([{"role": "user", "content": QUESTION}], tokenize=False, add_generation_prompt=True))
+    tok = llm.tokenizer
+    chat = [{"role": "user", "content": QUESTION}]
+    # a file without a chat template (Gemma 3 270M's GGUF) gets the question as plain text
+    text = tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) if getattr(tok, "chat_template", None) else QUESTION
+    prompt = llm.encode(text)
     seq = runner.new_sequence(len(prompt) + n)
     logits = runner.prefill(seq, prompt)
     out: list[int] = []

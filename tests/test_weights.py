@@ -98,7 +98,7 @@ def test_bits_per_weight_of_ggml_types_and_the_auto_choice() -> None:
     assert auto_weights("bfloat16", four) == "int4"  # the 8-bit embedding is the LM head, which stays int8
     # a Q4_K_M-like file (some matrices at 6 bits): int4 for the 4-bit ones, int8 for the rest
     assert auto_weights("bfloat16", {**four, "model.layers.0.self_attn.v_proj.weight": 6}) == "mixed"
-    assert auto_weights("bfloat16", {k: 5 for k in four}) == "int8"  # Q5_0 (Qwen 0.5B's file): nothing to keep at 4 bits
+    assert auto_weights("bfloat16", {k: 5 for k in four}) == "int8"  # all Q5_0: no matrix to keep at 4 bits
     assert auto_weights("bfloat16", {}) == "int8"  # an HF folder (bf16/f32 weights)
     assert auto_weights("float32", four) == "none"
 
