@@ -48,19 +48,12 @@ def _policies(policies: list[str] | None, backend: str) -> list[str]:
     return specs
 
 
-def _check_weights(weights: str) -> str:
-    from longkv.models.layers import DECODE_WEIGHTS
-
-    if weights not in ("auto", *DECODE_WEIGHTS):
-        raise LongKVError(f"unknown weights {weights!r}: use auto, {', '.join(DECODE_WEIGHTS)}")
-    return weights
-
-
 def _settings(
     backend: str, model: str | None, dtype: str | None, chunk_size: int, threads: int | None, device: str, weights: str = "auto"
 ) -> dict[str, Any]:
     from longkv.bench.backends import BACKENDS
     from longkv.config import check_device
+    from longkv.engine.llm import check_weights
 
     if backend not in BACKENDS:
         raise LongKVError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
@@ -69,10 +62,10 @@ def _settings(
     device = check_device(device)
     if backend != "longkv" and device != "cpu":
         raise LongKVError(f"the {backend} backend runs on the CPU: drop --device {device} or use --backend longkv")
-    if backend != "longkv" and _check_weights(weights) != "auto":
+    if check_weights(weights) != "auto" and backend != "longkv":
         raise LongKVError(f"--weights is longkv's: drop --weights {weights} or use --backend longkv")
     settings = {"name": backend, "model": model, "dtype": dtype, "chunk_size": chunk_size, "threads": threads, "device": device}
-    return settings | ({"weights": _check_weights(weights)} if backend == "longkv" else {})
+    return settings | ({"weights": weights} if backend == "longkv" else {})
 
 
 def _command() -> str:
@@ -249,7 +242,7 @@ def ppl(
     from longkv.bench.ppl import run_ppl
     from longkv.bench.tasks import load_haystack, parse_lengths
     from longkv.config import check_device
-    from longkv.engine.llm import LLM
+    from longkv.engine.llm import LLM, check_weights
 
     if eval_tokens < 1 or samples < 1:
         raise LongKVError(f"--eval-tokens and --samples must be at least 1, got {eval_tokens} and {samples}")
@@ -258,7 +251,7 @@ def ppl(
     device = check_device(device)  # before the run folder is written
     hay_paths = [str(p) for p in haystack] if haystack else None
     texts = load_haystack(hay_paths)
-    _check_weights(weights)
+    check_weights(weights)
     folder = _open_simple("ppl", name or "ppl", runs_dir, {
         "model": model, "seed": seed, "dtype": dtype, "chunk_size": chunk_size, "device": device, "haystack": hay_paths or ["<books>"],
         "weights": weights,
@@ -297,7 +290,7 @@ def speed(
     from longkv.bench.speed import run_speed
     from longkv.bench.tasks import load_haystack, parse_lengths
     from longkv.config import check_device
-    from longkv.engine.llm import LLM
+    from longkv.engine.llm import LLM, check_weights
     from longkv.loading import resolve
 
     competitors = vs or []
@@ -312,7 +305,7 @@ def speed(
     hay_paths = [str(p) for p in haystack] if haystack else None
     texts = load_haystack(hay_paths)
     n_threads = threads or torch.get_num_threads()
-    _check_weights(weights)
+    check_weights(weights)
     folder = _open_simple("speed", name or "speed", runs_dir, {
         "model": model, "seed": seed, "dtype": dtype, "chunk_size": chunk_size, "device": device, "haystack": hay_paths or ["<books>"],
         "weights": weights,

@@ -86,8 +86,7 @@ class LLM:
         kv_budget_bytes: int | None = None,
     ) -> None:
         self.engine_config = EngineConfig(chunk_size=chunk_size, page_size=page_size, dtype=dtype, threads=threads, device=device)
-        if weights not in ("auto", *DECODE_WEIGHTS):
-            raise LongKVError(f"unknown weights {weights!r}: use auto, {', '.join(DECODE_WEIGHTS)}")
+        check_weights(weights)
         on_cpu = self.engine_config.device == "cpu"
         if weights in ("int8", "int4", "mixed") and not on_cpu:
             raise LongKVError(f"{weights} decode weights are a CPU format: on {device} use --weights none (or auto)")
@@ -457,6 +456,17 @@ def _leading_bos(tokenizer: Any) -> int | None:
         return None
     lead = full[: len(full) - len(plain)] if full[len(full) - len(plain) :] == plain else []
     return int(lead[0]) if len(lead) == 1 else None
+
+
+def check_weights(weights: str) -> str:
+    """``weights`` itself when it names a decode weight format (``"auto"`` or :data:`DECODE_WEIGHTS`).
+
+    Raises:
+        LongKVError: another name.
+    """
+    if weights not in ("auto", *DECODE_WEIGHTS):
+        raise LongKVError(f"unknown weights {weights!r}: use auto, {', '.join(DECODE_WEIGHTS)}")
+    return weights
 
 
 def auto_weights(dtype: str, weight_bits: dict[str, int]) -> str:
