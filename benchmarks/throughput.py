@@ -13,6 +13,9 @@ Seeded, one warm-up per engine, median of ``--repeats`` runs. Prints a table wit
 ratios and writes JSON.
 
     python benchmarks/throughput.py --lengths 512,2048,8192 --out runs/throughput.json
+
+``--kv-quant int8`` compares int8 caches: longkv's int8 pages (read as codes by its decode
+kernel) against llama.cpp's q8_0 cache (with flash attention, which a quantized cache needs).
 """
 
 from __future__ import annotations
@@ -56,8 +59,8 @@ def median_of(fn: Callable[[], Timing], repeats: int) -> Timing:
 # ---------------------------------------------------------------------------------- engines
 
 
-def run_longkv(llm: LLM, ids: list[int], steps: int) -> Timing:
-    runner = Runner(llm.model, DensePolicy(), llm.engine_config)
+def run_longkv(llm: LLM, ids: list[int], steps: int, kv_quant: str = "none") -> Timing:
+    runner = Runner(llm.model, DensePolicy(kv_quant=kv_quant), llm.engine_config)
     seq = runner.new_sequence(len(ids) + steps + 1)
     t0 = time.perf_counter()
     logits = runner.prefill(seq, ids)
@@ -93,11 +96,14 @@ def make_transformers(gguf: Path, threads: int) -> Callable[[list[int], int], Ti
     return run
 
 
-def make_llama_cpp(gguf: Path, threads: int, n_ctx: int) -> Callable[[list[int], int], Timing]:
+def make_llama_cpp(gguf: Path, threads: int, n_ctx: int, kv_quant: str = "none") -> Callable[[list[int], int], Timing]:
+    import llama_cpp
     import numpy as np
     from llama_cpp import Llama
 
-    llm = Llama(model_path=str(gguf), n_ctx=n_ctx, n_batch=512, n_threads=threads, n_threads_batch=threads, verbose=False)
+    # an int8 cache is llama.cpp's q8_0 (34 bytes per 32 values); its quantized V cache needs flash attention
+    kv = {"type_k": llama_cpp.GGML_TYPE_Q8_0, "type_v": llama_cpp.GGML_TYPE_Q8_0, "flash_attn": True} if kv_quant == "int8" else {}
+    llm = Llama(model_path=str(gguf), n_ctx=n_ctx, n_batch=512, n_threads=threads, n_threads_batch=threads, verbose=False, **kv)
     n_vocab = llm.n_vocab()
 
     def last_argmax() -> int:  # logits of the last evaluated token, read in place
@@ -122,13 +128,15 @@ def make_llama_cpp(gguf: Path, threads: int, n_ctx: int) -> Callable[[list[int],
 # ---------------------------------------------------------------------------------- memory model
 
 
-def decode_bytes_per_token(llm: LLM, context: int) -> int:
-    """Bytes a longkv decode step reads: the matrices it multiplies (int8 copies when enabled) + the KV cache."""
+def decode_bytes_per_token(llm: LLM, context: int, kv_quant: str = "none") -> int:
+    """Bytes a longkv decode step reads: the matrices it multiplies (int8 copies when enabled) + the KV cache
+    (int8 pages: a code per value and a float16 step and minimum per 32)."""
     m = llm.model
     mats = [lin for layer in m.layers for lin in (layer.qkv, layer.o, layer.gate_up, layer.down)] + [m.lm_head]
     weights = sum(lin.decode_bytes() for lin in mats)
     c = llm.config
-    kv = kv_tokens(llm, context) * 2 * c.n_kv_heads * c.head_dim * m.dtype.itemsize
+    per_value = m.dtype.itemsize if kv_quant == "none" else 1 + 4 / min(32, c.head_dim)
+    kv = int(kv_tokens(llm, context) * 2 * c.n_kv_heads * c.head_dim * per_value)
     return weights + kv
 
 
@@ -137,16 +145,16 @@ def kv_tokens(llm: LLM, context: int) -> int:
     return sum(min(context, spec.window) if spec.window is not None else context for spec in llm.config.layers)
 
 
-def gguf_bytes_per_token(gguf: Path, llm: LLM, context: int) -> int:
+def gguf_bytes_per_token(gguf: Path, llm: LLM, context: int, kv_quant: str = "none") -> int:
     """Bytes a llama.cpp decode step reads: the file's matrices as stored (the embedding only where it is
-    also the LM head) + an f16 KV cache."""
+    also the LM head) + an f16 KV cache (q8_0 for an int8 cache: 34 bytes per 32 values)."""
     from gguf import GGUFReader
 
     tensors = {t.name: int(t.n_bytes) for t in GGUFReader(gguf).tensors}
     head = tensors.get("output.weight", tensors.get("token_embd.weight", 0))
     weights = sum(n for name, n in tensors.items() if name.startswith("blk.")) + head
     c = llm.config
-    return weights + kv_tokens(llm, context) * 2 * c.n_kv_heads * c.head_dim * 2
+    return weights + int(kv_tokens(llm, context) * 2 * c.n_kv_heads * c.head_dim * (2 if kv_quant == "none" else 34 / 32))
 
 
 def bandwidth_probe(threads: int, repeats: int = 7) -> float:
@@ -174,6 +182,8 @@ def main() -> None:
     ap.add_argument("--engines", default="longkv,transformers,llama.cpp", help="which engines to run")
     ap.add_argument("--dtype", default="bfloat16", help="longkv compute dtype")
     ap.add_argument("--weights", default="auto", help="longkv decode weights: auto, int4, int8, mixed, none")
+    ap.add_argument("--kv-quant", default="none", choices=["none", "int8"],
+                    help="KV cache: none (bfloat16 / f16) or int8 (longkv's int8 pages, llama.cpp's q8_0 cache with flash attention)")
     ap.add_argument("--out", default="runs/throughput.json", help="JSON results (relative to the current folder)")
     args = ap.parse_args()
 
@@ -189,11 +199,11 @@ def main() -> None:
     engines = args.engines.split(",")
     llm = LLM(model=gguf, dtype=args.dtype, threads=args.threads, weights=args.weights)
     ids_all = book_ids(llm, max(lengths))
-    runners: dict[str, Callable[[list[int], int], Timing]] = {"longkv": lambda ids, s: run_longkv(llm, ids, s)}
-    if "transformers" in engines:
+    runners: dict[str, Callable[[list[int], int], Timing]] = {"longkv": lambda ids, s: run_longkv(llm, ids, s, args.kv_quant)}
+    if "transformers" in engines and args.kv_quant == "none":
         runners["transformers"] = make_transformers(gguf, args.threads)
     if "llama.cpp" in engines:
-        runners["llama.cpp"] = make_llama_cpp(gguf, args.threads, max(lengths) + args.steps + 16)
+        runners["llama.cpp"] = make_llama_cpp(gguf, args.threads, max(lengths) + args.steps + 16, args.kv_quant)
     runners = {k: v for k, v in runners.items() if k in engines}
 
     bw = bandwidth_probe(args.threads)
@@ -210,7 +220,10 @@ def main() -> None:
             print(f"{name} @ {length} tokens ...", file=sys.stderr)
             pre, dec = median_of(lambda fn=fn, ids=ids: fn(ids, args.steps), reps)
             row: dict[str, object] = {"engine": name, "context": length, "prefill_tok_s": round(pre, 1), "decode_tok_s": round(dec, 1)}
-            b = decode_bytes_per_token(llm, length) if name == "longkv" else gguf_bytes_per_token(gguf, llm, length) if name == "llama.cpp" else 0
+            b = (
+                decode_bytes_per_token(llm, length, args.kv_quant) if name == "longkv"
+                else gguf_bytes_per_token(gguf, llm, length, args.kv_quant) if name == "llama.cpp" else 0
+            )  # fmt: skip
             if b:
                 row["decode_bytes_per_token"] = b
                 row["decode_GB_s"] = round(b * dec / 1e9, 2)
@@ -223,6 +236,7 @@ def main() -> None:
         "threads": args.threads,
         "longkv_dtype": args.dtype,
         "longkv_weights": llm.decode_weights,
+        "kv_quant": args.kv_quant,
         "steps": args.steps,
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus",
         "torch": torch.__version__,

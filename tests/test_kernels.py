@@ -14,8 +14,11 @@ from conftest import random_llama_weights
 from longkv import kernels
 from longkv.attention import dense
 from longkv.config import ModelConfig
+from longkv.kv.pool import PagePool
+from longkv.kv.quant import CodedRows, coded_format
 from longkv.models import build
 from longkv.models.layers import Rotary, dequantize_int4, quantize_int4
+from longkv.policies import make_policy
 
 needs_cc = pytest.mark.skipif(not kernels.available(), reason="no C compiler: longkv's CPU kernels are off")
 
@@ -139,6 +142,135 @@ def test_cache_appends_in_one_call_write_what_the_pytorch_copy_writes(monkeypatc
     assert not kernels.kv_write(*fast.pool.planes.values(), fast.pool.pos, 0, *steps[-1], torch.arange(1))  # float32 rows
 
 
+def coded_rows(k: torch.Tensor, v: torch.Tensor, codec: str, slot: int = 5) -> tuple[CodedRows, PagePool]:
+    """k, v (Hkv, N, D) coded into a fresh pool's planes at ``slot`` (PyTorch's coder) and read back as CodedRows."""
+    hkv, n, d = k.shape
+    fmt = coded_format(d, k.dtype, codec)
+    pool = PagePool(hkv, fmt, 64)
+    pool._resize(-(-(n + slot) // 64))
+    for name, x in fmt.encode(k, v).items():
+        pool.planes[name][:, slot : slot + n] = x
+    return CodedRows(fmt, {name: t[:, slot : slot + n] for name, t in pool.planes.items()}), pool
+
+
+def dequantized64(rows: CodedRows) -> tuple[torch.Tensor, torch.Tensor]:
+    """The keys and values int8 rows stand for, in float64 (code * step + min)."""
+    p, g = rows.planes, rows.fmt.group
+
+    def one(c: torch.Tensor, step: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
+        h, n, d = c.shape
+        x = c.double().reshape(h, n, d // g, g) * step.double()[..., None] + lo.double()[..., None]
+        return x.reshape(h, n, d)
+
+    return one(p["k"], p["k_step"], p["k_min"]), one(p["v"], p["v_step"], p["v_min"])
+
+
+@needs_cc
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize(("h", "hkv", "d"), [(9, 3, 64), (14, 2, 64), (8, 8, 96), (4, 1, 256), (6, 2, 20), (12, 2, 128)])
+def test_int8_pages_are_read_as_codes(dtype: torch.dtype, h: int, hkv: int, d: int) -> None:
+    """Decode attention over int8 pages read in place (decoded block by block inside the kernel) equals attention
+    over the values the codes stand for; head_dim 20 (groups of 20) takes the kernel's unpaired path."""
+    torch.manual_seed(d + h)
+    k, v = (torch.randn(hkv, 700, d) * 2).to(dtype), torch.randn(hkv, 700, d).to(dtype)
+    rows, _ = coded_rows(k, v, "int8")
+    assert rows.shape == (hkv, 700, d)
+    q = (torch.randn(h, 1, d) * 3).to(dtype)
+    assert kernels.supports(q, rows)
+    out = kernels.decode_attention(q, [[(rows, rows)]], d**-0.5)
+    assert out.shape == (h, 1, d) and out.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 8e-3
+    torch.testing.assert_close(out.double(), reference(q, [dequantized64(rows)]), atol=tol, rtol=tol)
+    kd, vd = rows.decode()  # the PyTorch decode of the same rows agrees too (to its dtype's rounding)
+    torch.testing.assert_close(out.float(), kernels.decode_attention(q, [[(kd, vd)]], d**-0.5).float(), atol=4 * tol, rtol=4 * tol)
+
+
+@needs_cc
+def test_a_batch_mixes_int8_bfloat16_and_float32_parts() -> None:
+    """One call over sequences whose parts differ in format (an int8 prefix then bfloat16 rows; float32 rows;
+    int8 rows alone) gives each sequence's own attention (each keeps its queries in the order of its rows)."""
+    g = torch.Generator().manual_seed(8)
+    k, v = torch.randn(2, 900, 64, generator=g).bfloat16(), torch.randn(2, 900, 64, generator=g).bfloat16()
+    rows, _ = coded_rows(k[:, :600], v[:, :600], "int8")
+    kf, vf = torch.randn(2, 300, 64, generator=g), torch.randn(2, 300, 64, generator=g)
+    plans = [[(rows, rows), (k[:, 600:], v[:, 600:])], [(kf, vf)], [(rows, rows)]]
+    q = torch.randn(8, 3, 64, generator=g)
+    out = kernels.decode_attention(q, plans, 0.125)
+    k8, v8 = dequantized64(rows)
+    refs = [[(k8, v8), (k[:, 600:], v[:, 600:])], [(kf, vf)], [(k8, v8)]]
+    for b in range(3):
+        torch.testing.assert_close(
+            out[:, b : b + 1].double(), reference(q[:, b : b + 1], refs[b]), atol=1e-5, rtol=1e-5
+        )
+    alone = kernels.decode_attention(q[:, :1].contiguous(), plans[:1], 0.125)  # the paired order: same answer
+    torch.testing.assert_close(out[:, :1], alone, atol=1e-5, rtol=1e-5)
+
+
+@needs_cc
+@pytest.mark.parametrize("codec", ["int8", "int4"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_coded_appends_write_what_pytorch_codes(codec: str, dtype: torch.dtype) -> None:
+    """LayerKV.append on coded pages through kernels.kv_write_coded (one C call) writes the very codes, steps and
+    minimums of longkv.kv.quant.quantize, for a prefill chunk and strided decode rows across a page boundary."""
+    from longkv.kv.cache import LayerKV
+
+    g = torch.Generator().manual_seed(5)
+    qkv = (torch.randn(5, 6, 32, generator=g) * 4).to(dtype)
+    steps = [((torch.randn(2, 61, 32, generator=g) * 3).to(dtype), torch.randn(2, 61, 32, generator=g).to(dtype))]
+    steps += [(qkv[1:3, t : t + 1], qkv[3:5, t : t + 1]) for t in range(6)]
+    steps += [(torch.full((2, 1, 32), 0.75, dtype=dtype), torch.zeros(2, 1, 32, dtype=dtype))]  # constant groups
+
+    def fill(c_write: bool) -> LayerKV:
+        lkv = LayerKV(2, 32, 64, dtype, codec=codec)
+        assert lkv._c_write and lkv._coded_reads == (codec == "int8")
+        lkv._c_write = c_write
+        at = 10
+        for k, v in steps:
+            lkv.append(k, v, torch.arange(at, at + k.shape[1]))
+            at += k.shape[1] + 2
+        return lkv
+
+    fast, slow = fill(True), fill(False)
+    assert fast.n == slow.n == 68
+    for name, plane in fast.pool.planes.items():
+        assert torch.equal(plane[:, :68], slow.pool.planes[name][:, :68]), name
+    assert torch.equal(fast.positions(), slow.positions())
+    for a, b in zip(fast.view(), slow.view(), strict=True):
+        assert torch.equal(a, b)
+
+
+@needs_cc
+def test_int8_kv_decode_reads_codes_and_matches_decoded_pages(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A dense:kv_quant=int8 run (prefill, then greedy decode) whose decode steps read the pages as codes gives the
+    logits of the same run reading PyTorch-decoded pages, within float32 rounding."""
+    from longkv.kv.cache import LayerKV
+    from tests.test_policies import ids, run, tiny_model
+
+    model = tiny_model("qwen2", seed=4)
+    prompt = ids(150, seed=6)
+    seen: list[bool] = []
+    real = kernels.decode_attention
+
+    def spy(q: torch.Tensor, plans: list, scale: float) -> torch.Tensor:
+        seen.append(any(isinstance(k, CodedRows) for parts in plans for k, _ in parts))
+        return real(q, plans, scale)
+
+    monkeypatch.setattr(kernels, "decode_attention", spy)
+    _, coded = run(model, make_policy("dense:kv_quant=int8"), prompt, steps=6)
+    assert seen and all(seen)
+    seen.clear()
+    real_init = LayerKV.__init__
+
+    def decoding_init(self: LayerKV, *a: object, **kw: object) -> None:
+        real_init(self, *a, **kw)
+        self._coded_reads = False
+
+    monkeypatch.setattr(LayerKV, "__init__", decoding_init)
+    _, plain = run(model, make_policy("dense:kv_quant=int8"), prompt, steps=6)
+    assert seen and not any(seen)
+    torch.testing.assert_close(coded, plain, atol=1e-4, rtol=1e-4)
+
+
 @needs_cc
 def test_limits_are_refused_not_miscomputed() -> None:
     q = torch.randn(66, 1, 64)  # 33 query heads per KV head: past the kernel's group limit
@@ -148,8 +280,10 @@ def test_limits_are_refused_not_miscomputed() -> None:
         kernels.decode_attention(q, [[(k, k)]], 0.125)
     assert not kernels.supports(torch.randn(4, 2, 64), k)  # two queries per head: not a decode step
     assert not kernels.supports(torch.randn(4, 1, 64), k.half())  # float16 pages: PyTorch's path
-    with pytest.raises(ValueError, match="one dtype"):
-        kernels.decode_attention(torch.randn(4, 1, 64), [[(k, k), (k.bfloat16(), k.bfloat16())]], 0.125)
+    with pytest.raises(ValueError, match="bfloat16 or float32 keys"):
+        kernels.decode_attention(torch.randn(4, 1, 64), [[(k, k), (k.half(), k.half())]], 0.125)
+    int4 = coded_rows(k.bfloat16(), k.bfloat16(), "int4")[0]
+    assert not kernels.supports(torch.randn(4, 1, 64), int4)  # int4 pages are decoded by PyTorch first
 
 
 def test_a_failing_compiler_turns_the_kernels_off(monkeypatch: pytest.MonkeyPatch, tmp_path, caplog) -> None:

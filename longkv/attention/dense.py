@@ -7,11 +7,14 @@ whatever positions RoPE was given at attention time.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 
 from longkv import kernels
 from longkv.config import fast_bf16_matmul
+from longkv.kv.quant import Part, decoded
 
 
 def attend(
@@ -83,16 +86,14 @@ def _decode_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.T
     return torch.bmm(probs, v).reshape(h, 1, d)
 
 
-def in_window(
-    segments: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], q_pos: torch.Tensor, window: int | None
-) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+def in_window(segments: Sequence[Part], q_pos: torch.Tensor, window: int | None) -> list[Part]:
     """The parts of a cache one query at ``q_pos`` ((1,) int64) sees under a sliding ``window``: each part cut
     to its keys at positions ``> q_pos - window`` (views; parts left empty dropped). ``None``: all of them."""
     if window is None:
-        return segments
+        return list(segments)
     lo = q_pos[-1] - window
-    out = []
-    for k, v, kpos in segments:
+    out: list[Part] = []
+    for k, v, kpos in decoded(segments):
         if kpos.numel() == 0 or int(kpos[-1]) <= lo:
             continue
         first = int(torch.searchsorted(kpos, lo, right=True))
@@ -101,14 +102,16 @@ def in_window(
 
 
 def attend_segments(
-    q: torch.Tensor, segments: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], q_pos: torch.Tensor, window: int | None = None
+    q: torch.Tensor, segments: Sequence[Part], q_pos: torch.Tensor, window: int | None = None
 ) -> torch.Tensor:
     """:func:`attend` over keys stored in parts (a shared prefix's pages, then a sequence's own).
 
     Args:
         q: (H, T, D) rotated queries; q_pos: (T,) their original positions.
         segments: [(k, v (Hkv, N_i, D), k_pos (N_i,))] in cache order, the queries'
-            own keys last (see ``LayerKV.segments``).
+            own keys last (see ``LayerKV.segments``); k and v may be int8 pages as
+            :class:`~longkv.kv.quant.CodedRows` (``LayerKV.decode_parts``): the decode
+            kernel reads their codes, every other path decodes them first.
 
     A decode step reads every part in place: the scores of all parts are one
     softmax, the output the sum of each part's probabilities times its values.
@@ -120,23 +123,24 @@ def attend_segments(
         segments, window = in_window(segments, q_pos, window), None
     if q.shape[1] == 1 and segments and kernels.supports(q, segments[0][0]):  # a decode step: one C call over the parts
         return kernels.decode_attention(q, [[(k, v) for k, v, _ in segments]], q.shape[-1] ** -0.5)
-    if len(segments) == 1:
-        k, v, kpos = segments[0]
+    plain = decoded(segments)
+    if len(plain) == 1:
+        k, v, kpos = plain[0]
         return attend(q, k, v, q_pos, kpos, window)
     if q.shape[1] > 1:
-        k, v, kpos = (torch.cat(parts, dim=d) for parts, d in zip(zip(*segments, strict=True), (1, 1, 0), strict=True))
+        k, v, kpos = (torch.cat(parts, dim=d) for parts, d in zip(zip(*plain, strict=True), (1, 1, 0), strict=True))
         return attend(q, k, v, q_pos, kpos, window)
     h, _, d = q.shape
-    hkv = segments[0][0].shape[0]
+    hkv = plain[0][0].shape[0]
     if q.dtype == torch.bfloat16 and not fast_bf16_matmul(q.device):  # see _decode_attend
-        up = [(k.float(), v.float(), kpos) for k, v, kpos in segments]
+        up: list[Part] = [(k.float(), v.float(), kpos) for k, v, kpos in plain]
         return attend_segments(q.float(), up, q_pos).to(q.dtype)
     qg = q.reshape(hkv, h // hkv, d).transpose(1, 2)  # (Hkv, D, G)
-    scores = torch.cat([torch.bmm(k, qg).transpose(1, 2).float() for k, _, _ in segments], dim=-1)  # (Hkv, G, N)
+    scores = torch.cat([torch.bmm(k, qg).transpose(1, 2).float() for k, _, _ in plain], dim=-1)  # (Hkv, G, N)
     probs = torch.softmax(scores * (d**-0.5), dim=-1)
     out = None
     at = 0
-    for _, v, _ in segments:
+    for _, v, _ in plain:
         n = v.shape[1]
         part = torch.bmm(probs[:, :, at : at + n].to(v.dtype), v)
         out = part if out is None else out + part
@@ -145,13 +149,13 @@ def attend_segments(
     return out.reshape(h, 1, d)
 
 
-def attend_decode_batch(q: torch.Tensor, plans: list[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]) -> torch.Tensor:
+def attend_decode_batch(q: torch.Tensor, plans: Sequence[Sequence[Part]]) -> torch.Tensor:
     """Decode attention of B sequences at once, each one query per head over its own cached parts.
 
     Args:
         q: (H, B, D) the new token's rotated queries, column b for sequence b.
         plans: per sequence, its cache's parts in order as attention reads them:
-            [(k, v (Hkv, N_i, D), k_pos (N_i,))] (``Runner.reader``); lengths differ.
+            [(k, v (Hkv, N_i, D) or int8 CodedRows, k_pos (N_i,))] (``Runner.reader``); lengths differ.
 
     On the CPU with :mod:`longkv.kernels` built, the whole batch is one C call reading
     every sequence's parts in place (no packing). Otherwise the ragged caches are packed into one (B, Hkv, N_max, D) buffer each for keys
@@ -167,12 +171,14 @@ def attend_decode_batch(q: torch.Tensor, plans: list[list[tuple[torch.Tensor, to
     hkv = k0.shape[0]
     if kernels.supports(q[:, :1], k0):  # every sequence's parts read in place, one C call for the batch
         return kernels.decode_attention(q, [[(k, v) for k, v, _ in parts] for parts in plans], d**-0.5)
-    lens = [sum(k.shape[1] for k, _, _ in parts) for parts in plans]
+    dplans = [decoded(parts) for parts in plans]
+    k0 = dplans[0][0][0]
+    lens = [sum(k.shape[1] for k, _, _ in parts) for parts in dplans]
     nmax = max(lens)
     dt = torch.float32 if k0.dtype == torch.bfloat16 and not fast_bf16_matmul(k0.device) else k0.dtype
     kb = torch.empty(b, hkv, nmax, d, dtype=dt, device=q.device)
     vb = torch.empty(b, hkv, nmax, d, dtype=dt, device=q.device)
-    for i, parts in enumerate(plans):
+    for i, parts in enumerate(dplans):
         at = 0
         for k, v, _ in parts:
             n = k.shape[1]

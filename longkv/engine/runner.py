@@ -27,6 +27,7 @@ from longkv.engine.needs import NeedRun
 from longkv.kv.cache import KVCache, LayerKV, page_format
 from longkv.kv.headwise import HeadwiseLayerKV
 from longkv.kv.pool import KVPools, PagePool
+from longkv.kv.quant import Part
 from longkv.models.layers import SequenceRotary
 from longkv.models.llama import LlamaModel
 from longkv.policies.base import KVPolicy, Observation, SelectionPolicy, SelectionState, SelectPlan
@@ -36,7 +37,7 @@ ProgressFn = Callable[[int, int], None]
 # (layer, q (H, T, D), k, v (Hkv, T, D), positions (T,)) -> attention output (H, T, D)
 AttentionFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 # a part of a layer's cache as attention reads it: keys (rotated for their positions), values (Hkv, N, D), original positions (N,)
-Segment = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+Segment = Part  # k, v (Hkv, n, D) or int8 CodedRows, positions (n,)
 # (layer, q (H, T, D), k, v (Hkv, T, D), positions (T,)) -> the parts attention reads, new keys appended (Runner.reader)
 ReadFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], list[Segment]]
 
@@ -178,14 +179,12 @@ class Runner:
                 prev = seq.queries.get(layer)
                 qs = q if prev is None else torch.cat((prev, q), dim=1)
                 seq.queries[layer] = qs[:, -self.query_window :]
-            segments = lkv.segments()
+            segments = lkv.decode_parts()  # int8 pages stay codes: the decode kernel reads them so
             if not mine:
                 return segments
-            if len(segments) > 1:
-                if policy.key_positions(lkv.positions()) is None:
-                    return segments  # a shared prefix's pages, then the own: read in place
-                segments = [lkv.view()]
-            keys, values, kpos = segments[0]
+            if policy.key_positions(segments[0][2] if len(segments) == 1 else lkv.positions()) is None:
+                return segments  # no key moves: a shared prefix's pages, then the own, read in place
+            keys, values, kpos = lkv.view()
             return [(self._move_keys(layer, keys, kpos), values, kpos)]
 
         return read

@@ -5,7 +5,8 @@ thousand cached keys) where each costs more in dispatch and temporary buffers th
 The kernels here do one such job in one call, reading the KV pages in place:
 
 * :func:`decode_attention`: one query per head for each sequence of a batch, over its cache's parts
-  (bfloat16 or float32 pages), one call for the batch;
+  (bfloat16 or float32 pages, or int8 pages read as codes), one call for the batch;
+* :func:`kv_write`, :func:`kv_write_coded`: a cache append (coded on the way in for int8/int4 pages);
 * :func:`add_rms_norm`: the residual add and the next RMSNorm in one pass;
 * :func:`rope`: the rotary embedding of the query and key heads, out of the projection's rows;
 * :func:`block_linear`: a few rows times a matrix in 4-bit or 8-bit blocks laid out in tiles of 8
@@ -31,6 +32,7 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -131,6 +133,9 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     i64 = ctypes.c_int64
     f.argtypes = [p, p, i64, i64, p, p, i64, i64, p, i64, i64, p, i, i, i, i]
     f.restype = None
+    f = lib.longkv_kv_write_coded
+    f.argtypes = [p, p, p, p, p, p, i64, i64, i64, p, p, i64, i64, p, i64, i64, p, i, i, i, i, i, i]
+    f.restype = ctypes.c_int
     return lib
 
 
@@ -149,24 +154,53 @@ def available() -> bool:
     return _lib is not None
 
 
-def supports(q: torch.Tensor, k: torch.Tensor) -> bool:
-    """Whether :func:`decode_attention` takes queries like ``q`` (H, 1, D) over keys like ``k`` (Hkv, N, D)."""
+_SEG_F32, _SEG_BF16, _SEG_INT8 = 0, 1, 8  # segment formats of the C kernel (cpu.c)
+_NO_SIDES = (0,) * 7
+
+
+def _reads_codes(k: Any) -> bool:
+    """Whether ``k`` is int8 pages read as codes (:class:`~longkv.kv.quant.CodedRows`, duck-typed: no import cycle)."""
+    fmt = getattr(k, "fmt", None)
+    return fmt is not None and getattr(fmt, "bits", 0) == 8 and k.planes["k"].device.type == "cpu"
+
+
+def supports(q: torch.Tensor, k: Any) -> bool:
+    """Whether :func:`decode_attention` takes queries like ``q`` (H, 1, D) over keys like ``k``: (Hkv, N, D)
+    bfloat16 or float32 on the CPU, or int8 pages (:class:`~longkv.kv.quant.CodedRows`)."""
     h, t, d = q.shape
     hkv = k.shape[0]
-    return (
-        t == 1 and k.device.type == "cpu" and k.dtype in (torch.bfloat16, torch.float32)
-        and d <= MAX_HEAD_DIM and hkv > 0 and h % hkv == 0 and h // hkv <= MAX_GROUP and available()
-    )
+    kind = _reads_codes(k) or (isinstance(k, torch.Tensor) and k.device.type == "cpu" and k.dtype in (torch.bfloat16, torch.float32))
+    return t == 1 and kind and d <= MAX_HEAD_DIM and hkv > 0 and h % hkv == 0 and h // hkv <= MAX_GROUP and available()
 
 
-def decode_attention(q: torch.Tensor, plans: list[list[tuple[torch.Tensor, torch.Tensor]]], scale: float) -> torch.Tensor:
+def _segment(k: Any, v: Any) -> tuple[int, ...]:
+    """The kernel's description of one part (see ``longkv_decode_attention``): format, pointers, strides."""
+    if _reads_codes(k):
+        p = k.planes
+        kc, vc, side = p["k"], p["v"], p["k_step"]
+        if kc.stride(2) != 1 or side.stride(2) != 1 or any(p[n].stride() != side.stride() for n in ("k_min", "v_step", "v_min")):
+            raise ValueError("decode_attention: int8 planes with contiguous rows, the four side planes alike")
+        return (_SEG_INT8, kc.data_ptr(), vc.data_ptr(), kc.shape[1], *kc.stride()[:2], *vc.stride()[:2], p["k_step"].data_ptr(),
+                p["k_min"].data_ptr(), p["v_step"].data_ptr(), p["v_min"].data_ptr(), *side.stride()[:2], k.fmt.group)
+    if not isinstance(k, torch.Tensor) or k.dtype not in (torch.bfloat16, torch.float32) or v.dtype != k.dtype:
+        raise ValueError("decode_attention: parts of bfloat16 or float32 keys and values (or int8 pages)")
+    ks, vs = k.stride(), v.stride()
+    if ks[2] != 1 or vs[2] != 1:
+        raise ValueError("decode_attention: parts with contiguous rows")
+    fmt = _SEG_BF16 if k.dtype == torch.bfloat16 else _SEG_F32
+    return (fmt, k.data_ptr(), v.data_ptr(), k.shape[1], ks[0], ks[1], vs[0], vs[1], *_NO_SIDES)
+
+
+def decode_attention(q: torch.Tensor, plans: list[list[tuple[Any, Any]]], scale: float) -> torch.Tensor:
     """Attention of one query per head for each of B sequences, each over keys and values stored in its own
     parts, read in place; one call for the whole batch.
 
     Args:
         q: (H, B, D) rotated queries, column b for sequence b (any float dtype; the kernel computes in float32).
-        plans: per sequence, its parts [(k, v)], each (Hkv, N_i, D) bfloat16 or float32 on the CPU, rows
-            contiguous (views of pool planes are fine), all of one dtype; empty parts are skipped.
+        plans: per sequence, its parts [(k, v)]: each (Hkv, N_i, D) bfloat16 or float32 on the CPU, rows
+            contiguous (views of pool planes are fine), or int8 pages as codes (k and v the same
+            :class:`~longkv.kv.quant.CodedRows`, decoded block by block inside the kernel); formats
+            may differ between parts; empty parts are skipped.
         scale: the softmax scale (``D ** -0.5``).
 
     Returns:
@@ -183,32 +217,28 @@ def decode_attention(q: torch.Tensor, plans: list[list[tuple[torch.Tensor, torch
         raise ValueError(f"decode_attention: {b} query columns for {len(plans)} sequences")
     meta: list[int] = []
     nseg: list[int] = []
-    dt = None
     hkv = 0
     for parts in plans:
         count = 0
         for k, v in parts:
-            n = k.shape[1]
-            if n == 0:
+            if k.shape[1] == 0:
                 continue
-            ks, vs = k.stride(), v.stride()
-            if dt is None:
-                dt, hkv = k.dtype, k.shape[0]
-            if k.dtype != dt or v.dtype != dt or ks[2] != 1 or vs[2] != 1:
-                raise ValueError("decode_attention: parts of one dtype (bfloat16 or float32) with contiguous rows")
-            meta += (k.data_ptr(), v.data_ptr(), n, ks[0], ks[1], vs[0], vs[1])
+            meta += _segment(k, v)
+            hkv = k.shape[0]
             count += 1
         nseg.append(count)
-    if dt is None:
+    if not meta:
         return torch.zeros_like(q)
     want = q.dtype
     if want not in _ACT_DTYPES:
         q = q.float()
     q = q.contiguous()
     out = torch.empty_like(q)
-    flags = int(dt == torch.bfloat16) | (int(q.dtype == torch.bfloat16) << 1)
+    flags = int(q.dtype == torch.bfloat16) << 1
     rc = _lib.longkv_decode_attention((ctypes.c_int64 * len(meta))(*meta), (ctypes.c_int32 * b)(*nseg), b, q.data_ptr(),
                                       out.data_ptr(), h, hkv, d, scale, flags)
+    if rc == -2:
+        raise MemoryError("decode_attention: out of memory for the kernel's buffers")
     if rc != 0:
         raise ValueError(f"decode_attention: {h} query heads over {hkv} KV heads of size {d} are beyond the kernel's limits")
     return out if out.dtype == want else out.to(want)
@@ -267,6 +297,40 @@ def kv_write(
                          k.stride(0), k.stride(1), v.data_ptr(), v.stride(0), v.stride(1), positions.data_ptr(), hkv, t, d,
                          k.element_size())
     return True
+
+
+def kv_write_coded(
+    planes: dict[str, torch.Tensor], pos_plane: torch.Tensor, slot: int, k: torch.Tensor, v: torch.Tensor,
+    positions: torch.Tensor, bits: int, group: int,
+) -> bool:
+    """Code T tokens' keys and values as int``bits`` and write them with their positions into a coded pool's planes
+    at ``slot``, in one call: the codes, steps and minimums :func:`longkv.kv.quant.quantize` gives.
+
+    Args:
+        planes: the pool's planes (``longkv.kv.quant.CodedFormat.planes``): ``k``, ``v`` (Hkv, S, D * bits / 8)
+            uint8 and ``k_step``, ``k_min``, ``v_step``, ``v_min`` (Hkv, S, D / group) float16, contiguous.
+        pos_plane: (S,) int64. k, v: (Hkv, T, D) bfloat16 or float32 with contiguous rows; positions: (T,) int64.
+        slot: the first slot written; ``[slot, slot + T)`` must be inside the planes.
+
+    Returns:
+        False (nothing written) where the kernel does not take these tensors (the caller codes with
+        PyTorch), True once written.
+    """
+    if (
+        _lib is None or k.dtype not in _ACT_DTYPES or v.dtype != k.dtype or k.stride(-1) != 1 or v.stride(-1) != 1
+        or positions.dtype != torch.int64 or not positions.is_contiguous() or k.device.type != "cpu" or k.shape[-1] > MAX_HEAD_DIM
+    ):  # fmt: skip
+        return False
+    hkv, t, d = k.shape
+    kc, side = planes["k"], planes["k_step"]
+    assert slot + t <= kc.shape[1] and kc.is_contiguous() and side.is_contiguous() and planes["v"].stride() == kc.stride()
+    rc = _lib.longkv_kv_write_coded(
+        kc.data_ptr(), planes["v"].data_ptr(), side.data_ptr(), planes["k_min"].data_ptr(), planes["v_step"].data_ptr(),
+        planes["v_min"].data_ptr(), kc.stride(0), side.stride(0), slot, pos_plane.data_ptr(), k.data_ptr(), k.stride(0),
+        k.stride(1), v.data_ptr(), v.stride(0), v.stride(1), positions.data_ptr(), hkv, t, d, group, bits,
+        int(k.dtype == torch.bfloat16),
+    )  # fmt: skip
+    return rc == 0
 
 
 def rope(rows: torch.Tensor, heads: int, head_dim: int, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,10 @@
  * and sum, rescaled as the max grows), and every value row is read once for the G queries too.
  * Nothing is copied or up-cast into a buffer, so the bytes moved are the cache's own.
  *
+ * Pages of int8 codes (a float16 step and minimum per group of channels, longkv.kv.quant) are read too:
+ * each row is decoded to float32 in registers (a block at a time into a small buffer where the 16-wide loops
+ * do not apply), so a step moves 56 % of the bfloat16 cache's bytes at head_dim 64.
+ *
  * Also here: the residual add fused with RMSNorm, and RoPE writing the rotated heads out (decode
  * steps are a row of tiny ops; each of these is one call instead of five to ten), and the 4-bit
  * weight-only linear layer of decode steps.
@@ -77,6 +81,51 @@ static inline float hsum8(__m256 a) {
 
 #endif
 
+static inline float half_to_float(const uint8_t *p) {
+    uint16_t h;
+    memcpy(&h, p, sizeof h);
+#ifdef LONGKV_AVX2
+    return _cvtsh_ss(h);
+#else
+    const uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1Fu, man = h & 0x3FFu;
+    uint32_t u;
+    if (exp == 0) { /* zero or subnormal */
+        float f = (float)man * (1.0f / 16777216.0f);
+        memcpy(&u, &f, sizeof u);
+        u |= sign;
+    } else if (exp == 31) {
+        u = sign | 0x7F800000u | (man << 13);
+    } else {
+        u = sign | ((exp + 112) << 23) | (man << 13);
+    }
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+#endif
+}
+
+/* float32 to float16, rounded to nearest even (as PyTorch's .to(torch.float16)); overflow gives infinity. */
+static inline uint16_t float_to_half(float f) {
+#ifdef LONGKV_AVX2
+    return (uint16_t)_cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT);
+#else
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    const uint32_t sign = (u >> 16) & 0x8000u;
+    u &= 0x7FFFFFFFu;
+    if (u >= 0x7F800000u) return (uint16_t)(sign | 0x7C00u | (u > 0x7F800000u ? 0x200u : 0u)); /* inf, nan */
+    if (u >= 0x477FF000u) return (uint16_t)(sign | 0x7C00u); /* rounds past the largest half */
+    if (u < 0x38800000u) { /* a subnormal half (or zero): round the value times 2^24 to an integer */
+        float x;
+        memcpy(&x, &u, sizeof x);
+        return (uint16_t)(sign | (uint32_t)nearbyintf(x * 16777216.0f));
+    }
+    const uint32_t mant = u & 0x1FFFu, base = (u - 0x38000000u) >> 13; /* rebias the exponent, drop 13 bits */
+    return (uint16_t)(sign | (base + (mant > 0x1000u || (mant == 0x1000u && (base & 1u)))));
+#endif
+}
+
+#define ALWAYS_INLINE static inline __attribute__((always_inline))
 #define BLK 64      /* keys scored before each softmax update */
 #define MAX_G 32    /* query heads per KV head */
 #define MAX_D 512   /* head_dim */
@@ -225,29 +274,72 @@ static inline __m256 sum8x8(const __m256 *a) {
     return _mm256_add_ps(_mm256_permute2f128_ps(s0, s1, 0x20), _mm256_permute2f128_ps(s0, s1, 0x31));
 }
 
-/* score_block for bfloat16 keys and paired queries; 8 keys' dot products are summed across lanes at once. */
-static void score_pairs(const float *q, int G, int D, const uint16_t *k, int64_t off, int64_t ts, int nb, float scale,
-                        float s[][BLK], const uint16_t *v, int64_t v_off, int64_t v_ts) {
+/* Rows of a block as the 16-wide loops read them: bfloat16 (coded = 0), or int8 codes with a float16 step
+ * and minimum per group of `group` codes (coded = 1, group a multiple of 16): row t at element (code)
+ * off + t * ts, its group g's step and minimum at st / mn + soff + t * sts + g. */
+typedef struct {
+    const void *p;
+    int64_t off, ts;
+    const uint16_t *st, *mn;
+    int64_t soff, sts;
+    int group;
+} Rows;
+
+/* Elements c .. c + 15 of row t as float32 in two vectors: bfloat16 rows in the paired order (the 8 even
+ * elements in *even, the 8 odd ones in *odd), codes in their own order (c .. c + 7, then c + 8 .. c + 15),
+ * decoded with their group's step s8 and minimum m8 (see group_scale). The queries and accumulators of a
+ * sequence are kept in the order of its rows. */
+ALWAYS_INLINE void row16(const Rows *r, const int coded, int64_t t, int c, __m256 s8, __m256 m8, __m256 *even, __m256 *odd) {
+    if (!coded) {
+        split_pairs((const uint16_t *)r->p + r->off + t * r->ts + c, even, odd);
+        return;
+    }
+    const uint8_t *x = (const uint8_t *)r->p + r->off + t * r->ts + c; /* codes: elements in their own order */
+    *even = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)x))), s8, m8);
+    *odd = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(x + 8)))), s8, m8);
+}
+
+/* The step (*s8) and minimum (*m8) of group gi of row t, in every lane (coded rows only). */
+ALWAYS_INLINE void group_scale(const Rows *r, const int coded, int64_t t, int gi, __m256 *s8, __m256 *m8) {
+    if (coded) {
+        const int64_t at = r->soff + t * r->sts + gi;
+        *s8 = _mm256_set1_ps(_cvtsh_ss(r->st[at]));
+        *m8 = _mm256_set1_ps(_cvtsh_ss(r->mn[at]));
+    }
+}
+
+/* The start of row t (for prefetching). */
+static inline const char *row_at(const Rows *r, const int coded, int64_t t) {
+    return coded ? (const char *)r->p + r->off + t * r->ts : (const char *)((const uint16_t *)r->p + r->off + t * r->ts);
+}
+
+/* score_block for paired queries over bfloat16 or int8-coded keys; 8 keys' dot products are summed across
+ * lanes at once. Fetches ahead: keys a block on (reads past the cache never fault), this block's values. */
+ALWAYS_INLINE void score_pairs_of(const float *q, int G, int D, const Rows *k, const int coded, int nb, float scale,
+                                  float s[][BLK], const Rows *v) {
     const __m256 sc = _mm256_set1_ps(scale);
+    const int row_bytes = coded ? D : 2 * D, span = coded ? k->group : D; /* elements under one step and minimum */
     for (int i0 = 0; i0 < G; i0 += 4) {
         const int w = G - i0 < 4 ? G - i0 : 4;
         const float *q0 = q + (int64_t)i0 * D;
         __m256 part[4][8];
         for (int t = 0; t < nb; t++) {
-            const uint16_t *row = k + off + t * ts;
-            if (i0 == 0) /* fetch ahead: keys a block on (reads past the cache never fault), this block's values */
-                for (int c = 0; c < D; c += 32) {
-                    _mm_prefetch((const char *)(row + BLK * ts + c), _MM_HINT_T0);
-                    _mm_prefetch((const char *)(v + v_off + t * v_ts + c), _MM_HINT_T0);
+            if (i0 == 0)
+                for (int c = 0; c < row_bytes; c += 64) {
+                    _mm_prefetch(row_at(k, coded, t + BLK) + c, _MM_HINT_T0);
+                    _mm_prefetch(row_at(v, coded, t) + c, _MM_HINT_T0);
                 }
-            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-            for (int c = 0; c < D; c += 16) {
-                __m256 ke, ko;
-                split_pairs(row + c, &ke, &ko);
-                a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q0 + c + 8), ko, _mm256_fmadd_ps(_mm256_loadu_ps(q0 + c), ke, a0));
-                if (w > 1) a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q0 + D + c + 8), ko, _mm256_fmadd_ps(_mm256_loadu_ps(q0 + D + c), ke, a1));
-                if (w > 2) a2 = _mm256_fmadd_ps(_mm256_loadu_ps(q0 + 2 * D + c + 8), ko, _mm256_fmadd_ps(_mm256_loadu_ps(q0 + 2 * D + c), ke, a2));
-                if (w > 3) a3 = _mm256_fmadd_ps(_mm256_loadu_ps(q0 + 3 * D + c + 8), ko, _mm256_fmadd_ps(_mm256_loadu_ps(q0 + 3 * D + c), ke, a3));
+            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, s8 = a0, m8 = a0;
+            for (int c0 = 0, gi = 0; c0 < D; c0 += span, gi++) {
+                group_scale(k, coded, t, gi, &s8, &m8);
+                for (int c = c0; c < c0 + span; c += 16) {
+                    __m256 ke, ko;
+                    row16(k, coded, t, c, s8, m8, &ke, &ko);
+                    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q0 + c + 8), ko, _mm256_fmadd_ps(_mm256_loadu_ps(q0 + c), ke, a0));
+                    if (w > 1) a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q0 + D + c + 8), ko, _mm256_fmadd_ps(_mm256_loadu_ps(q0 + D + c), ke, a1));
+                    if (w > 2) a2 = _mm256_fmadd_ps(_mm256_loadu_ps(q0 + 2 * D + c + 8), ko, _mm256_fmadd_ps(_mm256_loadu_ps(q0 + 2 * D + c), ke, a2));
+                    if (w > 3) a3 = _mm256_fmadd_ps(_mm256_loadu_ps(q0 + 3 * D + c + 8), ko, _mm256_fmadd_ps(_mm256_loadu_ps(q0 + 3 * D + c), ke, a3));
+                }
             }
             part[0][t & 7] = a0;
             part[1][t & 7] = a1;
@@ -261,10 +353,13 @@ static void score_pairs(const float *q, int G, int D, const uint16_t *k, int64_t
     }
 }
 
-/* value_block for bfloat16 values into paired accumulators. */
-static void value_pairs(float acc[][MAX_D], int G, int D, const uint16_t *v, int64_t off, int64_t ts, int nb,
-                        float s[][BLK]) {
-    for (int c = 0; c < D; c += 16) {
+/* value_block for bfloat16 or int8-coded values into paired accumulators. */
+ALWAYS_INLINE void value_pairs_of(float acc[][MAX_D], int G, int D, const Rows *v, const int coded, int nb, float s[][BLK]) {
+    for (int c = 0, gi = 0, end = coded ? v->group : D; c < D; c += 16) {
+        if (c == end) {
+            gi++;
+            end += v->group;
+        }
         for (int i0 = 0; i0 < G; i0 += 4) {
             const int w = G - i0 < 4 ? G - i0 : 4;
             __m256 e0 = _mm256_loadu_ps(acc[i0] + c), o0 = _mm256_loadu_ps(acc[i0] + c + 8);
@@ -273,8 +368,9 @@ static void value_pairs(float acc[][MAX_D], int G, int D, const uint16_t *v, int
             if (w > 2) e2 = _mm256_loadu_ps(acc[i0 + 2] + c), o2 = _mm256_loadu_ps(acc[i0 + 2] + c + 8);
             if (w > 3) e3 = _mm256_loadu_ps(acc[i0 + 3] + c), o3 = _mm256_loadu_ps(acc[i0 + 3] + c + 8);
             for (int t = 0; t < nb; t++) {
-                __m256 ve, vo;
-                split_pairs(v + off + t * ts + c, &ve, &vo);
+                __m256 ve, vo, s8 = e0, m8 = e0;
+                group_scale(v, coded, t, gi, &s8, &m8);
+                row16(v, coded, t, c, s8, m8, &ve, &vo);
                 __m256 p = _mm256_broadcast_ss(&s[i0][t]);
                 e0 = _mm256_fmadd_ps(p, ve, e0);
                 o0 = _mm256_fmadd_ps(p, vo, o0);
@@ -302,18 +398,22 @@ static void value_pairs(float acc[][MAX_D], int G, int D, const uint16_t *v, int
         }
     }
 }
-#endif
 
-/* Whether decode attention reads these rows in pairs (score_pairs, value_pairs). */
-static inline int paired_rows(int bf16, int D) {
-#ifdef LONGKV_AVX2
-    return bf16 && D % 16 == 0;
-#else
-    (void)bf16;
-    (void)D;
-    return 0;
-#endif
+static void score_pairs(const float *q, int G, int D, const Rows *k, int coded, int nb, float scale, float s[][BLK],
+                        const Rows *v) {
+    if (coded)
+        score_pairs_of(q, G, D, k, 1, nb, scale, s, v);
+    else
+        score_pairs_of(q, G, D, k, 0, nb, scale, s, v);
 }
+
+static void value_pairs(float acc[][MAX_D], int G, int D, const Rows *v, int coded, int nb, float s[][BLK]) {
+    if (coded)
+        value_pairs_of(acc, G, D, v, 1, nb, s);
+    else
+        value_pairs_of(acc, G, D, v, 0, nb, s);
+}
+#endif
 
 /* x (D) to (to_pairs) or from the paired order: per 16 elements, the even ones then the odd ones. */
 static void pair_order(const float *x, float *out, int D, int to_pairs) {
@@ -329,11 +429,33 @@ static void pair_order(const float *x, float *out, int D, int to_pairs) {
         }
 }
 
+/* Segment formats of decode attention (meta word 0). */
+#define SEG_F32 0
+#define SEG_BF16 1
+#define SEG_INT8 8 /* int8 codes with a float16 step and minimum per group: x = code * step + min */
+#define META 15    /* int64 words per segment, see longkv_decode_attention */
+
+/* The nb rows of a block of int8-coded K or V decoded to float32 in dst (nb x D): row t's codes at
+ * codes + off + t * ts, its group g's step and minimum (float16) at step / lo + soff + t * sts + g. For the
+ * rows the paired loops do not take (no AVX2, a head_dim or group not a multiple of 16). */
+static void decode_q8_block(const uint8_t *codes, int64_t off, int64_t ts, const uint16_t *step, const uint16_t *lo,
+                            int64_t soff, int64_t sts, int nb, int D, int group, float *dst) {
+    for (int t = 0; t < nb; t++) {
+        const uint8_t *row = codes + off + t * ts;
+        const uint16_t *st = step + soff + t * sts, *mn = lo + soff + t * sts;
+        float *o = dst + (int64_t)t * D;
+        for (int j = 0; j < D; j++)
+            o[j] = (float)row[j] * half_to_float((const uint8_t *)(st + j / group)) + half_to_float((const uint8_t *)(mn + j / group));
+    }
+}
+
 /* Attention state of every query head over the tokens [lo, hi) of the concatenated segments:
- * running max m (H), sum l (H) and the unnormalised output acc (H x D). q: (H, D) float32. */
-static void attend_range(const int64_t *meta, int nseg, const float *q, int H, int Hkv, int D, float scale, int bf16,
-                         int64_t lo, int64_t hi, float *m_out, float *l_out, float *acc_out) {
-    const int G = H / Hkv, paired = paired_rows(bf16, D); /* paired: q and acc in the paired order */
+ * running max m (H), sum l (H) and the unnormalised output acc (H x D). q: (H, D) float32 (paired order
+ * when paired: then every segment is bfloat16). kbuf, vbuf: BLK x D float32 each, for int8 blocks the 16-wide
+ * loops do not take (NULL when no segment is coded). */
+static void attend_range(const int64_t *meta, int nseg, const float *q, int H, int Hkv, int D, float scale, int paired,
+                         int64_t lo, int64_t hi, float *m_out, float *l_out, float *acc_out, float *kbuf, float *vbuf) {
+    const int G = H / Hkv;
     float acc[MAX_G][MAX_D];
     float s[MAX_G][BLK];
     for (int g = 0; g < Hkv; g++) {
@@ -345,19 +467,31 @@ static void attend_range(const int64_t *meta, int nseg, const float *q, int H, i
             memset(acc[i], 0, (size_t)D * sizeof(float));
         }
         int64_t at = 0; /* first token of this segment in the concatenation */
-        for (int sg = 0; sg < nseg; at += meta[7 * sg + 2], sg++) {
-            const int64_t *md = meta + 7 * sg;
-            const void *kp = (const void *)(intptr_t)md[0], *vp = (const void *)(intptr_t)md[1];
-            const int64_t n = md[2], k_hs = md[3], k_ts = md[4], v_hs = md[5], v_ts = md[6];
+        for (int sg = 0; sg < nseg; at += meta[META * sg + 3], sg++) {
+            const int64_t *md = meta + META * sg;
+            const int fmt = (int)md[0], bf16 = fmt == SEG_BF16;
+            const void *kp = (const void *)(intptr_t)md[1], *vp = (const void *)(intptr_t)md[2];
+            const int64_t n = md[3], k_hs = md[4], k_ts = md[5], v_hs = md[6], v_ts = md[7];
+            const uint16_t *ks = (const uint16_t *)(intptr_t)md[8], *km = (const uint16_t *)(intptr_t)md[9];
+            const uint16_t *vs = (const uint16_t *)(intptr_t)md[10], *vm = (const uint16_t *)(intptr_t)md[11];
+            const int64_t s_hs = md[12], s_ts = md[13];
+            const int group = (int)md[14];
             const int64_t a = lo > at ? lo - at : 0, e = hi - at < n ? hi - at : n;
             for (int64_t b = a; b < e; b += BLK) {
                 const int nb = (int)(e - b < BLK ? e - b : BLK);
 #ifdef LONGKV_AVX2
-                if (paired)
-                    score_pairs(qg, G, D, (const uint16_t *)kp, g * k_hs + b * k_ts, k_ts, nb, scale, s,
-                                (const uint16_t *)vp, g * v_hs + b * v_ts, v_ts);
+                const Rows kr = {kp, g * k_hs + b * k_ts, k_ts, ks, km, g * s_hs + b * s_ts, s_ts, group};
+                const Rows vr = {vp, g * v_hs + b * v_ts, v_ts, vs, vm, g * s_hs + b * s_ts, s_ts, group};
+                const int wide = (fmt == SEG_BF16 && paired) || (fmt == SEG_INT8 && !paired && D % 16 == 0 && group % 16 == 0);
+                if (wide)
+                    score_pairs(qg, G, D, &kr, fmt == SEG_INT8, nb, scale, s, &vr);
                 else
 #endif
+                if (fmt == SEG_INT8) {
+                    decode_q8_block((const uint8_t *)kp, g * k_hs + b * k_ts, k_ts, ks, km, g * s_hs + b * s_ts, s_ts, nb, D,
+                                    group, kbuf);
+                    score_block(qg, G, D, kbuf, 0, D, nb, 0, scale, s);
+                } else
                     score_block(qg, G, D, kp, g * k_hs + b * k_ts, k_ts, nb, bf16, scale, s);
                 for (int i = 0; i < G; i++) {
                     float mx = m[i];
@@ -372,10 +506,15 @@ static void attend_range(const int64_t *meta, int nseg, const float *q, int H, i
                         for (int j = 0; j < D; j++) acc[i][j] *= corr;
                 }
 #ifdef LONGKV_AVX2
-                if (paired)
-                    value_pairs(acc, G, D, (const uint16_t *)vp, g * v_hs + b * v_ts, v_ts, nb, s);
+                if (wide)
+                    value_pairs(acc, G, D, &vr, fmt == SEG_INT8, nb, s);
                 else
 #endif
+                if (fmt == SEG_INT8) {
+                    decode_q8_block((const uint8_t *)vp, g * v_hs + b * v_ts, v_ts, vs, vm, g * s_hs + b * s_ts, s_ts, nb, D,
+                                    group, vbuf);
+                    value_block(acc, G, D, vbuf, 0, D, nb, 0, s);
+                } else
                     value_block(acc, G, D, vp, g * v_hs + b * v_ts, v_ts, nb, bf16, s);
             }
         }
@@ -389,28 +528,49 @@ static void attend_range(const int64_t *meta, int nseg, const float *q, int H, i
  * query head h of KV head g = h / G, each sequence over its own cache.
  *
  * q, out: (H, B, D), contiguous, float32 or bfloat16 (flags bit 1 set: bfloat16).
- * nseg: (B,) segments per sequence; meta: 7 int64 per segment, the sequences' in order: key pointer, value
- * pointer, tokens, then the element strides of a key row's head and token, and of a value row's; rows are
- * contiguous. K and V are bfloat16 when flags bit 0 is set, else float32. The work is cut into tasks, a
- * range of one sequence's tokens each (a sequence is split when there are fewer sequences than threads and
- * it has tokens enough), run by the OpenMP team of the calling thread (PyTorch's, when loaded beside it);
- * the partial softmaxes of a sequence are then merged.
- * Returns 0, -1 when H is not a multiple of Hkv or G or D exceed the limits above, -2 out of memory. */
+ * nseg: (B,) segments per sequence; meta: META int64 per segment, the sequences' in order: its format
+ * (SEG_F32, SEG_BF16 or SEG_INT8), key pointer, value pointer, tokens, then the element strides of a key
+ * row's head and token, and of a value row's; for SEG_INT8 (pointers and strides in codes, one byte each)
+ * also the pointers to the keys' steps and minimums and the values' steps and minimums (float16), the
+ * element strides of a head and a token in those four planes, and the codes per group (else zeros). Rows
+ * are contiguous. The work is cut into tasks, a range of one sequence's tokens each (a sequence is split
+ * when there are fewer sequences than threads and it has tokens enough), run by the OpenMP team of the
+ * calling thread (PyTorch's, when loaded beside it); the partial softmaxes of a sequence are then merged.
+ * Returns 0, -1 when H is not a multiple of Hkv, G or D exceed the limits above, or a coded group does not
+ * divide D, -2 out of memory. */
 int longkv_decode_attention(const int64_t *meta, const int32_t *nseg, int B, const void *q_in, void *out, int H, int Hkv,
                             int D, float scale, int flags) {
-    const int bf16 = flags & 1, q_bf16 = (flags >> 1) & 1;
+    const int q_bf16 = (flags >> 1) & 1;
     if (Hkv <= 0 || H % Hkv != 0 || D > MAX_D || H / Hkv > MAX_G || B <= 0) return -1;
     int threads = 1;
 #ifdef _OPENMP
     threads = omp_get_max_threads();
 #endif
-    int64_t *first = malloc(sizeof(int64_t) * 3 * (size_t)B); /* per sequence: first segment, tokens, tasks */
+    /* per sequence: first segment, tokens, tasks, and whether its q and acc are in the paired order (every
+     * segment bfloat16, D a multiple of 16: the 16-wide loops over bfloat16 rows) */
+    int64_t *first = malloc(sizeof(int64_t) * 4 * (size_t)B);
     if (!first) return -2;
-    int64_t *tokens = first + B, *tasks = tokens + B, ntask = 0, seg = 0;
+    int64_t *tokens = first + B, *tasks = tokens + B, *paired = tasks + B, ntask = 0, seg = 0;
+    int coded = 0;
     for (int b = 0; b < B; b++) {
         first[b] = seg;
         tokens[b] = 0;
-        for (int j = 0; j < nseg[b]; j++) tokens[b] += meta[7 * (seg + j) + 2];
+        paired[b] = D % 16 == 0;
+#ifndef LONGKV_AVX2
+        paired[b] = 0;
+#endif
+        for (int j = 0; j < nseg[b]; j++) {
+            const int64_t *md = meta + META * (seg + j);
+            tokens[b] += md[3];
+            if (md[0] != SEG_BF16) paired[b] = 0;
+            if (md[0] == SEG_INT8) {
+                coded = 1;
+                if (md[14] <= 0 || D % md[14] != 0) {
+                    free(first);
+                    return -1;
+                }
+            }
+        }
         seg += nseg[b];
         int64_t parts = (threads + B - 1) / B; /* threads per sequence, while there are fewer sequences */
         if (parts > tokens[b] / MIN_SPLIT) parts = tokens[b] / MIN_SPLIT;
@@ -420,10 +580,12 @@ int longkv_decode_attention(const int64_t *meta, const int32_t *nseg, int B, con
     /* per task: its sequence and part; the partial state: max m (H), sum l (H), acc (H x D) */
     int64_t *task = malloc(sizeof(int64_t) * 2 * (size_t)ntask);
     float *buf = malloc(sizeof(float) * ((size_t)H * D * (B + (size_t)ntask) + 2 * (size_t)H * ntask));
-    if (!task || !buf) {
+    float *blocks = coded ? malloc(sizeof(float) * 2 * BLK * (size_t)D * ntask) : NULL; /* decoded K, V blocks per task */
+    if (!task || !buf || (coded && !blocks)) {
         free(first);
         free(task);
         free(buf);
+        free(blocks);
         return -2;
     }
     for (int64_t b = 0, at = 0; b < B; b++)
@@ -432,21 +594,22 @@ int longkv_decode_attention(const int64_t *meta, const int32_t *nseg, int B, con
             task[2 * at + 1] = p;
         }
     float *q = buf, *acc = q + (size_t)H * D * B, *m = acc + (size_t)H * D * ntask, *l = m + (size_t)H * ntask;
-    const int paired = paired_rows(bf16, D);
     float tmp[MAX_D];
     for (int b = 0; b < B; b++)
         for (int h = 0; h < H; h++) {
             float *qh = q + ((int64_t)b * H + h) * D;
-            load_row(q_in, ((int64_t)h * B + b) * D, q_bf16, D, paired ? tmp : qh);
-            if (paired) pair_order(tmp, qh, D, 1);
+            load_row(q_in, ((int64_t)h * B + b) * D, q_bf16, D, paired[b] ? tmp : qh);
+            if (paired[b]) pair_order(tmp, qh, D, 1);
         }
 #ifdef _OPENMP
 #pragma omp parallel for schedule(dynamic, 1) if (ntask > 1)
 #endif
     for (int64_t t = 0; t < ntask; t++) {
         const int64_t b = task[2 * t], p = task[2 * t + 1], n = tokens[b], parts = tasks[b];
-        attend_range(meta + 7 * first[b], nseg[b], q + (int64_t)b * H * D, H, Hkv, D, scale, bf16, n * p / parts,
-                     n * (p + 1) / parts, m + (size_t)H * t, l + (size_t)H * t, acc + (size_t)H * D * t);
+        float *kb = coded ? blocks + 2 * BLK * (size_t)D * t : NULL;
+        attend_range(meta + META * first[b], nseg[b], q + (int64_t)b * H * D, H, Hkv, D, scale, (int)paired[b], n * p / parts,
+                     n * (p + 1) / parts, m + (size_t)H * t, l + (size_t)H * t, acc + (size_t)H * D * t, kb,
+                     kb ? kb + BLK * (size_t)D : NULL);
     }
     for (int64_t b = 0, t0 = 0; b < B; t0 += tasks[b], b++) {
         for (int h = 0; h < H; h++) { /* merge the tasks' softmaxes: rescale each to the largest max */
@@ -463,7 +626,7 @@ int longkv_decode_attention(const int64_t *meta, const int32_t *nseg, int B, con
                     for (int j = 0; j < D; j++) o[j] += w * x[j];
                 }
             }
-            if (paired) {
+            if (paired[b]) {
                 pair_order(o, tmp, D, 0);
                 o = tmp;
             }
@@ -473,6 +636,7 @@ int longkv_decode_attention(const int64_t *meta, const int32_t *nseg, int B, con
     free(first);
     free(task);
     free(buf);
+    free(blocks);
     return 0;
 }
 
@@ -579,33 +743,9 @@ void longkv_rope(const void *src, int64_t row_stride, void *out, int T, int nh, 
 #define MAX_ROWS 8 /* rows of x per pass over W (more rows: further passes) */
 #define PREFETCH_TILES 8 /* tiles fetched ahead of the one read (reads past W's end never fault) */
 
-static inline float half_to_float(const uint8_t *p) {
-    uint16_t h;
-    memcpy(&h, p, sizeof h);
-#ifdef LONGKV_AVX2
-    return _cvtsh_ss(h);
-#else
-    const uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1Fu, man = h & 0x3FFu;
-    uint32_t u;
-    if (exp == 0) { /* zero or subnormal */
-        float f = (float)man * (1.0f / 16777216.0f);
-        memcpy(&u, &f, sizeof u);
-        u |= sign;
-    } else if (exp == 31) {
-        u = sign | 0x7F800000u | (man << 13);
-    } else {
-        u = sign | ((exp + 112) << 23) | (man << 13);
-    }
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-#endif
-}
-
 /* The passes below take the row count mr as a constant: each is inlined into a switch over mr = 1..MAX_ROWS
  * (ROWS_SWITCH), so the per-row accumulators are unrolled into registers. A pass reads each tile of W
  * once and uses it for all mr rows of x. */
-#define ALWAYS_INLINE static inline __attribute__((always_inline))
 
 /* The 8 outputs of row r of x for tile group g: y[r, 8 g + i] for the i that are real rows (< N). */
 static inline void store_group(void *y, int y_bf16, int64_t r, int64_t N, int64_t g, const float *tot) {
@@ -921,4 +1061,65 @@ void longkv_kv_write(void *kd, void *vd, int64_t hs, int64_t slot, int64_t *pos_
             memcpy((char *)vd + at, (const char *)v + ((int64_t)g * vs + (int64_t)t * vt) * es, (size_t)D * es);
         }
     memcpy(pos_d + slot, pos, sizeof(int64_t) * (size_t)T);
+}
+
+/* One row of D values (bfloat16 when bf16, else float32) coded in groups of `group`: per group, the minimum
+ * and the step (max - min) / (2^bits - 1) (at least 1e-4) as float16, and a code per value,
+ * round((x - min) / step) clamped to [0, 2^bits - 1], computed from the float16-rounded minimum and step,
+ * as longkv.kv.quant.quantize does; int4 codes two per byte, the even value in the low nibble. */
+static void code_row(const void *x, int bf16, int D, int group, int bits, uint8_t *codes, uint16_t *step, uint16_t *lo) {
+    float row[MAX_D];
+    load_row(x, 0, bf16, D, row);
+    const float top = (float)((1 << bits) - 1);
+    for (int g = 0; g < D / group; g++) {
+        const float *xg = row + g * group;
+        float mn = xg[0], mx = xg[0];
+        for (int j = 1; j < group; j++) {
+            mn = xg[j] < mn ? xg[j] : mn;
+            mx = xg[j] > mx ? xg[j] : mx;
+        }
+        const uint16_t lo16 = float_to_half(mn);
+        const float lof = half_to_float((const uint8_t *)&lo16);
+        float st = (mx - lof) / top;
+        st = st < 1e-4f ? 1e-4f : st;
+        const uint16_t st16 = float_to_half(st);
+        const float stf = half_to_float((const uint8_t *)&st16);
+        lo[g] = lo16;
+        step[g] = st16;
+        for (int j = 0; j < group; j++) {
+            float c = nearbyintf((xg[j] - lof) / stf);
+            c = c < 0.0f ? 0.0f : (c > top ? top : c);
+            const int at = g * group + j;
+            if (bits == 8)
+                codes[at] = (uint8_t)c;
+            else if (at % 2 == 0)
+                codes[at / 2] = (uint8_t)c;
+            else
+                codes[at / 2] |= (uint8_t)((int)c << 4);
+        }
+    }
+}
+
+/* longkv_kv_write for coded pages: T tokens of K and V (bfloat16 when bf16, else float32; head strides
+ * ks / vs and token strides kt / vt elements, rows contiguous) coded as int`bits` in groups of `group`
+ * into the planes at slot: kc / vc (code planes, head stride chs bytes, D * bits / 8 bytes a token),
+ * k_step, k_min, v_step, v_min (float16 planes, head stride shs elements, D / group a token); pos_d[slot + t]
+ * = pos[t]. Returns 0, or -1 for bits other than 4 and 8, a group that does not divide D (or is odd), or
+ * D beyond MAX_D. */
+int longkv_kv_write_coded(uint8_t *kc, uint8_t *vc, uint16_t *k_step, uint16_t *k_min, uint16_t *v_step, uint16_t *v_min,
+                          int64_t chs, int64_t shs, int64_t slot, int64_t *pos_d, const void *k, int64_t ks, int64_t kt,
+                          const void *v, int64_t vs, int64_t vt, const int64_t *pos, int Hkv, int T, int D, int group, int bits,
+                          int bf16) {
+    if ((bits != 4 && bits != 8) || group <= 0 || group % 2 || D % group || D > MAX_D) return -1;
+    const int es = bf16 ? 2 : 4, cb = D * bits / 8, sides = D / group;
+    for (int g = 0; g < Hkv; g++)
+        for (int t = 0; t < T; t++) {
+            const int64_t c_at = g * chs + (slot + t) * cb, s_at = g * shs + (slot + t) * sides;
+            code_row((const char *)k + ((int64_t)g * ks + (int64_t)t * kt) * es, bf16, D, group, bits, kc + c_at, k_step + s_at,
+                     k_min + s_at);
+            code_row((const char *)v + ((int64_t)g * vs + (int64_t)t * vt) * es, bf16, D, group, bits, vc + c_at, v_step + s_at,
+                     v_min + s_at);
+        }
+    memcpy(pos_d + slot, pos, sizeof(int64_t) * (size_t)T);
+    return 0;
 }

@@ -31,6 +31,7 @@ import torch
 from longkv import kernels
 from longkv.errors import LongKVError
 from longkv.kv.pool import PageFormat, PagePool
+from longkv.kv.quant import CodedFormat, CodedRows, coded_format
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -41,8 +42,6 @@ def page_format(head_dim: int, dtype: torch.dtype, codec: str = "none") -> PageF
     """The page format for ``codec`` (``"none"``, ``"int8"``, ``"int4"``). Raises LongKVError for another codec."""
     if codec == "none":
         return PageFormat(head_dim, dtype)
-    from longkv.kv.quant import coded_format
-
     return coded_format(head_dim, dtype, codec)
 
 
@@ -74,7 +73,9 @@ class LayerKV:
         assert pool.fmt == fmt and pool.n_kv_heads == n_kv_heads and pool.page_size == page_size, "pool of another shape"
         self.pool, self.page_size, self.dtype = pool, page_size, dtype
         self._plain = fmt.codec == "none"
-        self._c_write = self._plain and pool.device.type == "cpu" and kernels.available()  # appends in one C call
+        self._c_write = pool.device.type == "cpu" and kernels.available()  # appends in one C call (coded too)
+        # int8 pages a decode step's attention reads as codes (decode_parts): 56 % of bfloat16's bytes moved
+        self._coded_reads = isinstance(fmt, CodedFormat) and fmt.bits == 8 and self._c_write
         self.shared: list[tuple[int, int]] = []  # (first slot, tokens): read-only spans, pages retained
         self.shared_n = 0
         self.run_start, self.run_pages = 0, 0  # own run of pages
@@ -231,7 +232,8 @@ class LayerKV:
                 planes["k"][:, dst] = k
                 planes["v"][:, dst] = v
                 pool.pos[dst] = positions
-        else:
+        elif not (self._c_write and isinstance(fmt := pool.fmt, CodedFormat)
+                  and kernels.kv_write_coded(planes, pool.pos, a, k, v, positions, fmt.bits, fmt.group)):  # fmt: skip
             for name, x in pool.fmt.encode(k, v).items():
                 planes[name][:, dst] = x
             pool.pos[dst] = positions
@@ -281,17 +283,31 @@ class LayerKV:
         Attention reads these in place (``longkv.attention.dense.attend_segments``)
         instead of concatenating a shared prefix with the sequence's own tokens.
         """
-        if not self.shared:
-            a = self.run_start * self.page_size
-            k, v, pos = self._decode(slice(a, a + self.n_own))
-            assert v is not None
-            return [(k, v, pos)]
-        out = []
-        for s, n in self._spans():
-            k, v, pos = self._decode(slice(s, s + n))
-            assert v is not None
-            out.append((k, v, pos))
+        return [self._part(s, n) for s, n in self._runs()]
+
+    def decode_parts(self) -> list[tuple[torch.Tensor | CodedRows, torch.Tensor | CodedRows, torch.Tensor]]:
+        """:meth:`segments` as a decode step's attention reads them: int8 pages as ``(rows, rows, positions)``
+        with ``rows`` a :class:`~longkv.kv.quant.CodedRows` (their planes, read as codes by
+        :func:`longkv.kernels.decode_attention`: 56 % of bfloat16's bytes for head_dim 64), other formats as
+        :meth:`segments` gives them."""
+        if not self._coded_reads:
+            return list(self.segments())
+        planes, pos, fmt = self.pool.planes, self.pool.pos, self.pool.fmt
+        assert isinstance(fmt, CodedFormat)
+        out: list[tuple[torch.Tensor | CodedRows, torch.Tensor | CodedRows, torch.Tensor]] = []
+        for s, n in self._runs():
+            rows = CodedRows(fmt, {name: t[:, s : s + n] for name, t in planes.items()})
+            out.append((rows, rows, pos[s : s + n]))
         return out
+
+    def _runs(self) -> list[tuple[int, int]]:
+        """(first slot, tokens) of the parts :meth:`segments` returns (the own run even when empty)."""
+        return [(self._own0(), self.n_own)] if not self.shared else self._spans()
+
+    def _part(self, s: int, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        k, v, pos = self._decode(slice(s, s + n))
+        assert v is not None
+        return k, v, pos
 
     def view(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """All cached tokens: k, v: (Hkv, n, D); positions: (n,). Zero-copy for plain pages in one part."""

@@ -14,6 +14,7 @@ Bytes per token and KV head (head_dim D, group g), for K and V each:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -86,6 +87,50 @@ class CodedFormat(PageFormat):
         if not values:
             return k, None
         return k, dequantize(planes["v"], planes["v_step"], planes["v_min"], self.bits, self.group, self.dtype)
+
+
+@dataclass(frozen=True)
+class CodedRows:
+    """The coded keys and values of some slots of a pool, read in place: its planes over those slots.
+
+    A part of an int8 cache as a decode step's attention reads it (``LayerKV.decode_parts`` gives
+    ``(rows, rows, positions)``): :func:`longkv.kernels.decode_attention` takes int8 codes as they
+    are; every other reader calls :meth:`decode`.
+
+    Attributes:
+        fmt: the pool's format.
+        planes: ``fmt.planes()`` over the slots, each (Hkv, n, ...) (views of the pool's planes).
+    """
+
+    fmt: CodedFormat
+    planes: dict[str, torch.Tensor]
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(Hkv, n, D) of the decoded keys (or values)."""
+        h, n, _ = self.planes["k"].shape
+        return h, n, self.fmt.head_dim
+
+    def decode(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decoded copies: k, v (Hkv, n, D) in the format's compute dtype."""
+        k, v = self.fmt.decode(self.planes)
+        assert v is not None
+        return k, v
+
+
+Part = tuple[torch.Tensor | CodedRows, torch.Tensor | CodedRows, torch.Tensor]
+"""A part of a cache as attention reads it: k, v (Hkv, n, D) tensors or int8 :class:`CodedRows`, positions (n,)."""
+
+
+def decoded(segments: Sequence[Part]) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """``segments`` with every :class:`CodedRows` part decoded: [(k, v (Hkv, n_i, D), positions (n_i,))]."""
+    out = []
+    for k, v, pos in segments:
+        if isinstance(k, CodedRows):
+            k, v = k.decode()
+        assert isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor)
+        out.append((k, v, pos))
+    return out
 
 
 def coded_format(head_dim: int, dtype: torch.dtype, codec: str, group: int = 32) -> CodedFormat:

@@ -35,7 +35,7 @@ import torch
 from longkv.errors import LongKVError
 from longkv.kv.cache import LayerKV, page_format
 from longkv.kv.pool import PagePool
-from longkv.kv.quant import dequantize, quantize
+from longkv.kv.quant import CodedRows, dequantize, quantize
 
 CODECS = ("none", "int8", "int4")
 COLD = ("ram", "disk")
@@ -402,6 +402,10 @@ class TieredLayerKV(LayerKV):
     def segments(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """Every token as one assembled part (see :meth:`LayerKV.segments`)."""
         return [self.view()]
+
+    def decode_parts(self) -> list[tuple[torch.Tensor | CodedRows, torch.Tensor | CodedRows, torch.Tensor]]:
+        """:meth:`segments` (cold pages are decoded as they are assembled)."""
+        return list(self.segments())
 
     def positions(self) -> torch.Tensor:
         return self.read(0, self.n, values=False)[2]
