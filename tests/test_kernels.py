@@ -111,6 +111,17 @@ def test_dense_decode_paths_agree_with_and_without_kernels(monkeypatch: pytest.M
         torch.testing.assert_close(a, b, atol=2e-6, rtol=2e-6)
 
 
+def appended(lkv, steps: list[tuple[torch.Tensor, torch.Tensor]], c_write: bool, at: int, gap: int):
+    """``lkv`` after appending every (k, v) of ``steps`` (positions from ``at``, ``gap`` skipped between steps), through
+    the C append (``c_write``) or PyTorch's copies."""
+    assert lkv._c_write
+    lkv._c_write = c_write
+    for k, v in steps:
+        lkv.append(k, v, torch.arange(at, at + k.shape[1]))
+        at += k.shape[1] + gap
+    return lkv
+
+
 @needs_cc
 def test_cache_appends_in_one_call_write_what_the_pytorch_copy_writes(monkeypatch: pytest.MonkeyPatch) -> None:
     """LayerKV.append through kernels.kv_write (one C call) against the PyTorch slice copies: the same keys,
@@ -124,17 +135,7 @@ def test_cache_appends_in_one_call_write_what_the_pytorch_copy_writes(monkeypatc
     steps += [(qkv[1:3, t : t + 1], qkv[3:5, t : t + 1]) for t in range(5)]  # crosses the 64-slot page
     steps += [(torch.randn(2, 1, 32, generator=g), torch.randn(2, 1, 32, generator=g))]  # float32 rows
 
-    def fill(c_write: bool) -> LayerKV:
-        lkv = LayerKV(2, 32, 64, torch.bfloat16)
-        assert lkv._c_write
-        lkv._c_write = c_write
-        at = 100
-        for k, v in steps:
-            lkv.append(k, v, torch.arange(at, at + k.shape[1]))
-            at += k.shape[1] + 3
-        return lkv
-
-    fast, slow = fill(True), fill(False)
+    fast, slow = (appended(LayerKV(2, 32, 64, torch.bfloat16), steps, c_write, at=100, gap=3) for c_write in (True, False))
     assert fast.n == slow.n == 66
     for a, b in zip(fast.view(), slow.view(), strict=True):
         assert torch.equal(a, b)
@@ -220,17 +221,8 @@ def test_coded_appends_write_what_pytorch_codes(codec: str, dtype: torch.dtype) 
     steps += [(qkv[1:3, t : t + 1], qkv[3:5, t : t + 1]) for t in range(6)]
     steps += [(torch.full((2, 1, 32), 0.75, dtype=dtype), torch.zeros(2, 1, 32, dtype=dtype))]  # constant groups
 
-    def fill(c_write: bool) -> LayerKV:
-        lkv = LayerKV(2, 32, 64, dtype, codec=codec)
-        assert lkv._c_write and lkv._coded_reads == (codec == "int8")
-        lkv._c_write = c_write
-        at = 10
-        for k, v in steps:
-            lkv.append(k, v, torch.arange(at, at + k.shape[1]))
-            at += k.shape[1] + 2
-        return lkv
-
-    fast, slow = fill(True), fill(False)
+    assert LayerKV(2, 32, 64, dtype, codec=codec)._coded_reads == (codec == "int8")
+    fast, slow = (appended(LayerKV(2, 32, 64, dtype, codec=codec), steps, c_write, at=10, gap=2) for c_write in (True, False))
     assert fast.n == slow.n == 68
     for name, plane in fast.pool.planes.items():
         assert torch.equal(plane[:, :68], slow.pool.planes[name][:, :68]), name
