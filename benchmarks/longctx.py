@@ -92,25 +92,47 @@ def make_sample(llm: LLM, hay_ids: list[int], n_tokens: int, depth: float, rng: 
     return {"ids": ids, "number": number, "depth": depth, "needle_tokens": (lo, hi), "tokens": len(ids)}
 
 
-# Needles of different wording for --needles: one prefill, one question per needle.
-NEEDLES = [
-    ("The secret number is {n}.", "What is the secret number mentioned in the text above?"),
-    ("The code to open the vault is {n}.", "What is the code to open the vault mentioned in the text above?"),
-    ("The lighthouse keeper's badge number is {n}.", "What is the lighthouse keeper's badge number mentioned in the text above?"),
-    ("The winning lottery ticket was number {n}.", "What was the number of the winning lottery ticket mentioned in the text above?"),
-    ("The train to the coast leaves from platform {n}.", "From which platform does the train to the coast leave, according to the text above?"),
-]
+# Needles of different wording for --needles: one prefill, one question per needle. ``calibration``: the
+# forms the retrieval heads were chosen on (benchmarks/retrieval_heads.py); ``held``: forms never used to
+# choose anything, asked as a person would (no "mentioned in the text above", the answer's form asked in other words),
+# so a score on them says whether the selection generalises beyond the wording it was tuned on.
+FORMS = {
+    "calibration": [
+        ("The secret number is {n}.", "What is the secret number mentioned in the text above? Answer with the number only."),
+        ("The code to open the vault is {n}.", "What is the code to open the vault mentioned in the text above? Answer with the number only."),
+        ("The lighthouse keeper's badge number is {n}.",
+         "What is the lighthouse keeper's badge number mentioned in the text above? Answer with the number only."),
+        ("The winning lottery ticket was number {n}.",
+         "What was the number of the winning lottery ticket mentioned in the text above? Answer with the number only."),
+        ("The train to the coast leaves from platform {n}.",
+         "From which platform does the train to the coast leave, according to the text above? Answer with the number only."),
+    ],
+    "held": [
+        ("Mrs. Hale keeps the spare key to the chapel in locker {n}.", "Which locker holds the spare key to the chapel? Just the number, please."),
+        ("Dr. Okafor can be reached on extension {n} after six.", "What extension is Dr. Okafor on in the evening? Reply with the number alone."),
+        ("Our warehouse in Tilbury holds exactly {n} crates of tea.", "How many crates of tea are in the Tilbury warehouse? Give only the number."),
+        ("Note for later: the harbour radio password is {n}.", "I forgot the harbour radio password. What was it? Only the digits, please."),
+        ("Captain Reyes logged her last position as grid square {n}.", "Which grid square did Captain Reyes log as her last position? Number only."),
+        ("The library's rarest atlas sits under shelf mark {n}.", "Under which shelf mark can I find the library's rarest atlas? Just the number."),
+        ("In 1851 the census counted {n} sheep in the valley.", "How many sheep were in the valley in the 1851 census? Answer with a number."),
+        ("A seat at the midnight opera costs {n} lira.", "How many lira is a seat at the midnight opera? Just the number."),
+        ("Please wire the deposit to account {n} before Friday.", "Which account number should the deposit go to? Only the number."),
+        ("The bell foundry's order book lists job {n} as unpaid.", "Which job number is unpaid in the bell foundry's order book? Number only, please."),
+    ],
+}
+NEEDLES = FORMS["calibration"]
 
 
-def make_multi(llm: LLM, hay_ids: list[int], n_tokens: int, depths: list[float], rng: random.Random) -> dict:
-    """One context with a needle of a different wording at each depth, and one question per needle.
+def make_multi(llm: LLM, hay_ids: list[int], n_tokens: int, depths: list[float], rng: random.Random,
+               forms: list[tuple[str, str]] = NEEDLES) -> dict:
+    """One context with a needle of a different wording (``forms``, in turn) at each depth, and one question per needle.
 
     Returns the shared prompt prefix (context, prefilled once) and, per needle, the
     question's remaining ids, its answer and the needle's token range.
     """
     numbers = [str(rng.randint(100000, 999999)) for _ in depths]
-    needles = [" " + NEEDLES[i % len(NEEDLES)][0].format(n=num) + " " for i, num in enumerate(numbers)]
-    questions = [NEEDLES[i % len(NEEDLES)][1] + " Answer with the number only." for i in range(len(depths))]
+    needles = [" " + forms[i % len(forms)][0].format(n=num) + " " for i, num in enumerate(numbers)]
+    questions = [forms[i % len(forms)][1] for i in range(len(depths))]
     overhead = sum(len(llm.encode(x)) for x in needles) + 64
     hay_ids = hay_ids[: n_tokens - overhead]
     cuts = [int(d * len(hay_ids)) for d in depths]
@@ -167,7 +189,7 @@ def run_multi(llm: LLM, sample: dict, base: BlockTopKPolicy, variants: dict[str,
             needle_pages = set(range(lo // ps, (hi - 1) // ps + 1))
             if rows and dump is not None:
                 dump_rows(dump / f"{len(ctx)}-{number}.pt", rows, work, needle_pages, number)
-            entry = {"text": text, "correct": number in text, "answer_s": round(time.perf_counter() - t1, 2)}
+            entry = {"text": text, "correct": number in text, "loops": loops(text), "answer_s": round(time.perf_counter() - t1, 2)}
             if pol.k():
                 entry |= recall(pol, work, needle_pages)
             res["answers"][name] = entry
@@ -211,6 +233,13 @@ def greedy(llm: LLM, runner: Runner, seq: Sequence, logits: torch.Tensor, n: int
         out.append(tok)
         logits = runner.decode(seq, tok)
     return llm.tokenizer.decode(out, skip_special_tokens=True)
+
+
+def loops(text: str, n: int = 3) -> bool:
+    """Whether some run of ``n`` words comes back more than twice in ``text`` (a repetition loop)."""
+    words = text.split()
+    grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
+    return any(grams.count(g) > 2 for g in set(grams))
 
 
 def branch(llm: LLM, seq: Sequence) -> tuple[Sequence, Callable[[], None]]:
@@ -324,6 +353,10 @@ def main() -> None:
     ap.add_argument("--needles", type=int, default=0,
                     help="N > 0: one context per length with N needles of different wording at the depths, "
                          "prefilled once, one question per needle (for 1 M tokens)")
+    ap.add_argument("--forms", choices=sorted(FORMS), default="calibration",
+                    help="with --needles: the needle wordings and questions (held: never used to calibrate anything)")
+    ap.add_argument("--contexts", type=int, default=1, help="with --needles: contexts per length, each from the next book")
+    ap.add_argument("--default", action="store_true", help="also answer with block_topk's defaults (what ask uses beyond the window)")
     ap.add_argument("--dump-rows", metavar="DIR",
                     help="save the first variant's page ratings per (layer, head, query) row at each "
                          "question (float16 .pt files) for offline study of selection rules")
@@ -350,6 +383,10 @@ def main() -> None:
         variants[label] = dataclasses.replace(pol, resident=base.resident, cold=base.cold, cold_codec=base.cold_codec)
     if args.ablate:
         variants["block_topk k=8 no re-encode"] = dataclasses.replace(base, topk=8, reencode=False)
+    if args.default:
+        default = BlockTopKPolicy().resolve(llm.config, llm.engine_config)
+        variants[f"default (k={default.k(llm.config)}, heads={default.heads})"] = dataclasses.replace(
+            default, resident=base.resident, cold=base.cold, cold_codec=base.cold_codec)
     variants["local (sinks+window)"] = dataclasses.replace(base, topk=0)
     books = sorted(BOOKS.glob("*.txt"))
     rng = random.Random(args.seed)
@@ -359,12 +396,13 @@ def main() -> None:
     for n in args.lengths:
         if args.needles:
             depths = args.depths or [i / max(args.needles - 1, 1) for i in range(args.needles)]
-            first = n % len(books)
-            multi = make_multi(llm, haystack(llm, books, first, n, rng), n, depths, rng)
-            print(f"{n}: context of {len(multi['context'])} tokens, {len(depths)} needles", flush=True)
-            for res in run_multi(llm, multi, base, variants, Path(args.dump_rows) if args.dump_rows else None):
-                results.append(res | {"length": n, "book": books[first].name + " (+ following books)"})
-            out.write_text(json.dumps({"args": vars(args), "samples": results, "summary": summarise(results)}, indent=1))
+            for c in range(args.contexts):
+                first = (n + c) % len(books)
+                multi = make_multi(llm, haystack(llm, books, first, n, rng), n, depths, rng, FORMS[args.forms])
+                print(f"{n}: context {c + 1}/{args.contexts} of {len(multi['context'])} tokens, {len(depths)} needles", flush=True)
+                for res in run_multi(llm, multi, base, variants, Path(args.dump_rows) if args.dump_rows else None):
+                    results.append(res | {"length": n, "book": books[first].name + " (+ following books)", "forms": args.forms})
+                out.write_text(json.dumps({"args": vars(args), "samples": results, "summary": summarise(results)}, indent=1))
             continue
         depths = args.depths or [i / max(args.samples - 1, 1) for i in range(args.samples)]
         for i, depth in enumerate(depths):
@@ -401,9 +439,10 @@ def summarise(results: list[dict]) -> dict:
     table: dict = {}
     for res in results:
         for name, a in res["answers"].items():
-            row = table.setdefault(str(res["length"]), {}).setdefault(name, {"n": 0, "correct": 0, "recall": 0, "ranks": []})
+            row = table.setdefault(str(res["length"]), {}).setdefault(name, {"n": 0, "correct": 0, "recall": 0, "loops": 0, "ranks": []})
             row["n"] += 1
             row["correct"] += int(a["correct"])
+            row["loops"] += int(a.get("loops", False))
             row["recall"] += int(a.get("recall", False))
             if "rank" in a:
                 row["ranks"].append(a["rank"])
@@ -411,11 +450,11 @@ def summarise(results: list[dict]) -> dict:
 
 
 def print_table(table: dict) -> None:
-    print(f"{'length':>7} | {'policy':<28} | {'accuracy':>9} | {'page recall':>11} | needle page rank")
+    print(f"{'length':>7} | {'policy':<34} | {'accuracy':>9} | {'page recall':>11} | {'loops':>5} | needle page rank")
     for length, rows in table.items():
         for name, r in rows.items():
-            rec = f"{r['recall']}/{r['n']}" if "block" in name else "-"
-            print(f"{length:>7} | {name:<28} | {r['correct']:>4}/{r['n']:<4} | {rec:>11} | {r['ranks']}")
+            rec = f"{r['recall']}/{r['n']}" if "block" in name or "default" in name else "-"
+            print(f"{length:>7} | {name:<34} | {r['correct']:>4}/{r['n']:<4} | {rec:>11} | {r.get('loops', 0):>5} | {r['ranks']}")
 
 
 if __name__ == "__main__":
