@@ -505,3 +505,5 @@ def test_kvzip_probes_each_chunk_in_both_modes(monkeypatch) -> None:
 def test_describe_names_every_knob() -> None:
     assert make_policy("kvzip", budget=64).describe() == "kvzip(budget=64, sinks=4, window=32, kernel=15, heads=max, scope=shared, layers=max)"
     assert make_policy("snapkv", budget=64, kv_quant="int4").describe() == "snapkv(budget=64, sinks=4, window=32, kernel=15, kv_quant=int4)"
+    assert make_policy("dense:kv_quant=int8").describe() == "dense(kv_quant=int8)" and make_policy("dense").describe() == "dense"
+    assert make_policy("streaming:budget=1024,kv_quant=int8").describe() == "streaming(budget=1024, sinks=4, window=1020, kv_quant=int8)"

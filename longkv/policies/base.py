@@ -104,8 +104,8 @@ class KVPolicy:
         return None
 
     def describe(self) -> str:
-        """Short human-readable form, e.g. ``streaming(budget=4096, sinks=4)``."""
-        return self.name
+        """Short human-readable form, e.g. ``streaming(budget=4096, sinks=4)``; the codec when not ``none``."""
+        return self.name if self.kv_quant == "none" else f"{self.name}(kv_quant={self.kv_quant})"
 
     def dense_kv_upto(self) -> int:
         """Tokens up to which this policy provably computes the dense policy's KV, bit for bit (0: never).

@@ -99,4 +99,5 @@ class StreamingPolicy(EvictionPolicy):
         return min(self.budget, self.sinks + self.local_window) if self.kv_quant == "none" else 0
 
     def describe(self) -> str:
-        return f"streaming(budget={self.budget}, sinks={self.sinks}, window={self.local_window})"
+        codec = "" if self.kv_quant == "none" else f", kv_quant={self.kv_quant}"
+        return f"streaming(budget={self.budget}, sinks={self.sinks}, window={self.local_window}{codec})"
