@@ -113,6 +113,16 @@ def test_budget_errors_come_before_the_model_loads(work: Path) -> None:
     assert_user_error(proc, "budget 3 leaves no local window after 4 sink tokens", "--budget to at least 5")
 
 
+def test_unknown_kv_codec_is_refused_before_the_model_loads(work: Path) -> None:
+    from longkv import LLM
+    from longkv.errors import LongKVError
+
+    proc = run(["ask", "notes.txt", "-q", "x", "--model", "./missing.gguf", "--policy", "dense:kv_quant=int3"], work)
+    assert_user_error(proc, "unknown kv_quant 'int3'", "none, int8, int4")
+    with pytest.raises(LongKVError, match="unknown kv_quant 'int3'"):  # the Python API: at construction, not at generate
+        LLM(model=str(work / "missing.gguf"), policy="dense:kv_quant=int3")
+
+
 def test_budget_with_block_topk_points_to_resident_bytes(work: Path) -> None:
     proc = run(["ask", "notes.txt", "-q", "x", "--model", "./missing.gguf", "--policy", "block_topk", "--budget", "1024"], work)
     assert_user_error(proc, "policy block_topk keeps every token, so --budget does not apply", "block_topk:resident=1GiB")

@@ -104,6 +104,7 @@ class LLM:
         if policy not in (None, "auto") or budget is not None:  # fail fast on a bad spec or budget, before loading weights
             spec = policy if policy not in (None, "auto") else "streaming"  # auto + budget means streaming
             early = make_policy(spec, budget=budget) if budget is not None and not _is_dense(spec) else make_policy(spec)
+            early.check_codec()
             if hasattr(early, "check_budget"):
                 early.check_budget()
         loaded = load(model, DTYPES[dtype])

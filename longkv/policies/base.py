@@ -118,9 +118,13 @@ class KVPolicy:
 
     def page_format(self, head_dim: int, dtype: torch.dtype) -> PageFormat:
         """The format of this policy's KV pages (``kv_quant``). Raises LongKVError for an unknown ``kv_quant``."""
+        self.check_codec()
+        return page_format(head_dim, dtype, self.kv_quant)
+
+    def check_codec(self) -> None:
+        """Raises LongKVError for an unknown ``kv_quant`` (model-independent: checked before a model loads)."""
         if self.kv_quant not in KV_QUANT:
             raise LongKVError(f"unknown kv_quant {self.kv_quant!r}: use one of {', '.join(KV_QUANT)}")
-        return page_format(head_dim, dtype, self.kv_quant)
 
     def new_layer_kv(
         self, n_kv_heads: int, head_dim: int, page_size: int, dtype: torch.dtype, model: ModelConfig | None = None,
@@ -135,8 +139,7 @@ class KVPolicy:
         Raises:
             LongKVError: unknown ``kv_quant``.
         """
-        if self.kv_quant not in KV_QUANT:
-            raise LongKVError(f"unknown kv_quant {self.kv_quant!r}: use one of {', '.join(KV_QUANT)}")
+        self.check_codec()
         return LayerKV(n_kv_heads, head_dim, page_size, dtype, codec=self.kv_quant, pool=pool)
 
 
@@ -192,8 +195,7 @@ class EvictionPolicy(KVPolicy, ABC):
     def validate(self, model: ModelConfig, engine: EngineConfig) -> None:
         """Raises LongKVError: budget < 1, negative sinks/window, budget below sinks + window, unknown codec or positions."""
         self.check_budget()
-        if self.kv_quant not in KV_QUANT:
-            raise LongKVError(f"unknown kv_quant {self.kv_quant!r}: use one of {', '.join(KV_QUANT)}")
+        self.check_codec()
         if self.positions not in ("contiguous", "original"):
             raise LongKVError(f"unknown positions {self.positions!r}: use contiguous or original")
 
