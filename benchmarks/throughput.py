@@ -37,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 from longkv import LLM  # noqa: E402
 from longkv.engine.runner import Runner  # noqa: E402
+from longkv.kv.cache import page_format  # noqa: E402
 from longkv.policies import DensePolicy  # noqa: E402
 
 Timing = tuple[float, float]  # (prefill tok/s, decode tok/s)
@@ -135,9 +136,8 @@ def decode_bytes_per_token(llm: LLM, context: int, kv_quant: str = "none") -> in
     mats = [lin for layer in m.layers for lin in (layer.qkv, layer.o, layer.gate_up, layer.down)] + [m.lm_head]
     weights = sum(lin.decode_bytes() for lin in mats)
     c = llm.config
-    per_value = m.dtype.itemsize if kv_quant == "none" else 1 + 4 / min(32, c.head_dim)
-    kv = int(kv_tokens(llm, context) * 2 * c.n_kv_heads * c.head_dim * per_value)
-    return weights + kv
+    per_token = page_format(c.head_dim, m.dtype, kv_quant).bytes_per_slot(c.n_kv_heads) - 8  # every plane, not the position
+    return weights + kv_tokens(llm, context) * per_token
 
 
 def kv_tokens(llm: LLM, context: int) -> int:

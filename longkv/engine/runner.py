@@ -182,10 +182,12 @@ class Runner:
             segments = lkv.decode_parts()  # int8 pages stay codes: the decode kernel reads them so
             if not mine:
                 return segments
-            if policy.key_positions(segments[0][2] if len(segments) == 1 else lkv.positions()) is None:
+            kpos = segments[0][2] if len(segments) == 1 else lkv.positions()
+            target = policy.key_positions(kpos)
+            if target is None:
                 return segments  # no key moves: a shared prefix's pages, then the own, read in place
-            keys, values, kpos = lkv.view()
-            return [(self._move_keys(layer, keys, kpos), values, kpos)]
+            keys, values, _ = lkv.view()
+            return [(self._rotate_to(layer, keys, kpos, target), values, kpos)]
 
         return read
 
@@ -196,8 +198,10 @@ class Runner:
         rotated, by the delta (a prefix: deltas are non-increasing and end at 0).
         """
         target = self.policy.key_positions(kpos)
-        if target is None:
-            return keys
+        return keys if target is None else self._rotate_to(layer, keys, kpos, target)
+
+    def _rotate_to(self, layer: int, keys: torch.Tensor, kpos: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Keys (Hkv, N, D) cached rotated at ``kpos`` (N,), re-rotated to ``target`` (N,) where they differ."""
         delta = target - kpos
         moved = int(torch.count_nonzero(delta))
         if not moved:

@@ -452,10 +452,13 @@ static void decode_q8_block(const uint8_t *codes, int64_t off, int64_t ts, const
 /* Attention state of every query head over the tokens [lo, hi) of the concatenated segments:
  * running max m (H), sum l (H) and the unnormalised output acc (H x D). q: (H, D) float32 (paired order
  * when paired: then every segment is bfloat16). kbuf, vbuf: BLK x D float32 each, for int8 blocks the 16-wide
- * loops do not take (NULL when no segment is coded). */
+ * loops do not take (NULL when every int8 segment is taken by them). */
 static void attend_range(const int64_t *meta, int nseg, const float *q, int H, int Hkv, int D, float scale, int paired,
                          int64_t lo, int64_t hi, float *m_out, float *l_out, float *acc_out, float *kbuf, float *vbuf) {
     const int G = H / Hkv;
+#ifndef LONGKV_AVX2
+    (void)paired;
+#endif
     float acc[MAX_G][MAX_D];
     float s[MAX_G][BLK];
     for (int g = 0; g < Hkv; g++) {
@@ -551,7 +554,7 @@ int longkv_decode_attention(const int64_t *meta, const int32_t *nseg, int B, con
     int64_t *first = malloc(sizeof(int64_t) * 4 * (size_t)B);
     if (!first) return -2;
     int64_t *tokens = first + B, *tasks = tokens + B, *paired = tasks + B, ntask = 0, seg = 0;
-    int coded = 0;
+    int buffered = 0; /* some int8 segment is decoded a block at a time (the 16-wide loops do not take it) */
     for (int b = 0; b < B; b++) {
         first[b] = seg;
         tokens[b] = 0;
@@ -564,11 +567,15 @@ int longkv_decode_attention(const int64_t *meta, const int32_t *nseg, int B, con
             tokens[b] += md[3];
             if (md[0] != SEG_BF16) paired[b] = 0;
             if (md[0] == SEG_INT8) {
-                coded = 1;
                 if (md[14] <= 0 || D % md[14] != 0) {
                     free(first);
                     return -1;
                 }
+#ifdef LONGKV_AVX2
+                if (D % 16 != 0 || md[14] % 16 != 0) buffered = 1;
+#else
+                buffered = 1;
+#endif
             }
         }
         seg += nseg[b];
@@ -580,8 +587,8 @@ int longkv_decode_attention(const int64_t *meta, const int32_t *nseg, int B, con
     /* per task: its sequence and part; the partial state: max m (H), sum l (H), acc (H x D) */
     int64_t *task = malloc(sizeof(int64_t) * 2 * (size_t)ntask);
     float *buf = malloc(sizeof(float) * ((size_t)H * D * (B + (size_t)ntask) + 2 * (size_t)H * ntask));
-    float *blocks = coded ? malloc(sizeof(float) * 2 * BLK * (size_t)D * ntask) : NULL; /* decoded K, V blocks per task */
-    if (!task || !buf || (coded && !blocks)) {
+    float *blocks = buffered ? malloc(sizeof(float) * 2 * BLK * (size_t)D * ntask) : NULL; /* decoded K, V blocks per task */
+    if (!task || !buf || (buffered && !blocks)) {
         free(first);
         free(task);
         free(buf);
@@ -606,7 +613,7 @@ int longkv_decode_attention(const int64_t *meta, const int32_t *nseg, int B, con
 #endif
     for (int64_t t = 0; t < ntask; t++) {
         const int64_t b = task[2 * t], p = task[2 * t + 1], n = tokens[b], parts = tasks[b];
-        float *kb = coded ? blocks + 2 * BLK * (size_t)D * t : NULL;
+        float *kb = buffered ? blocks + 2 * BLK * (size_t)D * t : NULL;
         attend_range(meta + META * first[b], nseg[b], q + (int64_t)b * H * D, H, Hkv, D, scale, (int)paired[b], n * p / parts,
                      n * (p + 1) / parts, m + (size_t)H * t, l + (size_t)H * t, acc + (size_t)H * D * t, kb,
                      kb ? kb + BLK * (size_t)D : NULL);
