@@ -232,24 +232,29 @@ def test_coded_appends_write_what_pytorch_codes(codec: str, dtype: torch.dtype) 
 
 
 @needs_cc
-def test_int8_kv_decode_reads_codes_and_matches_decoded_pages(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A dense:kv_quant=int8 run (prefill, then greedy decode) whose decode steps read the pages as codes gives the
-    logits of the same run reading PyTorch-decoded pages, within float32 rounding."""
+@pytest.mark.parametrize("spec", ["dense:kv_quant=int8", "streaming:budget=64,sinks=4,kv_quant=int8"])
+def test_int8_kv_decode_reads_codes_and_matches_decoded_pages(spec: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A kv_quant=int8 run (prefill, then greedy decode) whose decode steps read the pages as codes gives the
+    logits of the same run reading PyTorch-decoded pages, within float32 rounding. Under streaming the sinks'
+    keys move at every step: only those 4 are read out and rotated, the window stays codes."""
     from longkv.kv.cache import LayerKV
     from tests.test_policies import ids, run, tiny_model
 
     model = tiny_model("qwen2", seed=4)
     prompt = ids(150, seed=6)
     seen: list[bool] = []
+    plain_rows: list[int] = []
     real = kernels.decode_attention
 
     def spy(q: torch.Tensor, plans: list, scale: float) -> torch.Tensor:
         seen.append(any(isinstance(k, CodedRows) for parts in plans for k, _ in parts))
+        plain_rows.append(sum(k.shape[1] for parts in plans for k, _ in parts if not isinstance(k, CodedRows)))
         return real(q, plans, scale)
 
     monkeypatch.setattr(kernels, "decode_attention", spy)
-    _, coded = run(model, make_policy("dense:kv_quant=int8"), prompt, steps=6)
+    _, coded = run(model, make_policy(spec), prompt, steps=6)
     assert seen and all(seen)
+    assert set(plain_rows) == ({4} if spec.startswith("streaming") else {0})
     seen.clear()
     real_init = LayerKV.__init__
 
@@ -258,9 +263,33 @@ def test_int8_kv_decode_reads_codes_and_matches_decoded_pages(monkeypatch: pytes
         self._coded_reads = False
 
     monkeypatch.setattr(LayerKV, "__init__", decoding_init)
-    _, plain = run(model, make_policy("dense:kv_quant=int8"), prompt, steps=6)
+    _, plain = run(model, make_policy(spec), prompt, steps=6)
     assert seen and not any(seen)
     torch.testing.assert_close(coded, plain, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("spec", ["streaming:budget=40,sinks=4", "snapkv:budget=48,window=8", "streaming:budget=40,sinks=4,kv_quant=int8"])
+def test_a_decode_read_rotates_the_keys_that_move_and_reads_the_rest_in_place(spec: str) -> None:
+    """The parts a decode step reads are the cache's keys rotated to the policy's positions, bit for bit those of
+    rotating the whole cache (the moved keys are a prefix: StreamingLLM's sinks, a compressed cache's older tokens)."""
+    from longkv.engine.runner import Runner
+    from longkv.kv.quant import decoded
+    from tests.test_policies import ENGINE, ids, run, tiny_model
+
+    model = tiny_model("llama", seed=2)
+    policy = make_policy(spec).resolve(model.config, ENGINE)
+    seq, _ = run(model, policy, ids(120, seed=3), steps=3)
+    runner = Runner(model, policy, ENGINE)
+    read = runner._read_fn(seq)
+    g = torch.Generator().manual_seed(0)
+    k, v = torch.randn(2, 1, 16, generator=g), torch.randn(2, 1, 16, generator=g)
+    parts = decoded(read(0, torch.randn(4, 1, 16, generator=g), k, v, torch.tensor([seq.next_position])))
+    keys, values, kpos = seq.cache[0].view()
+    target = policy.key_positions(kpos)
+    assert target is not None and int(torch.count_nonzero(target - kpos)) >= 4  # some keys do move
+    torch.testing.assert_close(torch.cat([p[0] for p in parts], dim=1), runner._rotate_to(0, keys, kpos, target), atol=0, rtol=0)
+    torch.testing.assert_close(torch.cat([p[1] for p in parts], dim=1), values, atol=0, rtol=0)
+    assert torch.equal(torch.cat([p[2] for p in parts]), kpos)
 
 
 @needs_cc

@@ -27,7 +27,7 @@ from longkv.engine.needs import NeedRun
 from longkv.kv.cache import KVCache, LayerKV, page_format
 from longkv.kv.headwise import HeadwiseLayerKV
 from longkv.kv.pool import KVPools, PagePool
-from longkv.kv.quant import Part
+from longkv.kv.quant import Part, drop_front
 from longkv.models.layers import SequenceRotary
 from longkv.models.llama import LlamaModel
 from longkv.policies.base import KVPolicy, Observation, SelectionPolicy, SelectionState, SelectPlan
@@ -186,8 +186,15 @@ class Runner:
             target = policy.key_positions(kpos)
             if target is None:
                 return segments  # no key moves: a shared prefix's pages, then the own, read in place
-            keys, values, _ = lkv.view()
-            return [(self._rotate_to(layer, keys, kpos, target), values, kpos)]
+            # the keys that move are a prefix (StreamingLLM: its sinks): only those are read out and rotated,
+            # the rest stays in place (int8 pages as codes)
+            moved = int(torch.count_nonzero(target - kpos))
+            if not moved:
+                return segments
+            keys, values, _ = lkv.read(0, moved)
+            assert values is not None
+            rotated = self.ropes[layer].rotate(keys, (target - kpos)[:moved])
+            return [(rotated, values, kpos[:moved]), *drop_front(segments, moved)]
 
         return read
 

@@ -117,6 +117,10 @@ class CodedRows:
         assert v is not None
         return k, v
 
+    def rows(self, lo: int, hi: int) -> CodedRows:
+        """Slots ``[lo, hi)`` of these rows, in place (views of the same planes)."""
+        return CodedRows(self.fmt, {name: t[:, lo:hi] for name, t in self.planes.items()})
+
 
 Part = tuple[torch.Tensor | CodedRows, torch.Tensor | CodedRows, torch.Tensor]
 """A part of a cache as attention reads it: k, v (Hkv, n, D) tensors or int8 :class:`CodedRows`, positions (n,)."""
@@ -129,6 +133,25 @@ def decoded(segments: Sequence[Part]) -> list[tuple[torch.Tensor, torch.Tensor, 
         if isinstance(k, CodedRows):
             k, v = k.decode()
         assert isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor)
+        out.append((k, v, pos))
+    return out
+
+
+def drop_front(parts: Sequence[Part], m: int) -> list[Part]:
+    """``parts`` without their first ``m`` tokens, in place (views; a part cut in two keeps its tail)."""
+    out: list[Part] = []
+    for k, v, pos in parts:
+        n = pos.shape[0]
+        if m >= n:
+            m -= n
+            continue
+        if m:
+            if isinstance(k, CodedRows):
+                k = v = k.rows(m, n)
+            else:
+                assert isinstance(v, torch.Tensor)
+                k, v = k[:, m:], v[:, m:]
+            pos, m = pos[m:], 0
         out.append((k, v, pos))
     return out
 
