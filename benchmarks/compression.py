@@ -7,11 +7,21 @@ modes (question-agnostic: the context is compressed before the question is
 seen; question-aware: the question drives the scores) and the answer is
 greedy-decoded. Multi-needle: three needles with different names, one asked.
 
+``--forms held`` scores the same methods on a split nothing was tuned on: the
+needle sentences and person-style questions of ``longctx.py``'s held forms
+(locker, extension, grid square, ...), seven-digit numbers of which half
+repeat a digit in a row, every book in turn, no answer prefix (the model
+answers in its own words). An answer counts only when its first number is the
+needle's, digit for digit; a first number of the right length that differs in
+one or two digits is counted apart as a lost digit.
+
 Prints a table, writes JSON (every sample) and a PNG (accuracy vs keep-ratio,
 one line per method, one panel per mode).
 
     nice -n 10 python benchmarks/compression.py --model smollm2-135m --length 4096 --samples 6 \
         --out benchmarks/results/compression-smollm2-4k.json
+    nice -n 10 python benchmarks/compression.py --forms held --samples 10 \
+        --out benchmarks/results/compression-held-smollm2-4k.json
 """
 
 from __future__ import annotations
@@ -19,11 +29,13 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import re
 import subprocess
 import time
 from pathlib import Path
 
 import torch
+from longctx import FORMS  # the held needle wordings, shared with the retrieval benchmark
 
 from longkv import LLM
 from longkv.engine.runner import Runner
@@ -66,6 +78,68 @@ def make_sample(llm: LLM, book: str, length: int, seed: int, needles: int) -> di
     }
 
 
+def held_number(rng: random.Random) -> str:
+    """Seven digits; every other one has a digit doubled in place (``3391827``), the shape whose last digits pooling lost."""
+    digits = [str(rng.randint(1, 9))] + [str(rng.randint(0, 9)) for _ in range(6)]
+    if rng.random() < 0.5:
+        at = rng.randint(0, 5)
+        digits[at + 1] = digits[at]
+    return "".join(digits)
+
+
+def make_held_sample(llm: LLM, books: list[Path], length: int, seed: int, needles: int, lead: str = "") -> dict:
+    """A sample of the held split: held needle forms, book ``seed mod len(books)``, the question as a person asks it,
+    the assistant's turn opened with ``lead`` (the same words for every form, e.g. "The answer is", or nothing);
+    the answer is the first needle's number."""
+    rng = random.Random(1000 + seed)
+    forms = rng.sample(FORMS["held"], needles)
+    numbers = [held_number(rng) for _ in forms]
+    facts = [" " + f.format(n=x) + " " for (f, _), x in zip(forms, numbers, strict=True)]
+    question = forms[0][1]
+    book = books[seed % len(books)].read_text()
+    budget_tokens = length - 60 - sum(len(llm.encode(f)) for f in facts)
+    start = rng.randint(len(book) // 20, len(book) // 2)
+    hay = llm.encode(book[start : start + budget_tokens * 6])[:budget_tokens]
+    for f in facts:
+        at = int(len(hay) * rng.uniform(0.05, 0.95))
+        hay = hay[:at] + llm.encode(f) + hay[at:]
+    context = llm.tokenizer.decode(hay)
+    if lead == "needle":  # the needle's own words up to its number, as the benchmark's form primes its answer
+        lead = forms[0][0].split("{n}")[0].rstrip()
+    prompt = llm.apply_chat_template([{"role": "user", "content": context + "\n\n" + question}]) + lead
+    cut = prompt.index("\n\n" + question)
+    return {
+        "context_ids": llm.encode(prompt[:cut]), "question_ids": llm.encode(prompt[cut:]), "answer": numbers[0], "seed": seed,
+        "book": books[seed % len(books)].name, "context": context, "question": question, "answer_prefix": lead, "exact": True,
+    }
+
+
+def first_number(text: str) -> str:
+    """The first run of digits in ``text`` (thousands separators dropped), or ``""``."""
+    m = re.search(r"\d[\d,]*", text)
+    return m.group(0).replace(",", "") if m else ""
+
+
+def edits(a: str, b: str) -> int:
+    """Levenshtein distance between two strings (insertions, deletions, substitutions)."""
+    row = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        prev, row[0] = row[0], i
+        for j, cb in enumerate(b, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (ca != cb))
+    return row[-1]
+
+
+def score(answer: str, text: str, exact: bool) -> dict:
+    """``correct``: the needle's number is the answer's first number (``exact``) or anywhere in it; ``lost_digits``:
+    the first number is not the needle's but its first three digits or more (the rest cut off), or one or two digit
+    edits away from it (a digit dropped, changed or doubled)."""
+    got = first_number(text)
+    correct = got == answer if exact else answer in text
+    cut = len(got) >= 3 and answer.startswith(got)
+    return {"correct": correct, "lost_digits": not correct and bool(got) and (cut or edits(got, answer) <= 2), "number": got, "answer": answer}
+
+
 def answer(llm: LLM, spec: str, ratio: float, mode: str, sample: dict, max_new: int = 6) -> dict:
     ctx, q = sample["context_ids"], sample["question_ids"]
     budget = max(int(ratio * len(ctx)), 64)
@@ -85,7 +159,7 @@ def answer(llm: LLM, spec: str, ratio: float, mode: str, sample: dict, max_new: 
     text = llm.tokenizer.decode(out, skip_special_tokens=True)
     return {
         "method": spec, "ratio": ratio, "mode": mode, "budget": budget, "seed": sample["seed"],
-        "context_tokens": len(ctx), "correct": sample["answer"] in text, "text": text,
+        "context_tokens": len(ctx), "text": text, **score(sample["answer"], text, exact=sample.get("exact", False)),
         "peak_kv_bytes": seq.peak_kv_bytes, "seconds": round(time.perf_counter() - t0, 2),
     }
 
@@ -106,21 +180,38 @@ def _order(rows: list[dict]) -> list[str]:
 
 
 def table(rows: list[dict], ratios: list[float]) -> str:
+    """Markdown: accuracy (%) per method, mode and keep-ratio; where rows were scored digit by digit, the number of
+    answers that lost digits follows in parentheses when there are any."""
     s = summarise(rows)
-    n = {}
+    n: dict[tuple[str, str], set[int]] = {}
+    lost: dict[tuple[str, str, float], int] = {}
     for r in rows:
         n[(r["method"], r["mode"])] = n.get((r["method"], r["mode"]), set()) | {r["seed"]}
+        key = (r["method"], r["mode"], r["ratio"])
+        lost[key] = lost.get(key, 0) + int(r.get("lost_digits", False))
+
+    def cell(key: tuple[str, str, float]) -> str:
+        if key not in s:
+            return ""
+        return f"{s[key]:.0f}" + (f" ({lost[key]} lost digits)" if lost.get(key) else "")
+
     cols = [r for r in ratios if r != 1.0] + [1.0]
     lines = ["| method | mode | samples | " + " | ".join(f"{int(r * 100)} % kept" for r in cols) + " |", "|---|---|---|" + "---|" * len(cols)]
     for name, key in (("dense", ("dense", "dense", 1.0)), ("kvpress:dense", ("kvpress:dense", "question-agnostic", 1.0))):
         if key in s:
-            lines.append(f"| {name} | - | {len(n[(key[0], key[1])])} | " + " | " * (len(cols) - 1) + f"{s[key]:.0f} |")
+            lines.append(f"| {name} | - | {len(n[(key[0], key[1])])} | " + " | " * (len(cols) - 1) + cell(key) + " |")
     for m in _order(rows):
         for mode in ("question-agnostic", "question-aware"):
-            cells = [f"{s[(m, mode, r)]:.0f}" if (m, mode, r) in s else "" for r in cols]
+            cells = [cell((m, mode, r)) for r in cols]
             if any(cells):
                 lines.append(f"| {m} | {mode} | {len(n[(m, mode)])} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def title(meta: dict) -> str:
+    """The plot's title: model, context, needles, samples, and the held split's wording when used."""
+    forms = ", held wordings" + (f" (answer opened by {meta['lead']!r})" if meta.get("lead") else "") if meta.get("forms") == "held" else ""
+    return f"{meta['model']}, {meta['length']}-token book context{forms}, {meta['needles']} needle(s), {meta['samples']} samples"
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
@@ -157,7 +248,8 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     for ax in axes:
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=3, frameon=False)
-    fig.suptitle(title + " (dashed: NVIDIA kvpress, same samples)")
+    theirs_too = any(r["method"].startswith("kvpress:") for r in rows)
+    fig.suptitle(title + (" (dashed: NVIDIA kvpress, same samples)" if theirs_too else ""))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -198,7 +290,11 @@ def main() -> None:
     ap.add_argument("--ratios", default="0.5,0.25,0.1")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--modes", default="question-agnostic,question-aware")
-    ap.add_argument("--book", default="dracula.txt")
+    ap.add_argument("--book", default="dracula.txt", help="the book of the benchmark's needle form (held: every book in turn)")
+    ap.add_argument("--forms", choices=["benchmark", "held"], default="benchmark",
+                    help="benchmark: 'The secret number of NAME is N.' with the answer prefixed; held: the wordings nothing was tuned on")
+    ap.add_argument("--lead", default="", help="held forms: words that open the assistant's answer: the same for every form (e.g. 'The answer is'), "
+                    "or 'needle' for the needle's own words up to its number")
     ap.add_argument("--all-modes", action="store_true", help="also run query-free methods question-aware")
     ap.add_argument("--configs", default="", help="method@mode pairs instead of methods x modes")
     ap.add_argument("--no-dense", action="store_true", help="skip the dense reference runs")
@@ -217,8 +313,7 @@ def main() -> None:
         meta["samples"] = len(seeds)
         args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
         print(table(rows, [*ratios, 1.0]))
-        title = f"{meta['model']}, {meta['length']}-token book context, {meta['needles']} needle(s), {meta['samples']} samples"
-        plot(rows, args.out.with_suffix(".png"), title)
+        plot(rows, args.out.with_suffix(".png"), title(meta))
         return
     torch.manual_seed(0)
     path = subprocess.run([str(ROOT.parent / "shared" / "models" / "get-model"), args.model], capture_output=True, text=True, check=True).stdout.strip()
@@ -232,7 +327,13 @@ def main() -> None:
         return
     llm = LLM(model=path, dtype="bfloat16", chunk_size=512)
     book = (BOOKS / args.book).read_text()
-    samples = [make_sample(llm, book, args.length, seed, args.needles) for seed in range(args.first_seed, args.first_seed + args.samples)]
+    seeds = range(args.first_seed, args.first_seed + args.samples)
+    if args.forms == "held":
+        books = sorted(p for p in BOOKS.glob("*.txt"))
+        samples = [make_held_sample(llm, books, args.length, seed, args.needles, args.lead) for seed in seeds]
+    else:
+        samples = [make_sample(llm, book, args.length, seed, args.needles) for seed in seeds]
+    max_new = 24 if args.forms == "held" else 6
     if args.dump_samples:
         keep = ("seed", "answer", "context", "question", "answer_prefix")
         dump = {"meta": {"model": args.model, "model_path": path, "length": args.length, "needles": args.needles, "book": args.book, "samples": args.samples},
@@ -242,15 +343,16 @@ def main() -> None:
         return
     args.out.parent.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
-    meta = {"model": args.model, "length": args.length, "needles": args.needles, "book": args.book, "samples": args.samples}
+    meta = {"model": args.model, "length": args.length, "needles": args.needles, "book": args.book, "samples": args.samples,
+            "forms": args.forms, "lead": args.lead}
 
     def save() -> None:
         args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
 
     for sample in [] if args.no_dense else samples:  # dense once per sample
-        r = answer(llm, "dense", 1.0, "dense", sample)
+        r = answer(llm, "dense", 1.0, "dense", sample, max_new)
         rows.append(r)
-        print(f"dense seed={r['seed']} correct={r['correct']} {r['text']!r} ({r['seconds']} s)", flush=True)
+        print(f"dense seed={r['seed']} answer={sample['answer']} correct={r['correct']} {r['text']!r} ({r['seconds']} s)", flush=True)
     save()
     if args.configs:  # explicit method@mode pairs, e.g. snapkv@question-aware
         pairs = [tuple(c.split("@")) for c in args.configs.split(",")]
@@ -262,12 +364,15 @@ def main() -> None:
     for method, mode in pairs:
         for ratio in ratios:
             for sample in samples:
-                rows.append(answer(llm, method, ratio, mode, sample))
+                rows.append(answer(llm, method, ratio, mode, sample, max_new))
             acc = summarise(rows)[(method, mode, ratio)]
-            print(f"{method:20s} {mode:18s} {ratio:5.2f}: {acc:5.1f} %", flush=True)
+            cell = [r for r in rows if (r["method"], r["mode"], r["ratio"]) == (method, mode, ratio)]
+            lost = sum(r["lost_digits"] for r in cell)
+            print(f"{method:20s} {mode:18s} {ratio:5.2f}: {acc:5.1f} %  lost digits {lost}/{len(cell)}  "
+                  f"{[r['text'][:30] for r in cell if not r['correct']]}", flush=True)
             save()
     print(table(rows, [*ratios, 1.0]))
-    plot(rows, args.out.with_suffix(".png"), f"{args.model}, {args.length}-token book context, {args.needles} needle(s), {args.samples} samples")
+    plot(rows, args.out.with_suffix(".png"), title(meta))
 
 
 if __name__ == "__main__":
