@@ -49,6 +49,15 @@ QUERY_FREE = {"knorm", "streaming", "random"}  # same kept context in both modes
 NAMES = ["Tobias", "Marguerite", "Ezekiel", "Philippa", "Octavia", "Barnaby", "Cornelius", "Imogen"]
 
 
+def with_facts(llm: LLM, text: str, n_tokens: int, facts: list[str], rng: random.Random) -> str:
+    """The first ``n_tokens`` tokens of ``text`` with each fact inserted at a token boundary, depth uniform in [5 %, 95 %]."""
+    hay = llm.encode(text)[:n_tokens]
+    for f in facts:
+        at = int(len(hay) * rng.uniform(0.05, 0.95))
+        hay = hay[:at] + llm.encode(f) + hay[at:]
+    return llm.tokenizer.decode(hay)
+
+
 def make_sample(llm: LLM, book: str, length: int, seed: int, needles: int) -> dict:
     """Context/question token ids around ``needles`` needles at seeded depths; the answer is the first needle's number."""
     rng = random.Random(seed)
@@ -58,12 +67,7 @@ def make_sample(llm: LLM, book: str, length: int, seed: int, needles: int) -> di
     question = f"What is the secret number of {names[0]}? Answer with the number only."
     budget_tokens = length - 40 - sum(len(llm.encode(f)) for f in facts)
     start = rng.randint(0, len(book) // 2)
-    words = llm.encode(book[start : start + budget_tokens * 6])[:budget_tokens]
-    hay = words
-    for f in facts:  # insert at sentence-free token boundaries, depth uniform in [5 %, 95 %]
-        at = int(len(hay) * rng.uniform(0.05, 0.95))
-        hay = hay[:at] + llm.encode(f) + hay[at:]
-    context = llm.tokenizer.decode(hay)
+    context = with_facts(llm, book[start : start + budget_tokens * 6], budget_tokens, facts, rng)
     # the answer starts right away: the assistant turn opens with the sentence the number completes
     prompt = llm.apply_chat_template([{"role": "user", "content": context + "\n\n" + question}])
     prompt += f"The secret number of {names[0]} is"
@@ -99,11 +103,7 @@ def make_held_sample(llm: LLM, books: list[Path], length: int, seed: int, needle
     book = books[seed % len(books)].read_text()
     budget_tokens = length - 60 - sum(len(llm.encode(f)) for f in facts)
     start = rng.randint(len(book) // 20, len(book) // 2)
-    hay = llm.encode(book[start : start + budget_tokens * 6])[:budget_tokens]
-    for f in facts:
-        at = int(len(hay) * rng.uniform(0.05, 0.95))
-        hay = hay[:at] + llm.encode(f) + hay[at:]
-    context = llm.tokenizer.decode(hay)
+    context = with_facts(llm, book[start : start + budget_tokens * 6], budget_tokens, facts, rng)
     if lead == "needle":  # the needle's own words up to its number, as the benchmark's form primes its answer
         lead = forms[0][0].split("{n}")[0].rstrip()
     prompt = llm.apply_chat_template([{"role": "user", "content": context + "\n\n" + question}]) + lead

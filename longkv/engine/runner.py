@@ -188,12 +188,11 @@ class Runner:
                 return segments  # no key moves: a shared prefix's pages, then the own, read in place
             # the keys that move are a prefix (StreamingLLM: its sinks): only those are read out and rotated,
             # the rest stays in place (int8 pages as codes)
-            moved = int(torch.count_nonzero(target - kpos))
-            if not moved:
-                return segments
+            delta = target - kpos
+            moved = int(torch.count_nonzero(delta))
             keys, values, _ = lkv.read(0, moved)
             assert values is not None
-            rotated = self.ropes[layer].rotate(keys, (target - kpos)[:moved])
+            rotated = self.ropes[layer].rotate(keys, delta[:moved])
             return [(rotated, values, kpos[:moved]), *drop_front(segments, moved)]
 
         return read
