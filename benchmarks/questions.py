@@ -38,7 +38,7 @@ from longctx import branch, greedy, recall  # one prefill, several block_topk an
 from longkv import LLM
 from longkv.engine.runner import Runner
 from longkv.inputs import Document, build_prompt
-from longkv.policies import BlockTopKPolicy
+from longkv.policies import BlockTopKPolicy, make_policy
 
 ROOT = Path(__file__).resolve().parents[1]
 BOOKS = ROOT.parent / "shared" / "data" / "books"
@@ -165,7 +165,8 @@ def make_sample(llm: LLM, q: dict, n_tokens: int, seed: int) -> dict:
     at = text.index(q["evidence"])
     lo = len(llm.prompt_ids(text[:at]))
     hi = len(llm.prompt_ids(text[: at + len(q["evidence"])]))
-    return {"ids": ids, "tokens": len(ids), "evidence_tokens": (lo, hi), "depth": round(lo / len(ids), 3)}
+    return {"ids": ids, "tokens": len(ids), "evidence_tokens": (lo, hi), "depth": round(lo / len(ids), 3),
+            "question_tokens": len(llm.encode(q["question"])) + 8}
 
 
 def answer_block_topk(llm: LLM, sample: dict, variants: dict[str, BlockTopKPolicy], max_new: int) -> dict:
@@ -194,9 +195,10 @@ def answer_block_topk(llm: LLM, sample: dict, variants: dict[str, BlockTopKPolic
 
 
 def answer_generate(llm: LLM, sample: dict, spec: str, question_aware: bool, max_new: int) -> dict:
-    """One answer through :meth:`LLM.generate` under ``spec`` (dense, or an eviction method with the question's tokens)."""
+    """One answer through :meth:`LLM.generate` under ``spec`` (dense, or an eviction method with the question's
+    tokens: the question and the template's tail, as :meth:`LLM.ask_ids` gives them)."""
     ids = sample["ids"]
-    qids = ids[-32:] if question_aware else None
+    qids = ids[-sample["question_tokens"] :] if question_aware else None
     t0 = time.perf_counter()
     g = llm.generate(ids, max_new_tokens=max_new, policy=spec, question_ids=qids)
     return {"text": g.text, "answer_s": round(time.perf_counter() - t0, 2), "prefill_s": round(g.stats.prefill_s, 2),
@@ -248,6 +250,8 @@ def main() -> None:
     ap.add_argument("--lengths", type=int, nargs="+", default=[8192])
     ap.add_argument("--only", nargs="*", default=[], help="question ids or sources (repo, stdlib, book) to run")
     ap.add_argument("--topk", type=int, nargs="+", default=[2, 4], help="block_topk variants beside the default")
+    ap.add_argument("--extra", nargs="*", default=[], metavar="LABEL::KNOBS",
+                    help='more block_topk variants, e.g. "every row::topk=2,heads=all"')
     ap.add_argument("--dense", action="store_true", help="also answer densely (prompts inside the trained window only)")
     ap.add_argument("--evict", nargs="*", default=[], help="eviction methods answered question-aware, e.g. snapkv:budget=2048")
     ap.add_argument("--max-new", type=int, default=32)
@@ -261,6 +265,11 @@ def main() -> None:
     default = BlockTopKPolicy().resolve(llm.config, llm.engine_config)
     variants: dict[str, BlockTopKPolicy] = {f"block_topk default (k={default.k(llm.config)})": default}
     variants |= {f"block_topk k={k}": dataclasses.replace(default, topk=k) for k in args.topk if k != default.k(llm.config)}
+    for extra in args.extra:
+        label, _, knobs = extra.partition("::")
+        pol = make_policy("block_topk" + (f":{knobs}" if knobs else ""))
+        assert isinstance(pol, BlockTopKPolicy)
+        variants[label] = pol.resolve(llm.config, llm.engine_config)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []

@@ -524,11 +524,10 @@ def test_auto_policy_uses_block_topk_beyond_the_window_tiered_when_the_cache_is_
     assert isinstance(llm.resolve_policy(20_000), BlockTopKPolicy) and not llm.resolve_policy(20_000).resident
     assert llm.resolve_policy(20_000, budget=1024).name == "streaming"  # a budget asks for eviction
     assert llm_for(1800).resolve_policy(20_000).name == "streaming"  # block_topk's span (1856) exceeds the window
-    # One long input read once (LLM.generate): block_topk from its dense_below on, inside the window too
-    assert llm.resolve_policy(5000).name == "dense"  # the server's auto: dense inside the window
-    assert llm.resolve_policy(5000, sparse_within_window=True).name == "block_topk"
-    assert llm.resolve_policy(BlockTopKPolicy.dense_below, sparse_within_window=True).name == "dense"
-    assert llm_for(2048).resolve_policy(2048, sparse_within_window=True).name == "dense"
+    # dense up to the whole window (ask, generate and the server alike), block_topk one token past it
+    assert llm.resolve_policy(8192).name == "dense"
+    assert llm.resolve_policy(8193).name == "block_topk"
+    assert llm.resolve_policy(5000, "block_topk").name == "block_topk"  # asked for by name inside the window
 
 
 def test_rotary_reuses_its_last_table_only_for_the_same_positions_and_dtype() -> None:

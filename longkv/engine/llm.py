@@ -40,8 +40,8 @@ class LLM:
         model: model reference (``None``: SmolLM2-135M-Instruct; a ``.gguf`` path; a
             Hugging Face folder; a hub id).
         policy: a spec such as ``"dense"`` or ``"streaming:budget=2048"``, a
-            :class:`~longkv.policies.KVPolicy`, or ``"auto"`` / ``None``: dense up to
-            3072 tokens, else block_topk (:meth:`resolve_policy`; all pages in RAM
+            :class:`~longkv.policies.KVPolicy`, or ``"auto"`` / ``None``: dense inside
+            the trained window, else block_topk (:meth:`resolve_policy`; all pages in RAM
             while they fit in ``auto_block_topk_bytes``, 4 GiB; beyond that a
             tiered cache keeping 4 GiB resident and the other pages int8 on disk),
             or streaming for models whose window is too short for block_topk.
@@ -132,17 +132,16 @@ class LLM:
         return 2 * c.n_layers * c.n_kv_heads * c.head_dim * DTYPES[self.engine_config.dtype].itemsize
 
     def resolve_policy(
-        self, n_tokens: int, policy: str | KVPolicy | None = None, budget: int | None = None, sparse_within_window: bool = False
+        self, n_tokens: int, policy: str | KVPolicy | None = None, budget: int | None = None
     ) -> KVPolicy:
         """The policy for an input of ``n_tokens`` (prompt + new tokens), validated.
 
         ``"auto"``: dense inside the trained window, block_topk beyond it (streaming
-        for a window too short for block_topk). With ``sparse_within_window``
-        (:meth:`generate`: one long input read once), block_topk as soon as the
-        input passes its ``dense_below`` (3072 tokens), inside the window too: faster
-        there (1.1-1.5x prefill at 4-6 K, 4.3x at 32 K with Qwen2.5-Coder-0.5B) and as
-        accurate as dense on the needle benchmark (docs/sparse.md). The server keeps
-        dense inside the window, whose KV its sessions share across requests.
+        for a window too short for block_topk). Inside the window block_topk prefills
+        faster (1.3x at 8 K, 4.3x at 32 K with Qwen2.5-Coder-0.5B) and matches dense on
+        the needle benchmark, but on real questions over code and books it chose the
+        answer's page less often than dense read it (``benchmarks/questions.py``, 8 K:
+        see docs/sparse.md), so it is asked for by name (``policy="block_topk"``).
 
         Raises:
             LongKVError: the policy cannot serve this input (e.g. dense beyond the window).
@@ -151,8 +150,7 @@ class LLM:
         budget = budget if budget is not None else self._default_budget
         window = self.config.max_position
         if spec in (None, "auto"):
-            sparse_from = BlockTopKPolicy.dense_below if sparse_within_window else window
-            if n_tokens <= min(window, sparse_from) and budget is None:
+            if n_tokens <= window and budget is None:
                 spec = "dense"
             elif budget is None and BlockTopKPolicy().span(self.engine_config, self.config) <= window:
                 # Beyond the window, retrieval answers what a sliding window has forgotten
@@ -234,7 +232,7 @@ class LLM:
         ids = (self.prompt_ids(prompt) if prompt else []) if isinstance(prompt, str) else list(prompt)
         if not ids:
             raise LongKVError("the prompt is empty: pass some text")
-        pol = self.resolve_policy(len(ids) + params.max_new_tokens, policy, budget, sparse_within_window=True)
+        pol = self.resolve_policy(len(ids) + params.max_new_tokens, policy, budget)
         res = result if result is not None else Generation("", [], "length")
         res.stats.prompt_tokens, res.stats.policy = len(ids), pol.describe()
         res.stats.compression = _compression_label(pol, bool(question_ids))
