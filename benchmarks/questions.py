@@ -37,7 +37,7 @@ from longctx import branch, greedy, recall  # one prefill, several block_topk an
 
 from longkv import LLM
 from longkv.engine.runner import Runner
-from longkv.inputs import Document, build_prompt
+from longkv.inputs import Document
 from longkv.policies import BlockTopKPolicy, make_policy
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -144,29 +144,23 @@ def make_sample(llm: LLM, q: dict, n_tokens: int, seed: int) -> dict:
     depth = rng.uniform(0.1, 0.9)
     n_chars = n_tokens * 3
 
-    def render(chars: int) -> tuple[str, list[int]]:
+    def render(chars: int) -> tuple[str, list[int], list[int] | None]:
         docs = make_docs(q, chars, depth, random.Random(f"{q['id']}/{n_tokens}/{seed}/docs"))
-        text = build_prompt(docs, q["question"])
-        if getattr(llm.tokenizer, "chat_template", None):
-            text = llm.apply_chat_template([{"role": "user", "content": text}])
-        else:
-            text += "\n### Answer\n"
-        return text, llm.prompt_ids(text)
+        return (llm.ask_text(docs, q["question"]), *llm.ask_ids(docs, q["question"]))
 
-    text, ids = render(n_chars)
+    text, ids, qids = render(n_chars)
     for _ in range(6):  # characters per token differ between code and prose: scale to the length asked
         if n_tokens * 0.97 <= len(ids) <= n_tokens:
             break
         n_chars = int(n_chars * (n_tokens * 0.985) / len(ids))
-        text, ids = render(n_chars)
+        text, ids, qids = render(n_chars)
     while len(ids) > n_tokens:
         n_chars = int(n_chars * 0.98)
-        text, ids = render(n_chars)
+        text, ids, qids = render(n_chars)
     at = text.index(q["evidence"])
     lo = len(llm.prompt_ids(text[:at]))
     hi = len(llm.prompt_ids(text[: at + len(q["evidence"])]))
-    return {"ids": ids, "tokens": len(ids), "evidence_tokens": (lo, hi), "depth": round(lo / len(ids), 3),
-            "question_tokens": len(llm.encode(q["question"])) + 8}
+    return {"ids": ids, "tokens": len(ids), "evidence_tokens": (lo, hi), "depth": round(lo / len(ids), 3), "question_ids": qids}
 
 
 def answer_block_topk(llm: LLM, sample: dict, variants: dict[str, BlockTopKPolicy], max_new: int) -> dict:
@@ -198,7 +192,7 @@ def answer_generate(llm: LLM, sample: dict, spec: str, question_aware: bool, max
     """One answer through :meth:`LLM.generate` under ``spec`` (dense, or an eviction method with the question's
     tokens: the question and the template's tail, as :meth:`LLM.ask_ids` gives them)."""
     ids = sample["ids"]
-    qids = ids[-sample["question_tokens"] :] if question_aware else None
+    qids = sample["question_ids"] if question_aware else None
     t0 = time.perf_counter()
     g = llm.generate(ids, max_new_tokens=max_new, policy=spec, question_ids=qids)
     return {"text": g.text, "answer_s": round(time.perf_counter() - t0, 2), "prefill_s": round(g.stats.prefill_s, 2),

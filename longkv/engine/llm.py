@@ -374,20 +374,22 @@ class LLM:
         model ends its turn itself."""
         return () if getattr(self.tokenizer, "chat_template", None) else ("\n### ", "\n\n")
 
-    def ask_ids(self, docs: list[Document], question: str, question_aware: bool = True) -> tuple[list[int], list[int] | None]:
-        """Token ids of a question about ``docs``, framed as ``longkv ask`` frames it.
+    def ask_text(self, docs: list[Document], question: str) -> str:
+        """The prompt text of a question about ``docs``, framed as ``longkv ask`` frames it.
 
         Every document under its name, the question last under ``### Question``
         (:func:`longkv.inputs.build_prompt`), in the model's chat template when it
-        has one, else followed by ``### Answer`` for a base model to go on from. Returns (prompt ids, question ids for question-aware compression:
-        the question and the template's tail, or None).
+        has one, else followed by ``### Answer`` for a base model to go on from.
         """
         text = build_prompt(docs, question)
         if getattr(self.tokenizer, "chat_template", None):
-            text = self.apply_chat_template([{"role": "user", "content": text}])
-        else:  # a base model: the answer is what the text goes on with
-            text += "\n### Answer\n"
-        ids = self.prompt_ids(text)
+            return self.apply_chat_template([{"role": "user", "content": text}])
+        return text + "\n### Answer\n"  # a base model: the answer is what the text goes on with
+
+    def ask_ids(self, docs: list[Document], question: str, question_aware: bool = True) -> tuple[list[int], list[int] | None]:
+        """Token ids of :meth:`ask_text`: (prompt ids, question ids for question-aware compression:
+        the question and the template's tail, or None)."""
+        ids = self.prompt_ids(self.ask_text(docs, question))
         return ids, (ids[-(len(self.encode(question)) + 8) :] if question_aware else None)
 
     def ask(
