@@ -33,7 +33,8 @@ import sysconfig
 import time
 from pathlib import Path
 
-from longctx import branch, greedy, recall  # one prefill, several block_topk answers from twins of it
+import torch
+from longctx import branch, capture_rows, greedy, recall  # one prefill, several block_topk answers from twins of it
 
 from longkv import LLM
 from longkv.engine.runner import Runner
@@ -160,11 +161,17 @@ def make_sample(llm: LLM, q: dict, n_tokens: int, seed: int) -> dict:
     at = text.index(q["evidence"])
     lo = len(llm.prompt_ids(text[:at]))
     hi = len(llm.prompt_ids(text[: at + len(q["evidence"])]))
-    return {"ids": ids, "tokens": len(ids), "evidence_tokens": (lo, hi), "depth": round(lo / len(ids), 3), "question_ids": qids}
+    return {"ids": ids, "text": text, "tokens": len(ids), "evidence_tokens": (lo, hi), "depth": round(lo / len(ids), 3), "question_ids": qids}
+
+
+LAST_ROWS = "block_topk default, last 32 queries"  # the variant that chooses pages without knowing the question
 
 
 def answer_block_topk(llm: LLM, sample: dict, variants: dict[str, BlockTopKPolicy], max_new: int) -> dict:
-    """Every variant's answer from twins of one sinks + window prefill of the context; page recall of each."""
+    """Every variant's answer from twins of one sinks + window prefill of the context; page recall of each.
+
+    Pages are chosen from the queries of the question's own tokens, as ``ask`` chooses them (the
+    ``LAST_ROWS`` variant: from the last ``query_tokens`` queries, heading and text before the question too)."""
     base = next(iter(variants.values()))
     ids, ps = sample["ids"], llm.engine_config.page_size
     split = base.question_start(len(ids))
@@ -178,6 +185,8 @@ def answer_block_topk(llm: LLM, sample: dict, variants: dict[str, BlockTopKPolic
     for name, pol in variants.items():
         work, restore = branch(llm, seq)
         r = Runner(llm.model, pol, llm.engine_config)
+        assert work.selection is not None
+        work.selection.question_tokens = 0 if name == LAST_ROWS else len(sample["question_ids"])
         t1 = time.perf_counter()
         logits = r.ask(work, ids[split:])
         text = greedy(llm, r, work, logits, max_new)
@@ -186,6 +195,31 @@ def answer_block_topk(llm: LLM, sample: dict, variants: dict[str, BlockTopKPolic
             out[name] |= recall(pol, work, pages)
         restore()
     return out
+
+
+def dump_rows(llm: LLM, q: dict, sample: dict, path: Path, query_tokens: int = 64) -> None:
+    """Save every (layer, query head, query) row's page ratings at the question (float16, ``(L, Hq, T, C)``),
+    with the candidate pages, the evidence's pages and where the question's own tokens sit among the ``T``
+    queries, so that page-selection rules can be compared offline on real questions."""
+    pol = BlockTopKPolicy(topk=1, heads="all", query_tokens=query_tokens).resolve(llm.config, llm.engine_config)
+    pol, rows = capture_rows(pol)
+    ids, ps = sample["ids"], llm.engine_config.page_size
+    split = pol.question_start(len(ids))
+    runner = Runner(llm.model, dataclasses.replace(pol, topk=0), llm.engine_config)
+    seq = runner.new_sequence(len(ids) + 16)
+    runner.prefill(seq, ids[:split])
+    Runner(llm.model, pol, llm.engine_config).ask(seq, ids[split:])
+    lo, hi = sample["evidence_tokens"]
+    text = sample["text"]
+    end = len(llm.prompt_ids(text[: text.rindex(q["question"]) + len(q["question"])]))
+    n_q = len(llm.encode(q["question"]))
+    t = len(ids) - split
+    after = len(ids) - end  # template tokens after the question
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"rows": torch.stack(rows).reshape(len(rows), llm.config.n_heads, t, -1),
+                "candidates": seq.selection.candidates, "evidence_pages": list(range(lo // ps, (hi - 1) // ps + 1)),
+                "question": (max(t - after - n_q, 0), t - after), "id": q["id"], "source": q["source"],
+                "tokens": len(ids), "depth": sample["depth"]}, path)
 
 
 def answer_generate(llm: LLM, sample: dict, spec: str, question_aware: bool, max_new: int) -> dict:
@@ -243,15 +277,19 @@ def main() -> None:
     ap.add_argument("--model", default="qwen2.5-coder-0.5b", help="a GGUF path or a name for ../shared/models/get-model")
     ap.add_argument("--lengths", type=int, nargs="+", default=[8192])
     ap.add_argument("--only", nargs="*", default=[], help="question ids or sources (repo, stdlib, book) to run")
-    ap.add_argument("--topk", type=int, nargs="+", default=[2, 4], help="block_topk variants beside the default")
+    ap.add_argument("--topk", type=int, nargs="*", default=[2, 4], help="block_topk variants beside the default")
     ap.add_argument("--extra", nargs="*", default=[], metavar="LABEL::KNOBS",
                     help='more block_topk variants, e.g. "every row::topk=2,heads=all"')
+    ap.add_argument("--last-rows", action="store_true", help="also the default choosing pages from the last 32 "
+                    "queries (heading and text before the question too), as before questions named themselves")
     ap.add_argument("--dense", action="store_true", help="also answer densely (prompts inside the trained window only)")
     ap.add_argument("--evict", nargs="*", default=[], help="eviction methods answered question-aware, e.g. snapkv:budget=2048")
     ap.add_argument("--max-new", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--questions", default=str(QUESTIONS))
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "questions.json"))
+    ap.add_argument("--dump-rows", metavar="DIR", help="no answers: save every row's page ratings per sample "
+                    "(float16 .pt files) for offline study of page selection (benchmarks/selection.py)")
     args = ap.parse_args()
 
     qs = [q for q in load_questions(Path(args.questions)) if not args.only or q["id"] in args.only or q["source"] in args.only]
@@ -259,6 +297,8 @@ def main() -> None:
     default = BlockTopKPolicy().resolve(llm.config, llm.engine_config)
     variants: dict[str, BlockTopKPolicy] = {f"block_topk default (k={default.k(llm.config)})": default}
     variants |= {f"block_topk k={k}": dataclasses.replace(default, topk=k) for k in args.topk if k != default.k(llm.config)}
+    if args.last_rows:
+        variants[LAST_ROWS] = default
     for extra in args.extra:
         label, _, knobs = extra.partition("::")
         pol = make_policy("block_topk" + (f":{knobs}" if knobs else ""))
@@ -270,6 +310,13 @@ def main() -> None:
     for n in args.lengths:
         for q in qs:
             sample = make_sample(llm, q, n, args.seed)
+            if args.dump_rows:
+                path = Path(args.dump_rows) / f"{n}-{args.seed}-{q['id']}.pt"
+                if not path.exists():
+                    t0 = time.perf_counter()
+                    dump_rows(llm, q, sample, path)
+                    print(f"{n} {q['id']} depth={sample['depth']} {time.perf_counter() - t0:.0f} s -> {path}", flush=True)
+                continue
             res = answer_block_topk(llm, sample, variants, args.max_new)
             answers = {k: v for k, v in res.items() if isinstance(v, dict)}
             if args.dense and sample["tokens"] + args.max_new <= llm.config.max_position:

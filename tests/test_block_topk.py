@@ -347,6 +347,65 @@ def test_retrieval_heads_score_is_the_mean_log_share_of_those_heads(monkeypatch:
     torch.testing.assert_close(seq_known.selection.score, st.score)
 
 
+def test_a_named_question_chooses_pages_from_its_own_queries(monkeypatch: pytest.MonkeyPatch) -> None:
+    # the request names its question (its last tokens): only their queries rate the pages, not the
+    # heading and text before them that the question part also holds
+    model = tiny_model()
+    ids = torch.randint(0, 97, (300,), generator=torch.Generator().manual_seed(8)).tolist()
+    heads = [(1, 0), (0, 3), (1, 2)]
+    pol = BlockTopKPolicy(dense_below=0, topk=2, sinks=PS, window=2 * PS, query_tokens=12, heads="1.0+0.3+1.2", reencode=False,
+                          expand=0)
+    rows: list[torch.Tensor] = []
+    scores = pol._scores
+
+    def keep(*args):  # type: ignore[no-untyped-def]
+        cand, z = scores(*args)
+        rows.append(z)
+        return cand, z
+
+    monkeypatch.setattr(pol, "_scores", keep)
+    _, whole = _run(model, pol, ids, [])
+    shares = [z.reshape(2, 2, 12, -1).flatten(0, 1)[:, -5:] for z in rows]  # the last 5 queries of each head
+    expected = torch.stack([shares[layer][h].mean(0).clamp_min(1e-6).log() for layer, h in heads]).mean(0)
+    rows.clear()
+    runner = Runner(model, pol, EngineConfig(chunk_size=16, page_size=PS))
+    seq = runner.new_sequence(len(ids))
+    assert seq.selection is not None
+    seq.selection.question_tokens = 5
+    runner.prefill(seq, ids)
+    assert [z.shape[1] for z in rows] == [2 * 5, 2 * 5]  # (Hkv, G * 5 queries, C) in both layers
+    torch.testing.assert_close(seq.selection.score, expected)
+    assert not torch.equal(seq.selection.score, whole.selection.score)
+
+
+def test_the_engine_tells_the_policy_how_long_the_question_is(monkeypatch: pytest.MonkeyPatch) -> None:
+    from longkv.engine.engine import Engine, Request
+    from longkv.engine.sampling import SamplingParams
+
+    model = tiny_model()
+    ids = torch.randint(0, 97, (300,), generator=torch.Generator().manual_seed(8)).tolist()
+    pol = BlockTopKPolicy(dense_below=0, topk=2, sinks=PS, window=2 * PS, query_tokens=12, reencode=False)
+    seen: list[int] = []
+    select = BlockTopKPolicy.select
+
+    def spy(self, state, *args):  # type: ignore[no-untyped-def]
+        seen.append(state.question_tokens)
+        return (yield from select(self, state, *args))
+
+    class Tok:
+        def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+            return " ".join(map(str, ids))
+
+    monkeypatch.setattr(BlockTopKPolicy, "select", spy)
+    engine = Engine(model, Tok(), frozenset(), EngineConfig(chunk_size=16, page_size=PS))
+    params = SamplingParams(max_new_tokens=2, ignore_eos=True)
+    for question in (ids[-7:], ids[10:17], None):  # the prompt's end; tokens elsewhere (not the question); none
+        engine.add_request(Request(ids, params, pol, question_ids=question))
+        while engine.has_unfinished():
+            engine.step()
+    assert seen == [7, 0, 0]
+
+
 def test_topk_auto_is_one_page_with_calibrated_heads_and_two_when_every_row_votes(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

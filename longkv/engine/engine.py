@@ -61,8 +61,10 @@ class Request:
         prompt_ids: the whole prompt, token ids.
         params: sampling and stopping.
         policy: the KV policy, validated for this model (``LLM.resolve_policy``).
-        question_ids: question-aware compression: these tokens are probed over the
-            cache after every prefill chunk (eviction policies that score with queries).
+        question_ids: the question: eviction policies that score with queries probe these
+            tokens over the cache after every prefill chunk (question-aware compression); when
+            they end the prompt (the question and the template's tail), a selection policy
+            chooses its pages from their queries alone, not from the text before them.
         sequence: a sequence that already holds a prefix of the prompt
             (``sequence.tokens == prompt_ids[:m]``, e.g. from a prefix cache): only the
             rest is prefilled. ``None``: a fresh one.
@@ -395,6 +397,9 @@ class Engine:
             pol = req.policy
             if req.question_ids and pol.needs_queries and pol.budget_tokens is not None:
                 seq.probe_ids = list(req.question_ids)
+            if seq.selection is not None:  # a selection policy chooses from the question's own queries
+                q = req.question_ids or []
+                seq.selection.question_tokens = len(q) if q and req.prompt_ids[-len(q) :] == q else 0
             o = _Running(req, runner, seq, self.tokenizer)
             o.reserved = reserved
             self.running.append(o)

@@ -222,7 +222,9 @@ class LLM:
         scores with queries, these tokens (the question, usually the prompt's
         tail) are probed over the cache after every prefill chunk and their
         queries choose what is kept (see :mod:`longkv.policies.modes`); ``None``:
-        question-agnostic, each chunk scored by its own last queries.
+        question-agnostic, each chunk scored by its own last queries. When they end
+        the prompt (the question and the template's tail, :meth:`ask_ids`), a
+        selection policy (block_topk) chooses its pages from their queries alone.
 
         Raises:
             LongKVError: empty prompt, or a policy that cannot serve it.
@@ -387,10 +389,13 @@ class LLM:
         return text + "\n### Answer\n"  # a base model: the answer is what the text goes on with
 
     def ask_ids(self, docs: list[Document], question: str, question_aware: bool = True) -> tuple[list[int], list[int] | None]:
-        """Token ids of :meth:`ask_text`: (prompt ids, question ids for question-aware compression:
-        the question and the template's tail, or None)."""
-        ids = self.prompt_ids(self.ask_text(docs, question))
-        return ids, (ids[-(len(self.encode(question)) + 8) :] if question_aware else None)
+        """Token ids of :meth:`ask_text`: (prompt ids, the question's ids: the question and the
+        template's tail, the prompt's last tokens; None when not ``question_aware``). Question-aware
+        compression probes them; block_topk chooses its pages from their queries."""
+        text = self.ask_text(docs, question)
+        ids = self.prompt_ids(text)
+        tail = self.encode(text[text.rindex(question.strip()) :])  # the question starts a line: a token boundary
+        return ids, (ids[-len(tail) :] if question_aware else None)
 
     def ask(
         self,

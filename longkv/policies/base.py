@@ -473,9 +473,13 @@ class SelectionState:
 
     Attributes:
         dense: the current prompt is read densely (short enough that selecting saves nothing).
+        question_tokens: how many of the prompt's last tokens are the question itself and the
+            template after it (the request's ``question_ids``, set by the engine for each prompt);
+            0: unknown, every query of the question part chooses.
     """
 
     dense: bool = False
+    question_tokens: int = 0
 
 
 @dataclass

@@ -13,8 +13,10 @@ How an input far longer than the model's trained window is read:
    input. Nothing is freed: every page stays in the cache to be retrieved.
 2. **Selection at the question.** The last ``query_tokens`` tokens of the
    prompt (the question and the chat template's answer prefix) are run once
-   against sinks + window to collect their queries in every layer. Every
-   candidate page is scored, for each query, by the log-sum-exp of its logits
+   against sinks + window to collect their queries in every layer; when the
+   request names its question (``question_ids`` ending the prompt, as ``ask``
+   passes it), only the question's own queries and the template's after it
+   are kept. Every candidate page is scored, for each query, by the log-sum-exp of its logits
    q.k / sqrt(D) (``score="lse"``), with the page rotated to the position it
    will get (just beyond the window): the log of the attention mass attention
    would really give it. Each (layer, KV head, query) row turns these into the
@@ -132,7 +134,11 @@ class BlockTopKPolicy(SelectionPolicy):
         keep_selection: keep the question's selection for every answer token;
             off: each decode step re-selects per layer from its own query.
         query_tokens: prompt tokens at the end whose queries choose the pages
-            (the question and the chat template's answer prefix).
+            (the question and the chat template's answer prefix). When the request
+            names its question (``question_ids``, as ``ask`` does), only the question's
+            own tokens and the template after it choose: the heading and document text
+            before a short question point at look-alike pages (page recall on real
+            questions, docs/sparse.md).
         votes: a page's score is the mean of its ``votes`` best ratings over
             (layer, KV head, query) rows: a page must stand out for several
             queries or heads, not one noisy row.
@@ -436,6 +442,8 @@ class BlockTopKPolicy(SelectionPolicy):
             return attend_pages(q, lkv, pos, ropes[layer], sinks, self.window, None)
 
         queries: list[torch.Tensor] = yield ProbeQueries(list(ids), local)
+        if 0 < state.question_tokens < len(ids):  # the question's own queries: not the text before it
+            queries = [q[:, -state.question_tokens :] for q in queries]
         best: torch.Tensor | None = None  # (<= votes, C): the best z-scores of every page so far
         heads = resolve_heads(self.heads, model) if self.scope == "shared" else None
         by_heads = torch.zeros(cand.numel(), device=cand.device)  # (C,): sum over the retrieval heads of their rating
