@@ -75,7 +75,7 @@ def ask(
     policy: Annotated[
         str,
         typer.Option(help="KV policy: auto (dense inside the model's trained window, block_topk beyond it; beyond 4 GiB of KV its cold pages go int8 to disk), dense, streaming, block_topk, or an eviction method (snapkv, kvzip, h2o, tova, pyramid, adakv, knorm, expected_attention, random; keep --budget tokens per layer), as NAME or NAME:knob=value,... "
-                    "(e.g. dense:kv_quant=int8 stores KV pages in int8, 57 % of the bytes of bfloat16 pages with its scales; kv_quant=int4 32 %)"),
+                    "(e.g. dense:kv_quant=int8 stores KV pages in int8, 56 % of the bytes of bfloat16 pages with its scales; kv_quant=int4 32 %)"),
     ] = "auto",
     budget: Annotated[int | None, typer.Option(help="KV budget in tokens per layer for eviction policies (streaming default: 4096). With --policy auto, a budget means streaming with that budget.")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="Most tokens to generate.")] = 256,

@@ -139,7 +139,7 @@ class LLM:
         ``"auto"``: dense inside the trained window, block_topk beyond it (streaming
         for a window too short for block_topk). Inside the window block_topk prefills
         faster (1.3x at 8 K, 4.3x at 32 K with Qwen2.5-Coder-0.5B) and matches dense on
-        the needle benchmark, but it answered 9 of 24 real questions over code and books
+        the needle benchmark, but it answered 11 of 24 real questions over code and books
         where dense answered 17 (``benchmarks/questions.py`` at 8 K, docs/sparse.md), so
         there it is asked for by name (``policy="block_topk"``).
 
