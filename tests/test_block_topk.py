@@ -328,6 +328,18 @@ def test_retrieval_heads_score_is_the_mean_log_share_of_those_heads(monkeypatch:
     expected = torch.stack([shares[layer][h].mean(0).clamp_min(1e-6).log() for layer, h in heads]).mean(0)
     torch.testing.assert_close(st.score, expected)
     assert st.pages[0][0].tolist() == st.candidates[expected.topk(2).indices].sort().values.tolist()
+    # a request that names its question (its last 5 tokens): only their queries rate the pages, not
+    # the heading and text before them that the question part also holds
+    rows.clear()
+    runner = Runner(model, pol, EngineConfig(chunk_size=16, page_size=PS))
+    named = runner.new_sequence(len(ids))
+    assert named.selection is not None
+    named.selection.question_tokens = 5
+    runner.prefill(named, ids)
+    assert [z.shape[1] for z in rows] == [2 * 5, 2 * 5]  # (Hkv, G * 5 queries, C) in both layers
+    last5 = torch.stack([shares[layer][h][-5:].mean(0).clamp_min(1e-6).log() for layer, h in heads]).mean(0)
+    torch.testing.assert_close(named.selection.score, last5)
+    assert not torch.equal(last5, expected)
     assert st.z is None  # the per-head votes of every layer are not computed
     rows.clear()
     one = dataclasses.replace(pol, heads="1.2")
@@ -345,37 +357,6 @@ def test_retrieval_heads_score_is_the_mean_log_share_of_those_heads(monkeypatch:
     assert retrieval_heads.fingerprint(model.config) == "llama:2x4x2x16:64:97"
     _, seq_known = _run(model, dataclasses.replace(pol, heads="auto"), ids, [])
     torch.testing.assert_close(seq_known.selection.score, st.score)
-
-
-def test_a_named_question_chooses_pages_from_its_own_queries(monkeypatch: pytest.MonkeyPatch) -> None:
-    # the request names its question (its last tokens): only their queries rate the pages, not the
-    # heading and text before them that the question part also holds
-    model = tiny_model()
-    ids = torch.randint(0, 97, (300,), generator=torch.Generator().manual_seed(8)).tolist()
-    heads = [(1, 0), (0, 3), (1, 2)]
-    pol = BlockTopKPolicy(dense_below=0, topk=2, sinks=PS, window=2 * PS, query_tokens=12, heads="1.0+0.3+1.2", reencode=False,
-                          expand=0)
-    rows: list[torch.Tensor] = []
-    scores = pol._scores
-
-    def keep(*args):  # type: ignore[no-untyped-def]
-        cand, z = scores(*args)
-        rows.append(z)
-        return cand, z
-
-    monkeypatch.setattr(pol, "_scores", keep)
-    _, whole = _run(model, pol, ids, [])
-    shares = [z.reshape(2, 2, 12, -1).flatten(0, 1)[:, -5:] for z in rows]  # the last 5 queries of each head
-    expected = torch.stack([shares[layer][h].mean(0).clamp_min(1e-6).log() for layer, h in heads]).mean(0)
-    rows.clear()
-    runner = Runner(model, pol, EngineConfig(chunk_size=16, page_size=PS))
-    seq = runner.new_sequence(len(ids))
-    assert seq.selection is not None
-    seq.selection.question_tokens = 5
-    runner.prefill(seq, ids)
-    assert [z.shape[1] for z in rows] == [2 * 5, 2 * 5]  # (Hkv, G * 5 queries, C) in both layers
-    torch.testing.assert_close(seq.selection.score, expected)
-    assert not torch.equal(seq.selection.score, whole.selection.score)
 
 
 def test_the_engine_tells_the_policy_how_long_the_question_is(monkeypatch: pytest.MonkeyPatch) -> None:
