@@ -37,7 +37,7 @@ import torch
 from longctx import branch, capture_rows, greedy, recall  # one prefill, several block_topk answers from twins of it
 
 from longkv import LLM
-from longkv.engine.runner import Runner
+from longkv.engine.runner import Runner, Sequence
 from longkv.inputs import Document
 from longkv.policies import BlockTopKPolicy, make_policy
 
@@ -161,7 +161,17 @@ def make_sample(llm: LLM, q: dict, n_tokens: int, seed: int) -> dict:
     at = text.index(q["evidence"])
     lo = len(llm.prompt_ids(text[:at]))
     hi = len(llm.prompt_ids(text[: at + len(q["evidence"])]))
-    return {"ids": ids, "text": text, "tokens": len(ids), "evidence_tokens": (lo, hi), "depth": round(lo / len(ids), 3), "question_ids": qids}
+    return {"ids": ids, "tokens": len(ids), "evidence_tokens": (lo, hi), "depth": round(lo / len(ids), 3), "question_ids": qids}
+
+
+def prefill_context(llm: LLM, pol: BlockTopKPolicy, ids: list[int], room: int) -> tuple[Sequence, int]:
+    """A sequence holding the context (``ids`` up to ``pol``'s question start) prefilled with sinks + window
+    and no selection, with ``room`` more tokens to come after the question; and the question start."""
+    split = pol.question_start(len(ids))
+    runner = Runner(llm.model, dataclasses.replace(pol, topk=0), llm.engine_config)
+    seq = runner.new_sequence(len(ids) + room + 16)
+    runner.prefill(seq, ids[:split])
+    return seq, split
 
 
 LAST_ROWS = "block_topk default, last 32 queries"  # the variant that chooses pages without knowing the question
@@ -172,13 +182,9 @@ def answer_block_topk(llm: LLM, sample: dict, variants: dict[str, BlockTopKPolic
 
     Pages are chosen from the queries of the question's own tokens, as ``ask`` chooses them (the
     ``LAST_ROWS`` variant: from the last ``query_tokens`` queries, heading and text before the question too)."""
-    base = next(iter(variants.values()))
     ids, ps = sample["ids"], llm.engine_config.page_size
-    split = base.question_start(len(ids))
-    runner = Runner(llm.model, dataclasses.replace(base, topk=0), llm.engine_config)
-    seq = runner.new_sequence(len(ids) + max_new + 16)
     t0 = time.perf_counter()
-    runner.prefill(seq, ids[:split])
+    seq, split = prefill_context(llm, next(iter(variants.values())), ids, max_new)
     out = {"prefill_s": round(time.perf_counter() - t0, 2)}
     lo, hi = sample["evidence_tokens"]
     pages = set(range(lo // ps, (hi - 1) // ps + 1))
@@ -204,21 +210,16 @@ def dump_rows(llm: LLM, q: dict, sample: dict, path: Path, query_tokens: int = 6
     pol = BlockTopKPolicy(topk=1, heads="all", query_tokens=query_tokens).resolve(llm.config, llm.engine_config)
     pol, rows = capture_rows(pol)
     ids, ps = sample["ids"], llm.engine_config.page_size
-    split = pol.question_start(len(ids))
-    runner = Runner(llm.model, dataclasses.replace(pol, topk=0), llm.engine_config)
-    seq = runner.new_sequence(len(ids) + 16)
-    runner.prefill(seq, ids[:split])
+    seq, split = prefill_context(llm, pol, ids, 0)
     Runner(llm.model, pol, llm.engine_config).ask(seq, ids[split:])
+    assert seq.selection is not None
     lo, hi = sample["evidence_tokens"]
-    text = sample["text"]
-    end = len(llm.prompt_ids(text[: text.rindex(q["question"]) + len(q["question"])]))
-    n_q = len(llm.encode(q["question"]))
     t = len(ids) - split
-    after = len(ids) - end  # template tokens after the question
+    start = max(t - len(sample["question_ids"]), 0)  # the question, then the template's tail
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"rows": torch.stack(rows).reshape(len(rows), llm.config.n_heads, t, -1),
                 "candidates": seq.selection.candidates, "evidence_pages": list(range(lo // ps, (hi - 1) // ps + 1)),
-                "question": (max(t - after - n_q, 0), t - after), "id": q["id"], "source": q["source"],
+                "question": (start, min(start + len(llm.encode(q["question"])), t)), "id": q["id"], "source": q["source"],
                 "tokens": len(ids), "depth": sample["depth"]}, path)
 
 

@@ -8,16 +8,16 @@ the rank of the evidence's best page, and whether a page holding the evidence
 is read when the top ``k`` pages are taken with one neighbour on each side
 (``expand=1``, what block_topk reads).
 
-Rules: ``heads`` (block_topk's default: the model's calibrated retrieval heads,
-mean log share over the last 32 queries), ``every row`` (the mean of each
-page's 10 best shares over every row), the same two over the question's own
-tokens only, and heads chosen on the calibration half of the questions
-(``--calibrate``: the heads that rank the evidence's page first most often),
-scored on the held half. The halves are fixed by question id (every other
-question of ``questions.json``), so a rule chosen on one half is judged on the
-other.
+Rules: ``needle heads`` (the model's calibrated retrieval heads, mean log share
+over the queries), ``every row`` (the mean of each page's 10 best shares over
+every row), each over the last 32 queries and over the question's own tokens;
+the needle heads also over the question + the template's tail and over the last
+32 without the tail; and ``real-question heads``: the ``--heads`` heads that rank
+the evidence's page first most often on the calibration half of the questions.
+The halves are fixed by question id (every other question of ``questions.json``),
+so a rule chosen on one half is judged on the other.
 
-    python benchmarks/selection.py /tmp/sel/qwen --model qwen2.5-coder-0.5b
+    python benchmarks/selection.py /tmp/rows-qwen --out benchmarks/results/selection-qwen05-8k.json
 """
 
 from __future__ import annotations
@@ -97,9 +97,7 @@ def head_hit_rate(samples: list[dict], which: str) -> torch.Tensor:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("folder", type=Path, help="a questions.py --dump-rows folder")
-    ap.add_argument("--model", help="the known retrieval heads' key in longkv.policies.retrieval_heads "
-                    "(default: the one whose layer and head counts match the dumps)")
-    ap.add_argument("--heads", type=int, default=8, help="heads kept by --calibrate")
+    ap.add_argument("--heads", type=int, default=8, help="real-question heads chosen on the calibration half")
     ap.add_argument("--out", type=Path, help="write the table as JSON")
     args = ap.parse_args()
 

@@ -394,8 +394,10 @@ class LLM:
         compression probes them; block_topk chooses its pages from their queries."""
         text = self.ask_text(docs, question)
         ids = self.prompt_ids(text)
+        if not question_aware:
+            return ids, None
         tail = self.encode(text[text.rindex(question.strip()) :])  # the question starts a line: a token boundary
-        return ids, (ids[-len(tail) :] if question_aware else None)
+        return ids, ids[-len(tail) :]
 
     def ask(
         self,
