@@ -38,7 +38,7 @@ import torch
 from longctx import FORMS  # the held needle wordings, shared with the retrieval benchmark
 
 from longkv import LLM
-from longkv.engine.runner import Runner
+from longkv.engine.runner import Runner, Sequence
 from longkv.policies import DensePolicy, make_policy
 from longkv.policies.modes import prefill_with_question
 
@@ -58,6 +58,25 @@ def with_facts(llm: LLM, text: str, n_tokens: int, facts: list[str], rng: random
     return llm.tokenizer.decode(hay)
 
 
+def number_span(llm: LLM, text: str, number: str) -> list[int]:
+    """Indices of the tokens of ``llm.encode(text)`` that spell the first ``number`` standing alone in ``text`` (``[]`` if none)."""
+    m = re.search(rf"(?<!\d){number}(?!\d)", text)
+    if m is None:
+        return []
+    enc = llm.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    return [i for i, (a, b) in enumerate(enc["offset_mapping"]) if a < m.end() and b > m.start()]
+
+
+def number_kept(seq: Sequence, span: list[int]) -> float | None:
+    """Share of the cache's stores (a layer, or a layer's KV head for per-head methods) that still hold every token of
+    ``span`` (positions in the context), or None without a span."""
+    if not span:
+        return None
+    want = torch.tensor(span)
+    stores = [h for i in range(len(seq.cache)) for h in getattr(seq.cache[i], "heads", [seq.cache[i]])]
+    return sum(bool(torch.isin(want, s.positions().cpu()).all()) for s in stores) / len(stores)
+
+
 def make_sample(llm: LLM, book: str, length: int, seed: int, needles: int) -> dict:
     """Context/question token ids around ``needles`` needles at seeded depths; the answer is the first needle's number."""
     rng = random.Random(seed)
@@ -75,6 +94,7 @@ def make_sample(llm: LLM, book: str, length: int, seed: int, needles: int) -> di
     return {
         "context_ids": llm.encode(prompt[:cut]),
         "question_ids": llm.encode(prompt[cut:]),
+        "number_span": number_span(llm, prompt[:cut], numbers[0]),
         "answer": numbers[0],
         "seed": seed,
         # the same sample as text, for other tools (kvpress_compare.py)
@@ -110,6 +130,7 @@ def make_held_sample(llm: LLM, books: list[Path], length: int, seed: int, needle
     cut = prompt.index("\n\n" + question)
     return {
         "context_ids": llm.encode(prompt[:cut]), "question_ids": llm.encode(prompt[cut:]), "answer": numbers[0], "seed": seed,
+        "number_span": number_span(llm, prompt[:cut], numbers[0]),
         "book": books[seed % len(books)].name, "context": context, "question": question, "answer_prefix": lead, "exact": True,
     }
 
@@ -149,6 +170,7 @@ def answer(llm: LLM, spec: str, ratio: float, mode: str, sample: dict, max_new: 
     seq = runner.new_sequence(len(ctx) + len(q) + max_new)
     t0 = time.perf_counter()
     logits = prefill_with_question(runner, seq, ctx, q, "question-agnostic" if spec == "dense" else mode)  # type: ignore[arg-type]
+    kept = number_kept(seq, sample.get("number_span", []))
     out: list[int] = []
     for _ in range(max_new):
         tok = int(logits.argmax())
@@ -160,7 +182,7 @@ def answer(llm: LLM, spec: str, ratio: float, mode: str, sample: dict, max_new: 
     return {
         "method": spec, "ratio": ratio, "mode": mode, "budget": budget, "seed": sample["seed"],
         "context_tokens": len(ctx), "text": text, **score(sample["answer"], text, exact=sample.get("exact", False)),
-        "peak_kv_bytes": seq.peak_kv_bytes, "seconds": round(time.perf_counter() - t0, 2),
+        "number_kept": kept, "peak_kv_bytes": seq.peak_kv_bytes, "seconds": round(time.perf_counter() - t0, 2),
     }
 
 
@@ -296,7 +318,7 @@ def main() -> None:
     ap.add_argument("--lead", default="", help="held forms: words that open the assistant's answer: the same for every form (e.g. 'The answer is'), "
                     "or 'needle' for the needle's own words up to its number")
     ap.add_argument("--all-modes", action="store_true", help="also run query-free methods question-aware")
-    ap.add_argument("--configs", default="", help="method@mode pairs instead of methods x modes")
+    ap.add_argument("--configs", default="", help="method@mode pairs instead of methods x modes, comma-separated (e.g. snapkv:kernel=1,chunk=8@question-aware,kvzip@question-agnostic)")
     ap.add_argument("--no-dense", action="store_true", help="skip the dense reference runs")
     ap.add_argument("--report", default="", help="instead: merge these result JSONs (comma-separated) into --out, table + plot")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "compression.json")
@@ -355,7 +377,8 @@ def main() -> None:
         print(f"dense seed={r['seed']} answer={sample['answer']} correct={r['correct']} {r['text']!r} ({r['seconds']} s)", flush=True)
     save()
     if args.configs:  # explicit method@mode pairs, e.g. snapkv@question-aware
-        pairs = [tuple(c.split("@")) for c in args.configs.split(",")]
+        # a spec may hold commas itself (snapkv:kernel=1,chunk=8@question-aware): split after each mode
+        pairs = [tuple(c.rsplit("@", 1)) for c in re.split(r"(?<=question-aware),|(?<=question-agnostic),", args.configs)]
     else:
         pairs = [
             (m, mode) for m in args.methods.split(",") for mode in args.modes.split(",")
@@ -368,8 +391,10 @@ def main() -> None:
             acc = summarise(rows)[(method, mode, ratio)]
             cell = [r for r in rows if (r["method"], r["mode"], r["ratio"]) == (method, mode, ratio)]
             lost = sum(r["lost_digits"] for r in cell)
-            print(f"{method:20s} {mode:18s} {ratio:5.2f}: {acc:5.1f} %  lost digits {lost}/{len(cell)}  "
-                  f"{[r['text'][:30] for r in cell if not r['correct']]}", flush=True)
+            whole = [r["number_kept"] for r in cell if r["number_kept"] is not None]
+            held = f"  number whole in {100 * sum(whole) / len(whole):.0f} % of stores" if whole else ""
+            print(f"{method:20s} {mode:18s} {ratio:5.2f}: {acc:5.1f} %  lost digits {lost}/{len(cell)}{held}  "
+                  f"{[(r['text'][:30], r['number_kept']) for r in cell if not r['correct']]}", flush=True)
             save()
     print(table(rows, [*ratios, 1.0]))
     plot(rows, args.out.with_suffix(".png"), title(meta))

@@ -15,6 +15,7 @@ import torch
 from longkv.config import EngineConfig, ModelConfig
 from longkv.engine.runner import Runner, Work, run_batch
 from longkv.errors import LongKVError
+from longkv.kv.cache import LayerKV
 from longkv.kv.headwise import HeadwiseLayerKV
 from longkv.models import build
 from longkv.policies import (
@@ -207,8 +208,38 @@ def test_snapkv_pools_neighbours() -> None:
     assert s[9] == s[10] == s[11] and s[10] > s[12]
 
 
+def test_chunks_are_kept_whole_by_their_mean_score() -> None:
+    # 12 tokens in runs of 4: run 0 has one spike (mean 2.5), run 1 is even (mean 3), run 2 is low (mean 1)
+    scores = torch.tensor([10.0, 0, 0, 0, 3, 3.1, 3.2, 2.7, 1, 1, 1, 1])
+    policy = SnapKVPolicy(budget=4, sinks=0, window=0, kernel=1, chunk=4)
+    assert policy.top(scores, 4).tolist() == [4, 5, 6, 7]  # the even run, not the spike (token-wise top-4 takes 0, 4-6)
+    assert policy.top(scores, 6).tolist() == [0, 1, 4, 5, 6, 7]  # then the spike's run, its best tokens first
+    assert SnapKVPolicy(budget=4, sinks=0, window=0, kernel=1).top(scores, 4).tolist() == [0, 4, 5, 6]
+    # sinks and the local window stay whatever their run's score; the rest of the budget goes to whole runs
+    protected = SnapKVPolicy(budget=6, sinks=1, window=1, kernel=1, chunk=4).top(scores, 6)
+    assert protected.tolist() == [0, 4, 5, 6, 7, 11]
+
+
+def test_adakv_keeps_whole_runs_of_each_head() -> None:
+    # two KV heads of 12 tokens, the score written in each key's first dimension; 8 (head, token) pairs kept
+    scores = torch.tensor([[10.0, 0, 0, 0, 3, 3.1, 3.2, 2.7, 1, 1, 1, 1], [0, 0, 0, 0, 0, 0, 0, 0, 2.8, 2.8, 2.8, 2.8]])
+    cache = HeadwiseLayerKV(lambda: LayerKV(1, 4), 2)
+    keys = torch.zeros(2, 12, 4)
+    keys[..., 0] = scores
+    cache.append(keys, keys, torch.arange(12))
+    policy = AdaKVPolicy(budget=4, floor=0.0, scorer="snapkv:sinks=0,window=0,kernel=1,chunk=4")
+    policy.inner.score = lambda layer, k, v, pos, q: k[:, :, 0]  # type: ignore[method-assign]
+    policy.compress(0, cache)
+    # runs by mean: head 0's 4-7 (3.0), head 1's 8-11 (2.8), head 0's 0-3 (2.5): the first two, whole
+    assert [h.positions().tolist() for h in cache.heads] == [[4, 5, 6, 7], [8, 9, 10, 11]]
+    policy.inner.chunk = 1  # token by token: the best 8 pairs take head 0's spike instead of its 2.7
+    cache = HeadwiseLayerKV(lambda: LayerKV(1, 4), 2)
+    cache.append(keys, keys, torch.arange(12))
+    policy.compress(0, cache)
+    assert [h.positions().tolist() for h in cache.heads] == [[0, 4, 5, 6], [8, 9, 10, 11]]
+
+
 def test_h2o_accumulates_across_compressions() -> None:
-    from longkv.kv.cache import LayerKV
 
     pol = H2OPolicy(budget=3, recent_ratio=0.0)
     cache = LayerKV(1, 4)
@@ -272,6 +303,8 @@ def test_bad_knobs_raise(spec: str, match: str) -> None:
     [
         ("snapkv:kernel=0", "kernel must be an odd number of tokens >= 1 \\(got 0\\)"),
         ("kvzip:kernel=4", "kernel must be an odd number"),
+        ("snapkv:chunk=0", "snapkv chunk must be a number of tokens >= 1 \\(got 0\\): e.g. chunk=8"),
+        ("adakv:scorer=h2o:chunk=-1", "h2o chunk must be a number of tokens >= 1"),
         ("kvzip:heads=avg", "unknown kvzip heads 'avg': use sum or max"),
         ("kvzip:layers=mean", "unknown kvzip layers 'mean'"),
         ("kvzip:scope=bogus", "unknown kvzip scope 'bogus': use layer or shared"),
@@ -466,7 +499,6 @@ def test_shared_scope_keeps_one_set_for_every_layer() -> None:
 
 
 def test_shared_scope_ranks_by_summed_layer_shares() -> None:
-    from longkv.kv.cache import LayerKV
 
     policy = make_policy("kvzip", budget=3, scope="shared", sinks=0, window=0, layers="sum", kernel=1)
     caches = []
@@ -503,7 +535,7 @@ def test_kvzip_probes_each_chunk_in_both_modes(monkeypatch) -> None:
 
 
 def test_describe_names_every_knob() -> None:
-    assert make_policy("kvzip", budget=64).describe() == "kvzip(budget=64, sinks=4, window=32, kernel=15, heads=max, scope=shared, layers=max)"
-    assert make_policy("snapkv", budget=64, kv_quant="int4").describe() == "snapkv(budget=64, sinks=4, window=32, kernel=15, kv_quant=int4)"
+    assert make_policy("kvzip", budget=64).describe() == "kvzip(budget=64, sinks=4, window=32, kernel=15, chunk=8, heads=max, scope=shared, layers=max)"
+    assert make_policy("snapkv", budget=64, kv_quant="int4").describe() == "snapkv(budget=64, sinks=4, window=32, kernel=15, chunk=8, kv_quant=int4)"
     assert make_policy("dense:kv_quant=int8").describe() == "dense(kv_quant=int8)" and make_policy("dense").describe() == "dense"
     assert make_policy("streaming:budget=1024,kv_quant=int8").describe() == "streaming(budget=1024, sinks=4, window=1020, kv_quant=int8)"

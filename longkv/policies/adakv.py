@@ -21,7 +21,7 @@ from longkv.config import EngineConfig, ModelConfig
 from longkv.errors import LongKVError
 from longkv.kv.cache import LayerKV
 from longkv.kv.headwise import HeadwiseLayerKV
-from longkv.policies.base import Observation, protect
+from longkv.policies.base import Observation, chunk_rank, protect, ranked
 from longkv.policies.wrapper import ScorerWrapper
 
 
@@ -79,7 +79,11 @@ class AdaKVPolicy(ScorerWrapper):
             scores.append(s)
         flat = torch.cat(scores)
         chosen = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
-        chosen[torch.topk(flat, total, sorted=False).indices] = True
+        if self.chunk > 1:  # whole runs of each head, ranked by their mean score across heads
+            rank = torch.cat([chunk_rank(s, self.chunk) for s in scores])
+            chosen[ranked(flat, rank)[:total]] = True
+        else:
+            chosen[torch.topk(flat, total, sorted=False).indices] = True
         counts = [h.n for h in heads]  # offsets into `flat`, taken before any head shrinks
         for h, part in zip(heads, chosen.split(counts), strict=True):
             h.keep(part.nonzero().squeeze(1))

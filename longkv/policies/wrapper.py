@@ -42,3 +42,8 @@ class ScorerWrapper(EvictionPolicy):
 
     def protected(self, budget: int) -> tuple[int, int]:
         return self.inner.protected(budget)
+
+    @property
+    def chunk(self) -> int:
+        """The scorer's ``chunk``: tokens are kept in whole runs of this many (see :meth:`EvictionPolicy.top`)."""
+        return int(getattr(self.inner, "chunk", 1))
