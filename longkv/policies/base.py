@@ -364,7 +364,7 @@ def chunk_rank(scores: torch.Tensor, chunk: int) -> torch.Tensor:
     """(N,) the mean score of each token's run of ``chunk`` tokens (runs start at 0), over the run's finite
     scores; +inf where ``scores`` (N,) is +inf (protected tokens stay first)."""
     n = scores.numel()
-    fixed = torch.isinf(scores)
+    fixed = scores == math.inf
     pad = (-n) % chunk
     counts = torch.nn.functional.pad((~fixed).float(), (0, pad)).view(-1, chunk).sum(1)
     sums = torch.nn.functional.pad(torch.where(fixed, torch.zeros_like(scores), scores), (0, pad)).view(-1, chunk).sum(1)
