@@ -178,7 +178,7 @@ def test_a_prompt_within_the_span_is_read_densely() -> None:
     model = tiny_model()
     ids = torch.randint(0, 97, (100,), generator=torch.Generator().manual_seed(6)).tolist()
     dense, _ = _run(model, DensePolicy(), ids, [5, 6])
-    pol = BlockTopKPolicy(dense_below=0, topk=2, sinks=PS, window=2 * PS, query_tokens=12)  # span 8 + 48 + 16 + 8 + 16 = 96
+    pol = BlockTopKPolicy(dense_below=0, topk=2, sinks=PS, window=2 * PS, query_tokens=12, margin=0)  # span 8 + 48 + 16 + 8 + 16 = 96
     assert pol.span(EngineConfig(chunk_size=16, page_size=PS)) == 96
     short, seq = _run(model, pol, ids[:96], [5, 6])
     assert seq.selection.dense and seq.selection.pages[0] is None  # no selection pass
@@ -207,7 +207,7 @@ def test_local_only_differs_from_dense_and_question_selection_helps() -> None:
 def test_selection_is_fixed_for_the_answer_and_cache_intact() -> None:
     model = tiny_model()
     ids = torch.randint(0, 97, (200,), generator=torch.Generator().manual_seed(4)).tolist()
-    pol = BlockTopKPolicy(dense_below=0, topk=3, sinks=PS, window=2 * PS, query_tokens=10, expand=0)
+    pol = BlockTopKPolicy(dense_below=0, topk=3, sinks=PS, window=2 * PS, query_tokens=10, expand=0, margin=0)
     _, seq = _run(model, pol, ids, [1, 2, 3, 4])
     st = seq.selection
     assert all(p is st.pages[0] for p in st.pages) and st.pages[0].shape == (1, 3)
@@ -395,7 +395,7 @@ def test_topk_auto_is_one_page_with_calibrated_heads_and_two_when_every_row_vote
     model = tiny_model()
     ids = torch.randint(0, 97, (300,), generator=torch.Generator().manual_seed(8)).tolist()
     eng = EngineConfig(chunk_size=16, page_size=PS)
-    pol = make_policy(f"block_topk:topk=auto,sinks={PS},window={2 * PS},query_tokens=12,expand=0,reencode=false,dense_below=0")
+    pol = make_policy(f"block_topk:topk=auto,sinks={PS},window={2 * PS},query_tokens=12,expand=0,reencode=false,dense_below=0,margin=0")
     assert isinstance(pol, BlockTopKPolicy) and pol.topk is None and pol.describe().startswith("block_topk(topk=auto,")
     assert pol.span(eng) == PS + 2 * PS + 2 * PS + PS + 16  # before a model is known: the larger value, 2 pages
     auto = pol
@@ -415,6 +415,42 @@ def test_topk_auto_is_one_page_with_calibrated_heads_and_two_when_every_row_vote
     assert dataclasses.replace(auto, scope="layer").k(model.config) == 2
     assert dataclasses.replace(auto, topk=3).k(model.config) == 3
     assert make_policy("block_topk:topk=0").k(model.config) == 0
+
+
+def test_margin_reads_every_page_whose_score_is_close_to_the_best(monkeypatch: pytest.MonkeyPatch) -> None:
+    from longkv.policies import retrieval_heads
+
+    pol = BlockTopKPolicy(margin=0.5, topk_max=3)
+    score = torch.tensor([-1.0, -1.3, -1.6, -3.0, -1.2, -1.45])  # log shares: 4 pages within 0.5 of the best
+    assert pol.close_pages(score, 1, log_units=True) == 3  # at most topk_max
+    assert dataclasses.replace(pol, topk_max=8).close_pages(score, 1, log_units=True) == 4
+    assert dataclasses.replace(pol, margin=0).close_pages(score, 1, log_units=True) == 1
+    assert pol.close_pages(score, 5, log_units=True) == 5  # never fewer than topk
+    # vote shares compare by their log: 0.3 is within e^-0.5 (~0.61) of 0.4, 0.2 is not
+    assert pol.close_pages(torch.tensor([0.4, 0.3, 0.1, 0.2]), 1, log_units=False) == 2
+    # end to end with calibrated heads: the pages read are the best ones whose score is within the margin
+    model = tiny_model()
+    monkeypatch.setitem(retrieval_heads.KNOWN, retrieval_heads.fingerprint(model.config), ((1, 0), (0, 3)))
+    ids = torch.randint(0, 97, (300,), generator=torch.Generator().manual_seed(8)).tolist()
+    eng = EngineConfig(chunk_size=16, page_size=PS)
+    base = make_policy(f"block_topk:sinks={PS},window={2 * PS},query_tokens=12,expand=0,reencode=false,dense_below=0")
+    for margin, topk_max, n in ((0.2, 4, 2), (0.5, 4, 4), (0.5, 8, 5), (0.0, 4, 1)):
+        pol = dataclasses.replace(base, margin=margin, topk_max=topk_max).resolve(model.config, eng)
+        _, seq = _run(model, pol, ids, [])
+        st = seq.selection
+        close = int((st.score >= st.score.max() - margin).sum())
+        assert min(close, topk_max) == n  # the crafted cases cover one page, two, and the cap
+        assert st.pages[0][0].tolist() == st.candidates[st.score.topk(n).indices].sort().values.tolist()
+    # the span (and the trained-window check) counts the most pages the margin may bring
+    assert BlockTopKPolicy(topk=1).span(eng) == 64 + 4 * 3 * PS + 1024 + PS + 32  # block: query_tokens (32) > chunk (16)
+    assert BlockTopKPolicy(topk=1, margin=0).span(eng) == 64 + 3 * PS + 1024 + PS + 32
+    assert BlockTopKPolicy(topk=1, verify=2).span(eng) == 64 + 3 * PS + 1024 + PS + 32  # verify keeps exactly topk
+    with pytest.raises(LongKVError, match="topk_max"):
+        BlockTopKPolicy(topk=1, window=256, sinks=PS).resolve(tiny_model(max_position=300).config, eng)
+    with pytest.raises(LongKVError, match="margin must be >= 0"):
+        make_policy("block_topk:margin=-0.5")
+    with pytest.raises(LongKVError, match="topk_max must be >= 1"):
+        make_policy("block_topk:topk_max=0")
 
 
 def test_reencoded_pages_are_the_dense_encoding_of_sinks_plus_pages() -> None:
@@ -595,7 +631,7 @@ def test_stats_line_names_the_dense_fallback_and_reads_back_as_a_spec(tiny_llama
     from longkv.engine.llm import LLM
 
     llm = LLM(model=tiny_llama, dtype="float32", chunk_size=64)
-    spec = "block_topk:sinks=64,window=128,query_tokens=16,topk=1"  # span 64 + 3 x 64 + 128 + 64 + 64 = 512, the tiny window
+    spec = "block_topk:sinks=64,window=128,query_tokens=16,topk=1,margin=0"  # span 64 + 3 x 64 + 128 + 64 + 64 = 512, the tiny window
     ids = torch.randint(0, 300, (700,), generator=torch.Generator().manual_seed(3)).tolist()
     short = llm.generate(ids[:100], max_new_tokens=2, policy=spec)
     long = llm.generate(ids, max_new_tokens=2, policy=spec)

@@ -115,7 +115,7 @@ class BlockTopKPolicy(SelectionPolicy):
 
     Attributes:
         topk: pages retrieved at the question and kept for the answer (each
-            brings its ``expand`` neighbours). ``None`` (default, written
+            brings its ``expand`` neighbours; ``margin`` may add close ones). ``None`` (default, written
             ``topk=auto``): 1 when the model's calibrated retrieval heads choose
             the pages (their choice ranks the needle's page first in nearly every
             question, and every further page is a distractor the model may copy
@@ -185,6 +185,15 @@ class BlockTopKPolicy(SelectionPolicy):
             ``LAYER.HEAD+LAYER.HEAD...``. With heads, a page's score is the mean
             over them of the log of the share of attention each head's queries
             would give it (Wu et al. 2024, retrieval heads).
+        margin: with ``scope="shared"``, pages beyond the ``topk`` best are read too when
+            their score is within ``margin`` of the best page's, in natural-log units of
+            the attention share (0.5: at least ~61 % of the best page's share), up to
+            ``topk_max`` pages in all: a question about several facts (several keys,
+            several values) reads a page for each, while a lone fact's page, which
+            stands out, is read alone. 0 turns it off (exactly ``topk`` pages), and so
+            does ``verify`` (the verified pages rank by confidence instead).
+        topk_max: most pages ``margin`` may bring (each with its ``expand`` neighbours);
+            never fewer than ``topk``.
 
     Raises:
         LongKVError (from :meth:`validate`): a knob out of range, an unknown score
@@ -213,6 +222,8 @@ class BlockTopKPolicy(SelectionPolicy):
     verify: int = 0
     verify_tokens: int = 16
     heads: str = "auto"
+    margin: float = 0.5
+    topk_max: int = 4
 
     # ------------------------------------------------------------------ setup
     def sink_tokens(self, page_size: int) -> int:
@@ -226,6 +237,11 @@ class BlockTopKPolicy(SelectionPolicy):
             return self.topk
         return 1 if model is not None and self.scope == "shared" and resolve_heads(self.heads, model) else 2
 
+    def most_pages(self, model: ModelConfig | None = None) -> int:
+        """Most pages the question may choose: ``topk``, or up to ``topk_max`` when ``margin`` is on (scope shared)."""
+        k = self.k(model)
+        return max(k, self.topk_max) if self.margin > 0 and self.scope == "shared" and not self.verify and k > 0 else k
+
     def model_knobs(self, model: ModelConfig) -> dict[str, Any]:
         return {"topk": self.k(model)}
 
@@ -233,7 +249,7 @@ class BlockTopKPolicy(SelectionPolicy):
         """Longest distance a query can see, in tokens (sinks + pages + window + one page + block)."""
         ps = engine.page_size
         block = max(engine.chunk_size, self.query_tokens)
-        pages = max(self.k(model) * (1 + 2 * self.expand), self.prefill_topk)
+        pages = max(self.most_pages(model) * (1 + 2 * self.expand), self.prefill_topk)
         return self.sink_tokens(ps) + pages * ps + self.window + ps + block
 
     def __post_init__(self) -> None:
@@ -241,10 +257,10 @@ class BlockTopKPolicy(SelectionPolicy):
 
     def check_knobs(self) -> None:
         """Raise :class:`~longkv.errors.LongKVError` on a knob that is wrong for any model."""
-        for knob in ("topk", "prefill_topk", "sinks", "expand", "verify", "dense_below"):
+        for knob in ("topk", "prefill_topk", "sinks", "expand", "verify", "dense_below", "margin"):
             if (getattr(self, knob) or 0) < 0:
                 raise LongKVError(f"block_topk {knob} must be >= 0, got {getattr(self, knob)}: pass a non-negative value")
-        for knob in ("window", "query_tokens", "votes", "verify_tokens"):
+        for knob in ("window", "query_tokens", "votes", "verify_tokens", "topk_max"):
             if getattr(self, knob) < 1:
                 raise LongKVError(f"block_topk {knob} must be >= 1, got {getattr(self, knob)}: raise it")
         if self.score not in SCORES:
@@ -277,7 +293,7 @@ class BlockTopKPolicy(SelectionPolicy):
         if span > model.max_position:
             raise LongKVError(
                 f"block_topk attends over up to {span} positions (sinks + topk pages + window + chunk), beyond the "
-                f"model's trained window of {model.max_position}: lower topk, window or the chunk size"
+                f"model's trained window of {model.max_position}: lower topk (or topk_max, or margin=0), window or the chunk size"
             )
 
     def hot_tokens(self, model: ModelConfig, engine: EngineConfig, itemsize: int = 2) -> int:
@@ -325,6 +341,7 @@ class BlockTopKPolicy(SelectionPolicy):
         return (
             f"block_topk(topk={self._describe_topk()}, sinks={self.sinks}, window={self.window}, score={self.score}, aggregate={self.aggregate}, "
             f"scope={self.scope}, heads={self.heads}, expand={self.expand}, keep_selection={self.keep_selection}, reencode={self.reencode}"
+            + (f", margin={self.margin:g}, topk_max={self.topk_max}" if self.margin > 0 else ", margin=0")
             + (f", verify={self.verify}, verify_tokens={self.verify_tokens}" if self.verify else "")
             + f"{tiers})"
         )
@@ -484,13 +501,22 @@ class BlockTopKPolicy(SelectionPolicy):
             state.score = first - first.max() + conf.min() - 1.0
             state.score[order] = conf
             state.confidence = conf
-        shared = top_pages(cand, state.score[None], topk, self.expand)
+        shared = top_pages(cand, state.score[None], topk if self.verify else self.close_pages(state.score, topk, bool(heads)), self.expand)
         state.pages = [shared] * len(queries)
         if self.reencode:
             dev = shared.device
             idx = torch.cat((torch.arange(sinks, device=dev), (shared[0][:, None] * ps + torch.arange(ps, device=dev)).flatten()))
             kv = yield EncodeText([context[i] for i in idx.tolist()])
             state.prefix = [(k, v, idx) for k, v in kv]
+
+    def close_pages(self, score: torch.Tensor, topk: int, log_units: bool) -> int:
+        """How many pages to read: ``topk``, plus the further pages whose ``score`` (C,) is within
+        ``margin`` of the best (natural-log units; vote shares are compared by their log), up to ``topk_max``."""
+        if self.margin <= 0 or topk == 0 or score.numel() <= topk:
+            return topk
+        s = score if log_units else score.clamp_min(1e-9).log()
+        close = int((s >= s.max() - self.margin).sum())
+        return max(topk, min(close, self.topk_max))
 
     def _page_text(self, cand: torch.Tensor, c: int, sinks: int, ps: int) -> torch.Tensor:
         """Token indices (T,) of the sink pages + candidate ``c`` and its ``expand`` neighbours."""
