@@ -123,6 +123,29 @@ class _Tokenizer:
                 raise ApiError(400, f"the chat template rejected these messages: {exc}", param="messages") from None
 
 
+def agreement(a: list[int], b: list[int]) -> int:
+    """Length of the longest common prefix of two token id lists."""
+    end, limit = 0, min(len(a), len(b))
+    while end < limit and a[end] == b[end]:
+        end += 1
+    return end
+
+
+def question_text(question: str, text: str, where: str) -> str:
+    """``text`` cut before ``question``, which must end it (surrounding whitespace aside).
+
+    Raises:
+        ApiError: 400 when the question is blank or does not end ``text``.
+    """
+    q, text = question.strip(), text.rstrip()
+    if not q or not text.endswith(q):
+        raise ApiError(
+            400, f"longkv.question must be the text that ends {where}: send that closing question (or leave longkv.question out)",
+            param="longkv.question",
+        )
+    return text[: len(text) - len(q)]
+
+
 SPAN_ROLES = {"system": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
 
 
@@ -141,11 +164,7 @@ def message_pieces(
         first_reply = next((i for i, r in enumerate(roles) if r == "assistant"), len(roles))
         out: list[tuple[str, int, bool]] = []
         for i in range(len(messages), 0, -1):
-            rendered = tokenizer.prompt_ids(tokenizer.render(messages[:i], tools, generation=False))
-            end = 0
-            limit = min(len(rendered), len(ids))
-            while end < limit and rendered[end] == ids[end]:
-                end += 1
+            end = agreement(tokenizer.prompt_ids(tokenizer.render(messages[:i], tools, generation=False)), ids)
             out.append((SPAN_ROLES.get(roles[i - 1], "text"), end, i - 1 < first_reply))
             if end <= after:
                 break
@@ -256,14 +275,14 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
 
     async def submit(
         body: ChatCompletionRequest | CompletionRequest, ids: list[int], max_tokens: int | None, constraint: GrammarConstraint | None = None,
-        memory: MemoryRequest | None = None,
+        memory: MemoryRequest | None = None, question_ids: list[int] | None = None,
     ) -> tuple[Job, asyncio.Queue[Event]]:
         ext = body.longkv
         req = plan(
             llm, config, ids, max_tokens, sampling(body),
             policy=ext.policy if ext else None, budget=ext.budget if ext else None,
             session=ext.session if ext else None, share_cache=ext.cache if ext else True,
-            salt=ext.cache_salt if ext else None, constraint=constraint, memory=memory,
+            salt=ext.cache_salt if ext else None, constraint=constraint, memory=memory, question_ids=question_ids,
         )  # fmt: skip
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[Event] = asyncio.Queue()
@@ -477,13 +496,21 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
         # a template without tool support gets tool results as user messages (server.tools): still tool spans
         roles = ["tool" if m["role"] == "user" and m["content"].startswith("<tool_response>") else m["role"] for m in rendered]
         memory = memory_request(body, message_pieces(tokenizer, rendered, roles, template_tools, ids))
+        question_ids = None
+        if ext is not None and ext.question is not None:  # the prompt's tokens from the question on
+            last = rendered[-1]
+            if last["role"] != "user":
+                raise ApiError(400, "longkv.question needs a conversation that ends with a user message: ask it there", param="longkv.question")
+            cut = [*rendered[:-1], {**last, "content": question_text(ext.question, last["content"], "the last user message")}]
+            before = await run_in_threadpool(lambda: tokenizer.prompt_ids(tokenizer.render(cut, template_tools)))
+            question_ids = ids[agreement(before, ids) :]
         constraint = None
         if reply.grammar is not None:
             param = "tools" if reply.calls else "response_format"
             lark = reply.grammar
             constraint = await run_in_threadpool(lambda: tokenizer.grammar(lark, llm.eos_ids, llm.config.vocab_size, param))
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        job, events = await submit(body, ids, max_tokens, constraint, memory)
+        job, events = await submit(body, ids, max_tokens, constraint, memory, question_ids)
         return await respond(request, body, job, events, chat=True, reply=reply)
 
     @app.post("/v1/completions", response_model=Completion, responses={**ERRORS, 200: {"content": {"text/event-stream": {}}}})
@@ -502,7 +529,13 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
             ids = await run_in_threadpool(tokenizer.prompt_ids, prompt)
         else:
             ids = [int(t) for t in prompt]
-        job, events = await submit(body, ids, body.max_tokens, memory=memory_request(body))
+        question_ids = None
+        if body.longkv is not None and body.longkv.question is not None:
+            if not isinstance(prompt, str):
+                raise ApiError(400, "longkv.question needs a text prompt, not token ids: send the prompt as text", param="longkv.question")
+            before = await run_in_threadpool(tokenizer.prompt_ids, question_text(body.longkv.question, prompt, "the prompt"))
+            question_ids = ids[agreement(before, ids) :]
+        job, events = await submit(body, ids, body.max_tokens, memory=memory_request(body), question_ids=question_ids)
         return await respond(request, body, job, events, chat=False)
 
     default_openapi = app.openapi

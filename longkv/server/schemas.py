@@ -48,6 +48,13 @@ class LongKVOptions(BaseModel):
         "Only dense (or an eviction policy that evicts nothing) shares the prefix cache.",
     )
     budget: int | None = Field(None, ge=1, le=INT_MAX, description="KV budget in tokens for eviction policies.")
+    question: str | None = Field(
+        None, min_length=1, max_length=65536,
+        description="The question the request asks: the text that ends the last user message (chat) or the prompt. "
+        "block_topk chooses the pages it reads from the question's own tokens (and the template's tail) instead of "
+        "the prompt's last 32, as longkv ask does; eviction policies that score with queries compress for it "
+        "(question-aware).",
+    )  # fmt: skip
     dry_multiplier: float = Field(
         0.0, ge=0.0, le=100.0,
         description="Loop guard (DRY): a token that would extend a repeat of the generated text loses "

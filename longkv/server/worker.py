@@ -138,6 +138,7 @@ class EngineRequest:
     request_id: str = field(default_factory=lambda: f"req-{uuid.uuid4().hex}")
     constraint: GrammarConstraint | None = None
     memory: MemoryRequest | None = None
+    question_ids: list[int] | None = None  # the prompt's last tokens that are its question (Request.question_ids)
 
     @property
     def kv_key(self) -> str:
@@ -184,6 +185,7 @@ def plan(
     salt: str | None = None,
     constraint: GrammarConstraint | None = None,
     memory: MemoryRequest | None = None,
+    question_ids: list[int] | None = None,
 ) -> EngineRequest:
     """Check a request against the model and the server's limits; build its :class:`EngineRequest`.
 
@@ -194,6 +196,8 @@ def plan(
         constraint: a started grammar the reply must follow (tool calls, JSON).
         memory: run on a KV memory session: the prompt may exceed the window (the session
             holds its spans compressed; the fit is checked at admission).
+        question_ids: the prompt's last tokens that are its question (see
+            :class:`~longkv.engine.engine.Request`); not used by a memory request.
 
     Raises:
         ContextOverflow: a window-bound policy (dense) and prompt + max_tokens beyond the window.
@@ -231,7 +235,7 @@ def plan(
         wanted = min(wanted, config.max_tokens_limit)
     sampling = SamplingParams(max_new_tokens=wanted, **params)
     share = share_cache and config.cache_bytes > 0 and shares_dense_kv(pol, len(ids) + wanted + 1)
-    return EngineRequest(ids, sampling, pol, share, session, salt or "", constraint=constraint)
+    return EngineRequest(ids, sampling, pol, share, session, salt or "", constraint=constraint, question_ids=question_ids)
 
 
 class EngineWorker:
@@ -396,6 +400,7 @@ class EngineWorker:
         engine_req = Request(
             req.ids, req.params, req.policy, sequence=seq, prompt_logits=logits, feed_last=req.share_cache,
             on_release=release, request_id=req.request_id, arrival=job.created, constraint=req.constraint,
+            question_ids=req.question_ids,
         )  # fmt: skip
         job.request_id = req.request_id
         job.output = RequestOutput(prompt_tokens=len(req.ids), reused_tokens=reuse, arrival=job.created)
