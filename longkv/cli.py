@@ -92,7 +92,7 @@ def ask(
     as_json: Annotated[bool, typer.Option("--json", metavar="", help="Print one JSON object (answer + stats) instead of streaming text.")] = False,
     compression: Annotated[
         Compression,
-        typer.Option(metavar="MODE", help="question-aware (default) or question-agnostic. Eviction policies that score with queries (snapkv, h2o, tova, pyramid, adakv, expected_attention): question-aware = the question, probed over the cache after every chunk, chooses what is kept; question-agnostic = each chunk is scored by its own last queries (the question is in the last chunk). kvzip always scores by re-reading each chunk."),
+        typer.Option(metavar="MODE", help="question-aware (default) or question-agnostic. Eviction policies that score with queries (snapkv, h2o, tova, pyramid, adakv, expected_attention): question-aware = the question, probed over the cache after every chunk, chooses what is kept; question-agnostic = each chunk is scored by its own last queries (the question is in the last chunk). kvzip always scores by re-reading each chunk. block_topk chooses its pages from the question in both modes."),
     ] = Compression.aware,
 ) -> None:
     """Answer a question about long files, a folder or stdin.
@@ -127,7 +127,7 @@ def ask(
         err.print(f"[dim]skipped {len(skipped)} binary or non-UTF-8 file(s), e.g. {skipped[0]}[/dim]")
     with err.status("loading model ...", spinner="dots") if not as_json else _null():
         llm = LLM(model, policy=policy, budget=budget, chunk_size=chunk_size, dtype=dtype, threads=threads, weights=weights, device=device)
-    ids, question_ids = llm.ask_ids(docs, question, Compression(compression) is Compression.aware)
+    ids, question_ids = llm.ask_ids(docs, question)
     if not getattr(llm.tokenizer, "chat_template", None) and not as_json:
         err.print("[dim]this model has no chat template (a base model): the question is asked as a completion, after '### Answer'[/dim]")
     llm.resolve_policy(len(ids) + max_new_tokens, policy, budget)  # fail before "prefilling ..."
@@ -142,6 +142,7 @@ def ask(
         out = llm.generate(
             ids, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, progress=progress, on_text=write,
             repetition_penalty=repetition_penalty, question_ids=question_ids, dry_multiplier=dry_multiplier, stop=llm.ask_stop,
+            question_aware=Compression(compression) is Compression.aware,
         )
     finally:
         done()

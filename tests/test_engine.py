@@ -103,6 +103,36 @@ def test_batch_generation_question_aware_equals_each_alone(tiny: LLM) -> None:
     assert tiny.generate(prompts[0], max_new_tokens=2, policy="dense").stats.compression == ""
 
 
+def test_agnostic_compression_still_names_the_question_to_block_topk(tiny: LLM, monkeypatch: pytest.MonkeyPatch) -> None:
+    from longkv.inputs import Document
+    from longkv.policies import BlockTopKPolicy
+
+    text = "The meeting moved to Thursday. Budget approved: 4200 euros.\n" * 14
+    q = "When is the meeting?"
+    ids, question_ids = tiny.ask_ids([Document("<stdin>", text)], q)
+    # eviction: question_aware=False compresses as if no question were named
+    kw = {"max_new_tokens": 4, "ignore_eos": True, "policy": "snapkv:budget=40"}
+    agnostic = tiny.generate(ids, question_ids=question_ids, question_aware=False, **kw)
+    unnamed = tiny.generate(ids, **kw)
+    aware = tiny.generate(ids, question_ids=question_ids, **kw)
+    assert agnostic.token_ids == unnamed.token_ids and agnostic.stats.compression == unnamed.stats.compression == "question-agnostic"
+    assert aware.stats.compression == "question-aware"
+    # block_topk chooses its pages from the question either way (ask --compression agnostic too)
+    seen: list[int] = []
+    select = BlockTopKPolicy.select
+
+    def spy(self, state, *args):  # type: ignore[no-untyped-def]
+        seen.append(state.question_tokens)
+        return (yield from select(self, state, *args))
+
+    monkeypatch.setattr(BlockTopKPolicy, "select", spy)
+    spec = "block_topk:sinks=64,window=64,query_tokens=16,topk=1,margin=0,dense_fallback=false"  # span 512, the window
+    assert len(ids) > 600
+    tiny.ask(text, q, question_aware=False, policy=spec, max_new_tokens=2)
+    tiny.generate(ids, policy=spec, max_new_tokens=2)
+    assert seen == [len(question_ids), 0]
+
+
 def test_batch_generation_bad_inputs(tiny: LLM) -> None:
     with pytest.raises(LongKVError, match="question_ids has 1 entries for 2 prompts"):
         tiny.generate_batch(["a b", "c d"], question_ids=[[1]])

@@ -65,6 +65,8 @@ class Request:
             tokens over the cache after every prefill chunk (question-aware compression); when
             they end the prompt (the question and the template's tail), a selection policy
             chooses its pages from their queries alone, not from the text before them.
+        question_aware: eviction probes ``question_ids`` (False: it compresses question-agnostically,
+            while a selection policy still chooses from the question).
         sequence: a sequence that already holds a prefix of the prompt
             (``sequence.tokens == prompt_ids[:m]``, e.g. from a prefix cache): only the
             rest is prefilled. ``None``: a fresh one.
@@ -91,6 +93,7 @@ class Request:
     params: SamplingParams
     policy: KVPolicy
     question_ids: list[int] | None = None
+    question_aware: bool = True
     sequence: Sequence | None = None
     prompt_logits: torch.Tensor | None = None
     feed_last: bool = False
@@ -395,7 +398,7 @@ class Engine:
             self.waiting.popleft()
             self._need.pop(req.request_id, None)
             pol = req.policy
-            if req.question_ids and pol.needs_queries and pol.budget_tokens is not None:
+            if req.question_ids and req.question_aware and pol.needs_queries and pol.budget_tokens is not None:
                 seq.probe_ids = list(req.question_ids)
             if seq.selection is not None:  # a selection policy chooses from the question's own queries
                 q = req.question_ids or []

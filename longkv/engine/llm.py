@@ -213,18 +213,20 @@ class LLM:
         progress: ProgressFn | None = None,
         result: Generation | None = None,
         question_ids: list[int] | None = None,
+        question_aware: bool = True,
     ) -> Iterator[str]:
         """Yield the completion's text piece by piece.
 
         ``result``, if given, is filled as it goes: token ids, finish reason and stats
         (its ``text`` is left to the caller, who sees every piece).
-        ``question_ids``: question-aware compression. For an eviction policy that
-        scores with queries, these tokens (the question, usually the prompt's
-        tail) are probed over the cache after every prefill chunk and their
-        queries choose what is kept (see :mod:`longkv.policies.modes`); ``None``:
-        question-agnostic, each chunk scored by its own last queries. When they end
-        the prompt (the question and the template's tail, :meth:`ask_ids`), a
-        selection policy (block_topk) chooses its pages from their queries alone.
+        ``question_ids``: the question. For an eviction policy that scores with
+        queries, these tokens (the question, usually the prompt's tail) are probed
+        over the cache after every prefill chunk and their queries choose what is
+        kept (question-aware compression, see :mod:`longkv.policies.modes`) unless
+        ``question_aware`` is False; ``None``: question-agnostic, each chunk scored by
+        its own last queries. When they end the prompt (the question and the
+        template's tail, :meth:`ask_ids`), a selection policy (block_topk) chooses
+        its pages from their queries alone, whatever ``question_aware`` says.
 
         Raises:
             LongKVError: empty prompt, or a policy that cannot serve it.
@@ -237,8 +239,8 @@ class LLM:
         pol = self.resolve_policy(len(ids) + params.max_new_tokens, policy, budget)
         res = result if result is not None else Generation("", [], "length")
         res.stats.prompt_tokens, res.stats.policy = len(ids), pol.describe()
-        res.stats.compression = _compression_label(pol, bool(question_ids))
-        req = Request(ids, params, pol, question_ids=question_ids, progress=progress, arrival=t0)
+        res.stats.compression = _compression_label(pol, bool(question_ids) and question_aware)
+        req = Request(ids, params, pol, question_ids=question_ids, question_aware=question_aware, progress=progress, arrival=t0)
         for ev in self._run([req]):
             if ev.text:
                 yield ev.text
@@ -281,11 +283,12 @@ class LLM:
         repetition_penalty: float = 1.0,
         question_ids: list[int] | None = None,
         dry_multiplier: float = 0.0,
+        question_aware: bool = True,
     ) -> Generation:
         """Complete ``prompt`` (text or token ids) and return the whole :class:`Generation`.
 
         ``on_text`` receives each new piece of text as soon as it is decoded.
-        ``question_ids``: question-aware compression (see :meth:`stream`).
+        ``question_ids``, ``question_aware``: the question, and whether eviction compresses for it (see :meth:`stream`).
         ``dry_multiplier``: the loop guard (see :class:`~longkv.engine.sampling.SamplingParams`;
         0.0, off, here; :meth:`ask` turns it on).
 
@@ -295,7 +298,7 @@ class LLM:
         params = SamplingParams(max_new_tokens, temperature, top_k, top_p, seed, tuple(stop), ignore_eos, repetition_penalty, dry_multiplier)
         res = Generation("", [], "length")
         pieces: list[str] = []
-        for piece in self.stream(prompt, params, policy, budget, progress, res, question_ids):
+        for piece in self.stream(prompt, params, policy, budget, progress, res, question_ids, question_aware):
             pieces.append(piece)
             if on_text is not None:
                 on_text(piece)
@@ -388,14 +391,12 @@ class LLM:
             return self.apply_chat_template([{"role": "user", "content": text}])
         return text + "\n### Answer\n"  # a base model: the answer is what the text goes on with
 
-    def ask_ids(self, docs: list[Document], question: str, question_aware: bool = True) -> tuple[list[int], list[int] | None]:
+    def ask_ids(self, docs: list[Document], question: str) -> tuple[list[int], list[int]]:
         """Token ids of :meth:`ask_text`: (prompt ids, the question's ids: the question and the
-        template's tail, the prompt's last tokens; None when not ``question_aware``). Question-aware
-        compression probes them; block_topk chooses its pages from their queries."""
+        template's tail, the prompt's last tokens). Question-aware compression probes them;
+        block_topk chooses its pages from their queries."""
         text = self.ask_text(docs, question)
         ids = self.prompt_ids(text)
-        if not question_aware:
-            return ids, None
         tail = self.encode(text[text.rindex(question.strip()) :])  # the question starts a line: a token boundary
         return ids, ids[-len(tail) :]
 
@@ -413,7 +414,8 @@ class LLM:
                 of paths to files and folders (read recursively, text files only).
             question: what to ask; it is placed after the documents.
             question_aware: with an eviction policy that scores with queries, let the
-                question choose what each chunk keeps (``False``: question-agnostic).
+                question choose what each chunk keeps (``False``: question-agnostic; block_topk
+                chooses its pages from the question either way).
             kwargs: :meth:`generate` keyword arguments (``max_new_tokens``, ``policy``, ...);
                 the loop guard is on unless ``dry_multiplier=0.0`` (default
                 :data:`ASK_DRY_MULTIPLIER`: small models otherwise loop on long inputs).
@@ -429,10 +431,10 @@ class LLM:
             docs = [Document("<stdin>", source)]
         else:
             docs, _ = collect([os.fspath(p) for p in (source if isinstance(source, list) else [source])])
-        ids, question_ids = self.ask_ids(docs, question, question_aware)
+        ids, question_ids = self.ask_ids(docs, question)
         kwargs.setdefault("dry_multiplier", ASK_DRY_MULTIPLIER)
         kwargs.setdefault("stop", self.ask_stop)
-        return self.generate(ids, question_ids=question_ids, **kwargs)
+        return self.generate(ids, question_ids=question_ids, question_aware=question_aware, **kwargs)
 
     def chat(self, messages: list[dict[str, str]], **kwargs: Any) -> Generation:
         """Render ``messages`` with the chat template, then :meth:`generate` (same keyword arguments)."""
