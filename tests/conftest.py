@@ -14,6 +14,18 @@ SHARED = ROOT.parent / "shared"
 BOOKS = SHARED / "data" / "books"
 
 
+THREADS = torch.get_num_threads()  # the session's count, before any LLM(threads=...) sets it
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads():  # type: ignore[no-untyped-def]
+    """Hand every test after this one the thread count the session started with: ``LLM(threads=1)``
+    sets torch's process-wide count, and bfloat16 sums split over another count of threads round
+    differently (a greedy answer on the edge can flip), so one module's setting must not reach the next."""
+    yield
+    torch.set_num_threads(THREADS)
+
+
 def _get_model(name: str) -> Path:
     script = SHARED / "models" / "get-model"
     if not script.exists():
