@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import subprocess
 from pathlib import Path
 
 import torch
+from compression import number_span  # token indices of a number in a text
 
 import longkv.policies.block_topk as block_topk
 from longkv import LLM
@@ -35,20 +35,14 @@ def resolve_model(name: str) -> str:
 
 
 def needle_pages(llm: LLM, prompt: str, refs: list[str], page: int) -> list[list[int]]:
-    """Pages (of ``page`` tokens) holding each reference string, one list per occurrence."""
-    enc = llm.tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=True)
-    out = []
-    for ref in refs:
-        for m in re.finditer(re.escape(ref), prompt):
-            toks = [i for i, (a, b) in enumerate(enc["offset_mapping"]) if a < m.end() and b > m.start()]
-            out.append(sorted({t // page for t in toks}))
-    return out
+    """Pages (of ``page`` tokens) holding each reference number, one list per number found."""
+    spans = [number_span(llm, prompt, ref) for ref in refs]
+    return [sorted({t // page for t in span}) for span in spans if span]
 
 
-def read_pages(ranked: list[int], scores: list[float], margin: float, most: int) -> set[int]:
-    """Pages read (with one neighbour each side) when the best page and those within ``margin`` are taken."""
-    k = max(1, min(most, sum(1 for s in scores if s >= scores[0] - margin)))
-    return {p + e for p in ranked[:k] for e in (-1, 0, 1)}
+def pages_read(scores: list[float], margin: float, most: int) -> int:
+    """How many pages block_topk's own rule reads (one page, then those within ``margin``) for ``scores``, best first."""
+    return block_topk.BlockTopKPolicy(margin=margin, topk_max=most).close_pages(torch.tensor(scores), 1, log_units=True)
 
 
 def main() -> None:
@@ -91,12 +85,12 @@ def main() -> None:
     for margin in (float(m) for m in args.margins.split(",")):
         got = total = extra = 0
         for r in rows:
-            pages = read_pages(r["ranked"], r["scores"], margin, args.topk_max)
+            k = pages_read(r["scores"], margin, args.topk_max)
             if r["task"] in MULTI:
+                pages = {p + e for p in r["ranked"][:k] for e in (-1, 0, 1)}  # with one neighbour each side (expand=1)
                 total += len(r["needles"])
                 got += sum(any(p in pages for p in ps) for ps in r["needles"])
             else:
-                k = max(1, min(args.topk_max, sum(1 for s in r["scores"] if s >= r["scores"][0] - margin)))
                 extra += k - 1
         table.append({"margin": margin, "multi_fact_pages_read": got, "multi_fact_pages": total, "single_answer_extra_pages": extra})
         print(f"margin {margin:g}: multi-fact needle pages read {got}/{total}, pages beyond the first for single answers {extra}")
