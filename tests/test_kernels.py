@@ -36,7 +36,8 @@ def reference(q: torch.Tensor, parts: list[tuple[torch.Tensor, torch.Tensor]]) -
 
 @needs_cc
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize(("h", "hkv", "d"), [(9, 3, 64), (14, 2, 64), (8, 8, 96), (32, 4, 128), (4, 1, 256), (6, 2, 20)])
+# d = 80: 16-wide paired loops where AVX-512 reads 32 at a time; 20: no paired loops
+@pytest.mark.parametrize(("h", "hkv", "d"), [(9, 3, 64), (14, 2, 64), (8, 8, 96), (10, 2, 80), (32, 4, 128), (4, 1, 256), (6, 2, 20)])
 @pytest.mark.parametrize("n", [1, 70, 3000])
 def test_decode_attention_matches_float64(dtype: torch.dtype, h: int, hkv: int, d: int, n: int) -> None:
     torch.manual_seed(n + d)
@@ -540,6 +541,31 @@ def test_plain_c_block_linear_equals_the_avx2_one(tmp_path, monkeypatch) -> None
         slow = kernels.block_linear(x, packed, n, k, bits)
         monkeypatch.undo()
         torch.testing.assert_close(slow, fast, atol=1e-5, rtol=1e-5)
+
+
+@needs_cc
+@pytest.mark.skipif("avx512_vnni" not in kernels._cpu_flags().split(), reason="the CPU has no AVX-512 VNNI")
+def test_avx512_vnni_block_linear_equals_the_avx2_one_bit_for_bit(tmp_path, monkeypatch) -> None:
+    """The 512-bit integer dot products (vpdpbusd) compute the same integer sums as the AVX2 ones, so the
+    outputs are equal bit for bit, 8-bit codes of -127 and 127 and a second pass over W included."""
+    cc = kernels._compiler()
+    assert cc is not None
+    out = tmp_path / "avx2.so"
+    subprocess.run([*cc, *kernels._FLAGS, "-mno-avx512f", "-o", str(out), *map(str, kernels._SOURCES), "-lm"],
+                   check=True, capture_output=True)
+    avx2 = kernels._bind(ctypes.CDLL(str(out)))
+    g = torch.Generator().manual_seed(7)
+    n, k = 45, 160  # a padded last tile, 5 blocks
+    w = torch.randn(n, k, generator=g) * 0.05
+    w[0, :32] = torch.linspace(-1, 1, 32)  # one block of codes from -127 to 127
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(11, k, generator=g).to(dtype)
+        for bits, packed in ((4, kernels.pack_q4(*quantize_int4(w, 32))), (8, kernels.pack_q8(w))):
+            fast = kernels.block_linear(x, packed, n, k, bits)
+            monkeypatch.setattr(kernels, "_lib", avx2)
+            slow = kernels.block_linear(x, packed, n, k, bits)
+            monkeypatch.undo()
+            assert torch.equal(fast, slow), (dtype, bits)
 
 
 @needs_cc

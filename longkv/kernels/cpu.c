@@ -16,7 +16,8 @@
  * weight-only linear layer of decode steps.
  *
  * Built at first use by longkv/kernels/__init__.py with the machine's C compiler (-O3 -march=native);
- * AVX2 intrinsics where the CPU has them, plain C elsewhere.
+ * AVX2 intrinsics where the CPU has them, plain C elsewhere, and where it has AVX-512: bfloat16 pages
+ * read 32 elements at a time, and the weight tiles' integer dot products in 512-bit vpdpbusd (VNNI).
  */
 #include <math.h>
 #include <stdint.h>
@@ -28,13 +29,24 @@
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
 #define LONGKV_AVX2 1
+#if defined(__AVX512F__)
+#define LONGKV_AVX512 1 /* bfloat16 pages read 32 elements at a time */
+#endif
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#define LONGKV_VNNI512 1 /* 512-bit integer dot products (vpdpbusd) for the weight tiles */
+#endif
 #endif
 
 /* d elements at base + off (bfloat16 when bf16, else float32) as float32 in dst. */
 static inline void load_row(const void *base, int64_t off, int bf16, int d, float *restrict dst) {
     if (bf16) {
         const uint16_t *src = (const uint16_t *)base + off;
-        for (int j = 0; j < d; j++) {
+        int j = 0;
+#ifdef LONGKV_AVX2
+        for (; j + 8 <= d; j += 8)
+            _mm256_storeu_ps(dst + j, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(src + j))), 16)));
+#endif
+        for (; j < d; j++) {
             uint32_t u = (uint32_t)src[j] << 16; /* bfloat16 is the top half of a float32 */
             float f;
             memcpy(&f, &u, sizeof f);
@@ -77,6 +89,12 @@ static inline float hsum8(__m256 a) {
     x = _mm_add_ps(x, _mm_movehl_ps(x, x));
     x = _mm_add_ss(x, _mm_movehdup_ps(x));
     return _mm_cvtss_f32(x);
+}
+
+static inline float hmax8(__m256 a) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    return _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps(m, m, 1)));
 }
 
 #endif
@@ -415,16 +433,109 @@ static void value_pairs(float acc[][MAX_D], int G, int D, const Rows *v, int cod
 }
 #endif
 
-/* x (D) to (to_pairs) or from the paired order: per 16 elements, the even ones then the odd ones. */
-static void pair_order(const float *x, float *out, int D, int to_pairs) {
-    for (int c = 0; c < D; c += 16)
-        for (int j = 0; j < 8; j++) {
+#ifdef LONGKV_AVX512
+/* With AVX-512 the paired order is per 32 elements where D allows (paired = 32): one 512-bit load of a
+ * bfloat16 row gives its 16 even elements and its 16 odd ones (see split_pairs). */
+static inline void split32(const uint16_t *row, __m512 *even, __m512 *odd) {
+    const __m512i v = _mm512_loadu_si512((const void *)row);
+    *even = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+    *odd = _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32((int)0xFFFF0000u)));
+}
+
+/* The two halves of a summed: 8 lanes with the same total. */
+static inline __m256 halves_sum(__m512 a) {
+    return _mm256_add_ps(_mm512_castps512_ps256(a), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1)));
+}
+
+/* score_pairs_of for bfloat16 keys, 32 elements of a row at a time. */
+static void score_bf16_wide(const float *q, int G, int D, const Rows *k, int nb, float scale, float s[][BLK], const Rows *v) {
+    const __m256 sc = _mm256_set1_ps(scale);
+    const uint16_t *kp = (const uint16_t *)k->p + k->off, *vp = (const uint16_t *)v->p + v->off;
+    for (int i0 = 0; i0 < G; i0 += 4) {
+        const int w = G - i0 < 4 ? G - i0 : 4;
+        const float *q0 = q + (int64_t)i0 * D;
+        __m256 part[4][8];
+        for (int t = 0; t < nb; t++) {
+            const uint16_t *row = kp + t * k->ts;
+            if (i0 == 0)
+                for (int c = 0; c < 2 * D; c += 64) {
+                    _mm_prefetch((const char *)(row + BLK * k->ts) + c, _MM_HINT_T0);
+                    _mm_prefetch((const char *)(vp + t * v->ts) + c, _MM_HINT_T0);
+                }
+            __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+            for (int c = 0; c < D; c += 32) {
+                __m512 ke, ko;
+                split32(row + c, &ke, &ko);
+                a0 = _mm512_fmadd_ps(_mm512_loadu_ps(q0 + c + 16), ko, _mm512_fmadd_ps(_mm512_loadu_ps(q0 + c), ke, a0));
+                if (w > 1) a1 = _mm512_fmadd_ps(_mm512_loadu_ps(q0 + D + c + 16), ko, _mm512_fmadd_ps(_mm512_loadu_ps(q0 + D + c), ke, a1));
+                if (w > 2) a2 = _mm512_fmadd_ps(_mm512_loadu_ps(q0 + 2 * D + c + 16), ko, _mm512_fmadd_ps(_mm512_loadu_ps(q0 + 2 * D + c), ke, a2));
+                if (w > 3) a3 = _mm512_fmadd_ps(_mm512_loadu_ps(q0 + 3 * D + c + 16), ko, _mm512_fmadd_ps(_mm512_loadu_ps(q0 + 3 * D + c), ke, a3));
+            }
+            part[0][t & 7] = halves_sum(a0);
+            if (w > 1) part[1][t & 7] = halves_sum(a1);
+            if (w > 2) part[2][t & 7] = halves_sum(a2);
+            if (w > 3) part[3][t & 7] = halves_sum(a3);
+            if ((t & 7) == 7)
+                for (int i = 0; i < w; i++) _mm256_storeu_ps(&s[i0 + i][t - 7], _mm256_mul_ps(sum8x8(part[i]), sc));
+        }
+        for (int t = nb & ~7; t < nb; t++)
+            for (int i = 0; i < w; i++) s[i0 + i][t] = hsum8(part[i][t & 7]) * scale;
+    }
+}
+
+/* value_pairs_of for bfloat16 values, 32 elements of a row at a time. */
+static void value_bf16_wide(float acc[][MAX_D], int G, int D, const Rows *v, int nb, float s[][BLK]) {
+    const uint16_t *vp = (const uint16_t *)v->p + v->off;
+    for (int c = 0; c < D; c += 32)
+        for (int i0 = 0; i0 < G; i0 += 4) {
+            const int w = G - i0 < 4 ? G - i0 : 4;
+            __m512 e0 = _mm512_loadu_ps(acc[i0] + c), o0 = _mm512_loadu_ps(acc[i0] + c + 16);
+            __m512 e1 = e0, o1 = o0, e2 = e0, o2 = o0, e3 = e0, o3 = o0;
+            if (w > 1) e1 = _mm512_loadu_ps(acc[i0 + 1] + c), o1 = _mm512_loadu_ps(acc[i0 + 1] + c + 16);
+            if (w > 2) e2 = _mm512_loadu_ps(acc[i0 + 2] + c), o2 = _mm512_loadu_ps(acc[i0 + 2] + c + 16);
+            if (w > 3) e3 = _mm512_loadu_ps(acc[i0 + 3] + c), o3 = _mm512_loadu_ps(acc[i0 + 3] + c + 16);
+            for (int t = 0; t < nb; t++) {
+                __m512 ve, vo;
+                split32(vp + t * v->ts + c, &ve, &vo);
+                __m512 p = _mm512_set1_ps(s[i0][t]);
+                e0 = _mm512_fmadd_ps(p, ve, e0);
+                o0 = _mm512_fmadd_ps(p, vo, o0);
+                if (w > 1) {
+                    p = _mm512_set1_ps(s[i0 + 1][t]);
+                    e1 = _mm512_fmadd_ps(p, ve, e1);
+                    o1 = _mm512_fmadd_ps(p, vo, o1);
+                }
+                if (w > 2) {
+                    p = _mm512_set1_ps(s[i0 + 2][t]);
+                    e2 = _mm512_fmadd_ps(p, ve, e2);
+                    o2 = _mm512_fmadd_ps(p, vo, o2);
+                }
+                if (w > 3) {
+                    p = _mm512_set1_ps(s[i0 + 3][t]);
+                    e3 = _mm512_fmadd_ps(p, ve, e3);
+                    o3 = _mm512_fmadd_ps(p, vo, o3);
+                }
+            }
+            _mm512_storeu_ps(acc[i0] + c, e0);
+            _mm512_storeu_ps(acc[i0] + c + 16, o0);
+            if (w > 1) _mm512_storeu_ps(acc[i0 + 1] + c, e1), _mm512_storeu_ps(acc[i0 + 1] + c + 16, o1);
+            if (w > 2) _mm512_storeu_ps(acc[i0 + 2] + c, e2), _mm512_storeu_ps(acc[i0 + 2] + c + 16, o2);
+            if (w > 3) _mm512_storeu_ps(acc[i0 + 3] + c, e3), _mm512_storeu_ps(acc[i0 + 3] + c + 16, o3);
+        }
+}
+#endif
+
+/* x (D) to (to_pairs) or from the paired order: per `width` (16 or 32) elements, the even ones then the odd ones. */
+static void pair_order(const float *x, float *out, int D, int width, int to_pairs) {
+    const int h = width / 2;
+    for (int c = 0; c < D; c += width)
+        for (int j = 0; j < h; j++) {
             if (to_pairs) {
                 out[c + j] = x[c + 2 * j];
-                out[c + 8 + j] = x[c + 2 * j + 1];
+                out[c + h + j] = x[c + 2 * j + 1];
             } else {
                 out[c + 2 * j] = x[c + j];
-                out[c + 2 * j + 1] = x[c + 8 + j];
+                out[c + 2 * j + 1] = x[c + h + j];
             }
         }
 }
@@ -450,8 +561,8 @@ static void decode_q8_block(const uint8_t *codes, int64_t off, int64_t ts, const
 }
 
 /* Attention state of every query head over the tokens [lo, hi) of the concatenated segments:
- * running max m (H), sum l (H) and the unnormalised output acc (H x D). q: (H, D) float32 (paired order
- * when paired: then every segment is bfloat16). kbuf, vbuf: BLK x D float32 each, for int8 blocks the 16-wide
+ * running max m (H), sum l (H) and the unnormalised output acc (H x D). q: (H, D) float32, in the paired
+ * order of width `paired` (16 or 32) when it is not 0: then every segment is bfloat16. kbuf, vbuf: BLK x D float32 each, for int8 blocks the 16-wide
  * loops do not take (NULL when every int8 segment is taken by them). */
 static void attend_range(const int64_t *meta, int nseg, const float *q, int H, int Hkv, int D, float scale, int paired,
                          int64_t lo, int64_t hi, float *m_out, float *l_out, float *acc_out, float *kbuf, float *vbuf) {
@@ -486,6 +597,11 @@ static void attend_range(const int64_t *meta, int nseg, const float *q, int H, i
                 const Rows kr = {kp, g * k_hs + b * k_ts, k_ts, ks, km, g * s_hs + b * s_ts, s_ts, group};
                 const Rows vr = {vp, g * v_hs + b * v_ts, v_ts, vs, vm, g * s_hs + b * s_ts, s_ts, group};
                 const int wide = (fmt == SEG_BF16 && paired) || (fmt == SEG_INT8 && !paired && D % 16 == 0 && group % 16 == 0);
+#ifdef LONGKV_AVX512
+                if (wide && fmt == SEG_BF16 && paired == 32)
+                    score_bf16_wide(qg, G, D, &kr, nb, scale, s, &vr);
+                else
+#endif
                 if (wide)
                     score_pairs(qg, G, D, &kr, fmt == SEG_INT8, nb, scale, s, &vr);
                 else
@@ -509,6 +625,11 @@ static void attend_range(const int64_t *meta, int nseg, const float *q, int H, i
                         for (int j = 0; j < D; j++) acc[i][j] *= corr;
                 }
 #ifdef LONGKV_AVX2
+#ifdef LONGKV_AVX512
+                if (wide && fmt == SEG_BF16 && paired == 32)
+                    value_bf16_wide(acc, G, D, &vr, nb, s);
+                else
+#endif
                 if (wide)
                     value_pairs(acc, G, D, &vr, fmt == SEG_INT8, nb, s);
                 else
@@ -558,7 +679,10 @@ int longkv_decode_attention(const int64_t *meta, const int32_t *nseg, int B, con
     for (int b = 0; b < B; b++) {
         first[b] = seg;
         tokens[b] = 0;
-        paired[b] = D % 16 == 0;
+        paired[b] = D % 16 == 0 ? 16 : 0; /* the width of its paired order */
+#ifdef LONGKV_AVX512
+        if (D % 32 == 0) paired[b] = 32;
+#endif
 #ifndef LONGKV_AVX2
         paired[b] = 0;
 #endif
@@ -606,7 +730,7 @@ int longkv_decode_attention(const int64_t *meta, const int32_t *nseg, int B, con
         for (int h = 0; h < H; h++) {
             float *qh = q + ((int64_t)b * H + h) * D;
             load_row(q_in, ((int64_t)h * B + b) * D, q_bf16, D, paired[b] ? tmp : qh);
-            if (paired[b]) pair_order(tmp, qh, D, 1);
+            if (paired[b]) pair_order(tmp, qh, D, (int)paired[b], 1);
         }
 #ifdef _OPENMP
 #pragma omp parallel for schedule(dynamic, 1) if (ntask > 1)
@@ -634,7 +758,7 @@ int longkv_decode_attention(const int64_t *meta, const int32_t *nseg, int B, con
                 }
             }
             if (paired[b]) {
-                pair_order(o, tmp, D, 0);
+                pair_order(o, tmp, D, (int)paired[b], 0);
                 o = tmp;
             }
             store_row(out, ((int64_t)h * B + b) * D, q_bf16, D, o, sum > 0.0f ? 1.0f / sum : 0.0f);
@@ -768,12 +892,32 @@ static inline __m256i bcast4(const int8_t *p) { /* 4 bytes at p in every 32-bit 
 }
 #endif
 
-/* One pass of 4-bit W: rows [m0, m0 + mr) of x (coded: xq, xs scales, xsum coded sums per block) against
+/* x coded for the tiles, per row and block of 32 inputs: q the codes (M, K), a their absolute values,
+ * s the scale, sum the coded block's sum (s times isum, for the 4-bit minimums), isum the codes' sum. */
+typedef struct {
+    const int8_t *q, *a;
+    const float *s, *sum;
+    const int32_t *isum;
+} CodedX;
+
+#ifdef LONGKV_VNNI512
+/* A 64-byte run of a tile: chunks j and j + 1 (8 rows by 4 inputs each), one per 256-bit half. x's 4
+ * bytes of chunk j go to every lane of the low half, those of chunk j + 1 to the high half: xw holds the
+ * block's 32 codes as 8 words, sel the words (j in lanes 0-7, j + 1 in lanes 8-15). */
+static inline __m512i pair_words(__m512i xw, __m512i sel) { return _mm512_permutexvar_epi32(sel, xw); }
+
+static inline __m512i pair_sel(int j) { return _mm512_set_epi32(j + 1, j + 1, j + 1, j + 1, j + 1, j + 1, j + 1, j + 1, j, j, j, j, j, j, j, j); }
+
+/* The 8 rows' sums over both halves, in 8 lanes. */
+static inline __m256i fold16(__m512i s) { return _mm256_add_epi32(_mm512_castsi512_si256(s), _mm512_extracti64x4_epi64(s, 1)); }
+#endif
+
+/* One pass of 4-bit W: rows [m0, m0 + mr) of x (coded, see CodedX) against
  * tile groups [g0, g1). */
-ALWAYS_INLINE void q4_rows(const uint8_t *w, int K, const int8_t *xq, const int8_t *xa, const float *xs,
-                           const float *xsum, int m0, const int mr, int64_t g0, int64_t g1, int64_t N, int y_bf16,
-                           void *y) {
-    (void)xa;
+ALWAYS_INLINE void q4_rows(const uint8_t *w, int K, const CodedX *x, int m0, const int mr, int64_t g0, int64_t g1,
+                           int64_t N, int y_bf16, void *y) {
+    const int8_t *xq = x->q;
+    const float *xs = x->s, *xsum = x->sum;
     const int nblk = K / Q4_BLOCK;
     for (int64_t g = g0; g < g1; g++) {
         const uint8_t *grp = w + g * (int64_t)nblk * Q4_TILE;
@@ -781,24 +925,48 @@ ALWAYS_INLINE void q4_rows(const uint8_t *w, int K, const int8_t *xq, const int8
 #ifdef LONGKV_AVX2
         __m256 acc[MAX_ROWS];
         for (int r = 0; r < mr; r++) acc[r] = _mm256_setzero_ps();
+#ifdef LONGKV_VNNI512
+        const __m512i m16 = _mm512_set1_epi8(0x0F);
+        const __m512i sel[4] = {pair_sel(0), pair_sel(2), pair_sel(4), pair_sel(6)};
+#else
         const __m256i m4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+#endif
         for (int b = 0; b < nblk; b++) {
             const uint8_t *t = grp + (int64_t)b * Q4_TILE;
             for (int l = 0; l < Q4_TILE; l += 64) _mm_prefetch((const char *)(t + PREFETCH_TILES * Q4_TILE + l), _MM_HINT_T0);
+#ifdef LONGKV_VNNI512
+            __m512i c16[4]; /* chunks (0, 1), (2, 3), (4, 5), (6, 7) */
+            for (int j = 0; j < 2; j++) {
+                const __m512i v = _mm512_loadu_si512((const void *)(t + 64 * j));
+                c16[j] = _mm512_and_si512(v, m16);
+                c16[j + 2] = _mm512_and_si512(_mm512_srli_epi16(v, 4), m16);
+            }
+#else
             __m256i c[8];
             for (int j = 0; j < 4; j++) {
                 const __m256i v = _mm256_loadu_si256((const __m256i *)(t + 32 * j));
                 c[j] = _mm256_and_si256(v, m4);
                 c[j + 4] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
             }
+#endif
             const __m256 step = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(t + 128)));
             const __m256 mn = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(t + 144)));
             for (int r = 0; r < mr; r++) {
                 const int64_t xb = (int64_t)(m0 + r) * nblk + b;
                 const int8_t *xv = xq + xb * Q4_BLOCK;
+#ifdef LONGKV_VNNI512
+                /* chunks (0, 1), (2, 3) in the low nibbles of the two 64-byte runs, (4, 5), (6, 7) in the high */
+                const __m512i xw = _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)xv));
+                __m512i s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), c16[0], pair_words(xw, sel[0]));
+                s = _mm512_dpbusd_epi32(s, c16[1], pair_words(xw, sel[1]));
+                s = _mm512_dpbusd_epi32(s, c16[2], pair_words(xw, sel[2]));
+                s = _mm512_dpbusd_epi32(s, c16[3], pair_words(xw, sel[3]));
+                const __m256 dot = _mm256_cvtepi32_ps(fold16(s));
+#else
                 __m256i s = _mm256_maddubs_epi16(c[0], bcast4(xv));
                 for (int j = 1; j < 8; j++) s = _mm256_add_epi16(s, _mm256_maddubs_epi16(c[j], bcast4(xv + 4 * j)));
                 const __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(s, ones));
+#endif
                 acc[r] = _mm256_fmadd_ps(dot, _mm256_mul_ps(step, _mm256_set1_ps(xs[xb])), acc[r]);
                 acc[r] = _mm256_fmadd_ps(mn, _mm256_set1_ps(xsum[xb]), acc[r]);
             }
@@ -829,12 +997,11 @@ ALWAYS_INLINE void q4_rows(const uint8_t *w, int K, const int8_t *xq, const int8
     }
 }
 
-/* As q4_rows, for 8-bit W; xa holds |xq|. */
-ALWAYS_INLINE void q8_rows(const uint8_t *w, int K, const int8_t *xq, const int8_t *xa, const float *xs,
-                           const float *xsum, int m0, const int mr, int64_t g0, int64_t g1, int64_t N, int y_bf16,
-                           void *y) {
-    (void)xsum;
-    (void)xa;
+/* As q4_rows, for 8-bit W. */
+ALWAYS_INLINE void q8_rows(const uint8_t *w, int K, const CodedX *x, int m0, const int mr, int64_t g0, int64_t g1,
+                           int64_t N, int y_bf16, void *y) {
+    const int8_t *xq = x->q;
+    const float *xs = x->s;
     const int nblk = K / Q4_BLOCK;
     for (int64_t g = g0; g < g1; g++) {
         const uint8_t *grp = w + g * (int64_t)nblk * Q8_TILE;
@@ -842,20 +1009,38 @@ ALWAYS_INLINE void q8_rows(const uint8_t *w, int K, const int8_t *xq, const int8
 #ifdef LONGKV_AVX2
         __m256 acc[MAX_ROWS];
         for (int r = 0; r < mr; r++) acc[r] = _mm256_setzero_ps();
+#ifdef LONGKV_VNNI512
+        const __m512i bias = _mm512_set1_epi8((char)0x80);
+        const __m512i sel[4] = {pair_sel(0), pair_sel(2), pair_sel(4), pair_sel(6)};
+#else
         const __m256i ones = _mm256_set1_epi16(1);
+#endif
         for (int b = 0; b < nblk; b++) {
             const uint8_t *t = grp + (int64_t)b * Q8_TILE;
             for (int l = 0; l < Q8_TILE; l += 64) _mm_prefetch((const char *)(t + PREFETCH_TILES * Q8_TILE + l), _MM_HINT_T0);
             const __m256 scale = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(t + 256)));
+#ifdef LONGKV_VNNI512
+            /* vpdpbusd multiplies unsigned by signed bytes: the codes + 128 (unsigned) by x, less 128 times the
+             * block's sum of x; exact in 32 bits */
+            __m512i u[4];
+            for (int j = 0; j < 4; j++) u[j] = _mm512_xor_si512(_mm512_loadu_si512((const void *)(t + 64 * j)), bias);
+#endif
             for (int r = 0; r < mr; r++) {
                 const int64_t xb = (int64_t)(m0 + r) * nblk + b;
-                const int8_t *xv = xq + xb * Q4_BLOCK, *av = xa + xb * Q4_BLOCK;
+#ifdef LONGKV_VNNI512
+                const __m512i xw = _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(xq + xb * Q4_BLOCK)));
+                __m512i s16 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u[0], pair_words(xw, sel[0]));
+                for (int j = 1; j < 4; j++) s16 = _mm512_dpbusd_epi32(s16, u[j], pair_words(xw, sel[j]));
+                const __m256i s = _mm256_sub_epi32(fold16(s16), _mm256_set1_epi32(128 * x->isum[xb]));
+#else
+                const int8_t *xv = xq + xb * Q4_BLOCK, *av = x->a + xb * Q4_BLOCK;
                 __m256i s = _mm256_setzero_si256();
                 for (int j = 0; j < 8; j++) {
                     const __m256i codes = _mm256_loadu_si256((const __m256i *)(t + 32 * j));
                     const __m256i p = _mm256_maddubs_epi16(bcast4(av + 4 * j), _mm256_sign_epi8(codes, bcast4(xv + 4 * j)));
                     s = _mm256_add_epi32(s, _mm256_madd_epi16(p, ones));
                 }
+#endif
                 acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(scale, _mm256_set1_ps(xs[xb])), acc[r]);
             }
         }
@@ -884,7 +1069,7 @@ ALWAYS_INLINE void q8_rows(const uint8_t *w, int K, const int8_t *xq, const int8
 
 /* fn(..., mr, ...) with mr a constant 1..MAX_ROWS (MAX_ROWS is 8). */
 #define ROWS_CASE(fn, R) \
-    case R: fn(w, K, xq, xa, xs, xsum, m0, R, g0, g1, N, y_bf16, y); break;
+    case R: fn(w, K, x, m0, R, g0, g1, N, y_bf16, y); break;
 #define ROWS_SWITCH(fn)                                                                                              \
     switch (mr) {                                                                                                    \
         ROWS_CASE(fn, 1) ROWS_CASE(fn, 2) ROWS_CASE(fn, 3) ROWS_CASE(fn, 4) ROWS_CASE(fn, 5) ROWS_CASE(fn, 6)       \
@@ -892,13 +1077,13 @@ ALWAYS_INLINE void q8_rows(const uint8_t *w, int K, const int8_t *xq, const int8
         default: break;                                                                                              \
     }
 
-static void q4_pass(const uint8_t *w, int K, const int8_t *xq, const int8_t *xa, const float *xs, const float *xsum,
-                    int m0, int mr, int64_t g0, int64_t g1, int64_t N, int y_bf16, void *y) {
+static void q4_pass(const uint8_t *w, int K, const CodedX *x, int m0, int mr, int64_t g0, int64_t g1, int64_t N,
+                    int y_bf16, void *y) {
     ROWS_SWITCH(q4_rows)
 }
 
-static void q8_pass(const uint8_t *w, int K, const int8_t *xq, const int8_t *xa, const float *xs, const float *xsum,
-                    int m0, int mr, int64_t g0, int64_t g1, int64_t N, int y_bf16, void *y) {
+static void q8_pass(const uint8_t *w, int K, const CodedX *x, int m0, int mr, int64_t g0, int64_t g1, int64_t N,
+                    int y_bf16, void *y) {
     ROWS_SWITCH(q8_rows)
 }
 
@@ -910,10 +1095,12 @@ static int tiled_linear(int bits, const uint8_t *w, int64_t N, int K, const void
     const int nblk = K / Q4_BLOCK;
     int8_t *xq = malloc(2 * (size_t)M * K);
     float *xs = malloc(sizeof(float) * 2 * (size_t)M * nblk), *row = malloc(sizeof(float) * (size_t)K);
-    if (!xq || !xs || !row) {
+    int32_t *xisum = malloc(sizeof(int32_t) * (size_t)M * nblk);
+    if (!xq || !xs || !row || !xisum) {
         free(xq);
         free(xs);
         free(row);
+        free(xisum);
         return -2;
     }
     int8_t *xa = xq + (size_t)M * K; /* |xq|, for the 8-bit tiles */
@@ -922,22 +1109,50 @@ static int tiled_linear(int bits, const uint8_t *w, int64_t N, int K, const void
         load_row(x, (int64_t)m * K, x_bf16, K, row);
         for (int b = 0; b < nblk; b++) {
             const float *v = row + b * Q4_BLOCK;
+            const int64_t at = ((int64_t)m * nblk + b) * Q4_BLOCK;
+            int32_t isum = 0;
+#ifdef LONGKV_AVX2
+            /* the same arithmetic 8 lanes at a time: cvtps rounds to nearest even, as lrintf does */
+            const __m256 sign = _mm256_set1_ps(-0.0f);
+            __m256 vx[4], mx = _mm256_setzero_ps();
+            for (int j = 0; j < 4; j++) {
+                vx[j] = _mm256_loadu_ps(v + 8 * j);
+                mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, vx[j]));
+            }
+            const float amax = hmax8(mx);
+            const float scale = amax / 127.0f, inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+            const __m256 iv = _mm256_set1_ps(inv);
+            __m256i qi[4], tot = _mm256_setzero_si256();
+            for (int j = 0; j < 4; j++) {
+                qi[j] = _mm256_cvtps_epi32(_mm256_mul_ps(vx[j], iv));
+                tot = _mm256_add_epi32(tot, qi[j]);
+            }
+            /* 32 int32 to 32 int8 in order: the packs work within 128-bit lanes, the permute restores the order */
+            const __m256i q16 = _mm256_packs_epi16(_mm256_packs_epi32(qi[0], qi[1]), _mm256_packs_epi32(qi[2], qi[3]));
+            const __m256i q8 = _mm256_permutevar8x32_epi32(q16, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+            _mm256_storeu_si256((__m256i *)(xq + at), q8);
+            _mm256_storeu_si256((__m256i *)(xa + at), _mm256_abs_epi8(q8));
+            const __m128i t4 = _mm_add_epi32(_mm256_castsi256_si128(tot), _mm256_extracti128_si256(tot, 1));
+            const __m128i t2 = _mm_add_epi32(t4, _mm_shuffle_epi32(t4, 0x4E));
+            isum = _mm_cvtsi128_si32(_mm_add_epi32(t2, _mm_shuffle_epi32(t2, 0xB1)));
+#else
             float amax = 0.0f;
             for (int j = 0; j < Q4_BLOCK; j++) amax = fabsf(v[j]) > amax ? fabsf(v[j]) : amax;
             const float scale = amax / 127.0f, inv = amax > 0.0f ? 127.0f / amax : 0.0f;
-            const int64_t at = ((int64_t)m * nblk + b) * Q4_BLOCK;
-            int32_t isum = 0;
             for (int j = 0; j < Q4_BLOCK; j++) {
                 const int8_t q = (int8_t)lrintf(v[j] * inv);
                 xq[at + j] = q;
                 xa[at + j] = (int8_t)(q < 0 ? -q : q);
                 isum += q;
             }
+#endif
             xs[(int64_t)m * nblk + b] = scale;
             xsum[(int64_t)m * nblk + b] = scale * (float)isum; /* the coded x's sum, for the 4-bit minimums */
+            xisum[(int64_t)m * nblk + b] = isum;
         }
     }
     free(row);
+    const CodedX xc = {xq, xa, xs, xsum, xisum};
     const int64_t G = (N + TILE_ROWS - 1) / TILE_ROWS;
 #ifdef _OPENMP
 #pragma omp parallel for schedule(static)
@@ -947,13 +1162,14 @@ static int tiled_linear(int bits, const uint8_t *w, int64_t N, int K, const void
         for (int m0 = 0; m0 < M; m0 += MAX_ROWS) {
             const int mr = M - m0 < MAX_ROWS ? M - m0 : MAX_ROWS;
             if (bits == 4)
-                q4_pass(w, K, xq, xa, xs, xsum, m0, mr, g0, g1, N, y_bf16, y);
+                q4_pass(w, K, &xc, m0, mr, g0, g1, N, y_bf16, y);
             else
-                q8_pass(w, K, xq, xa, xs, xsum, m0, mr, g0, g1, N, y_bf16, y);
+                q8_pass(w, K, &xc, m0, mr, g0, g1, N, y_bf16, y);
         }
     }
     free(xq);
     free(xs);
+    free(xisum);
     return 0;
 }
 
