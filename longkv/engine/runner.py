@@ -21,6 +21,7 @@ from itertools import accumulate
 
 import torch
 
+from longkv import kernels
 from longkv.attention.dense import attend, attend_decode_batch, attend_segments, in_window
 from longkv.config import EngineConfig
 from longkv.engine.needs import NeedRun
@@ -28,7 +29,7 @@ from longkv.kv.cache import KVCache, LayerKV, page_format
 from longkv.kv.headwise import HeadwiseLayerKV
 from longkv.kv.pool import KVPools, PagePool
 from longkv.kv.quant import Part, drop_front
-from longkv.models.layers import SequenceRotary
+from longkv.models.layers import Linear, SequenceRotary
 from longkv.models.llama import LlamaModel
 from longkv.policies.base import KVPolicy, Observation, SelectionPolicy, SelectionState, SelectPlan
 
@@ -560,6 +561,79 @@ def run_batch(
     (``seq.tokens`` is only extended once the forward has finished).
     """
     assert works
+    out: torch.Tensor | None
+    if _one_call_decode(model, works):
+        if should_stop is not None and should_stop():
+            raise Interrupted  # before any cache was touched
+        with torch.inference_mode():
+            out = _decode_step(model, works)
+    else:
+        out = _forward(model, works, should_stop)
+    with torch.inference_mode():
+        for w in works:
+            w.runner.after_forward(w)
+    res: list[torch.Tensor | None] = []
+    r = 0
+    for w in works:
+        lg = None
+        if w.logits:
+            assert out is not None
+            lg = out[r]
+            r += 1
+        if w.then is not None:
+            with torch.inference_mode():
+                w.then(lg)
+            lg = None
+        res.append(lg)
+    return res
+
+
+def _one_call_decode(model: LlamaModel, works: list[Work]) -> bool:
+    """Whether this batch's forward can be one kernel call (``LlamaModel.decode_step``): every work one
+    decode token, with logits, of a sequence whose policy attends over its pages as they are (no key
+    moves, no queries kept, no selection, no per-head stores), every layer's pages plain ones in the pool's
+    planes (``LayerKV.kernel_runs``)."""
+    if model.decode_layers is None or len(works) > Linear.decode_max_rows:
+        return False
+    for w in works:
+        pol = w.runner.policy
+        if len(w.ids) != 1 or w.attention is not None or not w.logits or not w.keep or w.runner.sliding_layers:
+            return False
+        if pol.per_head or pol.needs_queries or pol.moves_keys or isinstance(pol, SelectionPolicy):
+            return False
+        if any(lkv.kernel_runs(model.dtype) is None for lkv in w.seq.cache.layers):
+            return False
+    return True
+
+
+def _decode_step(model: LlamaModel, works: list[Work]) -> torch.Tensor:
+    """The forward of a decode batch in one kernel call: a slot claimed in every layer of every sequence
+    for its new token (all first: a claim may grow a shared pool's planes), then the kernel's view of each
+    cache; logits (B, V)."""
+    claimed = [[lkv.claim(1) for w in works for lkv in [w.seq.cache[layer]]] for layer in range(model.config.n_layers)]
+    kv: list[int] = []
+    meta: list[int] = []
+    nseg: list[int] = []
+    for layer, slots in enumerate(claimed):
+        for w, slot in zip(works, slots, strict=True):
+            lkv = w.seq.cache[layer]
+            pool = lkv.pool
+            k, v = pool.planes["k"], pool.planes["v"]
+            kv += (k.data_ptr(), v.data_ptr(), pool.pos.data_ptr(), k.stride(0), slot)
+            runs = lkv.kernel_runs(model.dtype)
+            assert runs is not None
+            nseg.append(len(runs))
+            for s, n in runs:
+                meta += kernels.plain_segment(k, v, s, n)
+    dev = model.device
+    ids = torch.tensor([w.ids[0] for w in works], dtype=torch.int64, device=dev)
+    positions = torch.tensor([w.seq.next_position for w in works], dtype=torch.int64, device=dev)
+    return model.decode_step(ids, positions, kv, meta, nseg)
+
+
+def _forward(model: LlamaModel, works: list[Work], should_stop: Callable[[], bool] | None) -> torch.Tensor | None:
+    """The forward of a batch layer by layer, each sequence's attention under its own policy; logits (R, V)
+    of the works that want them, or None."""
     marks = [w.seq.cache.marks() for w in works] if should_stop is not None else []
     # Decoding sequences whose policy hands out read plans attend together (one batched
     # product per layer); the rest (prompt chunks, probes, selection policies) one by one.
@@ -611,20 +685,4 @@ def run_batch(
         for w, m in zip(works, marks, strict=True):
             w.seq.cache.rollback(m)
         raise
-    with torch.inference_mode():
-        for w in works:
-            w.runner.after_forward(w)
-    res: list[torch.Tensor | None] = []
-    r = 0
-    for w in works:
-        lg = None
-        if w.logits:
-            assert out is not None
-            lg = out[r]
-            r += 1
-        if w.then is not None:
-            with torch.inference_mode():
-                w.then(lg)
-            lg = None
-        res.append(lg)
-    return res
+    return out

@@ -12,7 +12,9 @@ The kernels here do one such job in one call, reading the KV pages in place:
 * :func:`block_linear`: a few rows times a matrix in 4-bit or 8-bit blocks laid out in tiles of 8
   output rows (:func:`pack_q4`, :func:`pack_q8`), the decode steps' projections;
 * :func:`attn_in`, :func:`attn_out_mlp`: each half of a decoder layer (norm, projections, RoPE; output
-  projection, norm, SwiGLU) for decode rows in one call.
+  projection, norm, SwiGLU) for decode rows in one call;
+* :class:`DecodeLayers`: a whole decode step through every layer in one call (both halves, the cache
+  writes and decode attention of each layer), for batches whose every layer reads plain pages.
 
 The library is compiled once per machine (``cc -O3 -march=native``, about a second) into
 ``$LONGKV_HOME/kernels/`` under a name that hashes the source, the compiler and the CPU's flags, and
@@ -135,6 +137,9 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     f.restype = None
     f = lib.longkv_kv_write_coded
     f.argtypes = [p, p, p, p, p, p, i64, i64, i64, p, p, i64, i64, p, i64, i64, p, i, i, i, i, i, i]
+    f.restype = ctypes.c_int
+    f = lib.longkv_decode_layers
+    f.argtypes = [i, p, fl, i, i, i, i, i, i, p, p, i, i, p, p, p, p, i, p, p, fl]
     f.restype = ctypes.c_int
     return lib
 
@@ -549,4 +554,80 @@ class AttnOutMlp:
         )
         if rc != 0:
             raise ValueError(f"attn_out_mlp: the kernel refused these sizes (code {rc})")
+        return out
+
+
+KV_WORDS = 5  # per (layer, sequence) in DecodeLayers' kv (KVW in cpu.c)
+
+
+def plain_segment(k_plane: torch.Tensor, v_plane: torch.Tensor, slot: int, n: int) -> tuple[int, ...]:
+    """The decode attention kernel's description of ``n`` tokens at ``slot`` of a pool's (Hkv, S, D) contiguous
+    bfloat16 or float32 planes: what :func:`decode_attention` makes of the views ``plane[:, slot:slot + n]``."""
+    d, es, hs = k_plane.shape[2], k_plane.element_size(), k_plane.stride(0)
+    fmt = _SEG_BF16 if k_plane.dtype == torch.bfloat16 else _SEG_F32
+    return (fmt, k_plane.data_ptr() + slot * d * es, v_plane.data_ptr() + slot * d * es, n, hs, d, hs, d, *_NO_SIDES)
+
+
+class DecodeLayers:
+    """A decode step of B sequences through every decoder layer in one kernel call: per layer the calls of
+    :class:`AttnIn`, a cache append into each sequence's claimed slot, :func:`decode_attention` over each
+    sequence's parts and :class:`AttnOutMlp`, in that order, so the result equals the layer-by-layer path
+    bit for bit; no Python runs between the layers.
+
+    Args:
+        layers: per layer its bound halves (every layer the same heads, head_dim, sizes and RMSNorm epsilon).
+
+    Call with x (B, C) the embeddings (contiguous, bfloat16 or float32; the residual stream afterwards),
+    kv: :data:`KV_WORDS` ints per (layer, sequence), layer-major: key plane, value plane and positions plane
+    pointers, the planes' head stride (elements), the claimed slot (planes of x's dtype, rows contiguous);
+    positions (B,) int64; cos, sin (B, R/2) float32 (one RoPE for every layer); meta: every layer's
+    segments in turn (:func:`plain_segment`, the claimed slots included); nseg: (L x B) segments per layer
+    and sequence. Returns (B, C): the last layer's MLP output (the final norm adds it to x).
+
+    Raises:
+        ValueError: layers that differ in shape, or the kernel refused the sizes.
+    """
+
+    __slots__ = ("_keep", "_lw", "dims", "eps", "layers")
+
+    def __init__(self, layers: list[tuple[AttnIn, AttnOutMlp]]) -> None:
+        if _lib is None or not layers:
+            raise ValueError("DecodeLayers: the kernels are off, or no layers")
+        first_in, first_out = layers[0]
+        eps = first_in._args[2]
+        h, hkv, d, c = first_in.heads, first_in.kv_heads, first_in.head_dim, first_in.size
+        ho, inter = first_out._args[0], first_out._args[10]
+        words: list[int] = []
+        for a, b in layers:
+            norm, w_bf16, e_in, _, bits, qkv, bias, *_ = a._args
+            ho_b, o_bits, o, norm2, n2_bf16, e_out, bits_gu, gu, bits_dn, dn, inter_b = b._args
+            if (a.heads, a.kv_heads, a.head_dim, a.size, b.size, ho_b, inter_b) != (h, hkv, d, c, c, ho, inter) or {e_in, e_out} != {eps}:
+                raise ValueError("DecodeLayers: every layer needs the same heads, sizes and norm epsilon")
+            words += [norm, w_bf16, bits, qkv, bias or 0, o_bits, o, norm2, n2_bf16, bits_gu, gu, bits_dn, dn]
+        if ho != h * d:
+            raise ValueError(f"DecodeLayers: an attention output of {ho} channels for {h} heads of {d}")
+        self.layers = len(layers)
+        self._keep = layers  # the kernel reads their weights through the pointers in _lw
+        self._lw = (ctypes.c_int64 * len(words))(*words)
+        self.eps = eps
+        self.dims = (c, h, hkv, d, inter, ho)
+
+    def __call__(
+        self, x: torch.Tensor, kv: list[int], positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: list[int],
+        nseg: list[int],
+    ) -> torch.Tensor:
+        b = x.shape[0]
+        c, h, hkv, d, inter, ho = self.dims
+        assert x.shape[1] == c and x.is_contiguous() and x.dtype in _ACT_DTYPES and positions.is_contiguous()
+        assert len(kv) == KV_WORDS * self.layers * b and len(nseg) == self.layers * b and cos.dtype == torch.float32
+        out = torch.empty_like(x)
+        rc = _lib.longkv_decode_layers(  # type: ignore[union-attr]
+            self.layers, self._lw, self.eps, c, h, hkv, d, inter, ho, x.data_ptr(), out.data_ptr(), b, int(x.dtype == torch.bfloat16),
+            (ctypes.c_int64 * len(kv))(*kv), positions.data_ptr(), cos.data_ptr(), sin.data_ptr(), 2 * cos.shape[-1],
+            (ctypes.c_int64 * len(meta))(*meta), (ctypes.c_int32 * len(nseg))(*nseg), d**-0.5,
+        )  # fmt: skip
+        if rc == -2:
+            raise MemoryError("decode_layers: out of memory for the kernel's buffers")
+        if rc != 0:
+            raise ValueError(f"decode_layers: the kernel refused these sizes (code {rc})")
         return out

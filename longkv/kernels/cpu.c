@@ -1271,6 +1271,68 @@ int longkv_attn_out_mlp(void *x, const void *o, int Ho, int bits_o, const uint8_
     return rc;
 }
 
+/* int64 words per layer in longkv_decode_layers' lw, and per (layer, sequence) in its kv. */
+#define LW 13
+#define KVW 5
+
+/* A decode step of B sequences through L decoder layers in one call, each layer as the calls one by one
+ * would run it: longkv_attn_in (x += the last layer's output, RMSNorm, q/k/v, RoPE), each sequence's new key
+ * and value written into its slot of the layer's planes, longkv_decode_attention over the parts of every
+ * sequence's cache (those include the slot just written), then longkv_attn_out_mlp.
+ *
+ * x: (B, C) the embeddings in, the residual stream out (before the last layer's output is added); out: (B, C)
+ * the last layer's MLP output. Activations and planes are bfloat16 when bf16, else float32. H, Hkv, D, I, Ho:
+ * the layers' heads, KV heads, head_dim, MLP inner size and attention output width (every layer alike).
+ * lw: LW int64 per layer: attention norm weight, whether it is bfloat16, q/k/v bits, q/k/v tiles, q/k/v bias
+ * (0: none), output projection bits and tiles, MLP norm weight, whether it is bfloat16, gate/up bits and
+ * tiles, down bits and tiles (pointers as integers).
+ * kv: KVW int64 per (layer, sequence), layer-major: key plane, value plane, positions plane (int64), the
+ * planes' head stride in elements, the slot the new token goes to; pos: (B,) the tokens' positions.
+ * cos, sin: (B, R/2) float32, one RoPE for every layer. meta, nseg: every layer's segments in turn, as
+ * longkv_decode_attention takes them (nseg: L x B); scale: the softmax scale.
+ * Returns 0, or the first failing kernel's code (-1 sizes, -2 out of memory). */
+int longkv_decode_layers(int L, const int64_t *lw, float eps, int C, int H, int Hkv, int D, int I, int Ho, void *x, void *out,
+                         int B, int bf16, const int64_t *kv, const int64_t *pos, const float *cos, const float *sin, int R,
+                         const int64_t *meta, const int32_t *nseg, float scale) {
+    const size_t es = bf16 ? 2 : 4, row = (size_t)D * es;
+    if (L <= 0 || B <= 0 || Ho != H * D) return -1;
+    char *qk = malloc(row * (size_t)B * (2 * (size_t)H + 2 * (size_t)Hkv)); /* q and k heads, v heads, attention out */
+    char *o = malloc(row * (size_t)B * (size_t)H);
+    if (!qk || !o) {
+        free(qk);
+        free(o);
+        return -2;
+    }
+    char *v = qk + row * (size_t)B * (H + Hkv), *att = v + row * (size_t)B * Hkv;
+    int rc = 0;
+    for (int l = 0; l < L && rc == 0; l++) {
+        const int64_t *w = lw + (int64_t)LW * l;
+        rc = longkv_attn_in(x, l ? out : NULL, (const void *)(intptr_t)w[0], (int)w[1], eps, B, C, (int)w[2],
+                            (const uint8_t *)(intptr_t)w[3], (const void *)(intptr_t)w[4], H, Hkv, D, cos, sin, R, qk, v, bf16);
+        if (rc != 0) break;
+        for (int b = 0; b < B; b++) { /* the new token's key and value into its slot */
+            const int64_t *s = kv + KVW * ((int64_t)l * B + b), hs = s[3], slot = s[4];
+            for (int g = 0; g < Hkv; g++) {
+                memcpy((char *)(intptr_t)s[0] + (size_t)(g * hs + slot * D) * es, qk + row * ((size_t)(H + g) * B + b), row);
+                memcpy((char *)(intptr_t)s[1] + (size_t)(g * hs + slot * D) * es, v + row * ((size_t)g * B + b), row);
+            }
+            ((int64_t *)(intptr_t)s[2])[slot] = pos[b];
+        }
+        rc = longkv_decode_attention(meta, nseg + (int64_t)l * B, B, qk, att, H, Hkv, D, scale, bf16 << 1);
+        if (rc != 0) break;
+        for (int b = 0; b < B; b++) {
+            meta += META * nseg[(int64_t)l * B + b];
+            for (int h = 0; h < H; h++) memcpy(o + row * ((size_t)b * H + h), att + row * ((size_t)h * B + b), row); /* (H, B, D) -> (B, H D) */
+        }
+        rc = longkv_attn_out_mlp(x, o, Ho, (int)w[5], (const uint8_t *)(intptr_t)w[6], (const void *)(intptr_t)w[7], (int)w[8],
+                                 eps, (int)w[9], (const uint8_t *)(intptr_t)w[10], (int)w[11], (const uint8_t *)(intptr_t)w[12], I,
+                                 B, C, out, bf16);
+    }
+    free(qk);
+    free(o);
+    return rc;
+}
+
 /* Write T tokens into a layer's page planes in place: kd[g, slot + t] = k[g, t] and vd[g, slot + t] = v[g, t]
  * (D elements of es bytes each) for every KV head g < Hkv, and pos_d[slot + t] = pos[t]. The planes' head
  * stride is hs elements; k and v have head strides ks / vs and token strides kt / vt elements, rows

@@ -220,11 +220,7 @@ class LayerKV:
         """
         t = k.shape[1]
         pool = self.pool
-        if pool.multi_ref_pages and self._writes_shared(t):
-            self._cow()  # a reader (a fork, a prefix index) holds a page written next: never write under it
-        if self.n_own + t > self.run_pages * self.page_size:  # grow the own run geometrically
-            self._resize(self.shared_n + max(self.n_own + t, 2 * self.run_pages * self.page_size))
-        a = self.run_start * self.page_size + self.n_own
+        a = self.claim(t)
         dst = slice(a, a + t)
         planes = pool.planes
         if self._plain:
@@ -237,7 +233,22 @@ class LayerKV:
             for name, x in pool.fmt.encode(k, v).items():
                 planes[name][:, dst] = x
             pool.pos[dst] = positions
+
+    def claim(self, t: int) -> int:
+        """Room for ``t`` more tokens at the end, counted in from now on; returns the pool slot of the first
+        (slots ``[slot, slot + t)``, consecutive in the pool's planes).
+
+        What :meth:`append` does before it writes: copy on write where a reader holds the page written
+        next, growth of the own run. The caller writes the tokens' keys, values and positions there
+        before anything reads the cache (a decode step's kernel does, see ``longkv.engine.runner``).
+        """
+        if self.pool.multi_ref_pages and self._writes_shared(t):
+            self._cow()  # a reader (a fork, a prefix index) holds a page written next: never write under it
+        if self.n_own + t > self.run_pages * self.page_size:  # grow the own run geometrically
+            self._resize(self.shared_n + max(self.n_own + t, 2 * self.run_pages * self.page_size))
+        a = self.run_start * self.page_size + self.n_own
         self.n_own += t
+        return a
 
     # ---------------------------------------------------------------- reads
     def _spans(self) -> list[tuple[int, int]]:
@@ -299,6 +310,14 @@ class LayerKV:
             rows = CodedRows(fmt, {name: t[:, s : s + n] for name, t in planes.items()})
             out.append((rows, rows, pos[s : s + n]))
         return out
+
+    def kernel_runs(self, dtype: torch.dtype) -> list[tuple[int, int]] | None:
+        """(first slot, tokens) of every non-empty part, in order, where a decode step's kernel may read and
+        write this cache straight in its pool's planes (pages as computed, of ``dtype``, on the CPU with the
+        kernels built); else None (coded pages, another dtype; stores that keep pages elsewhere)."""
+        if not (self._plain and self._c_write) or self.pool.planes["k"].dtype != dtype:
+            return None
+        return [(s, n) for s, n in self._runs() if n]
 
     def _runs(self) -> list[tuple[int, int]]:
         """(first slot, tokens) of the parts :meth:`segments` returns (the own run even when empty)."""

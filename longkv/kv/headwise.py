@@ -59,6 +59,10 @@ class HeadwiseLayerKV(LayerKV):
         for h in self.heads:
             h.reserve(n_tokens)
 
+    def kernel_runs(self, dtype: torch.dtype) -> list[tuple[int, int]] | None:
+        """None: every head keeps tokens of its own (see :meth:`LayerKV.kernel_runs`)."""
+        return None
+
     def append(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> None:
         """k, v: (Hkv, T, D); the same T tokens go to every head.
 

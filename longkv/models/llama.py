@@ -98,6 +98,8 @@ class LlamaModel:
 
     layers: Sequence[_Layer]  # a family's block may extend _Layer (Gemma 3's four norms)
 
+    decode_layers: kernels.DecodeLayers | None = None  # the one-call decode step, where the model allows it (decode_step)
+
     def __init__(
         self, config: ModelConfig, weights: dict[str, torch.Tensor], decode_weights: str = "none",
         weight_bits: Mapping[str, int] | None = None,
@@ -131,6 +133,15 @@ class LlamaModel:
         self.dtype = self.embed.dtype
         c = config
         self._split = (c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim, c.n_kv_heads * c.head_dim)
+        # A decode step in one kernel call where every layer has both fused halves, one RoPE serves all
+        # and no layer slides (see decode_step); models that change the forward keep theirs.
+        plain = type(self).forward is LlamaModel.forward and type(self)._forward_fused is LlamaModel._forward_fused
+        halves = [(L.fused_in, L.fused_out) for L in self.layers if L.fused_in is not None and L.fused_out is not None]
+        if plain and len(halves) == len(self.layers) and len({id(r) for r in self.ropes}) == 1 and all(s.window is None for s in c.layers):
+            try:
+                self.decode_layers = kernels.DecodeLayers(halves)
+            except ValueError:  # layers of different shapes: decode steps go layer by layer
+                self.decode_layers = None
 
     def forward(
         self,
@@ -222,6 +233,27 @@ class LlamaModel:
         elif logits_at == "last":
             x, pending = x[-1:], pending[-1:]
         return self.lm_head(kernels.add_rms_norm(x, pending, self.norm, c.rms_eps)).float()
+
+    def decode_step(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, kv: list[int], meta: list[int], nseg: list[int]
+    ) -> torch.Tensor:
+        """One decode token for each of B sequences through every layer in one kernel call
+        (:class:`longkv.kernels.DecodeLayers`, present as :attr:`decode_layers` where the model allows it):
+        the same kernels in the same order as :meth:`forward` with a decode batch, so the same logits.
+
+        Args:
+            input_ids, positions: (B,) int64, one token per sequence (B at most ``Linear.decode_max_rows``).
+            kv, meta, nseg: each layer's cache of each sequence as the kernel takes them: the slot claimed
+                for the new token (``LayerKV.claim``) and the parts attention reads, that slot included.
+
+        Returns:
+            logits (B, vocab) float32.
+        """
+        assert self.decode_layers is not None and input_ids.shape[0] <= Linear.decode_max_rows
+        x = F.embedding(input_ids, self.embed)  # (B, hidden)
+        cos, sin = self.ropes[0].cos_sin(positions, torch.float32)
+        out = self.decode_layers(x, kv, positions, cos, sin, meta, nseg)
+        return self.lm_head(kernels.add_rms_norm(x, out, self.norm, self.config.rms_eps)).float()
 
     def _logits(self, x: torch.Tensor, logits_at: Literal["last", "all", "none"] | torch.Tensor) -> torch.Tensor | None:
         c = self.config

@@ -103,6 +103,11 @@ class KVPolicy:
         """
         return None
 
+    @property
+    def moves_keys(self) -> bool:
+        """Whether :meth:`key_positions` may ever move a cached key (then decode reads rotate the keys that move)."""
+        return False
+
     def describe(self) -> str:
         """Short human-readable form, e.g. ``streaming(budget=4096, sinks=4)``; the codec when not ``none``."""
         return self.name if self.kv_quant == "none" else f"{self.name}(kv_quant={self.kv_quant})"
@@ -270,6 +275,10 @@ class EvictionPolicy(KVPolicy, ABC):
         keep = self.select(layer, cache, queries, self.layer_budget(layer))
         if keep is not None:
             cache.keep(keep)
+
+    @property
+    def moves_keys(self) -> bool:
+        return self._contiguous
 
     def key_positions(self, positions: torch.Tensor) -> torch.Tensor | None:
         if not self._contiguous:

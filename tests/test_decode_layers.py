@@ -1,0 +1,111 @@
+"""A decode step in one kernel call (``LlamaModel.decode_step``, ``kernels.DecodeLayers``): the same logits as
+the layer-by-layer forward, bit for bit, and taken only where a batch's every sequence reads plain pages."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from longkv import LLM, kernels
+from longkv.engine.runner import Runner, Sequence, Work, run_batch
+from longkv.policies import make_policy
+
+needs_cc = pytest.mark.skipif(not kernels.available(), reason="longkv's CPU kernels are not built here (no C compiler)")
+
+
+def batch_logits(llm: LLM, one_call: bool, monkeypatch: pytest.MonkeyPatch, prompts: list[list[int]], steps: int,
+                 policy: str = "dense", fork: bool = True) -> tuple[torch.Tensor, int]:  # fmt: skip
+    """Greedy decode of every prompt in one batch (plus a fork of the first sequence, whose pages it shares
+    with it), ``steps`` steps; the logits of every step (steps, B, V) and how many steps took one call."""
+    model = llm.model
+    calls = 0
+    real = model.decode_step
+
+    def spy(*a: object, **kw: object) -> torch.Tensor:
+        nonlocal calls
+        calls += 1
+        return real(*a, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(model, "decode_step", spy)
+    if not one_call:
+        monkeypatch.setattr(model, "decode_layers", None)
+    runner = Runner(model, make_policy(policy), llm.engine_config)
+    seqs: list[Sequence] = []
+    last: list[int] = []
+    for p in prompts:
+        seq = runner.new_sequence()
+        last.append(int(runner.prefill(seq, p).argmax()))
+        seqs.append(seq)
+    if fork:
+        seqs.append(Sequence(seqs[0].cache.fork(), list(seqs[0].tokens)))
+        last.append(last[0] + 1)  # another token after the same prefix
+    out = []
+    for _ in range(steps):
+        logits = run_batch(model, [Work(runner, s, [t], decode=True) for s, t in zip(seqs, last, strict=True)])
+        out.append(torch.stack([lg for lg in logits if lg is not None]))
+        last = [int(lg.argmax()) for lg in out[-1]]
+    monkeypatch.undo()
+    if policy == "dense":  # every key kept, at its position: the kernel wrote the positions too
+        for seq in seqs:
+            assert all(torch.equal(lkv.positions(), torch.arange(len(seq.tokens))) for lkv in seq.cache.layers)
+    return torch.stack(out), calls
+
+
+@needs_cc
+def test_one_call_decode_equals_the_layer_by_layer_forward(smollm2_bf16: LLM, book_text: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Three sequences (one a fork sharing the first one's pages: two parts, copy on write at its first
+    append) over 20 steps, pages filling and new ones taken on the way: equal logits."""
+    llm = smollm2_bf16
+    assert llm.model.decode_layers is not None  # SmolLM2: every layer has both fused halves
+    ids = llm.encode(book_text[:6000])
+    prompts = [ids[:150], ids[300:350]]  # 150 + 20 crosses a 64-token page; 50 + 20 too
+    fast, calls = batch_logits(llm, True, monkeypatch, prompts, 20)
+    slow, none = batch_logits(llm, False, monkeypatch, prompts, 20)
+    assert calls == 20 and none == 0
+    assert fast.shape == (20, 3, llm.config.vocab_size)
+    assert torch.equal(fast, slow)
+    single, calls = batch_logits(llm, True, monkeypatch, [ids[:100]], 5, fork=False)  # a batch of one
+    alone, _ = batch_logits(llm, False, monkeypatch, [ids[:100]], 5, fork=False)
+    assert calls == 5 and torch.equal(single, alone)
+
+
+@needs_cc
+def test_one_call_decode_with_qkv_biases_equals_the_layer_by_layer_forward(tiny_qwen2: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Qwen2 (q/k/v biases, head_dim 16) with int8 decode weights, in float32 and bfloat16."""
+    for dtype in ("float32", "bfloat16"):
+        llm = LLM(model=tiny_qwen2, dtype=dtype, weights="int8")
+        assert llm.model.decode_layers is not None
+        prompts = [[5, 9, 33, 2, 7] * 14, [11, 12, 13] * 9]
+        fast, calls = batch_logits(llm, True, monkeypatch, prompts, 8)
+        slow, _ = batch_logits(llm, False, monkeypatch, prompts, 8)
+        assert calls == 8 and torch.equal(fast, slow), dtype
+
+
+@needs_cc
+@pytest.mark.parametrize(
+    ("policy", "one_call"),
+    [
+        ("streaming:budget=96,positions=original", True),  # evicts every few steps; no key moves: the kernel reads what is left
+        ("dense:kv_quant=int8", False),  # coded pages
+        ("snapkv:budget=96", False),  # keeps queries for its evictions
+        ("streaming:budget=96", False),  # contiguous positions: keys move
+    ],
+)
+def test_the_one_call_step_only_where_the_pages_are_read_as_they_are(smollm2_bf16: LLM, book_text: str, policy: str, one_call: bool,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """Taken or not as the policy and pages allow; the same logits as with it switched off either way."""
+    llm = smollm2_bf16
+    ids = llm.encode(book_text[:3000])
+    prompts = [ids[:120], ids[200:260]]
+    got, calls = batch_logits(llm, True, monkeypatch, prompts, 12, policy, fork=False)
+    want, _ = batch_logits(llm, False, monkeypatch, prompts, 12, policy, fork=False)
+    assert calls == (12 if one_call else 0)
+    assert torch.equal(got, want)
+
+
+@needs_cc
+def test_models_whose_layers_differ_keep_the_layer_by_layer_step(gemma3_path: Path) -> None:
+    """Gemma 3: sliding layers and a forward of its own, so no one-call step."""
+    assert LLM(model=gemma3_path).model.decode_layers is None
