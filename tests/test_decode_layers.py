@@ -4,13 +4,14 @@ the layer-by-layer forward, bit for bit, and taken only where a batch's every se
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
 from longkv import LLM, kernels
 from longkv.engine.runner import Runner, Sequence, Work, run_batch
-from longkv.policies import make_policy
+from longkv.policies import BlockTopKPolicy, make_policy
 
 needs_cc = pytest.mark.skipif(not kernels.available(), reason="longkv's CPU kernels are not built here (no C compiler)")
 
@@ -109,3 +110,47 @@ def test_the_one_call_step_only_where_the_pages_are_read_as_they_are(smollm2_bf1
 def test_models_whose_layers_differ_keep_the_layer_by_layer_step(gemma3_path: Path) -> None:
     """Gemma 3: sliding layers and a forward of its own, so no one-call step."""
     assert LLM(model=gemma3_path).model.decode_layers is None
+
+
+@needs_cc
+@pytest.mark.parametrize(("tokens", "selects"), [(1500, False), (4000, True)])
+def test_block_topk_decode_takes_one_call_over_its_prefix_and_window(smollm2_bf16: LLM, book_text: str, tokens: int, selects: bool,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """block_topk's answer: read densely (a prompt within its span), or over the re-encoded pages (rotated to where
+    the window sees them) then the window from the anchor: one kernel call per step, the answer the
+    layer-by-layer path gives."""
+    llm = smollm2_bf16
+    doc = llm.tokenizer.decode(llm.encode(book_text)[:tokens])
+    question = "Where did Alice fall? Answer in one sentence."
+
+    starts: list[int] = []  # where each one-call read of the cache starts (0: dense; the anchor after a selection)
+    parts_of = BlockTopKPolicy.in_place_parts
+
+    def parts_spy(self: BlockTopKPolicy, *a: Any) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], int]:
+        parts, start = parts_of(self, *a)
+        starts.append(start)
+        assert len(parts) == (1 if start else 0)
+        return parts, start
+
+    def answer(one_call: bool) -> tuple[list[int], int]:
+        calls = 0
+        real = llm.model.decode_step
+
+        def spy(*a: object, **kw: object) -> torch.Tensor:
+            nonlocal calls
+            calls += 1
+            return real(*a, **kw)  # type: ignore[arg-type]
+
+        with monkeypatch.context() as m:
+            m.setattr(llm.model, "decode_step", spy)
+            m.setattr(BlockTopKPolicy, "in_place_parts", parts_spy)
+            if not one_call:
+                m.setattr(llm.model, "decode_layers", None)
+            g = llm.ask(doc, question, max_new_tokens=16, policy="block_topk", ignore_eos=True)
+        return g.token_ids, calls
+
+    fast, calls = answer(True)
+    slow, none = answer(False)
+    assert calls == 15 and none == 0  # every step after the first token
+    assert len(starts) == 15 * llm.config.n_layers and (min(starts) > 0 if selects else max(starts) == 0)
+    assert fast == slow

@@ -21,7 +21,7 @@ from test_server import MODEL_ID, smollm2_path  # noqa: E402
 
 from longkv.server.launch import ServerProcess  # noqa: E402
 
-EXAMPLES = 30
+EXAMPLES = 30  # derandomized: the same examples every run, so a pass or a failure repeats
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +53,7 @@ def test_no_input_makes_a_server_error(fuzz_server: ServerProcess, mode: str) ->
             strategy = strategy.map(served_model)  # else nearly every case stops at "unknown model"
 
         @given(case=strategy)
-        @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+        @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), database=None, derandomize=True)
         def call(case) -> None:  # type: ignore[no-untyped-def]
             response = case.call_and_validate(checks=[not_a_server_error], timeout=120)
             statuses[(case.operation.path, response.status_code)] += 1

@@ -97,8 +97,9 @@ def attend_pages(
             kept selection anchors it where the selection was made, so no page
             falls between the selected ones and the window while the answer grows.
         prefix: keys, values (Hkv, P, D) and original positions (P,) of the sink
-            pages + selected pages re-encoded together (keys rotated at 0..P-1);
-            used instead of the cached ones when given (see ``BlockTopKPolicy.reencode``).
+            pages + selected pages re-encoded together, the keys rotated to the positions
+            they are seen at, just before the window (``BlockTopKPolicy.seen_prefix``); used
+            instead of the cached ones when given (see ``BlockTopKPolicy.reencode``).
 
     Returns:
         (H, T, D) in q's dtype. With ``pages`` covering every candidate page the
@@ -116,10 +117,7 @@ def attend_pages(
     last = int(wpos[-1])
     if prefix is not None:
         pk, pv, ppos = prefix
-        m = pk.shape[1] + n - w0
-        shift = torch.full((pk.shape[1],), last - m + 1, dtype=torch.int64, device=q.device)  # 0..P-1 -> assigned
-        keys = torch.cat((rope.rotate(pk, shift), wk), dim=1)
-        return attend(q, keys, torch.cat((pv, wv), dim=1), q_pos, torch.cat((ppos, wpos)))
+        return attend(q, torch.cat((pk, wk), dim=1), torch.cat((pv, wv), dim=1), q_pos, torch.cat((ppos, wpos)))
     if pages is not None and pages.shape[0] > 1:
         return _attend_per_head(q, lkv, q_pos, rope, sink_tokens, pages, w0)
     sk, sv, spos = lkv.read(0, sink_tokens)

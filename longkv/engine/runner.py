@@ -591,17 +591,21 @@ def run_batch(
 def _one_call_decode(model: LlamaModel, works: list[Work]) -> bool:
     """Whether this batch's forward can be one kernel call (``LlamaModel.decode_step``): every work one
     decode token, with logits, of a sequence whose policy attends over its pages as they are (no key
-    moves, no queries kept, no selection, no per-head stores), every layer's pages plain ones in the pool's
-    planes (``LayerKV.kernel_runs``)."""
+    moves, no queries kept, no per-head stores; a selection policy where its read is parts read in place,
+    ``SelectionPolicy.reads_in_place``), every layer's pages plain ones in the pool's planes
+    (``LayerKV.kernel_runs``)."""
     if model.decode_layers is None or len(works) > Linear.decode_max_rows:
         return False
     for w in works:
         pol = w.runner.policy
         if len(w.ids) != 1 or w.attention is not None or not w.logits or not w.keep or w.runner.sliding_layers:
             return False
-        if pol.per_head or pol.needs_queries or pol.moves_keys or isinstance(pol, SelectionPolicy):
+        if pol.per_head or pol.needs_queries or pol.moves_keys:
             return False
-        if any(lkv.kernel_runs(model.dtype) is None for lkv in w.seq.cache.layers):
+        layers = w.seq.cache.layers
+        if any(lkv.kernel_runs(model.dtype) is None for lkv in layers):
+            return False
+        if isinstance(pol, SelectionPolicy) and not all(pol.reads_in_place(w.seq.selection, i, lkv) for i, lkv in enumerate(layers)):
             return False
     return True
 
@@ -620,9 +624,15 @@ def _decode_step(model: LlamaModel, works: list[Work]) -> torch.Tensor:
             pool = lkv.pool
             k, v = pool.planes["k"], pool.planes["v"]
             kv += (k.data_ptr(), v.data_ptr(), pool.pos.data_ptr(), k.stride(0), slot)
-            runs = lkv.kernel_runs(model.dtype)
+            pol, start = w.runner.policy, 0
+            parts: list[tuple[torch.Tensor, torch.Tensor]] = []
+            if isinstance(pol, SelectionPolicy):  # e.g. block_topk's re-encoded pages, then its window
+                parts, start = pol.in_place_parts(w.seq.selection, layer, lkv, w.runner.ropes[layer], w.seq.next_position)
+            runs = lkv.kernel_runs(model.dtype, start)
             assert runs is not None
-            nseg.append(len(runs))
+            nseg.append(len(parts) + len(runs))
+            for pk, pv in parts:
+                meta += kernels.segment(pk, pv)
             for s, n in runs:
                 meta += kernels.plain_segment(k, v, s, n)
     dev = model.device

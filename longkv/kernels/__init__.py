@@ -178,7 +178,7 @@ def supports(q: torch.Tensor, k: Any) -> bool:
     return t == 1 and kind and d <= MAX_HEAD_DIM and hkv > 0 and h % hkv == 0 and h // hkv <= MAX_GROUP and available()
 
 
-def _segment(k: Any, v: Any) -> tuple[int, ...]:
+def segment(k: Any, v: Any) -> tuple[int, ...]:
     """The kernel's description of one part (see ``longkv_decode_attention``): format, pointers, strides."""
     if _reads_codes(k):
         p = k.planes
@@ -228,7 +228,7 @@ def decode_attention(q: torch.Tensor, plans: list[list[tuple[Any, Any]]], scale:
         for k, v in parts:
             if k.shape[1] == 0:
                 continue
-            meta += _segment(k, v)
+            meta += segment(k, v)
             hkv = k.shape[0]
             count += 1
         nseg.append(count)

@@ -311,13 +311,21 @@ class LayerKV:
             out.append((rows, rows, pos[s : s + n]))
         return out
 
-    def kernel_runs(self, dtype: torch.dtype) -> list[tuple[int, int]] | None:
-        """(first slot, tokens) of every non-empty part, in order, where a decode step's kernel may read and
-        write this cache straight in its pool's planes (pages as computed, of ``dtype``, on the CPU with the
-        kernels built); else None (coded pages, another dtype; stores that keep pages elsewhere)."""
+    def kernel_runs(self, dtype: torch.dtype, start: int = 0) -> list[tuple[int, int]] | None:
+        """(first slot, tokens) of the cached tokens ``[start, n)`` as runs of consecutive slots, in order,
+        where a decode step's kernel may read and write this cache straight in its pool's planes (pages as
+        computed, of ``dtype``, on the CPU with the kernels built); else None (coded pages, another dtype;
+        stores that keep pages elsewhere)."""
         if not (self._plain and self._c_write) or self.pool.planes["k"].dtype != dtype:
             return None
-        return [(s, n) for s, n in self._runs() if n]
+        out: list[tuple[int, int]] = []
+        at = 0
+        for s, n in self._runs():
+            skip = min(max(start - at, 0), n)
+            if n > skip:
+                out.append((s + skip, n - skip))
+            at += n
+        return out
 
     def _runs(self) -> list[tuple[int, int]]:
         """(first slot, tokens) of the parts :meth:`segments` returns (the own run even when empty)."""

@@ -59,7 +59,7 @@ class HeadwiseLayerKV(LayerKV):
         for h in self.heads:
             h.reserve(n_tokens)
 
-    def kernel_runs(self, dtype: torch.dtype) -> list[tuple[int, int]] | None:
+    def kernel_runs(self, dtype: torch.dtype, start: int = 0) -> list[tuple[int, int]] | None:
         """None: every head keeps tokens of its own (see :meth:`LayerKV.kernel_runs`)."""
         return None
 

@@ -407,7 +407,7 @@ class TieredLayerKV(LayerKV):
         """:meth:`segments` (cold pages are decoded as they are assembled)."""
         return list(self.segments())
 
-    def kernel_runs(self, dtype: torch.dtype) -> list[tuple[int, int]] | None:
+    def kernel_runs(self, dtype: torch.dtype, start: int = 0) -> list[tuple[int, int]] | None:
         """None: cold pages are not in the pool's planes (see :meth:`LayerKV.kernel_runs`)."""
         return None
 

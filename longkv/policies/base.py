@@ -569,3 +569,14 @@ class SelectionPolicy(KVPolicy, ABC):
         self, state: Any, layer: int, q: torch.Tensor, lkv: LayerKV, q_pos: torch.Tensor, rope: Any
     ) -> torch.Tensor:
         """Attention output (H, T, D) of T queries (H, T, D) whose keys are already appended to ``lkv``."""
+
+    def reads_in_place(self, state: Any, layer: int, lkv: LayerKV) -> bool:
+        """Whether the next decode token's read of ``layer`` is parts a kernel can read in place
+        (:meth:`in_place_parts`), so the step can run in one call (see ``longkv.engine.runner``). No by default."""
+        return False
+
+    def in_place_parts(self, state: Any, layer: int, lkv: LayerKV, rope: Any, position: int) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], int]:
+        """Where :meth:`reads_in_place`, once the new token at ``position`` has its slot in ``lkv``: the parts it
+        reads before the cache's own tokens, keys (Hkv, P, D) rotated to where they are seen and values (rows
+        contiguous), and the first cached token it reads from there to the end. The same attention as :meth:`attend`."""
+        raise NotImplementedError(f"{type(self).__name__} reads nothing in place")

@@ -39,7 +39,7 @@ answer better than many (distractor pages): see docs/sparse.md.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -79,6 +79,8 @@ class BlockTopKState(SelectionState):
             each verified page, in the order of ``first_score`` (best first).
         prefix: per layer, the sink pages + selected pages re-encoded together:
             keys, values (Hkv, P, D) (keys rotated at 0..P-1), original positions (P,).
+        seen: per layer, a prefix's keys rotated to where the window sees them: (the prefix's
+            keys, the shift, the rotated keys) (see ``BlockTopKPolicy.seen_prefix``).
         anchor: window start when the selection was made (None: no selection).
         max_local: most tokens the local window may hold before it slides
             (``window + page_size + block``, the block term of the validated span).
@@ -102,6 +104,7 @@ class BlockTopKState(SelectionState):
     first_score: torch.Tensor | None = None
     confidence: torch.Tensor | None = None
     prefix: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
+    seen: dict[int, tuple[torch.Tensor, int, torch.Tensor]] = field(default_factory=dict)
 
 
 @dataclass
@@ -370,6 +373,7 @@ class BlockTopKPolicy(SelectionPolicy):
         state.pages = [None] * len(state.pages)
         state.anchor = None
         state.prefix = None
+        state.seen = {}
         # A prompt no longer than what block_topk would attend to anyway (its span) is read
         # densely: nothing would be left out, and selection would only add its fixed cost.
         state.dense = 0 < n_tokens <= state.dense_upto
@@ -401,8 +405,43 @@ class BlockTopKPolicy(SelectionPolicy):
         elif state.anchor is not None and lkv.n - state.anchor <= state.max_local:
             w0 = state.anchor  # the window grows from where the pages were chosen: no page falls between
             if state.prefix is not None:
-                return attend_pages(q, lkv, q_pos, rope, sinks, self.window, pages, w0, state.prefix[layer])
+                _, pv, ppos = state.prefix[layer]
+                keys = self.seen_prefix(state, layer, lkv.n, int(q_pos[-1]), rope)
+                return attend_pages(q, lkv, q_pos, rope, sinks, self.window, pages, w0, (keys, pv, ppos))
         return attend_pages(q, lkv, q_pos, rope, sinks, self.window, pages, w0)
+
+    def seen_prefix(self, state: BlockTopKState, layer: int, n: int, last: int, rope: Rotary) -> torch.Tensor:
+        """The re-encoded prefix's keys of ``layer`` (rotated at 0..P-1) rotated to where the window's queries
+        see them: the P positions just before the window ``state.anchor .. n`` whose newest token is at
+        ``last``. The shift stays the same while the answer grows (``last`` and ``n`` advance together),
+        so the rotated keys are kept per layer and rotated again only when it changes."""
+        assert state.prefix is not None and state.anchor is not None
+        pk = state.prefix[layer][0]
+        shift = last - (pk.shape[1] + n - state.anchor) + 1  # 0..P-1 -> the positions assigned to them
+        kept = state.seen.get(layer)
+        if kept is None or kept[0] is not pk or kept[1] != shift:
+            kept = (pk, shift, rope.rotate(pk, torch.full((pk.shape[1],), shift, dtype=torch.int64, device=pk.device)))
+            state.seen[layer] = kept
+        return kept[2]
+
+    def reads_in_place(self, state: BlockTopKState, layer: int, lkv: LayerKV) -> bool:
+        """A dense read, or a kept selection whose window has room, over the re-encoded prefix (see :meth:`attend`)."""
+        n = lkv.n + 1  # with the next token
+        if state.dense and n <= state.max_position:
+            return True
+        pages = state.pages[layer]
+        return (self.keep_selection and state.prefix is not None and pages is not None and pages.numel() > 0
+                and state.anchor is not None and n - state.anchor <= state.max_local)  # fmt: skip
+
+    def in_place_parts(
+        self, state: BlockTopKState, layer: int, lkv: LayerKV, rope: Rotary, position: int
+    ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], int]:
+        """Dense: every cached token. A kept selection: the re-encoded prefix where the window sees it, then
+        the window from ``state.anchor`` (see :meth:`attend`)."""
+        if state.dense and lkv.n <= state.max_position:
+            return [], 0
+        assert state.prefix is not None and state.anchor is not None
+        return [(self.seen_prefix(state, layer, lkv.n, position, rope), state.prefix[layer][1])], state.anchor
 
     def _scores(
         self, state: BlockTopKState, layer: int, q: torch.Tensor, lkv: LayerKV, n_before: int, rope: Rotary
@@ -448,7 +487,7 @@ class BlockTopKPolicy(SelectionPolicy):
         ps = g0.page_size
         sinks = self.sink_tokens(ps)
         cand = candidate_pages(n0, sinks, self.window, ps, g0.device)
-        state.candidates, state.z, state.score, state.prefix = cand, None, None, None
+        state.candidates, state.z, state.score, state.prefix, state.seen = cand, None, None, None, {}
         state.first_score = state.confidence = None
         topk = self.k(model)
         if cand.numel() == 0 or topk == 0 or not shaped:
