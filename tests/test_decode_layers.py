@@ -89,14 +89,16 @@ def test_one_call_decode_with_qkv_biases_equals_the_layer_by_layer_forward(tiny_
     ("policy", "one_call"),
     [
         ("streaming:budget=96,positions=original", True),  # evicts every few steps; no key moves: the kernel reads what is left
-        ("dense:kv_quant=int8", False),  # coded pages
+        ("dense:kv_quant=int8", True),  # int8 codes: coded on the way in, read as codes
+        ("dense:kv_quant=int4", False),  # int4 codes: decoded before attention
         ("snapkv:budget=96", False),  # keeps queries for its evictions
         ("streaming:budget=96", False),  # contiguous positions: keys move
     ],
 )
 def test_the_one_call_step_only_where_the_pages_are_read_as_they_are(smollm2_bf16: LLM, book_text: str, policy: str, one_call: bool,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
-    """Taken or not as the policy and pages allow; the same logits as with it switched off either way."""
+    """Taken or not as the policy and pages allow; the same logits as with it switched off either way (int8
+    pages: the same codes written, the same kernel reading them)."""
     llm = smollm2_bf16
     ids = llm.encode(book_text[:3000])
     prompts = [ids[:120], ids[200:260]]

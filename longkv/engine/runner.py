@@ -28,7 +28,7 @@ from longkv.engine.needs import NeedRun
 from longkv.kv.cache import KVCache, LayerKV, page_format
 from longkv.kv.headwise import HeadwiseLayerKV
 from longkv.kv.pool import KVPools, PagePool
-from longkv.kv.quant import Part, drop_front
+from longkv.kv.quant import CodedFormat, Part, drop_front
 from longkv.models.layers import Linear, SequenceRotary
 from longkv.models.llama import LlamaModel
 from longkv.policies.base import KVPolicy, Observation, SelectionPolicy, SelectionState, SelectPlan
@@ -592,7 +592,7 @@ def _one_call_decode(model: LlamaModel, works: list[Work]) -> bool:
     """Whether this batch's forward can be one kernel call (``LlamaModel.decode_step``): every work one
     decode token, with logits, of a sequence whose policy attends over its pages as they are (no key
     moves, no queries kept, no per-head stores; a selection policy where its read is parts read in place,
-    ``SelectionPolicy.reads_in_place``), every layer's pages plain ones in the pool's planes
+    ``SelectionPolicy.reads_in_place``), every layer's pages plain ones or int8 codes in the pool's planes
     (``LayerKV.kernel_runs``)."""
     if model.decode_layers is None or len(works) > Linear.decode_max_rows:
         return False
@@ -622,8 +622,9 @@ def _decode_step(model: LlamaModel, works: list[Work]) -> torch.Tensor:
         for w, slot in zip(works, slots, strict=True):
             lkv = w.seq.cache[layer]
             pool = lkv.pool
-            k, v = pool.planes["k"], pool.planes["v"]
-            kv += (k.data_ptr(), v.data_ptr(), pool.pos.data_ptr(), k.stride(0), slot)
+            planes, fmt = pool.planes, pool.fmt
+            bits, group = (fmt.bits, fmt.group) if isinstance(fmt, CodedFormat) else (0, 0)
+            kv += kernels.kv_words(planes, pool.pos, slot, bits, group)
             pol, start = w.runner.policy, 0
             parts: list[tuple[torch.Tensor, torch.Tensor]] = []
             if isinstance(pol, SelectionPolicy):  # e.g. block_topk's re-encoded pages, then its window
@@ -634,7 +635,7 @@ def _decode_step(model: LlamaModel, works: list[Work]) -> torch.Tensor:
             for pk, pv in parts:
                 meta += kernels.segment(pk, pv)
             for s, n in runs:
-                meta += kernels.plain_segment(k, v, s, n)
+                meta += kernels.coded_segment(planes, s, n, group) if bits else kernels.plain_segment(planes["k"], planes["v"], s, n)
     dev = model.device
     ids = torch.tensor([w.ids[0] for w in works], dtype=torch.int64, device=dev)
     positions = torch.tensor([w.seq.next_position for w in works], dtype=torch.int64, device=dev)

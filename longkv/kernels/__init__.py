@@ -557,7 +557,7 @@ class AttnOutMlp:
         return out
 
 
-KV_WORDS = 5  # per (layer, sequence) in DecodeLayers' kv (KVW in cpu.c)
+KV_WORDS = 12  # per (layer, sequence) in DecodeLayers' kv (KVW in cpu.c)
 
 
 def plain_segment(k_plane: torch.Tensor, v_plane: torch.Tensor, slot: int, n: int) -> tuple[int, ...]:
@@ -566,6 +566,28 @@ def plain_segment(k_plane: torch.Tensor, v_plane: torch.Tensor, slot: int, n: in
     d, es, hs = k_plane.shape[2], k_plane.element_size(), k_plane.stride(0)
     fmt = _SEG_BF16 if k_plane.dtype == torch.bfloat16 else _SEG_F32
     return (fmt, k_plane.data_ptr() + slot * d * es, v_plane.data_ptr() + slot * d * es, n, hs, d, hs, d, *_NO_SIDES)
+
+
+def coded_segment(planes: dict[str, torch.Tensor], slot: int, n: int, group: int) -> tuple[int, ...]:
+    """:func:`plain_segment` for a pool of int8 codes (``longkv.kv.quant.CodedFormat`` planes, contiguous): what
+    :func:`decode_attention` makes of ``CodedRows`` over the slots ``[slot, slot + n)``."""
+    kc, vc = planes["k"], planes["v"]
+    side = planes["k_step"]
+    cs, ss = kc.stride(1), side.stride(1)  # bytes of codes and float16 values per slot
+    return (_SEG_INT8, kc.data_ptr() + slot * cs, vc.data_ptr() + slot * cs, n, kc.stride(0), cs, vc.stride(0), vc.stride(1),
+            *(planes[name].data_ptr() + 2 * slot * ss for name in ("k_step", "k_min", "v_step", "v_min")), side.stride(0), ss,
+            group)  # fmt: skip
+
+
+def kv_words(planes: dict[str, torch.Tensor], pos_plane: torch.Tensor, slot: int, bits: int, group: int) -> tuple[int, ...]:
+    """:class:`DecodeLayers`' :data:`KV_WORDS` for the new token's ``slot`` in a pool's planes: keys and values as
+    computed (``bits=0``) or int8 codes (``bits=8``, coded on the way in, ``group`` values per step and minimum)."""
+    k, v = planes["k"], planes["v"]
+    head = (bits, k.data_ptr(), v.data_ptr(), pos_plane.data_ptr(), k.stride(0), slot)
+    if not bits:
+        return (*head, 0, 0, 0, 0, 0, 0)
+    side = planes["k_step"]
+    return (*head, *(planes[n].data_ptr() for n in ("k_step", "k_min", "v_step", "v_min")), side.stride(0), group)
 
 
 class DecodeLayers:
@@ -578,11 +600,11 @@ class DecodeLayers:
         layers: per layer its bound halves (every layer the same heads, head_dim, sizes and RMSNorm epsilon).
 
     Call with x (B, C) the embeddings (contiguous, bfloat16 or float32; the residual stream afterwards),
-    kv: :data:`KV_WORDS` ints per (layer, sequence), layer-major: key plane, value plane and positions plane
-    pointers, the planes' head stride (elements), the claimed slot (planes of x's dtype, rows contiguous);
-    positions (B,) int64; cos, sin (B, R/2) float32 (one RoPE for every layer); meta: every layer's
-    segments in turn (:func:`plain_segment`, the claimed slots included); nseg: (L x B) segments per layer
-    and sequence. Returns (B, C): the last layer's MLP output (the final norm adds it to x).
+    kv: :data:`KV_WORDS` ints per (layer, sequence), layer-major (:func:`kv_words`: where the new token's
+    key, value and position go, planes of x's dtype or int8 codes); positions (B,) int64; cos, sin (B, R/2)
+    float32 (one RoPE for every layer); meta: every layer's segments in turn (:func:`plain_segment`,
+    :func:`coded_segment`, the claimed slots included); nseg: (L x B) segments per layer and sequence.
+    Returns (B, C): the last layer's MLP output (the final norm adds it to x).
 
     Raises:
         ValueError: layers that differ in shape, or the kernel refused the sizes.

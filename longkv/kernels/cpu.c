@@ -1271,9 +1271,14 @@ int longkv_attn_out_mlp(void *x, const void *o, int Ho, int bits_o, const uint8_
     return rc;
 }
 
+int longkv_kv_write_coded(uint8_t *kc, uint8_t *vc, uint16_t *k_step, uint16_t *k_min, uint16_t *v_step, uint16_t *v_min,
+                          int64_t chs, int64_t shs, int64_t slot, int64_t *pos_d, const void *k, int64_t ks, int64_t kt,
+                          const void *v, int64_t vs, int64_t vt, const int64_t *pos, int Hkv, int T, int D, int group, int bits,
+                          int bf16);
+
 /* int64 words per layer in longkv_decode_layers' lw, and per (layer, sequence) in its kv. */
 #define LW 13
-#define KVW 5
+#define KVW 12
 
 /* A decode step of B sequences through L decoder layers in one call, each layer as the calls one by one
  * would run it: longkv_attn_in (x += the last layer's output, RMSNorm, q/k/v, RoPE), each sequence's new key
@@ -1286,8 +1291,11 @@ int longkv_attn_out_mlp(void *x, const void *o, int Ho, int bits_o, const uint8_
  * lw: LW int64 per layer: attention norm weight, whether it is bfloat16, q/k/v bits, q/k/v tiles, q/k/v bias
  * (0: none), output projection bits and tiles, MLP norm weight, whether it is bfloat16, gate/up bits and
  * tiles, down bits and tiles (pointers as integers).
- * kv: KVW int64 per (layer, sequence), layer-major: key plane, value plane, positions plane (int64), the
- * planes' head stride in elements, the slot the new token goes to; pos: (B,) the tokens' positions.
+ * kv: KVW int64 per (layer, sequence), layer-major: the pages' bits (0: keys and values as computed, 8: int8
+ * codes), key plane, value plane, positions plane (int64), the planes' head stride (elements; for codes,
+ * bytes), the slot the new token goes to; for codes also the key step, key minimum, value step and value
+ * minimum planes (float16), their head stride and the codes per group (longkv_kv_write_coded); else zeros.
+ * pos: (B,) the tokens' positions.
  * cos, sin: (B, R/2) float32, one RoPE for every layer. meta, nseg: every layer's segments in turn, as
  * longkv_decode_attention takes them (nseg: L x B); scale: the softmax scale.
  * Returns 0, or the first failing kernel's code (-1 sizes, -2 out of memory). */
@@ -1310,14 +1318,23 @@ int longkv_decode_layers(int L, const int64_t *lw, float eps, int C, int H, int 
         rc = longkv_attn_in(x, l ? out : NULL, (const void *)(intptr_t)w[0], (int)w[1], eps, B, C, (int)w[2],
                             (const uint8_t *)(intptr_t)w[3], (const void *)(intptr_t)w[4], H, Hkv, D, cos, sin, R, qk, v, bf16);
         if (rc != 0) break;
-        for (int b = 0; b < B; b++) { /* the new token's key and value into its slot */
-            const int64_t *s = kv + KVW * ((int64_t)l * B + b), hs = s[3], slot = s[4];
-            for (int g = 0; g < Hkv; g++) {
-                memcpy((char *)(intptr_t)s[0] + (size_t)(g * hs + slot * D) * es, qk + row * ((size_t)(H + g) * B + b), row);
-                memcpy((char *)(intptr_t)s[1] + (size_t)(g * hs + slot * D) * es, v + row * ((size_t)g * B + b), row);
+        for (int b = 0; b < B && rc == 0; b++) { /* the new token's key and value into its slot */
+            const int64_t *s = kv + KVW * ((int64_t)l * B + b), hs = s[4], slot = s[5];
+            const char *kr = qk + row * ((size_t)H * B + b), *vr = v + row * (size_t)b; /* head g: + g B rows */
+            if (s[0]) { /* coded on the way in */
+                rc = longkv_kv_write_coded((uint8_t *)(intptr_t)s[1], (uint8_t *)(intptr_t)s[2], (uint16_t *)(intptr_t)s[6],
+                                           (uint16_t *)(intptr_t)s[7], (uint16_t *)(intptr_t)s[8], (uint16_t *)(intptr_t)s[9], hs,
+                                           s[10], slot, (int64_t *)(intptr_t)s[3], kr, (int64_t)B * D, D, vr, (int64_t)B * D, D,
+                                           pos + b, Hkv, 1, D, (int)s[11], (int)s[0], bf16);
+                continue;
             }
-            ((int64_t *)(intptr_t)s[2])[slot] = pos[b];
+            for (int g = 0; g < Hkv; g++) {
+                memcpy((char *)(intptr_t)s[1] + (size_t)(g * hs + slot * D) * es, kr + row * (size_t)g * B, row);
+                memcpy((char *)(intptr_t)s[2] + (size_t)(g * hs + slot * D) * es, vr + row * (size_t)g * B, row);
+            }
+            ((int64_t *)(intptr_t)s[3])[slot] = pos[b];
         }
+        if (rc != 0) break;
         rc = longkv_decode_attention(meta, nseg + (int64_t)l * B, B, qk, att, H, Hkv, D, scale, bf16 << 1);
         if (rc != 0) break;
         for (int b = 0; b < B; b++) {

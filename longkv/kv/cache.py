@@ -314,9 +314,9 @@ class LayerKV:
     def kernel_runs(self, dtype: torch.dtype, start: int = 0) -> list[tuple[int, int]] | None:
         """(first slot, tokens) of the cached tokens ``[start, n)`` as runs of consecutive slots, in order,
         where a decode step's kernel may read and write this cache straight in its pool's planes (pages as
-        computed, of ``dtype``, on the CPU with the kernels built); else None (coded pages, another dtype;
-        stores that keep pages elsewhere)."""
-        if not (self._plain and self._c_write) or self.pool.planes["k"].dtype != dtype:
+        computed, of ``dtype``, or int8 codes for a cache of ``dtype``; on the CPU with the kernels built); else
+        None (int4 codes, another dtype; stores that keep pages elsewhere)."""
+        if not ((self._plain and self.pool.planes["k"].dtype == dtype) or (self._coded_reads and self.dtype == dtype)):
             return None
         out: list[tuple[int, int]] = []
         at = 0
