@@ -614,7 +614,7 @@ def _decode_step(model: LlamaModel, works: list[Work]) -> torch.Tensor:
     """The forward of a decode batch in one kernel call: a slot claimed in every layer of every sequence
     for its new token (all first: a claim may grow a shared pool's planes), then the kernel's view of each
     cache; logits (B, V)."""
-    claimed = [[lkv.claim(1) for w in works for lkv in [w.seq.cache[layer]]] for layer in range(model.config.n_layers)]
+    claimed = [[w.seq.cache[layer].claim(1) for w in works] for layer in range(model.config.n_layers)]
     kv: list[int] = []
     meta: list[int] = []
     nseg: list[int] = []
