@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import itertools
 import shutil
 import subprocess
 
@@ -53,24 +54,45 @@ def test_decode_attention_matches_float64(dtype: torch.dtype, h: int, hkv: int, 
 
 @needs_cc
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_decode_attention_over_parts_equals_one_part(dtype: torch.dtype) -> None:
-    torch.manual_seed(0)
-    k = torch.randn(3, 1500, 64).to(dtype)
-    v = torch.randn(3, 1500, 64).to(dtype)
-    q = torch.randn(9, 1, 64).to(dtype)
-    whole = kernels.decode_attention(q, [[(k, v)]], 0.125)
-    cuts = [(k[:, :300], v[:, :300]), (k[:, 300:300], v[:, 300:300]), (k[:, 300:1111], v[:, 300:1111]), (k[:, 1111:], v[:, 1111:])]
-    parts = kernels.decode_attention(q, [cuts], 0.125)
+@pytest.mark.parametrize("d", [64, 80, 20])  # 32-wide, 16-wide and plain loops
+def test_decode_attention_over_parts_equals_one_part_bit_for_bit(dtype: torch.dtype, d: int) -> None:
+    """Blocks sit at fixed offsets of the concatenation: cutting the keys into parts anywhere (a prefix-cache
+    hit ending mid-page, pages that are not neighbours) changes no bit of the output."""
+    torch.manual_seed(d)
+    k = torch.randn(3, 1500, d).to(dtype)
+    v = torch.randn(3, 1500, d).to(dtype)
+    q = torch.randn(9, 1, d).to(dtype)
+    whole = kernels.decode_attention(q, [[(k, v)]], d**-0.5)
+    for edges in ([0, 300, 300, 1111, 1500], [0, 1, 37, 64, 65, 129, 700, 1499, 1500], [*range(0, 1501, 7), 1500]):
+        cuts = [(k[:, a:b], v[:, a:b]) for a, b in itertools.pairwise(edges)]
+        assert torch.equal(kernels.decode_attention(q, [cuts], d**-0.5), whole), edges
     tol = 1e-6 if dtype == torch.float32 else 8e-3
-    torch.testing.assert_close(parts.float(), whole.float(), atol=tol, rtol=tol)
-    torch.testing.assert_close(parts.double(), reference(q, cuts), atol=tol * 2, rtol=tol * 2)
+    torch.testing.assert_close(whole.double(), reference(q, [(k, v)]), atol=tol * 2, rtol=tol * 2)
+
+
+@needs_cc
+def test_int8_parts_equal_one_part_and_the_threads_change_nothing() -> None:
+    g = torch.Generator().manual_seed(4)
+    k, v = torch.randn(2, 1000, 64, generator=g).bfloat16(), torch.randn(2, 1000, 64, generator=g).bfloat16()
+    q = torch.randn(8, 1, 64, generator=g)  # float32 out: no rounding hides a difference
+    rows, _ = coded_rows(k, v, "int8")
+    (a, _), (b, _) = coded_rows(k[:, :333], v[:, :333], "int8"), coded_rows(k[:, 333:], v[:, 333:], "int8")
+    whole = kernels.decode_attention(q, [[(rows, rows)]], 0.125)
+    assert torch.equal(kernels.decode_attention(q, [[(a, a), (b, b)]], 0.125), whole)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = kernels.decode_attention(q, [[(rows, rows)]], 0.125), kernels.decode_attention(q, [[(k, v)]], 0.125)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one[0], whole) and torch.equal(one[1], kernels.decode_attention(q, [[(k, v)]], 0.125))
 
 
 @needs_cc
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_decode_attention_of_a_batch_equals_each_sequence_alone(dtype: torch.dtype) -> None:
-    """One call for B ragged sequences (one split over the threads, one in two parts, one empty) gives each
-    sequence's own attention."""
+    """One call for B ragged sequences (long ones, one in two parts, one empty) gives each sequence's own
+    attention bit for bit: a lone sequence is cut into the same chunks as in a batch."""
     g = torch.Generator().manual_seed(3)
     lens = [1200, 5, 0, 700]
 
@@ -84,10 +106,10 @@ def test_decode_attention_of_a_batch_equals_each_sequence_alone(dtype: torch.dty
     q = torch.randn(8, len(lens), 64, generator=g).to(dtype)
     out = kernels.decode_attention(q, plans, 0.125)
     assert out.shape == q.shape and out.dtype == dtype
+    tol = 1e-6 if dtype == torch.float32 else 8e-3
     for b, parts in enumerate(plans):
         alone = kernels.decode_attention(q[:, b : b + 1].contiguous(), [parts], 0.125)
-        tol = 1e-6 if dtype == torch.float32 else 8e-3
-        torch.testing.assert_close(out[:, b : b + 1], alone, atol=tol, rtol=tol)
+        assert torch.equal(out[:, b : b + 1], alone), b
         if lens[b]:
             torch.testing.assert_close(out[:, b : b + 1].double(), reference(q[:, b : b + 1], parts), atol=2 * tol, rtol=2 * tol)
         else:

@@ -292,6 +292,14 @@ static inline __m256 sum8x8(const __m256 *a) {
     return _mm256_add_ps(_mm256_permute2f128_ps(s0, s1, 0x20), _mm256_permute2f128_ps(s0, s1, 0x31));
 }
 
+/* The sum of a's lanes in sum8x8's order ((0 + 1) + (2 + 3)) + ((4 + 5) + (6 + 7)): a key's score is then the
+ * same whether its block's keys come 8 at a time or not. */
+static inline float hsum8_tree(__m256 a) {
+    const __m256 h = _mm256_hadd_ps(a, a);
+    const __m256 hh = _mm256_hadd_ps(h, h);
+    return _mm_cvtss_f32(_mm_add_ss(_mm256_castps256_ps128(hh), _mm256_extractf128_ps(hh, 1)));
+}
+
 /* Rows of a block as the 16-wide loops read them: bfloat16 (coded = 0), or int8 codes with a float16 step
  * and minimum per group of `group` codes (coded = 1, group a multiple of 16): row t at element (code)
  * off + t * ts, its group g's step and minimum at st / mn + soff + t * sts + g. */
@@ -367,7 +375,7 @@ ALWAYS_INLINE void score_pairs_of(const float *q, int G, int D, const Rows *k, c
                 for (int i = 0; i < w; i++) _mm256_storeu_ps(&s[i0 + i][t - 7], _mm256_mul_ps(sum8x8(part[i]), sc));
         }
         for (int t = nb & ~7; t < nb; t++)
-            for (int i = 0; i < w; i++) s[i0 + i][t] = hsum8(part[i][t & 7]) * scale;
+            for (int i = 0; i < w; i++) s[i0 + i][t] = hsum8_tree(part[i][t & 7]) * scale;
     }
 }
 
@@ -479,7 +487,7 @@ static void score_bf16_wide(const float *q, int G, int D, const Rows *k, int nb,
                 for (int i = 0; i < w; i++) _mm256_storeu_ps(&s[i0 + i][t - 7], _mm256_mul_ps(sum8x8(part[i]), sc));
         }
         for (int t = nb & ~7; t < nb; t++)
-            for (int i = 0; i < w; i++) s[i0 + i][t] = hsum8(part[i][t & 7]) * scale;
+            for (int i = 0; i < w; i++) s[i0 + i][t] = hsum8_tree(part[i][t & 7]) * scale;
     }
 }
 
@@ -560,18 +568,91 @@ static void decode_q8_block(const uint8_t *codes, int64_t off, int64_t ts, const
     }
 }
 
-/* Attention state of every query head over the tokens [lo, hi) of the concatenated segments:
- * running max m (H), sum l (H) and the unnormalised output acc (H x D). q: (H, D) float32, in the paired
- * order of width `paired` (16 or 32) when it is not 0: then every segment is bfloat16. kbuf, vbuf: BLK x D float32 each, for int8 blocks the 16-wide
- * loops do not take (NULL when every int8 segment is taken by them). */
+/* s[i][0 .. nb) for keys lo + 0 .. nb of one segment (md: its META words), KV head g; kbuf for int8 keys the
+ * paired loops do not take. v: the values, for prefetching. */
+static void score_piece(const int64_t *md, int64_t b, int nb, const float *qg, int g, int G, int D, float scale, int paired,
+                        float s[][BLK], float *kbuf) {
+    const int fmt = (int)md[0], bf16 = fmt == SEG_BF16;
+    const void *kp = (const void *)(intptr_t)md[1];
+    const int64_t k_hs = md[4], k_ts = md[5], s_hs = md[12], s_ts = md[13];
+    const uint16_t *ks = (const uint16_t *)(intptr_t)md[8], *km = (const uint16_t *)(intptr_t)md[9];
+    const int group = (int)md[14];
+#ifdef LONGKV_AVX2
+    const void *vp = (const void *)(intptr_t)md[2];
+    const int64_t v_hs = md[6], v_ts = md[7];
+    const uint16_t *vs = (const uint16_t *)(intptr_t)md[10], *vm = (const uint16_t *)(intptr_t)md[11];
+    const Rows kr = {kp, g * k_hs + b * k_ts, k_ts, ks, km, g * s_hs + b * s_ts, s_ts, group};
+    const Rows vr = {vp, g * v_hs + b * v_ts, v_ts, vs, vm, g * s_hs + b * s_ts, s_ts, group};
+    const int wide = (fmt == SEG_BF16 && paired) || (fmt == SEG_INT8 && !paired && D % 16 == 0 && group % 16 == 0);
+#ifdef LONGKV_AVX512
+    if (wide && fmt == SEG_BF16 && paired == 32) {
+        score_bf16_wide(qg, G, D, &kr, nb, scale, s, &vr);
+        return;
+    }
+#endif
+    if (wide) {
+        score_pairs(qg, G, D, &kr, fmt == SEG_INT8, nb, scale, s, &vr);
+        return;
+    }
+#else
+    (void)paired;
+#endif
+    if (fmt == SEG_INT8) {
+        decode_q8_block((const uint8_t *)kp, g * k_hs + b * k_ts, k_ts, ks, km, g * s_hs + b * s_ts, s_ts, nb, D, group, kbuf);
+        score_block(qg, G, D, kbuf, 0, D, nb, 0, scale, s);
+    } else
+        score_block(qg, G, D, kp, g * k_hs + b * k_ts, k_ts, nb, bf16, scale, s);
+}
+
+/* acc[i] += sum_t s[i][t] * V row b + t of one segment, KV head g (see score_piece). */
+static void value_piece(const int64_t *md, int64_t b, int nb, int g, int G, int D, int paired, float acc[][MAX_D],
+                        float s[][BLK], float *vbuf) {
+    const int fmt = (int)md[0], bf16 = fmt == SEG_BF16;
+    const void *vp = (const void *)(intptr_t)md[2];
+    const int64_t v_hs = md[6], v_ts = md[7], s_hs = md[12], s_ts = md[13];
+    const uint16_t *vs = (const uint16_t *)(intptr_t)md[10], *vm = (const uint16_t *)(intptr_t)md[11];
+    const int group = (int)md[14];
+#ifdef LONGKV_AVX2
+    const Rows vr = {vp, g * v_hs + b * v_ts, v_ts, vs, vm, g * s_hs + b * s_ts, s_ts, group};
+    const int wide = (fmt == SEG_BF16 && paired) || (fmt == SEG_INT8 && !paired && D % 16 == 0 && group % 16 == 0);
+#ifdef LONGKV_AVX512
+    if (wide && fmt == SEG_BF16 && paired == 32) {
+        value_bf16_wide(acc, G, D, &vr, nb, s);
+        return;
+    }
+#endif
+    if (wide) {
+        value_pairs(acc, G, D, &vr, fmt == SEG_INT8, nb, s);
+        return;
+    }
+#else
+    (void)paired;
+#endif
+    if (fmt == SEG_INT8) {
+        decode_q8_block((const uint8_t *)vp, g * v_hs + b * v_ts, v_ts, vs, vm, g * s_hs + b * s_ts, s_ts, nb, D, group, vbuf);
+        value_block(acc, G, D, vbuf, 0, D, nb, 0, s);
+    } else
+        value_block(acc, G, D, vp, g * v_hs + b * v_ts, v_ts, nb, bf16, s);
+}
+
+/* Attention state of every query head over the tokens [lo, hi) of the concatenated segments, lo a multiple
+ * of BLK: running max m (H), sum l (H) and the unnormalised output acc (H x D). The softmax is updated once
+ * per block of BLK tokens at fixed offsets of the concatenation (a block may span segments), and every
+ * key's score and every value's product are the same wherever a block or segment starts: so the result
+ * depends on the tokens and on [lo, hi) alone, not on how the cache is cut into segments. q: (H, D) float32,
+ * in the paired order of width `paired` (16 or 32) when it is not 0: then every segment is bfloat16. kbuf,
+ * vbuf: BLK x D float32 each, for int8 blocks the 16-wide loops do not take (NULL when every int8 segment is
+ * taken by them). */
 static void attend_range(const int64_t *meta, int nseg, const float *q, int H, int Hkv, int D, float scale, int paired,
                          int64_t lo, int64_t hi, float *m_out, float *l_out, float *acc_out, float *kbuf, float *vbuf) {
     const int G = H / Hkv;
-#ifndef LONGKV_AVX2
-    (void)paired;
-#endif
     float acc[MAX_G][MAX_D];
     float s[MAX_G][BLK];
+    int64_t first = 0, at0 = 0; /* the segment holding token lo, and its first token in the concatenation */
+    while (first < nseg - 1 && at0 + meta[META * first + 3] <= lo) at0 += meta[META * first++ + 3];
+    const int64_t *pm[BLK]; /* a block's pieces: segment, first row in it, rows, offset in the block */
+    int64_t pr[BLK];
+    int pc[BLK], po[BLK];
     for (int g = 0; g < Hkv; g++) {
         const float *qg = q + (int64_t)g * G * D;
         float *m = m_out + g * G, *l = l_out + g * G;
@@ -580,73 +661,47 @@ static void attend_range(const int64_t *meta, int nseg, const float *q, int H, i
             l[i] = 0.0f;
             memset(acc[i], 0, (size_t)D * sizeof(float));
         }
-        int64_t at = 0; /* first token of this segment in the concatenation */
-        for (int sg = 0; sg < nseg; at += meta[META * sg + 3], sg++) {
-            const int64_t *md = meta + META * sg;
-            const int fmt = (int)md[0], bf16 = fmt == SEG_BF16;
-            const void *kp = (const void *)(intptr_t)md[1], *vp = (const void *)(intptr_t)md[2];
-            const int64_t n = md[3], k_hs = md[4], k_ts = md[5], v_hs = md[6], v_ts = md[7];
-            const uint16_t *ks = (const uint16_t *)(intptr_t)md[8], *km = (const uint16_t *)(intptr_t)md[9];
-            const uint16_t *vs = (const uint16_t *)(intptr_t)md[10], *vm = (const uint16_t *)(intptr_t)md[11];
-            const int64_t s_hs = md[12], s_ts = md[13];
-            const int group = (int)md[14];
-            const int64_t a = lo > at ? lo - at : 0, e = hi - at < n ? hi - at : n;
-            for (int64_t b = a; b < e; b += BLK) {
-                const int nb = (int)(e - b < BLK ? e - b : BLK);
-#ifdef LONGKV_AVX2
-                const Rows kr = {kp, g * k_hs + b * k_ts, k_ts, ks, km, g * s_hs + b * s_ts, s_ts, group};
-                const Rows vr = {vp, g * v_hs + b * v_ts, v_ts, vs, vm, g * s_hs + b * s_ts, s_ts, group};
-                const int wide = (fmt == SEG_BF16 && paired) || (fmt == SEG_INT8 && !paired && D % 16 == 0 && group % 16 == 0);
-#ifdef LONGKV_AVX512
-                if (wide && fmt == SEG_BF16 && paired == 32)
-                    score_bf16_wide(qg, G, D, &kr, nb, scale, s, &vr);
-                else
-#endif
-                if (wide)
-                    score_pairs(qg, G, D, &kr, fmt == SEG_INT8, nb, scale, s, &vr);
-                else
-#endif
-                if (fmt == SEG_INT8) {
-                    decode_q8_block((const uint8_t *)kp, g * k_hs + b * k_ts, k_ts, ks, km, g * s_hs + b * s_ts, s_ts, nb, D,
-                                    group, kbuf);
-                    score_block(qg, G, D, kbuf, 0, D, nb, 0, scale, s);
-                } else
-                    score_block(qg, G, D, kp, g * k_hs + b * k_ts, k_ts, nb, bf16, scale, s);
-                for (int i = 0; i < G; i++) {
-                    float mx = m[i];
-                    for (int t = 0; t < nb; t++) mx = s[i][t] > mx ? s[i][t] : mx;
-                    const float corr = exp_neg(m[i] - mx);
-                    exp_block(s[i], nb, mx);
-                    float sum = 0.0f;
-                    for (int t = 0; t < nb; t++) sum += s[i][t];
-                    l[i] = l[i] * corr + sum;
-                    m[i] = mx;
-                    if (corr != 1.0f)
-                        for (int j = 0; j < D; j++) acc[i][j] *= corr;
-                }
-#ifdef LONGKV_AVX2
-#ifdef LONGKV_AVX512
-                if (wide && fmt == SEG_BF16 && paired == 32)
-                    value_bf16_wide(acc, G, D, &vr, nb, s);
-                else
-#endif
-                if (wide)
-                    value_pairs(acc, G, D, &vr, fmt == SEG_INT8, nb, s);
-                else
-#endif
-                if (fmt == SEG_INT8) {
-                    decode_q8_block((const uint8_t *)vp, g * v_hs + b * v_ts, v_ts, vs, vm, g * s_hs + b * s_ts, s_ts, nb, D,
-                                    group, vbuf);
-                    value_block(acc, G, D, vbuf, 0, D, nb, 0, s);
-                } else
-                    value_block(acc, G, D, vp, g * v_hs + b * v_ts, v_ts, nb, bf16, s);
+        int64_t sg = first, at = at0;
+        for (int64_t b0 = lo; b0 < hi; b0 += BLK) {
+            const int nb = (int)(hi - b0 < BLK ? hi - b0 : BLK);
+            int np = 0;
+            for (int f = 0; f < nb;) {
+                while (at + meta[META * sg + 3] <= b0 + f) at += meta[META * sg++ + 3];
+                const int64_t r = b0 + f - at, left = meta[META * sg + 3] - r;
+                pm[np] = meta + META * sg;
+                pr[np] = r;
+                pc[np] = (int)(left < nb - f ? left : nb - f);
+                po[np] = f;
+                f += pc[np++];
             }
+            for (int p = 0; p < np; p++)
+                score_piece(pm[p], pr[p], pc[p], qg, g, G, D, scale, paired, (float(*)[BLK])(s[0] + po[p]), kbuf);
+            for (int i = 0; i < G; i++) {
+                float mx = m[i];
+                for (int t = 0; t < nb; t++) mx = s[i][t] > mx ? s[i][t] : mx;
+                const float corr = exp_neg(m[i] - mx);
+                exp_block(s[i], nb, mx);
+                float sum = 0.0f;
+                for (int t = 0; t < nb; t++) sum += s[i][t];
+                l[i] = l[i] * corr + sum;
+                m[i] = mx;
+                if (corr != 1.0f)
+                    for (int j = 0; j < D; j++) acc[i][j] *= corr;
+            }
+            for (int p = 0; p < np; p++)
+                value_piece(pm[p], pr[p], pc[p], g, G, D, paired, acc, (float(*)[BLK])(s[0] + po[p]), vbuf);
         }
         for (int i = 0; i < G; i++) memcpy(acc_out + ((int64_t)g * G + i) * D, acc[i], (size_t)D * sizeof(float));
     }
 }
 
-#define MIN_SPLIT 256 /* tokens per thread below which one thread does the whole cache */
+/* Tokens per chunk of a sequence's n keys: each chunk's softmax is computed on its own and the chunks merged
+ * in order, whatever the threads or the batch, so a sequence's output is the same alone or in any batch.
+ * 256 keys (4 blocks), more past 64 chunks. */
+static int64_t chunk_tokens(int64_t n) {
+    const int64_t per = (n + 64 * BLK - 1) / (64 * BLK);
+    return BLK * (per > 4 ? per : 4);
+}
 
 /* Decode attention of B sequences in one call: out[h, b] = softmax(scale * q[h, b] . K_b[g]) V_b[g] for every
  * query head h of KV head g = h / G, each sequence over its own cache.
@@ -657,19 +712,16 @@ static void attend_range(const int64_t *meta, int nseg, const float *q, int H, i
  * row's head and token, and of a value row's; for SEG_INT8 (pointers and strides in codes, one byte each)
  * also the pointers to the keys' steps and minimums and the values' steps and minimums (float16), the
  * element strides of a head and a token in those four planes, and the codes per group (else zeros). Rows
- * are contiguous. The work is cut into tasks, a range of one sequence's tokens each (a sequence is split
- * when there are fewer sequences than threads and it has tokens enough), run by the OpenMP team of the
- * calling thread (PyTorch's, when loaded beside it); the partial softmaxes of a sequence are then merged.
+ * are contiguous. The work is cut into tasks, a chunk of one sequence's tokens each (chunk_tokens), run by
+ * the OpenMP team of the calling thread (PyTorch's, when loaded beside it); the chunks' softmaxes of a
+ * sequence are then merged in order. A sequence's output depends on its own keys only: not on the threads,
+ * the other sequences of the batch, or where its segments start and end.
  * Returns 0, -1 when H is not a multiple of Hkv, G or D exceed the limits above, or a coded group does not
  * divide D, -2 out of memory. */
 int longkv_decode_attention(const int64_t *meta, const int32_t *nseg, int B, const void *q_in, void *out, int H, int Hkv,
                             int D, float scale, int flags) {
     const int q_bf16 = (flags >> 1) & 1;
     if (Hkv <= 0 || H % Hkv != 0 || D > MAX_D || H / Hkv > MAX_G || B <= 0) return -1;
-    int threads = 1;
-#ifdef _OPENMP
-    threads = omp_get_max_threads();
-#endif
     /* per sequence: first segment, tokens, tasks, and whether its q and acc are in the paired order (every
      * segment bfloat16, D a multiple of 16: the 16-wide loops over bfloat16 rows) */
     int64_t *first = malloc(sizeof(int64_t) * 4 * (size_t)B);
@@ -703,9 +755,8 @@ int longkv_decode_attention(const int64_t *meta, const int32_t *nseg, int B, con
             }
         }
         seg += nseg[b];
-        int64_t parts = (threads + B - 1) / B; /* threads per sequence, while there are fewer sequences */
-        if (parts > tokens[b] / MIN_SPLIT) parts = tokens[b] / MIN_SPLIT;
-        tasks[b] = parts < 1 ? 1 : parts;
+        const int64_t ch = chunk_tokens(tokens[b]);
+        tasks[b] = tokens[b] > ch ? (tokens[b] + ch - 1) / ch : 1;
         ntask += tasks[b];
     }
     /* per task: its sequence and part; the partial state: max m (H), sum l (H), acc (H x D) */
@@ -736,11 +787,11 @@ int longkv_decode_attention(const int64_t *meta, const int32_t *nseg, int B, con
 #pragma omp parallel for schedule(dynamic, 1) if (ntask > 1)
 #endif
     for (int64_t t = 0; t < ntask; t++) {
-        const int64_t b = task[2 * t], p = task[2 * t + 1], n = tokens[b], parts = tasks[b];
+        const int64_t b = task[2 * t], p = task[2 * t + 1], n = tokens[b], ch = chunk_tokens(n);
+        const int64_t lo = p * ch, hi = lo + ch < n ? lo + ch : n;
         float *kb = buffered ? blocks + 2 * BLK * (size_t)D * t : NULL;
-        attend_range(meta + META * first[b], nseg[b], q + (int64_t)b * H * D, H, Hkv, D, scale, (int)paired[b], n * p / parts,
-                     n * (p + 1) / parts, m + (size_t)H * t, l + (size_t)H * t, acc + (size_t)H * D * t, kb,
-                     kb ? kb + BLK * (size_t)D : NULL);
+        attend_range(meta + META * first[b], nseg[b], q + (int64_t)b * H * D, H, Hkv, D, scale, (int)paired[b], lo, hi,
+                     m + (size_t)H * t, l + (size_t)H * t, acc + (size_t)H * D * t, kb, kb ? kb + BLK * (size_t)D : NULL);
     }
     for (int64_t b = 0, t0 = 0; b < B; t0 += tasks[b], b++) {
         for (int h = 0; h < H; h++) { /* merge the tasks' softmaxes: rescale each to the largest max */
