@@ -549,37 +549,56 @@ class Interrupted(Exception):
 def run_batch(
     model: LlamaModel, works: list[Work], should_stop: Callable[[], bool] | None = None
 ) -> list[torch.Tensor | None]:
-    """One forward over the tokens of every work item (a ragged batch: no padding); logits (V,) or None each.
+    """The forward of a step over the tokens of every work item (a ragged batch: no padding); logits (V,) or None each.
 
-    Every weight matrix is multiplied once for the whole batch; attention runs sequence
-    by sequence over its own cache, under its own policy. Then each runner's
-    :meth:`Runner.after_forward` (tokens, compression). Each sequence ends exactly as if
-    fed alone (logits equal up to float rounding).
+    Works of at most ``Linear.decode_max_rows`` tokens (decode tokens, short prompt chunks, probes)
+    share one forward through the coded decode weights, one kernel call where it can be
+    (:func:`_one_call_decode`); a longer prompt chunk (compute-bound) runs through the weights
+    themselves in a forward of its own. Every weight matrix is read once per forward; attention runs
+    sequence by sequence over its own cache, under its own policy. Then each runner's
+    :meth:`Runner.after_forward` (tokens, compression). A work is cut into the same products whatever
+    shares its step, so each sequence's logits are the same bits as alone (on the CPU with the
+    kernels built; elsewhere equal up to float rounding).
 
     ``should_stop`` is asked before every layer's attention; when it says so, the KV
     appended by the layers already run is rolled back and :class:`Interrupted` raised
     (``seq.tokens`` is only extended once the forward has finished).
+
+    Raises:
+        ValueError: a sequence with two works in one batch.
     """
     assert works
-    out: torch.Tensor | None
-    if _one_call_decode(model, works):
-        if should_stop is not None and should_stop():
-            raise Interrupted  # before any cache was touched
-        with torch.inference_mode():
-            out = _decode_step(model, works)
-    else:
-        out = _forward(model, works, should_stop)
+    if len({id(w.seq) for w in works}) < len(works):
+        raise ValueError("run_batch: a sequence has two works in one batch; its works run one step after another")
+    coded = model.coded
+    groups = [works] if not coded else [[w for w in works if len(w.ids) <= Linear.decode_max_rows]] + [[w] for w in works if len(w.ids) > Linear.decode_max_rows]
+    marks = [w.seq.cache.marks() for w in works] if should_stop is not None else []
+    logits: dict[int, torch.Tensor] = {}
+    try:
+        for group in groups:
+            if not group:
+                continue
+            if coded and _one_call_decode(model, group):
+                if should_stop is not None and should_stop():
+                    raise Interrupted  # before this group touched a cache
+                with torch.inference_mode():
+                    out: torch.Tensor | None = _decode_step(model, group)
+            else:
+                out = _forward(model, group, should_stop, coded and len(group[0].ids) <= Linear.decode_max_rows)
+            rows = [w for w in group if w.logits]
+            if rows:
+                assert out is not None
+                logits.update((id(w), out[r]) for r, w in enumerate(rows))
+    except Interrupted:
+        for w, m in zip(works, marks, strict=True):
+            w.seq.cache.rollback(m)
+        raise
     with torch.inference_mode():
         for w in works:
             w.runner.after_forward(w)
     res: list[torch.Tensor | None] = []
-    r = 0
     for w in works:
-        lg = None
-        if w.logits:
-            assert out is not None
-            lg = out[r]
-            r += 1
+        lg = logits.get(id(w))
         if w.then is not None:
             with torch.inference_mode():
                 w.then(lg)
@@ -594,7 +613,7 @@ def _one_call_decode(model: LlamaModel, works: list[Work]) -> bool:
     moves, no queries kept, no per-head stores; a selection policy where its read is parts read in place,
     ``SelectionPolicy.reads_in_place``), every layer's pages plain ones or int8 codes in the pool's planes
     (``LayerKV.kernel_runs``)."""
-    if model.decode_layers is None or len(works) > Linear.decode_max_rows:
+    if model.decode_layers is None:
         return False
     for w in works:
         pol = w.runner.policy
@@ -642,10 +661,9 @@ def _decode_step(model: LlamaModel, works: list[Work]) -> torch.Tensor:
     return model.decode_step(ids, positions, kv, meta, nseg)
 
 
-def _forward(model: LlamaModel, works: list[Work], should_stop: Callable[[], bool] | None) -> torch.Tensor | None:
-    """The forward of a batch layer by layer, each sequence's attention under its own policy; logits (R, V)
-    of the works that want them, or None."""
-    marks = [w.seq.cache.marks() for w in works] if should_stop is not None else []
+def _forward(model: LlamaModel, works: list[Work], should_stop: Callable[[], bool] | None, coded: bool) -> torch.Tensor | None:
+    """The forward of a batch layer by layer, each sequence's attention under its own policy, every product by
+    the coded decode weights or not (``coded``); logits (R, V) of the works that want them, or None."""
     # Decoding sequences whose policy hands out read plans attend together (one batched
     # product per layer); the rest (prompt chunks, probes, selection policies) one by one.
     readers = [w.runner.reader(w.seq) if len(w.ids) == 1 and w.attention is None else None for w in works]
@@ -689,11 +707,5 @@ def _forward(model: LlamaModel, works: list[Work], should_stop: Callable[[], boo
     rows = [e - 1 for e, w in zip(ends, works, strict=True) if w.logits]
     ids = torch.tensor([t for w in works for t in w.ids], dtype=torch.int64, device=dev)
     logits_at: torch.Tensor | str = torch.tensor(rows, dtype=torch.int64, device=dev) if rows else "none"
-    try:
-        with torch.inference_mode():
-            out = model.forward(ids, positions, attention, logits_at)  # type: ignore[arg-type]
-    except Interrupted:
-        for w, m in zip(works, marks, strict=True):
-            w.seq.cache.rollback(m)
-        raise
-    return out
+    with torch.inference_mode():
+        return model.forward(ids, positions, attention, logits_at, coded)  # type: ignore[arg-type]

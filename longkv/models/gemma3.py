@@ -124,13 +124,16 @@ class Gemma3Model(LlamaModel):
         positions: torch.Tensor,
         attention: AttentionFn,
         logits_at: Literal["last", "all", "none"] | torch.Tensor = "last",
+        coded: bool | None = None,
     ) -> torch.Tensor | None:
         """Run the decoder over T new tokens; arguments and result as :meth:`LlamaModel.forward`."""
         c = self.config
         T, H, eps = input_ids.shape[0], c.n_heads, c.rms_eps
         x = F.embedding(input_ids, self.embed) * self.embed_scale  # (T, hidden)
+        if coded is None:
+            coded = Linear.decode_max_rows >= T
         if kernels.fused_ok(x) and c.head_dim <= kernels.MAX_HEAD_DIM:
-            return self._forward_fused(x, positions, attention, logits_at)
+            return self._forward_fused(x, positions, attention, logits_at, coded)
         tables: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(rope) -> cos, sin (T, D/2): once per distinct RoPE
         nq, nk, _ = self._split
         for i, L in enumerate(self.layers):
@@ -138,7 +141,7 @@ class Gemma3Model(LlamaModel):
             if id(rope) not in tables:
                 tables[id(rope)] = rope.cos_sin(positions, self.dtype)
             cos, sin = tables[id(rope)]
-            qkv = L.qkv(norm32(x, L.attn_norm, eps))  # (T, (H + 2 Hkv) D)
+            qkv = L.qkv(norm32(x, L.attn_norm, eps), coded)  # (T, (H + 2 Hkv) D)
             qk = qkv[:, : nq + nk].view(T, -1, c.head_dim)  # (T, H + Hkv, D)
             qk = torch.cat((norm32(qk[:, :H], L.q_norm, eps), norm32(qk[:, H:], L.k_norm, eps)), dim=1)
             qk = Rotary.apply(qk.transpose(0, 1), cos, sin)  # (H + Hkv, T, D)
@@ -147,8 +150,8 @@ class Gemma3Model(LlamaModel):
                 q = q * self.q_scale
             v = qkv[:, nq + nk :].view(T, c.n_kv_heads, c.head_dim).transpose(0, 1)
             o = attention(i, q, k, v, positions)  # (H, T, D)
-            x = x + norm32(L.o(o.transpose(0, 1).reshape(T, nq)), L.post_attn_norm, eps)
-            h = gated_mlp(norm32(x, L.mlp_norm, eps), L.gate_up, L.down, gelu_tanh)
+            x = x + norm32(L.o(o.transpose(0, 1).reshape(T, nq), coded), L.post_attn_norm, eps)
+            h = gated_mlp(norm32(x, L.mlp_norm, eps), L.gate_up, L.down, gelu_tanh, coded)
             x = x + norm32(h, L.post_mlp_norm, eps)
         if isinstance(logits_at, torch.Tensor):
             x = x[logits_at]
@@ -156,18 +159,19 @@ class Gemma3Model(LlamaModel):
             return None
         elif logits_at == "last":
             x = x[-1:]
-        return self._head(norm32(x, self.norm, eps))
+        return self._head(norm32(x, self.norm, eps), coded)
 
-    def _head(self, h: torch.Tensor) -> torch.Tensor:
+    def _head(self, h: torch.Tensor, coded: bool) -> torch.Tensor:
         """Logits (R, vocab) float32 of the final-normed rows ``h`` (R, hidden), softcapped if the config says so."""
-        logits = self.lm_head(h).float()
+        logits = self.lm_head(h, coded).float()
         c = self.config
         if c.final_softcap is not None:
             logits = c.final_softcap * torch.tanh(logits / c.final_softcap)
         return logits
 
     def _forward_fused(
-        self, x: torch.Tensor, positions: torch.Tensor, attention: AttentionFn, logits_at: Literal["last", "all", "none"] | torch.Tensor
+        self, x: torch.Tensor, positions: torch.Tensor, attention: AttentionFn, logits_at: Literal["last", "all", "none"] | torch.Tensor,
+        coded: bool,
     ) -> torch.Tensor | None:
         """:meth:`forward` on the CPU with :mod:`longkv.kernels`: every norm one kernel call (float32
         weights, float32 arithmetic, one rounding, as :func:`norm32`), the pre-MLP norm fused with the
@@ -183,7 +187,7 @@ class Gemma3Model(LlamaModel):
                 tables[id(rope)] = rope.cos_sin(positions, torch.float32)
             cos, sin = tables[id(rope)]
             h = kernels.add_rms_norm(x, pending, L.attn_norm, eps)
-            qkv = L.qkv(h)  # (T, (H + 2 Hkv) D)
+            qkv = L.qkv(h, coded)  # (T, (H + 2 Hkv) D)
             q = kernels.add_rms_norm(qkv[:, :nq].contiguous().view(T * H, D), None, L.q_norm, eps)
             k = kernels.add_rms_norm(qkv[:, nq : nq + nk].contiguous().view(T * Hkv, D), None, L.k_norm, eps)
             q = kernels.rope(q.view(T, nq), H, D, cos, sin)  # (H, T, D)
@@ -192,9 +196,9 @@ class Gemma3Model(LlamaModel):
                 q = q * self.q_scale
             v = qkv[:, nq + nk :].view(T, Hkv, D).transpose(0, 1)
             o = attention(i, q, k, v, positions)  # (H, T, D)
-            d = kernels.add_rms_norm(L.o(o.transpose(0, 1).reshape(T, nq)), None, L.post_attn_norm, eps)
+            d = kernels.add_rms_norm(L.o(o.transpose(0, 1).reshape(T, nq), coded), None, L.post_attn_norm, eps)
             h = kernels.add_rms_norm(x, d, L.mlp_norm, eps)
-            pending = kernels.add_rms_norm(gated_mlp(h, L.gate_up, L.down, gelu_tanh).contiguous(), None, L.post_mlp_norm, eps)
+            pending = kernels.add_rms_norm(gated_mlp(h, L.gate_up, L.down, gelu_tanh, coded).contiguous(), None, L.post_mlp_norm, eps)
         assert pending is not None
         if isinstance(logits_at, torch.Tensor):  # the final add and norm only for the rows that get logits
             x, pending = x[logits_at].contiguous(), pending[logits_at].contiguous()
@@ -202,7 +206,7 @@ class Gemma3Model(LlamaModel):
             return None
         elif logits_at == "last":
             x, pending = x[-1:].contiguous(), pending[-1:].contiguous()
-        return self._head(kernels.add_rms_norm(x, pending, self.norm, eps))
+        return self._head(kernels.add_rms_norm(x, pending, self.norm, eps), coded)
 
 
 # --------------------------------------------------------------------------- the family: config and weights

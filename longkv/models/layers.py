@@ -101,9 +101,11 @@ class Linear:
     """
 
     __slots__ = ("b", "bits", "decode", "group", "q", "scale", "upcast", "w")
-    # Up to this many rows (the tokens of a batched decode step) read the coded copy: on an
+    # A work of up to this many rows (a decode token, a short prompt chunk) reads the coded copy: on an
     # AVX2 CPU the int8/int4 kernels stayed 1.5-10x faster than W's own product up to 32 rows
     # (a 3072 x 576 matrix: int8 77 / 343 / 1343 us at 1 / 8 / 32 rows, float32 up-cast 1.1-2.1 ms).
+    # The engine decides per work, not per forward (``longkv.engine.runner.run_batch``), and the coded
+    # products are row by row, so a row's result does not depend on what else shares the forward.
     decode_max_rows = 32
     upcast_min_rows = 16  # below, a slow bfloat16 product still costs less than up-casting W
 
@@ -141,8 +143,12 @@ class Linear:
             return self.w.nbytes
         return self.q.nbytes + (0 if self.scale is None else self.scale.nbytes)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.q is not None and x.shape[0] <= self.decode_max_rows:
+    def __call__(self, x: torch.Tensor, coded: bool | None = None) -> torch.Tensor:
+        """x: (T, in) -> (T, out) in x's dtype. ``coded``: multiply by the coded copy (where there is one)
+        or by W; None: the copy for at most :attr:`decode_max_rows` rows."""
+        if coded is None:
+            coded = x.shape[0] <= self.decode_max_rows
+        if self.q is not None and coded:
             if self.bits:
                 y = kernels.block_linear(x, self.q, self.w.shape[0], self.w.shape[1], self.bits)
             elif self.decode == "int4":
@@ -156,17 +162,18 @@ class Linear:
 
 
 def gated_mlp(
-    x: torch.Tensor, gate_up: Linear, down: Linear, act: Callable[[torch.Tensor], torch.Tensor] = F.silu
+    x: torch.Tensor, gate_up: Linear, down: Linear, act: Callable[[torch.Tensor], torch.Tensor] = F.silu, coded: bool | None = None
 ) -> torch.Tensor:
     """Gated MLP: ``down(act(gate(x)) * up(x))`` with gate and up fused in one matmul; SwiGLU with
     the default ``act`` (SiLU), GeGLU with :func:`gelu_tanh` (Gemma).
 
-    x: (T, hidden); gate_up: (2 * intermediate, hidden); down: (hidden, intermediate).
+    x: (T, hidden); gate_up: (2 * intermediate, hidden); down: (hidden, intermediate); coded: see
+    :meth:`Linear.__call__`.
     (The llama block's decode rows take the whole second half of the layer in one kernel call instead:
     :class:`longkv.kernels.AttnOutMlp`.)
     """
-    gate, up = gate_up(x).chunk(2, dim=-1)
-    return down(act(gate) * up)
+    gate, up = gate_up(x, coded).chunk(2, dim=-1)
+    return down(act(gate) * up, coded)
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Collection, Mapping, Sequence
+from functools import cached_property
 from typing import Any, Literal
 
 import numpy as np
@@ -100,6 +101,14 @@ class LlamaModel:
 
     decode_layers: kernels.DecodeLayers | None = None  # the one-call decode step, where the model allows it (decode_step)
 
+    @cached_property
+    def coded(self) -> bool:
+        """Whether some weight matrix has a coded decode copy (int8 or int4), so that a forward's
+        ``coded`` argument picks between two products."""
+        return self.lm_head.q is not None or any(
+            lin.q is not None for L in self.layers for lin in (L.qkv, L.o, L.gate_up, L.down)
+        )
+
     def __init__(
         self, config: ModelConfig, weights: dict[str, torch.Tensor], decode_weights: str = "none",
         weight_bits: Mapping[str, int] | None = None,
@@ -149,6 +158,7 @@ class LlamaModel:
         positions: torch.Tensor,
         attention: AttentionFn,
         logits_at: Literal["last", "all", "none"] | torch.Tensor = "last",
+        coded: bool | None = None,
     ) -> torch.Tensor | None:
         """Run the decoder over T new tokens.
 
@@ -160,6 +170,9 @@ class LlamaModel:
                 decode), all (perplexity, parity tests), or none (middle chunks:
                 the LM head is skipped entirely), or a (R,) int64 tensor of row
                 indices (the last token of each sequence of a batched chunk).
+            coded: every matrix product by the layer's coded decode copy where it has one (True),
+                by the weights themselves (False), or by row count (None: the copy for at most
+                ``Linear.decode_max_rows`` rows).
 
         Returns:
             logits (1, T or R, vocab) in float32, or None for ``"none"``.
@@ -167,8 +180,10 @@ class LlamaModel:
         c = self.config
         T = input_ids.shape[0]
         x = F.embedding(input_ids, self.embed)  # (T, hidden)
+        if coded is None:
+            coded = Linear.decode_max_rows >= T
         if kernels.fused_ok(x) and c.head_dim <= kernels.MAX_HEAD_DIM:
-            return self._forward_fused(x, positions, attention, logits_at)
+            return self._forward_fused(x, positions, attention, logits_at, coded)
         tables: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(rope) -> cos, sin (T, D/2): once per distinct RoPE
         nq, nk, _ = self._split
         for i, L in enumerate(self.layers):
@@ -177,7 +192,7 @@ class LlamaModel:
                 tables[id(rope)] = rope.cos_sin(positions, self.dtype)
             cos, sin = tables[id(rope)]
             h = rms_norm(x, L.attn_norm, c.rms_eps)
-            qkv = L.qkv(h)  # (T, (H + 2 Hkv) D)
+            qkv = L.qkv(h, coded)  # (T, (H + 2 Hkv) D)
             qk = qkv[:, : nq + nk].view(T, -1, c.head_dim)  # (T, H + Hkv, D)
             if L.q_norm is not None and L.k_norm is not None:
                 qk = torch.cat((rms_norm(qk[:, : c.n_heads], L.q_norm, c.rms_eps), rms_norm(qk[:, c.n_heads :], L.k_norm, c.rms_eps)), dim=1)
@@ -186,21 +201,23 @@ class LlamaModel:
             q, k = qk[: c.n_heads], qk[c.n_heads :]  # (H, T, D), (Hkv, T, D)
             v = qkv[:, nq + nk :].view(T, c.n_kv_heads, c.head_dim).transpose(0, 1)
             o = attention(i, q, k, v, positions)  # (H, T, D)
-            x = x + L.o(o.transpose(0, 1).reshape(T, nq))
-            x = x + gated_mlp(rms_norm(x, L.mlp_norm, c.rms_eps), L.gate_up, L.down)
-        return self._logits(x, logits_at)
+            x = x + L.o(o.transpose(0, 1).reshape(T, nq), coded)
+            x = x + gated_mlp(rms_norm(x, L.mlp_norm, c.rms_eps), L.gate_up, L.down, coded=coded)
+        return self._logits(x, logits_at, coded)
 
     def _forward_fused(
-        self, x: torch.Tensor, positions: torch.Tensor, attention: AttentionFn, logits_at: Literal["last", "all", "none"] | torch.Tensor
+        self, x: torch.Tensor, positions: torch.Tensor, attention: AttentionFn, logits_at: Literal["last", "all", "none"] | torch.Tensor,
+        coded: bool,
     ) -> torch.Tensor | None:
         """:meth:`forward` on the CPU with :mod:`longkv.kernels`: each residual add fused with the next
-        RMSNorm, RoPE read straight from the projection's rows (the same arithmetic, fewer ops)."""
+        RMSNorm, RoPE read straight from the projection's rows (the same arithmetic, fewer ops); the rows
+        of a coded forward through each layer's fused halves where it has them."""
         c = self.config
         T = x.shape[0]
         tables: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # float32 cos, sin per distinct RoPE
         nq, nk, _ = self._split
         heads = c.n_heads + c.n_kv_heads
-        decode = Linear.decode_max_rows >= T  # few rows: the coded weights' tiles, where the layer has them
+        decode = coded
         pending: torch.Tensor | None = None  # the last block's output, added to x by the next norm
         for i, L in enumerate(self.layers):
             rope = self.ropes[i]
@@ -211,7 +228,7 @@ class LlamaModel:
                 qk, v = L.fused_in(x, pending, cos, sin)
             else:
                 h = kernels.add_rms_norm(x, pending, L.attn_norm, c.rms_eps)
-                qkv = L.qkv(h)  # (T, (H + 2 Hkv) D)
+                qkv = L.qkv(h, coded)  # (T, (H + 2 Hkv) D)
                 rows = qkv[:, : nq + nk]
                 if L.q_norm is not None and L.k_norm is not None:
                     qk = rows.view(T, heads, c.head_dim)
@@ -223,8 +240,8 @@ class LlamaModel:
             if decode and L.fused_out is not None:  # output projection, norm and MLP in one call
                 pending = L.fused_out(x, o)
             else:
-                h = kernels.add_rms_norm(x, L.o(o), L.mlp_norm, c.rms_eps)
-                pending = gated_mlp(h, L.gate_up, L.down)
+                h = kernels.add_rms_norm(x, L.o(o, coded), L.mlp_norm, c.rms_eps)
+                pending = gated_mlp(h, L.gate_up, L.down, coded=coded)
         assert pending is not None
         if isinstance(logits_at, torch.Tensor):  # the final add and norm only for the rows that get logits
             x, pending = x[logits_at], pending[logits_at]
@@ -232,7 +249,7 @@ class LlamaModel:
             return None
         elif logits_at == "last":
             x, pending = x[-1:], pending[-1:]
-        return self.lm_head(kernels.add_rms_norm(x, pending, self.norm, c.rms_eps)).float()
+        return self.lm_head(kernels.add_rms_norm(x, pending, self.norm, c.rms_eps), coded).float()
 
     def decode_step(
         self, input_ids: torch.Tensor, positions: torch.Tensor, kv: list[int], meta: list[int], nseg: list[int]
@@ -242,20 +259,20 @@ class LlamaModel:
         the same kernels in the same order as :meth:`forward` with a decode batch, so the same logits.
 
         Args:
-            input_ids, positions: (B,) int64, one token per sequence (B at most ``Linear.decode_max_rows``).
+            input_ids, positions: (B,) int64, one token per sequence (every product by the coded copies).
             kv, meta, nseg: each layer's cache of each sequence as the kernel takes them: the slot claimed
                 for the new token (``LayerKV.claim``) and the parts attention reads, that slot included.
 
         Returns:
             logits (B, vocab) float32.
         """
-        assert self.decode_layers is not None and input_ids.shape[0] <= Linear.decode_max_rows
+        assert self.decode_layers is not None
         x = F.embedding(input_ids, self.embed)  # (B, hidden)
         cos, sin = self.ropes[0].cos_sin(positions, torch.float32)
         out = self.decode_layers(x, kv, positions, cos, sin, meta, nseg)
-        return self.lm_head(kernels.add_rms_norm(x, out, self.norm, self.config.rms_eps)).float()
+        return self.lm_head(kernels.add_rms_norm(x, out, self.norm, self.config.rms_eps), True).float()
 
-    def _logits(self, x: torch.Tensor, logits_at: Literal["last", "all", "none"] | torch.Tensor) -> torch.Tensor | None:
+    def _logits(self, x: torch.Tensor, logits_at: Literal["last", "all", "none"] | torch.Tensor, coded: bool) -> torch.Tensor | None:
         c = self.config
         if isinstance(logits_at, torch.Tensor):
             x = x[logits_at]
@@ -263,7 +280,7 @@ class LlamaModel:
             return None
         elif logits_at == "last":
             x = x[-1:]
-        return self.lm_head(rms_norm(x, self.norm, c.rms_eps)).float()
+        return self.lm_head(rms_norm(x, self.norm, c.rms_eps), coded).float()
 
 
 def fold_attn_scale(config: ModelConfig, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -1,0 +1,126 @@
+"""Batch invariance: a sequence's logits are the same bits alone, in any batch, and after a prefix-cache hit.
+
+A tiny random Llama in bfloat16 with int4 decode weights (the formats the CPU runs by default),
+head_dim 32 (the 32-wide attention loops). Every comparison is ``torch.equal``: the engine cuts
+a sequence's work the same way whatever else shares the step (prompt chunks on the sequence's
+own grid; each weight format's products row by row or per chunk; decode attention in blocks at
+fixed offsets of the sequence's keys, chunks merged in order).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import random_llama_weights
+
+from longkv import kernels
+from longkv.config import EngineConfig, ModelConfig
+from longkv.engine.runner import Runner, Sequence, Work, run_batch
+from longkv.kv.pool import KVPools
+from longkv.kv.radix import PrefixCache
+from longkv.models import build
+from longkv.policies import DensePolicy, make_policy
+
+pytestmark = pytest.mark.skipif(not kernels.available(), reason="no C compiler: the guarantee is the CPU kernels'")
+
+CFG = ModelConfig(
+    arch="llama", vocab_size=97, hidden_size=128, intermediate_size=256, n_layers=2, n_heads=4, n_kv_heads=2,
+    head_dim=32, max_position=4096, eos_token_ids=(0,),
+)  # fmt: skip
+WEIGHTS = random_llama_weights(CFG, 0, 0.3)
+MODELS = {dtype: build(CFG, {k: v.to(dtype) for k, v in WEIGHTS.items()}, decode_weights="int4") for dtype in (torch.bfloat16, torch.float32)}
+DTYPES = pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bfloat16", "float32"])
+
+
+def _engine(dtype: torch.dtype) -> EngineConfig:
+    return EngineConfig(chunk_size=64, page_size=16, dtype=str(dtype).removeprefix("torch."))
+
+
+def _ids(n: int, seed: int) -> list[int]:
+    return torch.randint(1, CFG.vocab_size, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def _runner(spec: str, dtype: torch.dtype) -> Runner:
+    engine = _engine(dtype)
+    return Runner(MODELS[dtype], make_policy(spec).resolve(CFG, engine), engine)
+
+
+def _alone(spec: str, dtype: torch.dtype, prompt: list[int], steps: int) -> list[torch.Tensor]:
+    runner = _runner(spec, dtype)
+    seq = runner.new_sequence()
+    out = [runner.prefill(seq, prompt)]
+    for _ in range(steps):
+        out.append(runner.decode(seq, int(out[-1].argmax())))
+    return out
+
+
+@DTYPES
+@pytest.mark.parametrize("spec", [
+    "dense", "streaming:budget=96,sinks=4,positions=original", "dense:kv_quant=int8", "snapkv:budget=96", "adakv:budget=96",
+    "kvzip:budget=96", "block_topk:sinks=16,window=64,query_tokens=8,topk=2,dense_below=0",
+])  # fmt: skip
+def test_each_sequence_of_a_mixed_batch_is_bit_for_bit_itself_alone(spec: str, dtype: torch.dtype) -> None:
+    """Prompts of 5 to 330 tokens (chunks of 64 and shorter), arriving two steps apart, so decode tokens share
+    steps with prompt chunks; 40 decode steps each, past 256 keys (several attention chunks)."""
+    steps = 40
+    prompts = [_ids(n, seed=n) for n in (5, 150, 330, 23)]
+    want = [_alone(spec, dtype, p, steps) for p in prompts]
+    runners = [_runner(spec, dtype) for _ in prompts]
+    seqs = [r.new_sequence() for r in runners]
+    plans = [r.plan_prefill(s, p) for r, s, p in zip(runners, seqs, prompts, strict=True)]
+    got: list[list[torch.Tensor]] = [[] for _ in prompts]
+    step, mixed = 0, 0
+    while any(len(g) < steps + 1 for g in got):
+        works, owners = [], []
+        for i in range(len(prompts)):
+            if step < 2 * i or len(got[i]) == steps + 1:
+                continue
+            mine = plans[i].next_works() if not plans[i].done else [Work(runners[i], seqs[i], [int(got[i][-1].argmax())], decode=True)]
+            works.extend(mine)
+            owners.extend([i] * len(mine))
+        mixed += any(w.decode for w in works) and any(not w.decode for w in works)
+        for i, lg in zip(owners, run_batch(MODELS[dtype], works), strict=True):
+            if lg is not None:
+                got[i].append(lg)
+        step += 1
+    assert mixed >= 3  # prompt chunks really shared steps with decode tokens
+    for i, (g, w) in enumerate(zip(got, want, strict=True)):
+        for t, (a, b) in enumerate(zip(g, w, strict=True)):
+            assert torch.equal(a, b), (spec, i, t, (a - b).abs().max())
+
+
+@DTYPES
+def test_a_prefix_cache_hit_decodes_bit_for_bit_as_the_cold_run(dtype: torch.dtype) -> None:
+    """The whole prompt cached (it ends mid-page, so the warm sequence's own tokens start a new page): every
+    decode step's logits equal the cold run's."""
+    prompt, steps = _ids(45, seed=1), 100
+    engine = _engine(dtype)
+    runner = Runner(MODELS[dtype], DensePolicy(), engine, KVPools(engine.page_size))  # one pool: a hit attaches its pages
+    cold = runner.new_sequence()
+    first = runner.prefill(cold, prompt)
+    want, tokens = [], []
+    lg = first
+    for _ in range(steps):
+        tokens.append(int(lg.argmax()))
+        lg = runner.decode(cold, tokens[-1])
+        want.append(lg)
+    pc = PrefixCache(1 << 30)
+    pc.insert("ns", cold.tokens, cold.cache, {len(prompt): first})
+    m = pc.match("ns", prompt)
+    assert m.length == len(prompt) and m.logits is not None and torch.equal(m.logits, first)
+    warm = runner.new_sequence()
+    pc.load(m, warm.cache, m.length)
+    warm.tokens = list(prompt)
+    for t, (tok, w) in enumerate(zip(tokens, want, strict=True)):
+        assert torch.equal(runner.decode(warm, tok), w), t
+    runs = warm.cache[0].kernel_runs(dtype)
+    assert runs is not None and [n for _, n in runs] == [45, steps]  # the shared pages in place, then its own
+    _release(warm, cold, pc)
+
+
+def _release(*held: Sequence | PrefixCache) -> None:
+    for x in held:
+        if isinstance(x, PrefixCache):
+            x.clear()
+        else:
+            x.cache.clear()
