@@ -604,6 +604,13 @@ def test_auto_policy_uses_block_topk_beyond_the_window_tiered_when_the_cache_is_
     assert llm.resolve_policy(8192).name == "dense"
     assert llm.resolve_policy(8193).name == "block_topk"
     assert llm.resolve_policy(5000, "block_topk").name == "block_topk"  # asked for by name inside the window
+    with pytest.raises(LongKVError, match=r"a budget \(512 tokens\) was given with the dense policy"):
+        llm.resolve_policy(100, "dense", budget=512)  # not silently ignored
+    with pytest.raises(LongKVError, match="under the dense policy: .* use the block_topk policy"):
+        llm.resolve_policy(9000, "dense")
+    with pytest.raises(LongKVError, match=r"streaming\(budget=1024, .*positions=original\) policy: .*drop positions=original"):
+        llm.resolve_policy(9000, "streaming:budget=1024,positions=original")  # the advice is not "use streaming"
+    assert llm.resolve_policy(9000, "streaming:budget=1024").name == "streaming"  # contiguous positions: any length
 
 
 def test_rotary_reuses_its_last_table_only_for_the_same_positions_and_dtype() -> None:

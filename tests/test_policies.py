@@ -291,6 +291,8 @@ def test_modes_bound_and_reuse(spec: str) -> None:
         ("adakv:floor=1.5", "floor must be within"),
         ("knorm:kv_quant=int3", "unknown kv_quant"),
         ("tova:positions=shifted", "unknown positions"),
+        ("streaming:budget=64,positions=foo", "unknown positions 'foo'"),
+        ("streaming:budget=64,kv_quant=int3", "unknown kv_quant"),
     ],
 )
 def test_bad_knobs_raise(spec: str, match: str) -> None:
@@ -539,3 +541,7 @@ def test_describe_names_every_knob() -> None:
     assert make_policy("snapkv", budget=64, kv_quant="int4").describe() == "snapkv(budget=64, sinks=4, window=32, kernel=15, chunk=8, kv_quant=int4)"
     assert make_policy("dense:kv_quant=int8").describe() == "dense(kv_quant=int8)" and make_policy("dense").describe() == "dense"
     assert make_policy("streaming:budget=1024,kv_quant=int8").describe() == "streaming(budget=1024, sinks=4, window=1020, kv_quant=int8)"
+    tail = ", kv_quant=int8, positions=original"  # every method names the storage knobs off their defaults
+    for spec in ("streaming", "h2o", "pyramid", "adakv", "snapkv", "tova"):
+        assert make_policy(f"{spec}:budget=256,kv_quant=int8,positions=original").describe().endswith(tail + ")"), spec
+        assert "positions" not in make_policy(f"{spec}:budget=256").describe(), spec

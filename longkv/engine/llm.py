@@ -28,7 +28,7 @@ from longkv.inputs import Document, build_prompt, collect
 from longkv.loading import load
 from longkv.models import build
 from longkv.models.layers import DECODE_WEIGHTS
-from longkv.policies import BlockTopKPolicy, KVPolicy, StreamingPolicy, make_policy
+from longkv.policies import BlockTopKPolicy, EvictionPolicy, KVPolicy, StreamingPolicy, make_policy
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -103,7 +103,9 @@ class LLM:
         self._default_budget = budget
         if policy not in (None, "auto") or budget is not None:  # fail fast on a bad spec or budget, before loading weights
             spec = policy if policy not in (None, "auto") else "streaming"  # auto + budget means streaming
-            early = make_policy(spec, budget=budget) if budget is not None and not _is_dense(spec) else make_policy(spec)
+            if budget is not None and _is_dense(spec):
+                raise _dense_with_budget(budget)
+            early = make_policy(spec, budget=budget) if budget is not None else make_policy(spec)
             early.check_codec()
             if hasattr(early, "check_budget"):
                 early.check_budget()
@@ -166,14 +168,21 @@ class LLM:
                         f"{self.engine_config.chunk_size}-token chunks: lower the chunk size (--chunk-size {max(16, window // 4)})"
                     )
                 spec = StreamingPolicy(budget=budget if budget is not None else default_budget)
-        pol = make_policy(spec, budget=budget) if budget is not None and not _is_dense(spec) else make_policy(spec)
+        if budget is not None and _is_dense(spec):
+            raise _dense_with_budget(budget)
+        pol = make_policy(spec, budget=budget) if budget is not None else make_policy(spec)
         pol = pol.resolve(self.config, self.engine_config)
         limit = pol.max_context(self.config)
         if limit is not None and n_tokens > limit:
+            if isinstance(pol, EvictionPolicy):  # original positions grow past the window: renumbering keeps them in
+                fix = ("drop positions=original (the default, contiguous, numbers the kept tokens 0 .. budget, "
+                       "so the input may be longer than the window), or use the block_topk policy")
+            else:
+                fix = ("use the block_topk policy (--policy block_topk, or auto) to read beyond the window, streaming to "
+                       "keep only recent tokens")
             raise LongKVError(
                 f"input of {n_tokens} tokens (prompt + max new tokens) exceeds the model's trained window of "
-                f"{limit} under the {pol.name} policy: lower --max-new-tokens if the prompt alone fits, use the block_topk "
-                "policy (--policy block_topk, or auto) to read beyond the window, streaming to keep only recent tokens, "
+                f"{limit} under the {pol.describe()} policy: lower --max-new-tokens if the prompt alone fits, {fix}, "
                 "or a smaller input"
             )
         return pol
@@ -498,6 +507,13 @@ def _compression_label(pol: KVPolicy, aware: bool) -> str:
     if not pol.needs_queries:
         return ""
     return "question-aware" if aware else "question-agnostic"
+
+
+def _dense_with_budget(budget: int) -> LongKVError:
+    return LongKVError(
+        f"a budget ({budget} tokens) was given with the dense policy, which keeps every token: drop the budget, "
+        "or pick a policy that keeps one (e.g. --policy snapkv or streaming)"
+    )
 
 
 def _is_dense(spec: str | KVPolicy) -> bool:

@@ -89,4 +89,4 @@ class AdaKVPolicy(ScorerWrapper):
             h.keep(part.nonzero().squeeze(1))
 
     def describe(self) -> str:
-        return f"adakv(budget={self.budget}, scorer={self.scorer}, floor={self.floor})"
+        return f"adakv(budget={self.budget}, scorer={self.scorer}, floor={self.floor}{self.describe_storage()})"

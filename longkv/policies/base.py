@@ -293,11 +293,12 @@ class EvictionPolicy(KVPolicy, ABC):
         sinks, window = self.protected(self.budget)
         skip = {"budget", "sinks", "window", "kv_quant", "positions"}
         extra = "".join(f", {f.name}={getattr(self, f.name)}" for f in dataclasses.fields(self) if f.init and f.name not in skip)
-        if self.kv_quant != "none":
-            extra += f", kv_quant={self.kv_quant}"
-        if self.positions != "contiguous":
-            extra += f", positions={self.positions}"
-        return f"{self.name}(budget={self.budget}, sinks={sinks}, window={window}{extra})"
+        return f"{self.name}(budget={self.budget}, sinks={sinks}, window={window}{extra}{self.describe_storage()})"
+
+    def describe_storage(self) -> str:
+        """``, kv_quant=.., positions=..`` for the knobs not at their defaults (the tail of :meth:`describe`)."""
+        out = f", kv_quant={self.kv_quant}" if self.kv_quant != "none" else ""
+        return out + (f", positions={self.positions}" if self.positions != "contiguous" else "")
 
 
 @dataclass

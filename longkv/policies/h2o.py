@@ -57,4 +57,4 @@ class H2OPolicy(AccumulatedScorePolicy):
         return window_attention(keys, needs_window(self.name, queries), positions).sum(1)
 
     def describe(self) -> str:
-        return f"h2o(budget={self.budget}, sinks={self.sinks}, recent_ratio={self.recent_ratio})"
+        return f"h2o(budget={self.budget}, sinks={self.sinks}, recent_ratio={self.recent_ratio}{self.describe_storage()})"

@@ -76,4 +76,4 @@ class PyramidPolicy(ScorerWrapper):
         return self.inner.score(layer, keys, values, positions, queries)
 
     def describe(self) -> str:
-        return f"pyramid(budget={self.budget}, scorer={self.scorer}, beta={self.beta})"
+        return f"pyramid(budget={self.budget}, scorer={self.scorer}, beta={self.beta}{self.describe_storage()})"

@@ -43,7 +43,7 @@ class StreamingPolicy(EvictionPolicy):
         return self.budget - self.sinks if self.window is None else self.window
 
     def validate(self, model: ModelConfig, engine: EngineConfig) -> None:
-        self.check_budget()
+        super().validate(model, engine)  # the budget, codec and positions
         span = self.budget + max(engine.chunk_size, self.evict_every)
         if span > model.max_position:
             raise LongKVError(
@@ -99,5 +99,4 @@ class StreamingPolicy(EvictionPolicy):
         return min(self.budget, self.sinks + self.local_window) if self.kv_quant == "none" else 0
 
     def describe(self) -> str:
-        codec = "" if self.kv_quant == "none" else f", kv_quant={self.kv_quant}"
-        return f"streaming(budget={self.budget}, sinks={self.sinks}, window={self.local_window}{codec})"
+        return f"streaming(budget={self.budget}, sinks={self.sinks}, window={self.local_window}{self.describe_storage()})"
