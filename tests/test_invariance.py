@@ -124,3 +124,12 @@ def _release(*held: Sequence | PrefixCache) -> None:
             x.clear()
         else:
             x.cache.clear()
+
+
+def test_a_sequence_with_two_works_in_one_batch_is_refused() -> None:
+    runner = _runner("dense", torch.float32)
+    seq = runner.new_sequence()
+    runner.prefill(seq, _ids(10, seed=2))
+    with pytest.raises(ValueError, match="a sequence has two works in one batch"):
+        run_batch(MODELS[torch.float32], [Work(runner, seq, [1], decode=True), Work(runner, seq, [2], decode=True)])
+    assert seq.cache[0].n == 10 and len(seq.tokens) == 10  # nothing ran

@@ -185,8 +185,9 @@ def segment(k: Any, v: Any) -> tuple[int, ...]:
         kc, vc, side = p["k"], p["v"], p["k_step"]
         if kc.stride(2) != 1 or side.stride(2) != 1 or any(p[n].stride() != side.stride() for n in ("k_min", "v_step", "v_min")):
             raise ValueError("decode_attention: int8 planes with contiguous rows, the four side planes alike")
-        return (_SEG_INT8, kc.data_ptr(), vc.data_ptr(), kc.shape[1], *kc.stride()[:2], *vc.stride()[:2], p["k_step"].data_ptr(),
-                p["k_min"].data_ptr(), p["v_step"].data_ptr(), p["v_min"].data_ptr(), *side.stride()[:2], k.fmt.group)
+        if vc.stride(1) != kc.stride(1):
+            raise ValueError("decode_attention: int8 key and value planes with the same row stride")
+        return coded_segment(p, 0, kc.shape[1], k.fmt.group)
     if not isinstance(k, torch.Tensor) or k.dtype not in (torch.bfloat16, torch.float32) or v.dtype != k.dtype:
         raise ValueError("decode_attention: parts of bfloat16 or float32 keys and values (or int8 pages)")
     ks, vs = k.stride(), v.stride()
@@ -569,8 +570,9 @@ def plain_segment(k_plane: torch.Tensor, v_plane: torch.Tensor, slot: int, n: in
 
 
 def coded_segment(planes: dict[str, torch.Tensor], slot: int, n: int, group: int) -> tuple[int, ...]:
-    """:func:`plain_segment` for a pool of int8 codes (``longkv.kv.quant.CodedFormat`` planes, contiguous): what
-    :func:`decode_attention` makes of ``CodedRows`` over the slots ``[slot, slot + n)``."""
+    """The decode attention kernel's description of ``n`` tokens at ``slot`` of int8 code planes
+    (``longkv.kv.quant.CodedFormat``'s, a pool's or views of them, rows contiguous, the four side planes alike):
+    what :func:`segment` makes of ``CodedRows`` over the slots ``[slot, slot + n)``."""
     kc, vc = planes["k"], planes["v"]
     side = planes["k_step"]
     cs, ss = kc.stride(1), side.stride(1)  # bytes of codes and float16 values per slot
