@@ -533,6 +533,83 @@ static void value_bf16_wide(float acc[][MAX_D], int G, int D, const Rows *v, int
 }
 #endif
 
+#ifdef LONGKV_AVX512
+/* 16 int8 codes of row t from element c, decoded with their group's step and minimum (16 lanes each). */
+ALWAYS_INLINE __m512 codes16(const Rows *r, int64_t t, int c, __m512 s16, __m512 m16) {
+    const __m128i x = _mm_loadu_si128((const __m128i *)((const uint8_t *)r->p + r->off + t * r->ts + c));
+    return _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(x)), s16, m16);
+}
+
+/* The step and minimum of group gi of row t, in every lane. */
+ALWAYS_INLINE void group_scale16(const Rows *r, int64_t t, int gi, __m512 *s16, __m512 *m16) {
+    const int64_t at = r->soff + t * r->sts + gi;
+    *s16 = _mm512_set1_ps(_cvtsh_ss(r->st[at]));
+    *m16 = _mm512_set1_ps(_cvtsh_ss(r->mn[at]));
+}
+
+/* score_pairs_of for int8-coded keys, 16 codes of a row at a time (queries in the rows' own order). */
+static void score_q8_wide(const float *q, int G, int D, const Rows *k, int nb, float scale, float s[][BLK], const Rows *v) {
+    const __m256 sc = _mm256_set1_ps(scale);
+    for (int i0 = 0; i0 < G; i0 += 4) {
+        const int w = G - i0 < 4 ? G - i0 : 4;
+        const float *q0 = q + (int64_t)i0 * D;
+        __m256 part[4][8];
+        for (int t = 0; t < nb; t++) {
+            if (i0 == 0)
+                for (int c = 0; c < D; c += 64) {
+                    _mm_prefetch(row_at(k, 1, t + BLK) + c, _MM_HINT_T0);
+                    _mm_prefetch(row_at(v, 1, t) + c, _MM_HINT_T0);
+                }
+            __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, s16, m16;
+            for (int c0 = 0, gi = 0; c0 < D; c0 += k->group, gi++) {
+                group_scale16(k, t, gi, &s16, &m16);
+                for (int c = c0; c < c0 + k->group; c += 16) {
+                    const __m512 x = codes16(k, t, c, s16, m16);
+                    a0 = _mm512_fmadd_ps(_mm512_loadu_ps(q0 + c), x, a0);
+                    if (w > 1) a1 = _mm512_fmadd_ps(_mm512_loadu_ps(q0 + D + c), x, a1);
+                    if (w > 2) a2 = _mm512_fmadd_ps(_mm512_loadu_ps(q0 + 2 * D + c), x, a2);
+                    if (w > 3) a3 = _mm512_fmadd_ps(_mm512_loadu_ps(q0 + 3 * D + c), x, a3);
+                }
+            }
+            part[0][t & 7] = halves_sum(a0);
+            if (w > 1) part[1][t & 7] = halves_sum(a1);
+            if (w > 2) part[2][t & 7] = halves_sum(a2);
+            if (w > 3) part[3][t & 7] = halves_sum(a3);
+            if ((t & 7) == 7)
+                for (int i = 0; i < w; i++) _mm256_storeu_ps(&s[i0 + i][t - 7], _mm256_mul_ps(sum8x8(part[i]), sc));
+        }
+        for (int t = nb & ~7; t < nb; t++)
+            for (int i = 0; i < w; i++) s[i0 + i][t] = hsum8_tree(part[i][t & 7]) * scale;
+    }
+}
+
+/* value_pairs_of for int8-coded values, 16 codes of a row at a time (accumulators in the rows' own order). */
+static void value_q8_wide(float acc[][MAX_D], int G, int D, const Rows *v, int nb, float s[][BLK]) {
+    for (int c = 0; c < D; c += 16) {
+        const int gi = c / v->group;
+        for (int i0 = 0; i0 < G; i0 += 4) {
+            const int w = G - i0 < 4 ? G - i0 : 4;
+            __m512 e0 = _mm512_loadu_ps(acc[i0] + c), e1 = e0, e2 = e0, e3 = e0, s16, m16;
+            if (w > 1) e1 = _mm512_loadu_ps(acc[i0 + 1] + c);
+            if (w > 2) e2 = _mm512_loadu_ps(acc[i0 + 2] + c);
+            if (w > 3) e3 = _mm512_loadu_ps(acc[i0 + 3] + c);
+            for (int t = 0; t < nb; t++) {
+                group_scale16(v, t, gi, &s16, &m16);
+                const __m512 x = codes16(v, t, c, s16, m16);
+                e0 = _mm512_fmadd_ps(_mm512_set1_ps(s[i0][t]), x, e0);
+                if (w > 1) e1 = _mm512_fmadd_ps(_mm512_set1_ps(s[i0 + 1][t]), x, e1);
+                if (w > 2) e2 = _mm512_fmadd_ps(_mm512_set1_ps(s[i0 + 2][t]), x, e2);
+                if (w > 3) e3 = _mm512_fmadd_ps(_mm512_set1_ps(s[i0 + 3][t]), x, e3);
+            }
+            _mm512_storeu_ps(acc[i0] + c, e0);
+            if (w > 1) _mm512_storeu_ps(acc[i0 + 1] + c, e1);
+            if (w > 2) _mm512_storeu_ps(acc[i0 + 2] + c, e2);
+            if (w > 3) _mm512_storeu_ps(acc[i0 + 3] + c, e3);
+        }
+    }
+}
+#endif
+
 /* x (D) to (to_pairs) or from the paired order: per `width` (16 or 32) elements, the even ones then the odd ones. */
 static void pair_order(const float *x, float *out, int D, int width, int to_pairs) {
     const int h = width / 2;
@@ -589,6 +666,10 @@ static void score_piece(const int64_t *md, int64_t b, int nb, const float *qg, i
         score_bf16_wide(qg, G, D, &kr, nb, scale, s, &vr);
         return;
     }
+    if (wide && fmt == SEG_INT8) {
+        score_q8_wide(qg, G, D, &kr, nb, scale, s, &vr);
+        return;
+    }
 #endif
     if (wide) {
         score_pairs(qg, G, D, &kr, fmt == SEG_INT8, nb, scale, s, &vr);
@@ -618,6 +699,10 @@ static void value_piece(const int64_t *md, int64_t b, int nb, int g, int G, int 
 #ifdef LONGKV_AVX512
     if (wide && fmt == SEG_BF16 && paired == 32) {
         value_bf16_wide(acc, G, D, &vr, nb, s);
+        return;
+    }
+    if (wide && fmt == SEG_INT8) {
+        value_q8_wide(acc, G, D, &vr, nb, s);
         return;
     }
 #endif
