@@ -1,9 +1,10 @@
 """Batch invariance: a sequence's logits are the same bits alone, in any batch, and after a prefix-cache hit.
 
-A tiny random Llama in bfloat16 with int4 decode weights (the formats the CPU runs by default),
-head_dim 32 (the 32-wide attention loops). Every comparison is ``torch.equal``: the engine cuts
-a sequence's work the same way whatever else shares the step (prompt chunks on the sequence's
-own grid; each weight format's products row by row or per chunk; decode attention in blocks at
+A tiny random Llama in bfloat16 and float32 with int4 decode weights (the formats the CPU runs by
+default), head_dim 32 (the 32-wide attention loops). Every comparison is ``torch.equal``: a token's
+products do not depend on what shares its step or its chunk (decode rows through the coded weights
+row by row, prompt chunks through W in forwards of their own, padded; prompt chunks on the grid of
+the sequence's positions; prefill attention padded to fixed blocks; decode attention in blocks at
 fixed offsets of the sequence's keys, chunks merged in order).
 """
 
@@ -17,7 +18,7 @@ from longkv import kernels
 from longkv.config import EngineConfig, ModelConfig
 from longkv.engine.runner import Runner, Sequence, Work, run_batch
 from longkv.kv.pool import KVPools
-from longkv.kv.radix import PrefixCache
+from longkv.kv.radix import PrefixCache, reuse_length
 from longkv.models import build
 from longkv.policies import DensePolicy, make_policy
 
@@ -133,3 +134,38 @@ def test_a_sequence_with_two_works_in_one_batch_is_refused() -> None:
     with pytest.raises(ValueError, match="a sequence has two works in one batch"):
         run_batch(MODELS[torch.float32], [Work(runner, seq, [1], decode=True), Work(runner, seq, [2], decode=True)])
     assert seq.cache[0].n == 10 and len(seq.tokens) == 10  # nothing ran
+
+
+@DTYPES
+@pytest.mark.parametrize("spec", ["dense", "dense:kv_quant=int8"])
+def test_a_partial_prefix_hit_decodes_bit_for_bit_as_the_cold_run(spec: str, dtype: torch.dtype) -> None:
+    """An earlier request's prompt is a prefix of this one (a shared system prompt, a document asked twice):
+    this prompt resumes after the cached tokens on the chunk grid a cold run uses, each prompt token's
+    products the same for any chunk, so its logits after the prompt and at every decode step equal a cold
+    run's, whatever the prefix's length (inside a chunk, on its edge, one token short)."""
+    engine = _engine(dtype)
+    prompt, steps = _ids(150, seed=7), 12
+    runner = Runner(MODELS[dtype], make_policy(spec).resolve(CFG, engine), engine, KVPools(engine.page_size))
+    cold = runner.new_sequence()
+    want = [runner.prefill(cold, prompt)]
+    for _ in range(steps):
+        want.append(runner.decode(cold, int(want[-1].argmax())))
+    cold.cache.clear()
+    for k in (2, 31, 63, 64, 65, 100, 128, 148, 149):
+        pc = PrefixCache(1 << 30)
+        earlier = runner.new_sequence()
+        runner.prefill(earlier, prompt[:k])
+        pc.insert("ns", earlier.tokens, earlier.cache)
+        earlier.cache.clear()
+        m = pc.match("ns", prompt)
+        reuse = reuse_length(m, len(prompt), engine.chunk_size)
+        assert reuse == {63: 62, 65: 64, 149: 148}.get(k, k)  # no lone token at either side of the cut
+        warm = runner.new_sequence()
+        pc.load(m, warm.cache, reuse)
+        warm.tokens = prompt[:reuse]
+        got = [runner.prefill(warm, prompt[reuse:])]
+        for _ in range(steps):
+            got.append(runner.decode(warm, int(got[-1].argmax())))
+        for t, (a, b) in enumerate(zip(got, want, strict=True)):
+            assert torch.equal(a, b), (k, t, (a - b).abs().max())
+        _release(warm, pc)

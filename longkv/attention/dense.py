@@ -40,26 +40,41 @@ def attend(
         (H, T, D) attention output in q's dtype.
     """
     t, n = q.shape[1], k.shape[1]
-    gqa = q.shape[0] != k.shape[0]
-    if window is not None and n > window:
-        if t == 1:  # keys are in position order: the window is a tail
-            first = int(torch.searchsorted(k_pos, q_pos[0] - window, right=True))
-            return _decode_attend(q, k[:, first:], v[:, first:])
-        band = (k_pos[None, :] <= q_pos[:, None]) & (k_pos[None, :] > q_pos[:, None] - window)  # (T, N) bool
-        out = F.scaled_dot_product_attention(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), attn_mask=band, enable_gqa=gqa)
-        return out.squeeze(0)
     if t == 1:
+        if window is not None and n > window:  # keys are in position order: the window is a tail
+            first = int(torch.searchsorted(k_pos, q_pos[0] - window, right=True))
+            k, v = k[:, first:], v[:, first:]
         return _decode_attend(q, k, v)
-    if n == t:  # first chunk: plain causal
-        mask = None
-        causal = True
-    else:
-        mask = k_pos[None, :] <= q_pos[:, None]  # (T, N) bool
-        causal = False
-    out = F.scaled_dot_product_attention(
-        q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), attn_mask=mask, is_causal=causal, enable_gqa=gqa
-    )
-    return out.squeeze(0)
+    if q.device.type == "cpu":
+        q, q_pos, k, v, k_pos = _padded(q, q_pos, k, v, k_pos)
+    mask = k_pos[None, :] <= q_pos[:, None]  # (T, N) bool
+    if window is not None and n > window:
+        mask &= k_pos[None, :] > q_pos[:, None] - window
+    out = F.scaled_dot_product_attention(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), attn_mask=mask, enable_gqa=q.shape[0] != k.shape[0])
+    return out.squeeze(0)[:, :t]
+
+
+Q_ROWS, K_ROWS = 64, 512  # a prompt chunk's queries and keys are padded to multiples of these on the CPU
+
+
+def _padded(
+    q: torch.Tensor, q_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pos: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The queries padded to a multiple of :data:`Q_ROWS` rows (copies of the last) and the keys and values to
+    a multiple of :data:`K_ROWS` (zeros at a position no query sees): PyTorch's CPU attention then cuts every
+    chunk into the same blocks, so a query's output does not depend on how many queries and keys share its
+    chunk (the same bits for a prompt computed in one chunk or resumed after cached tokens). Masked keys add
+    exact zeros."""
+    t, n = q.shape[1], k.shape[1]
+    tp, np_ = -(-t // Q_ROWS) * Q_ROWS, -(-n // K_ROWS) * K_ROWS
+    if tp != t:
+        q = torch.cat((q, q[:, -1:].expand(-1, tp - t, -1)), dim=1)
+        q_pos = torch.cat((q_pos, q_pos[-1:].expand(tp - t)))
+    if np_ != n:
+        k = torch.cat((k, k.new_zeros(k.shape[0], np_ - n, k.shape[2])), dim=1)
+        v = torch.cat((v, v.new_zeros(v.shape[0], np_ - n, v.shape[2])), dim=1)
+        k_pos = torch.cat((k_pos, k_pos.new_full((np_ - n,), torch.iinfo(k_pos.dtype).max)))
+    return q, q_pos, k, v, k_pos
 
 
 def _decode_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -15,9 +15,9 @@ decoding sequence its last token, then fills the rest of a token budget
 (``max_step_tokens``) with prompt chunks, shortest remaining prompt first, so
 a short request that arrives during a long prefill gets its first token after
 one chunk, not after the whole prompt; the first chunk always goes in, so a
-prefill never starves behind decoders. The decode tokens and short chunks share one
-forward through the model (:func:`~longkv.engine.runner.run_batch`): a batch reads the
-weights once; a chunk of more than 32 tokens runs in a forward of its own.
+prefill never starves behind decoders. The decode tokens share one forward through
+the model (:func:`~longkv.engine.runner.run_batch`): a batch reads the weights once; a
+prompt chunk runs in a forward of its own.
 
 Each request keeps its own policy, sampler (its own seeded generator: a seed
 reproduces a completion whatever else runs), incremental detokenizer and stop

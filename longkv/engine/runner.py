@@ -29,7 +29,7 @@ from longkv.kv.cache import KVCache, LayerKV, page_format
 from longkv.kv.headwise import HeadwiseLayerKV
 from longkv.kv.pool import KVPools, PagePool
 from longkv.kv.quant import CodedFormat, Part, drop_front
-from longkv.models.layers import Linear, SequenceRotary
+from longkv.models.layers import SequenceRotary
 from longkv.models.llama import LlamaModel
 from longkv.policies.base import KVPolicy, Observation, SelectionPolicy, SelectionState, SelectPlan
 
@@ -430,8 +430,9 @@ class Work:
 class PrefillPlan:
     """A prompt cut into the chunks that prefill it, handed out step by step.
 
-    Chunks are ``engine.chunk_size`` tokens on the sequence's own grid (so a
-    compressing policy sees the same chunks alone or in a batch). Under a
+    Chunks are ``engine.chunk_size`` tokens on the grid of the sequence's positions
+    (so a compressing policy sees the same chunks alone or in a batch, and a prompt
+    resumed after cached tokens is cut where a run from scratch cuts it). Under a
     selection policy the question part (``SelectionPolicy.question_start``) comes
     last: once the context is in, the policy's ``select`` plan chooses its pages,
     each of its needs handed out as works of their own (:mod:`longkv.engine.needs`)
@@ -461,6 +462,9 @@ class PrefillPlan:
                     ids, self.question = ids[:split], ids[split:]
         self._pending = ids
         self._pos = 0
+        # the context's chunks end on the grid of the sequence's positions (multiples of chunk_size), also when
+        # it resumes after cached tokens: each token is computed in the same chunk as in a run from scratch
+        self._base: int | None = len(seq.tokens)
         self._select: SelectPlan | None = None  # the policy's plan at the question, while it runs
         self._need: NeedRun | None = None  # its need in flight
 
@@ -492,7 +496,7 @@ class PrefillPlan:
                     need = self._select.send(self._need.result)
             except StopIteration:
                 self._select = self._need = None
-                self._pending, self._pos, self.question = self.question, 0, []
+                self._pending, self._pos, self.question, self._base = self.question, 0, [], None
                 return None
             self._need = NeedRun(self.runner, self.seq, need)
         return self._need
@@ -504,7 +508,15 @@ class PrefillPlan:
         need = self._selection()
         if need is not None:
             return need.peek()
-        return min(self.runner.engine.chunk_size, len(self._pending) - self._pos)
+        return self._chunk()
+
+    def _chunk(self) -> int:
+        """Tokens of the next chunk: up to the next multiple of chunk_size of the sequence's positions (the
+        question of a selection policy: chunk_size), at most what is left."""
+        size = self.runner.engine.chunk_size
+        if self._base is not None:
+            size -= (self._base + self._pos) % size
+        return min(size, len(self._pending) - self._pos)
 
     def next_works(self, budget: int | None = None) -> list[Work]:
         """The next works: the next chunk, or at the question the selection's need (at least
@@ -517,7 +529,7 @@ class PrefillPlan:
         need = self._selection()
         if need is not None:
             return need.works(budget)
-        part = self._pending[self._pos : self._pos + self.runner.engine.chunk_size]
+        part = self._pending[self._pos : self._pos + self._chunk()]
         self._pos += len(part)
         self.fed += len(part)
         return [Work(self.runner, self.seq, part, decode=False, logits=self.done, compress=self.compress)]
@@ -551,14 +563,13 @@ def run_batch(
 ) -> list[torch.Tensor | None]:
     """The forward of a step over the tokens of every work item (a ragged batch: no padding); logits (V,) or None each.
 
-    Works of at most ``Linear.decode_max_rows`` tokens (decode tokens, short prompt chunks, probes)
-    share one forward through the coded decode weights, one kernel call where it can be
-    (:func:`_one_call_decode`); a longer prompt chunk (compute-bound) runs through the weights
-    themselves in a forward of its own. Every weight matrix is read once per forward; attention runs
-    sequence by sequence over its own cache, under its own policy. Then each runner's
-    :meth:`Runner.after_forward` (tokens, compression). A work is cut into the same products whatever
-    shares its step, so each sequence's logits are the same bits as alone (on the CPU with the
-    kernels built; elsewhere equal up to float rounding).
+    The decode tokens share one forward through the coded decode weights, one kernel call where it
+    can be (:func:`_one_call_decode`); every other work (a prompt chunk, a probe) runs through the
+    weights themselves in a forward of its own. Every weight matrix is read once per forward;
+    attention runs sequence by sequence over its own cache, under its own policy. Then each runner's
+    :meth:`Runner.after_forward` (tokens, compression). A token's products do not depend on what
+    shares its step or its chunk, so each sequence's logits are the same bits as alone (on the CPU
+    with the kernels built; elsewhere equal up to float rounding).
 
     ``should_stop`` is asked before every layer's attention; when it says so, the KV
     appended by the layers already run is rolled back and :class:`Interrupted` raised
@@ -571,7 +582,7 @@ def run_batch(
     if len({id(w.seq) for w in works}) < len(works):
         raise ValueError("run_batch: a sequence has two works in one batch; its works run one step after another")
     coded = model.coded
-    groups = [works] if not coded else [[w for w in works if len(w.ids) <= Linear.decode_max_rows]] + [[w] for w in works if len(w.ids) > Linear.decode_max_rows]
+    groups = [works] if not coded else [[w for w in works if w.decode]] + [[w] for w in works if not w.decode]
     marks = [w.seq.cache.marks() for w in works] if should_stop is not None else []
     logits: dict[int, torch.Tensor] = {}
     try:
@@ -584,7 +595,7 @@ def run_batch(
                 with torch.inference_mode():
                     out: torch.Tensor | None = _decode_step(model, group)
             else:
-                out = _forward(model, group, should_stop, coded and len(group[0].ids) <= Linear.decode_max_rows)
+                out = _forward(model, group, should_stop, coded and group[0].decode)
             rows = [w for w in group if w.logits]
             if rows:
                 assert out is not None

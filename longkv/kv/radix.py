@@ -100,6 +100,21 @@ class Match:
     logits: torch.Tensor | None = None
 
 
+def reuse_length(match: Match, n_ids: int, chunk_size: int) -> int:
+    """How many of a prompt's ``n_ids`` tokens to take from a ``match``: all of them where the logits after
+    them were kept. Else the last tokens are recomputed for their logits, and the cut avoids a token computed
+    alone, whose attention is a decode step's where a run from scratch computes it in a chunk with others
+    (chunks end on multiples of ``chunk_size``, see ``PrefillPlan``): the resumed prompt's first chunk holds
+    two tokens at least, and the last reused token is not one that ended an earlier prompt alone in its
+    chunk (at a multiple of ``chunk_size``). 0 for no hit."""
+    if match.length == n_ids and match.logits is not None:
+        return n_ids
+    reuse = min(match.length, n_ids - 2)
+    if chunk_size > 2 and reuse % chunk_size in (1, chunk_size - 1):
+        reuse -= 1
+    return max(reuse, 0)
+
+
 @dataclass
 class CacheStats:
     """Counters since start (tokens and bytes)."""

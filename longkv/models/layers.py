@@ -78,14 +78,13 @@ class Linear:
 
     A decode step multiplies a few rows by every weight matrix, so it is bound by
     memory bandwidth: reading a coded copy of W moves about a half (int8) or a
-    quarter (int4) of the bytes of bfloat16; up to :attr:`decode_max_rows` rows read
-    it. Where :mod:`longkv.kernels` is built, the copy is in blocks of 32 inputs
+    quarter (int4) of the bytes of bfloat16; decode rows read it (see :meth:`__call__`). Where :mod:`longkv.kernels` is built, the copy is in blocks of 32 inputs
     (int8: a scale per block, GGUF's Q8_0; int4: a step and minimum per block, Q4_1),
     laid out in tiles of 8 output rows, and multiplied by
     :func:`~longkv.kernels.block_linear`; otherwise by PyTorch's CPU
     kernels (int8: one scale per output channel, ``aten._weight_int8pack_mm``; int4:
-    ``aten._weight_int4pack_mm_for_cpu``). Many-row
-    inputs (prefill chunks) are compute-bound and use W itself; on a CPU without
+    ``aten._weight_int4pack_mm_for_cpu``). Prompt chunks are compute-bound and use W
+    itself (fewer than :attr:`min_rows` rows padded to it); on a CPU without
     native bfloat16 products (:func:`~longkv.config.fast_bf16_matmul`) a bfloat16 W
     is up-cast for them and multiplied in float32 (8-10x faster there from 16 rows
     on; W stays bfloat16 in memory).
@@ -101,13 +100,14 @@ class Linear:
     """
 
     __slots__ = ("b", "bits", "decode", "group", "q", "scale", "upcast", "w")
-    # A work of up to this many rows (a decode token, a short prompt chunk) reads the coded copy: on an
-    # AVX2 CPU the int8/int4 kernels stayed 1.5-10x faster than W's own product up to 32 rows
-    # (a 3072 x 576 matrix: int8 77 / 343 / 1343 us at 1 / 8 / 32 rows, float32 up-cast 1.1-2.1 ms).
-    # The engine decides per work, not per forward (``longkv.engine.runner.run_batch``), and the coded
-    # products are row by row, so a row's result does not depend on what else shares the forward.
+    # Without an explicit ``coded``, up to this many rows read the coded copy: on an AVX2 CPU the
+    # int8/int4 kernels stayed 1.5-10x faster than W's own product up to 32 rows (a 3072 x 576
+    # matrix: int8 77 / 343 / 1343 us at 1 / 8 / 32 rows, float32 up-cast 1.1-2.1 ms). The engine
+    # says which: decode tokens read the copy, prompt chunks W (``longkv.engine.runner.run_batch``);
+    # the coded products are row by row, so a row's result does not depend on what shares its forward.
     decode_max_rows = 32
     upcast_min_rows = 16  # below, a slow bfloat16 product still costs less than up-casting W
+    min_rows = 16  # rows a product through W (coded=False) is padded to on the CPU
 
     def __init__(self, w: torch.Tensor, b: torch.Tensor | None = None, decode: str = "none") -> None:
         if decode not in MATRIX_FORMATS:
@@ -145,7 +145,8 @@ class Linear:
 
     def __call__(self, x: torch.Tensor, coded: bool | None = None) -> torch.Tensor:
         """x: (T, in) -> (T, out) in x's dtype. ``coded``: multiply by the coded copy (where there is one)
-        or by W; None: the copy for at most :attr:`decode_max_rows` rows."""
+        or by W (False: each row's result the same for any T on the CPU); None: the copy for at most
+        :attr:`decode_max_rows` rows."""
         if coded is None:
             coded = x.shape[0] <= self.decode_max_rows
         if self.q is not None and coded:
@@ -156,7 +157,14 @@ class Linear:
             else:
                 y = torch.ops.aten._weight_int8pack_mm(x, self.q, self.scale)
             return y if self.b is None else y + self.b
-        if self.upcast and x.shape[0] >= self.upcast_min_rows:
+        m = x.shape[0]
+        if coded is False and 0 < m < self.min_rows and x.device.type == "cpu":
+            # Few rows through W: padded, so they take the product many rows take (a CPU BLAS multiplies
+            # 1-5 float32 rows by another kernel, and bfloat16 below upcast_min_rows differently too),
+            # and a prompt token's products do not depend on how many share its chunk.
+            pad = torch.cat((x, x.new_zeros(self.min_rows - m, x.shape[1])))
+            return self(pad, False)[:m]
+        if self.upcast and m >= self.upcast_min_rows:
             return F.linear(x.float(), self.w.float(), None if self.b is None else self.b.float()).to(x.dtype)
         return F.linear(x, self.w, self.b)
 

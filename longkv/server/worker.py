@@ -36,7 +36,7 @@ from longkv.engine.llm import LLM
 from longkv.engine.runner import Runner, Sequence
 from longkv.engine.sampling import SamplingParams
 from longkv.errors import LongKVError
-from longkv.kv.radix import PrefixCache, namespace, shares_dense_kv
+from longkv.kv.radix import PrefixCache, namespace, reuse_length, shares_dense_kv
 from longkv.policies import KVPolicy
 from longkv.server.sessions import Pieces, SessionStore, prepare
 
@@ -369,10 +369,8 @@ class EngineWorker:
         reuse, logits, seq = 0, None, None
         if req.share_cache:
             match = self.cache.match(ns, req.ids)
-            # A whole prompt is reused only with the logits a run computed after it; else
-            # its last token is recomputed to get them.
-            full = match.length == len(req.ids) and match.logits is not None
-            reuse = match.length if full else min(match.length, len(req.ids) - 1)
+            reuse = reuse_length(match, len(req.ids), llm.engine_config.chunk_size)
+            full = reuse == len(req.ids)
             if reuse:
                 runner = Runner(llm.model, req.policy, llm.engine_config, self.engine.pools)
                 seq = runner.new_sequence()
