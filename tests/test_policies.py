@@ -292,6 +292,10 @@ def test_modes_bound_and_reuse(spec: str) -> None:
         ("knorm:kv_quant=int3", "unknown kv_quant"),
         ("tova:positions=shifted", "unknown positions"),
         ("streaming:budget=64,positions=foo", "unknown positions 'foo'"),
+        ("h2o:recent_ratio=1.5", "h2o recent_ratio must be within \\[0, 1\\], got 1.5"),
+        ("pyramid:scorer=nope", "pyramid scorer 'nope': unknown policy 'nope'"),
+        ("snapkv:budget=10,budget=20", "policy snapkv knob 'budget' is given twice"),
+        ("auto:budget=10", "the auto policy takes no knobs"),
         ("streaming:budget=64,kv_quant=int3", "unknown kv_quant"),
     ],
 )

@@ -93,3 +93,18 @@ def test_loop_guard_breaks_a_loop_and_is_off_by_default() -> None:
         SamplingParams(dry_multiplier=0.8, dry_base=1.0)
     with pytest.raises(LongKVError, match="dry_allowed_length must be >= 1, got 0"):
         SamplingParams(dry_allowed_length=0)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"max_new_tokens": "4"}, "max_new_tokens must be a whole number, got '4'"),
+        ({"max_new_tokens": 4.0}, "max_new_tokens must be a whole number, got 4.0"),
+        ({"top_k": True}, "top_k must be a whole number, got True"),
+        ({"temperature": float("nan")}, "temperature must be a number, got nan"),
+        ({"top_p": "0.9"}, "top_p must be a number, got '0.9'"),
+    ],
+)
+def test_values_of_the_wrong_type_are_refused_by_name(kwargs: dict, match: str) -> None:  # type: ignore[type-arg]
+    with pytest.raises(LongKVError, match=match):
+        SamplingParams(**kwargs)

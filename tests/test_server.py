@@ -270,6 +270,7 @@ def test_overflow_is_a_400_with_the_numbers(server: ServerProcess, client: opena
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model=MODEL_ID, prompt=[1] * 8000, max_tokens=500)
     assert (e.value.body["n_prompt_tokens"], e.value.body["n_ctx"], e.value.body["max_tokens"]) == (8000, 8192, 500)
+    assert e.value.body["param"] == "prompt"  # a completion's prompt, not messages
     with pytest.raises(openai.BadRequestError) as e:  # chat too, and without max_tokens
         client.chat.completions.create(model=MODEL_ID, messages=[{"role": "user", "content": "word " * 8300}])
     assert e.value.body["n_prompt_tokens"] > 8192 and e.value.body["n_ctx"] == 8192
@@ -360,6 +361,13 @@ def test_a_body_that_is_not_an_object_says_so(server: ServerProcess, content: by
     err = r.json()["error"]
     assert err["code"] == "invalid_json" and err["message"].startswith("the request body must be one JSON object"), err
     assert kind in err["message"] and "Content-Type: application/json" in err["message"]
+
+
+def test_a_nan_temperature_is_refused_as_not_finite(server: ServerProcess) -> None:
+    body = b'{"model": "m", "prompt": "hi", "max_tokens": 2, "temperature": NaN}'
+    r = httpx.post(server.url + "/v1/completions", content=body, headers={"content-type": "application/json"}, timeout=30)
+    assert r.status_code == 400
+    assert "temperature: Input should be a finite number" in r.json()["error"]["message"], r.json()
 
 
 def test_every_bad_field_is_named(server: ServerProcess) -> None:

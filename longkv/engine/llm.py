@@ -245,6 +245,7 @@ class LLM:
         ids = (self.prompt_ids(prompt) if prompt else []) if isinstance(prompt, str) else list(prompt)
         if not ids:
             raise LongKVError("the prompt is empty: pass some text")
+        self._check_ids(ids)
         pol = self.resolve_policy(len(ids) + params.max_new_tokens, policy, budget)
         res = result if result is not None else Generation("", [], "length")
         res.stats.prompt_tokens, res.stats.policy = len(ids), pol.describe()
@@ -356,6 +357,8 @@ class LLM:
         ids = [(self.prompt_ids(p) if p else []) if isinstance(p, str) else list(p) for p in prompts]
         if any(not x for x in ids):
             raise LongKVError(f"prompt {next(i for i, x in enumerate(ids) if not x)} is empty: pass some text for every prompt")
+        for x in ids:
+            self._check_ids(x)
         if question_ids is not None and len(question_ids) != len(ids):
             raise LongKVError(f"question_ids has {len(question_ids)} entries for {len(ids)} prompts: pass one list per prompt (or none)")
         t0 = time.perf_counter()
@@ -445,10 +448,23 @@ class LLM:
         kwargs.setdefault("stop", self.ask_stop)
         return self.generate(ids, question_ids=question_ids, question_aware=question_aware, **kwargs)
 
+    def _check_ids(self, ids: list[Any]) -> None:
+        """Raise LongKVError for a token id that is not an int in the model's vocabulary."""
+        v = self.config.vocab_size
+        bad = next((t for t in ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < v), None)
+        if bad is not None:
+            raise LongKVError(f"token id {bad!r} is outside the vocabulary [0, {v}): pass ids the model's tokenizer gave")
+
     def chat(self, messages: list[dict[str, str]], **kwargs: Any) -> Generation:
         """Render ``messages`` with the chat template, then :meth:`generate` (same keyword arguments)."""
         if not messages:
             raise LongKVError("no messages: pass at least one {'role': 'user', 'content': ...}")
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or m.get("role") not in CHAT_ROLES or not isinstance(m.get("content"), str):
+                raise LongKVError(
+                    f"message {i} is not a chat message: pass {{'role': ..., 'content': '...'}} with a role of "
+                    f"{', '.join(CHAT_ROLES)} and text content, got {m!r:.80}"
+                )
         return self.generate(self.apply_chat_template(messages), **kwargs)
 
 
@@ -507,6 +523,9 @@ def _compression_label(pol: KVPolicy, aware: bool) -> str:
     if not pol.needs_queries:
         return ""
     return "question-aware" if aware else "question-agnostic"
+
+
+CHAT_ROLES = ("system", "user", "assistant", "tool")
 
 
 def _dense_with_budget(budget: int) -> LongKVError:

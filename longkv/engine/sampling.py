@@ -54,6 +54,14 @@ class SamplingParams:
     dry_allowed_length: int = 2
 
     def __post_init__(self) -> None:
+        for name in ("max_new_tokens", "top_k", "dry_allowed_length"):
+            x = getattr(self, name)
+            if isinstance(x, bool) or not isinstance(x, int):
+                raise LongKVError(f"{name} must be a whole number, got {x!r}")
+        for name in ("temperature", "top_p", "repetition_penalty", "dry_multiplier", "dry_base"):
+            x = getattr(self, name)
+            if isinstance(x, bool) or not isinstance(x, (int, float)) or x != x:
+                raise LongKVError(f"{name} must be a number, got {x!r}")
         if self.max_new_tokens < 0:
             raise LongKVError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}: pass 0 or more tokens")
         if self.temperature < 0:

@@ -98,6 +98,11 @@ def make_policy(spec: str | KVPolicy, **overrides: Any) -> KVPolicy:
         return dataclasses.replace(spec, **overrides) if overrides else spec
     name, _, rest = spec.partition(":")
     name = name.strip().lower()
+    if name == "auto":
+        raise LongKVError(
+            f"the auto policy takes no knobs (got {spec!r}): pass --policy auto (with --budget N: streaming with that "
+            "budget), or name a policy with its knobs, e.g. streaming:budget=2048"
+        )
     if name not in POLICIES:
         raise LongKVError(f"unknown policy {name!r}: choose auto or one of {', '.join(sorted(POLICIES))}")
     cls = POLICIES[name]
@@ -113,6 +118,8 @@ def make_policy(spec: str | KVPolicy, **overrides: Any) -> KVPolicy:
             close = difflib.get_close_matches(key.lower(), list(fields), n=1, cutoff=0.6)
             hint = f"did you mean {name}:{close[0]}=...? " if close else ""
             raise LongKVError(f"policy {name} has no knob {key!r}: {hint}its knobs are {known} (e.g. {name}:{_example_knob(fields)})")
+        if key in knobs:
+            raise LongKVError(f"policy {name} knob {key!r} is given twice: keep one {key}=VALUE")
         try:
             knobs[key] = _coerce(value.strip(), fields[key].type)
         except ValueError:

@@ -17,6 +17,7 @@ from typing import ClassVar
 
 import torch
 
+from longkv.errors import LongKVError
 from longkv.policies.base import AccumulatedScorePolicy, Observation, needs_window, window_attention
 
 
@@ -44,6 +45,12 @@ class H2OPolicy(AccumulatedScorePolicy):
 
     def protected(self, budget: int) -> tuple[int, int]:
         return self.sinks, int(budget * self.recent_ratio)
+
+    def check_budget(self) -> None:
+        """Also raises LongKVError for a ``recent_ratio`` outside [0, 1]."""
+        if not 0.0 <= self.recent_ratio <= 1.0:
+            raise LongKVError(f"h2o recent_ratio must be within [0, 1], got {self.recent_ratio}: e.g. h2o:recent_ratio=0.5")
+        super().check_budget()
 
     def score(
         self,

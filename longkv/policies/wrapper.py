@@ -26,7 +26,10 @@ class ScorerWrapper(EvictionPolicy):
     def __post_init__(self) -> None:
         from longkv.policies import make_policy
 
-        inner = make_policy(self.scorer)
+        try:
+            inner = make_policy(self.scorer)
+        except LongKVError as e:
+            raise LongKVError(f"{self.name} scorer {self.scorer!r}: {e}") from None
         if not isinstance(inner, EvictionPolicy) or isinstance(inner, type(self)):
             raise LongKVError(f"{self.name} scorer {self.scorer!r} is not a token scorer: use e.g. scorer=snapkv")
         self.inner = inner

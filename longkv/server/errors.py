@@ -91,7 +91,8 @@ def install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
     @app.exception_handler(ContextOverflow)
     async def _overflow(request: Request, exc: ContextOverflow) -> Response:
         return counted(request, error_response(
-            400, str(exc), "invalid_request_error", "messages", "context_length_exceeded",
+            400, str(exc), "invalid_request_error", "messages" if request.url.path.endswith("/chat/completions") else "prompt",
+            "context_length_exceeded",
             n_prompt_tokens=exc.n_prompt_tokens, n_ctx=exc.n_ctx, max_tokens=exc.max_tokens,
         ))  # fmt: skip
 

@@ -22,7 +22,7 @@ INT_MAX = 2**31 - 1
 class MemoryOptions(BaseModel):
     """``longkv.memory``: keep the session's context as KV spans across requests (see docs/memory.md)."""
 
-    model_config = ConfigDict(strict=True, extra="forbid")
+    model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
 
     tool_keep: float | None = Field(
         0.5, gt=0.0, lt=1.0,
@@ -39,7 +39,7 @@ class MemoryOptions(BaseModel):
 class LongKVOptions(BaseModel):
     """The ``"longkv"`` extension object of a request."""
 
-    model_config = ConfigDict(strict=True, extra="forbid")
+    model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
 
     policy: str | None = Field(
         None,
@@ -91,7 +91,7 @@ class StreamOptions(BaseModel):
 class _Sampling(BaseModel):
     """Fields shared by both completion endpoints."""
 
-    model_config = ConfigDict(strict=True, extra="allow")
+    model_config = ConfigDict(strict=True, extra="allow", allow_inf_nan=False)
 
     model: str = Field(max_length=512, description="A model id from GET /v1/models.")
     max_tokens: int | None = Field(None, ge=1, le=INT_MAX, description="Most tokens to generate.")
