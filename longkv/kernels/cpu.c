@@ -455,6 +455,20 @@ static inline __m256 halves_sum(__m512 a) {
     return _mm256_add_ps(_mm512_castps512_ps256(a), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1)));
 }
 
+/* Key t's dot products with queries i0 .. i0 + w - 1 (a[i], 16 lanes each) folded into part; the scores of 8
+ * keys stored once they are all in (sum8x8). */
+ALWAYS_INLINE void keep_scores16(__m256 part[4][8], const __m512 *a, int w, int t, int i0, float s[][BLK], __m256 sc) {
+    for (int i = 0; i < w; i++) part[i][t & 7] = halves_sum(a[i]);
+    if ((t & 7) == 7)
+        for (int i = 0; i < w; i++) _mm256_storeu_ps(&s[i0 + i][t - 7], _mm256_mul_ps(sum8x8(part[i]), sc));
+}
+
+/* The scores of the block's keys after its last multiple of 8, summed in sum8x8's order (hsum8_tree). */
+ALWAYS_INLINE void score_tail(__m256 part[4][8], int w, int nb, int i0, float s[][BLK], float scale) {
+    for (int t = nb & ~7; t < nb; t++)
+        for (int i = 0; i < w; i++) s[i0 + i][t] = hsum8_tree(part[i][t & 7]) * scale;
+}
+
 /* score_pairs_of for bfloat16 keys, 32 elements of a row at a time. */
 static void score_bf16_wide(const float *q, int G, int D, const Rows *k, int nb, float scale, float s[][BLK], const Rows *v) {
     const __m256 sc = _mm256_set1_ps(scale);
@@ -479,15 +493,10 @@ static void score_bf16_wide(const float *q, int G, int D, const Rows *k, int nb,
                 if (w > 2) a2 = _mm512_fmadd_ps(_mm512_loadu_ps(q0 + 2 * D + c + 16), ko, _mm512_fmadd_ps(_mm512_loadu_ps(q0 + 2 * D + c), ke, a2));
                 if (w > 3) a3 = _mm512_fmadd_ps(_mm512_loadu_ps(q0 + 3 * D + c + 16), ko, _mm512_fmadd_ps(_mm512_loadu_ps(q0 + 3 * D + c), ke, a3));
             }
-            part[0][t & 7] = halves_sum(a0);
-            if (w > 1) part[1][t & 7] = halves_sum(a1);
-            if (w > 2) part[2][t & 7] = halves_sum(a2);
-            if (w > 3) part[3][t & 7] = halves_sum(a3);
-            if ((t & 7) == 7)
-                for (int i = 0; i < w; i++) _mm256_storeu_ps(&s[i0 + i][t - 7], _mm256_mul_ps(sum8x8(part[i]), sc));
+            const __m512 a[4] = {a0, a1, a2, a3};
+            keep_scores16(part, a, w, t, i0, s, sc);
         }
-        for (int t = nb & ~7; t < nb; t++)
-            for (int i = 0; i < w; i++) s[i0 + i][t] = hsum8_tree(part[i][t & 7]) * scale;
+        score_tail(part, w, nb, i0, s, scale);
     }
 }
 
@@ -571,15 +580,10 @@ static void score_q8_wide(const float *q, int G, int D, const Rows *k, int nb, f
                     if (w > 3) a3 = _mm512_fmadd_ps(_mm512_loadu_ps(q0 + 3 * D + c), x, a3);
                 }
             }
-            part[0][t & 7] = halves_sum(a0);
-            if (w > 1) part[1][t & 7] = halves_sum(a1);
-            if (w > 2) part[2][t & 7] = halves_sum(a2);
-            if (w > 3) part[3][t & 7] = halves_sum(a3);
-            if ((t & 7) == 7)
-                for (int i = 0; i < w; i++) _mm256_storeu_ps(&s[i0 + i][t - 7], _mm256_mul_ps(sum8x8(part[i]), sc));
+            const __m512 a[4] = {a0, a1, a2, a3};
+            keep_scores16(part, a, w, t, i0, s, sc);
         }
-        for (int t = nb & ~7; t < nb; t++)
-            for (int i = 0; i < w; i++) s[i0 + i][t] = hsum8_tree(part[i][t & 7]) * scale;
+        score_tail(part, w, nb, i0, s, scale);
     }
 }
 
