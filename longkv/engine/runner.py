@@ -623,7 +623,7 @@ def _one_call_decode(model: LlamaModel, works: list[Work]) -> bool:
     decode token, with logits, of a sequence whose policy attends over its pages as they are (no key
     moves, no queries kept, no per-head stores; a selection policy where its read is parts read in place,
     ``SelectionPolicy.reads_in_place``), every layer's pages plain ones or int8 codes in the pool's planes
-    (``LayerKV.kernel_runs``)."""
+    (``LayerKV.kernel_reads``)."""
     if model.decode_layers is None:
         return False
     for w in works:
@@ -633,7 +633,7 @@ def _one_call_decode(model: LlamaModel, works: list[Work]) -> bool:
         if pol.per_head or pol.needs_queries or pol.moves_keys:
             return False
         layers = w.seq.cache.layers
-        if any(lkv.kernel_runs(model.dtype) is None for lkv in layers):
+        if not all(lkv.kernel_reads(model.dtype) for lkv in layers):
             return False
         if isinstance(pol, SelectionPolicy) and not all(pol.reads_in_place(w.seq.selection, i, lkv) for i, lkv in enumerate(layers)):
             return False

@@ -311,12 +311,17 @@ class LayerKV:
             out.append((rows, rows, pos[s : s + n]))
         return out
 
+    def kernel_reads(self, dtype: torch.dtype) -> bool:
+        """Whether a decode step's kernel may read and write this cache in its pool's planes (:meth:`kernel_runs`
+        is not None): pages as computed, of ``dtype``, or int8 codes for a cache of ``dtype``."""
+        return (self._plain and self.pool.planes["k"].dtype == dtype) or (self._coded_reads and self.dtype == dtype)
+
     def kernel_runs(self, dtype: torch.dtype, start: int = 0) -> list[tuple[int, int]] | None:
         """(first slot, tokens) of the cached tokens ``[start, n)`` as runs of consecutive slots, in order,
         where a decode step's kernel may read and write this cache straight in its pool's planes (pages as
         computed, of ``dtype``, or int8 codes for a cache of ``dtype``; on the CPU with the kernels built); else
-        None (int4 codes, another dtype; stores that keep pages elsewhere)."""
-        if not ((self._plain and self.pool.planes["k"].dtype == dtype) or (self._coded_reads and self.dtype == dtype)):
+        None (int4 codes, another dtype; stores that keep pages elsewhere: see :meth:`kernel_reads`)."""
+        if not self.kernel_reads(dtype):
             return None
         out: list[tuple[int, int]] = []
         at = 0

@@ -59,9 +59,9 @@ class HeadwiseLayerKV(LayerKV):
         for h in self.heads:
             h.reserve(n_tokens)
 
-    def kernel_runs(self, dtype: torch.dtype, start: int = 0) -> list[tuple[int, int]] | None:
-        """None: every head keeps tokens of its own (see :meth:`LayerKV.kernel_runs`)."""
-        return None
+    def kernel_reads(self, dtype: torch.dtype) -> bool:
+        """False: every head keeps tokens of its own (see :meth:`LayerKV.kernel_reads`)."""
+        return False
 
     def append(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> None:
         """k, v: (Hkv, T, D); the same T tokens go to every head.

@@ -407,9 +407,9 @@ class TieredLayerKV(LayerKV):
         """:meth:`segments` (cold pages are decoded as they are assembled)."""
         return list(self.segments())
 
-    def kernel_runs(self, dtype: torch.dtype, start: int = 0) -> list[tuple[int, int]] | None:
-        """None: cold pages are not in the pool's planes (see :meth:`LayerKV.kernel_runs`)."""
-        return None
+    def kernel_reads(self, dtype: torch.dtype) -> bool:
+        """False: cold pages are not in the pool's planes (see :meth:`LayerKV.kernel_reads`)."""
+        return False
 
     def positions(self) -> torch.Tensor:
         return self.read(0, self.n, values=False)[2]
