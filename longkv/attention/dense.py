@@ -24,6 +24,7 @@ def attend(
     q_pos: torch.Tensor,
     k_pos: torch.Tensor,
     window: int | None = None,
+    pad: bool = True,
 ) -> torch.Tensor:
     """Grouped-query attention of T queries over N cached keys.
 
@@ -35,6 +36,9 @@ def attend(
             keys are the last T.
         window: sliding-window attention: a query at position p sees keys at
             ``p - window < k_pos <= p`` only (``None``: every earlier key).
+        pad: on the CPU, pad a chunk to fixed blocks (:func:`_padded`), so that a query's output is the
+            same bits whatever chunk it comes in (KV a prefix cache may share); False: a chunk whose keys
+            are chosen per chunk (block_topk's pages) skips that cost.
 
     Returns:
         (H, T, D) attention output in q's dtype.
@@ -45,12 +49,15 @@ def attend(
             first = int(torch.searchsorted(k_pos, q_pos[0] - window, right=True))
             k, v = k[:, first:], v[:, first:]
         return _decode_attend(q, k, v)
-    if q.device.type == "cpu":
+    gqa = q.shape[0] != k.shape[0]
+    if pad and q.device.type == "cpu":
         q, q_pos, k, v, k_pos = _padded(q, q_pos, k, v, k_pos)
+    elif n == t and (window is None or n <= window):  # a first chunk: plain causal
+        return F.scaled_dot_product_attention(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), is_causal=True, enable_gqa=gqa).squeeze(0)
     mask = k_pos[None, :] <= q_pos[:, None]  # (T, N) bool
     if window is not None and n > window:
         mask &= k_pos[None, :] > q_pos[:, None] - window
-    out = F.scaled_dot_product_attention(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), attn_mask=mask, enable_gqa=q.shape[0] != k.shape[0])
+    out = F.scaled_dot_product_attention(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), attn_mask=mask, enable_gqa=gqa)
     return out.squeeze(0)[:, :t]
 
 

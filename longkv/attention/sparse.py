@@ -111,13 +111,13 @@ def attend_pages(
     if w0 <= sink_tokens and (pages is None or pages.numel() == 0):
         k, v, kpos = lkv.read(0, n)
         assert v is not None
-        return attend(q, k, v, q_pos, kpos)  # nothing is left out: dense fallback
+        return attend(q, k, v, q_pos, kpos, pad=False)  # nothing is left out: dense fallback
     wk, wv, wpos = lkv.read(w0, n)  # the local window (hot in a tiered store)
     assert wv is not None
     last = int(wpos[-1])
     if prefix is not None:
         pk, pv, ppos = prefix
-        return attend(q, torch.cat((pk, wk), dim=1), torch.cat((pv, wv), dim=1), q_pos, torch.cat((ppos, wpos)))
+        return attend(q, torch.cat((pk, wk), dim=1), torch.cat((pv, wv), dim=1), q_pos, torch.cat((ppos, wpos)), pad=False)
     if pages is not None and pages.shape[0] > 1:
         return _attend_per_head(q, lkv, q_pos, rope, sink_tokens, pages, w0)
     sk, sv, spos = lkv.read(0, sink_tokens)
@@ -138,7 +138,7 @@ def attend_pages(
     keys = torch.cat((keys, wk), dim=1)
     values = torch.cat((*parts_v, wv), dim=1)
     # Causality by original positions: pages and sinks precede every query.
-    return attend(q, keys, values, q_pos, torch.cat((orig, wpos)))
+    return attend(q, keys, values, q_pos, torch.cat((orig, wpos)), pad=False)
 
 
 def _attend_per_head(
@@ -158,7 +158,7 @@ def _attend_per_head(
             cos, sin = rope.cos_sin(delta.reshape(-1), keys.dtype)
             cos, sin = cos.view(g, moved, -1), sin.view(g, moved, -1)
             keys = torch.cat((Rotary.apply(keys[:, :moved], cos, sin), keys[:, moved:]), dim=1)
-    return attend(q, keys, values, q_pos, orig[0])
+    return attend(q, keys, values, q_pos, orig[0], pad=False)
 
 
 def page_scores(

@@ -391,7 +391,7 @@ class BlockTopKPolicy(SelectionPolicy):
         if state.dense and lkv.n <= state.max_position:
             keys, values, kpos = lkv.read(0, lkv.n)
             assert values is not None
-            return attend(q, keys, values, q_pos, kpos)
+            return attend(q, keys, values, q_pos, kpos, pad=False)
         sinks = self.sink_tokens(lkv.page_size)
         pages = state.pages[layer]
         t = q.shape[1]
