@@ -194,3 +194,30 @@ def random_llama_weights(cfg, seed: int = 0, scale: float = 0.2) -> dict[str, to
         w[p + "mlp.up_proj.weight"] = r(c.intermediate_size, c.hidden_size)
         w[p + "mlp.down_proj.weight"] = r(c.hidden_size, c.intermediate_size)
     return w
+
+
+def staggered_batches(model, runners: list, prompts: list[list[int]], steps: int):  # type: ignore[no-untyped-def]
+    """Run sequence i (its own runner) from step 2 i on, each step one ``run_batch`` of every live sequence's
+    next works (prompt chunks, then greedy decode tokens), until each has its logits after the prompt and
+    after ``steps`` tokens. Returns (logits per sequence, the works of every step)."""
+    from longkv.engine.runner import Work, run_batch
+
+    seqs = [r.new_sequence() for r in runners]
+    plans = [r.plan_prefill(s, p) for r, s, p in zip(runners, seqs, prompts, strict=True)]
+    got: list[list[torch.Tensor]] = [[] for _ in prompts]
+    batches: list[list[Work]] = []
+    step = 0
+    while any(len(g) < steps + 1 for g in got):
+        works, owners = [], []
+        for i in range(len(prompts)):
+            if step < 2 * i or len(got[i]) == steps + 1:
+                continue  # not arrived yet, or gone
+            mine = plans[i].next_works() if not plans[i].done else [Work(runners[i], seqs[i], [int(got[i][-1].argmax())], decode=True)]
+            works.extend(mine)
+            owners.extend([i] * len(mine))
+        batches.append(works)
+        for i, lg in zip(owners, run_batch(model, works), strict=True):
+            if lg is not None:
+                got[i].append(lg)
+        step += 1
+    return got, batches

@@ -612,10 +612,10 @@ def test_auto_policy_uses_block_topk_beyond_the_window_tiered_when_the_cache_is_
         llm.resolve_policy(9000, "streaming:budget=1024,positions=original")  # the advice is not "use streaming"
     assert llm.resolve_policy(9000, "streaming:budget=1024").name == "streaming"  # contiguous positions: any length
     with pytest.raises(LongKVError, match=r"token id 99999 is outside the vocabulary \[0, "):
-        llm._check_ids([1, 2, 99999])  # what generate and generate_batch check before anything runs
+        llm.check_ids([1, 2, 99999])  # what generate and generate_batch check before anything runs
     for bad in (-1, 2.0, True):
         with pytest.raises(LongKVError, match="outside the vocabulary"):
-            llm._check_ids([1, bad])
+            llm.check_ids([1, bad])
     for msgs in ([{"role": "user"}], [{"role": "wizard", "content": "x"}], ["hi"]):
         with pytest.raises(LongKVError, match="is not a chat message: pass"):
             llm.chat(msgs)  # refused before the template renders

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import random_llama_weights
+from conftest import random_llama_weights, staggered_batches
 
 from longkv import kernels
 from longkv.config import EngineConfig, ModelConfig
@@ -66,24 +66,8 @@ def test_each_sequence_of_a_mixed_batch_is_bit_for_bit_itself_alone(spec: str, d
     steps = 40
     prompts = [_ids(n, seed=n) for n in (5, 150, 330, 23)]
     want = [_alone(spec, dtype, p, steps) for p in prompts]
-    runners = [_runner(spec, dtype) for _ in prompts]
-    seqs = [r.new_sequence() for r in runners]
-    plans = [r.plan_prefill(s, p) for r, s, p in zip(runners, seqs, prompts, strict=True)]
-    got: list[list[torch.Tensor]] = [[] for _ in prompts]
-    step, mixed = 0, 0
-    while any(len(g) < steps + 1 for g in got):
-        works, owners = [], []
-        for i in range(len(prompts)):
-            if step < 2 * i or len(got[i]) == steps + 1:
-                continue
-            mine = plans[i].next_works() if not plans[i].done else [Work(runners[i], seqs[i], [int(got[i][-1].argmax())], decode=True)]
-            works.extend(mine)
-            owners.extend([i] * len(mine))
-        mixed += any(w.decode for w in works) and any(not w.decode for w in works)
-        for i, lg in zip(owners, run_batch(MODELS[dtype], works), strict=True):
-            if lg is not None:
-                got[i].append(lg)
-        step += 1
+    got, batches = staggered_batches(MODELS[dtype], [_runner(spec, dtype) for _ in prompts], prompts, steps)
+    mixed = sum(any(w.decode for w in b) and any(not w.decode for w in b) for b in batches)
     assert mixed >= 3  # prompt chunks really shared steps with decode tokens
     for i, (g, w) in enumerate(zip(got, want, strict=True)):
         for t, (a, b) in enumerate(zip(g, w, strict=True)):

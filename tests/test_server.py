@@ -370,6 +370,12 @@ def test_a_nan_temperature_is_refused_as_not_finite(server: ServerProcess) -> No
     assert "temperature: Input should be a finite number" in r.json()["error"]["message"], r.json()
 
 
+def test_token_ids_outside_the_vocabulary_are_a_400(server: ServerProcess) -> None:
+    r = httpx.post(server.url + "/v1/completions", json={"model": MODEL_ID, "prompt": [1, 10**6], "max_tokens": 2}, timeout=30)
+    assert r.status_code == 400
+    assert "token id 1000000 is outside the vocabulary [0, " in r.json()["error"]["message"], r.json()
+
+
 def test_every_bad_field_is_named(server: ServerProcess) -> None:
     r = httpx.post(server.url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": -1}, timeout=30)
     assert r.status_code == 400

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import random_llama_weights
+from conftest import random_llama_weights, staggered_batches
 
 from longkv.config import EngineConfig, ModelConfig
 from longkv.engine.detokenizer import Detokenizer, StopFilter
 from longkv.engine.engine import Engine, Request, RequestOutput, TokenEvent
-from longkv.engine.runner import Runner, Sequence, Work, run_batch
+from longkv.engine.runner import Runner, Sequence
 from longkv.engine.sampling import SamplingParams
 from longkv.models import build
 from longkv.policies import KVPolicy, make_policy
@@ -82,24 +82,8 @@ def test_mixed_batch_logits_equal_each_sequence_alone() -> None:
     steps = 6
     prompts = [_ids(40 + 23 * i, seed=i) for i in range(len(POLICIES))]
     want = [_alone(spec, p, steps) for spec, p in zip(POLICIES, prompts, strict=True)]
-    runners = [Runner(MODEL, _policy(spec), ENGINE) for spec in POLICIES]
-    seqs = [r.new_sequence() for r in runners]
-    plans = [r.plan_prefill(s, p) for r, s, p in zip(runners, seqs, prompts, strict=True)]
-    got: list[list[torch.Tensor]] = [[] for _ in POLICIES]
-    step, widest = 0, 0
-    while any(len(g) < steps + 1 for g in got):
-        works, owners = [], []
-        for i in range(len(POLICIES)):
-            if step < 2 * i or len(got[i]) == steps + 1:
-                continue  # not arrived yet, or gone
-            mine = plans[i].next_works() if not plans[i].done else [Work(runners[i], seqs[i], [int(got[i][-1].argmax())], decode=True)]
-            works.extend(mine)
-            owners.extend([i] * len(mine))
-        widest = max(widest, len(works))
-        for i, lg in zip(owners, run_batch(MODEL, works), strict=True):
-            if lg is not None:
-                got[i].append(lg)
-        step += 1
+    got, batches = staggered_batches(MODEL, [Runner(MODEL, _policy(spec), ENGINE) for spec in POLICIES], prompts, steps)
+    widest = max(map(len, batches))
     assert widest >= 4  # prompt chunks and decode tokens of several policies really shared forwards
     for spec, g, w in zip(POLICIES, got, want, strict=True):
         assert len(g) == len(w), spec

@@ -245,7 +245,7 @@ class LLM:
         ids = (self.prompt_ids(prompt) if prompt else []) if isinstance(prompt, str) else list(prompt)
         if not ids:
             raise LongKVError("the prompt is empty: pass some text")
-        self._check_ids(ids)
+        self.check_ids(ids)
         pol = self.resolve_policy(len(ids) + params.max_new_tokens, policy, budget)
         res = result if result is not None else Generation("", [], "length")
         res.stats.prompt_tokens, res.stats.policy = len(ids), pol.describe()
@@ -358,7 +358,7 @@ class LLM:
         if any(not x for x in ids):
             raise LongKVError(f"prompt {next(i for i, x in enumerate(ids) if not x)} is empty: pass some text for every prompt")
         for x in ids:
-            self._check_ids(x)
+            self.check_ids(x)
         if question_ids is not None and len(question_ids) != len(ids):
             raise LongKVError(f"question_ids has {len(question_ids)} entries for {len(ids)} prompts: pass one list per prompt (or none)")
         t0 = time.perf_counter()
@@ -448,7 +448,7 @@ class LLM:
         kwargs.setdefault("stop", self.ask_stop)
         return self.generate(ids, question_ids=question_ids, question_aware=question_aware, **kwargs)
 
-    def _check_ids(self, ids: list[Any]) -> None:
+    def check_ids(self, ids: list[Any]) -> None:
         """Raise LongKVError for a token id that is not an int in the model's vocabulary."""
         v = self.config.vocab_size
         bad = next((t for t in ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < v), None)

@@ -217,14 +217,13 @@ class LlamaModel:
         tables: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # float32 cos, sin per distinct RoPE
         nq, nk, _ = self._split
         heads = c.n_heads + c.n_kv_heads
-        decode = coded
         pending: torch.Tensor | None = None  # the last block's output, added to x by the next norm
         for i, L in enumerate(self.layers):
             rope = self.ropes[i]
             if id(rope) not in tables:
                 tables[id(rope)] = rope.cos_sin(positions, torch.float32)
             cos, sin = tables[id(rope)]
-            if decode and L.fused_in is not None:  # a decode step's rows: norm, projection and RoPE in one call
+            if coded and L.fused_in is not None:  # a decode step's rows: norm, projection and RoPE in one call
                 qk, v = L.fused_in(x, pending, cos, sin)
             else:
                 h = kernels.add_rms_norm(x, pending, L.attn_norm, c.rms_eps)
@@ -237,7 +236,7 @@ class LlamaModel:
                 v = qkv[:, nq + nk :].view(T, c.n_kv_heads, c.head_dim).transpose(0, 1)
             q, k = qk[: c.n_heads], qk[c.n_heads :]
             o = attention(i, q, k, v, positions).transpose(0, 1).reshape(T, nq)  # (H, T, D) -> (T, H D)
-            if decode and L.fused_out is not None:  # output projection, norm and MLP in one call
+            if coded and L.fused_out is not None:  # output projection, norm and MLP in one call
                 pending = L.fused_out(x, o)
             else:
                 h = kernels.add_rms_norm(x, L.o(o, coded), L.mlp_norm, c.rms_eps)

@@ -205,9 +205,7 @@ def plan(
     """
     if not ids:
         raise LongKVError("the prompt is empty: send some text")
-    bad = [t for t in ids if not 0 <= t < llm.config.vocab_size]
-    if bad:
-        raise LongKVError(f"token id {bad[0]} is outside the vocabulary [0, {llm.config.vocab_size}): send valid ids")
+    llm.check_ids(ids)
     if max_tokens is not None and config.max_tokens_limit is not None and max_tokens > config.max_tokens_limit:
         raise LongKVError(f"max_tokens {max_tokens} exceeds this server's limit of {config.max_tokens_limit}: ask for fewer")
     if memory is not None:
