@@ -112,7 +112,7 @@ class CountingBackend:
     def __init__(self) -> None:
         self.calls = 0
 
-    def generate(self, prompt: str, policy: str, max_new_tokens: int) -> dict[str, object]:
+    def generate(self, prompt: str, policy: str, max_new_tokens: int, question: str = "") -> dict[str, object]:
         self.calls += 1
         if policy == "dense" and "L9000" in prompt:
             raise LongKVError("input exceeds the model's trained window")
@@ -162,7 +162,10 @@ def test_summary_names_the_default_model_when_none_was_given(tmp_path: Path) -> 
     assert "model: `SmolLM2-135M-Instruct (default)`" in write_summary(folder).read_text()
     named = RunFolder(tmp_path, "s")
     named.open({"kind": "niah", "model": "./qwen.gguf", "seed": 0})
-    assert "model: `./qwen.gguf`" in write_summary(named).read_text()
+    assert "model: `./qwen.gguf`, backend: longkv, seed 0" in write_summary(named).read_text()
+    aware = RunFolder(tmp_path, "q")
+    aware.open({"kind": "ruler", "model": "m", "seed": 0, "question_aware": True})
+    assert "backend: longkv, question-aware, seed 0" in write_summary(aware).read_text()
 
 
 def test_run_folder_rejects_changed_fixed_settings(tmp_path: Path) -> None:
@@ -173,6 +176,9 @@ def test_run_folder_rejects_changed_fixed_settings(tmp_path: Path) -> None:
     RunFolder(tmp_path, "r").open({"kind": "niah", "model": "a", "seed": 0, "weights": "auto"})  # a folder from before the key
     with pytest.raises(LongKVError, match="weights='auto', not 'int8'"):
         RunFolder(tmp_path, "r").open({"kind": "niah", "model": "a", "seed": 0, "weights": "int8"})
+    RunFolder(tmp_path, "r").open({"kind": "niah", "model": "a", "seed": 0, "question_aware": False})  # the default before the key
+    with pytest.raises(LongKVError, match="question_aware=False, not True"):
+        RunFolder(tmp_path, "r").open({"kind": "niah", "model": "a", "seed": 0, "question_aware": True})
     with pytest.raises(LongKVError, match="bad run name"):
         RunFolder(tmp_path, "../x")
 
@@ -199,6 +205,7 @@ def test_cli_user_errors_are_one_line(tmp_path: Path) -> None:
         (["niah", "--backend", "transformers", "-p", "streaming", "--haystack", str(hay)], "dense attention only"),
         (["niah", "--weights", "int2", "--haystack", str(hay), "--runs-dir", str(tmp_path)], "unknown weights 'int2'"),
         (["niah", "--backend", "transformers", "--weights", "int8", "--haystack", str(hay), "--runs-dir", str(tmp_path)], "--weights is longkv's"),
+        (["ruler", "--backend", "transformers", "--question-aware", "--runs-dir", str(tmp_path)], "--question-aware is longkv's"),
         (["ppl", "--weights", "int2", "--runs-dir", str(tmp_path)], "unknown weights 'int2'"),
         (["report", str(tmp_path)], "not a run folder"),
     ):

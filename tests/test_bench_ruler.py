@@ -88,3 +88,24 @@ def test_parse_tasks_and_helpers(hay: list[str], fmt: PromptFormat) -> None:
     assert spread(["A", "B"], list("xyz"), random.Random(1)).index("A") < spread(["A", "B"], list("xyz"), random.Random(1)).index("B")
     suite = RulerSuite(["vt", "cwe"], hay).samples(fmt, [1000, 1500], None, 2, 0)
     assert [s.id for s in suite][:3] == ["vt/L1000/s0", "vt/L1000/s1", "cwe/L1000/s0"] and len(suite) == 8
+
+
+def test_question_ids_are_the_prompts_tail_from_the_question_on(hay: list[str]) -> None:
+    """A question-aware run names each sample's question and the template's tail, and nothing else."""
+    from longkv.bench.backends import make_backend
+
+    path = subprocess.run([str(SHARED / "models" / "get-model"), "smollm2-135m"], capture_output=True, text=True, check=True).stdout.strip()
+    be = make_backend("longkv", path, threads=1, question_aware=True)
+    fmt = PromptFormat(be.tokenizer)
+    for task in ("niah_single_2", "niah_multiquery", "vt", "cwe", "fwe"):
+        s = RulerTask(task, hay).make(fmt, 1200, 0, seed=3)
+        assert s.question.split()[0] in ("Which", "List", "Question:") and s.question in s.prompt
+        ids, qids = be.llm.prompt_ids(s.prompt), be.question_ids(s.prompt, s.question)
+        assert qids is not None and ids[-len(qids) :] == qids
+        assert be.llm.tokenizer.decode(qids).startswith(s.question)  # starts at the question, not a token before it
+        assert be.llm.tokenizer.decode(ids[: -len(qids)]).endswith("\n\n")  # the text before it ends on the blank line
+    be.question_aware = False
+    assert be.question_ids(s.prompt, s.question) is None
+    be.question_aware = True
+    with pytest.raises(LongKVError, match="not in its prompt"):
+        be.question_ids("no question here", s.question)

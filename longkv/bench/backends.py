@@ -1,6 +1,6 @@
 """Who answers the samples: our engine, or ``transformers`` as the dense reference.
 
-A backend turns ``(prompt text, policy spec, max new tokens)`` into a result
+A backend turns ``(prompt text, policy spec, max new tokens, question)`` into a result
 dict: ``answer`` plus timings (seconds), ``prompt_tokens`` and, for our engine,
 ``peak_kv_bytes``. Both read the same model reference (a GGUF file or a
 Hugging Face folder), so their tokens are identical.
@@ -37,25 +37,49 @@ def load_tokenizer(model: str | None) -> Any:
 
 
 class LongKVBackend:
-    """Our engine: :class:`~longkv.LLM`, greedy decoding, one policy per call."""
+    """Our engine: :class:`~longkv.LLM`, greedy decoding, one policy per call.
+
+    ``question_aware``: name each sample's question to the engine, as ``longkv ask``
+    does: eviction policies that score with queries compress for it, and block_topk
+    chooses its pages from its queries. False: the prompt is one text, question-agnostic.
+    """
 
     name = "longkv"
 
     def __init__(
         self, model: str | None, dtype: str = "bfloat16", chunk_size: int = 512, threads: int | None = None, device: str = "cpu",
-        weights: str = "auto",
+        weights: str = "auto", question_aware: bool = False,
     ) -> None:
         from longkv.engine.llm import LLM
 
         self.llm = LLM(model, dtype=dtype, chunk_size=chunk_size, threads=threads, device=device, weights=weights)
         self.tokenizer = self.llm.tokenizer
+        self.question_aware = question_aware
 
     def window(self) -> int:
         return int(self.llm.config.max_position)
 
-    def generate(self, prompt: str, policy: str, max_new_tokens: int) -> dict[str, Any]:
-        """Answer ``prompt`` under ``policy``. Raises LongKVError when the policy cannot serve it."""
-        out = self.llm.generate(prompt, max_new_tokens=max_new_tokens, policy=policy)
+    def question_ids(self, prompt: str, question: str) -> list[int] | None:
+        """The prompt's last token ids from ``question`` on (the question and the chat template's
+        tail), or None when the run is question-agnostic or the sample names no question.
+
+        Raises:
+            LongKVError: ``question`` is not in ``prompt``.
+        """
+        if not self.question_aware or not question:
+            return None
+        at = prompt.rfind(question)
+        if at < 0:
+            raise LongKVError(f"the sample's question {question[:60]!r} is not in its prompt: regenerate the samples in a new run folder")
+        ids = self.llm.prompt_ids(prompt)
+        tail = self.llm.encode(prompt[at:])  # the question starts a line: a token boundary
+        return ids[-len(tail) :]
+
+    def generate(self, prompt: str, policy: str, max_new_tokens: int, question: str = "") -> dict[str, Any]:
+        """Answer ``prompt`` under ``policy``, naming ``question`` to the engine when the run is
+        question-aware. Raises LongKVError when the policy cannot serve the input."""
+        qids = self.question_ids(prompt, question)
+        out = self.llm.generate(prompt, max_new_tokens=max_new_tokens, policy=policy, question_ids=qids)
         s = out.stats
         return {
             "answer": out.text,
@@ -69,6 +93,7 @@ class LongKVBackend:
             "peak_kv_bytes": s.peak_kv_bytes,
             "policy_resolved": s.policy,
             "weights": self.llm.decode_weights,
+            "question_tokens": len(qids) if qids else 0,
         }
 
 
@@ -102,8 +127,12 @@ class TransformersBackend:
     def window(self) -> int:
         return int(getattr(self.model.config, "max_position_embeddings", 0) or 0)
 
-    def generate(self, prompt: str, policy: str, max_new_tokens: int) -> dict[str, Any]:
-        """Dense greedy generation. Raises LongKVError for any policy but ``dense`` or an input beyond the window."""
+    def generate(self, prompt: str, policy: str, max_new_tokens: int, question: str = "") -> dict[str, Any]:
+        """Dense greedy generation (``question`` changes nothing for dense attention).
+
+        Raises:
+            LongKVError: any policy but ``dense``, or an input beyond the window.
+        """
         if policy.split(":")[0].strip().lower() != "dense":
             raise LongKVError(f"the transformers backend runs dense attention only, not {policy!r}: pass --policy dense")
         torch = self.torch
@@ -142,15 +171,16 @@ class TransformersBackend:
 
 def make_backend(
     name: str, model: str | None, dtype: str | None = None, chunk_size: int = 512, threads: int | None = None, device: str = "cpu",
-    weights: str = "auto",
+    weights: str = "auto", question_aware: bool = False,
 ) -> Any:
-    """Build a backend by name (``device``, ``weights``: longkv's; the transformers reference runs on the CPU).
+    """Build a backend by name (``device``, ``weights``, ``question_aware``: longkv's; the transformers
+    reference runs on the CPU, dense).
 
     Raises:
         LongKVError: unknown backend name, or the transformers backend off the CPU.
     """
     if name == "longkv":
-        return LongKVBackend(model, dtype or "bfloat16", chunk_size, threads, device, weights)
+        return LongKVBackend(model, dtype or "bfloat16", chunk_size, threads, device, weights, question_aware)
     if device != "cpu":
         raise LongKVError(f"the transformers backend runs on the CPU: drop --device {device} or use --backend longkv")
     if name == "transformers":

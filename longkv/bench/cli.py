@@ -33,6 +33,14 @@ Threads = Annotated[int | None, typer.Option(help="CPU threads (default: all cor
 Device = Annotated[str, typer.Option(help="Where longkv runs: cpu, cuda or cuda:N.")]
 ChunkSize = Annotated[int, typer.Option(help="Prefill chunk in tokens.")]
 Weights = Annotated[str, typer.Option(help="Weights longkv's decode steps read: auto, int4, int8, mixed or none (see longkv ask --help).")]
+QuestionAware = Annotated[
+    bool,
+    typer.Option(
+        "--question-aware/--question-agnostic",
+        help="Name each sample's question to the engine as `longkv ask` does: eviction compresses for it, "
+        "block_topk chooses pages from its queries (longkv backend). Default: the prompt is one text.",
+    ),
+]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", metavar="", help="No progress bar.")]
 Haystack = Annotated[list[Path] | None, typer.Option("--haystack", help="Haystack text file, repeatable (default: ../shared/data/books).")]
 
@@ -49,7 +57,8 @@ def _policies(policies: list[str] | None, backend: str) -> list[str]:
 
 
 def _settings(
-    backend: str, model: str | None, dtype: str | None, chunk_size: int, threads: int | None, device: str, weights: str = "auto"
+    backend: str, model: str | None, dtype: str | None, chunk_size: int, threads: int | None, device: str, weights: str = "auto",
+    question_aware: bool = False,
 ) -> dict[str, Any]:
     from longkv.bench.backends import BACKENDS
     from longkv.config import check_device
@@ -64,8 +73,10 @@ def _settings(
         raise LongKVError(f"the {backend} backend runs on the CPU: drop --device {device} or use --backend longkv")
     if check_weights(weights) != "auto" and backend != "longkv":
         raise LongKVError(f"--weights is longkv's: drop --weights {weights} or use --backend longkv")
+    if question_aware and backend != "longkv":
+        raise LongKVError(f"--question-aware is longkv's (the {backend} backend reads densely): drop it or use --backend longkv")
     settings = {"name": backend, "model": model, "dtype": dtype, "chunk_size": chunk_size, "threads": threads, "device": device}
-    return settings | ({"weights": weights} if backend == "longkv" else {})
+    return settings | ({"weights": weights, "question_aware": question_aware} if backend == "longkv" else {})
 
 
 def _command() -> str:
@@ -101,6 +112,7 @@ def run_sample_task(
     haystack: list[str],
     device: str = "cpu",
     weights: str = "auto",
+    question_aware: bool = False,
 ) -> Any:
     """Shared body of ``niah`` and ``ruler``: open the run, generate pending samples, answer them, summarise."""
     from longkv.bench.backends import load_tokenizer, make_backend
@@ -111,11 +123,11 @@ def run_sample_task(
         raise LongKVError(f"--samples must be at least 1, got {samples}")
     specs = _policies(policies, backend)
     lens = parse_lengths(lengths)
-    settings = _settings(backend, model, dtype, chunk_size, threads, device, weights)
+    settings = _settings(backend, model, dtype, chunk_size, threads, device, weights, question_aware)
     folder = RunFolder(runs_dir, name)
     config = {
         "kind": kind, "model": model, "seed": seed, "backend": backend, "dtype": dtype, "chunk_size": chunk_size, "device": settings["device"],
-        "weights": weights,
+        "weights": weights, "question_aware": question_aware,
         "haystack": haystack, "options": options, "policies": specs, "lengths": lens, "depths": depths,
         "samples": samples, "command": _command(),
     }  # fmt: skip
@@ -155,6 +167,7 @@ def niah(
     device: Device = "cpu",
     chunk_size: ChunkSize = 512,
     weights: Weights = "auto",
+    question_aware: QuestionAware = False,
     quiet: Quiet = False,
 ) -> None:
     """Needle-in-a-haystack: a 7-digit number hidden at each depth of real text, at each length.
@@ -170,6 +183,7 @@ def niah(
     run_sample_task(
         "niah", lambda: NiahTask(texts, max_new_tokens), {"max_new_tokens": max_new_tokens}, model, policy, lengths, depth_list,
         samples, seed, name or "niah", runs_dir, ray, backend, dtype, threads, chunk_size, quiet, hay_paths or ["<books>"], device, weights,
+        question_aware,
     )  # fmt: skip
 
 
@@ -191,6 +205,7 @@ def ruler(
     device: Device = "cpu",
     chunk_size: ChunkSize = 512,
     weights: Weights = "auto",
+    question_aware: QuestionAware = False,
     quiet: Quiet = False,
 ) -> None:
     """RULER-style tasks (Hsieh et al. 2024): needle variants, variable tracking, common/frequent words.
@@ -206,6 +221,7 @@ def ruler(
     run_sample_task(
         "ruler", lambda: RulerSuite(names, texts), {"tasks": names}, model, policy, lengths, None,
         samples, seed, name or "ruler", runs_dir, ray, backend, dtype, threads, chunk_size, quiet, hay_paths or ["<books>"], device, weights,
+        question_aware,
     )  # fmt: skip
 
 

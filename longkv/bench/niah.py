@@ -85,7 +85,8 @@ class NiahTask:
             return fmt.render(head + context + tail, prefix)
 
         prompt, tokens, _ = fit_length(build, fmt.count, length, len(hay_ids))
-        return Sample(sid, self.name, length, prompt, [value], depth, tokens, self.max_new_tokens, {"key": key, "needle": needle})
+        meta = {"key": key, "needle": needle}
+        return Sample(sid, self.name, length, prompt, [value], depth, tokens, self.max_new_tokens, meta, tail.strip())
 
     def samples(self, fmt: PromptFormat, lengths: list[int], depths: list[float], n: int, seed: int) -> list[Sample]:
         """Every sample of the grid, ordered by length, then depth, then index."""

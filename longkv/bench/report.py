@@ -131,7 +131,9 @@ def write_summary(folder: RunFolder) -> Path:
     rows = folder.rows()
     kind = cfg.get("kind", "niah")
     pngs = write_plots(rows, kind, folder.path)
-    head = [f"# {kind} run `{folder.path.name}`", "", f"model: `{cfg.get('model') or DEFAULT_MODEL_NAME + ' (default)'}`, backend: {cfg.get('backend', 'longkv')}, seed {cfg.get('seed')}, {len(rows)} rows", ""]
+    questions = ", question-aware" if cfg.get("question_aware") else ""
+    model = cfg.get("model") or DEFAULT_MODEL_NAME + " (default)"
+    head = [f"# {kind} run `{folder.path.name}`", "", f"model: `{model}`, backend: {cfg.get('backend', 'longkv')}{questions}, seed {cfg.get('seed')}, {len(rows)} rows", ""]
     if cfg.get("command"):
         head += ["```", str(cfg["command"]), "```", ""]
     body = tables(rows, kind) if rows else "(no results yet)"

@@ -99,7 +99,7 @@ class RulerTask:
         b = BUILDERS[self.name](self, fmt, rng, length)
         prompt, tokens, n = fit_length(lambda n: fmt.render(b.head + b.body(n) + b.tail, b.prefix), fmt.count, length, b.units)
         refs = b.finalize(n) if b.finalize is not None else b.references
-        return Sample(sid, self.name, length, prompt, refs, None, tokens, b.max_new_tokens, dict(b.meta))
+        return Sample(sid, self.name, length, prompt, refs, None, tokens, b.max_new_tokens, dict(b.meta), b.tail.strip())
 
     def samples(self, fmt: PromptFormat, lengths: list[int], depths: object, n: int, seed: int) -> list[Sample]:
         return [self.make(fmt, L, i, seed) for L in lengths for i in range(n)]

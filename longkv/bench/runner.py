@@ -26,8 +26,8 @@ from longkv.errors import LongKVError
 from longkv.policies import make_policy
 
 # config.json entries a resumed run must share with the old one: they change what a sample is.
-FIXED_KEYS = ("kind", "model", "seed", "backend", "dtype", "chunk_size", "haystack", "options", "weights")
-_KEY_DEFAULTS = {"weights": "auto"}  # a run folder written before the key existed ran with this
+FIXED_KEYS = ("kind", "model", "seed", "backend", "dtype", "chunk_size", "haystack", "options", "weights", "question_aware")
+_KEY_DEFAULTS = {"weights": "auto", "question_aware": False}  # a run folder written before the key existed ran with this
 
 
 class RunFolder:
@@ -133,7 +133,7 @@ def evaluate(backend: Any, job: Job, backend_name: str) -> dict[str, Any]:
         "expected": s.references,
     }
     try:
-        out = backend.generate(s.prompt, job.policy, s.max_new_tokens)
+        out = backend.generate(s.prompt, job.policy, s.max_new_tokens, s.question)
     except LongKVError as exc:
         return {**row, "status": "refused", "error": str(exc), "answer": None, "score": None, "correct": None}
     sc = score(s, out["answer"])

@@ -35,6 +35,8 @@ class Sample:
         tokens: measured prompt length in tokens (the model's tokenizer).
         max_new_tokens: answer length to generate.
         meta: task-specific facts (keys, distractors, hops, ...).
+        question: the question's text as it stands at the end of ``prompt`` (before
+            the chat template's tail); ``""`` when the sample names none.
     """
 
     id: str
@@ -46,6 +48,7 @@ class Sample:
     tokens: int = 0
     max_new_tokens: int = 16
     meta: dict[str, Any] = field(default_factory=dict)
+    question: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
