@@ -200,7 +200,7 @@ def staggered_batches(model, runners: list, prompts: list[list[int]], steps: int
     """Run sequence i (its own runner) from step 2 i on, each step one ``run_batch`` of every live sequence's
     next works (prompt chunks, then greedy decode tokens), until each has its logits after the prompt and
     after ``steps`` tokens. Returns (logits per sequence, the works of every step)."""
-    from longkv.engine.runner import Work, run_batch
+    from longkv.engine.step import Work, run_batch
 
     seqs = [r.new_sequence() for r in runners]
     plans = [r.plan_prefill(s, p) for r, s, p in zip(runners, seqs, prompts, strict=True)]

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from longkv import LLM, kernels
-from longkv.engine.runner import Runner, Sequence, Work, run_batch
+from longkv.engine.runner import Runner, Sequence
+from longkv.engine.step import Work, run_batch
 from longkv.policies import BlockTopKPolicy, make_policy
 
 needs_cc = pytest.mark.skipif(not kernels.available(), reason="longkv's CPU kernels are not built here (no C compiler)")

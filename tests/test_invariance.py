@@ -16,7 +16,8 @@ from conftest import random_llama_weights, staggered_batches
 
 from longkv import kernels
 from longkv.config import EngineConfig, ModelConfig
-from longkv.engine.runner import Runner, Sequence, Work, run_batch
+from longkv.engine.runner import Runner, Sequence
+from longkv.engine.step import Work, run_batch
 from longkv.kv.pool import KVPools
 from longkv.kv.radix import PrefixCache, reuse_length
 from longkv.models import build

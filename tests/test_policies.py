@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from longkv.config import EngineConfig, ModelConfig
-from longkv.engine.runner import Runner, Work, run_batch
+from longkv.engine.runner import Runner
+from longkv.engine.step import Work, run_batch
 from longkv.errors import LongKVError
 from longkv.kv.cache import LayerKV
 from longkv.kv.headwise import HeadwiseLayerKV

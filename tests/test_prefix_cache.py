@@ -15,8 +15,9 @@ from conftest import random_llama_weights
 
 from longkv.config import EngineConfig, ModelConfig
 from longkv.engine.engine import Engine, Request, RequestOutput
-from longkv.engine.runner import Interrupted, Runner, Sequence, run_batch
+from longkv.engine.runner import Runner, Sequence
 from longkv.engine.sampling import SamplingParams
+from longkv.engine.step import Interrupted, run_batch
 from longkv.kv.cache import KVCache
 from longkv.kv.radix import PrefixCache, shares_dense_kv
 from longkv.models import build

@@ -16,7 +16,7 @@ decoding sequence its last token, then fills the rest of a token budget
 a short request that arrives during a long prefill gets its first token after
 one chunk, not after the whole prompt; the first chunk always goes in, so a
 prefill never starves behind decoders. The decode tokens share one forward through
-the model (:func:`~longkv.engine.runner.run_batch`): a batch reads the weights once; a
+the model (:func:`~longkv.engine.step.run_batch`): a batch reads the weights once; a
 prompt chunk runs in a forward of its own.
 
 Each request keeps its own policy, sampler (its own seeded generator: a seed
@@ -44,8 +44,9 @@ import torch
 from longkv.config import EngineConfig
 from longkv.engine.detokenizer import Decoder, Detokenizer, StopFilter
 from longkv.engine.grammar import GrammarConstraint
-from longkv.engine.runner import Interrupted, PrefillPlan, ProgressFn, Runner, Sequence, Work, run_batch
+from longkv.engine.runner import PrefillPlan, ProgressFn, Runner, Sequence
 from longkv.engine.sampling import SamplingParams, make_generator, sample
+from longkv.engine.step import Interrupted, Work, run_batch
 from longkv.errors import LongKVError
 from longkv.kv.pool import KVPools
 from longkv.models.llama import LlamaModel

@@ -59,7 +59,8 @@ from typing import Any
 
 import torch
 
-from longkv.engine.runner import Runner, Sequence, run_batch
+from longkv.engine.runner import Runner, Sequence
+from longkv.engine.step import run_batch
 from longkv.errors import LongKVError
 from longkv.policies.base import Observation, window_attention
 

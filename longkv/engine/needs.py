@@ -4,7 +4,7 @@ At the question a selection policy (``block_topk``) chooses its pages through a
 generator of needs (:mod:`longkv.policies.base`: :class:`ProbeQueries`,
 :class:`EncodeText`, :class:`GreedyConfidence`); it never runs the model. The
 sequence's :class:`~longkv.engine.runner.PrefillPlan` starts a :class:`NeedRun`
-for each need: the need's tokens become :class:`~longkv.engine.runner.Work`
+for each need: the need's tokens become :class:`~longkv.engine.step.Work`
 items that join the engine's next batched forwards beside every other
 sequence's tokens (the texts a ``verify`` reads go through the model together,
 not one after another), and the result goes back to the policy.
@@ -21,11 +21,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from longkv.attention.dense import attend_segments
+from longkv.engine.step import Work
 from longkv.policies.base import EncodeText, GreedyConfidence, Need, ProbeQueries
 from longkv.policies.dense import DensePolicy
 
 if TYPE_CHECKING:
-    from longkv.engine.runner import PrefillPlan, Runner, Sequence, Work
+    from longkv.engine.runner import PrefillPlan, Runner, Sequence
 
 
 class _Text:
@@ -86,8 +87,6 @@ class NeedRun:
 
     def works(self, budget: int | None = None) -> list[Work]:
         """The works to run now: at least one, more while their tokens fit ``budget`` (None: all)."""
-        from longkv.engine.runner import Work
-
         if isinstance(self.need, ProbeQueries):
             if self._probe_out:
                 return []

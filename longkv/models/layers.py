@@ -103,7 +103,7 @@ class Linear:
     # Without an explicit ``coded``, up to this many rows read the coded copy: on an AVX2 CPU the
     # int8/int4 kernels stayed 1.5-10x faster than W's own product up to 32 rows (a 3072 x 576
     # matrix: int8 77 / 343 / 1343 us at 1 / 8 / 32 rows, float32 up-cast 1.1-2.1 ms). The engine
-    # says which: decode tokens read the copy, prompt chunks W (``longkv.engine.runner.run_batch``);
+    # says which: decode tokens read the copy, prompt chunks W (``longkv.engine.step.run_batch``);
     # the coded products are row by row, so a row's result does not depend on what shares its forward.
     decode_max_rows = 32
     upcast_min_rows = 16  # below, a slow bfloat16 product still costs less than up-casting W
