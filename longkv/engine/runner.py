@@ -121,7 +121,9 @@ class Runner:
             seq.selection = self.policy.new_state(c, self.engine)
         return seq
 
-    def _attention(self, seq: Sequence) -> AttentionFn:
+    def attention(self, seq: Sequence) -> AttentionFn:
+        """``seq``'s attention in every layer under the policy: appends the new keys (T of them), reads
+        what the policy keeps, returns the output (H, T, D); a sliding layer reads its window."""
         policy, ropes, windows = self.policy, self.ropes, self.windows
         read = self._read_fn(seq)
         selective = policy if isinstance(policy, SelectionPolicy) else None
@@ -389,7 +391,7 @@ class Runner:
         p0 = seq.next_position
         dev = self.model.device
         positions = torch.arange(p0, p0 + len(ids), dtype=torch.int64, device=dev)
-        out = self.model.forward(torch.tensor(ids, dtype=torch.int64, device=dev), positions, self._attention(seq), "all")
+        out = self.model.forward(torch.tensor(ids, dtype=torch.int64, device=dev), positions, self.attention(seq), "all")
         assert out is not None
         seq.tokens.extend(ids)
         return out

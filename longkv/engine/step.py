@@ -184,7 +184,7 @@ def _forward(model: LlamaModel, works: list[Work], should_stop: Callable[[], boo
     readers = [w.runner.reader(w.seq) if len(w.ids) == 1 and w.attention is None else None for w in works]
     if sum(r is not None for r in readers) < 2:
         readers = [None] * len(works)
-    fns = [None if r is not None else (w.attention or w.runner._attention(w.seq)) for w, r in zip(works, readers, strict=True)]
+    fns = [None if r is not None else (w.attention or w.runner.attention(w.seq)) for w, r in zip(works, readers, strict=True)]
     sizes = [len(w.ids) for w in works]
     offsets = list(accumulate(sizes, initial=0))
     batched = [i for i, r in enumerate(readers) if r is not None]
