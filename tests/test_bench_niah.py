@@ -162,23 +162,33 @@ def test_summary_names_the_default_model_when_none_was_given(tmp_path: Path) -> 
     assert "model: `SmolLM2-135M-Instruct (default)`" in write_summary(folder).read_text()
     named = RunFolder(tmp_path, "s")
     named.open({"kind": "niah", "model": "./qwen.gguf", "seed": 0})
-    assert "model: `./qwen.gguf`, backend: longkv, seed 0" in write_summary(named).read_text()
+    assert "model: `./qwen.gguf`, backend: longkv, question-agnostic, seed 0" in write_summary(named).read_text()
     aware = RunFolder(tmp_path, "q")
     aware.open({"kind": "ruler", "model": "m", "seed": 0, "question_aware": True})
     assert "backend: longkv, question-aware, seed 0" in write_summary(aware).read_text()
 
 
 def test_run_folder_rejects_changed_fixed_settings(tmp_path: Path) -> None:
-    RunFolder(tmp_path, "r").open({"kind": "niah", "model": "a", "seed": 0})
-    RunFolder(tmp_path, "r").open({"kind": "niah", "model": "a", "seed": 0, "lengths": [5]})  # grid may grow
-    with pytest.raises(LongKVError, match="another --name"):
-        RunFolder(tmp_path, "r").open({"kind": "niah", "model": "a", "seed": 1})
-    RunFolder(tmp_path, "r").open({"kind": "niah", "model": "a", "seed": 0, "weights": "auto"})  # a folder from before the key
-    with pytest.raises(LongKVError, match="weights='auto', not 'int8'"):
-        RunFolder(tmp_path, "r").open({"kind": "niah", "model": "a", "seed": 0, "weights": "int8"})
-    RunFolder(tmp_path, "r").open({"kind": "niah", "model": "a", "seed": 0, "question_aware": False})  # the default before the key
-    with pytest.raises(LongKVError, match="question_aware=False, not True"):
-        RunFolder(tmp_path, "r").open({"kind": "niah", "model": "a", "seed": 0, "question_aware": True})
+    def opened(config: dict[str, object]) -> RunFolder:
+        folder = RunFolder(tmp_path, "r")
+        folder.open(config)
+        return folder
+
+    # a run that failed before its first answer (a bad model path) leaves only its config: the next run takes its place
+    opened({"kind": "niah", "model": "/nonexistent.gguf", "seed": 0})
+    opened({"kind": "niah", "model": "a", "seed": 0}).append({"key": "dense|x"})
+    opened({"kind": "niah", "model": "a", "seed": 0, "lengths": [5]})  # grid may grow
+    with pytest.raises(LongKVError, match="seed=0, not seed=1: pass the same options to resume it, or another --name"):
+        opened({"kind": "niah", "model": "a", "seed": 1})
+    with pytest.raises(LongKVError, match="model='a', not the default model"):
+        opened({"kind": "niah", "model": None, "seed": 0})
+    opened({"kind": "niah", "model": "a", "seed": 0, "weights": "auto"})  # a folder from before the key
+    with pytest.raises(LongKVError, match="weights='auto', not weights='int8'"):
+        opened({"kind": "niah", "model": "a", "seed": 0, "weights": "int8"})
+    opened({"kind": "niah", "model": "a", "seed": 0, "question_aware": False})  # the default before the key
+    with pytest.raises(LongKVError, match="made with --question-agnostic, not --question-aware"):
+        opened({"kind": "niah", "model": "a", "seed": 0, "question_aware": True})
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["model"] == "a"  # a refused run writes nothing
     with pytest.raises(LongKVError, match="bad run name"):
         RunFolder(tmp_path, "../x")
 
@@ -206,6 +216,8 @@ def test_cli_user_errors_are_one_line(tmp_path: Path) -> None:
         (["niah", "--weights", "int2", "--haystack", str(hay), "--runs-dir", str(tmp_path)], "unknown weights 'int2'"),
         (["niah", "--backend", "transformers", "--weights", "int8", "--haystack", str(hay), "--runs-dir", str(tmp_path)], "--weights is longkv's"),
         (["ruler", "--backend", "transformers", "--question-aware", "--runs-dir", str(tmp_path)], "--question-aware is longkv's"),
+        (["ruler", "--tasks", " ", "--runs-dir", str(tmp_path)], "--tasks is empty"),
+        (["ruler", "-p", "snapvk:budget=256", "--runs-dir", str(tmp_path)], "unknown policy 'snapvk': did you mean snapkv?"),
         (["ppl", "--weights", "int2", "--runs-dir", str(tmp_path)], "unknown weights 'int2'"),
         (["report", str(tmp_path)], "not a run folder"),
     ):
@@ -262,3 +274,16 @@ def test_progress_counts_cells_and_running_accuracy() -> None:
     assert p._cells_text() == "cells 0/2"
     p.update({**row, "score": 0.0})
     assert p._cells_text() == "cells 1/2" and p.scores == [1.0, 0.0]
+
+
+def test_keep_ratio_plot_has_one_point_per_cell() -> None:
+    """Two tasks of one cell fitted to 2000 and 1998 tokens keep 0.128 and 0.1281 of them: one point, their mean score."""
+    from longkv.bench.plots import _series, by_cell_keep_ratio
+
+    rows = [
+        {"policy": "snapkv:budget=256", "length": 2000, "keep_ratio": 0.128, "score": 1.0},
+        {"policy": "snapkv:budget=256", "length": 2000, "keep_ratio": 0.1281, "score": 0.0},
+        {"policy": "snapkv:budget=256", "length": 4000, "keep_ratio": 0.064, "score": 1.0},
+    ]
+    assert _series(rows, "keep_ratio", "score")["snapkv:budget=256"] == [(0.064, 1.0), (0.128, 1.0), (0.1281, 0.0)]
+    assert _series(by_cell_keep_ratio(rows), "cell_keep_ratio", "score")["snapkv:budget=256"] == [(0.064, 1.0), (0.12805, 0.5)]

@@ -7,6 +7,7 @@ length) are drawn hatched grey, not as zero accuracy.
 
 from __future__ import annotations
 
+import statistics
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -114,8 +115,20 @@ def accuracy_vs_length(rows: list[Row], out: Path, title: str = "accuracy vs pro
     return line_plot(rows, "length", "score", out, "prompt length (tokens)", "accuracy", title, logx=True)
 
 
+def by_cell_keep_ratio(rows: list[Row]) -> list[Row]:
+    """``rows`` with ``cell_keep_ratio``: the median keep-ratio of their (policy, prompt length) cell, so
+    prompts a few tokens apart (tasks of one cell fitted to slightly different sizes) plot as one point."""
+    ratios: dict[tuple[str, object], list[float]] = defaultdict(list)
+    for r in rows:
+        if r.get("keep_ratio") is not None:
+            ratios[(str(r.get("policy")), r.get("length"))].append(float(r["keep_ratio"]))
+    cell = {k: statistics.median(v) for k, v in ratios.items()}
+    return [{**r, "cell_keep_ratio": cell.get((str(r.get("policy")), r.get("length")))} for r in rows]
+
+
 def accuracy_vs_keep_ratio(rows: list[Row], out: Path, title: str = "accuracy vs keep-ratio") -> Path:
-    return line_plot(rows, "keep_ratio", "score", out, "keep-ratio (KV tokens kept / prompt tokens)", "accuracy", title)
+    """Mean score per (policy, prompt length) cell against the cell's median keep-ratio."""
+    return line_plot(by_cell_keep_ratio(rows), "cell_keep_ratio", "score", out, "keep-ratio (KV tokens kept / prompt tokens)", "accuracy", title)
 
 
 def speed_vs_length(rows: list[Row], out: Path, title: str = "speed vs context length") -> Path:

@@ -131,7 +131,7 @@ def write_summary(folder: RunFolder) -> Path:
     rows = folder.rows()
     kind = cfg.get("kind", "niah")
     pngs = write_plots(rows, kind, folder.path)
-    questions = ", question-aware" if cfg.get("question_aware") else ""
+    questions = "" if cfg.get("backend", "longkv") != "longkv" else ", question-aware" if cfg.get("question_aware") else ", question-agnostic"
     model = cfg.get("model") or DEFAULT_MODEL_NAME + " (default)"
     head = [f"# {kind} run `{folder.path.name}`", "", f"model: `{model}`, backend: {cfg.get('backend', 'longkv')}{questions}, seed {cfg.get('seed')}, {len(rows)} rows", ""]
     if cfg.get("command"):

@@ -309,9 +309,11 @@ def parse_tasks(spec: str) -> list[str]:
     """``"all"`` or comma-separated task names (a family prefix such as ``niah_single`` selects its members).
 
     Raises:
-        LongKVError: a name that matches no task.
+        LongKVError: an empty spec, or a name that matches no task.
     """
-    if spec.strip() in ("", "all"):
+    if not spec.strip():
+        raise LongKVError("--tasks is empty: pass 'all' or task names such as niah_single_2,vt")
+    if spec.strip() == "all":
         return list(TASKS)
     out: list[str] = []
     for item in (p.strip() for p in spec.split(",") if p.strip()):

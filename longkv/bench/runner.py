@@ -30,6 +30,18 @@ FIXED_KEYS = ("kind", "model", "seed", "backend", "dtype", "chunk_size", "haysta
 _KEY_DEFAULTS = {"weights": "auto", "question_aware": False}  # a run folder written before the key existed ran with this
 
 
+_RESUME_HINT = "pass the same options to resume it, or another --name (or delete the folder) to start a new run"
+
+
+def _setting(key: str, value: Any) -> str:
+    """A fixed setting as the command line gives it."""
+    if key == "question_aware":
+        return "--question-aware" if value else "--question-agnostic"
+    if key == "model" and value is None:
+        return "the default model"
+    return f"{key}={value!r}"
+
+
 class RunFolder:
     """``<root>/<name>/`` with its config, results and summary.
 
@@ -45,16 +57,16 @@ class RunFolder:
         self.results_file = self.path / "results.jsonl"
 
     def open(self, config: dict[str, Any]) -> None:
-        """Create the folder, or check that a resumed run keeps the fixed settings; then write ``config``."""
-        if self.config_file.exists():
+        """Create the folder, or check that a resumed run keeps the fixed settings; then write ``config``.
+
+        A folder without a result row (a run that failed before its first answer) takes the new settings.
+        """
+        if self.config_file.exists() and self.rows():
             old = json.loads(self.config_file.read_text())
             for k in FIXED_KEYS:
                 was, now = old.get(k, _KEY_DEFAULTS.get(k)), config.get(k, _KEY_DEFAULTS.get(k))
                 if was != now:
-                    raise LongKVError(
-                        f"run folder {self.path} was made with {k}={was!r}, not {now!r}: "
-                        "pass another --name (or delete the folder) to start a new run"
-                    )
+                    raise LongKVError(f"run folder {self.path} was made with {_setting(k, was)}, not {_setting(k, now)}: {_RESUME_HINT}")
         self.path.mkdir(parents=True, exist_ok=True)
         self.config_file.write_text(json.dumps(config, indent=2) + "\n")
 

@@ -104,7 +104,9 @@ def make_policy(spec: str | KVPolicy, **overrides: Any) -> KVPolicy:
             "budget), or name a policy with its knobs, e.g. streaming:budget=2048"
         )
     if name not in POLICIES:
-        raise LongKVError(f"unknown policy {name!r}: choose auto or one of {', '.join(sorted(POLICIES))}")
+        close = difflib.get_close_matches(name, [*POLICIES, "auto"], n=1, cutoff=0.6)
+        hint = f"did you mean {close[0]}? " if close else ""
+        raise LongKVError(f"unknown policy {name!r}: {hint}choose auto or one of {', '.join(sorted(POLICIES))}")
     cls = POLICIES[name]
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     knobs: dict[str, Any] = {}
