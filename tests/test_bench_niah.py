@@ -102,7 +102,7 @@ def test_niah_prompts_are_exactly_sized_and_deterministic(tokenizers: dict[str, 
     deep = task.make(fmt, 3000, 0.75, 0, seed=1)
     body = deep.prompt.split("afterwards.\n\n", 1)[1]
     assert 0.6 < body.index(deep.meta["needle"]) / len(body) < 0.85
-    with pytest.raises(LongKVError, match="too short"):
+    with pytest.raises(LongKVError, match="length 50 is too short for niah"):
         task.make(fmt, 50, 0.5, 0, seed=0)
 
 

@@ -79,8 +79,10 @@ def test_parse_tasks_and_helpers(hay: list[str], fmt: PromptFormat) -> None:
     assert parse_tasks("niah_single,vt") == ["niah_single_1", "niah_single_2", "niah_single_3", "vt"]
     with pytest.raises(LongKVError, match="unknown RULER task"):
         parse_tasks("qa_1")
-    with pytest.raises(LongKVError, match="too short"):
+    with pytest.raises(LongKVError, match="length 60 is too short for niah_multivalue"):
         RulerTask("niah_multivalue", hay).make(fmt, 60, 0, 0)
+    with pytest.raises(LongKVError, match="--tasks is empty"):
+        parse_tasks(" ")
     words = pseudo_words(__import__("random").Random(0), 5000)
     assert len(set(words)) == 5000
     import random

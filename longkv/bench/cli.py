@@ -88,7 +88,7 @@ def _finish(folder: Any, written: int) -> None:
 
     summary = write_summary(folder)
     out.print(f"{written} new rows; results in {folder.path}/ (summary: {summary})")
-    out.print(summary.read_text().split("\n\n![")[0], markup=False)
+    out.print(summary.read_text().split("\n\n![")[0], markup=False, soft_wrap=True)  # lines whole: the command copies
 
 
 def run_sample_task(
@@ -342,4 +342,4 @@ def report(
 
     path = merge([str(r) for r in runs], out_dir)
     out.print(f"merged {len(runs)} run(s) into {path}")
-    out.print(path.read_text().split("\n\n![")[0], markup=False)
+    out.print(path.read_text().split("\n\n![")[0], markup=False, soft_wrap=True)

@@ -84,7 +84,7 @@ class NiahTask:
             context = insert_at_depth(fmt.decode(hay_ids[:n]).strip(), needle, depth)
             return fmt.render(head + context + tail, prefix)
 
-        prompt, tokens, _ = fit_length(build, fmt.count, length, len(hay_ids))
+        prompt, tokens, _ = fit_length(build, fmt.count, length, len(hay_ids), self.name)
         meta = {"key": key, "needle": needle}
         return Sample(sid, self.name, length, prompt, [value], depth, tokens, self.max_new_tokens, meta, tail.strip())
 

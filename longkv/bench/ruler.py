@@ -97,7 +97,7 @@ class RulerTask:
         sid = self.sample_id(length, index)
         rng = sample_rng(seed, sid)
         b = BUILDERS[self.name](self, fmt, rng, length)
-        prompt, tokens, n = fit_length(lambda n: fmt.render(b.head + b.body(n) + b.tail, b.prefix), fmt.count, length, b.units)
+        prompt, tokens, n = fit_length(lambda n: fmt.render(b.head + b.body(n) + b.tail, b.prefix), fmt.count, length, b.units, self.name)
         refs = b.finalize(n) if b.finalize is not None else b.references
         return Sample(sid, self.name, length, prompt, refs, None, tokens, b.max_new_tokens, dict(b.meta), b.tail.strip())
 

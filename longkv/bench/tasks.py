@@ -86,7 +86,9 @@ class PromptFormat:
         return str(self.tokenizer.decode(ids, skip_special_tokens=True))
 
 
-def fit_length(build: Callable[[int], str], count: Callable[[str], int], target: int, hi: int) -> tuple[str, int, int]:
+def fit_length(
+    build: Callable[[int], str], count: Callable[[str], int], target: int, hi: int, task: str = "this task"
+) -> tuple[str, int, int]:
     """Largest filler size ``n`` in ``[0, hi]`` with ``count(build(n)) <= target``, by bisection.
 
     ``count(build(n))`` must grow with ``n`` (filler is a prefix of a fixed list).
@@ -98,7 +100,7 @@ def fit_length(build: Callable[[int], str], count: Callable[[str], int], target:
     lo_text = build(0)
     lo_tokens = count(lo_text)
     if lo_tokens > target:
-        raise LongKVError(f"length {target} is too short for this task: its prompt alone takes {lo_tokens} tokens; pass longer --lengths")
+        raise LongKVError(f"length {target} is too short for {task}: its prompt alone takes {lo_tokens} tokens; pass longer --lengths")
     lo = 0
     best = (lo_text, lo_tokens, 0)
     while lo < hi:
