@@ -59,27 +59,29 @@ class LongKVBackend:
     def window(self) -> int:
         return int(self.llm.config.max_position)
 
-    def question_ids(self, prompt: str, question: str) -> list[int] | None:
-        """The prompt's last token ids from ``question`` on (the question and the chat template's
-        tail), or None when the run is question-agnostic or the sample names no question.
+    def inputs(self, prompt: str, question: str) -> tuple[str | list[int], list[int] | None]:
+        """What :meth:`generate` gives the engine: ``prompt`` alone (question-agnostic, or a sample naming
+        no question), or its ids and their tail from ``question`` on (:meth:`~longkv.LLM.question_tail`:
+        the question and the chat template's tail).
 
         Raises:
             LongKVError: ``question`` is not in ``prompt``.
         """
         if not self.question_aware or not question:
-            return None
-        at = prompt.rfind(question)
-        if at < 0:
+            return prompt, None
+        if question not in prompt:
             raise LongKVError(f"the sample's question {question[:60]!r} is not in its prompt: regenerate the samples in a new run folder")
-        ids = self.llm.prompt_ids(prompt)
-        tail = self.llm.encode(prompt[at:])  # the question starts a line: a token boundary
-        return ids[-len(tail) :]
+        return self.llm.question_tail(prompt, question)
+
+    def question_ids(self, prompt: str, question: str) -> list[int] | None:
+        """The question ids :meth:`generate` names for ``prompt`` (None: question-agnostic). Raises as :meth:`inputs`."""
+        return self.inputs(prompt, question)[1]
 
     def generate(self, prompt: str, policy: str, max_new_tokens: int, question: str = "") -> dict[str, Any]:
         """Answer ``prompt`` under ``policy``, naming ``question`` to the engine when the run is
-        question-aware. Raises LongKVError when the policy cannot serve the input."""
-        qids = self.question_ids(prompt, question)
-        out = self.llm.generate(prompt, max_new_tokens=max_new_tokens, policy=policy, question_ids=qids)
+        question-aware. Raises LongKVError when the policy cannot serve the input or the question is not in it."""
+        ids, qids = self.inputs(prompt, question)
+        out = self.llm.generate(ids, max_new_tokens=max_new_tokens, policy=policy, question_ids=qids)
         s = out.stats
         return {
             "answer": out.text,

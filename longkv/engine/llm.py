@@ -407,9 +407,14 @@ class LLM:
         """Token ids of :meth:`ask_text`: (prompt ids, the question's ids: the question and the
         template's tail, the prompt's last tokens). Question-aware compression probes them;
         block_topk chooses its pages from their queries."""
-        text = self.ask_text(docs, question)
+        return self.question_tail(self.ask_text(docs, question), question)
+
+    def question_tail(self, text: str, question: str) -> tuple[list[int], list[int]]:
+        """(:meth:`prompt_ids` of ``text``, its last ids from the last occurrence of ``question`` on:
+        the question and what follows it, e.g. the chat template's tail). The question must start a
+        line (a token boundary). Raises ValueError when ``question`` is not in ``text``."""
         ids = self.prompt_ids(text)
-        tail = self.encode(text[text.rindex(question.strip()) :])  # the question starts a line: a token boundary
+        tail = self.encode(text[text.rindex(question.strip()) :])
         return ids, ids[-len(tail) :]
 
     def ask(
