@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from longkv.bench.report import merge
+from longkv.bench.report import merge, write_summary
 from longkv.bench.runner import RunFolder
 from longkv.errors import LongKVError
 
@@ -76,6 +76,8 @@ def test_merge_tables_and_plots(tmp_path: Path) -> None:
         {"key": "dense|s9", "task": "niah", "length": 9000, "depth": 0.5, "policy": "dense", "status": "refused", "score": None, "keep_ratio": 1.0},
     ], "niah")  # fmt: skip
     text = merge([a, b], tmp_path / "out").read_text()
+    assert "| a | `m` | longkv, question-agnostic | 0 | 3 |  |" in text  # the runs, each with its settings
+    assert "| b | `m` | longkv, question-agnostic | 0 | 2 |  |" in text
     assert "| dense (a) | 0.50 (2) | 1.00 (1) | - |" in text
     assert "| dense (b) | - | - | refused |" in text
     assert "| streaming:budget=500 (b) | - | 0.00 (1) | - |" in text
@@ -88,6 +90,28 @@ def test_merge_tables_and_plots(tmp_path: Path) -> None:
         merge([a, s], tmp_path / "out2")
     speed_text = merge([s], tmp_path / "out3").read_text()
     assert "| dense (llama.cpp) | 9.5 |" in speed_text and (tmp_path / "out3" / "speed_vs_length.png").exists()
+    assert "| s | `m` | longkv | 0 | 1 |  |" in speed_text  # no question mode where a run asks none
+
+
+def test_summaries_say_where_block_topk_read_the_prompt_densely(tmp_path: Path) -> None:
+    """A prompt within block_topk's span is read densely: the summary and a merged report say which cells those are."""
+    def row(i: int, length: int, dense: bool, status: str = "ok") -> dict:
+        resolved = "block_topk(topk=1, ...)" + (", prompt read densely" if dense else "")
+        return {"key": f"b|s{i}", "task": "niah", "length": length, "depth": 0.5, "policy": "block_topk", "status": status,
+                "score": 1.0, "keep_ratio": 1.0, "policy_resolved": resolved}  # fmt: skip
+
+    rows = [row(0, 1000, True), row(1, 1000, True), row(2, 2000, True), row(3, 16000, False), row(4, 16000, False)]
+    folder = RunFolder(tmp_path, "bt")
+    folder.open({"kind": "niah", "model": "m", "seed": 0, "command": "longkv bench niah --policies 'a|b'"})
+    for r in rows:
+        folder.append(r)
+    note = "- `block_topk` read 3 of 5 prompts densely (within its span), at 1K, 2K: those cells score dense attention"
+    assert note in write_summary(folder).read_text()
+    other = _rows(tmp_path, "plain", [{**row(9, 1000, False), "policy": "dense", "policy_resolved": "dense"}], "niah")
+    text = merge([folder.path, other], tmp_path / "out").read_text()
+    assert "- `block_topk (bt)` read 3 of 5 prompts densely (within its span), at 1K, 2K" in text
+    assert "`dense (plain)` read" not in text
+    assert "| bt | `m` | longkv, question-agnostic | 0 | 5 | `longkv bench niah --policies 'a\\|b'` |" in text  # a | kept in its cell
 
 
 def _cli(args: list[str]) -> subprocess.CompletedProcess[str]:

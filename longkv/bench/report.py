@@ -125,17 +125,40 @@ def write_plots(rows: list[Row], kind: str, out_dir: Path) -> list[Path]:
     return out
 
 
+def _settings(cfg: dict[str, Any]) -> tuple[str, str, str]:
+    """A run's model, backend (with whether it named the question to the engine) and seed, as a summary shows them."""
+    backend = cfg.get("backend", "longkv")
+    if backend == "longkv" and cfg.get("kind", "niah") in ("niah", "ruler"):
+        backend += ", question-aware" if cfg.get("question_aware") else ", question-agnostic"
+    return f"`{cfg.get('model') or DEFAULT_MODEL_NAME + ' (default)'}`", backend, str(cfg.get("seed"))
+
+
+def dense_reads(rows: list[Row], label: Callable[[Row], str] = _who) -> list[str]:
+    """One line per label whose prompts were read densely in part (block_topk on a prompt within its span):
+    how many of its answered prompts, at which lengths. Its scores there are dense attention's."""
+    lines = []
+    for name in sorted({label(r) for r in rows}):
+        ok = [r for r in rows if label(r) == name and r.get("status") == "ok"]
+        dense = [r for r in ok if str(r.get("policy_resolved", "")).endswith("prompt read densely")]
+        if dense:
+            lengths = ", ".join(_fmt_len(n) for n in sorted({int(r["length"]) for r in dense}))
+            lines.append(f"- `{name}` read {len(dense)} of {len(ok)} prompts densely (within its span), at {lengths}: "
+                         "those cells score dense attention")  # fmt: skip
+    return lines
+
+
 def write_summary(folder: RunFolder) -> Path:
     """Rewrite ``summary.md`` and the PNGs of one run folder from its ``results.jsonl``."""
     cfg = folder.config()
     rows = folder.rows()
     kind = cfg.get("kind", "niah")
     pngs = write_plots(rows, kind, folder.path)
-    questions = "" if cfg.get("backend", "longkv") != "longkv" else ", question-aware" if cfg.get("question_aware") else ", question-agnostic"
-    model = cfg.get("model") or DEFAULT_MODEL_NAME + " (default)"
-    head = [f"# {kind} run `{folder.path.name}`", "", f"model: `{model}`, backend: {cfg.get('backend', 'longkv')}{questions}, seed {cfg.get('seed')}, {len(rows)} rows", ""]
+    model, backend, seed = _settings(cfg)
+    head = [f"# {kind} run `{folder.path.name}`", "", f"model: {model}, backend: {backend}, seed {seed}, {len(rows)} rows", ""]
     if cfg.get("command"):
         head += ["```", str(cfg["command"]), "```", ""]
+    notes = dense_reads(rows)
+    head += [*notes, ""] if notes else []
     body = tables(rows, kind) if rows else "(no results yet)"
     images = "\n".join(f"![{p.stem}]({p.name})" for p in pngs)
     path = folder.path / "summary.md"
@@ -146,13 +169,15 @@ def write_summary(folder: RunFolder) -> Path:
 def merge(runs: list[str | Path], out: Path) -> Path:
     """Merge run folders of the same kind into one comparison (``out/summary.md`` + PNGs).
 
-    Rows are labelled by policy and backend; the same policy in two runs is kept apart by run name.
+    Rows are labelled by policy and backend, and by run name when there are several runs; a table of the runs
+    gives each one's model, backend, seed, rows and command.
 
     Raises:
         LongKVError: a folder that is not a run, or runs of different kinds.
     """
     rows: list[Row] = []
     kinds = set()
+    table = ["| run | model | backend | seed | rows | command |", "|---|---|---|---|---|---|"]
     for r in runs:
         p = Path(r)
         if not (p / "config.json").is_file():
@@ -160,14 +185,19 @@ def merge(runs: list[str | Path], out: Path) -> Path:
         cfg = json.loads((p / "config.json").read_text())
         kinds.add(cfg.get("kind", "niah"))
         multi = len(runs) > 1
-        for row in RunFolder(p.parent, p.name).rows():
+        got = RunFolder(p.parent, p.name).rows()
+        for row in got:
             rows.append({**row, "policy": f"{row['policy']} ({p.name})" if multi else row["policy"]})
+        command = str(cfg.get("command") or "").replace("|", "\\|")
+        table.append(f"| {p.name} | {' | '.join(_settings(cfg))} | {len(got)} | {f'`{command}`' if command else ''} |")
     if len(kinds) != 1:
         raise LongKVError(f"runs of different kinds ({', '.join(sorted(kinds))}) cannot be merged: pass runs of one kind")
     kind = kinds.pop()
     out.mkdir(parents=True, exist_ok=True)
     pngs = write_plots(rows, kind, out)
     body = tables(rows, kind) if rows else "(no results)"
-    text = f"# {kind}: {', '.join(Path(r).name for r in runs)}\n\n{body}\n\n" + "\n".join(f"![{p.stem}]({p.name})" for p in pngs) + "\n"
+    notes = "".join(line + "\n" for line in dense_reads(rows))
+    text = (f"# {kind}: {', '.join(Path(r).name for r in runs)}\n\n" + "\n".join(table) + "\n\n" + (notes + "\n" if notes else "")
+            + f"{body}\n\n" + "\n".join(f"![{p.stem}]({p.name})" for p in pngs) + "\n")  # fmt: skip
     (out / "summary.md").write_text(text)
     return out / "summary.md"
