@@ -114,6 +114,31 @@ def test_summaries_say_where_block_topk_read_the_prompt_densely(tmp_path: Path) 
     assert "| bt | `m` | longkv, question-agnostic | 0 | 5 | `longkv bench niah --policies 'a\\|b'` |" in text  # a | kept in its cell
 
 
+def test_merge_refuses_what_would_mix_or_overwrite_runs(tmp_path: Path) -> None:
+    """A run given twice, a missing folder, a merged report passed as a run, --out on a run: one-line errors, nothing
+    written; two runs that share a folder name are labelled by their paths, never pooled."""
+    rec = {"key": "d|s0", "task": "niah", "length": 1000, "depth": 0.5, "policy": "dense", "status": "ok", "score": 1.0, "keep_ratio": 1.0}
+    a = _rows(tmp_path / "runs", "a", [rec], "niah")
+    twin = _rows(tmp_path / "runs2", "a", [{**rec, "score": 0.0}], "niah")
+    with pytest.raises(LongKVError, match="is given twice .* pass each run once"):
+        merge([a, tmp_path / "runs" / ".." / "runs" / "a"], tmp_path / "out")
+    with pytest.raises(LongKVError, match="nope does not exist: pass run folders"):
+        merge([a, tmp_path / "nope"], tmp_path / "out")
+    with pytest.raises(LongKVError, match="--out .* is a run folder: .* pass a new folder"):
+        merge([a, twin], twin)
+    assert not (tmp_path / "out").exists() and not (twin / "summary.md").exists()
+    text = merge([a, twin], tmp_path / "out").read_text()
+    assert f"| dense ({a}) | 1.00 (1) |" in text and f"| dense ({twin}) | 0.00 (1) |" in text
+    assert f"| {a} | `m` |" in text and f"| {twin} | `m` |" in text
+    with pytest.raises(LongKVError, match="holds a merged report: pass the runs it merged"):
+        merge([tmp_path / "out"], tmp_path / "out2")
+    res = _cli(["report", str(a), str(twin), "--out", str(tmp_path / "out3")])
+    assert res.returncode == 0, res.stderr
+    assert f"| dense ({a}) | 1.00 (1) |" in res.stdout and "merged 2 run(s)" in res.stderr  # the report on stdout
+    res = _cli(["report", str(a), str(a), "--out", str(tmp_path / "out4")])
+    assert res.returncode != 0 and "given twice" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+
+
 def _cli(args: list[str]) -> subprocess.CompletedProcess[str]:
     root = Path(__file__).resolve().parents[1]
     env = {"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin", "HOME": str(Path.home())}

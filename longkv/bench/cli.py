@@ -20,7 +20,8 @@ bench_app = typer.Typer(help="Long-context benchmarks: needle-in-a-haystack, RUL
 out = Console(stderr=True, highlight=False)
 
 Model = Annotated[str | None, typer.Option("--model", "-m", help="A .gguf file, a Hugging Face folder, or a hub id (default: SmolLM2-135M-Instruct).")]
-Policies = Annotated[list[str] | None, typer.Option("--policy", "-p", help="KV policy spec, repeatable: dense, streaming:budget=1024, ... (default: dense).")]
+Policies = Annotated[list[str] | None, typer.Option("--policy", "-p", help="KV policy spec, repeatable: dense, block_topk, snapkv:budget=2048, streaming:budget=1024, ... "
+                                                            "(every name and knob: longkv policies; default: dense).")]
 Lengths = Annotated[str, typer.Option(help="Prompt lengths in tokens, comma-separated (k = 1000): 2k,4k,8k.")]
 Samples = Annotated[int, typer.Option(help="Samples per cell.")]
 Seed = Annotated[int, typer.Option(help="Seed of the sample generators.")]
@@ -87,7 +88,7 @@ def _finish(folder: Any, written: int) -> None:
     from longkv.bench.report import write_summary
 
     summary = write_summary(folder)
-    out.print(f"{written} new rows; results in {folder.path}/ (summary: {summary})")
+    out.print(f"{written} new rows; results in {folder.path}/ (summary: {summary})", soft_wrap=True)
     out.print(summary.read_text().split("\n\n![")[0], markup=False, soft_wrap=True)  # lines whole: the command copies
 
 
@@ -153,7 +154,8 @@ def niah(
     model: Model = None,
     policy: Policies = None,
     lengths: Lengths = "1k,2k,4k",
-    depths: Annotated[str, typer.Option(help="Needle depths: fractions 0,0.5,1 or a count (5 = 0,0.25,...,1).")] = "5",
+    depths: Annotated[str, typer.Option(help="Needle depths: fractions (0,0.5,1), or a whole count of 2 or more evenly spaced depths "
+                                             "(5 = 0,0.25,...,1); 0 or 1 alone is a depth, not a count.")] = "5",
     samples: Samples = 2,
     seed: Seed = 0,
     haystack: Haystack = None,
@@ -341,5 +343,5 @@ def report(
     from longkv.bench.report import merge
 
     path = merge([str(r) for r in runs], out_dir)
-    out.print(f"merged {len(runs)} run(s) into {path}")
-    out.print(path.read_text().split("\n\n![")[0], markup=False, soft_wrap=True)
+    out.print(f"merged {len(runs)} run(s) into {path}", soft_wrap=True)
+    Console(highlight=False).print(path.read_text().split("\n\n![")[0], markup=False, soft_wrap=True)  # the report: stdout

@@ -158,7 +158,7 @@ def write_summary(folder: RunFolder) -> Path:
     if cfg.get("command"):
         head += ["```", str(cfg["command"]), "```", ""]
     notes = dense_reads(rows)
-    head += [*notes, ""] if notes else []
+    head += [*notes, "", ""] if notes else []
     body = tables(rows, kind) if rows else "(no results yet)"
     images = "\n".join(f"![{p.stem}]({p.name})" for p in pngs)
     path = folder.path / "summary.md"
@@ -169,27 +169,41 @@ def write_summary(folder: RunFolder) -> Path:
 def merge(runs: list[str | Path], out: Path) -> Path:
     """Merge run folders of the same kind into one comparison (``out/summary.md`` + PNGs).
 
-    Rows are labelled by policy and backend, and by run name when there are several runs; a table of the runs
-    gives each one's model, backend, seed, rows and command.
+    Rows are labelled by policy and backend, and by run when there are several runs (the folder's name, or its
+    path where two runs share a name); a table of the runs gives each one's model, backend, seed, rows and
+    command.
 
     Raises:
-        LongKVError: a folder that is not a run, or runs of different kinds.
+        LongKVError: a folder that is missing or not a run, a run given twice, runs of different kinds, or
+            ``out`` a run folder (its own summary would be overwritten).
     """
+    paths = [Path(r) for r in runs]
+    for p in paths:
+        if not p.is_dir():
+            raise LongKVError(f"{p} does not exist: pass run folders (runs/NAME, as the bench commands print them)")
+        if not (p / "config.json").is_file():
+            hint = "it holds a merged report: pass the runs it merged" if (p / "summary.md").is_file() else "pass folders under runs/"
+            raise LongKVError(f"{p} is not a run folder (no config.json): {hint}")
+    seen: dict[Path, Path] = {}
+    for p in paths:
+        if p.resolve() in seen:
+            raise LongKVError(f"{p} is given twice (as {seen[p.resolve()]}): pass each run once")
+        seen[p.resolve()] = p
+    if (out / "config.json").is_file():
+        raise LongKVError(f"--out {out} is a run folder: its summary.md and plots would be overwritten; pass a new folder")
+    names = [p.name for p in paths]
+    labels = [p.name if names.count(p.name) == 1 else str(p) for p in paths]
     rows: list[Row] = []
     kinds = set()
     table = ["| run | model | backend | seed | rows | command |", "|---|---|---|---|---|---|"]
-    for r in runs:
-        p = Path(r)
-        if not (p / "config.json").is_file():
-            raise LongKVError(f"{p} is not a run folder (no config.json): pass folders under runs/")
+    for p, label in zip(paths, labels, strict=True):
         cfg = json.loads((p / "config.json").read_text())
         kinds.add(cfg.get("kind", "niah"))
-        multi = len(runs) > 1
         got = RunFolder(p.parent, p.name).rows()
         for row in got:
-            rows.append({**row, "policy": f"{row['policy']} ({p.name})" if multi else row["policy"]})
+            rows.append({**row, "policy": f"{row['policy']} ({label})" if len(paths) > 1 else row["policy"]})
         command = str(cfg.get("command") or "").replace("|", "\\|")
-        table.append(f"| {p.name} | {' | '.join(_settings(cfg))} | {len(got)} | {f'`{command}`' if command else ''} |")
+        table.append(f"| {label} | {' | '.join(_settings(cfg))} | {len(got)} | {f'`{command}`' if command else ''} |")
     if len(kinds) != 1:
         raise LongKVError(f"runs of different kinds ({', '.join(sorted(kinds))}) cannot be merged: pass runs of one kind")
     kind = kinds.pop()
@@ -197,7 +211,7 @@ def merge(runs: list[str | Path], out: Path) -> Path:
     pngs = write_plots(rows, kind, out)
     body = tables(rows, kind) if rows else "(no results)"
     notes = "".join(line + "\n" for line in dense_reads(rows))
-    text = (f"# {kind}: {', '.join(Path(r).name for r in runs)}\n\n" + "\n".join(table) + "\n\n" + (notes + "\n" if notes else "")
+    text = (f"# {kind}: {', '.join(labels)}\n\n" + "\n".join(table) + "\n\n" + (notes + "\n" if notes else "")
             + f"{body}\n\n" + "\n".join(f"![{p.stem}]({p.name})" for p in pngs) + "\n")  # fmt: skip
     (out / "summary.md").write_text(text)
     return out / "summary.md"
