@@ -133,12 +133,12 @@ def _settings(cfg: dict[str, Any]) -> tuple[str, str, str]:
     return f"`{cfg.get('model') or DEFAULT_MODEL_NAME + ' (default)'}`", backend, str(cfg.get("seed"))
 
 
-def dense_reads(rows: list[Row], label: Callable[[Row], str] = _who) -> list[str]:
-    """One line per label whose prompts were read densely in part (block_topk on a prompt within its span):
+def dense_reads(rows: list[Row]) -> list[str]:
+    """One line per policy whose prompts were read densely in part (block_topk on a prompt within its span):
     how many of its answered prompts, at which lengths. Its scores there are dense attention's."""
     lines = []
-    for name in sorted({label(r) for r in rows}):
-        ok = [r for r in rows if label(r) == name and r.get("status") == "ok"]
+    for name in sorted({_who(r) for r in rows}):
+        ok = [r for r in rows if _who(r) == name and r.get("status") == "ok"]
         dense = [r for r in ok if str(r.get("policy_resolved", "")).endswith("prompt read densely")]
         if dense:
             lengths = ", ".join(_fmt_len(n) for n in sorted({int(r["length"]) for r in dense}))
