@@ -96,21 +96,21 @@ def summarize(label: str, sims: list[dict[str, Any]], calls: list[dict[str, Any]
 def table(summaries: list[dict[str, Any]]) -> str:
     """A markdown table: one row per arm."""
     head = ("| arm | tasks | pass^1 | solved | model calls | cut at max_tokens | prompt tokens | from cache | "
-            "completion tokens | seconds | ended by |")
+            "completion tokens | wall s | ended by |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for s in summaries:
         share = f"{100 * s['cached_share']:.1f} %" if s.get("cached_share") is not None else "-"
         ends = ", ".join(f"{k} {v}" for k, v in sorted(s["terminations"].items()))
         lines.append(f"| {s['label']} | {s['tasks']} | {s['pass_1']:.2f} | {s['solved']} | {s['model_calls']} | "
                      f"{s['calls_cut_at_max_tokens']} | {s['prompt_tokens']:,} | {share} | {s['completion_tokens']:,} | "
-                     f"{s['seconds']:.0f} | {ends} |")
+                     f"{s.get('wall_seconds', s['seconds']):.0f} | {ends} |")
     tasks = sorted({t["task"] for s in summaries for t in s["per_task"]})
     lines += ["", "| task | " + " | ".join(s["label"] for s in summaries) + " |", "|" + "---|" * (len(summaries) + 1)]
     for task in tasks:
         cells = []
         for s in summaries:
             t = next((t for t in s["per_task"] if t["task"] == task), None)
-            cells.append("-" if t is None else f"{t['reward'] or 0:.0f} ({t['replies']} replies, {t['termination']})")
+            cells.append("-" if t is None else f"{t['reward'] or 0:.0f} ({t['replies']} repl{'y' if t['replies'] == 1 else 'ies'}, {t['termination']})")
         lines.append(f"| {task} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -136,6 +136,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                "--agent-llm", f"openai/{args.model_id}", "--agent-llm-args", json.dumps(llm_args),
                "--max-concurrency", "1", "--max-steps", str(args.max_steps), "--num-trials", str(args.trials),
                "--seed", str(args.seed), "--skip-failed-samples", "--results-dir", str(out_dir), "--save-to", args.label, "--log-level", "WARNING"]
+        if args.task_set:
+            cmd += ["--task-set-name", args.task_set]
         if args.task_ids:
             cmd += ["--task-ids", *args.task_ids.split(",")]
         env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True"}  # no network: litellm's bundled price map
@@ -150,7 +152,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     summary = summarize(args.label, sims, calls)
     shown = [c if not (c.startswith("{") and "api_base" in c) else json.dumps({**llm_args, "api_base": "PROXY"}) for c in cmd]
     summary.update({"server": args.server, "model_id": args.model_id, "llm_args": extra, "max_tokens": args.max_tokens,
-                    "domain": args.domain, "wall_seconds": round(wall, 1), "tau2_command": shlex.join(shown),
+                    "domain": args.domain, "task_set": args.task_set, "wall_seconds": round(wall, 1), "tau2_command": shlex.join(shown),
                     "command": shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]), "calls": calls})
     path = out_dir / f"{args.label}.summary.json"
     path.write_text(json.dumps(summary, indent=1) + "\n")
@@ -166,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--label", help="name of this arm: its files are OUT_DIR/LABEL.json, .summary.json, .log")
     ap.add_argument("--tau2", default="tau2", help="the tau2 executable (default: %(default)s on PATH)")
     ap.add_argument("--domain", default="mock", help="tau2 domain; solo mode needs tasks with a ticket (default: %(default)s)")
+    ap.add_argument("--task-set", help="tau2 task set, e.g. telecom_small (default: the domain's own)")
     ap.add_argument("--task-ids", help="comma-separated task ids (default: every task valid in solo mode)")
     ap.add_argument("--trials", type=int, default=1, help="runs of each task (default: %(default)s)")
     ap.add_argument("--max-steps", type=int, default=30, help="tau2's step limit per task (default: %(default)s)")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import sys
 import threading
 from collections.abc import Iterator
@@ -101,7 +102,7 @@ def test_run_counts_tokens_and_rewards(tau2_mod: Any, upstream: tuple[str, list[
     assert s["terminations"] == {"agent_stop": 2, "tau2 raised": 1} and s["llm_args"] == {"parallel_tool_calls": False}
     assert '"api_base": "PROXY"' in s["tau2_command"]
     printed = capsys.readouterr().out
-    assert "| one-call | 3 | 0.33 | 1 | 2 | 1 | 1,600 | 49.4 % | 120 | 6 | agent_stop 2, tau2 raised 1 |" in printed
+    assert re.search(r"\| one-call \| 3 \| 0.33 \| 1 \| 2 \| 1 \| 1,600 \| 49.4 % \| 120 \| \d+ \| agent_stop 2, tau2 raised 1 \|", printed)
     assert "| update_task_1 | 0 (2 replies, agent_stop) |" in printed
     assert "| impossible_task_1 | 0 (0 replies, tau2 raised) |" in printed
 
