@@ -101,7 +101,16 @@ def test_file_tools(work: Path) -> None:
         edit_file.call(ctx, {"path": "src/a.py", "old": "z = 1", "new": "x = 3"})
     assert edit_file.call(ctx, {"path": "src/a.py", "old": "y = 2", "new": "y = 20\ny = 21"}) == "edited src/a.py at line 2 (1 lines -> 2 lines)"
     assert (work / "src/a.py").read_text() == "x = 1\ny = 20\ny = 21\nx = 1\n"
-    assert search.call(ctx, {"pattern": r"y = 2\d"}) == "src/a.py:2: y = 20\nsrc/a.py:3: y = 21"
+    assert search.call(ctx, {"pattern": r"y = 2\d"}) == "2 matching lines in 1 file:\nsrc/a.py:2: y = 20\nsrc/a.py:3: y = 21"
+    (work / "src/b.py").write_text("x = 1\n" * 150)
+    assert search.call(ctx, {"pattern": "x = 1", "path": "src/a.py"}) == "2 matching lines in 1 file:\nsrc/a.py:1: x = 1\nsrc/a.py:4: x = 1"
+    many = search.call(ctx, {"pattern": "x = 1"}).splitlines()
+    assert many[0] == "the first 100 matching lines (there are more):" and len(many) == 102
+    assert many[1:3] == ["src/a.py:1: x = 1", "src/a.py:4: x = 1"] and many[-1].startswith("[stopped at 100 matches")
+    (work / "src/b.py").write_text("y = 25\n")
+    assert search.call(ctx, {"pattern": r"y = 2[15]"}) == "2 matching lines in 2 files:\nsrc/a.py:3: y = 21\nsrc/b.py:1: y = 25"
+    assert search.call(ctx, {"pattern": r"y = 25"}) == "1 matching line in 1 file:\nsrc/b.py:1: y = 25"
+    (work / "src/b.py").unlink()
     assert search.call(ctx, {"pattern": "nothing", "glob": "*.md"}) == "no match for 'nothing' in 0 files"
     for t, args in ((read_file, {"path": "../outside.txt"}), (write_file, {"path": "/etc/x", "content": ""})):
         with pytest.raises(ToolError, match="outside the workdir"):
@@ -363,6 +372,12 @@ def test_recall_ranks_results_by_number_call_or_words(work: Path) -> None:
             rank_results(results, q)
     with pytest.raises(ToolError, match="there is no tool result yet"):
         rank_results([], "1")
+    # copies made by recall, and plan results, are not searched by words (a number still names them)
+    looped = [('bash({"command": "pytest -q"})', "no tests ran"), ('plan({"plan": "1. run pytest -q"})', "plan updated"),
+              ('recall({"query": "pytest -q"})', "no tests ran")]  # fmt: skip
+    assert rank_results(looped, "pytest -q") == [1] and rank_results(looped, "3") == [3]
+    with pytest.raises(ToolError, match="no earlier result holds 'plan updated'"):
+        rank_results(looped, "plan updated")
     # the tool: one result word for word; several matches, as many as fit the room of one result, each numbered
     ctx = ToolContext(work, None, results, limit=60)
     assert recall.call(ctx, {"query": "1"}) == "TOKEN=1"

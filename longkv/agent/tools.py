@@ -291,7 +291,7 @@ _SKIP_DIRS = {".git", "__pycache__", ".venv", "node_modules", ".mypy_cache", ".p
 
 @tool(idempotent=True)
 def search(ctx: ToolContext, pattern: str, path: str = ".", glob: str | None = None) -> str:
-    """Search the workdir's text files for a regular expression; returns file:line: text for each match (at most 100).
+    """Search the workdir's text files for a regular expression; returns how many lines match, then file:line: text for each (at most 100).
 
     Args:
         pattern: a Python regular expression.
@@ -307,6 +307,7 @@ def search(ctx: ToolContext, pattern: str, path: str = ".", glob: str | None = N
         raise ToolError(f"search: no file or folder {path!r} in the workdir")
     files = [root] if root.is_file() else sorted(f for f in root.rglob(glob or "*") if f.is_file() and not _SKIP_DIRS & set(f.relative_to(root).parts))
     hits: list[str] = []
+    hit_files: set[Path] = set()
     base = ctx.workdir.resolve()
     for f in files:
         try:
@@ -318,9 +319,18 @@ def search(ctx: ToolContext, pattern: str, path: str = ".", glob: str | None = N
         for i, line in enumerate(data.decode(errors="replace").splitlines(), 1):
             if rx.search(line):
                 hits.append(f"{f.relative_to(base)}:{i}: {line.strip()[:200]}")
+                hit_files.add(f)
                 if len(hits) == 100:
-                    return "\n".join(hits) + "\n[stopped at 100 matches: narrow the pattern, path or glob]"
-    return "\n".join(hits) if hits else f"no match for {pattern!r} in {len(files)} files"
+                    return ("the first 100 matching lines (there are more):\n" + "\n".join(hits)
+                            + "\n[stopped at 100 matches: narrow the pattern, path or glob]")
+    if not hits:
+        return f"no match for {pattern!r} in {len(files)} files"
+    # the count first: a model asked "how many" reads it rather than counting the lines itself
+    return f"{_count(len(hits), 'matching line')} in {_count(len(hit_files), 'file')}:\n" + "\n".join(hits)
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 @tool
@@ -346,6 +356,7 @@ def finish(ctx: ToolContext, answer: str) -> str:
 
 
 RECALL_MOST = 8  # most results one recall puts back
+_NOT_SEARCHED = ("recall(", "plan(")  # call signatures whose results a recall by words skips
 
 
 def rank_results(results: list[tuple[str, str]], query: str) -> list[int]:
@@ -354,7 +365,8 @@ def rank_results(results: list[tuple[str, str]], query: str) -> list[int]:
     ``N``, ``result N`` or ``[result N]`` names one result. Otherwise every result whose call or text holds one
     of the query's words (case-insensitive) is ranked by those words, each weighted by how few results hold it
     (inverse document frequency), the score doubled where the whole query appears as written; on a tie the
-    later result first.
+    later result first. Results of ``recall`` itself (copies of earlier results) and of ``plan`` are not
+    searched by words: a second recall would otherwise bring back the first one's copies too.
 
     Raises:
         ToolError: no result yet, a number out of range, or no result with any of the words.
@@ -372,7 +384,7 @@ def rank_results(results: list[tuple[str, str]], query: str) -> list[int]:
     if not words:
         raise ToolError(f"recall: the query {query!r} has no words: give a result's number or words it contained, e.g. a file name")
     whole = query.strip().lower()
-    hays = [f"{call}\n{text}".lower() for call, text in results]
+    hays = ["" if call.startswith(_NOT_SEARCHED) else f"{call}\n{text}".lower() for call, text in results]
     weight = {w: math.log((n + 1) / (sum(w in h for h in hays) + 0.5)) for w in words}
     scored = []
     for i, hay in enumerate(hays, 1):
