@@ -99,6 +99,8 @@ def test_file_tools(work: Path) -> None:
         edit_file.call(ctx, {"path": "src/a.py", "old": "x = 1", "new": "x = 3"})
     with pytest.raises(ToolError, match="not in src/a.py: read_file it and copy the lines exactly"):
         edit_file.call(ctx, {"path": "src/a.py", "old": "z = 1", "new": "x = 3"})
+    with pytest.raises(ToolError, match="old and new are the same text, so src/a.py would not change"):
+        edit_file.call(ctx, {"path": "src/a.py", "old": "y = 2", "new": "y = 2"})
     assert edit_file.call(ctx, {"path": "src/a.py", "old": "y = 2", "new": "y = 20\ny = 21"}) == "edited src/a.py at line 2 (1 lines -> 2 lines)"
     assert (work / "src/a.py").read_text() == "x = 1\ny = 20\ny = 21\nx = 1\n"
     assert search.call(ctx, {"pattern": r"y = 2\d"}) == "2 matching lines in 1 file:\nsrc/a.py:2: y = 20\nsrc/a.py:3: y = 21"

@@ -275,6 +275,8 @@ def edit_file(ctx: ToolContext, path: str, old: str, new: str) -> str:
         raise ToolError(f"edit_file: no file {path!r}: create it with write_file")
     text = p.read_text()
     n = text.count(old) if old else 0
+    if n and old == new:
+        raise ToolError(f"edit_file: old and new are the same text, so {path} would not change: pass the changed text as new")
     if n == 0:
         raise ToolError(f"edit_file: the text to replace is not in {path}: read_file it and copy the lines exactly, with their indentation")
     if n > 1:
