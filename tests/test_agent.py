@@ -25,7 +25,7 @@ from longkv.agent import Agent, ToolContext, ToolError, tool
 from longkv.agent.runlog import RunLog
 from longkv.agent.sandbox import sandbox_problem
 from longkv.agent.show import render, steps, summary
-from longkv.agent.state import RunState
+from longkv.agent.state import PLAN_NEXT, RunState
 from longkv.agent.tools import Toolbox, edit_file, rank_results, read_file, recall, search, write_file
 from longkv.errors import LongKVError
 
@@ -128,6 +128,28 @@ def test_file_tools(work: Path) -> None:
 # --------------------------------------------------------------------------- the loop
 
 
+def test_python_and_json_files_are_not_broken_by_a_write_or_an_edit(work: Path) -> None:
+    ctx = ToolContext(work, None)
+    (work / "app.json").write_text('{"server": {"port": 8080}}\n')
+    # a model that pasted read_file's numbered lines in a fence: refused, the file as it was
+    with pytest.raises(ToolError, match=r"write_file: app.json was not changed: the new text is not valid JSON \(Expecting value: line 1"):
+        write_file.call(ctx, {"path": "app.json", "content": '```\n    1  {"server": 9090}\n```'})
+    with pytest.raises(ToolError, match=r"edit_file: app.json was not changed: the new text is not valid JSON"):
+        edit_file.call(ctx, {"path": "app.json", "old": "8080", "new": "90 90"})
+    assert (work / "app.json").read_text() == '{"server": {"port": 8080}}\n'
+    assert edit_file.call(ctx, {"path": "app.json", "old": "8080", "new": "9090"}).startswith("edited app.json at line 1")
+    with pytest.raises(ToolError, match=r"write_file: new.py was not changed: the new text is not valid Python \(.*line 1\)"):
+        write_file.call(ctx, {"path": "new.py", "content": "def f(:\n    return 1\n"})
+    assert not (work / "new.py").exists()
+    (work / "a.py").write_text("def f():\n    return 1\n")
+    with pytest.raises(ToolError, match=r"edit_file: a.py was not changed: the new text is not valid Python \(.*line 2\)"):
+        edit_file.call(ctx, {"path": "a.py", "old": "return 1", "new": "return (1"})
+    # a file that is broken already may be written in any form (the first step of a fix), other kinds are not checked
+    (work / "b.py").write_text("def g(:\n")
+    assert edit_file.call(ctx, {"path": "b.py", "old": "def g(:", "new": "def g(x:"}).startswith("edited b.py")
+    assert write_file.call(ctx, {"path": "notes.md", "content": "def f(:"}).startswith("wrote notes.md")
+
+
 def test_a_run_plans_acts_finishes_and_is_logged(work: Path, tmp_path: Path) -> None:
     server = FakeServer(scripted([("plan", {"plan": "1. write\n2. finish"}), ("write_file", {"path": "out.txt", "content": "42\n"}),
                                   ("finish", {"answer": "wrote 42"})]))  # fmt: skip
@@ -215,7 +237,7 @@ def test_the_plan_comes_first_and_an_unasked_plan_call_is_answered_with_act(work
         "error: the plan is set (it is at the top of your context): carry out its next step with another tool. "
         "You will be asked to rewrite the plan if the work gets stuck",
     ]
-    assert server.requests[-1]["messages"][2]["content"] == "Your current plan:\n1. look"  # unchanged
+    assert server.requests[-1]["messages"][2]["content"] == f"Your current plan:\n1. look\n{PLAN_NEXT}"  # unchanged
     # the accepted plan call is folded into the front; the refused one stays, with its correction
     assert [m.get("tool_calls", [{}])[0].get("function", {}).get("name") for m in server.requests[-1]["messages"] if m["role"] == "assistant"] == ["plan"]
 

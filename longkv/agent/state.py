@@ -27,6 +27,10 @@ from typing import Any
 
 from longkv.agent.runlog import Event
 
+# after the plan: a small model reads the last line it sees, and without this one it ran the plan's last step
+# ("verify with pytest") first
+PLAN_NEXT = "Carry it out from step 1, one step at a time."
+
 
 @dataclass
 class Turn:
@@ -171,7 +175,7 @@ class RunState:
         """The fixed head of every request: system prompt, task, and the plan when there is one."""
         msgs = [{"role": "system", "content": self.system}, {"role": "user", "content": self.task}]
         if self.plan:
-            msgs.append({"role": "user", "content": f"Your current plan:\n{self.plan}"})
+            msgs.append({"role": "user", "content": f"Your current plan:\n{self.plan}\n{PLAN_NEXT}"})
         return msgs
 
     def messages(self, marker: bool = True) -> list[dict[str, Any]]:

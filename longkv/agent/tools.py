@@ -254,11 +254,41 @@ def write_file(ctx: ToolContext, path: str, content: str) -> str:
     p = ctx.path(path)
     if p.is_dir():
         raise ToolError(f"write_file: {path!r} is a folder: give a file path")
+    _check_parses("write_file", path, p.read_text(errors="replace") if p.is_file() else None, content)
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_name(p.name + ".longkv-tmp")
     tmp.write_text(content)
     tmp.replace(p)  # all or nothing
     return f"wrote {path} ({len(content.splitlines())} lines, {len(content.encode())} bytes)"
+
+
+def _parse_error(path: str, text: str) -> str | None:
+    """Why ``text`` does not parse as a ``.py`` or ``.json`` file (None: it parses, or another kind of file)."""
+    try:
+        if path.endswith(".py"):
+            compile(text, path, "exec", dont_inherit=True)
+        elif path.endswith(".json"):
+            json.loads(text)
+    except SyntaxError as exc:
+        return f"not valid Python ({exc.msg}, line {exc.lineno})"
+    except ValueError as exc:  # json.JSONDecodeError, or a null byte in Python source
+        return f"not valid {'JSON' if path.endswith('.json') else 'Python'} ({exc})"
+    return None
+
+
+def _check_parses(name: str, path: str, before: str | None, after: str) -> None:
+    """Refuse a write that would break a Python or JSON file that parses now (or create one that does not).
+
+    A file that was already broken may be written in any form: the edit may be the first of a fix.
+
+    Raises:
+        ToolError: the new text does not parse and the old one did (or there was none); the file is unchanged.
+    """
+    why = _parse_error(path, after)
+    if why is None or (before is not None and _parse_error(path, before) is not None):
+        return
+    raise ToolError(f"{name}: {path} was not changed: the new text is {why}. Fix it and call again "
+                    "(the file's own text, without read_file's line numbers or ``` fences)")
 
 
 @tool
@@ -281,8 +311,10 @@ def edit_file(ctx: ToolContext, path: str, old: str, new: str) -> str:
         raise ToolError(f"edit_file: the text to replace is not in {path}: read_file it and copy the lines exactly, with their indentation")
     if n > 1:
         raise ToolError(f"edit_file: the text to replace occurs {n} times in {path}: include more surrounding lines so it occurs once")
+    after = text.replace(old, new, 1)
+    _check_parses("edit_file", path, text, after)
     tmp = p.with_name(p.name + ".longkv-tmp")
-    tmp.write_text(text.replace(old, new, 1))
+    tmp.write_text(after)
     tmp.replace(p)
     line = text[: text.index(old)].count("\n") + 1
     return f"edited {path} at line {line} ({len(old.splitlines())} lines -> {len(new.splitlines())} lines)"
