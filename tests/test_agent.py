@@ -106,9 +106,11 @@ def test_file_tools(work: Path) -> None:
     assert search.call(ctx, {"pattern": r"y = 2\d"}) == "2 matching lines in 1 file:\nsrc/a.py:2: y = 20\nsrc/a.py:3: y = 21"
     (work / "src/b.py").write_text("x = 1\n" * 150)
     assert search.call(ctx, {"pattern": "x = 1", "path": "src/a.py"}) == "2 matching lines in 1 file:\nsrc/a.py:1: x = 1\nsrc/a.py:4: x = 1"
-    many = search.call(ctx, {"pattern": "x = 1"}).splitlines()
-    assert many[0] == "the first 100 matching lines (there are more):" and len(many) == 102
-    assert many[1:3] == ["src/a.py:1: x = 1", "src/a.py:4: x = 1"] and many[-1].startswith("[stopped at 100 matches")
+    many = search.call(ctx, {"pattern": "x = 1"}).splitlines()  # every match counted, the first 100 shown
+    assert many[0] == "152 matching lines in 2 files (the first 100 shown: narrow the pattern, path or glob for the rest):"
+    assert len(many) == 101 and many[1:3] == ["src/a.py:1: x = 1", "src/a.py:4: x = 1"] and many[-1] == "src/b.py:98: x = 1"
+    (work / "src/b.py").write_text("x = 1\n" * 98)
+    assert search.call(ctx, {"pattern": "x = 1"}).splitlines()[0] == "100 matching lines in 2 files:"
     (work / "src/b.py").write_text("y = 25\n")
     assert search.call(ctx, {"pattern": r"y = 2[15]"}) == "2 matching lines in 2 files:\nsrc/a.py:3: y = 21\nsrc/b.py:1: y = 25"
     assert search.call(ctx, {"pattern": r"y = 25"}) == "1 matching line in 1 file:\nsrc/b.py:1: y = 25"

@@ -23,6 +23,7 @@ import math
 import re
 import types
 import typing
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -266,7 +267,9 @@ def _parse_error(path: str, text: str) -> str | None:
     """Why ``text`` does not parse as a ``.py`` or ``.json`` file (None: it parses, or another kind of file)."""
     try:
         if path.endswith(".py"):
-            compile(text, path, "exec", dont_inherit=True)
+            with warnings.catch_warnings():  # an invalid escape in the file is the file's business, not a refusal
+                warnings.simplefilter("ignore")
+                compile(text, path, "exec", dont_inherit=True)
         elif path.endswith(".json"):
             json.loads(text)
     except SyntaxError as exc:
@@ -325,7 +328,7 @@ _SKIP_DIRS = {".git", "__pycache__", ".venv", "node_modules", ".mypy_cache", ".p
 
 @tool(idempotent=True)
 def search(ctx: ToolContext, pattern: str, path: str = ".", glob: str | None = None) -> str:
-    """Search the workdir's text files for a regular expression; returns how many lines match, then file:line: text for each (at most 100).
+    """Search the workdir's text files for a regular expression; returns how many lines match in how many files, then file:line: text for each (at most 100).
 
     Args:
         pattern: a Python regular expression.
@@ -341,7 +344,7 @@ def search(ctx: ToolContext, pattern: str, path: str = ".", glob: str | None = N
         raise ToolError(f"search: no file or folder {path!r} in the workdir")
     files = [root] if root.is_file() else sorted(f for f in root.rglob(glob or "*") if f.is_file() and not _SKIP_DIRS & set(f.relative_to(root).parts))
     hits: list[str] = []
-    hit_files: set[Path] = set()
+    matched, hit_files = 0, 0
     base = ctx.workdir.resolve()
     for f in files:
         try:
@@ -350,17 +353,23 @@ def search(ctx: ToolContext, pattern: str, path: str = ".", glob: str | None = N
             continue
         if b"\0" in data[:4096]:
             continue  # binary
+        before = matched
         for i, line in enumerate(data.decode(errors="replace").splitlines(), 1):
             if rx.search(line):
-                hits.append(f"{f.relative_to(base)}:{i}: {line.strip()[:200]}")
-                hit_files.add(f)
-                if len(hits) == 100:
-                    return ("the first 100 matching lines (there are more):\n" + "\n".join(hits)
-                            + "\n[stopped at 100 matches: narrow the pattern, path or glob]")
-    if not hits:
+                matched += 1
+                if len(hits) < SEARCH_SHOWN:
+                    hits.append(f"{f.relative_to(base)}:{i}: {line.strip()[:200]}")
+        hit_files += matched > before
+    if not matched:
         return f"no match for {pattern!r} in {len(files)} files"
     # the count first: a model asked "how many" reads it rather than counting the lines itself
-    return f"{_count(len(hits), 'matching line')} in {_count(len(hit_files), 'file')}:\n" + "\n".join(hits)
+    head = f"{_count(matched, 'matching line')} in {_count(hit_files, 'file')}"
+    if matched > len(hits):
+        return f"{head} (the first {len(hits)} shown: narrow the pattern, path or glob for the rest):\n" + "\n".join(hits)
+    return f"{head}:\n" + "\n".join(hits)
+
+
+SEARCH_SHOWN = 100  # most matching lines one search returns (all of them are counted)
 
 
 def _count(n: int, noun: str) -> str:
