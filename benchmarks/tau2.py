@@ -12,7 +12,7 @@ This script runs tau2's own CLI (``tau2 run --agent llm_agent_solo --user dummy_
 the agent model ``openai/MODEL_ID`` reached through a small recording proxy in this process (the one
 ``benchmarks/agent_bench.py`` uses), which reads each response's ``usage`` (prompt, cached and completion
 tokens) and finish reason. It writes tau2's own results file and a summary next to it, and prints a
-table; ``--report`` prints the table of several summaries side by side. A task whose run raises inside
+table (a run where no model call succeeded, e.g. a wrong --model-id, exits with an error after it); ``--report`` prints the table of several summaries side by side. A task whose run raises inside
 tau2 (its mock domain's checker raises when the model never created the task it checks) scores 0 and is
 counted as ended by "tau2 raised" (tau2's ``--skip-failed-samples``).
 
@@ -95,13 +95,13 @@ def summarize(label: str, sims: list[dict[str, Any]], calls: list[dict[str, Any]
 
 def table(summaries: list[dict[str, Any]]) -> str:
     """A markdown table: one row per arm."""
-    head = ("| arm | tasks | pass^1 | solved | model calls | cut at max_tokens | prompt tokens | from cache | "
+    head = ("| arm | tasks | pass^1 | solved | model calls | failed calls | cut at max_tokens | prompt tokens | from cache | "
             "completion tokens | wall s | ended by |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for s in summaries:
         share = f"{100 * s['cached_share']:.1f} %" if s.get("cached_share") is not None else "-"
         ends = ", ".join(f"{k} {v}" for k, v in sorted(s["terminations"].items()))
-        lines.append(f"| {s['label']} | {s['tasks']} | {s['pass_1']:.2f} | {s['solved']} | {s['model_calls']} | "
+        lines.append(f"| {s['label']} | {s['tasks']} | {s['pass_1']:.2f} | {s['solved']} | {s['model_calls']} | {s['failed_calls']} | "
                      f"{s['calls_cut_at_max_tokens']} | {s['prompt_tokens']:,} | {share} | {s['completion_tokens']:,} | "
                      f"{s.get('wall_seconds', s['seconds']):.0f} | {ends} |")
     tasks = sorted({t["task"] for s in summaries for t in s["per_task"]})
@@ -158,6 +158,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     path.write_text(json.dumps(summary, indent=1) + "\n")
     print(table([summary]))
     print(f"\nwrote {path} (tau2's own results: {raw})")
+    failed = [c for c in calls if c["status"] != 200]
+    if failed:
+        first = failed[0].get("error", "")[:300]
+        print(f"warning: {len(failed)} of {len(calls)} model calls failed (HTTP {failed[0]['status']}: {first})", file=sys.stderr)
+    if not calls or len(failed) == len(calls):
+        raise SystemExit(f"error: no model call succeeded ({len(calls)} made): check --server and --model-id "
+                         "(the server's /v1/models lists its ids); the results above score the server, not the model")
     return summary
 
 
@@ -182,7 +189,17 @@ def main(argv: list[str] | None = None) -> int:
         missing = [str(p) for p in args.report if not p.is_file()]
         if missing:
             raise SystemExit(f"error: no such summary: {', '.join(missing)} (a run writes OUT_DIR/LABEL.summary.json)")
-        print(table([json.loads(p.read_text()) for p in args.report]))
+        summaries = []
+        for p in args.report:
+            try:
+                summary = json.loads(p.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                summary = None
+            if not isinstance(summary, dict) or not {"label", "terminations", "per_task"} <= summary.keys():
+                raise SystemExit(f"error: {p} is not a summary of this script (tau2's own results are LABEL.json; "
+                                 "pass LABEL.summary.json)")
+            summaries.append(summary)
+        print(table(summaries))
         return 0
     if not args.model_id or not args.label:
         raise SystemExit("error: a run needs --model-id and --label (or pass --report SUMMARY...)")

@@ -140,16 +140,37 @@ def test_python_and_json_files_are_not_broken_by_a_write_or_an_edit(work: Path) 
         edit_file.call(ctx, {"path": "app.json", "old": "8080", "new": "90 90"})
     assert (work / "app.json").read_text() == '{"server": {"port": 8080}}\n'
     assert edit_file.call(ctx, {"path": "app.json", "old": "8080", "new": "9090"}).startswith("edited app.json at line 1")
-    with pytest.raises(ToolError, match=r"write_file: new.py was not changed: the new text is not valid Python \(.*line 1\)"):
-        write_file.call(ctx, {"path": "new.py", "content": "def f(:\n    return 1\n"})
-    assert not (work / "new.py").exists()
     (work / "a.py").write_text("def f():\n    return 1\n")
+    with pytest.raises(ToolError, match=r"write_file: a.py was not changed: the new text is not valid Python \(.*line 1\).*write it with bash"):
+        write_file.call(ctx, {"path": "a.py", "content": "def f(:\n    return 1\n"})
     with pytest.raises(ToolError, match=r"edit_file: a.py was not changed: the new text is not valid Python \(.*line 2\)"):
         edit_file.call(ctx, {"path": "a.py", "old": "return 1", "new": "return (1"})
     # a file that is broken already may be written in any form (the first step of a fix), other kinds are not checked
     (work / "b.py").write_text("def g(:\n")
     assert edit_file.call(ctx, {"path": "b.py", "old": "def g(:", "new": "def g(x:"}).startswith("edited b.py")
     assert write_file.call(ctx, {"path": "notes.md", "content": "def f(:"}).startswith("wrote notes.md")
+    # a new file may hold anything: JSON Lines, a template, nothing yet
+    assert write_file.call(ctx, {"path": "rows.json", "content": '{"a": 1}\n{"a": 2}\n'}).startswith("wrote rows.json")
+    assert write_file.call(ctx, {"path": "empty.json", "content": ""}).startswith("wrote empty.json")
+
+
+def test_edit_file_keeps_line_endings_and_mode_and_refuses_what_it_cannot_edit(work: Path) -> None:
+    ctx = ToolContext(work, None)
+    (work / "w.txt").write_bytes(b"line1\r\nline2\r\nline3\r\n")
+    assert edit_file.call(ctx, {"path": "w.txt", "old": "line2\nline3", "new": "LINE2\nline3"}).startswith("edited w.txt at line 2")
+    assert (work / "w.txt").read_bytes() == b"line1\r\nLINE2\r\nline3\r\n"
+    run = work / "run.sh"
+    run.write_text("#!/bin/sh\necho hi\n")
+    run.chmod(0o755)
+    edit_file.call(ctx, {"path": "run.sh", "old": "hi", "new": "bye"})
+    write_file.call(ctx, {"path": "run.sh", "content": "#!/bin/sh\necho bye now\n"})
+    assert run.stat().st_mode & 0o777 == 0o755 and run.read_text() == "#!/bin/sh\necho bye now\n"
+    (work / "latin.txt").write_bytes("caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ToolError, match="latin.txt is not UTF-8 text: change it with bash"):
+        edit_file.call(ctx, {"path": "latin.txt", "old": "caf", "new": "bar"})
+    with pytest.raises(ToolError, match="old is empty: give the exact text to replace"):
+        edit_file.call(ctx, {"path": "w.txt", "old": "", "new": "x"})
+    assert (work / "latin.txt").read_bytes() == b"caf\xe9\n" and (work / "w.txt").read_bytes() == b"line1\r\nLINE2\r\nline3\r\n"
 
 
 def test_a_run_plans_acts_finishes_and_is_logged(work: Path, tmp_path: Path) -> None:

@@ -21,7 +21,7 @@ import pytest
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 FAKE_TAU2 = r'''#!PYTHON
-import json, sys, urllib.request
+import json, sys, urllib.error, urllib.request
 a = sys.argv[1:]
 opt = lambda k: a[a.index(k) + 1]
 assert a[0] == "run" and opt("--agent") == "llm_agent_solo" and opt("--user") == "dummy_user" and "--skip-failed-samples" in a
@@ -31,7 +31,10 @@ for i, task in enumerate(["create_task_1", "update_task_1"]):
     req = urllib.request.Request(llm["api_base"] + "/chat/completions", method="POST", headers={"Content-Type": "application/json"},
                                  data=json.dumps({"model": opt("--agent-llm").split("/", 1)[1], "messages": [{"role": "system", "content": task}],
                                                   "tool_choice": "required", **{k: v for k, v in llm.items() if k not in ("api_base", "api_key")}}).encode())
-    urllib.request.urlopen(req, timeout=10).read()
+    try:
+        urllib.request.urlopen(req, timeout=10).read()
+    except urllib.error.HTTPError:
+        pass  # tau2 records the task as failed and goes on
     sims.append({"task_id": task, "termination_reason": "agent_stop", "duration": 2.5 + i, "skipped": False,
                  "reward_info": {"reward": 1.0 - i}, "messages": [
                      {"role": "assistant", "tool_calls": [{"name": "create_task"}, {"name": "get_users"}]},
@@ -102,13 +105,17 @@ def test_run_counts_tokens_and_rewards(tau2_mod: Any, upstream: tuple[str, list[
     assert s["terminations"] == {"agent_stop": 2, "tau2 raised": 1} and s["llm_args"] == {"parallel_tool_calls": False}
     assert '"api_base": "PROXY"' in s["tau2_command"]
     printed = capsys.readouterr().out
-    assert re.search(r"\| one-call \| 3 \| 0.33 \| 1 \| 2 \| 1 \| 1,600 \| 49.4 % \| 120 \| \d+ \| agent_stop 2, tau2 raised 1 \|", printed)
+    assert re.search(r"\| one-call \| 3 \| 0.33 \| 1 \| 2 \| 0 \| 1 \| 1,600 \| 49.4 % \| 120 \| \d+ \| agent_stop 2, tau2 raised 1 \|", printed)
     assert "| update_task_1 | 0 (2 replies, agent_stop) |" in printed
     assert "| impossible_task_1 | 0 (0 replies, tau2 raised) |" in printed
 
     # --report puts arms side by side
     assert tau2_mod.main(["--report", str(out / "one-call.summary.json"), str(out / "one-call.summary.json")]) == 0
     assert "| task | one-call | one-call |" in capsys.readouterr().out
+
+    # tau2's own results file is not a summary
+    with pytest.raises(SystemExit, match="one-call.json is not a summary of this script"):
+        tau2_mod.main(["--report", str(out / "one-call.json")])
 
     # a second run under the same label would make tau2 ask whether to resume: refused before it starts
     with pytest.raises(SystemExit, match="one-call.json exists .*another --label"):
@@ -141,3 +148,32 @@ def test_tau2_failure_names_its_log(tau2_mod: Any, upstream: tuple[str, list[dic
         tau2_mod.main(["--tau2", str(exe), "--server", upstream[0], "--model-id", "m", "--label", "bad", "--out-dir", str(tmp_path)])
     assert "APIConnectionError" in (tmp_path / "bad.log").read_text()
     assert not (tmp_path / "bad.summary.json").exists()
+
+
+def test_a_run_whose_calls_all_failed_is_an_error(tau2_mod: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A wrong model id: every call a 404. The summary is written, a warning names the error, the exit is non-zero."""
+
+    class NotFound(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers["Content-Length"]))
+            data = b'{"error": {"message": "model \'wrongid\' not found"}}'
+            self.send_response(404)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), NotFound)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(SystemExit, match="no model call succeeded \\(2 made\\): check --server and --model-id"):
+            tau2_mod.main(["--tau2", _fake_tau2(tmp_path), "--server", f"http://127.0.0.1:{httpd.server_address[1]}/v1", "--model-id", "wrongid",
+                           "--label", "wrong", "--out-dir", str(tmp_path)])
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert "warning: 2 of 2 model calls failed (HTTP 404: " in capsys.readouterr().err
+    assert json.loads((tmp_path / "wrong.summary.json").read_text())["failed_calls"] == 2

@@ -21,6 +21,7 @@ import inspect
 import json
 import math
 import re
+import shutil
 import types
 import typing
 import warnings
@@ -255,12 +256,20 @@ def write_file(ctx: ToolContext, path: str, content: str) -> str:
     p = ctx.path(path)
     if p.is_dir():
         raise ToolError(f"write_file: {path!r} is a folder: give a file path")
-    _check_parses("write_file", path, p.read_text(errors="replace") if p.is_file() else None, content)
+    if p.is_file():
+        _check_parses("write_file", path, p.read_bytes().decode(errors="replace"), content)
     p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(p.name + ".longkv-tmp")
-    tmp.write_text(content)
-    tmp.replace(p)  # all or nothing
+    _replace(p, content)
     return f"wrote {path} ({len(content.splitlines())} lines, {len(content.encode())} bytes)"
+
+
+def _replace(p: Path, text: str) -> None:
+    """Write ``text`` (UTF-8, line endings as given) over ``p`` all or nothing, keeping an existing file's mode."""
+    tmp = p.with_name(p.name + ".longkv-tmp")
+    tmp.write_bytes(text.encode())
+    if p.exists():
+        shutil.copymode(p, tmp)
+    tmp.replace(p)
 
 
 def _parse_error(path: str, text: str) -> str | None:
@@ -279,19 +288,21 @@ def _parse_error(path: str, text: str) -> str | None:
     return None
 
 
-def _check_parses(name: str, path: str, before: str | None, after: str) -> None:
-    """Refuse a write that would break a Python or JSON file that parses now (or create one that does not).
+def _check_parses(name: str, path: str, before: str, after: str) -> None:
+    """Refuse a write that would break an existing Python or JSON file that parses now.
 
-    A file that was already broken may be written in any form: the edit may be the first of a fix.
+    A file that was already broken may be written in any form (the edit may be the first of a fix), and a new
+    file in any form (JSON Lines, a template, an empty file).
 
     Raises:
-        ToolError: the new text does not parse and the old one did (or there was none); the file is unchanged.
+        ToolError: the new text does not parse and the old one did; the file is unchanged.
     """
     why = _parse_error(path, after)
-    if why is None or (before is not None and _parse_error(path, before) is not None):
+    if why is None or _parse_error(path, before) is not None:
         return
     raise ToolError(f"{name}: {path} was not changed: the new text is {why}. Fix it and call again "
-                    "(the file's own text, without read_file's line numbers or ``` fences)")
+                    "(the file's own text, without read_file's line numbers or ``` fences); if it is meant not to "
+                    "parse here (a template, another Python version), write it with bash")
 
 
 @tool
@@ -306,8 +317,15 @@ def edit_file(ctx: ToolContext, path: str, old: str, new: str) -> str:
     p = ctx.path(path)
     if not p.is_file():
         raise ToolError(f"edit_file: no file {path!r}: create it with write_file")
-    text = p.read_text()
-    n = text.count(old) if old else 0
+    if not old:
+        raise ToolError("edit_file: old is empty: give the exact text to replace (read_file shows it)")
+    try:
+        text = p.read_bytes().decode()
+    except UnicodeDecodeError:
+        raise ToolError(f"edit_file: {path} is not UTF-8 text: change it with bash (e.g. sed) or python") from None
+    if "\r\n" in text and "\r\n" not in old:  # a CRLF file: the model sees and writes its lines with \n
+        old, new = old.replace("\n", "\r\n"), new.replace("\n", "\r\n")
+    n = text.count(old)
     if n and old == new:
         raise ToolError(f"edit_file: old and new are the same text, so {path} would not change: pass the changed text as new")
     if n == 0:
@@ -316,9 +334,7 @@ def edit_file(ctx: ToolContext, path: str, old: str, new: str) -> str:
         raise ToolError(f"edit_file: the text to replace occurs {n} times in {path}: include more surrounding lines so it occurs once")
     after = text.replace(old, new, 1)
     _check_parses("edit_file", path, text, after)
-    tmp = p.with_name(p.name + ".longkv-tmp")
-    tmp.write_text(after)
-    tmp.replace(p)
+    _replace(p, after)
     line = text[: text.index(old)].count("\n") + 1
     return f"edited {path} at line {line} ({len(old.splitlines())} lines -> {len(new.splitlines())} lines)"
 
@@ -361,7 +377,7 @@ def search(ctx: ToolContext, pattern: str, path: str = ".", glob: str | None = N
                     hits.append(f"{f.relative_to(base)}:{i}: {line.strip()[:200]}")
         hit_files += matched > before
     if not matched:
-        return f"no match for {pattern!r} in {len(files)} files"
+        return f"no match for {pattern!r} in {_count(len(files), 'file')}"
     # the count first: a model asked "how many" reads it rather than counting the lines itself
     head = f"{_count(matched, 'matching line')} in {_count(hit_files, 'file')}"
     if matched > len(hits):
