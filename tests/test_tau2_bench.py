@@ -6,12 +6,13 @@ model calls to the ``api_base`` it is given and writes a results file shaped as 
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import re
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -55,18 +56,17 @@ def tau2_mod() -> Any:
     return mod
 
 
-@pytest.fixture
-def upstream() -> Iterator[tuple[str, list[dict[str, Any]]]]:
-    """An OpenAI-shaped server: the first reply is cut at max_tokens, the second ends with tool calls."""
+@contextlib.contextmanager
+def _openai_server(reply: Callable[[int], tuple[int, dict[str, Any]]]) -> Iterator[tuple[str, list[dict[str, Any]]]]:
+    """A server on a free port that answers the n-th POST (1-based) with ``reply(n)``: (status, JSON body)."""
     seen: list[dict[str, Any]] = []
 
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self) -> None:
             seen.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-            finish = "length" if len(seen) == 1 else "tool_calls"
-            usage = {"prompt_tokens": 800, "completion_tokens": 40 * len(seen), "prompt_tokens_details": {"cached_tokens": 790 * (len(seen) - 1)}}
-            data = json.dumps({"choices": [{"message": {"role": "assistant"}, "finish_reason": finish}], "usage": usage}).encode()
-            self.send_response(200)
+            status, body = reply(len(seen))
+            data = json.dumps(body).encode()
+            self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
@@ -77,9 +77,23 @@ def upstream() -> Iterator[tuple[str, list[dict[str, Any]]]]:
 
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}/v1", seen
-    httpd.shutdown()
-    httpd.server_close()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}/v1", seen
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+@pytest.fixture
+def upstream() -> Iterator[tuple[str, list[dict[str, Any]]]]:
+    """An OpenAI-shaped server: the first reply is cut at max_tokens, the second ends with tool calls."""
+
+    def reply(n: int) -> tuple[int, dict[str, Any]]:
+        usage = {"prompt_tokens": 800, "completion_tokens": 40 * n, "prompt_tokens_details": {"cached_tokens": 790 * (n - 1)}}
+        return 200, {"choices": [{"message": {"role": "assistant"}, "finish_reason": "length" if n == 1 else "tool_calls"}], "usage": usage}
+
+    with _openai_server(reply) as server:
+        yield server
 
 
 def _fake_tau2(tmp_path: Path) -> str:
@@ -152,28 +166,9 @@ def test_tau2_failure_names_its_log(tau2_mod: Any, upstream: tuple[str, list[dic
 
 def test_a_run_whose_calls_all_failed_is_an_error(tau2_mod: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A wrong model id: every call a 404. The summary is written, a warning names the error, the exit is non-zero."""
-
-    class NotFound(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            self.rfile.read(int(self.headers["Content-Length"]))
-            data = b'{"error": {"message": "model \'wrongid\' not found"}}'
-            self.send_response(404)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), NotFound)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    try:
-        with pytest.raises(SystemExit, match="no model call succeeded \\(2 made\\): check --server and --model-id"):
-            tau2_mod.main(["--tau2", _fake_tau2(tmp_path), "--server", f"http://127.0.0.1:{httpd.server_address[1]}/v1", "--model-id", "wrongid",
-                           "--label", "wrong", "--out-dir", str(tmp_path)])
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
+    not_found = _openai_server(lambda n: (404, {"error": {"message": "model 'wrongid' not found"}}))
+    with not_found as (server, _), pytest.raises(SystemExit, match="no model call succeeded \\(2 made\\): check --server and --model-id"):
+        tau2_mod.main(["--tau2", _fake_tau2(tmp_path), "--server", server, "--model-id", "wrongid",
+                       "--label", "wrong", "--out-dir", str(tmp_path)])
     assert "warning: 2 of 2 model calls failed (HTTP 404: " in capsys.readouterr().err
     assert json.loads((tmp_path / "wrong.summary.json").read_text())["failed_calls"] == 2

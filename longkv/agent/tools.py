@@ -256,7 +256,7 @@ def write_file(ctx: ToolContext, path: str, content: str) -> str:
     p = ctx.path(path)
     if p.is_dir():
         raise ToolError(f"write_file: {path!r} is a folder: give a file path")
-    if p.is_file():
+    if p.is_file() and path.endswith(CHECKED):
         _check_parses("write_file", path, p.read_bytes().decode(errors="replace"), content)
     p.parent.mkdir(parents=True, exist_ok=True)
     _replace(p, content)
@@ -270,6 +270,9 @@ def _replace(p: Path, text: str) -> None:
     if p.exists():
         shutil.copymode(p, tmp)
     tmp.replace(p)
+
+
+CHECKED = (".py", ".json")  # kinds of file a write or an edit may not leave unparseable
 
 
 def _parse_error(path: str, text: str) -> str | None:
