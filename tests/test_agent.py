@@ -26,7 +26,17 @@ from longkv.agent.runlog import RunLog
 from longkv.agent.sandbox import sandbox_problem
 from longkv.agent.show import render, steps, summary
 from longkv.agent.state import PLAN_NEXT, RunState
-from longkv.agent.tools import Toolbox, edit_file, rank_results, read_file, recall, search, write_file
+from longkv.agent.tools import (
+    READ_CHARS,
+    READ_LINES,
+    Toolbox,
+    edit_file,
+    rank_results,
+    read_file,
+    recall,
+    search,
+    write_file,
+)
 from longkv.errors import LongKVError
 
 SANDBOX = sandbox_problem() is None
@@ -91,10 +101,36 @@ def test_a_tool_schema_comes_from_the_signature_and_docstring() -> None:
     assert [t for t in Toolbox.of([lookup]).tools][-1] == "lookup"
 
 
+def test_read_file_shows_a_window_and_names_the_next_start(work: Path) -> None:
+    """A file is read in windows of at most READ_LINES lines and READ_CHARS characters (whole lines), each naming
+    where the next starts; one line longer than a window shows its head and says how to see the rest."""
+    ctx = ToolContext(work, None)
+    (work / "long.txt").write_text("".join(f"row {i}\n" for i in range(1, 451)))
+    first = read_file.call(ctx, {"path": "long.txt"})
+    assert first.splitlines()[0] == "    1  row 1" and first.splitlines()[-2] == f"{READ_LINES:>5}  row {READ_LINES}"
+    assert first.endswith(f"[{450 - READ_LINES} more lines: read_file with start={READ_LINES + 1}]")
+    assert read_file.call(ctx, {"path": "long.txt", "start": 401}).splitlines() == [f"{i:>5}  row {i}" for i in range(401, 451)]
+    assert read_file.call(ctx, {"path": "long.txt", "start": 451}) == "[long.txt has 450 lines: start must be at most 450]"
+    with pytest.raises(ToolError, match="bad start 0: lines are numbered from 1"):
+        read_file.call(ctx, {"path": "long.txt", "start": 0})
+    (work / "wide.txt").write_text("".join("x" * 99 + "\n" for _ in range(100)))
+    wide = read_file.call(ctx, {"path": "wide.txt"}).splitlines()
+    shown = len(wide) - 1
+    assert sum(len(r) + 1 for r in wide[:-1]) <= READ_CHARS < sum(len(r) + 1 for r in wide[:-1]) + len(wide[1]) + 1
+    assert wide[-1] == f"[{100 - shown} more lines: read_file with start={shown + 1}]"
+    (work / "dump.json").write_text('{"a": "' + "y" * 20_000 + '"}\n[]\n')
+    dump = read_file.call(ctx, {"path": "dump.json"}).splitlines()
+    assert dump[0].endswith("[line 1 cut: 20009 characters; bash (cut -c) shows the rest]") and len(dump[0]) < READ_CHARS + 80
+    assert dump[1] == "[1 more lines: read_file with start=2]"
+    (work / "empty.txt").write_text("")
+    assert read_file.call(ctx, {"path": "empty.txt"}) == "[empty.txt is empty]"
+    assert "end" not in read_file.parameters["properties"]
+
+
 def test_file_tools(work: Path) -> None:
     ctx = ToolContext(work, None)
     assert write_file.call(ctx, {"path": "src/a.py", "content": "x = 1\ny = 2\nx = 1\n"}).startswith("wrote src/a.py (3 lines")
-    assert read_file.call(ctx, {"path": "src/a.py", "start": 2, "end": 2}) == "    2  y = 2\n[1 more lines: read_file with start=3]"
+    assert read_file.call(ctx, {"path": "src/a.py", "start": 2}) == "    2  y = 2\n    3  x = 1"
     with pytest.raises(ToolError, match="occurs 2 times in src/a.py: include more surrounding lines"):
         edit_file.call(ctx, {"path": "src/a.py", "old": "x = 1", "new": "x = 3"})
     with pytest.raises(ToolError, match="not in src/a.py: read_file it and copy the lines exactly"):
@@ -314,7 +350,7 @@ def test_huge_tool_outputs_never_overflow_the_window(work: Path, tmp_path: Path)
     sizes = [50_000, 120_000, 200_000, 80_000, 150_000, 60_000, 90_000, 200_000, 70_000, 100_000, 130_000, 55_000]
     for i, n in enumerate(sizes):
         (work / f"big{i}.txt").write_text("".join(f"line {j} " + "x" * 40 + "\n" for j in range(n // 48)))
-    calls = [("read_file", {"path": f"big{i}.txt"}) for i in range(len(sizes))] + [("finish", {"answer": "read them all"})]
+    calls = [("bash", {"command": f"cat big{i}.txt"}) for i in range(len(sizes))] + [("finish", {"answer": "read them all"})]
     made = iter(calls)  # one call per request, whatever the context still shows
     server = FakeServer(lambda msgs: {"calls": [next(made)]}, window=2048)
     with _agent(server, work, tmp_path, reply_tokens=256) as agent:
@@ -326,8 +362,8 @@ def test_huge_tool_outputs_never_overflow_the_window(work: Path, tmp_path: Path)
     assert "characters cut: the whole output is in the run log" in results[-1]
     assert any("Earlier steps are not shown here" in (m.get("content") or "") for m in server.requests[-1]["messages"])
     log = RunLog(tmp_path / "runs")
-    whole = [e.data["output"] for e in log.events(res.run) if e.kind == "tool_result" and e.data["name"] == "read_file"]
-    assert [len(w.splitlines()) for w in whole] == [n // 48 for n in sizes]  # the log keeps every line
+    whole = [e.data["output"] for e in log.events(res.run) if e.kind == "tool_result" and e.data["name"] == "bash"]
+    assert [len(w.splitlines()) for w in whole] == [n // 48 + 1 for n in sizes]  # the log keeps every line (+ exit code)
 
 
 def test_a_longkv_server_gets_the_run_as_a_kv_memory_session(work: Path, tmp_path: Path) -> None:
@@ -337,7 +373,7 @@ def test_a_longkv_server_gets_the_run_as_a_kv_memory_session(work: Path, tmp_pat
     sizes = [60_000, 90_000, 70_000, 80_000, 65_000] * 10
     for i, n in enumerate(sizes):
         (work / f"big{i}.txt").write_text("".join(f"line {j} " + "x" * 40 + "\n" for j in range(n // 48)))
-    calls = [("read_file", {"path": f"big{i}.txt"}) for i in range(len(sizes))] + [("finish", {"answer": "done"})]
+    calls = [("bash", {"command": f"cat big{i}.txt"}) for i in range(len(sizes))] + [("finish", {"answer": "done"})]
     made = iter(calls)
     server = FakeServer(lambda msgs: {"calls": [next(made)]}, window=2048, longkv=True)
     with _agent(server, work, tmp_path, reply_tokens=256, max_steps=60) as agent:

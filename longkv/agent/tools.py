@@ -223,26 +223,42 @@ def python(ctx: ToolContext, code: str) -> str:
     return _exec_report(ctx.sandbox.python(code))
 
 
+READ_LINES = 200
+"""Most lines one ``read_file`` call shows (it names the ``start`` of the next window)."""
+READ_CHARS = 6000
+"""Most characters one ``read_file`` call shows: a window ends at the last whole line under it."""
+
+
 @tool(idempotent=True)
-def read_file(ctx: ToolContext, path: str, start: int = 1, end: int | None = None) -> str:
-    """Read a text file of the workdir, with line numbers; a range of lines for long files.
+def read_file(ctx: ToolContext, path: str, start: int = 1) -> str:
+    """Read a text file of the workdir with line numbers, up to 200 lines from start; a long file is read window by window.
 
     Args:
         path: file path relative to the workdir.
-        start: first line to show (1-based).
-        end: last line to show (default: the end of the file).
+        start: first line to show (1-based); leave it out to read from the top.
     """
     p = ctx.path(path)
     if not p.is_file():
         near = sorted(q.name for q in p.parent.iterdir())[:20] if p.parent.is_dir() else []
         raise ToolError(f"read_file: no file {path!r}" + (f"; {p.parent.name or '.'}/ holds: {', '.join(near)}" if near else ""))
     lines = p.read_text(errors="replace").splitlines()
-    if start < 1 or (end is not None and end < start):
-        raise ToolError(f"read_file: bad range {start}-{end}: lines are numbered from 1 and end must be >= start")
-    stop = len(lines) if end is None else min(end, len(lines))
-    body = "\n".join(f"{i:>5}  {lines[i - 1]}" for i in range(start, stop + 1))
+    if start < 1:
+        raise ToolError(f"read_file: bad start {start}: lines are numbered from 1")
+    if start > len(lines):
+        return f"[{path} has {len(lines)} lines: start must be at most {len(lines)}]" if lines else f"[{path} is empty]"
+    shown: list[str] = []
+    size = 0
+    for i in range(start, min(start + READ_LINES, len(lines) + 1)):
+        row = f"{i:>5}  {lines[i - 1]}"
+        if shown and size + len(row) + 1 > READ_CHARS:
+            break
+        if len(row) > READ_CHARS:  # one huge line (minified JSON, a data dump) still shows its head
+            row = row[:READ_CHARS] + f" [line {i} cut: {len(lines[i - 1])} characters; bash (cut -c) shows the rest]"
+        shown.append(row)
+        size += len(row) + 1
+    stop = start + len(shown) - 1
     more = f"\n[{len(lines) - stop} more lines: read_file with start={stop + 1}]" if stop < len(lines) else ""
-    return (body or f"[{path} has {len(lines)} lines]") + more
+    return "\n".join(shown) + more
 
 
 @tool
