@@ -56,7 +56,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from agent_bench import RecordingProxy  # a script beside this one, not a package
+from agent_bench import RecordingProxy, _server_models  # a script beside this one, not a package
 
 
 def summarize(label: str, sims: list[dict[str, Any]], calls: list[dict[str, Any]]) -> dict[str, Any]:
@@ -171,7 +171,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--server", default="http://127.0.0.1:8000/v1", help="the server's OpenAI base URL (default: %(default)s)")
-    ap.add_argument("--model-id", help="the model id the server answers to (see its /v1/models)")
+    ap.add_argument("--model-id", help="the model id to send (default: the first one the server's /v1/models lists)")
     ap.add_argument("--label", help="name of this arm: its files are OUT_DIR/LABEL.json, .summary.json, .log")
     ap.add_argument("--tau2", default="tau2", help="the tau2 executable (default: %(default)s on PATH)")
     ap.add_argument("--domain", default="mock", help="tau2 domain; solo mode needs tasks with a ticket (default: %(default)s)")
@@ -201,8 +201,16 @@ def main(argv: list[str] | None = None) -> int:
             summaries.append(summary)
         print(table(summaries))
         return 0
-    if not args.model_id or not args.label:
-        raise SystemExit("error: a run needs --model-id and --label (or pass --report SUMMARY...)")
+    if not args.label:
+        raise SystemExit("error: a run needs --label, the name of its files (or pass --report SUMMARY...)")
+    if not args.model_id:
+        try:
+            served = _server_models(args.server)
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"error: cannot reach {args.server}/models ({e}): start the server, or pass --model-id") from None
+        if not served:
+            raise SystemExit(f"error: {args.server}/models lists no model: pass --model-id")
+        args.model_id = served[0]
     run(args)
     return 0
 

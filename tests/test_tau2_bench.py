@@ -57,14 +57,21 @@ def tau2_mod() -> Any:
 
 
 @contextlib.contextmanager
-def _openai_server(reply: Callable[[int], tuple[int, dict[str, Any]]]) -> Iterator[tuple[str, list[dict[str, Any]]]]:
-    """A server on a free port that answers the n-th POST (1-based) with ``reply(n)``: (status, JSON body)."""
+def _openai_server(reply: Callable[[int], tuple[int, dict[str, Any]]],
+                   models: tuple[str, ...] = ("served-model",)) -> Iterator[tuple[str, list[dict[str, Any]]]]:
+    """A server on a free port that answers the n-th POST (1-based) with ``reply(n)``: (status, JSON body), and
+    GET /v1/models with ``models``."""
     seen: list[dict[str, Any]] = []
 
     class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self._send(200, {"object": "list", "data": [{"id": m, "object": "model"} for m in models]})
+
         def do_POST(self) -> None:
             seen.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-            status, body = reply(len(seen))
+            self._send(*reply(len(seen)))
+
+        def _send(self, status: int, body: dict[str, Any]) -> None:
             data = json.dumps(body).encode()
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
@@ -142,16 +149,29 @@ def test_run_counts_tokens_and_rewards(tau2_mod: Any, upstream: tuple[str, list[
     (["--llm-args", "{parallel_tool_calls: false}"], "--llm-args is not JSON"),
     (["--llm-args", "[1]"], "--llm-args must be a JSON object"),
     (["--report", "nowhere.summary.json"], "no such summary: nowhere.summary.json"),
-    ([], None),  # no --model-id / --label
+    ([], "a run needs --label"),
+    (["--label", "x", "--server", "http://127.0.0.1:9/v1"], "cannot reach http://127.0.0.1:9/v1/models .*pass --model-id"),
     (["--model-id", "m", "--label", "x", "--server", "http://127.0.0.1:9/v1"], "no tau2 executable at '/nonexistent/tau2'.*--tau2"),
 ])
-def test_bad_input_is_refused(tau2_mod: Any, tmp_path: Path, argv: list[str], message: str | None) -> None:
+def test_bad_input_is_refused(tau2_mod: Any, tmp_path: Path, argv: list[str], message: str) -> None:
     base = ["--out-dir", str(tmp_path), "--tau2", "/nonexistent/tau2"]
     if argv and argv[0] == "--llm-args":
         base += ["--model-id", "m", "--label", "x"]
-    with pytest.raises(SystemExit, match=message or "needs --model-id and --label"):
+    with pytest.raises(SystemExit, match=message):
         tau2_mod.main(base + argv)
     assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_the_model_id_defaults_to_the_servers_first(tau2_mod: Any, upstream: tuple[str, list[dict[str, Any]]],
+                                                  tmp_path: Path) -> None:
+    server, seen = upstream
+    assert tau2_mod.main(["--tau2", _fake_tau2(tmp_path), "--server", server, "--label", "x", "--out-dir", str(tmp_path / "r")]) == 0
+    assert {s["model"] for s in seen} == {"served-model"}
+    assert json.loads((tmp_path / "r" / "x.summary.json").read_text())["model_id"] == "served-model"
+    with _openai_server(lambda n: (500, {}), models=()) as (empty, _), \
+            pytest.raises(SystemExit, match="/models lists no model: pass --model-id"):
+        tau2_mod.main(["--tau2", _fake_tau2(tmp_path), "--server", empty, "--label", "y", "--out-dir", str(tmp_path / "e")])
+    assert not (tmp_path / "e").exists()
 
 
 def test_tau2_failure_names_its_log(tau2_mod: Any, upstream: tuple[str, list[dict[str, Any]]], tmp_path: Path) -> None:
