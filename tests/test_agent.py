@@ -103,7 +103,8 @@ def test_a_tool_schema_comes_from_the_signature_and_docstring() -> None:
 
 def test_read_file_shows_a_window_and_names_the_next_start(work: Path) -> None:
     """A file is read in windows of at most READ_LINES lines and READ_CHARS characters (whole lines), each naming
-    where the next starts; one line longer than a window shows its head and says how to see the rest."""
+    where the next starts (a start of 0 or less reads from the top); one line longer than a window shows its head
+    and says how to see the rest."""
     ctx = ToolContext(work, None)
     (work / "long.txt").write_text("".join(f"row {i}\n" for i in range(1, 451)))
     first = read_file.call(ctx, {"path": "long.txt"})
@@ -111,8 +112,7 @@ def test_read_file_shows_a_window_and_names_the_next_start(work: Path) -> None:
     assert first.endswith(f"[{450 - READ_LINES} more lines: read_file with start={READ_LINES + 1}]")
     assert read_file.call(ctx, {"path": "long.txt", "start": 401}).splitlines() == [f"{i:>5}  row {i}" for i in range(401, 451)]
     assert read_file.call(ctx, {"path": "long.txt", "start": 451}) == "[long.txt has 450 lines: start must be at most 450]"
-    with pytest.raises(ToolError, match="bad start 0: lines are numbered from 1"):
-        read_file.call(ctx, {"path": "long.txt", "start": 0})
+    assert read_file.call(ctx, {"path": "long.txt", "start": 0}) == first == read_file.call(ctx, {"path": "long.txt", "start": -3})
     (work / "wide.txt").write_text("".join("x" * 99 + "\n" for _ in range(100)))
     wide = read_file.call(ctx, {"path": "wide.txt"}).splitlines()
     shown = len(wide) - 1
@@ -125,6 +125,24 @@ def test_read_file_shows_a_window_and_names_the_next_start(work: Path) -> None:
     (work / "empty.txt").write_text("")
     assert read_file.call(ctx, {"path": "empty.txt"}) == "[empty.txt is empty]"
     assert "end" not in read_file.parameters["properties"]
+
+
+def test_write_file_replaces_an_existing_file_only_after_the_run_read_it(work: Path) -> None:
+    """Overwriting a non-empty file the run has not read (or written, or edited) is refused with the file untouched;
+    after read_file it goes through; a new or empty file needs no read. Paths count as the same file however spelt."""
+    ctx = ToolContext(work, None)
+    (work / "conf").mkdir()
+    (work / "conf/settings.toml").write_text("[app]\ndebug = true\n[storage]\ndebug = true\n")
+    with pytest.raises(ToolError, match="conf/settings.toml exists and this run has not read it.*read_file it first"):
+        write_file.call(ctx, {"path": "conf/settings.toml", "content": "[app]\ndebug = false\n"})
+    assert (work / "conf/settings.toml").read_text() == "[app]\ndebug = true\n[storage]\ndebug = true\n"
+    read_file.call(ctx, {"path": "./conf/../conf/settings.toml"})
+    assert write_file.call(ctx, {"path": "conf/settings.toml", "content": "[app]\ndebug = false\n"}).startswith("wrote")
+    (work / "empty.txt").write_text("")
+    assert write_file.call(ctx, {"path": "empty.txt", "content": "x"}).startswith("wrote")
+    assert write_file.call(ctx, {"path": "new/one.txt", "content": "1"}).startswith("wrote")
+    assert write_file.call(ctx, {"path": "new/one.txt", "content": "2"}).startswith("wrote")  # written by the run: seen
+    assert ctx.seen == {"./conf/../conf/settings.toml", "conf/settings.toml", "empty.txt", "new/one.txt"}
 
 
 def test_file_tools(work: Path) -> None:
@@ -169,6 +187,7 @@ def test_file_tools(work: Path) -> None:
 def test_python_and_json_files_are_not_broken_by_a_write_or_an_edit(work: Path) -> None:
     ctx = ToolContext(work, None)
     (work / "app.json").write_text('{"server": {"port": 8080}}\n')
+    ctx.seen |= {"app.json", "a.py"}  # read before: write_file replaces only a file the run has seen
     # a model that pasted read_file's numbered lines in a fence: refused, the file as it was
     with pytest.raises(ToolError, match=r"write_file: app.json was not changed: the new text is not valid JSON \(Expecting value: line 1"):
         write_file.call(ctx, {"path": "app.json", "content": '```\n    1  {"server": 9090}\n```'})
@@ -439,6 +458,24 @@ def test_recall_puts_an_earlier_result_back_whole_after_its_turn_left_the_contex
         assert "recall" in agent.toolbox
     plain.close()
     assert tool_results(plain.requests[-1]["messages"]) == ["    1  The build token is 7315-QX."]
+
+
+def test_the_files_a_run_has_seen_come_back_with_its_log(work: Path, tmp_path: Path) -> None:
+    """In a run, write_file over an existing file is refused until read_file has read it; the set of files seen is
+    rebuilt from the run log (so a resumed run keeps it)."""
+    (work / "notes.txt").write_text("keep me\n")
+    calls = [("write_file", {"path": "notes.txt", "content": "new"}), ("read_file", {"path": "notes.txt"}),
+             ("write_file", {"path": "notes.txt", "content": "new\n"}), ("finish", {"answer": "done"})]
+    server = FakeServer(scripted(calls))
+    with _agent(server, work, tmp_path) as agent:
+        res = agent.run("Rewrite notes.txt")
+    server.close()
+    results = tool_results(server.requests[-1]["messages"])
+    assert results[-3].startswith("error: write_file: notes.txt exists and this run has not read it")
+    assert results[-1] == "wrote notes.txt (1 lines, 4 bytes)" and (work / "notes.txt").read_text() == "new\n"
+    log = RunLog(tmp_path / "runs")
+    assert RunState.replay(log.events(res.run)).files_seen == {"notes.txt"}
+    log.close()
 
 
 def test_recall_ranks_results_by_number_call_or_words(work: Path) -> None:

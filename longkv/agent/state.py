@@ -82,6 +82,7 @@ class RunState:
     last_request_bytes: int = 0
     last_choice: Any = None  # tool_choice of the last request
     results: list[tuple[str, str]] = field(default_factory=list)  # (call signature, text in the context) per tool result ([result n] is n - 1)
+    files_seen: set[str] = field(default_factory=set)  # path arguments of read_file/write_file/edit_file calls that worked
 
     def goes_on(self, message: str | None, max_steps: int | None) -> bool:
         """Whether a resume has anything to do: the run has not ended, or a message is given, or a new step cap
@@ -145,6 +146,8 @@ class RunState:
             self.seconds += d.get("seconds", 0.0)
             turn = next((t for t in reversed(self.turns) if any(c["id"] == d["id"] for c in t.calls)), self.turns[-1])
             self.results.append((d["signature"], d["context"]))
+            if d["name"] in SEES_FILES and not d["error"] and isinstance(d["arguments"].get("path"), str):
+                self.files_seen.add(d["arguments"]["path"])
             content = f"{result_header(len(self.results))}{d['context']}" if self.options.get("recall") else d["context"]
             turn.messages.append({"role": "tool", "tool_call_id": d["id"], "content": content})
             if d["name"] == "plan" and not d["error"]:
@@ -212,6 +215,9 @@ class RunState:
         b, p = self.observed[-1]
         delta = nbytes - b
         return int(p + (high * delta if delta > 0 else low * delta)) + 16
+
+
+SEES_FILES = ("read_file", "write_file", "edit_file")  # tools whose file write_file may then replace (ToolContext.seen)
 
 
 def result_header(n: int) -> str:

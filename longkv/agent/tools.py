@@ -42,11 +42,13 @@ class ToolError(Exception):
 class ToolContext:
     """What a tool call may touch: the workdir (every path argument resolves inside it), the sandbox, the run's
     tool results so far, ``(call signature, text as put in the context)`` (``results[n - 1]`` is ``[result n]``),
-    and how many characters of a result the context takes back."""
+    the files the run has read or written (``path`` arguments as given), and how many characters of a result the
+    context takes back."""
 
     workdir: Path
     sandbox: Any  # longkv.agent.sandbox.Sandbox
     results: list[tuple[str, str]] = field(default_factory=list)
+    seen: set[str] = field(default_factory=set)  # write_file replaces an existing file only if it is among these
     limit: int = 8000  # characters of one tool result the context takes back (longer ones are cut, head + tail)
 
     def path(self, rel: str) -> Path:
@@ -60,6 +62,10 @@ class ToolContext:
         if p != root and root not in p.parents:
             raise ToolError(f"{rel!r} is outside the workdir {root}: use a path relative to it")
         return p
+
+    def has_seen(self, p: Path) -> bool:
+        """Whether the run has read or written the file at ``p`` (a path from :meth:`path`)."""
+        return any(self.path(s) == p for s in self.seen)
 
 
 @dataclass(frozen=True)
@@ -235,15 +241,15 @@ def read_file(ctx: ToolContext, path: str, start: int = 1) -> str:
 
     Args:
         path: file path relative to the workdir.
-        start: first line to show (1-based); leave it out to read from the top.
+        start: first line to show (1-based; 0 or less reads from the top); leave it out to read from the top.
     """
     p = ctx.path(path)
     if not p.is_file():
         near = sorted(q.name for q in p.parent.iterdir())[:20] if p.parent.is_dir() else []
         raise ToolError(f"read_file: no file {path!r}" + (f"; {p.parent.name or '.'}/ holds: {', '.join(near)}" if near else ""))
     lines = p.read_text(errors="replace").splitlines()
-    if start < 1:
-        raise ToolError(f"read_file: bad start {start}: lines are numbered from 1")
+    ctx.seen.add(path)
+    start = max(start, 1)  # small models count from 0
     if start > len(lines):
         return f"[{path} has {len(lines)} lines: start must be at most {len(lines)}]" if lines else f"[{path} is empty]"
     shown: list[str] = []
@@ -263,7 +269,7 @@ def read_file(ctx: ToolContext, path: str, start: int = 1) -> str:
 
 @tool
 def write_file(ctx: ToolContext, path: str, content: str) -> str:
-    """Create or overwrite a file of the workdir with the given content (parent folders are created).
+    """Create a file of the workdir, or replace one you have read, with the given content (parent folders are created).
 
     Args:
         path: file path relative to the workdir.
@@ -272,10 +278,14 @@ def write_file(ctx: ToolContext, path: str, content: str) -> str:
     p = ctx.path(path)
     if p.is_dir():
         raise ToolError(f"write_file: {path!r} is a folder: give a file path")
+    if p.is_file() and p.stat().st_size and not ctx.has_seen(p):
+        raise ToolError(f"write_file: {path} exists and this run has not read it, so writing would lose what it holds: "
+                        "read_file it first, then change it with edit_file (or write_file the whole new text)")
     if p.is_file() and path.endswith(CHECKED):
         _check_parses("write_file", path, p.read_bytes().decode(errors="replace"), content)
     p.parent.mkdir(parents=True, exist_ok=True)
     _replace(p, content)
+    ctx.seen.add(path)
     return f"wrote {path} ({len(content.splitlines())} lines, {len(content.encode())} bytes)"
 
 
@@ -354,6 +364,7 @@ def edit_file(ctx: ToolContext, path: str, old: str, new: str) -> str:
     after = text.replace(old, new, 1)
     _check_parses("edit_file", path, text, after)
     _replace(p, after)
+    ctx.seen.add(path)
     line = text[: text.index(old)].count("\n") + 1
     return f"edited {path} at line {line} ({len(old.splitlines())} lines -> {len(new.splitlines())} lines)"
 
