@@ -22,6 +22,7 @@ from agent_fake import FakeServer, scripted, tokens, tool_results
 from rich.console import Console
 
 from longkv.agent import Agent, ToolContext, ToolError, tool
+from longkv.agent.cli import gist
 from longkv.agent.runlog import RunLog
 from longkv.agent.sandbox import sandbox_problem
 from longkv.agent.show import render, steps, summary
@@ -664,7 +665,7 @@ def test_cli_run_show_and_resume(work: Path, tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     assert (out["status"], out["answer"], out["steps"]) == ("finished", "7", 2) and (work / "n.txt").read_text() == "7"
-    assert "write_file" in proc.stderr  # progress
+    assert "write_file -> wrote n.txt (1 lines, 1 bytes)" in proc.stderr  # progress
     shown = _cli(["show", out["run"], "--json"], tmp_path)
     s = json.loads(shown.stdout)
     assert (s["status"], s["steps"], [c["name"] for r in s["trajectory"] for c in r.get("calls", [])]) == ("finished", 2, ["write_file", "finish"])
@@ -675,6 +676,13 @@ def test_cli_run_show_and_resume(work: Path, tmp_path: Path) -> None:
     again = _cli(["resume", out["run"][-4:], "--json"], tmp_path)  # ended, no message: no server or model needed
     assert again.returncode == 0 and json.loads(again.stdout)["answer"] == "7" and len(server.requests) == 2
     assert f"run {out['run']} has ended (finished): pass --message to go on with it" in again.stderr
+
+
+def test_a_progress_line_gives_a_tool_results_first_line_its_size_and_its_status() -> None:
+    assert gist("a.py\nb.py\nc.py\n[exit code 0]") == "a.py (+2 lines) [exit code 0]"
+    assert gist("\n  only line  \n") == "only line" and gist("") == "" and gist("[exit code 1]") == "[exit code 1]"
+    assert gist("x" * 150 + "\n[killed: time limit reached after 30.0 s]", width=20) == "x" * 17 + "... [killed: time limit reached after 30.0 s]"
+    assert gist("    1  row\n    2  row\n[3 more lines: read_file with start=3]") == "1  row (+2 lines)"
 
 
 @pytest.mark.parametrize(

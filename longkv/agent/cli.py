@@ -24,6 +24,17 @@ RunsDirOpt = Annotated[Path | None, typer.Option(help="Where the run log lives (
 JsonOpt = Annotated[bool, typer.Option("--json", metavar="", help="Print one JSON object instead of text.")]
 
 
+def gist(output: str, width: int = 100) -> str:
+    """One line for a tool result: its first line (cut to ``width`` characters), how many lines follow, and a
+    closing status line (``[exit code N]``, ``[killed: ...]``) when there is one."""
+    lines = [ln for ln in output.strip().splitlines() if ln.strip()] or [""]
+    head = lines[0].strip()
+    head = head if len(head) <= width else head[: width - 3] + "..."
+    status = lines[-1] if len(lines) > 1 and lines[-1].startswith(("[exit code", "[killed", "[output cut")) else None
+    more = len(lines) - 1 - (status is not None)
+    return head + (f" (+{more} lines)" if more else "") + (f" {status}" if status else "")
+
+
 def _progress(quiet: bool) -> Any:
     """An event printer for stderr: one line per model call and per tool result."""
     if quiet:
@@ -38,8 +49,7 @@ def _progress(quiet: bool) -> Any:
                 f"{cut.get('name') or 'a tool call'} (cut off at the token limit)" if cut else repr(d["content"][:80]))
             err.print(f"[bold]step[/] {escape(calls)}  [dim]{u['prompt']} prompt ({u['cached']} cached), {u['completion']} decoded, {d['seconds']:.1f} s[/]")
         elif ev.kind == "tool_result":
-            first = d["output"].strip().splitlines()[-1:] or [""]
-            err.print(f"  [dim]{escape(d['name'])} -> {escape(first[0][:100])}[/]")
+            err.print(f"  [dim]{escape(d['name'])} -> {escape(gist(d['output']))}[/]")
         elif ev.kind == "note" and d.get("source") != "user":
             err.print(f"  [yellow]{escape(d['content'][:120])}[/]")
         elif ev.kind == "request" and d.get("drop"):
