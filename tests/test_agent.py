@@ -24,14 +24,16 @@ from rich.console import Console
 from longkv.agent import Agent, ToolContext, ToolError, tool
 from longkv.agent.cli import gist
 from longkv.agent.runlog import RunLog
-from longkv.agent.sandbox import sandbox_problem
+from longkv.agent.sandbox import Limits, Sandbox, sandbox_problem
 from longkv.agent.show import render, steps, summary
 from longkv.agent.state import PLAN_NEXT, RunState
 from longkv.agent.tools import (
     READ_CHARS,
     READ_LINES,
     Toolbox,
+    bash,
     edit_file,
+    python,
     rank_results,
     read_file,
     recall,
@@ -126,6 +128,22 @@ def test_read_file_shows_a_window_and_names_the_next_start(work: Path) -> None:
     (work / "empty.txt").write_text("")
     assert read_file.call(ctx, {"path": "empty.txt"}) == "[empty.txt is empty]"
     assert "end" not in read_file.parameters["properties"]
+
+
+def test_bash_and_python_name_the_files_they_changed(work: Path) -> None:
+    """A sandbox call's result ends with the workdir files it created, modified or deleted; a silent call that
+    changed nothing says so (sed -i rewrites a file even when nothing matched: same bytes, no change)."""
+    ctx = ToolContext(work, Sandbox(work, Limits(wall_s=30), enabled=SANDBOX))
+    (work / "shop").mkdir()
+    (work / "shop/pricing.py").write_text("def calc_total(x):\n    return x\n")
+    (work / "old.txt").write_text("x")
+    assert bash.call(ctx, {"command": "sed -i 's/calc_total/compute_total/' shop/pricing.py"}) == \
+        "[exit code 0]\n[files changed: shop/pricing.py (modified)]"
+    assert bash.call(ctx, {"command": "sed -i 's/calc_total/compute_total/' shop/pricing.py"}) == "[exit code 0]\n[no file changed]"
+    assert bash.call(ctx, {"command": "ls shop"}) == "pricing.py\n[exit code 0]"  # it printed something: no marker
+    assert bash.call(ctx, {"command": "rm old.txt; echo 1 > new.txt; mkdir -p .pytest_cache; echo c > .pytest_cache/x"}) == \
+        "[exit code 0]\n[files changed: new.txt (new), old.txt (deleted)]"
+    assert python.call(ctx, {"code": "open('new.txt', 'w').write('2')\nprint('ok')"}) == "ok\n[exit code 0]\n[files changed: new.txt (modified)]"
 
 
 def test_write_file_replaces_an_existing_file_only_after_the_run_read_it(work: Path) -> None:

@@ -27,7 +27,7 @@ from typing import Any
 from longkv.agent.client import ChatClient, LocalServer, ModelError, Reply, local_server
 from longkv.agent.runlog import Event, RunLog
 from longkv.agent.state import Pending, RunState, message_bytes, signature
-from longkv.agent.tools import Tool, Toolbox, ToolContext, ToolError
+from longkv.agent.tools import Tool, Toolbox, ToolContext, ToolError, changes, snapshot
 from longkv.errors import LongKVError
 
 SYSTEM = """You are an agent that completes a task in the folder {workdir} by calling tools.
@@ -39,7 +39,6 @@ PLAN_CHOICE = {"type": "function", "function": {"name": "plan"}}
 HOT_TEMPERATURE = 0.7  # sampling temperature for a few requests after a loop was detected
 SAVE_EVERY = 5  # with KV memory in process: the session is saved to disk every this many steps (for resume)
 MEMORY_ROOM = 4  # with KV memory the history sent may reach this many windows: the server compresses, stubs and drops its KV to fit
-SNAPSHOT_FILES = 5000  # most files a non-idempotent call's before-snapshot lists
 
 
 def default_runs_dir() -> Path:
@@ -109,30 +108,6 @@ def _memory_summary(memory: dict[str, Any] | None) -> dict[str, Any]:
         kinds[kind] = kinds.get(kind, 0) + 1
         freed += int(e.get("tokens") or 0) if kind != "prefill" else 0
     return {"memory": {"kv_tokens": memory.get("kv_tokens"), "logical_tokens": memory.get("logical_tokens"), "edits": kinds, "freed": freed}}
-
-
-def _snapshot(workdir: Path) -> dict[str, list[int]]:
-    """Size and mtime (ns) of every file under ``workdir`` (at most SNAPSHOT_FILES), by relative path."""
-    out: dict[str, list[int]] = {}
-    for root, dirs, files in os.walk(workdir):
-        dirs[:] = [d for d in dirs if d not in (".git", "__pycache__")]
-        for f in files:
-            p = os.path.join(root, f)
-            try:
-                st = os.stat(p)
-            except OSError:
-                continue
-            out[os.path.relpath(p, workdir)] = [st.st_size, st.st_mtime_ns]
-            if len(out) >= SNAPSHOT_FILES:
-                return out
-    return out
-
-
-def _changes(before: dict[str, list[int]], after: dict[str, list[int]]) -> list[str]:
-    changed = [f"{p} (new)" for p in sorted(after.keys() - before.keys())]
-    changed += [f"{p} (deleted)" for p in sorted(before.keys() - after.keys())]
-    changed += [f"{p} (modified)" for p in sorted(before.keys() & after.keys()) if before[p] != after[p]]
-    return changed
 
 
 class Agent:
@@ -425,7 +400,7 @@ class Agent:
         base = {"id": call.id, "name": call.name, "signature": sig}
         tool = self.toolbox.tools.get(call.name)
         if call.started is not None and not (tool and tool.idempotent):  # cut off mid-way by a crash: never re-run
-            changed = _changes(call.started.get("snapshot") or {}, _snapshot(self.workdir))
+            changed = changes(call.started.get("snapshot") or {}, snapshot(self.workdir))
             what = ", ".join(changed[:30]) + (f" and {len(changed) - 30} more" if len(changed) > 30 else "") if changed else "none"
             out = (f"interrupted: the run stopped while this call was running, and it was not run again. "
                    f"Files changed since it started: {what}. Check the state before repeating it.")  # fmt: skip
@@ -455,7 +430,7 @@ class Agent:
         assert tool is not None
         start = {"id": call.id, "name": call.name, "arguments": args, "idempotent": tool.idempotent}
         if not tool.idempotent:
-            start["snapshot"] = _snapshot(self.workdir)
+            start["snapshot"] = snapshot(self.workdir)
         self._emit(run_id, st, "tool_start", start, on_event)
         t0 = time.perf_counter()
         limit = max(500, min(st.options["observation_chars"], (self.window - st.options["reply_tokens"]) // 4))

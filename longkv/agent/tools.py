@@ -17,9 +17,11 @@ never re-run.
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import json
 import math
+import os
 import re
 import shutil
 import types
@@ -205,6 +207,76 @@ def _exec_report(res: Any) -> str:
     return f"{out}\n{tail}" if out else tail
 
 
+SNAPSHOT_FILES = 5000
+"""Most files a workdir snapshot lists."""
+SKIP_DIRS = frozenset({".git", "__pycache__", ".venv", "node_modules", ".mypy_cache", ".pytest_cache", ".ruff_cache"})
+"""Folders that workdir snapshots and ``search`` leave out (version control, environments, tools' caches)."""
+DIGEST_BYTES = 1 << 20
+"""Files up to this size get a content digest in a snapshot taken with digests (64 MiB of them at most)."""
+
+
+def snapshot(workdir: Path, digests: bool = False) -> dict[str, list[Any]]:
+    """``[size, mtime_ns]`` of every file under ``workdir`` (at most SNAPSHOT_FILES) by relative path; with
+    ``digests``, a third item: the file's BLAKE2b digest (hex) if it is at most DIGEST_BYTES, else None."""
+    out: dict[str, list[Any]] = {}
+    budget = 64 << 20
+    for root, dirs, files in os.walk(workdir):
+        dirs[:] = [d for d in dirs if d not in SKIP_DIRS]
+        for f in files:
+            p = os.path.join(root, f)
+            try:
+                st = os.stat(p)
+            except OSError:
+                continue
+            row: list[Any] = [st.st_size, st.st_mtime_ns]
+            if digests:
+                row.append(_digest(p) if st.st_size <= min(DIGEST_BYTES, budget) else None)
+                budget -= st.st_size
+            out[os.path.relpath(p, workdir)] = row
+            if len(out) >= SNAPSHOT_FILES:
+                return out
+    return out
+
+
+def _digest(p: str) -> str | None:
+    try:
+        with open(p, "rb") as fh:
+            return hashlib.blake2b(fh.read(DIGEST_BYTES + 1), digest_size=16).hexdigest()
+    except OSError:
+        return None
+
+
+def changes(before: dict[str, list[Any]], after: dict[str, list[Any]], workdir: Path | None = None) -> list[str]:
+    """What differs between two snapshots: ``"PATH (new)"``, ``"PATH (deleted)"``, ``"PATH (modified)"``. A file
+    whose size or mtime changed counts as modified unless ``before`` holds its digest and the file under
+    ``workdir`` still has it (rewritten with the same bytes)."""
+    changed = [f"{p} (new)" for p in sorted(after.keys() - before.keys())]
+    changed += [f"{p} (deleted)" for p in sorted(before.keys() - after.keys())]
+    for p in sorted(before.keys() & after.keys()):
+        if before[p][:2] == after[p][:2]:
+            continue
+        old = before[p][2] if len(before[p]) > 2 else None
+        if old is not None and workdir is not None and _digest(os.path.join(workdir, p)) == old:
+            continue
+        changed.append(f"{p} (modified)")
+    return changed
+
+
+def _exec(ctx: ToolContext, run: Callable[[], Any]) -> str:
+    """Run a sandbox call and report it: its output, exit status, and the workdir files it changed (or that it
+    changed none, when it printed nothing: a silent ``sed -i`` that matched nothing looks like one that worked)."""
+    before = snapshot(ctx.workdir, digests=True)
+    res = run()
+    report = _exec_report(res)
+    changed = changes(before, snapshot(ctx.workdir), ctx.workdir)
+    if changed:
+        shown = ", ".join(changed[:20]) + (f" and {len(changed) - 20} more" if len(changed) > 20 else "")
+        report += f"\n[files changed: {shown}]"
+    elif not res.output.strip():
+        report += "\n[no file changed]"
+    return report
+
+
 @tool
 def bash(ctx: ToolContext, command: str) -> str:
     """Run a bash command in the workdir (sandboxed: no network, files outside the workdir read-only) and return its output and exit code.
@@ -214,7 +286,7 @@ def bash(ctx: ToolContext, command: str) -> str:
     """
     if not command.strip():
         raise ToolError("bash: the command is empty: pass a command line such as 'ls'")
-    return _exec_report(ctx.sandbox.bash(command))
+    return _exec(ctx, lambda: ctx.sandbox.bash(command))
 
 
 @tool
@@ -226,7 +298,7 @@ def python(ctx: ToolContext, code: str) -> str:
     """
     if not code.strip():
         raise ToolError("python: the code is empty: pass a program, e.g. print(1 + 1)")
-    return _exec_report(ctx.sandbox.python(code))
+    return _exec(ctx, lambda: ctx.sandbox.python(code))
 
 
 READ_LINES = 200
@@ -369,7 +441,6 @@ def edit_file(ctx: ToolContext, path: str, old: str, new: str) -> str:
     return f"edited {path} at line {line} ({len(old.splitlines())} lines -> {len(new.splitlines())} lines)"
 
 
-_SKIP_DIRS = {".git", "__pycache__", ".venv", "node_modules", ".mypy_cache", ".pytest_cache"}
 
 
 @tool(idempotent=True)
@@ -388,7 +459,7 @@ def search(ctx: ToolContext, pattern: str, path: str = ".", glob: str | None = N
     root = ctx.path(path)
     if not root.exists():
         raise ToolError(f"search: no file or folder {path!r} in the workdir")
-    files = [root] if root.is_file() else sorted(f for f in root.rglob(glob or "*") if f.is_file() and not _SKIP_DIRS & set(f.relative_to(root).parts))
+    files = [root] if root.is_file() else sorted(f for f in root.rglob(glob or "*") if f.is_file() and not SKIP_DIRS & set(f.relative_to(root).parts))
     hits: list[str] = []
     matched, hit_files = 0, 0
     base = ctx.workdir.resolve()
