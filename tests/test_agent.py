@@ -146,13 +146,32 @@ def test_bash_and_python_name_the_files_they_changed(work: Path) -> None:
     assert python.call(ctx, {"code": "open('new.txt', 'w').write('2')\nprint('ok')"}) == "ok\n[exit code 0]\n[files changed: new.txt (modified)]"
 
 
+def test_text_pasted_with_read_files_line_numbers_is_refused(work: Path) -> None:
+    """write_file content, or an edit's new text, whose lines all start with consecutive numbers as read_file shows
+    them is refused with the file unchanged; an edit whose old text has them (so does not match) is told why."""
+    ctx = ToolContext(work, None)
+    (work / "inventory.csv").write_text("sku,qty\nA100,120\n")
+    read_file.call(ctx, {"path": "inventory.csv"})
+    pasted = "1  sku,qty\n2  A100,120\n3  B205,40\n"
+    with pytest.raises(ToolError, match=r"write_file: inventory.csv was not changed: content starts its lines with read_file's line numbers"):
+        write_file.call(ctx, {"path": "inventory.csv", "content": pasted})
+    with pytest.raises(ToolError, match=r"edit_file: inventory.csv was not changed: new starts its lines with read_file's line numbers"):
+        edit_file.call(ctx, {"path": "inventory.csv", "old": "A100,120", "new": "    2  A100,120\n    3  B205,40"})
+    with pytest.raises(ToolError, match=r"edit_file: inventory.csv was not changed: old starts its lines"):
+        edit_file.call(ctx, {"path": "inventory.csv", "old": "    1  sku,qty\n    2  A100,120", "new": "x"})
+    assert (work / "inventory.csv").read_text() == "sku,qty\nA100,120\n"
+    # numbers that are data, not read_file's: one line, or not consecutive, or not on every line
+    for text in ("1  apple\n", "10  a\n12  b\n", "1  a\nb\n2  c\n", "1 a\n2 b\n"):
+        assert write_file.call(ctx, {"path": "inventory.csv", "content": text}).startswith("wrote")
+
+
 def test_write_file_replaces_an_existing_file_only_after_the_run_read_it(work: Path) -> None:
     """Overwriting a non-empty file the run has not read (or written, or edited) is refused with the file untouched;
     after read_file it goes through; a new or empty file needs no read. Paths count as the same file however spelt."""
     ctx = ToolContext(work, None)
     (work / "conf").mkdir()
     (work / "conf/settings.toml").write_text("[app]\ndebug = true\n[storage]\ndebug = true\n")
-    with pytest.raises(ToolError, match="conf/settings.toml exists and this run has not read it.*read_file it first"):
+    with pytest.raises(ToolError, match="conf/settings.toml exists and you have not read it: call read_file on it first"):
         write_file.call(ctx, {"path": "conf/settings.toml", "content": "[app]\ndebug = false\n"})
     assert (work / "conf/settings.toml").read_text() == "[app]\ndebug = true\n[storage]\ndebug = true\n"
     read_file.call(ctx, {"path": "./conf/../conf/settings.toml"})
@@ -490,7 +509,7 @@ def test_the_files_a_run_has_seen_come_back_with_its_log(work: Path, tmp_path: P
         res = agent.run("Rewrite notes.txt")
     server.close()
     results = tool_results(server.requests[-1]["messages"])
-    assert results[-3].startswith("error: write_file: notes.txt exists and this run has not read it")
+    assert results[-3].startswith("error: write_file: notes.txt exists and you have not read it")
     assert results[-1] == "wrote notes.txt (1 lines, 4 bytes)" and (work / "notes.txt").read_text() == "new\n"
     log = RunLog(tmp_path / "runs")
     assert RunState.replay(log.events(res.run)).files_seen == {"notes.txt"}

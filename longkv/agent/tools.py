@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import itertools
 import json
 import math
 import os
@@ -351,8 +352,9 @@ def write_file(ctx: ToolContext, path: str, content: str) -> str:
     if p.is_dir():
         raise ToolError(f"write_file: {path!r} is a folder: give a file path")
     if p.is_file() and p.stat().st_size and not ctx.has_seen(p):
-        raise ToolError(f"write_file: {path} exists and this run has not read it, so writing would lose what it holds: "
-                        "read_file it first, then change it with edit_file (or write_file the whole new text)")
+        raise ToolError(f"write_file: {path} exists and you have not read it: call read_file on it first, "
+                        "then change it with edit_file (or write_file its whole new text)")
+    _refuse_numbered("write_file", path, "content", content)
     if p.is_file() and path.endswith(CHECKED):
         _check_parses("write_file", path, p.read_bytes().decode(errors="replace"), content)
     p.parent.mkdir(parents=True, exist_ok=True)
@@ -368,6 +370,22 @@ def _replace(p: Path, text: str) -> None:
     if p.exists():
         shutil.copymode(p, tmp)
     tmp.replace(p)
+
+
+_NUMBERED = re.compile(r"\s*(\d+)(?:  |\t)")
+
+
+def _numbered(text: str) -> bool:
+    """Whether ``text`` (two lines or more) starts every non-blank line with consecutive numbers, as read_file shows
+    a file: a model that pastes what it read with its line numbers."""
+    nums = [int(m.group(1)) if (m := _NUMBERED.match(ln)) else -2 for ln in text.splitlines() if ln.strip()]
+    return len(nums) >= 2 and all(b == a + 1 for a, b in itertools.pairwise(nums))
+
+
+def _refuse_numbered(name: str, path: str, what: str, text: str) -> None:
+    if _numbered(text):
+        raise ToolError(f"{name}: {path} was not changed: {what} starts its lines with read_file's line numbers "
+                        "('1  ', '2  ', ...): send the file's own text without them")
 
 
 CHECKED = (".py", ".json")  # kinds of file a write or an edit may not leave unparseable
@@ -430,17 +448,18 @@ def edit_file(ctx: ToolContext, path: str, old: str, new: str) -> str:
     if n and old == new:
         raise ToolError(f"edit_file: old and new are the same text, so {path} would not change: pass the changed text as new")
     if n == 0:
+        _refuse_numbered("edit_file", path, "old", old)
         raise ToolError(f"edit_file: the text to replace is not in {path}: read_file it and copy the lines exactly, with their indentation")
     if n > 1:
         raise ToolError(f"edit_file: the text to replace occurs {n} times in {path}: include more surrounding lines so it occurs once")
+    if not _numbered(old):
+        _refuse_numbered("edit_file", path, "new", new)
     after = text.replace(old, new, 1)
     _check_parses("edit_file", path, text, after)
     _replace(p, after)
     ctx.seen.add(path)
     line = text[: text.index(old)].count("\n") + 1
     return f"edited {path} at line {line} ({len(old.splitlines())} lines -> {len(new.splitlines())} lines)"
-
-
 
 
 @tool(idempotent=True)
