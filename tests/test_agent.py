@@ -516,6 +516,20 @@ def test_the_files_a_run_has_seen_come_back_with_its_log(work: Path, tmp_path: P
     log.close()
 
 
+def test_runs_in_other_folders_send_the_same_system_message_and_tools(tmp_path: Path) -> None:
+    """What leads every request (the system message and the tools) is the same for every run of one tool set,
+    whatever the folder or task, so a server's prefix cache holds it once for all runs."""
+    firsts = []
+    for name in ("one", "two"):
+        (tmp_path / name).mkdir()
+        server = FakeServer(scripted([("finish", {"answer": name})]))
+        with _agent(server, tmp_path / name, tmp_path / name) as agent:
+            agent.run(f"Task {name}")
+        server.close()
+        firsts.append((server.requests[0]["messages"][0], server.requests[0]["tools"]))
+    assert firsts[0] == firsts[1] and str(tmp_path) not in json.dumps(firsts[0])
+
+
 def test_recall_ranks_results_by_number_call_or_words(work: Path) -> None:
     results = [('read_file({"path": "a.env"})', "TOKEN=1"), ("bash({\"command\": \"ls\"})", "a.env b.env"),
                ('read_file({"path": "b.env"})', "TOKEN=2\nPORT=80"), ("search({})", "nothing")]  # fmt: skip

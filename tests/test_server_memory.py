@@ -94,6 +94,43 @@ def test_spans_reuse_compression_and_drops_over_turns(client: TestClient, llm: L
     assert {"drop": [last], "tokens": m4["spans"][-1]["kept"]} in five["longkv"]["memory"]["edits"]
 
 
+def test_new_sessions_take_their_first_message_from_the_prefix_cache(llm: LLM) -> None:
+    """Sessions that open with the same system message (an agent's instructions and tools) prefill it once: the
+    first session puts its KV in the prefix cache, each later new session attaches it (and counts it as cached)
+    and answers as on a server without a cache, also after a session that shares it compressed and cut its own
+    KV. A plain request starting with it hits it too; a request that opts out of the cache does not."""
+    system = {"role": "system", "content": "You are a careful agent that reads files and answers briefly. " * 4}
+
+    def task(text: str) -> list[dict[str, Any]]:
+        return [system, {"role": "user", "content": text}]
+
+    with TestClient(create_app(llm, ServerConfig(model_id="tiny", cache_bytes=1 << 22))) as c, \
+            TestClient(create_app(llm, ServerConfig(model_id="tiny", cache_bytes=0))) as cold:
+        a = chat(c, task("Alice was beginning to get very tired."), session="a")
+        head = a["longkv"]["memory"]["spans"][0]
+        assert (head["kind"], head["pinned"], a["usage"]["prompt_tokens_details"]["cached_tokens"]) == ("system", True, 0)
+        msgs = task("Down the rabbit hole.")
+        b = chat(c, msgs, session="b")
+        assert b["longkv"]["memory"]["source"] == "new" and b["usage"]["prompt_tokens_details"]["cached_tokens"] == head["tokens"]
+        assert b["longkv"]["memory"]["spans"][0] == {**head, "id": 1}
+        assert b["choices"] == chat(cold, msgs, session="b")["choices"]
+        for step in range(3):  # session b goes on: its tool results are compressed, its KV rewritten past the head
+            msgs += [reply(b), {"role": "tool", "content": f"step {step}: " + TOOL, "tool_call_id": f"t{step}"}]
+            b, b_cold = chat(c, msgs, session="b"), chat(cold, msgs, session="b")
+            assert b["choices"] == b_cold["choices"] and b["longkv"]["memory"]["edits"] == b_cold["longkv"]["memory"]["edits"]
+        assert any("compress" in e for e in b["longkv"]["memory"]["edits"])
+        d = chat(c, task("The White Rabbit was late."), session="d")
+        assert d["usage"]["prompt_tokens_details"]["cached_tokens"] == head["tokens"]
+        assert d["choices"] == chat(cold, task("The White Rabbit was late."), session="d")["choices"]
+        plain = {"model": "tiny", "messages": task("Why is a raven like a writing desk?"), "max_tokens": 4, "temperature": 0}
+        hit = c.post("/v1/chat/completions", json=plain).json()
+        assert hit["usage"]["prompt_tokens_details"]["cached_tokens"] >= head["tokens"] - 2
+        body = {"model": "tiny", "messages": task("Off with his head."), "max_tokens": 4, "temperature": 0,
+                "longkv": {"session": "f", "memory": {}, "cache": False}}
+        r = c.post("/v1/chat/completions", json=body)
+        assert r.status_code == 200 and r.json()["usage"]["prompt_tokens_details"]["cached_tokens"] == 0, r.text
+
+
 def test_a_run_far_past_the_window_never_overflows(client: TestClient) -> None:
     msgs = start()
     logical, edits = [], []

@@ -30,7 +30,7 @@ from longkv.agent.state import Pending, RunState, message_bytes, signature
 from longkv.agent.tools import Tool, Toolbox, ToolContext, ToolError, changes, snapshot
 from longkv.errors import LongKVError
 
-SYSTEM = """You are an agent that completes a task in the folder {workdir} by calling tools.
+SYSTEM = """You are an agent that completes a task in a folder by calling tools.
 Work step by step: a short numbered plan first, then carry it out with the tools (bash, python, read_file, write_file, edit_file, search), one call at a time.
 Tool results are real: read them before the next step. Paths are relative to the folder.
 When the task is done, call finish with the answer (the value asked for, or what you changed)."""
@@ -226,7 +226,7 @@ class Agent:
         run_id = self.log.create(task, self.workdir)
         with self.log.drive(run_id):
             st = RunState()
-            self._emit(run_id, st, "start", {"task": task, "options": self.options, "system": SYSTEM.format(workdir=self.workdir),
+            self._emit(run_id, st, "start", {"task": task, "options": self.options, "system": SYSTEM,
                                              "tools": list(self.toolbox.tools), "window": self.window}, on_event)  # fmt: skip
             return self._loop(run_id, st, on_event)
 

@@ -41,6 +41,7 @@ from longkv.policies import KVPolicy
 from longkv.server.sessions import Pieces, SessionStore, prepare
 
 if TYPE_CHECKING:
+    from longkv.engine.memory import KVMemory
     from longkv.server.metrics import Metrics
 
 log = logging.getLogger("longkv.server")
@@ -218,7 +219,8 @@ def plan(
         if wanted >= window:
             raise ContextOverflow(len(ids), window, wanted, "dense (KV memory)")
         pol = llm.resolve_policy(0, "dense", None)
-        return EngineRequest(ids, SamplingParams(max_new_tokens=wanted, **params), pol, False, session, salt or "", constraint=constraint, memory=memory)
+        share = share_cache and config.cache_bytes > 0 and shares_dense_kv(pol, window)  # a new session's first message
+        return EngineRequest(ids, SamplingParams(max_new_tokens=wanted, **params), pol, share, session, salt or "", constraint=constraint, memory=memory)
     spec = policy if policy is not None else config.default_policy
     wanted = max_tokens if max_tokens is not None else config.default_max_tokens
     # "auto" picks dense or streaming from the total length; any other spec does not depend on it.
@@ -405,6 +407,26 @@ class EngineWorker:
         if job.cancel.is_set():
             self.engine.abort(req.request_id)
 
+    def _seed(self, mem: KVMemory, ns: str, ids: list[int], pieces_of: Pieces | None) -> int:
+        """Start a new session with the KV of its first message (a system prompt with the tools, pinned) taken
+        from the prefix cache where an earlier request computed it: agent runs over one tool set prefill it once.
+
+        Returns the first message's length in tokens when the session may put its KV back into the cache after
+        its request (0: not a pinned first message, or no cache).
+        """
+        if self.cache.capacity <= 0 or pieces_of is None:
+            return 0
+        first = pieces_of(0)[:1]
+        if not first or not first[0][2] or not 2 <= first[0][1] <= len(ids) - 2:
+            return 0
+        kind, end, _ = first[0]
+        match = self.cache.match(ns, ids[:end])
+        if match.length == end:
+            self.cache.load(match, mem.seq.cache, end)  # attaches the cached pages: no copy, copy on write after
+            mem.seq.tokens = list(ids[:end])
+            mem.record(kind, ids[:end], pinned=True)
+        return end
+
     def _admit_memory(self, job: Job, m: MemoryRequest) -> None:
         """Open the job's session, turn its prompt into edits (drops, cuts, compressions, the fit to the
         window) and hand the new tokens to the engine on the session's own sequence."""
@@ -415,6 +437,8 @@ class EngineWorker:
         except LongKVError as exc:
             self._drop_job(job, exc)
             return
+        ns = namespace(self._fingerprint, req.kv_key, req.salt)
+        head = self._seed(mem, ns, req.ids, m.pieces) if source == "new" and req.share_cache else 0
         old = max((s.id for s in mem.spans), default=0)  # spans older than this request
         try:
             with torch.inference_mode():
@@ -448,6 +472,8 @@ class EngineWorker:
                             at, extend = end, False
                     generated = req.ids[at:] + seq.tokens[base + len(new) :]
                     mem.record("assistant", generated, extend=extend and mem.spans[-1].kind == "assistant")
+                    if head and mem.spans[0].pinned and mem.seq.tokens[:head] == req.ids[:head]:
+                        self.cache.insert(ns, req.ids[:head], mem.seq.cache)  # for the next new sessions
                 else:  # cancelled or failed: back to the session before this request
                     seq.cache.truncate(base)
                     del seq.tokens[base:]
