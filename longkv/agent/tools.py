@@ -231,8 +231,9 @@ def snapshot(workdir: Path, digests: bool = False) -> dict[str, list[Any]]:
                 continue
             row: list[Any] = [st.st_size, st.st_mtime_ns]
             if digests:
-                row.append(_digest(p) if st.st_size <= min(DIGEST_BYTES, budget) else None)
-                budget -= st.st_size
+                hashed = st.st_size <= min(DIGEST_BYTES, budget)
+                row.append(_digest(p) if hashed else None)
+                budget -= st.st_size if hashed else 0
             out[os.path.relpath(p, workdir)] = row
             if len(out) >= SNAPSHOT_FILES:
                 return out
