@@ -131,6 +131,32 @@ def test_new_sessions_take_their_first_message_from_the_prefix_cache(llm: LLM) -
         assert r.status_code == 200 and r.json()["usage"]["prompt_tokens_details"]["cached_tokens"] == 0, r.text
 
 
+def test_a_long_plain_chat_beside_sessions_reads_its_deep_prefix_and_a_failed_admission_spares_the_server(
+        client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A plain chat of many turns, served beside a KV memory session, reads its prefix back from a radix path
+    deeper than the pages it attaches in place (the rest is copied in); a bug while admitting one request fails
+    that request alone (HTTP 500) and the next is served."""
+    chat(client, start(), session="s")
+    msgs = start()
+    for turn in range(7):
+        out = client.post("/v1/chat/completions", json={"model": "tiny", "messages": msgs, "max_tokens": 3, "temperature": 0}).json()
+        if turn:
+            assert out["usage"]["prompt_tokens_details"]["cached_tokens"] > 0, out
+        msgs += [reply(out), {"role": "user", "content": f"Turn {turn}: and then?"}]
+
+    from longkv.kv import radix
+
+    def broken(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("injected")
+
+    monkeypatch.setattr(radix.PrefixCache, "load", broken)
+    r = TestClient(client.app, raise_server_exceptions=False).post("/v1/chat/completions", json={"model": "tiny", "messages": msgs, "max_tokens": 3})
+    assert r.status_code == 500, r.text
+    monkeypatch.undo()
+    again = client.post("/v1/chat/completions", json={"model": "tiny", "messages": msgs, "max_tokens": 3})
+    assert again.status_code == 200 and again.json()["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
+
+
 def test_a_run_far_past_the_window_never_overflows(client: TestClient) -> None:
     msgs = start()
     logical, edits = [], []

@@ -343,7 +343,12 @@ class EngineWorker:
                     self._jobs[job.request.request_id] = job
                 self._gauges()
             for job in admitted:
-                self._admit(job)
+                try:
+                    with torch.inference_mode():  # admission writes pages (a prefix copied in, a session's edits)
+                        self._admit(job)
+                except Exception as exc:  # a bug in one admission: that request fails, the server goes on
+                    log.exception("admitting a request failed")
+                    self._drop_job(job, exc)
             try:
                 with torch.inference_mode():
                     events = self.engine.step()
@@ -438,11 +443,10 @@ class EngineWorker:
             self._drop_job(job, exc)
             return
         ns = namespace(self._fingerprint, req.kv_key, req.salt)
-        head = self._seed(mem, ns, req.ids, m.pieces) if source == "new" and req.share_cache else 0
-        old = max((s.id for s in mem.spans), default=0)  # spans older than this request
         try:
-            with torch.inference_mode():
-                prep = prepare(mem, req.ids, m.drop, m.tool_keep, m.pieces, llm.config.max_position, req.params.max_new_tokens)
+            head = self._seed(mem, ns, req.ids, m.pieces) if source == "new" and req.share_cache else 0
+            old = max((s.id for s in mem.spans), default=0)  # spans older than this request
+            prep = prepare(mem, req.ids, m.drop, m.tool_keep, m.pieces, llm.config.max_position, req.params.max_new_tokens)
         except LongKVError as exc:
             if source == "new":
                 self.sessions.forget(m.session)  # a session is made only by a request that ran
