@@ -10,6 +10,7 @@ same ``longkv serve``:
         --out benchmarks/results/agents/qwen2.5-coder-1.5b.json
 
     python benchmarks/agent_bench.py --list                       # the tasks, their kinds and checks
+    python benchmarks/agent_bench.py --report A.json B.json --out AB.json   # runs merged (B's replace A's), tables
     python benchmarks/agent_bench.py ... --tasks 01,09,17 --max-steps 4 --keep /tmp/agent-runs
 
 How a run goes, for each (arm, task):
@@ -697,7 +698,12 @@ def main(argv: list[str] | None = None) -> int:
                     "path (default: %(default)s, what its `mini` command uses; `mini_textbased.yaml`: bash in a "
                     "fenced block instead of a tool call)")
     ap.add_argument("--list", action="store_true", help="list the tasks and exit")
+    ap.add_argument("--report", nargs="+", type=Path, metavar="RESULTS",
+                    help="print the tables of these results files and exit: their runs merged, a later file's run "
+                         "of an (arm, task) replacing an earlier one (an arm run again); with --out, the merge is written")
     args = ap.parse_args(argv)
+    if args.report:
+        return report(args.report, args.out)
 
     tasks = load_tasks(args.tasks)
     if args.list:
@@ -756,6 +762,40 @@ def main(argv: list[str] | None = None) -> int:
         _progress(f"wrote {args.out}")
     print(f"\n{model_id}, {len(tasks)} tasks, max {args.max_steps} steps, temperature {args.temperature}\n")
     print(markdown(summary))
+    print()
+    print(per_task_markdown(runs))
+    return 0
+
+
+def report(paths: list[Path], out: Path | None = None) -> int:
+    """Print the tables of results files merged (see ``--report``); write the merge to ``out`` if given."""
+    merged: dict[tuple[str, str], dict[str, Any]] = {}
+    metas = []
+    for p in paths:
+        try:
+            data = json.loads(p.read_text())
+        except FileNotFoundError:
+            sys.exit(f"error: no results file {p} (a run writes one with --out)")
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            data = None
+        if not isinstance(data, dict) or not isinstance(data.get("runs"), list) or "meta" not in data:
+            sys.exit(f"error: {p} is not a results file of this script (it has no meta and runs)")
+        metas.append(data["meta"])
+        for r in data["runs"]:
+            merged[(r["arm"], r["task"])] = r
+    if len({m.get("model_id") for m in metas}) > 1 or len({m.get("max_steps") for m in metas}) > 1:
+        sys.exit("error: these files differ in model or step limit: " + ", ".join(
+            f"{p} ({m.get('model_id')}, {m.get('max_steps')} steps)" for p, m in zip(paths, metas, strict=True)))
+    order = {a: i for i, a in enumerate(ARMS)}
+    runs = sorted(merged.values(), key=lambda r: (order.get(r["arm"], len(ARMS)), r["task"]))
+    meta = {**metas[0], "arms": sorted({r["arm"] for r in runs}, key=lambda a: order.get(a, len(ARMS))),
+            "tasks": sorted({r["task"] for r in runs}), "merged_from": [str(p) for p in paths],
+            "started": [m.get("started") for m in metas]}
+    if out:
+        _write(out, meta, runs)
+        _progress(f"wrote {out}")
+    print(f"\n{meta['model_id']}, {len(meta['tasks'])} tasks, max {meta['max_steps']} steps, merged from {len(paths)} file(s)\n")
+    print(markdown(summarize(runs)))
     print()
     print(per_task_markdown(runs))
     return 0

@@ -152,3 +152,33 @@ def test_recording_proxy_reads_usage_and_sets_sampling() -> None:
                                 "cached_tokens": 120, "completion_tokens": 14, "seconds": 1.0, "crashed": False,
                                 "calls": calls}])["a"]
     assert summary["cached_share"] == 0.6 and summary["steady_cached_share"] == 0.6 and summary["success_rate"] == 1.0
+
+
+def _run(arm: str, task: str, solved: bool, prompt: int, cached: int) -> dict[str, Any]:
+    calls = [{"status": 200, "prompt_tokens": prompt, "cached_tokens": cached, "completion_tokens": 10, "seconds": 1.0}]
+    return {"arm": arm, "task": task, "kind": "edit", "solved": solved, "steps": 1, "prompt_tokens": prompt,
+            "cached_tokens": cached, "completion_tokens": 10, "seconds": 1.0, "crashed": False, "calls": calls}
+
+
+def test_report_merges_results_files_a_later_run_replacing_an_earlier(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bench = _load_bench()
+    meta = {"model_id": "m", "max_steps": 8, "started": "t"}
+    first = tmp_path / "a.json"
+    first.write_text(json.dumps({"meta": meta, "runs": [_run("longkv", "01-x", True, 100, 50), _run("smolagents", "01-x", False, 100, 0)]}))
+    again = tmp_path / "b.json"
+    again.write_text(json.dumps({"meta": {**meta, "started": "u"}, "runs": [_run("smolagents", "01-x", True, 100, 90)]}))
+    out = tmp_path / "ab.json"
+    assert bench.main(["--report", str(first), str(again), "--out", str(out)]) == 0
+    merged = json.loads(out.read_text())
+    assert [(r["arm"], r["solved"]) for r in merged["runs"]] == [("longkv", True), ("smolagents", True)]
+    assert merged["summary"]["smolagents"]["cached_tokens"] == 90 and merged["meta"]["started"] == ["t", "u"]
+    assert "| 01-x | yes (1) | yes (1) |" in capsys.readouterr().out
+    other = tmp_path / "c.json"
+    other.write_text(json.dumps({"meta": {**meta, "model_id": "n"}, "runs": []}))
+    with pytest.raises(SystemExit, match="differ in model or step limit"):
+        bench.main(["--report", str(first), str(other)])
+    with pytest.raises(SystemExit, match="no results file"):
+        bench.main(["--report", str(tmp_path / "none.json")])
+    (tmp_path / "bad.json").write_text("[1]")
+    with pytest.raises(SystemExit, match="is not a results file of this script"):
+        bench.main(["--report", str(tmp_path / "bad.json")])
