@@ -26,7 +26,7 @@ from longkv.agent.cli import gist
 from longkv.agent.runlog import RunLog
 from longkv.agent.sandbox import Limits, Sandbox, sandbox_problem
 from longkv.agent.show import render, steps, summary
-from longkv.agent.state import PLAN_NEXT, RunState
+from longkv.agent.state import PLAN_NEXT, RunState, partial_answer
 from longkv.agent.tools import (
     READ_CHARS,
     READ_LINES,
@@ -380,6 +380,25 @@ def test_three_empty_replies_stop_the_run(work: Path, tmp_path: Path) -> None:
     server.close()
     assert (res.status, res.steps, res.stop_reason) == ("stopped", 4, "Three replies in a row held no tool call (empty, or cut off at the token limit)")
     assert tool_results(server.requests[-1]["messages"]) == []
+
+
+def test_a_final_answer_cut_off_at_the_token_limit_is_kept_as_far_as_it_got(work: Path, tmp_path: Path) -> None:
+    """At the step cap the model is asked to finish; when that finish call runs to max_tokens, the run's answer is
+    the start of its answer string, marked as cut."""
+    raw = '{"name": "finish", "arguments": {"answer": "15 lines have ERROR, caf\\u00e9 and more more more'
+
+    def script(msgs: list[dict[str, Any]]) -> dict[str, Any]:
+        if "step limit" in (msgs[-1].get("content") or ""):
+            return {"cut": ("finish", raw)}
+        return {"calls": [("bash", {"command": "echo hi"})]}
+
+    server = FakeServer(script)
+    with _agent(server, work, tmp_path, max_steps=2) as agent:
+        res = agent.run("Count the errors")
+    server.close()
+    assert (res.status, res.answer) == ("stopped", "15 lines have ERROR, café and more more more [cut off at the token limit]")
+    assert partial_answer('{"answer": "done", "extra') == "done" and partial_answer('{"answer": "a\\') == "a"
+    assert partial_answer('{"answer": "two\nlines') == "two\nlines" and partial_answer('{"name": "finish", "argu') is None
 
 
 def test_a_plan_cut_off_at_the_token_limit_is_named_kept_and_counted(work: Path, tmp_path: Path) -> None:

@@ -305,7 +305,10 @@ class Agent:
 
     @staticmethod
     def _best_answer(st: RunState) -> str:
-        """The last thing the model said in words, else the last tool result: what a capped run can offer."""
+        """The answer of a finish call the last reply was cut off in, else the last thing the model said in words,
+        else the last tool result: what a capped run can offer."""
+        if st.cut_answer:
+            return f"{st.cut_answer} [cut off at the token limit]"
         for t in reversed(st.turns):
             for m in reversed(t.messages):
                 if m["role"] == "assistant" and (m.get("content") or "").strip():

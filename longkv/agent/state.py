@@ -20,8 +20,10 @@ repeats. Either way the run log keeps them whole.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -82,6 +84,7 @@ class RunState:
     last_request_bytes: int = 0
     last_choice: Any = None  # tool_choice of the last request
     results: list[tuple[str, str]] = field(default_factory=list)  # (call signature, text in the context) per tool result ([result n] is n - 1)
+    cut_answer: str | None = None  # the answer of a finish call the last reply was cut off in (its start)
     files_seen: set[str] = field(default_factory=set)  # path arguments of read_file/write_file/edit_file calls that worked
 
     def goes_on(self, message: str | None, max_steps: int | None) -> bool:
@@ -122,6 +125,8 @@ class RunState:
             self.final_asked = self.final_request is not None
         elif k == "reply":
             self.steps += 1
+            cut = d.get("truncated") or {}
+            self.cut_answer = partial_answer(cut.get("text") or "") if cut.get("name") == "finish" else None
             u = d["usage"]
             self.prompt_tokens += u["prompt"]
             self.cached_tokens += u["cached"]
@@ -218,6 +223,24 @@ class RunState:
 
 
 SEES_FILES = ("read_file", "write_file", "edit_file")  # tools whose file write_file may then replace (ToolContext.seen)
+
+
+_LAX = json.JSONDecoder(strict=False)  # a raw newline inside a string is read, not refused
+
+
+def partial_answer(raw: str) -> str | None:
+    """The ``answer`` string of a finish call cut off at the token limit (``raw``: the call's text so far), as far
+    as it got, or None when the cut came before it began."""
+    m = re.search(r'"answer"\s*:\s*"', raw)
+    if m is None:
+        return None
+    body = raw[m.end() :]
+    with contextlib.suppress(ValueError):
+        return str(_LAX.raw_decode('"' + body)[0]).strip()  # the string ended, the call did not
+    for trim in range(7):  # the string was cut, maybe inside an escape such as \u00e9
+        with contextlib.suppress(ValueError):
+            return str(_LAX.decode('"' + body[: len(body) - trim] + '"')).strip()
+    return None
 
 
 def result_header(n: int) -> str:
