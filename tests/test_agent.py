@@ -735,7 +735,7 @@ def test_cli_run_show_and_resume(work: Path, tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     assert (out["status"], out["answer"], out["steps"]) == ("finished", "7", 2) and (work / "n.txt").read_text() == "7"
-    assert "write_file -> wrote n.txt (1 lines, 1 bytes)" in proc.stderr  # progress
+    assert "step 1 write_file(" in proc.stderr and "write_file -> wrote n.txt (1 lines, 1 bytes)" in proc.stderr  # progress
     shown = _cli(["show", out["run"], "--json"], tmp_path)
     s = json.loads(shown.stdout)
     assert (s["status"], s["steps"], [c["name"] for r in s["trajectory"] for c in r.get("calls", [])]) == ("finished", 2, ["write_file", "finish"])
@@ -755,6 +755,14 @@ def test_a_progress_line_gives_a_tool_results_first_line_its_size_and_its_status
     assert gist("    1  row\n    2  row\n[3 more lines: read_file with start=3]") == "1  row (+2 lines)"
 
 
+def test_cli_a_run_stopped_at_a_limit_exits_3(work: Path, tmp_path: Path) -> None:
+    server = FakeServer(lambda msgs: {"calls": [("bash", {"command": "echo hi"})]})
+    sandbox = [] if SANDBOX else ["--no-sandbox"]
+    proc = _cli(["run", "Say hi", "--server", server.url, "--workdir", str(work), "--max-steps", "1", "--json", *sandbox], tmp_path)
+    server.close()
+    assert proc.returncode == 3 and json.loads(proc.stdout)["status"] == "stopped", proc.stderr
+
+
 @pytest.mark.parametrize(
     ("args", "msg"),
     [
@@ -766,6 +774,7 @@ def test_a_progress_line_gives_a_tool_results_first_line_its_size_and_its_status
         (["run", "x", "--model", "missing.gguf", "--temperature", "-1"], "temperature must be 0 to 2, got -1.0"),  # before loading
         (["resume", "nope"], "no run 'nope'"),
         (["show", "nope"], "no run 'nope'"),
+        (["show", "--step", "2"], "--step needs a run: longkv agent show RUN --step N"),
     ],
 )
 def test_cli_user_errors_are_one_line(args: list[str], msg: str, tmp_path: Path) -> None:

@@ -379,7 +379,7 @@ class Agent:
 
     def _after_reply(self, run_id: str, st: RunState, reply: Reply, on_event: Callable[[Event], None] | None) -> None:
         calls = [{"id": c.id, "name": c.name, "arguments": c.arguments} for c in reply.tool_calls]
-        self._emit(run_id, st, "reply", {"content": reply.content, "tool_calls": calls, "finish_reason": reply.finish_reason,
+        self._emit(run_id, st, "reply", {"step": st.steps + 1, "content": reply.content, "tool_calls": calls, "finish_reason": reply.finish_reason,
                                          "usage": {"prompt": reply.usage.prompt, "cached": reply.usage.cached,
                                                    "completion": reply.usage.completion},
                                          "seconds": round(reply.seconds, 4), **_memory_summary(reply.memory),

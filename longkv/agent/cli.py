@@ -47,7 +47,7 @@ def _progress(quiet: bool) -> Any:
             cut = d.get("truncated")
             calls = ", ".join(f"{c['name']}({c['arguments'][:60]})" for c in d["tool_calls"]) or (
                 f"{cut.get('name') or 'a tool call'} (cut off at the token limit)" if cut else repr(d["content"][:80]))
-            err.print(f"[bold]step[/] {escape(calls)}  [dim]{u['prompt']} prompt ({u['cached']} cached), {u['completion']} decoded, {d['seconds']:.1f} s[/]")
+            err.print(f"[bold]step {d.get('step', '')}[/] {escape(calls)}  [dim]{u['prompt']} prompt ({u['cached']} cached), {u['completion']} decoded, {d['seconds']:.1f} s[/]")
         elif ev.kind == "tool_result":
             err.print(f"  [dim]{escape(d['name'])} -> {escape(gist(d['output']))}[/]")
         elif ev.kind == "note" and d.get("source") != "user":
@@ -69,6 +69,8 @@ def _finish(result: Any, as_json: bool) -> None:
                   f"{result.seconds:.1f} s[/]")  # fmt: skip
     if result.status == "failed":
         raise typer.Exit(1)
+    if result.status == "stopped":
+        raise typer.Exit(3)
 
 
 def _loading(model: str) -> None:
@@ -108,6 +110,9 @@ def run(
 
     Every event goes to a durable run log first: longkv agent show RUN prints the trajectory,
     longkv agent resume RUN goes on after a crash or a kill.
+
+    Exit status: 0 when the model finished, 3 when the run stopped at a limit (its answer is
+    a best effort from what was learned), 1 when it failed; agent resume exits the same way.
     """
     from longkv.agent.agent import Agent
 
@@ -203,6 +208,8 @@ def show(
     from longkv.agent.runlog import RunLog
     from longkv.agent.show import render
 
+    if step is not None and run_id is None:
+        raise LongKVError("--step needs a run: longkv agent show RUN --step N (longkv agent show lists the runs)")
     log = RunLog(runs_dir or default_runs_dir())
     try:
         render(log, run_id, as_json, step, Console(file=sys.stdout, highlight=False))
