@@ -27,7 +27,8 @@ from typing import Any
 from longkv.agent.client import ChatClient, LocalServer, ModelError, Reply, local_server
 from longkv.agent.runlog import Event, RunLog
 from longkv.agent.state import Pending, RunState, message_bytes, signature
-from longkv.agent.tools import Tool, Toolbox, ToolContext, ToolError, changes, snapshot
+from longkv.agent.tools import Tool, Toolbox, ToolContext, ToolError
+from longkv.agent.workdir import changes, snapshot
 from longkv.errors import LongKVError
 
 SYSTEM = """You are an agent that completes a task in a folder by calling tools.

@@ -17,12 +17,10 @@ never re-run.
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 import itertools
 import json
 import math
-import os
 import re
 import shutil
 import types
@@ -34,6 +32,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
 from longkv.agent.state import result_header
+from longkv.agent.workdir import SKIP_DIRS, changes, snapshot
 from longkv.errors import LongKVError
 
 
@@ -206,62 +205,6 @@ def _exec_report(res: Any) -> str:
     if res.truncated:
         tail = "[output cut at the sandbox's output limit] " + tail
     return f"{out}\n{tail}" if out else tail
-
-
-SNAPSHOT_FILES = 5000
-"""Most files a workdir snapshot lists."""
-SKIP_DIRS = frozenset({".git", "__pycache__", ".venv", "node_modules", ".mypy_cache", ".pytest_cache", ".ruff_cache"})
-"""Folders that workdir snapshots and ``search`` leave out (version control, environments, tools' caches)."""
-DIGEST_BYTES = 1 << 20
-"""Files up to this size get a content digest in a snapshot taken with digests (64 MiB of them at most)."""
-
-
-def snapshot(workdir: Path, digests: bool = False) -> dict[str, list[Any]]:
-    """``[size, mtime_ns]`` of every file under ``workdir`` (at most SNAPSHOT_FILES) by relative path; with
-    ``digests``, a third item: the file's BLAKE2b digest (hex) if it is at most DIGEST_BYTES, else None."""
-    out: dict[str, list[Any]] = {}
-    budget = 64 << 20
-    for root, dirs, files in os.walk(workdir):
-        dirs[:] = [d for d in dirs if d not in SKIP_DIRS]
-        for f in files:
-            p = os.path.join(root, f)
-            try:
-                st = os.stat(p)
-            except OSError:
-                continue
-            row: list[Any] = [st.st_size, st.st_mtime_ns]
-            if digests:
-                hashed = st.st_size <= min(DIGEST_BYTES, budget)
-                row.append(_digest(p) if hashed else None)
-                budget -= st.st_size if hashed else 0
-            out[os.path.relpath(p, workdir)] = row
-            if len(out) >= SNAPSHOT_FILES:
-                return out
-    return out
-
-
-def _digest(p: str) -> str | None:
-    try:
-        with open(p, "rb") as fh:
-            return hashlib.blake2b(fh.read(DIGEST_BYTES + 1), digest_size=16).hexdigest()
-    except OSError:
-        return None
-
-
-def changes(before: dict[str, list[Any]], after: dict[str, list[Any]], workdir: Path | None = None) -> list[str]:
-    """What differs between two snapshots: ``"PATH (new)"``, ``"PATH (deleted)"``, ``"PATH (modified)"``. A file
-    whose size or mtime changed counts as modified unless ``before`` holds its digest and the file under
-    ``workdir`` still has it (rewritten with the same bytes)."""
-    changed = [f"{p} (new)" for p in sorted(after.keys() - before.keys())]
-    changed += [f"{p} (deleted)" for p in sorted(before.keys() - after.keys())]
-    for p in sorted(before.keys() & after.keys()):
-        if before[p][:2] == after[p][:2]:
-            continue
-        old = before[p][2] if len(before[p]) > 2 else None
-        if old is not None and workdir is not None and _digest(os.path.join(workdir, p)) == old:
-            continue
-        changed.append(f"{p} (modified)")
-    return changed
 
 
 def _exec(ctx: ToolContext, run: Callable[[], Any]) -> str:
