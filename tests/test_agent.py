@@ -289,7 +289,9 @@ def test_a_run_plans_acts_finishes_and_is_logged(work: Path, tmp_path: Path) -> 
         assert agent.run("Write 1 to o2.txt").status == "finished"
     kv.close()
     assert all(r["tools"] == kv.requests[0]["tools"] for r in kv.requests) and "plan" in [t["function"]["name"] for t in kv.requests[0]["tools"]]
-    acts = [t["function"]["name"] for t in kv.requests[0]["tools"] if t["function"]["name"] != "plan"]
+    # recall stays closed while no result but the newest (in view whole) could be recalled: here the plan's and the write's
+    acts = [t["function"]["name"] for t in kv.requests[0]["tools"] if t["function"]["name"] not in ("plan", "recall")]
+    assert "recall" in [t["function"]["name"] for t in kv.requests[0]["tools"]]
     assert [r["tool_choice"] for r in kv.requests] == [plan] + [{"type": "allowed_tools", "allowed_tools": {
         "mode": "required", "tools": [{"type": "function", "function": {"name": n}} for n in acts]}}] * 2  # fmt: skip
     log = RunLog(tmp_path / "runs")
@@ -340,6 +342,41 @@ def test_a_loop_is_dropped_hinted_and_replanned(work: Path, tmp_path: Path) -> N
     assert len(tool_results(after["messages"])) == 1
     assert after["messages"][-1]["content"].startswith('You called read_file({"path": "a.txt"}) three times with the same result.')
     assert server.requests[-1]["temperature"] == 0.7 and not server.errors
+
+
+def test_a_call_that_only_repeats_the_last_one_is_not_run_and_its_tool_sits_out_a_step(work: Path, tmp_path: Path) -> None:
+    """A call equal to the one just before (or to the one before that, both read-only, with a read-only call
+    between) is not run again: its result says which result it repeats, and a longkv server's next request may
+    not call that tool (allowed_tools). An edit repeated word for word is not applied twice."""
+    (work / "a.txt").write_text("alpha\n")
+    read, edit = ("read_file", {"path": "a.txt"}), ("edit_file", {"path": "a.txt", "old": "alpha", "new": "alpha alpha"})
+    calls = [("plan", {"plan": "1. read\n2. edit"}), read, read, ("search", {"pattern": "alpha"}), read, edit, edit,
+             ("finish", {"answer": "done"})]  # fmt: skip
+    server = FakeServer(scripted(calls), longkv=True)
+    with _agent(server, work, tmp_path) as agent:
+        res = agent.run("Double the word in a.txt")
+    server.close()
+    assert (res.status, res.steps, server.errors) == ("finished", 8, [])
+    assert (work / "a.txt").read_text() == "alpha alpha\n"  # edited once
+    results = tool_results(server.requests[-1]["messages"])
+    note = "and nothing has changed since, so its result would be the same. Use that result: call another tool, or finish with your answer."
+    assert results[1] == f"[result 3]\nnot run: this is the same call as result 2, {note}"
+    assert results[3] == f"[result 5]\nnot run: this is the same call as result 2, {note}"  # read, search, read: nothing between wrote
+    assert results[5] == f"[result 7]\nnot run: this is the same call as result 6, {note}"
+
+    def offered(r: dict) -> list[str]:
+        return [t["function"]["name"] for t in r["tool_choice"]["allowed_tools"]["tools"]]
+
+    every = [t["function"]["name"] for t in server.requests[0]["tools"]]
+    # request 2: nothing to recall yet; 4: read_file sits out after its repeat; 5: back; 8: edit_file sits out
+    assert offered(server.requests[1]) == [n for n in every if n not in ("plan", "recall")]
+    assert offered(server.requests[3]) == [n for n in every if n not in ("plan", "read_file")]
+    assert offered(server.requests[4]) == [n for n in every if n != "plan"]
+    assert offered(server.requests[7]) == [n for n in every if n not in ("plan", "edit_file")]
+    log = RunLog(tmp_path / "runs")
+    st = RunState.replay(log.events(res.run))
+    log.close()
+    assert st.repeats == {3: 2, 5: 2, 7: 6} and st.barred is None
 
 
 def test_the_plan_comes_first_and_an_unasked_plan_call_is_answered_with_act(work: Path, tmp_path: Path) -> None:

@@ -8,9 +8,10 @@ makes :meth:`Agent.resume` exact after a crash, a kill -9 or a reboot.
 
 Stop rules, each ending with a best-effort final answer (one last request that
 must call ``finish``), never a bare exception: the step cap (default 40), the
-token cap, the time cap, and three replies in a row with no tool call (empty, or cut off). Loops (the same call
-with the same result three times, or the same error three times) are recovered:
-the repeats leave the context, a hint is added, the temperature goes up for a
+token cap, the time cap, and three replies in a row with no tool call (empty, or cut off). A call that
+only repeats the last one (or the one before it, both read-only) is not run again, and its tool sits out
+the next step. Loops (the same call with the same result three times, or the same error three times) are
+recovered: the repeats leave the context, a hint is added, the temperature goes up for a
 few requests and the next request must update the plan.
 """
 
@@ -359,24 +360,34 @@ class Agent:
             choice = PLAN_CHOICE
         else:
             choice = "required"
+        # Tools a longkv server's reply may not call at this step (every tool stays in its prompt, a stable prefix;
+        # allowed_tools narrows the call): plan unless asked for (a small model offered it at every step calls
+        # nothing else), the tool whose last call only repeated an earlier one, and recall while nothing is there
+        # to recall. Other servers get the tools without plan, the same at every step.
+        closed: list[str] = []
+        if choice == "required" and self.longkv:
+            shut = {"plan", st.barred} | (set() if st.recallable() else {"recall"})
+            closed = [n for n in self.toolbox.tools if n in shut]
         self._emit(run_id, st, "request", {"step": st.steps + 1, "bytes": nbytes, "estimate": st.estimate(nbytes), "drop": len(drop),
-                                           "drop_steps": drop, "tool_choice": choice, "temperature": temperature}, on_event)  # fmt: skip
+                                           "drop_steps": drop, "tool_choice": choice, "closed": closed, "temperature": temperature},
+                   on_event)  # fmt: skip
         msgs = st.messages(marker=not self.kv_memory)  # the same as _fit's, now that the drop is applied
-        # plan may be called only when it is asked for: a small model offered it at every step calls nothing else.
-        # A longkv server keeps every tool in the prompt (its prefix and cached KV stay the same) and narrows what
-        # the reply may call with allowed_tools; other servers get the tools without plan.
         tools = self.toolbox.schemas()
         wire: Any = choice
-        if "plan" in self.toolbox and choice != PLAN_CHOICE:
-            if not self.longkv:
-                tools = [t for t in tools if t["function"]["name"] != "plan"]
-            elif choice == "required":
-                wire = {"type": "allowed_tools", "allowed_tools": {"mode": "required", "tools": [
-                    {"type": "function", "function": {"name": n}} for n in self.toolbox.tools if n != "plan"]}}  # fmt: skip
+        if "plan" in self.toolbox and choice != PLAN_CHOICE and not self.longkv:
+            tools = [t for t in tools if t["function"]["name"] != "plan"]
+        if closed:
+            wire = {"type": "allowed_tools", "allowed_tools": {"mode": "required", "tools": [
+                {"type": "function", "function": {"name": n}} for n in self.toolbox.tools if n not in closed]}}  # fmt: skip
         ext = None
         if self.kv_memory:  # the server keeps this run's context as KV spans; in-process, saved every few steps for resume
             ext = {"session": run_id, "memory": {"save": self._local is not None and st.steps % SAVE_EVERY == 0}}
         return self.client.complete(msgs, tools, wire, temperature, st.options["reply_tokens"], seed=st.steps, longkv=ext)
+
+    def _read_only(self, sig: str) -> bool:
+        """Whether the call with signature ``sig`` only reads (its tool is idempotent)."""
+        tool = self.toolbox.tools.get(sig.split("(", 1)[0])
+        return bool(tool and tool.idempotent)
 
     def _after_reply(self, run_id: str, st: RunState, reply: Reply, on_event: Callable[[Event], None] | None) -> None:
         calls = [{"id": c.id, "name": c.name, "arguments": c.arguments} for c in reply.tool_calls]
@@ -430,6 +441,14 @@ class Agent:
         if err is not None:
             self._emit(run_id, st, "tool_result", {**base, "arguments": args, "output": f"error: {err}", "context": f"error: {err}",
                                                    "error": True, "seconds": 0.0}, on_event)  # fmt: skip
+            return
+        repeat = st.repeat_of(sig, self._read_only) if call.name not in ("plan", "finish") else None
+        if repeat is not None:  # a small model repeats its last call word for word: say so, and bar the tool for a step
+            which = f"result {repeat}" if st.options.get("recall") else "the call before"
+            out = (f"not run: this is the same call as {which}, and nothing has changed since, so its result would be the "
+                   f"same. Use that result: call another tool, or finish with your answer.")  # fmt: skip
+            self._emit(run_id, st, "tool_result", {**base, "arguments": args, "output": out, "context": out, "error": True,
+                                                   "repeat": repeat, "seconds": 0.0}, on_event)  # fmt: skip
             return
         assert tool is not None
         start = {"id": call.id, "name": call.name, "arguments": args, "idempotent": tool.idempotent}

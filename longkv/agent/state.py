@@ -24,6 +24,7 @@ import contextlib
 import hashlib
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -86,6 +87,9 @@ class RunState:
     results: list[tuple[str, str]] = field(default_factory=list)  # (call signature, text in the context) per tool result ([result n] is n - 1)
     cut_answer: str | None = None  # the answer of a finish call the last reply was cut off in (its start)
     files_seen: set[str] = field(default_factory=set)  # path arguments of read_file/write_file/edit_file calls that worked
+    repeats: dict[int, int] = field(default_factory=dict)  # result number of a call not run again -> the result it repeats
+    interrupted: set[int] = field(default_factory=set)  # result numbers of calls cut off by a crash (a repeat of one runs)
+    barred: str | None = None  # a tool the next request may not call: its last call only repeated an earlier one
 
     def goes_on(self, message: str | None, max_steps: int | None) -> bool:
         """Whether a resume has anything to do: the run has not ended, or a message is given, or a new step cap
@@ -122,6 +126,7 @@ class RunState:
             if self.hot:
                 self.hot -= 1
             self.replan = False
+            self.barred = None
             self.final_asked = self.final_request is not None
         elif k == "reply":
             self.steps += 1
@@ -150,7 +155,14 @@ class RunState:
             self.pending = [p for p in self.pending if p.id != d["id"]]
             self.seconds += d.get("seconds", 0.0)
             turn = next((t for t in reversed(self.turns) if any(c["id"] == d["id"] for c in t.calls)), self.turns[-1])
+            repeat = d.get("repeat")
+            seen = self.results[repeat - 1][1] if repeat else d["context"]  # a repeat counts as its original's result
             self.results.append((d["signature"], d["context"]))
+            if repeat:
+                self.repeats[len(self.results)] = repeat
+                self.barred = d["name"]
+            if d.get("interrupted"):
+                self.interrupted.add(len(self.results))
             if d["name"] in SEES_FILES and not d["error"] and isinstance(d["arguments"].get("path"), str):
                 self.files_seen.add(d["arguments"]["path"])
             content = f"{result_header(len(self.results))}{d['context']}" if self.options.get("recall") else d["context"]
@@ -159,7 +171,7 @@ class RunState:
                 self.plan = d["arguments"].get("plan", self.plan)
                 if len(turn.calls) == 1:  # the plan is shown in the front: the call itself would only be copied
                     turn.folded = True
-            self.history.append((d["signature"], hashlib.sha1(d["output"].encode()).hexdigest(), d["error"]))
+            self.history.append((d["signature"], hashlib.sha1(seen.encode()).hexdigest(), d["error"]))
         elif k == "note":
             self.turns.append(Turn(self.steps, [{"role": "user", "content": d["content"]}]))
             if d.get("source") == "user":
@@ -176,6 +188,25 @@ class RunState:
         elif k == "end":
             self.status, self.answer, self.reason = d["status"], d.get("answer"), d.get("reason")
             self.pending = []
+
+    def repeat_of(self, sig: str, read_only: Callable[[str], bool]) -> int | None:
+        """The number of the earlier result a call with signature ``sig`` would only repeat, or None.
+
+        A call repeats the last result's call when it is the same call (nothing ran between them), or the one
+        before the last when both it and the call between are read-only (``read_only(signature)``: idempotent
+        tools). A repeat of a repeat names the first result; a call cut off by a crash may be made again."""
+        n = len(self.results)
+        hit = None
+        if n and self.results[-1][0] == sig:
+            hit = n
+        elif n >= 2 and self.results[-2][0] == sig and read_only(sig) and read_only(self.results[-1][0]):
+            hit = n - 1
+        return self.repeats.get(hit, hit) if hit and hit not in self.interrupted else None
+
+    def recallable(self) -> bool:
+        """Whether ``recall`` has anything to put back: a result before the newest (which is in view whole) that is
+        not a plan, a recall or a call not run again."""
+        return any(not s.startswith(("plan(", "recall(")) and i not in self.repeats for i, (s, _) in enumerate(self.results[:-1], 1))
 
     # ------------------------------------------------------------------ the context
 
