@@ -379,6 +379,32 @@ def test_a_call_that_only_repeats_the_last_one_is_not_run_and_its_tool_sits_out_
     assert st.repeats == {3: 2, 5: 2, 7: 6} and st.barred is None
 
 
+def test_without_plan_the_run_goes_straight_to_the_tools(work: Path, tmp_path: Path) -> None:
+    """plan=False (--no-plan): no plan tool, no plan step, a system prompt that asks for none, and a loop's hint
+    asks for another approach without a re-plan; a resumed run keeps the choice."""
+    (work / "a.txt").write_text("x\n")
+    def script(msgs: list[dict]) -> dict:
+        if any("Repeating it will not help" in (m.get("content") or "") for m in msgs):
+            return {"calls": [("finish", {"answer": "x"})]}
+        return {"calls": [("search", {"pattern": "x"})]}
+
+    server = FakeServer(script)
+    with _agent(server, work, tmp_path, plan=False) as agent:
+        assert "plan" not in agent.toolbox
+        res = agent.run("Find x")
+    server.close()
+    assert (res.status, res.answer, res.steps) == ("finished", "x", 4)
+    assert [r["tool_choice"] for r in server.requests] == ["required"] * 4
+    assert all("plan" not in [t["function"]["name"] for t in r["tools"]] for r in server.requests)
+    system = server.requests[0]["messages"][0]["content"]
+    assert "plan" not in system and "Work step by step with the tools (bash" in system
+    hint = next(m["content"] for m in server.requests[-1]["messages"] if m["role"] == "user" and "three times" in m["content"])
+    assert hint.endswith("Repeating it will not help. Step back: try a different approach (another tool, other arguments, or check your assumptions).")
+    log = RunLog(tmp_path / "runs")
+    assert RunState.replay(log.events(res.run)).options["plan"] is False
+    log.close()
+
+
 def test_the_plan_comes_first_and_an_unasked_plan_call_is_answered_with_act(work: Path, tmp_path: Path) -> None:
     replies = iter([{"calls": [("plan", {"plan": "1. look"})]}, {"calls": [("plan", {"plan": "1. look again"})]},
                     {"calls": [("finish", {"answer": "ok"})]}])  # fmt: skip

@@ -36,6 +36,7 @@ SYSTEM = """You are an agent that completes a task in a folder by calling tools.
 Work step by step: a short numbered plan first, then carry it out with the tools (bash, python, read_file, write_file, edit_file, search), one call at a time.
 Tool results are real: read them before the next step. Paths are relative to the folder.
 When the task is done, call finish with the answer (the value asked for, or what you changed)."""
+SYSTEM_NO_PLAN = SYSTEM.replace("step by step: a short numbered plan first, then carry it out with the tools", "step by step with the tools")  # plan=False
 
 PLAN_CHOICE = {"type": "function", "function": {"name": "plan"}}
 HOT_TEMPERATURE = 0.7  # sampling temperature for a few requests after a loop was detected
@@ -136,6 +137,7 @@ class Agent:
         recall: number the tool results (``[result N]`` in their first line) and offer the ``recall`` tool, which
             puts one back whole at the end of the context (after its KV was compressed or its turn dropped).
             Default: on with KV memory.
+        plan: ask for a short plan first and after a loop (the ``plan`` tool); False goes straight to the tools.
         on_loading: called with the model's name just before a model is loaded in this process (the options
             are checked by then), e.g. to say that loading may take a while.
 
@@ -166,6 +168,7 @@ class Agent:
         device: str = "cpu",
         kv_memory: bool | None = None,
         recall: bool | None = None,
+        plan: bool = True,
         on_loading: Callable[[str], None] | None = None,
     ) -> None:
         from longkv.agent.sandbox import Limits, Sandbox
@@ -186,7 +189,7 @@ class Agent:
         self.ctx = ToolContext(self.workdir, self.sandbox)
         self.log = RunLog(Path(runs_dir) if runs_dir else default_runs_dir())
         self.options: dict[str, Any] = {"max_steps": max_steps, "max_tokens": max_tokens, "max_seconds": max_seconds, "reply_tokens": reply_tokens,
-                        "observation_chars": observation_chars, "temperature": temperature, "sandbox": sandbox}  # fmt: skip
+                        "observation_chars": observation_chars, "temperature": temperature, "sandbox": sandbox, "plan": plan}  # fmt: skip
         self.options["source"] = {"model": model if server is None else None, "server": server, "model_id": model_id,
                                   "context_window": context_window}  # what resume reconnects to
         self._local: LocalServer | None = None
@@ -204,7 +207,7 @@ class Agent:
         self.kv_memory = kv_memory if kv_memory is not None else self.longkv
         self.options["kv_memory"] = self.kv_memory
         self.options["recall"] = self.kv_memory if recall is None else recall
-        self.toolbox = Toolbox.of(self._extra, with_recall=self.options["recall"])
+        self.toolbox = Toolbox.of(self._extra, with_recall=self.options["recall"], with_plan=plan)
 
     def close(self) -> None:
         """Stop the in-process server (if any) and close the run log."""
@@ -228,7 +231,7 @@ class Agent:
         run_id = self.log.create(task, self.workdir)
         with self.log.drive(run_id):
             st = RunState()
-            self._emit(run_id, st, "start", {"task": task, "options": self.options, "system": SYSTEM,
+            self._emit(run_id, st, "start", {"task": task, "options": self.options, "system": SYSTEM if "plan" in self.toolbox else SYSTEM_NO_PLAN,
                                              "tools": list(self.toolbox.tools), "window": self.window}, on_event)  # fmt: skip
             return self._loop(run_id, st, on_event)
 
@@ -254,7 +257,7 @@ class Agent:
                 raise LongKVError(f"run {info.id} has taken {st.steps} steps: give --max-steps above that to let it go on")
             if not st.goes_on(message, max_steps):
                 return RunResult.of(info.id, st)  # it has ended: nothing to do without a new message or more steps
-            self.toolbox = Toolbox.of(self._extra, with_recall=bool(st.options.get("recall")))
+            self.toolbox = Toolbox.of(self._extra, with_recall=bool(st.options.get("recall")), with_plan=st.options.get("plan", True))
             self._emit(info.id, st, "resume", {"message": message, "max_steps": max_steps}, on_event)
             return self._loop(info.id, st, on_event)
 
@@ -486,8 +489,9 @@ class Agent:
         if planning:  # re-planning is the loop: push to act instead
             hint = f"You {what}. The plan is set: now carry out its first step that is not done, with bash, read_file or another tool."
         else:
-            hint = (f"You {what}. Repeating it will not help. Step back: update the plan with plan, "
-                    f"then try a different approach (another tool, other arguments, or check your assumptions).")  # fmt: skip
+            hint = (f"You {what}. Repeating it will not help. Step back: "
+                    f"{'update the plan with plan, then ' if 'plan' in self.toolbox else ''}"
+                    f"try a different approach (another tool, other arguments, or check your assumptions).")  # fmt: skip
         self._emit(run_id, st, "loop", {"kind": "call" if same_call else "error", "signature": c[0], "drop_steps": steps, "hot": 3,
-                                        "replan": not planning}, on_event)  # fmt: skip
+                                        "replan": not planning and "plan" in self.toolbox}, on_event)  # fmt: skip
         self._emit(run_id, st, "note", {"content": hint, "source": "loop"}, on_event)

@@ -95,6 +95,7 @@ def run(
     threads: Annotated[int | None, typer.Option(help="CPU threads of the in-process model.")] = None,
     device: Annotated[str, typer.Option(help="Device of the in-process model: cpu, cuda or cuda:N.")] = "cpu",
     kv_memory: Annotated[bool | None, typer.Option("--kv-memory/--no-kv-memory", help="Keep the run's context as KV memory on the server: tool results compressed once read, dropped turns cut out of the KV without a new prefill (docs/memory.md). Default: on in process and with a longkv server.")] = None,
+    plan: Annotated[bool, typer.Option("--plan/--no-plan", help="Ask the model for a short plan first and again after a loop. --no-plan goes straight to the tools.")] = True,
     recall: Annotated[bool | None, typer.Option("--recall/--no-recall", help="Number the tool results (\\[result N]) and offer the recall tool, which shows old ones again word for word after its KV was compressed or its turn left the context. Default: on with KV memory.")] = None,
     runs_dir: RunsDirOpt = None,
     as_json: JsonOpt = False,
@@ -128,7 +129,7 @@ def run(
     agent = Agent(model=model, server=server, model_id=model_id, workdir=workdir, max_steps=max_steps, max_tokens=max_tokens,
                   max_seconds=max_seconds, sandbox=not no_sandbox, runs_dir=runs_dir, context_window=context_window,
                   reply_tokens=reply_tokens, observation_chars=observation_chars, temperature=temperature, threads=threads,
-                  device=device, kv_memory=kv_memory, recall=recall, on_loading=None if quiet else _loading)  # fmt: skip
+                  device=device, kv_memory=kv_memory, recall=recall, plan=plan, on_loading=None if quiet else _loading)  # fmt: skip
     with agent:
         result = agent.run(task, on_event=_progress(quiet))
     _finish(result, as_json)

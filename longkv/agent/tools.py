@@ -552,9 +552,9 @@ class Toolbox:
     tools: dict[str, Tool] = field(default_factory=dict)
 
     @classmethod
-    def of(cls, extra: list[Tool] | tuple[Tool, ...] = (), with_recall: bool = False) -> Toolbox:
-        """The built-ins (plus :func:`recall` when ``with_recall``), then ``extra``."""
-        box = cls({t.name: t for t in (*BUILTIN, *((recall,) if with_recall else ()))})
+    def of(cls, extra: list[Tool] | tuple[Tool, ...] = (), with_recall: bool = False, with_plan: bool = True) -> Toolbox:
+        """The built-ins (plus :func:`recall` when ``with_recall``, less :func:`plan` unless ``with_plan``), then ``extra``."""
+        box = cls({t.name: t for t in (*BUILTIN, *((recall,) if with_recall else ())) if with_plan or t.name != "plan"})
         for t in extra:
             if not isinstance(t, Tool):
                 raise LongKVError(f"{t!r} is not a tool: decorate the function with @longkv.agent.tool")
