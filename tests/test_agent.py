@@ -345,24 +345,26 @@ def test_a_loop_is_dropped_hinted_and_replanned(work: Path, tmp_path: Path) -> N
 
 
 def test_a_call_that_only_repeats_the_last_one_is_not_run_and_its_tool_sits_out_a_step(work: Path, tmp_path: Path) -> None:
-    """A call equal to the one just before (or to the one before that, both read-only, with a read-only call
-    between) is not run again: its result says which result it repeats, and a longkv server's next request may
-    not call that tool (allowed_tools). An edit repeated word for word is not applied twice."""
+    """A call equal to the one just before, or to the one before that when neither it nor the call between
+    changed a file, is not run again: its result says which result it repeats, and a longkv server's next
+    request may not call that tool (allowed_tools). An edit repeated word for word is not applied twice; once a
+    file was written between them, the same call runs again."""
     (work / "a.txt").write_text("alpha\n")
     read, edit = ("read_file", {"path": "a.txt"}), ("edit_file", {"path": "a.txt", "old": "alpha", "new": "alpha alpha"})
-    calls = [("plan", {"plan": "1. read\n2. edit"}), read, read, ("search", {"pattern": "alpha"}), read, edit, edit,
-             ("finish", {"answer": "done"})]  # fmt: skip
+    calls = [("plan", {"plan": "1. read\n2. edit"}), read, read, ("search", {"pattern": "alpha"}), read, edit, edit, read,
+             ("write_file", {"path": "b.txt", "content": "b\n"}), read, ("finish", {"answer": "done"})]  # fmt: skip
     server = FakeServer(scripted(calls), longkv=True)
     with _agent(server, work, tmp_path) as agent:
         res = agent.run("Double the word in a.txt")
     server.close()
-    assert (res.status, res.steps, server.errors) == ("finished", 8, [])
+    assert (res.status, res.steps, server.errors) == ("finished", 11, [])
     assert (work / "a.txt").read_text() == "alpha alpha\n"  # edited once
-    results = tool_results(server.requests[-1]["messages"])
-    note = "and nothing has changed since, so its result would be the same. Use that result: call another tool, or finish with your answer."
+    results = tool_results(server.requests[-1]["messages"])  # [result 2] on (the plan's result is not in the context)
+    note = "and no file has changed since: it would only repeat that result. Use that result: call another tool, or finish with your answer."
     assert results[1] == f"[result 3]\nnot run: this is the same call as result 2, {note}"
-    assert results[3] == f"[result 5]\nnot run: this is the same call as result 2, {note}"  # read, search, read: nothing between wrote
+    assert results[3] == f"[result 5]\nnot run: this is the same call as result 2, {note}"  # read, search, read: nothing written
     assert results[5] == f"[result 7]\nnot run: this is the same call as result 6, {note}"
+    assert results[6] == results[8].replace("[result 10]", "[result 8]") == "[result 8]\n    1  alpha alpha"  # b.txt written between
 
     def offered(r: dict) -> list[str]:
         return [t["function"]["name"] for t in r["tool_choice"]["allowed_tools"]["tools"]]
@@ -376,7 +378,7 @@ def test_a_call_that_only_repeats_the_last_one_is_not_run_and_its_tool_sits_out_
     log = RunLog(tmp_path / "runs")
     st = RunState.replay(log.events(res.run))
     log.close()
-    assert st.repeats == {3: 2, 5: 2, 7: 6} and st.barred is None
+    assert (st.repeats, st.wrote, st.barred) == ({3: 2, 5: 2, 7: 6}, {6, 9}, None)
 
 
 def test_without_plan_the_run_goes_straight_to_the_tools(work: Path, tmp_path: Path) -> None:

@@ -9,8 +9,8 @@ makes :meth:`Agent.resume` exact after a crash, a kill -9 or a reboot.
 Stop rules, each ending with a best-effort final answer (one last request that
 must call ``finish``), never a bare exception: the step cap (default 40), the
 token cap, the time cap, and three replies in a row with no tool call (empty, or cut off). A call that
-only repeats the last one (or the one before it, both read-only) is not run again, and its tool sits out
-the next step. Loops (the same call with the same result three times, or the same error three times) are
+only repeats the last one (or the one before it, neither changing a file) is not run again, and its tool
+sits out the next step. Loops (the same call with the same result three times, or the same error three times) are
 recovered: the repeats leave the context, a hint is added, the temperature goes up for a
 few requests and the next request must update the plan.
 """
@@ -387,11 +387,6 @@ class Agent:
             ext = {"session": run_id, "memory": {"save": self._local is not None and st.steps % SAVE_EVERY == 0}}
         return self.client.complete(msgs, tools, wire, temperature, st.options["reply_tokens"], seed=st.steps, longkv=ext)
 
-    def _read_only(self, sig: str) -> bool:
-        """Whether the call with signature ``sig`` only reads (its tool is idempotent)."""
-        tool = self.toolbox.tools.get(sig.split("(", 1)[0])
-        return bool(tool and tool.idempotent)
-
     def _after_reply(self, run_id: str, st: RunState, reply: Reply, on_event: Callable[[Event], None] | None) -> None:
         calls = [{"id": c.id, "name": c.name, "arguments": c.arguments} for c in reply.tool_calls]
         self._emit(run_id, st, "reply", {"step": st.steps + 1, "content": reply.content, "tool_calls": calls, "finish_reason": reply.finish_reason,
@@ -423,7 +418,7 @@ class Agent:
             out = (f"interrupted: the run stopped while this call was running, and it was not run again. "
                    f"Files changed since it started: {what}. Check the state before repeating it.")  # fmt: skip
             self._emit(run_id, st, "tool_result", {**base, "arguments": {}, "output": out, "context": out, "error": True,
-                                                   "interrupted": True, "seconds": 0.0}, on_event)  # fmt: skip
+                                                   "interrupted": True, "changed": len(changed), "seconds": 0.0}, on_event)  # fmt: skip
             return
         try:
             args = json.loads(call.arguments or "{}")
@@ -443,15 +438,15 @@ class Agent:
                    "You will be asked to rewrite the plan if the work gets stuck")  # fmt: skip
         if err is not None:
             self._emit(run_id, st, "tool_result", {**base, "arguments": args, "output": f"error: {err}", "context": f"error: {err}",
-                                                   "error": True, "seconds": 0.0}, on_event)  # fmt: skip
+                                                   "error": True, "changed": 0, "seconds": 0.0}, on_event)  # fmt: skip
             return
-        repeat = st.repeat_of(sig, self._read_only) if call.name not in ("plan", "finish") else None
+        repeat = st.repeat_of(sig) if call.name not in ("plan", "finish") else None
         if repeat is not None:  # a small model repeats its last call word for word: say so, and bar the tool for a step
-            which = f"result {repeat}" if st.options.get("recall") else "the call before"
-            out = (f"not run: this is the same call as {which}, and nothing has changed since, so its result would be the "
-                   f"same. Use that result: call another tool, or finish with your answer.")  # fmt: skip
+            which = f"result {repeat}" if st.options.get("recall") else "an earlier call"
+            out = (f"not run: this is the same call as {which}, and no file has changed since: it would only repeat "
+                   f"that result. Use that result: call another tool, or finish with your answer.")  # fmt: skip
             self._emit(run_id, st, "tool_result", {**base, "arguments": args, "output": out, "context": out, "error": True,
-                                                   "repeat": repeat, "seconds": 0.0}, on_event)  # fmt: skip
+                                                   "repeat": repeat, "changed": 0, "seconds": 0.0}, on_event)  # fmt: skip
             return
         assert tool is not None
         start = {"id": call.id, "name": call.name, "arguments": args, "idempotent": tool.idempotent}
@@ -468,8 +463,9 @@ class Agent:
         except Exception as exc:  # a tool's own bug: the model hears of it, the run goes on
             output, error = f"error: {call.name} failed ({type(exc).__name__}: {exc})", True
         seconds = time.perf_counter() - t0
+        written = len(changes(start["snapshot"], snapshot(self.workdir))) if not tool.idempotent else 0
         self._emit(run_id, st, "tool_result", {**base, "arguments": args, "output": output, "context": bound(output, limit),
-                                               "error": error, "seconds": round(seconds, 4)}, on_event)  # fmt: skip
+                                               "error": error, "changed": written, "seconds": round(seconds, 4)}, on_event)  # fmt: skip
         if call.name == "finish" and not error:
             self._emit(run_id, st, "end", {"status": "stopped" if st.final_request else "finished", "answer": output,
                                            "reason": st.final_request or "finish"}, on_event)  # fmt: skip

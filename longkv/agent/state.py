@@ -24,7 +24,6 @@ import contextlib
 import hashlib
 import json
 import re
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -89,6 +88,7 @@ class RunState:
     files_seen: set[str] = field(default_factory=set)  # path arguments of read_file/write_file/edit_file calls that worked
     repeats: dict[int, int] = field(default_factory=dict)  # result number of a call not run again -> the result it repeats
     interrupted: set[int] = field(default_factory=set)  # result numbers of calls cut off by a crash (a repeat of one runs)
+    wrote: set[int] = field(default_factory=set)  # result numbers of calls that changed a workdir file
     barred: str | None = None  # a tool the next request may not call: its last call only repeated an earlier one
 
     def goes_on(self, message: str | None, max_steps: int | None) -> bool:
@@ -163,6 +163,8 @@ class RunState:
                 self.barred = d["name"]
             if d.get("interrupted"):
                 self.interrupted.add(len(self.results))
+            if d.get("changed", 1):  # a log from before this field: the call may have written
+                self.wrote.add(len(self.results))
             if d["name"] in SEES_FILES and not d["error"] and isinstance(d["arguments"].get("path"), str):
                 self.files_seen.add(d["arguments"]["path"])
             content = f"{result_header(len(self.results))}{d['context']}" if self.options.get("recall") else d["context"]
@@ -189,17 +191,17 @@ class RunState:
             self.status, self.answer, self.reason = d["status"], d.get("answer"), d.get("reason")
             self.pending = []
 
-    def repeat_of(self, sig: str, read_only: Callable[[str], bool]) -> int | None:
+    def repeat_of(self, sig: str) -> int | None:
         """The number of the earlier result a call with signature ``sig`` would only repeat, or None.
 
         A call repeats the last result's call when it is the same call (nothing ran between them), or the one
-        before the last when both it and the call between are read-only (``read_only(signature)``: idempotent
-        tools). A repeat of a repeat names the first result; a call cut off by a crash may be made again."""
+        before the last when neither that call nor the one between changed a file (the same call on the same
+        files). A repeat of a repeat names the first result; a call cut off by a crash may be made again."""
         n = len(self.results)
         hit = None
         if n and self.results[-1][0] == sig:
             hit = n
-        elif n >= 2 and self.results[-2][0] == sig and read_only(sig) and read_only(self.results[-1][0]):
+        elif n >= 2 and self.results[-2][0] == sig and not {n - 1, n} & self.wrote:
             hit = n - 1
         return self.repeats.get(hit, hit) if hit and hit not in self.interrupted else None
 
