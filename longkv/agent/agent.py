@@ -449,9 +449,10 @@ class Agent:
                                                    "repeat": repeat, "changed": 0, "seconds": 0.0}, on_event)  # fmt: skip
             return
         assert tool is not None
-        start = {"id": call.id, "name": call.name, "arguments": args, "idempotent": tool.idempotent}
-        if not tool.idempotent:
-            start["snapshot"] = snapshot(self.workdir)
+        start: dict[str, Any] = {"id": call.id, "name": call.name, "arguments": args, "idempotent": tool.idempotent}
+        before = None if tool.idempotent else snapshot(self.workdir)
+        if before is not None:
+            start["snapshot"] = before
         self._emit(run_id, st, "tool_start", start, on_event)
         t0 = time.perf_counter()
         limit = max(500, min(st.options["observation_chars"], (self.window - st.options["reply_tokens"]) // 4))
@@ -463,7 +464,7 @@ class Agent:
         except Exception as exc:  # a tool's own bug: the model hears of it, the run goes on
             output, error = f"error: {call.name} failed ({type(exc).__name__}: {exc})", True
         seconds = time.perf_counter() - t0
-        written = len(changes(start["snapshot"], snapshot(self.workdir))) if not tool.idempotent else 0
+        written = len(changes(before, snapshot(self.workdir))) if before is not None else 0
         self._emit(run_id, st, "tool_result", {**base, "arguments": args, "output": output, "context": bound(output, limit),
                                                "error": error, "changed": written, "seconds": round(seconds, 4)}, on_event)  # fmt: skip
         if call.name == "finish" and not error:
