@@ -33,6 +33,7 @@ from longkv.agent.tools import (
     Toolbox,
     bash,
     edit_file,
+    is_step_list,
     python,
     rank_results,
     read_file,
@@ -405,6 +406,45 @@ def test_without_plan_the_run_goes_straight_to_the_tools(work: Path, tmp_path: P
     log = RunLog(tmp_path / "runs")
     assert RunState.replay(log.events(res.run)).options["plan"] is False
     log.close()
+
+
+def test_a_plan_that_is_not_a_list_of_steps_is_not_kept_and_the_run_goes_on_without_one(work: Path, tmp_path: Path) -> None:
+    """A plan call whose text lists no steps (a paragraph: the task in other words) leaves the context with its
+    refusal, no plan is asked for again (not after a loop either), and the loop hint asks for another approach."""
+    (work / "a.txt").write_text("x\n")
+    planned: list[int] = []
+
+    def script(msgs: list[dict]) -> dict:
+        if any("Repeating it will not help" in (m.get("content") or "") for m in msgs):
+            return {"calls": [("finish", {"answer": "x"})]}
+        if msgs[-1]["role"] == "user" and msgs[-1]["content"] == "Find x" and not planned:
+            planned.append(1)
+            return {"calls": [("plan", {"plan": "Find x in the files and say where it is."})]}
+        return {"calls": [("search", {"pattern": "x"})]}
+
+    server = FakeServer(script)
+    with _agent(server, work, tmp_path) as agent:
+        res = agent.run("Find x")
+    server.close()
+    assert (res.status, res.answer) == ("finished", "x")
+    plan = {"type": "function", "function": {"name": "plan"}}
+    assert [r["tool_choice"] for r in server.requests] == [plan] + ["required"] * (len(server.requests) - 1)
+    second = server.requests[1]["messages"]
+    assert [m["role"] for m in second] == ["system", "user"]  # the refused plan call left the context, no plan shown
+    hint = server.requests[-1]["messages"][-1]["content"]
+    assert hint.endswith("Repeating it will not help. Step back: try a different approach (another tool, other arguments, or check your assumptions).")
+    log = RunLog(tmp_path / "runs")
+    refused = next(e.data for e in log.events(res.run) if e.kind == "tool_result")
+    st = RunState.replay(log.events(res.run))
+    log.close()
+    assert refused["output"] == "not kept: a plan is a numbered list of steps. Go on with the other tools, one call at a time."
+    assert st.planless and st.plan == ""
+
+
+def test_is_step_list_wants_two_numbered_or_bulleted_lines() -> None:
+    assert is_step_list("1. read a.txt\n2. fix it") and is_step_list("1) a\n 2) b") and is_step_list("- a\n- b") and is_step_list("1.Open\n2.Close")
+    assert not is_step_list("Rename the function and update every caller.") and not is_step_list("1. only one step")
+    assert not is_step_list("1.5 is a number\n2.0 too")
 
 
 def test_the_plan_comes_first_and_an_unasked_plan_call_is_answered_with_act(work: Path, tmp_path: Path) -> None:

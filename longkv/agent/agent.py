@@ -28,7 +28,7 @@ from typing import Any
 from longkv.agent.client import ChatClient, LocalServer, ModelError, Reply, local_server
 from longkv.agent.runlog import Event, RunLog
 from longkv.agent.state import Pending, RunState, message_bytes, signature
-from longkv.agent.tools import Tool, Toolbox, ToolContext, ToolError
+from longkv.agent.tools import Tool, Toolbox, ToolContext, ToolError, is_step_list
 from longkv.agent.workdir import changes, snapshot
 from longkv.errors import LongKVError
 
@@ -359,7 +359,7 @@ class Agent:
         temperature = HOT_TEMPERATURE if st.hot else st.options["temperature"]
         if st.final_request:
             choice: Any = {"type": "function", "function": {"name": "finish"}}
-        elif "plan" in self.toolbox and (st.replan or not st.plan):  # the plan step comes first, and after a loop
+        elif "plan" in self.toolbox and not st.planless and (st.replan or not st.plan):  # the plan step comes first, and after a loop
             choice = PLAN_CHOICE
         else:
             choice = "required"
@@ -440,6 +440,13 @@ class Agent:
             self._emit(run_id, st, "tool_result", {**base, "arguments": args, "output": f"error: {err}", "context": f"error: {err}",
                                                    "error": True, "changed": 0, "seconds": 0.0}, on_event)  # fmt: skip
             return
+        if err is None and call.name == "plan" and not is_step_list(str(args.get("plan", ""))):
+            # Qwen2.5-Coder-0.5B wrote its "plan" as the task or a tool's description in other words, and then
+            # followed that paragraph: such a plan is not kept, and the run goes on without one
+            out = "not kept: a plan is a numbered list of steps. Go on with the other tools, one call at a time."
+            self._emit(run_id, st, "tool_result", {**base, "arguments": args, "output": out, "context": out, "error": True,
+                                                   "planless": True, "changed": 0, "seconds": 0.0}, on_event)  # fmt: skip
+            return
         repeat = st.repeat_of(sig) if call.name not in ("plan", "finish") else None
         if repeat is not None:  # a small model repeats its last call word for word: say so, and bar the tool for a step
             which = f"result {repeat}" if st.options.get("recall") else "an earlier call"
@@ -486,9 +493,10 @@ class Agent:
         if planning:  # re-planning is the loop: push to act instead
             hint = f"You {what}. The plan is set: now carry out its first step that is not done, with bash, read_file or another tool."
         else:
+            replan = "plan" in self.toolbox and not st.planless
             hint = (f"You {what}. Repeating it will not help. Step back: "
-                    f"{'update the plan with plan, then ' if 'plan' in self.toolbox else ''}"
+                    f"{'update the plan with plan, then ' if replan else ''}"
                     f"try a different approach (another tool, other arguments, or check your assumptions).")  # fmt: skip
         self._emit(run_id, st, "loop", {"kind": "call" if same_call else "error", "signature": c[0], "drop_steps": steps, "hot": 3,
-                                        "replan": not planning and "plan" in self.toolbox}, on_event)  # fmt: skip
+                                        "replan": not planning and replan}, on_event)  # fmt: skip
         self._emit(run_id, st, "note", {"content": hint, "source": "loop"}, on_event)

@@ -89,6 +89,7 @@ class RunState:
     repeats: dict[int, int] = field(default_factory=dict)  # result number of a call not run again -> the result it repeats
     interrupted: set[int] = field(default_factory=set)  # result numbers of calls cut off by a crash (a repeat of one runs)
     wrote: set[int] = field(default_factory=set)  # result numbers of calls that changed a workdir file
+    planless: bool = False  # a plan call was not a list of steps: the run goes on without a plan
     barred: str | None = None  # a tool the next request may not call: its last call only repeated an earlier one
 
     def goes_on(self, message: str | None, max_steps: int | None) -> bool:
@@ -172,6 +173,10 @@ class RunState:
             if d["name"] == "plan" and not d["error"]:
                 self.plan = d["arguments"].get("plan", self.plan)
                 if len(turn.calls) == 1:  # the plan is shown in the front: the call itself would only be copied
+                    turn.folded = True
+            if d.get("planless"):
+                self.planless = True
+                if len(turn.calls) == 1:  # the call and its refusal leave the context: as if no plan had been asked for
                     turn.folded = True
             self.history.append((d["signature"], hashlib.sha1(seen.encode()).hexdigest(), d["error"]))
         elif k == "note":

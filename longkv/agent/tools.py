@@ -468,6 +468,14 @@ def plan(ctx: ToolContext, plan: str) -> str:
     return "plan updated"
 
 
+_STEP = re.compile(r"^\s*(?:\d+[.):](?!\d)|[-*\u2022])\s*\S", re.M)
+
+
+def is_step_list(text: str) -> bool:
+    """Whether ``text`` lists at least two steps, one per line, numbered (``1.``, ``2)``) or bulleted (``-``)."""
+    return len(_STEP.findall(text)) >= 2
+
+
 @tool
 def finish(ctx: ToolContext, answer: str) -> str:
     """Finish the task and give the final answer (what was done, or the value asked for).
