@@ -441,9 +441,10 @@ def test_a_plan_that_is_not_a_list_of_steps_is_not_kept_and_the_run_goes_on_with
     assert st.planless and st.plan == ""
 
 
-def test_is_step_list_wants_two_numbered_or_bulleted_lines() -> None:
+def test_is_step_list_wants_a_numbered_or_bulleted_line() -> None:
     assert is_step_list("1. read a.txt\n2. fix it") and is_step_list("1) a\n 2) b") and is_step_list("- a\n- b") and is_step_list("1.Open\n2.Close")
-    assert not is_step_list("Rename the function and update every caller.") and not is_step_list("1. only one step")
+    assert is_step_list("1. one step") and is_step_list("First:\n  1. read")
+    assert not is_step_list("Rename the function and update every caller.") and not is_step_list("add_tag('a') 2. add_tag('b')")
     assert not is_step_list("1.5 is a number\n2.0 too")
 
 

@@ -472,8 +472,8 @@ _STEP = re.compile(r"^\s*(?:\d+[.):](?!\d)|[-*\u2022])\s*\S", re.M)
 
 
 def is_step_list(text: str) -> bool:
-    """Whether ``text`` lists at least two steps, one per line, numbered (``1.``, ``2)``) or bulleted (``-``)."""
-    return len(_STEP.findall(text)) >= 2
+    """Whether ``text`` lists steps: a line that starts numbered (``1.``, ``2)``) or bulleted (``-``)."""
+    return _STEP.search(text) is not None
 
 
 @tool
