@@ -3,6 +3,8 @@ window, the run log, resume after kill -9, and the CLI."""
 
 from __future__ import annotations
 
+import functools
+import http.server
 import io
 import itertools
 import json
@@ -13,6 +15,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -716,6 +719,22 @@ def test_the_window_comes_from_the_server(work: Path, tmp_path: Path) -> None:
     blind.close()
     with pytest.raises(LongKVError, match="cannot reach .*: start the server"):
         Agent(server="http://127.0.0.1:9/v1", workdir=work, runs_dir=tmp_path / "runs", sandbox=False)
+    for bad in ("notaurl", "127.0.0.1:8000/v1", "ftp://host/v1"):
+        with pytest.raises(LongKVError, match=f"the server URL '{re.escape(bad)}' is not an http\\(s\\) URL: give its API base, e.g. http://127.0.0.1:8000/v1"):
+            Agent(server=bad, workdir=work, runs_dir=tmp_path / "runs", sandbox=False)
+    empty = tmp_path / "www"
+    empty.mkdir()
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(empty)))
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{httpd.server_address[1]}"
+    with pytest.raises(LongKVError, match=re.escape(f"{base}/models is not found (HTTP 404): give the API's base URL, which for "
+                                                    f"longkv serve, vLLM and llama.cpp ends in /v1 (e.g. {base}/v1)")):  # fmt: skip
+        Agent(server=base, workdir=work, runs_dir=tmp_path / "runs", sandbox=False)
+    httpd.shutdown()
+    named = FakeServer(lambda m: {"content": "ok"})
+    with pytest.raises(LongKVError, match=re.escape(f"{named.url}/models has no model 'nope': it serves fake; pass one of them to --model-id")):
+        Agent(server=named.url, model_id="nope", workdir=work, runs_dir=tmp_path / "runs", sandbox=False)
+    named.close()
     with pytest.raises(LongKVError, match="is not a folder"):
         Agent(server=server.url, workdir=work / "missing", runs_dir=tmp_path / "runs", sandbox=False)
 
@@ -878,6 +897,8 @@ def test_cli_a_run_stopped_at_a_limit_exits_3(work: Path, tmp_path: Path) -> Non
         (["run", "x", "--server", "URL", "--model", "m.gguf"], "--model and --server both given"),
         (["run", "@nofile.md", "--server", "URL"], "cannot read the task file 'nofile.md'"),
         (["run", "x", "--model", "missing.gguf", "--temperature", "-1"], "temperature must be 0 to 2, got -1.0"),  # before loading
+        (["run", "x", "--server", "URL", "--max-steps", "0"], "max_steps (--max-steps) must be at least 1, got 0"),
+        (["run", "x", "--server", "notaurl"], "the server URL 'notaurl' is not an http(s) URL"),
         (["resume", "nope"], "no run 'nope'"),
         (["show", "nope"], "no run 'nope'"),
         (["show", "--step", "2"], "--step needs a run: longkv agent show RUN --step N"),

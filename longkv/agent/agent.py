@@ -178,7 +178,7 @@ class Agent:
             raise LongKVError(f"workdir {self.workdir} is not a folder: create it or pass --workdir to an existing one")
         for name, value in (("max_steps", max_steps), ("max_tokens", max_tokens), ("reply_tokens", reply_tokens), ("observation_chars", observation_chars)):
             if value < 1:
-                raise LongKVError(f"{name} must be at least 1, got {value}")
+                raise LongKVError(f"{name} (--{name.replace('_', '-')}) must be at least 1, got {value}")
         if not 0.0 <= temperature <= 2.0:
             raise LongKVError(f"temperature must be 0 to 2, got {temperature}: 0 is greedy, 0.7 a usual sampling value")
         if max_seconds <= 0:
@@ -299,7 +299,7 @@ class Agent:
     def _cap(self, st: RunState) -> str | None:
         o = st.options
         if st.steps >= o["max_steps"]:
-            return f"The step limit ({o['max_steps']} model calls) is reached"
+            return f"The step limit ({o['max_steps']} model call{'s' if o['max_steps'] != 1 else ''}) is reached"
         if st.prompt_tokens + st.completion_tokens >= o["max_tokens"]:
             return f"The token limit ({o['max_tokens']} tokens) is reached"
         if st.seconds >= o["max_seconds"]:

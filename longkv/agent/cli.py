@@ -113,7 +113,7 @@ def run(
     longkv agent resume RUN goes on after a crash or a kill.
 
     Exit status: 0 when the model finished, 3 when the run stopped at a limit (its answer is
-    a best effort from what was learned), 1 when it failed; agent resume exits the same way.
+    a best effort from what was learned), 1 when it failed, 2 for a bad command line; agent resume exits the same way.
     """
     from longkv.agent.agent import Agent
 

@@ -14,6 +14,7 @@ import json
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,6 +69,9 @@ class ChatClient:
 
     def __init__(self, base_url: str, model: str | None = None, api_key: str = "none", timeout_s: float = 600.0,
                  window: int | None = None) -> None:  # fmt: skip
+        parts = urllib.parse.urlsplit(base_url)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise LongKVError(f"the server URL {base_url!r} is not an http(s) URL: give its API base, e.g. http://127.0.0.1:8000/v1")
         self.base_url = base_url.rstrip("/")
         self.api_key = api_key
         self.timeout_s = timeout_s
@@ -85,7 +89,7 @@ class ChatClient:
         except urllib.error.HTTPError as exc:
             detail = exc.read().decode(errors="replace")[:500]
             raise ModelError(f"HTTP {exc.code} from {self.base_url}{path}: {detail}") from None
-        except (urllib.error.URLError, OSError, TimeoutError) as exc:
+        except (urllib.error.URLError, OSError, TimeoutError, ValueError) as exc:
             raise ModelError(f"cannot reach {self.base_url}{path}: {getattr(exc, 'reason', exc)}") from None
         except json.JSONDecodeError as exc:
             raise ModelError(f"{self.base_url}{path} answered with something that is not JSON ({exc})") from None
@@ -94,6 +98,9 @@ class ChatClient:
         try:
             return list(self._request("GET", "/models").get("data") or [])
         except ModelError as exc:
+            if str(exc).startswith("HTTP 404"):  # a server is there, the API is not: most often the URL lacks /v1
+                raise LongKVError(f"{self.base_url}/models is not found (HTTP 404): give the API's base URL, which for "
+                                  f"longkv serve, vLLM and llama.cpp ends in /v1 (e.g. {self.base_url}/v1)") from None  # fmt: skip
             raise LongKVError(f"{exc}: start the server (longkv serve --model FILE) or pass --model FILE to run one here") from None
 
     @property
@@ -113,7 +120,11 @@ class ChatClient:
             LongKVError: the server is unreachable, or reports no window and none was given.
         """
         if self._window is None:
-            for m in self._models():
+            models = self._models()
+            ids = [str(m.get("id")) for m in models]
+            if self._model is not None and ids and self._model not in ids:
+                raise LongKVError(f"{self.base_url}/models has no model {self._model!r}: it serves {', '.join(ids)}; pass one of them to --model-id")
+            for m in models:
                 if self._model in (None, m.get("id")):
                     n = m.get("max_model_len") or m.get("context_length") or m.get("context_window")
                     if n:
