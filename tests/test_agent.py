@@ -576,6 +576,11 @@ def test_a_longkv_server_gets_the_run_as_a_kv_memory_session(work: Path, tmp_pat
     out = io.StringIO()
     render(log, res.run, False, None, Console(file=out, width=200))
     assert "KV edits" in out.getvalue() and f"{rows[5]['kv']} " in out.getvalue() and "compress 1" in out.getvalue()
+    narrow = io.StringIO()  # 80 columns: fewer columns, none cut short, every call named whole
+    render(log, res.run, False, None, Console(file=narrow, width=80))
+    head = next(line for line in narrow.getvalue().splitlines() if "step" in line)
+    assert head.split() == ["step", "prompt", "cached", "model", "s", "KV", "KV", "edits", "calls"] and "…" not in narrow.getvalue()
+    assert narrow.getvalue().count("bash (exit 0)") == len(sizes) and "KV edits: what the server did" in narrow.getvalue()
     log.close()
     assert not any("Earlier steps are not shown here" in (m.get("content") or "") for r in server.requests for m in r["messages"])
     plain = FakeServer(lambda msgs: {"content": "ok"})

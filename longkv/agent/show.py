@@ -76,6 +76,7 @@ def summary(info: RunInfo, events: list[Event]) -> dict[str, Any]:
 
 def render(log: RunLog, run_id: str | None, as_json: bool, step: int | None, console: Any) -> None:
     """Print a run (or, without ``run_id``, the latest runs) to ``console`` (a Rich console)."""
+    from rich import box
     from rich.markup import escape
     from rich.table import Table
 
@@ -122,18 +123,27 @@ def render(log: RunLog, run_id: str | None, as_json: bool, step: int | None, con
         print(json.dumps({**summ, "trajectory": rows}, indent=1, ensure_ascii=False))
         return
     memory = any("kv" in r for r in rows)
-    cols = ["step", "prompt", "cached", "new", "decode", "model s", "tool s", *(["KV", "KV edits"] if memory else []), "calls"]
-    t = Table(*cols, title=f"run {info.id}: {info.status}")
+    wide = console.width >= 120  # a narrower terminal gets the columns that matter (the totals are printed below)
+    cols = ["step", "prompt", "cached", *(["new", "decode"] if wide else []), "model s", *(["tool s"] if wide else []),
+            *(["KV", "KV edits"] if memory else [])]  # fmt: skip
+    t = Table(title=f"run {info.id}: {info.status}", box=box.SIMPLE_HEAD, pad_edge=False)
+    for c in cols:
+        t.add_column(c, no_wrap=True, justify="left" if c in ("step", "KV edits") else "right")
+    t.add_column("calls", ratio=1, overflow="fold")
     for r in rows:
         if "note" in r:
-            t.add_row(*[""] * (len(cols) - 1), f"[dim]{escape(r['note'][:100])}[/]")
+            t.add_row(*[""] * len(cols), f"[dim]{escape(r['note'][:100])}[/]")
             continue
         cut = f"{(r['truncated'].get('name') or 'call')} (cut off)" if r.get("truncated") else ""
         calls = ", ".join(f"{c['name']} ({c['status']})" for c in r["calls"]) or escape(r["text"][:60].replace("\n", " ") or cut)
         kv = [str(r.get("kv", "")), ", ".join(f"{k} {n}" for k, n in (r.get("edits") or {}).items())] if memory else []
-        t.add_row(str(r["step"]), str(r["prompt"]), str(r["cached"]), str(r["new"]), str(r["decode"]), f"{r['model_s']:.2f}",
-                  f"{r['tool_s']:.2f}", *kv, calls)  # fmt: skip
+        extra = [str(r["new"]), str(r["decode"])] if wide else []
+        t.add_row(str(r["step"]), str(r["prompt"]), str(r["cached"]), *extra, f"{r['model_s']:.2f}", *([f"{r['tool_s']:.2f}"] if wide else []),
+                  *kv, calls)  # fmt: skip
     console.print(t)
+    if memory:
+        console.print("[dim]KV: the session's KV tokens after the step; KV edits: what the server did to them "
+                      "(compress, stub, cut, drop, align; docs/memory.md)[/]")  # fmt: skip
     console.print(f"task: {escape(info.task[:300])}")
     console.print(f"answer: {escape(str(info.answer or ''))[:500]}" + (f"  [dim]({escape(info.reason or '')})[/]" if info.reason else ""))
     console.print(f"{summ['steps']} steps, {summ['prompt_tokens']} prompt tokens ({summ['cache_hit']:.1%} from the prefix cache, "
