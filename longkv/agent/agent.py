@@ -412,13 +412,17 @@ class Agent:
         sig = signature(call.name, call.arguments)
         base = {"id": call.id, "name": call.name, "signature": sig}
         tool = self.toolbox.tools.get(call.name)
+
+        def not_run(out: str, arguments: dict[str, Any], **flags: Any) -> None:  # the result of a call that does not run
+            self._emit(run_id, st, "tool_result", {**base, "arguments": arguments, "output": out, "context": out, "error": True,
+                                                   "changed": 0, **flags, "seconds": 0.0}, on_event)  # fmt: skip
+
         if call.started is not None and not (tool and tool.idempotent):  # cut off mid-way by a crash: never re-run
             changed = changes(call.started.get("snapshot") or {}, snapshot(self.workdir))
             what = ", ".join(changed[:30]) + (f" and {len(changed) - 30} more" if len(changed) > 30 else "") if changed else "none"
             out = (f"interrupted: the run stopped while this call was running, and it was not run again. "
                    f"Files changed since it started: {what}. Check the state before repeating it.")  # fmt: skip
-            self._emit(run_id, st, "tool_result", {**base, "arguments": {}, "output": out, "context": out, "error": True,
-                                                   "interrupted": True, "changed": len(changed), "seconds": 0.0}, on_event)  # fmt: skip
+            not_run(out, {}, interrupted=True, changed=len(changed))
             return
         try:
             args = json.loads(call.arguments or "{}")
@@ -437,23 +441,19 @@ class Agent:
             err = ("the plan is set (it is at the top of your context): carry out its next step with another tool. "
                    "You will be asked to rewrite the plan if the work gets stuck")  # fmt: skip
         if err is not None:
-            self._emit(run_id, st, "tool_result", {**base, "arguments": args, "output": f"error: {err}", "context": f"error: {err}",
-                                                   "error": True, "changed": 0, "seconds": 0.0}, on_event)  # fmt: skip
+            not_run(f"error: {err}", args)
             return
-        if err is None and call.name == "plan" and not is_step_list(str(args.get("plan", ""))):
+        if call.name == "plan" and not is_step_list(str(args.get("plan", ""))):
             # Qwen2.5-Coder-0.5B wrote its "plan" as the task or a tool's description in other words, and then
             # followed that paragraph: such a plan is not kept, and the run goes on without one
-            out = "not kept: a plan is a numbered list of steps. Go on with the other tools, one call at a time."
-            self._emit(run_id, st, "tool_result", {**base, "arguments": args, "output": out, "context": out, "error": True,
-                                                   "planless": True, "changed": 0, "seconds": 0.0}, on_event)  # fmt: skip
+            not_run("not kept: a plan is a numbered list of steps. Go on with the other tools, one call at a time.", args, planless=True)
             return
         repeat = st.repeat_of(sig) if call.name not in ("plan", "finish") else None
         if repeat is not None:  # a small model repeats its last call word for word: say so, and bar the tool for a step
             which = f"result {repeat}" if st.options.get("recall") else "an earlier call"
             out = (f"not run: this is the same call as {which}, and no file has changed since: it would only repeat "
                    f"that result. Use that result: call another tool, or finish with your answer.")  # fmt: skip
-            self._emit(run_id, st, "tool_result", {**base, "arguments": args, "output": out, "context": out, "error": True,
-                                                   "repeat": repeat, "changed": 0, "seconds": 0.0}, on_event)  # fmt: skip
+            not_run(out, args, repeat=repeat)
             return
         assert tool is not None
         start: dict[str, Any] = {"id": call.id, "name": call.name, "arguments": args, "idempotent": tool.idempotent}
