@@ -29,7 +29,7 @@ from longkv.agent.cli import gist
 from longkv.agent.runlog import RunLog
 from longkv.agent.sandbox import Limits, Sandbox, sandbox_problem
 from longkv.agent.show import render, steps, summary
-from longkv.agent.state import PLAN_NEXT, RunState, partial_answer
+from longkv.agent.state import PLAN_NEXT, RunState, partial_string
 from longkv.agent.tools import (
     READ_CHARS,
     READ_LINES,
@@ -44,6 +44,7 @@ from longkv.agent.tools import (
     search,
     write_file,
 )
+from longkv.agent.workdir import listing
 from longkv.errors import LongKVError
 
 SANDBOX = sandbox_problem() is None
@@ -150,23 +151,90 @@ def test_bash_and_python_name_the_files_they_changed(work: Path) -> None:
     assert python.call(ctx, {"code": "open('new.txt', 'w').write('2')\nprint('ok')"}) == "ok\n[exit code 0]\n[files changed: new.txt (modified)]"
 
 
-def test_text_pasted_with_read_files_line_numbers_is_refused(work: Path) -> None:
-    """write_file content, or an edit's new text, whose lines all start with consecutive numbers as read_file shows
-    them is refused with the file unchanged; an edit whose old text has them (so does not match) is told why."""
+def test_shell_mistakes_get_a_hint(work: Path) -> None:
+    """bash: a tool name or an interactive editor run as a command (exit 127) gets a line that says what to do
+    instead; another missing command gets none. python: a shell command sent as code is refused, not run."""
+    ctx = ToolContext(work, Sandbox(work, Limits(wall_s=30), enabled=SANDBOX))
+    (work / "a.txt").write_text("x\n")
+    out = bash.call(ctx, {"command": "read_file a.txt"})
+    assert out.endswith("[exit code 127]\n[read_file is one of your tools, not a shell command: call the read_file tool itself]")
+    out = bash.call(ctx, {"command": "nano a.txt"})
+    assert out.endswith("[exit code 127]\n[there is no interactive editor here: change files with edit_file or write_file]")
+    assert bash.call(ctx, {"command": "no_such_program_xyz"}).endswith("command not found\n[exit code 127]")
+    with pytest.raises(ToolError, match=r"python: 'python report.py' is a shell command, not Python: run it with the bash tool"):
+        python.call(ctx, {"code": "python report.py"})
+    assert python.call(ctx, {"code": "ls = [1]\nprint(ls)"}) == "[1]\n[exit code 0]"  # a shell word that is Python here
+
+
+def test_the_task_message_lists_the_workdir(work: Path, tmp_path: Path) -> None:
+    """The task message ends with the workdir's files (shallow first, at most 40, then how many more, tools' caches
+    left out); an empty workdir says so; a resumed run sends the listing of its start, not a new one."""
+    (work / "src").mkdir()
+    (work / "src/app.py").write_text("x = 1\n")
+    (work / "README.md").write_text("hi\n")
+    (work / ".git").mkdir()
+    (work / ".git/HEAD").write_text("ref\n")
+    assert listing(work) == "Files in the working folder (2): README.md, src/app.py."
+    for i in range(45):
+        (work / f"f{i:02d}.txt").write_text("")
+    many = listing(work)
+    assert many.startswith("Files in the working folder (47): README.md, f00.txt,") and many.endswith("f38.txt, and 7 more.")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert listing(empty) == "The working folder is empty."
+    server = FakeServer(lambda msgs: {"calls": [("finish", {"answer": "ok"})]})
+    with _agent(server, empty, tmp_path) as agent:
+        res = agent.run("Say ok")
+    server.close()
+    assert server.requests[0]["messages"][1]["content"] == "Say ok\n\nThe working folder is empty."
+    (empty / "late.txt").write_text("")
+    assert RunState.replay(RunLog(tmp_path / "runs").events(res.run)).front()[1]["content"] == "Say ok\n\nThe working folder is empty."
+
+
+def test_text_pasted_with_read_files_line_numbers_loses_the_numbers(work: Path) -> None:
+    """write_file content, or an edit's old or new text, whose lines all start with increasing numbers as read_file
+    shows them (some lines may be left out) is taken without the numbers when the file's own lines have none, and
+    the result says so; a new file is not written from such a paste; numbers that are data stay."""
     ctx = ToolContext(work, None)
     (work / "inventory.csv").write_text("sku,qty\nA100,120\n")
     read_file.call(ctx, {"path": "inventory.csv"})
-    pasted = "1  sku,qty\n2  A100,120\n3  B205,40\n"
-    with pytest.raises(ToolError, match=r"write_file: inventory.csv was not changed: content starts its lines with read_file's line numbers"):
-        write_file.call(ctx, {"path": "inventory.csv", "content": pasted})
-    with pytest.raises(ToolError, match=r"edit_file: inventory.csv was not changed: new starts its lines with read_file's line numbers"):
-        edit_file.call(ctx, {"path": "inventory.csv", "old": "A100,120", "new": "    2  A100,120\n    3  B205,40"})
-    with pytest.raises(ToolError, match=r"edit_file: inventory.csv was not changed: old starts its lines"):
-        edit_file.call(ctx, {"path": "inventory.csv", "old": "    1  sku,qty\n    2  A100,120", "new": "x"})
-    assert (work / "inventory.csv").read_text() == "sku,qty\nA100,120\n"
-    # numbers that are data, not read_file's: one line, or not consecutive, or not on every line
-    for text in ("1  apple\n", "10  a\n12  b\n", "1  a\nb\n2  c\n", "1 a\n2 b\n"):
-        assert write_file.call(ctx, {"path": "inventory.csv", "content": text}).startswith("wrote")
+    out = write_file.call(ctx, {"path": "inventory.csv", "content": "1  sku,qty\n2  A100,120\n3  B205,40\n"})
+    assert out == "wrote inventory.csv (3 lines, 25 bytes); read_file's line numbers were removed from what you sent"
+    assert (work / "inventory.csv").read_text() == "sku,qty\nA100,120\nB205,40\n"
+    # a line left out of the paste (the one to delete), numbers padded as read_file pads them, a blank line's number alone
+    write_file.call(ctx, {"path": "inventory.csv", "content": "    1  sku,qty\n    3  B205,40\n    4\n    5      C7,1"})
+    assert (work / "inventory.csv").read_text() == "sku,qty\nB205,40\n\n    C7,1"
+    out = edit_file.call(ctx, {"path": "inventory.csv", "old": "    2  B205,40", "new": "    2  B205,41\n    3  D1,2"})
+    assert out.endswith("; read_file's line numbers were removed from what you sent") and out.startswith("edited inventory.csv at line 2")
+    assert (work / "inventory.csv").read_text() == "sku,qty\nB205,41\nD1,2\n\n    C7,1"
+    with pytest.raises(ToolError, match=r"write_file: fresh.csv was not written: content starts its lines with line numbers"):
+        write_file.call(ctx, {"path": "fresh.csv", "content": "1  a\n2  b\n"})
+    assert not (work / "fresh.csv").exists()
+    # numbers that are data: one line, or not on every line, one space after them, not increasing
+    for text in ("1  apple\n", "1  a\nb\n2  c\n", "1 a\n2 b\n", "2  b\n1  a\n"):
+        write_file.call(ctx, {"path": "inventory.csv", "content": text})
+        assert (work / "inventory.csv").read_text() == text
+    # a file numbered itself keeps the numbers it is sent
+    (work / "ranks.txt").write_text("1  ann\n2  bo\n")
+    read_file.call(ctx, {"path": "ranks.txt"})
+    write_file.call(ctx, {"path": "ranks.txt", "content": "1  ann\n2  bo\n3  cy\n"})
+    assert (work / "ranks.txt").read_text() == "1  ann\n2  bo\n3  cy\n"
+
+
+def test_edit_file_errors_say_where(work: Path) -> None:
+    """An edit whose text is not in the file names the closest line (number and text); one whose text occurs more
+    than once names the lines; the file is unchanged either way."""
+    ctx = ToolContext(work, None)
+    body = "def adults(people):\n    return [p for p in people if p[\"age\"] > 18]\n"
+    (work / "people.py").write_text(body)
+    with pytest.raises(ToolError, match=r"""not in people.py; the closest line is 2: '    return \[p for p in people if p\["age"\] > 18\]': copy"""):
+        edit_file.call(ctx, {"path": "people.py", "old": "return [p for p in people if p['age'] > 18]", "new": "x = 1"})
+    with pytest.raises(ToolError, match=r"the text to replace is not in people.py: copy the lines exactly"):
+        edit_file.call(ctx, {"path": "people.py", "old": "import zzz_unrelated_module", "new": "x = 1"})
+    (work / "settings.toml").write_text("[app]\ndebug = true\n[storage]\ndebug = true\n")
+    with pytest.raises(ToolError, match=r"occurs 2 times in settings.toml \(at lines 2, 4\): include more surrounding lines"):
+        edit_file.call(ctx, {"path": "settings.toml", "old": "debug = true", "new": "debug = false"})
+    assert (work / "people.py").read_text() == body and (work / "settings.toml").read_text() == "[app]\ndebug = true\n[storage]\ndebug = true\n"
 
 
 def test_write_file_replaces_an_existing_file_only_after_the_run_read_it(work: Path) -> None:
@@ -191,9 +259,9 @@ def test_file_tools(work: Path) -> None:
     ctx = ToolContext(work, None)
     assert write_file.call(ctx, {"path": "src/a.py", "content": "x = 1\ny = 2\nx = 1\n"}).startswith("wrote src/a.py (3 lines")
     assert read_file.call(ctx, {"path": "src/a.py", "start": 2}) == "    2  y = 2\n    3  x = 1"
-    with pytest.raises(ToolError, match="occurs 2 times in src/a.py: include more surrounding lines"):
+    with pytest.raises(ToolError, match=r"occurs 2 times in src/a.py \(at lines 1, 3\): include more surrounding lines"):
         edit_file.call(ctx, {"path": "src/a.py", "old": "x = 1", "new": "x = 3"})
-    with pytest.raises(ToolError, match="not in src/a.py: read_file it and copy the lines exactly"):
+    with pytest.raises(ToolError, match="not in src/a.py; the closest line is 1: 'x = 1': copy the lines exactly"):
         edit_file.call(ctx, {"path": "src/a.py", "old": "z = 1", "new": "x = 3"})
     with pytest.raises(ToolError, match="old and new are the same text, so src/a.py would not change"):
         edit_file.call(ctx, {"path": "src/a.py", "old": "y = 2", "new": "y = 2"})
@@ -215,6 +283,8 @@ def test_file_tools(work: Path) -> None:
     for t, args in ((read_file, {"path": "../outside.txt"}), (write_file, {"path": "/etc/x", "content": ""})):
         with pytest.raises(ToolError, match="outside the workdir"):
             t.call(ctx, args)
+    with pytest.raises(ToolError, match="no file 'nope.py'; the workdir holds: src$"):
+        read_file.call(ctx, {"path": "nope.py"})
     with pytest.raises(ToolError, match="no file 'src/nope.py'; src/ holds: a.py"):
         read_file.call(ctx, {"path": "src/nope.py"})
     (work / "link").symlink_to("/etc/passwd")  # as sandboxed code could leave it: the host-side tools follow no link out
@@ -420,7 +490,7 @@ def test_a_plan_that_is_not_a_list_of_steps_is_not_kept_and_the_run_goes_on_with
     def script(msgs: list[dict]) -> dict:
         if any("Repeating it will not help" in (m.get("content") or "") for m in msgs):
             return {"calls": [("finish", {"answer": "x"})]}
-        if msgs[-1]["role"] == "user" and msgs[-1]["content"] == "Find x" and not planned:
+        if msgs[-1]["role"] == "user" and msgs[-1]["content"].startswith("Find x") and not planned:
             planned.append(1)
             return {"calls": [("plan", {"plan": "Find x in the files and say where it is."})]}
         return {"calls": [("search", {"pattern": "x"})]}
@@ -506,13 +576,15 @@ def test_a_final_answer_cut_off_at_the_token_limit_is_kept_as_far_as_it_got(work
         res = agent.run("Count the errors")
     server.close()
     assert (res.status, res.answer) == ("stopped", "15 lines have ERROR, café and more more more [cut off at the token limit]")
-    assert partial_answer('{"answer": "done", "extra') == "done" and partial_answer('{"answer": "a\\') == "a"
-    assert partial_answer('{"answer": "two\nlines') == "two\nlines" and partial_answer('{"name": "finish", "argu') is None
+    assert partial_string('{"answer": "done", "extra', "answer") == "done" and partial_string('{"answer": "a\\', "answer") == "a"
+    assert partial_string('{"answer": "two\nlines', "answer") == "two\nlines" and partial_string('{"name": "finish", "argu', "answer") is None
+    assert partial_string('{"plan": "1. read\\n2. wri', "plan") == "1. read\n2. wri"
 
 
 def test_a_plan_cut_off_at_the_token_limit_is_named_kept_and_counted(work: Path, tmp_path: Path) -> None:
-    """A plan call cut off three times: the model hears that its plan was too long, the run log keeps what it
-    wrote, agent show prints it, and the run stops for replies with no call, not for empty ones."""
+    """Replies cut off inside a plan call with no whole line: the model hears that its plan is not kept, it is not
+    asked for a plan again (a greedy model would write the same one), the run log keeps what it wrote, agent show
+    prints it, and the run stops for replies with no call, not for empty ones."""
     raw = '{"name": "plan", "arguments": {"plan": "1. read the file 2. read it again 3.'
     server = FakeServer(lambda msgs: {"cut": ("plan", raw)})
     with _agent(server, work, tmp_path) as agent:
@@ -520,13 +592,38 @@ def test_a_plan_cut_off_at_the_token_limit_is_named_kept_and_counted(work: Path,
     server.close()
     assert (res.status, res.steps, res.stop_reason) == ("stopped", 4, "Three replies in a row held no tool call (empty, or cut off at the token limit)")
     notes = [m["content"] for m in server.requests[-1]["messages"] if m["role"] == "user" and "cut off" in (m["content"] or "")]
-    assert notes and notes[0].startswith("Your plan was cut off at the token limit (") and "write a shorter plan" in notes[0]
+    assert notes[0] == ("Your plan was cut off at the token limit (512 tokens) and is not kept: go on without a plan, with the "
+                        "other tools, one call at a time.")
+    plan = {"type": "function", "function": {"name": "plan"}}
+    assert [r["tool_choice"] for r in server.requests][:3] == [plan, "required", "required"]
     log = RunLog(tmp_path / "runs")
     rows = steps(log.events(res.run))
     assert rows[0]["truncated"] == {"name": "plan", "text": raw}
     buf = io.StringIO()
     render(log, res.run, False, 1, Console(file=buf, width=200))
     assert "plan, cut off at the token limit" in buf.getvalue() and "read it again" in buf.getvalue()
+
+
+def test_a_plan_cut_off_keeps_its_whole_lines(work: Path, tmp_path: Path) -> None:
+    """A plan cut off after two whole lines: those lines become the plan at the top of the context (the cut third
+    line is not kept), the run goes on with the tools, and its state rebuilt from the log has the same plan."""
+    raw = '{"plan": "1. read a.txt\\n2. fix it\\n3. run the te'
+
+    def script(msgs: list[dict]) -> dict:
+        if not any("Your current plan" in (m.get("content") or "") for m in msgs):
+            return {"cut": ("plan", raw)}
+        return {"calls": [("finish", {"answer": "done"})]}
+
+    server = FakeServer(script)
+    with _agent(server, work, tmp_path) as agent:
+        res = agent.run("Fix a.txt")
+    server.close()
+    assert (res.status, res.answer, len(server.requests)) == ("finished", "done", 2)
+    front = server.requests[1]["messages"][2]["content"]
+    assert front.startswith("Your current plan:\n1. read a.txt\n2. fix it\n") and "run the te" not in front
+    note = server.requests[1]["messages"][-1]["content"]
+    assert note.startswith("Your plan was cut off at the token limit (512 tokens); its first 2 lines are kept as your plan")
+    assert RunState.replay(RunLog(tmp_path / "runs").events(res.run)).plan == "1. read a.txt\n2. fix it"
 
 
 def test_huge_tool_outputs_never_overflow_the_window(work: Path, tmp_path: Path) -> None:

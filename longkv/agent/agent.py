@@ -27,9 +27,9 @@ from typing import Any
 
 from longkv.agent.client import ChatClient, LocalServer, ModelError, Reply, local_server
 from longkv.agent.runlog import Event, RunLog
-from longkv.agent.state import Pending, RunState, message_bytes, signature
+from longkv.agent.state import Pending, RunState, message_bytes, partial_string, signature
 from longkv.agent.tools import Tool, Toolbox, ToolContext, ToolError, is_step_list
-from longkv.agent.workdir import changes, snapshot
+from longkv.agent.workdir import changes, listing, snapshot
 from longkv.errors import LongKVError
 
 SYSTEM = """You are an agent that completes a task in a folder by calling tools.
@@ -90,13 +90,26 @@ def cut_note(reply: Reply, limit: int) -> str:
     """What the model hears after a reply cut off at the token limit (``limit`` tokens): what was cut and how
     to make it fit."""
     name = (reply.truncated or {}).get("name")
-    if name == "plan":
-        return f"Your plan was cut off at the token limit ({limit} tokens): write a shorter plan, a few numbered lines."
     if name in ("write_file", "edit_file"):
         return f"Your {name} call was cut off at the token limit ({limit} tokens): write big files in parts."
     if name:
         return f"Your {name} call was cut off at the token limit ({limit} tokens): make its arguments shorter."
     return f"Your reply was cut off at the token limit ({limit} tokens): make it shorter, or call a tool."
+
+
+def cut_plan(reply: Reply, limit: int) -> dict[str, Any]:
+    """The note event for a plan cut off at the token limit (``limit`` tokens): its whole lines become the plan
+    when they list steps (``{"content", "plan"}``), else the run goes on without one (``{"content", "planless"}``)."""
+    text = partial_string((reply.truncated or {}).get("text") or "", "plan") or ""
+    lines = text.split("\n")[:-1]  # the last line was cut mid-way
+    while lines and not lines[-1].strip():
+        lines.pop()
+    kept = "\n".join(lines).strip()
+    if is_step_list(kept):
+        return {"content": f"Your plan was cut off at the token limit ({limit} tokens); its first {len(lines)} lines are kept "
+                           "as your plan (at the top). Carry it out from step 1 with the other tools, one call at a time.", "plan": kept}  # fmt: skip
+    return {"content": f"Your plan was cut off at the token limit ({limit} tokens) and is not kept: go on without a plan, "
+                       "with the other tools, one call at a time.", "planless": True}  # fmt: skip
 
 
 def _memory_summary(memory: dict[str, Any] | None) -> dict[str, Any]:
@@ -232,7 +245,8 @@ class Agent:
         with self.log.drive(run_id):
             st = RunState()
             self._emit(run_id, st, "start", {"task": task, "options": self.options, "system": SYSTEM if "plan" in self.toolbox else SYSTEM_NO_PLAN,
-                                             "tools": list(self.toolbox.tools), "window": self.window}, on_event)  # fmt: skip
+                                             "tools": list(self.toolbox.tools), "window": self.window, "files": listing(self.workdir)},
+                       on_event)  # fmt: skip
             return self._loop(run_id, st, on_event)
 
     def resume(self, run_id: str, message: str | None = None, on_event: Callable[[Event], None] | None = None,
@@ -397,7 +411,10 @@ class Agent:
         if calls:
             return
         text = reply.content.strip()
-        if reply.finish_reason == "length":
+        if reply.finish_reason == "length" and (reply.truncated or {}).get("name") == "plan":
+            # asked again, a greedy model writes the same long plan: keep its whole lines, or go on without one
+            self._emit(run_id, st, "note", cut_plan(reply, st.options["reply_tokens"]), on_event)
+        elif reply.finish_reason == "length":
             self._emit(run_id, st, "note", {"content": cut_note(reply, st.options["reply_tokens"])}, on_event)
         elif not text:
             self._emit(run_id, st, "note", {"content": "Your reply was empty. Call one of the tools, or finish with your answer."}, on_event)

@@ -62,6 +62,7 @@ class RunState:
     task: str = ""
     options: dict[str, Any] = field(default_factory=dict)
     system: str = ""
+    files: str = ""  # the workdir's listing at the start, after the task (workdir.listing)
     plan: str = ""
     turns: list[Turn] = field(default_factory=list)
     pending: list[Pending] = field(default_factory=list)
@@ -112,6 +113,7 @@ class RunState:
         k = e.kind
         if k == "start":
             self.task, self.options, self.system = d["task"], d["options"], d["system"]
+            self.files = d.get("files", "")
         elif k == "resume":
             self.status, self.answer, self.reason = "running", None, None
             self.final_request, self.final_asked = None, False
@@ -132,7 +134,7 @@ class RunState:
         elif k == "reply":
             self.steps += 1
             cut = d.get("truncated") or {}
-            self.cut_answer = partial_answer(cut.get("text") or "") if cut.get("name") == "finish" else None
+            self.cut_answer = partial_string(cut.get("text") or "", "answer") if cut.get("name") == "finish" else None
             u = d["usage"]
             self.prompt_tokens += u["prompt"]
             self.cached_tokens += u["cached"]
@@ -181,6 +183,10 @@ class RunState:
             self.history.append((d["signature"], hashlib.sha1(seen.encode()).hexdigest(), d["error"]))
         elif k == "note":
             self.turns.append(Turn(self.steps, [{"role": "user", "content": d["content"]}]))
+            if d.get("plan"):  # a plan cut off at the token limit: its whole lines
+                self.plan = d["plan"]
+            if d.get("planless"):
+                self.planless = True
             if d.get("source") == "user":
                 self.inbox = None
             if d.get("final"):
@@ -219,7 +225,8 @@ class RunState:
 
     def front(self) -> list[dict[str, Any]]:
         """The fixed head of every request: system prompt, task, and the plan when there is one."""
-        msgs = [{"role": "system", "content": self.system}, {"role": "user", "content": self.task}]
+        task = f"{self.task}\n\n{self.files}" if self.files else self.task
+        msgs = [{"role": "system", "content": self.system}, {"role": "user", "content": task}]
         if self.plan:
             msgs.append({"role": "user", "content": f"Your current plan:\n{self.plan}\n{PLAN_NEXT}"})
         return msgs
@@ -266,10 +273,10 @@ SEES_FILES = ("read_file", "write_file", "edit_file")  # tools whose file write_
 _LAX = json.JSONDecoder(strict=False)  # a raw newline inside a string is read, not refused
 
 
-def partial_answer(raw: str) -> str | None:
-    """The ``answer`` string of a finish call cut off at the token limit (``raw``: the call's text so far), as far
-    as it got, or None when the cut came before it began."""
-    m = re.search(r'"answer"\s*:\s*"', raw)
+def partial_string(raw: str, key: str) -> str | None:
+    """The string argument ``key`` of a tool call cut off at the token limit (``raw``: the call's text so far), as
+    far as it got, or None when the cut came before it began."""
+    m = re.search(rf'"{re.escape(key)}"\s*:\s*"', raw)
     if m is None:
         return None
     body = raw[m.end() :]

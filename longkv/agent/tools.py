@@ -17,6 +17,7 @@ never re-run.
 
 from __future__ import annotations
 
+import difflib
 import inspect
 import itertools
 import json
@@ -64,6 +65,10 @@ class ToolContext:
         if p != root and root not in p.parents:
             raise ToolError(f"{rel!r} is outside the workdir {root}: use a path relative to it")
         return p
+
+    def relative(self, p: Path) -> str:
+        """``p`` (a path from :meth:`path`) as the model names it: relative to the workdir, ``.`` for the workdir."""
+        return p.relative_to(self.workdir.resolve()).as_posix() or "."
 
     def has_seen(self, p: Path) -> bool:
         """Whether the run has read or written the file at ``p`` (a path from :meth:`path`)."""
@@ -204,7 +209,26 @@ def _exec_report(res: Any) -> str:
         tail = f"[exit code {res.exit_code}]"
     if res.truncated:
         tail = "[output cut at the sandbox's output limit] " + tail
+    if res.exit_code == 127:
+        tail += _not_found_hint(res.output)
     return f"{out}\n{tail}" if out else tail
+
+
+TOOL_NAMES = frozenset({"read_file", "write_file", "edit_file", "search", "recall", "plan", "finish"})
+EDITORS = frozenset({"nano", "vi", "vim", "nvim", "emacs", "pico", "micro"})
+SHELL_WORDS = frozenset({"python", "python3", "pip", "pytest", "ls", "cat", "cd", "grep", "sed", "awk", "echo", "git", "mkdir",
+                         "rm", "cp", "mv", "find", "head", "tail", "wc", "sort", "bash", "sh", "chmod", "touch"})  # fmt: skip
+
+
+def _not_found_hint(output: str) -> str:
+    """What to do instead of a command the shell did not find, when it is one of the agent's tools or an
+    interactive editor (``""`` otherwise)."""
+    for name in re.findall(r"([\w.-]+): command not found", output):
+        if name in TOOL_NAMES:
+            return f"\n[{name} is one of your tools, not a shell command: call the {name} tool itself]"
+        if name in EDITORS:
+            return "\n[there is no interactive editor here: change files with edit_file or write_file]"
+    return ""
 
 
 def _exec(ctx: ToolContext, run: Callable[[], Any]) -> str:
@@ -243,6 +267,8 @@ def python(ctx: ToolContext, code: str) -> str:
     """
     if not code.strip():
         raise ToolError("python: the code is empty: pass a program, e.g. print(1 + 1)")
+    if code.split()[0] in SHELL_WORDS and _parse_error("code.py", code):
+        raise ToolError(f"python: {code.strip().splitlines()[0][:100]!r} is a shell command, not Python: run it with the bash tool")
     return _exec(ctx, lambda: ctx.sandbox.python(code))
 
 
@@ -263,7 +289,8 @@ def read_file(ctx: ToolContext, path: str, start: int = 1) -> str:
     p = ctx.path(path)
     if not p.is_file():
         near = sorted(q.name for q in p.parent.iterdir())[:20] if p.parent.is_dir() else []
-        raise ToolError(f"read_file: no file {path!r}" + (f"; {p.parent.name or '.'}/ holds: {', '.join(near)}" if near else ""))
+        where = "the workdir" if p.parent == ctx.workdir.resolve() else f"{ctx.relative(p.parent)}/"
+        raise ToolError(f"read_file: no file {path!r}" + (f"; {where} holds: {', '.join(near)}" if near else ""))
     lines = p.read_text(errors="replace").splitlines()
     ctx.seen.add(path)
     start = max(start, 1)  # small models count from 0
@@ -298,13 +325,19 @@ def write_file(ctx: ToolContext, path: str, content: str) -> str:
     if p.is_file() and p.stat().st_size and not ctx.has_seen(p):
         raise ToolError(f"write_file: {path} exists and you have not read it: call read_file on it first, "
                         "then change it with edit_file (or write_file its whole new text)")
-    _refuse_numbered("write_file", path, "content", content)
+    note = ""
+    if _numbered(content):  # pasted from read_file: the file's own lines are meant, unless the file is numbered itself
+        if not p.is_file():
+            raise ToolError(f"write_file: {path} was not written: content starts its lines with line numbers "
+                            "('1  ', '2  ', ...): send the file's text without them")
+        if not _numbered(p.read_text(errors="replace")):
+            content, note = _unnumber(content), NUMBERS_REMOVED
     if p.is_file() and path.endswith(CHECKED):
         _check_parses("write_file", path, p.read_bytes().decode(errors="replace"), content)
     p.parent.mkdir(parents=True, exist_ok=True)
     _replace(p, content)
     ctx.seen.add(path)
-    return f"wrote {path} ({len(content.splitlines())} lines, {len(content.encode())} bytes)"
+    return f"wrote {path} ({len(content.splitlines())} lines, {len(content.encode())} bytes){note}"
 
 
 def _replace(p: Path, text: str) -> None:
@@ -316,20 +349,31 @@ def _replace(p: Path, text: str) -> None:
     tmp.replace(p)
 
 
-_NUMBERED = re.compile(r"\s*(\d+)(?:  |\t)")
+_NUMBERED = re.compile(r"\s*(\d+)(?:  |\t|\s*$)")
 
 
-def _numbered(text: str) -> bool:
-    """Whether ``text`` (two lines or more) starts every non-blank line with consecutive numbers, as read_file shows
-    a file: a model that pastes what it read with its line numbers."""
-    nums = [int(m.group(1)) if (m := _NUMBERED.match(ln)) else -2 for ln in text.splitlines() if ln.strip()]
-    return len(nums) >= 2 and all(b == a + 1 for a, b in itertools.pairwise(nums))
+def _numbered(text: str, least: int = 2) -> bool:
+    """Whether ``text`` starts every non-blank line with increasing numbers, as read_file shows a file (``1  ``,
+    then the line): a model that pastes what it read with its line numbers (some lines may be left out, a blank
+    line may keep its number alone). At least ``least`` lines must have text after their number."""
+    nums, filled = [], 0
+    for ln in text.splitlines():
+        if not ln.strip():
+            continue
+        m = _NUMBERED.match(ln)
+        if m is None:
+            return False
+        nums.append(int(m.group(1)))
+        filled += bool(ln[m.end() :].strip())
+    return filled >= least and all(b > a for a, b in itertools.pairwise(nums))
 
 
-def _refuse_numbered(name: str, path: str, what: str, text: str) -> None:
-    if _numbered(text):
-        raise ToolError(f"{name}: {path} was not changed: {what} starts its lines with read_file's line numbers "
-                        "('1  ', '2  ', ...): send the file's own text without them")
+def _unnumber(text: str) -> str:
+    """``text`` without read_file's line numbers (each line's number and the two spaces or tab after it)."""
+    return "\n".join(ln[m.end() :] if (m := _NUMBERED.match(ln)) else ln for ln in text.split("\n"))
+
+
+NUMBERS_REMOVED = "; read_file's line numbers were removed from what you sent"
 
 
 CHECKED = (".py", ".json")  # kinds of file a write or an edit may not leave unparseable
@@ -388,22 +432,49 @@ def edit_file(ctx: ToolContext, path: str, old: str, new: str) -> str:
         raise ToolError(f"edit_file: {path} is not UTF-8 text: change it with bash (e.g. sed) or python") from None
     if "\r\n" in text and "\r\n" not in old:  # a CRLF file: the model sees and writes its lines with \n
         old, new = old.replace("\n", "\r\n"), new.replace("\n", "\r\n")
+    note = ""
+    if not _numbered(text):  # pasted from read_file with its line numbers (a single line too, where only that matches)
+        if old not in text and _numbered(old, least=1) and _unnumber(old) in text:
+            old, note = _unnumber(old), NUMBERS_REMOVED
+        if _numbered(new, least=1 if note else 2):
+            new, note = _unnumber(new), NUMBERS_REMOVED
     n = text.count(old)
     if n and old == new:
         raise ToolError(f"edit_file: old and new are the same text, so {path} would not change: pass the changed text as new")
     if n == 0:
-        _refuse_numbered("edit_file", path, "old", old)
-        raise ToolError(f"edit_file: the text to replace is not in {path}: read_file it and copy the lines exactly, with their indentation")
+        raise ToolError(f"edit_file: the text to replace is not in {path}{_closest(text, old)}: copy the lines exactly as "
+                        "read_file shows them, with their indentation")
     if n > 1:
-        raise ToolError(f"edit_file: the text to replace occurs {n} times in {path}: include more surrounding lines so it occurs once")
-    if not _numbered(old):
-        _refuse_numbered("edit_file", path, "new", new)
+        at = [text[:i].count("\n") + 1 for i in _find_all(text, old)]
+        raise ToolError(f"edit_file: the text to replace occurs {n} times in {path} (at lines {', '.join(map(str, at[:10]))}): "
+                        "include more surrounding lines so it occurs once")
     after = text.replace(old, new, 1)
     _check_parses("edit_file", path, text, after)
     _replace(p, after)
     ctx.seen.add(path)
     line = text[: text.index(old)].count("\n") + 1
-    return f"edited {path} at line {line} ({len(old.splitlines())} lines -> {len(new.splitlines())} lines)"
+    return f"edited {path} at line {line} ({len(old.splitlines())} lines -> {len(new.splitlines())} lines){note}"
+
+
+def _find_all(text: str, sub: str) -> list[int]:
+    """Where ``sub`` starts in ``text``: every occurrence that ``str.count`` counts, in order."""
+    at, i = [], text.find(sub)
+    while i >= 0:
+        at.append(i)
+        i = text.find(sub, i + len(sub))
+    return at
+
+
+def _closest(text: str, old: str) -> str:
+    """Where the file comes closest to the first line of ``old`` (``"; the closest line is 6: ..."``), or ``""``
+    when no line is near (difflib's similarity ratio under 0.6)."""
+    first = next((ln.strip() for ln in old.splitlines() if ln.strip()), "")
+    lines = text.splitlines()
+    near = difflib.get_close_matches(first, [ln.strip() for ln in lines], n=1, cutoff=0.6) if first else []
+    if not near:
+        return ""
+    at = next(i for i, ln in enumerate(lines, 1) if ln.strip() == near[0])
+    return f"; the closest line is {at}: {lines[at - 1][:200]!r}"
 
 
 @tool(idempotent=True)

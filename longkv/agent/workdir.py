@@ -65,3 +65,18 @@ def changes(before: dict[str, list[Any]], after: dict[str, list[Any]], workdir: 
             continue
         changed.append(f"{p} (modified)")
     return changed
+
+
+LISTED_FILES = 40
+"""Most paths :func:`listing` names."""
+
+
+def listing(workdir: Path, limit: int = LISTED_FILES) -> str:
+    """One line that names the files under ``workdir`` (relative paths, shallow ones first, at most ``limit``,
+    then how many more), for the task message: a model that sees where it is does not guess file names."""
+    paths = sorted(snapshot(workdir), key=lambda p: (p.count(os.sep), p))
+    if not paths:
+        return "The working folder is empty."
+    shown = ", ".join(p.replace(os.sep, "/") for p in paths[:limit])
+    more = f", and {len(paths) - limit} more" if len(paths) > limit else ""
+    return f"Files in the working folder ({len(paths)}): {shown}{more}."
