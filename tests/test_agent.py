@@ -151,6 +151,34 @@ def test_bash_and_python_name_the_files_they_changed(work: Path) -> None:
     assert python.call(ctx, {"code": "open('new.txt', 'w').write('2')\nprint('ok')"}) == "ok\n[exit code 0]\n[files changed: new.txt (modified)]"
 
 
+def test_search_with_a_glob_that_names_no_file_searches_them_all(work: Path) -> None:
+    """A glob that matches none of the files under the path: every file is searched and the result says so; a glob
+    that matches some files narrows the search as asked."""
+    ctx = ToolContext(work, None)
+    (work / "data").mkdir()
+    (work / "data/part-1.txt").write_text("a\nAPI_TOKEN=tok_1\n")
+    (work / "data/part-2.txt").write_text("b\n")
+    assert search.call(ctx, {"pattern": "API_TOKEN", "path": "data", "glob": ".*py"}) == (
+        "1 matching line in 1 file (the glob '.*py' matches none of the 2 files under data: all were searched):\n"
+        "data/part-1.txt:2: API_TOKEN=tok_1")
+    assert search.call(ctx, {"pattern": "zzz", "glob": "*.py"}) == (
+        "no match for 'zzz' in 2 files (the glob '*.py' matches none of the 2 files under .: all were searched)")
+    assert search.call(ctx, {"pattern": "b", "glob": "part-2*"}) == "1 matching line in 1 file:\ndata/part-2.txt:1: b"
+
+
+def test_edit_file_refuses_a_short_text_inside_a_longer_word(work: Path) -> None:
+    """An edit of one or two characters that sit inside a longer word or number ("5" in "5432") is refused with the
+    word and its line, the file unchanged; the same characters standing alone are edited."""
+    ctx = ToolContext(work, None)
+    (work / "app.json").write_text('{"port": 8080,\n "db": "db:5432"}\n')
+    with pytest.raises(ToolError, match=r"edit_file: '5' is part of '5432' \(line 2\) in app.json: give the whole word or line as old"):
+        edit_file.call(ctx, {"path": "app.json", "old": "5", "new": "1"})
+    assert (work / "app.json").read_text() == '{"port": 8080,\n "db": "db:5432"}\n'
+    (work / "a.py").write_text("x = 1\ny = 22\n")
+    assert edit_file.call(ctx, {"path": "a.py", "old": "x", "new": "z"}) == "edited a.py at line 1 (1 lines -> 1 lines)"
+    assert (work / "a.py").read_text() == "z = 1\ny = 22\n"
+
+
 def test_shell_mistakes_get_a_hint(work: Path) -> None:
     """bash: a tool name or an interactive editor run as a command (exit 127) gets a line that says what to do
     instead; another missing command gets none. python: a shell command sent as code is refused, not run."""
@@ -279,7 +307,8 @@ def test_file_tools(work: Path) -> None:
     assert search.call(ctx, {"pattern": r"y = 2[15]"}) == "2 matching lines in 2 files:\nsrc/a.py:3: y = 21\nsrc/b.py:1: y = 25"
     assert search.call(ctx, {"pattern": r"y = 25"}) == "1 matching line in 1 file:\nsrc/b.py:1: y = 25"
     (work / "src/b.py").unlink()
-    assert search.call(ctx, {"pattern": "nothing", "glob": "*.md"}) == "no match for 'nothing' in 0 files"
+    assert search.call(ctx, {"pattern": "nothing", "glob": "*.md"}) == \
+        "no match for 'nothing' in 1 file (the glob '*.md' matches none of the 1 file under .: all were searched)"
     for t, args in ((read_file, {"path": "../outside.txt"}), (write_file, {"path": "/etc/x", "content": ""})):
         with pytest.raises(ToolError, match="outside the workdir"):
             t.call(ctx, args)
@@ -780,6 +809,11 @@ def test_recall_ranks_results_by_number_call_or_words(work: Path) -> None:
     assert rank_results(looped, "pytest -q") == [1] and rank_results(looped, "3") == [3]
     with pytest.raises(ToolError, match="no earlier result holds 'plan updated'"):
         rank_results(looped, "plan updated")
+    # a call not run because it repeated result 1: never found by words, and its number names result 1
+    repeated = [*looped[:1], ('bash({"command": "pytest -q"})', "not run: this is the same call as result 1, and no file ...")]
+    assert rank_results(repeated, "pytest -q", {2: 1}) == [1] and rank_results(repeated, "2", {2: 1}) == [1]
+    with pytest.raises(ToolError, match="no earlier result holds 'same call'"):
+        rank_results(repeated, "same call", {2: 1})
     # the tool: one result word for word; several matches, as many as fit the room of one result, each numbered
     ctx = ToolContext(work, None, results, limit=60)
     assert recall.call(ctx, {"query": "1"}) == "TOKEN=1"

@@ -480,7 +480,7 @@ class Agent:
         self._emit(run_id, st, "tool_start", start, on_event)
         t0 = time.perf_counter()
         limit = max(500, min(st.options["observation_chars"], (self.window - st.options["reply_tokens"]) // 4))
-        self.ctx.results, self.ctx.seen, self.ctx.limit = st.results, st.files_seen, limit
+        self.ctx.results, self.ctx.seen, self.ctx.repeats, self.ctx.limit = st.results, st.files_seen, st.repeats, limit
         try:
             output, error = tool.call(self.ctx, args), False
         except ToolError as exc:

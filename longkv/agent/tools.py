@@ -52,6 +52,7 @@ class ToolContext:
     sandbox: Any  # longkv.agent.sandbox.Sandbox
     results: list[tuple[str, str]] = field(default_factory=list)
     seen: set[str] = field(default_factory=set)  # write_file replaces an existing file only if it is among these
+    repeats: dict[int, int] = field(default_factory=dict)  # result number of a call not run again -> the result it repeats
     limit: int = 8000  # characters of one tool result the context takes back (longer ones are cut, head + tail)
 
     def path(self, rel: str) -> Path:
@@ -444,6 +445,16 @@ def edit_file(ctx: ToolContext, path: str, old: str, new: str) -> str:
     if n == 0:
         raise ToolError(f"edit_file: the text to replace is not in {path}{_closest(text, old)}: copy the lines exactly as "
                         "read_file shows them, with their indentation")
+    if n == 1 and len(old) <= 2 and old.strip() == old:  # "5" inside "db:5432": a model copying digits into an edit
+        i = text.index(old)
+        a, b = i, i + len(old)
+        while a > 0 and (text[a - 1].isalnum() or text[a - 1] == "_"):
+            a -= 1
+        while b < len(text) and (text[b].isalnum() or text[b] == "_"):
+            b += 1
+        if (a, b) != (i, i + len(old)):
+            raise ToolError(f"edit_file: {old!r} is part of {text[a:b]!r} (line {text[:i].count(chr(10)) + 1}) in {path}: "
+                            "give the whole word or line as old")
     if n > 1:
         at = [text[:i].count("\n") + 1 for i in _find_all(text, old)]
         raise ToolError(f"edit_file: the text to replace occurs {n} times in {path} (at lines {', '.join(map(str, at[:10]))}): "
@@ -493,7 +504,10 @@ def search(ctx: ToolContext, pattern: str, path: str = ".", glob: str | None = N
     root = ctx.path(path)
     if not root.exists():
         raise ToolError(f"search: no file or folder {path!r} in the workdir")
-    files = [root] if root.is_file() else sorted(f for f in root.rglob(glob or "*") if f.is_file() and not SKIP_DIRS & set(f.relative_to(root).parts))
+    files = _files(root, glob)
+    widened = ""
+    if glob and not files and root.is_dir() and (files := _files(root, None)):  # a glob that names no file: search them all
+        widened = f" (the glob {glob!r} matches none of the {_count(len(files), 'file')} under {ctx.relative(root)}: all were searched)"
     hits: list[str] = []
     matched, hit_files = 0, 0
     base = ctx.workdir.resolve()
@@ -512,15 +526,22 @@ def search(ctx: ToolContext, pattern: str, path: str = ".", glob: str | None = N
                     hits.append(f"{f.relative_to(base)}:{i}: {line.strip()[:200]}")
         hit_files += matched > before
     if not matched:
-        return f"no match for {pattern!r} in {_count(len(files), 'file')}"
+        return f"no match for {pattern!r} in {_count(len(files), 'file')}{widened}"
     # the count first: a model asked "how many" reads it rather than counting the lines itself
-    head = f"{_count(matched, 'matching line')} in {_count(hit_files, 'file')}"
+    head = f"{_count(matched, 'matching line')} in {_count(hit_files, 'file')}{widened}"
     if matched > len(hits):
         return f"{head} (the first {len(hits)} shown: narrow the pattern, path or glob for the rest):\n" + "\n".join(hits)
     return f"{head}:\n" + "\n".join(hits)
 
 
 SEARCH_SHOWN = 100  # most matching lines one search returns (all of them are counted)
+
+
+def _files(root: Path, glob: str | None) -> list[Path]:
+    """The files ``search`` reads under ``root`` (itself, if a file), whose names match ``glob``, tools' caches left out."""
+    if root.is_file():
+        return [root]
+    return sorted(f for f in root.rglob(glob or "*") if f.is_file() and not SKIP_DIRS & set(f.relative_to(root).parts))
 
 
 def _count(n: int, noun: str) -> str:
@@ -561,14 +582,15 @@ RECALL_MOST = 8  # most results one recall puts back
 _NOT_SEARCHED = ("recall(", "plan(")  # call signatures whose results a recall by words skips
 
 
-def rank_results(results: list[tuple[str, str]], query: str) -> list[int]:
+def rank_results(results: list[tuple[str, str]], query: str, repeats: dict[int, int] | None = None) -> list[int]:
     """The numbers (1-based) of the results ``query`` matches, best first.
 
-    ``N``, ``result N`` or ``[result N]`` names one result. Otherwise every result whose call or text holds one
+    ``N``, ``result N`` or ``[result N]`` names one result (a call that was not run because it repeated result
+    K names K: ``repeats`` maps the one to the other). Otherwise every result whose call or text holds one
     of the query's words (case-insensitive) is ranked by those words, each weighted by how few results hold it
     (inverse document frequency), the score doubled where the whole query appears as written; on a tie the
-    later result first. Results of ``recall`` itself (copies of earlier results) and of ``plan`` are not
-    searched by words: a second recall would otherwise bring back the first one's copies too.
+    later result first. Results of ``recall`` itself (copies of earlier results), of ``plan`` and of calls not
+    run are not searched by words: a second recall would otherwise bring back the first one's copies too.
 
     Raises:
         ToolError: no result yet, a number out of range, or no result with any of the words.
@@ -581,12 +603,13 @@ def rank_results(results: list[tuple[str, str]], query: str) -> list[int]:
         k = int(m.group(1))
         if not 1 <= k <= n:
             raise ToolError(f"recall: there is no result {k}: the results so far are numbered 1 to {n}")
-        return [k]
+        return [(repeats or {}).get(k, k)]
     words = {w for w in re.findall(r"[\w./-]+", query.lower()) if len(w) > 1}
     if not words:
         raise ToolError(f"recall: the query {query!r} has no words: give a result's number or words it contained, e.g. a file name")
     whole = query.strip().lower()
-    hays = ["" if call.startswith(_NOT_SEARCHED) else f"{call}\n{text}".lower() for call, text in results]
+    skip = repeats or {}
+    hays = ["" if call.startswith(_NOT_SEARCHED) or i in skip else f"{call}\n{text}".lower() for i, (call, text) in enumerate(results, 1)]
     weight = {w: math.log((n + 1) / (sum(w in h for h in hays) + 0.5)) for w in words}
     scored = []
     for i, hay in enumerate(hays, 1):
@@ -605,7 +628,7 @@ def recall(ctx: ToolContext, query: str) -> str:
     Args:
         query: the file name or command that gave the result, or words it contained, or its number.
     """
-    ranked = rank_results(ctx.results, query)
+    ranked = rank_results(ctx.results, query, ctx.repeats)
     if len(ranked) == 1:
         return ctx.results[ranked[0] - 1][1]
     picked: list[int] = []

@@ -79,4 +79,5 @@ def listing(workdir: Path, limit: int = LISTED_FILES) -> str:
         return "The working folder is empty."
     shown = ", ".join(p.replace(os.sep, "/") for p in paths[:limit])
     more = f", and {len(paths) - limit} more" if len(paths) > limit else ""
-    return f"Files in the working folder ({len(paths)}): {shown}{more}."
+    count = f"{len(paths)} or more" if len(paths) >= SNAPSHOT_FILES else str(len(paths))
+    return f"Files in the working folder ({count}): {shown}{more}."
