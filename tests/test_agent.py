@@ -175,8 +175,24 @@ def test_edit_file_refuses_a_short_text_inside_a_longer_word(work: Path) -> None
         edit_file.call(ctx, {"path": "app.json", "old": "5", "new": "1"})
     assert (work / "app.json").read_text() == '{"port": 8080,\n "db": "db:5432"}\n'
     (work / "a.py").write_text("x = 1\ny = 22\n")
-    assert edit_file.call(ctx, {"path": "a.py", "old": "x", "new": "z"}) == "edited a.py at line 1 (1 lines -> 1 lines)"
+    assert edit_file.call(ctx, {"path": "a.py", "old": "x", "new": "z"}) == "edited a.py at line 1 (1 line -> 1 line); lines 1-2 now:\n    1  z = 1\n    2  y = 22"
     assert (work / "a.py").read_text() == "z = 1\ny = 22\n"
+
+
+def test_edit_file_shows_what_it_left_and_deletes_whole_lines(work: Path) -> None:
+    """An edit's result shows the lines around its new text (two before and after, at most 12, numbered as read_file
+    numbers them); whole lines replaced by nothing are deleted, newline and all, not left empty."""
+    ctx = ToolContext(work, None)
+    (work / "users.txt").write_text("".join(f"{u}:{i}\n" for i, u in enumerate(["root", "alice", "bob", "mallory", "dave", "erin"])))
+    out = edit_file.call(ctx, {"path": "users.txt", "old": "mallory:3", "new": ""})
+    assert out == "edited users.txt at line 4 (1 line -> 0 lines); lines 2-5 now:\n    2  alice:1\n    3  bob:2\n    4  dave:4\n    5  erin:5"
+    assert (work / "users.txt").read_text() == "root:0\nalice:1\nbob:2\ndave:4\nerin:5\n"
+    edit_file.call(ctx, {"path": "users.txt", "old": "ali", "new": ""})  # part of a line: only that part goes
+    assert (work / "users.txt").read_text() == "root:0\nce:1\nbob:2\ndave:4\nerin:5\n"
+    out = edit_file.call(ctx, {"path": "users.txt", "old": "bob:2", "new": "\n".join(f"u{k}" for k in range(20))})
+    assert out.splitlines()[0] == "edited users.txt at line 3 (1 line -> 20 lines); lines 1-12 now:" and len(out.splitlines()) == 13
+    (work / "one.txt").write_text("only\n")
+    assert edit_file.call(ctx, {"path": "one.txt", "old": "only", "new": ""}) == "edited one.txt at line 1 (1 line -> 0 lines); the file is now empty"
 
 
 def test_shell_mistakes_get_a_hint(work: Path) -> None:
@@ -233,7 +249,8 @@ def test_text_pasted_with_read_files_line_numbers_loses_the_numbers(work: Path) 
     write_file.call(ctx, {"path": "inventory.csv", "content": "    1  sku,qty\n    3  B205,40\n    4\n    5      C7,1"})
     assert (work / "inventory.csv").read_text() == "sku,qty\nB205,40\n\n    C7,1"
     out = edit_file.call(ctx, {"path": "inventory.csv", "old": "    2  B205,40", "new": "    2  B205,41\n    3  D1,2"})
-    assert out.endswith("; read_file's line numbers were removed from what you sent") and out.startswith("edited inventory.csv at line 2")
+    assert out.splitlines()[0] == ("edited inventory.csv at line 2 (1 line -> 2 lines); read_file's line numbers were removed from what you "
+                                   "sent; lines 1-5 now:")
     assert (work / "inventory.csv").read_text() == "sku,qty\nB205,41\nD1,2\n\n    C7,1"
     with pytest.raises(ToolError, match=r"write_file: fresh.csv was not written: content starts its lines with line numbers"):
         write_file.call(ctx, {"path": "fresh.csv", "content": "1  a\n2  b\n"})
@@ -293,7 +310,8 @@ def test_file_tools(work: Path) -> None:
         edit_file.call(ctx, {"path": "src/a.py", "old": "z = 1", "new": "x = 3"})
     with pytest.raises(ToolError, match="old and new are the same text, so src/a.py would not change"):
         edit_file.call(ctx, {"path": "src/a.py", "old": "y = 2", "new": "y = 2"})
-    assert edit_file.call(ctx, {"path": "src/a.py", "old": "y = 2", "new": "y = 20\ny = 21"}) == "edited src/a.py at line 2 (1 lines -> 2 lines)"
+    assert edit_file.call(ctx, {"path": "src/a.py", "old": "y = 2", "new": "y = 20\ny = 21"}) == \
+        "edited src/a.py at line 2 (1 line -> 2 lines); lines 1-4 now:\n    1  x = 1\n    2  y = 20\n    3  y = 21\n    4  x = 1"
     assert (work / "src/a.py").read_text() == "x = 1\ny = 20\ny = 21\nx = 1\n"
     assert search.call(ctx, {"pattern": r"y = 2\d"}) == "2 matching lines in 1 file:\nsrc/a.py:2: y = 20\nsrc/a.py:3: y = 21"
     (work / "src/b.py").write_text("x = 1\n" * 150)

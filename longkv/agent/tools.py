@@ -459,12 +459,32 @@ def edit_file(ctx: ToolContext, path: str, old: str, new: str) -> str:
         at = [text[:i].count("\n") + 1 for i in _find_all(text, old)]
         raise ToolError(f"edit_file: the text to replace occurs {n} times in {path} (at lines {', '.join(map(str, at[:10]))}): "
                         "include more surrounding lines so it occurs once")
-    after = text.replace(old, new, 1)
+    i = text.index(old)
+    if not new and (i == 0 or text[i - 1] == "\n") and text[i + len(old) : i + len(old) + 1] == "\n":
+        old += "\n"  # whole lines replaced by nothing: they go, not an empty line in their place
+    after = text[:i] + new + text[i + len(old) :]
     _check_parses("edit_file", path, text, after)
     _replace(p, after)
     ctx.seen.add(path)
-    line = text[: text.index(old)].count("\n") + 1
-    return f"edited {path} at line {line} ({len(old.splitlines())} lines -> {len(new.splitlines())} lines){note}"
+    line = text[:i].count("\n") + 1
+    head = f"edited {path} at line {line} ({_count(len(old.splitlines()), 'line')} -> {_count(len(new.splitlines()), 'line')}){note}"
+    return head + _around(after, line, len(new.splitlines()))
+
+
+EDIT_CONTEXT = 2  # lines shown before and after an edit's new text
+EDIT_SHOWN = 12  # most lines an edit's result shows
+
+
+def _around(text: str, line: int, count: int) -> str:
+    """The lines of ``text`` around lines ``line`` .. ``line + count - 1`` (an edit's new text), as read_file
+    numbers them, after ``"; lines A-B now:"``: the model sees what its edit left."""
+    lines = text.splitlines()
+    if not lines:
+        return "; the file is now empty"
+    a = max(1, line - EDIT_CONTEXT)
+    b = min(len(lines), line + max(count, 1) - 1 + EDIT_CONTEXT, a + EDIT_SHOWN - 1)
+    rows = "\n".join(f"{k:>5}  {lines[k - 1]}" for k in range(a, b + 1))
+    return f"; lines {a}-{b} now:\n{rows}"
 
 
 def _find_all(text: str, sub: str) -> list[int]:
