@@ -467,25 +467,27 @@ def test_a_loop_is_dropped_hinted_and_replanned(work: Path, tmp_path: Path) -> N
 
 def test_a_call_that_only_repeats_the_last_one_is_not_run_and_its_tool_sits_out_a_step(work: Path, tmp_path: Path) -> None:
     """A call equal to the one just before, or to the one before that when neither it nor the call between
-    changed a file, is not run again: its result says which result it repeats, and a longkv server's next
-    request may not call that tool (allowed_tools). An edit repeated word for word is not applied twice; once a
-    file was written between them, the same call runs again."""
+    changed a file, is not run again. Against a longkv server the call leaves the context and the same step is
+    asked again with that tool closed (allowed_tools); elsewhere its result says which result it repeats. An
+    edit repeated word for word is not applied twice; once a file was written between them, the same call runs
+    again."""
     (work / "a.txt").write_text("alpha\n")
     read, edit = ("read_file", {"path": "a.txt"}), ("edit_file", {"path": "a.txt", "old": "alpha", "new": "alpha alpha"})
     calls = [("plan", {"plan": "1. read\n2. edit"}), read, read, ("search", {"pattern": "alpha"}), read, edit, edit, read,
              ("write_file", {"path": "b.txt", "content": "b\n"}), read, ("finish", {"answer": "done"})]  # fmt: skip
-    server = FakeServer(scripted(calls), longkv=True)
+    made = iter(calls)  # one call per request, in order (the step after a call not run sees the same messages)
+    server = FakeServer(lambda msgs: {"calls": [next(made)]}, longkv=True)
     with _agent(server, work, tmp_path) as agent:
         res = agent.run("Double the word in a.txt")
     server.close()
     assert (res.status, res.steps, server.errors) == ("finished", 11, [])
     assert (work / "a.txt").read_text() == "alpha alpha\n"  # edited once
     results = tool_results(server.requests[-1]["messages"])  # [result 2] on (the plan's result is not in the context)
-    note = "and no file has changed since: it would only repeat that result. Use that result: call another tool, or finish with your answer."
-    assert results[1] == f"[result 3]\nnot run: this is the same call as result 2, {note}"
-    assert results[3] == f"[result 5]\nnot run: this is the same call as result 2, {note}"  # read, search, read: nothing written
-    assert results[5] == f"[result 7]\nnot run: this is the same call as result 6, {note}"
-    assert results[6] == results[8].replace("[result 10]", "[result 8]") == "[result 8]\n    1  alpha alpha"  # b.txt written between
+    assert [r.splitlines()[0] for r in results] == ["[result 2]", "[result 4]", "[result 6]", "[result 8]", "[result 9]", "[result 10]"]
+    assert results[3] == results[5].replace("[result 10]", "[result 8]") == "[result 8]\n    1  alpha alpha"  # b.txt written between
+    assert not any("not run" in json.dumps(r["messages"]) for r in server.requests)
+    # the step after a call not run is asked with the same messages as the step that made it
+    assert [server.requests[i]["messages"] for i in (3, 5, 7)] == [server.requests[i]["messages"] for i in (2, 4, 6)]
 
     def offered(r: dict) -> list[str]:
         return [t["function"]["name"] for t in r["tool_choice"]["allowed_tools"]["tools"]]
@@ -497,9 +499,40 @@ def test_a_call_that_only_repeats_the_last_one_is_not_run_and_its_tool_sits_out_
     assert offered(server.requests[4]) == [n for n in every if n != "plan"]
     assert offered(server.requests[7]) == [n for n in every if n not in ("plan", "edit_file")]
     log = RunLog(tmp_path / "runs")
-    st = RunState.replay(log.events(res.run))
+    events = log.events(res.run)
+    st = RunState.replay(events)
     log.close()
-    assert (st.repeats, st.wrote, st.barred) == ({3: 2, 5: 2, 7: 6}, {6, 9}, None)
+    assert (st.repeats, st.wrote, st.barred) == ({3: 2, 5: 2, 7: 6}, {6, 9}, set())
+    note = "and no file has changed since: it would only repeat that result. Use that result: call another tool, or finish with your answer."
+    kept = [e.data["output"] for e in events if e.kind == "tool_result" and e.data.get("repeat")]
+    assert kept == [f"not run: this is the same call as result {k}, {note}" for k in (2, 2, 6)]  # the log keeps the notes
+
+    # another server cannot close a tool: the note stays in the context
+    (work / "a.txt").write_text("alpha\n")
+    other = FakeServer(scripted([read, read, ("finish", {"answer": "done"})]))
+    with _agent(other, work, tmp_path, plan=False) as agent:
+        agent.run("Read a.txt")
+    other.close()
+    assert tool_results(other.requests[-1]["messages"])[1] == f"not run: this is the same call as an earlier call, {note}"
+
+
+def test_tools_that_only_repeated_stay_closed_until_a_call_runs(work: Path, tmp_path: Path) -> None:
+    """A model that alternates two repeats (read, search, read again, search again) meets both tools closed
+    together against a longkv server; a call that runs opens them again."""
+    (work / "a.txt").write_text("alpha\n")
+    read, find = ("read_file", {"path": "a.txt"}), ("search", {"pattern": "alpha"})
+    made = iter([read, find, read, find, ("bash", {"command": "true"}), ("finish", {"answer": "done"})])
+    server = FakeServer(lambda msgs: {"calls": [next(made)]}, longkv=True)
+    with _agent(server, work, tmp_path, plan=False) as agent:
+        res = agent.run("Read a.txt")
+    server.close()
+    assert res.status == "finished"
+
+    def closed(r: dict) -> set[str]:
+        every = {t["function"]["name"] for t in r["tools"]}
+        return every - {t["function"]["name"] for t in r["tool_choice"]["allowed_tools"]["tools"]} if isinstance(r["tool_choice"], dict) else set()
+
+    assert [closed(r) - {"recall"} for r in server.requests] == [set(), set(), set(), {"read_file"}, {"read_file", "search"}, set()]
 
 
 def test_without_plan_the_run_goes_straight_to_the_tools(work: Path, tmp_path: Path) -> None:

@@ -383,7 +383,7 @@ class Agent:
         # to recall. Other servers get the tools without plan, the same at every step.
         closed: list[str] = []
         if choice == "required" and self.longkv:
-            shut = {"plan", st.barred} | (set() if st.recallable() else {"recall"})
+            shut = {"plan", *st.barred} | (set() if st.recallable() else {"recall"})
             closed = [n for n in self.toolbox.tools if n in shut]
         self._emit(run_id, st, "request", {"step": st.steps + 1, "bytes": nbytes, "estimate": st.estimate(nbytes), "drop": len(drop),
                                            "drop_steps": drop, "tool_choice": choice, "closed": closed, "temperature": temperature},
@@ -466,11 +466,13 @@ class Agent:
             not_run("not kept: a plan is a numbered list of steps. Go on with the other tools, one call at a time.", args, planless=True)
             return
         repeat = st.repeat_of(sig) if call.name not in ("plan", "finish") else None
-        if repeat is not None:  # a small model repeats its last call word for word: say so, and bar the tool for a step
+        if repeat is not None:  # a small model repeats its last call word for word: not run, and its tool barred
             which = f"result {repeat}" if st.options.get("recall") else "an earlier call"
             out = (f"not run: this is the same call as {which}, and no file has changed since: it would only repeat "
                    f"that result. Use that result: call another tool, or finish with your answer.")  # fmt: skip
-            not_run(out, args, repeat=repeat)
+            # A longkv server can close the tool (allowed_tools): the call and this note leave the context and the
+            # step is asked again, so the model neither reads nor copies the note. Elsewhere the note stays.
+            not_run(out, args, repeat=repeat, **({"fold": True} if self.longkv else {}))
             return
         assert tool is not None
         start: dict[str, Any] = {"id": call.id, "name": call.name, "arguments": args, "idempotent": tool.idempotent}

@@ -91,7 +91,7 @@ class RunState:
     interrupted: set[int] = field(default_factory=set)  # result numbers of calls cut off by a crash (a repeat of one runs)
     wrote: set[int] = field(default_factory=set)  # result numbers of calls that changed a workdir file
     planless: bool = False  # a plan call was not a list of steps: the run goes on without a plan
-    barred: str | None = None  # a tool the next request may not call: its last call only repeated an earlier one
+    barred: set[str] = field(default_factory=set)  # tools the next request may not call: their calls since the last one that ran only repeated earlier ones
 
     def goes_on(self, message: str | None, max_steps: int | None) -> bool:
         """Whether a resume has anything to do: the run has not ended, or a message is given, or a new step cap
@@ -129,7 +129,6 @@ class RunState:
             if self.hot:
                 self.hot -= 1
             self.replan = False
-            self.barred = None
             self.final_asked = self.final_request is not None
         elif k == "reply":
             self.steps += 1
@@ -163,7 +162,11 @@ class RunState:
             self.results.append((d["signature"], d["context"]))
             if repeat:
                 self.repeats[len(self.results)] = repeat
-                self.barred = d["name"]
+                self.barred.add(d["name"])
+                if d.get("fold") and len(turn.calls) == 1:  # the call and its note leave the context: the step is asked again
+                    turn.folded = True
+            else:
+                self.barred.clear()
             if d.get("interrupted"):
                 self.interrupted.add(len(self.results))
             if d.get("changed", 1):  # a log from before this field: the call may have written
