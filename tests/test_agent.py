@@ -252,6 +252,13 @@ def test_text_pasted_with_read_files_line_numbers_loses_the_numbers(work: Path) 
     assert out.splitlines()[0] == ("edited inventory.csv at line 2 (1 line -> 2 lines); read_file's line numbers were removed from what you "
                                    "sent; lines 1-5 now:")
     assert (work / "inventory.csv").read_text() == "sku,qty\nB205,41\nD1,2\n\n    C7,1"
+    # a part of the file pasted over the whole of it (an edit's result, a window of read_file) is refused
+    before = (work / "inventory.csv").read_text()
+    for part in ("    2  B205,41\n    3  D1,2", "    1  sku,qty\n    2  B205,41"):
+        with pytest.raises(ToolError, match=r"content is lines \d-\d of its 5 \(with read_file's line numbers\), and write_file "
+                                            r"replaces the whole file: change a part of a file with edit_file"):
+            write_file.call(ctx, {"path": "inventory.csv", "content": part})
+    assert (work / "inventory.csv").read_text() == before
     with pytest.raises(ToolError, match=r"write_file: fresh.csv was not written: content starts its lines with line numbers"):
         write_file.call(ctx, {"path": "fresh.csv", "content": "1  a\n2  b\n"})
     assert not (work / "fresh.csv").exists()

@@ -331,7 +331,14 @@ def write_file(ctx: ToolContext, path: str, content: str) -> str:
         if not p.is_file():
             raise ToolError(f"write_file: {path} was not written: content starts its lines with line numbers "
                             "('1  ', '2  ', ...): send the file's text without them")
-        if not _numbered(p.read_text(errors="replace")):
+        current = p.read_text(errors="replace")
+        if not _numbered(current):
+            nums = [int(m.group(1)) for ln in content.splitlines() if (m := _NUMBERED.match(ln))]
+            total = len(current.splitlines())
+            if nums[0] != 1 or nums[-1] < total:  # a part of the file pasted over all of it would lose the rest
+                raise ToolError(f"write_file: {path} was not written: content is lines {nums[0]}-{nums[-1]} of its {total} "
+                                "(with read_file's line numbers), and write_file replaces the whole file: change a part "
+                                "of a file with edit_file")
             content, note = _unnumber(content), NUMBERS_REMOVED
     if p.is_file() and path.endswith(CHECKED):
         _check_parses("write_file", path, p.read_bytes().decode(errors="replace"), content)
