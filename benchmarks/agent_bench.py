@@ -69,6 +69,7 @@ import argparse
 import contextlib
 import http.client
 import importlib.util
+import itertools
 import json
 import os
 import platform
@@ -598,6 +599,10 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         cached = sum(r["cached_tokens"] for r in rs)
         steady = [c for r in rs for c in r["calls"][1:]]
         steady_prompt = sum(c["prompt_tokens"] for c in steady)
+        # the history of a later call: what the call before it read and wrote (the rest of its prompt is new)
+        pairs = [(a, b) for r in rs for a, b in itertools.pairwise([c for c in r["calls"] if c["status"] == 200])]
+        history = [min(a["prompt_tokens"] + a["completion_tokens"], b["prompt_tokens"]) for a, b in pairs]
+        history_cached = sum(min(b["cached_tokens"], h) for (_, b), h in zip(pairs, history, strict=True))
         kinds: dict[str, list[bool]] = defaultdict(list)
         for r in rs:
             kinds[r["kind"]].append(r["solved"])
@@ -611,6 +616,7 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
             "cached_tokens": cached,
             "cached_share": cached / prompt if prompt else 0.0,
             "steady_cached_share": sum(c["cached_tokens"] for c in steady) / steady_prompt if steady_prompt else 0.0,
+            "history_cached_share": history_cached / sum(history) if sum(history) else 0.0,
             "completion_tokens": sum(r["completion_tokens"] for r in rs),
             "seconds": sum(r["seconds"] for r in rs),
             "mean_seconds": statistics.fmean(r["seconds"] for r in rs),
@@ -622,14 +628,14 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 
 def markdown(summary: dict[str, dict[str, Any]]) -> str:
-    head = ("| arm | solved | mean steps | prompt tok (mean/task) | cached | cached, steady | completion tok "
+    head = ("| arm | solved | mean steps | prompt tok (mean/task) | cached | cached, steady | history cached | completion tok "
             "| wall s (mean/task) | crashes | HTTP errors | " + " | ".join(_kinds(summary)) + " |")
-    lines = [head, "|" + "---|" * (10 + len(_kinds(summary)))]
+    lines = [head, "|" + "---|" * (11 + len(_kinds(summary)))]
     for arm, s in summary.items():
         lines.append(
             f"| {arm} | {s['solved']}/{s['tasks']} ({s['success_rate']:.0%}) | {s['mean_steps']:.1f} "
             f"| {s['prompt_tokens']:,} ({s['mean_prompt_tokens']:,.0f}) | {s['cached_share']:.0%} "
-            f"| {s['steady_cached_share']:.0%} | {s['completion_tokens']:,} | {s['seconds']:,.0f} ({s['mean_seconds']:.0f}) "
+            f"| {s['steady_cached_share']:.0%} | {s.get('history_cached_share', 0.0):.0%} | {s['completion_tokens']:,} | {s['seconds']:,.0f} ({s['mean_seconds']:.0f}) "
             f"| {s['crashes']} | {s['server_errors']} | " + " | ".join(s["by_kind"].get(k, "-") for k in _kinds(summary)) + " |")
     return "\n".join(lines)
 

@@ -152,6 +152,14 @@ def test_recording_proxy_reads_usage_and_sets_sampling() -> None:
                                 "cached_tokens": 120, "completion_tokens": 14, "seconds": 1.0, "crashed": False,
                                 "calls": calls}])["a"]
     assert summary["cached_share"] == 0.6 and summary["steady_cached_share"] == 0.6 and summary["success_rate"] == 1.0
+    assert summary["history_cached_share"] == 0.6  # the second call's history: the first call's 100 prompt tokens
+    # a later call's history is what the call before it read and wrote; the rest of its prompt is new
+    grown = [{"status": 200, "prompt_tokens": 100, "cached_tokens": 100, "completion_tokens": 10},
+             {"status": 500, "prompt_tokens": 0, "cached_tokens": 0, "completion_tokens": 0},
+             {"status": 200, "prompt_tokens": 150, "cached_tokens": 105, "completion_tokens": 5}]  # fmt: skip
+    run = {"arm": "b", "kind": "data", "solved": False, "steps": 3, "prompt_tokens": 250, "cached_tokens": 205,
+           "completion_tokens": 15, "seconds": 1.0, "crashed": False, "calls": grown}
+    assert bench.summarize([run])["b"]["history_cached_share"] == 105 / 110
 
 
 def _run(arm: str, task: str, solved: bool, prompt: int, cached: int) -> dict[str, Any]:
