@@ -10,7 +10,8 @@ Stop rules, each ending with a best-effort final answer (one last request that
 must call ``finish``), never a bare exception: the step cap (default 40), the
 token cap, the time cap, and three replies in a row with no tool call (empty, or cut off). A call that
 only repeats the last one (or the one before it, neither changing a file) is not run again, and its tool
-sits out the next step. Loops (the same call with the same result three times, or the same error three times) are
+stays closed until a call runs (against a longkv server the call also leaves the context and the step is asked
+again; elsewhere a note says what it repeats). Loops (the same call with the same result three times, or the same error three times) are
 recovered: the repeats leave the context, a hint is added, the temperature goes up for a
 few requests and the next request must update the plan.
 """
