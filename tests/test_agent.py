@@ -259,9 +259,15 @@ def test_text_pasted_with_read_files_line_numbers_loses_the_numbers(work: Path) 
                                             r"replaces the whole file: change a part of a file with edit_file"):
             write_file.call(ctx, {"path": "inventory.csv", "content": part})
     assert (work / "inventory.csv").read_text() == before
-    with pytest.raises(ToolError, match=r"write_file: fresh.csv was not written: content starts its lines with line numbers"):
-        write_file.call(ctx, {"path": "fresh.csv", "content": "1  a\n2  b\n"})
+    with pytest.raises(ToolError, match=r"write_file: fresh.csv was not written: content starts its lines with read_file's line numbers"):
+        write_file.call(ctx, {"path": "fresh.csv", "content": "    1  a\n    2  b\n"})
     assert not (work / "fresh.csv").exists()
+    # a new file whose own lines start with numbers (not padded as read_file pads them), a TSV with an id column
+    write_file.call(ctx, {"path": "ranks.md", "content": "1  gold\n2  silver\n"})
+    assert (work / "ranks.md").read_text() == "1  gold\n2  silver\n"
+    write_file.call(ctx, {"path": "ids.tsv", "content": "1\talice\n2\tbob\n"})
+    write_file.call(ctx, {"path": "ids.tsv", "content": "1\talice\n2\tbob\n3\tcy\n"})
+    assert (work / "ids.tsv").read_text() == "1\talice\n2\tbob\n3\tcy\n"
     # numbers that are data: one line, or not on every line, one space after them, not increasing
     for text in ("1  apple\n", "1  a\nb\n2  c\n", "1 a\n2 b\n", "2  b\n1  a\n"):
         write_file.call(ctx, {"path": "inventory.csv", "content": text})
@@ -271,6 +277,22 @@ def test_text_pasted_with_read_files_line_numbers_loses_the_numbers(work: Path) 
     read_file.call(ctx, {"path": "ranks.txt"})
     write_file.call(ctx, {"path": "ranks.txt", "content": "1  ann\n2  bo\n3  cy\n"})
     assert (work / "ranks.txt").read_text() == "1  ann\n2  bo\n3  cy\n"
+
+
+def test_write_file_drops_a_code_fence_and_says_what_the_old_text_lost(work: Path) -> None:
+    """Content that is one Markdown code block is written without its fence (not in Markdown files, nor over a
+    file that opens with one); a write over an existing file says how many of its lines the new text lacks."""
+    ctx = ToolContext(work, None)
+    (work / "app.ini").write_text("[server]\nport = 80\n[db]\npool_size = 5\n")
+    read_file.call(ctx, {"path": "app.ini"})
+    out = write_file.call(ctx, {"path": "app.ini", "content": "```ini\n[db]\npool_size = 25\n```"})
+    assert out == "wrote app.ini (2 lines, 20 bytes); the ``` fence around it was removed; lines of the old text not in the new one: 3 of 4"
+    assert (work / "app.ini").read_text() == "[db]\npool_size = 25\n"
+    assert write_file.call(ctx, {"path": "new.py", "content": "```python\nx = 1\n```\n"}).endswith("the ``` fence around it was removed")
+    assert (work / "new.py").read_text() == "x = 1\n"
+    for path, text in (("doc.md", "```\ncode\n```\n"), ("two.py", "```\na = 1\n```\nb = 2\n```\n")):
+        assert write_file.call(ctx, {"path": path, "content": text}).startswith(f"wrote {path}")
+        assert (work / path).read_text() == text
 
 
 def test_edit_file_errors_say_where(work: Path) -> None:
@@ -355,7 +377,7 @@ def test_python_and_json_files_are_not_broken_by_a_write_or_an_edit(work: Path) 
     (work / "app.json").write_text('{"server": {"port": 8080}}\n')
     ctx.seen |= {"app.json", "a.py"}  # read before: write_file replaces only a file the run has seen
     # a model that pasted read_file's numbered lines in a fence: refused, the file as it was
-    with pytest.raises(ToolError, match=r"write_file: app.json was not changed: the new text is not valid JSON \(Expecting value: line 1"):
+    with pytest.raises(ToolError, match=r"write_file: app.json was not changed: the new text is not valid JSON \(Extra data: line 1"):
         write_file.call(ctx, {"path": "app.json", "content": '```\n    1  {"server": 9090}\n```'})
     with pytest.raises(ToolError, match=r"edit_file: app.json was not changed: the new text is not valid JSON"):
         edit_file.call(ctx, {"path": "app.json", "old": "8080", "new": "90 90"})
@@ -521,6 +543,30 @@ def test_a_call_that_only_repeats_the_last_one_is_not_run_and_its_tool_sits_out_
         agent.run("Read a.txt")
     other.close()
     assert tool_results(other.requests[-1]["messages"])[1] == f"not run: this is the same call as an earlier call, {note}"
+
+
+def test_agent_show_names_what_became_of_each_call(work: Path, tmp_path: Path) -> None:
+    """agent show's rows: a bash call's exit code read from the runtime's exit line even when a hint follows it, a
+    call not run as the repeat of its result, a user's resume message marked as one, and long notes cut with a
+    mark instead of mid-sentence."""
+    made = iter([("bash", {"command": "nano a.txt"}), ("bash", {"command": "nano a.txt"}), ("finish", {"answer": "done"})])
+    server = FakeServer(lambda msgs: {"calls": [next(made)]}, longkv=True)
+    with _agent(server, work, tmp_path, plan=False) as agent:
+        res = agent.run("Edit a.txt")
+    server.close()
+    log = RunLog(tmp_path / "runs")
+    rows = [r for r in steps(log.events(res.run)) if "step" in r]
+    assert [c["status"] for r in rows for c in r["calls"]] == ["exit 127", "not run: repeats 1", "ok"]
+    log.append(res.run, "note", {"content": "Use edit_file. " + "x" * 400, "source": "user"})
+    notes = [r["note"] for r in steps(log.events(res.run)) if "note" in r]
+    assert notes[-1].startswith("message: Use edit_file.")
+    buf = io.StringIO()
+    render(log, res.run, False, None, Console(file=buf, width=200))
+    log.close()
+    shown = buf.getvalue()
+    assert "bash (exit 127)" in shown and "bash (not run: repeats 1)" in shown
+    flat = "".join(shown.split())  # the note folds over several lines of the table
+    assert "x" * 275 + "…" in flat and "x" * 276 not in flat
 
 
 def test_tools_that_only_repeated_stay_closed_until_a_call_runs(work: Path, tmp_path: Path) -> None:
@@ -827,7 +873,8 @@ def test_the_files_a_run_has_seen_come_back_with_its_log(work: Path, tmp_path: P
     server.close()
     results = tool_results(server.requests[-1]["messages"])
     assert results[-3].startswith("error: write_file: notes.txt exists and you have not read it")
-    assert results[-1] == "wrote notes.txt (1 lines, 4 bytes)" and (work / "notes.txt").read_text() == "new\n"
+    assert results[-1] == "wrote notes.txt (1 line, 4 bytes); lines of the old text not in the new one: 1 of 1"
+    assert (work / "notes.txt").read_text() == "new\n"
     log = RunLog(tmp_path / "runs")
     assert RunState.replay(log.events(res.run)).files_seen == {"notes.txt"}
     log.close()
@@ -1054,7 +1101,7 @@ def test_cli_run_show_and_resume(work: Path, tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     assert (out["status"], out["answer"], out["steps"]) == ("finished", "7", 2) and (work / "n.txt").read_text() == "7"
-    assert "step 1 write_file(" in proc.stderr and "write_file -> wrote n.txt (1 lines, 1 bytes)" in proc.stderr  # progress
+    assert "step 1 write_file(" in proc.stderr and "write_file -> wrote n.txt (1 line, 1 byte)" in proc.stderr  # progress
     shown = _cli(["show", out["run"], "--json"], tmp_path)
     s = json.loads(shown.stdout)
     assert (s["status"], s["steps"], [c["name"] for r in s["trajectory"] for c in r.get("calls", [])]) == ("finished", 2, ["write_file", "finish"])
@@ -1092,6 +1139,8 @@ def test_cli_a_run_stopped_at_a_limit_exits_3(work: Path, tmp_path: Path) -> Non
         (["run", "@nofile.md", "--server", "URL"], "cannot read the task file 'nofile.md'"),
         (["run", "x", "--model", "missing.gguf", "--temperature", "-1"], "temperature must be 0 to 2, got -1.0"),  # before loading
         (["run", "x", "--server", "URL", "--max-steps", "0"], "max_steps (--max-steps) must be at least 1, got 0"),
+        (["run", "x", "--server", "URL", "--max-seconds", "0"], "max_seconds (--max-seconds) must be above 0, got 0.0"),
+        (["run", "x", "--model", "m.gguf", "--threads", "0"], "threads (--threads) must be at least 1, got 0"),
         (["run", "x", "--server", "notaurl"], "the server URL 'notaurl' is not an http(s) URL"),
         (["resume", "nope"], "no run 'nope'"),
         (["show", "nope"], "no run 'nope'"),

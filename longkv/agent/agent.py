@@ -196,7 +196,9 @@ class Agent:
         if not 0.0 <= temperature <= 2.0:
             raise LongKVError(f"temperature must be 0 to 2, got {temperature}: 0 is greedy, 0.7 a usual sampling value")
         if max_seconds <= 0:
-            raise LongKVError(f"max_seconds must be above 0, got {max_seconds}")
+            raise LongKVError(f"max_seconds (--max-seconds) must be above 0, got {max_seconds}: it caps the run's model and tool time")
+        if threads is not None and threads < 1:
+            raise LongKVError(f"threads (--threads) must be at least 1, got {threads}: leave it out to use every core")
         self._extra = tuple(tools)
         self.toolbox = Toolbox.of(self._extra)  # a bad tool fails here, before a model loads (recall is added below)
         self.sandbox = Sandbox(self.workdir, limits or Limits(), enabled=sandbox)

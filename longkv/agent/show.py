@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from longkv.agent.runlog import Event, RunInfo, RunLog
+
+NOTE_CHARS = 300  # most characters of a note the table shows (agent show --step N shows a step whole)
 
 
 def steps(events: list[Event]) -> list[dict[str, Any]]:
@@ -37,12 +40,17 @@ def steps(events: list[Event]) -> list[dict[str, Any]]:
         elif e.kind == "tool_result" and d["id"] in by_call:
             call = by_call[d["id"]]
             out = d["output"]
+            code = re.findall(r"^\[exit code (-?\d+)\]$", out, re.M) if d["name"] in ("bash", "python") else []
             if d.get("interrupted"):
                 call["status"] = "interrupted"
+            elif d.get("repeat"):
+                call["status"] = f"not run: repeats {d['repeat']}"
+            elif d.get("planless"):
+                call["status"] = "not kept"
             elif d["error"]:
                 call["status"] = "error"
-            elif d["name"] in ("bash", "python") and out.rstrip().endswith("]") and "[exit code " in out[-40:]:
-                call["status"] = "exit " + out.rstrip()[out.rstrip().rindex("[exit code ") + 11 : -1]
+            elif code:  # the runtime's exit line (the changed files or a hint may follow it)
+                call["status"] = f"exit {code[-1]}"
             elif "[killed: " in out[-120:]:
                 call["status"] = "killed"
             else:
@@ -53,7 +61,7 @@ def steps(events: list[Event]) -> list[dict[str, Any]]:
                     r["tool_s"] = round(r["tool_s"] + d.get("seconds", 0.0), 4)
                     break
         elif e.kind == "note":
-            rows.append({"note": d["content"]})
+            rows.append({"note": f"message: {d['content']}" if d.get("source") == "user" else d["content"]})
         elif e.kind == "loop":
             rows.append({"note": f"loop detected ({d['kind']}): {d['signature'][:80]}"})
     return rows
@@ -132,7 +140,8 @@ def render(log: RunLog, run_id: str | None, as_json: bool, step: int | None, con
     t.add_column("calls", ratio=1, overflow="fold")
     for r in rows:
         if "note" in r:
-            t.add_row(*[""] * len(cols), f"[dim]{escape(r['note'][:100])}[/]")
+            note = r["note"] if len(r["note"]) <= NOTE_CHARS else r["note"][: NOTE_CHARS - 1] + "…"
+            t.add_row(*[""] * len(cols), f"[dim]{escape(note)}[/]")
             continue
         cut = f"{(r['truncated'].get('name') or 'call')} (cut off)" if r.get("truncated") else ""
         calls = ", ".join(f"{c['name']} ({c['status']})" for c in r["calls"]) or escape(r["text"][:60].replace("\n", " ") or cut)

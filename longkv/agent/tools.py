@@ -326,26 +326,47 @@ def write_file(ctx: ToolContext, path: str, content: str) -> str:
     if p.is_file() and p.stat().st_size and not ctx.has_seen(p):
         raise ToolError(f"write_file: {path} exists and you have not read it: call read_file on it first, "
                         "then change it with edit_file (or write_file its whole new text)")
-    note = ""
+    current = p.read_text(errors="replace") if p.is_file() else None
+    notes = []
+    if not path.endswith(FENCED) and not (current or "").lstrip().startswith("```") and (inner := _unfence(content)) is not None:
+        content = inner  # a model's code block: the fence is not the file's
+        notes.append("the ``` fence around it was removed")
     if _numbered(content):  # pasted from read_file: the file's own lines are meant, unless the file is numbered itself
-        if not p.is_file():
-            raise ToolError(f"write_file: {path} was not written: content starts its lines with line numbers "
-                            "('1  ', '2  ', ...): send the file's text without them")
-        current = p.read_text(errors="replace")
-        if not _numbered(current):
+        if current is None:
+            if _numbered(content, padded=True):
+                raise ToolError(f"write_file: {path} was not written: content starts its lines with read_file's line numbers "
+                                "('    1  ', '    2  ', ...): send the file's text without them")
+        elif not _numbered(current):
             nums = [int(m.group(1)) for ln in content.splitlines() if (m := _NUMBERED.match(ln))]
             total = len(current.splitlines())
             if nums[0] != 1 or nums[-1] < total:  # a part of the file pasted over all of it would lose the rest
                 raise ToolError(f"write_file: {path} was not written: content is lines {nums[0]}-{nums[-1]} of its {total} "
                                 "(with read_file's line numbers), and write_file replaces the whole file: change a part "
                                 "of a file with edit_file")
-            content, note = _unnumber(content), NUMBERS_REMOVED
-    if p.is_file() and path.endswith(CHECKED):
-        _check_parses("write_file", path, p.read_bytes().decode(errors="replace"), content)
+            content = _unnumber(content)
+            notes.append(NUMBERS_REMOVED)
+    if current is not None and path.endswith(CHECKED):
+        _check_parses("write_file", path, current, content)
+    if current is not None:  # what the old text loses: a model that writes back an excerpt sees it here
+        gone = len(set(ln for ln in current.splitlines() if ln.strip()) - set(content.splitlines()))
+        if gone:
+            notes.append(f"lines of the old text not in the new one: {gone} of {len(current.splitlines())}")
     p.parent.mkdir(parents=True, exist_ok=True)
     _replace(p, content)
     ctx.seen.add(path)
-    return f"wrote {path} ({len(content.splitlines())} lines, {len(content.encode())} bytes){note}"
+    return f"wrote {path} ({_count(len(content.splitlines()), 'line')}, {_count(len(content.encode()), 'byte')})" + "".join(f"; {n}" for n in notes)
+
+
+FENCED = (".md", ".markdown", ".rst")  # kinds of file whose text may itself open with a ``` fence
+
+
+def _unfence(text: str) -> str | None:
+    """The inside of ``text`` when all of it is one Markdown code block (a first line that opens a ``` fence,
+    with or without a language, and a last line that closes it), else None."""
+    lines = text.strip("\n").split("\n")
+    if len(lines) >= 2 and re.fullmatch(r"```[\w+.-]*\s*", lines[0]) and lines[-1].strip() == "```" and not any(ln.startswith("```") for ln in lines[1:-1]):
+        return "\n".join(lines[1:-1]) + "\n"
+    return None
 
 
 def _replace(p: Path, text: str) -> None:
@@ -357,19 +378,20 @@ def _replace(p: Path, text: str) -> None:
     tmp.replace(p)
 
 
-_NUMBERED = re.compile(r"\s*(\d+)(?:  |\t|\s*$)")
+_NUMBERED = re.compile(r"\s*(\d+)(?:  |\s*$)")
 
 
-def _numbered(text: str, least: int = 2) -> bool:
+def _numbered(text: str, least: int = 2, padded: bool = False) -> bool:
     """Whether ``text`` starts every non-blank line with increasing numbers, as read_file shows a file (``1  ``,
     then the line): a model that pastes what it read with its line numbers (some lines may be left out, a blank
-    line may keep its number alone). At least ``least`` lines must have text after their number."""
+    line may keep its number alone). At least ``least`` lines must have text after their number; ``padded``:
+    each number right-aligned in 5 characters, exactly as read_file prints it."""
     nums, filled = [], 0
     for ln in text.splitlines():
         if not ln.strip():
             continue
         m = _NUMBERED.match(ln)
-        if m is None:
+        if m is None or (padded and m.end(1) != 5):
             return False
         nums.append(int(m.group(1)))
         filled += bool(ln[m.end() :].strip())
@@ -377,11 +399,11 @@ def _numbered(text: str, least: int = 2) -> bool:
 
 
 def _unnumber(text: str) -> str:
-    """``text`` without read_file's line numbers (each line's number and the two spaces or tab after it)."""
+    """``text`` without read_file's line numbers (each line's number and the two spaces after it)."""
     return "\n".join(ln[m.end() :] if (m := _NUMBERED.match(ln)) else ln for ln in text.split("\n"))
 
 
-NUMBERS_REMOVED = "; read_file's line numbers were removed from what you sent"
+NUMBERS_REMOVED = "read_file's line numbers were removed from what you sent"
 
 
 CHECKED = (".py", ".json")  # kinds of file a write or an edit may not leave unparseable
@@ -443,9 +465,9 @@ def edit_file(ctx: ToolContext, path: str, old: str, new: str) -> str:
     note = ""
     if not _numbered(text):  # pasted from read_file with its line numbers (a single line too, where only that matches)
         if old not in text and _numbered(old, least=1) and _unnumber(old) in text:
-            old, note = _unnumber(old), NUMBERS_REMOVED
+            old, note = _unnumber(old), f"; {NUMBERS_REMOVED}"
         if _numbered(new, least=1 if note else 2):
-            new, note = _unnumber(new), NUMBERS_REMOVED
+            new, note = _unnumber(new), f"; {NUMBERS_REMOVED}"
     n = text.count(old)
     if n and old == new:
         raise ToolError(f"edit_file: old and new are the same text, so {path} would not change: pass the changed text as new")
