@@ -474,28 +474,27 @@ def edit_file(ctx: ToolContext, path: str, old: str, new: str) -> str:
     if n == 0:
         raise ToolError(f"edit_file: the text to replace is not in {path}{_closest(text, old)}: copy the lines exactly as "
                         "read_file shows them, with their indentation")
-    if n == 1 and len(old) <= 2 and old.strip() == old:  # "5" inside "db:5432": a model copying digits into an edit
-        i = text.index(old)
+    if n > 1:
+        at = [_line_of(text, k) for k in _find_all(text, old)]
+        raise ToolError(f"edit_file: the text to replace occurs {n} times in {path} (at lines {', '.join(map(str, at[:10]))}): "
+                        "include more surrounding lines so it occurs once")
+    i = text.index(old)
+    if len(old) <= 2 and old.strip() == old:  # "5" inside "db:5432": a model copying digits into an edit
         a, b = i, i + len(old)
         while a > 0 and (text[a - 1].isalnum() or text[a - 1] == "_"):
             a -= 1
         while b < len(text) and (text[b].isalnum() or text[b] == "_"):
             b += 1
         if (a, b) != (i, i + len(old)):
-            raise ToolError(f"edit_file: {old!r} is part of {text[a:b]!r} (line {text[:i].count(chr(10)) + 1}) in {path}: "
+            raise ToolError(f"edit_file: {old!r} is part of {text[a:b]!r} (line {_line_of(text, i)}) in {path}: "
                             "give the whole word or line as old")
-    if n > 1:
-        at = [text[:i].count("\n") + 1 for i in _find_all(text, old)]
-        raise ToolError(f"edit_file: the text to replace occurs {n} times in {path} (at lines {', '.join(map(str, at[:10]))}): "
-                        "include more surrounding lines so it occurs once")
-    i = text.index(old)
     if not new and (i == 0 or text[i - 1] == "\n") and text[i + len(old) : i + len(old) + 1] == "\n":
         old += "\n"  # whole lines replaced by nothing: they go, not an empty line in their place
     after = text[:i] + new + text[i + len(old) :]
     _check_parses("edit_file", path, text, after)
     _replace(p, after)
     ctx.seen.add(path)
-    line = text[:i].count("\n") + 1
+    line = _line_of(text, i)
     head = f"edited {path} at line {line} ({_count(len(old.splitlines()), 'line')} -> {_count(len(new.splitlines()), 'line')}){note}"
     return head + _around(after, line, len(new.splitlines()))
 
@@ -514,6 +513,11 @@ def _around(text: str, line: int, count: int) -> str:
     b = min(len(lines), line + max(count, 1) - 1 + EDIT_CONTEXT, a + EDIT_SHOWN - 1)
     rows = "\n".join(f"{k:>5}  {lines[k - 1]}" for k in range(a, b + 1))
     return f"; lines {a}-{b} now:\n{rows}"
+
+
+def _line_of(text: str, i: int) -> int:
+    """The 1-based line of ``text`` that character ``i`` is on."""
+    return text.count("\n", 0, i) + 1
 
 
 def _find_all(text: str, sub: str) -> list[int]:
