@@ -25,6 +25,7 @@ loaded with ctypes (the call releases the GIL). Without a C compiler, or with ``
 
 from __future__ import annotations
 
+import array
 import ctypes
 import hashlib
 import logging
@@ -241,8 +242,9 @@ def decode_attention(q: torch.Tensor, plans: list[list[tuple[Any, Any]]], scale:
     q = q.contiguous()
     out = torch.empty_like(q)
     flags = int(q.dtype == torch.bfloat16) << 1
-    rc = _lib.longkv_decode_attention((ctypes.c_int64 * len(meta))(*meta), (ctypes.c_int32 * b)(*nseg), b, q.data_ptr(),
-                                      out.data_ptr(), h, hkv, d, scale, flags)
+    meta_a, nseg_a = array.array("q", meta), array.array("i", nseg)
+    rc = _lib.longkv_decode_attention(meta_a.buffer_info()[0], nseg_a.buffer_info()[0], b, q.data_ptr(), out.data_ptr(), h, hkv, d,
+                                      scale, flags)
     if rc == -2:
         raise MemoryError("decode_attention: out of memory for the kernel's buffers")
     if rc != 0:
@@ -645,10 +647,12 @@ class DecodeLayers:
         assert x.shape[1] == c and x.is_contiguous() and x.dtype in _ACT_DTYPES and positions.is_contiguous()
         assert len(kv) == KV_WORDS * self.layers * b and len(nseg) == self.layers * b and cos.dtype == torch.float32
         out = torch.empty_like(x)
+        # array.array copies a list of ints in C: ~5x faster than a ctypes array built from it (~60 us a step)
+        kv_a, meta_a, nseg_a = array.array("q", kv), array.array("q", meta), array.array("i", nseg)
         rc = _lib.longkv_decode_layers(  # type: ignore[union-attr]
             self.layers, self._lw, self.eps, c, h, hkv, d, inter, ho, x.data_ptr(), out.data_ptr(), b, int(x.dtype == torch.bfloat16),
-            (ctypes.c_int64 * len(kv))(*kv), positions.data_ptr(), cos.data_ptr(), sin.data_ptr(), 2 * cos.shape[-1],
-            (ctypes.c_int64 * len(meta))(*meta), (ctypes.c_int32 * len(nseg))(*nseg), d**-0.5,
+            kv_a.buffer_info()[0], positions.data_ptr(), cos.data_ptr(), sin.data_ptr(), 2 * cos.shape[-1],
+            meta_a.buffer_info()[0], nseg_a.buffer_info()[0], d**-0.5,
         )  # fmt: skip
         if rc == -2:
             raise MemoryError("decode_layers: out of memory for the kernel's buffers")
