@@ -339,6 +339,10 @@ def test_file_tools(work: Path) -> None:
         edit_file.call(ctx, {"path": "src/a.py", "old": "z = 1", "new": "x = 3"})
     with pytest.raises(ToolError, match="old and new are the same text, so src/a.py would not change"):
         edit_file.call(ctx, {"path": "src/a.py", "old": "y = 2", "new": "y = 2"})
+    with pytest.raises(ToolError, match=r"not in src/a.py: to add text, give as old a line that is there \(the last one is 'x = 1'\) and"):
+        edit_file.call(ctx, {"path": "src/a.py", "old": "z = 9", "new": "z = 9\nz = 10"})  # an insertion with nothing to anchor it
+    with pytest.raises(ToolError, match="old and new are the same text"):  # said before whether it is found at all
+        edit_file.call(ctx, {"path": "src/a.py", "old": "w = 9", "new": "w = 9"})
     assert edit_file.call(ctx, {"path": "src/a.py", "old": "y = 2", "new": "y = 20\ny = 21"}) == \
         "edited src/a.py at line 2 (1 line -> 2 lines); lines 1-4 now:\n    1  x = 1\n    2  y = 20\n    3  y = 21\n    4  x = 1"
     assert (work / "src/a.py").read_text() == "x = 1\ny = 20\ny = 21\nx = 1\n"
@@ -363,6 +367,16 @@ def test_file_tools(work: Path) -> None:
         read_file.call(ctx, {"path": "nope.py"})
     with pytest.raises(ToolError, match="no file 'src/nope.py'; src/ holds: a.py"):
         read_file.call(ctx, {"path": "src/nope.py"})
+    # a file named without its folder: where it is, rather than an offer to create it
+    with pytest.raises(ToolError, match=r"read_file: no file 'a.py'; a file of that name is at src/a.py: give the path from the workdir$"):
+        read_file.call(ctx, {"path": "a.py"})
+    with pytest.raises(ToolError, match=r"edit_file: no file 'a.py'; a file of that name is at src/a.py: give the path from the workdir$"):
+        edit_file.call(ctx, {"path": "a.py", "old": "x", "new": "y"})
+    assert write_file.call(ctx, {"path": "lib/a.py", "content": "z = 1\n"}) == \
+        "wrote lib/a.py (1 line, 6 bytes); a new file; one of that name is at src/a.py"
+    with pytest.raises(ToolError, match=r"no file 'a.py'; a file of that name is at lib/a.py and src/a.py: give"):
+        read_file.call(ctx, {"path": "a.py"})
+    (work / "lib/a.py").unlink()
     (work / "link").symlink_to("/etc/passwd")  # as sandboxed code could leave it: the host-side tools follow no link out
     for t, args in ((read_file, {"path": "link"}), (write_file, {"path": "link", "content": "x"}), (search, {"pattern": "root", "path": "link"})):
         with pytest.raises(ToolError, match="outside the workdir"):
@@ -497,44 +511,43 @@ def test_a_loop_is_dropped_hinted_and_replanned(work: Path, tmp_path: Path) -> N
 def test_a_call_that_only_repeats_the_last_one_is_not_run_and_its_tool_sits_out_a_step(work: Path, tmp_path: Path) -> None:
     """A call equal to the one just before, or to the one before that when neither it nor the call between
     changed a file, is not run again. Against a longkv server the call leaves the context and the same step is
-    asked again with that tool closed (allowed_tools); elsewhere its result says which result it repeats. An
-    edit repeated word for word is not applied twice; once a file was written between them, the same call runs
-    again."""
+    asked again with that tool closed (allowed_tools); elsewhere its result says which result it repeats. Once a
+    file was written between them, the same call runs again."""
     (work / "a.txt").write_text("alpha\n")
     read, edit = ("read_file", {"path": "a.txt"}), ("edit_file", {"path": "a.txt", "old": "alpha", "new": "alpha alpha"})
-    calls = [("plan", {"plan": "1. read\n2. edit"}), read, read, ("search", {"pattern": "alpha"}), read, edit, edit, read,
+    calls = [("plan", {"plan": "1. read\n2. edit"}), read, read, ("search", {"pattern": "alpha"}), read, edit, read,
              ("write_file", {"path": "b.txt", "content": "b\n"}), read, ("finish", {"answer": "done"})]  # fmt: skip
     made = iter(calls)  # one call per request, in order (the step after a call not run sees the same messages)
     server = FakeServer(lambda msgs: {"calls": [next(made)]}, longkv=True)
     with _agent(server, work, tmp_path) as agent:
         res = agent.run("Double the word in a.txt")
     server.close()
-    assert (res.status, res.steps, server.errors) == ("finished", 11, [])
-    assert (work / "a.txt").read_text() == "alpha alpha\n"  # edited once
+    assert (res.status, res.steps, server.errors) == ("finished", 10, [])
+    assert (work / "a.txt").read_text() == "alpha alpha\n"
     results = tool_results(server.requests[-1]["messages"])  # [result 2] on (the plan's result is not in the context)
-    assert [r.splitlines()[0] for r in results] == ["[result 2]", "[result 4]", "[result 6]", "[result 8]", "[result 9]", "[result 10]"]
-    assert results[3] == results[5].replace("[result 10]", "[result 8]") == "[result 8]\n    1  alpha alpha"  # b.txt written between
+    assert [r.splitlines()[0] for r in results] == ["[result 2]", "[result 4]", "[result 6]", "[result 7]", "[result 8]", "[result 9]"]
+    assert results[3] == results[5].replace("[result 9]", "[result 7]") == "[result 7]\n    1  alpha alpha"  # b.txt written between
     assert not any("not run" in json.dumps(r["messages"]) for r in server.requests)
     # the step after a call not run is asked with the same messages as the step that made it
-    assert [server.requests[i]["messages"] for i in (3, 5, 7)] == [server.requests[i]["messages"] for i in (2, 4, 6)]
+    assert [server.requests[i]["messages"] for i in (3, 5)] == [server.requests[i]["messages"] for i in (2, 4)]
 
     def offered(r: dict) -> list[str]:
         return [t["function"]["name"] for t in r["tool_choice"]["allowed_tools"]["tools"]]
 
     every = [t["function"]["name"] for t in server.requests[0]["tools"]]
-    # request 2: nothing to recall yet; 4: read_file sits out after its repeat; 5: back; 8: edit_file sits out
+    # request 2: nothing to recall yet; 4: read_file sits out after its repeat; 5: back; 6: out again
     assert offered(server.requests[1]) == [n for n in every if n not in ("plan", "recall")]
     assert offered(server.requests[3]) == [n for n in every if n not in ("plan", "read_file")]
     assert offered(server.requests[4]) == [n for n in every if n != "plan"]
-    assert offered(server.requests[7]) == [n for n in every if n not in ("plan", "edit_file")]
+    assert offered(server.requests[5]) == [n for n in every if n not in ("plan", "read_file")]
     log = RunLog(tmp_path / "runs")
     events = log.events(res.run)
     st = RunState.replay(events)
     log.close()
-    assert (st.repeats, st.wrote, st.barred) == ({3: 2, 5: 2, 7: 6}, {6, 9}, set())
+    assert (st.repeats, st.wrote, st.barred) == ({3: 2, 5: 2}, {6, 8}, set())
     note = "and no file has changed since: it would only repeat that result. Use that result: call another tool, or finish with your answer."
     kept = [e.data["output"] for e in events if e.kind == "tool_result" and e.data.get("repeat")]
-    assert kept == [f"not run: this is the same call as result {k}, {note}" for k in (2, 2, 6)]  # the log keeps the notes
+    assert kept == [f"not run: this is the same call as result {k}, {note}" for k in (2, 2)]  # the log keeps the notes
 
     # another server cannot close a tool: the note stays in the context
     (work / "a.txt").write_text("alpha\n")
@@ -543,6 +556,29 @@ def test_a_call_that_only_repeats_the_last_one_is_not_run_and_its_tool_sits_out_
         agent.run("Read a.txt")
     other.close()
     assert tool_results(other.requests[-1]["messages"])[1] == f"not run: this is the same call as an earlier call, {note}"
+
+
+def test_a_change_repeated_word_for_word_is_not_made_twice_and_the_run_is_asked_to_finish(work: Path, tmp_path: Path) -> None:
+    """An edit (or any call that changed a file) made again with nothing changed since is not run: its result
+    says the change is made, and the next request asks for finish (the run stops with the model's answer).
+    A call that changed nothing is only barred for a step (the test above)."""
+    (work / "a.txt").write_text("alpha\n")
+    edit = ("edit_file", {"path": "a.txt", "old": "alpha", "new": "beta"})
+    made = iter([edit, edit, ("finish", {"answer": "alpha is beta now"})])
+    server = FakeServer(lambda msgs: {"calls": [next(made)]}, longkv=True)
+    with _agent(server, work, tmp_path, plan=False) as agent:
+        res = agent.run("Change alpha to beta in a.txt")
+    server.close()
+    assert (res.status, res.answer, res.steps, res.stop_reason) == ("stopped", "alpha is beta now", 3, "The model repeated a change it had made")
+    assert (work / "a.txt").read_text() == "beta\n"
+    assert [r["tool_choice"] == {"type": "function", "function": {"name": "finish"}} for r in server.requests] == [False, False, True]
+    last = server.requests[-1]["messages"]  # the repeat left the context (the model would copy its note): the change's result is the last
+    assert tool_results(last)[-1].startswith("[result 1]\nedited a.txt at line 1 (1 line -> 1 line)")
+    assert last[-1] == {"role": "user", "content": "That change is made. Call finish now with what you changed."}
+    log = RunLog(tmp_path / "runs")
+    outputs = [e.data["output"] for e in log.events(res.run) if e.kind == "tool_result"]
+    log.close()
+    assert outputs[1] == "not run: this is the same call as result 1, which made its change; no file has changed since."  # the log keeps it
 
 
 def test_agent_show_names_what_became_of_each_call(work: Path, tmp_path: Path) -> None:

@@ -469,6 +469,17 @@ class Agent:
             not_run("not kept: a plan is a numbered list of steps. Go on with the other tools, one call at a time.", args, planless=True)
             return
         repeat = st.repeat_of(sig) if call.name not in ("plan", "finish") else None
+        if repeat is not None and repeat in st.wrote:
+            # The same change again, nothing changed since: the model has made it and has no next step but this one.
+            # Qwen2.5-Coder-0.5B, told so and asked on, wrote over the file it had just fixed; it is asked to finish.
+            # The repeat and its result leave the context (the model copied such a note into its answer); the change's
+            # own result stays in view for the answer.
+            which = f"result {repeat}" if st.options.get("recall") else "an earlier call"
+            not_run(f"not run: this is the same call as {which}, which made its change; no file has changed since.", args,
+                    repeat=repeat, fold=True)
+            self._emit(run_id, st, "note", {"content": "That change is made. Call finish now with what you changed.",
+                                            "final": "The model repeated a change it had made"}, on_event)  # fmt: skip
+            return
         if repeat is not None:  # a small model repeats its last call word for word: not run, and its tool barred
             which = f"result {repeat}" if st.options.get("recall") else "an earlier call"
             out = (f"not run: this is the same call as {which}, and no file has changed since: it would only repeat "

@@ -92,7 +92,7 @@ def run(
     reply_tokens: Annotated[int, typer.Option(help="max_tokens of each model call (a call longer than that is cut and the model is told).")] = 512,
     observation_chars: Annotated[int, typer.Option(help="Most characters of one tool result put back in the context (head + tail; the run log keeps all).")] = 8000,
     temperature: Annotated[float, typer.Option(help="Sampling temperature (0: greedy).")] = 0.0,
-    threads: Annotated[int | None, typer.Option(help="CPU threads of the in-process model.")] = None,
+    threads: Annotated[int | None, typer.Option(help="CPU threads of the in-process model (default: all cores).")] = None,
     device: Annotated[str, typer.Option(help="Device of the in-process model: cpu, cuda or cuda:N.")] = "cpu",
     kv_memory: Annotated[bool | None, typer.Option("--kv-memory/--no-kv-memory", help="Keep the run's context as KV memory on the server: tool results compressed once read, dropped turns cut out of the KV without a new prefill (docs/memory.md). Default: on in process and with a longkv server.")] = None,
     plan: Annotated[bool, typer.Option("--plan/--no-plan", help="Ask the model for a short plan first and again after a loop. --no-plan goes straight to the tools.")] = True,

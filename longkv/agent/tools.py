@@ -18,6 +18,7 @@ never re-run.
 from __future__ import annotations
 
 import difflib
+import glob
 import inspect
 import itertools
 import json
@@ -70,6 +71,12 @@ class ToolContext:
     def relative(self, p: Path) -> str:
         """``p`` (a path from :meth:`path`) as the model names it: relative to the workdir, ``.`` for the workdir."""
         return p.relative_to(self.workdir.resolve()).as_posix() or "."
+
+    def namesakes(self, p: Path) -> list[str]:
+        """Other files of the workdir named like ``p`` (a path from :meth:`path`), as the model names them, at most 3:
+        a model that writes ``faq.md`` for ``docs/faq.md`` is told where the file is."""
+        root = self.workdir.resolve()
+        return [self.relative(f) for f in _files(root, glob.escape(p.name)) if f.name == p.name and f != p][:3]
 
     def has_seen(self, p: Path) -> bool:
         """Whether the run has read or written the file at ``p`` (a path from :meth:`path`)."""
@@ -289,6 +296,8 @@ def read_file(ctx: ToolContext, path: str, start: int = 1) -> str:
     """
     p = ctx.path(path)
     if not p.is_file():
+        if same := ctx.namesakes(p):
+            raise ToolError(f"read_file: no file {path!r}; a file of that name is at {' and '.join(same)}: give the path from the workdir")
         near = sorted(q.name for q in p.parent.iterdir())[:20] if p.parent.is_dir() else []
         where = "the workdir" if p.parent == ctx.workdir.resolve() else f"{ctx.relative(p.parent)}/"
         raise ToolError(f"read_file: no file {path!r}" + (f"; {where} holds: {', '.join(near)}" if near else ""))
@@ -328,6 +337,8 @@ def write_file(ctx: ToolContext, path: str, content: str) -> str:
                         "then change it with edit_file (or write_file its whole new text)")
     current = p.read_text(errors="replace") if p.is_file() else None
     notes = []
+    if current is None and (same := ctx.namesakes(p)):  # a new file named like one elsewhere: meant to be that one?
+        notes.append(f"a new file; one of that name is at {' and '.join(same)}")
     if not path.endswith(FENCED) and not (current or "").lstrip().startswith("```") and (inner := _unfence(content)) is not None:
         content = inner  # a model's code block: the fence is not the file's
         notes.append("the ``` fence around it was removed")
@@ -453,6 +464,8 @@ def edit_file(ctx: ToolContext, path: str, old: str, new: str) -> str:
     """
     p = ctx.path(path)
     if not p.is_file():
+        if same := ctx.namesakes(p):
+            raise ToolError(f"edit_file: no file {path!r}; a file of that name is at {' and '.join(same)}: give the path from the workdir")
         raise ToolError(f"edit_file: no file {path!r}: create it with write_file")
     if not old:
         raise ToolError("edit_file: old is empty: give the exact text to replace (read_file shows it)")
@@ -468,10 +481,14 @@ def edit_file(ctx: ToolContext, path: str, old: str, new: str) -> str:
             old, note = _unnumber(old), f"; {NUMBERS_REMOVED}"
         if _numbered(new, least=1 if note else 2):
             new, note = _unnumber(new), f"; {NUMBERS_REMOVED}"
-    n = text.count(old)
-    if n and old == new:
+    if old == new:
         raise ToolError(f"edit_file: old and new are the same text, so {path} would not change: pass the changed text as new")
+    n = text.count(old)
     if n == 0:
+        last = next((ln for ln in reversed(text.splitlines()) if ln.strip()), None)
+        if old in new and last is not None:  # the new text around a missing old: an insertion, which edit_file anchors
+            raise ToolError(f"edit_file: the text to replace is not in {path}: to add text, give as old a line that is there "
+                            f"(the last one is {last[:200]!r}) and as new that line with the added text")
         raise ToolError(f"edit_file: the text to replace is not in {path}{_closest(text, old)}: copy the lines exactly as "
                         "read_file shows them, with their indentation")
     if n > 1:
