@@ -817,6 +817,25 @@ def test_huge_tool_outputs_never_overflow_the_window(work: Path, tmp_path: Path)
     assert [len(w.splitlines()) for w in whole] == [n // 48 + 1 for n in sizes]  # the log keeps every line (+ exit code)
 
 
+def test_kv_memory_compresses_tool_results_only_once_the_prompt_fills_half_the_window(work: Path, tmp_path: Path) -> None:
+    """A result's compression costs a forward over its tokens: while the prompt fills less than half of what the
+    window leaves for it, every request asks the server to keep tool results whole (tool_keep null); past that,
+    at 0.5."""
+    (work / "small.txt").write_text("a few words\n")
+    (work / "big.txt").write_text("".join(f"line {j} " + "x" * 40 + "\n" for j in range(200)))  # ~10 K characters
+    calls = [("read_file", {"path": "small.txt"}), *[("bash", {"command": f"cat big.txt # {i}"}) for i in range(10)], ("finish", {"answer": "read"})]
+    made = iter(calls)
+    server = FakeServer(lambda msgs: {"calls": [next(made)]}, window=8192, longkv=True)
+    with _agent(server, work, tmp_path, reply_tokens=256, plan=False) as agent:
+        res = agent.run("Read the files")
+    server.close()
+    assert (res.status, server.errors) == ("finished", [])
+    counted = [tokens(r["messages"]) for r in server.requests]  # what the server counted, one prompt after another
+    half = (8192 - 256) // 2
+    assert counted[0] < half < counted[-2]  # the big outputs fill the window as the run goes
+    assert [r["longkv"]["memory"]["tool_keep"] for r in server.requests] == [None] + [0.5 if c > half else None for c in counted[:-1]]
+
+
 def test_a_longkv_server_gets_the_run_as_a_kv_memory_session(work: Path, tmp_path: Path) -> None:
     """Against longkv serve the run's requests name its KV memory session; the history sent may pass the window
     (the server fits its KV) up to 4 windows, then turns are dropped, leaving no marker message behind (the session
@@ -832,7 +851,11 @@ def test_a_longkv_server_gets_the_run_as_a_kv_memory_session(work: Path, tmp_pat
         res = agent.run("Read the big files")
     server.close()
     assert (res.status, server.errors) == ("finished", []), res.stop_reason
-    assert {json.dumps(r["longkv"]) for r in server.requests} == {json.dumps({"session": res.run, "memory": {"save": False}})}
+    # results are compressed once the last prompt the server counted passed half of what the window leaves
+    counted = [tokens(r["messages"]) for r in server.requests]
+    keeps = [None] + [0.5 if c > (2048 - 256) // 2 else None for c in counted[:-1]]
+    assert keeps.count(0.5) > len(keeps) // 2
+    assert [r["longkv"] for r in server.requests] == [{"session": res.run, "memory": {"save": False, "tool_keep": k}} for k in keeps]
     reqs = server.requests
     assert any(len(b["messages"]) < len(a["messages"]) for a, b in itertools.pairwise(reqs))  # turns were dropped ...
     assert 2048 < max(tokens(r["messages"]) for r in reqs) <= 4 * 2048  # ... once the text held 4 windows
