@@ -148,8 +148,8 @@ class Agent:
         observation_chars: most characters of one tool result put back in the context (the run log keeps all).
         temperature: sampling temperature (0: greedy).
         kv_memory: keep the run's context on the server as KV memory spans (``longkv serve`` only): tool
-            results are compressed once read and dropped turns are cut out of the KV, without a new prefill
-            (docs/memory.md). Default: on with a model served in this process or a longkv server.
+            results are compressed once read (once a prompt fills half the window) and dropped turns are cut
+            out of the KV, without a new prefill (docs/memory.md). Default: on with a model served in this process or a longkv server.
         recall: number the tool results (``[result N]`` in their first line) and offer the ``recall`` tool, which
             puts one back whole at the end of the context (after its KV was compressed or its turn dropped).
             Default: on with KV memory.

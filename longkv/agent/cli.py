@@ -94,7 +94,7 @@ def run(
     temperature: Annotated[float, typer.Option(help="Sampling temperature (0: greedy).")] = 0.0,
     threads: Annotated[int | None, typer.Option(help="CPU threads of the in-process model (default: all cores).")] = None,
     device: Annotated[str, typer.Option(help="Device of the in-process model: cpu, cuda or cuda:N.")] = "cpu",
-    kv_memory: Annotated[bool | None, typer.Option("--kv-memory/--no-kv-memory", help="Keep the run's context as KV memory on the server: tool results compressed once read, dropped turns cut out of the KV without a new prefill (docs/memory.md). Default: on in process and with a longkv server.")] = None,
+    kv_memory: Annotated[bool | None, typer.Option("--kv-memory/--no-kv-memory", help="Keep the run's context as KV memory on the server: tool results compressed once read (when a prompt fills half the window), dropped turns cut out of the KV without a new prefill (docs/memory.md). Default: on in process and with a longkv server.")] = None,
     plan: Annotated[bool, typer.Option("--plan/--no-plan", help="Ask the model for a short plan first and again after a loop. --no-plan goes straight to the tools.")] = True,
     recall: Annotated[bool | None, typer.Option("--recall/--no-recall", help="Number the tool results (\\[result N]) and offer the recall tool, which shows old ones again word for word after its KV was compressed or its turn left the context. Default: on with KV memory.")] = None,
     runs_dir: RunsDirOpt = None,
