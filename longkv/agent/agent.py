@@ -477,23 +477,23 @@ class Agent:
             not_run("not kept: a plan is a numbered list of steps. Go on with the other tools, one call at a time.", args, planless=True)
             return
         repeat = st.repeat_of(sig) if call.name not in ("plan", "finish") else None
-        if repeat is not None and repeat in st.wrote:
-            # The same change again, nothing changed since: the model has made it and has no next step but this one.
-            # Qwen2.5-Coder-0.5B, told so and asked on, wrote over the file it had just fixed; it is asked to finish.
-            # The repeat and its result leave the context (the model copied such a note into its answer); the change's
-            # own result stays in view for the answer.
+        if repeat is not None:  # a small model repeats a call word for word: it is not run again
             which = f"result {repeat}" if st.options.get("recall") else "an earlier call"
-            not_run(f"not run: this is the same call as {which}, which made its change; no file has changed since.", args,
-                    repeat=repeat, fold=True)
-            self._emit(run_id, st, "note", {"content": "That change is made. Call finish now with what you changed.",
-                                            "final": "The model repeated a change it had made"}, on_event)  # fmt: skip
-            return
-        if repeat is not None:  # a small model repeats its last call word for word: not run, and its tool barred
-            which = f"result {repeat}" if st.options.get("recall") else "an earlier call"
+            if repeat in st.wrote:
+                # The same change again, nothing changed since: the model has made it and has no next step but this one.
+                # Qwen2.5-Coder-0.5B, told so and asked on, wrote over the file it had just fixed; it is asked to finish.
+                # The repeat and its result leave the context (the model copied such a note into its answer); the
+                # change's own result stays in view for the answer.
+                not_run(f"not run: this is the same call as {which}, which made its change; no file has changed since.", args,
+                        repeat=repeat, fold=True)
+                self._emit(run_id, st, "note", {"content": "That change is made. Call finish now with what you changed.",
+                                                "final": "The model repeated a change it had made"}, on_event)  # fmt: skip
+                return
             out = (f"not run: this is the same call as {which}, and no file has changed since: it would only repeat "
                    f"that result. Use that result: call another tool, or finish with your answer.")  # fmt: skip
-            # A longkv server can close the tool (allowed_tools): the call and this note leave the context and the
-            # step is asked again, so the model neither reads nor copies the note. Elsewhere the note stays.
+            # Its tool is barred for a step. A longkv server can close the tool (allowed_tools): the call and this note
+            # leave the context and the step is asked again, so the model neither reads nor copies the note. Elsewhere
+            # the note stays.
             not_run(out, args, repeat=repeat, **({"fold": True} if self.longkv else {}))
             return
         assert tool is not None
