@@ -166,6 +166,26 @@ def test_search_with_a_glob_that_names_no_file_searches_them_all(work: Path) -> 
     assert search.call(ctx, {"pattern": "b", "glob": "part-2*"}) == "1 matching line in 1 file:\ndata/part-2.txt:1: b"
 
 
+def test_search_globs_match_as_rglob_does_and_cache_folders_are_never_entered(work: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """search's file list equals ``rglob``'s for globs with folders and ``**``, minus the SKIP_DIRS folders, which
+    the walk never opens (a large node_modules costs nothing)."""
+    from longkv.agent import tools as tools_mod
+
+    for rel in ("a.py", "src/b.py", "src/pkg/c.py", "src/pkg/d.txt", "docs/src/e.py", ".hidden.py",
+                "node_modules/m/x.py", "src/__pycache__/b.cpython.py", ".git/config"):
+        (work / rel).parent.mkdir(parents=True, exist_ok=True)
+        (work / rel).write_text("hit\n")
+    for glob_ in (None, "*.py", "src/*.py", "src/**/*.py", "**/*.txt", "pkg", "*/pkg/*", "[ab].py", "*"):
+        want = sorted(f for f in work.rglob(glob_ or "*")
+                      if f.is_file() and not {"node_modules", "__pycache__", ".git"} & set(f.relative_to(work).parts))
+        assert tools_mod._files(work, glob_) == want, glob_
+    opened: list[str] = []
+    walk = os.walk
+    monkeypatch.setattr(tools_mod.os, "walk", lambda top: ((opened.append(d), (d, ds, fs))[1] for d, ds, fs in walk(top)))
+    assert search.call(ToolContext(work, None), {"pattern": "hit", "glob": "*.py"}).startswith("5 matching lines in 5 files:")
+    assert sorted(Path(d).relative_to(work).as_posix() for d in opened) == [".", "docs", "docs/src", "src", "src/pkg"]
+
+
 def test_edit_file_refuses_a_short_text_inside_a_longer_word(work: Path) -> None:
     """An edit of one or two characters that sit inside a longer word or number ("5" in "5432") is refused with the
     word and its line, the file unchanged; the same characters standing alone are edited."""

@@ -18,11 +18,13 @@ never re-run.
 from __future__ import annotations
 
 import difflib
+import fnmatch
 import glob
 import inspect
 import itertools
 import json
 import math
+import os
 import re
 import shutil
 import types
@@ -30,7 +32,7 @@ import typing
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Literal, get_args, get_origin
 
 from longkv.agent.state import result_header
@@ -608,10 +610,26 @@ SEARCH_SHOWN = 100  # most matching lines one search returns (all of them are co
 
 
 def _files(root: Path, glob: str | None) -> list[Path]:
-    """The files ``search`` reads under ``root`` (itself, if a file), whose names match ``glob``, tools' caches left out."""
+    """The files ``search`` reads under ``root`` (itself, if a file) whose paths match ``glob`` as ``root.rglob`` would
+    match them, sorted; the folders of SKIP_DIRS are never entered (a ``node_modules`` costs nothing)."""
     if root.is_file():
         return [root]
-    return sorted(f for f in root.rglob(glob or "*") if f.is_file() and not SKIP_DIRS & set(f.relative_to(root).parts))
+    pattern = ["**", *PurePosixPath(glob or "*").parts]
+    out = []
+    for folder, dirs, names in os.walk(root):
+        dirs[:] = [d for d in dirs if d not in SKIP_DIRS]
+        rel = Path(folder).relative_to(root).parts
+        out += [p for n in names if _glob_match([*rel, n], pattern) and (p := Path(folder, n)).is_file()]
+    return sorted(out)
+
+
+def _glob_match(parts: list[str], pattern: list[str]) -> bool:
+    """Whether path ``parts`` match glob ``pattern`` parts, ``**`` standing for any number of folders."""
+    if not pattern:
+        return not parts
+    if pattern[0] == "**":
+        return any(_glob_match(parts[i:], pattern[1:]) for i in range(len(parts) + 1))
+    return bool(parts) and fnmatch.fnmatchcase(parts[0], pattern[0]) and _glob_match(parts[1:], pattern[1:])
 
 
 def _count(n: int, noun: str) -> str:
