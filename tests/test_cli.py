@@ -264,6 +264,7 @@ def test_policies_lists_every_policy_with_its_knobs(work: Path) -> None:
     assert "Li et al. 2024" in snap and "kv_quant: how kept KV is stored" in snap and "positions: contiguous" in snap
     assert ":meth:" not in snap and "``" not in snap and "LongKVError (from validate)" in snap
     assert_user_error(run(["policies", "bogus"], work), "unknown policy 'bogus'", "longkv policies lists them")
+    assert_user_error(run(["policies", "snapk"], work), "unknown policy 'snapk': did you mean snapkv?", "longkv policies lists them")
     auto = run(["policies", "auto"], work)  # the default of ask is explained, with the engine's own thresholds
     assert auto.returncode == 0 and "inside the model's trained window" in auto.stdout and "resident=4GiB" in auto.stdout, auto.stderr
     assert proc.stdout.lstrip().count("auto") >= 2 and "│ auto" in proc.stdout

@@ -137,6 +137,8 @@ def test_models_health_and_metrics(server: ServerProcess, client: openai.OpenAI)
     assert client.models.retrieve(MODEL_ID).id == MODEL_ID
     h = health(server)
     assert h["status"] == "ok" and h["model"] == MODEL_ID
+    started = Path(server.log.name).read_text()  # what the terminal showed while the model loaded, then where it serves
+    assert f"loading {smollm2_path()} ..." in started and f"as {MODEL_ID!r} on {server.url}/v1" in started, started
     chat(client, [{"role": "user", "content": "Say hi."}], salted(), max_tokens=4)
     text = httpx.get(server.url + "/metrics", timeout=5).text
     for name in (

@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import copy
 import json
-import logging
+import sys
 import threading
 import time
 import uuid
@@ -60,8 +60,6 @@ from longkv.server.schemas import (
 from longkv.server.sessions import Pieces
 from longkv.server.tools import CallParser, Delta, ParseResult, ReplyPlan, plan_reply, render_messages, tool_format
 from longkv.server.worker import EngineWorker, Event, Job, MemoryRequest, ServerConfig, plan
-
-log = logging.getLogger("longkv.server")
 
 MIN_TEMPERATURE = 1e-4
 GRAMMAR_CACHE = 32  # compiled grammars kept
@@ -579,12 +577,15 @@ def serve(
 
     _check_port_free(host, port)  # before the model loads: a busy port is a one-line error, not errno 98 later
     policy = config.get("default_policy", "dense")
+    t0 = time.perf_counter()
+    print(f"loading {model or 'the default model'} ...", file=sys.stderr, flush=True)  # a large file takes a while: say so
     llm = LLM(model, policy=policy, dtype=dtype, chunk_size=chunk_size, threads=threads, weights=weights, device=device)  # a bad policy fails before loading
     cfg = ServerConfig(model_id=served_model_name or default_model_id(llm), **config)
     if cfg.default_policy != "auto":
         llm.resolve_policy(0, cfg.default_policy)  # knobs that cannot work with this model: fail now, not per request
     app = create_app(llm, cfg)
-    log.info("serving %s as %r on http://%s:%d", llm.source, cfg.model_id, host, port)
+    print(f"loaded in {time.perf_counter() - t0:.1f} s; serving {llm.source} as {cfg.model_id!r} on http://{host}:{port}/v1",
+          file=sys.stderr, flush=True)  # fmt: skip
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
 
 
