@@ -610,3 +610,16 @@ def test_kernels_keep_the_dtype_of_strided_inputs() -> None:
     assert not x.is_contiguous()
     y = kernels.block_linear(x, kernels.pack_q8(torch.randn(16, 64)), 16, 64, 8)
     assert y.dtype == torch.bfloat16 and y.shape == (4, 16)
+
+
+@pytest.mark.parametrize(("env", "want"), [({}, "1000"), ({"GOMP_SPINCOUNT": "5"}, "5"), ({"OMP_WAIT_POLICY": "passive"}, None)])
+def test_import_sets_a_short_spin_before_torch_loads_unless_the_user_chose(env: dict[str, str], want: str | None) -> None:
+    """``import longkv`` sets GOMP_SPINCOUNT (read by the OpenMP runtime when torch loads) only where the environment
+    names neither it nor OMP_WAIT_POLICY, and does not load torch itself."""
+    import os
+    import sys
+
+    base = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    code = "import sys, os, longkv; print(os.environ.get('GOMP_SPINCOUNT'), 'torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], env={**base, **env}, capture_output=True, text=True, check=True).stdout.split()
+    assert out == [str(want), "False"]
