@@ -601,6 +601,30 @@ def test_a_change_repeated_word_for_word_is_not_made_twice_and_the_run_is_asked_
     assert outputs[1] == "not run: this is the same call as result 1, which made its change; no file has changed since."  # the log keeps it
 
 
+def test_a_command_repeated_that_only_made_new_files_is_a_plain_repeat_not_a_finished_change(work: Path, tmp_path: Path) -> None:
+    """A test run sent to a new file (``python t.py > out.txt``) and repeated is barred for a step like a call that
+    changed nothing; the run is not asked to finish (the 0.5B model had fixed nothing yet). A bash command that
+    changed a file that was there (``sed -i``) and is repeated asks for finish."""
+    (work / "t.py").write_text("print('ok')\n")
+    (work / "a.txt").write_text("alpha\n")
+    run_test = ("bash", {"command": "python t.py > out.txt"})
+    sed = ("bash", {"command": "sed -i s/alpha/beta/ a.txt"})
+    made = iter([run_test, run_test, sed, sed, ("finish", {"answer": "beta"})])
+    server = FakeServer(lambda msgs: {"calls": [next(made)]}, longkv=True)
+    with _agent(server, work, tmp_path, plan=False) as agent:
+        res = agent.run("Run t.py, then change alpha to beta in a.txt")
+    server.close()
+    assert (res.status, res.answer, res.stop_reason) == ("stopped", "beta", "The model repeated a change it had made")
+    assert ((work / "out.txt").read_text(), (work / "a.txt").read_text()) == ("ok\n", "beta\n")
+    log = RunLog(tmp_path / "runs")
+    outputs = [e.data["output"] for e in log.events(res.run) if e.kind == "tool_result"]
+    log.close()
+    assert outputs[1].startswith("not run: this is the same call as result 1, and no file has changed since")
+    assert outputs[3] == "not run: this is the same call as result 3, which made its change; no file has changed since."
+    finish = {"type": "function", "function": {"name": "finish"}}
+    assert [r["tool_choice"] == finish for r in server.requests] == [False, False, False, False, True]
+
+
 def test_agent_show_names_what_became_of_each_call(work: Path, tmp_path: Path) -> None:
     """agent show's rows: a bash call's exit code read from the runtime's exit line even when a hint follows it, a
     call not run as the repeat of its result, a user's resume message marked as one, and long notes cut with a
@@ -856,6 +880,22 @@ def test_kv_memory_compresses_tool_results_only_once_the_prompt_fills_half_the_w
     assert [r["longkv"]["memory"]["tool_keep"] for r in server.requests] == [None] + [0.5 if c > half else None for c in counted[:-1]]
 
 
+def test_the_plan_and_the_final_answer_are_asked_with_the_loop_guard_on_other_calls_without(work: Path, tmp_path: Path) -> None:
+    """A longkv server gets DRY (ask's 0.8) on the requests that ask for prose, the plan and the final answer after a
+    cap, and not on a tool call that may copy text (an edit's old into its new); other servers get no longkv object."""
+    plan = ("plan", {"plan": "1. look\n2. answer"})
+    for longkv in (True, False):
+        made = iter([plan, *[("bash", {"command": f"echo {i}"}) for i in range(3)], ("finish", {"answer": "seen"})])
+        server = FakeServer(lambda msgs, made=made: {"calls": [next(made)]}, window=8192, longkv=longkv)
+        with _agent(server, work, tmp_path, max_steps=4, kv_memory=False) as agent:
+            res = agent.run("Look around")
+        server.close()
+        assert (res.status, res.stop_reason, server.errors) == ("stopped", "The step limit (4 model calls) is reached", [])
+        guards = [(r.get("longkv") or {}).get("dry_multiplier") for r in server.requests]
+        assert guards == ([0.8, None, None, None, 0.8] if longkv else [None] * 5)
+        assert [r["tool_choice"] for r in server.requests][::4] == [{"type": "function", "function": {"name": n}} for n in ("plan", "finish")]
+
+
 def test_a_longkv_server_gets_the_run_as_a_kv_memory_session(work: Path, tmp_path: Path) -> None:
     """Against longkv serve the run's requests name its KV memory session; the history sent may pass the window
     (the server fits its KV) up to 4 windows, then turns are dropped, leaving no marker message behind (the session
@@ -875,7 +915,11 @@ def test_a_longkv_server_gets_the_run_as_a_kv_memory_session(work: Path, tmp_pat
     counted = [tokens(r["messages"]) for r in server.requests]
     keeps = [None] + [0.5 if c > (2048 - 256) // 2 else None for c in counted[:-1]]
     assert keeps.count(0.5) > len(keeps) // 2
-    assert [r["longkv"] for r in server.requests] == [{"session": res.run, "memory": {"save": False, "tool_keep": k}} for k in keeps]
+    # the requests that ask for the plan (this script answers them with other calls) have the loop guard on
+    guard = [{"dry_multiplier": 0.8} if r["tool_choice"] == {"type": "function", "function": {"name": "plan"}} else {} for r in server.requests]
+    assert guard[0]
+    assert [r["longkv"] for r in server.requests] == [
+        {"session": res.run, "memory": {"save": False, "tool_keep": k}, **g} for k, g in zip(keeps, guard, strict=True)]
     reqs = server.requests
     assert any(len(b["messages"]) < len(a["messages"]) for a, b in itertools.pairwise(reqs))  # turns were dropped ...
     assert 2048 < max(tokens(r["messages"]) for r in reqs) <= 4 * 2048  # ... once the text held 4 windows

@@ -31,6 +31,7 @@ from longkv.agent.runlog import Event, RunLog
 from longkv.agent.state import Pending, RunState, message_bytes, partial_string, signature
 from longkv.agent.tools import Tool, Toolbox, ToolContext, ToolError, is_step_list
 from longkv.agent.workdir import changes, listing, snapshot
+from longkv.config import ASK_DRY_MULTIPLIER
 from longkv.errors import LongKVError
 
 SYSTEM = """You are an agent that completes a task in a folder by calling tools.
@@ -401,7 +402,7 @@ class Agent:
         if closed:
             wire = {"type": "allowed_tools", "allowed_tools": {"mode": "required", "tools": [
                 {"type": "function", "function": {"name": n}} for n in self.toolbox.tools if n not in closed]}}  # fmt: skip
-        ext = None
+        ext: dict[str, Any] | None = None
         if self.kv_memory:  # the server keeps this run's context as KV spans; in-process, saved every few steps for resume
             # Compressing a result costs a second forward over its tokens (the probe) and its scoring: in a run whose
             # context fills less than half the window it saves no room that is needed, only time (six data tasks of
@@ -410,6 +411,11 @@ class Agent:
             full = bool(st.observed) and st.observed[-1][1] > COMPRESS_FROM * (self.window - st.options["reply_tokens"])
             ext = {"session": run_id, "memory": {"save": self._local is not None and st.steps % SAVE_EVERY == 0,
                                                   "tool_keep": TOOL_KEEP if full else None}}  # fmt: skip
+        if self.longkv and (choice == PLAN_CHOICE or st.final_request):
+            # A plan or a final answer is prose: a small greedy model can repeat one of its lines until the reply's
+            # token limit (the 0.5B model wrote "N. If 'stats.py' is installed ..." for 512 tokens). The loop guard
+            # of longkv ask stops that; the calls that copy text (an edit's old and new) are left without it.
+            ext = {**(ext or {}), "dry_multiplier": ASK_DRY_MULTIPLIER}
         return self.client.complete(msgs, tools, wire, temperature, st.options["reply_tokens"], seed=st.steps, longkv=ext)
 
     def _after_reply(self, run_id: str, st: RunState, reply: Reply, on_event: Callable[[Event], None] | None) -> None:
@@ -479,9 +485,10 @@ class Agent:
         repeat = st.repeat_of(sig) if call.name not in ("plan", "finish") else None
         if repeat is not None:  # a small model repeats a call word for word: it is not run again
             which = f"result {repeat}" if st.options.get("recall") else "an earlier call"
-            if repeat in st.wrote:
+            if repeat in st.edited:
                 # The same change again, nothing changed since: the model has made it and has no next step but this one.
                 # Qwen2.5-Coder-0.5B, told so and asked on, wrote over the file it had just fixed; it is asked to finish.
+                # (A command that only made new files, e.g. a test run sent to output.txt, is a plain repeat below.)
                 # The repeat and its result leave the context (the model copied such a note into its answer); the
                 # change's own result stays in view for the answer.
                 not_run(f"not run: this is the same call as {which}, which made its change; no file has changed since.", args,
@@ -512,9 +519,12 @@ class Agent:
         except Exception as exc:  # a tool's own bug: the model hears of it, the run goes on
             output, error = f"error: {call.name} failed ({type(exc).__name__}: {exc})", True
         seconds = time.perf_counter() - t0
-        written = len(changes(before, snapshot(self.workdir))) if before is not None else 0
+        diff = changes(before, snapshot(self.workdir)) if before is not None else []
+        # files the call changed that were there before it (a file tool's new file counts: it is the change asked for)
+        edited = len(diff) if call.name not in ("bash", "python") else sum(not d.endswith(" (new)") for d in diff)
         self._emit(run_id, st, "tool_result", {**base, "arguments": args, "output": output, "context": bound(output, limit),
-                                               "error": error, "changed": written, "seconds": round(seconds, 4)}, on_event)  # fmt: skip
+                                               "error": error, "changed": len(diff), "edited": edited,
+                                               "seconds": round(seconds, 4)}, on_event)  # fmt: skip
         if call.name == "finish" and not error:
             self._emit(run_id, st, "end", {"status": "stopped" if st.final_request else "finished", "answer": output,
                                            "reason": st.final_request or "finish"}, on_event)  # fmt: skip

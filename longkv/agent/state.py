@@ -90,6 +90,7 @@ class RunState:
     repeats: dict[int, int] = field(default_factory=dict)  # result number of a call not run again -> the result it repeats
     interrupted: set[int] = field(default_factory=set)  # result numbers of calls cut off by a crash (a repeat of one runs)
     wrote: set[int] = field(default_factory=set)  # result numbers of calls that changed a workdir file
+    edited: set[int] = field(default_factory=set)  # of those, calls that changed a file there before them, or file tools'
     planless: bool = False  # a plan call was not a list of steps: the run goes on without a plan
     barred: set[str] = field(default_factory=set)  # tools the next request may not call: their calls since the last one that ran only repeated earlier ones
 
@@ -171,6 +172,8 @@ class RunState:
                 self.interrupted.add(len(self.results))
             if d.get("changed", 1):  # a log from before this field: the call may have written
                 self.wrote.add(len(self.results))
+            if d.get("edited", d.get("changed", 1)):
+                self.edited.add(len(self.results))
             if d["name"] in SEES_FILES and not d["error"] and isinstance(d["arguments"].get("path"), str):
                 self.files_seen.add(d["arguments"]["path"])
             content = f"{result_header(len(self.results))}{d['context']}" if self.options.get("recall") else d["context"]
