@@ -27,7 +27,7 @@ dev: $(VENV)/.dev
 
 # Answer a question about a real long file every Python has (argparse.py, ~22 K tokens) with the default model.
 demo: $(VENV)/.installed
-	$(VENV)/bin/longkv ask "$$($(PY) -c 'import argparse; print(argparse.__file__)')" -q "$(DEMO_QUESTION)" --repetition-penalty 1.2
+	$(VENV)/bin/longkv ask "$$($(PY) -c 'import argparse; print(argparse.__file__)')" -q "$(DEMO_QUESTION)"
 
 test: $(VENV)/.dev
 	@command -v bwrap >/dev/null || echo "note: bubblewrap (bwrap) is not installed: the agent sandbox tests skip (apt-get install -y bubblewrap)"
