@@ -300,7 +300,7 @@ def policies(
 
     from rich.table import Table
 
-    from longkv.policies import POLICIES
+    from longkv.policies import POLICIES, name_hint
 
     out = Console()
 
@@ -327,11 +327,7 @@ def policies(
         return
     chosen = POLICIES.get(name.strip().lower())
     if chosen is None:
-        import difflib
-
-        close = difflib.get_close_matches(name.strip().lower(), [*POLICIES, "auto"], n=1, cutoff=0.6)
-        hint = f"did you mean {close[0]}? " if close else ""
-        raise LongKVError(f"unknown policy {name!r}: {hint}choose auto or one of {', '.join(POLICIES)} (longkv policies lists them)")
+        raise LongKVError(f"unknown policy {name!r}: {name_hint(name)}choose auto or one of {', '.join(POLICIES)} (longkv policies lists them)")
     class_doc = inspect.getdoc(chosen) or ""
     text = f"{inspect.getdoc(sys.modules[chosen.__module__]) or ''}\n\n{class_doc}"  # one module per method: its paper
     fields = {f.name for f in dataclasses.fields(chosen) if f.init}

@@ -83,6 +83,12 @@ def _example_knob(fields: dict[str, dataclasses.Field[Any]]) -> str:
     return "knob=value"
 
 
+def name_hint(name: str) -> str:
+    """``"did you mean NAME? "`` for the policy name (or ``auto``) closest to a mistyped ``name``, or ``""``."""
+    close = difflib.get_close_matches(name.strip().lower(), [*POLICIES, "auto"], n=1, cutoff=0.6)
+    return f"did you mean {close[0]}? " if close else ""
+
+
 def make_policy(spec: str | KVPolicy, **overrides: Any) -> KVPolicy:
     """Build a policy from a spec string (or return a policy object unchanged, with overrides applied).
 
@@ -104,9 +110,7 @@ def make_policy(spec: str | KVPolicy, **overrides: Any) -> KVPolicy:
             "budget), or name a policy with its knobs, e.g. streaming:budget=2048"
         )
     if name not in POLICIES:
-        close = difflib.get_close_matches(name, [*POLICIES, "auto"], n=1, cutoff=0.6)
-        hint = f"did you mean {close[0]}? " if close else ""
-        raise LongKVError(f"unknown policy {name!r}: {hint}choose auto or one of {', '.join(sorted(POLICIES))}")
+        raise LongKVError(f"unknown policy {name!r}: {name_hint(name)}choose auto or one of {', '.join(sorted(POLICIES))}")
     cls = POLICIES[name]
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     knobs: dict[str, Any] = {}
