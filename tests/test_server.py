@@ -197,6 +197,19 @@ def test_streaming_matches_non_streaming(server: ServerProcess, client: openai.O
     assert json.loads(lines[-2][6:])["choices"][0]["finish_reason"] == "length"
 
 
+def test_unknown_fields_are_named_back_not_acted_on(server: ServerProcess, client: openai.OpenAI) -> None:
+    msgs = [{"role": "user", "content": "Say hi."}]
+    plain = chat(client, msgs, salted(), max_tokens=4)
+    assert plain.model_extra.get("longkv") is None  # nothing ignored, nothing to report
+    typo = chat(client, msgs, {**salted(), "max_token": 2, "store": False}, max_tokens=4)
+    assert typo.model_extra["longkv"] == {"ignored_fields": ["max_token", "store"]}
+    assert typo.usage.completion_tokens == plain.usage.completion_tokens == 4  # max_tokens still rules
+    body = {"model": MODEL_ID, "prompt": "Once upon a time", "max_tokens": 3, "temperature": 0, "stream": True, "metadata": {"a": "b"}}
+    with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=120) as r:
+        lines = [ln for ln in r.iter_lines() if ln]
+    assert json.loads(lines[-2][6:])["longkv"] == {"ignored_fields": ["metadata"]}
+
+
 def test_completions_with_text_and_token_ids(client: openai.OpenAI) -> None:
     a = client.completions.create(model=MODEL_ID, prompt="The capital of France is", max_tokens=6, temperature=0, extra_body=salted())
     assert a.object == "text_completion" and a.usage.completion_tokens == 6 and a.choices[0].finish_reason == "length"

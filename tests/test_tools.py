@@ -312,6 +312,29 @@ def test_tool_grammar_on_qwen(qwen_tokenizer: Any) -> None:
     assert not walk(none, tok, REPLIES[0])[0]
 
 
+def test_a_forced_call_ends_where_the_model_would_write_prose(qwen_tokenizer: Any) -> None:
+    """Under required + parallel, after a call and a newline the model may open another call or end; the mass of
+    the prose it would write (forbidden) goes to the end, so a greedy reply ends instead of inventing a call."""
+    tok, ends = qwen_tokenizer, [151645, 151643]
+    grammar = Grammar(tool_grammar(SCHEMAS, "required", True, tool_format(tok)), grammar_tokenizer(tok, ends, 151936), 151936)
+    ok, c = walk(grammar, tok, '<tool_call>\n{"name": "list_files", "arguments": {}}\n</tool_call>\n')
+    assert ok and c.accepting
+    fmt_open = tok.convert_tokens_to_ids("<tool_call>")
+    assert set((c.mask(torch.zeros(151936)) == 0).nonzero().flatten().tolist()) == {fmt_open, *ends}
+    prose = tok.encode("I", add_special_tokens=False)[0]
+    logits = torch.full((151936,), -20.0)
+    logits[prose], logits[fmt_open], logits[151645], logits[151643] = 5.0, 4.0, 1.0, 0.5
+    greedy = c.mask(logits, ends, 0.0)
+    assert int(greedy.argmax()) == 151643 and greedy[151643] == 5.0 and greedy[151645] == float("-inf")  # the lowest end id
+    sampled = c.mask(logits, ends, 1.0)  # the end carries every forbidden token's probability and its own
+    forbidden = torch.ones(151936, dtype=torch.bool)
+    forbidden[fmt_open] = False
+    assert torch.allclose(sampled[151643], torch.logsumexp(logits[forbidden], 0)) and sampled[fmt_open] == 4.0
+    assert torch.equal(c.mask(logits), c.mask(logits, ()))  # without end tokens, a plain mask
+    ok, c = walk(grammar, tok, '<tool_call>\n{"name": "list_files')
+    assert ok and not c.accepting and not c.mask(logits, ends, 0.0)[ends].isfinite().any()  # inside a call: no end
+
+
 def test_tool_grammar_with_plain_text_tags() -> None:
     from longkv.loading import _gguf_tokenizer
 

@@ -477,7 +477,7 @@ class Engine:
         params, out, grammar = o.req.params, o.out, o.req.constraint
         try:
             if grammar is not None:
-                logits = grammar.mask(logits)
+                logits = grammar.mask(logits, () if params.ignore_eos else self.eos_ids, params.temperature)
             token = sample(logits, params, o.generator, out.token_ids)
             if grammar is not None:
                 grammar.accept(token)

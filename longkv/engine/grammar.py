@@ -119,14 +119,27 @@ class GrammarConstraint:
         self.compute_s += time.perf_counter() - t0
         return plan
 
-    def mask(self, logits: torch.Tensor) -> torch.Tensor:
+    def mask(self, logits: torch.Tensor, end_ids: Iterable[int] = (), temperature: float = 1.0) -> torch.Tensor:
         """``logits`` (V,) float32 with every token the grammar forbids at -inf (a new tensor).
+
+        Args:
+            logits: the model's logits, (V,) float32.
+            end_ids: the tokens that end the generation. Where the output so far is complete
+                (the grammar may end here), the probability the model gives to tokens the
+                grammar forbids goes to ending: one of ``end_ids`` gets the logit of the whole
+                ending mass, the forbidden tokens' and its own (at ``temperature``; its largest
+                logit when greedy). A model held to a tool call that would now write prose
+                ends the reply rather than open another call it never meant.
+            temperature: the sampling temperature (0: greedy), so that the mass is summed as
+                the sampler will weigh it.
 
         Raises:
             LongKVError: the matcher is in an error state (no token is allowed).
         """
         t0 = time.perf_counter()
         out = self._next.result().apply(logits)
+        if self._accepting and out is not logits:
+            out = _fold_into_end(logits, out, end_ids, temperature)
         self.mask_s += time.perf_counter() - t0
         self.masks += 1
         return out
@@ -208,6 +221,20 @@ class _Mask:
             assert self.allowed is not None
             out = np.where(self.allowed, src, np.asarray(-np.inf, dtype=src.dtype))
         return torch.from_numpy(out).to(logits.device)
+
+
+def _fold_into_end(raw: torch.Tensor, masked: torch.Tensor, end_ids: Iterable[int], temperature: float) -> torch.Tensor:
+    """``masked`` with one allowed end token carrying the mass of every forbidden and end token of ``raw``."""
+    ends = sorted(i for i in end_ids if i < masked.shape[-1])
+    allowed = [i for i in ends if not torch.isneginf(masked[i])]
+    if not allowed:
+        return masked
+    ending = torch.isneginf(masked) & ~torch.isneginf(raw)
+    ending[ends] = True
+    values = raw[ending]
+    masked[ends] = float("-inf")
+    masked[allowed[0]] = values.max() if temperature == 0.0 else temperature * torch.logsumexp(values / temperature, 0)
+    return masked
 
 
 def _apply_bits(bits: np.ndarray, logits: torch.Tensor) -> torch.Tensor:

@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import copy
 import json
+import logging
 import sys
 import threading
 import time
@@ -61,10 +62,22 @@ from longkv.server.sessions import Pieces
 from longkv.server.tools import CallParser, Delta, ParseResult, ReplyPlan, plan_reply, render_messages, tool_format
 from longkv.server.worker import EngineWorker, Event, Job, MemoryRequest, ServerConfig, plan
 
+log = logging.getLogger("longkv.server")
+
 MIN_TEMPERATURE = 1e-4
 GRAMMAR_CACHE = 32  # compiled grammars kept
 UNSUPPORTED = ("functions", "function_call", "logit_bias", "best_of")
 CHAT_ONLY = ("tools", "tool_choice", "parallel_tool_calls")
+
+
+def ignored_fields(body: ChatCompletionRequest | CompletionRequest) -> list[str]:
+    """Top-level request fields that longkv does not read (OpenAI's ``store``, ``metadata``, a typo), sorted.
+
+    They are accepted, as OpenAI-compatible servers do, but named back in ``longkv.ignored_fields``
+    and logged once, so a misspelt ``max_token`` is not silently dropped.
+    """
+    checked = {*UNSUPPORTED, *CHAT_ONLY, "response_format"}  # refused when set, so null is all they can be here
+    return sorted(name for name in body.model_extra or {} if name not in checked)
 ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorResponse, "description": "Invalid request (including a prompt beyond the model's window)."},
     404: {"model": ErrorResponse, "description": "Unknown model."},
@@ -217,6 +230,8 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
         return card()
 
     # ------------------------------------------------------------------ completions
+    warned: set[str] = set()
+
     def check(body: ChatCompletionRequest | CompletionRequest) -> None:
         if body.model != config.model_id:
             raise ApiError(404, f"model {body.model!r} not found: this server serves {config.model_id!r}", "not_found_error", "model", "model_not_found")
@@ -237,6 +252,10 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
                 raise ApiError(400, f"{name} belongs to /v1/chat/completions: send the conversation there", param=name)
         if extra.get("response_format") not in (None, {"type": "text"}):
             raise ApiError(400, "response_format belongs to /v1/chat/completions: send the conversation there", param="response_format")
+        new = [name for name in ignored_fields(body) if name not in warned]
+        if new:  # once per field name, as the response's longkv.ignored_fields names them every time
+            warned.update(new)
+            log.warning("request fields ignored (not part of the API longkv serves): %s", ", ".join(new))
         stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         if len(stops) > 4:
             raise ApiError(400, f"at most 4 stop sequences, got {len(stops)}", param="stop")
@@ -300,6 +319,16 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
                     worker.cancel(job)
                 return
 
+    def longkv_report(body: ChatCompletionRequest | CompletionRequest, job: Job, report: dict[str, Any] | None = None) -> dict[str, Any] | None:
+        """The response's ``longkv`` object: the tool report, the session's memory, the fields the request sent in vain."""
+        out = dict(report or {})
+        if job.memory_report is not None:
+            out["memory"] = job.memory_report
+        ignored = ignored_fields(body)
+        if ignored:
+            out["ignored_fields"] = ignored
+        return out or None
+
     def usage(turn: Any, cached: int) -> Usage:
         return Usage(
             prompt_tokens=turn.prompt_tokens,
@@ -342,7 +371,7 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
         parser = reply.parser() if reply is not None else None
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            gen = stream_events(request, job, events, rid, created, chat, include_usage, endpoint, reply, parser)
+            gen = stream_events(request, body, job, events, rid, created, chat, include_usage, endpoint, reply, parser)
             return StreamingResponse(gen, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         watcher = asyncio.create_task(watch_disconnect(request, job))
         pieces: list[str] = []
@@ -377,8 +406,7 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
                 parser.finish(truncated=turn.finish_reason == "length")
                 result = parser.result
             chat_reason, report = tool_report(reply, turn, result)
-            if job.memory_report is not None:
-                report = {**(report or {}), "memory": job.memory_report}
+            report = longkv_report(body, job, report)
             message = AssistantMessage(content=text)
             if result is not None:
                 calls = [ToolCall(id=c.id, function=FunctionCall(name=c.name, arguments=c.arguments)) for c in result.calls]
@@ -390,7 +418,7 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
         return Completion(
             id=rid, created=created, model=config.model_id, system_fingerprint=fingerprint,
             choices=[CompletionChoice(text=text, finish_reason=reason)], usage=usage(turn, cached),
-            longkv={"memory": job.memory_report} if job.memory_report is not None else None,
+            longkv=longkv_report(body, job),
         )  # fmt: skip
 
     def delta_of(d: Delta) -> dict[str, Any]:
@@ -403,8 +431,8 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
         return {"tool_calls": [{"index": d.index, "function": {"arguments": d.arguments}}]}
 
     async def stream_events(
-        request: Request, job: Job, events: asyncio.Queue[Event], rid: str, created: int, chat: bool, include_usage: bool, endpoint: str,
-        reply: ReplyPlan | None = None, parser: CallParser | None = None,
+        request: Request, body: ChatCompletionRequest | CompletionRequest, job: Job, events: asyncio.Queue[Event], rid: str, created: int,
+        chat: bool, include_usage: bool, endpoint: str, reply: ReplyPlan | None = None, parser: CallParser | None = None,
     ) -> AsyncIterator[str]:  # fmt: skip
         obj = "chat.completion.chunk" if chat else "text_completion"
         base = {"id": rid, "object": obj, "created": created, "model": config.model_id, "system_fingerprint": fingerprint}
@@ -447,16 +475,15 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
                         metrics.requests.labels(endpoint, "499").inc()
                         return
                     metrics.requests.labels(endpoint, "200").inc()
-                    memory = {"memory": job.memory_report} if job.memory_report is not None else {}
                     if not chat:
-                        yield chunk({}, "", turn.finish_reason, **({"longkv": memory} if memory else {}))
+                        report = longkv_report(body, job)
+                        yield chunk({}, "", turn.finish_reason, **({"longkv": report} if report else {}))
                     else:
                         if parser is not None:
                             for d in parser.finish(truncated=turn.finish_reason == "length"):
                                 yield chunk(delta_of(d))
                         reason, report = tool_report(reply, turn, parser.result if parser is not None else None)
-                        if memory:
-                            report = {**(report or {}), **memory}
+                        report = longkv_report(body, job, report)
                         extra: dict[str, Any] = {"longkv": report} if report is not None else {}
                         yield chunk({}, None, reason, **extra)
                     if include_usage:

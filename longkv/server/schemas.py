@@ -4,7 +4,8 @@ Requests are validated strictly (a string where a number belongs is an error,
 not coerced), so a malformed request is a 400 with an OpenAI-style error object,
 never a 500. Fields the OpenAI API defines but longkv cannot honour (logprobs,
 penalties, ``n > 1``, the legacy ``functions``) are rejected by the app rather than
-silently ignored; unknown fields are ignored, as OpenAI does.
+silently ignored; unknown fields are accepted, as OpenAI does, and named back in
+the response's ``longkv.ignored_fields``.
 
 Extensions live under one key, ``"longkv"``, which the official client passes
 with ``extra_body={"longkv": {...}}``.
@@ -289,7 +290,8 @@ class ChatCompletion(BaseModel):
         None,
         description="With tools or response_format: grammar (on/off), mask_ms_per_token, tool_call_errors, "
         "truncated_tool_call (a call cut off by max_tokens, never returned as a call), recovered_tool_calls. "
-        "With memory: memory (session, spans, kv_tokens, logical_tokens, kv_bytes, edits).",
+        "With memory: memory (session, spans, kv_tokens, logical_tokens, kv_bytes, edits). ignored_fields: "
+        "top-level request fields longkv does not read (accepted, not acted on).",
     )
 
 
@@ -308,7 +310,10 @@ class Completion(BaseModel):
     choices: list[CompletionChoice]
     usage: Usage
     system_fingerprint: str | None = None
-    longkv: dict[str, Any] | None = Field(None, description="With memory: memory (session, spans, kv_tokens, logical_tokens, kv_bytes, edits).")
+    longkv: dict[str, Any] | None = Field(
+        None, description="With memory: memory (session, spans, kv_tokens, logical_tokens, kv_bytes, edits). ignored_fields: "
+        "top-level request fields longkv does not read."
+    )
 
 
 class ModelCard(BaseModel):

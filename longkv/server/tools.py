@@ -234,7 +234,9 @@ def tool_grammar(
         head = "\n{" + json.dumps("name") + ": " + json.dumps(name) + ", " + json.dumps("arguments") + ": "
         bodies.append(f"{_lit(head)} args{i} {_lit('}' + chr(10))} {close_tok}")
     rules.append("body: " + " | ".join(bodies))
-    more = f'("\\n" {open_tok} body)*' if parallel else ""
+    # after a call: another one, or the end (a newline may come first: models write one after a call, and
+    # the engine ends the reply where the model would go on with text the grammar forbids)
+    more = f'("\\n" {open_tok} body)* "\\n"?' if parallel else ""
     if choice == "required":
         return "\n".join([f"start: {open_tok} body {more}", *rules]) + "\n"
     # auto. Text may not open with a JSON object, bare or in a json fence: small models often write a
