@@ -335,6 +335,20 @@ def test_a_forced_call_ends_where_the_model_would_write_prose(qwen_tokenizer: An
     assert ok and not c.accepting and not c.mask(logits, ends, 0.0)[ends].isfinite().any()  # inside a call: no end
 
 
+def test_the_end_fold_by_forbidden_ids_equals_the_pass_over_the_vocabulary() -> None:
+    from longkv.engine.grammar import _fold_into_end
+
+    raw = torch.randn(1000, generator=torch.Generator().manual_seed(0))
+    forbidden = np.array([3, 17, 998])
+    masked = raw.clone()
+    masked[forbidden] = float("-inf")
+    for temperature in (0.0, 0.7):
+        whole = _fold_into_end(raw, masked.clone(), [5, 998], temperature)
+        by_ids = _fold_into_end(raw, masked.clone(), [5, 998], temperature, forbidden)
+        assert torch.equal(whole, by_ids) and int(torch.isneginf(whole).sum()) == 3
+    assert whole[5] == 0.7 * torch.logsumexp(raw[[3, 5, 17, 998]] / 0.7, 0)
+
+
 def test_tool_grammar_with_plain_text_tags() -> None:
     from longkv.loading import _gguf_tokenizer
 

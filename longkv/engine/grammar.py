@@ -137,9 +137,10 @@ class GrammarConstraint:
             LongKVError: the matcher is in an error state (no token is allowed).
         """
         t0 = time.perf_counter()
-        out = self._next.result().apply(logits)
+        plan = self._next.result()
+        out = plan.apply(logits)
         if self._accepting and out is not logits:
-            out = _fold_into_end(logits, out, end_ids, temperature)
+            out = _fold_into_end(logits, out, end_ids, temperature, plan.idx if plan.kind == "forbid" else None)
         self.mask_s += time.perf_counter() - t0
         self.masks += 1
         return out
@@ -223,15 +224,21 @@ class _Mask:
         return torch.from_numpy(out).to(logits.device)
 
 
-def _fold_into_end(raw: torch.Tensor, masked: torch.Tensor, end_ids: Iterable[int], temperature: float) -> torch.Tensor:
-    """``masked`` with one allowed end token carrying the mass of every forbidden and end token of ``raw``."""
+def _fold_into_end(
+    raw: torch.Tensor, masked: torch.Tensor, end_ids: Iterable[int], temperature: float, forbidden: np.ndarray | None = None
+) -> torch.Tensor:
+    """``masked`` with one allowed end token carrying the mass of every forbidden and end token of ``raw``
+    (``forbidden``: their ids where the mask lists them, free text's case, so no pass over the vocabulary)."""
     ends = sorted(i for i in end_ids if i < masked.shape[-1])
     allowed = [i for i in ends if not torch.isneginf(masked[i])]
     if not allowed:
         return masked
-    ending = torch.isneginf(masked) & ~torch.isneginf(raw)
-    ending[ends] = True
-    values = raw[ending]
+    if forbidden is not None:
+        values = raw[torch.from_numpy(np.union1d(forbidden, ends)).to(raw.device)]
+    else:
+        ending = torch.isneginf(masked)
+        ending[ends] = True
+        values = raw[ending]
     masked[ends] = float("-inf")
     masked[allowed[0]] = values.max() if temperature == 0.0 else temperature * torch.logsumexp(values / temperature, 0)
     return masked
