@@ -224,8 +224,9 @@ def recall(args: argparse.Namespace) -> dict[str, Any]:
     from fastapi.testclient import TestClient
 
     from longkv.agent.state import result_header
-    from longkv.agent.tools import ToolContext, ToolError, rank_results
+    from longkv.agent.toolkit import ToolContext, ToolError
     from longkv.agent.tools import finish as finish_tool
+    from longkv.agent.tools import rank_results
     from longkv.agent.tools import recall as recall_tool
     from longkv.server.app import create_app
 

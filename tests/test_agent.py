@@ -169,7 +169,7 @@ def test_search_with_a_glob_that_names_no_file_searches_them_all(work: Path) -> 
 def test_search_globs_match_as_rglob_does_and_cache_folders_are_never_entered(work: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """search's file list equals ``rglob``'s for globs with folders and ``**``, minus the SKIP_DIRS folders, which
     the walk never opens (a large node_modules costs nothing)."""
-    from longkv.agent import tools as tools_mod
+    from longkv.agent import workdir as workdir_mod
 
     for rel in ("a.py", "src/b.py", "src/pkg/c.py", "src/pkg/d.txt", "docs/src/e.py", ".hidden.py",
                 "node_modules/m/x.py", "src/__pycache__/b.cpython.py", ".git/config"):
@@ -178,10 +178,10 @@ def test_search_globs_match_as_rglob_does_and_cache_folders_are_never_entered(wo
     for glob_ in (None, "*.py", "src/*.py", "src/**/*.py", "**/*.txt", "pkg", "*/pkg/*", "[ab].py", "*"):
         want = sorted(f for f in work.rglob(glob_ or "*")
                       if f.is_file() and not {"node_modules", "__pycache__", ".git"} & set(f.relative_to(work).parts))
-        assert tools_mod._files(work, glob_) == want, glob_
+        assert workdir_mod.files(work, glob_) == want, glob_
     opened: list[str] = []
     walk = os.walk
-    monkeypatch.setattr(tools_mod.os, "walk", lambda top: ((opened.append(d), (d, ds, fs))[1] for d, ds, fs in walk(top)))
+    monkeypatch.setattr(workdir_mod.os, "walk", lambda top: ((opened.append(d), (d, ds, fs))[1] for d, ds, fs in walk(top)))
     assert search.call(ToolContext(work, None), {"pattern": "hit", "glob": "*.py"}).startswith("5 matching lines in 5 files:")
     assert sorted(Path(d).relative_to(work).as_posix() for d in opened) == [".", "docs", "docs/src", "src", "src/pkg"]
 

@@ -19,6 +19,6 @@ See docs/agent.md.
 """
 
 from longkv.agent.agent import Agent, RunResult
-from longkv.agent.tools import Tool, ToolContext, ToolError, tool
+from longkv.agent.toolkit import Tool, ToolContext, ToolError, tool
 
 __all__ = ["Agent", "RunResult", "Tool", "ToolContext", "ToolError", "tool"]

@@ -29,7 +29,8 @@ from typing import Any
 from longkv.agent.client import ChatClient, LocalServer, ModelError, Reply, local_server
 from longkv.agent.runlog import Event, RunLog
 from longkv.agent.state import Pending, RunState, message_bytes, partial_string, signature
-from longkv.agent.tools import Tool, Toolbox, ToolContext, ToolError, is_step_list
+from longkv.agent.toolkit import Tool, ToolContext, ToolError
+from longkv.agent.tools import Toolbox, is_step_list
 from longkv.agent.workdir import changes, listing, snapshot
 from longkv.config import ASK_DRY_MULTIPLIER
 from longkv.errors import LongKVError
@@ -138,7 +139,7 @@ class Agent:
         server: base URL of an OpenAI-compatible server, e.g. ``http://127.0.0.1:8000/v1``.
         model_id: the model id to send (default: the server's first).
         workdir: the folder the tools work in (must exist).
-        tools: extra :func:`~longkv.agent.tools.tool` functions (a name of a built-in replaces it).
+        tools: extra :func:`~longkv.agent.toolkit.tool` functions (a name of a built-in replaces it).
         max_steps: most model calls (default 40); max_tokens: most prompt + completion tokens over the run;
         max_seconds: most seconds of model and tool time over the run (across resumes).
         sandbox: run bash/python under bubblewrap (False: ``--no-sandbox``, no isolation).

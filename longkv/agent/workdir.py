@@ -1,14 +1,16 @@
 """What a workdir holds, and what changed in it: snapshots of file sizes, mtimes and (optionally) contents.
 
 The agent takes one before every call that may change files (a call cut off by a crash reports what changed
-since, on resume), and ``bash``/``python`` report the files they created, modified or deleted.
+since, on resume), and ``bash``/``python`` report the files they created, modified or deleted. :func:`files`
+lists what ``search`` reads.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import os
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 SNAPSHOT_FILES = 5000
@@ -81,3 +83,26 @@ def listing(workdir: Path, limit: int = LISTED_FILES) -> str:
     more = f", and {len(paths) - limit} more" if len(paths) > limit else ""
     count = f"{len(paths)} or more" if len(paths) >= SNAPSHOT_FILES else str(len(paths))
     return f"Files in the working folder ({count}): {shown}{more}."
+
+
+def files(root: Path, glob: str | None) -> list[Path]:
+    """The files ``search`` reads under ``root`` (itself, if a file) whose paths match ``glob`` as ``root.rglob`` would
+    match them, sorted; the folders of SKIP_DIRS are never entered (a ``node_modules`` costs nothing)."""
+    if root.is_file():
+        return [root]
+    pattern = ["**", *PurePosixPath(glob or "*").parts]
+    out = []
+    for folder, dirs, names in os.walk(root):
+        dirs[:] = [d for d in dirs if d not in SKIP_DIRS]
+        rel = Path(folder).relative_to(root).parts
+        out += [p for n in names if glob_match([*rel, n], pattern) and (p := Path(folder, n)).is_file()]
+    return sorted(out)
+
+
+def glob_match(parts: list[str], pattern: list[str]) -> bool:
+    """Whether path ``parts`` match glob ``pattern`` parts, ``**`` standing for any number of folders."""
+    if not pattern:
+        return not parts
+    if pattern[0] == "**":
+        return any(glob_match(parts[i:], pattern[1:]) for i in range(len(parts) + 1))
+    return bool(parts) and fnmatch.fnmatchcase(parts[0], pattern[0]) and glob_match(parts[1:], pattern[1:])
