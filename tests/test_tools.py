@@ -333,6 +333,9 @@ def test_a_forced_call_ends_where_the_model_would_write_prose(qwen_tokenizer: An
     assert torch.equal(c.mask(logits), c.mask(logits, ()))  # without end tokens, a plain mask
     ok, c = walk(grammar, tok, '<tool_call>\n{"name": "list_files')
     assert ok and not c.accepting and not c.mask(logits, ends, 0.0)[ends].isfinite().any()  # inside a call: no end
+    auto = Grammar(tool_grammar(SCHEMAS, "auto", True, tool_format(tok)), grammar_tokenizer(tok, ends, 151936), 151936)
+    ok, c = walk(auto, tok, '```json\n{"name": "list_files", "arguments": {}}\n```\n\n')  # blank lines after a fenced call
+    assert ok and c.accepting and int(c.mask(logits, ends, 0.0).argmax()) == 151643  # may end: not pushed into another fence
 
 
 def test_the_end_fold_by_forbidden_ids_equals_the_pass_over_the_vocabulary() -> None:

@@ -254,7 +254,7 @@ def tool_grammar(
     rules += [f"TEXT: /{text}/", f"object: %json {json.dumps({'anyOf': objects})}"]
     if parallel:  # several fenced blocks, or a list in one
         rules.append(f"objects: %json {json.dumps({'type': 'array', 'items': {'anyOf': objects}, 'minItems': 1})}")
-        rules += ['fenced: "```json\\n" (object | objects) "\\n```"', 'json_calls: object | fenced (/\\n+/ fenced)*']
+        rules += ['fenced: "```json\\n" (object | objects) "\\n```"', 'json_calls: object | fenced (/\\n+/ fenced)* /\\n+/?']
     else:
         rules += ['fenced: "```json\\n" object "\\n```"', "json_calls: object | fenced"]
     return "\n".join(["start: TEXT | calls | json_calls", f"calls: ({first}) body {more}", *rules]) + "\n"
