@@ -68,6 +68,11 @@ MIN_TEMPERATURE = 1e-4
 GRAMMAR_CACHE = 32  # compiled grammars kept
 UNSUPPORTED = ("functions", "function_call", "logit_bias", "best_of")
 CHAT_ONLY = ("tools", "tool_choice", "parallel_tool_calls")
+ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorResponse, "description": "Invalid request (including a prompt beyond the model's window)."},
+    404: {"model": ErrorResponse, "description": "Unknown model."},
+    429: {"model": ErrorResponse, "description": "Too many requests waiting: retry after Retry-After seconds."},
+}
 
 
 def ignored_fields(body: ChatCompletionRequest | CompletionRequest) -> list[str]:
@@ -78,11 +83,6 @@ def ignored_fields(body: ChatCompletionRequest | CompletionRequest) -> list[str]
     """
     checked = {*UNSUPPORTED, *CHAT_ONLY, "response_format"}  # refused when set, so null is all they can be here
     return sorted(name for name in body.model_extra or {} if name not in checked)
-ERRORS: dict[int | str, dict[str, Any]] = {
-    400: {"model": ErrorResponse, "description": "Invalid request (including a prompt beyond the model's window)."},
-    404: {"model": ErrorResponse, "description": "Unknown model."},
-    429: {"model": ErrorResponse, "description": "Too many requests waiting: retry after Retry-After seconds."},
-}
 
 
 class _Tokenizer:
