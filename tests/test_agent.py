@@ -25,6 +25,7 @@ from agent_fake import FakeServer, scripted, tokens, tool_results
 from rich.console import Console
 
 from longkv.agent import Agent, ToolContext, ToolError, tool
+from longkv.agent.agent import find_loop
 from longkv.agent.cli import gist
 from longkv.agent.runlog import RunLog
 from longkv.agent.sandbox import Limits, Sandbox, sandbox_problem
@@ -526,6 +527,44 @@ def test_a_loop_is_dropped_hinted_and_replanned(work: Path, tmp_path: Path) -> N
     assert len(tool_results(after["messages"])) == 1
     assert after["messages"][-1]["content"].startswith('You called read_file({"path": "a.txt"}) three times with the same result.')
     assert server.requests[-1]["temperature"] == 0.7 and not server.errors
+
+
+def test_find_loop_knows_one_call_three_times_and_rounds_of_two_or_three_calls_made_twice() -> None:
+    ok = lambda sig, out: (sig, out, False)  # noqa: E731
+    err = lambda sig, out: (sig, out, True)  # noqa: E731
+    a, b, c = ok("read(a)", "A"), ok("read(b)", "B"), err("sed(x)", "unterminated")
+    assert find_loop([a, a, a]) == (1, 3) and find_loop([a, a]) is None
+    assert find_loop([err("edit(1)", "E"), err("edit(2)", "E"), err("edit(3)", "E")]) == (1, 3)  # the same error, other calls
+    assert find_loop([ok("edit(1)", "E"), ok("edit(2)", "E"), ok("edit(3)", "E")]) is None  # other calls, results alike
+    assert find_loop([c, a, b, a, b]) == (2, 2) and find_loop([a, b, a, c]) is None
+    edits = [err("edit(same)", "same text"), err("write(result 16)", "not Python"), c,
+             err("edit(same)", "same text"), err("write(result 19)", "not Python"), c]  # a 1.5B run's round of three
+    assert find_loop(edits) == (3, 2) and find_loop(edits[:-1]) is None
+    assert find_loop([a, a, b, a, a, b]) is None  # not a round of three distinct outcomes (nor a call three times)
+
+
+def test_a_round_of_failing_calls_made_twice_is_recovered(work: Path, tmp_path: Path) -> None:
+    """Three different failing calls, made in the same order again, are a loop: the second round leaves the
+    context, the hint names the round, the next request is hot and asks for a new plan."""
+    (work / "a.py").write_text("x = 1\n")
+    calls = itertools.cycle([("edit_file", {"path": "a.py", "old": "x = 1", "new": "x = 1"}),
+                             ("write_file", {"path": "a.py", "content": "result 3"}),
+                             ("bash", {"command": "sed -i 's/x/"})])  # fmt: skip
+
+    def script(msgs: list[dict]) -> dict:
+        if any("went round the same 3 calls twice" in (m.get("content") or "") for m in msgs):
+            return {"calls": [("finish", {"answer": "stopped going round"})]}
+        return {"calls": [next(calls)]}
+
+    server = FakeServer(script)
+    with _agent(server, work, tmp_path, plan=False) as agent:
+        res = agent.run("Fix a.py")
+    server.close()
+    assert (res.status, res.answer, res.steps) == ("finished", "stopped going round", 7)
+    after = server.requests[6]
+    assert after["temperature"] == 0.7 and len(tool_results(after["messages"])) == 3  # the first round stays
+    assert after["messages"][-1]["content"].startswith('You went round the same 3 calls twice (edit_file({"new": "x = 1", "old"')
+    assert (work / "a.py").read_text() == "x = 1\n"
 
 
 def test_a_call_that_only_repeats_the_last_one_is_not_run_and_its_tool_sits_out_a_step(work: Path, tmp_path: Path) -> None:

@@ -11,8 +11,8 @@ must call ``finish``), never a bare exception: the step cap (default 40), the
 token cap, the time cap, and three replies in a row with no tool call (empty, or cut off). A call that
 only repeats the last one (or the one before it, neither changing a file) is not run again, and its tool
 stays closed until a call runs (against a longkv server the call also leaves the context and the step is asked
-again; elsewhere a note says what it repeats). Loops (the same call with the same result three times, or the same error three times) are
-recovered: the repeats leave the context, a hint is added, the temperature goes up for a
+again; elsewhere a note says what it repeats). Loops (the same call with the same result three times, the same error
+three times, a round of two or three calls made twice with the same outcomes: :func:`find_loop`) are recovered: the repeats leave the context, a hint is added, the temperature goes up for a
 few requests and the next request must update the plan.
 """
 
@@ -47,6 +47,31 @@ SAVE_EVERY = 5  # with KV memory in process: the session is saved to disk every 
 MEMORY_ROOM = 4  # with KV memory the history sent may reach this many windows: the server compresses, stubs and drops its KV to fit
 TOOL_KEEP = 0.5  # with KV memory: the share of a tool result's KV kept once it has been read, ...
 COMPRESS_FROM = 0.5  # ... once the prompt passes this share of the room the window leaves (before that all of it stays)
+
+
+LOOPS = ((1, 3), (2, 2), (3, 2))
+"""The loops recovered, as (period, rounds): one call and outcome three times in a row, or a round of two or three
+calls made twice over with the same outcomes (Qwen2.5-Coder-1.5B went round ``edit_file`` (same text), ``write_file``
+(not Python) and a broken ``sed`` until the step cap; the 0.5B model alternated two commands)."""
+
+
+def find_loop(history: list[tuple[str, str, bool]]) -> tuple[int, int] | None:
+    """The loop at the end of ``history`` ((call signature, result hash, is error) per call), as (period, rounds)
+    from :data:`LOOPS`, or None. Two calls have the same outcome when they are the same call with the same result,
+    or both errors with the same text (the same error from other arguments is the same dead end); a repeat that was
+    not run counts as its original's result."""
+
+    def same(a: tuple[str, str, bool], b: tuple[str, str, bool]) -> bool:
+        return a[1] == b[1] and (a[0] == b[0] or (a[2] and b[2]))
+
+    for period, rounds in LOOPS:
+        n = period * rounds
+        tail = history[-n:]
+        if len(tail) < n or not all(same(tail[i], tail[i + period]) for i in range(n - period)):
+            continue
+        if all(not same(a, b) for i, a in enumerate(tail[:period]) for b in tail[i + 1 : period]):  # a true round
+            return period, rounds
+    return None
 
 
 def default_runs_dir() -> Path:
@@ -531,24 +556,29 @@ class Agent:
                                            "reason": st.final_request or "finish"}, on_event)  # fmt: skip
 
     def _check_loop(self, run_id: str, st: RunState, on_event: Callable[[Event], None] | None) -> None:
-        h = st.history
-        if len(h) < 3:
+        found = find_loop(st.history)
+        if found is None:
             return
-        a, b, c = h[-3:]
-        same_call = a[0] == b[0] == c[0] and a[1] == b[1] == c[1]
-        same_error = a[2] and b[2] and c[2] and a[1] == b[1] == c[1]
-        if not (same_call or same_error):
-            return
-        steps = sorted({t.step for t in st.turns if t.live and not t.folded and any(m["role"] == "tool" for m in t.messages)})[-2:]
-        what = f"called {c[0][:200]} three times with the same result" if same_call else "got the same error three times"
-        planning = c[0].startswith("plan(")
+        period, reps = found
+        c = st.history[-1]
+        steps = sorted({t.step for t in st.turns if t.live and not t.folded and any(m["role"] == "tool" for m in t.messages)})
+        steps = steps[-(period * (reps - 1)):]  # the first round stays in view
+        if period > 1:
+            kind = "cycle"
+            calls = ", ".join(sig[:60] for sig, _, _ in st.history[-period:])
+            what = f"went round the same {period} calls twice ({calls}), each with the same outcome as before"
+        elif len({sig for sig, _, _ in st.history[-3:]}) > 1:  # errors of other calls (outcome: the error's text)
+            kind, what = "error", "got the same error three times"
+        else:
+            kind, what = "call", f"called {c[0][:200]} three times with the same result"
+        planning = period == 1 and c[0].startswith("plan(")
+        replan = "plan" in self.toolbox and not st.planless
         if planning:  # re-planning is the loop: push to act instead
             hint = f"You {what}. The plan is set: now carry out its first step that is not done, with bash, read_file or another tool."
         else:
-            replan = "plan" in self.toolbox and not st.planless
             hint = (f"You {what}. Repeating it will not help. Step back: "
                     f"{'update the plan with plan, then ' if replan else ''}"
                     f"try a different approach (another tool, other arguments, or check your assumptions).")  # fmt: skip
-        self._emit(run_id, st, "loop", {"kind": "call" if same_call else "error", "signature": c[0], "drop_steps": steps, "hot": 3,
+        self._emit(run_id, st, "loop", {"kind": kind, "signature": c[0], "drop_steps": steps, "hot": 3,
                                         "replan": not planning and replan}, on_event)  # fmt: skip
         self._emit(run_id, st, "note", {"content": hint, "source": "loop"}, on_event)
