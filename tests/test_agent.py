@@ -187,6 +187,21 @@ def test_search_globs_match_as_rglob_does_and_cache_folders_are_never_entered(wo
     assert sorted(Path(d).relative_to(work).as_posix() for d in opened) == [".", "docs", "docs/src", "src", "src/pkg"]
 
 
+def test_a_tool_results_label_is_not_written_as_a_files_text(work: Path) -> None:
+    """write_file content or edit_file new that is only a result's label ("result 3", "[result 12]") is refused and
+    the file kept; a text that merely mentions a result is written."""
+    ctx = ToolContext(work, None)
+    (work / "notes.txt").write_text("draft\n")
+    read_file.call(ctx, {"path": "notes.txt"})
+    for content in ("result 3", " [result 12]\n", "Result 7"):
+        with pytest.raises(ToolError, match=r"write_file: notes.txt was not changed: content is '.*', the label of a tool result, not its text"):
+            write_file.call(ctx, {"path": "notes.txt", "content": content})
+    with pytest.raises(ToolError, match=r"edit_file: notes.txt was not changed: new is 'result 4', the label"):
+        edit_file.call(ctx, {"path": "notes.txt", "old": "draft", "new": "result 4"})
+    assert (work / "notes.txt").read_text() == "draft\n"
+    assert write_file.call(ctx, {"path": "notes.txt", "content": "result 3 was wrong\n"}).startswith("wrote notes.txt (1 line")
+
+
 def test_edit_file_refuses_a_short_text_inside_a_longer_word(work: Path) -> None:
     """An edit of one or two characters that sit inside a longer word or number ("5" in "5432") is refused with the
     word and its line, the file unchanged; the same characters standing alone are edited."""

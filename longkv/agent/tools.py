@@ -157,6 +157,7 @@ def write_file(ctx: ToolContext, path: str, content: str) -> str:
     if p.is_file() and p.stat().st_size and not ctx.has_seen(p):
         raise ToolError(f"write_file: {path} exists and you have not read it: call read_file on it first, "
                         "then change it with edit_file (or write_file its whole new text)")
+    _not_a_label("write_file", path, "content", content)
     current = p.read_text(errors="replace") if p.is_file() else None
     notes = []
     if current is None and (same := ctx.namesakes(p)):  # a new file named like one elsewhere: meant to be that one?
@@ -188,6 +189,19 @@ def write_file(ctx: ToolContext, path: str, content: str) -> str:
     _replace(p, content)
     ctx.seen.add(path)
     return f"wrote {path} ({_count(len(content.splitlines()), 'line')}, {_count(len(content.encode()), 'byte')})" + "".join(f"; {n}" for n in notes)
+
+
+_LABEL = re.compile(r"\s*\[?\s*result\s+\d+\s*\]?\s*", re.I)
+
+
+def _not_a_label(name: str, path: str, arg: str, text: str) -> None:
+    """Refuse a text that is only a tool result's label (``[result 3]``): the model meant that result's text.
+
+    Qwen2.5-Coder-1.5B wrote ``result 3``, ``result 8``, ... over a source file six times in one run.
+    """
+    if _LABEL.fullmatch(text):
+        raise ToolError(f"{name}: {path} was not changed: {arg} is {text.strip()!r}, the label of a tool result, not its text: "
+                        f"send the text itself")
 
 
 FENCED = (".md", ".markdown", ".rst")  # kinds of file whose text may itself open with a ``` fence
@@ -303,6 +317,7 @@ def edit_file(ctx: ToolContext, path: str, old: str, new: str) -> str:
             old, note = _unnumber(old), f"; {NUMBERS_REMOVED}"
         if _numbered(new, least=1 if note else 2):
             new, note = _unnumber(new), f"; {NUMBERS_REMOVED}"
+    _not_a_label("edit_file", path, "new", new)
     if old == new:
         raise ToolError(f"edit_file: old and new are the same text, so {path} would not change: pass the changed text as new")
     n = text.count(old)
