@@ -62,6 +62,9 @@ def _finish(result: Any, as_json: bool) -> None:
     if as_json:
         print(json.dumps(result.as_dict(), ensure_ascii=False))
     else:
+        if result.status == "stopped":  # the answer below was asked for at a limit: say so before it, not only in the summary
+            err.print(f"[yellow]stopped: {escape(result.stop_reason)}; the answer below is the model's best effort at that point, "
+                      "not checked by a finish of its own[/]")  # fmt: skip
         print(result.answer)
         cache = f"{result.cached_tokens / result.prompt_tokens:.0%}" if result.prompt_tokens else "-"
         err.print(f"[dim]run {result.run}: {result.status} ({result.stop_reason}) after {result.steps} steps; "
