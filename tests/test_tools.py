@@ -298,7 +298,13 @@ def test_tool_grammar_on_qwen(qwen_tokenizer: Any) -> None:
     assert ok and c.accepting
     allowed = (c.mask(torch.zeros(151936)) == 0).nonzero().flatten().tolist()
     assert {151645, 151643} <= set(allowed) and all(t in (151645, 151643) or tok.decode([t]).strip("\n") == "" for t in allowed)
-    assert not walk(auto, tok, '```json\n{"name": "fly", "arguments": {}}\n```')[0]  # no such tool
+    for unknown in ('```json\n{"name": "fly", "arguments": {}}\n```', '{"name": "short_joke", "arguments": {"joke": "x"}}'):
+        ok, c = walk(auto, tok, unknown)  # naming no tool is allowed (not pushed into a real tool's call) and is text
+        parser = CallParser(SCHEMAS, streaming_args=True, lenient=True)
+        parser.feed(unknown)
+        parser.finish(truncated=False)
+        assert ok and c.accepting and parser.result.calls == [] and parser.result.content == unknown
+    assert not walk(auto, tok, '{"name": "get_weather", "arguments": {"town": "Rome"}}')[0]  # a tool's name: its schema
     ok, c = walk(auto, tok, REPLIES[5])  # parallel calls as fenced blocks
     assert ok and c.accepting
     assert not walk(auto, tok, "```json\n[1, 2]\n```")[0]

@@ -197,6 +197,29 @@ def _lit(text: str) -> str:
     return json.dumps(text)
 
 
+_NAME_CHAR = r'[^"\\\x00-\x1f]'  # a character of a JSON string without escapes
+
+
+def _none_of(names: list[str]) -> str:
+    """A regex (anchored) of the non-empty strings of :data:`_NAME_CHAR` that are none of ``names`` (their trie's
+    complement: llguidance's regexes have no lookahead, and its JSON schemas no ``not``)."""
+    trie: dict[str, Any] = {}
+    for name in names:
+        node = trie
+        for ch in name:
+            node = node.setdefault(ch, {})
+        node[""] = {}
+
+    def rest(node: dict[str, Any], depth: int) -> str:
+        kids = sorted(k for k in node if k)
+        other = _NAME_CHAR if not kids else "[^" + "".join(re.escape(k) for k in kids) + _NAME_CHAR[2:]
+        alts = [f"{other}{_NAME_CHAR}*"] + [f"{re.escape(k)}{rest(node[k], depth + 1)}" for k in kids]
+        body = "(?:" + "|".join(alts) + ")"
+        return body + "?" if depth and "" not in node else body  # a prefix that is no name may end here
+
+    return "^" + rest(trie, 0) + "$"
+
+
 def tool_grammar(
     schemas: dict[str, dict[str, Any]],
     choice: str,
@@ -251,6 +274,10 @@ def tool_grammar(
         first = open_tok
         return "\n".join(["start: answer | calls", f"calls: {first} body {more}", *rules]) + "\n"
     objects = [{"type": "object", "properties": {"name": {"const": n}, "arguments": p}, "required": ["name", "arguments"], "additionalProperties": False} for n, p in closed.items()]
+    # a JSON object naming no tool stays possible, and is text: the model answering "tell me a joke" with a made-up
+    # {"name": "short_joke", ...} is not pushed into a real tool's call (with its side effects)
+    objects.append({"type": "object", "properties": {"name": {"type": "string", "pattern": _none_of(list(closed))}, "arguments": {"type": "object"}},
+                    "required": ["name", "arguments"], "additionalProperties": False})  # fmt: skip
     rules += [f"TEXT: /{text}/", f"object: %json {json.dumps({'anyOf': objects})}"]
     if parallel:  # several fenced blocks, or a list in one
         rules.append(f"objects: %json {json.dumps({'type': 'array', 'items': {'anyOf': objects}, 'minItems': 1})}")
