@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -342,6 +343,15 @@ def test_a_forced_call_ends_where_the_model_would_write_prose(qwen_tokenizer: An
     auto = Grammar(tool_grammar(SCHEMAS, "auto", True, tool_format(tok)), grammar_tokenizer(tok, ends, 151936), 151936)
     ok, c = walk(auto, tok, '```json\n{"name": "list_files", "arguments": {}}\n```\n\n')  # blank lines after a fenced call
     assert ok and c.accepting and int(c.mask(logits, ends, 0.0).argmax()) == 151643  # may end: not pushed into another fence
+
+
+def test_none_of_matches_every_name_but_the_tools() -> None:
+    from longkv.server.tools import _none_of
+
+    rx = re.compile(_none_of(["get_weather", "get_time", "a", "ab"]))
+    assert not any(rx.fullmatch(n) for n in ("get_weather", "get_time", "a", "ab", ""))
+    assert all(rx.fullmatch(n) for n in ("get_", "get_weathe", "get_weatherx", "abc", "b", "g", "short_joke", "math.factorial", "é"))
+    assert not rx.fullmatch('x"y') and not rx.fullmatch("x\\y")  # no quote or escape: the name ends at its quote
 
 
 def test_the_end_fold_by_forbidden_ids_equals_the_pass_over_the_vocabulary() -> None:
