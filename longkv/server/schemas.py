@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator
 
 INT_MAX = 2**31 - 1
 
@@ -142,6 +142,16 @@ class ChatMessage(BaseModel):
     name: str | None = None
     tool_calls: list[ToolCall] | None = Field(None, description="Calls an assistant message made.")
     tool_call_id: str | None = Field(None, max_length=256, description="The call a tool message answers.")
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts_only(cls, value: Any) -> Any:
+        """An image or audio part is named as such, not as a failed match of every content form."""
+        for i, part in enumerate(value if isinstance(value, list) else []):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if isinstance(kind, str) and kind != "text":
+                raise ValueError(f"part {i} is {kind!r}: longkv serves text models, so content takes text parts only (send the text)")
+        return value
 
 
 class FunctionDef(BaseModel):
