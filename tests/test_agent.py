@@ -682,15 +682,15 @@ def test_a_command_repeated_that_only_made_new_files_is_a_plain_repeat_not_a_fin
 def test_agent_show_names_what_became_of_each_call(work: Path, tmp_path: Path) -> None:
     """agent show's rows: a bash call's exit code read from the runtime's exit line even when a hint follows it, a
     call not run as the repeat of its result, a user's resume message marked as one, and long notes cut with a
-    mark instead of mid-sentence."""
-    made = iter([("bash", {"command": "nano a.txt"}), ("bash", {"command": "nano a.txt"}), ("finish", {"answer": "done"})])
-    server = FakeServer(lambda msgs: {"calls": [next(made)]}, longkv=True)
+    mark instead of mid-sentence. A repeat names the step of the call it repeats, also where an earlier step made no call."""
+    made = iter([None, ("bash", {"command": "nano a.txt"}), ("bash", {"command": "nano a.txt"}), ("finish", {"answer": "done"})])
+    server = FakeServer(lambda msgs: {"calls": [c]} if (c := next(made)) else {"content": ""}, longkv=True)  # step 1: no call
     with _agent(server, work, tmp_path, plan=False) as agent:
         res = agent.run("Edit a.txt")
     server.close()
     log = RunLog(tmp_path / "runs")
     rows = [r for r in steps(log.events(res.run)) if "step" in r]
-    assert [c["status"] for r in rows for c in r["calls"]] == ["exit 127", "not run: repeats 1", "ok"]
+    assert [c["status"] for r in rows for c in r["calls"]] == ["exit 127", "not run: repeats step 2", "ok"]  # result 1 is step 2's
     log.append(res.run, "note", {"content": "Use edit_file. " + "x" * 400, "source": "user"})
     notes = [r["note"] for r in steps(log.events(res.run)) if "note" in r]
     assert notes[-1].startswith("message: Use edit_file.")
@@ -698,7 +698,7 @@ def test_agent_show_names_what_became_of_each_call(work: Path, tmp_path: Path) -
     render(log, res.run, False, None, Console(file=buf, width=200))
     log.close()
     shown = buf.getvalue()
-    assert "bash (exit 127)" in shown and "bash (not run: repeats 1)" in shown
+    assert "bash (exit 127)" in shown and "bash (not run: repeats step 2)" in shown
     flat = "".join(shown.split())  # the note folds over several lines of the table
     assert "x" * 275 + "…" in flat and "x" * 276 not in flat
 

@@ -17,6 +17,7 @@ def steps(events: list[Event]) -> list[dict[str, Any]]:
     loop hints, caps) that followed it."""
     rows: list[dict[str, Any]] = []
     by_call: dict[str, dict[str, Any]] = {}
+    result_steps: list[int] = []  # the step of each tool result, in the run's numbering of results
     for e in events:
         d = e.data
         if e.kind == "request" and d.get("drop"):
@@ -40,11 +41,13 @@ def steps(events: list[Event]) -> list[dict[str, Any]]:
         elif e.kind == "tool_result" and d["id"] in by_call:
             call = by_call[d["id"]]
             out = d["output"]
+            result_steps.append(next((r["step"] for r in reversed(rows) if "step" in r), 0))
             code = re.findall(r"^\[exit code (-?\d+)\]$", out, re.M) if d["name"] in ("bash", "python") else []
             if d.get("interrupted"):
                 call["status"] = "interrupted"
             elif d.get("repeat"):
-                call["status"] = f"not run: repeats {d['repeat']}"
+                n = d["repeat"]  # a result number; a step without a result (a cut-off reply) makes steps run ahead
+                call["status"] = f"not run: repeats step {result_steps[n - 1]}" if 0 < n <= len(result_steps) else f"not run: repeats result {n}"
             elif d.get("planless"):
                 call["status"] = "not kept"
             elif d["error"]:
