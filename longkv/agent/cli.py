@@ -20,7 +20,7 @@ agent_app = typer.Typer(
 )
 err = Console(stderr=True, highlight=False, soft_wrap=True)  # a progress line stays one line in a log file
 
-RunsDirOpt = Annotated[Path | None, typer.Option(help="Where the run log lives (default: ~/.cache/longkv/agent-runs).")]
+RunsDirOpt = Annotated[Path | None, typer.Option(help="Where the run log lives (default: agent-runs in $LONGKV_HOME, which is ~/.cache/longkv unless set).")]
 JsonOpt = Annotated[bool, typer.Option("--json", metavar="", help="Print one JSON object instead of text.")]
 
 
