@@ -1309,8 +1309,6 @@ def test_cli_a_run_stopped_at_a_limit_exits_3(work: Path, tmp_path: Path) -> Non
     assert proc.returncode == 3 and "hi" in proc.stdout and "stopped" not in proc.stdout
     warning = " ".join(proc.stderr.split())
     assert "stopped: The step limit (1 model call) is reached; the answer below is the model's best effort" in warning, proc.stderr
-    final = server.requests[-1]["messages"][-1]["content"]
-    assert final.endswith("Call finish now with your best final answer from what you have learned: what you did, and what is not done or not checked.")
 
 
 @pytest.mark.parametrize(

@@ -326,8 +326,7 @@ class Agent:
                 self._emit(run_id, st, "note", {"content": st.inbox, "source": "user"}, on_event)
             cap = self._cap(st)
             if cap and st.final_request is None:
-                self._emit(run_id, st, "note", {"content": f"{cap}. Call finish now with your best final answer from what you have learned: "
-                                                           "what you did, and what is not done or not checked.",
+                self._emit(run_id, st, "note", {"content": f"{cap}. Call finish now with your best final answer from what you have learned.",
                                                 "final": cap}, on_event)  # fmt: skip
             elif cap and st.final_asked:  # the final request did not end the run: end it with what there is
                 self._emit(run_id, st, "end", {"status": "stopped", "answer": self._best_answer(st), "reason": st.final_request}, on_event)
