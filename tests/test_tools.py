@@ -22,15 +22,9 @@ import torch
 
 from longkv.engine.grammar import Grammar, _apply_bits, grammar_tokenizer
 from longkv.server.errors import ApiError
-from longkv.server.tools import (
-    CallParser,
-    ToolFormat,
-    plan_reply,
-    render_messages,
-    tool_format,
-    tool_grammar,
-    write_call,
-)
+from longkv.server.tool_grammar import plan_reply, tool_grammar
+from longkv.server.tool_parser import CallParser
+from longkv.server.tools import ToolFormat, render_messages, tool_format, write_call
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -346,7 +340,7 @@ def test_a_forced_call_ends_where_the_model_would_write_prose(qwen_tokenizer: An
 
 
 def test_none_of_matches_every_name_but_the_tools() -> None:
-    from longkv.server.tools import _none_of
+    from longkv.server.tool_grammar import _none_of
 
     rx = re.compile(_none_of(["get_weather", "get_time", "a", "ab"]))
     assert not any(rx.fullmatch(n) for n in ("get_weather", "get_time", "a", "ab", ""))

@@ -59,7 +59,9 @@ from longkv.server.schemas import (
     Usage,
 )
 from longkv.server.sessions import Pieces
-from longkv.server.tools import CallParser, Delta, ParseResult, ReplyPlan, plan_reply, render_messages, tool_format
+from longkv.server.tool_grammar import ReplyPlan, plan_reply
+from longkv.server.tool_parser import CallParser, Delta, ParseResult
+from longkv.server.tools import render_messages, tool_format
 from longkv.server.worker import EngineWorker, Event, Job, MemoryRequest, ServerConfig, plan
 
 log = logging.getLogger("longkv.server")
