@@ -195,7 +195,7 @@ def serve(
     kv_budget_mib: Annotated[int | None, typer.Option(help="Most KV the running requests reserve together, in MiB (default: no limit). A request reserves its prompt + max_tokens (an eviction policy: its budget + a chunk per layer) and waits until that fits; one that never fits gets HTTP 400.")] = None,
     memory_mib: Annotated[int, typer.Option(help="KV that idle KV memory sessions keep in RAM, in MiB; beyond it the least recently used leave RAM (saved to --memory-dir first, when given).")] = 4096,
     memory_dir: Annotated[Path | None, typer.Option(help="Folder where KV memory sessions are saved (on request, and when they leave RAM) and read back from, so a session outlives the server.")] = None,
-    max_tokens_default: Annotated[int, typer.Option(help="max_tokens of requests that give none.")] = 1024,
+    max_tokens_default: Annotated[int, typer.Option(help="max_tokens of requests that give none (capped to the window, and to --kv-budget-mib, left after the prompt).")] = 1024,
     max_tokens_limit: Annotated[int | None, typer.Option(help="Most tokens one request may ask for (default: the window).")] = None,
     served_model_name: Annotated[str | None, typer.Option(help="Model id clients send (default: the file name).")] = None,
     chunk_size: Annotated[int, typer.Option(help="Prefill chunk in tokens.")] = 512,

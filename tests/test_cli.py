@@ -96,7 +96,7 @@ def test_unknown_policy(work: Path) -> None:
 
 def test_budget_below_sinks_and_window(work: Path, tiny_llama: Path) -> None:
     proc = run(["ask", "notes.txt", "-q", "x", "--model", str(tiny_llama), "--policy", "streaming:window=100", "--budget", "50"], work)
-    assert_user_error(proc, "below sinks 4 + window 100", "--budget")
+    assert_user_error(proc, "below sinks 4 + window 100", "streaming:budget=104")
 
 
 def test_unknown_weight_format(work: Path) -> None:
@@ -108,9 +108,9 @@ def test_budget_errors_come_before_the_model_loads(work: Path) -> None:
     # the model reference does not exist: the budget error must win, i.e. be raised before loading
     missing = ["--model", "./missing.gguf"]
     proc = run(["ask", "notes.txt", "-q", "x", *missing, "--policy", "snapkv", "--budget", "10"], work)
-    assert_user_error(proc, "snapkv budget 10 is below the sinks 4 + local window 32", "--budget to at least 36")
+    assert_user_error(proc, "snapkv budget 10 is below the sinks 4 + local window 32", "raise the budget to at least 36 (snapkv:budget=36)")
     proc = run(["ask", "notes.txt", "-q", "x", *missing, "--budget", "3"], work)  # auto + budget: streaming
-    assert_user_error(proc, "budget 3 leaves no local window after 4 sink tokens", "--budget to at least 5")
+    assert_user_error(proc, "budget 3 leaves no local window after 4 sink tokens", "raise the budget to at least 5")
 
 
 def test_unknown_kv_codec_is_refused_before_the_model_loads(work: Path) -> None:
@@ -125,7 +125,7 @@ def test_unknown_kv_codec_is_refused_before_the_model_loads(work: Path) -> None:
 
 def test_budget_with_block_topk_points_to_resident_bytes(work: Path) -> None:
     proc = run(["ask", "notes.txt", "-q", "x", "--model", "./missing.gguf", "--policy", "block_topk", "--budget", "1024"], work)
-    assert_user_error(proc, "policy block_topk keeps every token, so --budget does not apply", "block_topk:resident=1GiB")
+    assert_user_error(proc, "policy block_topk keeps every token, so a budget does not apply", "block_topk:resident=1GiB")
 
 
 @pytest.mark.parametrize(
@@ -157,7 +157,7 @@ def test_bad_thread_count(work: Path, tiny_llama: Path) -> None:
 def test_dense_beyond_window_suggests_block_topk(work: Path, tiny_llama: Path) -> None:
     (work / "long.txt").write_text("the quick brown fox " * 400)
     proc = run(["ask", "long.txt", "-q", "x", "--model", str(tiny_llama), "--policy", "dense"], work)
-    assert_user_error(proc, "exceeds the model's trained window", "--policy block_topk")
+    assert_user_error(proc, "exceeds the model's trained window", "use the block_topk policy")
 
 
 @pytest.mark.parametrize(

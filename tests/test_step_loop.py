@@ -19,6 +19,7 @@ from longkv.engine.detokenizer import Detokenizer, StopFilter
 from longkv.engine.engine import Engine, Request, RequestOutput, TokenEvent
 from longkv.engine.runner import Runner, Sequence
 from longkv.engine.sampling import SamplingParams
+from longkv.errors import LongKVError
 from longkv.models import build
 from longkv.policies import KVPolicy, make_policy
 
@@ -196,6 +197,26 @@ def test_a_failing_forward_ends_its_requests_and_the_engine_serves_on(monkeypatc
     rid = engine.add_request(Request(_ids(40, seed=5), SamplingParams(max_new_tokens=5, ignore_eos=True), _policy("dense")))
     out, _ = _drain(engine)[rid]
     assert out.finish_reason == "length" and len(out.token_ids) == 5
+
+
+def test_a_request_whose_cache_cannot_be_made_ends_alone() -> None:
+    """A policy that cannot make its pages (an unknown codec that skipped ``resolve``) fails its own request at
+    admission; the request beside it runs to the end, and nothing stays reserved."""
+    engine = _engine()
+    bad = make_policy("dense")
+    bad.kv_quant = "int2"
+    good = engine.add_request(Request(_ids(40, seed=6), SamplingParams(max_new_tokens=4, ignore_eos=True), _policy("dense")))
+    rid = engine.add_request(Request(_ids(30, seed=7), SamplingParams(max_new_tokens=4), bad))
+    outs = _drain(engine)
+    assert outs[rid][0].finish_reason == "error" and "unknown kv_quant 'int2'" in str(outs[rid][0].error)
+    assert outs[good][0].finish_reason == "length" and len(outs[good][0].token_ids) == 4
+    assert engine.kv_bytes() == 0 and not engine.running and not engine.waiting
+
+
+def test_resolve_refuses_an_unknown_codec_for_every_policy() -> None:
+    for spec in ("dense:kv_quant=int2", "block_topk:kv_quant=fp8", "streaming:budget=40,kv_quant=int3"):
+        with pytest.raises(LongKVError, match="unknown kv_quant"):
+            make_policy(spec).resolve(CFG, ENGINE)
 
 
 def test_bad_requests_are_refused() -> None:

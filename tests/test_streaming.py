@@ -59,7 +59,7 @@ def test_streaming_validation_errors(smollm2_f32: LLM) -> None:
     cfg = smollm2_f32.config
     with pytest.raises(LongKVError, match="below sinks 4 \\+ window 100"):
         StreamingPolicy(budget=50, sinks=4, window=100).resolve(cfg, EngineConfig())
-    with pytest.raises(LongKVError, match="budget 4 leaves no local window after 4 sink tokens: raise --budget to at least 5"):
+    with pytest.raises(LongKVError, match="budget 4 leaves no local window after 4 sink tokens: raise the budget to at least 5"):
         StreamingPolicy(budget=4, sinks=4).resolve(cfg, EngineConfig())
     with pytest.raises(LongKVError, match="sinks must be >= 0"):
         StreamingPolicy(budget=100, sinks=-1).resolve(cfg, EngineConfig())

@@ -384,8 +384,14 @@ class Engine:
             need = self._need.get(req.request_id)
             if budget is not None and need is not None and held + need > budget:
                 break  # still no room: wait for pages to come back
-            runner = Runner(self.model, req.policy, self.config, self.pools)
-            seq = req.sequence or runner.new_sequence(len(req.prompt_ids) + req.params.max_new_tokens + int(req.feed_last))
+            try:  # a request whose cache cannot be made (a policy's bad knob) ends alone: the others go on
+                runner = Runner(self.model, req.policy, self.config, self.pools)
+                seq = req.sequence or runner.new_sequence(len(req.prompt_ids) + req.params.max_new_tokens + int(req.feed_last))
+            except Exception as exc:
+                self.waiting.popleft()
+                self._need.pop(req.request_id, None)
+                self._end_waiting(req, exc, events)
+                continue
             reserved = seq.cache.bytes()
             if budget is not None and held + reserved > budget:
                 if req.sequence is None:
@@ -419,12 +425,16 @@ class Engine:
     def _refuse(self, req: Request, need: int, events: list[TokenEvent]) -> None:
         """End a request whose KV reservation exceeds the whole budget."""
         assert self.kv_budget_bytes is not None
-        out = RequestOutput(prompt_tokens=len(req.prompt_ids), finish_reason="error", arrival=req.arrival)
-        out.error = LongKVError(
+        self._end_waiting(req, LongKVError(
             f"the request needs {_mib(need)} of KV ({len(req.prompt_ids)} prompt tokens + {req.params.max_new_tokens} new "
             f"under {req.policy.name}), more than the engine's KV budget of {_mib(self.kv_budget_bytes)}: lower max_tokens, "
             "use an eviction policy with a budget (e.g. snapkv:budget=2048), or raise the KV budget"
-        )
+        ), events)  # fmt: skip
+
+    def _end_waiting(self, req: Request, exc: BaseException, events: list[TokenEvent]) -> None:
+        """End a request taken off the waiting queue before it ran, with ``exc`` as its error."""
+        out = RequestOutput(prompt_tokens=len(req.prompt_ids), finish_reason="error", arrival=req.arrival)
+        out.error = exc
         out.finished = time.perf_counter()
         events.append(TokenEvent(req.request_id, None, "", True, out))
         if req.sequence is not None:

@@ -178,11 +178,11 @@ class LLM:
                 fix = ("drop positions=original (the default, contiguous, numbers the kept tokens 0 .. budget, "
                        "so the input may be longer than the window), or use the block_topk policy")
             else:
-                fix = ("use the block_topk policy (--policy block_topk, or auto) to read beyond the window, streaming to "
-                       "keep only recent tokens")
+                fix = ("use the block_topk policy (or auto) to read beyond the window, streaming to keep only recent "
+                       "tokens")
             raise LongKVError(
                 f"input of {n_tokens} tokens (prompt + max new tokens) exceeds the model's trained window of "
-                f"{limit} under the {pol.describe()} policy: lower --max-new-tokens if the prompt alone fits, {fix}, "
+                f"{limit} under the {pol.describe()} policy: ask for fewer new tokens (max_new_tokens, --max-new-tokens) if the prompt alone fits, {fix}, "
                 "or a smaller input"
             )
         return pol
@@ -536,7 +536,7 @@ CHAT_ROLES = ("system", "user", "assistant", "tool")
 def _dense_with_budget(budget: int) -> LongKVError:
     return LongKVError(
         f"a budget ({budget} tokens) was given with the dense policy, which keeps every token: drop the budget, "
-        "or pick a policy that keeps one (e.g. --policy snapkv or streaming)"
+        "or pick a policy that keeps one (e.g. snapkv or streaming)"
     )
 
 

@@ -106,7 +106,7 @@ def make_policy(spec: str | KVPolicy, **overrides: Any) -> KVPolicy:
     name = name.strip().lower()
     if name == "auto":
         raise LongKVError(
-            f"the auto policy takes no knobs (got {spec!r}): pass --policy auto (with --budget N: streaming with that "
+            f"the auto policy takes no knobs (got {spec!r}): use auto alone (with a budget given apart: streaming with that "
             "budget), or name a policy with its knobs, e.g. streaming:budget=2048"
         )
     if name not in POLICIES:
@@ -135,9 +135,9 @@ def make_policy(spec: str | KVPolicy, **overrides: Any) -> KVPolicy:
     for key, value in overrides.items():
         if key not in fields:
             if key == "budget":  # --budget with a policy that keeps every token
-                bound = f" (bound its resident KV in bytes instead: --policy {name}:resident=1GiB)" if "resident" in fields else ""
+                bound = f" (bound its resident KV in bytes instead: {name}:resident=1GiB)" if "resident" in fields else ""
                 raise LongKVError(
-                    f"policy {name} keeps every token, so --budget does not apply{bound}: drop --budget, or pick an "
+                    f"policy {name} keeps every token, so a budget does not apply{bound}: drop the budget, or pick an "
                     f"eviction policy (streaming, snapkv, ...) to keep a budget of tokens"
                 )
             raise LongKVError(f"policy {name} takes no {key!r} setting: its knobs are {', '.join(fields) or 'none'}")

@@ -54,9 +54,10 @@ class KVPolicy:
         The engine runs resolved policies; the caller's object is never changed.
 
         Raises:
-            LongKVError: the knobs cannot work with this model (see :meth:`validate`).
+            LongKVError: an unknown ``kv_quant``, or knobs that cannot work with this model (see :meth:`validate`).
         """
         pol = dataclasses.replace(self, **self.model_knobs(model))
+        pol.check_codec()
         pol.validate(model, engine)
         return pol
 
@@ -217,12 +218,12 @@ class EvictionPolicy(KVPolicy, ABC):
         if self.budget < 1 or sinks < 0 or window < 0:
             raise LongKVError(
                 f"{self.name} needs budget >= 1 and sinks, window >= 0, got budget={self.budget}, "
-                f"sinks={sinks}, window={window}: pass e.g. --budget 2048"
+                f"sinks={sinks}, window={window}: pass e.g. {self.name}:budget=2048"
             )
         if self.budget < sinks + window:
             raise LongKVError(
                 f"{self.name} budget {self.budget} is below the sinks {sinks} + local window {window} it always "
-                f"keeps: raise --budget to at least {sinks + window} or lower sinks/window"
+                f"keeps: raise the budget to at least {sinks + window} ({self.name}:budget={sinks + window}) or lower sinks/window"
             )
 
     def max_context(self, model: ModelConfig) -> int | None:

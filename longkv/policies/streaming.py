@@ -48,7 +48,7 @@ class StreamingPolicy(EvictionPolicy):
         if span > model.max_position:
             raise LongKVError(
                 f"budget {self.budget} + chunk {engine.chunk_size} = {span} tokens exceeds the model's trained "
-                f"window of {model.max_position}: lower --budget or --chunk-size"
+                f"window of {model.max_position}: lower the budget (streaming:budget={max(model.max_position - (span - self.budget), 1)}) or the chunk size"
             )
 
     def check_budget(self) -> None:
@@ -59,15 +59,19 @@ class StreamingPolicy(EvictionPolicy):
         """
         if self.sinks < 0:
             raise LongKVError(f"sinks must be >= 0, got {self.sinks}: pass e.g. streaming:sinks=4")
+        if self.window is not None and self.window < 1:
+            raise LongKVError(f"window must be >= 1, got {self.window}: pass e.g. streaming:window=1024, or leave it out "
+                              "(the budget after the sinks)")
         if self.window is None and self.local_window < 1:
             raise LongKVError(
                 f"budget {self.budget} leaves no local window after {self.sinks} sink tokens: "
-                f"raise --budget to at least {self.sinks + 1} (a few thousand tokens is typical)"
+                f"raise the budget to at least {self.sinks + 1} (streaming:budget=N; a few thousand tokens is typical)"
             )
-        if self.local_window < 1 or self.budget < self.sinks + self.local_window:
+        if self.budget < self.sinks + self.local_window:
+            least = self.sinks + self.local_window
             raise LongKVError(
                 f"budget {self.budget} is below sinks {self.sinks} + window {self.local_window}: "
-                f"raise --budget to at least {self.sinks + max(self.local_window, 1)} or shrink the window"
+                f"raise the budget to at least {least} (streaming:budget={least}) or shrink the window"
             )
 
     def score(

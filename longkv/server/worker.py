@@ -79,7 +79,8 @@ class ServerConfig:
         model_id: the id clients send as ``model`` (GET /v1/models lists it).
         default_policy: policy spec when a request names none.
         default_max_tokens: ``max_tokens`` when a request gives none (capped by the
-            window left under window-bound policies).
+            window left under window-bound policies, and by what ``kv_budget_bytes`` leaves after the prompt
+            under a policy that keeps every token).
         max_tokens_limit: most tokens one request may ask for (``None``: the window).
         max_queue: requests that may wait while ``max_num_seqs`` run; beyond it, 429.
         max_num_seqs: requests decoded together in one batch.
@@ -233,9 +234,23 @@ def plan(
             raise ContextOverflow(len(ids), limit, max_tokens, pol.describe())
     if config.max_tokens_limit is not None:
         wanted = min(wanted, config.max_tokens_limit)
+    if max_tokens is None and config.kv_budget_bytes is not None and pol.budget_tokens is None:
+        # the default fits the KV budget too (a policy that keeps every token reserves prompt + new tokens)
+        room = _tokens_in_kv_budget(llm, pol, config.kv_budget_bytes) - len(ids) - 1
+        if room >= 1:
+            wanted = min(wanted, room)
     sampling = SamplingParams(max_new_tokens=wanted, **params)
     share = share_cache and config.cache_bytes > 0 and shares_dense_kv(pol, len(ids) + wanted + 1)
     return EngineRequest(ids, sampling, pol, share, session, salt or "", constraint=constraint, question_ids=question_ids)
+
+
+def _tokens_in_kv_budget(llm: LLM, pol: KVPolicy, budget_bytes: int) -> int:
+    """Most tokens one sequence under ``pol`` (keeping every token) can reserve within ``budget_bytes`` (whole pages
+    in every layer, as the engine reserves them)."""
+    c, ps = llm.config, llm.engine_config.page_size
+    heads = 1 if pol.per_head else c.n_kv_heads
+    page = ps * pol.page_format(c.head_dim, llm.model.dtype).bytes_per_slot(heads) * (c.n_kv_heads // heads)
+    return budget_bytes // (c.n_layers * page) * ps
 
 
 class EngineWorker:
@@ -355,11 +370,17 @@ class EngineWorker:
             except Exception as exc:  # a bug outside any one request: fail them all, keep serving
                 log.exception("engine step failed")
                 events = []
-                for job in list(self._jobs.values()):
+                with self._cv:  # every job ends here: none may hold a place in max_num_seqs afterwards
+                    failed = list(self._jobs.values())
+                    self._jobs.clear()
+                for job in failed:
                     self.engine.abort(job.request.request_id)
                     self._finish(job, Event("error", error=exc))
-                with torch.inference_mode():
-                    self.engine.step()  # releases the aborted requests
+                try:
+                    with torch.inference_mode():
+                        self.engine.step()  # releases the aborted requests
+                except Exception:
+                    log.exception("releasing the failed step's requests failed")
             for ev in events:
                 self._dispatch(ev)
             self._gauges()
