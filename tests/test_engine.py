@@ -57,6 +57,10 @@ def test_bad_inputs_raise_clear_errors(tiny: LLM) -> None:
         tiny.generate("", max_new_tokens=4)
     with pytest.raises(LongKVError, match="no messages"):
         tiny.chat([])
+    with pytest.raises(LongKVError, match=r"messages must be a list of .* got str: e.g. chat\(\[\{'role': 'user'"):
+        tiny.chat("hello")  # type: ignore[arg-type]
+    with pytest.raises(LongKVError, match="the prompt must be text .* or a list of token ids, got int"):
+        tiny.generate(123, max_new_tokens=4)  # type: ignore[arg-type]
     with pytest.raises(LongKVError, match="exceeds the model's trained window of 512"):
         tiny.generate([1] * 500, max_new_tokens=20, policy="dense")
 
@@ -140,6 +144,10 @@ def test_batch_generation_bad_inputs(tiny: LLM) -> None:
         tiny.generate_batch([])
     with pytest.raises(LongKVError, match="prompt 1 is empty"):
         tiny.generate_batch(["hello", ""])
+    with pytest.raises(LongKVError, match="prompts must be a list of prompts .* got str"):
+        tiny.generate_batch("hello")  # type: ignore[arg-type]
+    with pytest.raises(LongKVError, match="prompt 1 must be text .* got NoneType"):
+        tiny.generate_batch(["hello", None])  # type: ignore[list-item]
 
 
 def test_ask_frames_the_question_as_the_cli_does(tiny: LLM, tmp_path: Path) -> None:

@@ -60,3 +60,27 @@ def test_bad_policy_knobs_are_400s_and_serving_goes_on(client: TestClient, polic
         assert r.status_code == 200 and "error" not in r.text, r.text
     h = client.get("/health").json()
     assert h["running"] == 0 and h["queued"] == 0
+
+
+@pytest.mark.parametrize(("path", "body", "message", "param"), [
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]},
+     "messages.0.content: expected a string or a list of text parts, got 5", "messages.0.content"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "stop": 5},
+     "stop: expected a string or a list of strings, got 5", "stop"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "stop": ["a", 3]},
+     "stop.1: Input should be a valid string", "stop.1"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "text"}]}]},
+     "messages.0.content.0.text: Field required", "messages.0.content.0.text"),
+    ("/v1/completions", {"prompt": [[1, 2]]},
+     "prompt: expected a string, a list of integers or a list of strings, got [[1, 2]]", "prompt"),
+])  # fmt: skip
+def test_a_value_that_fits_no_member_of_a_union_is_one_line(client: TestClient, path: str, body: dict, message: str, param: str) -> None:
+    r = client.post(path, json={"model": "tiny", **body})
+    assert r.status_code == 400 and r.json()["error"]["message"] == message and r.json()["error"]["param"] == param, r.text
+
+
+@pytest.mark.parametrize(("body", "kind"), [(b"[1, 2]", "a JSON array"), (b'"hi"', "a JSON string"), (b"7", "a JSON number")])
+def test_a_json_body_that_is_not_an_object_says_what_it_is(client: TestClient, body: bytes, kind: str) -> None:
+    r = client.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+    msg = r.json()["error"]["message"]
+    assert r.status_code == 400 and msg.startswith(f"the request body must be one JSON object, got {kind}") and "Content-Type" not in msg

@@ -242,7 +242,7 @@ class LLM:
         """
         t0 = time.perf_counter()
         params = sampling or SamplingParams()
-        ids = (self.prompt_ids(prompt) if prompt else []) if isinstance(prompt, str) else list(prompt)
+        ids = self._ids_of(prompt, "the prompt")
         if not ids:
             raise LongKVError("the prompt is empty: pass some text")
         self.check_ids(ids)
@@ -354,7 +354,10 @@ class LLM:
         if not prompts:
             raise LongKVError("no prompts: pass a list with at least one prompt")
         params = SamplingParams(max_new_tokens, temperature, top_k, top_p, seed, tuple(stop), ignore_eos, repetition_penalty, dry_multiplier)
-        ids = [(self.prompt_ids(p) if p else []) if isinstance(p, str) else list(p) for p in prompts]
+        if isinstance(prompts, (str, dict)) or not isinstance(prompts, (list, tuple)):
+            raise LongKVError(f"prompts must be a list of prompts (texts or lists of token ids), got {type(prompts).__name__}: "
+                              "e.g. generate_batch(['first prompt', 'second prompt'])")
+        ids = [self._ids_of(p, f"prompt {i}") for i, p in enumerate(prompts)]
         if any(not x for x in ids):
             raise LongKVError(f"prompt {next(i for i, x in enumerate(ids) if not x)} is empty: pass some text for every prompt")
         for x in ids:
@@ -453,6 +456,14 @@ class LLM:
         kwargs.setdefault("stop", self.ask_stop)
         return self.generate(ids, question_ids=question_ids, question_aware=question_aware, **kwargs)
 
+    def _ids_of(self, prompt: Any, what: str) -> list[int]:
+        """Token ids of a prompt given as text or as token ids. Raises LongKVError for any other type."""
+        if isinstance(prompt, str):
+            return self.prompt_ids(prompt) if prompt else []
+        if isinstance(prompt, (list, tuple)):
+            return list(prompt)
+        raise LongKVError(f"{what} must be text (a str) or a list of token ids, got {type(prompt).__name__}: e.g. generate('Hello')")
+
     def check_ids(self, ids: list[Any]) -> None:
         """Raise LongKVError for a token id that is not an int in the model's vocabulary."""
         v = self.config.vocab_size
@@ -462,6 +473,9 @@ class LLM:
 
     def chat(self, messages: list[dict[str, str]], **kwargs: Any) -> Generation:
         """Render ``messages`` with the chat template, then :meth:`generate` (same keyword arguments)."""
+        if not isinstance(messages, (list, tuple)):
+            raise LongKVError(f"messages must be a list of {{'role': ..., 'content': ...}} dicts, got {type(messages).__name__}: "
+                              "e.g. chat([{'role': 'user', 'content': 'Hello'}])")
         if not messages:
             raise LongKVError("no messages: pass at least one {'role': 'user', 'content': ...}")
         for i, m in enumerate(messages):

@@ -40,6 +40,74 @@ def error_response(status: int, message: str, type_: str, param: str | None = No
     return Response(json.dumps(body, ensure_ascii=True), status_code=status, headers=headers, media_type="application/json")
 
 
+_TYPE_WORDS = {"str": "a string", "int": "an integer", "float": "a number", "bool": "true or false", "dict": "an object",
+               "list": "a list", "none": "null"}
+
+
+def _is_branch(part: Any) -> bool:
+    """Whether a validation error's location part names a union member (``str``, ``list[int]``, ``TextPart``), not a field."""
+    return isinstance(part, str) and (part in _TYPE_WORDS or "[" in part or part[:1].isupper() or part.startswith("<"))
+
+
+def _type_words(tag: str) -> str:
+    """A union member's tag in words: ``list[TextPart]`` -> ``a list of text parts``."""
+    if tag in _TYPE_WORDS:
+        return _TYPE_WORDS[tag]
+    if tag.startswith("list[") and tag.endswith("]"):
+        inner = _type_words(tag[5:-1])
+        for article in ("a ", "an "):
+            if inner.startswith(article):
+                return "a list of " + inner[len(article):] + ("s" if not inner.endswith("s") else "")
+        return "a list of " + inner
+    words = "".join(" " + c.lower() if c.isupper() else c for c in tag).strip()
+    return ("an " if words[:1] in "aeiou" else "a ") + words
+
+
+def _json_kind(value: Any) -> str:
+    """What a JSON value is, in words (for an error message)."""
+    kinds = [(list, "a JSON array"), (str, "a JSON string"), (bool, "a JSON boolean"), (int, "a JSON number"), (float, "a JSON number")]
+    return next((name for t, name in kinds if isinstance(value, t)), "JSON null" if value is None else "no object")
+
+
+def _error_lines(errors: list[Any]) -> list[tuple[str, str]]:
+    """(field, one-line message) per field from pydantic's errors, in order; a value that fits no member of a union
+    (pydantic reports each member apart) is one line: ``stop: expected a string or a list of strings, got 5``."""
+    out: list[tuple[str, str]] = []
+    unions: dict[str, tuple[list[str], Any]] = {}
+    deep: dict[str, dict[str, list[tuple[str, str]]]] = {}  # union field -> member -> errors inside a value of its type
+    for e in errors:
+        loc = [p for p in e.get("loc", ()) if p != "body"]
+        cut = next((i for i, p in enumerate(loc) if _is_branch(p)), None)
+        where = ".".join(str(p) for p in (loc if cut is None else loc[:cut]))
+        if cut is None or str(loc[cut]).startswith("<"):  # a tagged union's tag (in <>) is not a field
+            where = ".".join(str(p) for p in loc if not _is_branch(p))
+            msg = str(e.get("msg", "invalid request"))
+            out.append((where, f"{where}: {msg}" if where else msg))
+            continue
+        if where not in unions:
+            unions[where] = ([], e.get("input"))
+            out.append((where, ""))
+        tags, _ = unions[where]
+        if loc[cut] not in tags:
+            tags.append(str(loc[cut]))
+        if len(loc) > cut + 1:
+            inner = ".".join(str(p) for p in loc if not _is_branch(p))
+            deep.setdefault(where, {}).setdefault(str(loc[cut]), []).append((inner, f"{inner}: {e.get('msg', 'invalid')}"))
+    for i, (where, msg) in enumerate(out):
+        if where in unions and not msg:
+            tags, value = unions[where]
+            inside = deep.get(where, {})
+            if len(inside) == 1:  # the value has one member's type and fails inside it: say where
+                out[i] = next(iter(inside.values()))[0]
+                continue
+            words = [_type_words(t) for t in tags]
+            expected = words[0] if len(words) == 1 else ", ".join(words[:-1]) + " or " + words[-1]
+            shown = json.dumps(value, ensure_ascii=False, default=str)
+            shown = shown if len(shown) <= 40 else shown[:37] + "..."
+            out[i] = (where, f"{where}: expected {expected}, got {shown}")
+    return out
+
+
 def install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
     """Answer every error of ``app`` as an OpenAI error object, counting those of the completion endpoints."""
     endpoints = {"/v1/chat/completions": "chat", "/v1/completions": "completions"}
@@ -63,21 +131,16 @@ def install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
             return counted(request, error_response(400, text, "invalid_request_error", None, "invalid_json"))
         if tuple(first.get("loc", ())) == ("body",):  # the body parsed, but is not an object: a list, a form, plain text
             kind = request.headers.get("content-type") or "no content type"
-            text = f"the request body must be one JSON object (got {kind}): send it with Content-Type: application/json"
+            if "json" in kind.lower():
+                text = f"the request body must be one JSON object, got {_json_kind(first.get('input'))}: send {{\"model\": ..., ...}}"
+            else:
+                text = f"the request body must be one JSON object (got {kind}): send it with Content-Type: application/json"
             return counted(request, error_response(400, text, "invalid_request_error", None, "invalid_json"))
-
-        def field(e: Any) -> str:  # a tagged union's tag (in <>) is not a field
-            return ".".join(str(p) for p in e.get("loc", ()) if p != "body" and not str(p).startswith("<"))
-
-        def line(e: Any) -> str:
-            msg = str(e.get("msg", "invalid request"))
-            return f"{field(e)}: {msg}" if field(e) else msg
-
-        where = field(first)
-        text = "; ".join(line(e) for e in errors[:3] or [first])  # every field named, not "1 more"
-        if len(errors) > 3:
-            text += f" (and {len(errors) - 3} more)"
-        return counted(request, error_response(400, text, "invalid_request_error", where or None, "invalid_request"))
+        lines = _error_lines(list(errors) or [first])
+        text = "; ".join(msg for _, msg in lines[:3])  # every field named, not "1 more"
+        if len(lines) > 3:
+            text += f" (and {len(lines) - 3} more)"
+        return counted(request, error_response(400, text, "invalid_request_error", lines[0][0] or None, "invalid_request"))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> Response:
