@@ -632,6 +632,23 @@ def test_a_call_that_only_repeats_the_last_one_is_not_run_and_its_tool_sits_out_
     assert tool_results(other.requests[-1]["messages"])[1] == f"not run: this is the same call as an earlier call, {note}"
 
 
+def test_a_shell_command_sent_to_python_after_bash_ran_it_is_that_repeat(work: Path, tmp_path: Path) -> None:
+    """The same command line sent to the python tool right after bash ran it is the bash call's repeat (not run,
+    its result named), not a hint to run it with bash, which the step may have closed; sent first, it gets the hint."""
+    (work / "a.txt").write_text("alpha\n")
+    cat = {"command": "cat a.txt"}
+    server = FakeServer(scripted([("bash", cat), ("python", {"code": "cat a.txt"}), ("python", {"code": "grep alpha a.txt"}),
+                                  ("finish", {"answer": "alpha"})]))  # fmt: skip
+    with _agent(server, work, tmp_path, plan=False) as agent:
+        res = agent.run("Print a.txt")
+    server.close()
+    assert res.status == "finished"
+    results = tool_results(server.requests[-1]["messages"])
+    assert "alpha" in results[0]
+    assert results[1].startswith("not run: this is the same call as an earlier call, and no file has changed since")
+    assert results[2] == "error: python: 'grep alpha a.txt' is a shell command, not Python: run it with the bash tool"
+
+
 def test_a_change_repeated_word_for_word_is_not_made_twice_and_the_run_is_asked_to_finish(work: Path, tmp_path: Path) -> None:
     """An edit (or any call that changed a file) made again with nothing changed since is not run: its result
     says the change is made, and the next request asks for finish (the run stops with the model's answer).

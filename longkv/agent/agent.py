@@ -30,7 +30,7 @@ from longkv.agent.client import ChatClient, LocalServer, ModelError, Reply, loca
 from longkv.agent.runlog import Event, RunLog
 from longkv.agent.state import Pending, RunState, message_bytes, partial_string, signature
 from longkv.agent.toolkit import Tool, ToolContext, ToolError
-from longkv.agent.tools import Toolbox, is_step_list
+from longkv.agent.tools import Toolbox, is_shell_command, is_step_list
 from longkv.agent.workdir import changes, listing, snapshot
 from longkv.config import ASK_DRY_MULTIPLIER
 from longkv.errors import LongKVError
@@ -470,6 +470,9 @@ class Agent:
 
     def _tool(self, run_id: str, st: RunState, call: Pending, on_event: Callable[[Event], None] | None) -> None:
         sig = signature(call.name, call.arguments)
+        code = _string_argument(call.arguments, "code") if call.name == "python" else None
+        if code is not None and is_shell_command(code):  # a shell command sent to python is that bash call (its repeat too)
+            sig = signature("bash", json.dumps({"command": code}))
         base = {"id": call.id, "name": call.name, "signature": sig}
         tool = self.toolbox.tools.get(call.name)
 
@@ -582,3 +585,12 @@ class Agent:
         self._emit(run_id, st, "loop", {"kind": kind, "signature": c[0], "drop_steps": steps, "hot": 3,
                                         "replan": not planning and replan}, on_event)  # fmt: skip
         self._emit(run_id, st, "note", {"content": hint, "source": "loop"}, on_event)
+
+
+def _string_argument(arguments: str, key: str) -> str | None:
+    """The string argument ``key`` of a call's JSON arguments, or None (no such string, or not JSON)."""
+    try:
+        value = json.loads(arguments).get(key)
+    except (json.JSONDecodeError, AttributeError):
+        return None
+    return value if isinstance(value, str) else None

@@ -97,9 +97,15 @@ def python(ctx: ToolContext, code: str) -> str:
     """
     if not code.strip():
         raise ToolError("python: the code is empty: pass a program, e.g. print(1 + 1)")
-    if code.split()[0] in SHELL_WORDS and _parse_error("code.py", code):
+    if is_shell_command(code):
         raise ToolError(f"python: {code.strip().splitlines()[0][:100]!r} is a shell command, not Python: run it with the bash tool")
     return _exec(ctx, lambda: ctx.sandbox.python(code))
+
+
+def is_shell_command(code: str) -> bool:
+    """Whether ``code`` sent to the python tool is a shell command line (``ls -la``, ``python3 app.py``), not Python."""
+    words = code.split()
+    return bool(words) and words[0] in SHELL_WORDS and _parse_error("code.py", code) is not None
 
 
 READ_LINES = 200
