@@ -280,3 +280,26 @@ def test_a_second_request_on_a_busy_session_is_a_409(client: TestClient) -> None
     r = client.post("/v1/chat/completions", json={**long, "max_tokens": 2})
     t.join()
     assert done == [200] and r.status_code == 409 and "is answering another request" in r.text and "session_busy" in r.text
+
+
+def test_a_reply_whose_start_the_session_holds_whole_stays_one_span(client: TestClient) -> None:
+    """A one-token reply: the session holds its span up to the generation prompt (the token is not fed), and the
+    next prompt repeats that span whole, then the reply's text and the template's end of the message: they join
+    the reply's span (one span per message), not a span of their own."""
+    msgs = start()
+    one = chat(client, msgs, session="tail", max_tokens=1)
+    msgs += [{"role": "assistant", "content": "Yes."}, {"role": "user", "content": "Go on."}]
+    two = chat(client, msgs, session="tail")
+    before, after = one["longkv"]["memory"]["spans"], two["longkv"]["memory"]["spans"]
+    assert two["usage"]["prompt_tokens_details"]["cached_tokens"] == one["longkv"]["memory"]["kv_tokens"]  # held whole
+    assert [s["kind"] for s in after] == ["system", "user", "assistant", "user", "assistant"]
+    assert after[2]["id"] == before[2]["id"] and after[2]["tokens"] > before[2]["tokens"]
+
+
+def test_a_completion_session_holds_its_prompt_as_text_and_its_continuation_as_a_reply(client: TestClient) -> None:
+    body = {"model": "tiny", "prompt": "Alice was beginning to get very tired", "max_tokens": 6, "temperature": 0,
+            "longkv": {"ignore_eos": True, "session": "done", "memory": {}}}  # fmt: skip
+    r = client.post("/v1/completions", json=body)
+    assert r.status_code == 200, r.text
+    spans = r.json()["longkv"]["memory"]["spans"]
+    assert [(s["kind"], s["tokens"]) for s in spans] == [("text", r.json()["usage"]["prompt_tokens"]), ("assistant", 5)]

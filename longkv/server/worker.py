@@ -491,12 +491,22 @@ class EngineWorker:
             try:
                 if out.finish_reason in ("stop", "length"):
                     at, extend = matched, merge
+                    started: int | None = None  # where the message of the next piece starts (the end of the one before)
                     for kind, end, pin in pieces:
-                        if end > at:  # a message whose start the session held (a reply rendered anew) stays one span
-                            mem.record(kind, req.ids[at:end], pin, extend=extend and mem.spans[-1].kind == kind)
+                        if end > at:
+                            # a message whose start the session held (a reply rendered anew, its template tail after
+                            # the generated tokens) stays one span
+                            held = extend or (started is not None and started < at)
+                            last = mem.spans[-1] if mem.spans else None
+                            mem.record(kind, req.ids[at:end], pin, extend=held and last is not None and last.kind == kind and not last.compressed)
                             at, extend = end, False
+                        started = end
+                    if m.pieces is None and len(req.ids) > at:  # a completion's prompt is text; what it generates, a reply
+                        mem.record("text", req.ids[at:], extend=extend and mem.spans[-1].kind == "text")
+                        at, extend = len(req.ids), False
                     generated = req.ids[at:] + seq.tokens[base + len(new) :]
-                    mem.record("assistant", generated, extend=extend and mem.spans[-1].kind == "assistant")
+                    if generated:
+                        mem.record("assistant", generated, extend=extend and mem.spans[-1].kind == "assistant")
                     if head and mem.spans[0].pinned and mem.seq.tokens[:head] == req.ids[:head]:
                         self.cache.insert(ns, req.ids[:head], mem.seq.cache)  # for the next new sessions
                 else:  # cancelled or failed: back to the session before this request
