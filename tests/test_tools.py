@@ -232,6 +232,23 @@ def test_allowed_tools_keep_every_tool_in_the_prompt_and_narrow_the_calls() -> N
         assert plan.grammar is not None and TOOLS[0]["function"]["name"] not in plan.grammar
 
 
+def test_a_response_format_schema_that_lists_properties_is_closed_as_tool_arguments_are() -> None:
+    person = {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}
+    fmt = {"type": "json_schema", "json_schema": {"name": "p", "schema": person}}
+    plan = plan_reply(None, None, None, fmt, True, ToolFormat(True, 1, 2))
+    assert plan.answer_schema is not None and plan.answer_schema["additionalProperties"] is False
+    from longkv.loading import _gguf_tokenizer
+
+    tok = _gguf_tokenizer(Path(model_path("smollm2-135m")))
+    g = Grammar(plan.grammar or "", grammar_tokenizer(tok, [tok.eos_token_id], len(tok)), len(tok))
+    ok, c = walk(g, tok, '{"name": "Ada"}')
+    assert ok and c.accepting
+    assert not walk(g, tok, '{"name": "Ada", "ok": true}')[0]
+    open_ = {**person, "additionalProperties": True}  # a schema that says so keeps other keys
+    plan = plan_reply(None, None, None, {"type": "json_schema", "json_schema": {"name": "p", "schema": open_}}, True, ToolFormat(True, 1, 2))
+    assert plan.answer_schema is not None and plan.answer_schema["additionalProperties"] is True
+
+
 def test_auto_or_none_without_tools_is_plain_chat() -> None:
     for choice in ("auto", "none"):
         plan = plan_reply(None, choice, None, None, True, ToolFormat(True, 1, 2))

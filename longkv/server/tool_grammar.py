@@ -213,7 +213,7 @@ def plan_reply(
         except exceptions.SchemaError as exc:
             raise ApiError(400, f"response_format.json_schema.schema is not a valid JSON Schema: {exc.message}", param="response_format.json_schema.schema") from None
     if answer is not None:
-        answer = {**answer, "x-guidance": JSON_LAYOUT}
+        answer = {**_closed(answer), "x-guidance": JSON_LAYOUT}  # closed as tool arguments are: no invented keys
     grammar = None
     if use_grammar:  # schemas the grammar cannot express: a 400 naming the schema, not the grammar's text
         named = {name: i for i, name in enumerate(t["function"]["name"] for t in tools or [])}
