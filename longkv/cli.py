@@ -209,26 +209,13 @@ def serve(
 
     Example: longkv serve --model ./SmolLM2-135M-Instruct.Q4_1.gguf --port 8000
 
-    Requests take longkv's own settings in a "longkv" object of the body
-    (extra_body={"longkv": {...}} with the openai client): "policy" (e.g. "auto"
-    to read past the model's window with block_topk, "snapkv:budget=2048"),
-    "budget", "session" (a session id whose cached prefix eviction skips),
-    "cache" (false: compute everything, store nothing), "cache_salt", "top_k",
-    "ignore_eos", "dry_multiplier" (the loop guard), "grammar" (false: tool calls
-    and response_format unconstrained, parsed leniently), "memory" (with "session":
-    the conversation lives on as KV spans that later turns reuse, compress and
-    edit without a new prefill; docs/memory.md). See docs/serving.md.
+    Requests take longkv's own settings in a "longkv" object of the body (extra_body={"longkv": {...}} with the openai client): "policy" (e.g. "auto" to read past the model's window with block_topk, "snapkv:budget=2048"), "budget", "session" (a session id whose cached prefix eviction skips), "cache" (false: compute everything, store nothing), "cache_salt", "top_k", "ignore_eos", "dry_multiplier" (the loop guard), "grammar" (false: tool calls and response_format unconstrained, parsed leniently), "memory" (with "session": the conversation lives on as KV spans that later turns reuse, compress and edit without a new prefill; docs/memory.md). See docs/serving.md.
 
-    Chat requests take OpenAI "tools", "tool_choice", "parallel_tool_calls" and
-    "response_format"; calls and JSON replies are grammar-constrained, so they parse.
+    Chat requests take OpenAI "tools", "tool_choice", "parallel_tool_calls" and "response_format"; calls and JSON replies are grammar-constrained, so they parse.
 
-    Concurrent requests run in one batch (--max-num-seqs): each step feeds every
-    decoding request one token and fills the rest of a chunk with prompt tokens,
-    shortest prompt first, in one forward.
+    Concurrent requests run in one batch (--max-num-seqs): each step feeds every decoding request one token and fills the rest of a chunk with prompt tokens, shortest prompt first, in one forward.
 
-    The default --policy dense computes exact KV that requests share by prefix;
-    a request past the model's window then gets HTTP 400 with the fix.
-    """
+    The default --policy dense computes exact KV that requests share by prefix; a request past the model's window then gets HTTP 400 with the fix."""
     _check_serve_options(
         port=port, cache_mib=cache_mib, max_num_seqs=max_num_seqs, max_queue=max_queue, kv_budget_mib=kv_budget_mib,
         memory_mib=memory_mib, memory_dir=memory_dir, max_tokens_default=max_tokens_default,

@@ -310,3 +310,21 @@ def test_serve_memory_options_are_checked_before_the_model_loads(work: Path) -> 
 ])  # fmt: skip
 def test_serve_options_out_of_range_are_one_line_errors_before_the_model_loads(work: Path, flag: str, value: str, message: str) -> None:
     assert_user_error(run(["serve", "--model", "./missing.gguf", flag, value], work), message)
+
+
+def test_help_paragraphs_are_one_line_each() -> None:
+    """Typer's rich help keeps a docstring's line breaks, so a paragraph written over several lines breaks mid-sentence
+    in the terminal ("with the" alone on a line): every command's prose paragraphs are one line (examples indented)."""
+    import inspect
+
+    from longkv.cli import app
+
+    def commands(t, prefix: str = ""):  # type: ignore[no-untyped-def]
+        for c in t.registered_commands:
+            yield prefix + (c.name or c.callback.__name__), inspect.getdoc(c.callback) or ""
+        for g in t.registered_groups:
+            yield from commands(g.typer_instance, prefix + g.name + " ")
+
+    split = [(name, para.split("\n")[0]) for name, doc in commands(app) for para in doc.split("\n\n")
+             if "\n" in para.strip() and not all(line.startswith(" ") for line in para.strip().split("\n")[1:])]  # fmt: skip
+    assert len(list(commands(app))) > 8 and split == []

@@ -112,11 +112,9 @@ def run(
 
       longkv agent run @task.md --server http://127.0.0.1:8000/v1 --json
 
-    Every event goes to a durable run log first: longkv agent show RUN prints the trajectory,
-    longkv agent resume RUN goes on after a crash or a kill.
+    Every event goes to a durable run log first: longkv agent show RUN prints the trajectory, longkv agent resume RUN goes on after a crash or a kill.
 
-    Exit status: 0 when the model finished, 3 when the run stopped at a limit (its answer is
-    a best effort from what was learned), 1 when it failed, 2 for a bad command line; agent resume exits the same way.
+    Exit status: 0 when the model finished, 3 when the run stopped at a limit (its answer is a best effort from what was learned), 1 when it failed, 2 for a bad command line; agent resume exits the same way.
     """
     from longkv.agent.agent import Agent
 
@@ -152,9 +150,9 @@ def resume(
 ) -> None:
     """Go on with a run after a crash, a kill -9 or a reboot, from its log.
 
-    A tool call cut off mid-way is run again only if it cannot change anything
-    (read_file, search); any other is reported to the model as interrupted, with the
-    files changed since it started. Examples:
+    A tool call cut off mid-way is run again only if it cannot change anything (read_file, search); any other is reported to the model as interrupted, with the files changed since it started.
+
+    Examples:
 
       longkv agent resume 20261204-153000-ab12
 
