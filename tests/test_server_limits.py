@@ -73,6 +73,9 @@ def test_bad_policy_knobs_are_400s_and_serving_goes_on(client: TestClient, polic
      "messages.0.content.0.text: Field required", "messages.0.content.0.text"),
     ("/v1/completions", {"prompt": [[1, 2]]},
      "prompt: expected a string, a list of integers or a list of strings, got [[1, 2]]", "prompt"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}, {"role": "tool", "content": "20 degrees"}]},
+     "messages.1: Value error, a tool message needs tool_call_id: send the id of the call it answers "
+     "(the assistant message's tool_calls[i].id)", "messages.1"),
 ])  # fmt: skip
 def test_a_value_that_fits_no_member_of_a_union_is_one_line(client: TestClient, path: str, body: dict, message: str, param: str) -> None:
     r = client.post(path, json={"model": "tiny", **body})
