@@ -27,7 +27,11 @@ class Document:
 
 def _read_text(path: Path) -> str | None:
     """The file's text, or None if it looks binary (NUL bytes or not UTF-8)."""
-    data = path.read_bytes()
+    return _text_of(path.read_bytes())
+
+
+def _text_of(data: bytes) -> str | None:
+    """``data`` as UTF-8 text, or None if it looks binary (NUL bytes or not UTF-8)."""
     if b"\x00" in data[:SNIFF_BYTES]:
         return None
     try:
@@ -56,8 +60,12 @@ def collect(paths: list[str], stdin_text: str | None = None) -> tuple[list[Docum
     skipped: list[str] = []
     for p in paths:
         if p == "-":
-            text = stdin_text if stdin_text is not None else sys.stdin.read()
-            docs.append(Document("<stdin>", text))
+            if stdin_text is None:  # bytes: a locale's decoding would turn bytes that are not UTF-8 into surrogates
+                read = _text_of(sys.stdin.buffer.read())
+                if read is None:
+                    raise LongKVError("standard input is binary or not UTF-8: pipe text into it (e.g. iconv -f latin1 -t utf-8)")
+                stdin_text = read
+            docs.append(Document("<stdin>", stdin_text))
             continue
         path = Path(p)
         if not path.exists():

@@ -59,6 +59,8 @@ def test_bad_inputs_raise_clear_errors(tiny: LLM) -> None:
         tiny.chat([])
     with pytest.raises(LongKVError, match=r"messages must be a list of .* got str: e.g. chat\(\[\{'role': 'user'"):
         tiny.chat("hello")  # type: ignore[arg-type]
+    with pytest.raises(LongKVError, match="the text is not valid UTF-8 \\(it holds '\\\\udce9'"):
+        tiny.ask("caf\udce9 au lait", "What is it?")  # a str decoded with surrogateescape
     with pytest.raises(LongKVError, match="the prompt must be text .* or a list of token ids, got int"):
         tiny.generate(123, max_new_tokens=4)  # type: ignore[arg-type]
     with pytest.raises(LongKVError, match="exceeds the model's trained window of 512"):

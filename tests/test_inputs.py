@@ -38,6 +38,19 @@ def test_stdin() -> None:
     assert docs[0].name == "<stdin>" and docs[0].text == "hello from a pipe"
 
 
+@pytest.mark.parametrize("data", ["caf\xe9 text\n".encode("latin-1"), b"\x00\x01binary"])
+def test_stdin_that_is_not_utf8_text_is_refused(data: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Bytes read as bytes: a locale's decoding would pass them on as surrogates, which no tokenizer takes."""
+    import io
+    import sys
+
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(data), encoding="utf-8", errors="surrogateescape"))
+    with pytest.raises(LongKVError, match="standard input is binary or not UTF-8: pipe text"):
+        collect(["-"])
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO("café\n".encode()), encoding="utf-8"))
+    assert collect(["-"])[0][0].text == "café\n"
+
+
 def test_unreadable_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     f = tmp_path / "secret.txt"
     f.write_text("x")

@@ -189,8 +189,19 @@ class LLM:
 
     # ------------------------------------------------------------------ prompts
     def encode(self, text: str) -> list[int]:
-        """Token ids of ``text`` (no special tokens added)."""
-        return list(self.tokenizer.encode(text, add_special_tokens=False))
+        """Token ids of ``text`` (no special tokens added).
+
+        Raises:
+            LongKVError: ``text`` holds lone surrogates (bytes that were not UTF-8, decoded with ``surrogateescape``).
+        """
+        try:
+            return list(self.tokenizer.encode(text, add_special_tokens=False))
+        except TypeError:
+            at = next((i for i, ch in enumerate(text) if 0xD800 <= ord(ch) <= 0xDFFF), None)
+            if at is None:
+                raise
+            raise LongKVError(f"the text is not valid UTF-8 (it holds {text[at]!r}, a byte that was not UTF-8): "
+                              "decode the input as UTF-8, e.g. with errors='replace'") from None
 
     def prompt_ids(self, text: str) -> list[int]:
         """Token ids of a whole prompt: :meth:`encode` behind the BOS token where the tokenizer puts one
