@@ -89,7 +89,7 @@ def ask(
     weights: Annotated[str, typer.Option(help="Weights decode steps read: auto (with bfloat16: int4 when the file stores every projection matrix in 4 bits or fewer, e.g. Q4_1; mixed when it stores some so, e.g. Q4_K_M; else int8; with float32: none, the exact path), int4, int8, mixed (int4 where the file has 4 bits or fewer, int8 elsewhere) or none (the compute dtype). A coded format named explicitly applies under float32 too.")] = "auto",
     threads: Annotated[int | None, typer.Option(help="CPU threads (default: all cores).")] = None,
     device: DeviceOpt = "cpu",
-    as_json: Annotated[bool, typer.Option("--json", metavar="", help="Print one JSON object (answer + stats) instead of streaming text.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", metavar="", help="Print one JSON object (answer, stats, the files read and those skipped) instead of streaming text.")] = False,
     compression: Annotated[
         Compression,
         typer.Option(metavar="MODE", help="question-aware (default) or question-agnostic. Eviction policies that score with queries (snapkv, h2o, tova, pyramid, adakv, expected_attention): question-aware = the question, probed over the cache after every chunk, chooses what is kept; question-agnostic = each chunk is scored by its own last queries (the question is in the last chunk). kvzip always scores by re-reading each chunk. block_topk chooses its pages from the question in both modes."),
@@ -154,7 +154,9 @@ def ask(
                 "repetition_penalty": repetition_penalty, "dry_multiplier": dry_multiplier,
             },
         }  # fmt: skip
-        print(json.dumps({"answer": out.text.strip(), "finish_reason": out.finish_reason, "model": llm.source, **settings, **out.stats.as_dict()}))
+        inputs = {"files": [d.name for d in docs], "skipped": skipped}  # what was read, and what was not (binary, not UTF-8)
+        print(json.dumps({"answer": out.text.strip(), "finish_reason": out.finish_reason, "model": llm.source, **settings, **inputs,
+                          **out.stats.as_dict()}))  # fmt: skip
     else:
         sys.stdout.write("\n")
         err.print(f"[dim]{out.stats.line()}[/dim]", soft_wrap=True)

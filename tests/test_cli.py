@@ -201,6 +201,7 @@ def test_ask_answers_from_a_folder_and_stdin_as_json(work: Path, smollm2_path: P
     assert "march 3" in out["answer"].lower()
     assert out["policy"] == "dense" and out["prompt_tokens"] > 10 and out["peak_kv_bytes"] > 0
     assert out["device"] == "cpu" and out["dtype"] == "bfloat16" and out["weights"] in ("int4", "int8")
+    assert out["files"] == [str(docs / "sub" / "notes.txt")] and out["skipped"] == [str(docs / "logo.png")]
     assert out["sampling"] == {
         "max_new_tokens": 16, "temperature": 0.0, "top_p": 1.0, "seed": None, "repetition_penalty": 1.0, "dry_multiplier": ASK_DRY_MULTIPLIER,
     }  # fmt: skip
