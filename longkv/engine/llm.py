@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -441,8 +442,8 @@ class LLM:
         """Answer ``question`` about a long text, a file, or files and folders, as ``longkv ask`` does.
 
         Args:
-            source: the text itself (``str``), or a path (``pathlib.Path``) or a list
-                of paths to files and folders (read recursively, text files only).
+            source: the text itself (``str``; one that names an existing file warns, ``UserWarning``), or a
+                path (``pathlib.Path``) or a list of paths to files and folders (read recursively, text files only).
             question: what to ask; it is placed after the documents.
             question_aware: with an eviction policy that scores with queries, let the
                 question choose what each chunk keeps (``False``: question-agnostic; block_topk
@@ -459,6 +460,9 @@ class LLM:
         if isinstance(source, str):
             if not source.strip():
                 raise LongKVError("the text is empty: pass the document's text, or a pathlib.Path to read a file")
+            if len(source) < 4096 and "\n" not in source and os.path.exists(source.strip()):
+                warnings.warn(f"ask() reads a str as the text itself, and {source.strip()!r} names a file: pass "
+                              f"Path({source.strip()!r}) (or a list of paths) to read it", UserWarning, stacklevel=2)
             docs = [Document("<stdin>", source)]
         else:
             docs, _ = collect([os.fspath(p) for p in (source if isinstance(source, list) else [source])])
