@@ -1351,3 +1351,11 @@ def test_cli_user_errors_are_one_line(args: list[str], msg: str, tmp_path: Path)
     proc = _cli([a.replace("URL", server.url) for a in args] + ([] if SANDBOX or args[0] != "run" else ["--no-sandbox"]), tmp_path)
     server.close()
     assert proc.returncode == 2 and msg in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_an_exec_result_reads_as_the_bash_tool_shows_it() -> None:
+    from longkv.agent.sandbox import ExecResult
+
+    assert str(ExecResult(0, "3 README.md\n", None, 0.04, False)) == "3 README.md\n[exit code 0]"
+    assert str(ExecResult(None, "", "time", 60.0, False)) == "[killed: time limit reached after 60.0 s]"
+    assert str(ExecResult(None, "yyyy", "output", 1.25, True)) == "yyyy\n[output cut at the sandbox's output limit] [killed: output limit reached after 1.2 s]"

@@ -111,6 +111,14 @@ class ExecResult:
     seconds: float
     truncated: bool
 
+    def __str__(self) -> str:
+        """The call as a model reads it: the output, then its exit status or the limit that ended it."""
+        out = self.output.rstrip("\n")
+        tail = f"[killed: {self.killed} limit reached after {self.seconds:.1f} s]" if self.killed else f"[exit code {self.exit_code}]"
+        if self.truncated:
+            tail = "[output cut at the sandbox's output limit] " + tail
+        return f"{out}\n{tail}" if out else tail
+
 
 def sandbox_problem() -> str | None:
     """None when bubblewrap can create a sandbox here, else one line saying why, with a fix hint."""

@@ -32,16 +32,7 @@ from longkv.errors import LongKVError
 
 def _exec_report(res: Any) -> str:
     """A sandbox result as the model reads it: the output, then the exit status (or why it was killed)."""
-    out = res.output.rstrip("\n")
-    if res.killed:
-        tail = f"[killed: {res.killed} limit reached after {res.seconds:.1f} s]"
-    else:
-        tail = f"[exit code {res.exit_code}]"
-    if res.truncated:
-        tail = "[output cut at the sandbox's output limit] " + tail
-    if res.exit_code == 127:
-        tail += _not_found_hint(res.output)
-    return f"{out}\n{tail}" if out else tail
+    return str(res) + (_not_found_hint(res.output) if res.exit_code == 127 else "")
 
 
 TOOL_NAMES = frozenset({"read_file", "write_file", "edit_file", "search", "recall", "plan", "finish"})
