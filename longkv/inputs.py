@@ -99,6 +99,10 @@ def collect(paths: list[str], stdin_text: str | None = None) -> tuple[list[Docum
                 f"no text in the input: {len(skipped)} binary or non-UTF-8 file(s) skipped ({skipped[0]}{more}): "
                 f"pass text files or folders that hold some"
             )
+        folders = [p for p in paths if p != "-" and Path(p).is_dir()]
+        if folders and not docs:  # a folder with no file in it (hidden and build folders are not read)
+            raise LongKVError(f"{folders[0]}: the folder holds no files to read (hidden files and folders such as .git are "
+                              "skipped): pass a folder or files with text in them")
         raise LongKVError("the input is empty: pass files with some text in them")
     return docs, skipped
 

@@ -95,7 +95,8 @@ def test_a_tool_schema_comes_from_the_signature_and_docstring() -> None:
     }
     ctx = ToolContext(Path("."), None)
     assert lookup.idempotent and lookup.call(ctx, {"key": "a", "limit": 2}) == "a:2"
-    for bad, msg in (({}, "needs 'key'"), ({"key": 1}, "must be a string"), ({"key": "a", "x": 1}, "has no argument 'x'")):
+    for bad, msg in (({}, "needs 'key'"), ({"key": 1}, "must be a string"), ({"key": "a", "limit": "2"}, "'limit' must be an integer, got \"2\""),
+                     ({"key": "a", "x": 1}, "has no argument 'x'")):  # fmt: skip
         with pytest.raises(ToolError, match=msg):
             lookup.call(ctx, bad)
     with pytest.raises(LongKVError, match="no docstring"):
@@ -104,6 +105,12 @@ def test_a_tool_schema_comes_from_the_signature_and_docstring() -> None:
 
         @tool
         def bad(ctx: ToolContext, a: set) -> str:  # type: ignore[type-arg]
+            """Bad."""
+            return ""
+    with pytest.raises(LongKVError, match=r"tool unresolved: an argument's type annotation cannot be read \(name 'datetime' is not defined\)"):
+
+        @tool
+        def unresolved(ctx: ToolContext, when: datetime.date) -> str:  # type: ignore[name-defined]  # noqa: F821
             """Bad."""
             return ""
 

@@ -156,6 +156,24 @@ def test_run_folder_resume_and_refused_rows(tmp_path: Path) -> None:
     assert (folder.path / "heatmap_dense.png").stat().st_size > 1000
 
 
+def test_a_run_folder_extended_by_later_commands_records_them_all(tmp_path: Path) -> None:
+    """config.json and the summary keep what every command that added rows asked for, not only the last one."""
+    first = {"kind": "niah", "model": "m", "seed": 0, "policies": ["dense", "streaming:budget=512"], "lengths": [2000],
+             "samples": 2, "command": "longkv bench niah -p dense -p streaming:budget=512 --samples 2"}  # fmt: skip
+    folder = RunFolder(tmp_path, "n1")
+    folder.open(first)
+    run_jobs(folder, pending_jobs(folder, ["dense"], lambda: _samples([1000])), {"name": "longkv"}, CountingBackend(), quiet=True)
+    folder.open({**first, "policies": ["dense", "snapkv:budget=512"], "lengths": [2000, 4000], "samples": 1,
+                 "command": "longkv bench niah -p dense -p snapkv:budget=512 --lengths 2k,4k --samples 1"})  # fmt: skip
+    folder.open({**first, "policies": ["dense"], "command": first["command"]})  # the first command again
+    cfg = folder.config()
+    assert cfg["policies"] == ["dense", "streaming:budget=512", "snapkv:budget=512"] and cfg["lengths"] == [2000, 4000]
+    assert cfg["samples"] == 2
+    assert cfg["commands"] == [first["command"], "longkv bench niah -p dense -p snapkv:budget=512 --lengths 2k,4k --samples 1"]
+    summary = write_summary(folder).read_text()
+    assert "```\n" + "\n".join(cfg["commands"]) + "\n```" in summary
+
+
 def test_summary_names_the_default_model_when_none_was_given(tmp_path: Path) -> None:
     folder = RunFolder(tmp_path, "r")
     folder.open({"kind": "niah", "model": None, "seed": 0})

@@ -69,3 +69,13 @@ def test_no_input_and_all_empty(tmp_path: Path) -> None:
     (tmp_path / "e.txt").write_text("")
     with pytest.raises(LongKVError, match="input is empty"):
         collect([str(tmp_path)])
+
+
+def test_an_empty_folder_says_so(tmp_path: Path) -> None:
+    (tmp_path / "empty" / ".git").mkdir(parents=True)
+    (tmp_path / "empty" / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    with pytest.raises(LongKVError, match="empty: the folder holds no files to read"):
+        collect([str(tmp_path / "empty")])
+    (tmp_path / "blank.txt").write_text("  \n")
+    with pytest.raises(LongKVError, match="the input is empty: pass files with some text"):
+        collect([str(tmp_path / "blank.txt")])

@@ -140,7 +140,8 @@ def _check_type(tool: str, name: str, value: Any, schema: dict[str, Any]) -> Non
     if value is None:  # an optional argument left null
         return
     if want in ok and not ok[want](value):
-        raise ToolError(f"{tool}: argument {name!r} must be a {want}, got {json.dumps(value)[:60]}")
+        article = "an" if want in ("integer", "array", "object") else "a"
+        raise ToolError(f"{tool}: argument {name!r} must be {article} {want}, got {json.dumps(value)[:60]}")
     if "enum" in schema and value not in schema["enum"]:
         raise ToolError(f"{tool}: argument {name!r} must be one of {schema['enum']}, got {value!r}")
 
@@ -175,7 +176,11 @@ def tool(fn: Callable[..., str] | None = None, *, name: str | None = None, idemp
         if not f.__doc__:
             raise LongKVError(f"tool {f.__name__} has no docstring: its first paragraph is what the model reads")
         head, arg_docs = _doc_args(f.__doc__)
-        hints = typing.get_type_hints(f)
+        try:
+            hints = typing.get_type_hints(f)
+        except (NameError, TypeError) as exc:  # an annotation written as a string that names nothing importable here
+            raise LongKVError(f"tool {f.__name__}: an argument's type annotation cannot be read ({exc}): annotate with "
+                              "str, int, float, bool, list, dict, Literal or X | None, imported where the tool is defined") from None
         params = list(inspect.signature(f).parameters.values())
         takes_ctx = bool(params) and (params[0].name == "ctx" or hints.get(params[0].name) is ToolContext)
         props: dict[str, Any] = {}

@@ -25,7 +25,7 @@ Policies = Annotated[list[str] | None, typer.Option("--policy", "-p", help="KV p
 Lengths = Annotated[str, typer.Option(help="Prompt lengths in tokens, comma-separated (k = 1000): 2k,4k,8k.")]
 Samples = Annotated[int, typer.Option(help="Samples per cell.")]
 Seed = Annotated[int, typer.Option(help="Seed of the sample generators.")]
-Name = Annotated[str | None, typer.Option(help="Run folder name under --runs-dir (default: derived from the command).")]
+Name = Annotated[str | None, typer.Option(help="Run folder name under --runs-dir (default: the benchmark's name, e.g. niah; a run of another model or other fixed settings needs a --name of its own).")]
 RunsDir = Annotated[Path, typer.Option(help="Where run folders live.")]
 Ray = Annotated[str | None, typer.Option("--ray", help="Run cells as Ray tasks: 'local' (ray.init() here) or a cluster address.")]
 Backend = Annotated[str, typer.Option(help="longkv (our engine) or transformers (dense reference, eager attention).")]

@@ -155,8 +155,9 @@ def write_summary(folder: RunFolder) -> Path:
     pngs = write_plots(rows, kind, folder.path)
     model, backend, seed = _settings(cfg)
     head = [f"# {kind} run `{folder.path.name}`", "", f"model: {model}, backend: {backend}, seed {seed}, {len(rows)} rows", ""]
-    if cfg.get("command"):
-        head += ["```", str(cfg["command"]), "```", ""]
+    commands = cfg.get("commands") or ([cfg["command"]] if cfg.get("command") else [])
+    if commands:  # every command that added rows to the folder, in order
+        head += ["```", *map(str, commands), "```", ""]
     notes = dense_reads(rows)
     head += [*notes, "", ""] if notes else []
     body = tables(rows, kind) if rows else "(no results yet)"
@@ -202,8 +203,8 @@ def merge(runs: list[str | Path], out: Path) -> Path:
         got = RunFolder(p.parent, p.name).rows()
         for row in got:
             rows.append({**row, "policy": f"{row['policy']} ({label})" if len(paths) > 1 else row["policy"]})
-        command = str(cfg.get("command") or "").replace("|", "\\|")
-        table.append(f"| {label} | {' | '.join(_settings(cfg))} | {len(got)} | {f'`{command}`' if command else ''} |")
+        commands = [str(c).replace("|", "\\|") for c in cfg.get("commands") or [cfg.get("command")] if c]
+        table.append(f"| {label} | {' | '.join(_settings(cfg))} | {len(got)} | {'<br>'.join(f'`{c}`' for c in commands)} |")
     if len(kinds) != 1:
         raise LongKVError(f"runs of different kinds ({', '.join(sorted(kinds))}) cannot be merged: pass runs of one kind")
     kind = kinds.pop()

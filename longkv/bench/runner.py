@@ -42,6 +42,21 @@ def _setting(key: str, value: Any) -> str:
     return f"{key}={value!r}"
 
 
+def _merged(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """The config of a run folder that a later command extends: what every command asked for together (lists of
+    policies, lengths, depths joined in order, the most samples) and every command, in order (``commands``)."""
+    out = dict(new)
+    for k, v in new.items():
+        was = old.get(k)
+        if isinstance(v, list) and isinstance(was, list) and k not in FIXED_KEYS:
+            out[k] = was + [x for x in v if x not in was]
+        elif k == "samples" and isinstance(v, int) and isinstance(was, int):
+            out[k] = max(v, was)
+    commands = [c for c in old.get("commands") or [old.get("command")] if c]
+    out["commands"] = commands + ([new["command"]] if new.get("command") and new["command"] not in commands else [])
+    return out
+
+
 class RunFolder:
     """``<root>/<name>/`` with its config, results and summary.
 
@@ -67,6 +82,7 @@ class RunFolder:
                 was, now = old.get(k, _KEY_DEFAULTS.get(k)), config.get(k, _KEY_DEFAULTS.get(k))
                 if was != now:
                     raise LongKVError(f"run folder {self.path} was made with {_setting(k, was)}, not {_setting(k, now)}: {_RESUME_HINT}")
+            config = _merged(old, config)
         self.path.mkdir(parents=True, exist_ok=True)
         self.config_file.write_text(json.dumps(config, indent=2) + "\n")
 
