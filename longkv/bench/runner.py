@@ -15,8 +15,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
-from collections.abc import Callable, Iterable
+import sys
+import threading
+from collections.abc import Callable, Generator, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -286,20 +289,25 @@ def run_jobs(
                 progress.update(row)
                 written += 1
         else:
-            for row in _ray_rows(jobs, settings, ray_address, chunk_size):
-                folder.append(row)
-                progress.update(row)
-                written += 1
+            rows = _ray_rows(jobs, settings, ray_address, chunk_size)
+            try:
+                for row in rows:
+                    folder.append(row)
+                    progress.update(row)
+                    written += 1
+            finally:
+                rows.close()  # its cleanup (tasks cancelled, a local cluster stopped) runs now, not at garbage collection
     finally:
         progress.close()
     return written
 
 
-def _ray_rows(jobs: list[Job], settings: dict[str, Any], address: str, chunk_size: int) -> Iterable[dict[str, Any]]:
+def _ray_rows(jobs: list[Job], settings: dict[str, Any], address: str, chunk_size: int) -> Generator[dict[str, Any], None, None]:
     try:
         import ray
     except ImportError:
         raise LongKVError("--ray needs Ray: pip install 'longkv[ray]'") from None
+    started = False
     if not ray.is_initialized():
         # Workers must import this very longkv tree, whether installed or run from a checkout.
         root = str(Path(__file__).resolve().parents[2])
@@ -311,8 +319,21 @@ def _ray_rows(jobs: list[Job], settings: dict[str, Any], address: str, chunk_siz
             log_to_driver=False,
             configure_logging=False,
         )
+        started = True
+    # SIGTERM (timeout, kill, a scheduler) ends the sweep as Ctrl-C does, through the cleanup below: a killed driver
+    # had left its local cluster's workers running, owned by init
+    main = threading.current_thread() is threading.main_thread()
+    before = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum)) if main else None
     task = ray.remote(num_cpus=1)(run_chunk)
     pending = [task.remote(settings, [j.to_dict() for j in c]) for c in chunks(jobs, chunk_size)]
-    while pending:
-        done, pending = ray.wait(pending, num_returns=1)
-        yield from ray.get(done[0])
+    try:
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            yield from ray.get(done[0])
+    finally:
+        for ref in pending:
+            ray.cancel(ref, force=True)
+        if started:
+            ray.shutdown()
+        if main:
+            signal.signal(signal.SIGTERM, before)
