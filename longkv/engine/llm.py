@@ -354,6 +354,9 @@ class LLM:
         its own generator seeded by ``seed``.
         ``stats.prefill_s`` is the batch's prefill time, shared by all, and
         ``stats.prefill_tok_s`` the batch's rate (``stats.batch_prompt_tokens`` prompt tokens in that time).
+        ``stats.decode_tok_s`` is each sequence's own tokens over the wall time from its first token to its
+        last: a step it shared with another prompt's prefill chunk counts whole, so a short prompt decoding
+        beside a long prefill reports a low rate (the batch's steps, not its own work).
 
         ``question_ids``: one list per prompt for question-aware compression
         (see :meth:`stream`); ``None``: question-agnostic.
