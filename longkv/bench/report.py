@@ -147,6 +147,11 @@ def dense_reads(rows: list[Row]) -> list[str]:
     return lines
 
 
+def _commands(cfg: dict[str, Any]) -> list[str]:
+    """Every command that added rows to a run folder, in order (a folder from before ``commands`` has one ``command``)."""
+    return [str(c) for c in cfg.get("commands") or [cfg.get("command")] if c]
+
+
 def write_summary(folder: RunFolder) -> Path:
     """Rewrite ``summary.md`` and the PNGs of one run folder from its ``results.jsonl``."""
     cfg = folder.config()
@@ -155,9 +160,9 @@ def write_summary(folder: RunFolder) -> Path:
     pngs = write_plots(rows, kind, folder.path)
     model, backend, seed = _settings(cfg)
     head = [f"# {kind} run `{folder.path.name}`", "", f"model: {model}, backend: {backend}, seed {seed}, {len(rows)} rows", ""]
-    commands = cfg.get("commands") or ([cfg["command"]] if cfg.get("command") else [])
+    commands = _commands(cfg)
     if commands:  # every command that added rows to the folder, in order
-        head += ["```", *map(str, commands), "```", ""]
+        head += ["```", *commands, "```", ""]
     notes = dense_reads(rows)
     head += [*notes, "", ""] if notes else []
     body = tables(rows, kind) if rows else "(no results yet)"
@@ -203,7 +208,7 @@ def merge(runs: list[str | Path], out: Path) -> Path:
         got = RunFolder(p.parent, p.name).rows()
         for row in got:
             rows.append({**row, "policy": f"{row['policy']} ({label})" if len(paths) > 1 else row["policy"]})
-        commands = [str(c).replace("|", "\\|") for c in cfg.get("commands") or [cfg.get("command")] if c]
+        commands = [c.replace("|", "\\|") for c in _commands(cfg)]
         table.append(f"| {label} | {' | '.join(_settings(cfg))} | {len(got)} | {'<br>'.join(f'`{c}`' for c in commands)} |")
     if len(kinds) != 1:
         raise LongKVError(f"runs of different kinds ({', '.join(sorted(kinds))}) cannot be merged: pass runs of one kind")
