@@ -206,6 +206,7 @@ def serve(
     threads: Annotated[int | None, typer.Option(help="CPU threads (default: all cores).")] = None,
     device: DeviceOpt = "cpu",
     log_level: Annotated[str, typer.Option(help="uvicorn log level: critical, error, warning, info, debug or trace.")] = "info",
+    shutdown_timeout: Annotated[float, typer.Option(help="Seconds running requests may go on after SIGTERM or Ctrl-C; then each ends with an error its client can read (a stream: an error event), and the server exits.")] = 5.0,
 ) -> None:
     """Serve a model over the OpenAI HTTP API, reusing cached prefixes across requests.
 
@@ -221,7 +222,7 @@ def serve(
     _check_serve_options(
         port=port, cache_mib=cache_mib, max_num_seqs=max_num_seqs, max_queue=max_queue, kv_budget_mib=kv_budget_mib,
         memory_mib=memory_mib, memory_dir=memory_dir, max_tokens_default=max_tokens_default,
-        max_tokens_limit=max_tokens_limit, chunk_size=chunk_size, log_level=log_level,
+        max_tokens_limit=max_tokens_limit, chunk_size=chunk_size, log_level=log_level, shutdown_timeout=shutdown_timeout,
     )  # fmt: skip
     try:
         from longkv.server.app import serve as run_server
@@ -232,7 +233,7 @@ def serve(
         chunk_size=chunk_size, threads=threads, device=device, default_policy=policy, cache_bytes=cache_mib << 20,
         max_queue=max_queue, max_num_seqs=max_num_seqs, default_max_tokens=max_tokens_default,
         kv_budget_bytes=None if kv_budget_mib is None else kv_budget_mib << 20,
-        max_tokens_limit=max_tokens_limit, memory_bytes=memory_mib << 20, memory_dir=memory_dir,
+        max_tokens_limit=max_tokens_limit, memory_bytes=memory_mib << 20, memory_dir=memory_dir, shutdown_timeout=shutdown_timeout,
     )  # fmt: skip
 
 
@@ -242,6 +243,7 @@ UVICORN_LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 def _check_serve_options(
     *, port: int, cache_mib: int, max_num_seqs: int, max_queue: int, kv_budget_mib: int | None, memory_mib: int,
     memory_dir: Path | None, max_tokens_default: int, max_tokens_limit: int | None, chunk_size: int, log_level: str,
+    shutdown_timeout: float = 5.0,
 ) -> None:
     """Every ``serve`` option a model is not needed to judge, checked before the model loads.
 
@@ -259,6 +261,8 @@ def _check_serve_options(
     for name, (value, low, hint) in least.items():
         if value is not None and value < low:
             raise LongKVError(f"{name} must be at least {low}, got {value}: {hint}")
+    if not 0 <= shutdown_timeout <= 3600:
+        raise LongKVError(f"--shutdown-timeout must be 0 to 3600 seconds, got {shutdown_timeout:g}: pass e.g. --shutdown-timeout 5")
     if log_level.lower() not in UVICORN_LOG_LEVELS:
         raise LongKVError(f"--log-level {log_level!r} is not a log level: pass one of {', '.join(UVICORN_LOG_LEVELS)}")
     if memory_dir is not None:

@@ -293,6 +293,10 @@ def test_serve_kv_budget_must_be_positive(work: Path) -> None:
     assert_user_error(run(["serve", "--model", "./missing.gguf", "--kv-budget-mib", "0"], work), "--kv-budget-mib must be at least 1, got 0")
 
 
+def test_serve_shutdown_timeout_must_be_in_range(work: Path) -> None:
+    assert_user_error(run(["serve", "--model", "./missing.gguf", "--shutdown-timeout", "-1"], work), "--shutdown-timeout must be 0 to 3600 seconds, got -1")
+
+
 def test_serve_memory_options_are_checked_before_the_model_loads(work: Path) -> None:
     (work / "afile").write_text("x")
     proc = run(["serve", "--model", "./missing.gguf", "--memory-dir", "afile"], work)

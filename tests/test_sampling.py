@@ -31,6 +31,15 @@ def test_top_p_keeps_smallest_nucleus() -> None:
     assert torch.isfinite(filter_logits(LOGITS, 0, 0.01)).sum() == 1  # the top token always stays
 
 
+def test_min_p_keeps_tokens_near_the_most_likely() -> None:
+    probs = torch.softmax(LOGITS, -1)  # .63, .23, .09, .05, .01 (indices 1, 2, 0, 3, 4)
+    kept = torch.isfinite(filter_logits(LOGITS, 0, 1.0, min_p=0.1)).nonzero().squeeze(1).tolist()
+    assert sorted(kept) == [0, 1, 2] and probs[0] >= 0.1 * probs[1] > probs[3]
+    assert torch.isfinite(filter_logits(LOGITS, 0, 1.0, min_p=1.0)).sum() == 1
+    draws = {sample(LOGITS, SamplingParams(temperature=1.0, min_p=0.3), make_generator(s)) for s in range(50)}
+    assert draws == {1, 2}  # .23 >= .3 * .63 > .09
+
+
 def test_seed_reproduces_and_differs() -> None:
     p = SamplingParams(temperature=1.5)
     logits = torch.randn(1000, generator=torch.Generator().manual_seed(0))
@@ -43,7 +52,7 @@ def test_seed_reproduces_and_differs() -> None:
 
 
 @pytest.mark.parametrize(
-    "kwargs", [{"temperature": -1.0}, {"top_p": 0.0}, {"top_p": 1.5}, {"top_k": -2}, {"max_new_tokens": -1}]
+    "kwargs", [{"temperature": -1.0}, {"top_p": 0.0}, {"top_p": 1.5}, {"top_k": -2}, {"max_new_tokens": -1}, {"min_p": 1.5}]
 )
 def test_bad_values_raise(kwargs: dict) -> None:
     with pytest.raises(LongKVError):

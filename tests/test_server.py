@@ -147,7 +147,7 @@ def test_models_health_and_metrics(server: ServerProcess, client: openai.OpenAI)
         "longkv_time_to_first_token_seconds_bucket", "longkv_prefix_cache_hits_total",
         "longkv_prefix_cache_misses_total", "longkv_prefix_cache_evictions_total",
         "longkv_prefix_cache_bytes", "longkv_queue_length", "longkv_requests_running", "longkv_batch_size", "longkv_kv_pages_used", "longkv_kv_pages_free",
-        "longkv_inter_token_latency_seconds_bucket", "longkv_active_kv_bytes",
+        "longkv_inter_token_latency_seconds_bucket", "longkv_active_kv_bytes", "longkv_queue_time_seconds_bucket",
     ):  # fmt: skip
         assert f"\n{name}" in text, name
     count = [ln for ln in text.splitlines() if ln.startswith('longkv_requests_total{endpoint="chat",status="200"}')]
@@ -301,11 +301,9 @@ def test_a_request_beyond_the_kv_budget_is_a_400_before_any_prefill(server: Serv
     assert time.perf_counter() - t0 < 30  # refused at admission, not after a 24 K-token prefill
     msg = e.value.body["message"]
     assert "more than the engine's KV budget of 1024.0 MiB" in msg and "24000 prompt tokens + 4 new" in msg
-    with client.completions.with_streaming_response.create(
-        model=MODEL_ID, prompt=[100] * 24_000, max_tokens=4, stream=True, extra_body=extra
-    ) as resp:
-        body = resp.read().decode()
-    assert "KV budget" in body and "invalid_request_error" in body and "internal error" not in body
+    with pytest.raises(openai.BadRequestError) as e:  # a stream too: its headers wait for the engine's admission
+        client.completions.create(model=MODEL_ID, prompt=[100] * 24_000, max_tokens=4, stream=True, extra_body=extra)
+    assert "more than the engine's KV budget" in e.value.body["message"]
     assert chat(client, [{"role": "user", "content": "Say hi."}]).choices[0].message.content  # serving on
 
 
@@ -507,7 +505,9 @@ def test_full_queue_answers_429_and_health_stays_responsive(server: ServerProces
     running = [chat(client, long_messages(s), LONG, stream=True, max_tokens=8) for s in (60_000, 100_000)]
     for r in running:
         next(iter(r))  # both in the batch, prefilling together
-    waiting = chat(client, long_messages(80_000), LONG, stream=True, max_tokens=8)  # headers come back while it waits
+    # a stream's headers come back once the engine admits it: the waiting one blocks in its own thread
+    waiter = threading.Thread(target=lambda: chat(client, long_messages(80_000), LONG, stream=True, max_tokens=8).close())
+    waiter.start()
     for _ in range(5):
         t = time.perf_counter()
         h = health(server)
@@ -518,9 +518,10 @@ def test_full_queue_answers_429_and_health_stays_responsive(server: ServerProces
         chat(client, [{"role": "user", "content": "hi"}], max_tokens=2)
     assert e.value.status_code == 429 and int(e.value.response.headers["retry-after"]) >= 1
     assert e.value.body["type"] == "rate_limit_error"
-    waiting.close()
     for r in running:
         r.close()
+    waiter.join(60)  # admitted once a place is free, then closed by its client
+    assert not waiter.is_alive()
     assert wait_idle(server, 5.0) < 1.0
     assert metric(server, "longkv_active_kv_bytes") == 0  # every cancelled sequence let go of its KV
     t = time.perf_counter()
@@ -589,3 +590,24 @@ def test_serve_with_a_bad_default_policy_fails_before_loading() -> None:
 
     result = CliRunner().invoke(app, ["serve", "--model", "/nonexistent.gguf", "--policy", "nonsense"])
     assert isinstance(result.exception, LongKVError) and "unknown policy 'nonsense'" in str(result.exception)
+
+
+def test_sigterm_gives_running_streams_a_grace_then_an_error_event() -> None:
+    """A stream still running when the grace period (--shutdown-timeout) ends gets an error event that says the
+    server is shutting down, not a connection cut mid-message; the server then exits."""
+    with ServerProcess(smollm2_path(), "--dtype", "float32", "--shutdown-timeout", "1", "--log-level", "warning") as s:
+        c = openai.OpenAI(base_url=s.url + "/v1", api_key="none", max_retries=0, timeout=60)
+        stream = c.completions.create(
+            model=MODEL_ID, prompt="Count from one to one thousand:", max_tokens=2000, stream=True, extra_body={"longkv": {"ignore_eos": True}}
+        )
+        it = iter(stream)
+        next(it), next(it)  # decoding
+        assert s.proc is not None
+        t0 = time.perf_counter()
+        s.proc.terminate()
+        with pytest.raises(openai.APIError) as e:
+            for _ in it:
+                pass
+        assert "the server is shutting down" in str(e.value.message)
+        assert 0.8 < time.perf_counter() - t0 < 10
+        assert s.proc.wait(15) in (0, -15)  # uvicorn raises the signal it caught again once it is done: a SIGTERM death

@@ -14,7 +14,7 @@ from fastapi.testclient import TestClient
 
 from longkv import LLM
 from longkv.server.app import create_app
-from longkv.server.worker import ServerConfig, plan
+from longkv.server.worker import EngineWorker, QueueFull, ServerConfig, plan
 
 
 @pytest.fixture(scope="module")
@@ -87,3 +87,50 @@ def test_a_json_body_that_is_not_an_object_says_what_it_is(client: TestClient, b
     r = client.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
     msg = r.json()["error"]["message"]
     assert r.status_code == 400 and msg.startswith(f"the request body must be one JSON object, got {kind}") and "Content-Type" not in msg
+
+
+def test_a_burst_is_bounded_by_max_num_seqs_plus_max_queue(llm: LLM) -> None:
+    """Requests that arrive together, before the engine thread takes any (it is inside a step), count against the
+    queue too: 2 places + 2 queued, the fifth is a 429."""
+    worker = EngineWorker(llm, ServerConfig(model_id="tiny", cache_bytes=0, max_num_seqs=2, max_queue=2))  # not started
+    cfg = worker.config
+    jobs = [worker.submit(plan(llm, cfg, [5, 6, 7], 2, {}), lambda ev: None) for _ in range(4)]
+    with pytest.raises(QueueFull) as e:
+        worker.submit(plan(llm, cfg, [5, 6, 7], 2, {}), lambda ev: None)
+    assert e.value.retry_after == 2  # two wait beyond the free places
+    worker.cancel(jobs[0])  # one leaves the queue: room for one more
+    worker.submit(plan(llm, cfg, [5, 6, 7], 2, {}), lambda ev: None)
+
+
+def complete(client: TestClient, **body: Any) -> Any:
+    base = {"model": "tiny", "prompt": [5, 17, 33, 9, 41, 12], "max_tokens": 12, "longkv": {"ignore_eos": True}}
+    return client.post("/v1/completions", json={**base, **body})
+
+
+def test_vllm_style_sampling_fields_are_honoured(client: TestClient, llm: LLM) -> None:
+    """top_k, min_p, repetition_penalty and ignore_eos at the top level (vLLM's names) change the sample as the
+    engine's own parameters do; a seed of -1 (llama.cpp's "random") is no fixed seed."""
+    prompt = [5, 17, 33, 9, 41, 12]
+    greedy = complete(client, temperature=0).json()["choices"][0]["text"]
+    assert complete(client, temperature=1.5, top_k=1, seed=3).json()["choices"][0]["text"] == greedy
+    assert complete(client, temperature=1.5, min_p=1.0, seed=3).json()["choices"][0]["text"] == greedy
+    want = llm.generate_batch([prompt], max_new_tokens=12, ignore_eos=True, repetition_penalty=1.8)[0].text
+    got = complete(client, temperature=0, repetition_penalty=1.8).json()
+    assert got["choices"][0]["text"] == want != greedy and "ignored_fields" not in (got.get("longkv") or {})
+    r = client.post("/v1/completions", json={"model": "tiny", "prompt": prompt, "max_tokens": 3, "ignore_eos": True, "temperature": 0})
+    assert r.json()["usage"]["completion_tokens"] == 3
+    random = {complete(client, temperature=1.5, seed=-1).json()["choices"][0]["text"] for _ in range(3)}
+    assert len(random) > 1
+
+
+@pytest.mark.parametrize(("body", "message"), [
+    ({"repeat_penalty": 1.1}, "repeat_penalty is not supported by longkv serve: send repetition_penalty"),
+    ({"typical_p": 0.9}, "typical_p is not supported by longkv serve: leave it out"),
+    ({"guided_json": {"type": "object"}}, "guided_json is not supported by longkv serve: send response_format"),
+    ({"top_k": 5, "longkv": {"top_k": 3}}, "top_k 5 and longkv.top_k 3 differ: send one of them"),
+    ({"stream_options": {"include_usage": True}}, "stream_options is only allowed with stream: true"),
+    ({"min_p": 1.5}, "min_p: Input should be less than or equal to 1"),
+])  # fmt: skip
+def test_sampling_fields_longkv_cannot_honour_are_400s(client: TestClient, body: dict, message: str) -> None:
+    r = complete(client, **body)
+    assert r.status_code == 400 and r.json()["error"]["message"] == message, r.text

@@ -9,6 +9,7 @@ with the same answers, and every bad input a 400 with its reason.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -198,6 +199,27 @@ def test_a_saved_session_comes_back_from_disk_with_the_same_answers(llm: LLM, tm
     assert m["source"] == "disk" and [s["id"] for s in m["spans"]][: len(warm["longkv"]["memory"]["spans"])] == [
         s["id"] for s in warm["longkv"]["memory"]["spans"]
     ]
+
+
+def test_a_snapshot_saved_with_other_settings_starts_the_session_afresh(llm: LLM, tiny_llama: Path, tmp_path: Path) -> None:
+    """Not a 400 on every later request: the session starts new (the prompt holds the history), the reply says
+    why without the server's paths, and the next save replaces the file."""
+    folder = tmp_path / "kv"
+    with TestClient(create_app(llm, ServerConfig(model_id="tiny", memory_dir=folder))) as c:
+        chat(c, start(), memory={"save": True}, session="s")
+        (folder / f"d-{hashlib.sha256(b'd').hexdigest()[:12]}.kv").write_bytes(b"not a snapshot")  # session d's file, damaged
+        damaged = chat(c, start(), session="d")["longkv"]["memory"]
+        assert damaged["source"] == "new" and damaged["stale_snapshot"].startswith("its snapshot is not a longkv session snapshot")
+    other = LLM(model=tiny_llama, dtype="bfloat16", chunk_size=32)  # another dtype: another fingerprint
+    with TestClient(create_app(other, ServerConfig(model_id="tiny", memory_dir=folder))) as c:
+        out = chat(c, start(), memory={"save": True}, session="s")
+        m = out["longkv"]["memory"]
+        assert m["source"] == "new" and "its snapshot was saved from" in m["stale_snapshot"] and "bfloat16" in m["stale_snapshot"]
+        assert str(folder) not in out["longkv"]["memory"]["stale_snapshot"]
+        assert out["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    with TestClient(create_app(other, ServerConfig(model_id="tiny", memory_dir=folder))) as c:  # the save replaced it
+        again = chat(c, [*start(), reply(out), {"role": "user", "content": "Again."}], session="s")
+    assert again["longkv"]["memory"]["source"] == "disk" and "stale_snapshot" not in again["longkv"]["memory"]
 
 
 @pytest.mark.parametrize(

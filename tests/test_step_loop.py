@@ -355,6 +355,43 @@ def test_a_request_larger_than_the_kv_budget_ends_with_the_numbers() -> None:
         Engine(MODEL, _Tok(), frozenset({0}), ENGINE, kv_budget_bytes=-1)
 
 
+def test_a_request_larger_than_the_kv_budget_is_refused_while_another_runs() -> None:
+    """It would never fit, so it ends at once with its numbers, instead of waiting at the head of the queue for
+    room that never comes (and blocking every request behind it); ``on_admit`` marks who left the queue when,
+    and prefill time starts there, not at arrival."""
+    small = _reservation("dense", 20 + 30)
+    big = _reservation("dense", 300 + 8)
+    engine = Engine(MODEL, _Tok(), frozenset({0}), ENGINE, kv_budget_bytes=big - 1)
+    assert small + big - 1 > big - 1 >= small
+    admitted: list[str] = []
+
+    def req(n: int, seed: int, new: int) -> Request:
+        r = Request(_ids(n, seed=seed), SamplingParams(max_new_tokens=new, ignore_eos=True), _policy("dense"))
+        r.on_admit = lambda: admitted.append(r.request_id)
+        return r
+
+    first = engine.add_request(req(20, 45, 30))
+    engine.step()  # first runs
+    assert admitted == [first]
+    too_big = engine.add_request(req(300, 46, 8))
+    after = engine.add_request(req(20, 47, 2))
+    outs: dict[str, RequestOutput] = {}
+    steps = 0
+    while engine.has_unfinished():
+        steps += 1
+        for ev in engine.step():
+            if ev.finished:
+                outs[ev.request_id] = ev.output
+        if steps == 1:  # refused at its first admission, while first still runs
+            assert too_big in outs and first not in outs and after in admitted
+    assert outs[too_big].finish_reason == "error" and "300 prompt tokens + 8 new" in str(outs[too_big].error)
+    assert admitted == [first, after]  # the refused one never ran
+    assert outs[first].finish_reason == outs[after].finish_reason == "length"
+    out = outs[after]
+    assert out.arrival <= out.admitted <= out.prefill_end <= out.first_token
+    assert out.queue_s == out.admitted - out.arrival and out.prefill_s == out.prefill_end - out.admitted
+
+
 def test_bfloat16_batches_of_prompt_chunks_and_decode_rows_run_to_the_end() -> None:
     """In bfloat16 a step's rows are slices of one forward (not contiguous): every kernel keeps the dtype, so a
     prompt chunk sharing a step with decode rows ends as it would alone, not with an error."""

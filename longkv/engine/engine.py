@@ -83,6 +83,9 @@ class Request:
         keep_sequence: the engine does not free the sequence's pages when it lets go of it:
             its owner (a KV memory session) keeps building on it. A cancelled or failed
             request leaves it holding what was fed (``on_release`` cuts it back).
+        on_admit: called (in the stepping thread) when the request leaves the queue and starts running:
+            its KV is reserved, so the engine will not refuse it any more (a server answers a stream's
+            headers then).
         progress: called with (prompt tokens fed, prompt tokens) after every prefill chunk.
         request_id: unique id (default: a counter).
         arrival: ``time.perf_counter()`` when the request arrived (TTFT origin).
@@ -101,6 +104,7 @@ class Request:
     feed_last: bool = False
     on_release: Callable[[Sequence, RequestOutput], None] | None = None
     keep_sequence: bool = False
+    on_admit: Callable[[], None] | None = None
     progress: ProgressFn | None = None
     request_id: str = field(default_factory=lambda: f"req-{next(_ids)}")
     arrival: float = field(default_factory=time.perf_counter)
@@ -119,6 +123,8 @@ class RequestOutput:
             ``"error"``; ``None`` while running.
         prompt_logits: (V,) float32 logits after the whole prompt (``None`` until prefilled).
         error: the exception that ended it (``finish_reason == "error"``).
+        arrival, admitted, prefill_end, first_token, finished: when it arrived, left the queue, had its
+            prompt in the cache, sampled its first token and ended (0.0: not yet).
         peak_kv_bytes, kv_disk_bytes: KV storage at its peak, and in a disk tier at the end.
         dense_read: a selection policy read the whole prompt densely (it was short).
         mask_s, masks: seconds grammar masks added to this request's steps (waiting for a mask computed
@@ -133,6 +139,7 @@ class RequestOutput:
     prompt_logits: torch.Tensor | None = None
     error: BaseException | None = None
     arrival: float = 0.0
+    admitted: float = 0.0
     prefill_end: float = 0.0
     first_token: float = 0.0
     finished: float = 0.0
@@ -149,9 +156,16 @@ class RequestOutput:
         return self.prompt_tokens - self.reused_tokens
 
     @property
+    def queue_s(self) -> float:
+        """Seconds from arrival until the engine admitted the request (waiting for a place or for KV room)."""
+        return max(self.admitted - self.arrival, 0.0) if self.admitted else 0.0
+
+    @property
     def prefill_s(self) -> float:
-        """Seconds from arrival until the prompt was in the cache (queueing included)."""
-        return max(self.prefill_end - self.arrival, 0.0) if self.prefill_end else 0.0
+        """Seconds from admission until the prompt was in the cache (queueing not included; other requests'
+        work in the same steps is)."""
+        start = self.admitted or self.arrival
+        return max(self.prefill_end - start, 0.0) if self.prefill_end else 0.0
 
     @property
     def ttft_s(self) -> float:
@@ -190,7 +204,9 @@ class _Running:
 
     def __init__(self, req: Request, runner: Runner, seq: Sequence, tokenizer: Decoder) -> None:
         self.req, self.runner, self.seq = req, runner, seq
-        self.out = RequestOutput(prompt_tokens=len(req.prompt_ids), reused_tokens=len(seq.tokens), arrival=req.arrival)
+        self.out = RequestOutput(
+            prompt_tokens=len(req.prompt_ids), reused_tokens=len(seq.tokens), arrival=req.arrival, admitted=time.perf_counter()
+        )
         self.detok = Detokenizer(tokenizer)
         self.stops = StopFilter(req.params.stop)
         self.generator = make_generator(req.params.seed)
@@ -396,7 +412,7 @@ class Engine:
             if budget is not None and held + reserved > budget:
                 if req.sequence is None:
                     seq.cache.clear()  # measured: give the pages back until it fits
-                if not self.running:  # it would not fit even alone
+                if reserved > budget:  # it would not fit even alone: waiting would block the queue for good
                     self.waiting.popleft()
                     self._need.pop(req.request_id, None)
                     self._refuse(req, reserved, events)
@@ -414,6 +430,8 @@ class Engine:
             o = _Running(req, runner, seq, self.tokenizer)
             o.reserved = reserved
             self.running.append(o)
+            if req.on_admit is not None:
+                req.on_admit()
             rest = req.prompt_ids[len(seq.tokens) :]
             if rest:
                 o.plan = runner.plan_prefill(seq, rest)

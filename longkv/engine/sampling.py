@@ -1,12 +1,13 @@
 """Sampling as pure functions: logits in, one token id out.
 
 Greedy when ``temperature == 0``; otherwise temperature, then top-k, then
-top-p (nucleus, Holtzman et al. 2020) filtering, then a draw from a seeded
+top-p (nucleus, Holtzman et al. 2020), then min-p filtering, then a draw from a seeded
 ``torch.Generator`` so a seed reproduces a completion exactly.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +25,8 @@ class SamplingParams:
         temperature: 0 for greedy; otherwise logits are divided by it.
         top_k: keep the k most likely tokens (0: all).
         top_p: keep the smallest set whose probability reaches p (1.0: all).
+        min_p: keep the tokens at least ``min_p`` times as likely as the most likely one
+            (after temperature, top-k and top-p; 0.0: all).
         seed: seed of the sampling generator (None: nondeterministic).
         stop: strings that end the completion (not included in the text).
         ignore_eos: keep going past end-of-sequence tokens (benchmarks).
@@ -52,13 +55,14 @@ class SamplingParams:
     dry_multiplier: float = 0.0
     dry_base: float = 1.75
     dry_allowed_length: int = 2
+    min_p: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("max_new_tokens", "top_k", "dry_allowed_length"):
             x = getattr(self, name)
             if isinstance(x, bool) or not isinstance(x, int):
                 raise LongKVError(f"{name} must be a whole number, got {x!r}")
-        for name in ("temperature", "top_p", "repetition_penalty", "dry_multiplier", "dry_base"):
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty", "dry_multiplier", "dry_base"):
             x = getattr(self, name)
             if isinstance(x, bool) or not isinstance(x, (int, float)) or x != x:
                 raise LongKVError(f"{name} must be a number, got {x!r}")
@@ -78,6 +82,8 @@ class SamplingParams:
             raise LongKVError(f"dry_allowed_length must be >= 1, got {self.dry_allowed_length}: e.g. 2")
         if not 0.0 < self.top_p <= 1.0:
             raise LongKVError(f"top_p must be in (0, 1], got {self.top_p}: use 1.0 to disable, e.g. 0.9 to keep the top 90 % of the mass")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise LongKVError(f"min_p must be in [0, 1], got {self.min_p}: use 0 to disable, e.g. 0.05")
 
 
 def make_generator(seed: int | None) -> torch.Generator:
@@ -90,8 +96,8 @@ def make_generator(seed: int | None) -> torch.Generator:
     return g
 
 
-def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """Set filtered-out entries of logits (V,) to -inf (top-k, then top-p). Returns a new tensor."""
+def filter_logits(logits: torch.Tensor, top_k: int, top_p: float, min_p: float = 0.0) -> torch.Tensor:
+    """Set filtered-out entries of logits (V,) to -inf (top-k, then top-p, then min-p). Returns a new tensor."""
     out = logits.clone()
     if 0 < top_k < out.numel():
         kth = torch.topk(out, top_k).values[-1]
@@ -103,6 +109,8 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
         drop = (cum - torch.softmax(sorted_logits, dim=-1)) >= top_p
         drop[0] = False  # a top_p below float32's smallest number would otherwise drop every token
         out[order[drop]] = float("-inf")
+    if min_p > 0.0:  # p_i >= min_p * p_max  <=>  logit_i >= logit_max + ln(min_p)
+        out[out < out.max() + math.log(min_p)] = float("-inf")
     return out
 
 
@@ -162,6 +170,6 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     logits = penalize_loops(logits, history or [], params)
     if params.temperature == 0.0:
         return int(torch.argmax(logits))
-    scaled = filter_logits(logits / params.temperature, params.top_k, params.top_p)
+    scaled = filter_logits(logits / params.temperature, params.top_k, params.top_p, params.min_p)
     probs = torch.softmax(scaled, dim=-1).cpu()  # drawn with the CPU generator: a seed samples alike on every device
     return int(torch.multinomial(probs, 1, generator=generator))

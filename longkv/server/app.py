@@ -17,6 +17,7 @@ full; a 500 means a bug.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import copy
 import json
@@ -62,13 +63,25 @@ from longkv.server.sessions import Pieces
 from longkv.server.tool_grammar import ReplyPlan, plan_reply
 from longkv.server.tool_parser import CallParser, Delta, ParseResult
 from longkv.server.tools import render_messages, tool_format
-from longkv.server.worker import EngineWorker, Event, Job, MemoryRequest, ServerConfig, plan
+from longkv.server.worker import EngineWorker, Event, Job, MemoryRequest, ServerConfig, ServerStopping, plan
 
 log = logging.getLogger("longkv.server")
 
 MIN_TEMPERATURE = 1e-4
 GRAMMAR_CACHE = 32  # compiled grammars kept
 UNSUPPORTED = ("functions", "function_call", "logit_bias", "best_of")
+FOREIGN = {  # other servers' request fields that longkv does not read, with what to send instead
+    "repeat_penalty": "send repetition_penalty",
+    "n_predict": "send max_tokens",
+    "stop_token_ids": "send stop strings",
+    "dry_multiplier": 'send "longkv": {"dry_multiplier": ...}',
+    "guided_json": "send response_format",
+    "guided_choice": "send response_format with an enum schema",
+    **{name: "leave it out" for name in (
+        "typical_p", "min_tokens", "mirostat", "tfs_z", "bad_words", "use_beam_search", "length_penalty",
+        "guided_regex", "guided_grammar",
+    )},
+}  # fmt: skip
 CHAT_ONLY = ("tools", "tool_choice", "parallel_tool_calls")
 ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorResponse, "description": "Invalid request (including a prompt beyond the model's window)."},
@@ -83,7 +96,7 @@ def ignored_fields(body: ChatCompletionRequest | CompletionRequest) -> list[str]
     They are accepted, as OpenAI-compatible servers do, but named back in ``longkv.ignored_fields``
     and logged once, so a misspelt ``max_token`` is not silently dropped.
     """
-    checked = {*UNSUPPORTED, *CHAT_ONLY, "response_format"}  # refused when set, so null is all they can be here
+    checked = {*UNSUPPORTED, *FOREIGN, *CHAT_ONLY, "response_format"}  # refused when set, so null is all they can be here
     return sorted(name for name in body.model_extra or {} if name not in checked)
 
 
@@ -249,6 +262,14 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
             if extra.get(name) not in (None, {}, []) and not (name == "best_of" and extra[name] == 1):
                 hint = "send tools instead" if name.startswith("function") else "leave it out"
                 raise ApiError(400, f"{name} is not supported by longkv serve: {hint}", param=name)
+        for name, hint in FOREIGN.items():
+            if extra.get(name) is not None:
+                raise ApiError(400, f"{name} is not supported by longkv serve: {hint}", param=name)
+        ext = body.longkv
+        if body.top_k is not None and ext is not None and ext.top_k and max(body.top_k, 0) != ext.top_k:
+            raise ApiError(400, f"top_k {body.top_k} and longkv.top_k {ext.top_k} differ: send one of them", param="top_k")
+        if body.stream_options is not None and not body.stream:
+            raise ApiError(400, "stream_options is only allowed with stream: true", param="stream_options")
         for name in CHAT_ONLY:
             if extra.get(name) is not None:
                 raise ApiError(400, f"{name} belongs to /v1/chat/completions: send the conversation there", param=name)
@@ -274,10 +295,12 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
         return {
             "temperature": temperature,
             "top_p": top_p,
-            "top_k": ext.top_k if ext else 0,
-            "seed": body.seed,
+            "top_k": max(body.top_k, 0) if body.top_k is not None else ext.top_k if ext else 0,
+            "min_p": body.min_p or 0.0,
+            "repetition_penalty": body.repetition_penalty or 1.0,
+            "seed": None if body.seed == -1 else body.seed,
             "stop": tuple(s for s in stops if s),
-            "ignore_eos": bool(ext and ext.ignore_eos),
+            "ignore_eos": bool(body.ignore_eos or (ext and ext.ignore_eos)),
             "dry_multiplier": ext.dry_multiplier if ext else 0.0,
         }
 
@@ -373,7 +396,8 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
         parser = reply.parser() if reply is not None else None
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            gen = stream_events(request, body, job, events, rid, created, chat, include_usage, endpoint, reply, parser)
+            head = await admission(request, job, events)
+            gen = stream_events(request, body, job, events, head, rid, created, chat, include_usage, endpoint, reply, parser)
             return StreamingResponse(gen, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         watcher = asyncio.create_task(watch_disconnect(request, job))
         pieces: list[str] = []
@@ -423,6 +447,26 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
             longkv=longkv_report(body, job),
         )  # fmt: skip
 
+    async def admission(request: Request, job: Job, events: asyncio.Queue[Event]) -> list[Event]:
+        """A stream's events until the engine admits its request: the headers wait for that, so a request the
+        engine refuses (more KV than its budget) is a 400 with the reason, not a 200 stream with an error in it."""
+        watcher = asyncio.create_task(watch_disconnect(request, job))
+        head: list[Event] = []
+        try:
+            while True:
+                ev = await events.get()
+                if ev.kind == "error":
+                    raise ev.error or RuntimeError("generation failed")  # a LongKVError is a 400, anything else a 500
+                head.append(ev)
+                if ev.kind in ("admitted", "text", "done"):
+                    return head
+        except BaseException:
+            if not job.finished:
+                worker.cancel(job)
+            raise
+        finally:
+            watcher.cancel()
+
     def delta_of(d: Delta) -> dict[str, Any]:
         """One parser delta as an OpenAI chunk delta."""
         if d.content is not None:
@@ -433,8 +477,9 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
         return {"tool_calls": [{"index": d.index, "function": {"arguments": d.arguments}}]}
 
     async def stream_events(
-        request: Request, body: ChatCompletionRequest | CompletionRequest, job: Job, events: asyncio.Queue[Event], rid: str, created: int,
-        chat: bool, include_usage: bool, endpoint: str, reply: ReplyPlan | None = None, parser: CallParser | None = None,
+        request: Request, body: ChatCompletionRequest | CompletionRequest, job: Job, events: asyncio.Queue[Event], head: list[Event],
+        rid: str, created: int, chat: bool, include_usage: bool, endpoint: str, reply: ReplyPlan | None = None,
+        parser: CallParser | None = None,
     ) -> AsyncIterator[str]:  # fmt: skip
         obj = "chat.completion.chunk" if chat else "text_completion"
         base = {"id": rid, "object": obj, "created": created, "model": config.model_id, "system_fingerprint": fingerprint}
@@ -448,9 +493,10 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
 
         watcher = asyncio.create_task(watch_disconnect(request, job))
         cached = 0
+        pending = collections.deque(head)  # what came before the headers
         try:
             while True:
-                ev = await events.get()
+                ev = pending.popleft() if pending else await events.get()
                 if ev.kind == "start":
                     cached = ev.cached_tokens
                     if chat:
@@ -465,6 +511,9 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
                     if isinstance(ev.error, LongKVError):  # the request's own fault (e.g. more KV than the budget)
                         metrics.requests.labels(endpoint, "400").inc()
                         err = {"message": str(ev.error), "type": "invalid_request_error", "param": None, "code": "invalid_request"}
+                    elif isinstance(ev.error, ServerStopping):
+                        metrics.requests.labels(endpoint, "503").inc()
+                        err = {"message": str(ev.error), "type": "server_error", "param": None, "code": "server_shutting_down"}
                     else:
                         metrics.requests.labels(endpoint, "500").inc()
                         err = {"message": f"internal error ({type(ev.error).__name__}): please report it", "type": "server_error", "param": None, "code": None}
@@ -599,10 +648,23 @@ def serve(
     threads: int | None = None,
     weights: str = "auto",
     device: str = "cpu",
+    shutdown_timeout: float = 5.0,
     **config: Any,
 ) -> None:
-    """Load ``model`` and serve it until interrupted (``config``: :class:`ServerConfig` fields)."""
+    """Load ``model`` and serve it until interrupted (``config``: :class:`ServerConfig` fields).
+
+    On SIGTERM or Ctrl-C the server stops taking connections; running requests go on for ``shutdown_timeout``
+    seconds, then end with an error their clients can read (a stream: an error event), and it exits.
+    """
     import uvicorn
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            if not self.should_exit:  # the first signal: a grace period, then the running requests end
+                timer = threading.Timer(shutdown_timeout, app.state.worker.end_all, args=("the server is shutting down",))
+                timer.daemon = True
+                timer.start()
+            super().handle_exit(sig, frame)
 
     _check_port_free(host, port)  # before the model loads: a busy port is a one-line error, not errno 98 later
     policy = config.get("default_policy", "dense")
@@ -615,7 +677,8 @@ def serve(
     app = create_app(llm, cfg)
     print(f"loaded in {time.perf_counter() - t0:.1f} s; serving {llm.source} as {cfg.model_id!r} on http://{host}:{port}/v1",
           file=sys.stderr, flush=True)  # fmt: skip
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+    # uvicorn cancels what is left a little after the requests ended themselves
+    Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=int(shutdown_timeout) + 3)).run()
 
 
 def _check_port_free(host: str, port: int) -> None:

@@ -21,7 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from longkv.errors import LongKVError
 from longkv.server.metrics import Metrics
 from longkv.server.sessions import SessionBusy
-from longkv.server.worker import ContextOverflow, QueueFull
+from longkv.server.worker import ContextOverflow, QueueFull, ServerStopping
 
 log = logging.getLogger("longkv.server")
 
@@ -166,6 +166,10 @@ def install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
     @app.exception_handler(LongKVError)
     async def _user(request: Request, exc: LongKVError) -> Response:
         return counted(request, error_response(400, str(exc), "invalid_request_error", code="invalid_request"))
+
+    @app.exception_handler(ServerStopping)
+    async def _stopping(request: Request, exc: ServerStopping) -> Response:
+        return counted(request, error_response(503, str(exc), "server_error", code="server_shutting_down"))
 
     @app.exception_handler(QueueFull)
     async def _busy(request: Request, exc: QueueFull) -> Response:

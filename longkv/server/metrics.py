@@ -28,12 +28,17 @@ class Metrics:
         self.completion_tokens = Counter("longkv_completion_tokens", "Generated tokens.", registry=r)
         self.prefill_tokens = Counter("longkv_prefill_tokens", "Prompt tokens actually computed (not served from the prefix cache).", registry=r)
         self.cached_tokens = Counter("longkv_cached_prompt_tokens", "Prompt tokens served from the prefix cache.", registry=r)
-        self.prefill_seconds = Counter("longkv_prefill_seconds", "Seconds spent in prefill.", registry=r)
+        self.prefill_seconds = Counter(
+            "longkv_prefill_seconds", "Seconds from a request's admission until its prompt was in the cache (queueing not included).", registry=r
+        )
         self.decode_seconds = Counter("longkv_decode_seconds", "Seconds spent in decode steps.", registry=r)
         self.prefill_tps = Gauge("longkv_prefill_tokens_per_second", "Prefill throughput of the last generation that prefilled.", registry=r)
         self.decode_tps = Gauge("longkv_decode_tokens_per_second", "Decode throughput of the last generation of 2+ tokens.", registry=r)
         self.ttft = Histogram(
             "longkv_time_to_first_token_seconds", "Seconds from a request's arrival to its first token.", buckets=TTFT_BUCKETS, registry=r
+        )
+        self.queue_time = Histogram(
+            "longkv_queue_time_seconds", "Seconds from a request's arrival until the engine admitted it.", buckets=TTFT_BUCKETS, registry=r
         )
         self.cache_hits = Counter("longkv_prefix_cache_hits", "Generations that reused a cached prefix.", registry=r)
         self.cache_misses = Counter("longkv_prefix_cache_misses", "Generations that could share the cache but found no prefix.", registry=r)
@@ -84,6 +89,8 @@ class Metrics:
             self.decode_tps.set((len(turn.token_ids) - 1) / turn.decode_s)
         if turn.ttft_s > 0:
             self.ttft.observe(turn.ttft_s)
+        if turn.admitted:
+            self.queue_time.observe(turn.queue_s)
         if turn.finish_reason == "cancelled":
             self.cancelled.inc()
 

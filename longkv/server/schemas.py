@@ -98,7 +98,15 @@ class _Sampling(BaseModel):
     max_tokens: int | None = Field(None, ge=1, le=INT_MAX, description="Most tokens to generate.")
     temperature: float | None = Field(None, ge=0.0, le=2.0, description="0 for greedy decoding (default 1).")
     top_p: float | None = Field(None, ge=0.0, le=1.0, description="Nucleus sampling threshold.")
-    seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1, description="Seed: the same seed reproduces a sample.")
+    top_k: int | None = Field(None, ge=-1, le=INT_MAX, description="Keep the k most likely tokens (as vLLM; -1 or 0: all).")
+    min_p: float | None = Field(None, ge=0.0, le=1.0, description="Keep tokens at least min_p times as likely as the best (as vLLM; 0: off).")
+    repetition_penalty: float | None = Field(
+        None, gt=0.0, le=100.0, description="> 1 makes tokens already generated less likely (as vLLM; 1: off)."
+    )
+    ignore_eos: bool | None = Field(None, description="Keep generating past end-of-sequence tokens (as vLLM; benchmarks).")
+    seed: int | None = Field(
+        None, ge=-(2**63), le=2**64 - 1, description="Seed: the same seed reproduces a sample; -1 (as llama.cpp) or none: a fresh one."
+    )
     stop: str | list[str] | None = Field(None, description="Up to 4 strings that end the completion.")
     n: int | None = Field(None, ge=1, le=128, description="Only 1 is supported.")
     stream: bool | None = False

@@ -132,6 +132,7 @@ class SessionStore:
         self._open: dict[str, KVMemory] = {}
         self.loaded = 0  # sessions read back from disk
         self.pushed_out = 0  # sessions that left RAM for lack of room
+        self.stale: dict[str, str] = {}  # session -> why its snapshot was set aside by its latest open
 
     def path(self, session: str) -> Path:
         """The file of ``session`` in the memory folder. Asserts the server has one."""
@@ -142,15 +143,26 @@ class SessionStore:
     def open(self, session: str, runner: Runner) -> tuple[KVMemory, str]:
         """The session for one request, and where it came from: ``"ram"``, ``"disk"`` or ``"new"``.
 
-        Raises SessionBusy when the session is answering another request; LongKVError when its file cannot be read.
+        A snapshot this server cannot read (saved with another model, dtype or weight format, another
+        snapshot version, a damaged file) is logged and set aside: the session starts afresh (the client's
+        prompt holds the history, so that costs a prefill, never a wrong answer), :attr:`stale` says why,
+        and the session's next save replaces the file.
+
+        Raises SessionBusy when the session is answering another request.
         """
         if session in self._open:
             raise SessionBusy(f"session {session!r} is answering another request: send a session's requests one at a time")
         mem = self._idle.pop(session, None)
         source = "ram"
-        if mem is None and self.directory is not None and self.path(session).is_file():
-            mem, source = KVMemory.load(self.path(session), runner, self.fingerprint), "disk"
-            self.loaded += 1
+        self.stale.pop(session, None)
+        path = self.path(session) if self.directory is not None else None
+        if mem is None and path is not None and path.is_file():
+            try:
+                mem, source = KVMemory.load(path, runner, self.fingerprint), "disk"
+                self.loaded += 1
+            except LongKVError as exc:
+                log.warning("KV memory session %r starts afresh: %s", session, exc)
+                self.stale[session] = str(exc).replace(str(path), "its snapshot")  # no server path in a reply
         if mem is None:
             mem, source = KVMemory(runner), "new"
         self._open[session] = mem

@@ -71,6 +71,10 @@ class QueueFull(Exception):
         self.retry_after = retry_after
 
 
+class ServerStopping(Exception):
+    """The server is shutting down: the request was ended (or refused) for that, not for anything it asked."""
+
+
 @dataclass
 class ServerConfig:
     """How the server serves.
@@ -150,7 +154,8 @@ class EngineRequest:
 
 @dataclass
 class Event:
-    """What the engine thread reports about a job: ``start`` (with ``cached_tokens``), ``text``, ``done``, ``error``."""
+    """What the engine thread reports about a job: ``start`` (with ``cached_tokens``), ``admitted`` (it left the
+    engine's queue: its KV is reserved, the engine will not refuse it now), ``text``, ``done``, ``error``."""
 
     kind: str
     text: str = ""
@@ -279,6 +284,7 @@ class EngineWorker:
         self._jobs: dict[str, Job] = {}  # request id -> job, for the jobs in the engine
         self._cv = threading.Condition()
         self._stop = False
+        self._closing = False  # end_all ran: no new requests
         self._thread = threading.Thread(target=self._loop, name="longkv-engine", daemon=True)
         self._fingerprint = namespace(llm.source, llm.engine_config.dtype, f"weights={llm.decode_weights}")
         self.sessions = SessionStore(config.memory_bytes, config.memory_dir, self._fingerprint)
@@ -303,6 +309,20 @@ class EngineWorker:
         if not self._thread.is_alive():  # the engine thread is done with them: idle sessions go to --memory-dir
             self.sessions.save_all()
 
+    def end_all(self, reason: str) -> None:
+        """End every running and waiting job with :class:`ServerStopping` (``reason``) and take no new ones: a
+        shutdown's grace period is over. Safe from any thread; the engine stops each within a layer."""
+        with self._cv:
+            self._closing = True
+            jobs = [*self._jobs.values(), *self._waiting]
+            self._jobs.clear()
+            self._waiting.clear()
+            for job in jobs:
+                self.engine.abort(job.request.request_id)
+            self._cv.notify_all()
+        for job in jobs:
+            self._finish(job, Event("error", error=ServerStopping(f"{reason}: send the request again once it is back")))
+
     @property
     def running(self) -> int:
         """Jobs in the engine's batch (or about to join it)."""
@@ -313,14 +333,16 @@ class EngineWorker:
         return len(self._waiting)
 
     def submit(self, request: EngineRequest, sink: Callable[[Event], None]) -> Job:
-        """Queue a request. Raises :class:`QueueFull` when ``max_queue`` requests already wait."""
+        """Queue a request. Raises :class:`QueueFull` when ``max_num_seqs`` requests run (or are about to) and
+        ``max_queue`` more already wait."""
         job = Job(request, sink)
         with self._cv:
-            if self._stop:
-                raise QueueFull(5)
-            full = len(self._jobs) >= self.config.max_num_seqs
-            if full and len(self._waiting) >= self.config.max_queue:
-                raise QueueFull(max(1, len(self._waiting)))
+            if self._stop or self._closing:
+                raise ServerStopping("the server is shutting down: send the request again once it is back")
+            # a burst arrives while the engine thread is inside a step: count what waits for a free place too
+            places = max(self.config.max_num_seqs - len(self._jobs), 0)
+            if len(self._waiting) >= places + self.config.max_queue:
+                raise QueueFull(max(1, len(self._waiting) - places))
             self._waiting.append(job)
             self._gauges()
             self._cv.notify()
@@ -423,7 +445,7 @@ class EngineWorker:
 
         engine_req = Request(
             req.ids, req.params, req.policy, sequence=seq, prompt_logits=logits, feed_last=req.share_cache,
-            on_release=release, request_id=req.request_id, arrival=job.created, constraint=req.constraint,
+            on_release=release, request_id=req.request_id, arrival=job.created, constraint=req.constraint, on_admit=lambda: job.sink(Event("admitted")),
             question_ids=req.question_ids,
         )  # fmt: skip
         job.request_id = req.request_id
@@ -525,12 +547,13 @@ class EngineWorker:
             job.memory_report = {
                 "session": m.session, "source": source, "spans": mem.report(), "kv_tokens": mem.tokens,
                 "logical_tokens": mem.logical_tokens, "kv_bytes": mem.bytes(), "edits": edits,
+                **({"stale_snapshot": self.sessions.stale[m.session]} if m.session in self.sessions.stale else {}),
                 **({"saved_bytes": saved} if isinstance(saved, int) else {"save_error": saved} if saved else {}),
             }  # fmt: skip
 
         engine_req = Request(
             prompt, req.params, req.policy, sequence=mem.seq, prompt_logits=None, on_release=release, keep_sequence=True,
-            request_id=req.request_id, arrival=job.created, constraint=req.constraint,
+            request_id=req.request_id, arrival=job.created, constraint=req.constraint, on_admit=lambda: job.sink(Event("admitted")),
         )  # fmt: skip
         job.request_id = req.request_id
         job.output = RequestOutput(prompt_tokens=len(prompt), reused_tokens=cached, arrival=job.created)
