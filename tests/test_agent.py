@@ -45,7 +45,7 @@ from longkv.agent.tools import (
     search,
     write_file,
 )
-from longkv.agent.workdir import listing
+from longkv.agent.workdir import listing, snapshot
 from longkv.errors import LongKVError
 
 SANDBOX = sandbox_problem() is None
@@ -703,6 +703,35 @@ def test_a_command_repeated_that_only_made_new_files_is_a_plain_repeat_not_a_fin
     assert [r["tool_choice"] == finish for r in server.requests] == [False, False, False, False, True]
 
 
+def test_a_command_that_rewrote_a_file_with_the_same_bytes_made_no_change(work: Path, tmp_path: Path) -> None:
+    """``python t.py > out.txt`` run again rewrites out.txt with the same bytes: no change, so repeating it once more
+    is a plain repeat (barred for a step), not "a change already made" that ends the run."""
+    (work / "t.py").write_text("print('ok')\n")
+    run_test = ("bash", {"command": "python t.py > out.txt"})
+    made = iter([run_test, ("bash", {"command": "ls"}), run_test, run_test, ("finish", {"answer": "ok"})])
+    server = FakeServer(lambda msgs: {"calls": [next(made)]}, longkv=True)
+    with _agent(server, work, tmp_path, plan=False) as agent:
+        res = agent.run("Run t.py")
+    server.close()
+    assert (res.status, res.answer, res.stop_reason) == ("finished", "ok", "finish")
+    log = RunLog(tmp_path / "runs")
+    results = [e.data for e in log.events(res.run) if e.kind == "tool_result"]
+    log.close()
+    assert [r["edited"] for r in results if "edited" in r] == [0, 0, 0, 0]
+    assert results[3]["output"].startswith("not run: this is the same call as result 3, and no file has changed since")
+
+
+def test_a_fifo_in_the_workdir_does_not_hang_a_snapshot(work: Path) -> None:
+    os.mkfifo(work / "pipe")
+    (work / "a.txt").write_text("alpha\n")
+    assert set(snapshot(work, digests=True)) == {"a.txt"}  # reading the FIFO would block until a writer came
+
+
+def test_the_root_of_the_file_system_is_no_workdir(tmp_path: Path) -> None:
+    with pytest.raises(LongKVError, match="is the root of the file system: the tools would write anywhere; pass a project folder"):
+        Agent(server="http://127.0.0.1:9/v1", workdir="/", runs_dir=tmp_path / "runs")
+
+
 def test_agent_show_names_what_became_of_each_call(work: Path, tmp_path: Path) -> None:
     """agent show's rows: a bash call's exit code read from the runtime's exit line even when a hint follows it, a
     call not run as the repeat of its result, a user's resume message marked as one, and long notes cut with a
@@ -1358,6 +1387,22 @@ def test_cli_user_errors_are_one_line(args: list[str], msg: str, tmp_path: Path)
     proc = _cli([a.replace("URL", server.url) for a in args] + ([] if SANDBOX or args[0] != "run" else ["--no-sandbox"]), tmp_path)
     server.close()
     assert proc.returncode == 2 and msg in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_a_task_file_that_is_not_utf8_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "bin.md").write_bytes(b"fix \xf8\xff the bug")
+    proc = _cli(["run", "@bin.md", "--server", "http://127.0.0.1:9/v1"], tmp_path)
+    assert proc.returncode == 2 and "the task file 'bin.md' is not UTF-8 text (byte 4): save it as UTF-8" in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_showing_runs_writes_nothing(tmp_path: Path) -> None:
+    missing = tmp_path / "nope" / "runs"
+    shown = _cli(["show", "--runs-dir", str(missing)], tmp_path)
+    assert shown.returncode == 0 and f"no runs yet in {missing}" in " ".join(shown.stdout.split()), shown.stdout
+    one = _cli(["show", "abcd", "--runs-dir", str(missing)], tmp_path)
+    assert one.returncode == 2 and "no run 'abcd'" in one.stderr
+    assert not (tmp_path / "nope").exists()
 
 
 def test_an_exec_result_reads_as_the_bash_tool_shows_it() -> None:

@@ -301,6 +301,26 @@ def test_no_sandbox_runs_in_the_workdir_and_keeps_the_timeout(tmp_path: Path, mo
 
 
 @pytest.mark.parametrize("enabled", [True, False])
+def test_a_command_dies_with_an_agent_killed_by_sigkill(tmp_path: Path, enabled: bool):
+    """The agent process is killed with SIGKILL while its command sleeps: the command goes too (it never writes
+    its last line), with or without the sandbox."""
+    import signal
+    import subprocess
+    import time
+
+    host = (f"from longkv.agent.sandbox import Sandbox\n"
+            f"Sandbox({str(tmp_path)!r}, enabled={enabled}).bash('echo start > log.txt; sleep 2; echo end >> log.txt')")  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-c", host], cwd=Path(__file__).resolve().parents[1])
+    deadline = time.monotonic() + 30
+    while not (tmp_path / "log.txt").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    time.sleep(3)
+    assert (tmp_path / "log.txt").read_text() == "start\n"
+
+
+@pytest.mark.parametrize("enabled", [True, False])
 def test_missing_workdir_is_a_longkv_error(tmp_path: Path, enabled: bool):
     with pytest.raises(LongKVError, match="not a directory") as err:
         Sandbox(tmp_path / "missing", enabled=enabled)

@@ -219,6 +219,8 @@ class Agent:
         self.workdir = Path(workdir).expanduser().resolve()
         if not self.workdir.is_dir():
             raise LongKVError(f"workdir {self.workdir} is not a folder: create it or pass --workdir to an existing one")
+        if self.workdir == Path(self.workdir.anchor):
+            raise LongKVError(f"workdir {self.workdir} is the root of the file system: the tools would write anywhere; pass a project folder")
         for name, value in (("max_steps", max_steps), ("max_tokens", max_tokens), ("reply_tokens", reply_tokens), ("observation_chars", observation_chars)):
             if value < 1:
                 raise LongKVError(f"{name} (--{name.replace('_', '-')}) must be at least 1, got {value}")
@@ -481,7 +483,7 @@ class Agent:
                                                    "changed": 0, **flags, "seconds": 0.0}, on_event)  # fmt: skip
 
         if call.started is not None and not (tool and tool.idempotent):  # cut off mid-way by a crash: never re-run
-            changed = changes(call.started.get("snapshot") or {}, snapshot(self.workdir))
+            changed = changes(call.started.get("snapshot") or {}, snapshot(self.workdir), self.workdir)
             what = ", ".join(changed[:30]) + (f" and {len(changed) - 30} more" if len(changed) > 30 else "") if changed else "none"
             out = (f"interrupted: the run stopped while this call was running, and it was not run again. "
                    f"Files changed since it started: {what}. Check the state before repeating it.")  # fmt: skip
@@ -534,7 +536,7 @@ class Agent:
             return
         assert tool is not None
         start: dict[str, Any] = {"id": call.id, "name": call.name, "arguments": args, "idempotent": tool.idempotent}
-        before = None if tool.idempotent else snapshot(self.workdir)
+        before = None if tool.idempotent else snapshot(self.workdir, digests=True)  # a rewrite with the same bytes is no change
         if before is not None:
             start["snapshot"] = before
         self._emit(run_id, st, "tool_start", start, on_event)
@@ -548,7 +550,7 @@ class Agent:
         except Exception as exc:  # a tool's own bug: the model hears of it, the run goes on
             output, error = f"error: {call.name} failed ({type(exc).__name__}: {exc})", True
         seconds = time.perf_counter() - t0
-        diff = changes(before, snapshot(self.workdir)) if before is not None else []
+        diff = changes(before, snapshot(self.workdir), self.workdir) if before is not None else []
         # files the call changed that were there before it (a file tool's new file counts: it is the change asked for)
         edited = len(diff) if call.name not in ("bash", "python") else sum(not d.endswith(" (new)") for d in diff)
         self._emit(run_id, st, "tool_result", {**base, "arguments": args, "output": output, "context": bound(output, limit),

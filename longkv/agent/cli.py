@@ -123,6 +123,8 @@ def run(
             task = Path(task[1:]).read_text()
         except OSError as exc:
             raise LongKVError(f"cannot read the task file {task[1:]!r} ({exc.strerror}): check the path after @") from None
+        except UnicodeDecodeError as exc:
+            raise LongKVError(f"the task file {task[1:]!r} is not UTF-8 text (byte {exc.start}): save it as UTF-8") from None
     if model is not None and server is not None:
         raise LongKVError("--model and --server both given: --model runs a model in this process, --server uses a running one; pick one")
     if not task.strip():
@@ -162,7 +164,7 @@ def resume(
     from longkv.agent.runlog import RunLog
     from longkv.agent.state import RunState
 
-    log = RunLog(runs_dir or default_runs_dir())
+    log = RunLog(runs_dir or default_runs_dir(), create=False)
     try:
         info = log.info(run_id)
         events = log.events(info.id)
@@ -212,7 +214,7 @@ def show(
 
     if step is not None and run_id is None:
         raise LongKVError("--step needs a run: longkv agent show RUN --step N (longkv agent show lists the runs)")
-    log = RunLog(runs_dir or default_runs_dir())
+    log = RunLog(runs_dir or default_runs_dir(), create=False)  # showing writes nothing
     try:
         render(log, run_id, as_json, step, Console(file=sys.stdout, highlight=False))
     finally:

@@ -64,17 +64,20 @@ class RunInfo:
 
 
 class RunLog:
-    """The run log of one runs folder (created on first use).
+    """The run log of one runs folder (created on first use, unless ``create`` is false: then a folder without a
+    run log reads as one without runs, in memory, and nothing is written to disk).
 
     Raises :class:`~longkv.errors.LongKVError` when the folder cannot be created
     or the database cannot be opened.
     """
 
-    def __init__(self, runs_dir: Path) -> None:
+    def __init__(self, runs_dir: Path, create: bool = True) -> None:
         self.dir = Path(runs_dir).expanduser()
         try:
-            (self.dir / "locks").mkdir(parents=True, exist_ok=True)
-            self.db = sqlite3.connect(self.dir / "runs.db", timeout=30, isolation_level=None)
+            if create:
+                (self.dir / "locks").mkdir(parents=True, exist_ok=True)
+            db = self.dir / "runs.db" if create or (self.dir / "runs.db").is_file() else ":memory:"
+            self.db = sqlite3.connect(db, timeout=30, isolation_level=None)
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=FULL")
             self.db.executescript(_SCHEMA)

@@ -70,8 +70,9 @@ SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
 # The gate: wait for one byte on fd argv[1] (sent once the cgroup and rlimits are in place), then exec. Python
 # ignores SIGPIPE and SIGXFSZ and an ignored signal stays ignored across exec: give them back their defaults.
 _GATE = (
-    "import os,signal,sys\n"
+    "import ctypes,os,signal,sys\n"
     "for s in (signal.SIGPIPE,signal.SIGXFSZ):signal.signal(s,signal.SIG_DFL)\n"
+    "ctypes.CDLL(None).prctl(1,signal.SIGKILL)\n"  # PR_SET_PDEATHSIG: the command dies with the agent, even by kill -9
     "fd=int(sys.argv[1])\n"
     "if os.read(fd,1)!=b'x':os._exit(126)\n"
     "os.close(fd)\n"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import os
+import stat
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -17,6 +18,8 @@ SNAPSHOT_FILES = 5000
 """Most files a workdir snapshot lists."""
 SKIP_DIRS = frozenset({".git", "__pycache__", ".venv", "node_modules", ".mypy_cache", ".pytest_cache", ".ruff_cache"})
 """Folders that workdir snapshots and ``search`` leave out (version control, environments, tools' caches)."""
+SPECIAL_DIRS = frozenset({"/proc", "/sys", "/dev", "/run"})
+"""Kernel and runtime file systems a snapshot never walks into (their files can block a read, e.g. /proc/kmsg)."""
 DIGEST_BYTES = 1 << 20
 """Files up to this size get a content digest in a snapshot taken with digests (64 MiB of them at most)."""
 
@@ -27,12 +30,14 @@ def snapshot(workdir: Path, digests: bool = False) -> dict[str, list[Any]]:
     out: dict[str, list[Any]] = {}
     budget = 64 << 20
     for root, dirs, files in os.walk(workdir):
-        dirs[:] = [d for d in dirs if d not in SKIP_DIRS]
+        dirs[:] = [d for d in dirs if d not in SKIP_DIRS and os.path.join(root, d) not in SPECIAL_DIRS]
         for f in files:
             p = os.path.join(root, f)
             try:
                 st = os.stat(p)
             except OSError:
+                continue
+            if not stat.S_ISREG(st.st_mode):  # a FIFO, socket or device: reading it could block for good
                 continue
             row: list[Any] = [st.st_size, st.st_mtime_ns]
             if digests:
