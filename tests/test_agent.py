@@ -25,7 +25,7 @@ from agent_fake import FakeServer, scripted, tokens, tool_results
 from rich.console import Console
 
 from longkv.agent import Agent, ToolContext, ToolError, tool
-from longkv.agent.agent import find_loop
+from longkv.agent.agent import find_loop, spread_error
 from longkv.agent.cli import gist
 from longkv.agent.runlog import RunLog
 from longkv.agent.sandbox import Limits, Sandbox, sandbox_problem
@@ -201,9 +201,11 @@ def test_a_tool_results_label_is_not_written_as_a_files_text(work: Path) -> None
     (work / "notes.txt").write_text("draft\n")
     read_file.call(ctx, {"path": "notes.txt"})
     for content in ("result 3", " [result 12]\n", "Result 7"):
-        with pytest.raises(ToolError, match=r"write_file: notes.txt was not changed: content is '.*', the label of a tool result, not its text"):
+        with pytest.raises(ToolError) as e:
             write_file.call(ctx, {"path": "notes.txt", "content": content})
-    with pytest.raises(ToolError, match=r"edit_file: notes.txt was not changed: new is 'result 4', the label"):
+        assert str(e.value) == ("write_file: notes.txt was not changed: content is only the label of a tool result ([result N]), not "
+                                "its text: send the text itself")  # the same text for every label: a loop of them is seen
+    with pytest.raises(ToolError, match=r"edit_file: notes.txt was not changed: new is only the label"):
         edit_file.call(ctx, {"path": "notes.txt", "old": "draft", "new": "result 4"})
     assert (work / "notes.txt").read_text() == "draft\n"
     assert write_file.call(ctx, {"path": "notes.txt", "content": "result 3 was wrong\n"}).startswith("wrote notes.txt (1 line")
@@ -565,6 +567,15 @@ def test_find_loop_knows_one_call_three_times_and_rounds_of_two_or_three_calls_m
     assert find_loop([a, a, b, a, a, b]) is None  # not a round of three distinct outcomes (nor a call three times)
 
 
+def test_spread_error_knows_the_same_error_three_times_with_other_calls_between() -> None:
+    label = lambda n: (f'write_file({{"content": "result {n}"}})', "label", True)  # noqa: E731
+    recall = lambda n: (f'recall("result {n}")', f"R{n}", False)  # noqa: E731
+    run = [label(3), recall(3), label(5), recall(5), label(7)]  # a 1.5B run alternated these until its step cap
+    assert find_loop(run) is None and spread_error(run) == 4  # the first of the three errors was 4 calls ago
+    assert spread_error(run[:-1]) is None and spread_error(run[:3]) is None  # the latest call is no error / only two errors
+    assert spread_error([label(1), *[recall(i) for i in range(5)], label(2), label(3)]) is None  # the first is 7 calls back
+
+
 def test_a_round_of_failing_calls_made_twice_is_recovered(work: Path, tmp_path: Path) -> None:
     """Three different failing calls, made in the same order again, are a loop: the second round leaves the
     context, the hint names the round, the next request is hot and asks for a new plan."""
@@ -586,6 +597,28 @@ def test_a_round_of_failing_calls_made_twice_is_recovered(work: Path, tmp_path: 
     after = server.requests[6]
     assert after["temperature"] == 0.7 and len(tool_results(after["messages"])) == 3  # the first round stays
     assert after["messages"][-1]["content"].startswith('You went round the same 3 calls twice (edit_file({"new": "x = 1", "old"')
+    assert (work / "a.py").read_text() == "x = 1\n"
+
+
+def test_the_same_error_three_times_between_other_calls_is_recovered(work: Path, tmp_path: Path) -> None:
+    """A refused label write alternated with other calls (each of them new) is a loop too: after the third refusal
+    the calls since the first leave the context and the hint says so."""
+    (work / "a.py").write_text("x = 1\n")
+    label = ("write_file", {"path": "a.py", "content": "result 1"})
+    calls = iter([label, ("search", {"pattern": "x"}), label, ("search", {"pattern": "y"}), label])
+
+    def script(msgs: list[dict]) -> dict:
+        if any("got the same error three times, with other calls between" in (m.get("content") or "") for m in msgs):
+            return {"calls": [("finish", {"answer": "stopped"})]}
+        return {"calls": [next(calls)]}
+
+    server = FakeServer(script)
+    with _agent(server, work, tmp_path, plan=False) as agent:
+        res = agent.run("Fix a.py")
+    server.close()
+    assert (res.status, res.answer, res.steps) == ("finished", "stopped", 6)
+    after = server.requests[5]
+    assert after["temperature"] == 0.7 and len(tool_results(after["messages"])) == 1  # the first refusal stays
     assert (work / "a.py").read_text() == "x = 1\n"
 
 
@@ -1175,6 +1208,31 @@ def test_resume_with_a_higher_step_cap_goes_on_after_the_cap(work: Path, tmp_pat
         more = agent.resume(res.run, max_steps=10)
     server.close()
     assert (more.status, more.answer, more.steps) == ("finished", "all 4 read", 5)
+
+
+def test_resume_without_the_runs_own_tools_is_refused_before_it_changes_anything(work: Path, tmp_path: Path) -> None:
+    @tool
+    def deploy(ctx: ToolContext, target: str) -> str:
+        """Deploy to a target.
+
+        Args:
+            target: where.
+        """
+        return f"deployed to {target}"
+
+    server = FakeServer(lambda msgs: {"calls": [("finish", {"answer": "done"})]})
+    with _agent(server, work, tmp_path, tools=[deploy], max_steps=1) as agent:
+        res = agent.run("Deploy it")
+    with _agent(server, work, tmp_path) as plain, pytest.raises(LongKVError) as e:
+        plain.resume(res.run, message="Again.")
+    assert str(e.value) == (f"run {res.run} was started with tools this agent lacks (deploy): resume it from Python with the "
+                            f"same tools, Agent(tools=[...]).resume({res.run!r})")  # fmt: skip
+    log = RunLog(tmp_path / "runs")
+    assert log.info(res.run).status == "finished" and [e.kind for e in log.events(res.run)].count("resume") == 0
+    log.close()
+    with _agent(server, work, tmp_path, tools=[deploy]) as same:
+        assert same.resume(res.run, message="Again.").answer == "done"
+    server.close()
 
 
 def test_the_window_comes_from_the_server(work: Path, tmp_path: Path) -> None:

@@ -74,6 +74,17 @@ def find_loop(history: list[tuple[str, str, bool]]) -> tuple[int, int] | None:
     return None
 
 
+def spread_error(history: list[tuple[str, str, bool]], window: int = 6) -> int | None:
+    """How many calls ago the first of three identical errors among the last ``window`` calls came, when the
+    latest call is the third of them (a dead end the model goes back to between other calls: Qwen2.5-Coder-1.5B
+    alternated a refused ``write_file`` with ``recall``), or None."""
+    if not history or not history[-1][2]:
+        return None
+    tail = history[-window:]
+    hits = [i for i, (_, outcome, error) in enumerate(tail) if error and outcome == tail[-1][1]]
+    return len(tail) - 1 - hits[-3] if len(hits) >= 3 else None
+
+
 def default_runs_dir() -> Path:
     """``$LONGKV_HOME/agent-runs`` (``~/.cache/longkv/agent-runs``)."""
     from longkv.config import longkv_home
@@ -291,7 +302,8 @@ class Agent:
         cap for the run (counted from its start), e.g. to go on after it stopped at its cap.
 
         Raises:
-            LongKVError: no such run, another live process drives it, or ``max_steps`` is not above the steps taken.
+            LongKVError: no such run, another live process drives it, ``max_steps`` is not above the steps taken,
+                or the run was started with tools this agent lacks.
         """
         from longkv.agent.sandbox import reap_stale
 
@@ -306,6 +318,10 @@ class Agent:
             if not st.goes_on(message, max_steps):
                 return RunResult.of(info.id, st)  # it has ended: nothing to do without a new message or more steps
             self.toolbox = Toolbox.of(self._extra, with_recall=bool(st.options.get("recall")), with_plan=st.options.get("plan", True))
+            missing = [name for name in st.tools if name not in self.toolbox.tools]
+            if missing:  # its calls of them would fail, and its prompt (the tool list) would change under it
+                raise LongKVError(f"run {info.id} was started with tools this agent lacks ({', '.join(missing)}): resume it from "
+                                  f"Python with the same tools, Agent(tools=[...]).resume({info.id!r})")  # fmt: skip
             self._emit(info.id, st, "resume", {"message": message, "max_steps": max_steps}, on_event)
             return self._loop(info.id, st, on_event)
 
@@ -562,13 +578,16 @@ class Agent:
 
     def _check_loop(self, run_id: str, st: RunState, on_event: Callable[[Event], None] | None) -> None:
         found = find_loop(st.history)
-        if found is None:
+        since = spread_error(st.history) if found is None else None
+        if found is None and since is None:
             return
-        period, reps = found
+        period, reps = found or (1, 1)
         c = st.history[-1]
         steps = sorted({t.step for t in st.turns if t.live and not t.folded and any(m["role"] == "tool" for m in t.messages)})
-        steps = steps[-(period * (reps - 1)):]  # the first round stays in view
-        if period > 1:
+        steps = steps[-(since if since is not None else period * (reps - 1)):]  # the first round (or error) stays in view
+        if since is not None:
+            kind, what = "error", "got the same error three times, with other calls between"
+        elif period > 1:
             kind = "cycle"
             calls = ", ".join(sig[:60] for sig, _, _ in st.history[-period:])
             what = f"went round the same {period} calls twice ({calls}), each with the same outcome as before"

@@ -92,6 +92,7 @@ class RunState:
     wrote: set[int] = field(default_factory=set)  # result numbers of calls that changed a workdir file
     edited: set[int] = field(default_factory=set)  # of those, calls that changed a file there before them, or file tools'
     planless: bool = False  # a plan call was not a list of steps: the run goes on without a plan
+    tools: list[str] = field(default_factory=list)  # the tools the run was started with, by name
     barred: set[str] = field(default_factory=set)  # tools the next request may not call: their calls since the last one that ran only repeated earlier ones
 
     def goes_on(self, message: str | None, max_steps: int | None) -> bool:
@@ -115,6 +116,7 @@ class RunState:
         if k == "start":
             self.task, self.options, self.system = d["task"], d["options"], d["system"]
             self.files = d.get("files", "")
+            self.tools = list(d.get("tools", []))
         elif k == "resume":
             self.status, self.answer, self.reason = "running", None, None
             self.final_request, self.final_asked = None, False

@@ -197,8 +197,8 @@ def _not_a_label(name: str, path: str, arg: str, text: str) -> None:
     Qwen2.5-Coder-1.5B wrote ``result 3``, ``result 8``, ... over a source file six times in one run.
     """
     if _LABEL.fullmatch(text):
-        raise ToolError(f"{name}: {path} was not changed: {arg} is {text.strip()!r}, the label of a tool result, not its text: "
-                        f"send the text itself")
+        raise ToolError(f"{name}: {path} was not changed: {arg} is only the label of a tool result ([result N]), not its "
+                        f"text: send the text itself")  # one text for every label: the same dead end reads as the same error
 
 
 FENCED = (".md", ".markdown", ".rst")  # kinds of file whose text may itself open with a ``` fence
