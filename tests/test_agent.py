@@ -1463,6 +1463,31 @@ def test_showing_runs_writes_nothing(tmp_path: Path) -> None:
     assert not (tmp_path / "nope").exists()
 
 
+def test_agent_rm_removes_runs_and_their_kv_snapshots(work: Path, tmp_path: Path) -> None:
+    server = FakeServer(lambda msgs: {"calls": [("finish", {"answer": "done"})]})
+    with _agent(server, work, tmp_path) as agent:
+        runs = [agent.run(f"Task {i}").run for i in range(3)]
+    server.close()
+    kv = tmp_path / "runs" / "kv"
+    kv.mkdir()
+    (kv / f"{runs[0]}-0123456789ab.kv").write_bytes(b"x" * (3 << 20))  # what an in-process run saves for resume
+    (kv / "other-0123456789ab.kv").write_bytes(b"y")
+    log = RunLog(tmp_path / "runs")
+    with log.drive(runs[2]):  # a live driver: refused, nothing removed
+        busy = _cli(["rm", runs[0], runs[2], "--runs-dir", str(tmp_path / "runs")], tmp_path)
+        assert busy.returncode == 2 and f"run {runs[2]} is being driven by pid {os.getpid()}" in busy.stderr, busy.stderr
+    assert busy.stderr.strip().endswith("(nothing was removed)") and sorted(r.id for r in log.runs()) == sorted(runs)
+    one = _cli(["rm", runs[0][-4:], "--runs-dir", str(tmp_path / "runs")], tmp_path)
+    assert one.returncode == 0 and one.stdout == f"removed {runs[0]} (freed 3.0 MiB of KV)\n", one.stderr
+    assert sorted(p.name for p in kv.iterdir()) == ["other-0123456789ab.kv"]
+    rest = _cli(["rm", "--ended", "--runs-dir", str(tmp_path / "runs")], tmp_path)
+    assert rest.returncode == 0 and rest.stdout.splitlines() == [f"removed {r}" for r in runs[:0:-1]], rest.stdout
+    assert log.runs() == [] and log.events(runs[1]) == []
+    log.close()
+    none = _cli(["rm", "--runs-dir", str(tmp_path / "runs")], tmp_path)
+    assert none.returncode == 2 and "name the runs to remove, or pass --ended" in none.stderr
+
+
 def test_an_exec_result_reads_as_the_bash_tool_shows_it() -> None:
     from longkv.agent.sandbox import ExecResult
 

@@ -1,4 +1,4 @@
-"""``longkv agent run | resume | show``."""
+"""``longkv agent run | resume | show | rm``."""
 
 from __future__ import annotations
 
@@ -217,5 +217,39 @@ def show(
     log = RunLog(runs_dir or default_runs_dir(), create=False)  # showing writes nothing
     try:
         render(log, run_id, as_json, step, Console(file=sys.stdout, highlight=False))
+    finally:
+        log.close()
+
+
+@agent_app.command()
+def rm(
+    run_ids: Annotated[list[str] | None, typer.Argument(metavar="RUN...", help="Runs to remove (an id, or its start or end).")] = None,
+    ended: Annotated[bool, typer.Option("--ended", metavar="", help="Remove every run that has ended (finished, stopped or failed).")] = False,
+    runs_dir: RunsDirOpt = None,
+) -> None:
+    """Remove runs from the run log, with the KV snapshots an in-process run saved for resume (tens of MB each).
+
+    A run a live process drives is refused; an interrupted one can be removed. Sessions a separate longkv serve saved live in its --memory-dir.
+
+    Example: longkv agent rm --ended
+    """
+    from longkv.agent.agent import default_runs_dir
+    from longkv.agent.runlog import RunLog
+
+    if not run_ids and not ended:
+        raise LongKVError("name the runs to remove, or pass --ended to remove every run that has ended (longkv agent show lists them)")
+    log = RunLog(runs_dir or default_runs_dir(), create=False)
+    try:
+        ids = [log.info(r).id for r in run_ids or []]  # every id checked before anything is removed
+        if ended:
+            ids += [i.id for i in log.runs(limit=-1) if i.status in ("finished", "stopped", "failed") and i.id not in ids]
+        for run_id in ids:
+            if (pid := log.owner(run_id)) is not None:
+                raise LongKVError(f"run {run_id} is being driven by pid {pid}: wait for it, or stop that process (nothing was removed)")
+        for run_id in ids:
+            freed = log.delete(run_id)
+            print(f"removed {run_id}" + (f" (freed {freed / (1 << 20):.1f} MiB of KV)" if freed else ""))
+        if not ids:
+            print(f"no ended runs in {log.dir}")
     finally:
         log.close()

@@ -163,6 +163,25 @@ class RunLog:
             fcntl.flock(f, fcntl.LOCK_UN)
             return None
 
+    def delete(self, run_id: str) -> int:
+        """Remove a run: its row, its events, its lock and the KV snapshot an in-process run saved (``kv/RUN-*.kv``).
+        Returns the bytes of the files removed.
+
+        Raises:
+            LongKVError: no such run, or a live process drives it.
+        """
+        info = self.info(run_id)
+        freed = 0
+        with self.drive(info.id):
+            with self._tx():
+                self.db.execute("DELETE FROM events WHERE run = ?", (info.id,))
+                self.db.execute("DELETE FROM runs WHERE id = ?", (info.id,))
+            for f in (self.dir / "kv").glob(f"{info.id}-*.kv"):
+                freed += f.stat().st_size
+                f.unlink()
+            (self.dir / "locks" / f"{info.id}.lock").unlink(missing_ok=True)
+        return freed
+
     @contextmanager
     def drive(self, run_id: str) -> Iterator[None]:
         """Hold the run's lock while driving it.
