@@ -38,6 +38,7 @@ QuestionAware = Annotated[
     bool,
     typer.Option(
         "--question-aware/--question-agnostic",
+        metavar="",
         help="Name each sample's question to the engine as `longkv ask` does: eviction compresses for it, "
         "block_topk chooses pages from its queries (longkv backend). Default: the prompt is one text.",
     ),
