@@ -1463,6 +1463,20 @@ def test_showing_runs_writes_nothing(tmp_path: Path) -> None:
     assert not (tmp_path / "nope").exists()
 
 
+def test_a_failed_runs_best_answer_is_a_tool_result_without_its_label(work: Path, tmp_path: Path) -> None:
+    def script(msgs: list[dict]) -> dict:
+        if tool_results(msgs):
+            raise RuntimeError("the model server broke")  # the fake answers no more: the run fails
+        return {"calls": [("bash", {"command": "echo 42"})]}
+
+    server = FakeServer(script, longkv=True)
+    with _agent(server, work, tmp_path, plan=False) as agent:
+        res = agent.run("Print 42")
+    server.close()
+    assert res.status == "failed" and res.answer.startswith("42\n"), res
+    assert tool_results(server.requests[-1]["messages"])[0].startswith("[result 1]\n42\n")  # the context keeps the label
+
+
 def test_agent_rm_removes_runs_and_their_kv_snapshots(work: Path, tmp_path: Path) -> None:
     server = FakeServer(lambda msgs: {"calls": [("finish", {"answer": "done"})]})
     with _agent(server, work, tmp_path) as agent:

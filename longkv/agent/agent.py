@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -384,8 +385,8 @@ class Agent:
                     return str(m["content"]).strip()
         for t in reversed(st.turns):
             for m in reversed(t.messages):
-                if m["role"] == "tool":
-                    return str(m["content"])[-2000:]
+                if m["role"] == "tool":  # without the label recall numbers it by ([result N]): the context's, not an answer's
+                    return re.sub(r"\A\[result \d+\]\n", "", str(m["content"]))[-2000:]
         return ""
 
     def _fit(self, st: RunState) -> tuple[list[dict[str, Any]], list[int], int]:
