@@ -206,7 +206,7 @@ def serve(
     threads: Annotated[int | None, typer.Option(help="CPU threads (default: all cores).")] = None,
     device: DeviceOpt = "cpu",
     log_level: Annotated[str, typer.Option(help="uvicorn log level: critical, error, warning, info, debug or trace.")] = "info",
-    shutdown_timeout: Annotated[float, typer.Option(help="Seconds running requests may go on after SIGTERM or Ctrl-C; then each ends with an error its client can read (a stream: an error event), and the server exits.")] = 5.0,
+    shutdown_timeout: Annotated[float, typer.Option(help="Seconds running requests may go on after SIGTERM or Ctrl-C (queued ones end at once); then each ends with an error its client can read (a stream: an error event), and the server exits.")] = 5.0,
 ) -> None:
     """Serve a model over the OpenAI HTTP API, reusing cached prefixes across requests.
 

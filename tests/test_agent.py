@@ -760,6 +760,15 @@ def test_a_fifo_in_the_workdir_does_not_hang_a_snapshot(work: Path) -> None:
     assert set(snapshot(work, digests=True)) == {"a.txt"}  # reading the FIFO would block until a writer came
 
 
+def test_the_file_tools_refuse_a_fifo(work: Path) -> None:
+    os.mkfifo(work / "pipe")
+    ctx = ToolContext(work, None)
+    for t, args in ((read_file, {"path": "pipe"}), (write_file, {"path": "pipe", "content": "x"}), (edit_file, {"path": "pipe", "old": "a", "new": "b"})):
+        with pytest.raises(ToolError, match=r"^'pipe' is a named pipe \(FIFO\), not a file: the file tools read and write regular files only$"):
+            t.call(ctx, args)
+    assert (work / "pipe").is_fifo()  # not replaced by a regular file
+
+
 def test_the_root_of_the_file_system_is_no_workdir(tmp_path: Path) -> None:
     with pytest.raises(LongKVError, match="is the root of the file system: the tools would write anywhere; pass a project folder"):
         Agent(server="http://127.0.0.1:9/v1", workdir="/", runs_dir=tmp_path / "runs")
@@ -1500,6 +1509,8 @@ def test_agent_rm_removes_runs_and_their_kv_snapshots(work: Path, tmp_path: Path
     log.close()
     none = _cli(["rm", "--runs-dir", str(tmp_path / "runs")], tmp_path)
     assert none.returncode == 2 and "name the runs to remove, or pass --ended" in none.stderr
+    both = _cli(["rm", "abcd", "--ended", "--runs-dir", str(tmp_path / "runs")], tmp_path)
+    assert both.returncode == 2 and "name runs or pass --ended, not both" in both.stderr
 
 
 def test_an_exec_result_reads_as_the_bash_tool_shows_it() -> None:

@@ -13,8 +13,9 @@ pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient
 
 from longkv import LLM
+from longkv.errors import LongKVError
 from longkv.server.app import create_app
-from longkv.server.worker import EngineWorker, QueueFull, ServerConfig, plan
+from longkv.server.worker import EngineWorker, Event, QueueFull, ServerConfig, ServerStopping, plan
 
 
 @pytest.fixture(scope="module")
@@ -33,16 +34,21 @@ def post(client: TestClient, **body: Any) -> Any:
 
 
 def test_default_max_tokens_fits_the_kv_budget(llm: LLM) -> None:
-    """Without max_tokens, a dense request asks for what its pages can hold in the KV budget, not for a default it
-    would be refused for; a request that names max_tokens keeps it (and the engine refuses it with its numbers)."""
+    """Without max_tokens, a dense request asks for what its pages can hold in the KV budget (a page per layer to
+    spare, for a prompt found in the prefix cache), not for a default it would be refused for; a request that names
+    more than the budget holds is refused at once with its numbers, before it takes a place in the queue."""
     c, ps = llm.config, llm.engine_config.page_size
     page = ps * (c.n_kv_heads * c.head_dim * 2 * 4 + 8)  # float32 K and V of every KV head, and the position
     budget = 3 * c.n_layers * page  # three pages in every layer
     cfg = ServerConfig(model_id="tiny", default_max_tokens=1024, kv_budget_bytes=budget)
     ids = list(range(5, 25))
     got = plan(llm, cfg, ids, None, {})
-    assert got.params.max_new_tokens == 3 * ps - len(ids) - 1
-    assert plan(llm, cfg, ids, 400, {}).params.max_new_tokens == 400
+    assert got.params.max_new_tokens == 3 * ps - len(ids) - 1 - ps
+    fits = 3 * ps - len(ids) - 1  # three pages exactly, with the last token fed for the prefix cache
+    assert plan(llm, cfg, ids, fits, {}).params.max_new_tokens == fits
+    with pytest.raises(LongKVError) as e:
+        plan(llm, cfg, ids, fits + 1, {})
+    assert f"({len(ids)} prompt tokens + {fits + 1} new under dense), more than the engine's KV budget" in str(e.value)
     roomy = ServerConfig(model_id="tiny", default_max_tokens=16, kv_budget_bytes=budget)
     assert plan(llm, roomy, ids, None, {}).params.max_new_tokens == 16
 
@@ -117,8 +123,9 @@ def test_vllm_style_sampling_fields_are_honoured(client: TestClient, llm: LLM) -
     want = llm.generate_batch([prompt], max_new_tokens=12, ignore_eos=True, repetition_penalty=1.8)[0].text
     got = complete(client, temperature=0, repetition_penalty=1.8).json()
     assert got["choices"][0]["text"] == want != greedy and "ignored_fields" not in (got.get("longkv") or {})
-    r = client.post("/v1/completions", json={"model": "tiny", "prompt": prompt, "max_tokens": 3, "ignore_eos": True, "temperature": 0})
-    assert r.json()["usage"]["completion_tokens"] == 3
+    r = client.post("/v1/completions", json={"model": "tiny", "prompt": prompt, "max_tokens": 3, "ignore_eos": True, "temperature": 0,
+                                             "skip_special_tokens": True})  # what longkv does anyway: accepted  # fmt: skip
+    assert r.json()["usage"]["completion_tokens"] == 3 and "ignored_fields" not in (r.json().get("longkv") or {})
     random = {complete(client, temperature=1.5, seed=-1).json()["choices"][0]["text"] for _ in range(3)}
     assert len(random) > 1
 
@@ -130,7 +137,22 @@ def test_vllm_style_sampling_fields_are_honoured(client: TestClient, llm: LLM) -
     ({"top_k": 5, "longkv": {"top_k": 3}}, "top_k 5 and longkv.top_k 3 differ: send one of them"),
     ({"stream_options": {"include_usage": True}}, "stream_options is only allowed with stream: true"),
     ({"min_p": 1.5}, "min_p: Input should be less than or equal to 1"),
+    ({"grammar": "root ::= [0-9]+"}, "grammar is not supported by longkv serve: send response_format (a JSON schema) or tools"),
+    ({"skip_special_tokens": False}, "skip_special_tokens is not supported by longkv serve: leave it out"),
 ])  # fmt: skip
 def test_sampling_fields_longkv_cannot_honour_are_400s(client: TestClient, body: dict, message: str) -> None:
     r = complete(client, **body)
     assert r.status_code == 400 and r.json()["error"]["message"] == message, r.text
+
+
+def test_a_shutdown_ends_queued_requests_at_once_and_running_ones_after_the_grace(llm: LLM) -> None:
+    worker = EngineWorker(llm, ServerConfig(model_id="tiny", cache_bytes=0, max_num_seqs=1, max_queue=2))  # not started
+    got: list[list[Event]] = [[], []]
+    for i in range(2):
+        worker.submit(plan(llm, worker.config, [5, 6, 7], 2, {}), got[i].append)
+    worker.drain("the server is shutting down")
+    assert [[(e.kind, str(e.error)) for e in g] for g in got] == [
+        [("error", "the server is shutting down: send the request again once it is back")]
+    ] * 2
+    with pytest.raises(ServerStopping):
+        worker.submit(plan(llm, worker.config, [5, 6, 7], 2, {}), lambda ev: None)

@@ -214,7 +214,7 @@ def test_a_snapshot_saved_with_other_settings_starts_the_session_afresh(llm: LLM
     with TestClient(create_app(other, ServerConfig(model_id="tiny", memory_dir=folder))) as c:
         out = chat(c, start(), memory={"save": True}, session="s")
         m = out["longkv"]["memory"]
-        assert m["source"] == "new" and "its snapshot was saved from" in m["stale_snapshot"] and "bfloat16" in m["stale_snapshot"]
+        assert m["source"] == "new" and "its snapshot was saved with another model file or settings" in m["stale_snapshot"] and "bfloat16" in m["stale_snapshot"]
         assert str(folder) not in out["longkv"]["memory"]["stale_snapshot"]
         assert out["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
     with TestClient(create_app(other, ServerConfig(model_id="tiny", memory_dir=folder))) as c:  # the save replaced it

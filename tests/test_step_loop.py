@@ -317,6 +317,18 @@ def _reservation(spec: str, n_tokens: int) -> int:
         seq.cache.clear()
 
 
+@pytest.mark.parametrize("spec", [*POLICIES, "dense:kv_quant=int8", "snapkv:budget=40,kv_quant=int4"])
+@pytest.mark.parametrize("n_tokens", [1, 8, 9, 100, 400])
+def test_a_reservation_is_known_before_any_page_is_taken(spec: str, n_tokens: int) -> None:
+    """What a server checks a request against its KV budget with, before it queues: equal to what admission measures."""
+    assert Runner(MODEL, _policy(spec), ENGINE).reservation(n_tokens) == _reservation(spec, n_tokens) > 0
+
+
+def test_a_tiered_store_has_no_reservation_in_pages(tmp_path: Path) -> None:
+    spec = f"block_topk:sinks=8,window=32,query_tokens=8,topk=2,dense_below=0,resident=1MiB,tier_dir={tmp_path}"
+    assert Runner(MODEL, _policy(spec), ENGINE).reservation(400) is None
+
+
 def test_kv_budget_admits_a_request_once_its_pages_fit() -> None:
     params = SamplingParams(max_new_tokens=6, ignore_eos=True)
     need = _reservation("dense", 100 + 6)

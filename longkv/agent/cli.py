@@ -238,6 +238,8 @@ def rm(
 
     if not run_ids and not ended:
         raise LongKVError("name the runs to remove, or pass --ended to remove every run that has ended (longkv agent show lists them)")
+    if run_ids and ended:
+        raise LongKVError("name runs or pass --ended, not both: --ended removes every ended run, whatever the names")
     log = RunLog(runs_dir or default_runs_dir(), create=False)
     try:
         ids = [log.info(r).id for r in run_ids or []]  # every id checked before anything is removed

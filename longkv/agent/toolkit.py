@@ -16,6 +16,7 @@ import glob
 import inspect
 import json
 import re
+import stat
 import types
 import typing
 from collections.abc import Callable
@@ -49,12 +50,19 @@ class ToolContext:
         """``rel`` resolved inside the workdir.
 
         Raises:
-            ToolError: the path leaves the workdir.
+            ToolError: the path leaves the workdir, or names a FIFO, socket or device (reading one can block for good).
         """
         p = (self.workdir / rel).resolve()
         root = self.workdir.resolve()
         if p != root and root not in p.parents:
             raise ToolError(f"{rel!r} is outside the workdir {root}: use a path relative to it")
+        try:
+            mode = p.stat().st_mode
+        except OSError:
+            return p
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            kind = "a named pipe (FIFO)" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device"
+            raise ToolError(f"{rel!r} is {kind}, not a file: the file tools read and write regular files only")
         return p
 
     def relative(self, p: Path) -> str:

@@ -217,6 +217,13 @@ class _Running:
         self.feeding = False  # finished; one last forward feeds ``pending`` (Request.feed_last)
 
 
+def over_kv_budget(prompt_tokens: int, new_tokens: int, policy: str, need: int, budget: int) -> str:
+    """The error of a request whose KV reservation (``need`` bytes) exceeds the whole KV budget."""
+    return (f"the request needs {_mib(need)} of KV ({prompt_tokens} prompt tokens + {new_tokens} new under {policy}), "
+            f"more than the engine's KV budget of {_mib(budget)}: lower max_tokens, use an eviction policy with a budget "
+            "(e.g. snapkv:budget=2048), or raise the KV budget")  # fmt: skip
+
+
 class Engine:
     """Runs requests in batched steps over one model.
 
@@ -443,11 +450,8 @@ class Engine:
     def _refuse(self, req: Request, need: int, events: list[TokenEvent]) -> None:
         """End a request whose KV reservation exceeds the whole budget."""
         assert self.kv_budget_bytes is not None
-        self._end_waiting(req, LongKVError(
-            f"the request needs {_mib(need)} of KV ({len(req.prompt_ids)} prompt tokens + {req.params.max_new_tokens} new "
-            f"under {req.policy.name}), more than the engine's KV budget of {_mib(self.kv_budget_bytes)}: lower max_tokens, "
-            "use an eviction policy with a budget (e.g. snapkv:budget=2048), or raise the KV budget"
-        ), events)  # fmt: skip
+        msg = over_kv_budget(len(req.prompt_ids), req.params.max_new_tokens, req.policy.name, need, self.kv_budget_bytes)
+        self._end_waiting(req, LongKVError(msg), events)
 
     def _end_waiting(self, req: Request, exc: BaseException, events: list[TokenEvent]) -> None:
         """End a request taken off the waiting queue before it ran, with ``exc`` as its error."""

@@ -499,7 +499,8 @@ class KVMemory:
         if meta.get("version") != SNAPSHOT_VERSION:
             raise LongKVError(f"{path} is a version {meta.get('version')} snapshot, this longkv reads {SNAPSHOT_VERSION}: save it again")
         if meta.get("fingerprint") != fingerprint:
-            raise LongKVError(f"{path} was saved from {meta.get('fingerprint')!r}, not {fingerprint!r}: load it with the same model and settings")
+            raise LongKVError(f"{path} was saved with another model file or settings ({meta.get('fingerprint')}), not ({fingerprint}): "
+                              "load it with the same model and settings")
         with torch.inference_mode():
             mem = cls._from(tensors, meta, runner, path)
         return mem

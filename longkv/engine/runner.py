@@ -110,16 +110,35 @@ class Runner:
             return HeadwiseLayerKV(partial(store, i), c.n_kv_heads) if per_head else store(i)
 
         cache = KVCache(c.n_layers, c.n_kv_heads, c.head_dim, ps, dt, make)
-        if expected_tokens:  # room for what the layer will hold at most: its budget (or window) + one chunk
-            extra = max(self.engine.chunk_size, pol.evict_every)
+        if expected_tokens:
             for i, lkv in enumerate(cache.layers):
-                w = self.windows[i]
-                budget = pol.layer_budget(i) if w is None else w + ps
-                lkv.reserve(expected_tokens if budget is None else min(expected_tokens, budget + extra))
+                lkv.reserve(self._layer_room(i, expected_tokens))
         seq = Sequence(cache)
         if isinstance(self.policy, SelectionPolicy):
             seq.selection = self.policy.new_state(c, self.engine)
         return seq
+
+    def _layer_room(self, layer: int, expected_tokens: int) -> int:
+        """Tokens layer ``layer`` reserves for a sequence of ``expected_tokens``: what it will hold at most, its
+        budget (or window) + one chunk."""
+        w, pol = self.windows[layer], self.policy
+        budget = pol.layer_budget(layer) if w is None else w + self.engine.page_size
+        return expected_tokens if budget is None else min(expected_tokens, budget + max(self.engine.chunk_size, pol.evict_every))
+
+    def reservation(self, expected_tokens: int) -> int | None:
+        """KV bytes :meth:`new_sequence` reserves for ``expected_tokens`` (whole pages per layer), computed without
+        taking any; a sequence that attaches cached prefix pages reserves this or up to a page per layer more.
+        None where the store's resident bytes are not its pages (a tiered store)."""
+        c, pol, ps, dt = self.model.config, self.policy, self.engine.page_size, self.model.dtype
+        if not pol.pages_in_ram():
+            return None
+        fmt, plain = pol.page_format(c.head_dim, dt), page_format(c.head_dim, dt)
+        slot = fmt.bytes_per_slot(1) * c.n_kv_heads if pol.per_head else fmt.bytes_per_slot(c.n_kv_heads)
+        total = 0
+        for i, w in enumerate(self.windows):
+            pages = -(-self._layer_room(i, expected_tokens) // ps)
+            total += pages * ps * (plain.bytes_per_slot(c.n_kv_heads) if w is not None else slot)
+        return total
 
     def attention(self, seq: Sequence) -> AttentionFn:
         """``seq``'s attention in every layer under the policy: appends the new keys (T of them), reads

@@ -127,6 +127,10 @@ class KVPolicy:
         self.check_codec()
         return page_format(head_dim, dtype, self.kv_quant)
 
+    def pages_in_ram(self) -> bool:
+        """Whether every KV page this policy's stores hold lives in RAM (False: a tiered store keeps some coded or on disk)."""
+        return True
+
     def check_codec(self) -> None:
         """Raises LongKVError for an unknown ``kv_quant`` (model-independent: checked before a model loads)."""
         if self.kv_quant not in KV_QUANT:

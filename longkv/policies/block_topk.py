@@ -336,6 +336,9 @@ class BlockTopKPolicy(SelectionPolicy):
             directory=self.tier_dir or None, device=engine.device,
         )
 
+    def pages_in_ram(self) -> bool:
+        return not self.resident
+
     def max_context(self, model: ModelConfig) -> int | None:
         return None  # every distance stays inside the span checked by validate()
 

@@ -77,11 +77,17 @@ FOREIGN = {  # other servers' request fields that longkv does not read, with wha
     "dry_multiplier": 'send "longkv": {"dry_multiplier": ...}',
     "guided_json": "send response_format",
     "guided_choice": "send response_format with an enum schema",
+    "json_schema": 'send response_format: {"type": "json_schema", "json_schema": {"name": ..., "schema": ...}}',
+    "grammar": "send response_format (a JSON schema) or tools",
+    "top_logprobs": "leave it out (logprobs are not supported)",
+    "n_probs": "leave it out (logprobs are not supported)",
     **{name: "leave it out" for name in (
         "typical_p", "min_tokens", "mirostat", "tfs_z", "bad_words", "use_beam_search", "length_penalty",
-        "guided_regex", "guided_grammar",
+        "guided_regex", "guided_grammar", "xtc_probability", "xtc_threshold", "top_a", "penalize_nl",
+        "include_stop_str_in_output", "skip_special_tokens",
     )},
 }  # fmt: skip
+AS_IS = {"skip_special_tokens": True, "include_stop_str_in_output": False}  # FOREIGN values that say what longkv does anyway
 CHAT_ONLY = ("tools", "tool_choice", "parallel_tool_calls")
 ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorResponse, "description": "Invalid request (including a prompt beyond the model's window)."},
@@ -263,7 +269,7 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
                 hint = "send tools instead" if name.startswith("function") else "leave it out"
                 raise ApiError(400, f"{name} is not supported by longkv serve: {hint}", param=name)
         for name, hint in FOREIGN.items():
-            if extra.get(name) is not None:
+            if extra.get(name) is not None and extra[name] != AS_IS.get(name, ...):
                 raise ApiError(400, f"{name} is not supported by longkv serve: {hint}", param=name)
         ext = body.longkv
         if body.top_k is not None and ext is not None and ext.top_k and max(body.top_k, 0) != ext.top_k:
@@ -653,14 +659,16 @@ def serve(
 ) -> None:
     """Load ``model`` and serve it until interrupted (``config``: :class:`ServerConfig` fields).
 
-    On SIGTERM or Ctrl-C the server stops taking connections; running requests go on for ``shutdown_timeout``
-    seconds, then end with an error their clients can read (a stream: an error event), and it exits.
+    On SIGTERM or Ctrl-C the server stops taking connections and ends queued requests (503); running requests go on
+    for ``shutdown_timeout`` seconds, then end with an error their clients can read (a stream: an error event), and
+    it exits.
     """
     import uvicorn
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig: int, frame: Any) -> None:
-            if not self.should_exit:  # the first signal: a grace period, then the running requests end
+            if not self.should_exit:  # the first signal: queued requests end now, running ones after a grace period
+                app.state.worker.drain("the server is shutting down")
                 timer = threading.Timer(shutdown_timeout, app.state.worker.end_all, args=("the server is shutting down",))
                 timer.daemon = True
                 timer.start()

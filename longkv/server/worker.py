@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
 import threading
 import time
 import uuid
@@ -30,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from longkv.engine.engine import Engine, Request, RequestOutput, TokenEvent
+from longkv.engine.engine import Engine, Request, RequestOutput, TokenEvent, over_kv_budget
 from longkv.engine.grammar import GrammarConstraint
 from longkv.engine.llm import LLM
 from longkv.engine.runner import Runner, Sequence
@@ -217,7 +218,7 @@ def plan(
         raise LongKVError(f"max_tokens {max_tokens} exceeds this server's limit of {config.max_tokens_limit}: ask for fewer")
     if memory is not None:
         if policy not in (None, "dense") or budget is not None:
-            raise LongKVError("KV memory runs under the dense policy: leave policy and budget out of a memory request")
+            raise LongKVError("KV memory runs under the dense policy with plain pages (no kv_quant): leave policy and budget out of a memory request")
         window = llm.config.max_position
         wanted = max_tokens if max_tokens is not None else min(config.default_max_tokens, window // 4)
         if config.max_tokens_limit is not None:
@@ -240,12 +241,17 @@ def plan(
     if config.max_tokens_limit is not None:
         wanted = min(wanted, config.max_tokens_limit)
     if max_tokens is None and config.kv_budget_bytes is not None and pol.budget_tokens is None:
-        # the default fits the KV budget too (a policy that keeps every token reserves prompt + new tokens)
-        room = _tokens_in_kv_budget(llm, pol, config.kv_budget_bytes) - len(ids) - 1
+        # the default fits the KV budget too (a policy that keeps every token reserves prompt + new tokens), with a
+        # page per layer to spare: a prompt found in the prefix cache reserves up to that much more
+        room = _tokens_in_kv_budget(llm, pol, config.kv_budget_bytes) - len(ids) - 1 - llm.engine_config.page_size
         if room >= 1:
             wanted = min(wanted, room)
     sampling = SamplingParams(max_new_tokens=wanted, **params)
     share = share_cache and config.cache_bytes > 0 and shares_dense_kv(pol, len(ids) + wanted + 1)
+    if config.kv_budget_bytes is not None:  # a request that could never fit is refused now, before it takes a place in the queue
+        need = Runner(llm.model, pol, llm.engine_config).reservation(len(ids) + wanted + int(share))
+        if need is not None and need > config.kv_budget_bytes:
+            raise LongKVError(over_kv_budget(len(ids), wanted, pol.name, need, config.kv_budget_bytes))
     return EngineRequest(ids, sampling, pol, share, session, salt or "", constraint=constraint, question_ids=question_ids)
 
 
@@ -286,7 +292,9 @@ class EngineWorker:
         self._stop = False
         self._closing = False  # end_all ran: no new requests
         self._thread = threading.Thread(target=self._loop, name="longkv-engine", daemon=True)
-        self._fingerprint = namespace(llm.source, llm.engine_config.dtype, f"weights={llm.decode_weights}")
+        # the model file's size too: a file replaced at the same path (another model) does not read old snapshots
+        size = [f"{os.path.getsize(llm.source)} bytes"] if os.path.isfile(llm.source) else []
+        self._fingerprint = namespace(llm.source, *size, llm.engine_config.dtype, f"weights={llm.decode_weights}")
         self.sessions = SessionStore(config.memory_bytes, config.memory_dir, self._fingerprint)
 
     # ----------------------------------------------------------------- control
@@ -308,6 +316,16 @@ class EngineWorker:
             self._thread.join(timeout)
         if not self._thread.is_alive():  # the engine thread is done with them: idle sessions go to --memory-dir
             self.sessions.save_all()
+
+    def drain(self, reason: str) -> None:
+        """Take no new jobs and end those still waiting for a place with :class:`ServerStopping` (``reason``); the
+        running ones go on (a shutdown's grace period). Safe from any thread."""
+        with self._cv:
+            self._closing = True
+            waiting, self._waiting = list(self._waiting), collections.deque()
+            self._gauges()
+        for job in waiting:
+            self._finish(job, Event("error", error=ServerStopping(f"{reason}: send the request again once it is back")))
 
     def end_all(self, reason: str) -> None:
         """End every running and waiting job with :class:`ServerStopping` (``reason``) and take no new ones: a
