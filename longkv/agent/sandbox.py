@@ -72,7 +72,8 @@ SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
 _GATE = (
     "import ctypes,os,signal,sys\n"
     "for s in (signal.SIGPIPE,signal.SIGXFSZ):signal.signal(s,signal.SIG_DFL)\n"
-    "ctypes.CDLL(None).prctl(1,signal.SIGKILL)\n"  # PR_SET_PDEATHSIG: the command dies with the agent, even by kill -9
+    "try:ctypes.CDLL(None).prctl(1,signal.SIGKILL)\n"  # PR_SET_PDEATHSIG: the command dies with the agent, even by kill -9
+    "except (AttributeError,OSError):pass\n"  # not Linux
     "fd=int(sys.argv[1])\n"
     "if os.read(fd,1)!=b'x':os._exit(126)\n"
     "os.close(fd)\n"
