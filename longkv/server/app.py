@@ -69,8 +69,9 @@ log = logging.getLogger("longkv.server")
 
 MIN_TEMPERATURE = 1e-4
 GRAMMAR_CACHE = 32  # compiled grammars kept
-UNSUPPORTED = ("functions", "function_call", "logit_bias", "best_of")
-FOREIGN = {  # other servers' request fields that longkv does not read, with what to send instead
+UNSUPPORTED = {  # request fields (OpenAI's, other servers') that longkv does not honour, with what to send instead
+    "functions": "send tools instead",
+    "function_call": "send tools instead",
     "repeat_penalty": "send repetition_penalty",
     "n_predict": "send max_tokens",
     "stop_token_ids": "send stop strings",
@@ -82,12 +83,15 @@ FOREIGN = {  # other servers' request fields that longkv does not read, with wha
     "top_logprobs": "leave it out (logprobs are not supported)",
     "n_probs": "leave it out (logprobs are not supported)",
     **{name: "leave it out" for name in (
-        "typical_p", "min_tokens", "mirostat", "tfs_z", "bad_words", "use_beam_search", "length_penalty",
-        "guided_regex", "guided_grammar", "xtc_probability", "xtc_threshold", "top_a", "penalize_nl",
+        "logit_bias", "best_of", "typical_p", "min_tokens", "mirostat", "tfs_z", "bad_words", "use_beam_search",
+        "length_penalty", "guided_regex", "guided_grammar", "xtc_probability", "xtc_threshold", "top_a", "penalize_nl",
         "include_stop_str_in_output", "skip_special_tokens",
     )},
 }  # fmt: skip
-AS_IS = {"skip_special_tokens": True, "include_stop_str_in_output": False}  # FOREIGN values that say what longkv does anyway
+AS_IS: dict[str, tuple[Any, ...]] = {  # UNSUPPORTED values that ask for what longkv does anyway: accepted
+    "functions": ({}, []), "function_call": ({}, []), "logit_bias": ({}, []), "best_of": (1,),
+    "skip_special_tokens": (True,), "include_stop_str_in_output": (False,),
+}  # fmt: skip
 CHAT_ONLY = ("tools", "tool_choice", "parallel_tool_calls")
 ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorResponse, "description": "Invalid request (including a prompt beyond the model's window)."},
@@ -102,7 +106,7 @@ def ignored_fields(body: ChatCompletionRequest | CompletionRequest) -> list[str]
     They are accepted, as OpenAI-compatible servers do, but named back in ``longkv.ignored_fields``
     and logged once, so a misspelt ``max_token`` is not silently dropped.
     """
-    checked = {*UNSUPPORTED, *FOREIGN, *CHAT_ONLY, "response_format"}  # refused when set, so null is all they can be here
+    checked = {*UNSUPPORTED, *CHAT_ONLY, "response_format"}  # refused when set, so null is all they can be here
     return sorted(name for name in body.model_extra or {} if name not in checked)
 
 
@@ -264,12 +268,8 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
             if getattr(body, name) not in (None, 0, 0.0):
                 raise ApiError(400, f"{name} is not supported: leave it out or send 0", param=name)
         extra = body.model_extra or {}
-        for name in UNSUPPORTED:
-            if extra.get(name) not in (None, {}, []) and not (name == "best_of" and extra[name] == 1):
-                hint = "send tools instead" if name.startswith("function") else "leave it out"
-                raise ApiError(400, f"{name} is not supported by longkv serve: {hint}", param=name)
-        for name, hint in FOREIGN.items():
-            if extra.get(name) is not None and extra[name] != AS_IS.get(name, ...):
+        for name, hint in UNSUPPORTED.items():
+            if extra.get(name) is not None and extra[name] not in AS_IS.get(name, ()):
                 raise ApiError(400, f"{name} is not supported by longkv serve: {hint}", param=name)
         ext = body.longkv
         if body.top_k is not None and ext is not None and ext.top_k and max(body.top_k, 0) != ext.top_k:

@@ -240,28 +240,22 @@ def plan(
             raise ContextOverflow(len(ids), limit, max_tokens, pol.describe())
     if config.max_tokens_limit is not None:
         wanted = min(wanted, config.max_tokens_limit)
-    if max_tokens is None and config.kv_budget_bytes is not None and pol.budget_tokens is None:
+    runner = Runner(llm.model, pol, llm.engine_config) if config.kv_budget_bytes is not None else None
+    page = runner.reservation(llm.engine_config.page_size) if runner is not None else None  # one page in every layer
+    if max_tokens is None and page and config.kv_budget_bytes is not None and pol.budget_tokens is None:
         # the default fits the KV budget too (a policy that keeps every token reserves prompt + new tokens), with a
         # page per layer to spare: a prompt found in the prefix cache reserves up to that much more
-        room = _tokens_in_kv_budget(llm, pol, config.kv_budget_bytes) - len(ids) - 1 - llm.engine_config.page_size
+        ps = llm.engine_config.page_size
+        room = config.kv_budget_bytes // page * ps - len(ids) - 1 - ps
         if room >= 1:
             wanted = min(wanted, room)
     sampling = SamplingParams(max_new_tokens=wanted, **params)
     share = share_cache and config.cache_bytes > 0 and shares_dense_kv(pol, len(ids) + wanted + 1)
-    if config.kv_budget_bytes is not None:  # a request that could never fit is refused now, before it takes a place in the queue
-        need = Runner(llm.model, pol, llm.engine_config).reservation(len(ids) + wanted + int(share))
+    if runner is not None and config.kv_budget_bytes is not None:  # a request that could never fit is refused now, before it queues
+        need = runner.reservation(len(ids) + wanted + int(share))
         if need is not None and need > config.kv_budget_bytes:
             raise LongKVError(over_kv_budget(len(ids), wanted, pol.name, need, config.kv_budget_bytes))
     return EngineRequest(ids, sampling, pol, share, session, salt or "", constraint=constraint, question_ids=question_ids)
-
-
-def _tokens_in_kv_budget(llm: LLM, pol: KVPolicy, budget_bytes: int) -> int:
-    """Most tokens one sequence under ``pol`` (keeping every token) can reserve within ``budget_bytes`` (whole pages
-    in every layer, as the engine reserves them)."""
-    c, ps = llm.config, llm.engine_config.page_size
-    heads = 1 if pol.per_head else c.n_kv_heads
-    page = ps * pol.page_format(c.head_dim, llm.model.dtype).bytes_per_slot(heads) * (c.n_kv_heads // heads)
-    return budget_bytes // (c.n_layers * page) * ps
 
 
 class EngineWorker:
@@ -328,17 +322,16 @@ class EngineWorker:
             self._finish(job, Event("error", error=ServerStopping(f"{reason}: send the request again once it is back")))
 
     def end_all(self, reason: str) -> None:
-        """End every running and waiting job with :class:`ServerStopping` (``reason``) and take no new ones: a
-        shutdown's grace period is over. Safe from any thread; the engine stops each within a layer."""
+        """:meth:`drain`, then end the running jobs too: a shutdown's grace period is over. Safe from any thread;
+        the engine stops each within a layer."""
+        self.drain(reason)
         with self._cv:
-            self._closing = True
-            jobs = [*self._jobs.values(), *self._waiting]
+            running = list(self._jobs.values())
             self._jobs.clear()
-            self._waiting.clear()
-            for job in jobs:
+            for job in running:
                 self.engine.abort(job.request.request_id)
             self._cv.notify_all()
-        for job in jobs:
+        for job in running:
             self._finish(job, Event("error", error=ServerStopping(f"{reason}: send the request again once it is back")))
 
     @property
