@@ -21,8 +21,10 @@ from longkv.agent.cli import agent_app
 from longkv.bench.cli import bench_app
 from longkv.config import ASK_DRY_MULTIPLIER
 from longkv.errors import LongKVError
+from longkv.helpflag import Command, Group
 
 app = typer.Typer(
+    cls=Group,
     name="longkv",
     no_args_is_help=True,
     add_completion=False,
@@ -67,7 +69,7 @@ ModelOpt = Annotated[
 ]
 
 
-@app.command()
+@app.command(cls=Command)
 def ask(
     paths: Annotated[list[str], typer.Argument(help="Files, folders (read recursively, text files only), or - for stdin.")],
     question: Annotated[str, typer.Option("--question", "-q", help="What to ask about the input.")],
@@ -185,7 +187,7 @@ defaults to dense (its sessions share KV across requests): pass
 --policy auto to change that."""
 
 
-@app.command()
+@app.command(cls=Command)
 def serve(
     model: ModelOpt = None,
     host: Annotated[str, typer.Option(help="Address to listen on (127.0.0.1: this machine only).")] = "127.0.0.1",
@@ -276,7 +278,7 @@ def _check_serve_options(
             raise LongKVError(f"--memory-dir {memory_dir} is not writable: pass a folder you can write")
 
 
-@app.command()
+@app.command(cls=Command)
 def policies(
     name: Annotated[str | None, typer.Argument(help="One policy to show in full: what it does, the paper, every knob.")] = None,
 ) -> None:
@@ -347,7 +349,7 @@ def _plain(doc: str) -> str:
     return doc.replace("``", "")
 
 
-@app.command()
+@app.command(cls=Command)
 def models() -> None:
     """List the supported model families (what each runs and uses) and where the default model lives."""
     from rich.table import Table

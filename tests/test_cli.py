@@ -333,3 +333,25 @@ def test_help_paragraphs_are_one_line_each() -> None:
     split = [(name, para.split("\n")[0]) for name, doc in commands(app) for para in doc.split("\n\n")
              if "\n" in para.strip() and not all(line.startswith(" ") for line in para.strip().split("\n")[1:])]  # fmt: skip
     assert len(list(commands(app))) > 8 and split == []
+
+
+def test_help_shows_no_value_type_on_flags() -> None:
+    """Every flag (``--help`` included, which Typer labels ``<bool>``) reads as a flag in every command's help."""
+    from typer.testing import CliRunner
+
+    from longkv.cli import app
+
+    def paths(t, prefix: tuple[str, ...] = ()):  # type: ignore[no-untyped-def]
+        yield prefix
+        for c in t.registered_commands:
+            yield (*prefix, c.name or c.callback.__name__.replace("_", "-"))
+        for g in t.registered_groups:
+            yield from paths(g.typer_instance, (*prefix, g.name))
+
+    seen = []
+    for path in paths(app):
+        res = CliRunner().invoke(app, [*path, "--help"], env={"COLUMNS": "200"})
+        assert res.exit_code == 0, (path, res.output)
+        assert "--help" in res.output and "<bool>" not in res.output, (path, res.output)
+        seen.append(path)
+    assert len(seen) > 12

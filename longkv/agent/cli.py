@@ -12,8 +12,10 @@ from rich.console import Console
 from rich.markup import escape
 
 from longkv.errors import LongKVError
+from longkv.helpflag import Command, Group
 
 agent_app = typer.Typer(
+    cls=Group,
     name="agent",
     no_args_is_help=True,
     help="An agent that plans, runs tools in a sandbox (bash, python, files, search) and keeps a durable run log.",
@@ -80,7 +82,7 @@ def _loading(model: str) -> None:
     err.print(f"[dim]loading {escape(model)} and serving it in this process (--server URL uses a running server) ...[/]")
 
 
-@agent_app.command()
+@agent_app.command(cls=Command)
 def run(
     task: Annotated[str, typer.Argument(metavar="TASK", help="What to do, in words (or @FILE to read it from a file).")],
     workdir: Annotated[Path, typer.Option(help="The folder the tools work in.")] = Path("."),
@@ -138,7 +140,7 @@ def run(
     _finish(result, as_json)
 
 
-@agent_app.command()
+@agent_app.command(cls=Command)
 def resume(
     run_id: Annotated[str, typer.Argument(metavar="RUN", help="The run's id (or a unique start or end of it, e.g. its last 4 characters).")],
     message: Annotated[str | None, typer.Option(help="A message from you, added before it goes on (also to a run that has ended).")] = None,
@@ -197,7 +199,7 @@ def resume(
     _finish(result, as_json)
 
 
-@agent_app.command()
+@agent_app.command(cls=Command)
 def show(
     run_id: Annotated[str | None, typer.Argument(metavar="RUN", help="The run (default: list the latest runs).")] = None,
     step: Annotated[int | None, typer.Option(help="Print one step whole: the model's text, each call and its full output.")] = None,
@@ -221,7 +223,7 @@ def show(
         log.close()
 
 
-@agent_app.command()
+@agent_app.command(cls=Command)
 def rm(
     run_ids: Annotated[list[str] | None, typer.Argument(metavar="RUN...", help="Runs to remove (an id, or its start or end).")] = None,
     ended: Annotated[bool, typer.Option("--ended", metavar="", help="Remove every run that has ended (finished, stopped or failed).")] = False,

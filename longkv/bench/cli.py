@@ -15,8 +15,9 @@ import typer
 from rich.console import Console
 
 from longkv.errors import LongKVError
+from longkv.helpflag import Command, Group
 
-bench_app = typer.Typer(help="Long-context benchmarks: needle-in-a-haystack, RULER-style tasks, perplexity, speed.", no_args_is_help=True)
+bench_app = typer.Typer(cls=Group, help="Long-context benchmarks: needle-in-a-haystack, RULER-style tasks, perplexity, speed.", no_args_is_help=True)
 out = Console(stderr=True, highlight=False)
 
 Model = Annotated[str | None, typer.Option("--model", "-m", help="A .gguf file, a Hugging Face folder, or a hub id (default: SmolLM2-135M-Instruct).")]
@@ -150,7 +151,7 @@ def run_sample_task(
     return folder
 
 
-@bench_app.command()
+@bench_app.command(cls=Command)
 def niah(
     model: Model = None,
     policy: Policies = None,
@@ -190,7 +191,7 @@ def niah(
     )  # fmt: skip
 
 
-@bench_app.command()
+@bench_app.command(cls=Command)
 def ruler(
     model: Model = None,
     policy: Policies = None,
@@ -236,7 +237,7 @@ def _open_simple(kind: str, name: str, runs_dir: Path, config: dict[str, Any]) -
     return folder
 
 
-@bench_app.command()
+@bench_app.command(cls=Command)
 def ppl(
     model: Model = None,
     policy: Policies = None,
@@ -280,7 +281,7 @@ def ppl(
     _finish(folder, run_ppl(folder, llm, texts, specs, lens, eval_tokens, samples, seed, quiet))
 
 
-@bench_app.command()
+@bench_app.command(cls=Command)
 def speed(
     model: Model = None,
     policy: Policies = None,
@@ -335,7 +336,7 @@ def speed(
     _finish(folder, written)
 
 
-@bench_app.command()
+@bench_app.command(cls=Command)
 def report(
     runs: Annotated[list[Path], typer.Argument(help="Run folders (of one kind) to merge.")],
     out_dir: Annotated[Path, typer.Option("--out", help="Folder for the merged summary.md and PNGs.")] = Path("runs/report"),
