@@ -633,3 +633,60 @@ def test_the_matcher_is_never_read_while_its_next_mask_is_computed() -> None:
         g.accept(token)
         assert m.computing.wait(5)
         assert g.done == (token == 1) and g.accepting == (token == 1)  # read while the next mask is computing
+
+
+def test_closing_reaches_nested_objects_and_leaves_what_a_schema_says() -> None:
+    from longkv.server.tool_grammar import _closed
+
+    user = {"type": "object", "properties": {"name": {"type": "string"}}}
+    schema = {
+        "type": "object",
+        "properties": {"user": user, "tags": {"type": "array", "items": user, "uniqueItems": True},
+                       "either": {"anyOf": [user, {"type": "null"}]}, "ref": {"$ref": "#/$defs/U"},
+                       "open": {**user, "additionalProperties": True}, "both": {"allOf": [user, {"properties": {"age": {"type": "integer"}}}]}},
+        "$defs": {"U": user},
+    }  # fmt: skip
+    before = json.dumps(schema)
+    out = _closed(schema)
+    assert json.dumps(schema) == before  # a copy
+    p = out["properties"]
+    assert out["additionalProperties"] is False and p["user"]["additionalProperties"] is False
+    assert p["tags"]["items"]["additionalProperties"] is False and "uniqueItems" not in p["tags"]
+    assert p["either"]["anyOf"][0]["additionalProperties"] is False and out["$defs"]["U"]["additionalProperties"] is False
+    assert p["open"]["additionalProperties"] is True
+    assert all("additionalProperties" not in m for m in p["both"]["allOf"])  # closing each member would refuse the other's keys
+
+
+def test_nested_objects_of_a_call_or_an_answer_get_no_invented_keys() -> None:
+    """A 135M model invented "phone", "age" and "role" inside a nested ``user`` object: nested objects are closed too."""
+    from longkv.loading import _gguf_tokenizer
+
+    tok = _gguf_tokenizer(Path(model_path("smollm2-135m")))
+    user = {"type": "object", "properties": {"name": {"type": "string"}, "email": {"type": "string"}}, "required": ["name"]}
+    tools = [{"type": "function", "function": {"name": "add_user", "parameters": {"type": "object", "properties": {"user": user}, "required": ["user"]}}}]
+    plan = plan_reply(tools, "required", None, None, True, tool_format(tok))
+    g = Grammar(plan.grammar or "", grammar_tokenizer(tok, [tok.eos_token_id], len(tok)), len(tok))
+    call = '<tool_call>\n{"name": "add_user", "arguments": {"user": {"name": "Bob"%s}}}\n</tool_call>'
+    assert walk(g, tok, call % ', "email": "b@x.io"')[1].accepting
+    assert not walk(g, tok, call % ', "phone": "555"')[0]
+    fmt = {"type": "json_schema", "json_schema": {"name": "p", "schema": {"type": "object", "properties": {"person": user}}}}
+    plan = plan_reply(None, None, None, fmt, True, tool_format(tok))
+    g = Grammar(plan.grammar or "", grammar_tokenizer(tok, [tok.eos_token_id], len(tok)), len(tok))
+    assert walk(g, tok, '{"person": {"name": "Ada"}}')[1].accepting
+    assert not walk(g, tok, '{"person": {"name": "Ada", "born": 1815}}')[0]
+
+
+def test_schemas_the_grammar_cannot_enforce() -> None:
+    """``uniqueItems`` (Pydantic's ``set``) is left to the parser's check; ``contains`` is a 400 unless the
+    reply compiles no schema (``tool_choice: none``)."""
+    from longkv.server.tools import check_arguments
+
+    tags = {"type": "object", "properties": {"tags": {"type": "array", "items": {"type": "string"}, "uniqueItems": True}}}
+    has = {"type": "object", "properties": {"tags": {"type": "array", "contains": {"const": "a"}}}}
+    tools = [{"type": "function", "function": {"name": "tag", "parameters": tags}}, {"type": "function", "function": {"name": "has", "parameters": has}}]
+    assert plan_reply(tools[:1], "auto", None, None, True, ToolFormat(True, 1, 2)).grammar is not None
+    assert check_arguments(tags, {"tags": ["a", "a"]}) is not None and check_arguments(tags, {"tags": ["a", "b"]}) is None
+    assert plan_reply(tools, "none", None, None, True, ToolFormat(True, 1, 2)).schemas
+    with pytest.raises(ApiError) as info:
+        plan_reply(tools, "auto", None, None, True, ToolFormat(True, 1, 2))
+    assert info.value.status == 400 and info.value.param == "tools[1].function.parameters" and "contains" in str(info.value)

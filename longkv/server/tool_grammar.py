@@ -57,8 +57,8 @@ def tool_grammar(
 
     Args:
         schemas: tool name -> parameters schema (from :func:`check_tools`); the tools allowed.
-            An object schema with ``properties`` and no ``additionalProperties`` gets
-            ``additionalProperties: false`` here: a call cannot invent arguments.
+            An object schema with ``properties`` and no ``additionalProperties``, at any
+            depth, gets ``additionalProperties: false`` here: a call cannot invent arguments.
         choice: ``"auto"`` (free text, or text then calls), ``"required"`` (calls only) or
             ``"none"`` (text only; with a special-token trigger the call token is banned).
         parallel: more than one call in a reply.
@@ -124,11 +124,37 @@ def _unsupported(schema: dict[str, Any]) -> str | None:
     return err.strip().splitlines()[0][:300] if err and err.strip() else None
 
 
-def _closed(params: dict[str, Any]) -> dict[str, Any]:
-    """``params`` with ``additionalProperties: false`` when it lists properties and says nothing of others."""
-    if "properties" in params and "additionalProperties" not in params:
-        return {**params, "additionalProperties": False}
-    return params
+_SUB_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")  # name -> schema
+_SUB_LISTS = ("anyOf", "oneOf", "prefixItems")  # lists of schemas (allOf apart: see _closed)
+_SUB_ONE = ("items", "additionalProperties", "not", "if", "then", "else", "contains", "propertyNames")  # one schema
+
+
+def _closed(schema: Any, close: bool = True) -> Any:
+    """``schema`` with ``additionalProperties: false`` in every object schema, at any depth, that lists
+    ``properties`` and says nothing of other keys (nor of ``unevaluatedProperties``): a call cannot invent
+    arguments, nested ones included. The members of an ``allOf`` are not closed themselves (each would
+    refuse the keys the others add), their own sub-schemas are. ``uniqueItems`` is left out (the grammar
+    cannot express it, and Pydantic writes it for every ``set`` field): a call that repeats an item is
+    reported by the parser, which checks the tool's own schema. A copy; ``schema`` is not changed."""
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: v for k, v in schema.items() if k != "uniqueItems"}
+    for key in _SUB_MAPS:
+        if isinstance(out.get(key), dict):
+            out[key] = {name: _closed(sub) for name, sub in out[key].items()}
+    for key in _SUB_LISTS:
+        if isinstance(out.get(key), list):
+            out[key] = [_closed(sub) for sub in out[key]]
+    if isinstance(out.get("allOf"), list):
+        out["allOf"] = [_closed(sub, close=False) for sub in out["allOf"]]
+    for key in _SUB_ONE:
+        if isinstance(out.get(key), dict):
+            out[key] = _closed(out[key])
+    if isinstance(out.get("items"), list):  # draft 4-7 tuple form
+        out["items"] = [_closed(sub) for sub in out["items"]]
+    if close and "properties" in out and "additionalProperties" not in out and "unevaluatedProperties" not in out:
+        out["additionalProperties"] = False
+    return out
 
 
 @dataclass
@@ -217,7 +243,7 @@ def plan_reply(
     grammar = None
     if use_grammar:  # schemas the grammar cannot express: a 400 naming the schema, not the grammar's text
         named = {name: i for i, name in enumerate(t["function"]["name"] for t in tools or [])}
-        for name, params in schemas.items():
+        for name, params in schemas.items() if choice != "none" else ():  # "none" compiles no schema
             why = _unsupported(_closed(params))
             if why:
                 param = f"tools[{named[name]}].function.parameters"
