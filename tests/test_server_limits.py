@@ -70,18 +70,18 @@ def test_bad_policy_knobs_are_400s_and_serving_goes_on(client: TestClient, polic
 
 @pytest.mark.parametrize(("path", "body", "message", "param"), [
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]},
-     "messages.0.content: expected a string or a list of text parts, got 5", "messages.0.content"),
+     "messages[0].content: expected a string or a list of text parts, got 5", "messages[0].content"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "stop": 5},
      "stop: expected a string or a list of strings, got 5", "stop"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "stop": ["a", 3]},
-     "stop.1: Input should be a valid string", "stop.1"),
+     "stop[1]: Input should be a valid string", "stop[1]"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "text"}]}]},
-     "messages.0.content.0.text: Field required", "messages.0.content.0.text"),
+     "messages[0].content[0].text: Field required", "messages[0].content[0].text"),
     ("/v1/completions", {"prompt": [[1, 2]]},
      "prompt: expected a string, a list of integers or a list of strings, got [[1, 2]]", "prompt"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}, {"role": "tool", "content": "20 degrees"}]},
-     "messages.1: Value error, a tool message needs tool_call_id: send the id of the call it answers "
-     "(the assistant message's tool_calls[i].id)", "messages.1"),
+     "messages[1]: Value error, a tool message needs tool_call_id: send the id of the call it answers "
+     "(the assistant message's tool_calls[i].id)", "messages[1]"),
 ])  # fmt: skip
 def test_a_value_that_fits_no_member_of_a_union_is_one_line(client: TestClient, path: str, body: dict, message: str, param: str) -> None:
     r = client.post(path, json={"model": "tiny", **body})
@@ -156,3 +156,22 @@ def test_a_shutdown_ends_queued_requests_at_once_and_running_ones_after_the_grac
     ] * 2
     with pytest.raises(ServerStopping):
         worker.submit(plan(llm, worker.config, [5, 6, 7], 2, {}), lambda ev: None)
+
+
+def test_a_tool_message_must_answer_a_call_of_the_assistant_message_before_it(client: TestClient) -> None:
+    """A broken agent loop (a result sent with the wrong id, or with no call at all) is a 400, not a reply."""
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}
+    user = {"role": "user", "content": "Weather in Oslo?"}
+    asked = {"role": "assistant", "content": None, "tool_calls": [call]}
+    for msgs, at, why in [
+        ([user, {"role": "tool", "tool_call_id": "call_zzz", "content": "sunny"}], 1, "no assistant message comes before it"),
+        ([user, asked, {"role": "tool", "tool_call_id": "call_2", "content": "sunny"}], 2, "the assistant message before it made 'call_1'"),
+        ([user, asked, {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}, {"role": "user", "content": "and?"},
+          {"role": "tool", "tool_call_id": "call_1", "content": "again"}], 4, "no assistant message comes before it"),
+    ]:  # fmt: skip
+        r = post(client, messages=msgs)
+        err = r.json()["error"]
+        assert r.status_code == 400 and err["param"] == f"messages[{at}].tool_call_id" and why in err["message"], r.text
+    assert post(client, messages=[user, asked, {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}]).status_code == 200
+    plain = {"role": "assistant", "content": "I will look."}  # a scripted turn without calls: its results are taken as they come
+    assert post(client, messages=[user, plain, {"role": "tool", "tool_call_id": "c1", "content": "sunny"}]).status_code == 200

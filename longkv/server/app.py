@@ -563,7 +563,14 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
             body.response_format.model_dump(by_alias=True) if body.response_format else None, ext.grammar if ext else True, tool_fmt,
         )  # fmt: skip
         messages: list[dict[str, Any]] = []
-        for m in body.messages:
+        calls: list[str] | None = None  # after an assistant message: the ids of its calls (maybe none)
+        for i, m in enumerate(body.messages):
+            if m.role == "tool" and (calls is None or (calls and m.tool_call_id not in calls)):
+                made = f"the assistant message before it made {', '.join(map(repr, calls))}" if calls else "no assistant message comes before it"
+                raise ApiError(400, f"messages[{i}] is a tool message answering {m.tool_call_id!r}, but {made}: a tool message follows "
+                               "the assistant message that made the call and names its id", param=f"messages[{i}].tool_call_id")  # fmt: skip
+            if m.role != "tool":
+                calls = [c.id for c in m.tool_calls or []] if m.role == "assistant" else None
             content = m.content if isinstance(m.content, str) else "".join(p.text for p in m.content or [])
             msg: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": content}
             if m.tool_calls:

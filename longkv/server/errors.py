@@ -69,6 +69,11 @@ def _json_kind(value: Any) -> str:
     return next((name for t, name in kinds if isinstance(value, t)), "JSON null" if value is None else "no object")
 
 
+def _path(loc: list[Any]) -> str:
+    """A field's path as the server's own errors write it: ``messages[0].content[1].text``."""
+    return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
+
+
 def _error_lines(errors: list[Any]) -> list[tuple[str, str]]:
     """(field, one-line message) per field from pydantic's errors, in order; a value that fits no member of a union
     (pydantic reports each member apart) is one line: ``stop: expected a string or a list of strings, got 5``."""
@@ -78,9 +83,9 @@ def _error_lines(errors: list[Any]) -> list[tuple[str, str]]:
     for e in errors:
         loc = [p for p in e.get("loc", ()) if p != "body"]
         cut = next((i for i, p in enumerate(loc) if _is_branch(p)), None)
-        where = ".".join(str(p) for p in (loc if cut is None else loc[:cut]))
+        where = _path(loc if cut is None else loc[:cut])
         if cut is None or str(loc[cut]).startswith("<"):  # a tagged union's tag (in <>) is not a field
-            where = ".".join(str(p) for p in loc if not _is_branch(p))
+            where = _path([p for p in loc if not _is_branch(p)])
             msg = str(e.get("msg", "invalid request"))
             out.append((where, f"{where}: {msg}" if where else msg))
             continue
@@ -91,7 +96,7 @@ def _error_lines(errors: list[Any]) -> list[tuple[str, str]]:
         if loc[cut] not in tags:
             tags.append(str(loc[cut]))
         if len(loc) > cut + 1:
-            inner = ".".join(str(p) for p in loc if not _is_branch(p))
+            inner = _path([p for p in loc if not _is_branch(p)])
             deep.setdefault(where, {}).setdefault(str(loc[cut]), []).append((inner, f"{inner}: {e.get('msg', 'invalid')}"))
     for i, (where, msg) in enumerate(out):
         if where in unions and not msg:
