@@ -168,6 +168,26 @@ def test_a_call_cut_off_is_flagged_not_returned() -> None:
     assert p.result.truncated is not None and p.result.truncated["index"] == 1
 
 
+def test_a_json_call_cut_off_is_a_result_not_content() -> None:
+    """A fenced or bare JSON call cut off by max_tokens is truncated_tool_call; cut by a stop string, an error;
+    neither is content. A JSON object that names no tool stays text."""
+    cut = '```json\n{\n  "name": "get_weather",\n  "arguments": {\n    "city": "'
+    for truncated in (True, False):
+        for text in (cut, cut[len("```json\n"):]):
+            p = CallParser(SCHEMAS, streaming_args=True, lenient=True)
+            p.feed(text)
+            p.finish(truncated=truncated)
+            assert p.result.content is None and p.result.calls == []
+            if truncated:
+                assert p.result.truncated == {"index": 0, "name": "get_weather", "arguments": None, "text": text}
+            else:
+                assert p.result.truncated is None and p.result.errors[0]["text"] == text
+    p = CallParser(SCHEMAS, streaming_args=True, lenient=True)
+    p.feed('{"name": "Ada", "born": 18')
+    p.finish()
+    assert p.result.content == '{"name": "Ada", "born": 18' and p.result.errors == []
+
+
 # --------------------------------------------------------------------------- rendering and validation (no model)
 
 

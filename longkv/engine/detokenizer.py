@@ -32,8 +32,10 @@ class Detokenizer:
 
     ``add(token)`` returns the text that token completes (often ``""`` while a
     multi-byte character is incomplete); ``flush()`` returns what is left at the
-    end (an incomplete character decodes to U+FFFD, as a whole decode would).
-    The concatenation of every piece equals ``tokenizer.decode(ids)``.
+    end. The concatenation of every piece equals ``tokenizer.decode(ids)``, except
+    for a character the last tokens leave incomplete (output cut by ``max_tokens``
+    mid-character): a whole decode ends in U+FFFD there, the pieces leave it out,
+    as vLLM's and llama.cpp's servers do.
     """
 
     max_pending = 16  # tokens a window may grow by before its U+FFFD count as final (bounded work per token)
@@ -63,13 +65,13 @@ class Detokenizer:
         return out
 
     def flush(self) -> str:
-        """The text of tokens not emitted yet (the end of the output)."""
+        """The text of tokens not emitted yet (the end of the output), less an incomplete last character."""
         if self._read == len(self.ids):
             return ""
         new = self._decode(self.ids[self._prefix :])[len(self._decode(self.ids[self._prefix : self._read])) :]
         self._prefix = self._read = len(self.ids)
         out, self._sent = new[self._sent :], 0
-        return out
+        return out.removesuffix("\ufffd")  # pending tokens end in U+FFFD only while a character is incomplete
 
 
 class StopFilter:

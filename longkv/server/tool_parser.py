@@ -117,7 +117,9 @@ class CallParser:
 
         A call still open is not a call: cut off by ``max_tokens`` it goes to
         ``result.truncated`` (its streamed start and arguments, if any, were already out);
-        otherwise it is an error, and its text content when none of it went out.
+        otherwise it is an error, and its text content when none of it went out. A held
+        bare or fenced JSON call of a known tool that does not parse is the same, and never
+        content.
         """
         out: list[Delta] = []
         if self._in_call:
@@ -144,7 +146,7 @@ class CallParser:
                 pass  # the newline between calls, with no call after it
             elif truncated and held.strip() and OPEN.startswith(held.strip()):  # the tag of a call, cut off
                 self.result.truncated = {"index": self._index, "name": None, "arguments": None, "text": held}
-            elif not (self._holding_json and self._recover(held, out)):
+            elif not (self._holding_json and (self._recover(held, out) or self._cut_call(held, truncated))):
                 out.append(Delta(content=held))
         return self._fold(out)
 
@@ -236,6 +238,19 @@ class CallParser:
         why = check_arguments(self.schemas[name], args)
         if why is not None:
             self.result.errors.append({"index": index, "error": f"arguments do not fit the schema of {name}: {why}", "text": text})
+
+    def _cut_call(self, text: str, truncated: bool) -> bool:
+        """A held JSON reply that opens a call of one of the tools but ends before its JSON does (cut by
+        ``max_tokens``, or by a stop string) is that call cut off, not content: ``result.truncated`` when
+        ``truncated``, else an error."""
+        m = re.match(r'\s*(?:```(?:json)?\s*)?\[?\s*\{\s*"name"\s*:\s*"([^"\\]*)"', text)
+        if m is None or m.group(1) not in self.schemas:
+            return False
+        if truncated:
+            self.result.truncated = {"index": self._index, "name": m.group(1), "arguments": None, "text": text}
+        else:
+            self.result.errors.append({"index": self._index, "error": "the call ends before its JSON does (a stop string?)", "text": text})
+        return True
 
     def _recover(self, text: str, out: list[Delta]) -> bool:
         """A reply that is only JSON calls -> calls: one object, a list, or fenced blocks of either."""
