@@ -275,6 +275,24 @@ def test_auto_or_none_without_tools_is_plain_chat() -> None:
         assert plan.grammar is None and plan.parser() is None
 
 
+def test_a_reply_written_outside_the_tags_renders_as_written() -> None:
+    from longkv.server.tools import WrittenReplies
+
+    text = '```json\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n```'
+    written = WrittenReplies(size=2)
+    written.remember(text, [("call_a", "get_weather", {"city": "Oslo"})])
+    msgs = [{"role": "user", "content": "Oslo?"}]
+    call = {"id": "call_a", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}
+    out, _ = render_messages([*msgs, {"role": "assistant", "content": None, "tool_calls": [call]}], TOOLS, ToolFormat(native=True), written)
+    assert out[1] == {"role": "assistant", "content": text}
+    other = {**call, "function": {**call["function"], "arguments": '{"city": "Bergen"}'}}  # the client changed the call: as sent
+    out, _ = render_messages([*msgs, {"role": "assistant", "content": None, "tool_calls": [other]}], TOOLS, ToolFormat(native=True), written)
+    assert out[1]["tool_calls"][0]["function"]["arguments"] == {"city": "Bergen"}
+    written.remember("b", [("call_b", "f", {})])
+    written.remember("c", [("call_c", "f", {})])
+    assert written.text_of([("call_a", "get_weather", {"city": "Oslo"})]) is None and written.text_of([("call_c", "f", {})]) == "c"
+
+
 def test_bad_history_arguments_are_a_400() -> None:
     msgs = history(1)
     msgs[2]["tool_calls"][0]["function"]["arguments"] = "{city: Oslo"
@@ -552,6 +570,21 @@ def test_history_of_calls_extends_the_cached_prompt(client: Any) -> None:
         call = r.choices[0].message.tool_calls[0]
         messages.append({"role": "assistant", "content": None, "tool_calls": [call.model_dump()]})
         messages.append({"role": "tool", "content": "20 degrees", "tool_call_id": call.id})
+
+
+def test_a_call_written_as_json_comes_back_as_written_so_the_cache_covers_it(client: Any) -> None:
+    """Qwen2.5-Coder-0.5B writes these calls as fenced JSON, not in tags: the next turn renders that reply as the
+    model wrote it (the template would write it in tags), so its tokens are not prefilled again."""
+    weather = [{"type": "function", "function": {"name": "get_weather", "description": "Weather for a city", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}, "unit": {"type": "string", "enum": ["C", "F"]}}, "required": ["city"]}}}]  # fmt: skip
+    messages: list[dict[str, Any]] = [{"role": "user", "content": "What's the weather in São Paulo and in Zürich? Use Celsius."}]
+    salt = {"longkv": {"cache_salt": uuid.uuid4().hex}}
+    r = client.chat.completions.create(model=QWEN_ID, messages=messages, tools=weather, temperature=0, max_tokens=120, extra_body=salt)
+    assert r.model_extra["longkv"]["recovered_tool_calls"] >= 1 and r.choices[0].finish_reason == "tool_calls"
+    messages.append(r.choices[0].message.model_dump(exclude_none=True))
+    messages += [{"role": "tool", "tool_call_id": c.id, "content": '{"temp": 21}'} for c in r.choices[0].message.tool_calls]
+    again = client.chat.completions.create(model=QWEN_ID, messages=messages, tools=weather, temperature=0, max_tokens=8, extra_body=salt)
+    assert again.usage.prompt_tokens_details.cached_tokens >= r.usage.prompt_tokens + r.usage.completion_tokens - 1  # all but the reply's last token
 
 
 @pytest.mark.parametrize(

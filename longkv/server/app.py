@@ -62,7 +62,7 @@ from longkv.server.schemas import (
 from longkv.server.sessions import Pieces
 from longkv.server.tool_grammar import ReplyPlan, plan_reply
 from longkv.server.tool_parser import CallParser, Delta, ParseResult
-from longkv.server.tools import render_messages, tool_format
+from longkv.server.tools import WrittenReplies, render_messages, tool_format
 from longkv.server.worker import EngineWorker, Event, Job, MemoryRequest, ServerConfig, ServerStopping, plan
 
 log = logging.getLogger("longkv.server")
@@ -215,6 +215,7 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
     worker = EngineWorker(llm, config, metrics)
     tokenizer = _Tokenizer(llm)
     tool_fmt = tool_format(llm.tokenizer)
+    written = WrittenReplies()  # replies whose calls came outside the tags, to render them back as written
     fingerprint = f"longkv-{__version__}-{llm.engine_config.dtype}-{llm.decode_weights}"
 
     @asynccontextmanager
@@ -388,6 +389,8 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
             metrics.tool_calls.labels("recovered").inc(result.recovered)
             metrics.tool_calls.labels("invalid").inc(len(result.errors))
             metrics.tool_calls.labels("truncated").inc(int(result.truncated is not None))
+            if result.recovered and not result.errors and result.truncated is None:
+                written.remember(result.text, [(c.id, c.name, json.loads(c.arguments)) for c in result.calls])
         metrics.grammar_mask_seconds.inc(turn.mask_s)
         metrics.grammar_compute_seconds.inc(turn.mask_compute_s)
         metrics.grammar_masks.inc(turn.masks)
@@ -580,7 +583,7 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
             messages.append(msg)
         if not any(m["content"] or m.get("tool_calls") for m in messages):
             raise ApiError(400, "every message is empty: send some content", param="messages")
-        rendered, template_tools = render_messages(messages, reply.tools, tool_fmt)
+        rendered, template_tools = render_messages(messages, reply.tools, tool_fmt, written)
         ids = await run_in_threadpool(lambda: tokenizer.prompt_ids(tokenizer.render(rendered, template_tools)))
         # a template without tool support gets tool results as user messages (server.tools): still tool spans
         roles = ["tool" if m["role"] == "user" and m["content"].startswith("<tool_response>") else m["role"] for m in rendered]

@@ -48,6 +48,7 @@ class ParseResult:
         errors: ``{"index", "error", "text"}`` for calls that did not parse or fit their schema.
         truncated: the call cut off by ``max_tokens`` (``{"index", "name", "arguments"}``), if any.
         recovered: calls recognised outside ``<tool_call>`` tags (a fenced or bare JSON call).
+        text: the reply as generated (everything fed).
     """
 
     content: str | None = None
@@ -55,6 +56,7 @@ class ParseResult:
     errors: list[dict[str, Any]] = field(default_factory=list)
     truncated: dict[str, Any] | None = None
     recovered: int = 0
+    text: str = ""
 
 
 _HEADER = re.compile(r'\s*\{"name": "([a-zA-Z0-9_-]{1,64})", "arguments": ')
@@ -102,6 +104,7 @@ class CallParser:
     # -- public
     def feed(self, text: str) -> list[Delta]:
         """Deltas for the next piece of generated text."""
+        self.result.text += text
         self._buf += text
         out: list[Delta] = []
         while True:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -122,14 +123,48 @@ def check_arguments(schema: dict[str, Any], arguments: Any) -> str | None:
 # --------------------------------------------------------------------------- rendering
 
 
+class WrittenReplies:
+    """The text of recent replies whose calls the model wrote outside the tags (bare or fenced JSON).
+
+    The template writes an earlier call back in tags, which is not what such a reply's
+    tokens were, so the prefix cache would end before it and the reply be prefilled again.
+    :func:`render_messages` writes an assistant message whose calls are exactly such a
+    reply's (same ids, names and arguments, no content) back as the reply's own text.
+    Keeps the last ``size`` replies (a miss only costs that prefill).
+    """
+
+    def __init__(self, size: int = 4096) -> None:
+        self.size = size
+        self._by_id: OrderedDict[str, tuple[str, str]] = OrderedDict()
+
+    @staticmethod
+    def _key(calls: list[tuple[str, str, Any]]) -> str:
+        return json.dumps([[cid, name, args] for cid, name, args in calls], sort_keys=True)
+
+    def remember(self, text: str, calls: list[tuple[str, str, Any]]) -> None:
+        """``text``: the whole reply; ``calls``: its (id, name, arguments object) in order."""
+        if not calls:
+            return
+        self._by_id[calls[0][0]] = (text, self._key(calls))
+        self._by_id.move_to_end(calls[0][0])
+        while len(self._by_id) > self.size:
+            self._by_id.popitem(last=False)
+
+    def text_of(self, calls: list[tuple[str, str, Any]]) -> str | None:
+        """The reply's own text when ``calls`` are exactly a remembered reply's, else ``None``."""
+        hit = self._by_id.get(calls[0][0]) if calls else None
+        return hit[0] if hit is not None and hit[1] == self._key(calls) else None
+
+
 def render_messages(
-    messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None, fmt: ToolFormat
+    messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None, fmt: ToolFormat, written: WrittenReplies | None = None
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
     """Messages (OpenAI shape, content already plain text) -> (template messages, template ``tools``).
 
     Earlier calls' ``arguments`` (JSON strings on the wire) become objects, so a template
     writes them with its own ``tojson``. Without a native template the tools and calls are
-    written in the fallback format described in the module docstring.
+    written in the fallback format described in the module docstring. An assistant message
+    whose calls ``written`` remembers as written outside the tags is the reply's own text.
 
     Raises:
         ApiError: (400) an earlier call whose arguments are not a JSON object.
@@ -147,6 +182,9 @@ def render_messages(
                 raise ApiError(400, f"messages[{i}].tool_calls[{j}].function.arguments must be a JSON object", param=f"messages[{i}].tool_calls[{j}].function.arguments")
             calls.append({"id": call.get("id"), "type": "function", "function": {"name": fn["name"], "arguments": args}})
         msg: dict[str, Any] = {"role": m["role"], "content": m.get("content") or ""}
+        own = written.text_of([(c["id"], c["function"]["name"], c["function"]["arguments"]) for c in calls]) if written and calls else None
+        if own is not None and not msg["content"]:  # as the model wrote it: the prefix cache covers it
+            msg["content"], calls = own, []
         if calls:
             msg["tool_calls"] = calls
         if m.get("tool_call_id"):
