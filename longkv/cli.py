@@ -114,6 +114,8 @@ def ask(
         raise LongKVError("the question is empty: pass -q \"...\"")
     if max_new_tokens < 1:  # 0 would prefill the whole input for an empty answer
         raise LongKVError(f"--max-new-tokens must be at least 1, got {max_new_tokens}: an answer needs tokens (default 256)")
+    if budget is not None and budget < 1:
+        raise LongKVError(f"--budget must be a number of tokens per layer >= 1, got {budget}: e.g. --budget 2048")
     from longkv.engine.sampling import SamplingParams
 
     SamplingParams(  # bad sampling values fail now, before the model loads

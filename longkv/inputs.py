@@ -48,7 +48,8 @@ def collect(paths: list[str], stdin_text: str | None = None) -> tuple[list[Docum
         stdin_text: text to use for ``-`` (default: read ``sys.stdin``).
 
     Returns:
-        (documents, skipped paths inside folders).
+        (documents, skipped paths inside folders). Each file is read once, however many
+        times the paths name it (a file and a folder holding it, ``-`` twice).
 
     Raises:
         LongKVError: a missing path, an explicit file that is binary or unreadable,
@@ -58,8 +59,17 @@ def collect(paths: list[str], stdin_text: str | None = None) -> tuple[list[Docum
         raise LongKVError("no input given: pass files, folders, or - to read standard input")
     docs: list[Document] = []
     skipped: list[str] = []
+    seen: set[str] = set()  # each input once: a file also inside a folder given, a path or - given twice
+
+    def first(key: str) -> bool:
+        new = key not in seen
+        seen.add(key)
+        return new
+
     for p in paths:
         if p == "-":
+            if not first("-"):
+                continue
             if stdin_text is None:  # bytes: a locale's decoding would turn bytes that are not UTF-8 into surrogates
                 read = _text_of(sys.stdin.buffer.read())
                 if read is None:
@@ -74,7 +84,7 @@ def collect(paths: list[str], stdin_text: str | None = None) -> tuple[list[Docum
             for f in sorted(path.rglob("*")):
                 rel = f.relative_to(path)
                 # hidden files and folders (.git, .env, ...) and build folders are not documents
-                if any(part in SKIP_DIRS or part.startswith(".") for part in rel.parts) or not f.is_file():
+                if any(part in SKIP_DIRS or part.startswith(".") for part in rel.parts) or not f.is_file() or not first(str(f.resolve())):
                     continue
                 try:
                     text = _read_text(f)
@@ -84,6 +94,8 @@ def collect(paths: list[str], stdin_text: str | None = None) -> tuple[list[Docum
                     skipped.append(str(f))
                 else:
                     docs.append(Document(str(f), text))
+            continue
+        if not first(str(path.resolve())):
             continue
         try:
             text = _read_text(path)

@@ -137,6 +137,7 @@ def test_budget_with_block_topk_points_to_resident_bytes(work: Path) -> None:
         (["--dry-multiplier", "-1"], ("dry_multiplier must be >= 0, got -1.0", "use 0 to turn the loop guard off")),
         (["--max-new-tokens", "-5"], ("--max-new-tokens must be at least 1, got -5", "256")),
         (["--max-new-tokens", "0"], ("--max-new-tokens must be at least 1, got 0", "256")),
+        (["--budget", "0"], ("--budget must be a number of tokens per layer >= 1, got 0", "--budget 2048")),
     ],
 )
 def test_sampling_errors_come_before_the_model_loads(work: Path, option: list[str], needles: tuple[str, ...]) -> None:

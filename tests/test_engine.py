@@ -170,7 +170,7 @@ def test_ask_frames_the_question_as_the_cli_does(tiny: LLM, tmp_path: Path) -> N
     assert plain.token_ids == tiny.generate(ids, max_new_tokens=6, ignore_eos=True).token_ids
     (tmp_path / "notes.txt").write_text(text)
     by_file = tiny.ask(tmp_path / "notes.txt", q, max_new_tokens=2, ignore_eos=True)
-    with pytest.warns(UserWarning, match=r"ask\(\) reads a str as the text itself, and .*notes.txt' names a file: pass Path\("):
+    with pytest.raises(LongKVError, match=r"ask\(\) reads a str as the text itself, and .*notes.txt' names a file: pass Path\("):
         tiny.ask(str(tmp_path / "notes.txt"), q, max_new_tokens=1)
     file_ids, _ = tiny.ask_ids([Document(str(tmp_path / "notes.txt"), text)], q)
     assert by_file.stats.prompt_tokens == len(file_ids) > len(ids)  # the file is introduced by its path

@@ -79,3 +79,12 @@ def test_an_empty_folder_says_so(tmp_path: Path) -> None:
     (tmp_path / "blank.txt").write_text("  \n")
     with pytest.raises(LongKVError, match="the input is empty: pass files with some text"):
         collect([str(tmp_path / "blank.txt")])
+
+
+def test_each_file_is_read_once_however_often_it_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "cli.py").write_text("def main(): pass\n")
+    (tmp_path / "README").write_text("a tool\n")
+    monkeypatch.chdir(tmp_path)
+    docs, _ = collect([".", "src/cli.py", "./README", str(tmp_path / "src"), "-", "-"], stdin_text="piped")
+    assert [d.name for d in docs] == ["README", "src/cli.py", "<stdin>"]

@@ -41,7 +41,8 @@ QuestionAware = Annotated[
         "--question-aware/--question-agnostic",
         metavar="",
         help="Name each sample's question to the engine as `longkv ask` does: eviction compresses for it, "
-        "block_topk chooses pages from its queries (longkv backend). Default: the prompt is one text.",
+        "block_topk chooses pages from its queries (longkv backend). Default: question-agnostic (the prompt is one text; "
+        "longkv ask is question-aware), where SnapKV-style eviction at a small budget can do no better than streaming.",
     ),
 ]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", metavar="", help="No progress bar.")]

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import time
-import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -406,8 +405,11 @@ class LLM:
     def ask_stop(self) -> tuple[str, ...]:
         """Stop strings of an answer to :meth:`ask_ids`: a base model (no chat template) that has answered
         tends to go on with a new ``### Question`` or a paragraph of made-up facts after a blank line; a chat
-        model ends its turn itself."""
-        return () if getattr(self.tokenizer, "chat_template", None) else ("\n### ", "\n\n")
+        model mostly ends its turn itself, but a small one may go on in the prompt's own framing (a
+        ``### Answer`` header and a second answer), which no answer needs."""
+        if getattr(self.tokenizer, "chat_template", None):
+            return ("\n### Question", "\n### Answer", "\n### File: ")
+        return ("\n### ", "\n\n")
 
     def ask_text(self, docs: list[Document], question: str) -> str:
         """The prompt text of a question about ``docs``, framed as ``longkv ask`` frames it.
@@ -445,7 +447,7 @@ class LLM:
         """Answer ``question`` about a long text, a file, or files and folders, as ``longkv ask`` does.
 
         Args:
-            source: the text itself (``str``; one that names an existing file warns, ``UserWarning``), or a
+            source: the text itself (``str``; a one-line str that names an existing file is refused), or a
                 path (``pathlib.Path``) or a list of paths to files and folders (read recursively, text files only).
             question: what to ask; it is placed after the documents.
             question_aware: with an eviction policy that scores with queries, let the
@@ -456,7 +458,8 @@ class LLM:
                 :data:`ASK_DRY_MULTIPLIER`: small models otherwise loop on long inputs).
 
         Raises:
-            LongKVError: an empty question or text, a missing path, or what :meth:`generate` raises.
+            LongKVError: an empty question or text, a str that names a file, a missing path, or what
+                :meth:`generate` raises.
         """
         if not question.strip():
             raise LongKVError("the question is empty: pass the question as the second argument")
@@ -464,8 +467,8 @@ class LLM:
             if not source.strip():
                 raise LongKVError("the text is empty: pass the document's text, or a pathlib.Path to read a file")
             if len(source) < 4096 and "\n" not in source and os.path.exists(source.strip()):
-                warnings.warn(f"ask() reads a str as the text itself, and {source.strip()!r} names a file: pass "
-                              f"Path({source.strip()!r}) (or a list of paths) to read it", UserWarning, stacklevel=2)
+                raise LongKVError(f"ask() reads a str as the text itself, and {source.strip()!r} names a file: pass "
+                                  f"Path({source.strip()!r}) (or a list of paths) to read it")
             docs = [Document("<stdin>", source)]
         else:
             docs, _ = collect([os.fspath(p) for p in (source if isinstance(source, list) else [source])])
