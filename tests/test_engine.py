@@ -19,7 +19,7 @@ def test_greedy_is_deterministic_and_counts_tokens(tiny: LLM) -> None:
     b = tiny.generate("The quick brown fox", max_new_tokens=20, ignore_eos=True)
     assert a.token_ids == b.token_ids and len(a.token_ids) == 20
     assert a.finish_reason == "length"
-    assert a.text == tiny.tokenizer.decode(a.token_ids, skip_special_tokens=True)
+    assert a.text == tiny.tokenizer.decode(a.token_ids, skip_special_tokens=True).removesuffix("\ufffd")  # random weights: bytes cut mid-character
     st = a.stats
     assert st.prompt_tokens == len(tiny.encode("The quick brown fox"))
     assert st.generated_tokens == 20 and st.prefill_s > 0 and st.decode_s > 0 and st.ttft_s >= st.prefill_s

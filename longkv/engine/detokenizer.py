@@ -32,10 +32,10 @@ class Detokenizer:
 
     ``add(token)`` returns the text that token completes (often ``""`` while a
     multi-byte character is incomplete); ``flush()`` returns what is left at the
-    end. The concatenation of every piece equals ``tokenizer.decode(ids)``, except
-    for a character the last tokens leave incomplete (output cut by ``max_tokens``
-    mid-character): a whole decode ends in U+FFFD there, the pieces leave it out,
-    as vLLM's and llama.cpp's servers do.
+    end. The concatenation of every piece equals ``tokenizer.decode(ids)``, less the
+    U+FFFD that decode ends with when the last tokens leave a character incomplete
+    (output cut by ``max_tokens`` mid-character): the pieces leave it out, as vLLM's
+    and llama.cpp's servers do.
     """
 
     max_pending = 16  # tokens a window may grow by before its U+FFFD count as final (bounded work per token)
