@@ -182,6 +182,11 @@ def test_a_json_call_cut_off_is_a_result_not_content() -> None:
                 assert p.result.truncated == {"index": 0, "name": "get_weather", "arguments": None, "text": text}
             else:
                 assert p.result.truncated is None and p.result.errors[0]["text"] == text
+    p = CallParser(SCHEMAS, streaming_args=True, lenient=True)  # in tags, its start streamed, then a stop string
+    out = p.feed('<tool_call>\n{"name": "get_weather", "arguments": {"city": "')
+    assert out and out[0].name == "get_weather"
+    p.finish()
+    assert p.result.calls == [] and p.result.content is None and "not closed" in p.result.errors[0]["error"]
     p = CallParser(SCHEMAS, streaming_args=True, lenient=True)
     p.feed('{"name": "Ada", "born": 18')
     p.finish()

@@ -568,6 +568,9 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
         messages: list[dict[str, Any]] = []
         calls: list[str] | None = None  # after an assistant message: the ids of its calls (maybe none)
         for i, m in enumerate(body.messages):
+            if m.role == "tool" and not m.tool_call_id:
+                raise ApiError(400, f"messages[{i}] is a tool message without tool_call_id: send the id of the call it answers "
+                               "(the assistant message's tool_calls[j].id)", param=f"messages[{i}].tool_call_id")  # fmt: skip
             if m.role == "tool" and (calls is None or (calls and m.tool_call_id not in calls)):
                 made = f"the assistant message before it made {', '.join(map(repr, calls))}" if calls else "no assistant message comes before it"
                 raise ApiError(400, f"messages[{i}] is a tool message answering {m.tool_call_id!r}, but {made}: a tool message follows "

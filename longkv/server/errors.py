@@ -86,7 +86,7 @@ def _error_lines(errors: list[Any]) -> list[tuple[str, str]]:
         where = _path(loc if cut is None else loc[:cut])
         if cut is None or str(loc[cut]).startswith("<"):  # a tagged union's tag (in <>) is not a field
             where = _path([p for p in loc if not _is_branch(p)])
-            msg = str(e.get("msg", "invalid request"))
+            msg = str(e.get("msg", "invalid request")).removeprefix("Value error, ")  # a validator's own words
             out.append((where, f"{where}: {msg}" if where else msg))
             continue
         if where not in unions:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator
 
 INT_MAX = 2**31 - 1
 
@@ -150,13 +150,6 @@ class ChatMessage(BaseModel):
     name: str | None = None
     tool_calls: list[ToolCall] | None = Field(None, description="Calls an assistant message made.")
     tool_call_id: str | None = Field(None, max_length=256, description="The call a tool message answers.")
-
-    @model_validator(mode="after")
-    def _tool_answers_a_call(self) -> ChatMessage:
-        """A tool message names the call it answers (as OpenAI's API requires)."""
-        if self.role == "tool" and not self.tool_call_id:
-            raise ValueError("a tool message needs tool_call_id: send the id of the call it answers (the assistant message's tool_calls[i].id)")
-        return self
 
     @field_validator("content", mode="before")
     @classmethod

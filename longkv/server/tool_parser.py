@@ -120,7 +120,8 @@ class CallParser:
 
         A call still open is not a call: cut off by ``max_tokens`` it goes to
         ``result.truncated`` (its streamed start and arguments, if any, were already out);
-        otherwise it is an error, and its text content when none of it went out. A held
+        otherwise it is an error (not among the calls), and its text content when none of it
+        went out. A held
         bare or fenced JSON call of a known tool that does not parse is the same, and never
         content.
         """
@@ -139,9 +140,11 @@ class CallParser:
                     m = re.match(r'\s*\{\s*"name"\s*:\s*"([^"\\]*)"', raw)
                     name = m.group(1) if m else None
                 self.result.truncated = {"index": self._index, "name": name, "arguments": args, "text": raw}
-            else:
+            else:  # ended inside the call (a stop string): not a call, whatever of it went out
                 self.result.errors.append({"index": self._index, "error": f"the call was not closed with {CLOSE}", "text": raw})
-                if self._header is None:
+                if self._header is not None:
+                    self.result.calls.pop()
+                else:
                     out.append(Delta(content=OPEN + raw))
         elif self._buf:
             held, self._buf = self._buf, ""
