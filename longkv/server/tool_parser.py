@@ -121,9 +121,8 @@ class CallParser:
         A call still open is not a call: cut off by ``max_tokens`` it goes to
         ``result.truncated`` (its streamed start and arguments, if any, were already out);
         otherwise it is an error (not among the calls), and its text content when none of it
-        went out. A held
-        bare or fenced JSON call of a known tool that does not parse is the same, and never
-        content.
+        went out. A held bare or fenced JSON call of a known tool that does not parse is the
+        same, and never content.
         """
         out: list[Delta] = []
         if self._in_call:
