@@ -71,7 +71,7 @@ class Detokenizer:
         new = self._decode(self.ids[self._prefix :])[len(self._decode(self.ids[self._prefix : self._read])) :]
         self._prefix = self._read = len(self.ids)
         out, self._sent = new[self._sent :], 0
-        return out.removesuffix("\ufffd")  # pending tokens end in U+FFFD only while a character is incomplete
+        return out.removesuffix("\ufffd")  # the U+FFFD of a character the last tokens leave incomplete
 
 
 class StopFilter:
