@@ -18,8 +18,9 @@ history within the model's window:
   then drops the oldest spans when the window fills.
 
 Per arm: prompt tokens served from KV on steady-state steps (after the first
-10), tokens prefilled per step, the largest KV a request held, requests refused
-for overflow, seconds.
+10), tokens prefilled per step, the largest KV a request held, the most the
+server's page pools held (``longkv_kv_pool_bytes``: used and free pages, prefix
+cache included), requests refused for overflow, seconds.
 
 ``recall``: the same trajectory with a fact in some early tool results
 (``config/<service>.env`` holding a 6-digit ``TOKEN``, at steps 2, 6, 10, ...),
@@ -161,8 +162,17 @@ class Arm:
             "prefilled_per_step_mean": round(statistics.mean(r["prefilled"] for r in steady), 1),
             "prefilled_total": sum(r["prefilled"] for r in rows),
             "max_kv_tokens": max(r["kv_tokens"] for r in rows),
+            "max_pool_mib": max(r.get("pool_mib", 0.0) for r in rows),
             "final_logical_tokens": rows[-1]["logical_tokens"], "rows": rows,
         }  # fmt: skip
+
+
+def _pool_bytes(client: Any) -> float:
+    """``longkv_kv_pool_bytes`` from the server's ``/metrics``: what its page pools hold, used and free pages."""
+    for line in client.get("/metrics").text.splitlines():
+        if line.startswith("longkv_kv_pool_bytes "):
+            return float(line.split()[1])
+    raise RuntimeError("/metrics has no longkv_kv_pool_bytes")
 
 
 def _serve(args: argparse.Namespace) -> tuple[Any, Any, int]:
@@ -201,16 +211,19 @@ def horizon(args: argparse.Namespace) -> dict[str, Any]:
                     refused += 1
                     print(f"  step {step}: refused: {exc}", file=sys.stderr)
                     break
+                r = arm.rows[-1]
+                r["pool_mib"] = round(_pool_bytes(client) / 2**20, 1)
                 if step % 20 == 0:
-                    r = arm.rows[-1]
-                    print(f"  {name} step {step}: prompt {r['prompt']} cached {r['cached']} kv {r['kv_tokens']} {time.perf_counter() - t0:.0f}s", file=sys.stderr)
+                    print(f"  {name} step {step}: prompt {r['prompt']} cached {r['cached']} kv {r['kv_tokens']} "
+                          f"pools {r['pool_mib']:.0f} MiB {time.perf_counter() - t0:.0f}s", file=sys.stderr)  # fmt: skip
         results["arms"][name] = {**arm.summary(time.perf_counter() - t0), "refused": refused}
         if args.out is not None:  # after every arm: a long run stopped half-way keeps what it measured
             args.out.write_text(json.dumps(results, indent=1) + "\n")
-    print(f"\n{'arm':14} {'steps':>5} {'refused':>7} {'KV hit':>7} {'prefill/step':>12} {'prefill total':>13} {'max KV':>7} {'s':>6}")
+    print(f"\n{'arm':14} {'steps':>5} {'refused':>7} {'KV hit':>7} {'prefill/step':>12} {'prefill total':>13} {'max KV':>7} "
+          f"{'pools MiB':>9} {'s':>6}")  # fmt: skip
     for name, r in results["arms"].items():
         print(f"{name:14} {r['steps']:>5} {r['refused']:>7} {r['cache_hit']:>7.1%} {r['prefilled_per_step_median']:>12} "
-              f"{r['prefilled_total']:>13} {r['max_kv_tokens']:>7} {r['seconds']:>6}")  # fmt: skip
+              f"{r['prefilled_total']:>13} {r['max_kv_tokens']:>7} {r['max_pool_mib']:>9.0f} {r['seconds']:>6}")  # fmt: skip
     return results
 
 

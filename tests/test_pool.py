@@ -13,7 +13,7 @@ from longkv.engine.runner import Runner
 from longkv.engine.sampling import SamplingParams
 from longkv.kv.cache import LayerKV
 from longkv.kv.pool import KVPools, PageFormat, PagePool
-from longkv.kv.radix import PrefixCache
+from longkv.kv.radix import PrefixCache, reuse_length
 from longkv.models import build
 from longkv.policies import DensePolicy, make_policy
 
@@ -149,3 +149,78 @@ def test_engine_pages_back_to_zero_after_finish_cancel_and_error(spec: str, monk
     while engine.has_unfinished():
         outs += [e.output for e in engine.step() if e.finished]
     assert [o.finish_reason for o in outs] == ["error"] and engine.pools.used_pages() == 0
+
+
+def test_compact_closes_the_holes_and_every_holder_follows_its_pages() -> None:
+    pool = PagePool(2, PageFormat(4), page_size=8)
+    kv = {name: (torch.randn(2, n, 4), torch.randn(2, n, 4), torch.arange(n) * 3) for name, n in (("a", 40), ("b", 24), ("c", 16))}
+    layers = {}
+    for name, (k, v, p) in kv.items():
+        layers[name] = LayerKV(2, 4, 8, pool=pool)
+        layers[name].append(k, v, p)
+    fork = layers["b"].fork()
+    assert [layers[x].run_start for x in "bc"] == [5, 8] and pool.num_pages == 12
+    del layers["a"]  # its 5 pages free up in front of b's and c's: more free pages than used ones
+    assert (pool.used_pages, pool.free_pages) == (5, 7)
+    assert pool.compact()
+    assert pool.compactions == 1 and pool.num_pages == 8 and pool.used_pages == 5 and pool._free == [[5, 3]]
+    assert [layers[x].run_start for x in "bc"] == [0, 3] and fork.shared == [(0, 24)]
+    for name, lkv in (("b", layers["b"]), ("c", layers["c"]), ("b", fork)):
+        k, v, p = lkv.view()
+        assert torch.equal(k, kv[name][0]) and torch.equal(v, kv[name][1]) and torch.equal(p, kv[name][2])
+    assert not pool.compact()  # 3 free pages against 5 used: nothing to gain
+    extra = torch.randn(2, 1, 4)
+    fork.append(extra, extra, torch.tensor([99]))  # the fork writes next to b's pages: copy on write, b untouched
+    assert torch.equal(layers["b"].view()[0], kv["b"][0]) and torch.equal(fork.view()[0][:, -1:], extra)
+    for lkv in (layers["b"], layers["c"], fork):
+        lkv.clear()
+    assert pool.used_pages == 0
+
+
+def _grow_and_cut(engine: Engine, pc: PrefixCache, rounds: int) -> list[list[int]]:
+    """An agent's prompts through a prefix cache as a server runs them: a fixed head, turns that grow, every
+    fourth turn the history cut to a new summary; each request reserves room for 128 new tokens (its
+    ``max_tokens``) and stops after 12; the answers, greedy."""
+    head, summary, turns, answers = _ids(40, 7), _ids(24, 8), [], []
+    for r in range(rounds):
+        if len(turns) == 4:
+            summary, turns = _ids(30, 100 + r), turns[-1:]
+        turns.append(_ids(20 + 9 * (r % 3), 200 + r))
+        ids = head + summary + [t for turn in turns for t in turn]
+        match = pc.match("ns", ids)
+        reuse = reuse_length(match, len(ids), ENGINE.chunk_size)
+        seq = None
+        if reuse:
+            seq = Runner(MODEL, DensePolicy(), ENGINE, engine.pools).new_sequence()
+            pc.load(match, seq.cache, reuse)
+            seq.cache.reserve(len(ids) + 128 + 1)
+            seq.tokens = list(ids[:reuse])
+        req = Request(ids, SamplingParams(max_new_tokens=12, ignore_eos=True), DensePolicy(), sequence=seq, feed_last=True,
+                      on_release=lambda s, out: pc.insert("ns", s.tokens, s.cache))  # fmt: skip
+        engine.add_request(req)
+        outs = []
+        while engine.has_unfinished():
+            outs += [e.output for e in engine.step() if e.finished]
+        answers.append(outs[0].token_ids)
+        turns[-1] = turns[-1] + outs[0].token_ids
+    return answers
+
+
+def test_pools_stay_near_what_is_used_under_a_prefix_cache_with_prompts_that_grow_and_are_cut(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cache keeps a request's prompt pages and lets the ones reserved past them go: holes. Compacting
+    between steps keeps the storage within 1.5x of the used pages (it grew past 3x without); the answers of
+    requests whose cached pages moved equal a cold run's."""
+    pc = PrefixCache(CFG.n_layers * 2 * CFG.n_kv_heads * CFG.head_dim * 4 * 400)  # about 400 tokens kept
+    engine = Engine(MODEL, _Tok(), frozenset({0}), ENGINE, max_num_seqs=1)
+    answers = _grow_and_cut(engine, pc, 24)
+    pool = engine.pools.get(0, CFG.n_kv_heads, PageFormat(CFG.head_dim))
+    assert pool.compactions > 0
+    assert pool.num_pages <= pool.used_pages + -(-pool.used_pages // 2)
+    cold = Engine(MODEL, _Tok(), frozenset({0}), ENGINE, max_num_seqs=1)
+    assert answers == _grow_and_cut(cold, PrefixCache(0), 24)
+
+    monkeypatch.setattr(KVPools, "compact", lambda self: 0)  # what the pools did without it
+    loose = Engine(MODEL, _Tok(), frozenset({0}), ENGINE, max_num_seqs=1)
+    _grow_and_cut(loose, PrefixCache(pc.capacity), 24)
+    grown = loose.pools.get(0, CFG.n_kv_heads, PageFormat(CFG.head_dim))
+    assert grown.used_pages == pool.used_pages and grown.num_pages > 3 * grown.used_pages

@@ -147,6 +147,7 @@ def test_models_health_and_metrics(server: ServerProcess, client: openai.OpenAI)
         "longkv_time_to_first_token_seconds_bucket", "longkv_prefix_cache_hits_total",
         "longkv_prefix_cache_misses_total", "longkv_prefix_cache_evictions_total",
         "longkv_prefix_cache_bytes", "longkv_queue_length", "longkv_requests_running", "longkv_batch_size", "longkv_kv_pages_used", "longkv_kv_pages_free",
+        "longkv_kv_pool_bytes", "longkv_kv_compactions_total",
         "longkv_inter_token_latency_seconds_bucket", "longkv_active_kv_bytes", "longkv_queue_time_seconds_bucket",
     ):  # fmt: skip
         assert f"\n{name}" in text, name

@@ -334,8 +334,16 @@ class Engine:
         """Admit waiting requests, run one batched forward, sample; one event per request that moved.
 
         A request whose forward raised ends with ``finish_reason="error"`` (and so do the
-        others of that forward, whose caches may be half-written).
+        others of that forward, whose caches may be half-written). Last, pools whose
+        free pages outnumber the used ones are compacted (``KVPools.compact``): no slot
+        number is in flight between steps, and the next admission finds the room.
         """
+        try:
+            return self._step()
+        finally:
+            self.pools.compact()
+
+    def _step(self) -> list[TokenEvent]:
         events: list[TokenEvent] = []
         self._reap_aborted(events)
         self._admit(events)

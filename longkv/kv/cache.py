@@ -83,6 +83,14 @@ class LayerKV:
         # Per-token scores a policy accumulates over time (H2O): (Hkv, <= n) float32 or None.
         # keep() reindexes them with the tokens; the policy pads them for new tokens.
         self.acc: torch.Tensor | None = None
+        pool.hold(self)
+
+    def relocate(self, pool: PagePool, slot: Callable[[int], int]) -> None:
+        """The pool moved its pages (:meth:`PagePool.compact`): point the shared spans and the own run at their new slots."""
+        if pool is not self.pool:
+            return
+        self.shared = [(slot(s), n) for s, n in self.shared]
+        self.run_start = slot(self._own0()) // self.page_size if self.run_pages else 0
 
     def __del__(self) -> None:  # a dropped sequence gives its pages back (no tensor work: GC may run anywhere)
         if sys.is_finalizing() or not hasattr(self, "pool"):

@@ -13,9 +13,19 @@ by :meth:`extend` when the pages after them are free) and returns them with
 :meth:`release`; a prefix index or another sequence that reads the same pages
 :meth:`retain` s them, so shared prefixes are stored once and freed when their
 last reader lets go. Pages with no reference are free and are handed out
-again; when no free run is large enough the storage grows (doubling, one copy
+again; when no free run is large enough the storage grows (by half, one copy
 amortised over the tokens that filled it), and it shrinks when its free tail
 is over three quarters of it, so memory a sequence frees is given back.
+
+Fragmentation: a prefix index keeps pages scattered over the storage (a
+request's prompt pages stay, the pages it reserved past them go), so freed
+pages end up in holes between kept ones, a sequence's run may fit none of
+them, and the storage grows although most of it is free. :meth:`compact`
+moves the used pages down over the holes (their order kept, so every run of
+held pages stays one run) and cuts the storage to what is used plus headroom;
+whoever holds slots (a :class:`~longkv.kv.cache.LayerKV`, a prefix index)
+registers with :meth:`hold` and is told where its slots went. An engine calls
+it between steps (:meth:`KVPools.compact`), when no slot number is in flight.
 
 Page formats: a :class:`PageFormat` says how a token's K and V are laid out in
 the planes: plain (K and V in the compute dtype) here, int8/int4 codes with
@@ -28,7 +38,11 @@ Not thread-safe: an engine touches its pools from its one step thread.
 from __future__ import annotations
 
 import bisect
+import math
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -78,6 +92,13 @@ def _numel(shape: tuple[int, ...]) -> int:
     return n
 
 
+class SlotHolder(Protocol):
+    """Something that keeps slot numbers of a pool (told where they went when the pool is compacted)."""
+
+    def relocate(self, pool: PagePool, slot: Callable[[int], int]) -> None:
+        """Replace every slot ``s`` of ``pool`` this object keeps by ``slot(s)``."""
+
+
 class PagePool:
     """Pages of KV for one layer, shared by the sequences of an engine, with reference counts.
 
@@ -105,6 +126,8 @@ class PagePool:
         self._free: list[list[int]] = []  # sorted, disjoint [start, length] runs of free pages
         self.used_pages = 0
         self.multi_ref_pages = 0  # pages with more than one reference (0: nobody shares, writes need no check)
+        self._holders: weakref.WeakSet[SlotHolder] = weakref.WeakSet()  # told where their slots went on compact()
+        self.compactions = 0
 
     # ---------------------------------------------------------------- sizes
     @property
@@ -198,7 +221,7 @@ class PagePool:
                 return s
         tail = self._tail_free()
         start = self.num_pages - tail
-        self._resize(max(start + n, 2 * self.num_pages))
+        self._resize(max(start + n, self.num_pages + self.num_pages // 2))
         self._take_free(start, n)
         return start
 
@@ -212,7 +235,7 @@ class PagePool:
         if any(self.refs[p] for p in range(end, min(end + extra, self.num_pages))):
             return False
         if end + extra > self.num_pages:
-            self._resize(max(end + extra, 2 * self.num_pages))
+            self._resize(max(end + extra, self.num_pages + self.num_pages // 2))
         self._take_free(end, extra)
         return True
 
@@ -248,6 +271,60 @@ class PagePool:
         if trim and tail and 4 * tail > 3 * self.num_pages:  # mostly free at the end: give memory back, keep headroom
             used_end = self.num_pages - tail
             self._resize(used_end + used_end // 2)
+
+    def hold(self, holder: SlotHolder) -> None:
+        """Register ``holder`` (kept weakly) as keeping slot numbers of this pool: :meth:`compact` relocates them."""
+        self._holders.add(holder)
+
+    def compact(self, headroom: float = 0.5) -> bool:
+        """Move the used pages down over the free ones and cut the storage to them plus ``headroom`` of them.
+
+        Done only where the free pages outnumber the used ones (else returns
+        False, nothing moved). Used pages keep their order, so the pages of any
+        run that is held whole (a sequence's run, a shared span) stay one run;
+        every registered holder is told the new slot of each slot it keeps. No
+        slot number may be held elsewhere meanwhile (an engine calls it between
+        steps). Returns True when it moved pages.
+        """
+        free = self.free_pages
+        if free <= self.used_pages:
+            return False
+        ps, used = self.page_size, self.used_pages
+        new_page = [-1] * self.num_pages
+        runs: list[tuple[int, int, int]] = []  # (old first page, new first page, pages) of each used run
+        at = 0
+        prev = 0
+        for s, length in [*self._free, [self.num_pages, 0]]:
+            if s > prev:
+                runs.append((prev, at, s - prev))
+                for p in range(prev, s):
+                    new_page[p] = at + p - prev
+                at += s - prev
+            prev = s + length
+        assert at == used
+        size = used + math.ceil(used * headroom)
+        slots = size * ps
+        for name, t in self.planes.items():
+            u = torch.empty(t.shape[0], slots, *t.shape[2:], dtype=t.dtype, device=self.device)
+            for old, new, n in runs:
+                u[:, new * ps : (new + n) * ps] = t[:, old * ps : (old + n) * ps]
+            self.planes[name] = u
+        pos = torch.full((slots,), -1, dtype=torch.int64, device=self.device)
+        for old, new, n in runs:
+            pos[new * ps : (new + n) * ps] = self.pos[old * ps : (old + n) * ps]
+        self.pos = pos
+        self.refs = [r for r in self.refs if r] + [0] * (size - used)
+        self._free = [[used, size - used]] if size > used else []
+        self.compactions += 1
+
+        def slot(s: int) -> int:
+            p = new_page[s // ps]
+            assert p >= 0, "a holder keeps a slot of a free page"
+            return p * ps + s % ps
+
+        for holder in list(self._holders):
+            holder.relocate(self, slot)
+        return True
 
     def slot_range(self, start: int, n: int) -> slice:
         """Slots of pages [start, start + n)."""
@@ -289,6 +366,17 @@ class KVPools:
         if pool is None:
             pool = self._pools[key] = PagePool(n_kv_heads, fmt, self.page_size, self.device)
         return pool
+
+    def compact(self) -> int:
+        """:meth:`PagePool.compact` every pool whose free pages outnumber its used ones; returns how many moved.
+
+        Call only between steps: every slot number held outside a registered holder goes stale.
+        """
+        return sum(p.compact() for p in self._pools.values())
+
+    def compactions(self) -> int:
+        """Compactions since start, over every pool."""
+        return sum(p.compactions for p in self._pools.values())
 
     def used_pages(self) -> int:
         """Pages held over every pool."""

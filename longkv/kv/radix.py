@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import itertools
 from collections import OrderedDict
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
 import torch
@@ -292,6 +292,8 @@ class PrefixCache:
             if any([m for _, m in r] != [m for _, m in runs[0]] for r in runs):
                 return 0  # layers laid out differently: fail closed (a dense cache never is)
             pools = [layer.pool for layer in layers]
+            for pool in set(pools):
+                pool.hold(self)
             at = n
             for j, (_, m) in enumerate(runs[0]):
                 end = _Node(parent, list(ids[at : at + m]), pools, [r[j][0] for r in runs], at, per_token)
@@ -390,6 +392,14 @@ class PrefixCache:
                 self.unpin(next(iter(self._sessions)))
             else:
                 break  # only nodes pinned by an insertion in progress are left
+
+    def relocate(self, pool: PagePool, slot: Callable[[int], int]) -> None:
+        """``pool`` moved its pages (:meth:`PagePool.compact`): point every node's slots there at the new ones."""
+        stack = [c for r in self._roots.values() for c in r.children.values()]
+        while stack:
+            node = stack.pop()
+            stack.extend(node.children.values())
+            node.slots = [slot(s) if p is pool else s for p, s in zip(node.pools, node.slots, strict=True)]
 
     def clear(self) -> None:
         """Drop everything (sessions too); the pages go back to their pools."""

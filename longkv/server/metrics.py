@@ -54,6 +54,10 @@ class Metrics:
             "longkv_kv_pages_used", "KV pages held (running sequences and the prefix cache; a shared page once), over all layers.", registry=r
         )
         self.kv_pages_free = Gauge("longkv_kv_pages_free", "KV pages allocated but held by nobody, over all layers.", registry=r)
+        self.kv_pool_bytes = Gauge("longkv_kv_pool_bytes", "Bytes of KV page storage allocated (used and free pages), over all layers.", registry=r)
+        self.kv_compactions = Counter(
+            "longkv_kv_compactions", "Page pools compacted (used pages moved over the free ones, storage cut), one per layer.", registry=r
+        )
         self.memory_sessions = Gauge("longkv_memory_sessions", "KV memory sessions in RAM.", registry=r)
         self.memory_bytes = Gauge("longkv_memory_bytes", "Bytes of KV the KV memory sessions in RAM hold.", registry=r)
         self.memory_loaded = Gauge("longkv_memory_loaded", "KV memory sessions read back from --memory-dir since start.", registry=r)

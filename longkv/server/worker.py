@@ -276,6 +276,7 @@ class EngineWorker:
         self.llm = llm
         self.config = config
         self.metrics = metrics
+        self._compactions = 0  # pool compactions counted into the metrics so far
         self.cache = PrefixCache(config.cache_bytes, config.max_sessions)
         self.engine = Engine(
             llm.model, llm.tokenizer, llm.eos_ids, llm.engine_config, config.max_num_seqs, kv_budget_bytes=config.kv_budget_bytes
@@ -616,7 +617,11 @@ class EngineWorker:
             self.metrics.active_kv_bytes.set(self.engine.kv_bytes())
             self.metrics.kv_pages_used.set(self.engine.pools.used_pages())
             self.metrics.kv_pages_free.set(self.engine.pools.free_pages())
+            self.metrics.kv_pool_bytes.set(self.engine.pools.bytes())
             if threading.current_thread() is self._thread:  # the sessions belong to the engine thread
+                compactions = self.engine.pools.compactions()
+                self.metrics.kv_compactions.inc(compactions - self._compactions)
+                self._compactions = compactions
                 self.metrics.memory_sessions.set(len(self.sessions))
                 self.metrics.memory_bytes.set(self.sessions.bytes())
                 self.metrics.memory_loaded.set(self.sessions.loaded)
