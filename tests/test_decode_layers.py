@@ -93,7 +93,7 @@ def test_one_call_decode_with_qkv_biases_equals_the_layer_by_layer_forward(tiny_
         ("dense:kv_quant=int8", True),  # int8 codes: coded on the way in, read as codes
         ("dense:kv_quant=int4", False),  # int4 codes: decoded before attention
         ("snapkv:budget=96", False),  # keeps queries for its evictions
-        ("streaming:budget=96", False),  # contiguous positions: keys move
+        ("streaming:budget=96", True),  # contiguous positions: keys move, the kernel turns the query instead
     ],
 )
 def test_the_one_call_step_only_where_the_pages_are_read_as_they_are(smollm2_bf16: LLM, book_text: str, policy: str, one_call: bool,
@@ -157,3 +157,35 @@ def test_block_topk_decode_takes_one_call_over_its_prefix_and_window(smollm2_bf1
     assert calls == 15 and none == 0  # every step after the first token
     assert len(starts) == 15 * llm.config.n_layers and (min(starts) > 0 if selects else max(starts) == 0)
     assert fast == slow
+
+
+@needs_cc
+@pytest.mark.parametrize("policy", ["streaming:budget=40", "snapkv:budget=40", "h2o:budget=40", "snapkv:budget=40,kv_quant=int8"])
+def test_renumbered_keys_are_read_in_place_with_the_query_turned(tiny_qwen2: Path, policy: str) -> None:
+    """An eviction policy that renumbers what it kept (the default ``positions=contiguous``): the decode kernel
+    reads the keys where they were cached and turns the query once per run of one shift, in the one-call
+    step and in the layer-by-layer one, alone and in a batch: the logits of rotating the keys to their new
+    positions first, to float32 rounding."""
+    llm = LLM(model=tiny_qwen2, dtype="float32", weights="int8")
+    prompts = [[5, 9, 33, 2, 7] * 14, [11, 12, 13, 4] * 13]  # 70 and 52 tokens over a budget of 40: gaps everywhere
+    seen: list[int] = []
+    real = Runner._turns_queries
+
+    def spy(q: torch.Tensor, segments: list[Any]) -> bool:
+        seen.append(real(q, segments))
+        return seen[-1]
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Runner, "_turns_queries", staticmethod(spy))
+        one_call, calls = batch_logits(llm, True, pytest.MonkeyPatch(), prompts, 10, policy, fork=False)
+        by_layer, _ = batch_logits(llm, False, pytest.MonkeyPatch(), prompts, 10, policy, fork=False)
+        alone, _ = batch_logits(llm, False, pytest.MonkeyPatch(), prompts[:1], 10, policy, fork=False)
+    assert seen and all(seen)  # every layer-by-layer decode read went through the kernel, keys in place
+    assert calls == (0 if make_policy(policy).needs_queries else 10)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Runner, "_turns_queries", staticmethod(lambda q, segments: False))  # keys rotated, then read
+        want, _ = batch_logits(llm, False, pytest.MonkeyPatch(), prompts, 10, policy, fork=False)
+        want_alone, _ = batch_logits(llm, False, pytest.MonkeyPatch(), prompts[:1], 10, policy, fork=False)
+    torch.testing.assert_close(one_call, want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(by_layer, want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(alone, want_alone, rtol=1e-4, atol=1e-4)

@@ -20,6 +20,7 @@ from functools import partial
 
 import torch
 
+from longkv import kernels
 from longkv.attention.dense import attend, attend_segments, in_window
 from longkv.config import EngineConfig
 from longkv.engine.needs import NeedRun
@@ -27,7 +28,7 @@ from longkv.engine.step import AttentionFn, Work, run_batch
 from longkv.kv.cache import KVCache, LayerKV, page_format
 from longkv.kv.headwise import HeadwiseLayerKV
 from longkv.kv.pool import KVPools, PagePool
-from longkv.kv.quant import Part, drop_front
+from longkv.kv.quant import Part, SeenAt, drop_front
 from longkv.models.layers import SequenceRotary
 from longkv.models.llama import LlamaModel
 from longkv.policies.base import KVPolicy, Observation, SelectionPolicy, SelectionState, SelectPlan
@@ -198,13 +199,21 @@ class Runner:
                 prev = seq.queries.get(layer)
                 qs = q if prev is None else torch.cat((prev, q), dim=1)
                 seq.queries[layer] = qs[:, -self.query_window :]
-            segments = lkv.decode_parts()  # int8 pages stay codes: the decode kernel reads them so
+            segments: list[Segment] = [*lkv.decode_parts()]  # int8 pages stay codes: the decode kernel reads them so
             if not mine:
                 return segments
             kpos = segments[0][2] if len(segments) == 1 else lkv.positions()
             target = policy.key_positions(kpos)
             if target is None:
                 return segments  # no key moves: a shared prefix's pages, then the own, read in place
+            if q.shape[1] == 1 and self._turns_queries(q, segments):
+                # a decode step's kernel reads them in place and turns the query per run of one shift
+                at, seen = int(target[0]), list[Segment]()
+                for sk, sv, sp in segments:
+                    assert not isinstance(sk, SeenAt)
+                    seen.append((SeenAt(sk, sp, at, self.ropes[layer]), sv, sp))
+                    at += sp.shape[0]
+                return seen
             # the keys that move are a prefix (StreamingLLM: its sinks): only those are read out and rotated,
             # the rest stays in place (int8 pages as codes)
             delta = target - kpos
@@ -215,6 +224,11 @@ class Runner:
             return [(rotated, values, kpos[:moved]), *drop_front(segments, moved)]
 
         return read
+
+    @staticmethod
+    def _turns_queries(q: torch.Tensor, segments: list[Segment]) -> bool:
+        """Whether the decode kernel reads these parts where their keys move (it turns the query instead)."""
+        return kernels.supports(q, segments[0][0]) and all(p.is_contiguous() for _, _, p in segments)
 
     def _move_keys(self, layer: int, keys: torch.Tensor, kpos: torch.Tensor) -> torch.Tensor:
         """Keys (Hkv, N, D) as seen at the policy's positions for them (see ``KVPolicy.key_positions``).

@@ -124,9 +124,9 @@ def run_batch(
 
 def _one_call_decode(model: LlamaModel, works: list[Work]) -> bool:
     """Whether this batch's forward can be one kernel call (``LlamaModel.decode_step``): every work one
-    decode token, with logits, of a sequence whose policy attends over its pages as they are (no key
-    moves, no queries kept, no per-head stores; a selection policy where its read is parts read in place,
-    ``SelectionPolicy.reads_in_place``), every layer's pages plain ones or int8 codes in the pool's planes
+    decode token, with logits, of a sequence whose policy attends over its pages in place (keys it
+    renumbers turn inside the kernel; no queries kept, no per-head stores; a selection policy where its read
+    is parts read in place, ``SelectionPolicy.reads_in_place``), every layer's pages plain ones or int8 codes in the pool's planes
     (``LayerKV.kernel_reads``)."""
     if model.decode_layers is None:
         return False
@@ -134,7 +134,7 @@ def _one_call_decode(model: LlamaModel, works: list[Work]) -> bool:
         pol = w.runner.policy
         if len(w.ids) != 1 or w.attention is not None or not w.logits or not w.keep or w.runner.sliding_layers:
             return False
-        if pol.per_head or pol.needs_queries or pol.moves_keys:
+        if pol.per_head or pol.needs_queries:
             return False
         layers = w.seq.cache.layers
         if not all(lkv.kernel_reads(model.dtype) for lkv in layers):
@@ -168,8 +168,15 @@ def _decode_step(model: LlamaModel, works: list[Work]) -> torch.Tensor:
             nseg.append(len(parts) + len(runs))
             for pk, pv in parts:
                 meta += kernels.segment(pk, pv)
+            # keys renumbered (KVPolicy.key_positions): the cache's i-th key is seen at next_position - (n - 1) + i
+            seen = pool.pos if pol.moves_keys else None
+            at = w.seq.next_position - (lkv.n - 1) + start
             for s, n in runs:
-                meta += kernels.coded_segment(planes, s, n, group) if bits else kernels.plain_segment(planes["k"], planes["v"], s, n)
+                if bits:
+                    meta += kernels.coded_segment(planes, s, n, group, seen, at)
+                else:
+                    meta += kernels.plain_segment(planes["k"], planes["v"], s, n, seen, at)
+                at += n
     dev = model.device
     ids = torch.tensor([w.ids[0] for w in works], dtype=torch.int64, device=dev)
     positions = torch.tensor([w.seq.next_position for w in works], dtype=torch.int64, device=dev)

@@ -114,7 +114,7 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     """``lib`` with the argument and result types of the kernels set."""
     f = lib.longkv_decode_attention
     p = ctypes.c_void_p
-    f.argtypes = [p, p, ctypes.c_int, p, p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_float, ctypes.c_int]
+    f.argtypes = [p, p, ctypes.c_int, p, p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_float, ctypes.c_int, p, ctypes.c_int]
     f.restype = ctypes.c_int
     f = lib.longkv_add_rms_norm
     f.argtypes = [p, p, p, p, ctypes.c_int, ctypes.c_int, ctypes.c_float, ctypes.c_int, ctypes.c_int]
@@ -140,7 +140,7 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     f.argtypes = [p, p, p, p, p, p, i64, i64, i64, p, p, i64, i64, p, i64, i64, p, i, i, i, i, i, i]
     f.restype = ctypes.c_int
     f = lib.longkv_decode_layers
-    f.argtypes = [i, p, fl, i, i, i, i, i, i, p, p, i, i, p, p, p, p, i, p, p, fl]
+    f.argtypes = [i, p, fl, i, i, i, i, i, i, p, p, i, i, p, p, p, p, i, p, p, fl, p]
     f.restype = ctypes.c_int
     return lib
 
@@ -162,6 +162,7 @@ def available() -> bool:
 
 _SEG_F32, _SEG_BF16, _SEG_INT8 = 0, 1, 8  # segment formats of the C kernel (cpu.c)
 _NO_SIDES = (0,) * 7
+_IN_PLACE = (0, 0)  # a segment's last two words: its keys are seen where they were cached
 
 
 def _reads_codes(k: Any) -> bool:
@@ -170,9 +171,17 @@ def _reads_codes(k: Any) -> bool:
     return fmt is not None and getattr(fmt, "bits", 0) == 8 and k.planes["k"].device.type == "cpu"
 
 
+def _seen_at_keys(k: Any) -> bool:
+    """Whether ``k`` is keys seen at other positions (:class:`~longkv.kv.quant.SeenAt`, duck-typed)."""
+    return isinstance(getattr(k, "cached", None), torch.Tensor) and hasattr(k, "rope")
+
+
 def supports(q: torch.Tensor, k: Any) -> bool:
     """Whether :func:`decode_attention` takes queries like ``q`` (H, 1, D) over keys like ``k``: (Hkv, N, D)
-    bfloat16 or float32 on the CPU, or int8 pages (:class:`~longkv.kv.quant.CodedRows`)."""
+    bfloat16 or float32 on the CPU, or int8 pages (:class:`~longkv.kv.quant.CodedRows`), either also seen
+    at other positions (:class:`~longkv.kv.quant.SeenAt`)."""
+    if _seen_at_keys(k):
+        k = k.keys
     h, t, d = q.shape
     hkv = k.shape[0]
     kind = _reads_codes(k) or (isinstance(k, torch.Tensor) and k.device.type == "cpu" and k.dtype in (torch.bfloat16, torch.float32))
@@ -180,7 +189,10 @@ def supports(q: torch.Tensor, k: Any) -> bool:
 
 
 def segment(k: Any, v: Any) -> tuple[int, ...]:
-    """The kernel's description of one part (see ``longkv_decode_attention``): format, pointers, strides."""
+    """The kernel's description of one part (see ``longkv_decode_attention``): format, pointers, strides; for
+    :class:`~longkv.kv.quant.SeenAt` keys where they are seen."""
+    if _seen_at_keys(k):
+        return segment(k.keys, v)[: -len(_IN_PLACE)] + _seen_at(k.cached, 0, k.at)
     if _reads_codes(k):
         p = k.planes
         kc, vc, side = p["k"], p["v"], p["k_step"]
@@ -195,7 +207,7 @@ def segment(k: Any, v: Any) -> tuple[int, ...]:
     if ks[2] != 1 or vs[2] != 1:
         raise ValueError("decode_attention: parts with contiguous rows")
     fmt = _SEG_BF16 if k.dtype == torch.bfloat16 else _SEG_F32
-    return (fmt, k.data_ptr(), v.data_ptr(), k.shape[1], ks[0], ks[1], vs[0], vs[1], *_NO_SIDES)
+    return (fmt, k.data_ptr(), v.data_ptr(), k.shape[1], ks[0], ks[1], vs[0], vs[1], *_NO_SIDES, *_IN_PLACE)
 
 
 def decode_attention(q: torch.Tensor, plans: list[list[tuple[Any, Any]]], scale: float) -> torch.Tensor:
@@ -207,7 +219,8 @@ def decode_attention(q: torch.Tensor, plans: list[list[tuple[Any, Any]]], scale:
         plans: per sequence, its parts [(k, v)]: each (Hkv, N_i, D) bfloat16 or float32 on the CPU, rows
             contiguous (views of pool planes are fine), or int8 pages as codes (k and v the same
             :class:`~longkv.kv.quant.CodedRows`, decoded block by block inside the kernel); formats
-            may differ between parts; empty parts are skipped.
+            may differ between parts; empty parts are skipped. Keys as :class:`~longkv.kv.quant.SeenAt`
+            are scored where they are seen: the query turned once per run of keys with one shift.
         scale: the softmax scale (``D ** -0.5``).
 
     Returns:
@@ -225,11 +238,15 @@ def decode_attention(q: torch.Tensor, plans: list[list[tuple[Any, Any]]], scale:
     meta: list[int] = []
     nseg: list[int] = []
     hkv = 0
+    inv_freq: torch.Tensor | None = None  # the RoPE keys seen elsewhere turn by (every part's the same model's)
     for parts in plans:
         count = 0
         for k, v in parts:
             if k.shape[1] == 0:
                 continue
+            if _seen_at_keys(k):
+                inv_freq = k.rope.inv_freq
+                assert inv_freq is not None and inv_freq.dtype == torch.float64 and inv_freq.is_contiguous()
             meta += segment(k, v)
             hkv = k.shape[0]
             count += 1
@@ -244,7 +261,8 @@ def decode_attention(q: torch.Tensor, plans: list[list[tuple[Any, Any]]], scale:
     flags = int(q.dtype == torch.bfloat16) << 1
     meta_a, nseg_a = array.array("q", meta), array.array("i", nseg)
     rc = _lib.longkv_decode_attention(meta_a.buffer_info()[0], nseg_a.buffer_info()[0], b, q.data_ptr(), out.data_ptr(), h, hkv, d,
-                                      scale, flags)
+                                      scale, flags, None if inv_freq is None else inv_freq.data_ptr(),
+                                      0 if inv_freq is None else inv_freq.numel())
     if rc == -2:
         raise MemoryError("decode_attention: out of memory for the kernel's buffers")
     if rc != 0:
@@ -563,24 +581,40 @@ class AttnOutMlp:
 KV_WORDS = 12  # per (layer, sequence) in DecodeLayers' kv (KVW in cpu.c)
 
 
-def plain_segment(k_plane: torch.Tensor, v_plane: torch.Tensor, slot: int, n: int) -> tuple[int, ...]:
+def _seen_at(pos_plane: torch.Tensor | None, slot: int, at: int) -> tuple[int, int]:
+    if pos_plane is None:
+        return _IN_PLACE
+    assert pos_plane.dtype == torch.int64 and pos_plane.is_contiguous()
+    return pos_plane.data_ptr() + 8 * slot, at
+
+
+def plain_segment(
+    k_plane: torch.Tensor, v_plane: torch.Tensor, slot: int, n: int, pos_plane: torch.Tensor | None = None, at: int = 0
+) -> tuple[int, ...]:
     """The decode attention kernel's description of ``n`` tokens at ``slot`` of a pool's (Hkv, S, D) contiguous
-    bfloat16 or float32 planes: what :func:`decode_attention` makes of the views ``plane[:, slot:slot + n]``."""
+    bfloat16 or float32 planes: what :func:`decode_attention` makes of the views ``plane[:, slot:slot + n]``.
+    With ``pos_plane`` (the pool's (S,) int64 original positions) attention sees the keys at positions
+    ``at, at + 1, ...`` instead of where they were cached (RoPE turned by the difference, inside the kernel:
+    :class:`DecodeLayers` with ``inv_freq``)."""
     d, es, hs = k_plane.shape[2], k_plane.element_size(), k_plane.stride(0)
     fmt = _SEG_BF16 if k_plane.dtype == torch.bfloat16 else _SEG_F32
-    return (fmt, k_plane.data_ptr() + slot * d * es, v_plane.data_ptr() + slot * d * es, n, hs, d, hs, d, *_NO_SIDES)
+    return (fmt, k_plane.data_ptr() + slot * d * es, v_plane.data_ptr() + slot * d * es, n, hs, d, hs, d, *_NO_SIDES,
+            *_seen_at(pos_plane, slot, at))  # fmt: skip
 
 
-def coded_segment(planes: dict[str, torch.Tensor], slot: int, n: int, group: int) -> tuple[int, ...]:
+def coded_segment(
+    planes: dict[str, torch.Tensor], slot: int, n: int, group: int, pos_plane: torch.Tensor | None = None, at: int = 0
+) -> tuple[int, ...]:
     """The decode attention kernel's description of ``n`` tokens at ``slot`` of int8 code planes
     (``longkv.kv.quant.CodedFormat``'s, a pool's or views of them, rows contiguous, the four side planes alike):
-    what :func:`segment` makes of ``CodedRows`` over the slots ``[slot, slot + n)``."""
+    what :func:`segment` makes of ``CodedRows`` over the slots ``[slot, slot + n)``; ``pos_plane``, ``at``: as
+    :func:`plain_segment`'s."""
     kc, vc = planes["k"], planes["v"]
     side = planes["k_step"]
     cs, ss = kc.stride(1), side.stride(1)  # bytes of codes and float16 values per slot
     return (_SEG_INT8, kc.data_ptr() + slot * cs, vc.data_ptr() + slot * cs, n, kc.stride(0), cs, vc.stride(0), vc.stride(1),
             *(planes[name].data_ptr() + 2 * slot * ss for name in ("k_step", "k_min", "v_step", "v_min")), side.stride(0), ss,
-            group)  # fmt: skip
+            group, *_seen_at(pos_plane, slot, at))  # fmt: skip
 
 
 def kv_words(planes: dict[str, torch.Tensor], pos_plane: torch.Tensor, slot: int, bits: int, group: int) -> tuple[int, ...]:
@@ -607,7 +641,9 @@ class DecodeLayers:
     kv: :data:`KV_WORDS` ints per (layer, sequence), layer-major (:func:`kv_words`: where the new token's
     key, value and position go, planes of x's dtype or int8 codes); positions (B,) int64; cos, sin (B, R/2)
     float32 (one RoPE for every layer); meta: every layer's segments in turn (:func:`plain_segment`,
-    :func:`coded_segment`, the claimed slots included); nseg: (L x B) segments per layer and sequence.
+    :func:`coded_segment`, the claimed slots included); nseg: (L x B) segments per layer and sequence;
+    inv_freq: the RoPE's (R/2,) float64 frequencies on the CPU, contiguous, where a segment's keys are seen at
+    other positions than they were cached at (``pos_plane`` of :func:`plain_segment`).
     Returns (B, C): the last layer's MLP output (the final norm adds it to x).
 
     Raises:
@@ -640,19 +676,20 @@ class DecodeLayers:
 
     def __call__(
         self, x: torch.Tensor, kv: list[int], positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: list[int],
-        nseg: list[int],
+        nseg: list[int], inv_freq: torch.Tensor | None = None,
     ) -> torch.Tensor:
         b = x.shape[0]
         c, h, hkv, d, inter, ho = self.dims
         assert x.shape[1] == c and x.is_contiguous() and x.dtype in _ACT_DTYPES and positions.is_contiguous()
         assert len(kv) == KV_WORDS * self.layers * b and len(nseg) == self.layers * b and cos.dtype == torch.float32
+        assert inv_freq is None or (inv_freq.dtype == torch.float64 and inv_freq.is_contiguous() and inv_freq.numel() == cos.shape[-1])
         out = torch.empty_like(x)
         # array.array copies a list of ints in C: ~5x faster than a ctypes array built from it (~60 us a step)
         kv_a, meta_a, nseg_a = array.array("q", kv), array.array("q", meta), array.array("i", nseg)
         rc = _lib.longkv_decode_layers(  # type: ignore[union-attr]
             self.layers, self._lw, self.eps, c, h, hkv, d, inter, ho, x.data_ptr(), out.data_ptr(), b, int(x.dtype == torch.bfloat16),
             kv_a.buffer_info()[0], positions.data_ptr(), cos.data_ptr(), sin.data_ptr(), 2 * cos.shape[-1],
-            meta_a.buffer_info()[0], nseg_a.buffer_info()[0], d**-0.5,
+            meta_a.buffer_info()[0], nseg_a.buffer_info()[0], d**-0.5, None if inv_freq is None else inv_freq.data_ptr(),
         )  # fmt: skip
         if rc == -2:
             raise MemoryError("decode_layers: out of memory for the kernel's buffers")

@@ -633,7 +633,7 @@ static void pair_order(const float *x, float *out, int D, int width, int to_pair
 #define SEG_F32 0
 #define SEG_BF16 1
 #define SEG_INT8 8 /* int8 codes with a float16 step and minimum per group: x = code * step + min */
-#define META 15    /* int64 words per segment, see longkv_decode_attention */
+#define META 17    /* int64 words per segment, see longkv_decode_attention */
 
 /* The nb rows of a block of int8-coded K or V decoded to float32 in dst (nb x D): row t's codes at
  * codes + off + t * ts, its group g's step and minimum (float16) at step / lo + soff + t * sts + g. For the
@@ -724,6 +724,28 @@ static void value_piece(const int64_t *md, int64_t b, int nb, int g, int G, int 
         value_block(acc, G, D, vp, g * v_hs + b * v_ts, v_ts, nb, bf16, s);
 }
 
+/* out = the G query rows x (D each, as computed) turned by `shift` positions of RoPE ("rotate halves": channel j
+ * pairs with j + rot_half, channels past 2 rot_half pass), in the paired order of width `paired` when it is
+ * not 0. Angles in float64 as the model's own (shift * inv_freq[j]). */
+static void turn_queries(const float *x, float *out, int G, int D, int paired, const double *inv_freq, int rot_half, int64_t shift) {
+    float c[MAX_D / 2], sn[MAX_D / 2], tmp[MAX_D];
+    for (int j = 0; j < rot_half; j++) {
+        const double a = (double)shift * inv_freq[j];
+        c[j] = (float)cos(a);
+        sn[j] = (float)sin(a);
+    }
+    for (int i = 0; i < G; i++) {
+        const float *xi = x + (int64_t)i * D;
+        float *y = paired ? tmp : out + (int64_t)i * D;
+        for (int j = 0; j < rot_half; j++) {
+            y[j] = xi[j] * c[j] - xi[j + rot_half] * sn[j];
+            y[j + rot_half] = xi[j + rot_half] * c[j] + xi[j] * sn[j];
+        }
+        for (int j = 2 * rot_half; j < D; j++) y[j] = xi[j];
+        if (paired) pair_order(tmp, out + (int64_t)i * D, D, paired, 1);
+    }
+}
+
 /* Attention state of every query head over the tokens [lo, hi) of the concatenated segments, lo a multiple
  * of BLK: running max m (H), sum l (H) and the unnormalised output acc (H x D). The softmax is updated once
  * per block of BLK tokens at fixed offsets of the concatenation (a block may span segments), and every
@@ -733,15 +755,17 @@ static void value_piece(const int64_t *md, int64_t b, int nb, int g, int G, int 
  * vbuf: BLK x D float32 each, for int8 blocks the 16-wide loops do not take (NULL when every int8 segment is
  * taken by them). */
 static void attend_range(const int64_t *meta, int nseg, const float *q, int H, int Hkv, int D, float scale, int paired,
-                         int64_t lo, int64_t hi, float *m_out, float *l_out, float *acc_out, float *kbuf, float *vbuf) {
+                         int64_t lo, int64_t hi, float *m_out, float *l_out, float *acc_out, float *kbuf, float *vbuf,
+                         const double *inv_freq, int rot_half, float *qbuf) {
     const int G = H / Hkv;
     float acc[MAX_G][MAX_D];
     float s[MAX_G][BLK];
     int64_t first = 0, at0 = 0; /* the segment holding token lo, and its first token in the concatenation */
     while (first < nseg - 1 && at0 + meta[META * first + 3] <= lo) at0 += meta[META * first++ + 3];
-    const int64_t *pm[BLK]; /* a block's pieces: segment, first row in it, rows, offset in the block */
-    int64_t pr[BLK];
+    const int64_t *pm[BLK]; /* a block's pieces: segment, first row in it, rows, offset in the block, key shift */
+    int64_t pr[BLK], pd[BLK];
     int pc[BLK], po[BLK];
+    float *qnat = qbuf, *qrot = qbuf ? qbuf + (size_t)G * D : NULL; /* moved keys: the group's q as computed, turned */
     for (int g = 0; g < Hkv; g++) {
         const float *qg = q + (int64_t)g * G * D;
         float *m = m_out + g * G, *l = l_out + g * G;
@@ -750,21 +774,49 @@ static void attend_range(const int64_t *meta, int nseg, const float *q, int H, i
             l[i] = 0.0f;
             memset(acc[i], 0, (size_t)D * sizeof(float));
         }
+        int64_t turned = 0; /* the shift qrot holds (0: none yet) */
+        if (qbuf)
+            for (int i = 0; i < G; i++) {
+                if (paired)
+                    pair_order(qg + (int64_t)i * D, qnat + (int64_t)i * D, D, paired, 0);
+                else
+                    memcpy(qnat + (int64_t)i * D, qg + (int64_t)i * D, (size_t)D * sizeof(float));
+            }
         int64_t sg = first, at = at0;
         for (int64_t b0 = lo; b0 < hi; b0 += BLK) {
             const int nb = (int)(hi - b0 < BLK ? hi - b0 : BLK);
             int np = 0;
             for (int f = 0; f < nb;) {
                 while (at + meta[META * sg + 3] <= b0 + f) at += meta[META * sg++ + 3];
-                const int64_t r = b0 + f - at, left = meta[META * sg + 3] - r;
-                pm[np] = meta + META * sg;
+                const int64_t *md = meta + META * sg;
+                const int64_t r = b0 + f - at, left = md[3] - r;
+                int c = (int)(left < nb - f ? left : nb - f);
+                int64_t d = 0;
+                const int64_t *orig = (const int64_t *)(intptr_t)md[15];
+                if (orig) { /* keys seen at md[16] + row, cached at orig[row]: a piece per run of one shift */
+                    d = orig[r] - md[16] - r;
+                    int e = 1;
+                    while (e < c && orig[r + e] - md[16] - r - e == d) e++;
+                    c = e;
+                }
+                pm[np] = md;
                 pr[np] = r;
-                pc[np] = (int)(left < nb - f ? left : nb - f);
+                pc[np] = c;
                 po[np] = f;
+                pd[np] = d;
                 f += pc[np++];
             }
-            for (int p = 0; p < np; p++)
-                score_piece(pm[p], pr[p], pc[p], qg, g, G, D, scale, paired, (float(*)[BLK])(s[0] + po[p]), kbuf);
+            for (int p = 0; p < np; p++) {
+                const float *qp = qg;
+                if (pd[p]) { /* q . R(-d) k = R(d) q . k: turn the queries once per shift, not every key */
+                    if (pd[p] != turned) {
+                        turn_queries(qnat, qrot, G, D, paired, inv_freq, rot_half, pd[p]);
+                        turned = pd[p];
+                    }
+                    qp = qrot;
+                }
+                score_piece(pm[p], pr[p], pc[p], qp, g, G, D, scale, paired, (float(*)[BLK])(s[0] + po[p]), kbuf);
+            }
             for (int i = 0; i < G; i++) {
                 float mx = m[i];
                 for (int t = 0; t < nb; t++) mx = s[i][t] > mx ? s[i][t] : mx;
@@ -800,7 +852,12 @@ static int64_t chunk_tokens(int64_t n) {
  * (SEG_F32, SEG_BF16 or SEG_INT8), key pointer, value pointer, tokens, then the element strides of a key
  * row's head and token, and of a value row's; for SEG_INT8 (pointers and strides in codes, one byte each)
  * also the pointers to the keys' steps and minimums and the values' steps and minimums (float16), the
- * element strides of a head and a token in those four planes, and the codes per group (else zeros). Rows
+ * element strides of a head and a token in those four planes, and the codes per group (else zeros); last,
+ * for keys attention sees at other positions than the ones they were cached rotated at (an eviction policy
+ * that renumbers what it kept), a pointer to the segment's original positions (int64, one per row) and the
+ * position its first row is seen at (the next rows one after another), else two zeros: each run of rows
+ * with one shift is scored with the queries turned by it (inv_freq: the RoPE's rot_half float64
+ * frequencies; NULL and 0 when no segment moves). Rows
  * are contiguous. The work is cut into tasks, a chunk of one sequence's tokens each (chunk_tokens), run by
  * the OpenMP team of the calling thread (PyTorch's, when loaded beside it); the chunks' softmaxes of a
  * sequence are then merged in order. A sequence's output depends on its own keys only: not on the threads,
@@ -808,9 +865,10 @@ static int64_t chunk_tokens(int64_t n) {
  * Returns 0, -1 when H is not a multiple of Hkv, G or D exceed the limits above, or a coded group does not
  * divide D, -2 out of memory. */
 int longkv_decode_attention(const int64_t *meta, const int32_t *nseg, int B, const void *q_in, void *out, int H, int Hkv,
-                            int D, float scale, int flags) {
+                            int D, float scale, int flags, const double *inv_freq, int rot_half) {
     const int q_bf16 = (flags >> 1) & 1;
     if (Hkv <= 0 || H % Hkv != 0 || D > MAX_D || H / Hkv > MAX_G || B <= 0) return -1;
+    int moves = 0; /* some segment's keys are seen at other positions: queries are turned */
     /* per sequence: first segment, tokens, tasks, and whether its q and acc are in the paired order (every
      * segment bfloat16, D a multiple of 16: the 16-wide loops over bfloat16 rows) */
     int64_t *first = malloc(sizeof(int64_t) * 4 * (size_t)B);
@@ -830,6 +888,7 @@ int longkv_decode_attention(const int64_t *meta, const int32_t *nseg, int B, con
         for (int j = 0; j < nseg[b]; j++) {
             const int64_t *md = meta + META * (seg + j);
             tokens[b] += md[3];
+            if (md[15]) moves = 1;
             if (md[0] != SEG_BF16) paired[b] = 0;
             if (md[0] == SEG_INT8) {
                 if (md[14] <= 0 || D % md[14] != 0) {
@@ -848,15 +907,22 @@ int longkv_decode_attention(const int64_t *meta, const int32_t *nseg, int B, con
         tasks[b] = tokens[b] > ch ? (tokens[b] + ch - 1) / ch : 1;
         ntask += tasks[b];
     }
+    if (moves && (!inv_freq || rot_half <= 0 || 2 * rot_half > D)) {
+        free(first);
+        return -1;
+    }
     /* per task: its sequence and part; the partial state: max m (H), sum l (H), acc (H x D) */
     int64_t *task = malloc(sizeof(int64_t) * 2 * (size_t)ntask);
     float *buf = malloc(sizeof(float) * ((size_t)H * D * (B + (size_t)ntask) + 2 * (size_t)H * ntask));
     float *blocks = buffered ? malloc(sizeof(float) * 2 * BLK * (size_t)D * ntask) : NULL; /* decoded K, V blocks per task */
-    if (!task || !buf || (buffered && !blocks)) {
+    const size_t qper = 2 * (size_t)(H / Hkv) * D; /* per task, where keys move: the group's queries, as computed and turned */
+    float *turned = moves ? malloc(sizeof(float) * qper * ntask) : NULL;
+    if (!task || !buf || (buffered && !blocks) || (moves && !turned)) {
         free(first);
         free(task);
         free(buf);
         free(blocks);
+        free(turned);
         return -2;
     }
     for (int64_t b = 0, at = 0; b < B; b++)
@@ -880,7 +946,8 @@ int longkv_decode_attention(const int64_t *meta, const int32_t *nseg, int B, con
         const int64_t lo = p * ch, hi = lo + ch < n ? lo + ch : n;
         float *kb = buffered ? blocks + 2 * BLK * (size_t)D * t : NULL;
         attend_range(meta + META * first[b], nseg[b], q + (int64_t)b * H * D, H, Hkv, D, scale, (int)paired[b], lo, hi,
-                     m + (size_t)H * t, l + (size_t)H * t, acc + (size_t)H * D * t, kb, kb ? kb + BLK * (size_t)D : NULL);
+                     m + (size_t)H * t, l + (size_t)H * t, acc + (size_t)H * D * t, kb, kb ? kb + BLK * (size_t)D : NULL,
+                     inv_freq, rot_half, turned ? turned + qper * t : NULL);
     }
     for (int64_t b = 0, t0 = 0; b < B; t0 += tasks[b], b++) {
         for (int h = 0; h < H; h++) { /* merge the tasks' softmaxes: rescale each to the largest max */
@@ -908,6 +975,7 @@ int longkv_decode_attention(const int64_t *meta, const int32_t *nseg, int B, con
     free(task);
     free(buf);
     free(blocks);
+    free(turned);
     return 0;
 }
 
@@ -1437,11 +1505,12 @@ int longkv_kv_write_coded(uint8_t *kc, uint8_t *vc, uint16_t *k_step, uint16_t *
  * minimum planes (float16), their head stride and the codes per group (longkv_kv_write_coded); else zeros.
  * pos: (B,) the tokens' positions.
  * cos, sin: (B, R/2) float32, one RoPE for every layer. meta, nseg: every layer's segments in turn, as
- * longkv_decode_attention takes them (nseg: L x B); scale: the softmax scale.
+ * longkv_decode_attention takes them (nseg: L x B); scale: the softmax scale; inv_freq: the RoPE's R/2 float64
+ * frequencies, for segments whose keys are seen at other positions (NULL when none is).
  * Returns 0, or the first failing kernel's code (-1 sizes, -2 out of memory). */
 int longkv_decode_layers(int L, const int64_t *lw, float eps, int C, int H, int Hkv, int D, int I, int Ho, void *x, void *out,
                          int B, int bf16, const int64_t *kv, const int64_t *pos, const float *cos, const float *sin, int R,
-                         const int64_t *meta, const int32_t *nseg, float scale) {
+                         const int64_t *meta, const int32_t *nseg, float scale, const double *inv_freq) {
     const size_t es = bf16 ? 2 : 4, row = (size_t)D * es;
     if (L <= 0 || B <= 0 || Ho != H * D) return -1;
     char *qk = malloc(row * (size_t)B * (2 * (size_t)H + 2 * (size_t)Hkv)); /* q and k heads, v heads, attention out */
@@ -1475,7 +1544,7 @@ int longkv_decode_layers(int L, const int64_t *lw, float eps, int C, int H, int 
             ((int64_t *)(intptr_t)s[3])[slot] = pos[b];
         }
         if (rc != 0) break;
-        rc = longkv_decode_attention(meta, nseg + (int64_t)l * B, B, qk, att, H, Hkv, D, scale, bf16 << 1);
+        rc = longkv_decode_attention(meta, nseg + (int64_t)l * B, B, qk, att, H, Hkv, D, scale, bf16 << 1, inv_freq, R / 2);
         if (rc != 0) break;
         for (int b = 0; b < B; b++) {
             meta += META * nseg[(int64_t)l * B + b];

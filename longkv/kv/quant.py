@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -122,15 +123,54 @@ class CodedRows:
         return CodedRows(self.fmt, {name: t[:, lo:hi] for name, t in self.planes.items()})
 
 
-Part = tuple[torch.Tensor | CodedRows, torch.Tensor | CodedRows, torch.Tensor]
-"""A part of a cache as attention reads it: k, v (Hkv, n, D) tensors or int8 :class:`CodedRows`, positions (n,)."""
+@dataclass(frozen=True)
+class SeenAt:
+    """Keys attention sees at other positions than the ones they were cached rotated at: the i-th at ``at + i``
+    (an eviction policy that renumbers what it kept, ``KVPolicy.key_positions``).
+
+    A decode step's kernel (:func:`longkv.kernels.decode_attention`) reads them in place and turns the query
+    once per run of keys with one shift (q . R(d) k = R(-d) q . k); every other reader calls :meth:`keys_seen`.
+
+    Attributes:
+        keys: (Hkv, n, D) in the compute dtype, or int8 :class:`CodedRows`, as cached.
+        cached: (n,) int64, contiguous: the positions they were cached at.
+        at: the position the first one is seen at.
+        rope: the layer's RoPE (``longkv.models.layers.Rotary``; its ``inv_freq`` is what the kernel turns by).
+    """
+
+    keys: torch.Tensor | CodedRows
+    cached: torch.Tensor
+    at: int
+    rope: Any
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(Hkv, n, D) of the keys."""
+        h, n, d = self.keys.shape
+        return h, n, d
+
+    def keys_seen(self) -> torch.Tensor:
+        """(Hkv, n, D) copies of the keys rotated to where they are seen."""
+        k = self.keys.decode()[0] if isinstance(self.keys, CodedRows) else self.keys
+        seen = self.at + torch.arange(self.cached.shape[0], dtype=torch.int64, device=self.cached.device)
+        return self.rope.rotate(k, seen - self.cached)
+
+
+Part = tuple[torch.Tensor | CodedRows | SeenAt, torch.Tensor | CodedRows, torch.Tensor]
+"""A part of a cache as attention reads it: k, v (Hkv, n, D) tensors or int8 :class:`CodedRows` (k also
+:class:`SeenAt`), positions (n,)."""
 
 
 def decoded(segments: Sequence[Part]) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """``segments`` with every :class:`CodedRows` part decoded: [(k, v (Hkv, n_i, D), positions (n_i,))]."""
+    """``segments`` with every :class:`CodedRows` part decoded and every :class:`SeenAt` key rotated to where it
+    is seen: [(k, v (Hkv, n_i, D), positions (n_i,))]."""
     out = []
     for k, v, pos in segments:
-        if isinstance(k, CodedRows):
+        if isinstance(k, SeenAt):
+            k = k.keys_seen()
+            if isinstance(v, CodedRows):
+                v = v.decode()[1]
+        elif isinstance(k, CodedRows):
             k, v = k.decode()
         assert isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor)
         out.append((k, v, pos))
@@ -149,7 +189,7 @@ def drop_front(parts: Sequence[Part], m: int) -> list[Part]:
             if isinstance(k, CodedRows):
                 k = v = k.rows(m, n)
             else:
-                assert isinstance(v, torch.Tensor)
+                assert isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor)  # (never SeenAt: parts as cached)
                 k, v = k[:, m:], v[:, m:]
             pos, m = pos[m:], 0
         out.append((k, v, pos))

@@ -260,7 +260,8 @@ class LlamaModel:
         Args:
             input_ids, positions: (B,) int64, one token per sequence (every product by the coded copies).
             kv, meta, nseg: each layer's cache of each sequence as the kernel takes them: the slot claimed
-                for the new token (``LayerKV.claim``) and the parts attention reads, that slot included.
+                for the new token (``LayerKV.claim``) and the parts attention reads, that slot included
+                (keys seen at other positions than they were cached at turn by this model's RoPE).
 
         Returns:
             logits (B, vocab) float32.
@@ -268,7 +269,7 @@ class LlamaModel:
         assert self.decode_layers is not None
         x = F.embedding(input_ids, self.embed)  # (B, hidden)
         cos, sin = self.ropes[0].cos_sin(positions, torch.float32)
-        out = self.decode_layers(x, kv, positions, cos, sin, meta, nseg)
+        out = self.decode_layers(x, kv, positions, cos, sin, meta, nseg, self.ropes[0].inv_freq)
         return self.lm_head(kernels.add_rms_norm(x, out, self.norm, self.config.rms_eps), True).float()
 
     def _logits(self, x: torch.Tensor, logits_at: Literal["last", "all", "none"] | torch.Tensor, coded: bool) -> torch.Tensor | None:

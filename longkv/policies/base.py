@@ -100,7 +100,9 @@ class KVPolicy:
         """Positions at which attention should see the cached keys.
 
         positions: (N,) original positions of the cached tokens, increasing.
-        Returns (N,) int64 target positions or ``None`` to keep the originals.
+        Returns (N,) int64 target positions or ``None`` to keep the originals. A policy that moves
+        keys (:attr:`moves_keys`) renumbers them: consecutive positions ending at the last one's
+        (what the one-call decode kernel assumes, ``longkv.engine.step``).
         """
         return None
 
