@@ -14,9 +14,9 @@ from conftest import random_llama_weights
 
 from longkv import kernels
 from longkv.attention import dense
-from longkv.config import ModelConfig
+from longkv.config import AttnSpec, ModelConfig
 from longkv.kv.pool import PagePool
-from longkv.kv.quant import CodedRows, coded_format
+from longkv.kv.quant import CodedRows, SeenAt, coded_format
 from longkv.models import build
 from longkv.models.layers import Rotary, dequantize_int4, quantize_int4
 from longkv.policies import make_policy
@@ -623,3 +623,25 @@ def test_import_sets_a_short_spin_before_torch_loads_unless_the_user_chose(env: 
     code = "import sys, os, longkv; print(os.environ.get('GOMP_SPINCOUNT'), 'torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], env={**base, **env}, capture_output=True, text=True, check=True).stdout.split()
     assert out == [str(want), "False"]
+
+
+@needs_cc
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-6), (torch.bfloat16, 2e-3)])
+def test_keys_seen_elsewhere_are_scored_with_the_query_turned(dtype: torch.dtype, tol: float) -> None:
+    """Keys cached rotated at scattered positions and attended at consecutive ones (``SeenAt``): the kernel
+    turns the query per run of one shift and reads the keys in place; against float64 attention over the keys
+    rotated to where they are seen, it is as close as rotating the bfloat16 keys first (closer: one rounding less)."""
+    torch.manual_seed(0)
+    h, hkv, d, n = 9, 3, 64, 700
+    rope = Rotary(d, AttnSpec(rope_theta=10000.0))
+    q, raw, v = torch.randn(h, 1, d), torch.randn(hkv, n, d), torch.randn(hkv, n, d)
+    cached = torch.randperm(3000)[:n].sort().values  # runs of one shift, of every length
+    at = 3000 - n
+    seen = at + torch.arange(n)
+    scores = torch.einsum("hd,hnd->hn", q[:, 0].double(), rope.rotate(raw.double(), seen).repeat_interleave(h // hkv, 0)) * d**-0.5
+    want = torch.einsum("hn,hnd->hd", torch.softmax(scores, -1), v.double().repeat_interleave(h // hkv, 0))
+    k, vd = rope.rotate(raw.double(), cached).to(dtype), v.to(dtype)
+    got = kernels.decode_attention(q.to(dtype), [[(SeenAt(k, cached, at, rope), vd)]], d**-0.5)[:, 0].double()
+    rotated = kernels.decode_attention(q.to(dtype), [[(rope.rotate(k, seen - cached), vd)]], d**-0.5)[:, 0].double()
+    err = (got - want).abs().max()
+    assert err < tol and err <= (rotated - want).abs().max()
