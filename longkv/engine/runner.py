@@ -189,7 +189,7 @@ class Runner:
         every key seen whole (a sliding window is the caller's to apply). A sliding layer
         is not the policy's: no key of it moves and no query of it is kept."""
         policy, windows = self.policy, self.windows
-        keep_queries = policy.needs_queries
+        keep_queries, moves = policy.needs_queries, policy.moves_keys
 
         def read(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> list[Segment]:
             lkv = seq.cache[layer]
@@ -202,18 +202,19 @@ class Runner:
             segments: list[Segment] = [*lkv.decode_parts()]  # int8 pages stay codes: the decode kernel reads them so
             if not mine:
                 return segments
-            kpos = segments[0][2] if len(segments) == 1 else lkv.positions()
-            target = policy.key_positions(kpos)
-            if target is None:
-                return segments  # no key moves: a shared prefix's pages, then the own, read in place
-            if q.shape[1] == 1 and self._turns_queries(q, segments):
-                # a decode step's kernel reads them in place and turns the query per run of one shift
-                at, seen = int(target[0]), list[Segment]()
+            if moves and q.shape[1] == 1 and self._turns_queries(q, segments):
+                # a decode step's kernel reads the keys in place and turns the query per run of one shift; the
+                # policy renumbers them (KVPolicy.key_positions): the i-th is seen at the new one's - (n - 1) + i
+                at, seen = int(pos[-1]) - (lkv.n - 1), list[Segment]()
                 for sk, sv, sp in segments:
                     assert not isinstance(sk, SeenAt)
                     seen.append((SeenAt(sk, sp, at, self.ropes[layer]), sv, sp))
                     at += sp.shape[0]
                 return seen
+            kpos = segments[0][2] if len(segments) == 1 else lkv.positions()
+            target = policy.key_positions(kpos)
+            if target is None:
+                return segments  # no key moves: a shared prefix's pages, then the own, read in place
             # the keys that move are a prefix (StreamingLLM: its sinks): only those are read out and rotated,
             # the rest stays in place (int8 pages as codes)
             delta = target - kpos

@@ -724,16 +724,23 @@ static void value_piece(const int64_t *md, int64_t b, int nb, int g, int G, int 
         value_block(acc, G, D, vp, g * v_hs + b * v_ts, v_ts, nb, bf16, s);
 }
 
-/* out = the G query rows x (D each, as computed) turned by `shift` positions of RoPE ("rotate halves": channel j
- * pairs with j + rot_half, channels past 2 rot_half pass), in the paired order of width `paired` when it is
- * not 0. Angles in float64 as the model's own (shift * inv_freq[j]). */
-static void turn_queries(const float *x, float *out, int G, int D, int paired, const double *inv_freq, int rot_half, int64_t shift) {
-    float c[MAX_D / 2], sn[MAX_D / 2], tmp[MAX_D];
+#define TRIG_RUNS 32 /* shifts whose cos and sin a decode attention task keeps (the same runs recur for each KV head) */
+
+/* cos and sin of `shift` positions of RoPE: c[j], sn[j] for the rot_half frequencies, angles in float64 as the
+ * model's own (shift * inv_freq[j]). */
+static void rope_trig(int64_t shift, const double *inv_freq, int rot_half, float *c, float *sn) {
     for (int j = 0; j < rot_half; j++) {
         const double a = (double)shift * inv_freq[j];
         c[j] = (float)cos(a);
         sn[j] = (float)sin(a);
     }
+}
+
+/* out = the G query rows x (D each, as computed) turned by the RoPE angles with cos c and sin sn ("rotate
+ * halves": channel j pairs with j + rot_half, channels past 2 rot_half pass), in the paired order of width
+ * `paired` when it is not 0. */
+static void turn_queries(const float *x, float *out, int G, int D, int paired, const float *c, const float *sn, int rot_half) {
+    float tmp[MAX_D];
     for (int i = 0; i < G; i++) {
         const float *xi = x + (int64_t)i * D;
         float *y = paired ? tmp : out + (int64_t)i * D;
@@ -765,7 +772,11 @@ static void attend_range(const int64_t *meta, int nseg, const float *q, int H, i
     const int64_t *pm[BLK]; /* a block's pieces: segment, first row in it, rows, offset in the block, key shift */
     int64_t pr[BLK], pd[BLK];
     int pc[BLK], po[BLK];
-    float *qnat = qbuf, *qrot = qbuf ? qbuf + (size_t)G * D : NULL; /* moved keys: the group's q as computed, turned */
+    /* moved keys: the group's q as computed and turned, then the cos and sin of the first TRIG_RUNS shifts met
+     * (met again in the same order for every KV head) and of one more */
+    float *qnat = qbuf, *qrot = qbuf ? qbuf + (size_t)G * D : NULL, *trig = qbuf ? qrot + (size_t)G * D : NULL;
+    int64_t shifts[TRIG_RUNS];
+    int ntrig = 0;
     for (int g = 0; g < Hkv; g++) {
         const float *qg = q + (int64_t)g * G * D;
         float *m = m_out + g * G, *l = l_out + g * G;
@@ -775,6 +786,7 @@ static void attend_range(const int64_t *meta, int nseg, const float *q, int H, i
             memset(acc[i], 0, (size_t)D * sizeof(float));
         }
         int64_t turned = 0; /* the shift qrot holds (0: none yet) */
+        int cursor = 0;     /* the next of `shifts` this KV head should meet */
         if (qbuf)
             for (int i = 0; i < G; i++) {
                 if (paired)
@@ -810,7 +822,18 @@ static void attend_range(const int64_t *meta, int nseg, const float *q, int H, i
                 const float *qp = qg;
                 if (pd[p]) { /* q . R(-d) k = R(d) q . k: turn the queries once per shift, not every key */
                     if (pd[p] != turned) {
-                        turn_queries(qnat, qrot, G, D, paired, inv_freq, rot_half, pd[p]);
+                        float *cs = trig + (size_t)2 * rot_half * TRIG_RUNS; /* the spare entry */
+                        if (cursor < ntrig && shifts[cursor] == pd[p]) {
+                            cs = trig + (size_t)2 * rot_half * cursor++;
+                        } else {
+                            if (g == 0 && ntrig < TRIG_RUNS && cursor == ntrig) {
+                                shifts[ntrig] = pd[p];
+                                cs = trig + (size_t)2 * rot_half * ntrig++;
+                                cursor = ntrig;
+                            }
+                            rope_trig(pd[p], inv_freq, rot_half, cs, cs + rot_half);
+                        }
+                        turn_queries(qnat, qrot, G, D, paired, cs, cs + rot_half, rot_half);
                         turned = pd[p];
                     }
                     qp = qrot;
@@ -915,7 +938,8 @@ int longkv_decode_attention(const int64_t *meta, const int32_t *nseg, int B, con
     int64_t *task = malloc(sizeof(int64_t) * 2 * (size_t)ntask);
     float *buf = malloc(sizeof(float) * ((size_t)H * D * (B + (size_t)ntask) + 2 * (size_t)H * ntask));
     float *blocks = buffered ? malloc(sizeof(float) * 2 * BLK * (size_t)D * ntask) : NULL; /* decoded K, V blocks per task */
-    const size_t qper = 2 * (size_t)(H / Hkv) * D; /* per task, where keys move: the group's queries, as computed and turned */
+    /* per task, where keys move: the group's queries as computed and turned, cos and sin of TRIG_RUNS + 1 shifts */
+    const size_t qper = 2 * (size_t)(H / Hkv) * D + 2 * (size_t)rot_half * (TRIG_RUNS + 1);
     float *turned = moves ? malloc(sizeof(float) * qper * ntask) : NULL;
     if (!task || !buf || (buffered && !blocks) || (moves && !turned)) {
         free(first);
