@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import random_llama_weights
@@ -224,3 +227,22 @@ def test_pools_stay_near_what_is_used_under_a_prefix_cache_with_prompts_that_gro
     _grow_and_cut(loose, PrefixCache(pc.capacity), 24)
     grown = loose.pools.get(0, CFG.n_kv_heads, PageFormat(CFG.head_dim))
     assert grown.used_pages == pool.used_pages and grown.num_pages > 3 * grown.used_pages
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="reads the process's resident memory from /proc")
+def test_freed_storage_goes_back_to_the_system() -> None:
+    """A pool's planes past 1 MiB are memory maps of their own: when the pool shrinks (or compacts), the pages
+    leave the process, where a freed heap block of a few MiB would stay with it."""
+
+    def rss_mib() -> float:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+    pool = PagePool(3, PageFormat(64, torch.bfloat16), page_size=64)
+    before = rss_mib()
+    first = pool.alloc(3000)  # 3000 pages x 64 slots x 3 heads x 64 x 2 planes x 2 bytes: 141 MiB
+    for name in pool.planes:
+        pool.planes[name].fill_(1)  # (no name bound to a plane here: it would keep it alive)
+    assert rss_mib() - before > 120
+    assert all(t.data_ptr() % os.sysconf("SC_PAGE_SIZE") == 0 for t in pool.planes.values())  # maps start on a page
+    pool.release(first, 3000)
+    assert pool.num_pages == 0 and rss_mib() - before < 20
