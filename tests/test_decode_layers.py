@@ -92,7 +92,9 @@ def test_one_call_decode_with_qkv_biases_equals_the_layer_by_layer_forward(tiny_
         ("streaming:budget=96,positions=original", True),  # evicts every few steps; no key moves: the kernel reads what is left
         ("dense:kv_quant=int8", True),  # int8 codes: coded on the way in, read as codes
         ("dense:kv_quant=int4", False),  # int4 codes: decoded before attention
-        ("snapkv:budget=96", False),  # keeps queries for its evictions
+        ("snapkv:budget=96", True),  # keeps queries for its evictions: the kernel hands them back
+        ("h2o:budget=96,positions=original", True),
+        ("adakv:budget=96", False),  # per-head stores
         ("streaming:budget=96", True),  # contiguous positions: keys move, the kernel turns the query instead
     ],
 )
@@ -181,7 +183,7 @@ def test_renumbered_keys_are_read_in_place_with_the_query_turned(tiny_qwen2: Pat
         by_layer, _ = batch_logits(llm, False, pytest.MonkeyPatch(), prompts, 10, policy, fork=False)
         alone, _ = batch_logits(llm, False, pytest.MonkeyPatch(), prompts[:1], 10, policy, fork=False)
     assert seen and all(seen)  # every layer-by-layer decode read went through the kernel, keys in place
-    assert calls == (0 if make_policy(policy).needs_queries else 10)
+    assert calls == 10
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(Runner, "_turns_queries", staticmethod(lambda q, segments: False))  # keys rotated, then read
         want, _ = batch_logits(llm, False, pytest.MonkeyPatch(), prompts, 10, policy, fork=False)

@@ -196,9 +196,7 @@ class Runner:
             lkv.append(k, v, pos)
             mine = windows[layer] is None
             if keep_queries and mine:
-                prev = seq.queries.get(layer)
-                qs = q if prev is None else torch.cat((prev, q), dim=1)
-                seq.queries[layer] = qs[:, -self.query_window :]
+                self.keep_queries(seq, layer, q)
             segments: list[Segment] = [*lkv.decode_parts()]  # int8 pages stay codes: the decode kernel reads them so
             if not mine:
                 return segments
@@ -225,6 +223,13 @@ class Runner:
             return [(rotated, values, kpos[:moved]), *drop_front(segments, moved)]
 
         return read
+
+    def keep_queries(self, seq: Sequence, layer: int, q: torch.Tensor) -> None:
+        """Add the rotated queries q (H, T, D) to the last :attr:`query_window` a policy that scores with
+        queries keeps for ``layer`` (``Sequence.queries``)."""
+        prev = seq.queries.get(layer)
+        qs = q if prev is None else torch.cat((prev, q), dim=1)
+        seq.queries[layer] = qs[:, -self.query_window :]
 
     @staticmethod
     def _turns_queries(q: torch.Tensor, segments: list[Segment]) -> bool:

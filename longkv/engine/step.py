@@ -125,8 +125,8 @@ def run_batch(
 def _one_call_decode(model: LlamaModel, works: list[Work]) -> bool:
     """Whether this batch's forward can be one kernel call (``LlamaModel.decode_step``): every work one
     decode token, with logits, of a sequence whose policy attends over its pages in place (keys it
-    renumbers turn inside the kernel; no queries kept, no per-head stores; a selection policy where its read
-    is parts read in place, ``SelectionPolicy.reads_in_place``), every layer's pages plain ones or int8 codes in the pool's planes
+    renumbers turn inside the kernel, queries it keeps come back from it; no per-head stores; a selection policy
+    where its read is parts read in place, ``SelectionPolicy.reads_in_place``), every layer's pages plain ones or int8 codes in the pool's planes
     (``LayerKV.kernel_reads``)."""
     if model.decode_layers is None:
         return False
@@ -134,7 +134,7 @@ def _one_call_decode(model: LlamaModel, works: list[Work]) -> bool:
         pol = w.runner.policy
         if len(w.ids) != 1 or w.attention is not None or not w.logits or not w.keep or w.runner.sliding_layers:
             return False
-        if pol.per_head or pol.needs_queries:
+        if pol.per_head:
             return False
         layers = w.seq.cache.layers
         if not all(lkv.kernel_reads(model.dtype) for lkv in layers):
@@ -180,7 +180,16 @@ def _decode_step(model: LlamaModel, works: list[Work]) -> torch.Tensor:
     dev = model.device
     ids = torch.tensor([w.ids[0] for w in works], dtype=torch.int64, device=dev)
     positions = torch.tensor([w.seq.next_position for w in works], dtype=torch.int64, device=dev)
-    return model.decode_step(ids, positions, kv, meta, nseg)
+    keeps = [b for b, w in enumerate(works) if w.runner.policy.needs_queries]
+    c = model.config
+    q_out = torch.empty(c.n_layers, len(works), c.n_heads, c.head_dim, dtype=model.dtype, device=dev) if keeps else None
+    logits = model.decode_step(ids, positions, kv, meta, nseg, q_out)
+    for b in keeps:  # what the layer-by-layer step's reads keep (Runner.keep_queries)
+        assert q_out is not None
+        w = works[b]
+        for layer in range(c.n_layers):
+            w.runner.keep_queries(w.seq, layer, q_out[layer, b][:, None])
+    return logits
 
 
 def _forward(model: LlamaModel, works: list[Work], should_stop: Callable[[], bool] | None, coded: bool) -> torch.Tensor | None:

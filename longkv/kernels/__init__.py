@@ -140,7 +140,7 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     f.argtypes = [p, p, p, p, p, p, i64, i64, i64, p, p, i64, i64, p, i64, i64, p, i, i, i, i, i, i]
     f.restype = ctypes.c_int
     f = lib.longkv_decode_layers
-    f.argtypes = [i, p, fl, i, i, i, i, i, i, p, p, i, i, p, p, p, p, i, p, p, fl, p]
+    f.argtypes = [i, p, fl, i, i, i, i, i, i, p, p, i, i, p, p, p, p, i, p, p, fl, p, p]
     f.restype = ctypes.c_int
     return lib
 
@@ -643,7 +643,8 @@ class DecodeLayers:
     float32 (one RoPE for every layer); meta: every layer's segments in turn (:func:`plain_segment`,
     :func:`coded_segment`, the claimed slots included); nseg: (L x B) segments per layer and sequence;
     inv_freq: the RoPE's (R/2,) float64 frequencies on the CPU, contiguous, where a segment's keys are seen at
-    other positions than they were cached at (``pos_plane`` of :func:`plain_segment`).
+    other positions than they were cached at (``pos_plane`` of :func:`plain_segment`); q_out: (L, B, H, D)
+    contiguous in x's dtype, filled with every layer's rotated queries (for policies that keep them), or None.
     Returns (B, C): the last layer's MLP output (the final norm adds it to x).
 
     Raises:
@@ -676,13 +677,14 @@ class DecodeLayers:
 
     def __call__(
         self, x: torch.Tensor, kv: list[int], positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: list[int],
-        nseg: list[int], inv_freq: torch.Tensor | None = None,
+        nseg: list[int], inv_freq: torch.Tensor | None = None, q_out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         b = x.shape[0]
         c, h, hkv, d, inter, ho = self.dims
         assert x.shape[1] == c and x.is_contiguous() and x.dtype in _ACT_DTYPES and positions.is_contiguous()
         assert len(kv) == KV_WORDS * self.layers * b and len(nseg) == self.layers * b and cos.dtype == torch.float32
         assert inv_freq is None or (inv_freq.dtype == torch.float64 and inv_freq.is_contiguous() and inv_freq.numel() == cos.shape[-1])
+        assert q_out is None or (q_out.shape == (self.layers, b, h, d) and q_out.dtype == x.dtype and q_out.is_contiguous())
         out = torch.empty_like(x)
         # array.array copies a list of ints in C: ~5x faster than a ctypes array built from it (~60 us a step)
         kv_a, meta_a, nseg_a = array.array("q", kv), array.array("q", meta), array.array("i", nseg)
@@ -690,6 +692,7 @@ class DecodeLayers:
             self.layers, self._lw, self.eps, c, h, hkv, d, inter, ho, x.data_ptr(), out.data_ptr(), b, int(x.dtype == torch.bfloat16),
             kv_a.buffer_info()[0], positions.data_ptr(), cos.data_ptr(), sin.data_ptr(), 2 * cos.shape[-1],
             meta_a.buffer_info()[0], nseg_a.buffer_info()[0], d**-0.5, None if inv_freq is None else inv_freq.data_ptr(),
+            None if q_out is None else q_out.data_ptr(),
         )  # fmt: skip
         if rc == -2:
             raise MemoryError("decode_layers: out of memory for the kernel's buffers")

@@ -1530,11 +1530,12 @@ int longkv_kv_write_coded(uint8_t *kc, uint8_t *vc, uint16_t *k_step, uint16_t *
  * pos: (B,) the tokens' positions.
  * cos, sin: (B, R/2) float32, one RoPE for every layer. meta, nseg: every layer's segments in turn, as
  * longkv_decode_attention takes them (nseg: L x B); scale: the softmax scale; inv_freq: the RoPE's R/2 float64
- * frequencies, for segments whose keys are seen at other positions (NULL when none is).
+ * frequencies, for segments whose keys are seen at other positions (NULL when none is); q_out: (L, B, H, D) in
+ * the activations' dtype, every layer's rotated queries (what a policy that scores with queries keeps), or NULL.
  * Returns 0, or the first failing kernel's code (-1 sizes, -2 out of memory). */
 int longkv_decode_layers(int L, const int64_t *lw, float eps, int C, int H, int Hkv, int D, int I, int Ho, void *x, void *out,
                          int B, int bf16, const int64_t *kv, const int64_t *pos, const float *cos, const float *sin, int R,
-                         const int64_t *meta, const int32_t *nseg, float scale, const double *inv_freq) {
+                         const int64_t *meta, const int32_t *nseg, float scale, const double *inv_freq, void *q_out) {
     const size_t es = bf16 ? 2 : 4, row = (size_t)D * es;
     if (L <= 0 || B <= 0 || Ho != H * D) return -1;
     char *qk = malloc(row * (size_t)B * (2 * (size_t)H + 2 * (size_t)Hkv)); /* q and k heads, v heads, attention out */
@@ -1551,6 +1552,10 @@ int longkv_decode_layers(int L, const int64_t *lw, float eps, int C, int H, int 
         rc = longkv_attn_in(x, l ? out : NULL, (const void *)(intptr_t)w[0], (int)w[1], eps, B, C, (int)w[2],
                             (const uint8_t *)(intptr_t)w[3], (const void *)(intptr_t)w[4], H, Hkv, D, cos, sin, R, qk, v, bf16);
         if (rc != 0) break;
+        if (q_out) /* query head h of sequence b is row h B + b of qk */
+            for (int b = 0; b < B; b++)
+                for (int h = 0; h < H; h++)
+                    memcpy((char *)q_out + row * (((size_t)l * B + b) * H + h), qk + row * ((size_t)h * B + b), row);
         for (int b = 0; b < B && rc == 0; b++) { /* the new token's key and value into its slot */
             const int64_t *s = kv + KVW * ((int64_t)l * B + b), hs = s[4], slot = s[5];
             const char *kr = qk + row * ((size_t)H * B + b), *vr = v + row * (size_t)b; /* head g: + g B rows */

@@ -251,7 +251,8 @@ class LlamaModel:
         return self.lm_head(kernels.add_rms_norm(x, pending, self.norm, c.rms_eps), coded).float()
 
     def decode_step(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, kv: list[int], meta: list[int], nseg: list[int]
+        self, input_ids: torch.Tensor, positions: torch.Tensor, kv: list[int], meta: list[int], nseg: list[int],
+        q_out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """One decode token for each of B sequences through every layer in one kernel call
         (:class:`longkv.kernels.DecodeLayers`, present as :attr:`decode_layers` where the model allows it):
@@ -262,6 +263,8 @@ class LlamaModel:
             kv, meta, nseg: each layer's cache of each sequence as the kernel takes them: the slot claimed
                 for the new token (``LayerKV.claim``) and the parts attention reads, that slot included
                 (keys seen at other positions than they were cached at turn by this model's RoPE).
+            q_out: (n_layers, B, n_heads, head_dim) in the compute dtype: filled with every layer's rotated
+                queries (for policies that keep them), or None.
 
         Returns:
             logits (B, vocab) float32.
@@ -269,7 +272,7 @@ class LlamaModel:
         assert self.decode_layers is not None
         x = F.embedding(input_ids, self.embed)  # (B, hidden)
         cos, sin = self.ropes[0].cos_sin(positions, torch.float32)
-        out = self.decode_layers(x, kv, positions, cos, sin, meta, nseg, self.ropes[0].inv_freq)
+        out = self.decode_layers(x, kv, positions, cos, sin, meta, nseg, self.ropes[0].inv_freq, q_out)
         return self.lm_head(kernels.add_rms_norm(x, out, self.norm, self.config.rms_eps), True).float()
 
     def _logits(self, x: torch.Tensor, logits_at: Literal["last", "all", "none"] | torch.Tensor, coded: bool) -> torch.Tensor | None:
