@@ -38,12 +38,13 @@ Not thread-safe: an engine touches its pools from its one step thread.
 from __future__ import annotations
 
 import bisect
+import ctypes
 import math
 import mmap
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -105,6 +106,21 @@ def _storage(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -
     if device.type != "cpu" or nbytes < _MAPPED_BYTES:
         return torch.empty(shape, dtype=dtype, device=device)
     return torch.frombuffer(mmap.mmap(-1, nbytes), dtype=dtype).view(shape)  # the tensor keeps the map alive
+
+
+def _trim_heap() -> None:
+    """Free heap pages back to the system where the C library can (glibc's ``malloc_trim(0)``), else nothing."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            _malloc_trim = ctypes.CDLL(None).malloc_trim
+        except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to call
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim: Any = None  # the C library's malloc_trim, False where there is none
 
 
 class SlotHolder(Protocol):
@@ -385,9 +401,15 @@ class KVPools:
     def compact(self) -> int:
         """:meth:`PagePool.compact` every pool whose free pages outnumber its used ones; returns how many moved.
 
-        Call only between steps: every slot number held outside a registered holder goes stale.
+        Call only between steps: every slot number held outside a registered holder goes stale. After a
+        compaction, the C library is asked to give free heap memory back to the system (glibc's
+        ``malloc_trim``): the planes are memory maps, but the small buffers around them (positions, a prefix
+        cache's logits) come from the heap, which a long-running server otherwise keeps growing.
         """
-        return sum(p.compact() for p in self._pools.values())
+        moved = sum(p.compact() for p in self._pools.values())
+        if moved:
+            _trim_heap()
+        return moved
 
     def compactions(self) -> int:
         """Compactions since start, over every pool."""
