@@ -86,9 +86,8 @@ class LayerKV:
         pool.hold(self)
 
     def relocate(self, pool: PagePool, slot: Callable[[int], int]) -> None:
-        """The pool moved its pages (:meth:`PagePool.compact`): point the shared spans and the own run at their new slots."""
-        if pool is not self.pool:
-            return
+        """The pool moved its pages (:meth:`PagePool.compact`; a layer holds slots of its own pool only): point the
+        shared spans and the own run at their new slots."""
         self.shared = [(slot(s), n) for s, n in self.shared]
         self.run_start = slot(self._own0()) // self.page_size if self.run_pages else 0
 
